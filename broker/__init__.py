@@ -1,0 +1,1 @@
+"""Embedded MQTT broker (amqtt, hardened): TLS, per-org credentials and access rules."""

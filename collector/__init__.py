@@ -1,0 +1,1 @@
+"""The collector: per-org subscriptions, live machine state, SQLite history."""

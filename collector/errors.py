@@ -1,0 +1,5 @@
+"""Error root of the collector package."""
+
+
+class CollectorError(Exception):
+    """Root of every error raised by the collector package."""

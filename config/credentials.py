@@ -1,0 +1,251 @@
+"""Org credentials: generate keys with ``secrets``, store only keyed hashes, verify in constant time.
+
+Keys are 256-bit random tokens, so a fast keyed hash (HMAC-SHA256 with a per-installation pepper
+kept in ``<data_dir>/pepper``) is the right tool: slow password hashes would cap the broker at a
+few connections per second. Each key is also stored in Mosquitto's password-file format so the
+same access model can be exported to Mosquitto. Keys never appear in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.database import connect, ensure_schema
+from config.errors import CredentialError
+from config.ids import validate_id
+
+ROLES = ("agent", "reader")
+SERVICE_USERNAME = "fleet-service"
+SERVICE_ROLE = "service"
+KEY_BYTES = 32
+PEPPER_FILE = "pepper"
+SERVICE_KEY_FILE = "service.key"
+MOSQUITTO_ITERATIONS = 101  # mosquitto_passwd's default for $7$ hashes
+MOSQUITTO_SALT_BYTES = 12
+
+
+@dataclass(frozen=True)
+class OrgSecrets:
+    """Keys of a new org, shown once; never printed by repr."""
+
+    org: str
+    agent_key: str = field(repr=False)
+    reader_key: str = field(repr=False)
+
+    def as_dict(self) -> dict[str, str]:
+        """The ``fleet org add --json`` object."""
+        return {"org": self.org, "agent_key": self.agent_key, "reader_key": self.reader_key}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a verified key belongs to: ``org`` is None for the internal service user."""
+
+    username: str
+    org: str | None
+    role: str
+
+
+@dataclass(frozen=True)
+class CredentialRecord:
+    """A stored credential row (hashes only)."""
+
+    username: str
+    org: str | None
+    role: str
+    digest: str = field(repr=False)
+    mosquitto_hash: str = field(repr=False)
+
+
+def username_for(org: str, role: str) -> str:
+    """MQTT username of an org role: ``<org>/agent`` or ``<org>/reader``."""
+    if role not in ROLES:
+        raise CredentialError(f"unknown role {role!r}: use agent or reader")
+    return f"{validate_id(org, 'org')}/{role}"
+
+
+def generate_key() -> str:
+    """A new random key with 256 bits of entropy."""
+    return secrets.token_urlsafe(KEY_BYTES)
+
+
+def load_pepper(data_dir: Path, create: bool = True) -> bytes:
+    """The installation's HMAC key, created (mode 0600) on first use."""
+    path = Path(data_dir) / PEPPER_FILE
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        if not create:
+            raise CredentialError(f"no credential store in {data_dir} (run 'fleet org add' or 'fleet up' first)")
+    except ValueError as exc:
+        raise CredentialError(f"corrupt pepper file {path}") from exc
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    pepper = secrets.token_bytes(32)
+    _write_private(path, pepper.hex() + "\n")
+    return load_pepper(data_dir, create=False)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` with mode 0600 unless it exists (first writer wins)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def digest_key(pepper: bytes, key: str) -> str:
+    """The stored form of a key: hex HMAC-SHA256 under the installation pepper."""
+    return hmac.new(pepper, key.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def mosquitto_hash(key: str, salt: bytes | None = None, iterations: int = MOSQUITTO_ITERATIONS) -> str:
+    """The key in Mosquitto 2's password-file format: ``$7$<iterations>$<salt b64>$<hash b64>``."""
+    salt = salt if salt is not None else secrets.token_bytes(MOSQUITTO_SALT_BYTES)
+    derived = hashlib.pbkdf2_hmac("sha512", key.encode("utf-8"), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(derived).decode()}"
+
+
+def _open(data_dir: Path) -> sqlite3.Connection:
+    conn = connect(Path(data_dir) / "fleet.db")
+    ensure_schema(conn)
+    return conn
+
+
+def _store(conn: sqlite3.Connection, pepper: bytes, username: str, org: str | None, role: str, key: str) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO credentials(username, org, role, digest, mosquitto_hash, created) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (username, org, role, digest_key(pepper, key), mosquitto_hash(key), time.time()),
+    )
+
+
+def add_org(data_dir: Path, org: str) -> OrgSecrets:
+    """Create an org with fresh agent and reader keys; raise CredentialError if it exists."""
+    validate_id(org, "org")
+    pepper = load_pepper(data_dir)
+    secrets_ = OrgSecrets(org, generate_key(), generate_key())
+    conn = _open(data_dir)
+    try:
+        with conn:
+            if conn.execute("SELECT 1 FROM orgs WHERE name = ?", (org,)).fetchone():
+                raise CredentialError(f"org {org!r} already exists")
+            conn.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, time.time()))
+            _store(conn, pepper, username_for(org, "agent"), org, "agent", secrets_.agent_key)
+            _store(conn, pepper, username_for(org, "reader"), org, "reader", secrets_.reader_key)
+    finally:
+        conn.close()
+    return secrets_
+
+
+def org_exists(data_dir: Path, org: str) -> bool:
+    """True when ``org`` is in the credential store."""
+    conn = _open(data_dir)
+    try:
+        return conn.execute("SELECT 1 FROM orgs WHERE name = ?", (org,)).fetchone() is not None
+    finally:
+        conn.close()
+
+
+def list_orgs(data_dir: Path) -> list[str]:
+    """Names of every org, sorted."""
+    conn = _open(data_dir)
+    try:
+        return [row[0] for row in conn.execute("SELECT name FROM orgs ORDER BY name")]
+    finally:
+        conn.close()
+
+
+def remove_org(data_dir: Path, org: str) -> None:
+    """Delete an org and its credentials (its keys stop working at once); history stays."""
+    validate_id(org, "org")
+    conn = _open(data_dir)
+    try:
+        with conn:
+            if conn.execute("DELETE FROM orgs WHERE name = ?", (org,)).rowcount == 0:
+                raise CredentialError(f"no such org {org!r}")
+            conn.execute("DELETE FROM credentials WHERE org = ?", (org,))
+    finally:
+        conn.close()
+
+
+def rotate_key(data_dir: Path, org: str, role: str) -> str:
+    """Replace one role's key of an org; the old key is invalid from now on. Returns the new key."""
+    username = username_for(org, role)
+    pepper = load_pepper(data_dir)
+    key = generate_key()
+    conn = _open(data_dir)
+    try:
+        with conn:
+            if not conn.execute("SELECT 1 FROM orgs WHERE name = ?", (org,)).fetchone():
+                raise CredentialError(f"no such org {org!r}")
+            _store(conn, pepper, username, org, role, key)
+    finally:
+        conn.close()
+    return key
+
+
+def ensure_service_key(data_dir: Path) -> str:
+    """The internal service user's key (collector, web health checks), created on first start."""
+    data_dir = Path(data_dir)
+    path = data_dir / SERVICE_KEY_FILE
+    pepper = load_pepper(data_dir)
+    if not path.exists():
+        _write_private(path, generate_key() + "\n")
+    key = path.read_text().strip()
+    conn = _open(data_dir)
+    try:
+        row = conn.execute("SELECT digest FROM credentials WHERE username = ?", (SERVICE_USERNAME,)).fetchone()
+        if row is None or not hmac.compare_digest(row[0], digest_key(pepper, key)):
+            with conn:
+                _store(conn, pepper, SERVICE_USERNAME, None, SERVICE_ROLE, key)
+    finally:
+        conn.close()
+    return key
+
+
+def load_records(conn: sqlite3.Connection) -> dict[str, CredentialRecord]:
+    """Every stored credential by username (a snapshot the broker keeps in memory and reloads)."""
+    rows = conn.execute("SELECT username, org, role, digest, mosquitto_hash FROM credentials")
+    return {row[0]: CredentialRecord(*row) for row in rows}
+
+
+def check_key(records: dict[str, CredentialRecord], pepper: bytes, username: str | None,
+              key: str | bytes | None) -> Principal | None:
+    """Verify a username/key pair against a snapshot in constant time; None when refused."""
+    if not username or key is None:
+        return None
+    if isinstance(key, bytes):
+        try:
+            key = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    record = records.get(username)
+    candidate = digest_key(pepper, key)
+    # Compare even for unknown users so timing does not reveal which usernames exist.
+    expected = record.digest if record is not None else "0" * len(candidate)
+    if hmac.compare_digest(candidate, expected) and record is not None:
+        return Principal(record.username, record.org, record.role)
+    return None
+
+
+def find_reader(conn: sqlite3.Connection, pepper: bytes, token: str) -> str | None:
+    """The org whose reader key is ``token`` (HTTP bearer auth), compared in constant time; else None."""
+    if not token:
+        return None
+    candidate = digest_key(pepper, token)
+    row = conn.execute(
+        "SELECT org, digest FROM credentials WHERE digest = ? AND role = 'reader'", (candidate,)
+    ).fetchone()
+    if row is not None and hmac.compare_digest(row[1], candidate):
+        return row[0]
+    return None

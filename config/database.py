@@ -1,0 +1,157 @@
+"""The shared SQLite schema (``fleet.db``): credentials, live machine state, history, events, health.
+
+The collector writes machines/reports/rollups/events/drops/heartbeats, the ``fleet org`` commands
+write orgs/credentials, the broker and web read. Every connection uses WAL and a busy timeout.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+
+from config.errors import ConfigError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS orgs (
+    name TEXT PRIMARY KEY,
+    created REAL NOT NULL
+);
+-- One row per MQTT/HTTP principal: '<org>/agent', '<org>/reader', or the internal service user.
+CREATE TABLE IF NOT EXISTS credentials (
+    username TEXT PRIMARY KEY,
+    org TEXT,                      -- NULL for the service user
+    role TEXT NOT NULL,            -- 'agent' | 'reader' | 'service'
+    digest TEXT NOT NULL,          -- hex HMAC-SHA256(pepper, key)
+    mosquitto_hash TEXT NOT NULL,  -- the same key in Mosquitto's password-file format ($7$ PBKDF2-SHA512)
+    created REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS credentials_digest ON credentials(digest);
+-- Live state of each machine, kept by the collector.
+CREATE TABLE IF NOT EXISTS machines (
+    org TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    hardware_id TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,          -- 'online' | 'stale' | 'offline'  (evicted machines are deleted)
+    session TEXT NOT NULL DEFAULT '',
+    interval_s REAL,
+    last_seen REAL,
+    last_ping REAL,
+    clock_offset_s REAL,
+    conflict INTEGER NOT NULL DEFAULT 0,
+    os TEXT NOT NULL DEFAULT '',
+    system TEXT NOT NULL DEFAULT '{}',    -- JSON object
+    metrics TEXT NOT NULL DEFAULT '{}',   -- JSON object
+    first_seen REAL,
+    updated REAL,
+    PRIMARY KEY (org, machine_id)
+);
+CREATE INDEX IF NOT EXISTS machines_org_status ON machines(org, status);
+-- Raw report history; (org, machine_id, session, seq) makes agent replays idempotent.
+CREATE TABLE IF NOT EXISTS reports (
+    org TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    received REAL NOT NULL,
+    cpu_percent REAL,
+    memory_percent REAL,
+    disk_percent REAL,
+    load1 REAL,
+    net_bytes_sent INTEGER,
+    net_bytes_recv INTEGER,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (org, machine_id, session, seq)
+);
+CREATE INDEX IF NOT EXISTS reports_machine_ts ON reports(org, machine_id, ts);
+CREATE INDEX IF NOT EXISTS reports_ts ON reports(ts);
+-- One-minute rollups kept after raw history ages out.
+CREATE TABLE IF NOT EXISTS rollups (
+    org TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    minute REAL NOT NULL,          -- start of the minute, Unix seconds
+    samples INTEGER NOT NULL,
+    cpu_percent REAL,
+    memory_percent REAL,
+    disk_percent REAL,
+    load1 REAL,
+    net_bytes_sent INTEGER,
+    net_bytes_recv INTEGER,
+    PRIMARY KEY (org, machine_id, minute)
+);
+-- Status transitions: online/offline/stale/evicted.
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    org TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    old_status TEXT,
+    new_status TEXT NOT NULL,      -- 'online' | 'stale' | 'offline' | 'evicted'
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_org_ts ON events(org, ts);
+-- Per-org counters kept by the collector (expired = machines evicted by TTL).
+CREATE TABLE IF NOT EXISTS org_stats (
+    org TEXT PRIMARY KEY,
+    expired INTEGER NOT NULL DEFAULT 0
+);
+-- Dropped-message counters of the collector, per reason code (config.payloads.REASONS and others).
+CREATE TABLE IF NOT EXISTS drops (
+    reason TEXT PRIMARY KEY,
+    count INTEGER NOT NULL DEFAULT 0
+);
+-- Liveness of long-running parts: component ('collector', 'broker', ...) -> last beat and detail JSON.
+CREATE TABLE IF NOT EXISTS heartbeats (
+    component TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class DatabaseError(ConfigError):
+    """The database cannot be opened or has an unexpected schema."""
+
+
+def connect(path: str | Path, readonly: bool = False, check_same_thread: bool = True) -> sqlite3.Connection:
+    """Open ``fleet.db`` (WAL, busy timeout); read-only connections never create or change it."""
+    path = Path(path)
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   check_same_thread=check_same_thread)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=check_same_thread)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+    return conn
+
+
+def open_db(path: str | Path, check_same_thread: bool = True) -> sqlite_utils.Database:
+    """Open ``fleet.db`` for writing through sqlite-utils, creating the schema if needed."""
+    conn = connect(path, check_same_thread=check_same_thread)
+    ensure_schema(conn)
+    return sqlite_utils.Database(conn)
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create every table and index that does not exist yet."""
+    try:
+        with conn:
+            conn.executescript(SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot create schema: {exc}") from exc

@@ -1,0 +1,218 @@
+"""Settings of every part: package defaults < TOML file < FLEET_* environment < command-line flags.
+
+Each setting ``name`` is read from the TOML key ``name`` and the variable ``FLEET_<NAME>``.
+A bad value raises SettingsError whose message names the setting, for a one-line exit 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from config.errors import SettingsError
+from config.ids import is_valid_id
+
+ENV_PREFIX = "FLEET_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of fleet, typed and validated on creation."""
+
+    data_dir: Path = Path("fleet-data")
+    log_level: str = "INFO"
+    # network
+    host: str = "127.0.0.1"
+    mqtt_port: int = 8883
+    mqtt_plain_port: int = 0  # 0 = no plain listener; when set it binds loopback only
+    http_port: int = 8080
+    broker_url: str = ""  # default: mqtts://<host>:<mqtt_port> of the embedded broker
+    ca: str = ""  # CA file agents/collector/web verify the broker with; default <data_dir>/certs/ca.pem
+    # credentials and orgs
+    reload_interval_s: float = 2.0
+    orgs: tuple[str, ...] = ()  # collector shard; empty = every org
+    # agent
+    org: str = ""
+    key: str = ""
+    machine: str = ""
+    interval: float = 10.0
+    agent_queue_max_reports: int = 100_000
+    agent_queue_max_bytes: int = 64 * 1024 * 1024
+    reconnect_max_s: float = 60.0
+    # broker
+    max_queued_messages: int = 1000
+    max_connections: int = 50_000
+    # collector
+    ttl_seconds: int = 86_400
+    stale_factor: float = 3.0
+    batch_max: int = 500
+    batch_interval_s: float = 0.25
+    history_raw_days: float = 7.0
+    history_rollup_days: float = 90.0
+    agent_rate_limit_per_s: float = 50.0
+    # web
+    refresh_interval_ms: int = 5000
+    rate_limit_config: str = "100/minute"
+    rate_limit_api: str = "600/minute"
+
+    def __post_init__(self) -> None:
+        _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+               "must be DEBUG, INFO, WARNING or ERROR", self.log_level)
+        for name in ("mqtt_port", "mqtt_plain_port", "http_port"):
+            value = getattr(self, name)
+            _check(0 <= value <= 65535, name, "must be a port number 0-65535", value)
+        for name in ("reload_interval_s", "interval", "reconnect_max_s", "batch_interval_s",
+                     "stale_factor", "history_raw_days", "history_rollup_days", "agent_rate_limit_per_s"):
+            value = getattr(self, name)
+            _check(value > 0, name, "must be greater than 0", value)
+        for name in ("ttl_seconds", "agent_queue_max_reports", "agent_queue_max_bytes",
+                     "max_queued_messages", "max_connections", "batch_max", "refresh_interval_ms"):
+            value = getattr(self, name)
+            _check(value >= 1, name, "must be a positive integer", value)
+        _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (SPEC: changes apply within 5 s)",
+               self.reload_interval_s)
+        if self.broker_url:
+            parts = urlsplit(self.broker_url)
+            _check(parts.scheme in ("mqtts", "mqtt") and bool(parts.hostname), "broker_url",
+                   "must look like mqtts://HOST:PORT", self.broker_url)
+            try:
+                parts.port
+            except ValueError:
+                _check(False, "broker_url", "has a bad port", self.broker_url)
+        for name in ("org",):
+            value = getattr(self, name)
+            _check(value == "" or is_valid_id(value), name, "must be a valid org id", value)
+        _check(self.machine == "" or is_valid_id(self.machine), "machine", "must be a valid machine id", self.machine)
+        for org in self.orgs:
+            _check(is_valid_id(org), "orgs", "must be valid org ids", org)
+
+    # derived values -------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        """The shared SQLite database."""
+        return self.data_dir / "fleet.db"
+
+    @property
+    def certs_dir(self) -> Path:
+        """Where the development CA and server certificate live."""
+        return self.data_dir / "certs"
+
+    @property
+    def ca_path(self) -> Path:
+        """The CA clients verify the broker with."""
+        return Path(self.ca) if self.ca else self.certs_dir / "ca.pem"
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The broker URL clients connect to: ``broker_url`` or the embedded broker's TLS listener."""
+        if self.broker_url:
+            return self.broker_url
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"mqtts://{host}:{self.mqtt_port}"
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _check(ok: bool, name: str, why: str, value: Any) -> None:
+    if not ok:
+        raise SettingsError(f"invalid setting {name} (FLEET_{name.upper()}={value!r}): {why}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_HINTS = typing.get_type_hints(Settings)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a TOML/env/flag value to the setting's type; raise SettingsError naming the setting."""
+    kind = _HINTS[name]
+    try:
+        if kind is Path:
+            if not isinstance(value, (str, os.PathLike)) or str(value) == "":
+                raise _Invalid
+            return Path(value)
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise _Invalid
+        if kind is int:
+            if isinstance(value, bool):
+                raise _Invalid
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise _Invalid
+                return int(value)
+            return int(str(value).strip())
+        if kind is float:
+            if isinstance(value, bool):
+                raise _Invalid
+            result = float(value if isinstance(value, (int, float)) else str(value).strip())
+            if result != result or result in (float("inf"), float("-inf")):
+                raise _Invalid
+            return result
+        if kind == tuple[str, ...]:
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise _Invalid
+        return str(value)
+    except (_Invalid, ValueError, TypeError):
+        type_name = getattr(kind, "__name__", str(kind))
+        raise SettingsError(
+            f"invalid setting {name} (FLEET_{name.upper()}={value!r}): expected {type_name}"
+        ) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+    # Allow a [fleet] table as well as top-level keys.
+    if isinstance(data.get("fleet"), dict):
+        data = {**{k: v for k, v in data.items() if k != "fleet"}, **data["fleet"]}
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise SettingsError(f"unknown setting {unknown[0]!r} in {path} (known: {', '.join(sorted(FIELDS))})")
+    return data
+
+
+def load_settings(config_file: str | os.PathLike | None = None,
+                  env: Mapping[str, str] | None = None,
+                  flags: Mapping[str, Any] | None = None) -> Settings:
+    """Build Settings from defaults, a TOML file, ``FLEET_*`` variables and flags (None flags are ignored)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    config_file = config_file or env.get(ENV_PREFIX + "CONFIG") or None
+    if config_file:
+        for name, value in _read_toml(Path(config_file)).items():
+            values[name] = _coerce(name, value)
+    for name in FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, raw)
+    for name, value in (flags or {}).items():
+        if name not in FIELDS:
+            raise SettingsError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""The `fleet` command: wires the parts together; holds no logic of its own."""

@@ -1,0 +1,22 @@
+"""Logging set-up for every fleet process: one line per event, to stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Configure the root logger once: ``time level logger: message``."""
+    root = logging.getLogger()
+    if getattr(root, "_fleet_configured", False):
+        root.setLevel(level.upper())
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # amqtt and paho are chatty at INFO; their warnings still show.
+    for name in ("amqtt", "transitions", "waitress.queue"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    root._fleet_configured = True  # type: ignore[attr-defined]
