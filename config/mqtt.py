@@ -1,0 +1,62 @@
+"""How every part reaches the broker: broker URLs and TLS-verifying paho clients."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+
+from config.errors import SettingsError
+
+DEFAULT_PORTS = {"mqtts": 8883, "mqtt": 1883}
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A parsed broker URL: ``mqtts://host:port`` (TLS) or ``mqtt://host:port`` (plain, loopback use only)."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        """Parse a broker URL; raise SettingsError for anything else."""
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname or port == -1:
+            raise SettingsError(f"invalid broker URL {url!r}: expected mqtts://HOST:PORT")
+        return cls(parts.hostname, port or DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts")
+
+    @property
+    def url(self) -> str:
+        """The URL form."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def tls_context(ca_path: str | Path | None) -> ssl.SSLContext:
+    """A client TLS context verifying the broker's certificate and hostname against ``ca_path``."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_path) if ca_path else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"cannot load CA file {ca_path}: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def new_client(address: BrokerAddress, client_id: str, username: str | None, password: str | None,
+               ca_path: str | Path | None = None, clean_session: bool = True) -> paho.Client:
+    """A paho MQTT 3.1.1 client (callback API v2) set up for ``address``; not yet connected."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         clean_session=clean_session, protocol=paho.MQTTv311)
+    if username is not None:
+        client.username_pw_set(username, password)
+    if address.tls:
+        client.tls_set_context(tls_context(ca_path))
+    return client
