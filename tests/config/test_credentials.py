@@ -1,0 +1,83 @@
+"""Org credentials: generated keys, hashes only, constant-time checks, rotation and removal."""
+
+import base64
+import hashlib
+import json
+import sqlite3
+
+import pytest
+
+from config import credentials
+from config.database import connect
+from config.errors import CredentialError, InvalidId
+
+
+def _stored_text(data_dir):
+    conn = sqlite3.connect(data_dir / "fleet.db")
+    rows = conn.execute("SELECT * FROM credentials").fetchall()
+    conn.close()
+    return json.dumps(rows)
+
+
+def test_add_org_stores_only_hashes(tmp_path):
+    org = credentials.add_org(tmp_path, "acme")
+    assert len(org.agent_key) >= 43 and org.agent_key != org.reader_key  # 256 bits, url-safe
+    text = _stored_text(tmp_path)
+    assert org.agent_key not in text and org.reader_key not in text
+    assert org.agent_key not in repr(org) and org.reader_key not in repr(org)
+    assert credentials.list_orgs(tmp_path) == ["acme"]
+    assert (tmp_path / "pepper").stat().st_mode & 0o077 == 0
+
+
+def test_duplicate_and_invalid_orgs(tmp_path):
+    credentials.add_org(tmp_path, "acme")
+    with pytest.raises(CredentialError, match="already exists"):
+        credentials.add_org(tmp_path, "acme")
+    with pytest.raises(InvalidId):
+        credentials.add_org(tmp_path, "ac/me")
+    with pytest.raises(CredentialError, match="no such org"):
+        credentials.remove_org(tmp_path, "nope")
+    with pytest.raises(CredentialError):
+        credentials.rotate_key(tmp_path, "acme", "admin")
+
+
+def test_check_key_roles_and_rotation(tmp_path):
+    org = credentials.add_org(tmp_path, "acme")
+    pepper = credentials.load_pepper(tmp_path)
+    conn = connect(tmp_path / "fleet.db")
+    records = credentials.load_records(conn)
+    assert credentials.check_key(records, pepper, "acme/agent", org.agent_key).role == "agent"
+    assert credentials.check_key(records, pepper, "acme/reader", org.reader_key).org == "acme"
+    assert credentials.check_key(records, pepper, "acme/agent", org.reader_key) is None
+    assert credentials.check_key(records, pepper, "ghost/agent", org.agent_key) is None
+    assert credentials.check_key(records, pepper, None, None) is None
+    assert credentials.find_reader(conn, pepper, org.reader_key) == "acme"
+    assert credentials.find_reader(conn, pepper, org.agent_key) is None  # agent keys are not API tokens
+
+    new = credentials.rotate_key(tmp_path, "acme", "reader")
+    assert credentials.find_reader(conn, pepper, org.reader_key) is None
+    assert credentials.find_reader(conn, pepper, new) == "acme"
+    records = credentials.load_records(conn)
+    assert credentials.check_key(records, pepper, "acme/agent", org.agent_key) is not None  # other role untouched
+
+    credentials.remove_org(tmp_path, "acme")
+    assert credentials.load_records(conn) == {}
+    assert credentials.find_reader(conn, pepper, new) is None
+
+
+def test_service_key_is_stable_and_private(tmp_path):
+    key = credentials.ensure_service_key(tmp_path)
+    assert credentials.ensure_service_key(tmp_path) == key
+    assert (tmp_path / credentials.SERVICE_KEY_FILE).stat().st_mode & 0o077 == 0
+    records = credentials.load_records(connect(tmp_path / "fleet.db"))
+    principal = credentials.check_key(records, credentials.load_pepper(tmp_path), credentials.SERVICE_USERNAME, key)
+    assert principal.role == "service" and principal.org is None
+
+
+def test_mosquitto_hash_format():
+    salt = b"0123456789ab"
+    line = credentials.mosquitto_hash("secret", salt=salt)
+    _, kind, iterations, salt_b64, hash_b64 = line.split("$")
+    assert kind == "7" and int(iterations) == credentials.MOSQUITTO_ITERATIONS
+    assert base64.b64decode(salt_b64) == salt
+    assert base64.b64decode(hash_b64) == hashlib.pbkdf2_hmac("sha512", b"secret", salt, int(iterations))
