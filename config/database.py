@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS reports (
 );
 CREATE INDEX IF NOT EXISTS reports_machine_ts ON reports(org, machine_id, ts);
 CREATE INDEX IF NOT EXISTS reports_ts ON reports(ts);
+-- Retention ages raw history out by receive time (an agent's clock cannot keep rows forever).
+CREATE INDEX IF NOT EXISTS reports_received ON reports(received);
 -- One-minute rollups kept after raw history ages out.
 CREATE TABLE IF NOT EXISTS rollups (
     org TEXT NOT NULL,

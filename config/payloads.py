@@ -127,7 +127,19 @@ def _field(obj: Mapping[str, Any], name: str, check, required: bool = True) -> A
 
 
 def _short_str(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= MAX_STRING
+    return isinstance(value, str) and len(value) <= MAX_STRING and _encodable(value)
+
+
+def _encodable(value: str) -> bool:
+    # JSON escapes can carry lone surrogates ("\\ud800"): valid JSON, but not UTF-8 text, so SQLite
+    # and every later encoder would fail on them.
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _session(value: Any) -> bool:

@@ -1,0 +1,457 @@
+"""The running collector: MQTT subscriptions per org, a bounded queue, and one writer thread owning state and SQLite.
+
+Threads:
+- paho's network thread runs ``_on_message``: it validates the message (collector.intake) and puts it on a
+  bounded queue. When the queue is full it blocks there. That is the backpressure: paho sends the PUBACK
+  only after ``on_message`` returns, so a slow database slows the broker's delivery to us (the broker
+  queues for our persistent session) instead of us dropping acknowledged messages.
+- the writer thread drains the queue, applies the state machine (collector.state), and stores each batch
+  in one transaction (collector.store); it also runs the timers: stale/TTL checks, heartbeat, org
+  refresh and history retention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import signal
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from collector import store
+from collector.errors import CollectorError
+from collector.intake import INTERNAL, DropCounter, RateLimiter, Received, parse_message
+from collector.state import EVICTED, Tracker, Transition
+from config import credentials, payloads
+from config.database import open_db
+from config.errors import ConfigError
+from config.mqtt import BrokerAddress, new_client
+from config.payloads import Report
+from config.settings import Settings
+from config.topics import KINDS, org_kind_filter, ping_topic
+
+log = logging.getLogger("collector")
+
+COMPONENT = "collector"
+QUEUE_MAX = 20_000
+HEARTBEAT_EVERY_S = 2.0
+RETENTION_EVERY_S = 60.0
+ORG_REFRESH_MAX_S = 2.0
+STARTUP_GRACE_S = 30.0  # without a broker, start stale/TTL checks after this long anyway
+WRITER_BUSY_TIMEOUT_MS = 1000
+STOP_RETRY_S = 10.0
+KEEPALIVE_S = 30
+SUBSCRIBE_CHUNK = 64
+
+
+def client_id_for(orgs: tuple[str, ...]) -> str:
+    """The collector's fixed MQTT client id for a shard (same shard, same persistent session).
+
+    It starts with ``fleet.`` rather than ``fleet-``: agent ids are ``fleet-<org>-<machine>``, so no agent
+    of an org named ``collector`` can ever take over the collector's session.
+    """
+    shard = ",".join(sorted(set(orgs))) or "*"
+    return "fleet.collector-" + hashlib.sha256(shard.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class CollectorStats:
+    """A snapshot of the collector's counters."""
+
+    broker_connected: bool
+    orgs: tuple[str, ...]
+    received: int
+    stored: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    queued: int = 0
+    machines: int = 0
+
+
+class RunningCollector:
+    """A collector running in background threads; ``stop()`` flushes every pending write."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.address = BrokerAddress.parse(settings.effective_broker_url)
+        self.client_id = client_id_for(settings.orgs)
+        self.drops = DropCounter()
+        self.limiter = RateLimiter(settings.agent_rate_limit_per_s)
+        self.tracker = Tracker(settings.stale_factor, settings.interval, settings.ttl_seconds)
+        self._queue: queue.Queue[Received] = queue.Queue(maxsize=QUEUE_MAX)
+        self._orgs: frozenset[str] = frozenset()
+        self._subscribed: frozenset[str] = frozenset()
+        self._orgs_lock = threading.Lock()
+        self._connected = threading.Event()
+        self._synced = threading.Event()  # connected and subscribed at least once
+        self._stopping = threading.Event()
+        self._network_done = threading.Event()
+        self._writer_ready = threading.Event()
+        self._writer_error: BaseException | None = None
+        self._received = 0
+        self._stored = 0
+        self._started = time.monotonic()
+        self._backpressure_logged = 0.0
+        self._client: paho.Client | None = None
+        self._writer = threading.Thread(target=self._writer_main, name="collector-writer", daemon=True)
+
+    # --- public -------------------------------------------------------------------------------
+    def start(self) -> "RunningCollector":
+        """Open the database, restore state, connect and subscribe; returns once the writer is ready."""
+        try:
+            key = credentials.ensure_service_key(self.settings.data_dir)
+            db = open_db(self.settings.db_path)
+            try:
+                self._set_orgs(self._wanted_orgs(store.list_orgs(db)))
+            finally:
+                db.conn.close()
+            client = new_client(self.address, self.client_id, credentials.SERVICE_USERNAME, key,
+                                self.settings.ca_path, clean_session=False)
+        except (ConfigError, sqlite3.Error, OSError) as exc:
+            raise CollectorError(f"cannot start the collector: {exc}") from exc
+        client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+        self._writer.start()
+        if not self._writer_ready.wait(30) or self._writer_error is not None:
+            raise CollectorError(f"collector writer failed to start: {self._writer_error}")
+        client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
+        client.loop_start()
+        log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
+                 ", ".join(sorted(self._orgs)) or "(none yet)")
+        return self
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until connected and subscribed once (True), or ``timeout`` seconds (False)."""
+        return self._synced.wait(timeout)
+
+    def stats(self) -> CollectorStats:
+        """Current counters."""
+        return CollectorStats(self._connected.is_set(), tuple(sorted(self._subscribed)), self._received,
+                              self._stored, self.drops.totals(), self._queue.qsize(), len(self.tracker.machines))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Disconnect (the broker keeps our session and queues for it), write everything pending, stop."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        client = self._client
+        if client is not None:
+            try:
+                client.disconnect()
+            finally:
+                client.loop_stop()
+        self._network_done.set()
+        if self._writer.is_alive():
+            self._writer.join(timeout)
+        self._connected.clear()
+        log.info("collector stopped: received %d, stored %d, dropped %s", self._received, self._stored,
+                 self.drops.totals() or "none")
+
+    # --- orgs ---------------------------------------------------------------------------------
+    def _wanted_orgs(self, existing: list[str]) -> frozenset[str]:
+        if self.settings.orgs:
+            return frozenset(org for org in existing if org in self.settings.orgs)
+        return frozenset(existing)
+
+    def _set_orgs(self, wanted: frozenset[str]) -> None:
+        with self._orgs_lock:
+            self._orgs = wanted
+
+    def _sync_subscriptions(self, force: bool = False) -> None:
+        """Subscribe to new orgs, unsubscribe removed ones (all of them again after a reconnect)."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return
+        with self._orgs_lock:
+            wanted = self._orgs
+            added = wanted if force else wanted - self._subscribed
+            removed = frozenset() if force else self._subscribed - wanted
+            self._subscribed = wanted
+        filters = [(org_kind_filter(org, kind), 1) for org in sorted(added) for kind in KINDS]
+        for i in range(0, len(filters), SUBSCRIBE_CHUNK):
+            client.subscribe(filters[i:i + SUBSCRIBE_CHUNK])
+        if removed:
+            client.unsubscribe([org_kind_filter(org, kind) for org in sorted(removed) for kind in KINDS])
+        for org in sorted(added if not force else ()):
+            log.info("collector subscribed to org %s", org)
+        for org in sorted(removed):
+            log.info("collector unsubscribed from org %s", org)
+        if not filters:
+            self._synced.set()  # nothing to wait for
+
+    # --- paho callbacks (network thread: never block on anything but the bounded queue) ---------
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any = None) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the collector: %s", self.address.url, reason_code)
+            return
+        self._connected.set()
+        log.info("collector connected to %s (session present: %s)", self.address.url,
+                 bool(getattr(flags, "session_present", False)))
+        self._sync_subscriptions(force=True)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any = None) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._stopping.is_set():
+            log.warning("collector lost the broker %s (%s); reconnecting", self.address.url, reason_code)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any = None) -> None:
+        refused = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
+        if refused:
+            log.error("broker refused %d collector subscription(s): %s", len(refused), refused[0])
+        self._synced.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._received += 1
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            self.drops.add(payloads.BAD_TOPIC, repr(msg._topic[:100]), "topic is not UTF-8")
+            return
+        item = parse_message(topic, msg.payload, msg.retain, time.time(), self.limiter, self.drops)
+        if item is None or item.message.org not in self._orgs:
+            return
+        self._put(item)
+
+    def _put(self, item: Received) -> None:
+        try:
+            self._queue.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        now = time.monotonic()
+        if now - self._backpressure_logged > 60:
+            self._backpressure_logged = now
+            log.warning("collector queue full (%d): holding back the broker until the database catches up",
+                        QUEUE_MAX)
+        while True:
+            try:
+                self._queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                if not self._writer.is_alive():
+                    self.drops.add(INTERNAL, str(item.message.org), "writer thread is not running")
+                    return
+
+    # --- writer thread ------------------------------------------------------------------------
+    def _writer_main(self) -> None:
+        try:
+            db = open_db(self.settings.db_path)
+            db.conn.execute(f"PRAGMA busy_timeout={WRITER_BUSY_TIMEOUT_MS}")
+            self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None))
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._writer_error = exc
+            self._writer_ready.set()
+            return
+        self._writer_ready.set()
+        try:
+            Writer(self, db).run()
+        except BaseException:  # noqa: BLE001 - last resort: say so loudly
+            log.exception("collector writer thread crashed")
+            raise
+        finally:
+            db.conn.close()
+
+
+class Writer:
+    """The writer thread's loop: batch, apply state, store, and run the timers."""
+
+    def __init__(self, owner: RunningCollector, db: Any) -> None:
+        self.owner = owner
+        self.db = db
+        self.settings = owner.settings
+        self.tracker = owner.tracker
+        self.batch = store.Batch()
+        now = time.monotonic()
+        self.tick_every = min(1.0, self.settings.ttl_seconds / 4)
+        self.org_every = min(self.settings.reload_interval_s, ORG_REFRESH_MAX_S)
+        self.next_tick = now
+        self.next_heartbeat = now
+        self.next_orgs = now + self.org_every
+        self.next_retention = now
+        self.pending_clears: list[str] = []
+
+    def run(self) -> None:
+        """Loop until stop() and the queue is empty; the last flush writes everything pending."""
+        owner = self.owner
+        q = owner._queue
+        batch_max = self.settings.batch_max
+        while True:
+            deadline = time.monotonic() + self.settings.batch_interval_s
+            taken = 0
+            while taken < batch_max:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = q.get_nowait() if remaining <= 0 else q.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                self._apply(item)
+                taken += 1
+            done = owner._network_done.is_set() and q.empty()
+            self._timers(final=done)
+            self._flush(final=done)
+            if done:
+                return
+
+    def _apply(self, item: Received) -> None:
+        try:
+            message = item.message
+            if isinstance(message, Report):
+                transitions = self.tracker.on_report(message, item.received)
+                self.batch.reports.append(store.report_row(message, item.received, item.payload))
+            else:
+                transitions = self.tracker.on_ping(message, item.received, item.retained)
+            self._record(transitions)
+        except Exception as exc:  # noqa: BLE001 - one bad message must never stop the collector
+            self.owner.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}",
+                                 f"{type(exc).__name__}: {exc}")
+            log.exception("internal error applying a message of %s/%s", item.message.org, item.message.machine_id)
+
+    def _record(self, transitions: list[Transition]) -> None:
+        for t in transitions:
+            self.batch.events.append(t)
+            log.info("machine %s/%s: %s -> %s (%s)", t.org, t.machine_id, t.old_status or "new", t.new_status,
+                     t.reason)
+
+    def _timers(self, final: bool) -> None:
+        owner = self.owner
+        now_m = time.monotonic()
+        if now_m >= self.next_tick and not final:
+            self.next_tick = now_m + self.tick_every
+            # Until the first subscription is acknowledged we have not heard the backlog yet:
+            # judging silence before that would flap every machine to stale and back.
+            if owner._synced.is_set() or now_m - owner._started > STARTUP_GRACE_S:
+                self.tick(time.time())
+        if now_m >= self.next_orgs and not final:
+            self.next_orgs = now_m + self.org_every
+            self._refresh_orgs()
+        if now_m >= self.next_retention and not final:
+            self.next_retention = now_m + RETENTION_EVERY_S
+            self._retention()
+        if now_m >= self.next_heartbeat or final:
+            self.next_heartbeat = now_m + HEARTBEAT_EVERY_S
+            self._heartbeat(final)
+
+    def tick(self, now: float) -> None:
+        """Stale and TTL checks; evicted machines lose their row and their retained ping."""
+        transitions, evicted = self.tracker.tick(now)
+        self._record(transitions)
+        for machine in evicted:
+            self.batch.evicted.append(machine)
+            self.batch.expired[machine.org] = self.batch.expired.get(machine.org, 0) + 1
+            self.pending_clears.append(ping_topic(machine.org, machine.machine_id))
+
+    def _refresh_orgs(self) -> None:
+        owner = self.owner
+        try:
+            wanted = owner._wanted_orgs(store.list_orgs(self.db))
+        except sqlite3.Error as exc:
+            log.warning("cannot read orgs (will retry): %s", exc)
+            return
+        if wanted != owner._orgs:
+            for org in owner._orgs - wanted:
+                self.tracker.forget_org(org)
+            owner._set_orgs(wanted)
+        if wanted != owner._subscribed:
+            owner._sync_subscriptions()
+
+    def _retention(self) -> None:
+        try:
+            result = store.apply_retention(self.db, time.time(), self.settings.history_raw_days,
+                                           self.settings.history_rollup_days)
+        except sqlite3.Error as exc:
+            log.warning("history retention failed (will retry): %s", exc)
+            return
+        if result.reports_rolled_up or result.rollups_deleted or result.events_deleted:
+            log.info("retention: %d reports rolled up, %d rollups and %d events deleted",
+                     result.reports_rolled_up, result.rollups_deleted, result.events_deleted)
+
+    def _heartbeat(self, final: bool) -> None:
+        stats = self.owner.stats()
+        detail = {"broker_connected": stats.broker_connected and not final, "orgs": list(stats.orgs),
+                  "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
+                  "queued": stats.queued, "machines": stats.machines, "client_id": self.owner.client_id}
+        try:
+            store.write_heartbeat(self.db, COMPONENT, time.time(), detail)
+        except sqlite3.Error as exc:
+            log.warning("cannot write the collector heartbeat: %s", exc)
+
+    def _flush(self, final: bool) -> None:
+        batch = self.batch
+        batch.drops = self.owner.drops.take_unsaved()
+        batch.machines = self.tracker.take_dirty()
+        if batch:
+            self._write(batch, final)
+        self.batch = store.Batch()
+        client = self.owner._client
+        for topic in self.pending_clears:
+            if client is not None:
+                # QoS 1: paho keeps it while disconnected and sends it on reconnect.
+                client.publish(topic, b"", qos=1, retain=True)
+                log.info("machine %s evicted: retained ping cleared", topic)
+        self.pending_clears = []
+
+    def _write(self, batch: store.Batch, final: bool) -> None:
+        delay = 0.05
+        first_failure = None
+        while True:
+            try:
+                self.owner._stored += store.write_batch(self.db, batch, time.time())
+                return
+            except sqlite3.OperationalError as exc:
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    log.warning("database busy (%s): retrying %d reports with backoff", exc, len(batch.reports))
+                if final and now - first_failure > STOP_RETRY_S:
+                    self.owner.drops.restore(batch.drops)
+                    log.error("giving up at shutdown: %d reports and %d events not stored (%s)",
+                              len(batch.reports), len(batch.events), exc)
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except (sqlite3.Error, ValueError) as exc:
+                self._salvage(batch, exc)
+                return
+
+    def _salvage(self, batch: store.Batch, exc: BaseException) -> None:
+        """A row the database refuses (not a busy lock): store everything else, count what it rejects."""
+        log.error("database refused a batch (%s): storing its rows one by one", exc)
+        rest = store.Batch(machines=batch.machines, evicted=batch.evicted, events=batch.events,
+                           drops=batch.drops, expired=batch.expired)
+        for part in [rest] + [store.Batch(reports=[row]) for row in batch.reports]:
+            try:
+                self.owner._stored += store.write_batch(self.db, part, time.time())
+            except (sqlite3.Error, ValueError) as row_exc:
+                topic = f"fleet/{part.reports[0][0]}/{part.reports[0][1]}/report" if part.reports else "(state)"
+                self.owner.drops.add(INTERNAL, topic, f"database refused: {row_exc}")
+
+
+def start(settings: Settings) -> RunningCollector:
+    """Start a collector in background threads (for ``fleet up``); call ``.stop()`` to end it."""
+    return RunningCollector(settings).start()
+
+
+def serve(settings: Settings) -> None:
+    """``fleet collector``: run until SIGINT/SIGTERM, then stop cleanly, flushing pending writes."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    collector = start(settings)
+    try:
+        stop.wait()
+    finally:
+        collector.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,265 @@
+"""The collector's live view of each machine: the online/stale/offline/evicted state machine.
+
+Pure logic with an injected clock: every method takes ``now`` (receive time, Unix seconds), so
+tests drive it without a broker or real waiting. The collector's writer thread is its only user.
+
+Rules (SPEC "Collector state"):
+- a report or ping from a session never seen before makes that session current;
+- an ``offline`` ping counts only for the current session (a late last will is ignored);
+- messages of an earlier session (agent replays) go to history but never change the status;
+- ``stale`` when an online machine is silent past ``stale_factor * interval_s``;
+- evicted when silent past ``ttl_seconds``: removed from the live view.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from config.payloads import Ping, Report
+
+ONLINE, STALE, OFFLINE, EVICTED = "online", "stale", "offline", "evicted"
+STATUSES = (ONLINE, STALE, OFFLINE)
+OFFSET_WINDOW = 5  # clock offset = min over this many recent messages (delay only adds)
+PAST_SESSIONS = 16  # earlier sessions remembered per machine, to recognise late messages
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One status change of a machine, written to the events table."""
+
+    org: str
+    machine_id: str
+    ts: float
+    old_status: str | None
+    new_status: str
+    reason: str
+
+
+@dataclass(slots=True)
+class Machine:
+    """Mutable live state of one machine (owned by the tracker)."""
+
+    org: str
+    machine_id: str
+    status: str
+    session: str
+    hardware_id: str = ""
+    interval_s: float | None = None
+    last_seen: float | None = None
+    last_ping: float | None = None
+    clock_offset_s: float | None = None
+    conflict: bool = False
+    os: str = ""
+    system: Mapping[str, Any] | str = "{}"  # a dict from a report, or JSON text loaded from the database
+    metrics: Mapping[str, Any] | str = "{}"
+    first_seen: float = 0.0
+    latest_ts: float = float("-inf")  # agent ts of the report whose metrics are shown
+    offsets: deque = field(default_factory=lambda: deque(maxlen=OFFSET_WINDOW))
+    past_sessions: deque = field(default_factory=lambda: deque(maxlen=PAST_SESSIONS))
+    hardware_seen: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(org, machine_id)."""
+        return (self.org, self.machine_id)
+
+
+class Tracker:
+    """Live state of every machine of the collector's orgs; returns the transitions each input causes."""
+
+    def __init__(self, stale_factor: float, default_interval_s: float, ttl_seconds: float) -> None:
+        self.stale_factor = stale_factor
+        self.default_interval_s = default_interval_s
+        self.ttl_seconds = ttl_seconds
+        self.machines: dict[tuple[str, str], Machine] = {}
+        self._dirty: set[tuple[str, str]] = set()
+
+    # --- queries ------------------------------------------------------------------------------
+    def get(self, org: str, machine_id: str) -> Machine | None:
+        """The live state of one machine, or None if unknown or evicted."""
+        return self.machines.get((org, machine_id))
+
+    def stale_after(self, machine: Machine) -> float:
+        """Seconds of silence after which an online machine is stale."""
+        return self.stale_factor * (machine.interval_s or self.default_interval_s)
+
+    def take_dirty(self) -> list[Machine]:
+        """Machines changed since the last call (to be written to the machines table)."""
+        dirty = [self.machines[key] for key in self._dirty if key in self.machines]
+        self._dirty.clear()
+        return dirty
+
+    # --- inputs -------------------------------------------------------------------------------
+    def load(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Restore state from machines-table rows (collector restart)."""
+        for row in rows:
+            machine = Machine(
+                org=row["org"], machine_id=row["machine_id"], status=row["status"], session=row["session"] or "",
+                hardware_id=row["hardware_id"] or "", interval_s=row["interval_s"], last_seen=row["last_seen"],
+                last_ping=row["last_ping"], clock_offset_s=row["clock_offset_s"], conflict=bool(row["conflict"]),
+                os=row["os"] or "", system=row["system"] or "{}", metrics=row["metrics"] or "{}",
+                first_seen=row["first_seen"] or row["last_seen"] or 0.0,
+            )
+            if machine.status not in STATUSES:
+                machine.status = STALE
+            if machine.clock_offset_s is not None:
+                machine.offsets.append(machine.clock_offset_s)
+            self.machines[machine.key] = machine
+
+    def on_report(self, report: Report, now: float) -> list[Transition]:
+        """Apply a validated report received at ``now``."""
+        key = (report.org, report.machine_id)
+        machine = self.machines.get(key)
+        transitions: list[Transition] = []
+        if machine is None:
+            machine = self._create(report.org, report.machine_id, ONLINE, report.session, now)
+            transitions.append(Transition(report.org, report.machine_id, now, None, ONLINE, "report"))
+            role = "current"
+        else:
+            role = self._role(machine, report.session)
+            if role == "new":
+                self._switch_session(machine, report.session)
+                if machine.status != ONLINE:
+                    transitions.append(self._set(machine, ONLINE, "new_session", now))
+            elif role == "current" and machine.status == STALE:
+                transitions.append(self._set(machine, ONLINE, "report", now))
+        if role != "old":
+            self._offset(machine, now - report.ts)
+        machine.last_seen = now if machine.last_seen is None else max(machine.last_seen, now)
+        if report.ts >= machine.latest_ts:
+            machine.latest_ts = report.ts
+            machine.hardware_id = report.hardware_id
+            machine.metrics = report.metrics
+            machine.system = report.system
+            os_name = report.system.get("os") if isinstance(report.system, Mapping) else None
+            machine.os = os_name if isinstance(os_name, str) else ""
+        self._saw_hardware(machine, report.hardware_id, now)
+        self._dirty.add(key)
+        return transitions
+
+    def on_ping(self, ping: Ping, now: float, retained: bool = False) -> list[Transition]:
+        """Apply a validated ping received at ``now``; ``retained`` pings are old news, not a sign of life."""
+        key = (ping.org, ping.machine_id)
+        machine = self.machines.get(key)
+        # A retained ping tells us when the agent last spoke (its ts, in our clock), not that it speaks now.
+        if retained:
+            offset = machine.clock_offset_s if machine is not None and machine.clock_offset_s is not None else 0.0
+            seen = None if ping.ts is None else min(now, ping.ts + offset)
+        else:
+            seen = now
+        if machine is None:
+            status = ping.status
+            machine = self._create(ping.org, ping.machine_id, status, ping.session, now)
+            machine.interval_s = ping.interval_s
+            machine.hardware_id = ping.hardware_id
+            machine.last_seen = seen
+            machine.last_ping = seen
+            if status == ONLINE and (seen is None or now - seen > self.stale_after(machine)):
+                status = machine.status = STALE
+            reason = ping.reason or ("retained" if retained else "ping")
+            self._dirty.add(key)
+            if not retained:
+                self._after_live_message(machine, ping, now)
+            return [Transition(ping.org, ping.machine_id, now, None, status, reason)]
+
+        role = self._role(machine, ping.session)
+        if role == "old" or (role == "new" and ping.status == OFFLINE):
+            return []  # a late last will or a message of an earlier connection
+        transitions: list[Transition] = []
+        if role == "new":
+            self._switch_session(machine, ping.session)
+        machine.interval_s = ping.interval_s
+        if not machine.hardware_id:
+            machine.hardware_id = ping.hardware_id
+        if seen is not None:
+            machine.last_seen = seen if machine.last_seen is None else max(machine.last_seen, seen)
+            machine.last_ping = seen if machine.last_ping is None else max(machine.last_ping, seen)
+        if ping.status == OFFLINE:
+            if machine.status != OFFLINE:
+                transitions.append(self._set(machine, OFFLINE, ping.reason or "lost", now))
+        else:
+            fresh = machine.last_seen is not None and now - machine.last_seen <= self.stale_after(machine)
+            target = ONLINE if (not retained or fresh) else STALE
+            if machine.status != target and not (retained and machine.status == STALE and target == STALE):
+                transitions.append(self._set(machine, target, "retained" if retained else "ping", now))
+        if not retained:
+            self._after_live_message(machine, ping, now)
+        self._dirty.add(key)
+        return transitions
+
+    def tick(self, now: float) -> tuple[list[Transition], list[Machine]]:
+        """Timer check: mark silent machines stale, evict those silent past the TTL, refresh conflicts."""
+        transitions: list[Transition] = []
+        evicted: list[Machine] = []
+        for key, machine in list(self.machines.items()):
+            stale_after = self.stale_after(machine)
+            if machine.hardware_seen:
+                self._prune_hardware(machine, now, stale_after)
+            base = machine.last_seen if machine.last_seen is not None else machine.first_seen
+            if now - base > self.ttl_seconds:
+                transitions.append(Transition(machine.org, machine.machine_id, now, machine.status, EVICTED, "ttl"))
+                evicted.append(machine)
+                del self.machines[key]
+                self._dirty.discard(key)
+                continue
+            if machine.status == ONLINE and (machine.last_seen is None or now - machine.last_seen > stale_after):
+                transitions.append(self._set(machine, STALE, "silent", now))
+        return transitions, evicted
+
+    def forget_org(self, org: str) -> None:
+        """Drop an org's machines from memory (org no longer served by this collector); rows stay."""
+        for key in [key for key in self.machines if key[0] == org]:
+            del self.machines[key]
+            self._dirty.discard(key)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _create(self, org: str, machine_id: str, status: str, session: str, now: float) -> Machine:
+        machine = Machine(org=org, machine_id=machine_id, status=status, session=session, first_seen=now)
+        self.machines[(org, machine_id)] = machine
+        return machine
+
+    @staticmethod
+    def _role(machine: Machine, session: str) -> str:
+        if session == machine.session:
+            return "current"
+        return "old" if session in machine.past_sessions else "new"
+
+    @staticmethod
+    def _switch_session(machine: Machine, session: str) -> None:
+        if machine.session:
+            machine.past_sessions.append(machine.session)
+        machine.session = session
+        # Offsets of the earlier connection say nothing about this one's clock.
+        machine.offsets.clear()
+
+    def _set(self, machine: Machine, status: str, reason: str, now: float) -> Transition:
+        old = machine.status
+        machine.status = status
+        self._dirty.add(machine.key)
+        return Transition(machine.org, machine.machine_id, now, old, status, reason)
+
+    def _after_live_message(self, machine: Machine, ping: Ping, now: float) -> None:
+        if ping.ts is not None:
+            self._offset(machine, now - ping.ts)
+        self._saw_hardware(machine, ping.hardware_id, now)
+
+    @staticmethod
+    def _offset(machine: Machine, offset: float) -> None:
+        machine.offsets.append(offset)
+        machine.clock_offset_s = min(machine.offsets)
+
+    def _saw_hardware(self, machine: Machine, hardware_id: str, now: float) -> None:
+        machine.hardware_seen[hardware_id] = now
+        self._prune_hardware(machine, now, self.stale_after(machine))
+
+    def _prune_hardware(self, machine: Machine, now: float, window: float) -> None:
+        seen = machine.hardware_seen
+        if len(seen) > 1:
+            for hw in [hw for hw, ts in seen.items() if now - ts > window]:
+                del seen[hw]
+        conflict = len(seen) > 1
+        if conflict != machine.conflict:
+            machine.conflict = conflict
+            self._dirty.add(machine.key)

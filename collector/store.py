@@ -1,0 +1,196 @@
+"""The collector's SQLite writes: one transaction per batch, heartbeats, and history retention.
+
+Every function takes the writer thread's own connection (``config.database.open_db``); nothing here
+is called from the MQTT network thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import sqlite_utils
+
+from collector.state import Machine, Transition
+from config.payloads import Report
+
+DAY = 86_400.0
+RETENTION_CHUNK_S = 3_600.0  # roll up and delete at most this much raw history per transaction
+
+
+@dataclass
+class Batch:
+    """Everything one writer transaction stores."""
+
+    reports: list[tuple] = field(default_factory=list)
+    machines: list[Machine] = field(default_factory=list)
+    evicted: list[Machine] = field(default_factory=list)
+    events: list[Transition] = field(default_factory=list)
+    drops: dict[str, int] = field(default_factory=dict)
+    expired: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.reports or self.machines or self.evicted or self.events or self.drops or self.expired)
+
+
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def report_row(report: Report, received: float, payload: str) -> tuple:
+    """The reports-table row of a validated report (the few columns charts and rollups need)."""
+    metrics = report.metrics
+    memory = metrics.get("memory")
+    memory_percent = _number(memory.get("percent")) if isinstance(memory, dict) else None
+    disk_percent = None
+    disks = metrics.get("disks")
+    if disks:
+        root = [d for d in disks if d.get("mount") == "/"]
+        values = [v for v in (_number(d.get("percent")) for d in (root or disks)) if v is not None]
+        disk_percent = max(values) if values else None
+    load = metrics.get("load_avg")
+    load1 = _number(load[0]) if load else None
+    net = metrics.get("net")
+    sent = recv = None
+    if isinstance(net, dict):
+        sent, recv = _number(net.get("bytes_sent")), _number(net.get("bytes_recv"))
+    return (report.org, report.machine_id, report.session, report.seq, report.ts, received,
+            _number(metrics.get("cpu_percent")), memory_percent, disk_percent, load1, sent, recv, payload)
+
+
+def _json(value: Mapping[str, Any] | str) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def _machine_row(machine: Machine, now: float) -> tuple:
+    # Serialise once, then keep the text so an unchanged machine is not dumped again.
+    machine.system = _json(machine.system)
+    machine.metrics = _json(machine.metrics)
+    return (machine.org, machine.machine_id, machine.hardware_id, machine.status, machine.session,
+            machine.interval_s, machine.last_seen, machine.last_ping, machine.clock_offset_s,
+            int(machine.conflict), machine.os, machine.system, machine.metrics, machine.first_seen, now)
+
+
+_INSERT_REPORT = (
+    "INSERT OR IGNORE INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, memory_percent,"
+    " disk_percent, load1, net_bytes_sent, net_bytes_recv, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_UPSERT_MACHINE = (
+    "INSERT INTO machines(org, machine_id, hardware_id, status, session, interval_s, last_seen, last_ping,"
+    " clock_offset_s, conflict, os, system, metrics, first_seen, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT(org, machine_id) DO UPDATE SET hardware_id=excluded.hardware_id, status=excluded.status,"
+    " session=excluded.session, interval_s=excluded.interval_s, last_seen=excluded.last_seen,"
+    " last_ping=excluded.last_ping, clock_offset_s=excluded.clock_offset_s, conflict=excluded.conflict,"
+    " os=excluded.os, system=excluded.system, metrics=excluded.metrics,"
+    " first_seen=coalesce(machines.first_seen, excluded.first_seen), updated=excluded.updated"
+)
+
+
+def write_batch(db: sqlite_utils.Database, batch: Batch, now: float) -> int:
+    """Store a batch in one transaction; returns how many reports were new (replays are ignored)."""
+    conn = db.conn
+    with conn:
+        before = conn.total_changes
+        if batch.reports:
+            conn.executemany(_INSERT_REPORT, batch.reports)
+        inserted = conn.total_changes - before
+        if batch.evicted:
+            conn.executemany("DELETE FROM machines WHERE org = ? AND machine_id = ?",
+                             [(m.org, m.machine_id) for m in batch.evicted])
+        if batch.machines:
+            conn.executemany(_UPSERT_MACHINE, [_machine_row(m, now) for m in batch.machines])
+        if batch.events:
+            conn.executemany(
+                "INSERT INTO events(org, machine_id, ts, old_status, new_status, reason) VALUES (?,?,?,?,?,?)",
+                [(e.org, e.machine_id, e.ts, e.old_status, e.new_status, e.reason) for e in batch.events])
+        if batch.drops:
+            conn.executemany(
+                "INSERT INTO drops(reason, count) VALUES (?, ?)"
+                " ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count", list(batch.drops.items()))
+        if batch.expired:
+            conn.executemany(
+                "INSERT INTO org_stats(org, expired) VALUES (?, ?)"
+                " ON CONFLICT(org) DO UPDATE SET expired = expired + excluded.expired", list(batch.expired.items()))
+    return inserted
+
+
+def write_heartbeat(db: sqlite_utils.Database, component: str, now: float, detail: Mapping[str, Any]) -> None:
+    """Record that ``component`` is alive, with its detail JSON (read by the web's /healthz)."""
+    with db.conn:
+        db.conn.execute("INSERT OR REPLACE INTO heartbeats(component, ts, detail) VALUES (?, ?, ?)",
+                        (component, now, json.dumps(detail, separators=(",", ":"))))
+
+
+def load_machines(db: sqlite_utils.Database, orgs: Iterable[str] | None) -> list[dict[str, Any]]:
+    """Machines-table rows to restore live state from (only ``orgs`` when given)."""
+    conn = db.conn
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = [dict(row) for row in conn.execute("SELECT * FROM machines")]
+    finally:
+        conn.row_factory = None
+    wanted = None if orgs is None else set(orgs)
+    return [row for row in rows if wanted is None or row["org"] in wanted]
+
+
+def list_orgs(db: sqlite_utils.Database) -> list[str]:
+    """Every org in the credential store."""
+    return [row[0] for row in db.conn.execute("SELECT name FROM orgs ORDER BY name")]
+
+
+_ROLLUP = """
+INSERT INTO rollups(org, machine_id, minute, samples, cpu_percent, memory_percent, disk_percent, load1,
+                    net_bytes_sent, net_bytes_recv)
+SELECT org, machine_id, CAST(ts / 60 AS INTEGER) * 60.0 AS m, count(*), avg(cpu_percent), avg(memory_percent),
+       avg(disk_percent), avg(load1), max(net_bytes_sent), max(net_bytes_recv)
+FROM reports WHERE received < ? GROUP BY org, machine_id, m
+ON CONFLICT(org, machine_id, minute) DO UPDATE SET
+  cpu_percent = {cpu}, memory_percent = {memory}, disk_percent = {disk}, load1 = {load1},
+  net_bytes_sent = max(coalesce(rollups.net_bytes_sent, excluded.net_bytes_sent), coalesce(excluded.net_bytes_sent, rollups.net_bytes_sent)),
+  net_bytes_recv = max(coalesce(rollups.net_bytes_recv, excluded.net_bytes_recv), coalesce(excluded.net_bytes_recv, rollups.net_bytes_recv)),
+  samples = rollups.samples + excluded.samples
+"""
+
+
+def _weighted(column: str) -> str:
+    # Sample-weighted mean of the stored and the new rollup, ignoring a side that has no value.
+    return (f"CASE WHEN rollups.{column} IS NULL THEN excluded.{column} WHEN excluded.{column} IS NULL"
+            f" THEN rollups.{column} ELSE (rollups.{column} * rollups.samples + excluded.{column} * excluded.samples)"
+            f" / (rollups.samples + excluded.samples) END")
+
+
+_ROLLUP_SQL = _ROLLUP.format(cpu=_weighted("cpu_percent"), memory=_weighted("memory_percent"),
+                             disk=_weighted("disk_percent"), load1=_weighted("load1"))
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    """What one retention run removed."""
+
+    reports_rolled_up: int
+    rollups_deleted: int
+    events_deleted: int
+
+
+def apply_retention(db: sqlite_utils.Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
+    """Fold raw reports older than ``raw_days`` into 1-minute rollups; delete rollups and events past ``rollup_days``."""
+    conn = db.conn
+    raw_cutoff = now - raw_days * DAY
+    rolled = 0
+    while True:
+        oldest = conn.execute("SELECT min(received) FROM reports").fetchone()[0]
+        if oldest is None or oldest >= raw_cutoff:
+            break
+        # Small chunks keep each write transaction short, so readers and the batch writer never wait long.
+        chunk_end = min(raw_cutoff, math.floor(oldest) + RETENTION_CHUNK_S)
+        with conn:
+            conn.execute(_ROLLUP_SQL, (chunk_end,))
+            rolled += conn.execute("DELETE FROM reports WHERE received < ?", (chunk_end,)).rowcount
+    keep_cutoff = now - rollup_days * DAY
+    with conn:
+        rollups = conn.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,)).rowcount
+        events = conn.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,)).rowcount
+    return RetentionResult(rolled, rollups, events)

@@ -1,0 +1,169 @@
+"""Every transition of the collector's state machine, driven with an injected clock (no broker)."""
+
+import pytest
+
+from collector.state import EVICTED, OFFLINE, ONLINE, STALE
+from collector_builders import INTERVAL, T0, ping, report, tracker
+
+
+def statuses(transitions):
+    return [(t.old_status, t.new_status, t.reason) for t in transitions]
+
+
+def test_first_ping_creates_online_machine():
+    t = tracker()
+    assert statuses(t.on_ping(ping(), T0)) == [(None, ONLINE, "ping")]
+    m = t.get("acme", "web-1")
+    assert (m.status, m.session, m.interval_s, m.last_seen, m.last_ping) == (ONLINE, "s1", INTERVAL, T0, T0)
+
+
+def test_first_report_creates_online_machine_with_latest_data():
+    t = tracker()
+    assert statuses(t.on_report(report(), T0 + 0.5)) == [(None, ONLINE, "report")]
+    m = t.get("acme", "web-1")
+    assert m.status == ONLINE and m.os == "Linux" and m.metrics["cpu_percent"] == 5.0
+    assert m.clock_offset_s == pytest.approx(0.5)
+    assert [x.machine_id for x in t.take_dirty()] == ["web-1"] and t.take_dirty() == []
+
+
+def test_online_goes_stale_after_stale_factor_times_interval_then_back_online():
+    t = tracker()
+    t.on_ping(ping(interval=2.0), T0)
+    assert t.tick(T0 + 5.9) == ([], [])  # 3 x 2 s not yet passed
+    transitions, evicted = t.tick(T0 + 6.1)
+    assert statuses(transitions) == [(ONLINE, STALE, "silent")] and evicted == []
+    assert t.tick(T0 + 7) == ([], [])  # no repeated event
+    assert statuses(t.on_report(report(ts=T0 + 8), T0 + 8)) == [(STALE, ONLINE, "report")]
+
+
+def test_stale_after_uses_default_interval_when_no_ping_seen():
+    t = tracker()
+    t.on_report(report(), T0)
+    assert t.tick(T0 + 29)[0] == []
+    assert statuses(t.tick(T0 + 31)[0]) == [(ONLINE, STALE, "silent")]
+
+
+def test_stale_machine_back_online_on_ping():
+    t = tracker()
+    t.on_ping(ping(), T0)
+    t.tick(T0 + 40)
+    assert statuses(t.on_ping(ping(ts=T0 + 41), T0 + 41)) == [(STALE, ONLINE, "ping")]
+
+
+@pytest.mark.parametrize("reason", ["lost", "shutdown"])
+def test_offline_of_current_session(reason):
+    t = tracker()
+    t.on_ping(ping(), T0)
+    assert statuses(t.on_ping(ping("offline", ts=None, reason=reason), T0 + 1)) == [(ONLINE, OFFLINE, reason)]
+    assert t.tick(T0 + 100)[0] == []  # offline never turns stale
+
+
+def test_offline_machine_back_online_with_new_session():
+    t = tracker()
+    t.on_ping(ping(), T0)
+    t.on_ping(ping("offline", reason="shutdown"), T0 + 1)
+    assert statuses(t.on_ping(ping(session="s2", ts=T0 + 5), T0 + 5)) == [(OFFLINE, ONLINE, "ping")]
+    assert t.get("acme", "web-1").session == "s2"
+
+
+def test_report_with_new_session_makes_it_current():
+    t = tracker()
+    t.on_ping(ping(), T0)
+    t.on_ping(ping("offline", reason="lost", ts=None), T0 + 1)
+    assert statuses(t.on_report(report(session="s2", ts=T0 + 2), T0 + 2)) == [(OFFLINE, ONLINE, "new_session")]
+    assert t.get("acme", "web-1").session == "s2"
+
+
+def test_takeover_race_late_will_of_old_session_is_ignored():
+    """The new connection's online arrives before the old connection's last will."""
+    t = tracker()
+    t.on_ping(ping(session="old"), T0)
+    t.on_ping(ping(session="new", ts=T0 + 1), T0 + 1)
+    assert t.on_ping(ping("offline", session="old", ts=None, reason="lost"), T0 + 2) == []
+    m = t.get("acme", "web-1")
+    assert (m.status, m.session) == (ONLINE, "new")
+
+
+def test_offline_from_unknown_session_is_ignored():
+    t = tracker()
+    t.on_ping(ping(session="a"), T0)
+    assert t.on_ping(ping("offline", session="zzz", reason="lost"), T0 + 1) == []
+    assert t.get("acme", "web-1").status == ONLINE
+
+
+def test_replayed_report_of_earlier_session_does_not_change_session_or_status():
+    t = tracker()
+    t.on_report(report(session="a", seq=0), T0)
+    t.on_ping(ping(session="b", ts=T0 + 5), T0 + 5)
+    t.on_ping(ping("offline", session="b", reason="shutdown", ts=T0 + 6), T0 + 6)
+    assert t.on_report(report(session="a", seq=1, ts=T0 + 1), T0 + 7) == []
+    m = t.get("acme", "web-1")
+    assert (m.session, m.status) == ("b", OFFLINE)
+
+
+def test_eviction_after_ttl_from_any_status():
+    t = tracker(ttl=100)
+    t.on_ping(ping(machine="a"), T0)
+    t.on_ping(ping(machine="b"), T0)
+    t.on_ping(ping("offline", machine="b", reason="shutdown"), T0 + 1)
+    transitions, evicted = t.tick(T0 + 99)
+    assert {(x.machine_id, x.new_status) for x in transitions} == {("a", STALE)} and evicted == []
+    transitions, evicted = t.tick(T0 + 102)
+    assert sorted(statuses(transitions)) == [(OFFLINE, EVICTED, "ttl"), (STALE, EVICTED, "ttl")]
+    assert sorted(m.machine_id for m in evicted) == ["a", "b"]
+    assert t.get("acme", "a") is None and t.machines == {}
+    # It comes back later: a brand-new machine again.
+    assert statuses(t.on_report(report(machine="a", ts=T0 + 500), T0 + 500)) == [(None, ONLINE, "report")]
+
+
+def test_clock_offset_is_min_of_last_five():
+    t = tracker()
+    delays = [3.0, 0.2, 5.0, 4.0, 6.0, 7.0, 8.0]
+    for i, delay in enumerate(delays):
+        now = T0 + i * 10
+        t.on_report(report(seq=i, ts=now - 100 - delay), now)  # agent clock 100 s behind
+        expected = 100 + min(delays[max(0, i - 4): i + 1])
+        assert t.get("acme", "web-1").clock_offset_s == pytest.approx(expected)
+
+
+def test_conflict_while_two_hardware_ids_report_within_stale_after():
+    t = tracker()
+    t.on_report(report(hw="hw-a"), T0)
+    assert not t.get("acme", "web-1").conflict
+    t.on_report(report(hw="hw-b", session="s2", ts=T0 + 1), T0 + 1)
+    assert t.get("acme", "web-1").conflict
+    t.on_report(report(hw="hw-b", session="s2", seq=1, ts=T0 + 20), T0 + 20)
+    assert t.get("acme", "web-1").conflict  # hw-a seen 20 s ago, within 30 s
+    t.take_dirty()
+    t.tick(T0 + 31)  # hw-a silent past stale_after: conflict clears on the timer
+    m = t.get("acme", "web-1")
+    assert not m.conflict and m.hardware_id == "hw-b"
+    assert [x.machine_id for x in t.take_dirty()] == ["web-1"]
+
+
+def test_retained_ping_is_old_news_not_a_sign_of_life():
+    t = tracker()
+    # Fresh collector, retained online ping from an agent that last spoke 100 s ago: stale at once.
+    assert statuses(t.on_ping(ping(ts=T0 - 100), T0, retained=True)) == [(None, STALE, "retained")]
+    assert t.get("acme", "web-1").last_seen == T0 - 100
+    # Retained last will of a machine never seen: known, offline.
+    assert statuses(t.on_ping(ping("offline", machine="db", ts=None, reason="lost"), T0, retained=True)) == [
+        (None, OFFLINE, "lost")]
+
+
+def test_retained_ping_repeated_on_resubscribe_changes_nothing():
+    t = tracker()
+    t.on_ping(ping(ts=T0), T0)
+    t.on_report(report(ts=T0 + 10), T0 + 10)
+    assert t.on_ping(ping(ts=T0), T0 + 11, retained=True) == []
+    m = t.get("acme", "web-1")
+    assert (m.status, m.last_seen) == (ONLINE, T0 + 10)
+
+
+def test_load_restores_state_from_rows():
+    t = tracker()
+    t.load([{"org": "acme", "machine_id": "m", "status": OFFLINE, "session": "s9", "hardware_id": "h",
+             "interval_s": 5.0, "last_seen": T0, "last_ping": T0, "clock_offset_s": 0.3, "conflict": 0,
+             "os": "Linux", "system": "{}", "metrics": "{}", "first_seen": T0 - 10}])
+    assert t.on_ping(ping("offline", machine="m", session="other", reason="lost"), T0 + 1) == []
+    assert statuses(t.on_ping(ping(machine="m", session="s10", ts=T0 + 2), T0 + 2)) == [(OFFLINE, ONLINE, "ping")]
