@@ -14,6 +14,7 @@ from typing import Callable
 from config import payloads
 from config.errors import PayloadError
 from config.payloads import Ping, Report
+from config.topics import Topic
 
 log = logging.getLogger("collector.intake")
 
@@ -23,6 +24,20 @@ DROP_REASONS = payloads.REASONS + (RATE_LIMITED, INTERNAL)
 BURST_SECONDS = 20.0  # bucket depth in seconds of the rate: a broker delivering a backlog after an outage is not a flood
 LOG_EVERY_S = 60.0
 MAX_BUCKETS = 100_000
+MAX_CACHED_TOPICS = 100_000
+
+_topics: dict[str, Topic] = {}
+
+
+def _parse_topic(topic: str) -> Topic:
+    # Each machine publishes on the same two topics forever: validate each topic string once.
+    parsed = _topics.get(topic)
+    if parsed is None:
+        parsed = payloads.parse_topic(topic)
+        if len(_topics) >= MAX_CACHED_TOPICS:
+            _topics.clear()
+        _topics[topic] = parsed
+    return parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +135,7 @@ def parse_message(topic: str, raw: bytes, retained: bool, received: float, limit
                   drops: DropCounter) -> Received | None:
     """Validate one message; return what to queue, or None when it is dropped (counted) or ignorable."""
     try:
-        parsed_topic = payloads.parse_topic(topic)
+        parsed_topic = _parse_topic(topic)
         if parsed_topic.kind == "ping" and not raw:
             return None  # a cleared retained ping (our own eviction, or an operator): nothing to do
         if limiter is not None and not retained and not limiter.allow(parsed_topic.org, parsed_topic.machine):

@@ -1,0 +1,366 @@
+"""The collector end to end: real broker, simulated agents over real MQTT, real fleet.db."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from collector import service
+from config import credentials, payloads
+from config.topics import ping_topic, report_topic
+from conftest import SimAgent, query, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def machine_row(ep, machine="m1"):
+    rows = query(ep.data_dir, "SELECT status, session, conflict, clock_offset_s, metrics, os, hardware_id "
+                              "FROM machines WHERE org='acme' AND machine_id=?", machine)
+    return rows[0] if rows else None
+
+
+def events(ep, machine="m1"):
+    return query(ep.data_dir, "SELECT old_status, new_status, reason FROM events WHERE org='acme' AND machine_id=? "
+                              "ORDER BY id", machine)
+
+
+def seqs(ep, machine="m1"):
+    return [row[0] for row in query(ep.data_dir, "SELECT seq FROM reports WHERE org='acme' AND machine_id=? "
+                                                 "ORDER BY seq", machine)]
+
+
+def test_reports_and_presence_flow_into_the_database(endpoint, collectors):
+    collector = collectors(endpoint.settings())
+    agent = SimAgent(endpoint, "m1").connect()
+    agent.ping("online")
+    for _ in range(3):
+        agent.report(cpu_percent=42.0)
+    wait_until(lambda: len(seqs(endpoint)) == 3, what="3 reports in history")
+    status, session, conflict, offset, metrics, os_name, hw = wait_until(lambda: machine_row(endpoint))
+    assert (status, session, conflict, os_name, hw) == ("online", agent.session, 0, "Linux", "0xhw1")
+    assert json.loads(metrics)["cpu_percent"] == 42.0 and 0 <= offset < 5
+    agent.ping("offline", reason="shutdown")
+    wait_until(lambda: machine_row(endpoint)[0] == "offline", what="offline")
+    assert events(endpoint) == [(None, "online", "ping"), ("online", "offline", "shutdown")]
+    agent.close()
+    beat = wait_until(lambda: query(endpoint.data_dir, "SELECT ts, detail FROM heartbeats WHERE component='collector'"))
+    detail = json.loads(beat[0][1])
+    assert detail["broker_connected"] is True and detail["orgs"] == ["acme"] and time.time() - beat[0][0] < 10
+    assert collector.stats().stored == 3
+
+
+def test_silent_machine_goes_stale_then_online_again(endpoint, collectors):
+    collectors(endpoint.settings())
+    agent = SimAgent(endpoint, "m1", interval_s=0.2).connect()  # stale after 3 x 0.2 s
+    agent.ping("online")
+    wait_until(lambda: machine_row(endpoint) and machine_row(endpoint)[0] == "stale", what="stale")
+    agent.report()
+    wait_until(lambda: machine_row(endpoint)[0] == "online", what="online again")
+    assert events(endpoint) == [(None, "online", "ping"), ("online", "stale", "silent"), ("stale", "online", "report")]
+    agent.close()
+
+
+def test_last_will_marks_the_machine_offline_lost(endpoint, collectors):
+    collectors(endpoint.settings())
+    agent = SimAgent(endpoint, "m1").connect()
+    agent.ping("online")
+    wait_until(lambda: machine_row(endpoint), what="machine")
+    agent.drop()
+    wait_until(lambda: machine_row(endpoint)[0] == "offline", what="offline from the last will")
+    assert events(endpoint)[-1] == ("online", "offline", "lost")
+
+
+def test_late_last_will_of_an_old_session_does_not_mark_a_reconnected_agent_offline(endpoint, collectors):
+    collectors(endpoint.settings())
+    agent = SimAgent(endpoint, "m1").connect()
+    old = agent.session
+    agent.ping("online")
+    wait_until(lambda: machine_row(endpoint), what="machine")
+    # The agent reconnected (new session, online) and only then the old connection's will arrives.
+    agent.session = "new-session"
+    agent.ping("online")
+    agent.ping("offline", reason="lost", session=old)
+    agent.report()  # a marker: once stored, both pings before it were processed (per-publisher order)
+    wait_until(lambda: seqs(endpoint) == [0], what="marker report")
+    assert machine_row(endpoint)[:2] == ("online", "new-session")
+    assert [e[1] for e in events(endpoint)] == ["online"]
+    agent.close()
+
+
+def test_ttl_eviction_clears_the_retained_ping(endpoint, collectors):
+    collectors(endpoint.settings(ttl_seconds=1))
+    agent = SimAgent(endpoint, "m1").connect()
+    agent.ping("online")
+    agent.report()
+    agent.close()  # clean disconnect: no will, just silence
+    wait_until(lambda: query(endpoint.data_dir, "SELECT expired FROM org_stats WHERE org='acme'") == [(1,)],
+               what="eviction counted")
+    assert machine_row(endpoint) is None
+    assert events(endpoint)[-1][1:] == ("evicted", "ttl")
+    assert seqs(endpoint) == [0]  # history stays
+    # A fresh reader gets no retained ping for m1: the marker published after subscribing arrives first.
+    received: list[tuple[str, bytes, bool]] = []
+    got_marker = threading.Event()
+
+    def on_message(client, userdata, msg):
+        received.append((msg.topic, msg.payload, msg.retain))
+        if msg.topic.endswith("/marker/report"):
+            got_marker.set()
+
+    wait_until(lambda: _retained_cleared(endpoint), what="the broker to drop the retained ping")
+    reader = endpoint.client("reader-1", "reader", on_message=on_message)
+    subscribed = threading.Event()
+    reader.on_subscribe = lambda *a: subscribed.set()
+    reader.subscribe("fleet/acme/#", qos=1)
+    assert subscribed.wait(5)
+    marker = SimAgent(endpoint, "marker").connect()
+    marker.report()
+    assert got_marker.wait(10)
+    assert [t for t, _, _ in received if t == ping_topic("acme", "m1")] == []
+    reader.disconnect()
+    marker.close()
+    assert query(endpoint.data_dir, "SELECT count(*) FROM drops") == [(0,)]  # our own empty ping was ignored
+
+
+def _retained_cleared(endpoint) -> bool:
+    """True once a brand-new subscriber to m1's ping topic gets nothing retained (checked with a marker)."""
+    got = []
+    done = threading.Event()
+
+    def on_message(client, userdata, msg):
+        got.append(msg.payload)
+        done.set()
+
+    probe = endpoint.client(f"probe-{os.urandom(3).hex()}", "reader", on_message=on_message)
+    subscribed = threading.Event()
+    probe.on_subscribe = lambda *a: subscribed.set()
+    probe.subscribe(ping_topic("acme", "m1"), qos=1)
+    subscribed.wait(5)
+    done.wait(0.5)
+    probe.disconnect()
+    probe.loop_stop()
+    return not any(got)
+
+
+def run_agent(agent: SimAgent, count: int, rate: float, stop: threading.Event) -> None:
+    for _ in range(count):
+        if stop.is_set():
+            return
+        agent.report()
+        time.sleep(1 / rate)
+
+
+def _outage(endpoint, collectors, count: int, outage_s: float) -> None:
+    settings = endpoint.settings()
+    collector = collectors(settings)
+    agent = SimAgent(endpoint, "m1").connect()
+    agent.ping("online")
+    stop = threading.Event()
+    worker = threading.Thread(target=run_agent, args=(agent, count, 20.0, stop))
+    worker.start()
+    try:
+        wait_until(lambda: len(seqs(endpoint)) >= 10, what="first reports")
+        collector.stop()
+        stopped_at = len(seqs(endpoint))
+        time.sleep(outage_s)  # the outage itself is the point of the test
+        assert len(seqs(endpoint)) == stopped_at  # really down
+        collectors(settings)
+        worker.join(60)
+        wait_until(lambda: len(seqs(endpoint)) >= count, timeout=30, what="every report")
+    finally:
+        stop.set()
+        worker.join(10)
+    assert seqs(endpoint) == list(range(count))  # no gap, no duplicate
+    agent.close()
+
+
+def test_collector_outage_loses_nothing(endpoint, collectors):
+    _outage(endpoint, collectors, count=70, outage_s=2.0)
+
+
+@pytest.mark.slow
+def test_collector_down_ten_seconds_loses_nothing(endpoint, collectors):
+    _outage(endpoint, collectors, count=300, outage_s=10.0)
+
+
+def test_bad_messages_are_dropped_counted_and_the_collector_keeps_going(endpoint, collectors):
+    collector = collectors(endpoint.settings())
+    agent = SimAgent(endpoint, "m1").connect()
+    topic = report_topic("acme", "m1")
+    good = payloads.build_report("m1", "hw", "s1", 0, time.time(), {}, {})
+    bad = {
+        "not_json": b"{nope",
+        "not_object": b"[1,2,3]",
+        "not_utf8": b'{"v": 1, "machine_id": "\xff"}',
+        "bad_field": json.dumps({**good, "seq": "seven"}).encode(),
+        "machine_mismatch": json.dumps({**good, "machine_id": "other"}).encode(),
+    }
+    for raw in bad.values():
+        agent.publish(topic, raw)
+    agent.report()
+    wait_until(lambda: seqs(endpoint) == [0], what="the good report")
+    wait_until(lambda: dict(query(endpoint.data_dir, "SELECT reason, count FROM drops")) == {r: 1 for r in bad},
+               what="drops persisted per reason")
+    assert collector.stats().dropped == {r: 1 for r in bad}
+
+
+def test_oversize_payload_is_dropped(mosquitto_endpoint, collectors):
+    """Mosquitto passes a 64 KiB + 1 payload through (the embedded broker refuses it itself)."""
+    ep = mosquitto_endpoint
+    collectors(ep.settings())
+    agent = SimAgent(ep, "m1").connect()
+    agent.publish(report_topic("acme", "m1"), b"x" * (64 * 1024 + 1))
+    agent.publish("fleet/acme/bad id!/report", b"{}")
+    agent.report()
+    wait_until(lambda: seqs(ep) == [0], what="the good report")
+    wait_until(lambda: dict(query(ep.data_dir, "SELECT reason, count FROM drops")) == {"too_large": 1, "bad_topic": 1},
+               what="drops")
+
+
+def test_a_flooding_agent_is_rate_limited(endpoint, collectors):
+    collector = collectors(endpoint.settings(agent_rate_limit_per_s=1.0))  # bucket of 20
+    flood = SimAgent(endpoint, "flood").connect()
+    calm = SimAgent(endpoint, "calm").connect()
+    for _ in range(60):
+        flood.report()
+    calm.report()
+    wait_until(lambda: seqs(endpoint, "calm") == [0], what="the calm agent's report")
+    stored = len(seqs(endpoint, "flood"))
+    wait_until(lambda: collector.stats().dropped.get("rate_limited", 0) == 60 - stored, what="counted drops")
+    assert 20 <= stored < 60
+
+
+def test_orgs_added_and_removed_are_picked_up_within_5_s(endpoint, collectors):
+    collector = collectors(endpoint.settings())
+    assert collector.stats().orgs == ("acme",)
+    t0 = time.monotonic()
+    keys = credentials.add_org(endpoint.data_dir, "globex")
+    wait_until(lambda: collector.stats().orgs == ("acme", "globex"), timeout=5, what="subscribed to globex")
+    assert time.monotonic() - t0 < 5
+    endpoint.keys, acme_keys = keys, endpoint.keys  # publish as globex
+    try:
+        wait_until(lambda: _publish_ok(endpoint), timeout=5, what="globex agent accepted by the broker")
+        wait_until(lambda: query(endpoint.data_dir, "SELECT count(*) FROM reports WHERE org='globex'")[0][0] >= 1,
+                   what="globex report stored")
+    finally:
+        endpoint.keys = acme_keys
+    credentials.remove_org(endpoint.data_dir, "globex")
+    wait_until(lambda: collector.stats().orgs == ("acme",), timeout=5, what="unsubscribed from globex")
+
+
+def _publish_ok(endpoint) -> bool:
+    try:
+        agent = SimAgent(endpoint, "g1").connect()
+    except AssertionError:
+        return False
+    agent.report()
+    agent.close()
+    return True
+
+
+def test_shard_serves_only_its_orgs(endpoint, collectors):
+    credentials.add_org(endpoint.data_dir, "globex")
+    collector = collectors(endpoint.settings(orgs=("globex",)))
+    assert collector.stats().orgs == ("globex",)
+    assert collector.client_id != service.client_id_for(())
+    agent = SimAgent(endpoint, "m1").connect()  # an acme agent: not this shard's business
+    agent.report()
+    agent.close()
+    beat = wait_until(lambda: query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'"))
+    assert json.loads(beat[0][0])["orgs"] == ["globex"]
+    assert seqs(endpoint) == []
+
+
+def test_locked_database_applies_backpressure_and_loses_nothing(endpoint, collectors, monkeypatch):
+    monkeypatch.setattr(service, "QUEUE_MAX", 5)
+    collectors(endpoint.settings())
+    agent = SimAgent(endpoint, "m1").connect()
+    agent.report()
+    wait_until(lambda: seqs(endpoint) == [0], what="first report")
+    locker = sqlite3.connect(endpoint.data_dir / "fleet.db", timeout=5)
+    locker.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    try:
+        for _ in range(40):
+            agent.report()
+        time.sleep(2.5)  # hold the lock longer than the writer's busy timeout: the retry path must run
+        assert seqs(endpoint) == [0]
+    finally:
+        locker.rollback()
+        locker.close()
+    wait_until(lambda: seqs(endpoint) == list(range(41)), timeout=20, what="every report after the lock")
+    agent.close()
+
+
+def test_resubscribes_after_the_broker_restarts(endpoint, collectors):
+    collector = collectors(endpoint.settings())
+    endpoint.stop()
+    wait_until(lambda: not collector.stats().broker_connected, what="disconnect noticed")
+    endpoint.restart()
+    wait_until(lambda: collector.stats().broker_connected, timeout=15, what="reconnected")
+    agent = wait_until(lambda: _connect_agent(endpoint), timeout=10, what="agent connects")
+    agent.report()
+    wait_until(lambda: seqs(endpoint) == [0], timeout=10, what="report after the restart")
+    agent.close()
+
+
+def _connect_agent(endpoint):
+    try:
+        return SimAgent(endpoint, "m1").connect()
+    except AssertionError:
+        return None
+
+
+def test_retention_runs_on_a_timer(endpoint, collectors):
+    day = 86400
+    old = time.time() - 10 * day
+    from config.database import open_db
+
+    db = open_db(endpoint.data_dir / "fleet.db")
+    with db.conn:
+        db.conn.executemany(
+            "INSERT INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, payload) "
+            "VALUES ('acme', 'old', 's', ?, ?, ?, 50.0, '{}')", [(i, old + i, old + i) for i in range(10)])
+    db.conn.close()
+    collectors(endpoint.settings(history_raw_days=1))
+    wait_until(lambda: query(endpoint.data_dir, "SELECT count(*) FROM reports WHERE machine_id='old'") == [(0,)],
+               what="old raw history rolled up")
+    assert query(endpoint.data_dir, "SELECT sum(samples), avg(cpu_percent) FROM rollups WHERE machine_id='old'") == [
+        (10, 50.0)]
+
+
+def test_cli_collector_runs_until_sigterm_and_flushes(endpoint):
+    env = dict(os.environ, FLEET_BATCH_INTERVAL_S="0.05", FLEET_RELOAD_INTERVAL_S="0.5")
+    cmd = [sys.executable, "-m", "fleet.cli", "collector", "--data-dir", str(endpoint.data_dir),
+           "--broker", endpoint.url]
+    if endpoint.ca:
+        cmd += ["--ca", str(endpoint.ca)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def connected():
+            rows = query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'")
+            return rows and json.loads(rows[0][0])["broker_connected"] and json.loads(rows[0][0])["orgs"] == ["acme"]
+
+        wait_until(connected, timeout=20, what="the CLI collector to connect")
+        agent = SimAgent(endpoint, "m1").connect()
+        for _ in range(5):
+            agent.report()
+        wait_until(lambda: seqs(endpoint) == list(range(5)), what="reports stored")
+        agent.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+    beat = query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'")
+    assert json.loads(beat[0][0])["broker_connected"] is False  # the last beat says it is gone
+    assert "Traceback" not in err
