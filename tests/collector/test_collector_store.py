@@ -121,3 +121,33 @@ def test_write_batch_fails_cleanly_while_another_writer_holds_the_lock(tmp_path)
         assert "locked" in str(exc)
     other.rollback()
     assert store.write_batch(db, batch, T0) == 1  # the same batch, retried, is stored once
+
+
+def test_json_batch_insert_stores_exactly_the_validated_values(tmp_path):
+    """The one-statement JSON insert and plain executemany give identical rows, payload included."""
+    import json as _json
+
+    from config import payloads
+
+    db_a = open_db(tmp_path / "a.db")
+    db_b = open_db(tmp_path / "b.db")
+    rows = []
+    for seq, metrics in enumerate([
+        {"cpu_percent": 1e-07, "memory": {"percent": 33.3}, "load_avg": [1e16],
+         "disks": [{"mount": "/", "percent": 5}], "net": {"bytes_sent": 2**62, "bytes_recv": 0}},
+        {},
+        {"cpu_percent": 0, "load_avg": [], "disks": [], "net": {}},
+    ]):
+        data = payloads.build_report("web-1", 'h"w\\', "s-1_x", seq, 1764000000.123456789, metrics,
+                                     {"os": "Lin\u00fcx \U0001F600", "hostname": 'a"b'})
+        raw = payloads.encode(data)
+        r = payloads.parse_report(raw, "fleet/acme/web-1/report")
+        rows.append(store.report_row(r, 1764000001.5, raw.decode()))
+    store.write_batch(db_a, store.Batch(reports=rows), T0)
+    with db_b.conn:
+        db_b.conn.executemany(store._INSERT_REPORT, rows)
+    sql = "SELECT * FROM reports ORDER BY seq"
+    got, want = db_a.conn.execute(sql).fetchall(), db_b.conn.execute(sql).fetchall()
+    assert [row[:-1] for row in got] == [row[:-1] for row in want]
+    assert [_json.loads(row[-1]) for row in got] == [_json.loads(row[-1]) for row in want]
+    assert [type(v) for v in got[0][:-1]] == [type(v) for v in want[0][:-1]]
