@@ -364,3 +364,25 @@ def test_cli_collector_runs_until_sigterm_and_flushes(endpoint):
     beat = query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'")
     assert json.loads(beat[0][0])["broker_connected"] is False  # the last beat says it is gone
     assert "Traceback" not in err
+
+
+def test_an_exception_while_handling_one_message_is_counted_not_fatal(mosquitto_endpoint, collectors, monkeypatch):
+    from collector.state import Tracker
+
+    real = Tracker.on_report
+
+    def on_report(self, report, now):
+        if report.machine_id == "cursed":
+            raise RuntimeError("bug triggered by one machine")
+        return real(self, report, now)
+
+    monkeypatch.setattr(Tracker, "on_report", on_report)
+    ep = mosquitto_endpoint
+    collector = collectors(ep.settings())
+    cursed, fine = SimAgent(ep, "cursed").connect(), SimAgent(ep, "m1").connect()
+    cursed.report()
+    fine.report()
+    wait_until(lambda: seqs(ep) == [0], what="the other machine's report")
+    wait_until(lambda: collector.stats().dropped == {"internal": 1}, what="internal drop counted")
+    cursed.close()
+    fine.close()
