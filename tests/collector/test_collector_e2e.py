@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -386,3 +387,51 @@ def test_an_exception_while_handling_one_message_is_counted_not_fatal(mosquitto_
     wait_until(lambda: collector.stats().dropped == {"internal": 1}, what="internal drop counted")
     cursed.close()
     fine.close()
+
+
+@pytest.mark.mosquitto
+def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, collectors):
+    """Mosquitto with TLS, the credential store's password hashes and per-role ACLs (no anonymous)."""
+    import shutil
+
+    import trustme
+
+    from conftest import Endpoint, _port_open, free_port
+
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed")
+    data_dir = tmp_path / "data"
+    keys = credentials.add_org(data_dir, "acme")
+    credentials.ensure_service_key(data_dir)
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    conn = sqlite3.connect(data_dir / "fleet.db")
+    (tmp_path / "passwd").write_text("".join(f"{u}:{h}\n" for u, h in conn.execute(
+        "SELECT username, mosquitto_hash FROM credentials")))
+    conn.close()
+    (tmp_path / "acl").write_text(f"user {credentials.SERVICE_USERNAME}\ntopic readwrite fleet/#\n\n"
+                                  "user acme/agent\ntopic readwrite fleet/acme/#\n\nuser acme/reader\ntopic read fleet/acme/#\n")
+    port = free_port()
+    (tmp_path / "m.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\npersistence false\nuser {getpass.getuser()}\n"
+        f"password_file {tmp_path / 'passwd'}\nacl_file {tmp_path / 'acl'}\n"
+        f"cafile {tmp_path / 'ca.pem'}\ncertfile {tmp_path / 'server.pem'}\nkeyfile {tmp_path / 'server.key'}\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "m.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _port_open(port), what="mosquitto TLS listener")
+        ep = Endpoint(f"mqtts://127.0.0.1:{port}", tmp_path / "ca.pem", data_dir, keys, proc.terminate, lambda: None)
+        collector = collectors(ep.settings())
+        agent = SimAgent(ep, "m1").connect()
+        agent.ping("online")
+        agent.report()
+        wait_until(lambda: seqs(ep) == [0], what="report over TLS")
+        wait_until(lambda: machine_row(ep) and machine_row(ep)[0] == "online", what="online")
+        assert collector.stats().broker_connected
+        agent.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
