@@ -1,0 +1,127 @@
+"""Who may connect, publish, subscribe and receive: SPEC's access rules over a credentials snapshot.
+
+Everything here is synchronous and in memory (an HMAC and a few string comparisons), so it can run
+on the broker's event loop for every CONNECT and every message without stalling other clients.
+The snapshot is reloaded from ``fleet.db`` off the loop (see broker/server.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from config import credentials
+from config.credentials import CredentialRecord, Principal
+from config.payloads import MAX_PAYLOAD_BYTES
+from config.topics import ROOT, machine_from_client_id
+
+# CONNACK return codes of MQTT 3.1.1
+ACCEPTED = 0
+IDENTIFIER_REJECTED = 2
+BAD_CREDENTIALS = 4
+NOT_AUTHORIZED = 5
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an authenticated connection is: its principal and, for an agent, the machine it speaks for."""
+
+    principal: Principal
+    machine: str | None = None
+
+    @property
+    def role(self) -> str:
+        """agent, reader or service."""
+        return self.principal.role
+
+    @property
+    def org(self) -> str | None:
+        """The org, or None for the service user."""
+        return self.principal.org
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of a CONNECT check: a grant, or a CONNACK code and a reason for the log."""
+
+    grant: Grant | None
+    code: int
+    reason: str = ""
+
+
+@dataclass
+class AccessPolicy:
+    """SPEC's access rules applied to an in-memory credentials snapshot."""
+
+    pepper: bytes = field(repr=False)
+    records: dict[str, CredentialRecord] = field(default_factory=dict, repr=False)
+
+    def replace_records(self, records: dict[str, CredentialRecord]) -> bool:
+        """Install a fresh snapshot; True when it differs from the current one."""
+        changed = records != self.records
+        self.records = records
+        return changed
+
+    def check_connect(self, username: str | None, password: str | bytes | None, client_id: str,
+                      will_topic: str | None = None, will_payload: bytes | None = None,
+                      will_retain: bool = False) -> Verdict:
+        """Authenticate a CONNECT and check its client id and last will against the rules."""
+        if not username:
+            return Verdict(None, NOT_AUTHORIZED, "anonymous")
+        principal = credentials.check_key(self.records, self.pepper, username, password)
+        if principal is None:
+            return Verdict(None, NOT_AUTHORIZED, "bad username or key")
+        machine = None
+        if principal.role == "agent":
+            machine = machine_from_client_id(principal.org or "", client_id or "")
+            if machine is None:
+                return Verdict(None, IDENTIFIER_REJECTED, f"agent client id must be fleet-{principal.org}-<machine>")
+        grant = Grant(principal, machine)
+        if will_topic is not None and not self.may_publish(grant, will_topic, will_payload or b"", will_retain):
+            return Verdict(None, NOT_AUTHORIZED, "last will topic not allowed")
+        return Verdict(grant, ACCEPTED)
+
+    def still_valid(self, username: str | None, password: str | bytes | None) -> bool:
+        """True while a connected client's credentials are still in the snapshot (rotation/removal)."""
+        return credentials.check_key(self.records, self.pepper, username, password) is not None
+
+    @staticmethod
+    def may_publish(grant: Grant, topic: str, payload: bytes, retain: bool) -> bool:
+        """Agents publish their own machine's report and ping; the service only clears pings; readers nothing."""
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            return False
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[0] != ROOT:
+            return False
+        if grant.role == "agent":
+            return parts[1] == grant.org and parts[2] == grant.machine and parts[3] in ("report", "ping")
+        if grant.role == "service":
+            return parts[3] == "ping" and retain and len(payload) == 0
+        return False
+
+    @staticmethod
+    def may_subscribe(grant: Grant, topic_filter: str) -> bool:
+        """Readers: inside fleet/<org>/#; agents: inside fleet/<org>/<machine>/#; the service: inside fleet/#."""
+        parts = topic_filter.split("/")
+        if parts[0] != ROOT or len(parts) < 2:
+            return False
+        if grant.role == "service":
+            return True
+        if grant.role == "reader":
+            return parts[1] == grant.org
+        if grant.role == "agent":
+            return len(parts) >= 3 and parts[1] == grant.org and parts[2] == grant.machine
+        return False
+
+    @staticmethod
+    def may_receive(grant: Grant, topic: str) -> bool:
+        """Checked on every delivery, retained or live: a client only ever receives its own org's topics."""
+        parts = topic.split("/", 3)
+        if len(parts) < 3 or parts[0] != ROOT:
+            return False
+        if grant.role == "service":
+            return True
+        if grant.role == "reader":
+            return parts[1] == grant.org
+        if grant.role == "agent":
+            return parts[1] == grant.org and parts[2] == grant.machine
+        return False
