@@ -44,15 +44,25 @@ Router = Callable[[Session, str, bytes, int, bool], None]
 
 
 class GuardedReader:
-    """Reader adapter that refuses to buffer an MQTT packet body larger than MAX_PACKET_BYTES."""
+    """Reader adapter that will not buffer a packet body over MAX_PACKET_BYTES: it closes the connection.
 
-    def __init__(self, inner: Any) -> None:
+    amqtt's reader loop treats read errors as "try again", so after tripping every read returns EOF
+    (otherwise the rest of the oversized payload would be parsed as packets).
+    """
+
+    def __init__(self, inner: Any, on_oversize: Callable[[int], None]) -> None:
         self._inner = inner
+        self._on_oversize = on_oversize
+        self.tripped = False
 
     async def read(self, n: int = -1) -> bytes:
-        """Read like the wrapped adapter, but end the stream instead of reading a huge body."""
+        """Read like the wrapped adapter; EOF for ever once an oversized body was announced."""
+        if self.tripped:
+            return b""
         if n > MAX_PACKET_BYTES:
-            raise NoDataError(f"packet of {n} bytes exceeds {MAX_PACKET_BYTES}")
+            self.tripped = True
+            self._on_oversize(n)
+            return b""
         return await self._inner.read(n)
 
     def feed_eof(self) -> None:
@@ -120,7 +130,7 @@ class FleetBroker(Broker):
         await server.acquire_connection()
         self.stats["connections"] += 1
         try:
-            reader = GuardedReader(reader)
+            reader = GuardedReader(reader, lambda n: self._oversize(writer, n))
             try:
                 handler, incoming = await asyncio.wait_for(
                     FleetProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
@@ -144,6 +154,14 @@ class FleetBroker(Broker):
             await self._run_session(session, handler, reader, writer)
         finally:
             server.release_connection()
+
+    def _oversize(self, writer: Any, size: int) -> None:
+        self.stats["dropped_packet_too_large"] += 1
+        log.warning("closing connection from %s: packet of %d bytes exceeds %d", writer.get_peer_info(), size,
+                    MAX_PACKET_BYTES)
+        transport = getattr(getattr(writer, "_writer", None), "transport", None)
+        if transport is not None:
+            transport.abort()
 
     async def _refuse(self, incoming: Session, writer: Any, code: int | None = None, reason: str = "") -> None:
         if code is None:

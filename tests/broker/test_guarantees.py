@@ -1,0 +1,302 @@
+"""SPEC's broker guarantees, one story each. Stock amqtt 0.12.1 fails every one of these scenarios
+(see ../shared/notes/amqtt-0.12.1.md for the measurements and source locations)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+from asyncio import sslproto
+
+import pytest
+
+from broker import tls_memory
+from broker.server import start_in_thread
+from config import credentials, payloads
+from helpers import Inbox, close, connect_client, wait_for
+
+AGENT_ID = "fleet-acme-web-1"
+OWN_PING = "fleet/acme/web-1/ping"
+OWN_REPORT = "fleet/acme/web-1/report"
+
+
+def service(broker, client_id="watcher", clean_session=True):
+    return connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+                          client_id, clean_session=clean_session)
+
+
+def agent(broker, acme, machine="web-1", **kw):
+    return connect_client(broker, "acme/agent", acme.agent_key, f"fleet-acme-{machine}", **kw)
+
+
+# (a) -------------------------------------------------------------------------------------------
+def test_retained_messages_never_cross_orgs(broker, acme, globex):
+    """Stock amqtt re-published every retained message matching any client's filter on each CONNECT."""
+    watcher = service(broker)  # holds fleet/#, which matches globex's retained ping
+    Inbox(watcher).subscribe("fleet/#")
+    g = connect_client(broker, "globex/agent", globex.agent_key, "fleet-globex-web-1")
+    g.publish("fleet/globex/web-1/ping", b"globex-online", qos=1, retain=True).wait_for_publish(5)
+    a = agent(broker, acme)
+    a.publish(OWN_PING, b"acme-online", qos=1, retain=True).wait_for_publish(5)
+
+    reader = connect_client(broker, "acme/reader", acme.reader_key, "acme-dash")
+    inbox = Inbox(reader)
+    inbox.subscribe("fleet/acme/#")
+    got = inbox.wait_for_topic(OWN_PING)
+    assert got.payload == b"acme-online" and got.retain
+    assert all(m.topic.startswith("fleet/acme/") for m in inbox.messages)
+    for c in (watcher, g, a, reader):
+        close(c)
+
+
+# (b) -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clean_session", [True, False])
+def test_failed_login_never_touches_the_victims_session(broker, acme, clean_session):
+    """Stock amqtt deleted (clean=1) or took over (clean=0) the session before checking the password."""
+    victim = connect_client(broker, "acme/reader", acme.reader_key, "victim", clean_session=False)
+    inbox = Inbox(victim)
+    inbox.subscribe("fleet/acme/#")
+    code = connect_client(broker, "acme/reader", "wrong-key", "victim", clean_session=clean_session, expect_rc=1)
+    assert code == 5
+    a = agent(broker, acme)
+    a.publish(OWN_REPORT, b"still-subscribed", qos=1).wait_for_publish(5)
+    assert inbox.wait_for_topic(OWN_REPORT).payload == b"still-subscribed"
+    assert victim.is_connected()
+    close(a)
+    close(victim)
+
+
+def test_another_user_cannot_take_over_a_client_id(broker, acme, globex):
+    victim = connect_client(broker, "acme/reader", acme.reader_key, "shared-id")
+    assert connect_client(broker, "globex/reader", globex.reader_key, "shared-id", expect_rc=1) == 2
+    assert victim.is_connected()
+    close(victim)
+
+
+# (c) -------------------------------------------------------------------------------------------
+def _mqtt_string(value: bytes) -> bytes:
+    return struct.pack("!H", len(value)) + value
+
+
+def raw_connect(broker, client_id: str, username: str, password: str, keepalive: int,
+                will_topic: str, will_payload: bytes) -> ssl.SSLSocket:
+    """Open TLS, send a CONNECT with a retained QoS 1 will, read the CONNACK, then stay silent."""
+    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=5),
+                           server_hostname="127.0.0.1")
+    flags = 0x80 | 0x40 | 0x20 | 0x08 | 0x04 | 0x02  # user, password, will retain, will QoS 1, will, clean
+    variable = _mqtt_string(b"MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+    body = variable + _mqtt_string(client_id.encode()) + _mqtt_string(will_topic.encode()) + \
+        _mqtt_string(will_payload) + _mqtt_string(username.encode()) + _mqtt_string(password.encode())
+    length, encoded = len(body), b""
+    while True:
+        byte, length = length % 128, length // 128
+        encoded += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            break
+    sock.sendall(b"\x10" + encoded + body)
+    assert sock.recv(4) == b"\x20\x02\x00\x00"
+    return sock
+
+
+def test_silent_client_is_dropped_after_one_and_a_half_keepalives(broker, acme):
+    """Stock amqtt's handle_read_timeout did nothing: a silent client was never dropped, its will never sent."""
+    watcher = service(broker)
+    inbox = Inbox(watcher)
+    inbox.subscribe(OWN_PING)
+    will = payloads.encode(payloads.build_ping("web-1", "0x1", "s1", "offline", 1.0, reason="lost"))
+    started = time.monotonic()
+    sock = raw_connect(broker, AGENT_ID, "acme/agent", acme.agent_key, 1, OWN_PING, will)
+    got = inbox.wait_for_topic(OWN_PING, timeout=5)
+    elapsed = time.monotonic() - started
+    assert got.payload == will
+    assert 1.0 <= elapsed < 3.5, elapsed  # 1.5 x keepalive plus scheduling margin
+    assert broker.stats()["keepalive_expired"] == 1
+    sock.close()
+    close(watcher)
+
+
+# (d) -------------------------------------------------------------------------------------------
+def test_publisher_leaving_right_after_its_pubacks_loses_nothing(broker, acme):
+    """Stock amqtt sent PUBACK when a message was queued; 496 of 1,000 were lost when the publisher left."""
+    watcher = service(broker)
+    inbox = Inbox(watcher)
+    inbox.subscribe("fleet/acme/+/report", qos=1)
+    publisher = agent(broker, acme)
+    infos = [publisher.publish(OWN_REPORT, f"m{i}".encode(), qos=1) for i in range(1000)]
+    for info in infos:
+        info.wait_for_publish(10)
+    publisher.disconnect()
+    publisher.loop_stop()
+    messages = inbox.wait_for_count(1000, timeout=20)
+    assert [m.payload for m in messages] == [f"m{i}".encode() for i in range(1000)]
+    close(watcher)
+
+
+def test_delivery_uses_the_lower_of_publish_and_subscription_qos(broker, acme):
+    watcher = service(broker)
+    inbox = Inbox(watcher)
+    inbox.subscribe("fleet/acme/+/report", qos=1)
+    publisher = agent(broker, acme)
+    publisher.publish(OWN_REPORT, b"q0", qos=0)
+    publisher.publish(OWN_REPORT, b"q1", qos=1).wait_for_publish(5)
+    got = {m.payload: m.qos for m in inbox.wait_for_count(2)}
+    assert got == {b"q0": 0, b"q1": 1}
+    close(publisher)
+    close(watcher)
+
+
+# (e) -------------------------------------------------------------------------------------------
+def test_last_will_topic_is_checked_at_connect(broker, acme):
+    """Stock amqtt accepted any will topic, letting a client publish anywhere by dying."""
+    bad_will = ("fleet/acme/db-1/ping", b"offline", 1, True)
+    assert agent(broker, acme, will=bad_will, expect_rc=1) == 5
+    ok = agent(broker, acme, will=(OWN_PING, b"offline", 1, True))
+    close(ok)
+
+
+# (f) -------------------------------------------------------------------------------------------
+def test_dollar_topic_publish_is_refused_without_breaking_the_connection(broker, acme):
+    """Stock amqtt stopped routing anything from a client after it published to a $ topic."""
+    watcher = service(broker)
+    inbox = Inbox(watcher)
+    inbox.subscribe("fleet/acme/#")
+    a = agent(broker, acme)
+    a.publish("$SYS/broker/hack", b"x", qos=1).wait_for_publish(5)
+    a.publish(OWN_REPORT, b"after", qos=1).wait_for_publish(5)
+    assert inbox.wait_for_topic(OWN_REPORT).payload == b"after"
+    assert broker.stats()["dropped_dollar_topic"] == 1
+    close(a)
+    close(watcher)
+
+
+# (g) -------------------------------------------------------------------------------------------
+def test_payload_over_64_kib_is_refused_and_counted(broker, acme):
+    watcher = service(broker)
+    inbox = Inbox(watcher)
+    inbox.subscribe("fleet/acme/#")
+    a = agent(broker, acme)
+    a.publish(OWN_REPORT, b"x" * (payloads.MAX_PAYLOAD_BYTES + 1), qos=1).wait_for_publish(5)
+    a.publish(OWN_REPORT, b"x" * payloads.MAX_PAYLOAD_BYTES, qos=1).wait_for_publish(5)
+    got = inbox.wait_for_topic(OWN_REPORT)
+    assert len(got.payload) == payloads.MAX_PAYLOAD_BYTES
+    assert len(inbox.on(OWN_REPORT)) == 1
+    assert broker.stats()["dropped_too_large"] == 1
+    close(a)
+    close(watcher)
+
+
+def test_huge_packet_closes_the_connection_before_it_is_buffered(broker, acme):
+    """A 20 MiB publish is not read into memory: the connection is closed at its header."""
+    a = agent(broker, acme)
+    disconnected = threading.Event()
+    a.on_disconnect = lambda *args: disconnected.set()
+    a.publish(OWN_REPORT, b"x" * (20 * 1024 * 1024), qos=0)
+    assert disconnected.wait(10)
+    a.loop_stop()
+
+
+def test_offline_queue_is_bounded_and_drops_are_counted(fleet_dir, acme):
+    broker = start_in_thread(__import__("config.settings", fromlist=["Settings"]).Settings(
+        data_dir=fleet_dir, mqtt_port=0, reload_interval_s=0.5, max_queued_messages=5))
+    try:
+        sub = service(broker, "persistent-watcher", clean_session=False)
+        Inbox(sub).subscribe("fleet/acme/#", qos=1)
+        close(sub)
+        a = agent(broker, acme)
+        for i in range(20):
+            a.publish(OWN_REPORT, f"m{i}".encode(), qos=1).wait_for_publish(5)
+        close(a)
+        sub = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(fleet_dir),
+                             "persistent-watcher", clean_session=False, timeout=10)
+        inbox = Inbox(sub)
+        messages = inbox.wait_for_count(5)
+        assert [m.payload for m in messages] == [f"m{i}".encode() for i in range(5)]
+        assert all(not m.retain for m in messages)  # stock delivered queued messages with retain=1
+        assert broker.stats()["dropped_queue_full"] == 15
+        close(sub)
+    finally:
+        broker.stop()
+
+
+# (h) -------------------------------------------------------------------------------------------
+def test_logins_do_not_stall_other_clients(broker, acme):
+    """Stock FileAuthPlugin hashed on the event loop: 30 logins raised another client's latency to 3.8 s."""
+    watcher = service(broker)
+    inbox = Inbox(watcher)
+    inbox.subscribe(OWN_REPORT)
+    a = agent(broker, acme)
+    stop = threading.Event()
+
+    def login_storm():
+        while not stop.is_set():
+            threads = [threading.Thread(target=connect_client, args=(broker, "acme/reader", "wrong", f"x{i}"),
+                                        kwargs={"expect_rc": 1}) for i in range(10)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+    storm = threading.Thread(target=login_storm)
+    storm.start()
+    worst = 0.0
+    try:
+        for i in range(20):
+            sent = time.monotonic()
+            a.publish(OWN_REPORT, f"{i}".encode(), qos=1)
+            inbox.wait_for_count(i + 1, timeout=10)
+            worst = max(worst, time.monotonic() - sent)
+    finally:
+        stop.set()
+        storm.join()
+    assert broker.stats()["connect_refused"] >= 10
+    assert worst < 1.0, f"round trip stalled for {worst:.2f} s during logins"
+    close(a)
+    close(watcher)
+
+
+# (i) -------------------------------------------------------------------------------------------
+def test_tls_connections_get_a_small_read_buffer(broker, acme):
+    """CPython's asyncio SSL transport allocates 256 KiB per connection; ours reads into 16 KiB."""
+    assert tls_memory.installed()
+    assert sslproto.SSLProtocol.max_size <= 64 * 1024 < tls_memory.STOCK_MAX_SIZE
+    client = agent(broker, acme)
+    sessions = broker._broker._sessions
+    handler = sessions[AGENT_ID][1]
+    protocol = handler.writer._writer.transport._ssl_protocol
+    assert len(protocol._ssl_buffer) <= 64 * 1024
+    close(client)
+
+
+# persistence and revocation ---------------------------------------------------------------------
+def test_retained_pings_survive_a_broker_restart(broker_settings, acme):
+    first = start_in_thread(broker_settings)
+    a = agent(first, acme)
+    a.publish(OWN_PING, b"online", qos=1, retain=True).wait_for_publish(5)
+    close(a)
+    first.stop()
+    second = start_in_thread(broker_settings.replace(mqtt_port=first.port))
+    try:
+        reader = connect_client(second, "acme/reader", acme.reader_key, "r")
+        inbox = Inbox(reader)
+        inbox.subscribe("fleet/acme/+/ping")
+        assert inbox.wait_for_topic(OWN_PING).payload == b"online"
+        close(reader)
+    finally:
+        second.stop()
+
+
+def test_rotation_and_removal_disconnect_live_sessions(broker, acme):
+    reader = connect_client(broker, "acme/reader", acme.reader_key, "r")
+    a = agent(broker, acme)
+    new_key = credentials.rotate_key(broker.data_dir, "acme", "reader")
+    wait_for(lambda: not reader.is_connected(), timeout=5, message="reader with rotated key disconnected")
+    assert a.is_connected()
+    assert connect_client(broker, "acme/reader", acme.reader_key, "r2", expect_rc=1) == 5
+    close(connect_client(broker, "acme/reader", new_key, "r3"))
+    credentials.remove_org(broker.data_dir, "acme")
+    wait_for(lambda: not a.is_connected(), timeout=5, message="agent of removed org disconnected")
+    reader.loop_stop()
+    a.loop_stop()
