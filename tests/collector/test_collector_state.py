@@ -167,3 +167,49 @@ def test_load_restores_state_from_rows():
              "os": "Linux", "system": "{}", "metrics": "{}", "first_seen": T0 - 10}])
     assert t.on_ping(ping("offline", machine="m", session="other", reason="lost"), T0 + 1) == []
     assert statuses(t.on_ping(ping(machine="m", session="s10", ts=T0 + 2), T0 + 2)) == [(OFFLINE, ONLINE, "ping")]
+
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from collector.state import STATUSES  # noqa: E402
+
+operations = st.lists(st.one_of(
+    st.tuples(st.just("report"), st.sampled_from(["a", "b", "c"]), st.sampled_from(["hw1", "hw2"])),
+    st.tuples(st.just("online"), st.sampled_from(["a", "b", "c"]), st.booleans()),
+    st.tuples(st.just("offline"), st.sampled_from(["a", "b", "c"]), st.sampled_from(["lost", "shutdown"])),
+    st.tuples(st.just("wait"), st.floats(min_value=0.1, max_value=40.0), st.just(None)),
+), max_size=40)
+
+
+@given(operations)
+@hsettings(max_examples=300, deadline=None)
+def test_any_message_sequence_keeps_the_state_machine_consistent(ops):
+    t = tracker(ttl=60.0)
+    now = T0
+    status = None  # what the event log says, replayed
+    seq = 0
+    for kind, arg, extra in ops:
+        before = t.get("acme", "web-1")
+        current = before.session if before else None
+        if kind == "wait":
+            now += arg
+            transitions, _ = t.tick(now)
+        elif kind == "report":
+            seq += 1
+            transitions = t.on_report(report(session=arg, seq=seq, ts=now - 1, hw=extra), now)
+        elif kind == "online":
+            transitions = t.on_ping(ping(session=arg, ts=now - 1), now, retained=extra)
+        else:
+            transitions = t.on_ping(ping("offline", session=arg, reason=extra, ts=None), now)
+            if before is not None and arg != current:
+                assert transitions == []  # only the current session may say offline
+        for tr in transitions:
+            assert tr.old_status == status, "events must chain: each starts where the last ended"
+            status = None if tr.new_status == "evicted" else tr.new_status
+        machine = t.get("acme", "web-1")
+        assert (machine.status if machine else None) == status
+        if machine is not None:
+            assert machine.status in STATUSES
+            assert machine.clock_offset_s is None or machine.clock_offset_s >= 0.999
+            assert machine.conflict == (len(machine.hardware_seen) > 1)
+            assert len(machine.past_sessions) <= 16 and len(machine.offsets) <= 5
