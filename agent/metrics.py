@@ -1,0 +1,173 @@
+"""What the agent measures (psutil) and the system inventory, as small registered collectors.
+
+Each collector returns one field of the report's ``metrics`` object, with its units noted. A
+collector that fails (permission, missing sensor) leaves its field out and logs once; the agent
+keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+AGENT_VERSION = "0.1.0"
+log = logging.getLogger("fleet.agent")
+
+PSEUDO_FILESYSTEMS = frozenset({
+    "tmpfs", "devtmpfs", "overlay", "squashfs", "proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue",
+    "debugfs", "tracefs", "securityfs", "pstore", "bpf", "autofs", "configfs", "fusectl", "hugetlbfs",
+    "nsfs", "ramfs", "rpc_pipefs", "binfmt_misc", "efivarfs", "fuse.lxcfs", "fuse.gvfsd-fuse", "nfsd",
+    "selinuxfs", "zram", "iso9660",
+})
+MAX_DISKS = 32
+
+
+@dataclass
+class CollectorState:
+    """What collectors remember between reports (previous net counters for rates; failures logged once)."""
+
+    last_net: tuple[float, int, int] | None = None
+    failed: set[str] = field(default_factory=set)
+
+
+def cpu_percent(_state: CollectorState) -> float:
+    """CPU busy since the previous call, percent of all cores (0-100)."""
+    return psutil.cpu_percent(interval=None)
+
+
+def cpu_count(_state: CollectorState) -> int:
+    """Logical CPUs (count)."""
+    return psutil.cpu_count() or 1
+
+
+def load_avg(_state: CollectorState) -> list[float]:
+    """1, 5 and 15 minute load averages (runnable tasks)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def memory(_state: CollectorState) -> dict[str, Any]:
+    """RAM: total and used in bytes, used percent."""
+    vm = psutil.virtual_memory()
+    return {"total": int(vm.total), "used": int(vm.total - vm.available), "percent": float(vm.percent)}
+
+
+def swap_percent(_state: CollectorState) -> float:
+    """Swap used, percent (0 when there is no swap)."""
+    return float(psutil.swap_memory().percent)
+
+
+def disks(_state: CollectorState) -> list[dict[str, Any]]:
+    """Real filesystems (pseudo ones skipped): mount point, total and used bytes, used percent."""
+    result, seen = [], set()
+    for part in psutil.disk_partitions(all=False):
+        if part.fstype in PSEUDO_FILESYSTEMS or part.device in seen or len(result) >= MAX_DISKS:
+            continue
+        try:
+            usage = psutil.disk_usage(part.mountpoint)
+        except (PermissionError, OSError):
+            continue
+        seen.add(part.device)
+        result.append({"mount": part.mountpoint[:256], "total": int(usage.total), "used": int(usage.used),
+                       "percent": float(usage.percent)})
+    return result
+
+
+def net(state: CollectorState) -> dict[str, float]:
+    """Network totals since boot (bytes) and per-second rates since the previous report (bytes/s)."""
+    counters = psutil.net_io_counters()
+    now = time.monotonic()
+    result: dict[str, float] = {"bytes_sent": int(counters.bytes_sent), "bytes_recv": int(counters.bytes_recv)}
+    if state.last_net is not None:
+        then, sent, recv = state.last_net
+        elapsed = max(now - then, 1e-6)
+        result["sent_per_s"] = round(max(0, counters.bytes_sent - sent) / elapsed, 1)
+        result["recv_per_s"] = round(max(0, counters.bytes_recv - recv) / elapsed, 1)
+    state.last_net = (now, counters.bytes_sent, counters.bytes_recv)
+    return result
+
+
+def uptime_s(_state: CollectorState) -> int:
+    """Seconds since boot."""
+    return int(time.time() - psutil.boot_time())
+
+
+def process_count(_state: CollectorState) -> int:
+    """Running processes (count)."""
+    return len(psutil.pids())
+
+
+COLLECTORS: list[tuple[str, Callable[[CollectorState], Any]]] = [
+    ("cpu_percent", cpu_percent),
+    ("cpu_count", cpu_count),
+    ("load_avg", load_avg),
+    ("memory", memory),
+    ("swap_percent", swap_percent),
+    ("disks", disks),
+    ("net", net),
+    ("uptime_s", uptime_s),
+    ("process_count", process_count),
+]
+
+
+def collect_metrics(state: CollectorState,
+                    collectors: list[tuple[str, Callable[[CollectorState], Any]]] = COLLECTORS) -> dict[str, Any]:
+    """Run every collector; a failing one leaves its field out and is logged once."""
+    metrics: dict[str, Any] = {}
+    for name, collector in collectors:
+        try:
+            metrics[name] = collector(state)
+        except Exception as exc:  # noqa: BLE001 - one broken sensor must not stop the agent
+            if name not in state.failed:
+                state.failed.add(name)
+                log.warning("metric %s unavailable: %s", name, exc)
+    return metrics
+
+
+def prime_cpu() -> None:
+    """psutil's first cpu_percent() call returns 0.0; start its measuring window now."""
+    psutil.cpu_percent(interval=None)
+
+
+def hardware_id(machine_id_file: Path = Path("/etc/machine-id")) -> str:
+    """Stable id of this hardware: the MAC as 0x…, or /etc/machine-id when the MAC is random or missing."""
+    node = uuid.getnode()
+    if not node >> 40 & 0x01:  # uuid.getnode() sets the multicast bit when it had to invent a MAC
+        return f"0x{node:012x}"
+    try:
+        text = machine_id_file.read_text().strip()
+        if text:
+            return f"mid-{text[:64]}"
+    except OSError:
+        pass
+    return f"0x{node:012x}"
+
+
+def system_info(hw_id: str) -> dict[str, str]:
+    """Inventory: hostname, OS and version, platform, architecture, Python, hardware id, agent version."""
+    uname = platform.uname()
+    os_version = uname.release
+    try:
+        os_release = platform.freedesktop_os_release()
+        os_version = os_release.get("PRETTY_NAME", os_version)
+    except OSError:
+        pass
+    return {
+        "hostname": socket.gethostname()[:256],
+        "os": uname.system,
+        "os_version": os_version[:256],
+        "platform": platform.platform()[:256],
+        "architecture": uname.machine,
+        "python_version": sys.version.split()[0],
+        "hardware_id": hw_id,
+        "agent_version": AGENT_VERSION,
+    }

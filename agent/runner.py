@@ -1,0 +1,223 @@
+"""``fleet agent``: report every interval, keep presence, reconnect with jittered backoff, never lose a report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from agent.connection import Connection, FatalConnectError
+from agent.errors import AgentError
+from agent.metrics import CollectorState, collect_metrics, hardware_id, prime_cpu, system_info
+from agent.outbox import Outbox
+from config import payloads
+from config.ids import sanitize_machine_id
+from config.mqtt import BrokerAddress
+from config.settings import Settings
+from config.topics import report_topic
+
+log = logging.getLogger("fleet.agent")
+PING_EVERY = 5  # intervals between refreshed online pings
+SEND_WINDOW = 100  # queued reports in flight at once
+BACKOFF_BASE_S = 0.5
+ONCE_CONNECT_ATTEMPTS = 3
+
+
+def keepalive_for(interval: float) -> int:
+    """Keepalive sized to the interval (2 x, within 5-60 s): a dead agent is noticed within 1.5 x that."""
+    return int(min(60, max(5, round(2 * interval))))
+
+
+def backoff_delay(attempt: int, cap: float, base: float = BACKOFF_BASE_S) -> float:
+    """Exponential backoff with full jitter, so agents do not return to a restarted broker in step."""
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+
+
+class Agent:
+    """State of a running agent: its outbox, current connection, session and sequence."""
+
+    def __init__(self, settings: Settings, machine: str, outbox: Outbox) -> None:
+        self.settings = settings
+        self.machine = machine
+        self.outbox = outbox
+        self.address = BrokerAddress.parse(settings.effective_broker_url)
+        self.hw_id = hardware_id()
+        self.system = system_info(self.hw_id)
+        self.state = CollectorState()
+        self.conn: Connection | None = None
+        self.session = Connection.__dataclass_fields__["session"].default_factory()  # type: ignore[misc]
+        self.seq = 0
+        self.inflight: dict[int, int] = {}  # paho mid -> outbox id
+        self.stop = threading.Event()
+        self.reports_made = 0
+
+    # -- reports --------------------------------------------------------------------------------
+    def make_report(self) -> dict:
+        """Collect one report for the current session and sequence number."""
+        report = payloads.build_report(self.machine, self.hw_id, self.session, self.seq, round(time.time(), 3),
+                                       collect_metrics(self.state), self.system)
+        self.seq += 1
+        self.reports_made += 1
+        return report
+
+    def queue_report(self) -> None:
+        """Store the next report in the outbox (sent when connected)."""
+        self.outbox.append(report_topic(self.settings.org, self.machine), payloads.encode(self.make_report()))
+
+    # -- connection -----------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Open a new connection with a new session, and announce it with a retained online ping."""
+        conn = Connection(self.address, self.settings.org, self.machine, self.settings.key, str(self.settings.ca_path),
+                          self.hw_id, self.settings.interval, keepalive_for(self.settings.interval))
+        conn.open()
+        self.conn = conn
+        self.session, self.seq = conn.session, 0
+        self.inflight.clear()
+        conn.ping("online", time.time())
+        log.info("connected to %s as org=%s machine=%s session=%s (%d queued)", self.address.url,
+                 self.settings.org, self.machine, conn.session, len(self.outbox))
+
+    def drop_connection(self, why: str) -> None:
+        """Forget a broken connection; unacknowledged reports stay queued and are sent again later."""
+        if self.conn is not None:
+            log.warning("lost connection to %s: %s", self.address.url, why)
+            self.conn.close(clean=False)
+        self.conn = None
+        self.inflight.clear()
+
+    def pump(self) -> None:
+        """Handle PUBACKs and disconnects, then send queued reports, oldest first, within the window."""
+        conn = self.conn
+        if conn is None:
+            return
+        acked: list[int] = []
+        while True:
+            try:
+                kind, value = conn.events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "acked" and value in self.inflight:
+                acked.append(self.inflight.pop(value))
+            elif kind == "disconnected":
+                self.outbox.remove(acked)
+                self.drop_connection(value)
+                return
+        self.outbox.remove(acked)
+        if not conn.is_connected():
+            return
+        room = SEND_WINDOW - len(self.inflight)
+        if room > 0:
+            last = max(self.inflight.values(), default=0)
+            for item in self.outbox.peek(room, after_id=last):
+                self.inflight[conn.publish(item.topic, item.payload)] = item.id
+
+    def shutdown(self) -> None:
+        """Say offline (reason shutdown) and disconnect cleanly."""
+        conn = self.conn
+        if conn is None or not conn.is_connected():
+            return
+        try:
+            info = conn.client.publish(
+                f"fleet/{self.settings.org}/{self.machine}/ping",
+                payloads.encode(payloads.build_ping(self.machine, self.hw_id, conn.session, "offline",
+                                                    self.settings.interval, ts=time.time(), reason="shutdown")),
+                qos=1, retain=True)
+            info.wait_for_publish(5)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("could not announce shutdown: %s", exc)
+        self.pump()
+        conn.close(clean=True)
+        self.conn = None
+        log.info("stopped: org=%s machine=%s session=%s", self.settings.org, self.machine, conn.session)
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self, once: bool = False) -> int:
+        """Report until stopped; with ``once``, deliver one report (and any backlog) then stop."""
+        prime_cpu()
+        interval = self.settings.interval
+        next_report = time.monotonic() + (min(1.0, interval) if once else 0.0)
+        next_ping = PING_EVERY
+        attempt, next_attempt = 0, 0.0
+        made = 0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if self.conn is None and now >= next_attempt:
+                try:
+                    self.connect()
+                    attempt = 0
+                except FatalConnectError:
+                    raise
+                except AgentError as exc:
+                    attempt += 1
+                    if once and attempt >= ONCE_CONNECT_ATTEMPTS:
+                        raise
+                    delay = backoff_delay(attempt, self.settings.reconnect_max_s)
+                    next_attempt = time.monotonic() + delay
+                    log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, attempt)
+            if now >= next_report and not (once and made):
+                self.queue_report()
+                made += 1
+                next_report += interval
+                if next_report < now:  # we were suspended or very late: do not burst
+                    next_report = now + interval
+                next_ping -= 1
+                if next_ping <= 0 and self.conn is not None and self.conn.is_connected():
+                    self.conn.ping("online", time.time())
+                    next_ping = PING_EVERY
+            self.pump()
+            if once and made and len(self.outbox) == 0 and self.conn is not None:
+                break
+            self.stop.wait(0.05 if self.inflight else 0.2)
+        self.shutdown()
+        return 0
+
+
+def print_reports(settings: Settings, machine: str, once: bool, stop: threading.Event) -> int:
+    """``--print``: collect reports and print them as JSON, without any broker."""
+    hw_id = hardware_id()
+    system, state = system_info(hw_id), CollectorState()
+    prime_cpu()
+    session, seq = Connection.__dataclass_fields__["session"].default_factory(), 0  # type: ignore[misc]
+    stop.wait(min(1.0, settings.interval))
+    while True:
+        report = payloads.build_report(machine, hw_id, session, seq, round(time.time(), 3),
+                                       collect_metrics(state), system)
+        print(json.dumps(report), flush=True)
+        seq += 1
+        if once or stop.wait(settings.interval):
+            return 0
+
+
+def run(settings: Settings, once: bool = False, print_only: bool = False) -> int:
+    """Entry point of ``fleet agent``; returns the exit code (errors raise AgentError)."""
+    import socket
+
+    machine = settings.machine or sanitize_machine_id(socket.gethostname())
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if print_only:
+        return print_reports(settings, machine, once, stop)
+    missing = [flag for flag, value in (("--org", settings.org), ("--key", settings.key)) if not value]
+    if missing:
+        raise AgentError(f"missing {' and '.join(missing)} (or FLEET_ORG / FLEET_KEY); --print needs neither")
+    if not Path(settings.ca_path).exists() and settings.effective_broker_url.startswith("mqtts"):
+        raise AgentError(f"CA file not found: {settings.ca_path} (pass --ca)")
+    outbox = Outbox(settings.data_dir / f"agent-{settings.org}-{machine}.db",
+                    settings.agent_queue_max_reports, settings.agent_queue_max_bytes)
+    agent = Agent(settings, machine, outbox)
+    agent.stop = stop
+    try:
+        return agent.run(once=once)
+    finally:
+        outbox.close()
+
+
+if __name__ == "__main__":
+    sys.exit(run(Settings()))
