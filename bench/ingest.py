@@ -31,7 +31,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import paho.mqtt.client as paho  # noqa: E402
 
 from config import credentials, payloads  # noqa: E402
 from config.mqtt import BrokerAddress, new_client  # noqa: E402

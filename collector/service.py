@@ -27,7 +27,7 @@ import paho.mqtt.client as paho
 from collector import store
 from collector.errors import CollectorError
 from collector.intake import INTERNAL, DropCounter, RateLimiter, Received, parse_message
-from collector.state import EVICTED, Tracker, Transition
+from collector.state import Tracker, Transition
 from config import credentials, payloads
 from config.database import open_db
 from config.errors import ConfigError
@@ -304,6 +304,9 @@ class Writer:
             done = done and not q
             self._timers(final=done)
             self._flush(final=done)
+            if done or time.monotonic() >= self.next_heartbeat:
+                self.next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
+                self._heartbeat(final=done)
             if done:
                 return
 
@@ -342,9 +345,6 @@ class Writer:
         if now_m >= self.next_retention and not final:
             self.next_retention = now_m + RETENTION_EVERY_S
             self._retention()
-        if now_m >= self.next_heartbeat or final:
-            self.next_heartbeat = now_m + HEARTBEAT_EVERY_S
-            self._heartbeat(final)
 
     def tick(self, now: float) -> None:
         """Stale and TTL checks; evicted machines lose their row and their retained ping."""

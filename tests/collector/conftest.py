@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collector_fixtures import Endpoint, embedded_endpoint, mosquitto_endpoint_at
+from config.settings import Settings
 
 
 @pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
