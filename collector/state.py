@@ -23,6 +23,7 @@ ONLINE, STALE, OFFLINE, EVICTED = "online", "stale", "offline", "evicted"
 STATUSES = (ONLINE, STALE, OFFLINE)
 OFFSET_WINDOW = 5  # clock offset = min over this many recent messages (delay only adds)
 PAST_SESSIONS = 16  # earlier sessions remembered per machine, to recognise late messages
+LOAD_TS_MARGIN_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class Machine:
     metrics: Mapping[str, Any] | str = "{}"
     first_seen: float = 0.0
     latest_ts: float = float("-inf")  # agent ts of the report whose metrics are shown
+    session_ts: float = float("-inf")  # newest agent ts seen from the current session
     offsets: deque = field(default_factory=lambda: deque(maxlen=OFFSET_WINDOW))
     past_sessions: deque = field(default_factory=lambda: deque(maxlen=PAST_SESSIONS))
     hardware_seen: dict[str, float] = field(default_factory=dict)
@@ -106,6 +108,9 @@ class Tracker:
                 machine.status = STALE
             if machine.clock_offset_s is not None:
                 machine.offsets.append(machine.clock_offset_s)
+            if machine.last_seen is not None:
+                # The current session's newest ts is not stored; estimate it (agent clock) with a margin.
+                machine.session_ts = machine.last_seen - (machine.clock_offset_s or 0.0) - LOAD_TS_MARGIN_S
             self.machines[machine.key] = machine
 
     def on_report(self, report: Report, now: float) -> list[Transition]:
@@ -118,7 +123,7 @@ class Tracker:
             transitions.append(Transition(report.org, report.machine_id, now, None, ONLINE, "report"))
             role = "current"
         else:
-            role = self._role(machine, report.session)
+            role = self._role(machine, report.session, report.ts)
             if role == "new":
                 self._switch_session(machine, report.session)
                 if machine.status != ONLINE:
@@ -127,6 +132,7 @@ class Tracker:
                 transitions.append(self._set(machine, ONLINE, "report", now))
         if role != "old":
             self._offset(machine, now - report.ts)
+            machine.session_ts = max(machine.session_ts, report.ts)
         machine.last_seen = now if machine.last_seen is None else max(machine.last_seen, now)
         if report.ts >= machine.latest_ts:
             machine.latest_ts = report.ts
@@ -154,6 +160,8 @@ class Tracker:
             machine = self._create(ping.org, ping.machine_id, status, ping.session, now)
             machine.interval_s = ping.interval_s
             machine.hardware_id = ping.hardware_id
+            if ping.ts is not None:
+                machine.session_ts = ping.ts
             machine.last_seen = seen
             machine.last_ping = seen
             if status == ONLINE and (seen is None or now - seen > self.stale_after(machine)):
@@ -164,12 +172,14 @@ class Tracker:
                 self._after_live_message(machine, ping, now)
             return [Transition(ping.org, ping.machine_id, now, None, status, reason)]
 
-        role = self._role(machine, ping.session)
+        role = self._role(machine, ping.session, ping.ts)
         if role == "old" or (role == "new" and ping.status == OFFLINE):
             return []  # a late last will or a message of an earlier connection
         transitions: list[Transition] = []
         if role == "new":
             self._switch_session(machine, ping.session)
+        if ping.ts is not None:
+            machine.session_ts = max(machine.session_ts, ping.ts)
         machine.interval_s = ping.interval_s
         if not machine.hardware_id:
             machine.hardware_id = ping.hardware_id
@@ -221,16 +231,24 @@ class Tracker:
         return machine
 
     @staticmethod
-    def _role(machine: Machine, session: str) -> str:
+    def _role(machine: Machine, session: str, ts: float | None) -> str:
         if session == machine.session:
             return "current"
-        return "old" if session in machine.past_sessions else "new"
+        if session in machine.past_sessions:
+            return "old"
+        if ts is not None and ts < machine.session_ts:
+            # Never seen, but older than what the current session said: an agent replaying reports it
+            # built before this connection (e.g. queued while the broker was unreachable).
+            machine.past_sessions.append(session)
+            return "old"
+        return "new"
 
     @staticmethod
     def _switch_session(machine: Machine, session: str) -> None:
         if machine.session:
             machine.past_sessions.append(machine.session)
         machine.session = session
+        machine.session_ts = float("-inf")
         # Offsets of the earlier connection say nothing about this one's clock.
         machine.offsets.clear()
 

@@ -213,3 +213,27 @@ def test_any_message_sequence_keeps_the_state_machine_consistent(ops):
             assert machine.clock_offset_s is None or machine.clock_offset_s >= 0.999
             assert machine.conflict == (len(machine.hardware_seen) > 1)
             assert len(machine.past_sessions) <= 16 and len(machine.offsets) <= 5
+
+
+def test_replayed_reports_of_a_never_seen_older_session_do_not_take_over():
+    """An agent that started while the broker was down replays reports of a session nobody saw."""
+    t = tracker()
+    t.on_ping(ping(session="s2", ts=T0 + 100), T0 + 100)  # connected: new session announced
+    for seq in range(3):
+        assert t.on_report(report(session="s0", seq=seq, ts=T0 + seq), T0 + 101) == []
+    m = t.get("acme", "web-1")
+    assert (m.session, m.status) == ("s2", ONLINE)
+    assert statuses(t.on_ping(ping("offline", session="s2", reason="shutdown", ts=T0 + 200), T0 + 200)) == [
+        (ONLINE, OFFLINE, "shutdown")]
+
+
+def test_after_a_restart_replays_older_than_the_stored_state_are_history_only():
+    t = tracker()
+    t.load([{"org": "acme", "machine_id": "web-1", "status": ONLINE, "session": "s2", "hardware_id": "h",
+             "interval_s": 10.0, "last_seen": T0 + 100, "last_ping": T0 + 100, "clock_offset_s": 0.0,
+             "conflict": 0, "os": "", "system": "{}", "metrics": "{}", "first_seen": T0}])
+    assert t.on_report(report(session="s1", ts=T0 + 50), T0 + 101) == []
+    assert t.get("acme", "web-1").session == "s2"
+    # A genuinely new connection later on does take over.
+    t.on_ping(ping("offline", session="s2", reason="lost", ts=None), T0 + 102)
+    assert statuses(t.on_ping(ping(session="s3", ts=T0 + 110), T0 + 110)) == [(OFFLINE, ONLINE, "ping")]
