@@ -438,3 +438,30 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_real_agent_is_seen_online_then_offline_after_sigterm(broker, acme, collectors):
+    """`fleet agent` (real psutil metrics, real protocol) through the embedded broker into the collector."""
+    from collector_fixtures import embedded_endpoint
+
+    ep = embedded_endpoint(broker, acme)
+    collectors(ep.settings())
+    cmd = [sys.executable, "-m", "fleet.cli", "agent", "--data-dir", str(ep.data_dir), "--broker", ep.url,
+           "--org", "acme", "--key", acme.agent_key, "--machine", "real-1", "--ca", str(ep.ca), "--interval", "0.3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(seqs(ep, "real-1")) >= 3, timeout=20, what="the agent's reports")
+        status, *_ = machine_row(ep, "real-1")
+        assert status == "online"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    wait_until(lambda: machine_row(ep, "real-1")[0] == "offline", what="offline after SIGTERM")
+    assert events(ep, "real-1")[-1] == ("online", "offline", "shutdown")
+    assert query(ep.data_dir, "SELECT count(*) FROM drops") == [(0,)]  # the agent speaks the contract
+    for (session,) in query(ep.data_dir, "SELECT DISTINCT session FROM reports WHERE machine_id='real-1'"):
+        got = [r[0] for r in query(ep.data_dir, "SELECT seq FROM reports WHERE session=? ORDER BY seq", session)]
+        assert got == list(range(len(got)))  # no gap within a session
