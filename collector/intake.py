@@ -73,7 +73,7 @@ class DropCounter:
                 return
             self._last_log[reason] = now
             count = self._since_log.pop(reason)
-        log.warning("dropped message on %s: %s (%s); %d dropped for this reason since the last such line",
+        log.warning("dropped message on %r: %s (%r); %d dropped for this reason since the last such line",
                     topic[:200], reason, detail[:200], count)
 
     def totals(self) -> dict[str, int]:
@@ -149,5 +149,5 @@ def parse_message(topic: str, raw: bytes, retained: bool, received: float, limit
         drops.add(exc.reason, topic, exc.detail)
     except Exception as exc:  # noqa: BLE001 - one bad message must never stop the collector
         drops.add(INTERNAL, topic, f"{type(exc).__name__}: {exc}")
-        log.exception("internal error handling a message on %s", topic[:200])
+        log.exception("internal error handling a message on %r", topic[:200])
     return None
