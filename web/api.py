@@ -1,0 +1,70 @@
+"""The org-scoped JSON API: machines, one machine, its history, and status events."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, abort, g, jsonify
+
+from config.ids import is_valid_id
+from web import db, params
+from web.auth import org_required
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+STATUSES = ("online", "stale", "offline")
+MAX_HISTORY_POINTS = 2000
+DEFAULT_HISTORY_S = 3600.0
+
+
+@bp.get("/fleet")
+@org_required
+def fleet():
+    """``{"count", "expired", "data"}`` for the caller's org, with optional filters and pages."""
+    status = params.choice("status", STATUSES)
+    os_name = params.text("os")
+    search = params.text("q")
+    sort = params.choice("sort", db.SORTS, "machine_id")
+    order = params.choice("order", ("asc", "desc"), "asc")
+    limit = params.integer("limit", None, 1, 10_000)
+    offset = params.integer("offset", 0, 0, 10**9)
+    total, machines = db.list_machines(g.org, status, os_name, search, sort, order == "desc", limit, offset)
+    counts = db.status_counts(g.org)
+    return jsonify({"org": g.org, "count": total, "expired": counts["expired"], "data": machines,
+                    "counts": counts, "os_values": db.os_values(g.org), "server_time": time.time()})
+
+
+def _machine_or_404(machine_id: str) -> dict:
+    machine = db.get_machine(g.org, machine_id) if is_valid_id(machine_id) else None
+    if machine is None:
+        abort(404, description=f"no machine {machine_id[:64]!r}")
+    return machine
+
+
+@bp.get("/fleet/<machine_id>")
+@org_required
+def machine(machine_id: str):
+    """One machine with its latest metrics and system info (404 for unknown or another org's)."""
+    return jsonify(_machine_or_404(machine_id))
+
+
+@bp.get("/fleet/<machine_id>/history")
+@org_required
+def history(machine_id: str):
+    """``{"machine_id", "points"}`` between ``since`` and ``until`` (default: the last hour), oldest first."""
+    _machine_or_404(machine_id)
+    until = params.number("until", time.time())
+    since = params.number("since", until - DEFAULT_HISTORY_S)
+    if since > until:
+        abort(400, description="'since' must not be after 'until'")
+    points = db.history(g.org, machine_id, since, until, MAX_HISTORY_POINTS)
+    return jsonify({"machine_id": machine_id, "points": points})
+
+
+@bp.get("/events")
+@org_required
+def events():
+    """Status transitions of the org since ``since`` (optionally of one ``machine``), oldest first."""
+    since = params.number("since", 0.0)
+    machine_id = params.text("machine", 64)
+    limit = params.integer("limit", 1000, 1, 10_000)
+    return jsonify({"events": db.events(g.org, since, machine_id, limit)})

@@ -1,0 +1,67 @@
+"""Flask app factory: blueprints, JSON errors, security headers and rate limits."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import HTTPException
+
+from config.settings import Settings
+from web import api, config_api, dashboard, health, metrics
+from web.db import DatabaseUnavailable, close_db
+
+log = logging.getLogger("fleet.web")
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def _security_headers(response):
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+    if request.path.startswith("/api/") or request.path in ("/metrics", "/healthz"):
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _json_error(exc: HTTPException):
+    response = jsonify({"error": exc.description or exc.name, "status": exc.code})
+    response.status_code = exc.code or 500
+    if exc.code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="fleet"'
+    if exc.code == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def create_app(settings: Settings, **overrides) -> Flask:
+    """Build the web app for ``settings``; ``overrides`` go into app.config (tests)."""
+    app = Flask(__name__)
+    app.config.update(FLEET_SETTINGS=settings, JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=64 * 1024,
+                      RATELIMIT_HEADERS_ENABLED=True)
+    app.config.update(overrides)
+    limiter = Limiter(get_remote_address, app=app, default_limits=[settings.rate_limit_api],
+                      storage_uri="memory://", strategy="fixed-window")
+    app.register_blueprint(config_api.bp)
+    limiter.limit(settings.rate_limit_config)(config_api.bp)
+    for blueprint in (api.bp, metrics.bp, health.bp, dashboard.bp):
+        app.register_blueprint(blueprint)
+    app.teardown_appcontext(close_db)
+    app.after_request(_security_headers)
+    app.register_error_handler(HTTPException, _json_error)
+
+    @app.errorhandler(DatabaseUnavailable)
+    def _database_unavailable(exc: DatabaseUnavailable):
+        return jsonify({"error": str(exc), "status": 503}), 503
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify({"error": "internal error", "status": 500}), 500
+
+    return app

@@ -1,0 +1,50 @@
+"""Bearer-token authentication: an org's reader key, checked in constant time against its hash."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from flask import abort, current_app, g, request
+
+from config import credentials
+from config.errors import CredentialError
+from web.db import get_db
+
+
+def _pepper() -> bytes | None:
+    pepper = current_app.config.get("FLEET_PEPPER")
+    if pepper is None:
+        try:
+            pepper = credentials.load_pepper(current_app.config["FLEET_SETTINGS"].data_dir, create=False)
+        except CredentialError:
+            return None  # no org was ever created: every token is wrong
+        current_app.config["FLEET_PEPPER"] = pepper
+    return pepper
+
+
+def bearer_token() -> str | None:
+    """The token of an ``Authorization: Bearer …`` header, if any."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def org_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Allow the request only with a valid reader key; the view sees its org as ``g.org``."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        token = bearer_token()
+        if token is None:
+            abort(401, description="missing bearer token (Authorization: Bearer <reader key>)")
+        pepper = _pepper()
+        org = credentials.find_reader(get_db(), pepper, token) if pepper else None
+        if org is None:
+            abort(401, description="invalid token")
+        g.org = org
+        return view(*args, **kwargs)
+
+    return wrapped

@@ -1,0 +1,152 @@
+"""Per-request read-only access to ``fleet.db`` and the org-scoped queries the API needs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from flask import current_app, g
+
+from config.database import DatabaseError, connect
+from web.errors import WebError
+
+MACHINE_COLUMNS = ("org, machine_id, hardware_id, status, session, interval_s, last_seen, last_ping, "
+                   "clock_offset_s, conflict, os, system, metrics, first_seen")
+SORTS = {"machine_id": "machine_id", "status": "status", "last_seen": "last_seen", "os": "os",
+         "cpu": "json_extract(metrics, '$.cpu_percent')", "memory": "json_extract(metrics, '$.memory.percent')"}
+
+
+class DatabaseUnavailable(WebError):
+    """fleet.db cannot be opened or queried."""
+
+
+def get_db() -> sqlite3.Connection:
+    """This request's read-only connection (opened on first use, closed at teardown)."""
+    if "db" not in g:
+        try:
+            g.db = connect(current_app.config["FLEET_SETTINGS"].db_path, readonly=True, check_same_thread=False)
+        except DatabaseError as exc:
+            raise DatabaseUnavailable("database unavailable") from exc
+    return g.db
+
+
+def close_db(_exc: BaseException | None = None) -> None:
+    """Teardown: close the request's connection."""
+    db = g.pop("db", None)
+    if db is not None:
+        db.close()
+
+
+def query(sql: str, params: tuple | list = ()) -> list[tuple]:
+    """Run a read query, converting sqlite errors at the boundary."""
+    try:
+        return get_db().execute(sql, params).fetchall()
+    except sqlite3.Error as exc:
+        raise DatabaseUnavailable(f"database error: {exc}") from exc
+
+
+def machine_dict(row: tuple) -> dict[str, Any]:
+    """A machines row as the API's machine object."""
+    (org, machine_id, hardware_id, status, session, interval_s, last_seen, last_ping, offset, conflict, os_name,
+     system, metrics, first_seen) = row
+    return {"org": org, "machine_id": machine_id, "hardware_id": hardware_id, "status": status,
+            "session": session, "interval_s": interval_s, "last_seen": last_seen, "last_ping": last_ping,
+            "clock_offset_s": offset, "conflict": bool(conflict), "os": os_name,
+            "system": json.loads(system or "{}"), "metrics": json.loads(metrics or "{}"), "first_seen": first_seen}
+
+
+def list_machines(org: str, status: str | None, os_name: str | None, search: str | None, sort: str,
+                  descending: bool, limit: int | None, offset: int) -> tuple[int, list[dict[str, Any]]]:
+    """An org's machines, filtered, sorted and paginated; returns (total matching, page)."""
+    where, params = ["org = ?"], [org]
+    if status:
+        where.append("status = ?")
+        params.append(status)
+    if os_name:
+        where.append("os = ?")
+        params.append(os_name)
+    if search:
+        where.append("(machine_id LIKE ? ESCAPE '\\' OR json_extract(system, '$.hostname') LIKE ? ESCAPE '\\')")
+        pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        params += [pattern, pattern]
+    clause = " AND ".join(where)
+    total = query(f"SELECT count(*) FROM machines WHERE {clause}", params)[0][0]
+    order = f"{SORTS[sort]} {'DESC' if descending else 'ASC'}, machine_id"
+    page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else ""
+    rows = query(f"SELECT {MACHINE_COLUMNS} FROM machines WHERE {clause} ORDER BY {order}{page}", params)
+    return total, [machine_dict(r) for r in rows]
+
+
+def status_counts(org: str) -> dict[str, int]:
+    """Machines per status, plus expired (evicted by TTL)."""
+    counts = {"online": 0, "stale": 0, "offline": 0}
+    for status, n in query("SELECT status, count(*) FROM machines WHERE org = ? GROUP BY status", (org,)):
+        counts[status] = n
+    counts["expired"] = expired_count(org)
+    return counts
+
+
+def expired_count(org: str) -> int:
+    """Machines of the org evicted by TTL so far."""
+    rows = query("SELECT expired FROM org_stats WHERE org = ?", (org,))
+    return int(rows[0][0]) if rows else 0
+
+
+def os_values(org: str) -> list[str]:
+    """Distinct OS names of the org (for the filter)."""
+    return [r[0] for r in query("SELECT DISTINCT os FROM machines WHERE org = ? AND os != '' ORDER BY os", (org,))]
+
+
+def get_machine(org: str, machine_id: str) -> dict[str, Any] | None:
+    """One machine of the org, or None (also for another org's machine)."""
+    rows = query(f"SELECT {MACHINE_COLUMNS} FROM machines WHERE org = ? AND machine_id = ?", (org, machine_id))
+    return machine_dict(rows[0]) if rows else None
+
+
+POINT_COLUMNS = ("ts", "session", "seq", "cpu_percent", "memory_percent", "disk_percent", "load1",
+                 "net_bytes_sent", "net_bytes_recv")
+
+
+def history(org: str, machine_id: str, since: float, until: float, max_points: int) -> list[dict[str, Any]]:
+    """Oldest-first history points (raw reports, with 1-minute rollups before raw history begins)."""
+    raw = query(f"SELECT {', '.join(POINT_COLUMNS)} FROM reports WHERE org = ? AND machine_id = ? "
+                "AND ts >= ? AND ts <= ? ORDER BY ts, session, seq", (org, machine_id, since, until))
+    first_raw = raw[0][0] if raw else until
+    rolled = query("SELECT minute, NULL, NULL, cpu_percent, memory_percent, disk_percent, load1, net_bytes_sent, "
+                   "net_bytes_recv FROM rollups WHERE org = ? AND machine_id = ? AND minute >= ? AND minute < ? "
+                   "ORDER BY minute", (org, machine_id, since, min(first_raw, until)))
+    rows = rolled + raw
+    if len(rows) > max_points:  # keep the shape, bound the payload
+        step = len(rows) / max_points
+        rows = [rows[int(i * step)] for i in range(max_points - 1)] + [rows[-1]]
+    return [dict(zip(POINT_COLUMNS, r)) for r in rows]
+
+
+def events(org: str, since: float, machine_id: str | None, limit: int) -> list[dict[str, Any]]:
+    """Status transitions of the org (optionally one machine), oldest first, at most ``limit`` newest."""
+    where, params = "org = ? AND ts >= ?", [org, since]
+    if machine_id:
+        where += " AND machine_id = ?"
+        params.append(machine_id)
+    rows = query(f"SELECT id, machine_id, ts, old_status, new_status, reason FROM events WHERE {where} "
+                 f"ORDER BY ts DESC, id DESC LIMIT ?", [*params, limit])
+    return [{"id": i, "machine_id": m, "ts": ts, "old_status": old, "new_status": new, "reason": reason}
+            for i, m, ts, old, new, reason in reversed(rows)]
+
+
+def drop_counts() -> dict[str, int]:
+    """The collector's dropped-message counters by reason."""
+    return {reason: int(n) for reason, n in query("SELECT reason, count FROM drops ORDER BY reason")}
+
+
+def heartbeat(component: str) -> tuple[float, dict[str, Any]] | None:
+    """Last heartbeat of a long-running part: (ts, detail)."""
+    rows = query("SELECT ts, detail FROM heartbeats WHERE component = ?", (component,))
+    if not rows:
+        return None
+    try:
+        detail = json.loads(rows[0][1] or "{}")
+    except ValueError:
+        detail = {}
+    return float(rows[0][0]), detail

@@ -1,0 +1,72 @@
+"""``GET /metrics``: the org's machines in Prometheus text format (bearer token required)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g
+
+from web import db
+from web.auth import org_required
+
+bp = Blueprint("metrics", __name__)
+STATUSES = ("online", "stale", "offline")
+
+
+def escape_label(value: object) -> str:
+    """Escape a label value per the exposition format (backslash, quote, newline)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**labels: object) -> str:
+    return "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items()) + "}"
+
+
+def _family(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        lines.append(f"{name}{labels} {float(value)!r}")
+
+
+def render(org: str) -> str:
+    """The exposition text for one org."""
+    _, machines = db.list_machines(org, None, None, None, "machine_id", False, None, 0)
+    counts = db.status_counts(org)
+    lines: list[str] = []
+
+    def per_machine(extract):
+        samples = []
+        for m in machines:
+            value = extract(m)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                samples.append((_labels(org=org, machine_id=m["machine_id"]), value))
+        return samples
+
+    _family(lines, "fleet_machine_status", "gauge", "1 for the machine's current status (online, stale, offline).",
+            [(_labels(org=org, machine_id=m["machine_id"], status=s), 1.0 if m["status"] == s else 0.0)
+             for m in machines for s in STATUSES])
+    _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.",
+            per_machine(lambda m: m["metrics"].get("cpu_percent")))
+    _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.",
+            per_machine(lambda m: (m["metrics"].get("memory") or {}).get("percent")))
+    _family(lines, "fleet_machine_disk_percent", "gauge", "Fullest real filesystem, percent used.",
+            per_machine(lambda m: max((d.get("percent", 0) for d in m["metrics"].get("disks") or []), default=None)))
+    _family(lines, "fleet_machine_last_seen_timestamp_seconds", "gauge", "When the collector last heard from it.",
+            per_machine(lambda m: m["last_seen"]))
+    _family(lines, "fleet_machine_clock_offset_seconds", "gauge", "Receive time minus the agent's timestamp.",
+            per_machine(lambda m: m["clock_offset_s"]))
+    _family(lines, "fleet_machine_conflict", "gauge", "1 while two hardware ids report under this name.",
+            per_machine(lambda m: 1.0 if m["conflict"] else 0.0))
+    _family(lines, "fleet_machines", "gauge", "Machines per status.",
+            [(_labels(org=org, status=s), counts[s]) for s in STATUSES])
+    _family(lines, "fleet_machines_expired_total", "counter", "Machines evicted after the TTL.",
+            [(_labels(org=org), counts["expired"])])
+    _family(lines, "fleet_collector_dropped_messages_total", "counter", "Messages the collector dropped, by reason.",
+            [(_labels(reason=reason), n) for reason, n in db.drop_counts().items()])
+    return "\n".join(lines) + "\n"
+
+
+@bp.get("/metrics")
+@org_required
+def metrics():
+    """Prometheus text exposition (version 0.0.4)."""
+    return Response(render(g.org), mimetype="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,55 @@
+"""Query-string parsing for the API: bad values become a 400 with a message naming the parameter."""
+
+from __future__ import annotations
+
+import math
+
+from flask import abort, request
+
+
+def number(name: str, default: float) -> float:
+    """A finite float parameter (Unix seconds and the like)."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        abort(400, description=f"parameter {name!r} must be a number, got {raw[:40]!r}")
+    if not math.isfinite(value):
+        abort(400, description=f"parameter {name!r} must be finite")
+    return value
+
+
+def integer(name: str, default: int | None, low: int, high: int) -> int | None:
+    """An integer parameter within [low, high]."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        abort(400, description=f"parameter {name!r} must be an integer, got {raw[:40]!r}")
+    if not low <= value <= high:
+        abort(400, description=f"parameter {name!r} must be between {low} and {high}")
+    return value
+
+
+def choice(name: str, allowed: tuple[str, ...] | dict, default: str | None = None) -> str | None:
+    """A parameter restricted to known values."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw not in allowed:
+        abort(400, description=f"parameter {name!r} must be one of {', '.join(allowed)}")
+    return raw
+
+
+def text(name: str, max_len: int = 128) -> str | None:
+    """A free-text parameter, bounded in length."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    if len(raw) > max_len:
+        abort(400, description=f"parameter {name!r} is longer than {max_len} characters")
+    return raw

@@ -1,0 +1,68 @@
+"""Serve the web app with waitress: ``fleet web`` and a background-thread variant for tests and ``fleet up``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from waitress.server import create_server
+
+from config.settings import Settings
+from web.app import create_app
+from web.errors import WebError
+
+log = logging.getLogger("fleet.web")
+
+
+def _server(settings: Settings) -> Any:
+    app = create_app(settings)
+    try:
+        return create_server(app, host=settings.host, port=settings.http_port, threads=8,
+                             ident="fleet", clear_untrusted_proxy_headers=True)
+    except OSError as exc:
+        raise WebError(f"cannot listen on {settings.host}:{settings.http_port}: {exc.strerror or exc}") from exc
+
+
+@dataclass
+class RunningWeb:
+    """A waitress server running in a background thread."""
+
+    host: str
+    port: int
+    _server: Any = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the app."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        """Close the listening socket and stop serving (idempotent)."""
+        self._server.close()
+        self._thread.join(10)
+
+
+def start_in_thread(settings: Settings) -> RunningWeb:
+    """Start serving in a thread; ``http_port`` 0 picks a free port (read back in ``.port``)."""
+    server = _server(settings)
+    thread = threading.Thread(target=server.run, name="fleet-web", daemon=True)
+    thread.start()
+    port = server.effective_port
+    log.info("web listening on http://%s:%s", settings.host, port)
+    return RunningWeb(settings.host, port, server, thread)
+
+
+def serve(settings: Settings) -> None:
+    """``fleet web``: serve until SIGINT/SIGTERM."""
+    running = start_in_thread(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"dashboard: {running.url}/", flush=True)
+    stop.wait()
+    running.stop()

@@ -1,0 +1,303 @@
+// fleet dashboard: plain JS, no dependencies, no network beyond this origin.
+// Every value that comes from an agent is put on the page with textContent, never as HTML.
+"use strict";
+
+const PAGE = 100;
+const state = { token: sessionStorage.getItem("fleet-token") || "", config: null, page: 0, timer: null,
+                selected: null, range: 900, machines: [], serverSkew: 0 };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
+}
+
+async function api(path) {
+  const res = await fetch(path, { headers: { Authorization: `Bearer ${state.token}` } });
+  if (res.status === 401) { signOut("That key was not accepted."); throw new Error("unauthorised"); }
+  if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+  return res.json();
+}
+
+function ago(ts) {
+  if (ts == null) return "never";
+  const s = Math.max(0, Date.now() / 1000 - state.serverSkew - ts);
+  if (s < 60) return `${Math.round(s)} s ago`;
+  if (s < 3600) return `${Math.round(s / 60)} min ago`;
+  if (s < 86400) return `${Math.round(s / 3600)} h ago`;
+  return `${Math.round(s / 86400)} d ago`;
+}
+
+function pct(value) { return typeof value === "number" ? value : null; }
+
+function bar(value) {
+  const cell = el("td", { class: "num" });
+  if (value == null) { cell.textContent = "–"; return cell; }
+  cell.append(document.createTextNode(`${value.toFixed(0)}%`));
+  const b = el("span", { class: "bar" + (value >= 90 ? " crit" : value >= 75 ? " warn" : "") });
+  const fill = el("span");
+  fill.style.width = `${Math.min(100, Math.max(0, value))}%`;
+  b.append(fill);
+  cell.append(b);
+  return cell;
+}
+
+function diskPercent(m) {
+  const disks = (m.metrics && m.metrics.disks) || [];
+  return disks.length ? Math.max(...disks.map((d) => d.percent || 0)) : null;
+}
+
+function badge(status) { return el("span", { class: `badge ${status}`, text: status }); }
+
+function showLogin(message = "") {
+  $("login").hidden = false; $("fleet").hidden = true; $("detail").hidden = true; $("logout").hidden = true;
+  $("login-error").textContent = message;
+  $("org-name").textContent = "";
+}
+
+function signOut(message = "") {
+  sessionStorage.removeItem("fleet-token");
+  state.token = "";
+  clearInterval(state.timer);
+  showLogin(message);
+}
+
+function query() {
+  const params = new URLSearchParams({ limit: PAGE, offset: state.page * PAGE });
+  const [sort, order] = $("sort").value.split(":");
+  params.set("sort", sort);
+  if (order) params.set("order", order);
+  if ($("search").value.trim()) params.set("q", $("search").value.trim());
+  if ($("os-filter").value) params.set("os", $("os-filter").value);
+  if ($("status-filter").value) params.set("status", $("status-filter").value);
+  return params.toString();
+}
+
+async function refresh() {
+  let body;
+  try {
+    body = await api(`/api/fleet?${query()}`);
+  } catch (err) {
+    $("refresh-state").textContent = `refresh failed: ${err.message}`;
+    return;
+  }
+  state.serverSkew = Date.now() / 1000 - body.server_time;
+  $("login").hidden = true; $("fleet").hidden = false; $("logout").hidden = false;
+  $("org-name").textContent = body.org;
+  for (const s of ["online", "stale", "offline", "expired"]) $(`count-${s}`).textContent = body.counts[s];
+  fillOsFilter(body.os_values);
+  renderTable(body.data);
+  const first = body.count ? state.page * PAGE + 1 : 0;
+  $("page-info").textContent = `${first}–${state.page * PAGE + body.data.length} of ${body.count}`;
+  $("prev").disabled = state.page === 0;
+  $("next").disabled = (state.page + 1) * PAGE >= body.count;
+  $("refresh-state").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  if (state.selected) loadDetail(state.selected, false);
+}
+
+function fillOsFilter(values) {
+  const select = $("os-filter");
+  const current = select.value;
+  const known = [...select.options].map((o) => o.value);
+  if (values.length + 1 === known.length && values.every((v, i) => known[i + 1] === v)) return;
+  select.replaceChildren(el("option", { value: "", text: "All OS" }));
+  for (const v of values) select.append(el("option", { value: v, text: v }));
+  select.value = values.includes(current) ? current : "";
+}
+
+function renderTable(machines) {
+  state.machines = machines;
+  const rows = machines.map((m) => {
+    const flags = el("td");
+    if (m.conflict) flags.append(el("span", { class: "flag", text: "name conflict", title: "two hardware ids report under this name" }));
+    if (typeof m.clock_offset_s === "number" && Math.abs(m.clock_offset_s) > 2) {
+      flags.append(el("span", { class: "flag skew", text: `clock ${m.clock_offset_s > 0 ? "-" : "+"}${Math.abs(m.clock_offset_s).toFixed(1)} s` }));
+    }
+    const sys = m.system || {};
+    const row = el("tr", { "data-machine": m.machine_id },
+      el("td", {}, badge(m.status)),
+      el("td", {}, el("div", { class: "name", text: m.machine_id }), el("div", { class: "sub", text: sys.hostname || "" })),
+      el("td", {}, el("div", { text: sys.os || "" }), el("div", { class: "sub", text: sys.os_version || "" })),
+      bar(pct(m.metrics && m.metrics.cpu_percent)),
+      bar(pct(m.metrics && m.metrics.memory && m.metrics.memory.percent)),
+      bar(diskPercent(m)),
+      el("td", { text: ago(m.last_seen), title: m.last_seen ? new Date(m.last_seen * 1000).toISOString() : "" }),
+      flags);
+    if (m.machine_id === state.selected) row.classList.add("active");
+    row.addEventListener("click", () => loadDetail(m.machine_id, true));
+    return row;
+  });
+  $("machines").tBodies[0].replaceChildren(...rows);
+  $("empty").hidden = machines.length > 0;
+}
+
+function fact(dl, label, value) {
+  dl.append(el("dt", { text: label }), el("dd", { text: value == null || value === "" ? "–" : String(value) }));
+}
+
+async function loadDetail(machineId, open) {
+  state.selected = machineId;
+  for (const row of $("machines").tBodies[0].rows) row.classList.toggle("active", row.dataset.machine === machineId);
+  const now = Date.now() / 1000 - state.serverSkew;
+  const id = encodeURIComponent(machineId);
+  let machine, history, events;
+  try {
+    [machine, history, events] = await Promise.all([
+      api(`/api/fleet/${id}`),
+      api(`/api/fleet/${id}/history?since=${now - state.range}&until=${now + 60}`),
+      api(`/api/events?machine=${id}&limit=50`),
+    ]);
+  } catch (err) {
+    if (open) $("d-sub").textContent = `could not load: ${err.message}`;
+    return;
+  }
+  $("detail").hidden = false;
+  $("d-name").textContent = machine.machine_id;
+  $("d-sub").replaceChildren(badge(machine.status), document.createTextNode(`  last seen ${ago(machine.last_seen)}`));
+  const sys = machine.system || {}, met = machine.metrics || {};
+  const dl = $("d-facts");
+  dl.replaceChildren();
+  fact(dl, "Hostname", sys.hostname);
+  fact(dl, "OS", [sys.os, sys.os_version].filter(Boolean).join(" · "));
+  fact(dl, "Platform", sys.platform);
+  fact(dl, "Architecture", sys.architecture);
+  fact(dl, "Python / agent", [sys.python_version, sys.agent_version].filter(Boolean).join(" / "));
+  fact(dl, "Hardware id", machine.hardware_id);
+  fact(dl, "CPUs", met.cpu_count);
+  fact(dl, "Load", (met.load_avg || []).join("  "));
+  fact(dl, "Uptime", met.uptime_s != null ? `${(met.uptime_s / 86400).toFixed(1)} days` : null);
+  fact(dl, "Clock offset", machine.clock_offset_s != null ? `${machine.clock_offset_s.toFixed(2)} s` : null);
+  fact(dl, "Session", machine.session);
+  fact(dl, "Name conflict", machine.conflict ? "yes: two hardware ids use this name" : "no");
+  renderCharts(history.points);
+  const list = $("d-events");
+  list.replaceChildren(...events.events.slice().reverse().map((e) => el("li", {},
+    el("time", { text: new Date(e.ts * 1000).toLocaleString() }),
+    badge(e.new_status === "evicted" ? "offline" : e.new_status),
+    el("span", { class: "muted", text: `${e.old_status || "new"} → ${e.new_status}${e.reason ? " (" + e.reason + ")" : ""}` }))));
+  if (!events.events.length) list.append(el("li", { class: "muted", text: "No status changes in the log." }));
+}
+
+function rates(points, key) {
+  const out = [];
+  for (let i = 1; i < points.length; i++) {
+    const a = points[i - 1], b = points[i];
+    if (a[key] == null || b[key] == null || b.ts <= a.ts || b[key] < a[key]) continue;
+    out.push({ ts: b.ts, v: (b[key] - a[key]) / (b.ts - a.ts) });
+  }
+  return out;
+}
+
+function renderCharts(points) {
+  const series = (key) => points.filter((p) => typeof p[key] === "number").map((p) => ({ ts: p.ts, v: p[key] }));
+  const charts = [
+    chart("CPU", "%", [series("cpu_percent")], 100),
+    chart("Memory", "%", [series("memory_percent")], 100),
+    chart("Disk", "%", [series("disk_percent")], 100),
+    chart("Network", "B/s", [rates(points, "net_bytes_recv"), rates(points, "net_bytes_sent")], null),
+  ];
+  $("d-charts").replaceChildren(...charts);
+}
+
+function human(v, unit) {
+  if (unit !== "B/s") return `${v.toFixed(1)}${unit}`;
+  const units = ["B/s", "KB/s", "MB/s", "GB/s"];
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return `${v.toFixed(v < 10 ? 1 : 0)} ${units[i]}`;
+}
+
+function chart(title, unit, seriesList, fixedMax) {
+  const W = 280, H = 110, P = 4;
+  const box = el("div", { class: "chart", "data-chart": title.toLowerCase() });
+  const main = seriesList[0];
+  const last = main.length ? human(main[main.length - 1].v, unit) : "no data";
+  box.append(el("h4", {}, document.createTextNode(title), el("b", { text: last })));
+  const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", "aria-label": `${title} over time` });
+  for (const y of [0.25, 0.5, 0.75]) s.append(svg("line", { class: "grid", x1: 0, x2: W, y1: H * y, y2: H * y }));
+  const all = seriesList.flat();
+  if (all.length >= 1) {
+    const t0 = Math.min(...all.map((p) => p.ts)), t1 = Math.max(...all.map((p) => p.ts));
+    const max = fixedMax || Math.max(1, ...all.map((p) => p.v)) * 1.1;
+    const x = (t) => (t1 === t0 ? W / 2 : ((t - t0) / (t1 - t0)) * (W - 2 * P) + P);
+    const y = (v) => H - P - (Math.min(v, max) / max) * (H - 2 * P);
+    seriesList.forEach((points, i) => {
+      if (!points.length) return;
+      const d = points.map((p, j) => `${j ? "L" : "M"}${x(p.ts).toFixed(1)},${y(p.v).toFixed(1)}`).join("");
+      if (i === 0) s.append(svg("path", { class: "area", d: `${d}L${x(points[points.length - 1].ts).toFixed(1)},${H - P}L${x(points[0].ts).toFixed(1)},${H - P}Z` }));
+      s.append(svg("path", { class: i ? "line second" : "line", d }));
+    });
+    const label = svg("text", { x: W - P, y: 12, "text-anchor": "end" });
+    label.textContent = fixedMax ? `${fixedMax}${unit}` : human(max, unit);
+    s.append(label);
+  }
+  box.append(s);
+  return box;
+}
+
+function schedule() {
+  clearInterval(state.timer);
+  const every = (state.config && state.config.REFRESH_INTERVAL_MS) || 5000;
+  state.timer = setInterval(refresh, every);
+}
+
+async function start() {
+  try {
+    state.config = await (await fetch("/api/config")).json();
+  } catch (err) {
+    state.config = null;
+  }
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromHash) {
+    state.token = fromHash;
+    sessionStorage.setItem("fleet-token", fromHash);
+    history.replaceState(null, "", location.pathname);
+  }
+  if (!state.token) { showLogin(); return; }
+  await refresh();
+  schedule();
+}
+
+$("login-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  state.token = $("token").value.trim();
+  sessionStorage.setItem("fleet-token", state.token);
+  $("token").value = "";
+  refresh().then(schedule);
+});
+$("logout").addEventListener("click", () => signOut());
+let searchTimer = null;
+$("search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => { state.page = 0; refresh(); }, 200); });
+for (const id of ["os-filter", "status-filter", "sort"]) $(id).addEventListener("change", () => { state.page = 0; refresh(); });
+$("prev").addEventListener("click", () => { state.page = Math.max(0, state.page - 1); refresh(); });
+$("next").addEventListener("click", () => { state.page += 1; refresh(); });
+for (const button of document.querySelectorAll(".stat[data-status]")) {
+  button.addEventListener("click", () => {
+    const status = button.dataset.status;
+    $("status-filter").value = $("status-filter").value === status ? "" : status;
+    document.querySelectorAll(".stat").forEach((b) => b.classList.toggle("selected", b.dataset.status === $("status-filter").value));
+    state.page = 0;
+    refresh();
+  });
+}
+$("d-close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; refresh(); });
+for (const button of document.querySelectorAll(".range button")) {
+  button.addEventListener("click", () => {
+    document.querySelectorAll(".range button").forEach((b) => b.classList.toggle("active", b === button));
+    state.range = Number(button.dataset.range);
+    if (state.selected) loadDetail(state.selected, true);
+  });
+}
+start();
