@@ -249,6 +249,9 @@ class RunningCollector:
             self._space.clear()
             if len(q) >= self._queue_max:
                 self._space.wait(1.0)
+        if len(q) >= self._queue_max:  # the writer is gone (a bug, logged): do not grow without bound
+            q.pop()  # only this thread appends, so the last item is this one
+            self.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}", "writer is not running")
 
     # --- writer thread ------------------------------------------------------------------------
     def _writer_main(self) -> None:
@@ -302,11 +305,16 @@ class Writer:
                 self._apply(q.popleft())
             owner._space.set()
             done = done and not q
-            self._timers(final=done)
-            self._flush(final=done)
-            if done or time.monotonic() >= self.next_heartbeat:
-                self.next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
-                self._heartbeat(final=done)
+            try:
+                self._timers(final=done)
+                self._flush(final=done)
+                if done or time.monotonic() >= self.next_heartbeat:
+                    self.next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
+                    self._heartbeat(final=done)
+            except Exception:  # noqa: BLE001 - a bug in a timer must not stop the collector
+                log.exception("collector writer error (continuing)")
+                self.owner.drops.add(INTERNAL, "(writer)", "timer or flush failed")
+                time.sleep(min(1.0, self.settings.batch_interval_s))
             if done:
                 return
 
