@@ -42,8 +42,11 @@ class RunningWeb:
         return f"http://{host}:{self.port}"
 
     def stop(self) -> None:
-        """Close the listening socket and stop serving (idempotent)."""
-        self._server.close()
+        """Stop accepting, let running requests finish, close every connection (idempotent)."""
+        server = self._server
+        server.task_dispatcher.shutdown(timeout=5)
+        for channel in list(server._map.values()):
+            channel.close()
         self._thread.join(10)
 
 
