@@ -1,0 +1,40 @@
+"""The load simulator speaks the real protocol: reports, retained pings, wills, clean shutdown."""
+
+from __future__ import annotations
+
+from agent.simulate import start_simulation
+from config import credentials, payloads
+from helpers import Inbox, close, connect_client, wait_for
+
+
+def test_simulated_agents_report_and_shut_down_cleanly(broker, acme):
+    reader = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+                            "watcher")
+    inbox = Inbox(reader)
+    inbox.subscribe("fleet/acme/#", qos=1)
+    settings = broker.settings.replace(org="acme", key=acme.agent_key, interval=0.3)
+    sim = start_simulation(settings, agents=20, seed=1)
+    try:
+        def machines_reporting():
+            return {m.topic.split("/")[2] for m in inbox.messages if m.topic.endswith("/report")}
+
+        wait_for(lambda: len(machines_reporting()) == 20, timeout=20, message="reports from all 20 agents")
+        for m in inbox.messages:
+            if m.topic.endswith("/report"):
+                payloads.parse_report(m.payload, m.topic)
+        online = [m for m in inbox.messages if m.topic.endswith("/ping")]
+        assert {payloads.parse_ping(m.payload, m.topic).status for m in online} == {"online"}
+        assert len({payloads.parse_report(m.payload, m.topic).system["os"] for m in inbox.messages
+                    if m.topic.endswith("/report")}) >= 3
+    finally:
+        sim.stop()
+    stats = sim.stats()
+    assert stats["refused"] == 0 and stats["connected"] == 0
+    wait_for(lambda: len([m for m in inbox.messages if m.topic.endswith("/report")]) >= stats["acked"], timeout=10,
+             message="every acknowledged report delivered")
+    shutdowns = {m.topic for m in inbox.messages if m.topic.endswith("/ping")
+                 and payloads.parse_ping(m.payload, m.topic).reason == "shutdown"}
+    wait_for(lambda: len({m.topic for m in inbox.messages if m.topic.endswith("/ping")
+                          and payloads.parse_ping(m.payload, m.topic).reason == "shutdown"}) == 20, timeout=10,
+             message=f"offline/shutdown from every agent (got {len(shutdowns)})")
+    close(reader)
