@@ -95,9 +95,9 @@ _UPSERT_MACHINE = (
 # validated values; the payload is embedded as the JSON object it was received as.
 _INSERT_REPORTS_JSON = (
     "INSERT OR IGNORE INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, memory_percent,"
-    " disk_percent, load1, net_bytes_sent, net_bytes_recv, payload) SELECT r.value->>0, r.value->>1, r.value->>2,"
-    " r.value->>3, r.value->>4, r.value->>5, r.value->>6, r.value->>7, r.value->>8, r.value->>9, r.value->>10,"
-    " r.value->>11, r.value->12 FROM json_each(?) AS r"
+    " disk_percent, load1, net_bytes_sent, net_bytes_recv, payload) SELECT "
+    + ", ".join(f"json_extract(r.value, '$[{i}]')" for i in range(13))  # json_extract: SQLite >= 3.9 with JSON1
+    + " FROM json_each(?) AS r"
 )
 
 
