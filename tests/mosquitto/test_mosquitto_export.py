@@ -1,0 +1,155 @@
+"""Debian's Mosquitto run with `fleet mosquitto-config`: the same users, keys and access rules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker.mosquitto import write_config
+from config import credentials, payloads
+from config.settings import Settings
+from helpers import Inbox, close, connect_client, wait_for
+
+pytestmark = pytest.mark.mosquitto
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+@dataclass
+class MosquittoBroker:
+    """A running Mosquitto with the same attributes tests use on the embedded broker."""
+
+    host: str
+    port: int
+    ca_path: Path
+    data_dir: Path
+    settings: Settings
+    out_dir: Path
+    proc: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.port}"
+
+    def reload(self) -> None:
+        write_config(self.settings, self.out_dir, user="root" if os.geteuid() == 0 else None)
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mosquitto(fleet_dir, acme, globex, tmp_path):
+    if not os.path.exists(MOSQUITTO):
+        pytest.fail("Debian's mosquitto is missing (scripts/test installs it)")
+    settings = Settings(data_dir=fleet_dir, mqtt_port=_free_port())
+    out = tmp_path / "mosquitto"
+    write_config(settings, out, user="root" if os.geteuid() == 0 else None)
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(out / "mosquitto.conf")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def listening():
+        if proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited: {proc.stdout.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", settings.mqtt_port), 0.2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(listening, timeout=10, message="mosquitto listening")
+    broker = MosquittoBroker("127.0.0.1", settings.mqtt_port, fleet_dir / "certs" / "ca.pem", fleet_dir, settings,
+                             out, proc)
+    yield broker
+    broker.stop()
+
+
+def test_generated_files(mosquitto, acme):
+    conf = (mosquitto.out_dir / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and "max_packet_size" in conf
+    passwd = (mosquitto.out_dir / "passwd").read_text()
+    assert "acme/agent:$7$" in passwd and acme.agent_key not in passwd
+    assert (mosquitto.out_dir / "passwd").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("who, key_attr, client_id, code", [
+    ("acme/reader", "reader_key", "r1", 0), ("acme/agent", "agent_key", "fleet-acme-web-1", 0),
+    ("acme/agent", "wrong", "fleet-acme-web-1", 5), (None, None, "anon", 5),
+])
+def test_connect(mosquitto, acme, who, key_attr, client_id, code):
+    key = getattr(acme, key_attr) if key_attr and key_attr != "wrong" else ("nope" if key_attr else None)
+    if code == 0:
+        close(connect_client(mosquitto, who, key, client_id))
+    else:
+        assert connect_client(mosquitto, who, key, client_id, expect_rc=1) in (4, 5)
+
+
+@pytest.mark.parametrize("topic_filter", ["fleet/acme/#", "fleet/#", "#", "fleet/globex/#", "fleet/+/+/report"])
+def test_reader_receives_only_its_org_whatever_it_subscribes(mosquitto, acme, globex, topic_filter):
+    """Mosquitto 2.0 grants wide subscriptions and checks each delivery against the ACL (the embedded
+    broker refuses the SUBSCRIBE with 0x80 instead); either way a reader never sees another org."""
+    client = connect_client(mosquitto, "acme/reader", acme.reader_key, "r")
+    inbox = Inbox(client)
+    inbox.subscribe(topic_filter)
+    own = connect_client(mosquitto, "acme/agent", acme.agent_key, "fleet-acme-web-1")
+    other = connect_client(mosquitto, "globex/agent", globex.agent_key, "fleet-globex-web-1")
+    other.publish("fleet/globex/web-1/report", b"globex", qos=1).wait_for_publish(5)
+    own.publish("fleet/acme/web-1/report", b"acme", qos=1).wait_for_publish(5)
+    if topic_filter != "fleet/globex/#":
+        inbox.wait_for_topic("fleet/acme/web-1/report")
+    else:
+        wait_for(lambda: True)
+    assert all(m.topic.startswith("fleet/acme/") for m in inbox.messages)
+    for c in (client, own, other):
+        close(c)
+
+
+def test_isolation_and_presence(mosquitto, acme, globex):
+    reader = connect_client(mosquitto, "acme/reader", acme.reader_key, "r")
+    inbox = Inbox(reader)
+    inbox.subscribe("fleet/acme/#")
+    will = payloads.encode(payloads.build_ping("web-1", "0x1", "s1", "offline", 1, reason="lost"))
+    agent = connect_client(mosquitto, "acme/agent", acme.agent_key, "fleet-acme-web-1",
+                           will=("fleet/acme/web-1/ping", will, 1, True))
+    other = connect_client(mosquitto, "globex/agent", globex.agent_key, "fleet-globex-web-1")
+    other.publish("fleet/acme/web-1/report", b"forged", qos=1).wait_for_publish(5)  # other org: denied
+    agent.publish("fleet/acme/web-1/report", b"real", qos=1).wait_for_publish(5)
+    agent.publish("fleet/acme/web-1/ping", b"online", qos=1, retain=True).wait_for_publish(5)
+    inbox.wait_for_topic("fleet/acme/web-1/ping")
+    assert [m.payload for m in inbox.on("fleet/acme/web-1/report")] == [b"real"]
+    agent._sock.close()  # abrupt loss: Mosquitto publishes the will
+    agent.loop_stop()
+    wait_for(lambda: any(m.payload == will for m in inbox.on("fleet/acme/web-1/ping")), timeout=10,
+             message="last will")
+    close(other)
+    close(reader)
+
+
+def test_org_changes_apply_after_regenerate_and_sighup(mosquitto, acme):
+    new = credentials.add_org(mosquitto.data_dir, "initech")
+    mosquitto.reload()
+    wait_for(lambda: _can_connect(mosquitto, "initech/reader", new.reader_key), timeout=5, message="new org works")
+    credentials.remove_org(mosquitto.data_dir, "initech")
+    mosquitto.reload()
+    wait_for(lambda: not _can_connect(mosquitto, "initech/reader", new.reader_key), timeout=5,
+             message="removed org refused")
+
+
+def _can_connect(broker, user, key) -> bool:
+    code = connect_client(broker, user, key, f"probe-{time.monotonic_ns()}", expect_rc=1)
+    return code == 0
