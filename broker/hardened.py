@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.protocol.handler import OUTGOING
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import Session
@@ -54,6 +56,7 @@ class GuardedReader:
         self._inner = inner
         self._on_oversize = on_oversize
         self.tripped = False
+        self.last_read = time.monotonic()
 
     async def read(self, n: int = -1) -> bytes:
         """Read like the wrapped adapter; EOF for ever once an oversized body was announced."""
@@ -63,7 +66,9 @@ class GuardedReader:
             self.tripped = True
             self._on_oversize(n)
             return b""
-        return await self._inner.read(n)
+        data = await self._inner.read(n)
+        self.last_read = time.monotonic()
+        return data
 
     def feed_eof(self) -> None:
         """Pass EOF through."""
@@ -87,6 +92,26 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         writer = getattr(self.writer, "_writer", None)
         if writer is not None:
             writer.transport.abort()
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        """Outgoing QoS 1 waits for its PUBACK without a per-message timer; unacknowledged messages stay
+        in flight (stock gave up after 5 s and forgot them) and are sent again when a persistent session
+        returns, while closing the connection cancels the wait."""
+        if app_message.direction != OUTGOING or self.session is None:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        packet_id = app_message.packet_id
+        self.session.inflight_out.setdefault(packet_id, app_message)
+        packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+        await self._send_packet(packet)
+        app_message.publish_packet = packet
+        waiter = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            app_message.puback_packet = await waiter
+        finally:
+            self._puback_waiters.pop(packet_id, None)
+        self.session.inflight_out.pop(packet_id, None)
 
     async def handle_publish(self, publish_packet: Any) -> None:
         """Route QoS 0/1 at once, then acknowledge; QoS 2 keeps amqtt's flow (routed on PUBREL)."""
@@ -198,8 +223,10 @@ class FleetBroker(Broker):
             incoming.parent = 0
             session = incoming
         session.fleet_grant = grant  # type: ignore[attr-defined]
-        if session.keep_alive > 0:
-            session.keep_alive = session.keep_alive * KEEPALIVE_FACTOR
+        # amqtt wraps every read in wait_for(keepalive) and re-arms a write timer per packet (a task and
+        # two timers per message); with keep_alive 0 it does neither, and _watch_keepalive enforces it.
+        session.fleet_keepalive = session.keep_alive * KEEPALIVE_FACTOR  # type: ignore[attr-defined]
+        session.keep_alive = 0
         return session
 
     async def _close_connection(self, session: Session, handler: Any) -> None:
@@ -240,8 +267,28 @@ class FleetBroker(Broker):
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
                                               client_session=session)
         await handler.start()
+        self._watch_keepalive(session, handler, reader)
         await self._publish_session_retained_messages(session)
         await self._client_message_loop(session, handler)
+
+    def _watch_keepalive(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader) -> None:
+        """Drop the connection once nothing was read for 1.5 x keepalive (one timer per connection)."""
+        limit = getattr(session, "fleet_keepalive", 0)
+        if not limit:
+            return
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            current = self._sessions.get(session.client_id or "")
+            if current is None or current[1] is not handler or session.transitions.state != "connected":
+                return
+            idle = time.monotonic() - reader.last_read
+            if idle >= limit:
+                handler.handle_read_timeout()
+            else:
+                loop.call_later(limit - idle, check)
+
+        loop.call_later(limit, check)
 
     def _keepalive_expired(self, session: Session) -> None:
         self.stats["keepalive_expired"] += 1

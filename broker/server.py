@@ -15,7 +15,7 @@ from typing import Any
 
 from amqtt.errors import BrokerError as AmqttBrokerError
 
-from broker import tls_memory
+from broker import sessions, tls_memory
 from broker.errors import BrokerError
 from broker.hardened import FleetBroker
 from broker.pki import CertPaths, ensure_certs
@@ -93,6 +93,7 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
     POLICIES[policy_id] = policy
     retained = await asyncio.to_thread(RetainedStore, data_dir / "broker.db")
     tls_memory.install()
+    sessions.install()
     broker = FleetBroker(broker_config(settings, certs, policy_id), policy, settings.max_queued_messages,
                          retained.record)
     try:

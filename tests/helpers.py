@@ -92,11 +92,12 @@ class Inbox:
 def connect_client(broker: Any, username: str | None, password: str | None, client_id: str | None = None,
                    clean_session: bool = True, will: tuple[str, bytes, int, bool] | None = None,
                    keepalive: int = 60, ca_path: Any = None, expect_rc: int = 0, url: str | None = None,
-                   timeout: float = 10.0) -> Any:
+                   timeout: float = 10.0, before_connect: Callable[[Any], Any] | None = None) -> Any:
     """A paho client connected to ``broker`` over TLS with its loop running.
 
     With ``expect_rc`` other than 0, returns the CONNACK code the broker answered instead.
-    ``will`` is (topic, payload, qos, retain).
+    ``will`` is (topic, payload, qos, retain). ``before_connect(client)`` runs before CONNECT, e.g. to attach
+    an Inbox that must not miss messages a persistent session receives right after CONNACK.
     """
     address = BrokerAddress.parse(url or broker.url)
     client = new_client(address, client_id or "", username, password,
@@ -111,6 +112,8 @@ def connect_client(broker: Any, username: str | None, password: str | None, clie
         connected.set()
 
     client.on_connect = on_connect
+    if before_connect is not None:
+        before_connect(client)
     client.connect(address.host, address.port, keepalive=keepalive)
     client.loop_start()
     if not connected.wait(timeout):

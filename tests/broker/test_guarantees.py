@@ -209,9 +209,11 @@ def test_offline_queue_is_bounded_and_drops_are_counted(fleet_dir, acme):
         for i in range(20):
             a.publish(OWN_REPORT, f"m{i}".encode(), qos=1).wait_for_publish(5)
         close(a)
+        inboxes = []
         sub = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(fleet_dir),
-                             "persistent-watcher", clean_session=False, timeout=10)
-        inbox = Inbox(sub)
+                             "persistent-watcher", clean_session=False, timeout=10,
+                             before_connect=lambda client: inboxes.append(Inbox(client)))
+        inbox = inboxes[0]
         messages = inbox.wait_for_count(5)
         assert [m.payload for m in messages] == [f"m{i}".encode() for i in range(5)]
         assert all(not m.retain for m in messages)  # stock delivered queued messages with retain=1
@@ -259,7 +261,7 @@ def test_logins_do_not_stall_other_clients(broker, acme):
 
 # (i) -------------------------------------------------------------------------------------------
 def test_tls_connections_get_a_small_read_buffer(broker, acme):
-    """CPython's asyncio SSL transport allocates 256 KiB per connection; ours reads into 16 KiB."""
+    """CPython's asyncio SSL transport allocates 256 KiB per connection; ours reads into 4 KiB."""
     assert tls_memory.installed()
     assert sslproto.SSLProtocol.max_size <= 64 * 1024 < tls_memory.STOCK_MAX_SIZE
     client = agent(broker, acme)

@@ -1,0 +1,289 @@
+"""Broker benchmark: our embedded broker vs stock amqtt 0.12.1 vs Debian's Mosquitto, in one run.
+
+Measures, for each broker (a subprocess, so RSS is the broker's own):
+- QoS 0 and QoS 1 throughput: one paho publisher, one paho subscriber, ~200-byte JSON, max_inflight 100;
+- time and broker RSS to connect 500 and then 2,000 idle TLS clients (100 connecting at a time).
+
+    python3 bench/broker.py [--qos0 20000] [--qos1 10000] [--clients 500,2000]
+Loopback only; each phase is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from broker import tls_memory  # noqa: E402
+from broker.pki import ensure_certs  # noqa: E402
+from config import credentials  # noqa: E402
+
+TOPIC = "fleet/bench/m1/report"
+PAYLOAD = json.dumps({"v": 1, "machine_id": "m1", "hardware_id": "0x0123456789ab", "session": "abcdef0123456789",
+                      "seq": 0, "ts": 1764000000.125, "metrics": {"cpu_percent": 12.5, "memory": {"percent": 41.2},
+                      "load_avg": [0.4, 0.3, 0.2]}, "system": {"os": "Linux"}}).encode()
+STOCK_AMQTT = """
+import asyncio, sys
+from amqtt.broker import Broker
+async def main():
+    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:%d", "ssl": True,
+                     "certfile": "%s", "keyfile": "%s", "max_connections": 100000}}})
+    await broker.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"broker exited early ({proc.returncode})")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("broker did not start")
+
+
+class Target:
+    """A broker under test: how to reach it and with which credentials."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, port: int, ca: Path,
+                 pub: tuple[str | None, str | None, str], sub: tuple[str | None, str | None, str],
+                 client_cred=lambda i: (None, None, f"idle-{i}")) -> None:
+        self.name, self.proc, self.port, self.ca = name, proc, port, ca
+        self.pub, self.sub, self.client_cred = pub, sub, client_cred
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_ours(work: Path) -> Target:
+    data = work / "ours"
+    org = credentials.add_org(data, "bench")
+    service_key = credentials.ensure_service_key(data)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "broker", "--data-dir", str(data),
+                             "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "ERROR",
+                                                              "FLEET_MAX_QUEUED_MESSAGES": "100000"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return Target("fleet (ours)", proc, port, data / "certs" / "ca.pem",
+                  ("bench/agent", org.agent_key, "fleet-bench-m1"), (credentials.SERVICE_USERNAME, service_key, "sub"),
+                  lambda i: ("bench/agent", org.agent_key, f"fleet-bench-idle{i}"))
+
+
+def start_stock(work: Path) -> Target:
+    certs = ensure_certs(work / "stock-certs")
+    port = free_port()
+    script = work / "stock_amqtt.py"
+    script.write_text(STOCK_AMQTT % (port, certs.cert, certs.key))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return Target("amqtt 0.12.1 (stock)", proc, port, certs.ca, (None, None, "pub"), (None, None, "sub"))
+
+
+def start_mosquitto(work: Path) -> Target | None:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(exe):
+        return None
+    certs = ensure_certs(work / "mosq-certs")
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\ncertfile {certs.cert}\nkeyfile {certs.key}\n"
+                    f"max_queued_messages 100000\nmax_inflight_messages 100\nlog_type error\n"
+                    + ("user root\n" if os.geteuid() == 0 else ""))
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return Target("mosquitto 2 (Debian)", proc, port, certs.ca, (None, None, "pub"), (None, None, "sub"))
+
+
+def paho_client(target: Target, cred: tuple[str | None, str | None, str]) -> paho.Client:
+    user, key, client_id = cred
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    if user:
+        client.username_pw_set(user, key)
+    client.tls_set(ca_certs=str(target.ca))
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    client.connect("127.0.0.1", target.port, keepalive=60)
+    client.loop_start()
+    if not connected.wait(10):
+        raise SystemExit(f"{target.name}: no CONNACK")
+    return client
+
+
+def throughput(target: Target, qos: int, count: int, timeout: float = 120) -> float:
+    """Messages per second from first publish to last delivery."""
+    sub = paho_client(target, target.sub)
+    got = [0]
+    done = threading.Event()
+
+    def on_message(*_a):
+        got[0] += 1
+        if got[0] >= count:
+            done.set()
+
+    sub.on_message = on_message
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.subscribe("fleet/bench/#", qos=qos)
+    subscribed.wait(10)
+    pub = paho_client(target, target.pub)
+    started = time.perf_counter()
+    for _ in range(count):
+        while True:
+            info = pub.publish(TOPIC, PAYLOAD, qos=qos)
+            if info.rc == paho.MQTT_ERR_SUCCESS:
+                break
+            time.sleep(0.001)
+    finished = done.wait(timeout)
+    elapsed = time.perf_counter() - started
+    for c in (pub, sub):
+        c.disconnect()
+        c.loop_stop()
+    if not finished:
+        print(f"  {target.name}: QoS{qos} delivered {got[0]}/{count} within {timeout:.0f} s", file=sys.stderr)
+    return got[0] / elapsed
+
+
+def connect_packet(cred: tuple[str | None, str | None, str]) -> bytes:
+    user, key, client_id = cred
+
+    def s(v: str) -> bytes:
+        b = v.encode()
+        return struct.pack("!H", len(b)) + b
+
+    flags = 0x02 | (0xC0 if user else 0)
+    body = s("MQTT") + bytes([4, flags]) + struct.pack("!H", 600) + s(client_id)
+    if user:
+        body += s(user) + s(key or "")
+    length, enc = len(body), b""
+    while True:
+        byte, length = length % 128, length // 128
+        enc += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            break
+    return b"\x10" + enc + body
+
+
+async def connect_idle(target: Target, start: int, count: int, concurrency: int, keep: list) -> float:
+    ctx = ssl.create_default_context(cafile=str(target.ca))
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", target.port, ssl=ctx, server_hostname="127.0.0.1"), 30)
+            writer.write(connect_packet(target.client_cred(i)))
+            await writer.drain()
+            ack = await asyncio.wait_for(reader.readexactly(4), 30)
+            if ack[3] != 0:
+                raise RuntimeError(f"CONNACK {ack[3]}")
+            keep.append(writer)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(start, start + count)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        print(f"  {target.name}: {len(errors)} connects failed, e.g. {errors[0]!r}", file=sys.stderr)
+    return time.perf_counter() - started
+
+
+def connections(target: Target, steps: list[int]) -> list[tuple[int, float, float, float]]:
+    """(clients, seconds to connect them, broker RSS MB, KiB per connection) for each step."""
+    async def run() -> list[tuple[int, float, float, float]]:
+        keep: list = []
+        base = target.rss_mb()
+        rows, done = [], 0
+        total_time = 0.0
+        for n in steps:
+            total_time += await connect_idle(target, done, n - done, 100, keep)
+            done = n
+            await asyncio.sleep(1.0)
+            rss = target.rss_mb()
+            rows.append((n, total_time, rss, (rss - base) * 1024 / max(1, len(keep))))
+        for w in keep:
+            w.close()
+        return rows
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--qos0", type=int, default=20000)
+    parser.add_argument("--qos1", type=int, default=10000)
+    parser.add_argument("--clients", default="500,2000")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    tls_memory.install()  # the benchmark's own client sockets: keep this process small too
+    steps = [int(x) for x in args.clients.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="fleet-bench-broker-"))
+    results = []
+    for starter in (start_ours, start_stock, start_mosquitto):
+        target = starter(work)
+        if target is None:
+            continue
+        try:
+            print(f"{target.name}: throughput…", file=sys.stderr)
+            q0 = throughput(target, 0, args.qos0)
+            q1 = throughput(target, 1, args.qos1)
+            idle_rss = target.rss_mb()
+            print(f"{target.name}: connections…", file=sys.stderr)
+            conns = connections(target, steps)
+            results.append((target.name, q0, q1, idle_rss, conns))
+        finally:
+            target.stop()
+    print(f"\ncores={os.cpu_count()}  payload={len(PAYLOAD)} B  QoS0 n={args.qos0}  QoS1 n={args.qos1}\n")
+    print("| broker | QoS0 msg/s | QoS1 msg/s | RSS idle | " + " | ".join(
+        f"{n} TLS clients: time / RSS / per conn" for n in steps) + " |")
+    print("|---|---|---|---|" + "---|" * len(steps))
+    for name, q0, q1, rss, conns in results:
+        cells = " | ".join(f"{t:.1f} s / {r:.0f} MB / {k:.0f} KiB" for _, t, r, k in conns)
+        print(f"| {name} | {q0:,.0f} | {q1:,.0f} | {rss:.0f} MB | {cells} |")
+    ours = next((r for r in results if r[0].startswith("fleet")), None)
+    stock = next((r for r in results if r[0].startswith("amqtt")), None)
+    if ours and stock:
+        print(f"\nQoS1 ours / stock amqtt = {ours[2] / stock[2]:.2f}x (target >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
