@@ -1,0 +1,123 @@
+"""Web benchmark: API latency (p50/p99) through waitress with 10,000 machines in fleet.db.
+
+    python3 bench/web.py [--machines 10000] [--requests 200]
+The server runs as `fleet web` in its own process; requests come one at a time over loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import credentials  # noqa: E402
+from config.database import open_db  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill(data: Path, machines: int) -> str:
+    org = credentials.add_org(data, "bench")
+    db = open_db(data / "fleet.db")
+    now = time.time()
+    oses = [("Linux", "Debian 12"), ("Linux", "Ubuntu 24.04"), ("Windows", "Server 2022"), ("Darwin", "macOS 15")]
+    rows = []
+    for i in range(machines):
+        os_name, version = oses[i % len(oses)]
+        system = {"hostname": f"host-{i:05d}.example", "os": os_name, "os_version": version, "platform": "x",
+                  "architecture": "x86_64", "python_version": "3.11.7", "hardware_id": f"0x{i:012x}",
+                  "agent_version": "0.1.0"}
+        metrics = {"cpu_percent": random.uniform(0, 100), "cpu_count": 8, "load_avg": [0.5, 0.4, 0.3],
+                   "memory": {"total": 16 * 2**30, "used": 8 * 2**30, "percent": 50.0}, "swap_percent": 0.0,
+                   "disks": [{"mount": "/", "total": 2**40, "used": 2**39, "percent": 50.0}],
+                   "net": {"bytes_sent": 10**9, "bytes_recv": 2 * 10**9}, "uptime_s": 86400, "process_count": 200}
+        rows.append({"org": "bench", "machine_id": f"m-{i:05d}", "hardware_id": f"0x{i:012x}",
+                     "status": random.choice(["online"] * 8 + ["stale", "offline"]), "session": "s", "interval_s": 10,
+                     "last_seen": now - random.uniform(0, 30), "last_ping": now, "clock_offset_s": 0.01,
+                     "conflict": 0, "os": os_name, "system": json.dumps(system), "metrics": json.dumps(metrics),
+                     "first_seen": now - 86400, "updated": now})
+    db["machines"].insert_all(rows, batch_size=1000)
+    db["reports"].insert_all(({"org": "bench", "machine_id": "m-00042", "session": "s", "seq": i,
+                               "ts": now - 86400 + i * 10, "received": now - 86400 + i * 10, "cpu_percent": 10.0,
+                               "memory_percent": 50.0, "disk_percent": 50.0, "load1": 0.5, "net_bytes_sent": i,
+                               "net_bytes_recv": i, "payload": "{}"} for i in range(8640)), batch_size=2000)
+    return org.reader_key
+
+
+def timed(conn: http.client.HTTPConnection, path: str, token: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+    res = conn.getresponse()
+    body = res.read()
+    if res.status != 200:
+        raise SystemExit(f"{path}: HTTP {res.status} {body[:200]!r}")
+    return time.perf_counter() - started, len(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--machines", type=int, default=10_000)
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    data = Path(tempfile.mkdtemp(prefix="fleet-bench-web-"))
+    token = fill(data, args.machines)
+    port = free_port()
+    env = {**os.environ, "FLEET_LOG_LEVEL": "ERROR", "FLEET_RATE_LIMIT_API": "1000000/minute"}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "web", "--data-dir", str(data), "--http-port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("web did not start")
+                time.sleep(0.1)
+        now = time.time()
+        paths = {
+            f"/api/fleet (all {args.machines})": "/api/fleet",
+            "/api/fleet?limit=100 (dashboard page)": "/api/fleet?limit=100&sort=last_seen&order=desc",
+            "/api/fleet?status=offline&os=Windows": "/api/fleet?status=offline&os=Windows",
+            "/api/fleet?q=host-0999 (search)": "/api/fleet?q=host-0999&limit=100",
+            "/api/fleet/<machine>": "/api/fleet/m-00042",
+            "/api/fleet/<machine>/history (1 h)": f"/api/fleet/m-00042/history?since={now - 3600}",
+            "/api/fleet/<machine>/history (24 h)": f"/api/fleet/m-00042/history?since={now - 86400}",
+            "/metrics": "/metrics",
+        }
+        print(f"machines={args.machines} requests/endpoint={args.requests} cores={os.cpu_count()}\n")
+        print("| endpoint | p50 ms | p99 ms | response size |")
+        print("|---|---|---|---|")
+        for label, path in paths.items():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            n = args.requests if "all" not in label and "metrics" not in label else max(20, args.requests // 5)
+            timed(conn, path, token)  # warm-up
+            samples = [timed(conn, path, token) for _ in range(n)]
+            lat = sorted(s[0] * 1000 for s in samples)
+            p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            print(f"| {label} | {statistics.median(lat):.1f} | {p99:.1f} | {samples[0][1] / 1024:.0f} KiB |")
+            conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
