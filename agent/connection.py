@@ -44,6 +44,7 @@ class Connection:
     keepalive: int
     session: str = field(default_factory=lambda: secrets.token_hex(8))
     events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    wake: threading.Event = field(default_factory=threading.Event)
     client: Any = None
     _connack: threading.Event = field(default_factory=threading.Event)
     _rc: int | None = None
@@ -87,9 +88,11 @@ class Connection:
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason_code: Any, _p: Any = None) -> None:
         self.events.put(("disconnected", str(reason_code)))
+        self.wake.set()
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any = None, _p: Any = None) -> None:
         self.events.put(("acked", mid))
+        self.wake.set()
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
         """Publish at QoS 1; returns the message id whose PUBACK will arrive as an ``acked`` event."""

@@ -55,6 +55,7 @@ class Agent:
         self.seq = 0
         self.inflight: dict[int, int] = {}  # paho mid -> outbox id
         self.stop = threading.Event()
+        self.stop_or_event = threading.Event()  # set by PUBACKs, disconnects and stop requests
         self.reports_made = 0
 
     # -- reports --------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class Agent:
     def connect(self) -> None:
         """Open a new connection with a new session, and announce it with a retained online ping."""
         conn = Connection(self.address, self.settings.org, self.machine, self.settings.key, str(self.settings.ca_path),
-                          self.hw_id, self.settings.interval, keepalive_for(self.settings.interval))
+                          self.hw_id, self.settings.interval, keepalive_for(self.settings.interval), wake=self.stop_or_event)
         conn.open()
         self.conn = conn
         self.session, self.seq = conn.session, 0
@@ -112,7 +113,7 @@ class Agent:
         if not conn.is_connected():
             return
         room = SEND_WINDOW - len(self.inflight)
-        if room > 0:
+        if room > 0 and len(self.outbox) > len(self.inflight):
             last = max(self.inflight.values(), default=0)
             for item in self.outbox.peek(room, after_id=last):
                 self.inflight[conn.publish(item.topic, item.payload)] = item.id
@@ -173,7 +174,10 @@ class Agent:
             self.pump()
             if once and made and len(self.outbox) == 0 and self.conn is not None:
                 break
-            self.stop.wait(0.05 if self.inflight else 0.2)
+            # Sleep until the next report or reconnect is due, or a PUBACK/disconnect/stop wakes us.
+            due = next_report if self.conn is not None else min(next_report, next_attempt)
+            self.stop_or_event.wait(max(0.0, min(due - time.monotonic(), 5.0)))
+            self.stop_or_event.clear()
         self.shutdown()
         return 0
 
@@ -213,6 +217,8 @@ def run(settings: Settings, once: bool = False, print_only: bool = False) -> int
                     settings.agent_queue_max_reports, settings.agent_queue_max_bytes)
     agent = Agent(settings, machine, outbox)
     agent.stop = stop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: (stop.set(), agent.stop_or_event.set()))
     try:
         return agent.run(once=once)
     finally:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from config.errors import ConfigError
+
+if TYPE_CHECKING:  # sqlite-utils costs ~20 MB of imports; the agent and the broker never need it
+    import sqlite_utils
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
@@ -142,8 +144,10 @@ def connect(path: str | Path, readonly: bool = False, check_same_thread: bool = 
     return conn
 
 
-def open_db(path: str | Path, check_same_thread: bool = True) -> sqlite_utils.Database:
+def open_db(path: str | Path, check_same_thread: bool = True) -> "sqlite_utils.Database":
     """Open ``fleet.db`` for writing through sqlite-utils, creating the schema if needed."""
+    import sqlite_utils
+
     conn = connect(path, check_same_thread=check_same_thread)
     ensure_schema(conn)
     return sqlite_utils.Database(conn)

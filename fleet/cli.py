@@ -16,7 +16,6 @@ import click
 from agent.errors import AgentError
 from broker.errors import BrokerError
 from collector.errors import CollectorError
-from config import credentials
 from config.errors import ConfigError
 from config.settings import Settings, load_settings
 from fleet.logs import setup_logging
@@ -82,6 +81,8 @@ def org() -> None:
 @common
 def org_add(settings: Settings, name: str, as_json: bool) -> None:
     """Create ORG and print its agent and reader keys (shown once)."""
+    from config import credentials
+
     created = credentials.add_org(settings.data_dir, name)
     if as_json:
         click.echo(json.dumps(created.as_dict()))
@@ -97,6 +98,8 @@ def org_add(settings: Settings, name: str, as_json: bool) -> None:
 @common
 def org_list(settings: Settings, as_json: bool) -> None:
     """List orgs."""
+    from config import credentials
+
     names = credentials.list_orgs(settings.data_dir)
     if as_json:
         click.echo(json.dumps(names))
@@ -110,17 +113,21 @@ def org_list(settings: Settings, as_json: bool) -> None:
 @common
 def org_remove(settings: Settings, name: str) -> None:
     """Remove ORG: its keys stop working (history is kept until retention ends)."""
+    from config import credentials
+
     credentials.remove_org(settings.data_dir, name)
     click.echo(f"removed org {name}")
 
 
 @org.command("rotate")
 @click.argument("name")
-@click.option("--role", type=click.Choice(credentials.ROLES), required=True)
+@click.option("--role", type=click.Choice(("agent", "reader")), required=True)
 @click.option("--json", "as_json", is_flag=True)
 @common
 def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
     """Replace one key of ORG; the old key is refused at once."""
+    from config import credentials
+
     key = credentials.rotate_key(settings.data_dir, name, role)
     if as_json:
         click.echo(json.dumps({"org": name, "role": role, "key": key}))
