@@ -136,11 +136,12 @@ def _bump(session: Session, name: str, delta: int) -> int:
 class FleetBroker(Broker):
     """amqtt Broker with SPEC's guarantees; ``policy`` decides, ``stats`` counts what was refused or dropped."""
 
-    def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_queued: int,
+    def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_queued: int, max_queued_service: int,
                  on_retained_change: Callable[[str, bytes | None, int], None] | None = None) -> None:
         super().__init__(config)
         self.policy = policy
         self.max_queued = max_queued
+        self.max_queued_service = max_queued_service
         self.stats: Counter[str] = Counter()
         self._on_retained_change = on_retained_change
         self._delivery_tasks: set[asyncio.Task[Any]] = set()
@@ -339,12 +340,16 @@ class FleetBroker(Broker):
                 out_qos = min(qos, sub_qos)
                 self._send_to(target, topic, data, out_qos, retain=False)
 
+    def _queue_limit(self, session: Session) -> int:
+        grant = grant_of(session)
+        return self.max_queued_service if grant is not None and grant.role == "service" else self.max_queued
+
     def _send_to(self, target: Session, topic: str, data: bytes, qos: int, retain: bool) -> None:
         if target.transitions.state == "connected":
             handler = self._get_handler(target)
             if handler is None:
                 return
-            if getattr(target, "fleet_pending", 0) >= self.max_queued:
+            if getattr(target, "fleet_pending", 0) >= self._queue_limit(target):
                 self._count_drop("queue_full", target, topic)
                 return
             _bump(target, "fleet_pending", 1)
@@ -352,7 +357,7 @@ class FleetBroker(Broker):
             self._delivery_tasks.add(task)
             task.add_done_callback(lambda t, s=target: self._delivery_done(t, s))
         elif not target.clean_session and qos in (QOS_1, QOS_2):
-            if target.retained_messages.qsize() >= self.max_queued:
+            if target.retained_messages.qsize() >= self._queue_limit(target):
                 self._count_drop("queue_full", target, topic)
                 return
             target.retained_messages.put_nowait(RetainedApplicationMessage(None, topic, data, qos))

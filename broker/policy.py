@@ -99,9 +99,8 @@ class AccessPolicy:
         return False
 
     @staticmethod
-    def may_subscribe(grant: Grant, topic_filter: str) -> bool:
-        """Readers: inside fleet/<org>/#; agents: inside fleet/<org>/<machine>/#; the service: inside fleet/#."""
-        parts = topic_filter.split("/")
+    def _in_scope(grant: Grant, parts: list[str]) -> bool:
+        """Readers see fleet/<org>/…, agents fleet/<org>/<machine>/…, the service all of fleet/…."""
         if parts[0] != ROOT or len(parts) < 2:
             return False
         if grant.role == "service":
@@ -113,15 +112,12 @@ class AccessPolicy:
         return False
 
     @staticmethod
+    def may_subscribe(grant: Grant, topic_filter: str) -> bool:
+        """A filter must lie inside the grant's scope (wildcards only below it)."""
+        return AccessPolicy._in_scope(grant, topic_filter.split("/"))
+
+    @staticmethod
     def may_receive(grant: Grant, topic: str) -> bool:
-        """Checked on every delivery, retained or live: a client only ever receives its own org's topics."""
+        """Checked on every delivery, retained or live: a client only ever receives its own scope's topics."""
         parts = topic.split("/", 3)
-        if len(parts) < 3 or parts[0] != ROOT:
-            return False
-        if grant.role == "service":
-            return True
-        if grant.role == "reader":
-            return parts[1] == grant.org
-        if grant.role == "agent":
-            return parts[1] == grant.org and parts[2] == grant.machine
-        return False
+        return len(parts) >= 3 and AccessPolicy._in_scope(grant, parts)

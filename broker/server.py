@@ -95,7 +95,7 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
     tls_memory.install()
     sessions.install()
     broker = FleetBroker(broker_config(settings, certs, policy_id), policy, settings.max_queued_messages,
-                         retained.record)
+                         settings.service_queued_messages, retained.record)
     try:
         await broker.start()
     except AmqttBrokerError as exc:

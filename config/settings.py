@@ -46,7 +46,8 @@ class Settings:
     agent_queue_max_bytes: int = 64 * 1024 * 1024
     reconnect_max_s: float = 60.0
     # broker
-    max_queued_messages: int = 1000
+    max_queued_messages: int = 1000  # per reader/agent session: a stuck subscriber cannot hold more
+    service_queued_messages: int = 200_000  # per collector session: seconds of full ingest, never dropped lightly
     max_connections: int = 50_000
     # collector
     ttl_seconds: int = 86_400
@@ -72,7 +73,7 @@ class Settings:
             value = getattr(self, name)
             _check(value > 0, name, "must be greater than 0", value)
         for name in ("ttl_seconds", "agent_queue_max_reports", "agent_queue_max_bytes",
-                     "max_queued_messages", "max_connections", "batch_max", "refresh_interval_ms"):
+                     "max_queued_messages", "service_queued_messages", "max_connections", "batch_max", "refresh_interval_ms"):
             value = getattr(self, name)
             _check(value >= 1, name, "must be a positive integer", value)
         _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (SPEC: changes apply within 5 s)",

@@ -200,7 +200,7 @@ def test_huge_packet_closes_the_connection_before_it_is_buffered(broker, acme):
 
 def test_offline_queue_is_bounded_and_drops_are_counted(fleet_dir, acme):
     broker = start_in_thread(__import__("config.settings", fromlist=["Settings"]).Settings(
-        data_dir=fleet_dir, mqtt_port=0, reload_interval_s=0.5, max_queued_messages=5))
+        data_dir=fleet_dir, mqtt_port=0, reload_interval_s=0.5, service_queued_messages=5))
     try:
         sub = service(broker, "persistent-watcher", clean_session=False)
         Inbox(sub).subscribe("fleet/acme/#", qos=1)
