@@ -8,10 +8,8 @@ the same cadences. CPU is the process's user+system time over the window, as a p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,24 +23,12 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, stop_process, wait_port  # noqa: E402
 from config import credentials  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -105,12 +91,7 @@ def main() -> None:
         print(f"| {name} | {peak[name]:.1f} MB | {(cpu_seconds(p) - start_cpu[name]) / elapsed * 100:.3f}% |")
     stop.set()
     for p in procs.values():
-        p.terminate()
-    for p in procs.values():
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        stop_process(p, 15)
 
 
 if __name__ == "__main__":

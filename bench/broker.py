@@ -16,7 +16,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import ssl
 import struct
 import subprocess
@@ -32,6 +31,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, stop_process, wait_port  # noqa: E402
 from broker import tls_memory  # noqa: E402
 from broker.pki import ensure_certs  # noqa: E402
 from config import credentials  # noqa: E402
@@ -53,23 +53,8 @@ asyncio.run(main())
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"broker exited early ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("broker did not start")
 
 
 class Target:
@@ -85,11 +70,7 @@ class Target:
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def start_ours(work: Path) -> Target:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+from bench.common import free_port, port_open, stop_process  # noqa: E402
 from config import credentials, payloads  # noqa: E402
 from config.mqtt import BrokerAddress, new_client  # noqa: E402
 from config.settings import Settings  # noqa: E402
@@ -47,10 +47,6 @@ SYSTEM = {"hostname": "bench", "os": "Linux", "os_version": "6.1", "platform": "
           "agent_version": "0.1.0"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, step: float = 0.01) -> float:
@@ -76,11 +72,7 @@ class Broker:
     reader_key: str | None
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def start_mosquitto(workdir: Path) -> Broker:
@@ -90,7 +82,7 @@ def start_mosquitto(workdir: Path) -> Broker:
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                     "max_queued_messages 0\nmax_inflight_messages 100\n")
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: _port_open(port), 10, "mosquitto")
+    wait_until(lambda: port_open(port), 10, "mosquitto")
     return Broker("mosquitto", f"mqtt://127.0.0.1:{port}", None, proc, None, None, None, None)
 
 
@@ -99,15 +91,11 @@ def start_embedded(data_dir: Path, keys: credentials.OrgSecrets, queued: int) ->
     env = dict(os.environ, FLEET_MAX_QUEUED_MESSAGES=str(queued), FLEET_LOG_LEVEL="WARNING")
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "broker", "--data-dir", str(data_dir),
                              "--mqtt-port", str(port)], env=env, cwd=Path(__file__).resolve().parents[1])
-    wait_until(lambda: _port_open(port), 30, "embedded broker")
+    wait_until(lambda: port_open(port), 30, "embedded broker")
     return Broker("embedded", f"mqtts://127.0.0.1:{port}", data_dir / "certs" / "ca.pem", proc,
                   f"{ORG}/agent", keys.agent_key, f"{ORG}/reader", keys.reader_key)
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def publisher(url: str, ca: str | None, user: str | None, key: str | None, machine: str, count: int,

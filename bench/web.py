@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,14 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, stop_process, wait_port  # noqa: E402
 from config import credentials  # noqa: E402
 from config.database import open_db  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fill(data: Path, machines: int) -> str:
@@ -82,15 +78,7 @@ def main() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "web", "--data-dir", str(data), "--http-port",
                              str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("web did not start")
-                time.sleep(0.1)
+        wait_port(port, proc)
         now = time.time()
         paths = {
             f"/api/fleet (all {args.machines})": "/api/fleet",
@@ -115,8 +103,7 @@ def main() -> None:
             print(f"| {label} | {statistics.median(lat):.1f} | {p99:.1f} | {samples[0][1] / 1024:.0f} KiB |")
             conn.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 if __name__ == "__main__":
