@@ -120,9 +120,10 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         if qos == QOS_2 or self.router is None or self.session is None:
             await super().handle_publish(publish_packet)
             return
-        if topic is None or publish_packet.data is None:
+        if topic is None:
             return
-        self.router(self.session, topic, bytes(publish_packet.data), qos, bool(publish_packet.retain_flag))
+        # amqtt parses a zero-length payload as None; it is a valid message (and clears a retained topic).
+        self.router(self.session, topic, bytes(publish_packet.data or b""), qos, bool(publish_packet.retain_flag))
         if qos == QOS_1:
             await self._send_packet(PubackPacket.build(publish_packet.variable_header.packet_id))
 

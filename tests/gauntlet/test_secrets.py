@@ -1,0 +1,84 @@
+"""Gauntlet, secrets: no key, password or pepper appears in any log line, exception or repr."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from config import credentials
+from fleet.up import DEMO_KEYS_FILE
+from helpers import connect_client, wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, token: str | None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as res:
+            return res.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_no_secret_in_the_logs_of_a_full_run(tmp_path):
+    data = tmp_path / "data"
+    http_port, mqtt_port = _free_port(), _free_port()
+    env = {**os.environ, "FLEET_LOG_LEVEL": "DEBUG", "FLEET_INTERVAL": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "up", "--demo", "3", "--data-dir", str(data),
+                             "--http-port", str(http_port), "--mqtt-port", str(mqtt_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_for(lambda: _get(f"{base}/healthz", None) == 200, timeout=30, message="fleet up healthy")
+        demo = json.loads((data / DEMO_KEYS_FILE).read_text())
+        acme = credentials.add_org(data, "acme")
+        rotated = credentials.rotate_key(data, "acme", "reader")
+        service_key = (data / credentials.SERVICE_KEY_FILE).read_text().strip()
+        pepper = (data / credentials.PEPPER_FILE).read_text().strip()
+        assert _get(f"{base}/api/fleet", demo["reader_key"]) == 200
+        assert _get(f"{base}/api/fleet", acme.reader_key) == 401  # rotated away
+        assert _get(f"{base}/api/fleet", "guess-" + rotated[:10]) == 401
+        broker = type("B", (), {"url": f"mqtts://127.0.0.1:{mqtt_port}", "ca_path": data / "certs" / "ca.pem"})
+        assert connect_client(broker, "acme/agent", acme.reader_key, "fleet-acme-x", expect_rc=1) == 5
+        assert connect_client(broker, "demo/reader", demo["agent_key"], "r", expect_rc=1) == 5
+        wait_for(lambda: _get(f"{base}/api/fleet", rotated) == 200, timeout=10, message="rotated key works")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    secrets_ = {"demo agent": demo["agent_key"], "demo reader": demo["reader_key"], "acme agent": acme.agent_key,
+                "acme reader": acme.reader_key, "rotated": rotated, "service": service_key, "pepper": pepper}
+    assert err.count("\n") > 20, "expected a real debug log to search"
+    for name, secret in secrets_.items():
+        assert secret not in err, f"the {name} key appears in the logs"
+    # stdout is the start-up banner: SPEC asks `fleet up --demo` to print the demo reader key there, nothing else.
+    for name, secret in secrets_.items():
+        if name != "demo reader":
+            assert secret not in out, f"the {name} key appears on stdout"
+
+
+def test_reprs_hide_keys(tmp_path):
+    org = credentials.add_org(tmp_path, "acme")
+    from fleet.up import ensure_demo_org
+
+    demo = ensure_demo_org(tmp_path)
+    records = credentials.load_records(__import__("config.database", fromlist=["connect"]).connect(tmp_path / "fleet.db"))
+    text = repr(org) + repr(demo) + repr(list(records.values()))
+    for secret in (org.agent_key, org.reader_key, demo.agent_key, demo.reader_key):
+        assert secret not in text
+    assert all(r.digest not in text for r in records.values())
