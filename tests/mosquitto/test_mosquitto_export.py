@@ -2,81 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from broker.mosquitto import write_config
 from config import credentials, payloads
-from config.settings import Settings
 from helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-@dataclass
-class MosquittoBroker:
-    """A running Mosquitto with the same attributes tests use on the embedded broker."""
-
-    host: str
-    port: int
-    ca_path: Path
-    data_dir: Path
-    settings: Settings
-    out_dir: Path
-    proc: subprocess.Popen
-
-    @property
-    def url(self) -> str:
-        return f"mqtts://127.0.0.1:{self.port}"
-
-    def reload(self) -> None:
-        write_config(self.settings, self.out_dir, user="root" if os.geteuid() == 0 else None)
-        self.proc.send_signal(signal.SIGHUP)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
-def mosquitto(fleet_dir, acme, globex, tmp_path):
-    if not os.path.exists(MOSQUITTO):
-        pytest.fail("Debian's mosquitto is missing (scripts/test installs it)")
-    settings = Settings(data_dir=fleet_dir, mqtt_port=_free_port())
-    out = tmp_path / "mosquitto"
-    write_config(settings, out, user="root" if os.geteuid() == 0 else None)
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(out / "mosquitto.conf")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-    def listening():
-        if proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited: {proc.stdout.read()}")
-        try:
-            socket.create_connection(("127.0.0.1", settings.mqtt_port), 0.2).close()
-            return True
-        except OSError:
-            return False
-
-    wait_for(listening, timeout=10, message="mosquitto listening")
-    broker = MosquittoBroker("127.0.0.1", settings.mqtt_port, fleet_dir / "certs" / "ca.pem", fleet_dir, settings,
-                             out, proc)
-    yield broker
-    broker.stop()
+def mosquitto(mosquitto_broker):
+    return mosquitto_broker
 
 
 def test_generated_files(mosquitto, acme):
