@@ -29,6 +29,8 @@ from config.topics import agent_client_id, ping_topic, report_topic
 
 log = logging.getLogger("fleet.simulate")
 AGENTS_PER_SHARD = 250
+MAX_UNACKED = 50  # reports in flight per agent; past this a report is skipped (counted), so memory stays bounded
+PROGRESS_EVERY_S = 5.0
 OS_FAMILIES = [("Linux", "Debian GNU/Linux 12 (bookworm)", "x86_64"), ("Linux", "Ubuntu 24.04 LTS", "x86_64"),
                ("Linux", "Ubuntu 22.04 LTS", "aarch64"), ("Linux", "Alpine Linux v3.20", "x86_64"),
                ("Windows", "Windows Server 2022", "AMD64"), ("Darwin", "macOS 15.1", "arm64"),
@@ -45,6 +47,7 @@ class SimStats:
     reconnects: int = 0
     refused: int = 0
     connected: int = 0
+    skipped: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -56,7 +59,8 @@ class SimStats:
     def snapshot(self) -> dict[str, int]:
         """The counters as a dict."""
         with self.lock:
-            return {k: getattr(self, k) for k in ("sent", "acked", "connects", "reconnects", "refused", "connected")}
+            return {k: getattr(self, k) for k in ("sent", "acked", "connects", "reconnects", "refused", "connected",
+                                                 "skipped")}
 
 
 class SimAgent:
@@ -160,6 +164,9 @@ class SimAgent:
 
     def report(self) -> None:
         """Publish the next report (and every 5th interval refresh the online ping)."""
+        if len(self.report_mids) >= MAX_UNACKED:  # broker not acknowledging: don't queue without bound
+            self.stats.add(skipped=1)
+            return
         body = payloads.build_report(self.machine, self.hw_id, self.session, self.seq, round(time.time(), 3),
                                      self.metrics(self.settings.interval), self.system)
         info = self.client.publish(report_topic(self.settings.org, self.machine), payloads.encode(body), qos=1)
@@ -169,6 +176,11 @@ class SimAgent:
         self.stats.add(sent=1)
         if self.reports % 5 == 0:
             self.ping("online")
+
+
+def _backoff(agent: SimAgent) -> float:
+    """Full-jitter exponential backoff, so a restarted broker is not hit by every agent at once."""
+    return agent.rng.uniform(0, min(agent.settings.reconnect_max_s, 0.5 * 2 ** agent.attempts))
 
 
 class Shard(threading.Thread):
@@ -220,7 +232,7 @@ class Shard(threading.Thread):
         except (OSError, ValueError) as exc:
             agent.attempts += 1
             agent.client = None
-            agent.next_connect = now + random.uniform(0, min(30, 0.5 * 2 ** agent.attempts))
+            agent.next_connect = now + _backoff(agent)
             log.debug("simulated agent %s cannot connect: %s", agent.machine, exc)
             return
         sock = agent.client.socket()
@@ -257,8 +269,8 @@ class Shard(threading.Thread):
         agent.connected = False
         agent.report_mids.clear()
         agent.attempts += 1
-        agent.next_connect = time.monotonic() + random.uniform(0, min(30, 0.5 * 2 ** agent.attempts))
-        agent.client = agent.client  # keep the object: a non-None client with no socket means "reconnect"
+        # The client object stays: a client without a socket means "reconnect at next_connect".
+        agent.next_connect = time.monotonic() + _backoff(agent)
 
     def _shutdown(self, selector: selectors.BaseSelector, registered: dict) -> None:
         infos = []
@@ -296,7 +308,7 @@ class Simulation:
     agents: list[SimAgent]
 
     def stats(self) -> dict[str, int]:
-        """sent, acked, connects, reconnects, refused, connected."""
+        """sent, acked, connects, reconnects, refused, connected, skipped."""
         return self.stats_.snapshot()
 
     def stop(self) -> None:
@@ -330,14 +342,24 @@ def run_simulation(settings: Settings, agents: int, duration: float | None = Non
         signal.signal(sig, lambda *_: stop.set())
     sim = start_simulation(settings, agents)
     started = time.monotonic()
+    next_progress = started + PROGRESS_EVERY_S
+    end = None if duration is None else started + duration
     try:
-        while not stop.wait(5):
-            s = sim.stats()
-            print(f"simulate: {time.monotonic() - started:5.0f}s connected={s['connected']}/{agents} "
-                  f"sent={s['sent']} acked={s['acked']} reconnects={s['reconnects']} refused={s['refused']}",
-                  file=sys.stderr, flush=True)
-            if duration is not None and time.monotonic() - started >= duration:
+        while not stop.is_set():
+            now = time.monotonic()
+            if end is not None and now >= end:
                 break
+            stop.wait(max(0.0, min(0.5, next_progress - now, (end - now) if end is not None else 0.5)))
+            early = sim.stats()
+            if early["refused"] >= agents and early["connects"] == 0:  # wrong org or key: nobody gets in
+                raise AgentError(f"the broker refused every simulated agent of org {settings.org!r}: "
+                                 "check --org and --key (the org's agent key)")
+            if time.monotonic() >= next_progress:
+                next_progress += PROGRESS_EVERY_S
+                s = sim.stats()
+                print(f"simulate: {time.monotonic() - started:5.0f}s connected={s['connected']}/{agents} "
+                      f"sent={s['sent']} acked={s['acked']} reconnects={s['reconnects']} refused={s['refused']}",
+                      file=sys.stderr, flush=True)
     finally:
         sim.stop()
     summary = {**sim.stats(), "agents": agents, "seconds": round(time.monotonic() - started, 1)}

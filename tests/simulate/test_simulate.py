@@ -1,0 +1,177 @@
+"""`fleet simulate`: simulated agents speak the real protocol and their counts add up, on both brokers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from agent.simulate import start_simulation
+from config import credentials, payloads
+from config.settings import Settings
+from helpers import Inbox, close, connect_client, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _watch(broker, client_id="watcher"):
+    """A QoS 1 subscriber to acme's topics with the service credential."""
+    client = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+                            client_id)
+    inbox = Inbox(client)
+    inbox.subscribe("fleet/acme/#", qos=1)
+    return client, inbox
+
+
+def _reports(inbox):
+    return [payloads.parse_report(m.payload, m.topic) for m in list(inbox.messages) if m.topic.endswith("/report")]
+
+
+def _pings(inbox):
+    return [payloads.parse_ping(m.payload, m.topic) for m in list(inbox.messages)
+            if m.topic.endswith("/ping") and m.payload]
+
+
+def _per_machine(reports):
+    counts = defaultdict(int)
+    for r in reports:
+        counts[r.machine_id] += 1
+    return counts
+
+
+def _sim_settings(broker, acme, interval):
+    return Settings(data_dir=broker.data_dir, broker_url=broker.url, org="acme", key=acme.agent_key,
+                    interval=interval, reconnect_max_s=2.0)
+
+
+def test_twenty_agents_report_ping_and_stop_cleanly(broker, acme):
+    watcher, inbox = _watch(broker)
+    sim = start_simulation(_sim_settings(broker, acme, 0.3), agents=20, seed=7)
+    try:
+        wait_for(lambda: len({r.machine_id for r in _reports(inbox)}) == 20, timeout=20,
+                 message="reports from all 20 simulated agents")
+        wait_for(lambda: sim.stats()["connected"] == 20, timeout=10, message="20 connected")
+        wait_for(lambda: min(_per_machine(_reports(inbox)).values()) >= 3, timeout=15,
+                 message="three reports from every agent")
+        # A newcomer gets every agent's retained online ping, all from the agents' current sessions.
+        late, late_inbox = _watch(broker, "late-reader")
+        wait_for(lambda: len({p.machine_id for p in _pings(late_inbox)}) == 20, timeout=10,
+                 message="20 retained online pings")
+        assert {p.status for p in _pings(late_inbox)} == {"online"}
+        close(late)
+    finally:
+        sim.stop()
+    stats = sim.stats()
+    assert stats["connected"] == 0 and stats["refused"] == 0 and stats["reconnects"] == 0
+    wait_for(lambda: len({p.machine_id for p in _pings(inbox) if p.reason == "shutdown"}) == 20, timeout=10,
+             message="offline/shutdown from each agent")
+    reports = _reports(inbox)
+    close(watcher)
+
+    # Every acknowledged report reached the QoS 1 reader exactly once, numbered 0.. within its session.
+    assert stats["acked"] == stats["sent"] == len(reports) == len({(r.machine_id, r.session, r.seq) for r in reports})
+    seqs = defaultdict(list)
+    for r in reports:
+        seqs[(r.machine_id, r.session)].append(r.seq)
+    assert all(sorted(s) == list(range(len(s))) for s in seqs.values())
+    assert len(seqs) == 20  # one session per agent: no reconnects happened
+
+    # Realistic, varying data: several OS families, metrics that move, counters that only grow.
+    assert len({r.system["os"] for r in reports}) >= 3
+    by_machine = defaultdict(list)
+    for r in sorted(reports, key=lambda r: r.seq):
+        by_machine[r.machine_id].append(r.metrics)
+    walks = list(by_machine.values())
+    assert any(len({m["cpu_percent"] for m in w}) > 1 for w in walks)
+    for w in walks:
+        sent = [m["net"]["bytes_sent"] for m in w]
+        disk = [m["disks"][0]["percent"] for m in w]
+        assert sent == sorted(sent) and disk == sorted(disk)
+    shutdown_sessions = {(p.machine_id, p.session) for p in _pings(inbox) if p.reason == "shutdown"}
+    assert shutdown_sessions == set(seqs)
+
+
+def test_wrong_key_is_refused_and_counted(broker, acme):
+    settings = _sim_settings(broker, acme, 0.3).replace(key="not-the-key")
+    sim = start_simulation(settings, agents=3, seed=1)
+    try:
+        wait_for(lambda: sim.stats()["refused"] >= 3, timeout=15, message="three refusals")
+        assert sim.stats()["connects"] == 0 and sim.stats()["sent"] == 0
+    finally:
+        sim.stop()
+
+
+def _fleet(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "fleet.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def test_cli_runs_until_sigterm_then_prints_summary(broker, acme):
+    watcher, inbox = _watch(broker)
+    proc = _fleet("simulate", "--data-dir", str(broker.data_dir), "--broker", broker.url, "--org", "acme",
+                  "--ca", str(broker.ca_path), "--agents", "5", "--interval", "0.3",
+                  env={"FLEET_KEY": acme.agent_key})
+    try:
+        wait_for(lambda: proc.poll() is not None or len({r.machine_id for r in _reports(inbox)}) == 5, timeout=30,
+                 message="reports from the CLI's 5 agents")
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["agents"] == 5 and summary["connected"] == 0 and summary["acked"] >= 5
+    wait_for(lambda: len({p.machine_id for p in _pings(inbox) if p.reason == "shutdown"}) == 5, timeout=10,
+             message="offline/shutdown from the CLI's agents")
+    wait_for(lambda: len(_reports(inbox)) >= summary["acked"], timeout=10, message="acked reports delivered")
+    close(watcher)
+
+
+def test_cli_wrong_key_exits_1_with_one_line(broker, acme):
+    proc = _fleet("simulate", "--data-dir", str(broker.data_dir), "--broker", broker.url, "--org", "acme",
+                  "--ca", str(broker.ca_path), "--agents", "2", "--interval", "0.5", "--duration", "20",
+                  env={"FLEET_KEY": "wrong"})
+    out, err = proc.communicate(timeout=40)
+    assert proc.returncode == 1
+    assert "refused every simulated agent" in err and "Traceback" not in err and "wrong" not in err
+
+
+@pytest.mark.mosquitto
+def test_agents_reconnect_with_new_sessions_after_mosquitto_restart(fleet_dir, acme, tmp_path):
+    from mosquitto.conftest import start_mosquitto
+
+    out_dir = tmp_path / "mosquitto"
+    mosq = start_mosquitto(fleet_dir, out_dir)
+    sim = start_simulation(_sim_settings(mosq, acme, 0.3), agents=5, seed=3)
+    watcher = None
+    try:
+        watcher, inbox = _watch(mosq)
+        wait_for(lambda: len({r.machine_id for r in _reports(inbox)}) == 5, timeout=15, message="5 reporting")
+        before = {r.session for r in _reports(inbox)}
+        mosq.kill()  # abrupt: every connection drops at once
+        wait_for(lambda: sim.stats()["connected"] == 0, timeout=15, message="loss noticed")
+        mosq = start_mosquitto(fleet_dir, out_dir, port=mosq.port)
+        watcher, inbox = _watch(mosq, "watcher-2")
+        wait_for(lambda: sim.stats()["connected"] == 5, timeout=20, message="all 5 back")
+        assert sim.stats()["reconnects"] >= 5
+
+        def new_sessions_reporting():
+            return {r.machine_id for r in _reports(inbox) if r.session not in before}
+
+        wait_for(lambda: len(new_sessions_reporting()) == 5, timeout=10, message="reports in new sessions")
+        online = [p for p in _pings(inbox) if p.status == "online"]
+        assert len({p.machine_id for p in online}) == 5 and not {p.session for p in online} & before
+    finally:
+        sim.stop()
+        if watcher is not None:
+            close(watcher)
+        mosq.stop()
