@@ -70,7 +70,10 @@ def mosquitto_conf(settings: Settings, out_dir: Path, certs_dir: Path, user: str
         f"acl_file {out_dir / 'acl'}",
         "persistence true",
         f"persistence_location {out_dir / 'data'}/",
+        # max_packet_size caps whole packets (and disconnects); message_size_limit (deprecated in 2.0 but
+        # honoured) drops a payload over 64 KiB exactly, like the embedded broker, and keeps the connection.
         f"max_packet_size {MAX_PAYLOAD_BYTES + PACKET_OVERHEAD}",
+        f"message_size_limit {MAX_PAYLOAD_BYTES}",
         f"max_queued_messages {settings.max_queued_messages}",
         "max_keepalive 300",
         "retain_available true",

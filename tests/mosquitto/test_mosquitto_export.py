@@ -91,3 +91,18 @@ def test_org_changes_apply_after_regenerate_and_sighup(mosquitto, acme):
 def _can_connect(broker, user, key) -> bool:
     code = connect_client(broker, user, key, f"probe-{time.monotonic_ns()}", expect_rc=1)
     return code == 0
+
+
+def test_payloads_over_64_kib_are_dropped_and_the_publisher_stays(mosquitto, acme):
+    reader = connect_client(mosquitto, "acme/reader", acme.reader_key, "r")
+    inbox = Inbox(reader)
+    inbox.subscribe("fleet/acme/#")
+    agent = connect_client(mosquitto, "acme/agent", acme.agent_key, "fleet-acme-web-1")
+    agent.publish("fleet/acme/web-1/report", b"x" * (payloads.MAX_PAYLOAD_BYTES + 1), qos=1).wait_for_publish(5)
+    agent.publish("fleet/acme/web-1/report", b"y" * payloads.MAX_PAYLOAD_BYTES, qos=1).wait_for_publish(5)
+    agent.publish("fleet/acme/web-1/ping", b"marker", qos=1).wait_for_publish(5)
+    inbox.wait_for_topic("fleet/acme/web-1/ping")
+    assert [len(m.payload) for m in inbox.on("fleet/acme/web-1/report")] == [payloads.MAX_PAYLOAD_BYTES]
+    assert agent.is_connected()
+    close(agent)
+    close(reader)
