@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from config import credentials
-from helpers import Inbox, close, connect_client
+from helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
 
@@ -132,3 +132,30 @@ def test_subscribe_and_retained(any_broker, kind, orgs, who, topic_filter, embed
         assert got == (expected or set())
     finally:
         close(client)
+
+
+@pytest.mark.parametrize("will_topic", [f"{OTHER_ORG}/ping", f"{OTHER_MACHINE}/ping", f"{OWN}/report-x"])
+def test_forbidden_last_will_is_never_published(any_broker, kind, orgs, will_topic):
+    """Embedded: refused at CONNECT (SPEC). Mosquitto 2.0 accepts the CONNECT and checks the will when it
+    fires, so it is dropped then, except another machine of the same org (the org-level gap)."""
+    watcher = _service(any_broker)
+    inbox = Inbox(watcher)
+    inbox.subscribe("fleet/#")
+    will = (will_topic, b"forged-will", 1, True)
+    if kind == "embedded":
+        assert connect_client(any_broker, "acme/agent", orgs["acme"].agent_key, "fleet-acme-web-1", will=will,
+                              expect_rc=1) == 5
+    else:
+        client = connect_client(any_broker, "acme/agent", orgs["acme"].agent_key, "fleet-acme-web-1", will=will)
+        client._sock.close()  # abrupt loss: the broker would publish the will now
+        client.loop_stop()
+    # A legitimate will fired afterwards bounds the wait: the broker handled the first loss before it.
+    marker = connect_client(any_broker, "acme/agent", orgs["acme"].agent_key, "fleet-acme-web-1",
+                            will=(f"{OWN}/ping", b"marker-will", 1, False))
+    marker._sock.close()
+    marker.loop_stop()
+    wait_for(lambda: inbox.on(f"{OWN}/ping"), timeout=10, message="the legitimate will")
+    forged = [m for m in inbox.messages if m.payload == b"forged-will"]
+    gap = kind == "mosquitto" and will_topic == f"{OTHER_MACHINE}/ping"
+    assert bool(forged) is gap
+    close(watcher)
