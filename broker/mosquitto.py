@@ -74,8 +74,11 @@ def mosquitto_conf(settings: Settings, out_dir: Path, certs_dir: Path, user: str
         # honoured) drops a payload over 64 KiB exactly, like the embedded broker, and keeps the connection.
         f"max_packet_size {MAX_PAYLOAD_BYTES + PACKET_OVERHEAD}",
         f"message_size_limit {MAX_PAYLOAD_BYTES}",
-        f"max_queued_messages {settings.max_queued_messages}",
-        "max_keepalive 300",
+        # One limit for every session in Mosquitto: sized for the collector's persistent session (a restart
+        # must lose nothing); the embedded broker gives readers the smaller max_queued_messages.
+        f"max_queued_messages {max(settings.max_queued_messages, settings.service_queued_messages)}",
+        "persistent_client_expiration 7d",
+        "max_keepalive 300",  # 2.0 refuses MQTT 3.1.1 clients asking for more (ours ask 5-60 s)
         "retain_available true",
         "log_dest stderr",
         "log_type error",
