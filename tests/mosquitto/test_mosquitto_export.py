@@ -82,10 +82,17 @@ def test_org_changes_apply_after_regenerate_and_sighup(mosquitto, acme):
     new = credentials.add_org(mosquitto.data_dir, "initech")
     mosquitto.reload()
     wait_for(lambda: _can_connect(mosquitto, "initech/reader", new.reader_key), timeout=5, message="new org works")
+    initech = connect_client(mosquitto, "initech/reader", new.reader_key, "initech-dashboard")
+    bystander = connect_client(mosquitto, "acme/reader", acme.reader_key, "acme-dashboard")
     credentials.remove_org(mosquitto.data_dir, "initech")
     mosquitto.reload()
     wait_for(lambda: not _can_connect(mosquitto, "initech/reader", new.reader_key), timeout=5,
              message="removed org refused")
+    # On reload Mosquitto also drops live connections whose credentials are gone, and only those.
+    wait_for(lambda: not initech.is_connected(), timeout=5, message="removed org's connection dropped")
+    assert bystander.is_connected()
+    initech.loop_stop()
+    close(bystander)
 
 
 def _can_connect(broker, user, key) -> bool:
@@ -106,3 +113,16 @@ def test_payloads_over_64_kib_are_dropped_and_the_publisher_stays(mosquitto, acm
     assert agent.is_connected()
     close(agent)
     close(reader)
+
+
+def test_rotation_drops_the_old_key_and_its_live_connection(mosquitto, acme):
+    reader = connect_client(mosquitto, "acme/reader", acme.reader_key, "acme-dashboard")
+    agent = connect_client(mosquitto, "acme/agent", acme.agent_key, "fleet-acme-web-1")
+    new_key = credentials.rotate_key(mosquitto.data_dir, "acme", "reader")
+    mosquitto.reload()
+    wait_for(lambda: _can_connect(mosquitto, "acme/reader", new_key), timeout=5, message="new reader key works")
+    assert not _can_connect(mosquitto, "acme/reader", acme.reader_key)
+    wait_for(lambda: not reader.is_connected(), timeout=5, message="old reader key's connection dropped")
+    assert agent.is_connected()
+    reader.loop_stop()
+    close(agent)
