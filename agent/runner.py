@@ -27,6 +27,7 @@ PING_EVERY = 5  # intervals between refreshed online pings
 SEND_WINDOW = 100  # queued reports in flight at once
 BACKOFF_BASE_S = 0.5
 ONCE_CONNECT_ATTEMPTS = 3
+SHUTDOWN_DRAIN_S = 3.0
 
 
 def keepalive_for(interval: float) -> int:
@@ -122,6 +123,14 @@ class Agent:
         """Say offline (reason shutdown) and disconnect cleanly."""
         conn = self.conn
         if conn is None or not conn.is_connected():
+            return
+        # Deliver what is queued or in flight first (bounded), so a clean stop leaves nothing behind.
+        deadline = time.monotonic() + SHUTDOWN_DRAIN_S
+        while (self.inflight or len(self.outbox)) and self.conn is not None and time.monotonic() < deadline:
+            self.pump()
+            self.stop_or_event.wait(0.05)
+            self.stop_or_event.clear()
+        if self.conn is None:
             return
         try:
             info = conn.client.publish(

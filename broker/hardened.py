@@ -34,6 +34,9 @@ from transitions import MachineError
 
 from broker.plugins import grant_of
 from broker.policy import ACCEPTED, IDENTIFIER_REJECTED, AccessPolicy, Grant
+from broker.retained import RetainedStore
+from config.credentials import Principal
+from config.topics import machine_from_client_id
 
 log = logging.getLogger("fleet.broker")
 
@@ -138,13 +141,13 @@ class FleetBroker(Broker):
     """amqtt Broker with SPEC's guarantees; ``policy`` decides, ``stats`` counts what was refused or dropped."""
 
     def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_queued: int, max_queued_service: int,
-                 on_retained_change: Callable[[str, bytes | None, int], None] | None = None) -> None:
+                 store: RetainedStore | None = None) -> None:
         super().__init__(config)
         self.policy = policy
         self.max_queued = max_queued
         self.max_queued_service = max_queued_service
         self.stats: Counter[str] = Counter()
-        self._on_retained_change = on_retained_change
+        self._store = store
         self._delivery_tasks: set[asyncio.Task[Any]] = set()
         self._drop_logged: set[str] = set()
 
@@ -400,8 +403,8 @@ class FleetBroker(Broker):
             self._retained_messages[topic] = RetainedApplicationMessage(source, topic, data, qos)
         else:
             self._retained_messages.pop(topic, None)
-        if self._on_retained_change is not None:
-            self._on_retained_change(topic, data or None, qos)
+        if self._store is not None:
+            self._store.record(topic, data or None, qos)
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:
@@ -429,6 +432,45 @@ class FleetBroker(Broker):
                 if grant is not None and self._matches(topic, topic_filter) and AccessPolicy.may_receive(grant, topic):
                     self._send_to(client_session, topic, bytes(retained.data), min(code, retained.qos or QOS_0),
                                   retain=True)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """Stock checks and bookkeeping; a persistent session's subscription is also written to disk."""
+        code = await super().add_subscription(subscription, session)
+        if code != SUBACK_FAILURE and not session.clean_session and self._store is not None:
+            self._store.record_subscription(session.client_id or "", session.username or "", subscription[0], code)
+        return code
+
+    async def _handle_unsubscription(self, client_session: Session, handler: Any, unsubscribe_waiter: Any) -> None:
+        """Stock UNSUBSCRIBE, and the subscription leaves the disk too."""
+        if self._store is not None and not client_session.clean_session:
+            for topic_filter in unsubscribe_waiter.result().topics:
+                self._store.forget_subscription(client_session.client_id or "", topic_filter)
+        await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+
+    async def _delete_session(self, client_id: str) -> None:
+        """A clean session replacing a persistent one also deletes its stored subscriptions."""
+        if self._store is not None:
+            self._store.forget_subscription(client_id)
+        await super()._delete_session(client_id)
+
+    def restore_sessions(self, rows: list[tuple[str, str, str, int]]) -> int:
+        """Recreate persistent sessions (offline) with their subscriptions, so messages for them are queued
+        from the first second after a restart; returns how many sessions. Removed users are skipped."""
+        for client_id, username, topic_filter, qos in rows:
+            if client_id not in self._sessions:
+                record = self.policy.records.get(username)
+                if record is None:
+                    continue
+                machine = machine_from_client_id(record.org or "", client_id) if record.role == "agent" else None
+                handler, session = self.create_offline_session(client_id)
+                session.username, session.clean_session = username, False
+                session.fleet_grant = Grant(Principal(username, record.org, record.role), machine)  # type: ignore
+                self._sessions[client_id] = (session, handler)
+            session = self._sessions[client_id][0]
+            grant = grant_of(session)
+            if grant is not None and AccessPolicy.may_subscribe(grant, topic_filter):
+                self._subscriptions.setdefault(topic_filter, []).append((session, qos))
+        return len({row[0] for row in rows if row[0] in self._sessions})
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
         """Disabled: stock called this for every filter of every client on each CONNECT (retained leak)."""

@@ -95,7 +95,7 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
     tls_memory.install()
     sessions.install()
     broker = FleetBroker(broker_config(settings, certs, policy_id), policy, settings.max_queued_messages,
-                         settings.service_queued_messages, retained.record)
+                         settings.service_queued_messages, retained)
     try:
         await broker.start()
     except AmqttBrokerError as exc:
@@ -103,10 +103,12 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
         cause = exc.__cause__ or exc
         raise BrokerError(f"cannot start broker on {settings.host}:{settings.mqtt_port}: {cause}") from exc
     broker.load_retained(await asyncio.to_thread(retained.load))
+    restored = broker.restore_sessions(await asyncio.to_thread(retained.load_subscriptions))
     ports = broker.bound_ports
     handle = BrokerHandle(broker, certs, ports.get("default", settings.mqtt_port), ports.get("plain"))
-    log.info("broker listening on mqtts://%s:%s (CA %s)%s", settings.host, handle.port, certs.ca,
-             f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "")
+    log.info("broker listening on mqtts://%s:%s (CA %s)%s; %d persistent sessions restored", settings.host,
+             handle.port, certs.ca, f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "",
+             restored)
 
     async def reload_credentials() -> None:
         while True:

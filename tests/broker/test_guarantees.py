@@ -302,3 +302,25 @@ def test_rotation_and_removal_disconnect_live_sessions(broker, acme):
     wait_for(lambda: not a.is_connected(), timeout=5, message="agent of removed org disconnected")
     reader.loop_stop()
     a.loop_stop()
+
+
+def test_persistent_sessions_survive_a_broker_restart(broker_settings, acme):
+    """The collector's subscriptions outlive a broker restart: what agents send before it returns is queued."""
+    first = start_in_thread(broker_settings)
+    sub = service(first, "collector-like", clean_session=False)
+    Inbox(sub).subscribe("fleet/acme/+/report", qos=1)
+    close(sub)
+    first.stop()
+    second = start_in_thread(broker_settings.replace(mqtt_port=first.port))
+    try:
+        a = agent(second, acme)
+        a.publish(OWN_REPORT, b"while-you-were-away", qos=1).wait_for_publish(5)
+        close(a)
+        inboxes = []
+        sub = connect_client(second, credentials.SERVICE_USERNAME, credentials.ensure_service_key(second.data_dir),
+                             "collector-like", clean_session=False,
+                             before_connect=lambda client: inboxes.append(Inbox(client)))
+        assert inboxes[0].wait_for_topic(OWN_REPORT).payload == b"while-you-were-away"
+        close(sub)
+    finally:
+        second.stop()
