@@ -37,9 +37,11 @@ class MosquittoBroker:
     def url(self) -> str:
         return f"mqtts://{self.host}:{self.port}"
 
+    run_as: str | None = RUN_AS
+
     def reload(self) -> None:
         """Regenerate passwd/acl from the data dir and SIGHUP Mosquitto, as docs/deployment.md says."""
-        write_config(self.settings, self.out_dir, user=RUN_AS)
+        write_config(self.settings, self.out_dir, user=self.run_as)
         self.proc.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
@@ -74,14 +76,15 @@ def _accepts_tls(port: int, ca_path: Path) -> bool:
         return False
 
 
-def start_mosquitto(data_dir: Path, out_dir: Path, port: int | None = None, attempts: int = 5) -> MosquittoBroker:
+def start_mosquitto(data_dir: Path, out_dir: Path, port: int | None = None, attempts: int = 5,
+                    run_as: str | None = RUN_AS) -> MosquittoBroker:
     """Write the config for ``data_dir`` and run Mosquitto on a free port (retrying if the port was taken)."""
     if not os.path.exists(MOSQUITTO):
         pytest.fail("Debian's mosquitto is missing (apt-get install mosquitto)")
     last_output = ""
     for _ in range(attempts if port is None else 1):
         settings = Settings(data_dir=data_dir, mqtt_port=port or _free_port())
-        write_config(settings, out_dir, user=RUN_AS)
+        write_config(settings, out_dir, user=run_as)
         log_path = out_dir / "mosquitto.log"  # a file, not a pipe: a full pipe would stall Mosquitto
         with open(log_path, "w") as log:
             proc = subprocess.Popen([MOSQUITTO, "-c", str(out_dir / "mosquitto.conf")], stdout=log,
@@ -95,7 +98,7 @@ def start_mosquitto(data_dir: Path, out_dir: Path, port: int | None = None, atte
             proc.wait(10)
             raise
         if proc.poll() is None:
-            return MosquittoBroker("127.0.0.1", settings.mqtt_port, ca_path, data_dir, settings, out_dir, proc)
+            return MosquittoBroker("127.0.0.1", settings.mqtt_port, ca_path, data_dir, settings, out_dir, proc, run_as)
         last_output = log_path.read_text()  # e.g. "Address already in use": try another port
     raise AssertionError(f"mosquitto did not start: {last_output}")
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +130,36 @@ def test_rotation_drops_the_old_key_and_its_live_connection(mosquitto, acme):
     assert agent.is_connected()
     reader.loop_stop()
     close(agent)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop happens only when Mosquitto starts as root")
+def test_started_as_root_it_drops_to_the_mosquitto_user(fleet_dir, acme):
+    import psutil
+    from mosquitto.conftest import start_mosquitto
+
+    out_dir = Path(tempfile.mkdtemp(prefix="fleet-mosquitto-", dir="/tmp"))
+    out_dir.chmod(0o755)  # as /etc/mosquitto/... would be
+    broker = start_mosquitto(fleet_dir, out_dir, run_as=None)
+    try:
+        assert psutil.Process(broker.proc.pid).username() == "mosquitto"
+        assert "\nuser " not in (out_dir / "mosquitto.conf").read_text()
+        close(connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1"))
+        broker.reload()  # the reloaded files are readable too
+        close(connect_client(broker, "acme/reader", acme.reader_key, "r"))
+    finally:
+        broker.stop()
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop happens only when Mosquitto starts as root")
+def test_out_dir_the_mosquitto_user_cannot_reach_keeps_root(fleet_dir, acme, tmp_path):
+    from mosquitto.conftest import start_mosquitto
+
+    tmp_path.chmod(0o700)
+    broker = start_mosquitto(fleet_dir, tmp_path / "mq", run_as=None)
+    try:
+        conf = (tmp_path / "mq" / "mosquitto.conf").read_text()
+        assert "not reachable by user mosquitto" in conf and "\nuser root\n" in conf
+        close(connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1"))
+    finally:
+        broker.stop()
