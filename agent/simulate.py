@@ -259,9 +259,8 @@ class Shard(threading.Thread):
             client = agent.client
             if client is None:
                 continue
-            if client.want_write() and client.loop_write() != paho.MQTT_ERR_SUCCESS:
-                self._lost(agent, selector, registered)
-            elif misc and client.loop_misc() != paho.MQTT_ERR_SUCCESS:
+            write_failed = client.want_write() and client.loop_write() != paho.MQTT_ERR_SUCCESS
+            if write_failed or (misc and client.loop_misc() != paho.MQTT_ERR_SUCCESS):
                 self._lost(agent, selector, registered)
 
     def _lost(self, agent: SimAgent, selector: selectors.BaseSelector, registered: dict) -> None:

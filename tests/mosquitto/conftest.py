@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from broker.mosquitto import write_config
 from config.settings import Settings
-from helpers import wait_for
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 RUN_AS = "root" if os.geteuid() == 0 else None  # mosquitto drops root to user "mosquitto" unless told otherwise
@@ -69,9 +69,9 @@ def _free_port() -> int:
 def _accepts_tls(port: int, ca_path: Path) -> bool:
     ctx = ssl.create_default_context(cafile=str(ca_path))
     try:
-        with socket.create_connection(("127.0.0.1", port), 0.5) as raw:
-            with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
-                return True
+        with socket.create_connection(("127.0.0.1", port), 0.5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+            return True
     except (OSError, ssl.SSLError):
         return False
 
@@ -91,8 +91,8 @@ def start_mosquitto(data_dir: Path, out_dir: Path, port: int | None = None, atte
                                     stderr=subprocess.STDOUT)
         ca_path = data_dir / "certs" / "ca.pem"
         try:
-            wait_for(lambda: proc.poll() is not None or _accepts_tls(settings.mqtt_port, ca_path), timeout=10,
-                     message="mosquitto accepting TLS")
+            wait_for(lambda p=proc, port=settings.mqtt_port, ca=ca_path: p.poll() is not None or _accepts_tls(port, ca),
+                     timeout=10, message="mosquitto accepting TLS")
         except AssertionError:
             proc.kill()
             proc.wait(10)

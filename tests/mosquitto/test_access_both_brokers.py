@@ -8,9 +8,9 @@ and wide subscriptions are granted, then filtered on delivery (never another org
 from __future__ import annotations
 
 import pytest
+from helpers import Inbox, close, connect_client, wait_for
 
 from config import credentials
-from helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
 

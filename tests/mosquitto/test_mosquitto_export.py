@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import Inbox, close, connect_client, wait_for
 
 from config import credentials, payloads
-from helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
 

@@ -11,11 +11,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import Inbox, close, connect_client, wait_for
 
 from agent.simulate import start_simulation
 from config import credentials, payloads
 from config.settings import Settings
-from helpers import Inbox, close, connect_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,7 +140,7 @@ def test_cli_wrong_key_exits_1_with_one_line(broker, acme):
     proc = _fleet("simulate", "--data-dir", str(broker.data_dir), "--broker", broker.url, "--org", "acme",
                   "--ca", str(broker.ca_path), "--agents", "2", "--interval", "0.5", "--duration", "20",
                   env={"FLEET_KEY": "wrong"})
-    out, err = proc.communicate(timeout=40)
+    _, err = proc.communicate(timeout=40)
     assert proc.returncode == 1
     assert "refused every simulated agent" in err and "Traceback" not in err and "wrong" not in err
 
