@@ -77,13 +77,14 @@ def _accepts_tls(port: int, ca_path: Path) -> bool:
 
 
 def start_mosquitto(data_dir: Path, out_dir: Path, port: int | None = None, attempts: int = 5,
-                    run_as: str | None = RUN_AS) -> MosquittoBroker:
+                    run_as: str | None = RUN_AS, plain: bool = False) -> MosquittoBroker:
     """Write the config for ``data_dir`` and run Mosquitto on a free port (retrying if the port was taken)."""
     if not os.path.exists(MOSQUITTO):
         pytest.fail("Debian's mosquitto is missing (apt-get install mosquitto)")
     last_output = ""
     for _ in range(attempts if port is None else 1):
-        settings = Settings(data_dir=data_dir, mqtt_port=port or _free_port())
+        settings = Settings(data_dir=data_dir, mqtt_port=port or _free_port(),
+                            mqtt_plain_port=_free_port() if plain else 0)
         write_config(settings, out_dir, user=run_as)
         log_path = out_dir / "mosquitto.log"  # a file, not a pipe: a full pipe would stall Mosquitto
         with open(log_path, "w") as log:

@@ -163,3 +163,19 @@ def test_out_dir_the_mosquitto_user_cannot_reach_keeps_root(fleet_dir, acme, tmp
         close(connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1"))
     finally:
         broker.stop()
+
+
+def test_plain_listener_is_loopback_only_and_keeps_the_access_rules(fleet_dir, acme, tmp_path):
+    from mosquitto.conftest import start_mosquitto
+
+    broker = start_mosquitto(fleet_dir, tmp_path / "mq", plain=True)
+    try:
+        plain = broker.settings.mqtt_plain_port
+        assert f"listener {plain} 127.0.0.1\n" in (tmp_path / "mq" / "mosquitto.conf").read_text()
+        url = f"mqtt://127.0.0.1:{plain}"
+        wait_for(lambda: connect_client(broker, "acme/reader", acme.reader_key, "r", url=url, expect_rc=1) == 0,
+                 timeout=5, message="plain listener up")
+        assert connect_client(broker, None, None, "anon", url=url, expect_rc=1) == 5
+        assert connect_client(broker, "acme/reader", "wrong", "r", url=url, expect_rc=1) == 5
+    finally:
+        broker.stop()
