@@ -40,6 +40,7 @@ log = logging.getLogger("collector")
 
 COMPONENT = "collector"
 QUEUE_MAX = 20_000
+PROMPT_FLUSH_S = 0.005
 HEARTBEAT_EVERY_S = 2.0
 RETENTION_EVERY_S = 60.0
 ORG_REFRESH_MAX_S = 2.0
@@ -85,7 +86,7 @@ class RunningCollector:
         self.tracker = Tracker(settings.stale_factor, settings.interval, settings.ttl_seconds)
         # A deque, not queue.Queue: the writer must not wake per message (each wake-up is a GIL
         # hand-off that halved throughput); it sleeps until a batch is full or batch_interval_s passes.
-        self._queue: deque[Received] = deque()
+        self._queue: deque[tuple[Received, tuple[int, int]]] = deque()  # message, (mid, qos) to acknowledge
         self._queue_max = QUEUE_MAX
         self._wake = threading.Event()
         self._space = threading.Event()
@@ -120,6 +121,9 @@ class RunningCollector:
         except (ConfigError, sqlite3.Error, OSError) as exc:
             raise CollectorError(f"cannot start the collector: {exc}") from exc
         client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        # PUBACK only once a message is committed (or dropped): a killed collector loses nothing, the
+        # broker redelivers what was never acknowledged and the (machine, session, seq) key dedupes it.
+        client.manual_ack_set(True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -227,12 +231,13 @@ class RunningCollector:
             return
         item = parse_message(topic, msg.payload, msg.retain, time.time(), self.limiter, self.drops)
         if item is None or item.message.org not in self._orgs:
+            client.ack(msg.mid, msg.qos)  # nothing to store: counted (or not ours), acknowledge now
             return
-        self._put(item)
+        self._put(item, (msg.mid, msg.qos))
 
-    def _put(self, item: Received) -> None:
+    def _put(self, item: Received, ack: tuple[int, int]) -> None:
         q = self._queue
-        q.append(item)
+        q.append((item, ack))
         size = len(q)
         if size >= self.settings.batch_max and not self._wake.is_set():
             self._wake.set()
@@ -250,7 +255,7 @@ class RunningCollector:
             if len(q) >= self._queue_max:
                 self._space.wait(1.0)
         if len(q) >= self._queue_max:  # the writer is gone (a bug, logged): do not grow without bound
-            q.pop()  # only this thread appends, so the last item is this one
+            q.pop()  # only this thread appends, so the last item is this one; never acknowledged
             self.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}", "writer is not running")
 
     # --- writer thread ------------------------------------------------------------------------
@@ -290,6 +295,7 @@ class Writer:
         self.next_orgs = now + self.org_every
         self.next_retention = now
         self.pending_clears: list[str] = []
+        self.pending_acks: list[tuple[int, int]] = []  # acknowledged once the batch holding them is written
 
     def run(self) -> None:
         """Loop until stop() and the queue is empty; the last flush writes everything pending."""
@@ -298,11 +304,15 @@ class Writer:
         batch_max = self.settings.batch_max
         while True:
             if len(q) < batch_max:
-                owner._wake.wait(self.settings.batch_interval_s)
+                # Unacknowledged messages hold the broker's in-flight window (20 on Mosquitto), so once
+                # something is queued, commit within a few ms instead of a whole batch interval.
+                owner._wake.wait(PROMPT_FLUSH_S if q else self.settings.batch_interval_s)
             owner._wake.clear()
             done = owner._network_done.is_set()
             for _ in range(min(len(q), batch_max)):
-                self._apply(q.popleft())
+                item, ack = q.popleft()
+                self._apply(item)
+                self.pending_acks.append(ack)
             owner._space.set()
             done = done and not q
             try:
@@ -402,10 +412,14 @@ class Writer:
         batch = self.batch
         batch.drops = self.owner.drops.take_unsaved()
         batch.machines = self.tracker.take_dirty()
-        if batch:
-            self._write(batch, final)
+        if batch and not self._write(batch, final):
+            self.pending_acks = []  # not stored: leave them unacknowledged, the broker will send them again
         self.batch = store.Batch()
         client = self.owner._client
+        if client is not None:
+            for mid, qos in self.pending_acks:
+                client.ack(mid, qos)
+        self.pending_acks = []
         for topic in self.pending_clears:
             if client is not None:
                 # QoS 1: paho keeps it while disconnected and sends it on reconnect.
@@ -413,13 +427,14 @@ class Writer:
                 log.info("machine %s evicted: retained ping cleared", topic)
         self.pending_clears = []
 
-    def _write(self, batch: store.Batch, final: bool) -> None:
+    def _write(self, batch: store.Batch, final: bool) -> bool:
+        """Write a batch, retrying while the database is busy; False only if it gave up at shutdown."""
         delay = 0.05
         first_failure = None
         while True:
             try:
                 self.owner._stored += store.write_batch(self.db, batch, time.time())
-                return
+                return True
             except sqlite3.OperationalError as exc:
                 now = time.monotonic()
                 if first_failure is None:
@@ -427,14 +442,14 @@ class Writer:
                     log.warning("database busy (%s): retrying %d reports with backoff", exc, len(batch.reports))
                 if final and now - first_failure > STOP_RETRY_S:
                     self.owner.drops.restore(batch.drops)
-                    log.error("giving up at shutdown: %d reports and %d events not stored (%s)",
+                    log.error("giving up at shutdown: %d reports and %d events not stored, not acknowledged (%s)",
                               len(batch.reports), len(batch.events), exc)
-                    return
+                    return False
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except (sqlite3.Error, ValueError) as exc:
-                self._salvage(batch, exc)
-                return
+                self._salvage(batch, exc)  # what the database refuses is counted; the rest is stored
+                return True
 
     def _salvage(self, batch: store.Batch, exc: BaseException) -> None:
         """A row the database refuses (not a busy lock): store everything else, count what it rejects."""

@@ -73,6 +73,39 @@ def _gapless(data: Path) -> dict[str, int]:
     return totals
 
 
+def _start_collector(data: Path, url: str) -> subprocess.Popen:
+    """`fleet collector`, returned once its persistent session exists (heartbeat: connected, acme subscribed)."""
+    proc = _fleet("collector", "--data-dir", str(data), "--broker", url, env={"FLEET_BATCH_INTERVAL_S": "0.05"})
+
+    def ready() -> bool:
+        beat = _rows(data, "SELECT ts, detail FROM heartbeats WHERE component='collector'")
+        detail = json.loads(beat[0][1]) if beat else {}
+        return detail.get("broker_connected") is True and "acme" in detail.get("orgs", [])
+
+    wait_for(lambda: proc.poll() is None and ready(), timeout=30, message="collector subscribed")
+    return proc
+
+
+def _start_agents(data: Path, url: str, key: str, interval: str = "0.2") -> dict[str, subprocess.Popen]:
+    return {m: _fleet("agent", "--broker", url, "--org", "acme", "--machine", m, "--interval", interval,
+                      "--ca", str(data / "certs" / "ca.pem"), "--data-dir", str(data / f"agent-{m}"),
+                      env={"FLEET_KEY": key, "FLEET_RECONNECT_MAX_S": "1"}) for m in AGENTS}
+
+
+def _stop_agents_and_collector(data: Path, agents: dict[str, subprocess.Popen], collector: subprocess.Popen) -> None:
+    """Clean stops; each agent's shutdown ping follows all its reports, so once the collector has recorded
+    every agent offline it has received everything they sent."""
+    for proc in agents.values():
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    for m in AGENTS:
+        assert _queued(data, m) == 0, f"{m} still has unacknowledged reports"
+    wait_for(lambda: dict(_rows(data, "SELECT machine_id, status FROM machines")) == {m: "offline" for m in AGENTS},
+             timeout=20, message="clean shutdowns recorded")
+    collector.send_signal(signal.SIGTERM)  # its final flush
+    assert collector.wait(20) == 0
+
+
 def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path):
     data = tmp_path / "data"
     org = credentials.add_org(data, "acme")
@@ -83,19 +116,9 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
     procs.append(broker)
     try:
         wait_for(lambda: _port_open(port), timeout=30, message="broker up")
-        procs.append(_fleet("collector", "--data-dir", str(data), "--broker", url,
-                            env={"FLEET_BATCH_INTERVAL_S": "0.05"}))
-
-        def collector_ready() -> bool:
-            beat = _rows(data, "SELECT detail FROM heartbeats WHERE component='collector'") if (data / "fleet.db").exists() else []
-            detail = json.loads(beat[0][0]) if beat else {}
-            return detail.get("broker_connected") is True and "acme" in detail.get("orgs", [])
-
-        # Its persistent session must exist before the first report, or that report has nobody to go to.
-        wait_for(collector_ready, timeout=30, message="collector subscribed")
-        agents = {m: _fleet("agent", "--broker", url, "--org", "acme", "--machine", m, "--interval", "0.2",
-                            "--ca", str(data / "certs" / "ca.pem"), "--data-dir", str(data / f"agent-{m}"),
-                            env={"FLEET_KEY": org.agent_key, "FLEET_RECONNECT_MAX_S": "1"}) for m in AGENTS}
+        collector = _start_collector(data, url)
+        procs.append(collector)
+        agents = _start_agents(data, url, org.agent_key)
         procs += agents.values()
         wait_for(lambda: all(_gapless(data).get(m, 0) >= 10 for m in AGENTS), timeout=30, message="reports flowing")
 
@@ -125,20 +148,57 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
                              for m in AGENTS), timeout=20, message="reports of the new sessions stored")
         close(reader)
 
-        for m, proc in agents.items():
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(20) == 0
-        for m in AGENTS:
-            assert _queued(data, m) == 0, f"{m} still has unacknowledged reports"
-        # Everything acknowledged reaches the database: same totals twice in a row, and no gaps.
-        # Each agent's shutdown ping follows all its reports on the same connection: once the collector
-        # has recorded it, everything the agent sent has been received.
-        wait_for(lambda: dict(_rows(data, "SELECT machine_id, status FROM machines")) ==
-                 {m: "offline" for m in AGENTS}, timeout=20, message="clean shutdowns recorded")
-        procs[1].send_signal(signal.SIGTERM)  # the collector's final flush
-        assert procs[1].wait(20) == 0
+        _stop_agents_and_collector(data, agents, collector)
         totals = _gapless(data)
         assert all(totals[m] >= 20 for m in AGENTS), totals
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_collector_killed_mid_stream_loses_and_duplicates_nothing(tmp_path):
+    data = tmp_path / "data"
+    org = credentials.add_org(data, "acme")
+    port = _free_port()
+    url = f"mqtts://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = [_fleet("broker", "--data-dir", str(data), "--mqtt-port", str(port))]
+    try:
+        wait_for(lambda: _port_open(port), timeout=30, message="broker up")
+        broker = type("B", (), {"url": url, "ca_path": data / "certs" / "ca.pem"})
+        # An independent witness: everything the broker routed, by (machine, session, seq).
+        witness = connect_client(broker, "acme/reader", org.reader_key, "witness")
+        inbox = Inbox(witness)
+        inbox.subscribe("fleet/acme/+/report", qos=1)
+        collector = _start_collector(data, url)
+        procs.append(collector)
+        agents = _start_agents(data, url, org.agent_key, interval="0.1")
+        procs += agents.values()
+        wait_for(lambda: all(_gapless(data).get(m, 0) >= 10 for m in AGENTS), timeout=30, message="reports flowing")
+
+        # Another writer holds the database: reports pile up in the collector, received but not committed...
+        blocker = sqlite3.connect(data / "fleet.db", timeout=10)
+        blocker.execute("BEGIN IMMEDIATE")
+        seen = len(inbox.messages)
+        wait_for(lambda: len(inbox.messages) >= seen + 20, timeout=15, message="reports while the database is held")
+        collector.send_signal(signal.SIGKILL)  # ...and then it dies: had it acknowledged them, they would be gone
+        collector.wait(10)
+        blocker.rollback()
+        blocker.close()
+        seen = len(inbox.messages)
+        wait_for(lambda: len(inbox.messages) >= seen + 10, timeout=15, message="agents keep reporting meanwhile")
+        collector = _start_collector(data, url)
+        procs.append(collector)
+        _stop_agents_and_collector(data, agents, collector)
+
+        witnessed = {(m, r.session, r.seq) for x in inbox.messages
+                     for m in [x.topic.split("/")[2]] for r in [payloads.parse_report(x.payload, x.topic)]}
+        stored = set(_rows(data, "SELECT machine_id, session, seq FROM reports"))
+        assert stored == witnessed, (f"missing {sorted(witnessed - stored)[:5]}, "
+                                     f"unexpected {sorted(stored - witnessed)[:5]}")
+        _gapless(data)
+        close(witness)
     finally:
         for proc in procs:
             if proc.poll() is None:
