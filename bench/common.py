@@ -1,10 +1,13 @@
-"""What every benchmark script needs: free loopback ports, waiting for a server, stopping a process."""
+"""What every benchmark script needs: free loopback ports, waiting for a server, stopping a process
+(``stop_process`` is the one ``fleet up`` uses for its children)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import time
+
+from fleet.up import stop_process  # noqa: F401 - re-exported for the benchmark scripts
 
 
 def free_port() -> int:
@@ -33,12 +36,3 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
             raise SystemExit(f"nothing listening on port {port} after {timeout:.0f} s")
         time.sleep(0.1)
 
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time."""
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)

@@ -56,7 +56,8 @@ def start_real_agent(settings: Settings, broker_url: str, key: str) -> subproces
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
 
-def _stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM a child, then SIGKILL it if it has not exited in ``timeout`` seconds."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -114,7 +115,7 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
                 stops.append(simulation.stop)
             if real_agent:
                 proc = start_real_agent(part_settings, system.broker_url, demo_keys.agent_key)
-                stops.append(lambda: _stop_process(proc))
+                stops.append(lambda: stop_process(proc))
         return system
     except BaseException:
         RunningSystem("", "", settings.ca_path, None, stops).stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,7 +13,7 @@ import pytest
 
 from config.settings import Settings
 from fleet.up import DEMO_KEYS_FILE, ensure_demo_org, start_system
-from helpers import wait_for
+from helpers import free_port, wait_for
 
 
 def get(url, token=None):
@@ -50,17 +49,12 @@ def test_demo_org_keys_are_reused_and_private(tmp_path):
     assert second.reader_key != first.reader_key
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_fleet_up_command_starts_and_stops_on_sigterm(tmp_path):
-    http_port = _free_port()
+    http_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "up", "--demo", "2", "--data-dir", str(tmp_path),
-                             "--mqtt-port", str(_free_port()), "--http-port", str(http_port)],
+                             "--mqtt-port", str(free_port()), "--http-port", str(http_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
     try:
         wait_for(lambda: _healthy(http_port), timeout=30, message="fleet up healthy")

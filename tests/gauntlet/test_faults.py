@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,16 +18,11 @@ import pytest
 
 from agent.outbox import Outbox
 from config import credentials, payloads
-from helpers import Inbox, close, connect_client, wait_for
+from helpers import free_port, port_open, Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.slow
 AGENTS = ("alpha", "beta")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fleet(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -54,13 +48,6 @@ def _queued(data: Path, machine: str) -> int:
     finally:
         box.close()
 
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def _gapless(data: Path) -> dict[str, int]:
@@ -109,13 +96,13 @@ def _stop_agents_and_collector(data: Path, agents: dict[str, subprocess.Popen], 
 def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path):
     data = tmp_path / "data"
     org = credentials.add_org(data, "acme")
-    port = _free_port()
+    port = free_port()
     url = f"mqtts://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     broker = _fleet("broker", "--data-dir", str(data), "--mqtt-port", str(port))
     procs.append(broker)
     try:
-        wait_for(lambda: _port_open(port), timeout=30, message="broker up")
+        wait_for(lambda: port_open(port), timeout=30, message="broker up")
         collector = _start_collector(data, url)
         procs.append(collector)
         agents = _start_agents(data, url, org.agent_key)
@@ -130,7 +117,7 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
 
         broker = _fleet("broker", "--data-dir", str(data), "--mqtt-port", str(port))
         procs.append(broker)
-        wait_for(lambda: _port_open(port), timeout=30, message="broker back")
+        wait_for(lambda: port_open(port), timeout=30, message="broker back")
         reader = connect_client(type("B", (), {"url": url, "ca_path": data / "certs" / "ca.pem"}), "acme/reader",
                                 org.reader_key, "reader")
         inbox = Inbox(reader)
@@ -161,11 +148,11 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
 def test_collector_killed_mid_stream_loses_and_duplicates_nothing(tmp_path):
     data = tmp_path / "data"
     org = credentials.add_org(data, "acme")
-    port = _free_port()
+    port = free_port()
     url = f"mqtts://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = [_fleet("broker", "--data-dir", str(data), "--mqtt-port", str(port))]
     try:
-        wait_for(lambda: _port_open(port), timeout=30, message="broker up")
+        wait_for(lambda: port_open(port), timeout=30, message="broker up")
         broker = type("B", (), {"url": url, "ca_path": data / "certs" / "ca.pem"})
         # An independent witness: everything the broker routed, by (machine, session, seq).
         witness = connect_client(broker, "acme/reader", org.reader_key, "witness")

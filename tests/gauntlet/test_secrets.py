@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -15,13 +14,8 @@ import pytest
 
 from config import credentials
 from fleet.up import DEMO_KEYS_FILE
-from helpers import connect_client, wait_for
+from helpers import free_port, connect_client, wait_for
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, token: str | None) -> int:
@@ -38,7 +32,7 @@ def _get(url: str, token: str | None) -> int:
 @pytest.mark.slow
 def test_no_secret_in_the_logs_of_a_full_run(tmp_path):
     data = tmp_path / "data"
-    http_port, mqtt_port = _free_port(), _free_port()
+    http_port, mqtt_port = free_port(), free_port()
     env = {**os.environ, "FLEET_LOG_LEVEL": "DEBUG", "FLEET_INTERVAL": "0.5"}
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "up", "--demo", "3", "--data-dir", str(data),
                              "--http-port", str(http_port), "--mqtt-port", str(mqtt_port)],
