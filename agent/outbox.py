@@ -43,6 +43,7 @@ class Outbox:
             self._db.executescript(SCHEMA)
             self._count, self._bytes = self._db.execute(
                 "SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
+            self.full_drops = 0  # dropped because the disk was full (not persisted: the disk is full)
         except sqlite3.Error as exc:
             raise AgentError(f"cannot open the agent queue {self.path}: {exc}") from exc
 
@@ -55,16 +56,35 @@ class Outbox:
         return self._bytes
 
     def append(self, topic: str, payload: bytes) -> int:
-        """Queue a message; drops the oldest ones beyond the bounds (counted as ``dropped``)."""
-        try:
-            cur = self._db.execute("INSERT INTO outbox(topic, payload, size) VALUES (?, ?, ?)",
-                                   (topic, payload, len(payload)))
-            self._count += 1
-            self._bytes += len(payload)
-            self._enforce_bounds()
-            return int(cur.lastrowid)
-        except sqlite3.Error as exc:
-            raise AgentError(f"agent queue write failed: {exc}") from exc
+        """Queue a message; drops the oldest ones beyond the bounds (counted as ``dropped``).
+
+        When the disk is full, the oldest tenth of the queue makes room; if even that fails, this message
+        is dropped and counted (returns 0): the agent keeps running and reporting.
+        """
+        for attempt in range(2):
+            try:
+                cur = self._db.execute("INSERT INTO outbox(topic, payload, size) VALUES (?, ?, ?)",
+                                       (topic, payload, len(payload)))
+                self._count += 1
+                self._bytes += len(payload)
+                self._enforce_bounds()
+                return int(cur.lastrowid)
+            except sqlite3.OperationalError as exc:
+                if "full" not in str(exc):
+                    raise AgentError(f"agent queue write failed: {exc}") from exc
+                if attempt == 0 and self._count:
+                    self._drop_oldest(max(1, self._count // 10))
+            except sqlite3.Error as exc:
+                raise AgentError(f"agent queue write failed: {exc}") from exc
+        self.full_drops += 1
+        return 0
+
+    def _drop_oldest(self, n: int) -> None:
+        rows = self._db.execute("SELECT id, size FROM outbox ORDER BY id LIMIT ?", (n,)).fetchall()
+        self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (n,))
+        self._count -= len(rows)
+        self._bytes -= sum(size for _, size in rows)
+        self.full_drops += len(rows)
 
     def _enforce_bounds(self) -> None:
         dropped = 0
@@ -99,9 +119,9 @@ class Outbox:
 
     @property
     def dropped(self) -> int:
-        """Messages dropped because the queue was full, over the queue's lifetime."""
+        """Messages dropped because the queue was over its bounds (lifetime) or the disk was full (this run)."""
         row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-        return int(row[0]) if row else 0
+        return (int(row[0]) if row else 0) + self.full_drops
 
     def close(self) -> None:
         """Close the file."""

@@ -58,6 +58,7 @@ class Agent:
         self.stop = threading.Event()
         self.stop_or_event = threading.Event()  # set by PUBACKs, disconnects and stop requests
         self.reports_made = 0
+        self._full_logged = -1e9
 
     # -- reports --------------------------------------------------------------------------------
     def make_report(self) -> dict:
@@ -69,8 +70,13 @@ class Agent:
         return report
 
     def queue_report(self) -> None:
-        """Store the next report in the outbox (sent when connected)."""
+        """Store the next report in the outbox (sent when connected); a full disk drops, counts and logs."""
+        before = self.outbox.dropped
         self.outbox.append(report_topic(self.settings.org, self.machine), payloads.encode(self.make_report()))
+        if self.outbox.dropped > before and time.monotonic() - self._full_logged > 60:
+            self._full_logged = time.monotonic()
+            log.warning("agent queue full (bounds or disk): %d reports dropped so far, oldest first",
+                        self.outbox.dropped)
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> None:

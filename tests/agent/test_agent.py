@@ -183,3 +183,16 @@ def test_backoff_is_full_jitter_and_capped():
     assert all(0 <= d <= 5 for d in delays)
     assert len({round(d, 3) for d in delays}) > 100  # spread, not in step
     assert keepalive_for(10) == 20 and keepalive_for(0.3) == 5 and keepalive_for(600) == 60
+
+
+def test_full_disk_drops_oldest_counts_and_keeps_going(tmp_path):
+    """SQLite's max_page_count makes the queue's disk 'full': writes keep working by dropping the oldest."""
+    box = Outbox(tmp_path / "q.db", max_items=10**6, max_bytes=10**9)
+    box._db.execute("PRAGMA max_page_count = 40")
+    for i in range(500):
+        box.append("t", f"report-{i:04d}".encode() + b"x" * 400)
+    assert box.dropped > 0
+    remaining = [item.payload[:11] for item in box.peek(10**6)]
+    assert remaining and remaining[-1] == b"report-0499"  # newest kept, oldest dropped
+    assert remaining == sorted(remaining)  # still in order
+    assert len(box) == len(remaining)
