@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # bench/common.py, from any working directory
 
 from broker.pki import ensure_certs  # noqa: E402
 from broker.server import RunningBroker, start_in_thread  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as paho
 
+from bench.common import free_port, port_open  # noqa: F401 - one home for loopback helpers
 from config.mqtt import BrokerAddress, new_client
 
 
@@ -23,22 +23,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s: {message or predicate}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    """True when something accepts TCP connections on 127.0.0.1:port."""
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
