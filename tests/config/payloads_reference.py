@@ -1,0 +1,251 @@
+"""config/payloads.py as it was before its fast path (orjson, inlined checks): the oracle the fast one must match."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from config.errors import ContractError, PayloadError
+from config.ids import is_valid_id
+from config.topics import Topic
+
+VERSION = 1
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_INT = 2**63 - 1
+SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PING_STATUSES = ("online", "offline")
+OFFLINE_REASONS = ("lost", "shutdown")
+
+# Reason codes (stable: they name drop counters in /metrics and /healthz).
+TOO_LARGE = "too_large"
+NOT_UTF8 = "not_utf8"
+NOT_JSON = "not_json"
+NOT_OBJECT = "not_object"
+BAD_FIELD = "bad_field"
+BAD_TOPIC = "bad_topic"
+MACHINE_MISMATCH = "machine_mismatch"
+REASONS = (TOO_LARGE, NOT_UTF8, NOT_JSON, NOT_OBJECT, BAD_FIELD, BAD_TOPIC, MACHINE_MISMATCH)
+
+_NUMBER_METRICS = ("cpu_percent", "swap_percent")
+_INT_METRICS = ("cpu_count", "uptime_s", "process_count")
+_SYSTEM_FIELDS = (
+    "hostname", "os", "os_version", "platform", "architecture",
+    "python_version", "hardware_id", "agent_version",
+)
+MAX_STRING = 256
+MAX_DISKS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A validated report; ``data`` is the decoded JSON object as received."""
+
+    org: str
+    machine_id: str
+    hardware_id: str
+    session: str
+    seq: int
+    ts: float
+    metrics: Mapping[str, Any]
+    system: Mapping[str, Any]
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A validated presence ping; ``ts`` is None in a last will."""
+
+    org: str
+    machine_id: str
+    hardware_id: str
+    session: str
+    status: str
+    reason: str | None
+    ts: float | None
+    interval_s: float
+    data: Mapping[str, Any]
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    """Serialise a payload to compact UTF-8 JSON; refuses NaN/Infinity and oversize results."""
+    raw = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(TOO_LARGE, f"{len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
+    return raw
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def decode_object(raw: bytes) -> dict[str, Any]:
+    """Decode bytes into a JSON object, enforcing size, UTF-8, strict JSON (no NaN) and object type."""
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(TOO_LARGE, f"{len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError(NOT_UTF8, str(exc)) from exc
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise PayloadError(NOT_JSON, str(exc)[:120]) from exc
+    if not isinstance(value, dict):
+        raise PayloadError(NOT_OBJECT, type(value).__name__)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return -MAX_INT <= value <= MAX_INT
+    return math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value <= MAX_INT
+
+
+def _field(obj: Mapping[str, Any], name: str, check, required: bool = True) -> Any:
+    if name not in obj:
+        if required:
+            raise PayloadError(BAD_FIELD, f"missing {name!r}")
+        return None
+    value = obj[name]
+    if not check(value):
+        raise PayloadError(BAD_FIELD, f"bad {name!r}: {str(value)[:60]!r}")
+    return value
+
+
+def _short_str(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_STRING and _encodable(value)
+
+
+def _encodable(value: str) -> bool:
+    # JSON escapes can carry lone surrogates ("\\ud800"): valid JSON, but not UTF-8 text, so SQLite
+    # and every later encoder would fail on them.
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _session(value: Any) -> bool:
+    return isinstance(value, str) and SESSION_RE.fullmatch(value) is not None
+
+
+def _check_common(obj: Mapping[str, Any], topic: Topic) -> tuple[str, str, str]:
+    if obj.get("v") != VERSION or isinstance(obj.get("v"), bool):
+        raise PayloadError(BAD_FIELD, f"unsupported version {str(obj.get('v'))[:20]!r}")
+    machine_id = _field(obj, "machine_id", is_valid_id)
+    if machine_id != topic.machine:
+        raise PayloadError(MACHINE_MISMATCH, f"payload says {machine_id!r}, topic says {topic.machine!r}")
+    hardware_id = _field(obj, "hardware_id", _short_str)
+    session = _field(obj, "session", _session)
+    return machine_id, hardware_id, session
+
+
+def _check_metrics(metrics: Any) -> None:
+    if not isinstance(metrics, dict):
+        raise PayloadError(BAD_FIELD, "metrics must be an object")
+    for name in _NUMBER_METRICS:
+        _field(metrics, name, _is_number, required=False)
+    for name in _INT_METRICS:
+        _field(metrics, name, _is_int, required=False)
+    _field(metrics, "load_avg", lambda v: isinstance(v, list) and len(v) <= 3 and all(map(_is_number, v)), False)
+    memory = _field(metrics, "memory", lambda v: isinstance(v, dict), False)
+    if memory is not None:
+        for name in ("total", "used"):
+            _field(memory, name, _is_int, required=False)
+        _field(memory, "percent", _is_number, required=False)
+    disks = _field(metrics, "disks", lambda v: isinstance(v, list) and len(v) <= MAX_DISKS, False)
+    for disk in disks or ():
+        if not isinstance(disk, dict):
+            raise PayloadError(BAD_FIELD, "disks entries must be objects")
+        _field(disk, "mount", _short_str, required=False)
+        for name in ("total", "used"):
+            _field(disk, name, _is_int, required=False)
+        _field(disk, "percent", _is_number, required=False)
+    net = _field(metrics, "net", lambda v: isinstance(v, dict), False)
+    if net is not None:
+        for name, value in net.items():
+            if not _is_number(value):
+                raise PayloadError(BAD_FIELD, f"bad net.{str(name)[:40]!r}")
+
+
+def _check_system(system: Any) -> None:
+    if not isinstance(system, dict):
+        raise PayloadError(BAD_FIELD, "system must be an object")
+    for name in _SYSTEM_FIELDS:
+        _field(system, name, _short_str, required=False)
+
+
+def parse_topic(topic: str) -> Topic:
+    """Parse a received topic, converting a contract violation into PayloadError(bad_topic)."""
+    try:
+        return Topic.parse(topic)
+    except ContractError as exc:
+        raise PayloadError(BAD_TOPIC, str(exc)) from exc
+
+
+def parse_report(raw: bytes, topic: str | Topic) -> Report:
+    """Validate a received report payload against its topic; raise PayloadError with a reason code."""
+    t = topic if isinstance(topic, Topic) else parse_topic(topic)
+    if t.kind != "report":
+        raise PayloadError(BAD_TOPIC, f"expected a report topic, got {t}")
+    obj = decode_object(raw)
+    machine_id, hardware_id, session = _check_common(obj, t)
+    seq = _field(obj, "seq", lambda v: _is_int(v) and v >= 0)
+    ts = float(_field(obj, "ts", lambda v: _is_number(v) and v >= 0))
+    metrics = obj.get("metrics", {})
+    _check_metrics(metrics)
+    system = obj.get("system", {})
+    _check_system(system)
+    return Report(t.org, machine_id, hardware_id, session, seq, ts, metrics, system, obj)
+
+
+def parse_ping(raw: bytes, topic: str | Topic) -> Ping:
+    """Validate a received ping payload against its topic; raise PayloadError with a reason code."""
+    t = topic if isinstance(topic, Topic) else parse_topic(topic)
+    if t.kind != "ping":
+        raise PayloadError(BAD_TOPIC, f"expected a ping topic, got {t}")
+    obj = decode_object(raw)
+    machine_id, hardware_id, session = _check_common(obj, t)
+    status = _field(obj, "status", lambda v: v in PING_STATUSES)
+    reason = _field(obj, "reason", lambda v: v in OFFLINE_REASONS, required=status == "offline")
+    if status == "online":
+        reason = None
+    ts = _field(obj, "ts", lambda v: _is_number(v) and v >= 0, required=False)
+    interval_s = _field(obj, "interval_s", lambda v: _is_number(v) and 0 < v <= 86400)
+    return Ping(t.org, machine_id, hardware_id, session, status, reason,
+                None if ts is None else float(ts), float(interval_s), obj)
+
+
+def build_ping(machine_id: str, hardware_id: str, session: str, status: str, interval_s: float,
+               ts: float | None = None, reason: str | None = None) -> dict[str, Any]:
+    """Build a ping payload; omit ``ts`` for a last will (it is sent later by the broker)."""
+    if status not in PING_STATUSES:
+        raise ContractError(f"invalid ping status {status!r}")
+    if status == "offline" and reason not in OFFLINE_REASONS:
+        raise ContractError(f"offline ping needs a reason in {OFFLINE_REASONS}")
+    payload: dict[str, Any] = {"v": VERSION, "status": status, "machine_id": machine_id,
+                               "hardware_id": hardware_id, "session": session, "interval_s": interval_s}
+    if status == "offline":
+        payload["reason"] = reason
+    if ts is not None:
+        payload["ts"] = ts
+    return payload
+
+
+def build_report(machine_id: str, hardware_id: str, session: str, seq: int, ts: float,
+                 metrics: Mapping[str, Any], system: Mapping[str, Any]) -> dict[str, Any]:
+    """Build a report payload in the contract's shape."""
+    return {"v": VERSION, "machine_id": machine_id, "hardware_id": hardware_id, "session": session,
+            "seq": seq, "ts": ts, "metrics": dict(metrics), "system": dict(system)}
