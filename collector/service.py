@@ -1,10 +1,10 @@
 """The running collector: MQTT subscriptions per org, a bounded queue, and one writer thread owning state and SQLite.
 
 Threads:
-- paho's network thread runs ``_on_message``: it validates the message (collector.intake) and puts it on a
-  bounded queue. When the queue is full it blocks there. That is the backpressure: paho sends the PUBACK
-  only after ``on_message`` returns, so a slow database slows the broker's delivery to us (the broker
-  queues for our persistent session) instead of us dropping acknowledged messages.
+- the MQTT link's network thread (collector.mqtt_link) runs ``_on_message``: it validates the message
+  (collector.intake) and puts it on a bounded queue. When the queue is full it blocks there. That is the
+  backpressure: nothing is acknowledged before it is committed, so a slow database slows the broker's
+  delivery to us (the broker queues for our persistent session) instead of us dropping messages.
 - the writer thread drains the queue, applies the state machine (collector.state), and stores each batch
   in one transaction (collector.store); it also runs the timers: stale/TTL checks, heartbeat, org
   refresh and history retention.
@@ -22,16 +22,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import paho.mqtt.client as paho
-
 from collector import store
 from collector.errors import CollectorError
 from collector.intake import INTERNAL, DropCounter, RateLimiter, Received, parse_message
+from collector.mqtt_link import LinkCallbacks, MqttLink
 from collector.state import Tracker, Transition
 from config import credentials, payloads
 from config.database import open_db
 from config.errors import ConfigError
-from config.mqtt import BrokerAddress, new_client
+from config.mqtt import BrokerAddress
 from config.payloads import Report
 from config.settings import Settings
 from config.topics import KINDS, org_kind_filter, ping_topic
@@ -86,7 +85,7 @@ class RunningCollector:
         self.tracker = Tracker(settings.stale_factor, settings.interval, settings.ttl_seconds)
         # A deque, not queue.Queue: the writer must not wake per message (each wake-up is a GIL
         # hand-off that halved throughput); it sleeps until a batch is full or batch_interval_s passes.
-        self._queue: deque[tuple[Received, tuple[int, int]]] = deque()  # message, (mid, qos) to acknowledge
+        self._queue: deque[tuple[Received, int]] = deque()  # message, token to acknowledge it with
         self._queue_max = QUEUE_MAX
         self._wake = threading.Event()
         self._space = threading.Event()
@@ -103,7 +102,7 @@ class RunningCollector:
         self._stored = 0
         self._started = time.monotonic()
         self._backpressure_logged = 0.0
-        self._client: paho.Client | None = None
+        self._client: MqttLink | None = None
         self._writer = threading.Thread(target=self._writer_main, name="collector-writer", daemon=True)
 
     # --- public -------------------------------------------------------------------------------
@@ -116,24 +115,18 @@ class RunningCollector:
                 self._set_orgs(self._wanted_orgs(store.list_orgs(db)))
             finally:
                 db.conn.close()
-            client = new_client(self.address, self.client_id, credentials.SERVICE_USERNAME, key,
-                                self.settings.ca_path, clean_session=False)
+            # PUBACK only once a message is committed (or dropped): a killed collector loses nothing, the
+            # broker redelivers what was never acknowledged and the (machine, session, seq) key dedupes it.
+            client = MqttLink(self.address, self.client_id, credentials.SERVICE_USERNAME, key, self.settings.ca_path,
+                              KEEPALIVE_S, LinkCallbacks(self._on_connect, self._on_disconnect, self._on_message,
+                                                         self._on_suback, self._on_read))
         except (ConfigError, sqlite3.Error, OSError) as exc:
             raise CollectorError(f"cannot start the collector: {exc}") from exc
-        client.reconnect_delay_set(min_delay=0.2, max_delay=5)
-        # PUBACK only once a message is committed (or dropped): a killed collector loses nothing, the
-        # broker redelivers what was never acknowledged and the (machine, session, seq) key dedupes it.
-        client.manual_ack_set(True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
         self._client = client
         self._writer.start()
         if not self._writer_ready.wait(30) or self._writer_error is not None:
             raise CollectorError(f"collector writer failed to start: {self._writer_error}")
-        client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
-        client.loop_start()
+        client.start()
         log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
                  ", ".join(sorted(self._orgs)) or "(none yet)")
         return self
@@ -154,10 +147,7 @@ class RunningCollector:
         self._stopping.set()
         client = self._client
         if client is not None:
-            try:
-                client.disconnect()
-            finally:
-                client.loop_stop()
+            client.stop()
         self._network_done.set()
         if self._writer.is_alive():
             self._writer.join(timeout)
@@ -197,45 +187,45 @@ class RunningCollector:
         if not filters:
             self._synced.set()  # nothing to wait for
 
-    # --- paho callbacks (network thread: never block on anything but the bounded queue) ---------
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                    properties: Any = None) -> None:
-        if reason_code.is_failure:
-            log.error("broker %s refused the collector: %s", self.address.url, reason_code)
-            return
+    # --- link callbacks (network thread: never block on anything but the bounded queue) ---------
+    def _on_connect(self, session_present: bool) -> None:
         self._connected.set()
-        log.info("collector connected to %s (session present: %s)", self.address.url,
-                 bool(getattr(flags, "session_present", False)))
+        log.info("collector connected to %s (session present: %s)", self.address.url, session_present)
         self._sync_subscriptions(force=True)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                       properties: Any = None) -> None:
+    def _on_disconnect(self, why: str) -> None:
         was = self._connected.is_set()
         self._connected.clear()
         if was and not self._stopping.is_set():
-            log.warning("collector lost the broker %s (%s); reconnecting", self.address.url, reason_code)
+            log.warning("collector lost the broker %s (%s); reconnecting", self.address.url, why)
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
-                      properties: Any = None) -> None:
-        refused = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
+    def _on_suback(self, codes: list[int]) -> None:
+        refused = [code for code in codes if code >= 0x80]
         if refused:
-            log.error("broker refused %d collector subscription(s): %s", len(refused), refused[0])
+            log.error("broker refused %d collector subscription(s)", len(refused))
         self._synced.set()
 
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, topic_bytes: bytes, payload: bytes, retained: bool, token: int) -> None:
         self._received += 1
         try:
-            topic = msg.topic
+            topic = topic_bytes.decode("utf-8")
         except UnicodeDecodeError:
-            self.drops.add(payloads.BAD_TOPIC, repr(msg._topic[:100]), "topic is not UTF-8")
+            self.drops.add(payloads.BAD_TOPIC, repr(topic_bytes[:100]), "topic is not UTF-8")
+            self._client.ack((token,))
             return
-        item = parse_message(topic, msg.payload, msg.retain, time.time(), self.limiter, self.drops)
+        item = parse_message(topic, payload, retained, time.time(), self.limiter, self.drops)
         if item is None or item.message.org not in self._orgs:
-            client.ack(msg.mid, msg.qos)  # nothing to store: counted (or not ours), acknowledge now
+            self._client.ack((token,))  # nothing to store: counted (or not ours), acknowledge now
             return
-        self._put(item, (msg.mid, msg.qos))
+        self._put(item, token)
 
-    def _put(self, item: Received, ack: tuple[int, int]) -> None:
+    def _on_read(self) -> None:
+        # The broker stops sending once its in-flight window (20 messages on a default Mosquitto) is
+        # unacknowledged, so whatever one read delivered is committed now rather than when a batch fills.
+        if self._queue and not self._wake.is_set():
+            self._wake.set()
+
+    def _put(self, item: Received, ack: int) -> None:
         q = self._queue
         q.append((item, ack))
         size = len(q)
@@ -243,7 +233,7 @@ class RunningCollector:
             self._wake.set()
         if size < self._queue_max:
             return
-        # Full: hold paho here (no PUBACK yet) until the writer has made room.
+        # Full: hold the network thread here (no PUBACK yet) until the writer has made room.
         now = time.monotonic()
         if now - self._backpressure_logged > 60:
             self._backpressure_logged = now
@@ -295,7 +285,7 @@ class Writer:
         self.next_orgs = now + self.org_every
         self.next_retention = now
         self.pending_clears: list[str] = []
-        self.pending_acks: list[tuple[int, int]] = []  # acknowledged once the batch holding them is written
+        self.pending_acks: list[int] = []  # acknowledged once the batch holding them is written
 
     def run(self) -> None:
         """Loop until stop() and the queue is empty; the last flush writes everything pending."""
@@ -416,14 +406,13 @@ class Writer:
             self.pending_acks = []  # not stored: leave them unacknowledged, the broker will send them again
         self.batch = store.Batch()
         client = self.owner._client
-        if client is not None:
-            for mid, qos in self.pending_acks:
-                client.ack(mid, qos)
+        if client is not None and self.pending_acks:
+            client.ack(self.pending_acks)
         self.pending_acks = []
         for topic in self.pending_clears:
             if client is not None:
-                # QoS 1: paho keeps it while disconnected and sends it on reconnect.
-                client.publish(topic, b"", qos=1, retain=True)
+                # QoS 1: the link keeps it while disconnected and sends it on reconnect.
+                client.publish(topic, b"", retain=True)
                 log.info("machine %s evicted: retained ping cleared", topic)
         self.pending_clears = []
 
