@@ -22,9 +22,9 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from collector.errors import CollectorError
 from config.mqtt import BrokerAddress, tls_context

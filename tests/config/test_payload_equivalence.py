@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import payloads_reference as reference
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from config import payloads
 from config.errors import PayloadError
-import payloads_reference as reference
 
 REPORT_TOPIC = "fleet/acme/web-1/report"
 PING_TOPIC = "fleet/acme/web-1/ping"

@@ -133,11 +133,17 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
         wait_for(lambda: all(_queued(data, m) == 0 for m in AGENTS), timeout=20, message="backlogs drained")
         wait_for(lambda: all(len({r[0] for r in _rows(data, f"SELECT session FROM reports WHERE machine_id='{m}'")}) >= 2
                              for m in AGENTS), timeout=20, message="reports of the new sessions stored")
+        wait_for(lambda: all(_gapless(data).get(m, 0) >= 20 for m in AGENTS), timeout=20, message="20 reports each")
         close(reader)
 
         _stop_agents_and_collector(data, agents, collector)
         totals = _gapless(data)
         assert all(totals[m] >= 20 for m in AGENTS), totals
+        # No tail lost either: each session's reports continue one interval after the previous session's last.
+        for m in AGENTS:
+            spans = _rows(data, f"SELECT min(ts), max(ts) FROM reports WHERE machine_id='{m}' GROUP BY session ORDER BY 1")
+            for (_, last), (first, _) in zip(spans, spans[1:]):
+                assert first - last < 0.2 * 1.9, (m, spans)  # one interval, with room for a late tick
     finally:
         for proc in procs:
             if proc.poll() is None:
