@@ -14,11 +14,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import paho.mqtt.client as paho
-
 from agent.errors import AgentError
 from config import payloads
-from config.mqtt import BrokerAddress, new_client
+from config.mqtt import BrokerAddress, new_client, paho
 from config.topics import agent_client_id, ping_topic
 
 # CONNACK codes (MQTT 3.1.1) that retrying cannot fix.

@@ -21,11 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import paho.mqtt.client as paho
-
 from agent.errors import AgentError
 from config import payloads
-from config.mqtt import BrokerAddress, new_client, tls_context
+from config.mqtt import BrokerAddress, new_client, paho, tls_context
 from config.settings import Settings
 from config.topics import agent_client_id, ping_topic, report_topic
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +180,8 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # here, not at the top: most processes (the agent, 25 MB budget) have no file to read
+
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
