@@ -38,7 +38,7 @@ def defer_import(name: str) -> None:
 # 25 MB budget (python3 bench/agent.py). If anything does use it, the stand-in imports it then.
 defer_import("urllib.request")
 
-import paho.mqtt.client as paho  # noqa: E402 - after the stand-in above
+import paho.mqtt.client as paho  # after the stand-in above
 
 DEFAULT_PORTS = {"mqtts": 8883, "mqtt": 1883}
 
