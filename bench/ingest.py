@@ -217,6 +217,8 @@ def run_raw(broker: Broker, publishers: int, reports: int, mode: str) -> float:
     if mode == "live":
         join_all(procs)
     sub.stop()
+    # Its persistent session would otherwise keep queueing (and dropping) every later run's reports.
+    clear_session(broker, sub.client._client_id.decode(), broker.reader_user, broker.reader_key)
     if sub.count != total:
         raise SystemExit(f"raw subscriber got {sub.count} of {total}")
     return total / elapsed

@@ -31,7 +31,9 @@ class FleetAuthPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool | None:
         """True only for a valid key whose client id and will satisfy the access rules."""
-        policy = POLICIES[self.context.config.policy]
+        policy = POLICIES.get(self.context.config.policy)
+        if policy is None:  # a CONNECT racing the broker's shutdown, after its policy was unregistered
+            return False
         will_topic = session.will_topic if session.will_flag else None
         verdict = policy.check_connect(session.username, session.password, session.client_id or "",
                                        will_topic, session.will_message, bool(session.will_retain))
