@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,31 +169,10 @@ def _required(obj: Mapping[str, Any], name: str) -> Any:
     return obj[name]
 
 
-# The three loops below inline _is_number, _is_int and _short_str: they run for every field of every
-# report the collector receives.
-def _check_numbers(obj: Mapping[str, Any], names: tuple[str, ...]) -> None:
+def _check_optional(obj: Mapping[str, Any], names: tuple[str, ...], check: Callable[[Any], bool]) -> None:
     for name in names:
-        if name in obj:
-            value = obj[name]
-            kind = type(value)
-            if not (kind is float and math.isfinite(value) or kind is int and -MAX_INT <= value <= MAX_INT):
-                raise _bad(name, value)
-
-
-def _check_ints(obj: Mapping[str, Any], names: tuple[str, ...]) -> None:
-    for name in names:
-        if name in obj:
-            value = obj[name]
-            if type(value) is not int or not -MAX_INT <= value <= MAX_INT:
-                raise _bad(name, value)
-
-
-def _check_strs(obj: Mapping[str, Any], names: tuple[str, ...]) -> None:
-    for name in names:
-        if name in obj:
-            value = obj[name]
-            if type(value) is not str or len(value) > MAX_STRING or not (value.isascii() or _encodable(value)):
-                raise _bad(name, value)
+        if name in obj and not check(obj[name]):
+            raise _bad(name, obj[name])
 
 
 def _check_common(obj: Mapping[str, Any], topic: Topic) -> tuple[str, str, str]:
@@ -217,8 +196,8 @@ def _check_common(obj: Mapping[str, Any], topic: Topic) -> tuple[str, str, str]:
 def _check_metrics(metrics: Any) -> None:
     if type(metrics) is not dict:
         raise PayloadError(BAD_FIELD, "metrics must be an object")
-    _check_numbers(metrics, _NUMBER_METRICS)
-    _check_ints(metrics, _INT_METRICS)
+    _check_optional(metrics, _NUMBER_METRICS, _is_number)
+    _check_optional(metrics, _INT_METRICS, _is_int)
     if "load_avg" in metrics:
         load = metrics["load_avg"]
         if type(load) is not list or len(load) > 3 or not all(map(_is_number, load)):
@@ -227,8 +206,8 @@ def _check_metrics(metrics: Any) -> None:
         memory = metrics["memory"]
         if type(memory) is not dict:
             raise _bad("memory", memory)
-        _check_ints(memory, _SIZES)
-        _check_numbers(memory, _PERCENT)
+        _check_optional(memory, _SIZES, _is_int)
+        _check_optional(memory, _PERCENT, _is_number)
     if "disks" in metrics:
         disks = metrics["disks"]
         if type(disks) is not list or len(disks) > MAX_DISKS:
@@ -236,9 +215,9 @@ def _check_metrics(metrics: Any) -> None:
         for disk in disks:
             if type(disk) is not dict:
                 raise PayloadError(BAD_FIELD, "disks entries must be objects")
-            _check_strs(disk, _MOUNT)
-            _check_ints(disk, _SIZES)
-            _check_numbers(disk, _PERCENT)
+            _check_optional(disk, _MOUNT, _short_str)
+            _check_optional(disk, _SIZES, _is_int)
+            _check_optional(disk, _PERCENT, _is_number)
     if "net" in metrics:
         net = metrics["net"]
         if type(net) is not dict:
@@ -251,7 +230,7 @@ def _check_metrics(metrics: Any) -> None:
 def _check_system(system: Any) -> None:
     if type(system) is not dict:
         raise PayloadError(BAD_FIELD, "system must be an object")
-    _check_strs(system, _SYSTEM_FIELDS)
+    _check_optional(system, _SYSTEM_FIELDS, _short_str)
 
 
 def parse_topic(topic: str) -> Topic:

@@ -1,80 +1,37 @@
-"""config/payloads.py as it was before its fast path (orjson, inlined checks): the oracle the fast one must match."""
+"""config/payloads.py as it was before its fast path (orjson, exact type checks without per-field closures): the oracle the fast one must match."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
-from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from config.errors import ContractError, PayloadError
 from config.ids import is_valid_id
-from config.topics import Topic
-
-VERSION = 1
-MAX_PAYLOAD_BYTES = 64 * 1024
-MAX_INT = 2**63 - 1
-SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-PING_STATUSES = ("online", "offline")
-OFFLINE_REASONS = ("lost", "shutdown")
-
-# Reason codes (stable: they name drop counters in /metrics and /healthz).
-TOO_LARGE = "too_large"
-NOT_UTF8 = "not_utf8"
-NOT_JSON = "not_json"
-NOT_OBJECT = "not_object"
-BAD_FIELD = "bad_field"
-BAD_TOPIC = "bad_topic"
-MACHINE_MISMATCH = "machine_mismatch"
-REASONS = (TOO_LARGE, NOT_UTF8, NOT_JSON, NOT_OBJECT, BAD_FIELD, BAD_TOPIC, MACHINE_MISMATCH)
-
-_NUMBER_METRICS = ("cpu_percent", "swap_percent")
-_INT_METRICS = ("cpu_count", "uptime_s", "process_count")
-_SYSTEM_FIELDS = (
-    "hostname", "os", "os_version", "platform", "architecture",
-    "python_version", "hardware_id", "agent_version",
+from config.payloads import (
+    _INT_METRICS,
+    _NUMBER_METRICS,
+    _SYSTEM_FIELDS,
+    BAD_FIELD,
+    BAD_TOPIC,
+    MACHINE_MISMATCH,
+    MAX_DISKS,
+    MAX_INT,
+    MAX_PAYLOAD_BYTES,
+    MAX_STRING,
+    NOT_JSON,
+    NOT_OBJECT,
+    NOT_UTF8,
+    OFFLINE_REASONS,
+    PING_STATUSES,
+    SESSION_RE,
+    TOO_LARGE,
+    VERSION,
+    Ping,
+    Report,
 )
-MAX_STRING = 256
-MAX_DISKS = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """A validated report; ``data`` is the decoded JSON object as received."""
-
-    org: str
-    machine_id: str
-    hardware_id: str
-    session: str
-    seq: int
-    ts: float
-    metrics: Mapping[str, Any]
-    system: Mapping[str, Any]
-    data: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    """A validated presence ping; ``ts`` is None in a last will."""
-
-    org: str
-    machine_id: str
-    hardware_id: str
-    session: str
-    status: str
-    reason: str | None
-    ts: float | None
-    interval_s: float
-    data: Mapping[str, Any]
-
-
-def encode(payload: Mapping[str, Any]) -> bytes:
-    """Serialise a payload to compact UTF-8 JSON; refuses NaN/Infinity and oversize results."""
-    raw = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        raise PayloadError(TOO_LARGE, f"{len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
-    return raw
+from config.topics import Topic
 
 
 def _reject_constant(name: str) -> Any:
@@ -226,26 +183,3 @@ def parse_ping(raw: bytes, topic: str | Topic) -> Ping:
     interval_s = _field(obj, "interval_s", lambda v: _is_number(v) and 0 < v <= 86400)
     return Ping(t.org, machine_id, hardware_id, session, status, reason,
                 None if ts is None else float(ts), float(interval_s), obj)
-
-
-def build_ping(machine_id: str, hardware_id: str, session: str, status: str, interval_s: float,
-               ts: float | None = None, reason: str | None = None) -> dict[str, Any]:
-    """Build a ping payload; omit ``ts`` for a last will (it is sent later by the broker)."""
-    if status not in PING_STATUSES:
-        raise ContractError(f"invalid ping status {status!r}")
-    if status == "offline" and reason not in OFFLINE_REASONS:
-        raise ContractError(f"offline ping needs a reason in {OFFLINE_REASONS}")
-    payload: dict[str, Any] = {"v": VERSION, "status": status, "machine_id": machine_id,
-                               "hardware_id": hardware_id, "session": session, "interval_s": interval_s}
-    if status == "offline":
-        payload["reason"] = reason
-    if ts is not None:
-        payload["ts"] = ts
-    return payload
-
-
-def build_report(machine_id: str, hardware_id: str, session: str, seq: int, ts: float,
-                 metrics: Mapping[str, Any], system: Mapping[str, Any]) -> dict[str, Any]:
-    """Build a report payload in the contract's shape."""
-    return {"v": VERSION, "machine_id": machine_id, "hardware_id": hardware_id, "session": session,
-            "seq": seq, "ts": ts, "metrics": dict(metrics), "system": dict(system)}
