@@ -7,8 +7,8 @@ does everything else (SQLite, decisions), so nothing blocks the network thread.
 
 from __future__ import annotations
 
+import os
 import queue
-import secrets
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -40,7 +40,7 @@ class Connection:
     hardware_id: str
     interval: float
     keepalive: int
-    session: str = field(default_factory=lambda: secrets.token_hex(8))
+    session: str = field(default_factory=lambda: os.urandom(8).hex())  # = secrets.token_hex(8), without hashlib
     events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
     wake: threading.Event = field(default_factory=threading.Event)
     client: Any = None

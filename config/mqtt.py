@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
+from config.deferred import defer_unused
+
+defer_unused()  # before ssl and paho import what the agent never uses (config/deferred.py)
+
 import ssl
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import paho.mqtt.client as paho
+
 from config.errors import SettingsError
-
-
-def defer_import(name: str) -> None:
-    """Stand in for module ``name`` until an attribute of it is first used, then import the real one."""
-    if name in sys.modules:
-        return
-    parent_name, _, child = name.rpartition(".")
-    parent = importlib.import_module(parent_name)
-
-    class Deferred(types.ModuleType):
-        def __getattr__(self, attr: str):  # only called for attributes the stand-in lacks
-            if sys.modules.get(name) is self:
-                del sys.modules[name]
-            real = importlib.import_module(name)
-            setattr(parent, child, real)
-            return getattr(real, attr)
-
-    stand_in = Deferred(name)
-    sys.modules[name] = stand_in
-    setattr(parent, child, stand_in)
-
-
-# paho imports urllib.request at start-up but uses it only to look up a proxy, and only when PySocks is
-# installed. urllib.request brings http.client, email, tempfile, shutil, bz2 and lzma: 2 MB of the agent's
-# 25 MB budget (python3 bench/agent.py). If anything does use it, the stand-in imports it then.
-defer_import("urllib.request")
-
-import paho.mqtt.client as paho  # after the stand-in above
 
 DEFAULT_PORTS = {"mqtts": 8883, "mqtt": 1883}
 
