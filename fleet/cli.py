@@ -1,257 +1,43 @@
-"""The ``fleet`` command: a thin click layer over the parts' library functions.
+"""The ``fleet`` command's entry point (``fleet.cli:main``, ``python -m fleet.cli``).
 
-Errors raised by any part become one line on stderr and exit code 1, here and only here.
+The commands are a click application (fleet/commands.py). ``fleet agent`` runs on every machine with
+an RSS budget of 25 MB (docs/benchmarks.md), and click costs it more than 1 MB, so a plain ``fleet agent``
+command line is parsed without importing click (fleet/launch.py). Anything else, including ``--help``
+and every usage error, goes to click.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+from config.deferred import defer_unused
+
+defer_unused()  # first, before dataclasses, urllib.parse, ssl and paho import what the agent never uses
+
+import os
 import sys
-from pathlib import Path
-from typing import Any, Callable
-
-import click
-
-from agent.errors import AgentError
-from broker.errors import BrokerError
-from collector.errors import CollectorError
-from config.errors import ConfigError
-from config.settings import Settings, load_settings
-from fleet.logs import setup_logging
-from web.errors import WebError
-
-USER_ERRORS = (ConfigError, BrokerError, AgentError, CollectorError, WebError, OSError)
+from typing import Any
 
 
-def _fail(message: str) -> None:
-    click.echo(f"fleet: error: {message}", err=True)
-    sys.exit(1)
+def main(argv: list[str] | None = None) -> None:
+    """Run ``fleet ARGV`` (default: the process's arguments)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["agent"] and "_FLEET_COMPLETE" not in os.environ:  # not click's shell completion
+        from fleet.launch import parse_agent_args, run_agent_args
+
+        params = parse_agent_args(args[1:])
+        if params is not None:
+            run_agent_args(params)
+            return
+    from fleet.commands import cli
+
+    cli(args, prog_name="fleet")
 
 
-def common(func: Callable) -> Callable:
-    """Add ``--data-dir`` and ``--config`` to a command and pass it built Settings as ``settings``."""
+def __getattr__(name: str) -> Any:
+    if name == "cli":  # the click group, for callers that import it from here
+        from fleet.commands import cli
 
-    @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                  help="Data directory (default ./fleet-data, or FLEET_DATA_DIR).")
-    @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-                  help="TOML settings file (or FLEET_CONFIG).")
-    @functools.wraps(func)
-    def wrapper(data_dir: Path | None, config_file: str | None, **kwargs: Any) -> Any:
-        flag_names = getattr(wrapper, "setting_flags", ())
-        flags = {name: kwargs.pop(name) for name in flag_names if name in kwargs}
-        flags["data_dir"] = data_dir
-        try:
-            settings = load_settings(config_file, flags=flags)
-            setup_logging(settings.log_level)
-            return func(settings=settings, **kwargs)
-        except USER_ERRORS as exc:
-            _fail(str(exc) or type(exc).__name__)
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    return wrapper
-
-
-def settings_flags(*names: str) -> Callable:
-    """Mark which keyword arguments of a command are settings (flag > env > file > default)."""
-
-    def mark(func: Callable) -> Callable:
-        func.setting_flags = names  # type: ignore[attr-defined]
-        return func
-
-    return mark
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option("0.1.0", prog_name="fleet")
-def cli() -> None:
-    """Fleet telemetry over MQTT: agent, broker, collector and web."""
-
-
-# --- orgs -----------------------------------------------------------------------------------
-@cli.group()
-def org() -> None:
-    """Manage orgs and their keys."""
-
-
-@org.command("add")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print the keys as a JSON object.")
-@common
-def org_add(settings: Settings, name: str, as_json: bool) -> None:
-    """Create ORG and print its agent and reader keys (shown once)."""
-    from config import credentials
-
-    created = credentials.add_org(settings.data_dir, name)
-    if as_json:
-        click.echo(json.dumps(created.as_dict()))
-    else:
-        click.echo(f"org:        {created.org}")
-        click.echo(f"agent_key:  {created.agent_key}")
-        click.echo(f"reader_key: {created.reader_key}")
-        click.echo("Store these keys now: only their hashes are kept.", err=True)
-
-
-@org.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@common
-def org_list(settings: Settings, as_json: bool) -> None:
-    """List orgs."""
-    from config import credentials
-
-    names = credentials.list_orgs(settings.data_dir)
-    if as_json:
-        click.echo(json.dumps(names))
-    else:
-        for name in names:
-            click.echo(name)
-
-
-@org.command("remove")
-@click.argument("name")
-@common
-def org_remove(settings: Settings, name: str) -> None:
-    """Remove ORG: its keys stop working (history is kept until retention ends)."""
-    from config import credentials
-
-    credentials.remove_org(settings.data_dir, name)
-    click.echo(f"removed org {name}")
-
-
-@org.command("rotate")
-@click.argument("name")
-@click.option("--role", type=click.Choice(("agent", "reader")), required=True)
-@click.option("--json", "as_json", is_flag=True)
-@common
-def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
-    """Replace one key of ORG; the old key is refused at once."""
-    from config import credentials
-
-    key = credentials.rotate_key(settings.data_dir, name, role)
-    if as_json:
-        click.echo(json.dumps({"org": name, "role": role, "key": key}))
-    else:
-        click.echo(f"{role}_key: {key}")
-
-
-# --- parts ----------------------------------------------------------------------------------
-def _host(func: Callable) -> Callable:
-    return click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")(func)
-
-
-def _broker_url(func: Callable) -> Callable:
-    return click.option("--broker", "broker_url", default=None,
-                        help="Broker URL, mqtts://HOST:PORT (default: the embedded broker).")(func)
-
-
-@cli.command()
-@_host
-@click.option("--mqtt-port", type=int, default=None, help="MQTT/TLS port (default 8883).")
-@click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
-@click.option("--demo", type=click.IntRange(min=0), default=None,
-              help="Also run org 'demo' with this machine's agent and N simulated agents.")
-@common
-@settings_flags("host", "mqtt_port", "http_port")
-def up(settings: Settings, demo: int | None) -> None:
-    """Run the embedded broker, the collector and the web app in one process."""
-    from fleet.up import run_up
-
-    run_up(settings, demo=demo)
-
-
-@cli.command()
-@_host
-@click.option("--mqtt-port", type=int, default=None, help="MQTT/TLS port (default 8883).")
-@common
-@settings_flags("host", "mqtt_port")
-def broker(settings: Settings) -> None:
-    """Run the embedded MQTT broker alone."""
-    from broker.server import serve
-
-    serve(settings)
-
-
-@cli.command()
-@_broker_url
-@click.option("--org", "orgs", default=None, help="Only these orgs (comma-separated), to shard collectors.")
-@click.option("--ca", default=None, help="CA file to verify the broker (default DATA_DIR/certs/ca.pem).")
-@common
-@settings_flags("broker_url", "orgs", "ca")
-def collector(settings: Settings) -> None:
-    """Run the collector alone."""
-    from collector.service import serve
-
-    serve(settings)
-
-
-@cli.command()
-@_host
-@click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
-@_broker_url
-@click.option("--ca", default=None, help="CA file to verify the broker (default DATA_DIR/certs/ca.pem).")
-@common
-@settings_flags("host", "http_port", "broker_url", "ca")
-def web(settings: Settings) -> None:
-    """Run the web app (API, metrics, dashboard) alone, served by waitress."""
-    from web.server import serve
-
-    serve(settings)
-
-
-@cli.command()
-@_broker_url
-@click.option("--org", default=None, help="Org this machine reports to.")
-@click.option("--key", default=None, help="The org's agent key (or FLEET_KEY).")
-@click.option("--machine", default=None, help="Machine id (default: sanitised hostname).")
-@click.option("--ca", default=None, help="CA file to verify the broker.")
-@click.option("--interval", type=float, default=None, help="Seconds between reports (default 10).")
-@click.option("--once", is_flag=True, help="Send (or print) one report and exit.")
-@click.option("--print", "print_only", is_flag=True, help="Print reports as JSON instead of publishing.")
-@common
-@settings_flags("broker_url", "org", "key", "machine", "ca", "interval")
-def agent(settings: Settings, once: bool, print_only: bool) -> None:
-    """Run the agent: publish this machine's metrics and presence."""
-    from agent.runner import run
-
-    sys.exit(run(settings, once=once, print_only=print_only))
-
-
-@cli.command()
-@_broker_url
-@click.option("--org", default=None, help="Org the simulated machines report to.")
-@click.option("--key", default=None, help="The org's agent key.")
-@click.option("--agents", type=click.IntRange(min=1), required=True, help="Number of simulated agents.")
-@click.option("--ca", default=None, help="CA file to verify the broker.")
-@click.option("--interval", type=float, default=None, help="Seconds between reports (default 10).")
-@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
-@common
-@settings_flags("broker_url", "org", "key", "ca", "interval")
-def simulate(settings: Settings, agents: int, duration: float | None) -> None:
-    """Load generator: N simulated agents speaking the real protocol."""
-    from agent.simulate import run_simulation
-
-    run_simulation(settings, agents=agents, duration=duration)
-
-
-@cli.command("mosquitto-config")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for mosquitto.conf, the password file and the ACL file.")
-@click.option("--mqtt-port", type=int, default=None)
-@_host
-@common
-@settings_flags("mqtt_port", "host")
-def mosquitto_config(settings: Settings, out_dir: Path) -> None:
-    """Export the access model (users, ACL, TLS listener) as Mosquitto configuration."""
-    from broker.mosquitto import write_config
-
-    for path in write_config(settings, out_dir):
-        click.echo(str(path))
-
-
-def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="fleet")
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from click.testing import CliRunner
 
 from fleet.cli import cli
+from fleet.launch import parse_agent_args
 
 
 def run(*args, env=None):
@@ -51,3 +52,46 @@ def test_installed_console_script_runs():
     assert result.returncode == 0
     for command in ("up", "org", "agent", "broker", "collector", "web", "simulate"):
         assert command in result.stdout
+
+
+# `fleet agent` parses a plain command line without click (fleet/launch.py); click stays the reference.
+def agent_params_by_click(args):
+    return cli.commands["agent"].make_context("agent", list(args)).params
+
+
+def test_plain_agent_command_lines_parse_as_click_parses_them(tmp_path):
+    config_file = tmp_path / "fleet.toml"
+    config_file.write_text("")
+    command_lines = [
+        [],
+        ["--broker", "mqtts://h:1", "--org", "acme", "--key", "-starts-with-a-dash", "--machine", "m", "--ca",
+         "ca.pem", "--interval", "2.5", "--once", "--print", "--data-dir", str(tmp_path / "new"), "--config",
+         str(tmp_path / "absent.toml")],
+        ["--interval=1", "--org=a=b", "--data-dir", str(tmp_path), "--config", str(config_file)],
+        ["--key", "--once"],  # an option's value is the next word, whatever it looks like
+        ["--print", "--interval", " 3 ", "--data-dir", "", "--machine="],
+    ]
+    for args in command_lines:
+        assert parse_agent_args(args) == agent_params_by_click(args), args
+
+
+def test_other_agent_command_lines_are_left_to_click(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for args in (["--help"], ["-h"], ["--bogus"], ["extra"], ["--org"], ["--org", "a", "--org", "b"], ["--once=1"],
+                 ["--interval", "soon"], ["--data-dir", str(a_file)], ["--config", str(tmp_path)], ["--", "--once"]):
+        assert parse_agent_args(args) is None, args
+    result = subprocess.run([sys.executable, "-m", "fleet.cli", "agent", "--interval", "soon"], capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == 2 and "'soon' is not a valid float" in result.stderr
+
+
+def test_the_agent_runs_without_importing_click():
+    code = ("import sys, fleet.cli\n"
+            "try:\n"
+            "    fleet.cli.main(['agent', '--print', '--once', '--interval', '0.1'])\n"
+            "except SystemExit as stop:\n"
+            "    print('exit', stop.code, 'click' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    report, verdict = result.stdout.strip().splitlines()
+    assert json.loads(report)["seq"] == 0 and verdict == "exit 0 False", result.stderr
