@@ -30,6 +30,8 @@ UNUSED = {
     "base64": "paho's WebSocket handshake and ssl's DER/PEM converters",
     "inspect": "dataclasses, to write a docstring for a class without one (ours all have one)",
     "ipaddress": "urllib.parse, for [IPv6] hosts in URLs",
+    "tokenize": "linecache (logging imports traceback, which imports it), to read source lines for a traceback",
+    "textwrap": "traceback, to indent exception groups",
 }
 
 _swap = _thread.allocate_lock()  # two threads using a stand-in at once: one removes it, both import

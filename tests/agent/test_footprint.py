@@ -17,14 +17,14 @@ before = set(sys.modules)  # whatever this interpreter loads at start-up is not 
 import fleet.cli, fleet.launch, agent.runner, agent.connection, agent.metrics, agent.outbox
 from config.deferred import Deferred
 print(sorted(m for m in ("click", "http.client", "email", "tomllib", "_hashlib", "hmac", "secrets", "inspect",
-                         "ipaddress", "base64") if m in sys.modules and m not in before
+                         "ipaddress", "base64", "tokenize", "textwrap") if m in sys.modules and m not in before
              and not isinstance(sys.modules[m], Deferred)))
 print(isinstance(sys.modules["urllib.request"], Deferred), isinstance(sys.modules["hashlib"], Deferred))
 """
 
 STILL_WORKS = """
 import sys
-import agent.connection
+import fleet.cli, fleet.launch, agent.runner
 from config.deferred import Deferred
 import urllib.request
 assert isinstance(urllib.request, Deferred) and "http.client" not in sys.modules
@@ -41,24 +41,33 @@ assert md5(b"").hexdigest() == "d41d8cd98f00b204e9800998ecf8427e"
 assert hashlib.sha256(b"").hexdigest().startswith("e3b0c442")  # the stand-in still forwards
 import hmac, secrets
 assert hmac.new(b"k", b"m", "sha256").hexdigest().startswith("b60090e3") and len(secrets.token_hex(8)) == 16
+
+import json, traceback
+assert isinstance(sys.modules["tokenize"], Deferred)
+try:
+    json.loads("{")
+except ValueError:
+    text = traceback.format_exc()  # source lines come from linecache, which reads files with tokenize
+assert "return _default_decoder.decode(s)" in text and not isinstance(sys.modules["tokenize"], Deferred)
 print("ok")
 """
 
 RACE = """
 import sys, threading
 import config.deferred as deferred
-for name in ("urllib.request", "hashlib", "base64", "inspect", "ipaddress"):
+for name in deferred.UNUSED:
     sys.modules.pop(name, None)
 deferred.defer_unused()
-import urllib.request, hashlib, base64, inspect, ipaddress
-stand_ins = [urllib.request, hashlib, base64, inspect, ipaddress]
+import urllib.request, hashlib, base64, inspect, ipaddress, tokenize, textwrap
+stand_ins = [urllib.request, hashlib, base64, inspect, ipaddress, tokenize, textwrap]
+assert sorted(m.__name__ for m in stand_ins) == sorted(deferred.UNUSED)
 start = threading.Barrier(8)
 results = []
 
 def use():
     start.wait()
     results.append((urllib.request.getproxies, hashlib.sha1, base64.b64encode, inspect.cleandoc,
-                    ipaddress.ip_address("::1")))
+                    ipaddress.ip_address("::1"), tokenize.open, textwrap.indent))
 
 threads = [threading.Thread(target=use) for _ in range(8)]
 for t in threads:
