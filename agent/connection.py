@@ -14,10 +14,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import AgentError
-from config import payloads
-from config.mqtt import BrokerAddress, new_client, paho
-from config.topics import agent_client_id, ping_topic
+from fleet.agent.errors import AgentError
+from fleet.config import payloads
+from fleet.config.mqtt import BrokerAddress, new_client, paho
+from fleet.config.topics import agent_client_id, ping_topic
 
 # CONNACK codes (MQTT 3.1.1) that retrying cannot fix.
 FATAL_CONNACK = {1: "broker does not speak MQTT 3.1.1", 2: "client id rejected (check --org and --machine)",

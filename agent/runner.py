@@ -12,15 +12,15 @@ import threading
 import time
 from pathlib import Path
 
-from agent.connection import Connection, FatalConnectError
-from agent.errors import AgentError
-from agent.metrics import CollectorState, collect_metrics, hardware_id, prime_cpu, system_info
-from agent.outbox import Outbox
-from config import payloads
-from config.ids import sanitize_machine_id
-from config.mqtt import BrokerAddress
-from config.settings import Settings
-from config.topics import report_topic
+from fleet.agent.connection import Connection, FatalConnectError
+from fleet.agent.errors import AgentError
+from fleet.agent.metrics import CollectorState, collect_metrics, hardware_id, prime_cpu, system_info
+from fleet.agent.outbox import Outbox
+from fleet.config import payloads
+from fleet.config.ids import sanitize_machine_id
+from fleet.config.mqtt import BrokerAddress
+from fleet.config.settings import Settings
+from fleet.config.topics import report_topic
 
 log = logging.getLogger("fleet.agent")
 PING_EVERY = 5  # intervals between refreshed online pings

@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import AgentError
-from config import payloads
-from config.mqtt import BrokerAddress, new_client, paho, tls_context
-from config.settings import Settings
-from config.topics import agent_client_id, ping_topic, report_topic
+from fleet.agent.errors import AgentError
+from fleet.config import payloads
+from fleet.config.mqtt import BrokerAddress, new_client, paho, tls_context
+from fleet.config.settings import Settings
+from fleet.config.topics import agent_client_id, ping_topic, report_topic
 
 log = logging.getLogger("fleet.simulate")
 AGENTS_PER_SHARD = 250

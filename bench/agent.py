@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
-from config import credentials  # noqa: E402
+from fleet.config import credentials  # noqa: E402
 
 
 

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
-from broker import tls_memory  # noqa: E402
-from broker.pki import ensure_certs  # noqa: E402
-from config import credentials  # noqa: E402
+from fleet.broker import tls_memory  # noqa: E402
+from fleet.broker.pki import ensure_certs  # noqa: E402
+from fleet.config import credentials  # noqa: E402
 
 TOPIC = "fleet/bench/m1/report"
 PAYLOAD = json.dumps({"v": 1, "machine_id": "m1", "hardware_id": "0x0123456789ab", "session": "abcdef0123456789",

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from bench.common import free_port, port_open, stop_process  # noqa: E402
-from config import credentials, payloads  # noqa: E402
-from config.mqtt import BrokerAddress, new_client  # noqa: E402
-from config.settings import Settings  # noqa: E402
-from config.topics import agent_client_id, report_topic  # noqa: E402
+from fleet.config import credentials, payloads  # noqa: E402
+from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
+from fleet.config.settings import Settings  # noqa: E402
+from fleet.config.topics import agent_client_id, report_topic  # noqa: E402
 
 ORG = "bench"
 METRICS = {"cpu_percent": 12.5, "cpu_count": 8, "load_avg": [0.4, 0.3, 0.2],
@@ -225,7 +225,7 @@ def run_raw(broker: Broker, publishers: int, reports: int, mode: str) -> float:
 
 
 def run_collector(broker: Broker, data_dir: Path, publishers: int, reports: int, mode: str) -> float:
-    from collector.service import client_id_for, start
+    from fleet.collector.service import client_id_for, start
 
     total = publishers * reports
     service_user = credentials.SERVICE_USERNAME if broker.agent_user else None
@@ -264,10 +264,10 @@ def stage_costs(n: int = 5000) -> list[tuple[str, float]]:
     """Single-threaded cost of each step the collector adds per message (µs), measured in this run."""
     import json
 
-    from collector import store
-    from collector.intake import DropCounter, RateLimiter, parse_message
-    from collector.state import Tracker
-    from config.database import open_db
+    from fleet.collector import store
+    from fleet.collector.intake import DropCounter, RateLimiter, parse_message
+    from fleet.collector.state import Tracker
+    from fleet.config.database import open_db
 
     raws = [payloads.encode(payloads.build_report("m000", "0x1a2b", "s1", seq, time.time(), METRICS, SYSTEM))
             for seq in range(n)]
@@ -312,7 +312,7 @@ def main() -> None:
         workdir = Path(tmp)
         data_dir = workdir / "data"
         keys = credentials.add_org(data_dir, ORG)
-        from config.database import open_db
+        from fleet.config.database import open_db
 
         open_db(data_dir / "fleet.db").conn.close()
         names = ["mosquitto", "embedded"] if args.broker == "both" else [args.broker]

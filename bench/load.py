@@ -30,9 +30,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, stop_process  # noqa: E402
-from config import payloads  # noqa: E402
-from config.mqtt import BrokerAddress, new_client  # noqa: E402
-from config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
+from fleet.config import payloads  # noqa: E402
+from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
+from fleet.config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
 
 FLEET = [sys.executable, "-m", "fleet.cli"]
 

@@ -32,11 +32,11 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import Session
 from transitions import MachineError
 
-from broker.plugins import grant_of
-from broker.policy import ACCEPTED, IDENTIFIER_REJECTED, AccessPolicy, Grant
-from broker.retained import RetainedStore
-from config.credentials import Principal
-from config.topics import machine_from_client_id
+from fleet.broker.plugins import grant_of
+from fleet.broker.policy import ACCEPTED, IDENTIFIER_REJECTED, AccessPolicy, Grant
+from fleet.broker.retained import RetainedStore
+from fleet.config.credentials import Principal
+from fleet.config.topics import machine_from_client_id
 
 log = logging.getLogger("fleet.broker")
 
@@ -325,7 +325,7 @@ class FleetBroker(Broker):
 
     @staticmethod
     def _max_payload() -> int:
-        from config.payloads import MAX_PAYLOAD_BYTES
+        from fleet.config.payloads import MAX_PAYLOAD_BYTES
 
         return MAX_PAYLOAD_BYTES
 

@@ -17,12 +17,12 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from broker.errors import BrokerError
-from broker.pki import ensure_certs
-from config import credentials
-from config.database import connect, ensure_schema
-from config.payloads import MAX_PAYLOAD_BYTES
-from config.settings import Settings
+from fleet.broker.errors import BrokerError
+from fleet.broker.pki import ensure_certs
+from fleet.config import credentials
+from fleet.config.database import connect, ensure_schema
+from fleet.config.payloads import MAX_PAYLOAD_BYTES
+from fleet.config.settings import Settings
 
 PACKET_OVERHEAD = 1024  # fixed header, topic and packet id on top of the payload limit
 MOSQUITTO_USER = "mosquitto"  # started as root, Debian's Mosquitto drops to this user before reading files

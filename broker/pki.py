@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from broker.errors import BrokerError
+from fleet.broker.errors import BrokerError
 
 CA_DAYS = 3650
 SERVER_DAYS = 397

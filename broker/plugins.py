@@ -9,7 +9,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from broker.policy import AccessPolicy, Grant
+from fleet.broker.policy import AccessPolicy, Grant
 
 # The broker registers its policy here before amqtt instantiates the plugins (they get no other handle).
 POLICIES: dict[str, AccessPolicy] = {}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from config import credentials
-from config.credentials import CredentialRecord, Principal
-from config.payloads import MAX_PAYLOAD_BYTES
-from config.topics import ROOT, machine_from_client_id
+from fleet.config import credentials
+from fleet.config.credentials import CredentialRecord, Principal
+from fleet.config.payloads import MAX_PAYLOAD_BYTES
+from fleet.config.topics import ROOT, machine_from_client_id
 
 # CONNACK return codes of MQTT 3.1.1
 ACCEPTED = 0

@@ -10,7 +10,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from broker.errors import BrokerError
+from fleet.broker.errors import BrokerError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL);

@@ -15,16 +15,16 @@ from typing import Any
 
 from amqtt.errors import BrokerError as AmqttBrokerError
 
-from broker import sessions, tls_memory
-from broker.errors import BrokerError
-from broker.hardened import FleetBroker
-from broker.pki import CertPaths, ensure_certs
-from broker.plugins import POLICIES
-from broker.policy import AccessPolicy
-from broker.retained import RetainedStore
-from config import credentials
-from config.database import DatabaseError, connect, ensure_schema
-from config.settings import Settings
+from fleet.broker import sessions, tls_memory
+from fleet.broker.errors import BrokerError
+from fleet.broker.hardened import FleetBroker
+from fleet.broker.pki import CertPaths, ensure_certs
+from fleet.broker.plugins import POLICIES
+from fleet.broker.policy import AccessPolicy
+from fleet.broker.retained import RetainedStore
+from fleet.config import credentials
+from fleet.config.database import DatabaseError, connect, ensure_schema
+from fleet.config.settings import Settings
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
@@ -41,8 +41,8 @@ def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> dict[
     if settings.mqtt_plain_port:
         listeners["plain"] = {"type": "tcp", "bind": f"127.0.0.1:{settings.mqtt_plain_port}", "ssl": False,
                               "max_connections": settings.max_connections}
-    plugins = {"broker.plugins.FleetAuthPlugin": {"policy": policy_id},
-               "broker.plugins.FleetTopicPlugin": {"policy": policy_id}}
+    plugins = {"fleet.broker.plugins.FleetAuthPlugin": {"policy": policy_id},
+               "fleet.broker.plugins.FleetTopicPlugin": {"policy": policy_id}}
     return {"listeners": listeners, "plugins": plugins}
 
 

@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from config import payloads
-from config.errors import PayloadError
-from config.payloads import Ping, Report
-from config.topics import Topic
+from fleet.config import payloads
+from fleet.config.errors import PayloadError
+from fleet.config.payloads import Ping, Report
+from fleet.config.topics import Topic
 
 log = logging.getLogger("collector.intake")
 

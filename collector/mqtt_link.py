@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from collector.errors import CollectorError
-from config.mqtt import BrokerAddress, tls_context
+from fleet.collector.errors import CollectorError
+from fleet.config.mqtt import BrokerAddress, tls_context
 
 log = logging.getLogger("collector")
 

@@ -23,18 +23,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector import store
-from collector.errors import CollectorError
-from collector.intake import INTERNAL, DropCounter, RateLimiter, Received, parse_message
-from collector.mqtt_link import LinkCallbacks, MqttLink
-from collector.state import Tracker, Transition
-from config import credentials, payloads
-from config.database import open_db
-from config.errors import ConfigError
-from config.mqtt import BrokerAddress
-from config.payloads import Report
-from config.settings import Settings
-from config.topics import KINDS, org_kind_filter, ping_topic
+from fleet.collector import store
+from fleet.collector.errors import CollectorError
+from fleet.collector.intake import INTERNAL, DropCounter, RateLimiter, Received, parse_message
+from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
+from fleet.collector.state import Tracker, Transition
+from fleet.config import credentials, payloads
+from fleet.config.database import open_db
+from fleet.config.errors import ConfigError
+from fleet.config.mqtt import BrokerAddress
+from fleet.config.payloads import Report
+from fleet.config.settings import Settings
+from fleet.config.topics import KINDS, org_kind_filter, ping_topic
 
 log = logging.getLogger("collector")
 

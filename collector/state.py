@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from config.payloads import Ping, Report
+from fleet.config.payloads import Ping, Report
 
 ONLINE, STALE, OFFLINE, EVICTED = "online", "stale", "offline", "evicted"
 STATUSES = (ONLINE, STALE, OFFLINE)

@@ -14,8 +14,8 @@ from typing import Any, Iterable, Mapping
 
 import sqlite_utils
 
-from collector.state import Machine, Transition
-from config.payloads import Report
+from fleet.collector.state import Machine, Transition
+from fleet.config.payloads import Report
 
 DAY = 86_400.0
 RETENTION_CHUNK_S = 3_600.0  # roll up and delete at most this much raw history per transaction

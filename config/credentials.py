@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config.database import connect, ensure_schema
-from config.errors import CredentialError
-from config.ids import validate_id
+from fleet.config.database import connect, ensure_schema
+from fleet.config.errors import CredentialError
+from fleet.config.ids import validate_id
 
 ROLES = ("agent", "reader")
 SERVICE_USERNAME = "fleet-service"

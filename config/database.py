@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config.errors import ConfigError
+from fleet.config.errors import ConfigError
 
 if TYPE_CHECKING:  # sqlite-utils costs ~20 MB of imports; the agent and the broker never need it
     import sqlite_utils

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from config.errors import InvalidId
+from fleet.config.errors import InvalidId
 
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _ID_RE = re.compile(rf"^{ID_PATTERN}$")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config.deferred import defer_unused
+from fleet.config.deferred import defer_unused
 
 defer_unused()  # before ssl and paho import what the agent never uses (config/deferred.py)
 
@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 
-from config.errors import SettingsError
+from fleet.config.errors import SettingsError
 
 DEFAULT_PORTS = {"mqtts": 8883, "mqtt": 1883}
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from config.errors import ContractError, PayloadError
-from config.ids import is_valid_id
-from config.topics import Topic
+from fleet.config.errors import ContractError, PayloadError
+from fleet.config.ids import is_valid_id
+from fleet.config.topics import Topic
 
 VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from config.errors import SettingsError
-from config.ids import is_valid_id
+from fleet.config.errors import SettingsError
+from fleet.config.ids import is_valid_id
 
 ENV_PREFIX = "FLEET_"
 

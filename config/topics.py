@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from config.errors import ContractError
-from config.ids import validate_id
+from fleet.config.errors import ContractError
+from fleet.config.ids import validate_id
 
 ROOT = "fleet"
 KINDS = ("report", "ping")

@@ -8,7 +8,7 @@ and every usage error, goes to click.
 
 from __future__ import annotations
 
-from config.deferred import defer_unused
+from fleet.config.deferred import defer_unused
 
 defer_unused()  # first, before dataclasses, urllib.parse, ssl and paho import what the agent never uses
 

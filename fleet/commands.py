@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from config.settings import Settings
+from fleet.config.settings import Settings
 from fleet.launch import AGENT_OPTIONS, CONFIG, DATA_DIR, run_agent, run_with_settings
 
 
@@ -63,7 +63,7 @@ def org() -> None:
 @common
 def org_add(settings: Settings, name: str, as_json: bool) -> None:
     """Create ORG and print its agent and reader keys (shown once)."""
-    from config import credentials
+    from fleet.config import credentials
 
     created = credentials.add_org(settings.data_dir, name)
     if as_json:
@@ -80,7 +80,7 @@ def org_add(settings: Settings, name: str, as_json: bool) -> None:
 @common
 def org_list(settings: Settings, as_json: bool) -> None:
     """List orgs."""
-    from config import credentials
+    from fleet.config import credentials
 
     names = credentials.list_orgs(settings.data_dir)
     if as_json:
@@ -95,7 +95,7 @@ def org_list(settings: Settings, as_json: bool) -> None:
 @common
 def org_remove(settings: Settings, name: str) -> None:
     """Remove ORG: its keys stop working (history is kept until retention ends)."""
-    from config import credentials
+    from fleet.config import credentials
 
     credentials.remove_org(settings.data_dir, name)
     click.echo(f"removed org {name}")
@@ -108,7 +108,7 @@ def org_remove(settings: Settings, name: str) -> None:
 @common
 def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
     """Replace one key of ORG; the old key is refused at once."""
-    from config import credentials
+    from fleet.config import credentials
 
     key = credentials.rotate_key(settings.data_dir, name, role)
     if as_json:
@@ -149,7 +149,7 @@ def up(settings: Settings, demo: int | None) -> None:
 @settings_flags("host", "mqtt_port")
 def broker(settings: Settings) -> None:
     """Run the embedded MQTT broker alone."""
-    from broker.server import serve
+    from fleet.broker.server import serve
 
     serve(settings)
 
@@ -162,7 +162,7 @@ def broker(settings: Settings) -> None:
 @settings_flags("broker_url", "orgs", "ca")
 def collector(settings: Settings) -> None:
     """Run the collector alone."""
-    from collector.service import serve
+    from fleet.collector.service import serve
 
     serve(settings)
 
@@ -176,7 +176,7 @@ def collector(settings: Settings) -> None:
 @settings_flags("host", "http_port", "broker_url", "ca")
 def web(settings: Settings) -> None:
     """Run the web app (API, metrics, dashboard) alone, served by waitress."""
-    from web.server import serve
+    from fleet.web.server import serve
 
     serve(settings)
 
@@ -211,7 +211,7 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
 @settings_flags("broker_url", "org", "key", "ca", "interval")
 def simulate(settings: Settings, agents: int, duration: float | None) -> None:
     """Load generator: N simulated agents speaking the real protocol."""
-    from agent.simulate import run_simulation
+    from fleet.agent.simulate import run_simulation
 
     run_simulation(settings, agents=agents, duration=duration)
 
@@ -225,7 +225,7 @@ def simulate(settings: Settings, agents: int, duration: float | None) -> None:
 @settings_flags("mqtt_port", "host")
 def mosquitto_config(settings: Settings, out_dir: Path) -> None:
     """Export the access model (users, ACL, TLS listener) as Mosquitto configuration."""
-    from broker.mosquitto import write_config
+    from fleet.broker.mosquitto import write_config
 
     for path in write_config(settings, out_dir):
         click.echo(str(path))

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent.errors import AgentError
-from broker.errors import BrokerError
-from collector.errors import CollectorError
-from config.errors import ConfigError
-from config.settings import load_settings
+from fleet.agent.errors import AgentError
+from fleet.broker.errors import BrokerError
+from fleet.collector.errors import CollectorError
+from fleet.config.errors import ConfigError
+from fleet.config.settings import load_settings
 from fleet.logs import setup_logging
-from web.errors import WebError
+from fleet.web.errors import WebError
 
 USER_ERRORS = (ConfigError, BrokerError, AgentError, CollectorError, WebError, OSError)
 
@@ -47,7 +47,7 @@ def run_with_settings(func: Callable[..., Any], config_file: str | None, flags: 
 
 def run_agent(settings: Any, once: bool, print_only: bool) -> None:
     """``fleet agent``: run until stopped, then exit with the agent's code."""
-    from agent.runner import run
+    from fleet.agent.runner import run
 
     sys.exit(run(settings, once=once, print_only=print_only))
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from config import credentials
-from config.settings import Settings
+from fleet.config import credentials
+from fleet.config.settings import Settings
 
 log = logging.getLogger("fleet.up")
 DEMO_ORG = "demo"
@@ -89,9 +89,9 @@ class RunningSystem:
 
 def start_system(settings: Settings, demo: int | None = None, real_agent: bool = True) -> RunningSystem:
     """Start broker, collector and web (and the demo agents); return once all are serving."""
-    from broker.server import start_in_thread as start_broker
-    from collector.service import start as start_collector
-    from web.server import start_in_thread as start_web
+    from fleet.broker.server import start_in_thread as start_broker
+    from fleet.collector.service import start as start_collector
+    from fleet.web.server import start_in_thread as start_web
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     demo_keys = ensure_demo_org(settings.data_dir) if demo is not None else None
@@ -109,7 +109,7 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
         if demo_keys is not None:
             demo_settings = part_settings.replace(org=DEMO_ORG, key=demo_keys.agent_key)
             if demo:
-                from agent.simulate import start_simulation
+                from fleet.agent.simulate import start_simulation
 
                 simulation = start_simulation(demo_settings, agents=demo)
                 stops.append(simulation.stop)

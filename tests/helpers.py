@@ -10,7 +10,7 @@ from typing import Any, Callable
 import paho.mqtt.client as paho
 
 from bench.common import free_port, port_open  # noqa: F401 - one home for loopback helpers
-from config.mqtt import BrokerAddress, new_client
+from fleet.config.mqtt import BrokerAddress, new_client
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02, message: str = "") -> Any:

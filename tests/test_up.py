@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from config.settings import Settings
+from fleet.config.settings import Settings
 from fleet.up import DEMO_KEYS_FILE, ensure_demo_org, start_system
 from helpers import free_port, wait_for
 

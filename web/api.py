@@ -7,9 +7,9 @@ import time
 
 from flask import Blueprint, Response, abort, g, jsonify
 
-from config.ids import is_valid_id
-from web import db, params
-from web.auth import org_required
+from fleet.config.ids import is_valid_id
+from fleet.web import db, params
+from fleet.web.auth import org_required
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 STATUSES = ("online", "stale", "offline")

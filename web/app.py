@@ -9,9 +9,9 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 
-from config.settings import Settings
-from web import api, config_api, dashboard, health, metrics
-from web.db import DatabaseUnavailable, close_db
+from fleet.config.settings import Settings
+from fleet.web import api, config_api, dashboard, health, metrics
+from fleet.web.db import DatabaseUnavailable, close_db
 
 log = logging.getLogger("fleet.web")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "

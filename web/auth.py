@@ -7,9 +7,9 @@ from typing import Any, Callable
 
 from flask import abort, current_app, g, request
 
-from config import credentials
-from config.errors import CredentialError
-from web.db import get_db
+from fleet.config import credentials
+from fleet.config.errors import CredentialError
+from fleet.web.db import get_db
 
 
 def _pepper() -> bytes | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
-from config.topics import PING_TEMPLATE, REPORT_TEMPLATE
+from fleet.config.topics import PING_TEMPLATE, REPORT_TEMPLATE
 
 bp = Blueprint("config", __name__)
 API_VERSION = 1

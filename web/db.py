@@ -8,8 +8,8 @@ from typing import Any
 
 from flask import current_app, g
 
-from config.database import DatabaseError, connect
-from web.errors import WebError
+from fleet.config.database import DatabaseError, connect
+from fleet.web.errors import WebError
 
 # The API's machine object, assembled by SQLite's JSON functions: for 10,000 machines that is ~10x
 # faster than decoding each row's system/metrics JSON in Python only to encode it again.

@@ -7,8 +7,8 @@ import time
 
 from flask import Blueprint, current_app, jsonify
 
-from config.mqtt import BrokerAddress
-from web import db
+from fleet.config.mqtt import BrokerAddress
+from fleet.web import db
 
 bp = Blueprint("health", __name__)
 COLLECTOR_STALE_S = 10.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
-from web import db
-from web.auth import org_required
+from fleet.web import db
+from fleet.web.auth import org_required
 
 bp = Blueprint("metrics", __name__)
 STATUSES = ("online", "stale", "offline")

@@ -10,9 +10,9 @@ from typing import Any
 
 from waitress.server import create_server
 
-from config.settings import Settings
-from web.app import create_app
-from web.errors import WebError
+from fleet.config.settings import Settings
+from fleet.web.app import create_app
+from fleet.web.errors import WebError
 
 log = logging.getLogger("fleet.web")
 

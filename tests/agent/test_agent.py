@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from agent.outbox import Outbox
-from agent.runner import backoff_delay, keepalive_for
-from broker.server import start_in_thread
-from config import credentials, payloads
+from fleet.agent.outbox import Outbox
+from fleet.agent.runner import backoff_delay, keepalive_for
+from fleet.broker.server import start_in_thread
+from fleet.config import credentials, payloads
 from helpers import Inbox, close, connect_client, wait_for
 
 MACHINE = "web-1"

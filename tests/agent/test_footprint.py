@@ -15,7 +15,7 @@ LOADED = """
 import sys
 before = set(sys.modules)  # whatever this interpreter loads at start-up is not the agent's doing
 import fleet.cli, fleet.launch, agent.runner, agent.connection, agent.metrics, agent.outbox
-from config.deferred import Deferred
+from fleet.config.deferred import Deferred
 print(sorted(m for m in ("click", "http.client", "email", "tomllib", "_hashlib", "hmac", "secrets", "inspect",
                          "ipaddress", "base64", "tokenize", "textwrap") if m in sys.modules and m not in before
              and not isinstance(sys.modules[m], Deferred)))
@@ -25,7 +25,7 @@ print(isinstance(sys.modules["urllib.request"], Deferred), isinstance(sys.module
 STILL_WORKS = """
 import sys
 import fleet.cli, fleet.launch, agent.runner
-from config.deferred import Deferred
+from fleet.config.deferred import Deferred
 import urllib.request
 assert isinstance(urllib.request, Deferred) and "http.client" not in sys.modules
 assert isinstance(urllib.request.getproxies(), dict)  # the first attribute read imports the real module
@@ -54,7 +54,7 @@ print("ok")
 
 RACE = """
 import sys, threading
-import config.deferred as deferred
+import fleet.config.deferred as deferred
 for name in deferred.UNUSED:
     sys.modules.pop(name, None)
 deferred.defer_unused()

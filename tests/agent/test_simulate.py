@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.simulate import start_simulation
-from config import credentials, payloads
+from fleet.agent.simulate import start_simulation
+from fleet.config import credentials, payloads
 from helpers import Inbox, close, connect_client, wait_for
 
 

@@ -11,7 +11,7 @@ import ssl
 
 import pytest
 
-from config import credentials
+from fleet.config import credentials
 from helpers import Inbox, close, connect_client
 
 OWN = "fleet/acme/web-1"

@@ -12,9 +12,9 @@ from asyncio import sslproto
 
 import pytest
 
-from broker import tls_memory
-from broker.server import start_in_thread
-from config import credentials, payloads
+from fleet.broker import tls_memory
+from fleet.broker.server import start_in_thread
+from fleet.config import credentials, payloads
 from helpers import Inbox, close, connect_client, wait_for
 
 AGENT_ID = "fleet-acme-web-1"
@@ -199,7 +199,7 @@ def test_huge_packet_closes_the_connection_before_it_is_buffered(broker, acme):
 
 
 def test_offline_queue_is_bounded_and_drops_are_counted(fleet_dir, acme):
-    broker = start_in_thread(__import__("config.settings", fromlist=["Settings"]).Settings(
+    broker = start_in_thread(__import__("fleet.config.settings", fromlist=["Settings"]).Settings(
         data_dir=fleet_dir, mqtt_port=0, reload_interval_s=0.5, service_queued_messages=5))
     try:
         sub = service(broker, "persistent-watcher", clean_session=False)

@@ -1,8 +1,8 @@
 """Message builders shared by the collector tests: real payloads through the real validator."""
 
-from collector.state import Tracker
-from config import payloads
-from config.topics import ping_topic, report_topic
+from fleet.collector.state import Tracker
+from fleet.config import payloads
+from fleet.config.topics import ping_topic, report_topic
 
 T0 = 1_764_000_000.0
 INTERVAL = 10.0

@@ -16,10 +16,10 @@ from typing import Callable
 import paho.mqtt.client as paho
 import pytest
 
-from config import credentials, payloads
-from config.mqtt import BrokerAddress, new_client
-from config.settings import Settings
-from config.topics import agent_client_id, ping_topic, report_topic
+from fleet.config import credentials, payloads
+from fleet.config.mqtt import BrokerAddress, new_client
+from fleet.config.settings import Settings
+from fleet.config.topics import agent_client_id, ping_topic, report_topic
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
@@ -119,7 +119,7 @@ def port_open(port: int) -> bool:
 
 def embedded_endpoint(running, keys: credentials.OrgSecrets) -> Endpoint:
     """An endpoint on the embedded broker fixture; restart() starts it again on the same port."""
-    from broker.server import start_in_thread
+    from fleet.broker.server import start_in_thread
 
     state = {"broker": running}
 

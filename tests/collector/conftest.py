@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collector_fixtures import Endpoint, embedded_endpoint, mosquitto_endpoint_at
-from config.settings import Settings
+from fleet.config.settings import Settings
 
 
 @pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
@@ -32,7 +32,7 @@ def mosquitto_endpoint(tmp_path) -> Endpoint:
 @pytest.fixture
 def collectors():
     """Start collectors with ``collectors(settings)``; every one still running is stopped after the test."""
-    from collector.service import start
+    from fleet.collector.service import start
 
     running = []
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from collector import service
-from config import credentials, payloads
-from config.topics import ping_topic, report_topic
+from fleet.collector import service
+from fleet.config import credentials, payloads
+from fleet.config.topics import ping_topic, report_topic
 from collector_fixtures import SimAgent, query, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -326,7 +326,7 @@ def _connect_agent(endpoint):
 def test_retention_runs_on_a_timer(endpoint, collectors):
     day = 86400
     old = time.time() - 10 * day
-    from config.database import open_db
+    from fleet.config.database import open_db
 
     db = open_db(endpoint.data_dir / "fleet.db")
     with db.conn:
@@ -371,7 +371,7 @@ def test_cli_collector_runs_until_sigterm_and_flushes(endpoint):
 
 
 def test_an_exception_while_handling_one_message_is_counted_not_fatal(mosquitto_endpoint, collectors, monkeypatch):
-    from collector.state import Tracker
+    from fleet.collector.state import Tracker
 
     real = Tracker.on_report
 

@@ -3,9 +3,9 @@
 import json
 import logging
 
-from collector.intake import RATE_LIMITED, DropCounter, RateLimiter, parse_message
-from config import payloads
-from config.payloads import Ping, Report
+from fleet.collector.intake import RATE_LIMITED, DropCounter, RateLimiter, parse_message
+from fleet.config import payloads
+from fleet.config.payloads import Ping, Report
 
 
 class FakeClock:
@@ -113,7 +113,7 @@ def test_internal_errors_are_counted_not_raised(monkeypatch):
 
 
 def test_limiter_memory_is_bounded(monkeypatch):
-    import collector.intake as intake
+    import fleet.collector.intake as intake
 
     monkeypatch.setattr(intake, "MAX_BUCKETS", 100)
     clock = FakeClock()

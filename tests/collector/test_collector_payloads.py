@@ -6,8 +6,8 @@ import sqlite3
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from config import payloads
-from config.errors import PayloadError
+from fleet.config import payloads
+from fleet.config.errors import PayloadError
 
 TOPIC_R = "fleet/acme/web-1/report"
 TOPIC_P = "fleet/acme/web-1/ping"
@@ -77,7 +77,7 @@ def test_junk_in_metrics_never_crashes_and_what_passes_is_storable(name, junk):
         assert exc.reason == payloads.BAD_FIELD
         return
     # Whatever is accepted can be stored by the collector.
-    from collector.store import report_row
+    from fleet.collector.store import report_row
     conn = sqlite3.connect(":memory:")
     conn.execute("SELECT " + ",".join("?" * 13), report_row(report, 1.0, "{}"))
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from collector.state import EVICTED, OFFLINE, ONLINE, STALE
+from fleet.collector.state import EVICTED, OFFLINE, ONLINE, STALE
 from collector_builders import INTERVAL, T0, ping, report, tracker
 
 
@@ -171,7 +171,7 @@ def test_load_restores_state_from_rows():
 
 from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
 
-from collector.state import STATUSES  # noqa: E402
+from fleet.collector.state import STATUSES  # noqa: E402
 
 operations = st.lists(st.one_of(
     st.tuples(st.just("report"), st.sampled_from(["a", "b", "c"]), st.sampled_from(["hw1", "hw2"])),

@@ -3,9 +3,9 @@
 import json
 import sqlite3
 
-from collector import store
-from collector.state import Tracker
-from config.database import open_db
+from fleet.collector import store
+from fleet.collector.state import Tracker
+from fleet.config.database import open_db
 from collector_builders import T0, ping, report
 
 
@@ -43,7 +43,7 @@ def test_report_row_extracts_chart_columns():
     data["metrics"] = {"cpu_percent": 12.5, "memory": {"percent": 40.0}, "load_avg": [0.5, 0.4, 0.3],
                        "disks": [{"mount": "/data", "percent": 90.0}, {"mount": "/", "percent": 30.0}],
                        "net": {"bytes_sent": 10, "bytes_recv": 20}}
-    from config import payloads
+    from fleet.config import payloads
     r = payloads.parse_report(payloads.encode(data), "fleet/acme/web-1/report")
     row = store.report_row(r, T0, "x")
     assert row[6:12] == (12.5, 40.0, 30.0, 0.5, 10, 20)
@@ -127,7 +127,7 @@ def test_json_batch_insert_stores_exactly_the_validated_values(tmp_path):
     """The one-statement JSON insert and plain executemany give identical rows, payload included."""
     import json as _json
 
-    from config import payloads
+    from fleet.config import payloads
 
     db_a = open_db(tmp_path / "a.db")
     db_b = open_db(tmp_path / "b.db")

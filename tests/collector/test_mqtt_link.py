@@ -9,8 +9,8 @@ import threading
 import pytest
 from collector_fixtures import free_port, wait_until
 
-from collector.mqtt_link import LinkCallbacks, MqttLink, packet
-from config.mqtt import BrokerAddress
+from fleet.collector.mqtt_link import LinkCallbacks, MqttLink, packet
+from fleet.config.mqtt import BrokerAddress
 
 TOPIC = "fleet/acme/web-1/report"
 

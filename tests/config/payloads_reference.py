@@ -7,9 +7,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from config.errors import PayloadError
-from config.ids import is_valid_id
-from config.payloads import (  # parse_topic did not change
+from fleet.config.errors import PayloadError
+from fleet.config.ids import is_valid_id
+from fleet.config.payloads import (  # parse_topic did not change
     _INT_METRICS,
     _NUMBER_METRICS,
     _SYSTEM_FIELDS,
@@ -32,7 +32,7 @@ from config.payloads import (  # parse_topic did not change
     Report,
     parse_topic,
 )
-from config.topics import Topic
+from fleet.config.topics import Topic
 
 
 def _reject_constant(name: str) -> Any:

@@ -5,10 +5,10 @@ import json
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from config import payloads
-from config.errors import ContractError, InvalidId, PayloadError
-from config.ids import is_valid_id, sanitize_machine_id, validate_id
-from config.topics import (Topic, agent_client_id, machine_from_client_id, org_filter, ping_topic,
+from fleet.config import payloads
+from fleet.config.errors import ContractError, InvalidId, PayloadError
+from fleet.config.ids import is_valid_id, sanitize_machine_id, validate_id
+from fleet.config.topics import (Topic, agent_client_id, machine_from_client_id, org_filter, ping_topic,
                            report_topic, topic_matches)
 
 

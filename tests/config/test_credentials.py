@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from config import credentials
-from config.database import connect
-from config.errors import CredentialError, InvalidId
+from fleet.config import credentials
+from fleet.config.database import connect
+from fleet.config.errors import CredentialError, InvalidId
 
 
 def _stored_text(data_dir):

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from config import payloads
-from config.errors import PayloadError
+from fleet.config import payloads
+from fleet.config.errors import PayloadError
 
 REPORT_TOPIC = "fleet/acme/web-1/report"
 PING_TOPIC = "fleet/acme/web-1/ping"

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from config.errors import SettingsError
-from config.settings import Settings, load_settings
+from fleet.config.errors import SettingsError
+from fleet.config.settings import Settings, load_settings
 
 
 def test_defaults_match_spec():

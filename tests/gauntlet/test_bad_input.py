@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from collector import service
-from config import payloads
-from config.topics import report_topic
+from fleet.collector import service
+from fleet.config import payloads
+from fleet.config.topics import report_topic
 from helpers import close, connect_client, wait_for
 
 TOPIC = report_topic("acme", "m1")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox
-from config import credentials, payloads
+from fleet.agent.outbox import Outbox
+from fleet.config import credentials, payloads
 from helpers import free_port, port_open, Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ import string
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from config import credentials
-from config.settings import Settings
-from web.app import create_app
-from web.server import start_in_thread
+from fleet.config import credentials
+from fleet.config.settings import Settings
+from fleet.web.app import create_app
+from fleet.web.server import start_in_thread
 
 ENDPOINTS = ["/api/fleet", "/api/fleet/web-1", "/api/fleet/web-1/history", "/api/events", "/metrics",
              "/api/config", "/healthz"]
@@ -25,7 +25,7 @@ def env(tmp_path_factory):
     org = credentials.add_org(data, "acme")
     settings = Settings(data_dir=data, mqtt_port=1, rate_limit_api="1000000/minute",
                         rate_limit_config="1000000/minute")
-    from config.database import open_db
+    from fleet.config.database import open_db
 
     open_db(data / "fleet.db")
     return create_app(settings).test_client(), org.reader_key, settings

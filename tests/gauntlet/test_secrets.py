@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from config import credentials
+from fleet.config import credentials
 from fleet.up import DEMO_KEYS_FILE
 from helpers import free_port, connect_client, wait_for
 
@@ -71,7 +71,7 @@ def test_reprs_hide_keys(tmp_path):
     from fleet.up import ensure_demo_org
 
     demo = ensure_demo_org(tmp_path)
-    records = credentials.load_records(__import__("config.database", fromlist=["connect"]).connect(tmp_path / "fleet.db"))
+    records = credentials.load_records(__import__("fleet.config.database", fromlist=["connect"]).connect(tmp_path / "fleet.db"))
     text = repr(org) + repr(demo) + repr(list(records.values()))
     for secret in (org.agent_key, org.reader_key, demo.agent_key, demo.reader_key):
         assert secret not in text

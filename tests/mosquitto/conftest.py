@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import wait_for
 
-from broker.mosquitto import write_config
-from config.settings import Settings
+from fleet.broker.mosquitto import write_config
+from fleet.config.settings import Settings
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 RUN_AS = "root" if os.geteuid() == 0 else None  # mosquitto drops root to user "mosquitto" unless told otherwise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from helpers import Inbox, close, connect_client, wait_for
 
-from config import credentials
+from fleet.config import credentials
 
 pytestmark = pytest.mark.mosquitto
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import Inbox, close, connect_client, wait_for
 
-from config import credentials, payloads
+from fleet.config import credentials, payloads
 
 pytestmark = pytest.mark.mosquitto
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import Inbox, close, connect_client, wait_for
 
-from agent.simulate import start_simulation
-from config import credentials, payloads
-from config.settings import Settings
+from fleet.agent.simulate import start_simulation
+from fleet.config import credentials, payloads
+from fleet.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from config import credentials
-from config.database import open_db
-from config.settings import Settings
-from web.app import create_app
+from fleet.config import credentials
+from fleet.config.database import open_db
+from fleet.config.settings import Settings
+from fleet.web.app import create_app
 
 
 @dataclass

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from config.settings import Settings
-from web.app import create_app
+from fleet.config.settings import Settings
+from fleet.web.app import create_app
 
 from conftest import bearer
 
@@ -158,7 +158,7 @@ def test_healthz_reports_each_part(client, fleet):
 def test_served_by_waitress(settings, fleet):
     import urllib.request
 
-    from web.server import start_in_thread
+    from fleet.web.server import start_in_thread
 
     running = start_in_thread(settings.replace(http_port=0))
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from playwright.sync_api import expect
 
-from web.server import start_in_thread
+from fleet.web.server import start_in_thread
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
