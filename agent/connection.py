@@ -41,7 +41,7 @@ class Connection:
     interval: float
     keepalive: int
     session: str = field(default_factory=lambda: os.urandom(8).hex())  # = secrets.token_hex(8), without hashlib
-    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     wake: threading.Event = field(default_factory=threading.Event)
     client: Any = None
     _connack: threading.Event = field(default_factory=threading.Event)

@@ -27,10 +27,6 @@ from bench.common import free_port, stop_process, wait_port  # noqa: E402
 from fleet.config import credentials  # noqa: E402
 
 
-
-
-
-
 def cpu_seconds(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return t.user + t.system

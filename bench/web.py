@@ -26,8 +26,6 @@ from fleet.config import credentials  # noqa: E402
 from fleet.config.database import open_db  # noqa: E402
 
 
-
-
 def fill(data: Path, machines: int) -> str:
     org = credentials.add_org(data, "bench")
     db = open_db(data / "fleet.db")

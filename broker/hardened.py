@@ -20,14 +20,15 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
-from amqtt.mqtt.protocol.handler import OUTGOING
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.handler import OUTGOING
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import Session
 from transitions import MachineError
@@ -165,7 +166,7 @@ class FleetBroker(Broker):
                 handler, incoming = await asyncio.wait_for(
                     FleetProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
                     CONNECT_TIMEOUT_S)
-            except (AMQTTError, MQTTError, NoDataError, asyncio.TimeoutError, ConnectionError, ValueError) as exc:
+            except (TimeoutError, AMQTTError, MQTTError, NoDataError, ConnectionError, ValueError) as exc:
                 self.stats["connect_invalid"] += 1
                 log.debug("connection closed before a valid CONNECT: %s", exc)
                 await writer.close()
@@ -423,7 +424,7 @@ class FleetBroker(Broker):
         codes = [await self.add_subscription(sub, client_session) for sub in subscriptions.topics]
         await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
         grant = grant_of(client_session)
-        for (topic_filter, _), code in zip(subscriptions.topics, codes):
+        for (topic_filter, _), code in zip(subscriptions.topics, codes, strict=False):
             if code == SUBACK_FAILURE:
                 self.stats["subscribe_refused"] += 1
                 log.info("refused SUBSCRIBE client_id=%s filter=%.100s", client_session.client_id, topic_filter)

@@ -14,8 +14,9 @@ Rules (SPEC "Collector state"):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from fleet.config.payloads import Ping, Report
 

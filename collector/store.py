@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import sqlite_utils
 

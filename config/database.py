@@ -144,7 +144,7 @@ def connect(path: str | Path, readonly: bool = False, check_same_thread: bool = 
     return conn
 
 
-def open_db(path: str | Path, check_same_thread: bool = True) -> "sqlite_utils.Database":
+def open_db(path: str | Path, check_same_thread: bool = True) -> sqlite_utils.Database:
     """Open ``fleet.db`` for writing through sqlite-utils, creating the schema if needed."""
     import sqlite_utils
 

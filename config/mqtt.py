@@ -27,7 +27,7 @@ class BrokerAddress:
     tls: bool
 
     @classmethod
-    def parse(cls, url: str) -> "BrokerAddress":
+    def parse(cls, url: str) -> BrokerAddress:
         """Parse a broker URL; raise SettingsError for anything else."""
         parts = urlsplit(url)
         try:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from fleet.config.errors import SettingsError
@@ -116,7 +117,7 @@ class Settings:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         return f"mqtts://{host}:{self.mqtt_port}"
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -31,7 +31,7 @@ class Topic:
         return f"{ROOT}/{self.org}/{self.machine}/{self.kind}"
 
     @classmethod
-    def parse(cls, topic: str) -> "Topic":
+    def parse(cls, topic: str) -> Topic:
         """Parse ``fleet/<org>/<machine>/<kind>``; raise ContractError on anything else."""
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != ROOT:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # bench/common.py, from any working directory
-
-from fleet.broker.pki import ensure_certs  # noqa: E402
-from fleet.broker.server import RunningBroker, start_in_thread  # noqa: E402
-from fleet.config import credentials  # noqa: E402
-from fleet.config.settings import Settings  # noqa: E402
+from fleet.broker.pki import ensure_certs
+from fleet.broker.server import RunningBroker, start_in_thread
+from fleet.config import credentials
+from fleet.config.settings import Settings
 
 
 @pytest.fixture

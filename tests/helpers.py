@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as paho
 
@@ -13,7 +14,7 @@ from bench.common import free_port, port_open  # noqa: F401 - one home for loopb
 from fleet.config.mqtt import BrokerAddress, new_client
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02, message: str = "") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "", *, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -136,3 +137,8 @@ def close(client: Any) -> None:
     """Disconnect cleanly and stop the network loop."""
     client.disconnect()
     client.loop_stop()
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The HTTP Authorization header for a reader key."""
+    return {"Authorization": f"Bearer {key}"}

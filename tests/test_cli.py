@@ -20,25 +20,32 @@ def test_org_lifecycle_json(tmp_path):
     added = run("org", "add", "acme", "--json", "--data-dir", d)
     assert added.exit_code == 0
     body = json.loads(added.stdout)
-    assert set(body) == {"org", "agent_key", "reader_key"} and body["org"] == "acme"
+    assert set(body) == {"org", "agent_key", "reader_key"}
+    assert body["org"] == "acme"
 
     assert run("org", "list", "--data-dir", d).stdout.split() == ["acme"]
     rotated = json.loads(run("org", "rotate", "acme", "--role", "reader", "--json", "--data-dir", d).stdout)
-    assert rotated["org"] == "acme" and rotated["role"] == "reader" and rotated["key"] != body["reader_key"]
+    assert rotated["org"] == "acme"
+    assert rotated["role"] == "reader"
+    assert rotated["key"] != body["reader_key"]
 
     dup = run("org", "add", "acme", "--data-dir", d)
-    assert dup.exit_code == 1 and dup.stderr.count("\n") == 1 and "already exists" in dup.stderr
+    assert dup.exit_code == 1
+    assert dup.stderr.count("\n") == 1
+    assert "already exists" in dup.stderr
 
     assert run("org", "remove", "acme", "--data-dir", d).exit_code == 0
     assert run("org", "list", "--data-dir", d).stdout == ""
     gone = run("org", "remove", "acme", "--data-dir", d)
-    assert gone.exit_code == 1 and "no such org" in gone.stderr
+    assert gone.exit_code == 1
+    assert "no such org" in gone.stderr
 
 
 def test_bad_setting_exits_1_with_one_line(tmp_path):
     result = run("org", "list", "--data-dir", str(tmp_path), env={"FLEET_TTL_SECONDS": "soon"})
     assert result.exit_code == 1
-    assert result.stderr.strip().count("\n") == 0 and "ttl_seconds" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "ttl_seconds" in result.stderr
 
 
 def test_usage_errors_exit_2(tmp_path):
@@ -83,7 +90,8 @@ def test_other_agent_command_lines_are_left_to_click(tmp_path):
         assert parse_agent_args(args) is None, args
     result = subprocess.run([sys.executable, "-m", "fleet.cli", "agent", "--interval", "soon"], capture_output=True,
                             text=True, timeout=30, check=False)
-    assert result.returncode == 2 and "'soon' is not a valid float" in result.stderr
+    assert result.returncode == 2
+    assert "'soon' is not a valid float" in result.stderr
 
 
 def test_the_agent_runs_without_importing_click():

@@ -13,7 +13,7 @@ import pytest
 
 from fleet.config.settings import Settings
 from fleet.up import DEMO_KEYS_FILE, ensure_demo_org, start_system
-from helpers import free_port, wait_for
+from tests.helpers import free_port, wait_for
 
 
 def get(url, token=None):
@@ -37,7 +37,8 @@ def test_up_with_demo_runs_everything_and_stops_cleanly(tmp_path):
         assert config["MQTT"]["url"] == system.broker_url
     finally:
         system.stop()
-    assert (settings.data_dir / "certs" / "ca.pem").exists() and (settings.data_dir / "fleet.db").exists()
+    assert (settings.data_dir / "certs" / "ca.pem").exists()
+    assert (settings.data_dir / "fleet.db").exists()
 
 
 def test_demo_org_keys_are_reused_and_private(tmp_path):
@@ -61,7 +62,8 @@ def test_fleet_up_command_starts_and_stops_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0
-        assert "reader key:" in out and "dashboard:" in out
+        assert "reader key:" in out
+        assert "dashboard:" in out
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -121,7 +121,7 @@ def history(org: str, machine_id: str, since: float, until: float, max_points: i
     if len(rows) > max_points:  # keep the shape, bound the payload
         step = len(rows) / max_points
         rows = [rows[int(i * step)] for i in range(max_points - 1)] + [rows[-1]]
-    return [dict(zip(POINT_COLUMNS, r)) for r in rows]
+    return [dict(zip(POINT_COLUMNS, r, strict=False)) for r in rows]
 
 
 def events(org: str, since: float, machine_id: str | None, limit: int) -> list[dict[str, Any]]:

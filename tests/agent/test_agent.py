@@ -15,7 +15,7 @@ from fleet.agent.outbox import Outbox
 from fleet.agent.runner import backoff_delay, keepalive_for
 from fleet.broker.server import start_in_thread
 from fleet.config import credentials, payloads
-from helpers import Inbox, close, connect_client, wait_for
+from tests.helpers import Inbox, close, connect_client, wait_for
 
 MACHINE = "web-1"
 REPORT = f"fleet/acme/{MACHINE}/report"
@@ -67,12 +67,15 @@ def test_reports_and_retained_online_ping(broker, acme, tmp_path):
     proc = agent_process(broker, acme.agent_key, tmp_path)
     try:
         report = payloads.parse_report(inbox.wait_for_topic(REPORT, timeout=15).payload, REPORT)
-        assert report.machine_id == MACHINE and report.system["agent_version"]
+        assert report.machine_id == MACHINE
+        assert report.system["agent_version"]
         ping = payloads.parse_ping(inbox.wait_for_topic(PING).payload, PING)
-        assert ping.status == "online" and ping.session == report.session
+        assert ping.status == "online"
+        assert ping.session == report.session
         late_client, late = watcher(broker, "late")  # retained: a later subscriber still sees it
         retained = late.wait_for_topic(PING)
-        assert retained.retain and payloads.parse_ping(retained.payload, PING).status == "online"
+        assert retained.retain
+        assert payloads.parse_ping(retained.payload, PING).status == "online"
         close(late_client)
         assert stop(proc) == 0
         wait_for(lambda: any(payloads.parse_ping(m.payload, PING).status == "offline" for m in inbox.on(PING)),
@@ -141,7 +144,8 @@ def test_bad_key_exits_1_with_one_clear_line(broker, acme, tmp_path):
     proc = agent_process(broker, "not-the-key", tmp_path)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    assert "not authorised" in err and "Traceback" not in err
+    assert "not authorised" in err
+    assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("fleet: error:")
 
 
@@ -153,14 +157,16 @@ def test_unknown_ca_exits_1_with_one_clear_line(broker, acme, tmp_path):
     proc = agent_process(broker, acme.agent_key, tmp_path, ca=other)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    assert "TLS verification" in err and "Traceback" not in err
+    assert "TLS verification" in err
+    assert "Traceback" not in err
 
 
 def test_missing_org_or_key_is_a_usage_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FLEET_KEY", "FLEET_ORG")}
     out = subprocess.run([sys.executable, "-m", "fleet.cli", "agent", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 1 and "--org" in out.stderr
+    assert out.returncode == 1
+    assert "--org" in out.stderr
 
 
 def test_outbox_is_bounded_drops_oldest_and_counts(tmp_path):
@@ -182,7 +188,9 @@ def test_backoff_is_full_jitter_and_capped():
     delays = [backoff_delay(attempt, cap=5) for attempt in range(1, 40) for _ in range(20)]
     assert all(0 <= d <= 5 for d in delays)
     assert len({round(d, 3) for d in delays}) > 100  # spread, not in step
-    assert keepalive_for(10) == 20 and keepalive_for(0.3) == 5 and keepalive_for(600) == 60
+    assert keepalive_for(10) == 20
+    assert keepalive_for(0.3) == 5
+    assert keepalive_for(600) == 60
 
 
 def test_full_disk_drops_oldest_counts_and_keeps_going(tmp_path):
@@ -193,6 +201,7 @@ def test_full_disk_drops_oldest_counts_and_keeps_going(tmp_path):
         box.append("t", f"report-{i:04d}".encode() + b"x" * 400)
     assert box.dropped > 0
     remaining = [item.payload[:11] for item in box.peek(10**6)]
-    assert remaining and remaining[-1] == b"report-0499"  # newest kept, oldest dropped
+    assert remaining
+    assert remaining[-1] == b"report-0499"
     assert remaining == sorted(remaining)  # still in order
     assert len(box) == len(remaining)

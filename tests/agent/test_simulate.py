@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fleet.agent.simulate import start_simulation
 from fleet.config import credentials, payloads
-from helpers import Inbox, close, connect_client, wait_for
+from tests.helpers import Inbox, close, connect_client, wait_for
 
 
 def test_simulated_agents_report_and_shut_down_cleanly(broker, acme):
@@ -29,7 +29,8 @@ def test_simulated_agents_report_and_shut_down_cleanly(broker, acme):
     finally:
         sim.stop()
     stats = sim.stats()
-    assert stats["refused"] == 0 and stats["connected"] == 0
+    assert stats["refused"] == 0
+    assert stats["connected"] == 0
     wait_for(lambda: len([m for m in inbox.messages if m.topic.endswith("/report")]) >= stats["acked"], timeout=10,
              message="every acknowledged report delivered")
     shutdowns = {m.topic for m in inbox.messages if m.topic.endswith("/ping")

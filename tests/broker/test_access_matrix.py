@@ -12,7 +12,7 @@ import ssl
 import pytest
 
 from fleet.config import credentials
-from helpers import Inbox, close, connect_client
+from tests.helpers import Inbox, close, connect_client
 
 OWN = "fleet/acme/web-1"
 OTHER_MACHINE = "fleet/acme/db-1"
@@ -36,7 +36,7 @@ def _login(broker, orgs, who):
     raise ValueError(who)
 
 
-@pytest.mark.parametrize("username, key, client_id, code", [
+@pytest.mark.parametrize(("username", "key", "client_id", "code"), [
     (None, None, "anon", 5),
     ("acme/agent", "wrong-key", "fleet-acme-web-1", 5),
     ("acme/reader", "acme-agent-key", "x", 5),         # an agent key is not a reader key
@@ -49,7 +49,7 @@ def test_refused_connections(broker, orgs, username, key, client_id, code):
     assert connect_client(broker, username, key, client_id, expect_rc=1) == code
 
 
-@pytest.mark.parametrize("who, topic_filter, allowed", [
+@pytest.mark.parametrize(("who", "topic_filter", "allowed"), [
     ("acme-reader", "fleet/acme/#", True),
     ("acme-reader", "fleet/acme/+/ping", True),
     ("acme-reader", "fleet/#", False),
@@ -72,7 +72,7 @@ def test_subscribe_matrix(broker, orgs, who, topic_filter, allowed):
         close(client)
 
 
-@pytest.mark.parametrize("who, topic, delivered", [
+@pytest.mark.parametrize(("who", "topic", "delivered"), [
     ("acme-agent", f"{OWN}/report", True),
     ("acme-agent", f"{OWN}/ping", True),
     ("acme-agent", f"{OWN}/other", False),
@@ -130,7 +130,7 @@ def test_plain_mqtt_to_the_tls_port_is_refused(broker):
         sock.settimeout(5)
         try:
             data = sock.recv(16)
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             data = b""
         assert not data.startswith(b"\x20")  # never a CONNACK
 

@@ -15,7 +15,7 @@ import pytest
 from fleet.broker import tls_memory
 from fleet.broker.server import start_in_thread
 from fleet.config import credentials, payloads
-from helpers import Inbox, close, connect_client, wait_for
+from tests.helpers import Inbox, close, connect_client, wait_for
 
 AGENT_ID = "fleet-acme-web-1"
 OWN_PING = "fleet/acme/web-1/ping"
@@ -45,7 +45,8 @@ def test_retained_messages_never_cross_orgs(broker, acme, globex):
     inbox = Inbox(reader)
     inbox.subscribe("fleet/acme/#")
     got = inbox.wait_for_topic(OWN_PING)
-    assert got.payload == b"acme-online" and got.retain
+    assert got.payload == b"acme-online"
+    assert got.retain
     assert all(m.topic.startswith("fleet/acme/") for m in inbox.messages)
     for c in (watcher, g, a, reader):
         close(c)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import paho.mqtt.client as paho
 import pytest
@@ -20,24 +19,7 @@ from fleet.config import credentials, payloads
 from fleet.config.mqtt import BrokerAddress, new_client
 from fleet.config.settings import Settings
 from fleet.config.topics import agent_client_id, ping_topic, report_topic
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, port_open, wait_for  # noqa: F401 - re-exported to the collector tests
 
 
 @dataclass
@@ -99,7 +81,7 @@ def mosquitto_endpoint_at(tmp_path: Path) -> Endpoint:
     def start() -> None:
         state["proc"] = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
-        wait_until(lambda: port_open(port), 10, "mosquitto to listen")
+        wait_for(lambda: port_open(port), 10, "mosquitto to listen")
 
     def stop() -> None:
         proc = state.pop("proc", None)
@@ -109,12 +91,6 @@ def mosquitto_endpoint_at(tmp_path: Path) -> Endpoint:
 
     start()
     return Endpoint(f"mqtt://127.0.0.1:{port}", None, data_dir, keys, stop, start, anonymous=True)
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def embedded_endpoint(running, keys: credentials.OrgSecrets) -> Endpoint:
@@ -146,7 +122,7 @@ class SimAgent:
     seq: int = 0
     client: paho.Client | None = None
 
-    def connect(self) -> "SimAgent":
+    def connect(self) -> SimAgent:
         org = self.endpoint.keys.org
         will = payloads.encode(payloads.build_ping(self.machine, self.hardware_id, self.session, "offline",
                                                    self.interval_s, reason="lost"))

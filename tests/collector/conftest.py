@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from collector_fixtures import Endpoint, embedded_endpoint, mosquitto_endpoint_at
 from fleet.config.settings import Settings
+from tests.collector.collector_fixtures import Endpoint, embedded_endpoint, mosquitto_endpoint_at
 
 
 @pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])

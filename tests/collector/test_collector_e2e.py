@@ -18,7 +18,8 @@ import pytest
 from fleet.collector import service
 from fleet.config import credentials, payloads
 from fleet.config.topics import ping_topic, report_topic
-from collector_fixtures import SimAgent, query, wait_until
+from tests.collector.collector_fixtures import SimAgent, query
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,17 +46,19 @@ def test_reports_and_presence_flow_into_the_database(endpoint, collectors):
     agent.ping("online")
     for _ in range(3):
         agent.report(cpu_percent=42.0)
-    wait_until(lambda: len(seqs(endpoint)) == 3, what="3 reports in history")
-    status, session, conflict, offset, metrics, os_name, hw = wait_until(lambda: machine_row(endpoint))
+    wait_for(lambda: len(seqs(endpoint)) == 3, message="3 reports in history")
+    status, session, conflict, offset, metrics, os_name, hw = wait_for(lambda: machine_row(endpoint))
     assert (status, session, conflict, os_name, hw) == ("online", agent.session, 0, "Linux", "0xhw1")
-    assert json.loads(metrics)["cpu_percent"] == 42.0 and 0 <= offset < 5
+    assert json.loads(metrics)["cpu_percent"] == 42.0
+    assert 0 <= offset < 5
     agent.ping("offline", reason="shutdown")
-    wait_until(lambda: machine_row(endpoint)[0] == "offline", what="offline")
+    wait_for(lambda: machine_row(endpoint)[0] == "offline", message="offline")
     assert events(endpoint) == [(None, "online", "ping"), ("online", "offline", "shutdown")]
     agent.close()
-    beat = wait_until(lambda: query(endpoint.data_dir, "SELECT ts, detail FROM heartbeats WHERE component='collector'"))
+    beat = wait_for(lambda: query(endpoint.data_dir, "SELECT ts, detail FROM heartbeats WHERE component='collector'"))
     detail = json.loads(beat[0][1])
-    assert detail["broker_connected"] is True and time.time() - beat[0][0] < 10
+    assert detail["broker_connected"] is True
+    assert time.time() - beat[0][0] < 10
     assert detail["orgs"] == credentials.list_orgs(endpoint.data_dir)
     assert collector.stats().stored == 3
 
@@ -64,9 +67,9 @@ def test_silent_machine_goes_stale_then_online_again(endpoint, collectors):
     collectors(endpoint.settings())
     agent = SimAgent(endpoint, "m1", interval_s=0.2).connect()  # stale after 3 x 0.2 s
     agent.ping("online")
-    wait_until(lambda: machine_row(endpoint) and machine_row(endpoint)[0] == "stale", what="stale")
+    wait_for(lambda: machine_row(endpoint) and machine_row(endpoint)[0] == "stale", message="stale")
     agent.report()
-    wait_until(lambda: machine_row(endpoint)[0] == "online", what="online again")
+    wait_for(lambda: machine_row(endpoint)[0] == "online", message="online again")
     assert events(endpoint) == [(None, "online", "ping"), ("online", "stale", "silent"), ("stale", "online", "report")]
     agent.close()
 
@@ -75,9 +78,9 @@ def test_last_will_marks_the_machine_offline_lost(endpoint, collectors):
     collectors(endpoint.settings())
     agent = SimAgent(endpoint, "m1").connect()
     agent.ping("online")
-    wait_until(lambda: machine_row(endpoint), what="machine")
+    wait_for(lambda: machine_row(endpoint), message="machine")
     agent.drop()
-    wait_until(lambda: machine_row(endpoint)[0] == "offline", what="offline from the last will")
+    wait_for(lambda: machine_row(endpoint)[0] == "offline", message="offline from the last will")
     assert events(endpoint)[-1] == ("online", "offline", "lost")
 
 
@@ -86,13 +89,13 @@ def test_late_last_will_of_an_old_session_does_not_mark_a_reconnected_agent_offl
     agent = SimAgent(endpoint, "m1").connect()
     old = agent.session
     agent.ping("online")
-    wait_until(lambda: machine_row(endpoint), what="machine")
+    wait_for(lambda: machine_row(endpoint), message="machine")
     # The agent reconnected (new session, online) and only then the old connection's will arrives.
     agent.session = "new-session"
     agent.ping("online")
     agent.ping("offline", reason="lost", session=old)
     agent.report()  # a marker: once stored, both pings before it were processed (per-publisher order)
-    wait_until(lambda: seqs(endpoint) == [0], what="marker report")
+    wait_for(lambda: seqs(endpoint) == [0], message="marker report")
     assert machine_row(endpoint)[:2] == ("online", "new-session")
     assert [e[1] for e in events(endpoint)] == ["online"]
     agent.close()
@@ -104,8 +107,8 @@ def test_ttl_eviction_clears_the_retained_ping(endpoint, collectors):
     agent.ping("online")
     agent.report()
     agent.close()  # clean disconnect: no will, just silence
-    wait_until(lambda: query(endpoint.data_dir, "SELECT expired FROM org_stats WHERE org='acme'") == [(1,)],
-               what="eviction counted")
+    wait_for(lambda: query(endpoint.data_dir, "SELECT expired FROM org_stats WHERE org='acme'") == [(1,)],
+               message="eviction counted")
     assert machine_row(endpoint) is None
     assert events(endpoint)[-1][1:] == ("evicted", "ttl")
     assert seqs(endpoint) == [0]  # history stays
@@ -118,7 +121,7 @@ def test_ttl_eviction_clears_the_retained_ping(endpoint, collectors):
         if msg.topic.endswith("/marker/report"):
             got_marker.set()
 
-    wait_until(lambda: _retained_cleared(endpoint), what="the broker to drop the retained ping")
+    wait_for(lambda: _retained_cleared(endpoint), message="the broker to drop the retained ping")
     reader = endpoint.client("reader-1", "reader", on_message=on_message)
     subscribed = threading.Event()
     reader.on_subscribe = lambda *a: subscribed.set()
@@ -170,14 +173,14 @@ def _outage(endpoint, collectors, count: int, outage_s: float) -> None:
     worker = threading.Thread(target=run_agent, args=(agent, count, 20.0, stop))
     worker.start()
     try:
-        wait_until(lambda: len(seqs(endpoint)) >= 10, what="first reports")
+        wait_for(lambda: len(seqs(endpoint)) >= 10, message="first reports")
         collector.stop()
         stopped_at = len(seqs(endpoint))
         time.sleep(outage_s)  # the outage itself is the point of the test
         assert len(seqs(endpoint)) == stopped_at  # really down
         collectors(settings)
         worker.join(60)
-        wait_until(lambda: len(seqs(endpoint)) >= count, timeout=30, what="every report")
+        wait_for(lambda: len(seqs(endpoint)) >= count, timeout=30, message="every report")
     finally:
         stop.set()
         worker.join(10)
@@ -209,9 +212,9 @@ def test_bad_messages_are_dropped_counted_and_the_collector_keeps_going(endpoint
     for raw in bad.values():
         agent.publish(topic, raw)
     agent.report()
-    wait_until(lambda: seqs(endpoint) == [0], what="the good report")
-    wait_until(lambda: dict(query(endpoint.data_dir, "SELECT reason, count FROM drops")) == {r: 1 for r in bad},
-               what="drops persisted per reason")
+    wait_for(lambda: seqs(endpoint) == [0], message="the good report")
+    wait_for(lambda: dict(query(endpoint.data_dir, "SELECT reason, count FROM drops")) == {r: 1 for r in bad},
+               message="drops persisted per reason")
     assert collector.stats().dropped == {r: 1 for r in bad}
 
 
@@ -223,9 +226,9 @@ def test_oversize_payload_is_dropped(mosquitto_endpoint, collectors):
     agent.publish(report_topic("acme", "m1"), b"x" * (64 * 1024 + 1))
     agent.publish("fleet/acme/bad id!/report", b"{}")
     agent.report()
-    wait_until(lambda: seqs(ep) == [0], what="the good report")
-    wait_until(lambda: dict(query(ep.data_dir, "SELECT reason, count FROM drops")) == {"too_large": 1, "bad_topic": 1},
-               what="drops")
+    wait_for(lambda: seqs(ep) == [0], message="the good report")
+    wait_for(lambda: dict(query(ep.data_dir, "SELECT reason, count FROM drops")) == {"too_large": 1, "bad_topic": 1},
+               message="drops")
 
 
 def test_a_flooding_agent_is_rate_limited(endpoint, collectors):
@@ -235,30 +238,31 @@ def test_a_flooding_agent_is_rate_limited(endpoint, collectors):
     for _ in range(60):
         flood.report()
     calm.report()
-    wait_until(lambda: seqs(endpoint, "calm") == [0], what="the calm agent's report")
+    wait_for(lambda: seqs(endpoint, "calm") == [0], message="the calm agent's report")
     stored = len(seqs(endpoint, "flood"))
-    wait_until(lambda: collector.stats().dropped.get("rate_limited", 0) == 60 - stored, what="counted drops")
+    wait_for(lambda: collector.stats().dropped.get("rate_limited", 0) == 60 - stored, message="counted drops")
     assert 20 <= stored < 60
 
 
 def test_orgs_added_and_removed_are_picked_up_within_5_s(endpoint, collectors):
     collector = collectors(endpoint.settings())
     before = tuple(credentials.list_orgs(endpoint.data_dir))
-    assert collector.stats().orgs == before and "acme" in before
+    assert collector.stats().orgs == before
+    assert "acme" in before
     t0 = time.monotonic()
     keys = credentials.add_org(endpoint.data_dir, "initech")
-    wait_until(lambda: collector.stats().orgs == tuple(sorted(before + ("initech",))), timeout=5,
-               what="subscribed to initech")
+    wait_for(lambda: collector.stats().orgs == tuple(sorted(before + ("initech",))), timeout=5,
+               message="subscribed to initech")
     assert time.monotonic() - t0 < 5
     endpoint.keys, acme_keys = keys, endpoint.keys  # publish as initech
     try:
-        wait_until(lambda: _publish_ok(endpoint), timeout=5, what="initech agent accepted by the broker")
-        wait_until(lambda: query(endpoint.data_dir, "SELECT count(*) FROM reports WHERE org='initech'")[0][0] >= 1,
-                   what="initech report stored")
+        wait_for(lambda: _publish_ok(endpoint), timeout=5, message="initech agent accepted by the broker")
+        wait_for(lambda: query(endpoint.data_dir, "SELECT count(*) FROM reports WHERE org='initech'")[0][0] >= 1,
+                   message="initech report stored")
     finally:
         endpoint.keys = acme_keys
     credentials.remove_org(endpoint.data_dir, "initech")
-    wait_until(lambda: collector.stats().orgs == before, timeout=5, what="unsubscribed from initech")
+    wait_for(lambda: collector.stats().orgs == before, timeout=5, message="unsubscribed from initech")
 
 
 def _publish_ok(endpoint) -> bool:
@@ -279,7 +283,7 @@ def test_shard_serves_only_its_orgs(endpoint, collectors):
     agent = SimAgent(endpoint, "m1").connect()  # an acme agent: not this shard's business
     agent.report()
     agent.close()
-    beat = wait_until(lambda: query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'"))
+    beat = wait_for(lambda: query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'"))
     assert json.loads(beat[0][0])["orgs"] == ["initech"]
     assert seqs(endpoint) == []
 
@@ -289,7 +293,7 @@ def test_locked_database_applies_backpressure_and_loses_nothing(endpoint, collec
     collectors(endpoint.settings())
     agent = SimAgent(endpoint, "m1").connect()
     agent.report()
-    wait_until(lambda: seqs(endpoint) == [0], what="first report")
+    wait_for(lambda: seqs(endpoint) == [0], message="first report")
     locker = sqlite3.connect(endpoint.data_dir / "fleet.db", timeout=5)
     locker.execute("BEGIN IMMEDIATE")  # another writer holds the database
     try:
@@ -300,19 +304,19 @@ def test_locked_database_applies_backpressure_and_loses_nothing(endpoint, collec
     finally:
         locker.rollback()
         locker.close()
-    wait_until(lambda: seqs(endpoint) == list(range(41)), timeout=20, what="every report after the lock")
+    wait_for(lambda: seqs(endpoint) == list(range(41)), timeout=20, message="every report after the lock")
     agent.close()
 
 
 def test_resubscribes_after_the_broker_restarts(endpoint, collectors):
     collector = collectors(endpoint.settings())
     endpoint.stop()
-    wait_until(lambda: not collector.stats().broker_connected, what="disconnect noticed")
+    wait_for(lambda: not collector.stats().broker_connected, message="disconnect noticed")
     endpoint.restart()
-    wait_until(lambda: collector.stats().broker_connected, timeout=15, what="reconnected")
-    agent = wait_until(lambda: _connect_agent(endpoint), timeout=10, what="agent connects")
+    wait_for(lambda: collector.stats().broker_connected, timeout=15, message="reconnected")
+    agent = wait_for(lambda: _connect_agent(endpoint), timeout=10, message="agent connects")
     agent.report()
-    wait_until(lambda: seqs(endpoint) == [0], timeout=10, what="report after the restart")
+    wait_for(lambda: seqs(endpoint) == [0], timeout=10, message="report after the restart")
     agent.close()
 
 
@@ -335,8 +339,8 @@ def test_retention_runs_on_a_timer(endpoint, collectors):
             "VALUES ('acme', 'old', 's', ?, ?, ?, 50.0, '{}')", [(i, old + i, old + i) for i in range(10)])
     db.conn.close()
     collectors(endpoint.settings(history_raw_days=1))
-    wait_until(lambda: query(endpoint.data_dir, "SELECT count(*) FROM reports WHERE machine_id='old'") == [(0,)],
-               what="old raw history rolled up")
+    wait_for(lambda: query(endpoint.data_dir, "SELECT count(*) FROM reports WHERE machine_id='old'") == [(0,)],
+               message="old raw history rolled up")
     assert query(endpoint.data_dir, "SELECT sum(samples), avg(cpu_percent) FROM rollups WHERE machine_id='old'") == [
         (10, 50.0)]
 
@@ -353,11 +357,11 @@ def test_cli_collector_runs_until_sigterm_and_flushes(endpoint):
             rows = query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'")
             return rows and json.loads(rows[0][0])["broker_connected"] and "acme" in json.loads(rows[0][0])["orgs"]
 
-        wait_until(connected, timeout=20, what="the CLI collector to connect")
+        wait_for(connected, timeout=20, message="the CLI collector to connect")
         agent = SimAgent(endpoint, "m1").connect()
         for _ in range(5):
             agent.report()
-        wait_until(lambda: seqs(endpoint) == list(range(5)), what="reports stored")
+        wait_for(lambda: seqs(endpoint) == list(range(5)), message="reports stored")
         agent.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -386,8 +390,8 @@ def test_an_exception_while_handling_one_message_is_counted_not_fatal(mosquitto_
     cursed, fine = SimAgent(ep, "cursed").connect(), SimAgent(ep, "m1").connect()
     cursed.report()
     fine.report()
-    wait_until(lambda: seqs(ep) == [0], what="the other machine's report")
-    wait_until(lambda: collector.stats().dropped == {"internal": 1}, what="internal drop counted")
+    wait_for(lambda: seqs(ep) == [0], message="the other machine's report")
+    wait_for(lambda: collector.stats().dropped == {"internal": 1}, message="internal drop counted")
     cursed.close()
     fine.close()
 
@@ -399,7 +403,8 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
 
     import trustme
 
-    from collector_fixtures import Endpoint, free_port, port_open
+    from tests.collector.collector_fixtures import Endpoint
+    from tests.helpers import free_port, port_open
 
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed")
@@ -425,14 +430,14 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
     proc = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "m.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: port_open(port), what="mosquitto TLS listener")
+        wait_for(lambda: port_open(port), message="mosquitto TLS listener")
         ep = Endpoint(f"mqtts://127.0.0.1:{port}", tmp_path / "ca.pem", data_dir, keys, proc.terminate, lambda: None)
         collector = collectors(ep.settings())
         agent = SimAgent(ep, "m1").connect()
         agent.ping("online")
         agent.report()
-        wait_until(lambda: seqs(ep) == [0], what="report over TLS")
-        wait_until(lambda: machine_row(ep) and machine_row(ep)[0] == "online", what="online")
+        wait_for(lambda: seqs(ep) == [0], message="report over TLS")
+        wait_for(lambda: machine_row(ep) and machine_row(ep)[0] == "online", message="online")
         assert collector.stats().broker_connected
         agent.close()
     finally:
@@ -442,7 +447,7 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
 
 def test_the_real_agent_is_seen_online_then_offline_after_sigterm(broker, acme, collectors):
     """`fleet agent` (real psutil metrics, real protocol) through the embedded broker into the collector."""
-    from collector_fixtures import embedded_endpoint
+    from tests.collector.collector_fixtures import embedded_endpoint
 
     ep = embedded_endpoint(broker, acme)
     collectors(ep.settings())
@@ -450,7 +455,7 @@ def test_the_real_agent_is_seen_online_then_offline_after_sigterm(broker, acme, 
            "--org", "acme", "--key", acme.agent_key, "--machine", "real-1", "--ca", str(ep.ca), "--interval", "0.3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: len(seqs(ep, "real-1")) >= 3, timeout=20, what="the agent's reports")
+        wait_for(lambda: len(seqs(ep, "real-1")) >= 3, timeout=20, message="the agent's reports")
         status, *_ = machine_row(ep, "real-1")
         assert status == "online"
         proc.send_signal(signal.SIGTERM)
@@ -459,7 +464,7 @@ def test_the_real_agent_is_seen_online_then_offline_after_sigterm(broker, acme, 
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-    wait_until(lambda: machine_row(ep, "real-1")[0] == "offline", what="offline after SIGTERM")
+    wait_for(lambda: machine_row(ep, "real-1")[0] == "offline", message="offline after SIGTERM")
     assert events(ep, "real-1")[-1] == ("online", "offline", "shutdown")
     assert query(ep.data_dir, "SELECT count(*) FROM drops") == [(0,)]  # the agent speaks the contract
     for (session,) in query(ep.data_dir, "SELECT DISTINCT session FROM reports WHERE machine_id='real-1'"):

@@ -4,7 +4,9 @@ import json
 import sqlite3
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from fleet.config import payloads
 from fleet.config.errors import PayloadError
@@ -112,7 +114,7 @@ def test_machine_id_must_match_the_topic(a, b):
     assert reason == (None if a == b else payloads.MACHINE_MISMATCH)
 
 
-@pytest.mark.parametrize("raw, reason", [
+@pytest.mark.parametrize(("raw", "reason"), [
     (b"x" * (64 * 1024 + 1), payloads.TOO_LARGE),
     (b'{"v": 1, "machine_id": "\xff"}', payloads.NOT_UTF8),
     (b"{not json", payloads.NOT_JSON),

@@ -3,7 +3,7 @@
 import pytest
 
 from fleet.collector.state import EVICTED, OFFLINE, ONLINE, STALE
-from collector_builders import INTERVAL, T0, ping, report, tracker
+from tests.collector.collector_builders import INTERVAL, T0, ping, report, tracker
 
 
 def statuses(transitions):
@@ -21,9 +21,12 @@ def test_first_report_creates_online_machine_with_latest_data():
     t = tracker()
     assert statuses(t.on_report(report(), T0 + 0.5)) == [(None, ONLINE, "report")]
     m = t.get("acme", "web-1")
-    assert m.status == ONLINE and m.os == "Linux" and m.metrics["cpu_percent"] == 5.0
+    assert m.status == ONLINE
+    assert m.os == "Linux"
+    assert m.metrics["cpu_percent"] == 5.0
     assert m.clock_offset_s == pytest.approx(0.5)
-    assert [x.machine_id for x in t.take_dirty()] == ["web-1"] and t.take_dirty() == []
+    assert [x.machine_id for x in t.take_dirty()] == ["web-1"]
+    assert t.take_dirty() == []
 
 
 def test_online_goes_stale_after_stale_factor_times_interval_then_back_online():
@@ -31,7 +34,8 @@ def test_online_goes_stale_after_stale_factor_times_interval_then_back_online():
     t.on_ping(ping(interval=2.0), T0)
     assert t.tick(T0 + 5.9) == ([], [])  # 3 x 2 s not yet passed
     transitions, evicted = t.tick(T0 + 6.1)
-    assert statuses(transitions) == [(ONLINE, STALE, "silent")] and evicted == []
+    assert statuses(transitions) == [(ONLINE, STALE, "silent")]
+    assert evicted == []
     assert t.tick(T0 + 7) == ([], [])  # no repeated event
     assert statuses(t.on_report(report(ts=T0 + 8), T0 + 8)) == [(STALE, ONLINE, "report")]
 
@@ -107,11 +111,13 @@ def test_eviction_after_ttl_from_any_status():
     t.on_ping(ping(machine="b"), T0)
     t.on_ping(ping("offline", machine="b", reason="shutdown"), T0 + 1)
     transitions, evicted = t.tick(T0 + 99)
-    assert {(x.machine_id, x.new_status) for x in transitions} == {("a", STALE)} and evicted == []
+    assert {(x.machine_id, x.new_status) for x in transitions} == {("a", STALE)}
+    assert evicted == []
     transitions, evicted = t.tick(T0 + 102)
     assert sorted(statuses(transitions)) == [(OFFLINE, EVICTED, "ttl"), (STALE, EVICTED, "ttl")]
     assert sorted(m.machine_id for m in evicted) == ["a", "b"]
-    assert t.get("acme", "a") is None and t.machines == {}
+    assert t.get("acme", "a") is None
+    assert t.machines == {}
     # It comes back later: a brand-new machine again.
     assert statuses(t.on_report(report(machine="a", ts=T0 + 500), T0 + 500)) == [(None, ONLINE, "report")]
 
@@ -137,7 +143,8 @@ def test_conflict_while_two_hardware_ids_report_within_stale_after():
     t.take_dirty()
     t.tick(T0 + 31)  # hw-a silent past stale_after: conflict clears on the timer
     m = t.get("acme", "web-1")
-    assert not m.conflict and m.hardware_id == "hw-b"
+    assert not m.conflict
+    assert m.hardware_id == "hw-b"
     assert [x.machine_id for x in t.take_dirty()] == ["web-1"]
 
 
@@ -169,7 +176,9 @@ def test_load_restores_state_from_rows():
     assert statuses(t.on_ping(ping(machine="m", session="s10", ts=T0 + 2), T0 + 2)) == [(OFFLINE, ONLINE, "ping")]
 
 
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from fleet.collector.state import STATUSES  # noqa: E402
 
@@ -212,7 +221,8 @@ def test_any_message_sequence_keeps_the_state_machine_consistent(ops):
             assert machine.status in STATUSES
             assert machine.clock_offset_s is None or machine.clock_offset_s >= 0.999
             assert machine.conflict == (len(machine.hardware_seen) > 1)
-            assert len(machine.past_sessions) <= 16 and len(machine.offsets) <= 5
+            assert len(machine.past_sessions) <= 16
+            assert len(machine.offsets) <= 5
 
 
 def test_replayed_reports_of_a_never_seen_older_session_do_not_take_over():

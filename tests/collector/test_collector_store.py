@@ -6,7 +6,7 @@ import sqlite3
 from fleet.collector import store
 from fleet.collector.state import Tracker
 from fleet.config.database import open_db
-from collector_builders import T0, ping, report
+from tests.collector.collector_builders import T0, ping, report
 
 
 def _db(tmp_path):
@@ -31,7 +31,8 @@ def test_batch_stores_reports_machines_events_and_counters(tmp_path):
     conn = db.conn
     assert conn.execute("SELECT count(*), min(seq), max(seq) FROM reports").fetchone() == (3, 0, 2)
     row = conn.execute("SELECT status, session, os, metrics, last_seen FROM machines").fetchone()
-    assert row[:3] == ("online", "s1", "Linux") and json.loads(row[3])["cpu_percent"] == 5.0
+    assert row[:3] == ("online", "s1", "Linux")
+    assert json.loads(row[3])["cpu_percent"] == 5.0
     assert conn.execute("SELECT old_status, new_status, reason FROM events").fetchall() == [(None, "online", "report")]
     assert dict(conn.execute("SELECT reason, count FROM drops")) == {"not_json": 3, "rate_limited": 4}
     assert conn.execute("SELECT expired FROM org_stats WHERE org='acme'").fetchone() == (1,)
@@ -86,9 +87,11 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(tmp_path
     # Rollups: one per minute, 3 samples each, only for days 7..19 (older ones past rollup_days deleted).
     minutes, samples, oldest_minute = conn.execute("SELECT count(*), sum(samples), min(minute) FROM rollups").fetchone()
     assert oldest_minute >= now - 20 * day
-    assert samples == 3 * minutes and minutes > 0
+    assert samples == 3 * minutes
+    assert minutes > 0
     first = conn.execute("SELECT cpu_percent, net_bytes_sent FROM rollups ORDER BY minute LIMIT 1").fetchone()
-    assert first[0] is not None and first[1] is not None
+    assert first[0] is not None
+    assert first[1] is not None
     assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
     # Idempotent: a second run finds nothing more to do.
     assert store.apply_retention(db, now, 7, 20) == store.RetentionResult(0, 0, 0)

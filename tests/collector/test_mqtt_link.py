@@ -7,10 +7,10 @@ import socket
 import threading
 
 import pytest
-from collector_fixtures import free_port, wait_until
 
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink, packet
 from fleet.config.mqtt import BrokerAddress
+from tests.helpers import free_port, wait_for
 
 TOPIC = "fleet/acme/web-1/report"
 
@@ -45,7 +45,7 @@ def open_link(endpoint, client_id: str, recorder: Recorder, wait_suback: bool = 
     ref[0] = link
     link.start()
     if wait_suback:
-        wait_until(lambda: recorder.subacks, 10, "SUBACK")
+        wait_for(lambda: recorder.subacks, 10, "SUBACK")
     return link
 
 
@@ -101,9 +101,9 @@ def test_acks_of_an_older_connection_are_not_sent_on_a_new_one(endpoint):
         publish(endpoint, [b'{"n":1}'])
         (_, _, old_token), = recorder.take(1)
         endpoint.stop()
-        wait_until(lambda: recorder.disconnects, 10, "the link to notice")
+        wait_for(lambda: recorder.disconnects, 10, "the link to notice")
         endpoint.restart()
-        wait_until(lambda: len(recorder.connects) == 2, 15, "reconnect")
+        wait_for(lambda: len(recorder.connects) == 2, 15, "reconnect")
         link.ack([old_token])  # ignored: the id belongs to the previous connection
         assert old_token >> 16 != link._generation
         assert not link._out
@@ -121,7 +121,7 @@ def test_own_publish_waits_for_the_broker_and_is_delivered_after_a_reconnect(end
     try:
         link.publish("fleet/acme/gone/ping", b"", retain=True)
         assert got.get(timeout=10) == ("fleet/acme/gone/ping", b"", False)
-        wait_until(lambda: not link._inflight, 10, "PUBACK of our publish")
+        wait_for(lambda: not link._inflight, 10, "PUBACK of our publish")
     finally:
         link.stop()
         reader.disconnect()
@@ -171,7 +171,7 @@ def fake_link(port: int, recorder: Recorder, keepalive: int = 30) -> MqttLink:
     return link
 
 
-@pytest.mark.parametrize("after, why", [
+@pytest.mark.parametrize(("after", "why"), [
     (b"\x34\x05\x00\x01t\x00\x01", "QoS 2"),                     # QoS 2 on a QoS 1 subscription
     (b"\x30\xff\xff\xff\xff\x01", "remaining length"),           # a fifth length byte
     (b"\x30\x03\x00\x09t", "malformed PUBLISH"),                 # topic longer than the packet
@@ -182,7 +182,7 @@ def test_a_broker_breaking_the_protocol_is_dropped_and_retried(after, why):
     recorder = Recorder()
     link = fake_link(fake.port, recorder)
     try:
-        wait_until(lambda: fake.connections >= 2, 10, "a reconnect after the protocol error")
+        wait_for(lambda: fake.connections >= 2, 10, "a reconnect after the protocol error")
         assert any(why in d for d in recorder.disconnects), recorder.disconnects
         assert recorder.messages.empty()
     finally:
@@ -195,7 +195,7 @@ def test_refused_credentials_are_retried_with_backoff_not_in_a_tight_loop(caplog
     recorder = Recorder()
     link = fake_link(fake.port, recorder)
     try:
-        wait_until(lambda: fake.connections >= 3, 10, "retries")
+        wait_for(lambda: fake.connections >= 3, 10, "retries")
         assert recorder.connects == []
         assert "not authorized" in caplog.text
     finally:
@@ -209,7 +209,7 @@ def test_a_silent_broker_is_detected_by_keepalive():
     recorder = Recorder()
     link = fake_link(fake.port, recorder, keepalive=1)
     try:
-        wait_until(lambda: any("PINGRESP" in d for d in recorder.disconnects), 10, "keepalive to expire")
+        wait_for(lambda: any("PINGRESP" in d for d in recorder.disconnects), 10, "keepalive to expire")
         assert b"\xc0\x00" in fake.received  # it did ask
     finally:
         link.stop()

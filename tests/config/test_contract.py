@@ -3,13 +3,22 @@
 import json
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from fleet.config import payloads
 from fleet.config.errors import ContractError, InvalidId, PayloadError
 from fleet.config.ids import is_valid_id, sanitize_machine_id, validate_id
-from fleet.config.topics import (Topic, agent_client_id, machine_from_client_id, org_filter, ping_topic,
-                           report_topic, topic_matches)
+from fleet.config.topics import (
+    Topic,
+    agent_client_id,
+    machine_from_client_id,
+    org_filter,
+    ping_topic,
+    report_topic,
+    topic_matches,
+)
 
 
 @pytest.mark.parametrize("value", ["a", "web-1", "A_b.c-9", "x" * 64])
@@ -24,7 +33,7 @@ def test_invalid_ids(value):
         validate_id(value)
 
 
-@pytest.mark.parametrize("hostname, expected", [
+@pytest.mark.parametrize(("hostname", "expected"), [
     ("Web-1.Example.COM", "web-1.example.com"), ("my host!", "my-host-"), ("--x", "x"), ("", "machine"),
 ])
 def test_sanitize_hostname(hostname, expected):
@@ -53,7 +62,7 @@ def test_client_ids():
     assert machine_from_client_id("acme", "fleet-acme-") is None
 
 
-@pytest.mark.parametrize("filter_, topic, expected", [
+@pytest.mark.parametrize(("filter_", "topic", "expected"), [
     ("fleet/#", "fleet/a/m/report", True), ("fleet/a/+/ping", "fleet/a/m/ping", True),
     ("fleet/a/+/ping", "fleet/b/m/ping", False), ("#", "$SYS/x", False), ("fleet/a/#", "fleet/a", True),
     ("fleet/+", "fleet/a/b", False),
@@ -78,7 +87,7 @@ def test_report_round_trip():
     assert (report.org, report.machine_id, report.session, report.seq, report.ts) == ("acme", "web-1", "s1", 3, 1764000000.125)
 
 
-@pytest.mark.parametrize("raw, reason", [
+@pytest.mark.parametrize(("raw", "reason"), [
     (b"x" * (payloads.MAX_PAYLOAD_BYTES + 1), payloads.TOO_LARGE),
     (b"\xff\xfe{}", payloads.NOT_UTF8),
     (b"{not json", payloads.NOT_JSON),
@@ -152,4 +161,5 @@ def test_any_json_object_either_parses_or_raises_payload_error(obj):
         report = payloads.parse_report(json.dumps(obj).encode(), "fleet/a/m/report")
     except PayloadError:
         return
-    assert isinstance(report.seq, int) and report.seq >= 0
+    assert isinstance(report.seq, int)
+    assert report.seq >= 0

@@ -21,10 +21,13 @@ def _stored_text(data_dir):
 
 def test_add_org_stores_only_hashes(tmp_path):
     org = credentials.add_org(tmp_path, "acme")
-    assert len(org.agent_key) >= 43 and org.agent_key != org.reader_key  # 256 bits, url-safe
+    assert len(org.agent_key) >= 43
+    assert org.agent_key != org.reader_key
     text = _stored_text(tmp_path)
-    assert org.agent_key not in text and org.reader_key not in text
-    assert org.agent_key not in repr(org) and org.reader_key not in repr(org)
+    assert org.agent_key not in text
+    assert org.reader_key not in text
+    assert org.agent_key not in repr(org)
+    assert org.reader_key not in repr(org)
     assert credentials.list_orgs(tmp_path) == ["acme"]
     assert (tmp_path / "pepper").stat().st_mode & 0o077 == 0
 
@@ -71,13 +74,15 @@ def test_service_key_is_stable_and_private(tmp_path):
     assert (tmp_path / credentials.SERVICE_KEY_FILE).stat().st_mode & 0o077 == 0
     records = credentials.load_records(connect(tmp_path / "fleet.db"))
     principal = credentials.check_key(records, credentials.load_pepper(tmp_path), credentials.SERVICE_USERNAME, key)
-    assert principal.role == "service" and principal.org is None
+    assert principal.role == "service"
+    assert principal.org is None
 
 
 def test_mosquitto_hash_format():
     salt = b"0123456789ab"
     line = credentials.mosquitto_hash("secret", salt=salt)
     _, kind, iterations, salt_b64, hash_b64 = line.split("$")
-    assert kind == "7" and int(iterations) == credentials.MOSQUITTO_ITERATIONS
+    assert kind == "7"
+    assert int(iterations) == credentials.MOSQUITTO_ITERATIONS
     assert base64.b64decode(salt_b64) == salt
     assert base64.b64decode(hash_b64) == hashlib.pbkdf2_hmac("sha512", b"secret", salt, int(iterations))

@@ -32,7 +32,7 @@ def test_config_file_from_environment(tmp_path):
     assert load_settings(env={"FLEET_CONFIG": str(cfg)}).refresh_interval_ms == 1500
 
 
-@pytest.mark.parametrize("env, fragment", [
+@pytest.mark.parametrize(("env", "fragment"), [
     ({"FLEET_TTL_SECONDS": "abc"}, "ttl_seconds"),
     ({"FLEET_TTL_SECONDS": "0"}, "ttl_seconds"),
     ({"FLEET_MQTT_PORT": "70000"}, "mqtt_port"),
@@ -45,7 +45,8 @@ def test_bad_values_name_the_setting_in_one_line(env, fragment):
     with pytest.raises(SettingsError) as info:
         load_settings(env=env)
     message = str(info.value)
-    assert fragment in message and "\n" not in message
+    assert fragment in message
+    assert "\n" not in message
 
 
 def test_unknown_key_and_broken_file_are_errors(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 from fleet.agent.outbox import Outbox
 from fleet.config import credentials, payloads
-from helpers import free_port, port_open, Inbox, close, connect_client, wait_for
+from tests.helpers import Inbox, close, connect_client, free_port, port_open, wait_for
 
 pytestmark = pytest.mark.slow
 AGENTS = ("alpha", "beta")
@@ -142,7 +142,7 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
         # No tail lost either: each session's reports continue one interval after the previous session's last.
         for m in AGENTS:
             spans = _rows(data, f"SELECT min(ts), max(ts) FROM reports WHERE machine_id='{m}' GROUP BY session ORDER BY 1")
-            for (_, last), (first, _) in zip(spans, spans[1:]):
+            for (_, last), (first, _) in zip(spans, spans[1:], strict=False):
                 assert first - last < 0.2 * 1.9, (m, spans)  # one interval, with room for a late tick
     finally:
         for proc in procs:

@@ -7,7 +7,9 @@ import random
 import string
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from fleet.config import credentials
 from fleet.config.settings import Settings
@@ -52,7 +54,8 @@ def test_traversal_and_odd_paths_are_json_404s(env, path):
     res = client.get(path, headers={"Authorization": f"Bearer {token}"})
     assert res.status_code in (400, 401, 404), (path, res.status_code)
     assert res.is_json
-    assert b"pepper" not in res.data and b"BEGIN" not in res.data
+    assert b"pepper" not in res.data
+    assert b"BEGIN" not in res.data
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
@@ -60,7 +63,8 @@ def test_traversal_and_odd_paths_are_json_404s(env, path):
 def test_wrong_methods_are_json_405(env, method, endpoint):
     client, token, _ = env
     res = client.open(endpoint, method=method, headers={"Authorization": f"Bearer {token}"}, data=b"x" * 100)
-    assert res.status_code == 405 and res.is_json
+    assert res.status_code == 405
+    assert res.is_json
 
 
 def test_huge_headers_and_bodies_through_waitress_are_refused_not_500(env):
@@ -80,7 +84,8 @@ def test_huge_headers_and_bodies_through_waitress_are_refused_not_500(env):
         conn.request("GET", "/api/fleet", headers={"Authorization": "Bearer " + "".join(
             random.choices(string.ascii_letters, k=8000))})
         res = conn.getresponse()
-        assert res.status == 401 and b"error" in res.read()
+        assert res.status == 401
+        assert b"error" in res.read()
         conn.close()
     finally:
         running.stop()

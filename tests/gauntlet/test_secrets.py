@@ -14,8 +14,7 @@ import pytest
 
 from fleet.config import credentials
 from fleet.up import DEMO_KEYS_FILE
-from helpers import free_port, connect_client, wait_for
-
+from tests.helpers import connect_client, free_port, wait_for
 
 
 def _get(url: str, token: str | None) -> int:

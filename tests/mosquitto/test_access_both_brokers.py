@@ -8,9 +8,9 @@ and wide subscriptions are granted, then filtered on delivery (never another org
 from __future__ import annotations
 
 import pytest
-from helpers import Inbox, close, connect_client, wait_for
 
 from fleet.config import credentials
+from tests.helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
 
@@ -50,7 +50,7 @@ def _service(broker, client_id="watcher"):
                           client_id)
 
 
-@pytest.mark.parametrize("username, key, client_id, embedded, mosquitto", [
+@pytest.mark.parametrize(("username", "key", "client_id", "embedded", "mosquitto"), [
     (None, None, "anon", 5, 5),
     ("acme/agent", "wrong-key", "fleet-acme-web-1", 5, 5),
     ("acme/reader", "acme-agent-key", "x", 5, 5),          # an agent key is not a reader key
@@ -67,7 +67,7 @@ def test_connect(any_broker, kind, orgs, username, key, client_id, embedded, mos
         assert connect_client(any_broker, username, key, client_id, expect_rc=1) == expected
 
 
-@pytest.mark.parametrize("who, topic, embedded, mosquitto", [
+@pytest.mark.parametrize(("who", "topic", "embedded", "mosquitto"), [
     ("acme-agent", f"{OWN}/report", True, True),
     ("acme-agent", f"{OWN}/ping", True, True),
     ("acme-agent", f"{OWN}/other", False, False),
@@ -98,7 +98,7 @@ def test_publish(any_broker, kind, orgs, who, topic, embedded, mosquitto):
         close(watcher)
 
 
-@pytest.mark.parametrize("who, topic_filter, embedded, mosquitto", [
+@pytest.mark.parametrize(("who", "topic_filter", "embedded", "mosquitto"), [
     # (filter, what each broker delivers of the retained pings of acme/web-1, acme/db-1, globex/web-1)
     ("acme-reader", "fleet/acme/#", {OWN, OTHER_MACHINE}, {OWN, OTHER_MACHINE}),
     ("acme-reader", "fleet/acme/+/ping", {OWN, OTHER_MACHINE}, {OWN, OTHER_MACHINE}),
@@ -147,12 +147,12 @@ def test_forbidden_last_will_is_never_published(any_broker, kind, orgs, will_top
                               expect_rc=1) == 5
     else:
         client = connect_client(any_broker, "acme/agent", orgs["acme"].agent_key, "fleet-acme-web-1", will=will)
-        client._sock.close()  # abrupt loss: the broker would publish the will now
+        client.socket().close()  # abrupt loss: the broker would publish the will now
         client.loop_stop()
     # A legitimate will fired afterwards bounds the wait: the broker handled the first loss before it.
     marker = connect_client(any_broker, "acme/agent", orgs["acme"].agent_key, "fleet-acme-web-1",
                             will=(f"{OWN}/ping", b"marker-will", 1, False))
-    marker._sock.close()
+    marker.socket().close()
     marker.loop_stop()
     wait_for(lambda: inbox.on(f"{OWN}/ping"), timeout=10, message="the legitimate will")
     forged = [m for m in inbox.messages if m.payload == b"forged-will"]

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Inbox, close, connect_client, wait_for
 
 from fleet.config import credentials, payloads
+from tests.helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
 
@@ -23,13 +23,15 @@ def mosquitto(mosquitto_broker):
 
 def test_generated_files(mosquitto, acme):
     conf = (mosquitto.out_dir / "mosquitto.conf").read_text()
-    assert "allow_anonymous false" in conf and "max_packet_size" in conf
+    assert "allow_anonymous false" in conf
+    assert "max_packet_size" in conf
     passwd = (mosquitto.out_dir / "passwd").read_text()
-    assert "acme/agent:$7$" in passwd and acme.agent_key not in passwd
+    assert "acme/agent:$7$" in passwd
+    assert acme.agent_key not in passwd
     assert (mosquitto.out_dir / "passwd").stat().st_mode & 0o077 == 0
 
 
-@pytest.mark.parametrize("who, key_attr, client_id, code", [
+@pytest.mark.parametrize(("who", "key_attr", "client_id", "code"), [
     ("acme/reader", "reader_key", "r1", 0), ("acme/agent", "agent_key", "fleet-acme-web-1", 0),
     ("acme/agent", "wrong", "fleet-acme-web-1", 5), (None, None, "anon", 5),
 ])
@@ -74,7 +76,7 @@ def test_isolation_and_presence(mosquitto, acme, globex):
     agent.publish("fleet/acme/web-1/ping", b"online", qos=1, retain=True).wait_for_publish(5)
     inbox.wait_for_topic("fleet/acme/web-1/ping")
     assert [m.payload for m in inbox.on("fleet/acme/web-1/report")] == [b"real"]
-    agent._sock.close()  # abrupt loss: Mosquitto publishes the will
+    agent.socket().close()  # abrupt loss: Mosquitto publishes the will
     agent.loop_stop()
     wait_for(lambda: any(m.payload == will for m in inbox.on("fleet/acme/web-1/ping")), timeout=10,
              message="last will")
@@ -135,7 +137,8 @@ def test_rotation_drops_the_old_key_and_its_live_connection(mosquitto, acme):
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop happens only when Mosquitto starts as root")
 def test_started_as_root_it_drops_to_the_mosquitto_user(fleet_dir, acme):
     import psutil
-    from mosquitto.conftest import start_mosquitto
+
+    from tests.mosquitto.process import start_mosquitto
 
     out_dir = Path(tempfile.mkdtemp(prefix="fleet-mosquitto-", dir="/tmp"))
     out_dir.chmod(0o755)  # as /etc/mosquitto/... would be
@@ -153,20 +156,21 @@ def test_started_as_root_it_drops_to_the_mosquitto_user(fleet_dir, acme):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop happens only when Mosquitto starts as root")
 def test_out_dir_the_mosquitto_user_cannot_reach_keeps_root(fleet_dir, acme, tmp_path):
-    from mosquitto.conftest import start_mosquitto
+    from tests.mosquitto.process import start_mosquitto
 
     tmp_path.chmod(0o700)
     broker = start_mosquitto(fleet_dir, tmp_path / "mq", run_as=None)
     try:
         conf = (tmp_path / "mq" / "mosquitto.conf").read_text()
-        assert "not reachable by user mosquitto" in conf and "\nuser root\n" in conf
+        assert "not reachable by user mosquitto" in conf
+        assert "\nuser root\n" in conf
         close(connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1"))
     finally:
         broker.stop()
 
 
 def test_plain_listener_is_loopback_only_and_keeps_the_access_rules(fleet_dir, acme, tmp_path):
-    from mosquitto.conftest import start_mosquitto
+    from tests.mosquitto.process import start_mosquitto
 
     broker = start_mosquitto(fleet_dir, tmp_path / "mq", plain=True)
     try:

@@ -11,11 +11,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from helpers import Inbox, close, connect_client, wait_for
 
 from fleet.agent.simulate import start_simulation
 from fleet.config import credentials, payloads
 from fleet.config.settings import Settings
+from tests.helpers import Inbox, close, connect_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,9 @@ def test_twenty_agents_report_ping_and_stop_cleanly(broker, acme):
     finally:
         sim.stop()
     stats = sim.stats()
-    assert stats["connected"] == 0 and stats["refused"] == 0 and stats["reconnects"] == 0
+    assert stats["connected"] == 0
+    assert stats["refused"] == 0
+    assert stats["reconnects"] == 0
     wait_for(lambda: len({p.machine_id for p in _pings(inbox) if p.reason == "shutdown"}) == 20, timeout=10,
              message="offline/shutdown from each agent")
     reports = _reports(inbox)
@@ -92,7 +94,8 @@ def test_twenty_agents_report_ping_and_stop_cleanly(broker, acme):
     for w in walks:
         sent = [m["net"]["bytes_sent"] for m in w]
         disk = [m["disks"][0]["percent"] for m in w]
-        assert sent == sorted(sent) and disk == sorted(disk)
+        assert sent == sorted(sent)
+        assert disk == sorted(disk)
     shutdown_sessions = {(p.machine_id, p.session) for p in _pings(inbox) if p.reason == "shutdown"}
     assert shutdown_sessions == set(seqs)
 
@@ -102,7 +105,8 @@ def test_wrong_key_is_refused_and_counted(broker, acme):
     sim = start_simulation(settings, agents=3, seed=1)
     try:
         wait_for(lambda: sim.stats()["refused"] >= 3, timeout=15, message="three refusals")
-        assert sim.stats()["connects"] == 0 and sim.stats()["sent"] == 0
+        assert sim.stats()["connects"] == 0
+        assert sim.stats()["sent"] == 0
     finally:
         sim.stop()
 
@@ -129,7 +133,9 @@ def test_cli_runs_until_sigterm_then_prints_summary(broker, acme):
             proc.wait()
     assert proc.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["agents"] == 5 and summary["connected"] == 0 and summary["acked"] >= 5
+    assert summary["agents"] == 5
+    assert summary["connected"] == 0
+    assert summary["acked"] >= 5
     wait_for(lambda: len({p.machine_id for p in _pings(inbox) if p.reason == "shutdown"}) == 5, timeout=10,
              message="offline/shutdown from the CLI's agents")
     wait_for(lambda: len(_reports(inbox)) >= summary["acked"], timeout=10, message="acked reports delivered")
@@ -142,12 +148,14 @@ def test_cli_wrong_key_exits_1_with_one_line(broker, acme):
                   env={"FLEET_KEY": "wrong"})
     _, err = proc.communicate(timeout=40)
     assert proc.returncode == 1
-    assert "refused every simulated agent" in err and "Traceback" not in err and "wrong" not in err
+    assert "refused every simulated agent" in err
+    assert "Traceback" not in err
+    assert "wrong" not in err
 
 
 @pytest.mark.mosquitto
 def test_agents_reconnect_with_new_sessions_after_mosquitto_restart(fleet_dir, acme, tmp_path):
-    from mosquitto.conftest import start_mosquitto
+    from tests.mosquitto.process import start_mosquitto
 
     out_dir = tmp_path / "mosquitto"
     mosq = start_mosquitto(fleet_dir, out_dir)
@@ -169,7 +177,8 @@ def test_agents_reconnect_with_new_sessions_after_mosquitto_restart(fleet_dir, a
 
         wait_for(lambda: len(new_sessions_reporting()) == 5, timeout=10, message="reports in new sessions")
         online = [p for p in _pings(inbox) if p.status == "online"]
-        assert len({p.machine_id for p in online}) == 5 and not {p.session for p in online} & before
+        assert len({p.machine_id for p in online}) == 5
+        assert not {p.session for p in online} & before
     finally:
         sim.stop()
         if watcher is not None:

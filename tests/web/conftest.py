@@ -67,7 +67,3 @@ def settings(fleet) -> Settings:
 @pytest.fixture
 def client(settings):
     return create_app(settings).test_client()
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}

@@ -6,17 +6,18 @@ import re
 import time
 
 import pytest
+from tests.helpers import bearer
 
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
 
-from conftest import bearer
-
 
 def test_config_needs_no_auth_and_matches_spec(client, settings):
     body = client.get("/api/config").get_json()
-    assert body["FLEET_TTL_SECONDS"] == 3600 and body["REFRESH_INTERVAL_MS"] == 1000
-    assert body["API_VERSION"] == 1 and isinstance(body["FEATURES"], dict)
+    assert body["FLEET_TTL_SECONDS"] == 3600
+    assert body["REFRESH_INTERVAL_MS"] == 1000
+    assert body["API_VERSION"] == 1
+    assert isinstance(body["FEATURES"], dict)
     assert body["MQTT"] == {"url": settings.effective_broker_url,
                             "topics": {"report": "fleet/{org}/{machine}/report", "ping": "fleet/{org}/{machine}/ping"}}
 
@@ -26,7 +27,8 @@ def test_config_needs_no_auth_and_matches_spec(client, settings):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}])
 def test_missing_or_wrong_token_is_401_json(client, path, headers):
     res = client.get(path, headers=headers)
-    assert res.status_code == 401 and "error" in res.get_json()
+    assert res.status_code == 401
+    assert "error" in res.get_json()
     assert res.headers["WWW-Authenticate"].startswith("Bearer")
 
 
@@ -41,20 +43,23 @@ def test_fleet_is_org_scoped_and_filterable(client, fleet):
     fleet.machine("globex", "web-1", "online", "Linux")
     fleet.db()["org_stats"].insert({"org": "acme", "expired": 4}, replace=True)
     body = client.get("/api/fleet", headers=bearer(fleet.acme.reader_key)).get_json()
-    assert body["count"] == 3 and body["expired"] == 4
+    assert body["count"] == 3
+    assert body["expired"] == 4
     assert {m["machine_id"] for m in body["data"]} == {"web-1", "db-1", "win-1"}
     assert all(m["org"] == "acme" for m in body["data"])
     machine = body["data"][0]
     for key in ("org", "machine_id", "hardware_id", "status", "last_seen", "last_ping", "clock_offset_s", "conflict",
                 "system", "metrics"):
         assert key in machine
-    assert isinstance(machine["conflict"], bool) and isinstance(machine["system"], dict)
+    assert isinstance(machine["conflict"], bool)
+    assert isinstance(machine["system"], dict)
     only_online = client.get("/api/fleet?status=online", headers=bearer(fleet.acme.reader_key)).get_json()
     assert [m["machine_id"] for m in only_online["data"]] == ["web-1"]
     windows = client.get("/api/fleet?os=Windows", headers=bearer(fleet.acme.reader_key)).get_json()
     assert [m["machine_id"] for m in windows["data"]] == ["win-1"]
     paged = client.get("/api/fleet?limit=1&offset=1&sort=machine_id", headers=bearer(fleet.acme.reader_key)).get_json()
-    assert paged["count"] == 3 and [m["machine_id"] for m in paged["data"]] == ["web-1"]
+    assert paged["count"] == 3
+    assert [m["machine_id"] for m in paged["data"]] == ["web-1"]
     search = client.get("/api/fleet?q=db", headers=bearer(fleet.acme.reader_key)).get_json()
     assert [m["machine_id"] for m in search["data"]] == ["db-1"]
 
@@ -63,7 +68,8 @@ def test_another_orgs_machine_is_a_plain_404(client, fleet):
     fleet.machine("globex", "secret-1")
     for path in ("/api/fleet/secret-1", "/api/fleet/secret-1/history", "/api/fleet/nobody"):
         res = client.get(path, headers=bearer(fleet.acme.reader_key))
-        assert res.status_code == 404 and "error" in res.get_json()
+        assert res.status_code == 404
+        assert "error" in res.get_json()
     assert client.get("/api/fleet/secret-1", headers=bearer(fleet.globex.reader_key)).status_code == 200
 
 
@@ -75,7 +81,10 @@ def test_history_is_oldest_first_and_bounded_by_since_until(client, fleet):
                      headers=bearer(fleet.acme.reader_key)).get_json()
     assert res["machine_id"] == "web-1"
     ts = [p["ts"] for p in res["points"]]
-    assert ts == sorted(ts) and ts[0] >= start + 100 and ts[-1] <= start + 200 and len(ts) == 11
+    assert ts == sorted(ts)
+    assert ts[0] >= start + 100
+    assert ts[-1] <= start + 200
+    assert len(ts) == 11
     point = res["points"][0]
     for key in ("ts", "session", "seq", "cpu_percent", "memory_percent", "disk_percent"):
         assert key in point
@@ -96,15 +105,18 @@ def test_events_of_the_org_since(client, fleet):
 def test_bad_query_params_are_400_json(client, fleet, path):
     fleet.machine("acme", "web-1")
     res = client.get(path, headers=bearer(fleet.acme.reader_key))
-    assert res.status_code == 400 and "error" in res.get_json()
+    assert res.status_code == 400
+    assert "error" in res.get_json()
 
 
 def test_unknown_routes_wrong_methods_and_traversal_are_json(client, fleet):
     assert client.get("/api/nothing").status_code == 404
     res = client.post("/api/fleet", headers=bearer(fleet.acme.reader_key))
-    assert res.status_code == 405 and res.get_json()["error"]
+    assert res.status_code == 405
+    assert res.get_json()["error"]
     res = client.get("/api/fleet/..%2F..%2Fetc%2Fpasswd", headers=bearer(fleet.acme.reader_key))
-    assert res.status_code == 404 and res.is_json
+    assert res.status_code == 404
+    assert res.is_json
     res = client.get("/static/../../config/credentials.py")
     assert res.status_code == 404
 
@@ -115,7 +127,8 @@ def test_metrics_is_prometheus_text_for_the_org(client, fleet):
     fleet.machine("globex", "hidden")
     fleet.db()["drops"].insert({"reason": "not_json", "count": 3}, replace=True)
     res = client.get("/metrics", headers=bearer(fleet.acme.reader_key))
-    assert res.status_code == 200 and res.mimetype == "text/plain"
+    assert res.status_code == 200
+    assert res.mimetype == "text/plain"
     text = res.get_data(as_text=True)
     sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\})? -?[0-9.e+-]+(inf)?$')
     for line in text.splitlines():
@@ -130,7 +143,8 @@ def test_security_headers_on_every_response(client):
     for path in ("/", "/api/config", "/healthz", "/static/app.js"):
         res = client.get(path)
         csp = res.headers["Content-Security-Policy"]
-        assert "default-src 'self'" in csp and "'unsafe-inline'" not in csp
+        assert "default-src 'self'" in csp
+        assert "'unsafe-inline'" not in csp
         assert res.headers["X-Content-Type-Options"] == "nosniff"
         assert res.headers["X-Frame-Options"] == "DENY"
 
@@ -149,7 +163,9 @@ def test_healthz_reports_each_part(client, fleet):
     res = client.get("/healthz")
     body = res.get_json()
     assert res.status_code == 503  # no broker on port 1, no collector heartbeat
-    assert body["database"] == "ok" and body["collector"] != "ok" and body["broker"] != "ok"
+    assert body["database"] == "ok"
+    assert body["collector"] != "ok"
+    assert body["broker"] != "ok"
     fleet.db()["heartbeats"].insert({"component": "collector", "ts": time.time(),
                                      "detail": '{"broker_connected": true}'}, replace=True)
     assert client.get("/healthz").get_json()["collector"] == "ok"
@@ -163,6 +179,7 @@ def test_served_by_waitress(settings, fleet):
     running = start_in_thread(settings.replace(http_port=0))
     try:
         with urllib.request.urlopen(f"{running.url}/api/config", timeout=5) as res:
-            assert res.status == 200 and res.headers["Server"] == "fleet"
+            assert res.status == 200
+            assert res.headers["Server"] == "fleet"
     finally:
         running.stop()

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from playwright.sync_api import expect
 
 from fleet.web.server import start_in_thread
@@ -60,11 +59,13 @@ def test_dashboard_end_to_end(browser, site, fleet):
     page.wait_for_selector("#machines tbody tr")
     rows = page.locator("#machines tbody tr")
     assert rows.count() == 4
-    assert page.text_content("#count-online") == "2" and page.text_content("#count-offline") == "1"
+    assert page.text_content("#count-online") == "2"
+    assert page.text_content("#count-offline") == "1"
     assert "other-org" not in page.content()
     # XSS attempt: the hostname shows as text and nothing runs.
     assert page.locator("text=" + XSS).count() >= 1
-    assert page.evaluate("window.__pwned === undefined") and not dialogs
+    assert page.evaluate("window.__pwned === undefined")
+    assert not dialogs
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
     page.select_option("#os-filter", "Windows")
