@@ -15,9 +15,9 @@ from fleet.config.errors import ConfigError
 if TYPE_CHECKING:  # sqlite-utils costs ~20 MB of imports; the agent and the broker never need it
     import sqlite_utils
 
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 
+# Version 1: the tables every part shares. Later versions are appended to MIGRATIONS, never edited.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orgs (
     name TEXT PRIMARY KEY,
@@ -122,6 +122,13 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+# (version, SQL script): applied in order, each once, recorded as meta.schema_version.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, SCHEMA),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
 class DatabaseError(ConfigError):
     """The database cannot be opened or has an unexpected schema."""
 
@@ -153,11 +160,52 @@ def open_db(path: str | Path, check_same_thread: bool = True) -> sqlite_utils.Da
     return sqlite_utils.Database(conn)
 
 
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create every table and index that does not exist yet."""
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The version recorded in ``meta`` (0 for a new database)."""
     try:
-        with conn:
-            conn.executescript(SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.OperationalError:  # no meta table yet
+        return 0
+    return int(row[0]) if row else 0
+
+
+def statements(script: str) -> list[str]:
+    """Split an SQL script into complete statements (comments and blank lines kept inside them)."""
+    done, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            done.append(current.strip())
+            current = ""
+    if current.strip() and not all(part.strip().startswith("--") for part in current.splitlines() if part.strip()):
+        raise DatabaseError(f"incomplete SQL statement in migration: {current.strip()[:60]}")
+    return done
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Apply every migration newer than the database's version, each in its own write transaction.
+
+    Several parts may start at once on one ``fleet.db``: the version is read again under the write lock,
+    so each migration runs exactly once.
+    """
+    try:
+        for version, script in MIGRATIONS:
+            if version <= schema_version(conn):
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                current = schema_version(conn)
+                if current < version:
+                    for statement in statements(script):
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key)"
+                                 " DO UPDATE SET value = excluded.value", (str(version),))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        current = schema_version(conn)
+        if current > SCHEMA_VERSION:
+            raise DatabaseError(f"database schema version {current} is newer than this fleet ({SCHEMA_VERSION})")
     except sqlite3.Error as exc:
-        raise DatabaseError(f"cannot create schema: {exc}") from exc
+        raise DatabaseError(f"cannot create or migrate the schema: {exc}") from exc
