@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,35 +37,16 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import free_port, stop_process, wait_port  # noqa: E402
+from bench.common import FLEET, free_port, http_json, last_json_line, stop_process, wait_port, wait_until  # noqa: E402
 from fleet.config import payloads  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
 from fleet.config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
 
-FLEET = [sys.executable, "-m", "fleet.cli"]
 ORG = "load"
 PROBE = "probe-1"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 # The latency probe polls the API every 20 ms: lift the per-client limit for this benchmark only.
 ENV = {**os.environ, "FLEET_LOG_LEVEL": "WARNING", "FLEET_RATE_LIMIT_API": "1000000/minute"}
-
-
-def http_json(url: str, token: str | None = None, timeout: float = 5.0):
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.status, json.loads(resp.read())
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 class Probe:
@@ -194,12 +174,8 @@ def start_broker(kind: str, data: Path, port: int) -> subprocess.Popen:
 
 
 def sim_summaries(sims: list[subprocess.Popen]) -> list[dict]:
-    out = []
-    for sim in sims:
-        text = sim.communicate(timeout=60)[0] if sim.stdout else ""
-        lines = [line for line in text.splitlines() if line.strip().startswith("{")]
-        out.append(json.loads(lines[-1]) if lines else {})
-    return out
+    """Wait for the simulators to exit; their JSON summaries."""
+    return [last_json_line(sim.communicate(timeout=60)[0] or "") for sim in sims]
 
 
 def run(kind: str, args: argparse.Namespace) -> dict[str, object]:

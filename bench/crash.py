@@ -1,0 +1,226 @@
+"""Crash benchmark: N agents at 1 s; SIGKILL of `fleet up`, `fleet broker` or `fleet collector` mid-run.
+
+For each kill, a fresh data dir: the system runs (`fleet up`, or broker, collector and web as three
+processes), `fleet simulate --record` connects N agents, and once all are online and --before seconds
+have passed, the part is SIGKILLed and restarted on the same ports. The agents reconnect (new sessions,
+full-jitter backoff); after --after more seconds they stop cleanly and the collector drains. Then every
+report is accounted for by (machine, session, seq), from the simulator's record and the database:
+
+- good: acknowledged (PUBACK) and stored;
+- LOST: acknowledged but not stored (must be 0);
+- tail: published, never acknowledged, not stored: a dead connection's in-flight reports (the
+  simulator has no outbox), which the collector should count as lost from the next session's online
+  ping (prev_session/prev_seq);
+- counted: what the collector counts as lost (the machine objects' ``lost``, summed), "n/a" while it
+  does not count;
+- unexplained: missing from storage and not counted (missing - counted; must be 0).
+
+    python3 bench/crash.py --agents 1000 --kill up,broker,collector
+Loopback only; stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import FLEET, free_port, http_json, last_json_line, stop_process, wait_port, wait_until  # noqa: E402
+from fleet.agent.record import read_record  # noqa: E402
+
+ORG = "crash"
+KILLS = ("up", "broker", "collector")
+ENV = {**os.environ, "FLEET_LOG_LEVEL": "WARNING", "FLEET_RATE_LIMIT_API": "1000000/minute"}
+
+
+@dataclass
+class System:
+    """The processes of the system under test, restartable on the same ports."""
+
+    data: Path
+    layout: str  # "up": one `fleet up`; "parts": broker, collector, web
+    mqtt_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def command(self, part: str) -> list[str]:
+        common = ["--data-dir", str(self.data)]
+        return {
+            "up": [*FLEET, "up", "--mqtt-port", str(self.mqtt_port), "--http-port", str(self.http_port), *common],
+            "broker": [*FLEET, "broker", "--mqtt-port", str(self.mqtt_port), *common],
+            "collector": [*FLEET, "collector", "--broker", self.url, *common],
+            "web": [*FLEET, "web", "--http-port", str(self.http_port), "--broker", self.url, *common],
+        }[part]
+
+    def start(self, part: str) -> None:
+        self.procs[part] = subprocess.Popen(self.command(part), env=ENV, stdout=subprocess.DEVNULL)
+        if part in ("up", "broker"):
+            wait_port(self.mqtt_port, self.procs[part], timeout=60)
+
+    def start_all(self) -> None:
+        for part in ["up"] if self.layout == "up" else ["broker", "collector", "web"]:
+            self.start(part)
+        self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        wait_until(lambda: http_json(f"{self.api}/healthz")[0] == 200, 60, "healthz 200")
+
+    def kill_and_restart(self, part: str) -> float:
+        """SIGKILL ``part``, start it again; returns the Unix time of the kill."""
+        proc = self.procs[part]
+        killed = time.time()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        self.start(part)
+        self.wait_healthy()
+        return killed
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            stop_process(proc, 20)
+
+
+def query(db: Path, sql: str, *params: object) -> list[tuple]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def counted_lost(system: System, reader_key: str) -> int | None:
+    """The collector's count of lost reports: the ``lost`` field of the org's machines, summed (None: not kept)."""
+    _, fleet = http_json(f"{system.api}/api/fleet", reader_key, timeout=30)
+    machines = fleet.get("data", [])
+    if not any("lost" in m for m in machines):
+        return None
+    return sum(int(m.get("lost") or 0) for m in machines)
+
+
+def run(kill: str, args: argparse.Namespace) -> dict[str, object]:
+    """One kill's run; returns its accounting."""
+    data = Path(tempfile.mkdtemp(prefix=f"fleet-crash-{kill}-"))
+    db = data / "fleet.db"
+    keys = json.loads(subprocess.check_output([*FLEET, "org", "add", ORG, "--json", "--data-dir", str(data)],
+                                              env=ENV))
+    system = System(data, "up" if kill == "up" else "parts")
+    sims: list[subprocess.Popen] = []
+    records = [data / f"record-{i}.csv" for i in range(args.simulators)]
+    try:
+        system.start_all()
+        per = [args.agents // args.simulators + (i < args.agents % args.simulators) for i in range(args.simulators)]
+        for i, count in enumerate(per):
+            sims.append(subprocess.Popen(
+                [*FLEET, "simulate", "--broker", system.url, "--org", ORG, "--ca", str(data / "certs" / "ca.pem"),
+                 "--agents", str(count), "--interval", str(args.interval), "--prefix", f"sim{i}",
+                 "--connect-rate", str(args.connect_rate / args.simulators), "--record", str(records[i]),
+                 "--data-dir", str(data)],
+                env={**ENV, "FLEET_KEY": keys["agent_key"], "FLEET_RECONNECT_MAX_S": str(args.reconnect_max)},
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+
+        def all_online() -> bool:
+            return query(db, "SELECT count(*) FROM machines WHERE status='online'")[0][0] >= args.agents
+
+        wait_until(all_online, args.agents / args.connect_rate + 120, "every agent online")
+        time.sleep(args.before)
+        stored_at_kill = query(db, "SELECT count(*) FROM reports")[0][0]
+        print(f"  [{kill}] SIGKILL after {stored_at_kill} reports stored", flush=True)
+        before = dict(query(db, "SELECT machine_id, session FROM machines"))
+        killed = system.kill_and_restart(kill)
+        restarted = time.time()
+
+        def all_back() -> bool:
+            """Broker killed: every agent online in a new session; collector killed: reports received again."""
+            rows = query(db, "SELECT machine_id, session, last_seen FROM machines WHERE status='online'")
+            if kill == "collector":
+                return sum(1 for _, _, seen in rows if seen and seen > restarted) >= args.agents
+            return sum(1 for m, s, _ in rows if s != before.get(m)) >= args.agents
+
+        wait_until(all_back, 120, "every agent back")
+        back = time.time()
+        print(f"  [{kill}] restarted; all agents back online {back - killed:.1f} s after the kill", flush=True)
+        time.sleep(args.after)
+        for sim in sims:
+            sim.send_signal(signal.SIGTERM)
+        summaries = [last_json_line(sim.communicate(timeout=60)[0] or "") for sim in sims]
+
+        def drained() -> bool:  # every clean shutdown recorded (each follows its session's reports)
+            return query(db, "SELECT count(*) FROM machines WHERE status != 'offline'")[0][0] == 0
+
+        wait_until(drained, 60, "clean shutdowns recorded")
+        counted = counted_lost(system, keys["reader_key"])
+    finally:
+        for sim in sims:
+            stop_process(sim, 20)
+        system.stop()
+
+    rec = read_record(records)
+    stored = set(query(db, "SELECT machine_id, session, seq FROM reports WHERE org = ?", ORG))
+    published, acked = rec.published, rec.acked
+    unacked = published - acked
+    missing = len(published - stored)
+    return {
+        "published": len(published),
+        "acked (PUBACK)": len(acked),
+        "stored": len(stored),
+        "good (acked, stored)": len(acked & stored),
+        "LOST (acked, not stored)": len(acked - stored),
+        "tail (not acked, not stored)": len(unacked - stored),
+        "stored, PUBACK not received": len(unacked & stored),
+        "stored, never published": len(stored - published),
+        "counted lost by the collector": "n/a" if counted is None else counted,
+        "unexplained (missing - counted)": "n/a" if counted is None else missing - counted,
+        "sessions": len({(m, s) for m, s, _ in rec.connects}),
+        "reconnects / failed attempts": f"{sum(s.get('reconnects', 0) for s in summaries)} / "
+                                        f"{sum(s.get('failed', 0) for s in summaries)}",
+        "all back online after": f"{back - killed:.1f} s",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--kill", default=",".join(KILLS), help="comma-separated: up, broker, collector")
+    parser.add_argument("--before", type=float, default=15.0, help="seconds of full load before the kill")
+    parser.add_argument("--after", type=float, default=15.0, help="seconds of full load after everyone is back")
+    parser.add_argument("--connect-rate", type=float, default=500.0, help="first connects a second (all simulators)")
+    parser.add_argument("--reconnect-max", type=float, default=10.0, help="agents' backoff cap, seconds")
+    parser.add_argument("--simulators", type=int, default=max(1, (os.cpu_count() or 1) // 2))
+    args = parser.parse_args()
+    kills = [k.strip() for k in args.kill.split(",") if k.strip()]
+    if not kills or set(kills) - set(KILLS):
+        parser.error(f"--kill takes {', '.join(KILLS)}")
+    results = {}
+    for kill in kills:
+        print(f"kill {kill}: {args.agents} agents at {args.interval} s", flush=True)
+        results[kill] = run(kill, args)
+    print()
+    print(f"agents={args.agents} interval={args.interval}s before={args.before}s after={args.after}s "
+          f"simulators={args.simulators} cores={os.cpu_count()}")
+    print("| SIGKILL of | " + " | ".join(f"`fleet {k}`" for k in kills) + " |")
+    print("|---|" + "---|" * len(kills))
+    for metric in results[kills[0]]:
+        print(f"| {metric} | " + " | ".join(str(results[k][metric]) for k in kills) + " |")
+
+
+if __name__ == "__main__":
+    main()
