@@ -48,7 +48,7 @@ OS_FAMILIES = [("Linux", "Debian GNU/Linux 12 (bookworm)", "x86_64"), ("Linux", 
                ("Linux", "Ubuntu 22.04 LTS", "aarch64"), ("Linux", "Alpine Linux v3.20", "x86_64"),
                ("Windows", "Windows Server 2022", "AMD64"), ("Darwin", "macOS 15.1", "arm64"),
                ("FreeBSD", "FreeBSD 14.1-RELEASE", "amd64")]
-COUNTERS = ("sent", "acked", "connects", "reconnects", "refused", "failed", "connected", "skipped")
+COUNTERS = ("sent", "acked", "connects", "reconnects", "refused", "failed", "connected", "skipped", "errors")
 
 
 @dataclass
@@ -64,6 +64,7 @@ class SimStats:
     failed: int = 0  # connection attempts that failed before MQTT (refused TCP, timeout, TLS error)
     connected: int = 0
     skipped: int = 0
+    errors: int = 0  # unexpected exceptions in a shard's loop (logged); a healthy run has none
     first_connect_at: float | None = None  # Unix times
     all_connected_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -269,25 +270,45 @@ class Shard(threading.Thread):
         last_misc = 0.0
         while not self.stop_event.is_set():
             now = time.monotonic()
-            for agent in self.agents:
-                if agent.dialing is not None:
-                    if now >= agent.dial_deadline:
-                        self._dial_failed(agent, "timed out")
-                elif agent.client is None or (not agent.connected and agent.client.socket() is None):
-                    if now >= agent.next_connect:
-                        self._dial(agent, now)
-                elif agent.connected and now >= agent.next_report:
-                    agent.report()
-                    agent.next_report += agent.settings.interval
-                    if agent.next_report < now:
-                        agent.next_report = now + agent.settings.interval
             misc = now - last_misc >= 1.0
-            self._service(misc)
+            try:
+                self._step(now, misc)
+            except Exception:  # a bug must not silently take this shard's agents offline: count, log, go on
+                self.agents[0].stats.add(errors=1)
+                log.exception("simulator shard %s", self.name)
+                self.stop_event.wait(0.1)
             if misc:
                 last_misc = now
             self._flush_events()
         self._shutdown()
         self._flush_events()
+
+    def _step(self, now: float, misc: bool) -> None:
+        for agent in self.agents:
+            if agent.dialing is not None:
+                if now >= agent.dial_deadline:
+                    self._dial_failed(agent, "timed out")
+            elif agent.client is None or (not agent.connected and agent.client.socket() is None):
+                if agent in self.registered:  # paho closed the socket itself (a write inside publish() failed)
+                    self._lost(agent)
+                elif now >= agent.next_connect:
+                    self._dial(agent, now)
+            elif agent.connected and now >= agent.next_report:
+                agent.report()
+                agent.next_report += agent.settings.interval
+                if agent.next_report < now:
+                    agent.next_report = now + agent.settings.interval
+        self._service(misc)
+
+    def _register(self, sock: Any, events: int, agent: SimAgent) -> None:
+        """Watch ``sock`` for ``agent``. A socket paho closed on its own may still hold the same descriptor
+        number in the selector (closing drops it from epoll, not from the selector's map): forget it first."""
+        stale = self.selector.get_map().get(sock.fileno())
+        if stale is not None:
+            self._lost(stale.data)
+            if sock.fileno() in self.selector.get_map():  # not a paho socket: a bug, but never a dead shard
+                self.selector.unregister(self.selector.get_map()[sock.fileno()].fileobj)
+        self.selector.register(sock, events, agent)
 
     # opening a connection, without blocking the loop -----------------------------------------
     def _dial(self, agent: SimAgent, now: float) -> None:
@@ -309,7 +330,7 @@ class Shard(threading.Thread):
             return
         agent.dialing = sock
         agent.dial_deadline = now + CONNECT_TIMEOUT_S
-        self.selector.register(sock, selectors.EVENT_WRITE, agent)
+        self._register(sock, selectors.EVENT_WRITE, agent)
 
     def _advance_dial(self, agent: SimAgent) -> None:
         """The dialing socket is ready: finish the TCP connect, then step the TLS handshake, then start MQTT."""
@@ -325,7 +346,7 @@ class Shard(threading.Thread):
                     self.selector.unregister(sock)
                     sock = agent.dialing = self.tls.wrap_socket(sock, server_hostname=self.address.host,
                                                                 do_handshake_on_connect=False)
-                    self.selector.register(sock, selectors.EVENT_READ, agent)
+                    self.selector.register(sock, selectors.EVENT_WRITE, agent)  # the same descriptor again
             if isinstance(sock, ssl.SSLSocket):
                 sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -347,9 +368,11 @@ class Shard(threading.Thread):
             self._dial_failed(agent, exc)
             return
         mqtt_sock = agent.live.socket()
-        if mqtt_sock is not None:
-            self.selector.register(mqtt_sock, selectors.EVENT_READ, agent)
-            self.registered[agent] = mqtt_sock
+        if mqtt_sock is None:  # writing CONNECT failed: paho closed it
+            self._lost(agent)
+            return
+        self._register(mqtt_sock, selectors.EVENT_READ, agent)
+        self.registered[agent] = mqtt_sock
 
     def _dial_failed(self, agent: SimAgent, why: object) -> None:
         sock, agent.dialing = agent.dialing, None
@@ -452,7 +475,7 @@ class Simulation:
     recorder: record.Recorder | None = None
 
     def stats(self) -> dict[str, Any]:
-        """Counters (sent, acked, connects, reconnects, refused, failed, connected, skipped) and connect times."""
+        """Counters (sent, acked, connects, reconnects, refused, failed, connected, skipped, errors), connect times."""
         return self.stats_.snapshot()
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fleet.up import stop_process  # noqa: F401 - re-exported for the benchmark scripts
@@ -53,20 +54,49 @@ def http_json(url: str, token: str | None = None, timeout: float = 5.0) -> tuple
         return resp.status, json.loads(resp.read())
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    """Poll ``predicate`` (exceptions count as "not yet") every 0.2 s; exit the benchmark after ``timeout``."""
+def poll(predicate: Callable[[], Any], timeout: float) -> bool:
+    """Poll ``predicate`` (exceptions count as "not yet") every 0.2 s; False if ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if predicate():
-                return
+                return True
         except Exception:  # noqa: BLE001 - not up yet
             pass
         time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
+    return False
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    """``poll``, but exit the benchmark if ``timeout`` passes first."""
+    if not poll(predicate, timeout):
+        raise SystemExit(f"timed out waiting for {what}")
 
 
 def last_json_line(text: str) -> dict:
     """The last line of ``text`` that is a JSON object (a command's summary), or {}."""
     lines = [line for line in text.splitlines() if line.strip().startswith("{")]
     return json.loads(lines[-1]) if lines else {}
+
+
+def start_simulators(count: int, agents: int, url: str, org: str, key: str, data: Path, interval: float,
+                     connect_rate: float, env: dict[str, str], record: bool = False) -> list[subprocess.Popen]:
+    """``count`` ``fleet simulate`` processes sharing ``agents`` (prefixes sim0, sim1, …) and ``connect_rate``;
+    each logs to DATA/simulate-I.log and, with ``record``, records to DATA/record-I.csv."""
+    procs = []
+    for i in range(count):
+        share = agents // count + (i < agents % count)
+        cmd = [*FLEET, "simulate", "--broker", url, "--org", org, "--ca", str(data / "certs" / "ca.pem"),
+               "--agents", str(share), "--interval", str(interval), "--prefix", f"sim{i}",
+               "--connect-rate", str(connect_rate / count), "--data-dir", str(data)]
+        if record:
+            cmd += ["--record", str(data / f"record-{i}.csv")]
+        with open(data / f"simulate-{i}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, env={**env, "FLEET_KEY": key}, stdout=subprocess.PIPE, stderr=log,
+                                          text=True))
+    return procs
+
+
+def simulator_summaries(procs: list[subprocess.Popen], timeout: float = 60) -> list[dict]:
+    """Wait for ``fleet simulate`` processes to exit (after SIGTERM); their JSON summaries."""
+    return [last_json_line(proc.communicate(timeout=timeout)[0] or "") for proc in procs]

@@ -37,7 +37,16 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import FLEET, free_port, http_json, last_json_line, stop_process, wait_port, wait_until  # noqa: E402
+from bench.common import (  # noqa: E402
+    FLEET,
+    free_port,
+    http_json,
+    simulator_summaries,
+    start_simulators,
+    stop_process,
+    wait_port,
+    wait_until,
+)
 from fleet.config import payloads  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
 from fleet.config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
@@ -173,11 +182,6 @@ def start_broker(kind: str, data: Path, port: int) -> subprocess.Popen:
     return proc
 
 
-def sim_summaries(sims: list[subprocess.Popen]) -> list[dict]:
-    """Wait for the simulators to exit; their JSON summaries."""
-    return [last_json_line(sim.communicate(timeout=60)[0] or "") for sim in sims]
-
-
 def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
     """One broker's run; returns its figures by metric name."""
     data = Path(tempfile.mkdtemp(prefix=f"fleet-load-{kind}-"))
@@ -198,15 +202,9 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
         time.sleep(2)  # let start-up settle before the idle baseline
         idle_rss = {name: rss_mb(p.pid) for name, p in parts.procs.items()}
 
-        per = [args.agents // args.simulators + (i < args.agents % args.simulators) for i in range(args.simulators)]
-        sim_env = {**ENV, "FLEET_KEY": keys["agent_key"]}
         started = time.time()
-        for i, count in enumerate(per):
-            parts.sims.append(subprocess.Popen(
-                [*FLEET, "simulate", "--broker", url, "--org", ORG, "--ca", str(ca), "--agents", str(count),
-                 "--interval", str(args.interval), "--prefix", f"sim{i}",
-                 "--connect-rate", str(args.connect_rate / args.simulators), *common],
-                env=sim_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        parts.sims = start_simulators(args.simulators, args.agents, url, ORG, keys["agent_key"], data, args.interval,
+                                      args.connect_rate, ENV)
         probe = Probe(url, ca, keys["agent_key"], api, keys["reader_key"])
         probe_thread = threading.Thread(target=probe.loop, daemon=True)
         probe_thread.start()
@@ -250,7 +248,7 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
 
         for sim in parts.sims:
             sim.send_signal(signal.SIGTERM)
-        summaries = sim_summaries(parts.sims)
+        summaries = simulator_summaries(parts.sims)
         probe.stop.set()
         probe_thread.join(15)
         acked = sum(s.get("acked", 0) for s in summaries)
@@ -284,6 +282,7 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
         else f"{args.agents / max(1e-3, all_connected - min(firsts)):.0f}",
         "connect attempts failed / reconnects": f"{sum(s.get('failed', 0) for s in summaries)} / "
                                                 f"{sum(s.get('reconnects', 0) for s in summaries)}",
+        "simulator errors (logged; must be 0)": sum(s.get("errors", 0) for s in summaries),
         "steady phase": f"{dt:.0f} s",
         "ingest (reports/s, offered)": f"{(last.stored - first.stored) / dt:.0f} ({args.agents / args.interval:.0f})",
         "broker CPU (% of a core)": f"{cpu_pct('broker'):.0f}%",

@@ -188,6 +188,71 @@ def test_a_broker_that_never_answers_the_handshake_blocks_nothing(broker, acme, 
     assert sim.stats()["connects"] == 0
 
 
+class SilentBroker:
+    """Plain-TCP MQTT stand-in: CONNACKs every CONNECT, then reads and ignores everything and never closes."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.done = threading.Event()
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    def _accept(self):
+        self.server.settimeout(0.1)
+        while not self.done.is_set():
+            try:
+                conn = self.server.accept()[0]
+            except TimeoutError:
+                continue
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        conn.settimeout(0.1)
+        acked = False
+        while not self.done.is_set():
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:  # the client shut its side: keep ours open, and stay silent
+                self.done.wait(0.05)
+            elif not acked:
+                conn.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
+                acked = True
+
+    def close(self):
+        self.done.set()
+        self.acceptor.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.server.close()
+
+
+def test_agents_whose_write_failed_inside_publish_reconnect(tmp_path):
+    # The broker never closes, so nothing is ever readable: the shard learns of the dead connections only
+    # when paho's own write inside publish() fails and paho closes the socket behind the selector's back.
+    fake = SilentBroker()
+    settings = Settings(data_dir=tmp_path, broker_url=f"mqtt://127.0.0.1:{fake.port}", org="acme", key="k",
+                        interval=0.1, reconnect_max_s=0.2)
+    sim = start_simulation(settings, agents=20, seed=3, connect_rate=200)
+    try:
+        wait_for(lambda: sim.stats()["connected"] == 20, timeout=10, message="20 connected")
+        for agent in sim.agents:
+            agent.live.socket().shutdown(socket.SHUT_WR)  # the next send fails with EPIPE
+        wait_for(lambda: sim.stats()["reconnects"] >= 20 and sim.stats()["connected"] == 20, timeout=10,
+                 message="every agent reconnected")
+        assert all(shard.is_alive() for shard in sim.shards)
+        assert sim.stats()["errors"] == 0
+    finally:
+        sim.stop()
+        fake.close()
+
+
 def _fleet(*args, env=None):
     return subprocess.Popen([sys.executable, "-m", "fleet.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
