@@ -153,7 +153,7 @@ class ProcessSampler:
         counts = dict.fromkeys((c.spec for c in self.checks), 0)
         regexes = [c for c in self.checks if c.regex is not None]
         names = {c.spec for c in self.checks if c.regex is None}
-        long_names = {n[:COMM_LEN]: n for n in names if len(n) > COMM_LEN}
+        long_prefixes = {n[:COMM_LEN] for n in names if len(n) > COMM_LEN}
         for proc in self.source():
             key = (proc.pid, proc.start)
             current[key] = proc.cpu_s
@@ -163,7 +163,7 @@ class ProcessSampler:
                 busiest.append((max(0.0, proc.cpu_s - (before or 0.0)) / window * 100, proc))
             if proc.zombie or proc.pid == self.own_pid or not self.checks:
                 continue
-            self._count(proc, counts, names, long_names, regexes)
+            self._count(proc, counts, names, long_prefixes, regexes)
         self._previous, self._previous_at = current, now
         result: dict[str, Any] = {}
         if window is not None and window >= MIN_WINDOW_S:
@@ -173,12 +173,14 @@ class ProcessSampler:
             result["process_counts"] = counts
         return result
 
-    def _count(self, proc: Proc, counts: dict[str, int], names: set[str], long_names: dict[str, str],
+    def _count(self, proc: Proc, counts: dict[str, int], names: set[str], long_prefixes: set[str],
                regexes: list[Check]) -> None:
         if proc.name in names:
             counts[proc.name] += 1
-        elif proc.name in long_names and self._full_name(proc) == long_names[proc.name]:
-            counts[long_names[proc.name]] += 1
+        elif proc.name in long_prefixes:
+            full = self._full_name(proc)
+            if full in names:
+                counts[full] += 1
         if regexes:
             args = self.cmdline(proc.pid)
             if args is None:

@@ -227,9 +227,9 @@ def _rollup_fields(conn: sqlite3.Connection, chunk_end: float) -> None:
     for key, sums in groups.items():
         row = conn.execute("SELECT fields FROM rollups WHERE org = ? AND machine_id = ? AND minute = ?", key).fetchone()
         merged = json.loads(row[0]) if row and row[0] else {}
-        for name, (total, samples) in sums.items():
+        for name, (added, samples) in sums.items():
             old = merged.get(name, [0.0, 0])
-            merged[name] = [old[0] + total, old[1] + samples]
+            merged[name] = [old[0] + added, old[1] + samples]
         conn.execute("UPDATE rollups SET fields = ? WHERE org = ? AND machine_id = ? AND minute = ?",
                      (json.dumps(merged, separators=(",", ":"), ensure_ascii=False), *key))
 

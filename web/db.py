@@ -141,7 +141,7 @@ def history(org: str, machine_id: str, since: float, until: float, max_points: i
     return points
 
 
-def _extra_fields(text: str) -> dict[str, float]:
+def _extra_fields(text: str) -> dict[str, float | None]:
     """A row's extra fields: a report's ``{"field": n}``, or a rollup's ``{"field": [sum, samples]}`` as the mean."""
     try:
         fields = json.loads(text)
