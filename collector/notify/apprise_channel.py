@@ -6,7 +6,6 @@ replaces the secret pieces of the URLs being used with ``***`` before any handle
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import threading
@@ -87,18 +86,26 @@ class _Reasons(logging.Handler):
             self.lines.append(" ".join(record.getMessage().split()))
 
 
+def _apprise() -> Any:
+    """The apprise module, imported on first use (it is optional and heavy); None when not installed."""
+    try:
+        import apprise
+    except ImportError:
+        return None
+    return apprise
+
+
 def available() -> bool:
     """True when the apprise package is installed."""
-    return importlib.util.find_spec("apprise") is not None
+    return _apprise() is not None
 
 
 def _instantiate(url: str) -> Any:
-    if not available():
+    apprise = _apprise()
+    if apprise is None:
         found = scheme_of(url)
         scheme = found[0] if found else "this"
         raise NotifyError(f"{scheme}:// channels need Apprise: {INSTALL_HINT}")
-    import apprise
-
     plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
     if plugin is None:
         raise NotifyError(f"not a URL Apprise can send to: {redact(url)} (see https://github.com/caronc/apprise/wiki)")
@@ -134,8 +141,7 @@ def send(url: str, title: str, body: str, *, status: str, severity: str, timeout
             plugin = _instantiate(url)
         except NotifyError as exc:
             raise DeliveryError(str(exc), retryable=False) from None
-        import apprise
-
+        apprise = _apprise()
         plugin.socket_connect_timeout = timeout
         plugin.socket_read_timeout = timeout
         reasons = _Reasons()
