@@ -26,13 +26,14 @@ def _joined(names: Sequence[str]) -> str:
 
 
 def subject(notices: Sequence[Notice]) -> str:
-    """E.g. ``[FIRING:3] acme: machine-offline``: status, its count, org(s), rule(s), the machine if only one."""
+    """E.g. ``[FIRING:3] acme: machine-offline``: the group's status and how many alerts have it, then their
+    org(s), rule(s) and machine if only one (what is still firing leads; the body lists everything)."""
     status = group_status(notices)
-    count = sum(1 for n in notices if n.status == status)
-    orgs = sorted({n.org for n in notices})
-    rules = sorted({n.rule for n in notices})
-    machines = {n.machine_id for n in notices}
-    text = f"[{status.upper()}:{count}] {_joined(orgs)}: {_joined(rules)}"
+    leading = [n for n in notices if n.status == status]
+    orgs = sorted({n.org for n in leading})
+    rules = sorted({n.rule for n in leading})
+    machines = {n.machine_id for n in leading}
+    text = f"[{status.upper()}:{len(leading)}] {_joined(orgs)}: {_joined(rules)}"
     return f"{text} ({machines.pop()})" if len(machines) == 1 else text
 
 

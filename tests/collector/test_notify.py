@@ -229,7 +229,9 @@ def test_subject_and_body_count_and_list_the_alerts() -> None:
     one_resolved = [notice("db-1", status="resolved", rule="disk-full")]
     assert render.subject(one_resolved) == "[RESOLVED:1] acme: disk-full (db-1)"
     mixed = [*three, notice("db-1", status="resolved", rule="disk-full", severity="warning", value=93.5)]
-    assert render.subject(mixed) == "[FIRING:3] acme: disk-full, machine-offline"
+    assert render.subject(mixed) == "[FIRING:3] acme: machine-offline"
+    other_rule = [*mixed, notice("db-2", rule="disk-full")]
+    assert render.subject(other_rule) == "[FIRING:4] acme: disk-full, machine-offline"
     text = render.body(mixed, "group-1")
     assert "3 firing, 1 resolved" in text
     assert "FIRING (3)" in text
