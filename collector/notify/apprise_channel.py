@@ -150,6 +150,10 @@ def send(url: str, title: str, body: str, *, status: str, severity: str, timeout
         try:
             ok = plugin.notify(body=body, title=title, notify_type=_notify_type(apprise, status, severity),
                                body_format=apprise.NotifyFormat.TEXT)
+        except Exception as exc:  # a plugin's bug must not stop the delivery worker
+            reason = SCRUBBER.scrub(" ".join(str(exc).split()))[:MAX_REASON_CHARS]
+            raise DeliveryError(f"{redact(url)}: Apprise failed: {type(exc).__name__}: {reason}",
+                                retryable=False) from None
         finally:
             logger.removeHandler(reasons)
         if not ok:

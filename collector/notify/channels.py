@@ -79,6 +79,18 @@ def deliver(kind: str, url: str, secret: str | None, notices: Sequence[Notice], 
     """
     if not notices:
         return
+    try:
+        _send(kind, url, secret, notices, group_key, smtp_url=smtp_url, timeout=timeout, receiver=receiver,
+              external_url=external_url)
+    except DeliveryError:
+        raise
+    except NotifyError as exc:  # a channel that cannot work: no retry will fix it
+        raise DeliveryError(str(exc), retryable=False) from None
+    log.debug("notify: %d notice(s) of group %s sent to %s %s", len(notices), group_key, kind, redact(url))
+
+
+def _send(kind: str, url: str, secret: str | None, notices: Sequence[Notice], group_key: str, *,
+          smtp_url: str | None, timeout: float, receiver: str, external_url: str) -> None:
     if kind == "webhook":
         webhook.send(url, secret, notices, group_key, timeout=timeout, receiver=receiver, external_url=external_url)
     elif kind == "alertmanager":
@@ -92,4 +104,3 @@ def deliver(kind: str, url: str, secret: str | None, notices: Sequence[Notice], 
                              status=status, severity=severity, timeout=timeout)
     else:
         raise DeliveryError(f"unknown channel kind {kind!r} for {redact(url)}", retryable=False)
-    log.debug("notify: %d notice(s) of group %s sent to %s %s", len(notices), group_key, kind, redact(url))

@@ -12,7 +12,7 @@ class NotifyError(CollectorError):
 class DeliveryError(NotifyError):
     """A send that failed; ``retryable`` says whether trying again later may succeed."""
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
 

@@ -535,6 +535,13 @@ def test_email_needs_smtp_url() -> None:
     assert info.value.retryable is False
 
 
+def test_unusable_channel_is_a_delivery_error_not_retried() -> None:
+    for kind, url in [("email", "mailto:nobody"), ("pager", "https://example.com/"), ("webhook", "https://h:x/")]:
+        with pytest.raises(DeliveryError) as info:
+            deliver(kind, url, "s3cret", [notice()], "g", smtp_url="smtp://127.0.0.1:25")
+        assert info.value.retryable is False
+
+
 def test_email_server_down_is_retryable() -> None:
     with pytest.raises(DeliveryError) as info:
         deliver("email", "mailto:ops@example.com", None, [notice()], "g", smtp_url=f"smtp://127.0.0.1:{free_port()}")
