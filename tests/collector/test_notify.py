@@ -444,6 +444,11 @@ def smtp_servers() -> Iterator[Any]:
         controller.stop()
 
 
+def mail(smtp_url: str | None, notices: list[Notice] | None = None) -> None:
+    """Deliver to ``mailto:ops@example.com`` through ``smtp_url``."""
+    deliver("email", "mailto:ops@example.com", None, notices or [notice()], "g", smtp_url=smtp_url)
+
+
 def test_email_plain_lists_alerts(smtp_servers: Any) -> None:
     box = Mailbox()
     port = smtp_servers(box)
@@ -465,8 +470,7 @@ def test_email_plain_lists_alerts(smtp_servers: Any) -> None:
 def test_email_starttls_when_offered(smtp_servers: Any, server_tls: ssl.SSLContext, trust_ca: Path) -> None:
     box = Mailbox()
     port = smtp_servers(box, tls_context=server_tls, require_starttls=True)
-    deliver("email", "mailto:ops@example.com", None, [notice(status="resolved")], "g",
-            smtp_url=f"smtp://localhost:{port}?from=fleet@example.com")
+    mail(f"smtp://localhost:{port}?from=fleet@example.com", [notice(status="resolved")])
     ((_, msg, tls),) = box.messages
     assert tls is True
     assert msg["Subject"] == "[RESOLVED:1] acme: machine-offline (web-1)"
@@ -476,19 +480,23 @@ def test_email_starttls_untrusted_certificate_fails(smtp_servers: Any, server_tl
     box = Mailbox()
     port = smtp_servers(box, tls_context=server_tls, require_starttls=True)
     with pytest.raises(DeliveryError, match="certificate") as info:
-        deliver("email", "mailto:ops@example.com", None, [notice()], "g", smtp_url=f"smtp://localhost:{port}")
+        mail(f"smtp://localhost:{port}")
     assert info.value.retryable is False
     assert box.messages == []
 
 
-def test_email_login_over_starttls(smtp_servers: Any, server_tls: ssl.SSLContext, trust_ca: Path) -> None:
+@pytest.mark.parametrize("scheme", ["smtp", "smtps"])
+def test_email_login_over_tls(smtp_servers: Any, server_tls: ssl.SSLContext, trust_ca: Path, scheme: str) -> None:
+    """smtp:// upgrades with STARTTLS before the login; smtps:// is TLS from the first byte."""
     box = Mailbox()
-    port = smtp_servers(box, tls_context=server_tls, authenticator=_authenticator, auth_required=True)
-    deliver("email", "mailto:ops@example.com", None, [notice()], "g",
-            smtp_url=f"smtp://fleet%40example.com:hunter2%21@localhost:{port}")
+    if scheme == "smtp":
+        port = smtp_servers(box, tls_context=server_tls, authenticator=_authenticator, auth_required=True)
+    else:  # aiosmtpd counts only STARTTLS as TLS for AUTH; this connection is TLS from its first byte
+        port = smtp_servers(box, ssl_context=server_tls, authenticator=_authenticator, auth_require_tls=False)
+    mail(f"{scheme}://fleet%40example.com:hunter2%21@localhost:{port}")
     ((envelope, _, tls),) = box.messages
     assert tls is True
-    assert envelope.mail_from == "fleet@example.com"
+    assert envelope.mail_from == "fleet@example.com"  # the login is the sender by default
 
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
@@ -498,22 +506,11 @@ def test_email_wrong_password_is_not_retried_and_not_shown(smtp_servers: Any) ->
     port = smtp_servers(box, authenticator=_authenticator, auth_required=True, auth_require_tls=False)
     url = f"smtp://fleet%40example.com:wrong-Passw0rd@127.0.0.1:{port}"
     with pytest.raises(DeliveryError, match="login refused") as info:
-        deliver("email", "mailto:ops@example.com", None, [notice()], "g", smtp_url=url)
+        mail(url)
     assert info.value.retryable is False
     assert "wrong-Passw0rd" not in str(info.value) + repr(info.value)
-    deliver("email", "mailto:ops@example.com", None, [notice()], "g",
-            smtp_url=f"smtp://fleet%40example.com:hunter2%21@127.0.0.1:{port}")
+    mail(f"smtp://fleet%40example.com:hunter2%21@127.0.0.1:{port}")
     assert len(box.messages) == 1
-
-
-def test_email_implicit_tls(smtp_servers: Any, server_tls: ssl.SSLContext, trust_ca: Path) -> None:
-    box = Mailbox()
-    # aiosmtpd counts only STARTTLS as TLS for AUTH; this connection is TLS from its first byte.
-    port = smtp_servers(box, ssl_context=server_tls, authenticator=_authenticator, auth_require_tls=False)
-    deliver("email", "mailto:ops@example.com", None, [notice()], "g",
-            smtp_url=f"smtps://fleet%40example.com:hunter2%21@localhost:{port}")
-    ((_, _, tls),) = box.messages
-    assert tls is True
 
 
 @pytest.mark.parametrize(("reply", "retryable"), [("550 5.1.1 no such user", False),
@@ -521,17 +518,17 @@ def test_email_implicit_tls(smtp_servers: Any, server_tls: ssl.SSLContext, trust
 def test_email_refused_recipient(smtp_servers: Any, reply: str, retryable: bool) -> None:
     port = smtp_servers(Mailbox(rcpt_reply=reply))
     with pytest.raises(DeliveryError, match="recipients refused") as info:
-        deliver("email", "mailto:ops@example.com", None, [notice()], "g", smtp_url=f"smtp://127.0.0.1:{port}")
+        mail(f"smtp://127.0.0.1:{port}")
     assert info.value.retryable is retryable
     assert reply.split()[0] in str(info.value)
 
 
 def test_email_needs_smtp_url() -> None:
     with pytest.raises(DeliveryError, match="FLEET_SMTP_URL") as info:
-        deliver("email", "mailto:ops@example.com", None, [notice()], "g", smtp_url=None)
+        mail(None)
     assert info.value.retryable is False
     with pytest.raises(DeliveryError, match="not an SMTP URL") as info:
-        deliver("email", "mailto:ops@example.com", None, [notice()], "g", smtp_url="http://mail:25")
+        mail("http://mail:25")
     assert info.value.retryable is False
 
 
@@ -544,7 +541,7 @@ def test_unusable_channel_is_a_delivery_error_not_retried() -> None:
 
 def test_email_server_down_is_retryable() -> None:
     with pytest.raises(DeliveryError) as info:
-        deliver("email", "mailto:ops@example.com", None, [notice()], "g", smtp_url=f"smtp://127.0.0.1:{free_port()}")
+        mail(f"smtp://127.0.0.1:{free_port()}")
     assert info.value.retryable is True
 
 
