@@ -100,7 +100,7 @@ def _send(kind: str, url: str, secret: str | None, notices: Sequence[Notice], gr
     elif kind == "apprise":
         status = render.group_status(notices)
         severity = "critical" if any(n.severity == "critical" for n in notices if n.status == status) else "warning"
-        apprise_channel.send(url, render.subject(notices), render.body(notices, group_key),
+        apprise_channel.send(url, render.subject(notices), render.body(notices, group_key, render.MAX_CHAT_ALERTS),
                              status=status, severity=severity, timeout=timeout)
     else:
         raise DeliveryError(f"unknown channel kind {kind!r} for {redact(url)}", retryable=False)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from fleet.collector.notify.notice import Notice
 
 MAX_SUBJECT_RULES = 3
+MAX_CHAT_ALERTS = 20  # alerts listed per status in an Apprise (chat) message
 
 
 def group_status(notices: Sequence[Notice]) -> str:
@@ -48,8 +49,9 @@ def _line(notice: Notice) -> list[str]:
     return [f"- [{notice.severity}] {notice.rule} on {notice.machine_id}: {what}", f"  {when}{value}"]
 
 
-def body(notices: Sequence[Notice], group_key: str) -> str:
-    """The alerts listed by status with their counts, each with severity, rule, machine, summary and times."""
+def body(notices: Sequence[Notice], group_key: str, max_listed: int | None = None) -> str:
+    """The alerts listed by status with their counts, each with severity, rule, machine, summary and times;
+    past ``max_listed`` per status, a line says how many more (chat messages stay short)."""
     firing = [n for n in notices if n.status == "firing"]
     resolved = [n for n in notices if n.status == "resolved"]
     orgs = ", ".join(sorted({n.org for n in notices}))
@@ -57,8 +59,11 @@ def body(notices: Sequence[Notice], group_key: str) -> str:
     for title, group in (("FIRING", firing), ("RESOLVED", resolved)):
         if group:
             lines.append(f"{title} ({len(group)})")
-            for notice in sorted(group, key=lambda n: (n.rule, n.machine_id)):
+            ordered = sorted(group, key=lambda n: (n.rule, n.machine_id))
+            for notice in ordered[:max_listed]:
                 lines.extend(_line(notice))
+            if max_listed is not None and len(ordered) > max_listed:
+                lines.append(f"… and {len(ordered) - max_listed} more")
             lines.append("")
     lines += ["-- ", f"fleet alerts, group {group_key}"]
     return "\n".join(lines) + "\n"

@@ -241,6 +241,13 @@ def test_subject_and_body_count_and_list_the_alerts() -> None:
     assert "[warning] disk-full on db-1" in text
     assert "value 93.5" in text
     assert "2025-11-24 16:00:00 UTC" in text  # T0, readable
+    many = [notice(f"m-{i:03}") for i in range(500)]
+    short = render.body(many, "g", max_listed=20)
+    assert "500 firing" in short
+    assert "m-019 is offline" in short
+    assert "m-020" not in short
+    assert "… and 480 more" in short
+    assert "m-499 is offline" in render.body(many, "g")  # email lists them all
 
 
 # --- webhook ------------------------------------------------------------------------------------------------------
