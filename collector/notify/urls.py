@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from fleet.collector.notify.errors import NotifyError
@@ -22,11 +22,12 @@ class Parts:
     """A hierarchical URL split by hand (Apprise URLs are not always valid for urllib: ``tgram://123:abc/…``)."""
 
     scheme: str
-    userinfo: str | None
-    host: str
+    # Everything but scheme and port may be a secret (a password, a token where the host would be): no repr.
+    userinfo: str | None = field(repr=False)
+    host: str = field(repr=False)
     port: int | None
-    port_text: str  # what followed the host's colon, numeric or not
-    rest: str  # path, query and fragment, unparsed
+    port_text: str = field(repr=False)  # what followed the host's colon, numeric or not
+    rest: str = field(repr=False)  # path, query and fragment, unparsed
 
     @property
     def username(self) -> str | None:
@@ -55,7 +56,7 @@ def split(url: str) -> Parts | None:
         port_text = after[1:] if after.startswith(":") else after
     else:
         host, _, port_text = hostport.partition(":")
-    port = int(port_text) if port_text.isdigit() and int(port_text) < 65536 else None
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() and int(port_text) < 65536 else None
     return Parts(scheme, userinfo if at else None, host, port, port_text, rest)
 
 

@@ -626,6 +626,15 @@ def test_redact_keeps_scheme_host_port_only(url: str, secrets: list[str], shown:
         assert secret not in redact(url)
 
 
+def test_url_parts_repr_shows_no_secret() -> None:
+    from fleet.collector.notify.urls import split
+
+    parts = split("tgram://123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/12315544?x=pa55word")
+    assert parts is not None
+    assert "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw" not in repr(parts)
+    assert "pa55word" not in repr(split("json://u:pa55word@h:1/p")) + repr(split("https://h/?t=pa55word"))
+
+
 def test_smtp_password_not_in_repr() -> None:
     server = parse_smtp_url("smtp://alerts:pa55word@mail.example.com:587?from=a@example.com")
     assert "pa55word" not in repr(server)
