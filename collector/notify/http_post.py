@@ -72,8 +72,8 @@ def post_json(url: str, body: bytes, timeout: float, headers: dict[str, str] | N
     try:
         target, auth = _without_userinfo(url)
         request = urllib.request.Request(target, data=body, method="POST")
-    except ValueError as exc:
-        raise DeliveryError(f"{shown}: bad URL ({_one_line(str(exc))})", retryable=False) from None
+    except ValueError:
+        raise DeliveryError(f"{shown}: bad URL", retryable=False) from None
     request.add_header("Content-Type", "application/json")
     request.add_header("User-Agent", USER_AGENT)
     for name, value in (headers or {}).items():
@@ -89,7 +89,7 @@ def post_json(url: str, body: bytes, timeout: float, headers: dict[str, str] | N
         raise _http_error(shown, exc) from None
     except urllib.error.URLError as exc:
         raise _transport_error(shown, exc.reason, timeout) from None
-    except (http.client.InvalidURL, ValueError) as exc:
-        raise DeliveryError(f"{shown}: bad URL ({_one_line(str(exc))})", retryable=False) from None
+    except (http.client.InvalidURL, ValueError):  # their text quotes the URL's pieces
+        raise DeliveryError(f"{shown}: bad URL", retryable=False) from None
     except (OSError, http.client.HTTPException) as exc:
         raise _transport_error(shown, exc, timeout) from None
