@@ -44,8 +44,6 @@ _SYSTEM_FIELDS = (
 _SIZES = ("total", "used")
 _PERCENT = ("percent",)
 _MOUNT = ("mount",)
-_NAME = ("name",)
-_PID = ("pid",)
 _PROCESS_PERCENTS = ("cpu_percent", "memory_percent")
 MAX_STRING = 256
 MAX_DISKS = 64
@@ -219,6 +217,11 @@ def _check_common(obj: Mapping[str, Any], topic: Topic) -> tuple[str, str, str]:
     return machine_id, hardware_id, session
 
 
+_DISK_FIELDS = ((_MOUNT, _short_str), (_SIZES, _is_int), (_PERCENT, _is_number))
+_PROCESS_FIELDS = ((("name",), _short_str), (("pid",), lambda v: _is_int(v) and v >= 0),
+                   (_PROCESS_PERCENTS, lambda v: _is_number(v) and v >= 0))
+
+
 def _check_metrics(metrics: Any) -> None:
     if type(metrics) is not dict:
         raise PayloadError(BAD_FIELD, "metrics must be an object")
@@ -235,15 +238,7 @@ def _check_metrics(metrics: Any) -> None:
         _check_optional(memory, _SIZES, _is_int)
         _check_optional(memory, _PERCENT, _is_number)
     if "disks" in metrics:
-        disks = metrics["disks"]
-        if type(disks) is not list or len(disks) > MAX_DISKS:
-            raise _bad("disks", disks)
-        for disk in disks:
-            if type(disk) is not dict:
-                raise PayloadError(BAD_FIELD, "disks entries must be objects")
-            _check_optional(disk, _MOUNT, _short_str)
-            _check_optional(disk, _SIZES, _is_int)
-            _check_optional(disk, _PERCENT, _is_number)
+        _check_entries("disks", metrics["disks"], MAX_DISKS, _DISK_FIELDS)
     if "net" in metrics:
         net = metrics["net"]
         if type(net) is not dict:
@@ -252,46 +247,38 @@ def _check_metrics(metrics: Any) -> None:
             if not _is_number(value):
                 raise PayloadError(BAD_FIELD, f"bad net.{str(name)[:40]!r}")
     if "custom" in metrics:
-        _check_custom(metrics["custom"])
+        _check_named_values("custom", metrics["custom"], MAX_CUSTOM_SERIES, is_series_name, _is_number)
     if "processes" in metrics:
-        _check_processes(metrics["processes"])
+        _check_entries("processes", metrics["processes"], MAX_TOP_PROCESSES, _PROCESS_FIELDS)
     if "process_counts" in metrics:
-        _check_process_counts(metrics["process_counts"])
+        _check_named_values("process_counts", metrics["process_counts"], MAX_PROCESS_CHECKS, is_check_name,
+                            _is_process_count)
 
 
-def _check_custom(custom: Any) -> None:
-    if type(custom) is not dict or len(custom) > MAX_CUSTOM_SERIES:
-        raise _bad("custom", custom)
-    for name, value in custom.items():
-        if not is_series_name(name) or not _is_number(value):
-            raise PayloadError(BAD_FIELD, f"bad custom series {str(name)[:60]!r}")
+def _check_entries(name: str, entries: Any, limit: int,
+                   fields: tuple[tuple[tuple[str, ...], Callable[[Any], bool]], ...]) -> None:
+    """A list of at most ``limit`` objects whose optional fields pass their checks (disks, processes)."""
+    if type(entries) is not list or len(entries) > limit:
+        raise _bad(name, entries)
+    for entry in entries:
+        if type(entry) is not dict:
+            raise PayloadError(BAD_FIELD, f"{name} entries must be objects")
+        for names, check in fields:
+            _check_optional(entry, names, check)
 
 
-def _check_processes(processes: Any) -> None:
-    if type(processes) is not list or len(processes) > MAX_TOP_PROCESSES:
-        raise _bad("processes", processes)
-    for proc in processes:
-        if type(proc) is not dict:
-            raise PayloadError(BAD_FIELD, "processes entries must be objects")
-        _check_optional(proc, _NAME, _short_str)
-        _check_optional(proc, _PID, _is_count)
-        _check_optional(proc, _PROCESS_PERCENTS, _is_non_negative)
+def _check_named_values(name: str, values: Any, limit: int, key_ok: Callable[[Any], bool],
+                        value_ok: Callable[[Any], bool]) -> None:
+    """An object of at most ``limit`` names and values, each passing its check (custom, process_counts)."""
+    if type(values) is not dict or len(values) > limit:
+        raise _bad(name, values)
+    for key, value in values.items():
+        if not key_ok(key) or not value_ok(value):
+            raise PayloadError(BAD_FIELD, f"bad {name} {str(key)[:60]!r}")
 
 
-def _check_process_counts(counts: Any) -> None:
-    if type(counts) is not dict or len(counts) > MAX_PROCESS_CHECKS:
-        raise _bad("process_counts", counts)
-    for name, value in counts.items():
-        if not is_check_name(name) or not (_is_int(value) and 0 <= value <= MAX_PROCESS_COUNT):
-            raise PayloadError(BAD_FIELD, f"bad process_counts {str(name)[:60]!r}")
-
-
-def _is_count(value: Any) -> bool:
-    return _is_int(value) and value >= 0
-
-
-def _is_non_negative(value: Any) -> bool:
-    return _is_number(value) and value >= 0
+def _is_process_count(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= MAX_PROCESS_COUNT
 
 
 def _check_system(system: Any) -> None:

@@ -90,16 +90,6 @@ def test_the_agent_does_not_count_itself():
     assert counts[own] == len(others)
 
 
-def fake_table(entries):
-    """A source yielding ``entries`` (a Proc, or an exception to skip as the real sources do)."""
-
-    def source():
-        for entry in entries():
-            yield entry
-
-    return source
-
-
 def test_cpu_percent_from_the_previous_sample_and_pid_reuse():
     table = [Proc(1, 100.0, "init", 10.0, 4096), Proc(2, 200.0, "worker", 50.0, 8192)]
     sampler = ProcessSampler((Check.parse("worker"),), source=lambda: iter(table), cmdline=lambda pid: [],

@@ -1,4 +1,4 @@
-"""The agent's textfile collector: the exposition format as prometheus_client reads it, and files read whole or not at all."""
+"""The agent's textfile collector: the exposition format as prometheus_client reads it; whole files or none."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Custom series, process counts and lost reports through the API: machine object, /history (raw and rolled up), /metrics."""
+"""Custom series, process counts and lost reports in the API: machine object, /history (raw, rolled up), /metrics."""
 
 from __future__ import annotations
 

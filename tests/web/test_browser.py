@@ -32,7 +32,15 @@ def browser():
 
 
 @pytest.fixture
-def site(fleet, settings):
+def served(settings):
+    """The web app on a free port (it reads fleet.db per request, so rows may be added after it starts)."""
+    running = start_in_thread(settings.replace(http_port=0))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def site(fleet, served):
     now = time.time()
     fleet.machine("acme", "web-1", "online", "Linux", cpu=35)
     fleet.machine("acme", "db-1", "stale", "Linux", cpu=80, last_seen=now - 45)
@@ -43,9 +51,7 @@ def site(fleet, settings):
     fleet.event("acme", "web-1", now - 300, None, "online")
     fleet.event("acme", "web-1", now - 200, "online", "offline", "lost")
     fleet.event("acme", "web-1", now - 100, "offline", "online")
-    running = start_in_thread(settings.replace(http_port=0))
-    yield running
-    running.stop()
+    return served
 
 
 def test_dashboard_end_to_end(browser, site, fleet):
@@ -112,7 +118,7 @@ def test_token_in_the_url_fragment_signs_in_and_is_removed(browser, site, fleet)
 
 
 @pytest.fixture
-def site_with_extras(fleet, settings):
+def site_with_extras(fleet, served):
     """A machine whose agent reports top processes, two process checks (one at 0) and custom series."""
     import json
 
@@ -125,14 +131,13 @@ def site_with_extras(fleet, settings):
                "custom": {"queue_depth": 12.0, 'queue_depth{queue="mail"}': 3.0}}
     db = fleet.db()
     db.conn.execute("UPDATE machines SET metrics = ? WHERE machine_id = 'app-1'", (json.dumps(metrics),))
-    db["reports"].insert_all([{"org": "acme", "machine_id": "app-1", "session": "s1", "seq": i, "ts": now - 600 + i * 10,
-                               "received": now - 600 + i * 10, "cpu_percent": 20.0, "payload": "{}",
-                               "fields": json.dumps({"custom.queue_depth": float(i), "process.nginx": 1 if i < 30 else 0})}
-                              for i in range(60)])
+    db["reports"].insert_all([
+        {"org": "acme", "machine_id": "app-1", "session": "s1", "seq": i, "ts": now - 600 + i * 10,
+         "received": now - 600 + i * 10, "cpu_percent": 20.0, "payload": "{}",
+         "fields": json.dumps({"custom.queue_depth": float(i), "process.nginx": 1 if i < 30 else 0})}
+        for i in range(60)])
     db.conn.commit()
-    running = start_in_thread(settings.replace(http_port=0))
-    yield running
-    running.stop()
+    return served
 
 
 def test_the_detail_view_shows_processes_checks_and_custom_series(browser, site_with_extras, fleet):
