@@ -117,9 +117,10 @@ fleet_install() {
   echo "$key" >"$stamp"
 }
 
-# How to run fleet again without these scripts (only for the virtual environment they made).
+# How to run fleet again without these scripts (only for the virtual environment they made); args: a fleet command.
 fleet_reuse_hint() {
   [ -n "$FLEET_PY_OWN" ] || return 0
-  fleet_say "installed in $FLEET_VENV; from now on run $FLEET_VENV/bin/fleet … (e.g. fleet up --demo 5),"
-  fleet_say "or first: source $FLEET_VENV/bin/activate"
+  fleet_say "installed in $FLEET_VENV; next time, run $FLEET_VENV/bin/fleet $*"
+  fleet_say "(or \`source $FLEET_VENV/bin/activate\` once, then any fleet command)"
 }
+
