@@ -179,3 +179,27 @@ def test_readme_test_command_on_the_distributions_python(tmp_path: Path, distro_
     assert collected, done.stdout[-2000:]
     assert int(collected.group(1)) > 0
     assert (clone / ".venv" / "bin" / "pytest").exists()
+
+
+def test_python3_venv_comes_from_apt_when_ensurepip_is_missing(tmp_path: Path, distro_python: Path) -> None:
+    # Removing python3-venv from this shared machine is not an option: stubs stand in for a Python without
+    # ensurepip and for apt (recording what it was asked); the venv is then made by the real python3.
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "apt-calls"
+    for name, body in {
+        "python3": f'[ "$*" = "-c import ensurepip" ] && exit 1; exec {distro_python} "$@"',
+        "apt-get": f'echo "$*" >> {calls}',
+        "dpkg-query": 'echo not-installed',
+    }.items():
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    venv = tmp_path / "venv"
+    done = subprocess.run(["bash", "-c", "source scripts/venv.sh && fleet_python"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=distro_env(PATH=f"{stubs}:{DISTRO_PATH}", FLEET_VENV=str(venv)))
+    assert done.returncode == 0, done.stderr
+    minor = subprocess.run([distro_python, "-c", "import sys; print(sys.version_info[1])"], capture_output=True,
+                           text=True, check=True, timeout=30).stdout.strip()
+    assert calls.read_text().splitlines() == ["update -qq", f"install -y -qq python3-venv python3.{minor}-venv"]
+    assert (venv / "bin" / "pip").exists()
+    assert f"using {venv}/bin/python" in done.stderr
