@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by scripts/up, scripts/test and scripts/check: the Python they install fleet into and run it with.
+# Sourced by scripts/fleet, scripts/test and scripts/check: the Python they install fleet into and run it with.
 #
 # fleet_python sets FLEET_PY to, in this order:
 #   1. $PYTHON, if set: an interpreter you manage yourself;

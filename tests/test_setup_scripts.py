@@ -77,7 +77,7 @@ def healthz(port: int) -> int | None:
 
 def test_readme_names_the_commands_that_ci_runs() -> None:
     up, test, fast = readme_commands()[:3]
-    assert shlex.split(up)[0] == "./scripts/up"
+    assert shlex.split(up)[:3] == ["./scripts/fleet", "up", "--demo"]
     assert test == "./scripts/test"
     assert shlex.split(fast) == ["./scripts/test", "-m", "not slow"]
     ci = [shlex.split(line) for line in (ROOT / ".ci" / "run").read_text().splitlines()
@@ -129,7 +129,7 @@ def test_readme_up_command_on_the_distributions_python(tmp_path: Path, distro_py
     try:
         # The first run makes .venv and installs fleet's dependencies: minutes on a cold pip cache.
         wait_for(lambda: proc.poll() is not None or healthz(http_port) == 200, timeout=600, interval=0.5,
-                 message="scripts/up healthy")
+                 message="scripts/fleet up healthy")
         assert proc.poll() is None, log_path.read_text()
         assert healthz(http_port) == 200
         proc.send_signal(signal.SIGINT)  # Ctrl-C
