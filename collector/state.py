@@ -136,7 +136,7 @@ class Tracker:
     """Live state of every machine of the collector's orgs; returns the transitions each input causes."""
 
     def __init__(self, stale_factor: float, default_interval_s: float, ttl_seconds: float,
-                 lost_grace_s: float = 300.0) -> None:
+                 lost_grace_s: float = 60.0) -> None:
         self.stale_factor = stale_factor
         self.default_interval_s = default_interval_s
         self.ttl_seconds = ttl_seconds

@@ -61,7 +61,7 @@ class Settings:
     history_raw_days: float = 7.0
     history_rollup_days: float = 90.0
     agent_rate_limit_per_s: float = 50.0
-    lost_grace_s: float = 300.0  # after an agent names its previous session, wait this long for replays, then count
+    lost_grace_s: float = 60.0  # after an agent names its previous session, wait this long for replays, then count
     # web
     refresh_interval_ms: int = 5000
     rate_limit_config: str = "100/minute"
