@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def alert_states(data_dir):
-    return query(data_dir, "SELECT machine_id, state FROM alerts WHERE org = 'acme' AND rule = 'probe-down' ORDER BY id")
+    return query(data_dir, "SELECT machine_id, state FROM alerts WHERE org = 'acme' AND rule = 'probe-down'"
+                           " ORDER BY id")
 
 
 @pytest.mark.slow
