@@ -83,11 +83,16 @@ def test_the_busiest_process_tops_the_list_without_a_second_sleep(spawn):
     assert 0 < mine[0]["memory_percent"] < 5
 
 
-def test_the_agent_does_not_count_itself():
-    own = psutil.Process().name()
-    counts = ProcessSampler((Check.parse(own), Check.parse(f"re:{sys.argv[0]}"))).sample()["process_counts"]
-    others = [p for p in psutil.process_iter(["name"]) if p.info["name"] == own and p.pid != os.getpid()]
-    assert counts[own] == len(others)
+def test_the_agent_itself_and_zombies_are_not_counted(tmp_path, spawn):
+    program = tmp_path / "fleet-probe-me"
+    shutil.copy(shutil.which("sleep"), program)
+    me = spawn([str(program), "300"])
+    zombie = spawn([str(program), "0.01"])  # exits at once; a zombie until it is reaped
+    wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, 5, "a zombie")
+    checks = (Check.parse("fleet-probe-me"), Check.parse("re:fleet-probe-me"))
+    assert ProcessSampler(checks, own_pid=me.pid).sample()["process_counts"] == {"fleet-probe-me": 0,
+                                                                                "re:fleet-probe-me": 0}
+    assert ProcessSampler(checks).sample()["process_counts"] == {"fleet-probe-me": 1, "re:fleet-probe-me": 1}
 
 
 def test_cpu_percent_from_the_previous_sample_and_pid_reuse():
