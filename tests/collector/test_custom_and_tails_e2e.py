@@ -19,7 +19,7 @@ from fleet.config import payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import report_topic
 from fleet.web.app import create_app
-from tests.collector.collector_fixtures import SimAgent, embedded_endpoint, query
+from tests.collector.collector_fixtures import SimAgent, embedded_endpoint, end_agent_and_probe, query
 from tests.helpers import bearer, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,11 +94,7 @@ def test_the_agents_custom_series_and_process_counts_reach_the_api_history_and_m
         assert 'fleet_machine_process_count{org="acme",machine_id="real-1",name="fleet-probe-y"} 0.0' in text
         assert 'name="re:fleet-probe-y 300"} 0.0' in text
     finally:
-        agent.terminate()
-        agent.communicate(timeout=20)
-        if probe.poll() is None:
-            probe.kill()
-            probe.wait(5)
+        end_agent_and_probe(agent, probe)
     assert query(ep.data_dir, "SELECT count(*) FROM drops") == [(0,)]  # the agent speaks the contract
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
-from tests.collector.collector_fixtures import embedded_endpoint, query
+from tests.collector.collector_fixtures import embedded_endpoint, end_agent_and_probe, query
 from tests.helpers import bearer, wait_for
 
 rules = pytest.importorskip("fleet.config.rules", reason="the alert rules are not merged yet")
@@ -59,8 +59,4 @@ def test_a_process_rule_fires_when_the_checked_process_is_killed_and_resolves_wh
         probe = subprocess.Popen([str(program), "300"])
         wait_for(lambda: alert_states(ep.data_dir) == [("app-1", "resolved")], 20, "resolved once it runs again")
     finally:
-        agent.terminate()
-        agent.communicate(timeout=20)
-        if probe.poll() is None:
-            probe.kill()
-            probe.wait(5)
+        end_agent_and_probe(agent, probe)
