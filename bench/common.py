@@ -47,11 +47,17 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
 FLEET = [sys.executable, "-m", "fleet.cli"]
 
 
-def http_json(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
-    """GET ``url`` (with a bearer token) and decode the JSON body; HTTP errors raise."""
+def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET ``url`` (with a bearer token): status and body; HTTP errors raise."""
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.status, json.loads(resp.read())
+        return resp.status, resp.read()
+
+
+def http_json(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+    """GET ``url`` (with a bearer token) and decode the JSON body; HTTP errors raise."""
+    status, body = http_get(url, token, timeout)
+    return status, json.loads(body)
 
 
 def poll(predicate: Callable[[], Any], timeout: float) -> bool:
