@@ -261,38 +261,48 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
     finally:
         parts.stop()
 
-    steady = [s for s in samples if steady_from <= s.t <= steady_to]
-    first, last = (steady[0], steady[-1]) if len(steady) >= 2 else (samples[0], samples[-1])
-    dt = last.t - first.t
-
-    def cpu_pct(*names: str) -> float:
-        return sum(last.cpu[n] - first.cpu[n] for n in names) / dt * 100
-
-    def mean_rss(name: str) -> float:
-        return statistics.fmean(s.rss[name] for s in steady) if steady else float("nan")
-
     connected_at = [s.get("all_connected_at") for s in summaries]
     firsts = [s["first_connect_at"] for s in summaries if s.get("first_connect_at")]
     all_connected = max(connected_at) if connected_at and None not in connected_at else None
-    lat = sorted(probe.latencies)
     sims = [f"sim{i}" for i in range(args.simulators)]
+
+    def window(t0: float, t1: float) -> list[Sample]:
+        inside = [s for s in samples if t0 <= s.t <= t1]
+        return inside if len(inside) >= 2 else [samples[0], samples[-1]]
+
+    def cpu_pct(phase: list[Sample], *names: str) -> float:
+        return sum(phase[-1].cpu[n] - phase[0].cpu[n] for n in names) / (phase[-1].t - phase[0].t) * 100
+
+    connecting = window(started, all_connected or steady_from)
+    steady = window(steady_from, steady_to)
+    first, last = steady[0], steady[-1]
+    dt = last.t - first.t
+
+    def mean_rss(name: str) -> float:
+        return statistics.fmean(s.rss[name] for s in steady)
+
+    lat = sorted(probe.latencies)
     return {
         "time until all agents connected": "never" if all_connected is None else f"{all_connected - started:.1f} s",
-        "connect rate (handshakes/s)": "n/a" if all_connected is None or not firsts
-        else f"{args.agents / max(1e-3, all_connected - min(firsts)):.0f}",
+        "connect rate (handshakes/s; offered)": ("n/a" if all_connected is None or not firsts
+                                                 else f"{args.agents / max(1e-3, all_connected - min(firsts)):.0f}")
+        + f" ({args.connect_rate:.0f})",
         "connect attempts failed / reconnects": f"{sum(s.get('failed', 0) for s in summaries)} / "
                                                 f"{sum(s.get('reconnects', 0) for s in summaries)}",
+        "CPU while connecting: broker / simulators": f"{cpu_pct(connecting, 'broker'):.0f}% / "
+                                                     f"{cpu_pct(connecting, *sims):.0f}%",
         "simulator errors (logged; must be 0)": sum(s.get("errors", 0) for s in summaries),
         "steady phase": f"{dt:.0f} s",
         "ingest (reports/s, offered)": f"{(last.stored - first.stored) / dt:.0f} ({args.agents / args.interval:.0f})",
-        "broker CPU (% of a core)": f"{cpu_pct('broker'):.0f}%",
+        "broker CPU (% of a core)": f"{cpu_pct(steady, 'broker'):.0f}%",
         "broker RSS idle / steady": f"{idle_rss['broker']:.0f} / {mean_rss('broker'):.0f} MB",
         "broker RSS per connection": f"{(mean_rss('broker') - idle_rss['broker']) * 1024 / args.agents:.1f} KiB",
-        "collector CPU (% of a core)": f"{cpu_pct('collector'):.0f}%",
+        "collector CPU (% of a core)": f"{cpu_pct(steady, 'collector'):.0f}%",
         "collector RSS": f"{mean_rss('collector'):.0f} MB",
-        "web CPU / RSS": f"{cpu_pct('web'):.0f}% / {mean_rss('web'):.0f} MB",
+        "web CPU / RSS": f"{cpu_pct(steady, 'web'):.0f}% / {mean_rss('web'):.0f} MB",
         f"simulator CPU ({args.simulators} process{'es' if args.simulators > 1 else ''}, max per process)":
-            f"{cpu_pct(*sims):.0f}% ({max(cpu_pct(s) for s in sims):.0f}%)",
+            f"{cpu_pct(steady, *sims):.0f}% ({max(cpu_pct(steady, s) for s in sims):.0f}%)",
+        "simulator RSS per agent": f"{sum(mean_rss(s) for s in sims) * 1024 / args.agents:.0f} KiB",
         "reports acked / stored": f"{acked} / {stored}",
         "acked but not stored": f"{max(0, acked - stored)}",
         "report->API latency p50 / p99": "n/a" if not lat else
