@@ -106,3 +106,12 @@ def start_simulators(count: int, agents: int, url: str, org: str, key: str, data
 def simulator_summaries(procs: list[subprocess.Popen], timeout: float = 60) -> list[dict]:
     """Wait for ``fleet simulate`` processes to exit (after SIGTERM); their JSON summaries."""
     return [last_json_line(proc.communicate(timeout=timeout)[0] or "") for proc in procs]
+
+
+def print_table(corner: str, columns: dict[str, dict[str, Any]]) -> None:
+    """One Markdown table: a column per run (``columns`` maps its heading to its metrics), a row per metric."""
+    first = next(iter(columns.values()))
+    print(f"| {corner} | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for metric in first:
+        print(f"| {metric} | " + " | ".join(str(run[metric]) for run in columns.values()) + " |")

@@ -42,6 +42,7 @@ from bench.common import (  # noqa: E402
     http_get,
     http_json,
     poll,
+    print_table,
     simulator_summaries,
     start_simulators,
     stop_process,
@@ -244,10 +245,7 @@ def main() -> None:
     print()
     print(f"agents={args.agents} interval={args.interval}s before={args.before}s after={args.after}s "
           f"simulators={args.simulators} cores={os.cpu_count()}")
-    print("| SIGKILL of | " + " | ".join(f"`fleet {k}`" for k in kills) + " |")
-    print("|---|" + "---|" * len(kills))
-    for metric in results[kills[0]]:
-        print(f"| {metric} | " + " | ".join(str(results[k][metric]) for k in kills) + " |")
+    print_table("SIGKILL of", {f"`fleet {k}`": results[k] for k in kills})
 
 
 if __name__ == "__main__":

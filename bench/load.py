@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
     FLEET,
     free_port,
     http_json,
+    print_table,
     simulator_summaries,
     start_simulators,
     stop_process,
@@ -331,10 +332,7 @@ def main() -> None:
     print()
     print(f"agents={args.agents} interval={args.interval}s steady={args.steady}s connect-rate={args.connect_rate}/s "
           f"simulators={args.simulators} cores={os.cpu_count()}")
-    print("| metric | " + " | ".join(brokers) + " |")
-    print("|---|" + "---|" * len(brokers))
-    for metric in results[brokers[0]]:
-        print(f"| {metric} | " + " | ".join(str(results[b][metric]) for b in brokers) + " |")
+    print_table("metric", results)
 
 
 if __name__ == "__main__":
