@@ -441,7 +441,11 @@ class Shard(threading.Thread):
             elif agent.connected and agent.client is not None:
                 infos.append((agent, agent.ping("offline", reason="shutdown")))
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(not info.is_published() for _, info in infos):
+        def waiting() -> bool:  # offline pings not yet acknowledged on connections still open
+            return any(not info.is_published() and agent.client is not None and agent.client.socket() is not None
+                       for agent, info in infos)
+
+        while time.monotonic() < deadline and waiting():
             for key, _ in self.selector.select(timeout=0.05):
                 if key.data.client is not None:
                     self._read(key.data.client)
