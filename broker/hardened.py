@@ -23,8 +23,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from amqtt.adapters import StreamReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.contexts import BrokerConfig
+from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -43,8 +45,11 @@ log = logging.getLogger("fleet.broker")
 
 CONNECT_TIMEOUT_S = 10.0
 KEEPALIVE_FACTOR = 1.5
+CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
 MAX_PACKET_BYTES = 1024 * 1024  # larger packets close the connection before being buffered
 SUBACK_FAILURE = 0x80
+# What reading a client's first packet raises when the client leaves, stalls or sends garbage: routine, one DEBUG line.
+CONNECT_FAILURES = (TimeoutError, EOFError, OSError, AMQTTError, MQTTError, NoDataError, CodecError, ValueError)
 
 Router = Callable[[Session, str, bytes, int, bool], None]
 
@@ -82,6 +87,64 @@ class GuardedReader:
         return getattr(self._inner, name)
 
 
+class StreamWriter(WriterAdapter):
+    """amqtt's writer adapter over an asyncio stream, with the transport public and a close that never raises.
+
+    Stock StreamWriterAdapter.close() drains first, so closing a connection whose peer already left raised
+    ConnectionResetError (logged by asyncio as an unhandled error for every port probe)."""
+
+    def __init__(self, stream: asyncio.StreamWriter) -> None:
+        self.stream = stream
+        self.transport = stream.transport
+        self.is_closed = False
+        peer = stream.get_extra_info("peername")  # asked now: a TLS transport forgets it once closed
+        self.peer = (peer[0], peer[1]) if peer and len(peer) >= 2 else None
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the peer (dropped once closed)."""
+        if not self.is_closed:
+            self.stream.write(data)
+
+    async def drain(self) -> None:
+        """Wait for the transport's buffer to drain (a lost peer raises ConnectionError to the sender)."""
+        if not self.is_closed:
+            await self.stream.drain()
+
+    def get_peer_info(self) -> tuple[str, int] | None:
+        """(address, port) of the peer."""
+        return self.peer
+
+    def get_ssl_info(self) -> Any:
+        """The TLS object of the connection, if any."""
+        return self.stream.get_extra_info("ssl_object")
+
+    def abort(self) -> None:
+        """Drop the connection at once, as if the network failed."""
+        self.is_closed = True
+        self.transport.abort()
+
+    async def close(self) -> None:
+        """Flush what is buffered if the peer is still there, then close; a peer that already left is not an error."""
+        if self.is_closed:
+            return
+        self.is_closed = True
+        try:
+            if not self.transport.is_closing():
+                await asyncio.wait_for(self.stream.drain(), CLOSE_DRAIN_S)
+            self.stream.close()
+            await self.stream.wait_closed()
+        except (TimeoutError, OSError):
+            self.transport.abort()
+
+
+def abort(writer: Any) -> bool:
+    """Drop a connection served by StreamWriter at once; False when there is none to drop."""
+    if isinstance(writer, StreamWriter) and not writer.transport.is_closing():
+        writer.abort()
+        return True
+    return False
+
+
 class FleetProtocolHandler(BrokerProtocolHandler):
     """Per-connection protocol handler: routes before PUBACK and enforces keepalive."""
 
@@ -93,9 +156,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         session = self.session
         if session is not None and self.on_keepalive_expired is not None:
             self.on_keepalive_expired(session)
-        writer = getattr(self.writer, "_writer", None)
-        if writer is not None:
-            writer.transport.abort()
+        abort(self.writer)
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         """Outgoing QoS 1 waits for its PUBACK without a per-message timer; unacknowledged messages stay
@@ -141,7 +202,7 @@ def _bump(session: Session, name: str, delta: int) -> int:
 class FleetBroker(Broker):
     """amqtt Broker with SPEC's guarantees; ``policy`` decides, ``stats`` counts what was refused or dropped."""
 
-    def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_queued: int, max_queued_service: int,
+    def __init__(self, config: BrokerConfig, policy: AccessPolicy, max_queued: int, max_queued_service: int,
                  store: RetainedStore | None = None) -> None:
         super().__init__(config)
         self.policy = policy
@@ -151,14 +212,39 @@ class FleetBroker(Broker):
         self._store = store
         self._delivery_tasks: set[asyncio.Task[Any]] = set()
         self._drop_logged: set[str] = set()
+        self._connection_tasks: set[asyncio.Task[Any]] = set()
 
     # --- connect -------------------------------------------------------------------------------
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        """A TCP (or TLS) connection arrived: serve it with our writer adapter, and end quietly on shutdown.
+
+        Python 3.11's asyncio reports a connection task that ends cancelled or raising as an unhandled
+        error, so this task always returns normally; a broker stop cancels it and it aborts its connection."""
+        adapter = StreamWriter(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._connection_tasks.add(task)
+        try:
+            await self._client_connected(listener_name, StreamReaderAdapter(reader), adapter)
+        except asyncio.CancelledError:
+            adapter.abort()
+        except OSError as exc:  # the peer left while we were writing to it
+            log.debug("connection lost: %s", exc)
+            adapter.abort()
+        finally:
+            if task is not None:
+                self._connection_tasks.discard(task)
+
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
         """Read CONNECT (bounded in time), authenticate, and only then touch sessions."""
         server = self._servers.get(listener_name)
         if server is None:
             raise AMQTTError(f"Invalid listener name '{listener_name}'")
-        await server.acquire_connection()
+        # Server.acquire_connection() logs at INFO for every connection, health checks included.
+        if server.semaphore is not None:
+            await server.semaphore.acquire()
+        server.conn_count += 1
         self.stats["connections"] += 1
         try:
             reader = GuardedReader(reader, lambda n: self._oversize(writer, n))
@@ -166,9 +252,10 @@ class FleetBroker(Broker):
                 handler, incoming = await asyncio.wait_for(
                     FleetProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
                     CONNECT_TIMEOUT_S)
-            except (TimeoutError, AMQTTError, MQTTError, NoDataError, ConnectionError, ValueError) as exc:
+            except CONNECT_FAILURES as exc:
                 self.stats["connect_invalid"] += 1
-                log.debug("connection closed before a valid CONNECT: %s", exc)
+                log.debug("connection from %s closed before a valid CONNECT: %s", writer.get_peer_info(),
+                          exc or type(exc).__name__)
                 await writer.close()
                 return
             if not await self._authenticate(incoming, self.listeners_config[listener_name]):
@@ -184,15 +271,25 @@ class FleetBroker(Broker):
             session = await self._attach_session(incoming, grant)
             await self._run_session(session, handler, reader, writer)
         finally:
-            server.release_connection()
+            server.conn_count -= 1
+            if server.semaphore is not None:
+                server.semaphore.release()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drop connections still before or in CONNECT, then amqtt's shutdown."""
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        for task in list(self._connection_tasks):
+            task.cancel()
+        await asyncio.gather(*self._connection_tasks, return_exceptions=True)
+        await super().shutdown()
 
     def _oversize(self, writer: Any, size: int) -> None:
         self.stats["dropped_packet_too_large"] += 1
         log.warning("closing connection from %s: packet of %d bytes exceeds %d", writer.get_peer_info(), size,
                     MAX_PACKET_BYTES)
-        transport = getattr(getattr(writer, "_writer", None), "transport", None)
-        if transport is not None:
-            transport.abort()
+        abort(writer)
 
     async def _refuse(self, incoming: Session, writer: Any, code: int | None = None, reason: str = "") -> None:
         if code is None:
@@ -237,9 +334,7 @@ class FleetBroker(Broker):
 
     async def _close_connection(self, session: Session, handler: Any) -> None:
         """Drop a live connection as if its network failed (its will is published) and wait for it to end."""
-        writer = getattr(handler.writer, "_writer", None)
-        if writer is not None:
-            writer.transport.abort()
+        abort(handler.writer)
         await handler.handle_connection_closed()
         for _ in range(50):
             if session.transitions.state != "connected":
@@ -484,13 +579,10 @@ class FleetBroker(Broker):
         for session, handler in list(self._sessions.values()):
             if session.transitions.state != "connected":
                 continue
-            if not self.policy.still_valid(session.username, session.password):
-                writer = getattr(handler.writer, "_writer", None)
-                if writer is not None:
-                    log.info("disconnecting client_id=%s user=%s: credentials revoked", session.client_id,
-                             session.username)
-                    writer.transport.abort()
-                    closed += 1
+            if not self.policy.still_valid(session.username, session.password) and abort(handler.writer):
+                log.info("disconnecting client_id=%s user=%s: credentials revoked", session.client_id,
+                         session.username)
+                closed += 1
         self.stats["revoked_disconnects"] += closed
         return closed
 

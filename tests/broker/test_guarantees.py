@@ -268,7 +268,7 @@ def test_tls_connections_get_a_small_read_buffer(broker, acme):
     client = agent(broker, acme)
     sessions = broker._broker._sessions
     handler = sessions[AGENT_ID][1]
-    protocol = handler.writer._writer.transport._ssl_protocol
+    protocol = handler.writer.transport._ssl_protocol
     assert len(protocol._ssl_buffer) <= 64 * 1024
     close(client)
 
