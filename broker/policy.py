@@ -17,6 +17,7 @@ from fleet.config.topics import ROOT, machine_from_client_id
 # CONNACK return codes of MQTT 3.1.1
 ACCEPTED = 0
 IDENTIFIER_REJECTED = 2
+SERVER_UNAVAILABLE = 3
 BAD_CREDENTIALS = 4
 NOT_AUTHORIZED = 5
 

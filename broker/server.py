@@ -16,7 +16,7 @@ from typing import Any
 from amqtt.contexts import BrokerConfig
 from amqtt.errors import BrokerError as AmqttBrokerError
 
-from fleet.broker import sessions, tls_memory
+from fleet.broker import patches
 from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
 from fleet.broker.pki import CertPaths, ensure_certs
@@ -91,7 +91,14 @@ class BrokerHandle:
 
 async def run_broker(settings: Settings, stop: asyncio.Event,
                      on_started: Any = None) -> None:
-    """Run the broker until ``stop`` is set; ``on_started(handle)`` is called once it listens."""
+    """Run the broker until ``stop`` is set; ``on_started(handle)`` is called once it listens.
+
+    The process-wide patches of broker/patches.py are applied for exactly as long as the broker runs."""
+    with patches.applied():
+        await _run_broker(settings, stop, on_started)
+
+
+async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) -> None:
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     certs = await asyncio.to_thread(ensure_certs, settings.certs_dir, [settings.host])
@@ -105,8 +112,6 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy
     retained = await asyncio.to_thread(RetainedStore, data_dir / "broker.db")
-    tls_memory.install()
-    sessions.install()
     broker = FleetBroker(broker_config(settings, certs, policy_id), policy, settings.max_queued_messages,
                          settings.service_queued_messages, retained)
     try:
@@ -189,7 +194,7 @@ class RunningBroker:
     plain_port: int | None
     ca_path: Path
     data_dir: Path
-    _broker: FleetBroker = field(repr=False)
+    broker: FleetBroker = field(repr=False)  # the amqtt broker itself, for inspection
     _loop: asyncio.AbstractEventLoop = field(repr=False)
     _stop: asyncio.Event = field(repr=False)
     _thread: threading.Thread = field(repr=False)
@@ -201,7 +206,7 @@ class RunningBroker:
 
     def stats(self) -> dict[str, int]:
         """Counters: refused connects/subscribes, dropped publishes by reason, routed messages."""
-        return dict(self._broker.stats)
+        return dict(self.broker.stats)
 
     def stop(self) -> None:
         """Stop the broker and wait for its thread (idempotent)."""
