@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amqtt.contexts import BrokerConfig
 from amqtt.errors import BrokerError as AmqttBrokerError
 
-from fleet.broker import sessions, tls_memory
+from fleet.broker import patches
 from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
 from fleet.broker.pki import CertPaths, ensure_certs
@@ -31,19 +32,31 @@ HEARTBEAT_S = 2.0
 RETAINED_FLUSH_S = 0.5
 
 
-def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> dict[str, Any]:
-    """amqtt configuration: a TLS listener, an optional loopback-only plain one, only our plugins."""
-    listeners: dict[str, Any] = {
-        "default": {"type": "tcp", "bind": f"{settings.host}:{settings.mqtt_port}", "ssl": True,
-                    "certfile": str(certs.cert), "keyfile": str(certs.key),
-                    "max_connections": settings.max_connections},
+TLS_LISTENER = "default"
+PLAIN_LISTENER = "plain"
+
+
+def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> BrokerConfig:
+    """amqtt configuration: a TLS listener, an optional loopback-only plain one, only our plugins.
+
+    amqtt copies into every listener each field it leaves at the dataclass default from the listener
+    named ``default``, and ``ssl: False`` is that default: the plain listener silently spoke TLS. Each
+    listener's own fields are therefore set again once amqtt has merged them."""
+    listeners: dict[str, dict[str, Any]] = {
+        TLS_LISTENER: {"type": "tcp", "bind": f"{settings.host}:{settings.mqtt_port}", "ssl": True,
+                       "certfile": str(certs.cert), "keyfile": str(certs.key),
+                       "max_connections": settings.max_connections},
     }
     if settings.mqtt_plain_port:
-        listeners["plain"] = {"type": "tcp", "bind": f"127.0.0.1:{settings.mqtt_plain_port}", "ssl": False,
-                              "max_connections": settings.max_connections}
+        listeners[PLAIN_LISTENER] = {"type": "tcp", "bind": f"127.0.0.1:{settings.mqtt_plain_port}", "ssl": False,
+                                     "certfile": None, "keyfile": None, "max_connections": settings.max_connections}
     plugins = {"fleet.broker.plugins.FleetAuthPlugin": {"policy": policy_id},
                "fleet.broker.plugins.FleetTopicPlugin": {"policy": policy_id}}
-    return {"listeners": listeners, "plugins": plugins}
+    config = BrokerConfig.from_dict({"listeners": listeners, "plugins": plugins})
+    for name, fields in listeners.items():
+        for key, value in fields.items():
+            setattr(config.listeners[name], key, value)
+    return config
 
 
 def _load_records(db_path: Path) -> dict[str, credentials.CredentialRecord]:
@@ -78,7 +91,14 @@ class BrokerHandle:
 
 async def run_broker(settings: Settings, stop: asyncio.Event,
                      on_started: Any = None) -> None:
-    """Run the broker until ``stop`` is set; ``on_started(handle)`` is called once it listens."""
+    """Run the broker until ``stop`` is set; ``on_started(handle)`` is called once it listens.
+
+    The process-wide patches of broker/patches.py are applied for exactly as long as the broker runs."""
+    with patches.applied():
+        await _run_broker(settings, stop, on_started)
+
+
+async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) -> None:
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     certs = await asyncio.to_thread(ensure_certs, settings.certs_dir, [settings.host])
@@ -92,8 +112,6 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy
     retained = await asyncio.to_thread(RetainedStore, data_dir / "broker.db")
-    tls_memory.install()
-    sessions.install()
     broker = FleetBroker(broker_config(settings, certs, policy_id), policy, settings.max_queued_messages,
                          settings.service_queued_messages, retained)
     try:
@@ -105,7 +123,7 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
     broker.load_retained(await asyncio.to_thread(retained.load))
     restored = broker.restore_sessions(await asyncio.to_thread(retained.load_subscriptions))
     ports = broker.bound_ports
-    handle = BrokerHandle(broker, certs, ports.get("default", settings.mqtt_port), ports.get("plain"))
+    handle = BrokerHandle(broker, certs, ports.get(TLS_LISTENER, settings.mqtt_port), ports.get(PLAIN_LISTENER))
     log.info("broker listening on mqtts://%s:%s (CA %s)%s; %d persistent sessions restored", settings.host,
              handle.port, certs.ca, f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "",
              restored)
@@ -176,7 +194,7 @@ class RunningBroker:
     plain_port: int | None
     ca_path: Path
     data_dir: Path
-    _broker: FleetBroker = field(repr=False)
+    broker: FleetBroker = field(repr=False)  # the amqtt broker itself, for inspection
     _loop: asyncio.AbstractEventLoop = field(repr=False)
     _stop: asyncio.Event = field(repr=False)
     _thread: threading.Thread = field(repr=False)
@@ -188,7 +206,7 @@ class RunningBroker:
 
     def stats(self) -> dict[str, int]:
         """Counters: refused connects/subscribes, dropped publishes by reason, routed messages."""
-        return dict(self._broker.stats)
+        return dict(self.broker.stats)
 
     def stop(self) -> None:
         """Stop the broker and wait for its thread (idempotent)."""
@@ -207,17 +225,16 @@ def start_in_thread(settings: Settings, timeout: float = 30.0) -> RunningBroker:
         started.set()
 
     def run() -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        box["loop"] = loop
-        box["stop"] = asyncio.Event()
-        try:
-            loop.run_until_complete(run_broker(settings, box["stop"], on_started))
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-            box["error"] = exc
-            started.set()
-        finally:
-            loop.close()
+        # asyncio.Runner, like asyncio.run, cancels what is left (e.g. a TLS handshake in progress) before closing
+        # the loop, so a stop never leaves "Task was destroyed but it is pending" behind.
+        with asyncio.Runner() as runner:
+            box["loop"] = runner.get_loop()
+            box["stop"] = asyncio.Event()
+            try:
+                runner.run(run_broker(settings, box["stop"], on_started))
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                box["error"] = exc
+                started.set()
 
     thread = threading.Thread(target=run, name="fleet-broker", daemon=True)
     thread.start()

@@ -29,6 +29,11 @@ def test_generated_files(mosquitto, acme):
     assert "acme/agent:$7$" in passwd
     assert acme.agent_key not in passwd
     assert (mosquitto.out_dir / "passwd").stat().st_mode & 0o077 == 0
+    acl = (mosquitto.out_dir / "acl").read_text()
+    blocks = {block.splitlines()[0]: block.splitlines()[1:] for block in acl.split("\n\n") if block.startswith("user ")}
+    writers = [user for user, lines in blocks.items() if "topic write fleet/+/+/alert" in lines]
+    assert writers == [f"user {credentials.SERVICE_USERNAME}"]  # only the collector writes alert lists
+    assert not [line for lines in blocks.values() for line in lines if "alert" in line and "+/+/alert" not in line]
 
 
 @pytest.mark.parametrize(("who", "key_attr", "client_id", "code"), [
