@@ -2,9 +2,12 @@
 
 Measures, for each broker (a subprocess, so RSS is the broker's own):
 - QoS 0 and QoS 1 throughput: one paho publisher, one paho subscriber, ~200-byte JSON, max_inflight 100;
-- time and broker RSS to connect 500 and then 2,000 idle TLS clients (100 connecting at a time).
+- time and broker RSS to connect 500 and then 2,000 idle TLS clients (100 connecting at a time);
+- ours only: QoS 1 throughput to a persistent subscriber (clean_session=0, the collector's case), whose
+  messages broker.db keeps until acknowledged, with durability off (memory only, the baseline), full and
+  normal, in alternating rounds of the same run (--rounds).
 
-    python3 bench/broker.py [--qos0 20000] [--qos1 10000] [--clients 500,2000]
+    python3 bench/broker.py [--qos0 20000] [--qos1 10000] [--clients 500,2000] [--rounds 3] [--durability-only]
 Loopback only; each phase is bounded in time.
 """
 
@@ -17,6 +20,7 @@ import os
 import resource
 import shutil
 import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -73,14 +77,15 @@ class Target:
         stop_process(self.proc)
 
 
-def start_ours(work: Path) -> Target:
-    data = work / "ours"
+def start_ours(work: Path, durability: str = "full") -> Target:
+    data = work / f"ours-{durability}-{time.monotonic_ns()}"
     org = credentials.add_org(data, "bench")
     service_key = credentials.ensure_service_key(data)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "broker", "--data-dir", str(data),
                              "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "ERROR",
-                                                              "FLEET_MAX_QUEUED_MESSAGES": "100000"},
+                                                              "FLEET_MAX_QUEUED_MESSAGES": "100000",
+                                                              "FLEET_BROKER_DURABILITY": durability},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     return Target("fleet (ours)", proc, port, data / "certs" / "ca.pem",
@@ -113,9 +118,10 @@ def start_mosquitto(work: Path) -> Target | None:
     return Target("mosquitto 2 (Debian)", proc, port, certs.ca, (None, None, "pub"), (None, None, "sub"))
 
 
-def paho_client(target: Target, cred: tuple[str | None, str | None, str]) -> paho.Client:
+def paho_client(target: Target, cred: tuple[str | None, str | None, str], clean_session: bool = True) -> paho.Client:
     user, key, client_id = cred
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                         clean_session=clean_session)
     if user:
         client.username_pw_set(user, key)
     client.tls_set(ca_certs=str(target.ca))
@@ -130,9 +136,9 @@ def paho_client(target: Target, cred: tuple[str | None, str | None, str]) -> pah
     return client
 
 
-def throughput(target: Target, qos: int, count: int, timeout: float = 120) -> float:
-    """Messages per second from first publish to last delivery."""
-    sub = paho_client(target, target.sub)
+def throughput(target: Target, qos: int, count: int, timeout: float = 120, persistent: bool = False) -> float:
+    """Messages per second from first publish to last delivery (``persistent``: a clean_session=0 subscriber)."""
+    sub = paho_client(target, target.sub, clean_session=not persistent)
     got = [0]
     done = threading.Event()
 
@@ -227,18 +233,34 @@ def connections(target: Target, steps: list[int]) -> list[tuple[int, float, floa
     return asyncio.run(run())
 
 
+def durability_rounds(work: Path, count: int, rounds: int) -> dict[str, list[float]]:
+    """QoS 1 msg/s to a persistent subscriber for each durability, alternating modes round by round."""
+    rates: dict[str, list[float]] = {"off": [], "full": [], "normal": []}
+    for round_ in range(rounds):
+        for durability in rates:
+            target = start_ours(work, durability)
+            try:
+                print(f"durability {durability}, round {round_ + 1}/{rounds}…", file=sys.stderr)
+                rates[durability].append(throughput(target, 1, count, persistent=True))
+            finally:
+                target.stop()
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qos0", type=int, default=20000)
     parser.add_argument("--qos1", type=int, default=10000)
     parser.add_argument("--clients", default="500,2000")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the durability comparison")
+    parser.add_argument("--durability-only", action="store_true", help="only the durability comparison")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     steps = [int(x) for x in args.clients.split(",")]
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-broker-"))
     results = []
-    for starter in (start_ours, start_stock, start_mosquitto):
+    for starter in () if args.durability_only else (start_ours, start_stock, start_mosquitto):
         target = starter(work)
         if target is None:
             continue
@@ -253,17 +275,27 @@ def main() -> None:
             results.append((target.name, q0, q1, idle_rss, conns))
         finally:
             target.stop()
+    rates = durability_rounds(work, args.qos1, args.rounds)
     print(f"\ncores={os.cpu_count()}  payload={len(PAYLOAD)} B  QoS0 n={args.qos0}  QoS1 n={args.qos1}\n")
-    print("| broker | QoS0 msg/s | QoS1 msg/s | RSS idle | " + " | ".join(
-        f"{n} TLS clients: time / RSS / per conn" for n in steps) + " |")
-    print("|---|---|---|---|" + "---|" * len(steps))
-    for name, q0, q1, rss, conns in results:
-        cells = " | ".join(f"{t:.1f} s / {r:.0f} MB / {k:.0f} KiB" for _, t, r, k in conns)
-        print(f"| {name} | {q0:,.0f} | {q1:,.0f} | {rss:.0f} MB | {cells} |")
-    ours = next((r for r in results if r[0].startswith("fleet")), None)
-    stock = next((r for r in results if r[0].startswith("amqtt")), None)
-    if ours and stock:
-        print(f"\nQoS1 ours / stock amqtt = {ours[2] / stock[2]:.2f}x (target >= 2x)")
+    if results:
+        print("| broker | QoS0 msg/s | QoS1 msg/s | RSS idle | " + " | ".join(
+            f"{n} TLS clients: time / RSS / per conn" for n in steps) + " |")
+        print("|---|---|---|---|" + "---|" * len(steps))
+        for name, q0, q1, rss, conns in results:
+            cells = " | ".join(f"{t:.1f} s / {r:.0f} MB / {k:.0f} KiB" for _, t, r, k in conns)
+            print(f"| {name} | {q0:,.0f} | {q1:,.0f} | {rss:.0f} MB | {cells} |")
+        ours = next((r for r in results if r[0].startswith("fleet")), None)
+        stock = next((r for r in results if r[0].startswith("amqtt")), None)
+        if ours and stock:
+            print(f"\nQoS1 ours / stock amqtt = {ours[2] / stock[2]:.2f}x (target >= 2x)")
+    print(f"\nQoS 1 to a persistent subscriber (ours), {args.rounds} alternating rounds\n")
+    print("| durability | msg/s, each round | median | / off |")
+    print("|---|---|---|---|")
+    base = statistics.median(rates["off"])
+    for durability, values in rates.items():
+        median = statistics.median(values)
+        print(f"| {durability} | {' / '.join(f'{v:,.0f}' for v in values)} | {median:,.0f} | {median / base:.0%} |")
+    print(f"\ndurability full / off = {statistics.median(rates['full']) / base:.0%} (target >= 80%)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from fleet.broker.policy import (
     Grant,
 )
 from fleet.broker.protocol import MAX_PACKET_BYTES, FleetProtocolHandler, GuardedReader, StreamWriter, abort
-from fleet.broker.routing import RoutingBroker
+from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of
 from fleet.config.credentials import Principal
 from fleet.config.topics import machine_from_client_id
@@ -183,8 +183,12 @@ class SessionBroker(RoutingBroker):
                            writer: Any) -> None:
         """Accept, deliver what was held for the session, and run amqtt's message loop until it ends."""
         session.transitions.connect()  # not connected: _end_live_connection ended any live connection
-        extras(session).connection = asyncio.current_task()
+        state = extras(session)
+        state.connection = asyncio.current_task()
+        state.ready = False  # until what was in flight has been sent again: new messages queue behind it
         handler.router = self.route
+        handler.durable_barrier = self.store.barrier if self.store is not None else None
+        handler.on_delivered = self.delivered
         handler.on_keepalive_expired = self._keepalive_expired
         handler.attach(session, reader, writer)
         self.sessions[session.client_id or ""] = (session, handler)
@@ -194,8 +198,9 @@ class SessionBroker(RoutingBroker):
                  grant.org if grant else None)
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
                                               client_session=session)
-        await handler.start()
+        await handler.start()  # sends again what was in flight (amqtt waits up to 10 s for those PUBACKs)
         self._watch_keepalive(session, handler, reader)
+        state.ready = True
         self.deliver_queued(session)
         await self._client_message_loop(session, handler)
 
@@ -234,9 +239,11 @@ class SessionBroker(RoutingBroker):
 
     # --- sessions --------------------------------------------------------------------------------
     async def _delete_session(self, client_id: str) -> None:  # the amqtt seam: clean session
-        """A clean session replacing a persistent one also deletes its stored subscriptions."""
-        if self.store is not None:
+        """A clean session replacing a persistent one also deletes its stored subscriptions and queue."""
+        existing = self.sessions.get(client_id)
+        if self.store is not None and existing is not None and not existing[0].clean_session:
             self.store.forget_subscription(client_id)
+            self.store.forget_queue(client_id)
         await super()._delete_session(client_id)
 
     def restore_sessions(self, rows: list[tuple[str, str, str, int]]) -> int:
@@ -255,8 +262,22 @@ class SessionBroker(RoutingBroker):
             session = self.sessions[client_id][0]
             grant = grant_of(session)
             if grant is not None and AccessPolicy.may_subscribe(grant, topic_filter):
-                self.subscriptions.setdefault(topic_filter, []).append((session, qos))
+                self.subscriptions.setdefault(topic_filter, []).append((session, min(qos, MAX_QOS)))
         return len({row[0] for row in rows if row[0] in self.sessions})
+
+    def restore_queue(self, rows: list[tuple[int, str, str, bytes, int]]) -> int:
+        """Put the messages broker.db kept for persistent sessions back in their queues, in order; rows of a
+        session that is gone (its user removed) are deleted. Returns how many were restored."""
+        restored = 0
+        for seq, client_id, topic, payload, qos in rows:
+            entry = self.sessions.get(client_id)
+            if entry is None or entry[0].clean_session:
+                if self.store is not None:
+                    self.store.ack(seq)
+                continue
+            extras(entry[0]).queue.append(QueuedMessage(topic, payload, qos, False, seq))
+            restored += 1
+        return restored
 
     def disconnect_revoked(self) -> int:
         """Close live connections whose key was rotated or whose org was removed; returns how many."""

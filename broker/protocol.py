@@ -15,20 +15,44 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import OUTGOING
-from amqtt.mqtt.puback import PubackPacket
-from amqtt.session import Session
+from amqtt.session import OutgoingApplicationMessage, Session
 
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
 MAX_PACKET_BYTES = 1024 * 1024  # larger packets close the connection before being buffered
 
 Router = Callable[[Session, str, bytes, int, bool], None]
+PUBACK_HEADER = b"\x40\x02"  # PUBACK, remaining length 2 (the packet id follows)
+
+
+class PubackBatch:
+    """Several PUBACKs written at once (one TLS record, one send) where amqtt writes a packet at a time."""
+
+    def __init__(self, packet_ids: list[int]) -> None:
+        self.data = b"".join(PUBACK_HEADER + packet_id.to_bytes(2, "big") for packet_id in packet_ids)
+
+    async def to_stream(self, writer: WriterAdapter) -> None:
+        """Write all of them, then wait for the transport like any packet."""
+        writer.write(self.data)
+        await writer.drain()
+
+
+class TrackedMessage(OutgoingApplicationMessage):
+    """An outgoing QoS 1 message the broker follows until the subscriber acknowledges it (``seq``: its row in
+    broker.db's queue, or None when it has none)."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self, packet_id: int, topic: str, qos: int, data: bytes, retain: bool, seq: int | None) -> None:
+        super().__init__(packet_id, topic, qos, data, retain)
+        self.seq = seq
 
 
 class GuardedReader(ReaderAdapter):
@@ -120,10 +144,20 @@ def abort(writer: Any) -> bool:
 
 
 class FleetProtocolHandler(BrokerProtocolHandler):
-    """Per-connection protocol handler: routes before PUBACK and enforces keepalive."""
+    """Per-connection protocol handler: routes before PUBACK, acknowledges once that is durable, tracks
+    outgoing QoS 1 messages until acknowledged, and enforces keepalive."""
 
     router: Router | None = None
+    durable_barrier: Callable[[], asyncio.Future[None] | None] | None = None  # see BrokerStore.barrier
+    on_delivered: Callable[[Session, TrackedMessage], None] | None = None
     on_keepalive_expired: Callable[[Session], None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resends: set[asyncio.Future[None]] = set()
+        # PUBACKs not sent yet, oldest first, each with the commit it waits for: they go out in order.
+        self._acks: deque[tuple[int, asyncio.Future[None] | None]] = deque()
+        self._acks_sending = False
 
     def handle_read_timeout(self) -> None:
         """Nothing arrived for 1.5 x keepalive: close the connection so the will is published."""
@@ -132,6 +166,31 @@ class FleetProtocolHandler(BrokerProtocolHandler):
             self.on_keepalive_expired(session)
         abort(self.writer)
 
+    async def _retry_deliveries(self) -> None:  # the amqtt seam: what was in flight, sent again on reconnect
+        """Send again what was in flight, without waiting for the acknowledgements: stock amqtt waited up to
+        10 s for them inside start(), before the connection's disconnect waiter existed, so a client leaving
+        meanwhile left a connection that never ended."""
+        if self.session is None:
+            return
+        for message in [*self.session.inflight_in.values(), *self.session.inflight_out.values()]:
+            task = asyncio.ensure_future(self._handle_message_flow(message))
+            self._resends.add(task)
+            task.add_done_callback(self._resends.discard)
+
+    def is_open(self) -> bool:
+        """True while the connection can still carry a message."""
+        return isinstance(self.writer, StreamWriter) and not self.writer.is_closed
+
+    def start_delivery(self, topic: str, data: bytes, qos: int, retain: bool,
+                       seq: int | None) -> Coroutine[Any, Any, Any]:
+        """The coroutine that sends one message to this client. A QoS 1 message is in the session's in-flight
+        set from this call on (so the broker can bound it) until its PUBACK (see on_delivered)."""
+        if qos == QOS_0 or self.session is None:
+            return self.mqtt_publish(topic, data, QOS_0, retain=retain)
+        message = TrackedMessage(self.session.next_packet_id, topic, QOS_1, data, retain, seq)
+        self.session.inflight_out[message.packet_id] = message
+        return self._handle_qos1_message_flow(message)
+
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:  # the amqtt seam: outgoing QoS 1
         """Outgoing QoS 1 waits for its PUBACK without a per-message timer; unacknowledged messages stay
         in flight (stock gave up after 5 s and forgot them) and are sent again when a persistent session
@@ -139,21 +198,27 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         if app_message.direction != OUTGOING or self.session is None:
             await super()._handle_qos1_message_flow(app_message)
             return
+        session = self.session
         packet_id = app_message.packet_id
-        self.session.inflight_out.setdefault(packet_id, app_message)
+        session.inflight_out.setdefault(packet_id, app_message)
         packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
         await self._send_packet(packet)
         app_message.publish_packet = packet
+        if not self.is_open():
+            return  # the connection ended meanwhile: nobody would answer; it stays in flight for the next one
         waiter = asyncio.get_running_loop().create_future()
         self._puback_waiters[packet_id] = waiter
         try:
             app_message.puback_packet = await waiter
         finally:
             self._puback_waiters.pop(packet_id, None)
-        self.session.inflight_out.pop(packet_id, None)
+        session.inflight_out.pop(packet_id, None)
+        if isinstance(app_message, TrackedMessage) and self.on_delivered is not None:
+            self.on_delivered(session, app_message)
 
     async def handle_publish(self, publish_packet: Any) -> None:
-        """Route QoS 0/1 at once, then acknowledge; QoS 2 keeps amqtt's flow (routed on PUBREL)."""
+        """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 keeps amqtt's
+        flow (routed on PUBREL)."""
         qos = publish_packet.qos
         topic = publish_packet.topic_name
         if qos == QOS_2 or self.router is None or self.session is None:
@@ -163,5 +228,24 @@ class FleetProtocolHandler(BrokerProtocolHandler):
             return
         # amqtt parses a zero-length payload as None; it is a valid message (and clears a retained topic).
         self.router(self.session, topic, bytes(publish_packet.data or b""), qos, bool(publish_packet.retain_flag))
-        if qos == QOS_1:
-            await self._send_packet(PubackPacket.build(publish_packet.variable_header.packet_id))
+        if qos != QOS_1:
+            return
+        barrier = self.durable_barrier() if self.durable_barrier is not None else None
+        self._acks.append((publish_packet.variable_header.packet_id, barrier))
+        if not self._acks_sending:  # else the task sending acknowledgements takes this one too
+            await self._send_acks()
+
+    async def _send_acks(self) -> None:
+        """Send the queued PUBACKs in order, each once its message is on disk, as many per write as are ready."""
+        self._acks_sending = True
+        try:
+            while self._acks:
+                oldest = self._acks[0][1]
+                if oldest is not None and not oldest.done():
+                    await asyncio.shield(oldest)  # a batch's commit, shared with other publishers: never cancel it
+                ready = []
+                while self._acks and (self._acks[0][1] is None or self._acks[0][1].done()):
+                    ready.append(self._acks.popleft()[0])
+                await self._send_packet(PubackBatch(ready))
+        finally:
+            self._acks_sending = False

@@ -8,7 +8,12 @@ Stock behaviour replaced here (amqtt 0.12.1, broker.py):
   dropped and counted and the connection keeps working, like a PUBLISH over 64 KiB or not allowed;
 - delivery was at the subscription's QoS; here at min(publish QoS, subscription QoS);
 - per-session queues (live deliveries in flight, and messages held for an offline persistent session)
-  were unbounded; here they are bounded and what they drop is counted;
+  were unbounded; here they are bounded and what they drop is counted; a session has at most
+  INFLIGHT_WINDOW messages in flight (stock could run out of packet ids), the rest wait in its queue;
+- messages for persistent sessions lived in memory only; here each QoS 1 one is written to broker.db
+  before the publisher's PUBACK (broker/store.py) and deleted once the subscriber acknowledges it;
+- a QoS 2 subscription was granted QoS 2 and outgoing QoS 2 gave up after 5 s; here subscriptions are
+  granted QoS 1 at most (SUBACK 1), so every delivery is tracked until acknowledged;
 - queued messages of a persistent session arrived with retain=1; here with retain=0;
 - wills and QoS 2 messages went through a broadcast queue without the access rules; here every message
   takes the same checked fan-out.
@@ -17,6 +22,7 @@ Stock behaviour replaced here (amqtt 0.12.1, broker.py):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -24,35 +30,40 @@ from typing import Any
 
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import BrokerConfig
-from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.constants import QOS_0, QOS_1
 from amqtt.session import Session
 
 from fleet.broker.policy import AccessPolicy
-from fleet.broker.retained import RetainedStore
-from fleet.broker.sessions import extras, grant_of
+from fleet.broker.protocol import FleetProtocolHandler, TrackedMessage
+from fleet.broker.sessions import Extras, extras, grant_of
+from fleet.broker.store import BrokerStore
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
 from fleet.config.topics import topic_matches
 
 log = logging.getLogger("fleet.broker")
 
 SUBACK_FAILURE = 0x80
+MAX_QOS = 1  # granted to every subscription: deliveries are QoS 0 or tracked QoS 1
+INFLIGHT_WINDOW = 10_000  # messages in flight to one connection; below 65,535 packet ids with room to spare
 MAX_DROP_LOG_KEYS = 10_000  # one warning per (reason, client); the set of keys logged is bounded too
 
 
 @dataclass(frozen=True, slots=True)
 class QueuedMessage:
-    """A message held for a persistent session while it is offline."""
+    """A message waiting for a session: offline, or behind its in-flight window. ``seq``: its row in broker.db."""
 
     topic: str
     data: bytes
     qos: int
+    retain: bool = False
+    seq: int | None = None
 
 
 class RoutingBroker(Broker):
     """amqtt Broker whose fan-out applies the access rules, min QoS and bounded queues to every message."""
 
     def __init__(self, config: BrokerConfig, policy: AccessPolicy, max_queued: int, max_queued_service: int,
-                 store: RetainedStore | None = None) -> None:
+                 store: BrokerStore | None = None) -> None:
         super().__init__(config)
         self.policy = policy
         self.max_queued = max_queued
@@ -107,41 +118,63 @@ class RoutingBroker(Broker):
         return self.max_queued_service if grant is not None and grant.role == "service" else self.max_queued
 
     def send_to(self, target: Session, topic: str, data: bytes, qos: int, retain: bool) -> None:
-        """Deliver to a live connection, or hold for an offline persistent session (QoS 1/2); bounded."""
+        """Deliver to a live connection, or hold for an offline persistent session (QoS 1); bounded. A QoS 1
+        message for a persistent session is recorded in broker.db until the subscriber acknowledges it."""
         state = extras(target)
-        if target.transitions.state == "connected":
-            handler = self.sessions.get(target.client_id or "", (None, None))[1]
-            if handler is None:
-                return
-            if state.pending >= self.queue_limit(target):
-                self.count_drop("queue_full", target, topic)
-                return
-            state.pending += 1
-            task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=retain))
-            self._delivery_tasks.add(task)
-            task.add_done_callback(lambda t, s=target: self._delivery_done(t, s))
-        elif not target.clean_session and qos in (QOS_1, QOS_2):
-            if len(state.queue) >= self.queue_limit(target):
-                self.count_drop("queue_full", target, topic)
-                return
-            state.queue.append(QueuedMessage(topic, data, qos))
+        connected = target.transitions.state == "connected"
+        persistent = not target.clean_session
+        if not connected and not (persistent and qos >= QOS_1):
+            return  # nobody to deliver to, and nothing MQTT asks the broker to keep
+        if state.pending + len(state.queue) >= self.queue_limit(target):
+            self.count_drop("queue_full", target, topic)
+            return
+        seq = None
+        if persistent and qos >= QOS_1 and self.store is not None:
+            seq = self.store.append(target.client_id or "", topic, data, qos)
+        state.queue.append(QueuedMessage(topic, data, qos, retain, seq))
+        if connected and len(state.queue) == 1:
+            self.deliver_queued(target)
 
-    def _delivery_done(self, task: asyncio.Task[Any], session: Session) -> None:
+    def _window_open(self, session: Session, state: Extras) -> bool:
+        # In-flight QoS 1 messages include those resent after a reconnect; both bounds keep packet ids free.
+        return state.ready and state.pending < INFLIGHT_WINDOW and len(session.inflight_out) < INFLIGHT_WINDOW
+
+    def _start_delivery(self, target: Session, state: Extras, message: QueuedMessage) -> bool:
+        handler = self.sessions.get(target.client_id or "", (None, None))[1]
+        if not isinstance(handler, FleetProtocolHandler) or not handler.is_open():  # its connection is ending
+            state.queue.appendleft(message)
+            return False
+        state.pending += 1
+        task = asyncio.ensure_future(handler.start_delivery(message.topic, message.data, message.qos,
+                                                            message.retain, message.seq))
+        self._delivery_tasks.add(task)
+        task.add_done_callback(functools.partial(self._delivery_done, session=target))
+        return True
+
+    def _delivery_done(self, task: asyncio.Task[Any], *, session: Session) -> None:
         self._delivery_tasks.discard(task)
         extras(session).pending -= 1
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
+        if not task.cancelled() and task.exception() is not None:
             self.stats["delivery_failed"] += 1
-            log.debug("delivery to %s failed: %r", session.client_id, exc)
+            log.debug("delivery to %s failed: %r", session.client_id, task.exception())
+        self.deliver_queued(session)
 
     def deliver_queued(self, session: Session) -> None:
-        """Deliver what was held while a persistent session was offline (retain=0, in order)."""
-        queue = extras(session).queue
-        while queue:
-            queued = queue.popleft()
-            self.send_to(session, queued.topic, queued.data, queued.qos, retain=False)
+        """Send what waits for a connected session, in order, up to its in-flight window (retain=0 for what
+        was held while it was offline)."""
+        if session.transitions.state != "connected":
+            return
+        state = extras(session)
+        while state.queue and self._window_open(session, state):
+            if not self._start_delivery(session, state, state.queue.popleft()):
+                return
+
+    def delivered(self, session: Session, message: TrackedMessage) -> None:
+        """The subscriber acknowledged a tracked message: it leaves broker.db, and its window has room again."""
+        if self.store is not None:
+            self.store.ack(message.seq)
+        if extras(session).queue:
+            self.deliver_queued(session)
 
     async def _broadcast_message(self, session: Session | None, topic: str | None,  # the amqtt seam: wills
                                  data: bytes | bytearray | None, force_qos: int | None = None) -> None:
@@ -185,6 +218,9 @@ class RoutingBroker(Broker):
         """SUBACK every filter (0x80 when refused), then send matching retained messages it may receive."""
         subscriptions = subscribe_waiter.result()
         codes = [await self.add_subscription(sub, client_session) for sub in subscriptions.topics]
+        barrier = self.store.barrier() if self.store is not None and not client_session.clean_session else None
+        if barrier is not None:  # a persistent session's subscription is on disk before its SUBACK
+            await asyncio.shield(barrier)
         await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
         grant = grant_of(client_session)
         for (topic_filter, _), code in zip(subscriptions.topics, codes, strict=False):
@@ -198,8 +234,9 @@ class RoutingBroker(Broker):
                                  retain=True)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        """Stock checks and bookkeeping; a persistent session's subscription is also written to disk."""
-        code = await super().add_subscription(subscription, session)
+        """Stock checks and bookkeeping at QoS 1 at most; a persistent session's subscription is also written
+        to disk."""
+        code = await super().add_subscription((subscription[0], min(subscription[1], MAX_QOS)), session)
         if code != SUBACK_FAILURE and not session.clean_session and self.store is not None:
             self.store.record_subscription(session.client_id or "", session.username or "", subscription[0], code)
         return code

@@ -22,14 +22,13 @@ from fleet.broker.hardened import FleetBroker
 from fleet.broker.pki import CertPaths, ensure_certs
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
-from fleet.broker.retained import RetainedStore
+from fleet.broker.store import BrokerStore
 from fleet.config import credentials
 from fleet.config.database import DatabaseError, connect, ensure_schema
 from fleet.config.settings import Settings
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
-RETAINED_FLUSH_S = 0.5
 
 
 TLS_LISTENER = "default"
@@ -111,22 +110,28 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
     policy = AccessPolicy(pepper, records)
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy
-    retained = await asyncio.to_thread(RetainedStore, data_dir / "broker.db")
+    store = await asyncio.to_thread(BrokerStore, data_dir / "broker.db", settings.broker_durability)
+    retained, subscriptions, queued = await asyncio.to_thread(
+        lambda: (store.load(), store.load_subscriptions(), store.load_queue()))
     broker = FleetBroker(broker_config(settings, certs, policy_id), policy, settings.max_queued_messages,
-                         settings.service_queued_messages, retained)
+                         settings.service_queued_messages, store)
+    store.start(asyncio.get_running_loop())
     try:
         await broker.start()
     except AmqttBrokerError as exc:
         POLICIES.pop(policy_id, None)
+        await store.close()
         cause = exc.__cause__ or exc
         raise BrokerError(f"cannot start broker on {settings.host}:{settings.mqtt_port}: {cause}") from exc
-    broker.load_retained(await asyncio.to_thread(retained.load))
-    restored = broker.restore_sessions(await asyncio.to_thread(retained.load_subscriptions))
+    # No await from here to the end of the restore: a client connecting now finds its session restored.
+    broker.load_retained(retained)
+    restored = broker.restore_sessions(subscriptions)
+    requeued = broker.restore_queue(queued)
     ports = broker.bound_ports
     handle = BrokerHandle(broker, certs, ports.get(TLS_LISTENER, settings.mqtt_port), ports.get(PLAIN_LISTENER))
-    log.info("broker listening on mqtts://%s:%s (CA %s)%s; %d persistent sessions restored", settings.host,
-             handle.port, certs.ca, f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "",
-             restored)
+    log.info("broker listening on mqtts://%s:%s (CA %s)%s; %d persistent sessions restored with %d queued messages",
+             settings.host, handle.port, certs.ca,
+             f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "", restored, requeued)
 
     async def reload_credentials() -> None:
         while True:
@@ -140,20 +145,16 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
                 log.info("credentials changed: %d principals", len(fresh))
                 broker.disconnect_revoked()
 
-    async def housekeeping() -> None:
-        last_beat = 0.0
+    async def heartbeat() -> None:
         while True:
-            await asyncio.sleep(RETAINED_FLUSH_S)
+            await asyncio.sleep(HEARTBEAT_S)
             try:
-                await asyncio.to_thread(retained.flush)
-                if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    last_beat = time.monotonic()
-                    detail = {"connected": broker.connected_count(), **broker.stats}
-                    await asyncio.to_thread(_write_heartbeat, settings.db_path, detail)
+                detail = {"connected": broker.connected_count(), **broker.stats, **store.stats}
+                await asyncio.to_thread(_write_heartbeat, settings.db_path, detail)
             except Exception as exc:  # noqa: BLE001 - a locked database must not stop the broker
-                log.warning("broker housekeeping failed: %s", exc)
+                log.warning("broker heartbeat failed: %s", exc)
 
-    tasks = [asyncio.create_task(reload_credentials()), asyncio.create_task(housekeeping())]
+    tasks = [asyncio.create_task(reload_credentials()), asyncio.create_task(heartbeat())]
     try:
         if on_started is not None:
             on_started(handle)
@@ -166,7 +167,7 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
             await broker.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("broker shutdown: %s", exc)
-        await asyncio.to_thread(retained.flush)
+        await store.close()
         POLICIES.pop(policy_id, None)
         log.info("broker stopped")
 
@@ -206,7 +207,8 @@ class RunningBroker:
 
     def stats(self) -> dict[str, int]:
         """Counters: refused connects/subscribes, dropped publishes by reason, routed messages."""
-        return dict(self.broker.stats)
+        store = self.broker.store
+        return {**self.broker.stats, **(store.stats if store is not None else {})}
 
     def stop(self) -> None:
         """Stop the broker and wait for its thread (idempotent)."""

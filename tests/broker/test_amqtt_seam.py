@@ -41,7 +41,9 @@ SEAM: dict[type, dict[str, str]] = {
         "_handle_unsubscription": "override and call: the subscription also leaves broker.db",
     },
     BrokerProtocolHandler: {
-        "_handle_qos1_message_flow": "override: outgoing QoS 1 waits for its PUBACK without a 5 s timeout",
+        "_handle_qos1_message_flow": "override and call: outgoing QoS 1 waits for its PUBACK without a 5 s timeout",
+        "_retry_deliveries": "override: resend what was in flight without blocking start() for 10 s",
+        "_handle_message_flow": "call: amqtt's QoS dispatch, for what is resent",
         "_send_packet": "call: write a packet (PUBACK after routing, PUBLISH)",
         "_puback_waiters": "read/write: the futures amqtt's PUBACK handler completes",
     },

@@ -274,10 +274,15 @@ def test_logins_do_not_stall_other_clients(broker, acme):
     a = agent(broker, acme)
     stop = threading.Event()
 
+    def wrong_login(client_id: str) -> None:
+        try:
+            connect_client(broker, "acme/reader", "wrong", client_id, expect_rc=1)
+        except (OSError, AssertionError):  # a busy broker may reset or not answer a refused login: still a login
+            pass
+
     def login_storm():
         while not stop.is_set():
-            threads = [threading.Thread(target=connect_client, args=(broker, "acme/reader", "wrong", f"x{i}"),
-                                        kwargs={"expect_rc": 1}) for i in range(10)]
+            threads = [threading.Thread(target=wrong_login, args=(f"x{i}",)) for i in range(10)]
             for t in threads:
                 t.start()
             for t in threads:
