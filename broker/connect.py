@@ -24,6 +24,7 @@ from amqtt.adapters import StreamReaderAdapter
 from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.session import Session
 
 from fleet.broker.policy import (
@@ -36,7 +37,7 @@ from fleet.broker.policy import (
 )
 from fleet.broker.protocol import MAX_PACKET_BYTES, FleetProtocolHandler, GuardedReader, StreamWriter, abort
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
-from fleet.broker.sessions import extras, grant_of
+from fleet.broker.sessions import extras, grant_of, spare_queues
 from fleet.config.credentials import Principal
 from fleet.config.topics import machine_from_client_id
 
@@ -47,6 +48,13 @@ KEEPALIVE_FACTOR = 1.5
 TAKEOVER_TIMEOUT_S = 10.0  # the older connection's will and cleanup; a new CONNECT waits this long at most
 # What reading a client's first packet raises when the client leaves, stalls or sends garbage: routine, one DEBUG line.
 CONNECT_FAILURES = (TimeoutError, EOFError, OSError, AMQTTError, MQTTError, NoDataError, CodecError, ValueError)
+
+
+def _resolved(value: Subscription | UnSubscription) -> asyncio.Future[Any]:
+    """A done future holding ``value``: amqtt's subscription handlers take the waiter its message loop made."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 class SessionBroker(RoutingBroker):
@@ -94,6 +102,7 @@ class SessionBroker(RoutingBroker):
                 handler, incoming = await asyncio.wait_for(
                     FleetProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
                     CONNECT_TIMEOUT_S)
+                spare_queues(incoming)
             except CONNECT_FAILURES as exc:
                 self.stats["connect_invalid"] += 1
                 log.debug("connection from %s closed before a valid CONNECT: %s", writer.get_peer_info(),
@@ -181,7 +190,8 @@ class SessionBroker(RoutingBroker):
 
     async def _run_session(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader,
                            writer: Any) -> None:
-        """Accept, deliver what was held for the session, and run amqtt's message loop until it ends."""
+        """Accept, deliver what was held for the session, serve the connection in this task until it ends,
+        then end the session (its will unless the client sent DISCONNECT)."""
         session.transitions.connect()  # not connected: _end_live_connection ended any live connection
         state = extras(session)
         state.connection = asyncio.current_task()
@@ -190,6 +200,9 @@ class SessionBroker(RoutingBroker):
         handler.durable_barrier = self.store.barrier if self.store is not None else None
         handler.on_delivered = self.delivered
         handler.on_keepalive_expired = self._keepalive_expired
+        handler.on_dropped = self.count_drop
+        handler.on_subscribe = lambda sub: self._handle_subscription(session, handler, _resolved(sub))
+        handler.on_unsubscribe = lambda unsub: self._handle_unsubscription(session, handler, _resolved(unsub))
         handler.attach(session, reader, writer)
         self.sessions[session.client_id or ""] = (session, handler)
         await handler.mqtt_connack_authorize(True)
@@ -198,11 +211,30 @@ class SessionBroker(RoutingBroker):
                  grant.org if grant else None)
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
                                               client_session=session)
-        await handler.start()  # sends again what was in flight (amqtt waits up to 10 s for those PUBACKs)
+        await handler._retry_deliveries()  # noqa: SLF001 - the amqtt seam: what was in flight, sent again
         self._watch_keepalive(session, handler, reader)
         state.ready = True
         self.deliver_queued(session)
-        await self._client_message_loop(session, handler)
+        clean = False
+        try:
+            clean = await handler.serve()
+        except asyncio.CancelledError:  # the broker stops: the connection is dropped, no will
+            abort(writer)
+            clean = True
+            raise
+        finally:
+            await self._end_session(session, handler, clean)
+
+    async def _end_session(self, session: Session, handler: FleetProtocolHandler, clean: bool) -> None:
+        """The connection ended: publish the will unless it ended cleanly, close, mark the session offline."""
+        if not clean and session.will_flag and session.will_topic is not None:
+            await self._broadcast_message(session, session.will_topic, session.will_message, session.will_qos)
+            if session.will_retain:
+                await self.retain_message(session, session.will_topic, session.will_message, session.will_qos)
+        await handler.stop()
+        session.transitions.disconnect()
+        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_DISCONNECTED, client_id=session.client_id,
+                                              client_session=session)
 
     def _watch_keepalive(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader) -> None:
         """Drop the connection once nothing was read for 1.5 x keepalive (one timer per connection)."""
@@ -256,6 +288,7 @@ class SessionBroker(RoutingBroker):
                     continue
                 machine = machine_from_client_id(record.org or "", client_id) if record.role == "agent" else None
                 handler, session = self.create_offline_session(client_id)
+                spare_queues(session)
                 session.username, session.clean_session = username, False
                 extras(session).grant = Grant(Principal(username, record.org, record.role), machine)
                 self.sessions[client_id] = (session, handler)

@@ -8,7 +8,12 @@ Stock behaviour replaced here (amqtt 0.12.1):
   flight until acknowledged and is sent again when a persistent session returns;
 - ``handle_read_timeout`` did nothing (keepalive never enforced); here it drops the connection so the
   will is published (the broker's watchdog calls it, see broker/connect.py);
-- the writer adapter drained before closing, so closing a connection whose peer had left raised.
+- the writer adapter drained before closing, so closing a connection whose peer had left raised;
+- each connection ran a reader task that made a task per packet, and the broker's message loop four
+  more waiter tasks re-created after every event (with ``asyncio.wait``); here ``serve()`` reads and
+  handles the packets in the connection's own task, one task per connection. A client leaving before
+  stock start() had made its disconnect waiter left a connection that never ended, its session
+  "connected" for ever, and every later CONNECT with its client id was refused after a 10 s wait.
 """
 
 from __future__ import annotations
@@ -20,13 +25,37 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.errors import CodecError, MQTTError, NoDataError
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.packet import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.protocol.handler import OUTGOING
-from amqtt.session import OutgoingApplicationMessage, Session
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+from fleet.broker.sessions import NO_QUEUE
 
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
 MAX_PACKET_BYTES = 1024 * 1024  # larger packets close the connection before being buffered
+
+MAX_QOS2_INFLIGHT = 100  # incoming QoS 2 messages held between PUBLISH and PUBREL, per connection
+# What reading a packet raises when the peer left, sent garbage or a packet the codec refuses: the connection ends.
+READ_FAILURES = (NoDataError, MQTTError, CodecError, OSError, ValueError)
 
 Router = Callable[[Session, str, bytes, int, bool], None]
 PUBACK_HEADER = b"\x40\x02"  # PUBACK, remaining length 2 (the packet id follows)
@@ -148,16 +177,60 @@ class FleetProtocolHandler(BrokerProtocolHandler):
     outgoing QoS 1 messages until acknowledged, and enforces keepalive."""
 
     router: Router | None = None
+    on_subscribe: Callable[[Subscription], Coroutine[Any, Any, None]] | None = None
+    on_unsubscribe: Callable[[UnSubscription], Coroutine[Any, Any, None]] | None = None
+    on_dropped: Callable[[str, Session, str], None] | None = None
     durable_barrier: Callable[[], asyncio.Future[None] | None] | None = None  # see BrokerStore.barrier
     on_delivered: Callable[[Session, TrackedMessage], None] | None = None
     on_keepalive_expired: Callable[[Session], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # serve() hands SUBSCRIBE and UNSUBSCRIBE to the broker itself: amqtt's two queues for them stay empty.
+        self._pending_subscriptions = self._pending_unsubscriptions = NO_QUEUE
         self._resends: set[asyncio.Future[None]] = set()
         # PUBACKs not sent yet, oldest first, each with the commit it waits for: they go out in order.
         self._acks: deque[tuple[int, asyncio.Future[None] | None]] = deque()
         self._acks_sending = False
+
+    async def serve(self) -> bool:
+        """Read and handle the client's packets, one at a time, until it sends DISCONNECT (True) or the
+        connection ends (False: the will is due). Only the transport (a client reading nothing stops being
+        read) and the broker's SUBSCRIBE handling are awaited; acknowledgements waiting for the disk are
+        sent by a task of their own."""
+        reader = self.reader
+        while reader is not None:
+            try:
+                header = await MQTTFixedHeader.from_stream(reader)
+                if header is None:
+                    return False
+                kind = header.packet_type
+                if kind in (RESERVED_0, RESERVED_15):
+                    return False
+                packet: Any = await packet_class(header).from_stream(reader, fixed_header=header)
+            except READ_FAILURES as exc:
+                self.logger.debug("connection ended: %r", exc)
+                return False
+            if kind == PUBLISH:
+                await self.handle_publish(packet)
+            elif kind == PUBACK:
+                await self.handle_puback(packet)
+            elif kind == PINGREQ:
+                await self.handle_pingreq(packet)
+            elif kind == DISCONNECT:
+                return True
+            elif kind == SUBSCRIBE and self.on_subscribe is not None:
+                await self.on_subscribe(Subscription(packet.variable_header.packet_id, packet.payload.topics))
+            elif kind == UNSUBSCRIBE and self.on_unsubscribe is not None:
+                await self.on_unsubscribe(UnSubscription(packet.variable_header.packet_id, packet.payload.topics))
+            elif kind == PUBREL:
+                await self._release_qos2(packet.packet_id)
+            elif kind in (PUBREC, PUBCOMP):  # the broker sends nothing at QoS 2; amqtt's handlers warn
+                await (self.handle_pubrec(packet) if kind == PUBREC else self.handle_pubcomp(packet))
+            else:  # CONNECT again, or a packet only a server sends
+                self.logger.warning("closing connection: unexpected packet type %d", kind)
+                return False
+        return False
 
     def handle_read_timeout(self) -> None:
         """Nothing arrived for 1.5 x keepalive: close the connection so the will is published."""
@@ -169,13 +242,12 @@ class FleetProtocolHandler(BrokerProtocolHandler):
     async def _retry_deliveries(self) -> None:  # the amqtt seam: what was in flight, sent again on reconnect
         """Send again what was in flight, without waiting for the acknowledgements: stock amqtt waited up to
         10 s for them inside start(), before the connection's disconnect waiter existed, so a client leaving
-        meanwhile left a connection that never ended."""
+        meanwhile left a connection that never ended. Held incoming QoS 2 messages wait for the PUBREL the
+        client sends again (MQTT 4.4)."""
         if self.session is None:
             return
-        for message in [*self.session.inflight_in.values(), *self.session.inflight_out.values()]:
-            task = asyncio.ensure_future(self._handle_message_flow(message))
-            self._resends.add(task)
-            task.add_done_callback(self._resends.discard)
+        for message in list(self.session.inflight_out.values()):
+            self._spawn(self._handle_message_flow(message))
 
     def is_open(self) -> bool:
         """True while the connection can still carry a message."""
@@ -217,14 +289,14 @@ class FleetProtocolHandler(BrokerProtocolHandler):
             self.on_delivered(session, app_message)
 
     async def handle_publish(self, publish_packet: Any) -> None:
-        """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 keeps amqtt's
-        flow (routed on PUBREL)."""
+        """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 is held until
+        its PUBREL. Never waits for the disk: a PUBACK that must is sent by a task, in order with the others."""
         qos = publish_packet.qos
         topic = publish_packet.topic_name
-        if qos == QOS_2 or self.router is None or self.session is None:
-            await super().handle_publish(publish_packet)
+        if self.router is None or self.session is None or topic is None:
             return
-        if topic is None:
+        if qos == QOS_2:
+            await self._hold_qos2(publish_packet)
             return
         # amqtt parses a zero-length payload as None; it is a valid message (and clears a retained topic).
         self.router(self.session, topic, bytes(publish_packet.data or b""), qos, bool(publish_packet.retain_flag))
@@ -232,8 +304,43 @@ class FleetProtocolHandler(BrokerProtocolHandler):
             return
         barrier = self.durable_barrier() if self.durable_barrier is not None else None
         self._acks.append((publish_packet.variable_header.packet_id, barrier))
-        if not self._acks_sending:  # else the task sending acknowledgements takes this one too
+        if self._acks_sending:  # the task sending acknowledgements takes this one too
+            return
+        if barrier is None or barrier.done():
             await self._send_acks()
+        else:
+            self._acks_sending = True  # before the task runs: the next PUBLISH must not start another one
+            self._spawn(self._send_acks())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._resends.add(task)
+        task.add_done_callback(self._resends.discard)
+
+    async def _hold_qos2(self, publish_packet: Any) -> None:
+        """QoS 2, MQTT's method A: keep the message until its PUBREL, acknowledge with PUBREC (again for a
+        duplicate). At most MAX_QOS2_INFLIGHT are held; beyond, the message is dropped and counted."""
+        session = self.session
+        assert session is not None
+        packet_id = publish_packet.variable_header.packet_id
+        if packet_id not in session.inflight_in:
+            if len(session.inflight_in) >= MAX_QOS2_INFLIGHT:
+                if self.on_dropped is not None:
+                    self.on_dropped("qos2_inflight_full", session, publish_packet.topic_name)
+            else:
+                message = IncomingApplicationMessage(packet_id, publish_packet.topic_name, QOS_2,
+                                                     bytes(publish_packet.data or b""), publish_packet.retain_flag)
+                message.publish_packet = publish_packet
+                session.inflight_in[packet_id] = message
+        await self._send_packet(PubrecPacket.build(packet_id))
+
+    async def _release_qos2(self, packet_id: int) -> None:
+        """PUBREL: route the held QoS 2 message (once), then PUBCOMP."""
+        session = self.session
+        message = session.inflight_in.pop(packet_id, None) if session is not None else None
+        if message is not None and self.router is not None and session is not None:
+            self.router(session, message.topic, bytes(message.data), QOS_2, bool(message.retain))
+        await self._send_packet(PubcompPacket.build(packet_id))
 
     async def _send_acks(self) -> None:
         """Send the queued PUBACKs in order, each once its message is on disk, as many per write as are ready."""

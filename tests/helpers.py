@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -132,6 +135,37 @@ def connect_client(broker: Any, username: str | None, password: str | None, clie
         client.loop_stop()
         raise AssertionError(f"connection refused, reason code {rc:#x}")
     return client
+
+
+def mqtt_string(value: bytes) -> bytes:
+    """An MQTT length-prefixed string."""
+    return struct.pack("!H", len(value)) + value
+
+
+def connect_packet(client_id: str, username: str, password: str, keepalive: int = 60,
+                   will: tuple[str, bytes] | None = None) -> bytes:
+    """A raw MQTT 3.1.1 CONNECT (clean session; ``will`` as (topic, payload), QoS 1, retained)."""
+    flags = 0x80 | 0x40 | 0x02  # user, password, clean session
+    will_part = b""
+    if will is not None:
+        flags |= 0x20 | 0x08 | 0x04  # will retain, will QoS 1, will
+        will_part = mqtt_string(will[0].encode()) + mqtt_string(will[1])
+    body = mqtt_string(b"MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + \
+        mqtt_string(client_id.encode()) + will_part + mqtt_string(username.encode()) + mqtt_string(password.encode())
+    length, encoded = len(body), b""
+    while True:
+        byte, length = length % 128, length // 128
+        encoded += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            break
+    return b"\x10" + encoded + body
+
+
+def tls_socket(broker: Any, timeout: float = 5.0) -> ssl.SSLSocket:
+    """A TLS connection to ``broker``'s port, verified with its CA (handshake done, nothing sent)."""
+    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=timeout),
+                           server_hostname="127.0.0.1")
 
 
 def close(client: Any) -> None:
