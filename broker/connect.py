@@ -20,7 +20,6 @@ import logging
 import time
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter
 from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
@@ -76,7 +75,7 @@ class SessionBroker(RoutingBroker):
         if task is not None:
             self._connection_tasks.add(task)
         try:
-            await self._client_connected(listener_name, StreamReaderAdapter(reader), adapter)
+            await self._client_connected(listener_name, reader, adapter)
         except asyncio.CancelledError:
             adapter.abort()
         except OSError as exc:  # the peer left while we were writing to it

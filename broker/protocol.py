@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WriterAdapter
 from amqtt.errors import CodecError, MQTTError, NoDataError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
@@ -36,14 +36,13 @@ from amqtt.mqtt.packet import (
     PUBLISH,
     PUBREC,
     PUBREL,
-    RESERVED_0,
-    RESERVED_15,
     SUBSCRIBE,
     UNSUBSCRIBE,
     MQTTFixedHeader,
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.protocol.handler import OUTGOING
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
@@ -55,10 +54,11 @@ MAX_PACKET_BYTES = 1024 * 1024  # larger packets close the connection before bei
 
 MAX_QOS2_INFLIGHT = 100  # incoming QoS 2 messages held between PUBLISH and PUBREL, per connection
 # What reading a packet raises when the peer left, sent garbage or a packet the codec refuses: the connection ends.
-READ_FAILURES = (NoDataError, MQTTError, CodecError, OSError, ValueError)
+READ_FAILURES = (NoDataError, MQTTError, CodecError, OSError, ValueError, IndexError)
 
 Router = Callable[[Session, str, bytes, int, bool], None]
 PUBACK_HEADER = b"\x40\x02"  # PUBACK, remaining length 2 (the packet id follows)
+PINGRESP = b"\xd0\x00"
 
 
 class PubackBatch:
@@ -85,33 +85,74 @@ class TrackedMessage(OutgoingApplicationMessage):
 
 
 class GuardedReader(ReaderAdapter):
-    """Reader adapter that will not buffer a packet body over MAX_PACKET_BYTES: it closes the connection.
+    """The connection's reader: whole packets for serve() (two reads each), amqtt's reader API for CONNECT.
 
-    amqtt's reader loop treats read errors as "try again", so after tripping every read returns EOF
-    (otherwise the rest of the oversized payload would be parsed as packets).
+    A packet announcing a body over MAX_PACKET_BYTES closes the connection before the body is buffered;
+    after that every read is EOF (amqtt's CONNECT parser treats read errors as "try again", and the rest of
+    the oversized body must not be parsed as packets). ``last_read`` is when the last packet (or read)
+    completed, for the keepalive watchdog.
     """
 
-    def __init__(self, inner: Any, on_oversize: Callable[[int], None]) -> None:
-        self._inner = inner
+    def __init__(self, stream: asyncio.StreamReader, on_oversize: Callable[[int], None]) -> None:
+        self._stream = stream
         self._on_oversize = on_oversize
         self.tripped = False
         self.last_read = time.monotonic()
 
+    def _trip(self, size: int) -> None:
+        self.tripped = True
+        self._on_oversize(size)
+
     async def read(self, n: int = -1) -> bytes:
-        """Read like the wrapped adapter; EOF for ever once an oversized body was announced."""
+        """amqtt's ReaderAdapter.read: exactly ``n`` bytes (all until EOF for -1); EOF once tripped."""
         if self.tripped:
             return b""
         if n > MAX_PACKET_BYTES:
-            self.tripped = True
-            self._on_oversize(n)
+            self._trip(n)
             return b""
-        data = await self._inner.read(n)
+        data = await (self._stream.read(n) if n < 0 else self._stream.readexactly(n))
         self.last_read = time.monotonic()
         return data
 
+    async def packet(self) -> tuple[int, int, bytes] | None:
+        """The next packet as (type, flags, body); None at the end of the stream or once tripped. A remaining
+        length longer than MQTT's four bytes raises MQTTError."""
+        if self.tripped:
+            return None
+        stream = self._stream
+        try:
+            head = await stream.readexactly(2)
+            length, shift, byte = 0, 0, head[1]
+            while True:
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise MQTTError("remaining length over four bytes")
+                byte = (await stream.readexactly(1))[0]
+            if length > MAX_PACKET_BYTES:
+                self._trip(length)
+                return None
+            body = await stream.readexactly(length) if length else b""
+        except asyncio.IncompleteReadError:
+            return None
+        self.last_read = time.monotonic()
+        return head[0] >> 4, head[0] & 0x0F, body
+
     def feed_eof(self) -> None:
         """Pass EOF through."""
-        self._inner.feed_eof()
+        self._stream.feed_eof()
+
+
+async def parse_with_amqtt(kind: int, flags: int, body: bytes) -> Any:
+    """A packet read by GuardedReader.packet(), parsed by amqtt's codec (for the rare kinds: SUBSCRIBE,
+    UNSUBSCRIBE)."""
+    stream = asyncio.StreamReader()
+    stream.feed_data(body)
+    stream.feed_eof()
+    header = MQTTFixedHeader(kind, flags, len(body))
+    return await packet_class(header).from_stream(StreamReaderAdapter(stream), fixed_header=header)
 
 
 class StreamWriter(WriterAdapter):
@@ -197,40 +238,54 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         """Read and handle the client's packets, one at a time, until it sends DISCONNECT (True) or the
         connection ends (False: the will is due). Only the transport (a client reading nothing stops being
         read) and the broker's SUBSCRIBE handling are awaited; acknowledgements waiting for the disk are
-        sent by a task of their own."""
+        sent by a task of their own. PUBLISH, PUBACK, PINGREQ, PUBREL and DISCONNECT are decoded here (amqtt's
+        codec reads a packet in five or more awaits); the rest by amqtt's codec."""
         reader = self.reader
-        while reader is not None:
+        while isinstance(reader, GuardedReader):
             try:
-                header = await MQTTFixedHeader.from_stream(reader)
-                if header is None:
+                packet = await reader.packet()
+                if packet is None:
                     return False
-                kind = header.packet_type
-                if kind in (RESERVED_0, RESERVED_15):
+                kind, flags, body = packet
+                if kind == PUBLISH:
+                    await self._publish_received(flags, body)
+                elif kind == PUBACK:
+                    await self.handle_puback(PubackPacket.build(int.from_bytes(body[:2], "big")))
+                elif kind == PINGREQ:
+                    self._write(PINGRESP)
+                elif kind == DISCONNECT:
+                    return True
+                elif kind == PUBREL:
+                    await self._release_qos2(int.from_bytes(body[:2], "big"))
+                elif kind in (SUBSCRIBE, UNSUBSCRIBE):
+                    parsed = await parse_with_amqtt(kind, flags, body)
+                    if kind == SUBSCRIBE and self.on_subscribe is not None:
+                        await self.on_subscribe(Subscription(parsed.variable_header.packet_id, parsed.payload.topics))
+                    elif kind == UNSUBSCRIBE and self.on_unsubscribe is not None:
+                        await self.on_unsubscribe(UnSubscription(parsed.variable_header.packet_id,
+                                                                 parsed.payload.topics))
+                elif kind not in (PUBREC, PUBCOMP):  # those two: the broker sends nothing at QoS 2
+                    # CONNECT again, a reserved type, or a packet only a server sends
+                    self.logger.warning("closing connection: unexpected packet type %d", kind)
                     return False
-                packet: Any = await packet_class(header).from_stream(reader, fixed_header=header)
             except READ_FAILURES as exc:
                 self.logger.debug("connection ended: %r", exc)
                 return False
-            if kind == PUBLISH:
-                await self.handle_publish(packet)
-            elif kind == PUBACK:
-                await self.handle_puback(packet)
-            elif kind == PINGREQ:
-                await self.handle_pingreq(packet)
-            elif kind == DISCONNECT:
-                return True
-            elif kind == SUBSCRIBE and self.on_subscribe is not None:
-                await self.on_subscribe(Subscription(packet.variable_header.packet_id, packet.payload.topics))
-            elif kind == UNSUBSCRIBE and self.on_unsubscribe is not None:
-                await self.on_unsubscribe(UnSubscription(packet.variable_header.packet_id, packet.payload.topics))
-            elif kind == PUBREL:
-                await self._release_qos2(packet.packet_id)
-            elif kind in (PUBREC, PUBCOMP):  # the broker sends nothing at QoS 2; amqtt's handlers warn
-                await (self.handle_pubrec(packet) if kind == PUBREC else self.handle_pubcomp(packet))
-            else:  # CONNECT again, or a packet only a server sends
-                self.logger.warning("closing connection: unexpected packet type %d", kind)
-                return False
         return False
+
+    def _write(self, data: bytes) -> None:
+        if self.writer is not None:
+            self.writer.write(data)
+
+    async def _publish_received(self, flags: int, body: bytes) -> None:
+        """A PUBLISH, decoded: topic (UTF-8), packet id for QoS 1 and 2, payload."""
+        qos = (flags >> 1) & 0x03
+        end = 2 + int.from_bytes(body[:2], "big")
+        if qos == 3 or end > len(body):
+            raise MQTTError("malformed PUBLISH")
+        topic = body[2:end].decode("utf-8")  # UnicodeDecodeError is a ValueError: the connection ends
+        packet_id = int.from_bytes(body[end:end + 2], "big") if qos else 0
+        await self.receive_publish(topic, body[end + 2 if qos else end:], qos, bool(flags & 0x01), packet_id)
 
     def handle_read_timeout(self) -> None:
         """Nothing arrived for 1.5 x keepalive: close the connection so the will is published."""
@@ -288,22 +343,19 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         if isinstance(app_message, TrackedMessage) and self.on_delivered is not None:
             self.on_delivered(session, app_message)
 
-    async def handle_publish(self, publish_packet: Any) -> None:
+    async def receive_publish(self, topic: str, data: bytes, qos: int, retain: bool, packet_id: int) -> None:
         """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 is held until
         its PUBREL. Never waits for the disk: a PUBACK that must is sent by a task, in order with the others."""
-        qos = publish_packet.qos
-        topic = publish_packet.topic_name
-        if self.router is None or self.session is None or topic is None:
+        if self.router is None or self.session is None:
             return
         if qos == QOS_2:
-            await self._hold_qos2(publish_packet)
+            await self._hold_qos2(topic, data, retain, packet_id)
             return
-        # amqtt parses a zero-length payload as None; it is a valid message (and clears a retained topic).
-        self.router(self.session, topic, bytes(publish_packet.data or b""), qos, bool(publish_packet.retain_flag))
+        self.router(self.session, topic, data, qos, retain)
         if qos != QOS_1:
             return
         barrier = self.durable_barrier() if self.durable_barrier is not None else None
-        self._acks.append((publish_packet.variable_header.packet_id, barrier))
+        self._acks.append((packet_id, barrier))
         if self._acks_sending:  # the task sending acknowledgements takes this one too
             return
         if barrier is None or barrier.done():
@@ -317,21 +369,17 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         self._resends.add(task)
         task.add_done_callback(self._resends.discard)
 
-    async def _hold_qos2(self, publish_packet: Any) -> None:
+    async def _hold_qos2(self, topic: str, data: bytes, retain: bool, packet_id: int) -> None:
         """QoS 2, MQTT's method A: keep the message until its PUBREL, acknowledge with PUBREC (again for a
         duplicate). At most MAX_QOS2_INFLIGHT are held; beyond, the message is dropped and counted."""
         session = self.session
         assert session is not None
-        packet_id = publish_packet.variable_header.packet_id
         if packet_id not in session.inflight_in:
             if len(session.inflight_in) >= MAX_QOS2_INFLIGHT:
                 if self.on_dropped is not None:
-                    self.on_dropped("qos2_inflight_full", session, publish_packet.topic_name)
+                    self.on_dropped("qos2_inflight_full", session, topic)
             else:
-                message = IncomingApplicationMessage(packet_id, publish_packet.topic_name, QOS_2,
-                                                     bytes(publish_packet.data or b""), publish_packet.retain_flag)
-                message.publish_packet = publish_packet
-                session.inflight_in[packet_id] = message
+                session.inflight_in[packet_id] = IncomingApplicationMessage(packet_id, topic, QOS_2, data, retain)
         await self._send_packet(PubrecPacket.build(packet_id))
 
     async def _release_qos2(self, packet_id: int) -> None:
