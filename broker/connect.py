@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from functools import partial
 from typing import Any
 
-from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
+from amqtt.contexts import ListenerType
+from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError, ProtocolHandlerError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
@@ -42,11 +45,22 @@ from fleet.config.topics import machine_from_client_id
 
 log = logging.getLogger("fleet.broker")
 
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # the TLS handshake, and then the CONNECT, each
+STOP_RETRY_S = 0.5
+LISTEN_BACKLOG = 1024  # asyncio's default is 100: a burst of connects would overflow it into SYN retries (1, 3, 7 s)
 KEEPALIVE_FACTOR = 1.5
 TAKEOVER_TIMEOUT_S = 10.0  # the older connection's will and cleanup; a new CONNECT waits this long at most
 # What reading a client's first packet raises when the client leaves, stalls or sends garbage: routine, one DEBUG line.
 CONNECT_FAILURES = (TimeoutError, EOFError, OSError, AMQTTError, MQTTError, NoDataError, CodecError, ValueError)
+
+
+def tls_context(context: ssl.SSLContext) -> ssl.SSLContext:
+    """amqtt's server context, made lighter per handshake: no client certificate is asked for (amqtt set
+    CERT_OPTIONAL without a CA to check one against) and no TLS 1.3 session tickets are sent (MQTT clients
+    here, paho included, never resume a session)."""
+    context.verify_mode = ssl.CERT_NONE
+    context.num_tickets = 0
+    return context
 
 
 def _resolved(value: Subscription | UnSubscription) -> asyncio.Future[Any]:
@@ -62,28 +76,62 @@ class SessionBroker(RoutingBroker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connection_tasks: set[asyncio.Task[Any]] = set()
+        self._tls: dict[str, ssl.SSLContext] = {}  # listener name -> its TLS context (negotiated per connection)
+        self._stopping = False
+
+    # --- listening -------------------------------------------------------------------------------
+    async def _create_server_instance(self, listener_name: str, listener_type: ListenerType,  # the amqtt seam
+                                      address: str | None, port: int, ssl_context: ssl.SSLContext | None) -> Any:
+        """A plain TCP listener with a deep backlog; TLS is negotiated by each connection's own task
+        (stream_connected), so a handshake is bounded by CONNECT_TIMEOUT_S and ended by a broker stop like
+        any connection. asyncio's TLS listener did handshakes outside any task of ours: at stop they went on,
+        and their clients got a session on a broker shutting down whose socket nobody closed."""
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        if ssl_context is not None:
+            self._tls[listener_name] = tls_context(ssl_context)
+        return await asyncio.start_server(partial(self.stream_connected, listener_name=listener_name), address, port,
+                                          reuse_address=True, backlog=LISTEN_BACKLOG)
 
     # --- one connection, from accept to close --------------------------------------------------
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
-        """A TCP (or TLS) connection arrived: serve it with our writer adapter, and end quietly on shutdown.
+        """A TCP connection arrived: TLS (on a TLS listener), then serve it with our writer adapter; end
+        quietly on shutdown.
 
         Python 3.11's asyncio reports a connection task that ends cancelled or raising as an unhandled
         error, so this task always returns normally; a broker stop cancels it and it aborts its connection."""
-        adapter = StreamWriter(writer)
         task = asyncio.current_task()
-        if task is not None:
-            self._connection_tasks.add(task)
+        if self._stopping or task is None:  # accepted in the instant before the listeners closed
+            writer.transport.abort()
+            return
+        self._connection_tasks.add(task)
         try:
+            if not await self._start_tls(writer, listener_name):
+                return
+            adapter = StreamWriter(writer)
             await self._client_connected(listener_name, reader, adapter)
-        except asyncio.CancelledError:
-            adapter.abort()
+        except (asyncio.CancelledError, ProtocolHandlerError):  # a stop (amqtt's _send_packet makes it the latter)
+            writer.transport.abort()
         except OSError as exc:  # the peer left while we were writing to it
             log.debug("connection lost: %s", exc)
-            adapter.abort()
+            writer.transport.abort()
         finally:
-            if task is not None:
-                self._connection_tasks.discard(task)
+            self._connection_tasks.discard(task)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter, listener_name: str) -> bool:
+        """Negotiate TLS on a TLS listener's connection; False (connection dropped, one DEBUG line) on failure."""
+        context = self._tls.get(listener_name)
+        if context is None:
+            return True
+        try:
+            await writer.start_tls(context, ssl_handshake_timeout=CONNECT_TIMEOUT_S)
+        except CONNECT_FAILURES as exc:  # a port probe, plain MQTT on the TLS port, an untrusting client
+            self.stats["connect_invalid"] += 1
+            log.debug("connection from %s closed in the TLS handshake: %r", writer.get_extra_info("peername"), exc)
+            writer.transport.abort()
+            return False
+        return True
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:  # the amqtt seam
         """Read CONNECT (bounded in time), authenticate, and only then touch sessions."""
@@ -98,9 +146,11 @@ class SessionBroker(RoutingBroker):
         try:
             reader = GuardedReader(reader, lambda n: self._oversize(writer, n))
             try:
-                handler, incoming = await asyncio.wait_for(
-                    FleetProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
-                    CONNECT_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation (a broker stop) that
+                # comes as the CONNECT is read, and the connection went on into a session nobody would end.
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    handler, incoming = await FleetProtocolHandler.init_from_connect(reader, writer,
+                                                                                     self.plugins_manager)
                 spare_queues(incoming)
             except CONNECT_FAILURES as exc:
                 self.stats["connect_invalid"] += 1
@@ -259,13 +309,18 @@ class SessionBroker(RoutingBroker):
         log.info("keepalive expired client_id=%s user=%s: closing, will follows", session.client_id, session.username)
 
     async def shutdown(self) -> None:
-        """Stop accepting, drop connections still before or in CONNECT, then amqtt's shutdown."""
+        """Close the listeners first, then drop every connection (in its TLS handshake, before CONNECT or in a
+        session; no wills: the clients did nothing wrong), then amqtt's shutdown. A client connecting meanwhile
+        is dropped at once: none is left connected to a broker that is gone."""
+        self._stopping = True
         for server in self._servers.values():
             if server.instance is not None:
                 server.instance.close()
-        for task in list(self._connection_tasks):
-            task.cancel()
-        await asyncio.gather(*self._connection_tasks, return_exceptions=True)
+        while self._connection_tasks:
+            tasks = list(self._connection_tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=STOP_RETRY_S)  # again for any that absorbed its cancellation
         await super().shutdown()
 
     # --- sessions --------------------------------------------------------------------------------

@@ -197,10 +197,13 @@ class StreamWriter(WriterAdapter):
             return
         self.is_closed = True
         try:
-            if not self.transport.is_closing():
-                await asyncio.wait_for(self.stream.drain(), CLOSE_DRAIN_S)
+            async with asyncio.timeout(CLOSE_DRAIN_S):
+                if not self.transport.is_closing():
+                    await self.stream.drain()
             self.stream.close()
-            await self.stream.wait_closed()
+            # TLS waits for the peer's close_notify up to 30 s (asyncio's ssl_shutdown_timeout); many never send it.
+            async with asyncio.timeout(CLOSE_DRAIN_S):
+                await self.stream.wait_closed()
         except (TimeoutError, OSError):
             self.transport.abort()
 

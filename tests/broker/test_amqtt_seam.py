@@ -32,6 +32,8 @@ SEAM: dict[type, dict[str, str]] = {
     Broker: {
         "_client_connected": "override: authenticate before touching sessions (stream_connected calls it)",
         "_servers": "read: each listener's Server (connection limit, bound sockets)",
+        "_create_server_instance": "override: a plain TCP listener with a deep backlog; each connection's task "
+                                   "negotiates TLS (bounded, and ended by a stop)",
         "_authenticate": "call: amqtt's plugin authentication (FleetAuthPlugin)",
         "_delete_session": "override and call: a clean session also forgets the stored subscriptions",
         "_broadcast_message": "override: wills take the checked fan-out instead of the broadcast queue",
