@@ -5,8 +5,11 @@ Runs each part as its own process on one data dir (so RSS is measured per part),
 reports carry a marker the API must show), RSS of each part over time, and seq accounting:
 every report the simulator got a PUBACK for must be stored once, with no gap per session.
 
-    python3 bench/load.py --agents 2000 --interval 1 --duration 120
-Loopback only; stops by itself.
+    python3 bench/load.py --agents 2000 --interval 1 --duration 120 [--broker mosquitto --autosave interval:1]
+Loopback only; stops by itself. ``--broker mosquitto`` runs Debian's Mosquitto on `fleet mosquitto-config`
+output instead of the embedded broker; ``--autosave`` overrides its persistence settings for the run
+(``interval:N``: save every N s; ``changes:N``: save after N changes; ``generated``: as exported), and the
+broker's CPU time and the saves it logged are reported.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -103,11 +107,43 @@ def rss_mb(pid: int) -> float:
         return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+    except psutil.NoSuchProcess:
+        return float("nan")
+
+
+def start_mosquitto(data: Path, port: int, autosave: str) -> subprocess.Popen:
+    """Debian's Mosquitto on `fleet mosquitto-config` output, persistence settings overridden by ``autosave``."""
+    out = data / "mosquitto"
+    subprocess.run([*FLEET, "mosquitto-config", "--data-dir", str(data), "--out", str(out), "--mqtt-port", str(port)],
+                   check=True, stdout=subprocess.DEVNULL)
+    conf = out / "mosquitto.conf"
+    lines = [line for line in conf.read_text().splitlines()
+             if not line.startswith(("autosave_interval", "autosave_on_changes", "log_type", "user "))]
+    if autosave != "generated":
+        kind, _, value = autosave.partition(":")
+        lines += [f"autosave_interval {int(value)}", f"autosave_on_changes {'true' if kind == 'changes' else 'false'}"]
+    else:
+        lines += [line for line in conf.read_text().splitlines() if line.startswith("autosave_")]
+    lines = ["user root" if os.geteuid() == 0 else "", "log_type error", "log_type warning", "log_type notice",
+             "log_type information", *lines]
+    conf.write_text("\n".join(lines) + "\n")
+    log = open(out / "mosquitto.log", "w")  # noqa: SIM115 - open for the process's lifetime
+    return subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)], stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=2000)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=120.0)
+    parser.add_argument("--broker", choices=("embedded", "mosquitto"), default="embedded")
+    parser.add_argument("--autosave", default="generated", help="mosquitto only: generated, interval:N, changes:N")
     args = parser.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="fleet-load-"))
@@ -116,9 +152,10 @@ def main() -> None:
     keys = json.loads(subprocess.check_output([*FLEET, "org", "add", "load", "--json", *common]))
     # The latency probe polls the API every 20 ms: lift the per-client limit for this benchmark only.
     env = {**os.environ, "FLEET_LOG_LEVEL": "WARNING", "FLEET_RATE_LIMIT_API": "1000000/minute"}
-    parts = {
-        "broker": subprocess.Popen([*FLEET, "broker", "--mqtt-port", str(mqtt_port), *common], env=env),
-    }
+    if args.broker == "mosquitto":
+        parts = {"broker": start_mosquitto(data, mqtt_port, args.autosave)}
+    else:
+        parts = {"broker": subprocess.Popen([*FLEET, "broker", "--mqtt-port", str(mqtt_port), *common], env=env)}
     ca = data / "certs" / "ca.pem"
     broker_url = f"mqtts://127.0.0.1:{mqtt_port}"
     wait_until(lambda: socket.create_connection(("127.0.0.1", mqtt_port), 1).close() or True, 30, "broker")
@@ -177,6 +214,7 @@ def main() -> None:
     conn.close()
     for name, p in parts.items():
         rss[name].append(rss_mb(p.pid))
+    broker_cpu = cpu_seconds(parts["broker"].pid)
     for p in parts.values():
         stop_process(p, 20)
 
@@ -186,7 +224,8 @@ def main() -> None:
     p50 = statistics.median(lat) if lat else float("nan")
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
     print()
-    print(f"agents={args.agents} interval={args.interval}s duration={args.duration}s cores={os.cpu_count()}")
+    print(f"agents={args.agents} interval={args.interval}s duration={args.duration}s cores={os.cpu_count()} "
+          f"broker={args.broker}" + (f" autosave={args.autosave}" if args.broker == "mosquitto" else ""))
     print("| metric | value |")
     print("|---|---|")
     print(f"| offered load | {args.agents / args.interval:.0f} reports/s |")
@@ -198,6 +237,12 @@ def main() -> None:
     print(f"| report->API latency p50 / p99 (n={len(lat)}) | {p50 * 1000:.0f} ms / {p99 * 1000:.0f} ms |")
     for name, values in rss.items():
         print(f"| RSS {name} start / end | {values[0]:.0f} MB / {values[-1]:.0f} MB |")
+    print(f"| broker CPU time | {broker_cpu:.1f} s ({broker_cpu / (time.time() - started):.0%} of a core) |")
+    if args.broker == "mosquitto":
+        saves = (data / "mosquitto" / "mosquitto.log").read_text().count("Saving in-memory database")
+        size = (data / "mosquitto" / "data" / "mosquitto.db")
+        print(f"| database saves during the run / last size | {saves} / "
+              f"{size.stat().st_size / 1024 if size.exists() else 0:.0f} KiB |")
 
 
 if __name__ == "__main__":
