@@ -1,21 +1,20 @@
-"""The collector's SQLite writes: one transaction per batch, heartbeats, and history retention.
+"""The collector's database writes: one transaction per batch, heartbeats, and history retention.
 
-Every function takes the writer thread's own connection (``config.database.open_db``); nothing here
-is called from the MQTT network thread.
+Every function takes the writer thread's own connection (``config.database.open_database``); nothing here
+is called from the MQTT network thread. The SQL is the same on SQLite and PostgreSQL except the rollup's
+minute bucket and "greater of two" (``_ROLLUP_SQL``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
 from fleet.collector.state import Machine, Transition
+from fleet.config.database import POSTGRESQL, SQLITE, Database
 from fleet.config.payloads import Report
 
 DAY = 86_400.0
@@ -41,6 +40,15 @@ def _number(value: Any) -> float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _counter(value: Any) -> int | None:
+    # An INTEGER column: a float byte counter is truncated here, so both engines store the same integer
+    # (PostgreSQL would round it, or refuse one past 64 bits; SQLite would keep the float).
+    number = _number(value)
+    if isinstance(number, float):
+        return int(number) if -(2**63) <= number < 2**63 else None
+    return number
+
+
 def report_row(report: Report, received: float, payload: str) -> tuple:
     """The reports-table row of a validated report (the few columns charts and rollups need)."""
     metrics = report.metrics
@@ -57,7 +65,7 @@ def report_row(report: Report, received: float, payload: str) -> tuple:
     net = metrics.get("net")
     sent = recv = None
     if isinstance(net, dict):
-        sent, recv = _number(net.get("bytes_sent")), _number(net.get("bytes_recv"))
+        sent, recv = _counter(net.get("bytes_sent")), _counter(net.get("bytes_recv"))
     return (report.org, report.machine_id, report.session, report.seq, report.ts, received,
             _number(metrics.get("cpu_percent")), memory_percent, disk_percent, load1, sent, recv, payload)
 
@@ -76,8 +84,9 @@ def _machine_row(machine: Machine, now: float) -> tuple:
 
 
 _INSERT_REPORT = (
-    "INSERT OR IGNORE INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, memory_percent,"
+    "INSERT INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, memory_percent,"
     " disk_percent, load1, net_bytes_sent, net_bytes_recv, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT DO NOTHING"
 )
 _UPSERT_MACHINE = (
     "INSERT INTO machines(org, machine_id, hardware_id, status, session, interval_s, last_seen, last_ping,"
@@ -90,71 +99,60 @@ _UPSERT_MACHINE = (
 )
 
 
-def write_batch(db: sqlite_utils.Database, batch: Batch, now: float) -> int:
+def write_batch(db: Database, batch: Batch, now: float) -> int:
     """Store a batch in one transaction; returns how many reports were new (replays are ignored)."""
-    conn = db.conn
-    with conn:
-        before = conn.total_changes
+    inserted = 0
+    with db.transaction():
         if batch.reports:
-            # executemany hands the GIL back after every row; that is cheap now that the network thread
-            # is light (collector.mqtt_link), and 3x faster than one INSERT ... SELECT FROM json_each(?)
-            # whose json_extract calls re-read every row 13 times (python3 bench/ingest.py).
-            conn.executemany(_INSERT_REPORT, batch.reports)
-        inserted = conn.total_changes - before
+            # executemany: sqlite3 steps one prepared statement per row (3x faster than one INSERT ... SELECT
+            # FROM json_each(?), python3 bench/ingest.py); psycopg pipelines the rows in one round trip.
+            inserted = db.executemany(_INSERT_REPORT, batch.reports)
         if batch.evicted:
-            conn.executemany("DELETE FROM machines WHERE org = ? AND machine_id = ?",
-                             [(m.org, m.machine_id) for m in batch.evicted])
+            db.executemany("DELETE FROM machines WHERE org = ? AND machine_id = ?",
+                           [(m.org, m.machine_id) for m in batch.evicted])
         if batch.machines:
-            conn.executemany(_UPSERT_MACHINE, [_machine_row(m, now) for m in batch.machines])
+            db.executemany(_UPSERT_MACHINE, [_machine_row(m, now) for m in batch.machines])
         if batch.events:
-            conn.executemany(
+            db.executemany(
                 "INSERT INTO events(org, machine_id, ts, old_status, new_status, reason) VALUES (?,?,?,?,?,?)",
                 [(e.org, e.machine_id, e.ts, e.old_status, e.new_status, e.reason) for e in batch.events])
+        # Counters are shared by every collector writing to one database: sorted, so two transactions
+        # lock their rows in the same order and never deadlock on PostgreSQL.
         if batch.drops:
-            conn.executemany(
+            db.executemany(
                 "INSERT INTO drops(reason, count) VALUES (?, ?)"
-                " ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count", list(batch.drops.items()))
+                " ON CONFLICT(reason) DO UPDATE SET count = drops.count + excluded.count", sorted(batch.drops.items()))
         if batch.expired:
-            conn.executemany(
+            db.executemany(
                 "INSERT INTO org_stats(org, expired) VALUES (?, ?)"
-                " ON CONFLICT(org) DO UPDATE SET expired = expired + excluded.expired", list(batch.expired.items()))
+                " ON CONFLICT(org) DO UPDATE SET expired = org_stats.expired + excluded.expired",
+                sorted(batch.expired.items()))
     return inserted
 
 
-def write_heartbeat(db: sqlite_utils.Database, component: str, now: float, detail: Mapping[str, Any]) -> None:
+def write_heartbeat(db: Database, component: str, now: float, detail: Mapping[str, Any]) -> None:
     """Record that ``component`` is alive, with its detail JSON (read by the web's /healthz)."""
-    with db.conn:
-        db.conn.execute("INSERT OR REPLACE INTO heartbeats(component, ts, detail) VALUES (?, ?, ?)",
-                        (component, now, json.dumps(detail, separators=(",", ":"))))
+    db.execute("INSERT INTO heartbeats(component, ts, detail) VALUES (?, ?, ?) ON CONFLICT(component)"
+               " DO UPDATE SET ts = excluded.ts, detail = excluded.detail",
+               (component, now, json.dumps(detail, separators=(",", ":"))))
 
 
-def load_machines(db: sqlite_utils.Database, orgs: Iterable[str] | None) -> list[dict[str, Any]]:
+def load_machines(db: Database, orgs: Iterable[str] | None) -> list[dict[str, Any]]:
     """Machines-table rows to restore live state from (only ``orgs`` when given)."""
-    conn = db.conn
-    conn.row_factory = sqlite3.Row
-    try:
-        rows = [dict(row) for row in conn.execute("SELECT * FROM machines")]
-    finally:
-        conn.row_factory = None
+    rows = db.query_dicts("SELECT * FROM machines")
     wanted = None if orgs is None else set(orgs)
     return [row for row in rows if wanted is None or row["org"] in wanted]
-
-
-def list_orgs(db: sqlite_utils.Database) -> list[str]:
-    """Every org in the credential store."""
-    return [row[0] for row in db.conn.execute("SELECT name FROM orgs ORDER BY name")]
 
 
 _ROLLUP = """
 INSERT INTO rollups(org, machine_id, minute, samples, cpu_percent, memory_percent, disk_percent, load1,
                     net_bytes_sent, net_bytes_recv)
-SELECT org, machine_id, CAST(ts / 60 AS INTEGER) * 60.0 AS m, count(*), avg(cpu_percent), avg(memory_percent),
+SELECT org, machine_id, {minute} AS m, count(*), avg(cpu_percent), avg(memory_percent),
        avg(disk_percent), avg(load1), max(net_bytes_sent), max(net_bytes_recv)
 FROM reports WHERE received < ? GROUP BY org, machine_id, m
 ON CONFLICT(org, machine_id, minute) DO UPDATE SET
   cpu_percent = {cpu}, memory_percent = {memory}, disk_percent = {disk}, load1 = {load1},
-  net_bytes_sent = max(coalesce(rollups.net_bytes_sent, excluded.net_bytes_sent), coalesce(excluded.net_bytes_sent, rollups.net_bytes_sent)),
-  net_bytes_recv = max(coalesce(rollups.net_bytes_recv, excluded.net_bytes_recv), coalesce(excluded.net_bytes_recv, rollups.net_bytes_recv)),
+  net_bytes_sent = {sent}, net_bytes_recv = {recv},
   samples = rollups.samples + excluded.samples
 """
 
@@ -166,8 +164,20 @@ def _weighted(column: str) -> str:
             f" / (rollups.samples + excluded.samples) END")
 
 
-_ROLLUP_SQL = _ROLLUP.format(cpu=_weighted("cpu_percent"), memory=_weighted("memory_percent"),
-                             disk=_weighted("disk_percent"), load1=_weighted("load1"))
+def _greater(column: str, engine: str) -> str:
+    # The larger of the stored and the new value, ignoring a side that has none (GREATEST skips NULLs).
+    if engine == POSTGRESQL:
+        return f"GREATEST(rollups.{column}, excluded.{column})"
+    return (f"max(coalesce(rollups.{column}, excluded.{column}), coalesce(excluded.{column}, rollups.{column}))")
+
+
+# ts is never negative (config.payloads), so SQLite's truncating CAST is floor(); PostgreSQL's CAST rounds.
+_MINUTE = {SQLITE: "CAST(ts / 60 AS INTEGER) * 60.0", POSTGRESQL: "floor(ts / 60) * 60.0"}
+_ROLLUP_SQL = {engine: _ROLLUP.format(minute=_MINUTE[engine], cpu=_weighted("cpu_percent"),
+                                      memory=_weighted("memory_percent"), disk=_weighted("disk_percent"),
+                                      load1=_weighted("load1"), sent=_greater("net_bytes_sent", engine),
+                                      recv=_greater("net_bytes_recv", engine))
+               for engine in (SQLITE, POSTGRESQL)}
 
 
 @dataclass(frozen=True)
@@ -179,22 +189,29 @@ class RetentionResult:
     events_deleted: int
 
 
-def apply_retention(db: sqlite_utils.Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
-    """Fold raw reports older than ``raw_days`` into 1-minute rollups; delete rollups and events past ``rollup_days``."""
-    conn = db.conn
+def apply_retention(db: Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
+    """Fold raw reports older than ``raw_days`` into 1-minute rollups; delete rollups and events past ``rollup_days``.
+
+    Several collectors may run this at once on one database. Two runs over one chunk would add its samples
+    to the rollups twice, so a chunk is only rolled up by the transaction that holds the retention lock;
+    a collector that finds it taken leaves the work to the one that has it.
+    """
     raw_cutoff = now - raw_days * DAY
     rolled = 0
+    rollup = _ROLLUP_SQL[db.engine]
     while True:
-        oldest = conn.execute("SELECT min(received) FROM reports").fetchone()[0]
+        oldest = db.query_one("SELECT min(received) FROM reports")[0]
         if oldest is None or oldest >= raw_cutoff:
             break
         # Small chunks keep each write transaction short, so readers and the batch writer never wait long.
         chunk_end = min(raw_cutoff, math.floor(oldest) + RETENTION_CHUNK_S)
-        with conn:
-            conn.execute(_ROLLUP_SQL, (chunk_end,))
-            rolled += conn.execute("DELETE FROM reports WHERE received < ?", (chunk_end,)).rowcount
+        with db.transaction():
+            if not db.try_lock("retention"):
+                return RetentionResult(rolled, 0, 0)
+            db.execute(rollup, (chunk_end,))
+            rolled += db.execute("DELETE FROM reports WHERE received < ?", (chunk_end,))
     keep_cutoff = now - rollup_days * DAY
-    with conn:
-        rollups = conn.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,)).rowcount
-        events = conn.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,)).rowcount
+    with db.transaction():
+        rollups = db.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,))
+        events = db.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,))
     return RetentionResult(rolled, rollups, events)

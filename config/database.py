@@ -1,21 +1,47 @@
-"""The shared SQLite schema (``fleet.db``): credentials, live machine state, history, events, health.
+"""The shared database (SQLite ``fleet.db`` or PostgreSQL): one connection type, one schema, versioned migrations.
 
-The collector writes machines/reports/rollups/events/drops/heartbeats, the ``fleet org`` commands
-write orgs/credentials, the broker and web read. Every connection uses WAL and a busy timeout.
+Every part talks to the database through ``Database`` (``open_database(url)``): SQL is written once with
+``?`` placeholders, transactions are ``with db.transaction():``, and driver errors come out as one of
+three ``DatabaseError`` kinds, so callers never see sqlite3 or psycopg. The engine differences live here
+and nowhere else, except the few queries that truly differ per engine, which pick their SQL by
+``db.engine`` where they are used (web/db.py, collector/store.py):
+
+- URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``postgresql://user:pw@host:port/db``;
+- placeholders: ``?`` becomes ``%s`` for psycopg (and a literal ``%`` becomes ``%%``), once per statement text;
+- DDL types in migrations: INTEGER is 64-bit and REAL is double precision on both engines, and TEXT sorts
+  and compares byte-wise (SQLite's BINARY, PostgreSQL's "C" collation), so every query orders alike;
+- the lock that serialises migrations when several parts start at once;
+- PostgreSQL connections render floats inside server-built JSON with 15 significant digits, as
+  SQLite's json_object does, and return query results in binary (floats exact).
+
+Schema changes: append ``(version, script)`` to MIGRATIONS; never edit an applied migration. A script is
+portable SQL in SQLite's spelling (CREATE TABLE/INDEX IF NOT EXISTS, ALTER TABLE ADD COLUMN, INTEGER/REAL/
+TEXT/BLOB, ``INTEGER PRIMARY KEY AUTOINCREMENT``, ``INSERT ... ON CONFLICT``); its DDL types are translated
+for PostgreSQL. Where a migration cannot be portable, give ``{"sqlite": ..., "postgresql": ...}`` instead.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import sqlite3
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fleet.config.errors import ConfigError
 
-if TYPE_CHECKING:  # sqlite-utils costs ~20 MB of imports; the agent and the broker never need it
-    import sqlite_utils
-
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+ENGINES = (SQLITE, POSTGRESQL)
 BUSY_TIMEOUT_MS = 5000
+PG_CONNECT_TIMEOUT_S = 10
+# Any constant works: it only has to be the same in every fleet process (pg_advisory_xact_lock's key).
+PG_MIGRATION_LOCK = 0x666C656574  # "fleet"
 
 # Version 1: the tables every part shares. Later versions are appended to MIGRATIONS, never edited.
 SCHEMA = """
@@ -121,52 +147,111 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+Migration = str | Mapping[str, str]  # portable SQL, or one script per engine
 
-# (version, SQL script): applied in order, each once, recorded as meta.schema_version.
-MIGRATIONS: tuple[tuple[int, str], ...] = (
+# (version, script): applied in order, each once, recorded as meta.schema_version.
+MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 class DatabaseError(ConfigError):
-    """The database cannot be opened or has an unexpected schema."""
+    """The database cannot be opened, queried or migrated; the message is one line."""
 
 
-def connect(path: str | Path, readonly: bool = False, check_same_thread: bool = True) -> sqlite3.Connection:
-    """Open ``fleet.db`` (WAL, busy timeout); read-only connections never create or change it."""
-    path = Path(path)
+class DatabaseBusy(DatabaseError):
+    """A transient failure: locked, busy, a conflict, or the server is unreachable or restarting. Retry later."""
+
+
+class DatabaseRefused(DatabaseError):
+    """The database refused the data itself (a value out of range, a constraint): retrying cannot help."""
+
+
+# --- URLs ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatabaseUrl:
+    """A parsed database URL; ``str()`` and ``repr()`` never show a password."""
+
+    engine: str
+    url: str = field(repr=False)
+    path: Path | None = None  # SQLite only
+
+    @classmethod
+    def parse(cls, target: str | Path) -> DatabaseUrl:
+        """``sqlite:///path``, ``postgresql://…`` (or ``postgres://…``); a bare path means a SQLite file."""
+        if isinstance(target, Path):
+            return cls(SQLITE, f"sqlite:///{target}", target)
+        text = str(target).strip()
+        scheme, sep, rest = text.partition("://")
+        if not sep:
+            if not text:
+                raise DatabaseError("empty database URL")
+            return cls(SQLITE, f"sqlite:///{text}", Path(text))
+        scheme = scheme.lower()
+        if scheme == SQLITE:
+            if not rest.startswith("/") or rest == "/":
+                raise DatabaseError(f"bad SQLite URL {text!r}: use sqlite:///relative/path.db or sqlite:////abs/path.db")
+            return cls(SQLITE, text, Path(rest[1:]))
+        if scheme in (POSTGRESQL, "postgres"):
+            parts = urlsplit(text)
+            try:
+                parts.port
+            except ValueError as exc:
+                raise DatabaseError(f"bad PostgreSQL URL {redact(text)}: {exc}") from None
+            return cls(POSTGRESQL, text)
+        raise DatabaseError(f"unsupported database URL {redact(text)}: use sqlite:///PATH or postgresql://…")
+
+    def __str__(self) -> str:
+        return redact(self.url)
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for messages and logs)."""
     try:
-        if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                   check_same_thread=check_same_thread)
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def sqlite_url(path: str | Path) -> str:
+    """The URL of a SQLite file (absolute paths get the fourth slash)."""
+    return f"sqlite:///{path}"
+
+
+# --- SQL text per engine --------------------------------------------------------------------------
+# Strings, quoted identifiers and comments are copied as they are; words and ``?`` may be rewritten.
+_TOKENS = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/|\w+|\?|%|\s+|.""", re.DOTALL)
+_PG_TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "TEXT": 'TEXT COLLATE "C"', "BLOB": "BYTEA"}
+_AUTOINCREMENT = re.compile(r"\bINTEGER\s+PRIMARY\s+KEY\s+AUTOINCREMENT\b", re.IGNORECASE)
+_DDL = re.compile(r"^\s*(?:--[^\n]*\n\s*)*(CREATE\s+TABLE|ALTER\s+TABLE)\b", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=1024)
+def pg_sql(sql: str) -> str:
+    """The statement with psycopg's placeholders: ``?`` -> ``%s``, ``%`` -> ``%%`` (outside quotes for ``?``)."""
+    out = []
+    for token in _TOKENS.findall(sql):
+        if token == "?":
+            out.append("%s")
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=check_same_thread)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    except sqlite3.Error as exc:
-        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
-    return conn
+            out.append(token.replace("%", "%%"))
+    return "".join(out)
 
 
-def open_db(path: str | Path, check_same_thread: bool = True) -> sqlite_utils.Database:
-    """Open ``fleet.db`` for writing through sqlite-utils, creating the schema if needed."""
-    import sqlite_utils
-
-    conn = connect(path, check_same_thread=check_same_thread)
-    ensure_schema(conn)
-    return sqlite_utils.Database(conn)
-
-
-def schema_version(conn: sqlite3.Connection) -> int:
-    """The version recorded in ``meta`` (0 for a new database)."""
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    except sqlite3.OperationalError:  # no meta table yet
-        return 0
-    return int(row[0]) if row else 0
+def pg_ddl(statement: str) -> str:
+    """A CREATE/ALTER TABLE statement in PostgreSQL's types (other statements are returned unchanged)."""
+    if not _DDL.match(statement):
+        return statement
+    out = []
+    for token in _TOKENS.findall(_AUTOINCREMENT.sub("BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", statement)):
+        out.append(_PG_TYPES.get(token.upper(), token) if token[:1].isalpha() else token)
+    return "".join(out)
 
 
 def statements(script: str) -> list[str]:
@@ -182,30 +267,312 @@ def statements(script: str) -> list[str]:
     return done
 
 
-def ensure_schema(conn: sqlite3.Connection) -> None:
+def migration_statements(migration: Migration, engine: str) -> list[str]:
+    """The statements one migration runs on ``engine``."""
+    if isinstance(migration, Mapping):
+        script = migration[engine]
+        return statements(script)
+    found = statements(migration)
+    return [pg_ddl(s) for s in found] if engine == POSTGRESQL else found
+
+
+# --- errors ----------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _sqlite_error(exc: BaseException) -> DatabaseError:
+    message = _one_line(exc)
+    if isinstance(exc, sqlite3.OperationalError):
+        # locked, busy, disk full, I/O: the writer waits and tries again; it never acknowledges what failed.
+        return DatabaseBusy(message)
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                        sqlite3.ProgrammingError, ValueError, OverflowError)):
+        return DatabaseRefused(message)
+    return DatabaseError(message)
+
+
+def _postgresql_error(exc: BaseException) -> DatabaseError:
+    psycopg = _psycopg()
+    message = _one_line(exc)
+    if isinstance(exc, psycopg.OperationalError):
+        # Connection lost or refused, server shutting down, serialization failure, deadlock, lock timeout.
+        return DatabaseBusy(message)
+    if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError, ValueError, OverflowError)):
+        return DatabaseRefused(message)
+    return DatabaseError(message)
+
+
+# --- connections -----------------------------------------------------------------------------------
+class Database:
+    """One connection to fleet's database, used by one thread at a time.
+
+    Statements run in autocommit mode unless inside ``with db.transaction():``. A PostgreSQL connection
+    that was lost is opened again on the next statement outside a transaction (the failed one raised
+    DatabaseBusy, so the caller retries it).
+    """
+
+    def __init__(self, url: DatabaseUrl, readonly: bool = False, check_same_thread: bool = True,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.url = url
+        self.engine = url.engine
+        self.readonly = readonly
+        self.busy_timeout_ms = busy_timeout_ms
+        self._check_same_thread = check_same_thread
+        self._depth = 0
+        if self.engine == SQLITE:
+            self._errors: tuple[type[BaseException], ...] = (sqlite3.Error, ValueError, OverflowError)
+            self._convert = _sqlite_error
+            self._sql = _same
+            self._begin = "BEGIN IMMEDIATE"  # take the write lock first: no deadlock upgrading a read lock
+        else:
+            self._errors = (_psycopg().Error, ValueError, OverflowError)
+            self._convert = _postgresql_error
+            self._sql = pg_sql
+            self._begin = "BEGIN"
+        self.raw: Any = self._connect()
+
+    def _connect(self) -> Any:
+        try:
+            return _connect_sqlite(self) if self.engine == SQLITE else _connect_postgresql(self)
+        except self._errors as exc:
+            raise type(self._convert(exc))(f"cannot open database {self.url}: {_one_line(exc)}") from exc
+
+    def _live(self) -> Any:
+        raw = self.raw
+        if self.engine == POSTGRESQL and self._depth == 0 and (raw is None or raw.closed):
+            self.raw = raw = self._connect()
+        return raw
+
+    def _failed(self, exc: BaseException) -> DatabaseError:
+        error = self._convert(exc)
+        if self.engine == POSTGRESQL and self.raw is not None and self.raw.broken:
+            self.raw.close()  # reopened by the next statement
+        return error
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        try:
+            return self._live().execute(self._sql(sql), params).rowcount
+        except self._errors as exc:
+            raise self._failed(exc) from exc
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Run one statement per row (batched by the driver); returns the rows changed in total."""
+        try:
+            cursor = self._live().cursor()
+            cursor.executemany(self._sql(sql), rows)
+            return cursor.rowcount
+        except self._errors as exc:
+            raise self._failed(exc) from exc
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Every row of a query, as tuples."""
+        try:
+            if self.engine == SQLITE:
+                return self._live().execute(sql, params).fetchall()
+            return self._live().execute(self._sql(sql), params, binary=True).fetchall()
+        except self._errors as exc:
+            raise self._failed(exc) from exc
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+        """The first row of a query, or None."""
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def query_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Every row of a query, as dicts keyed by column name."""
+        try:
+            if self.engine == SQLITE:
+                cursor = self._live().execute(sql, params)
+            else:
+                cursor = self._live().execute(self._sql(sql), params, binary=True)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        except self._errors as exc:
+            raise self._failed(exc) from exc
+
+    def insert(self, table: str, rows: Iterable[Mapping[str, Any]], key: Sequence[str] = ()) -> int:
+        """Insert dict rows (all with the first row's columns); with ``key``, a row whose key exists replaces it.
+
+        For setup and maintenance, not hot paths: those write their statement out (collector/store.py).
+        """
+        rows = list(rows)
+        if not rows:
+            return 0
+        columns = list(rows[0])
+        sql = (f"INSERT INTO {table}({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})")
+        if key:
+            updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+            sql += f" ON CONFLICT({', '.join(key)}) " + (f"DO UPDATE SET {updates}" if updates else "DO NOTHING")
+        with self.transaction():
+            return self.executemany(sql, [[row[c] for c in columns] for row in rows])
+
+    @contextmanager
+    def transaction(self) -> Iterator[Database]:
+        """Everything inside commits together or not at all; a nested block joins the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        raw = self._live()
+        try:
+            raw.execute(self._begin)
+        except self._errors as exc:
+            raise self._failed(exc) from exc
+        self._depth = 1
+        try:
+            yield self
+        except BaseException:
+            self._depth = 0
+            self._rollback()
+            raise
+        self._depth = 0
+        try:
+            raw.execute("COMMIT")
+        except self._errors as exc:
+            self._rollback()
+            raise self._failed(exc) from exc
+
+    def _rollback(self) -> None:
+        if self.raw is None:
+            return
+        try:
+            self.raw.execute("ROLLBACK")
+        except self._errors:  # the connection is gone: the server rolled back already
+            pass
+
+    def try_lock(self, name: str) -> bool:
+        """Inside a transaction: may it do work that one process at a time must do? Held until it ends.
+
+        SQLite's write transactions already run one at a time; on PostgreSQL this takes an advisory lock.
+        """
+        if self.engine == SQLITE:
+            return True
+        row = self.query_one("SELECT pg_try_advisory_xact_lock(?)", (zlib.crc32(name.encode()),))
+        return row == (True,)
+
+    def table_exists(self, name: str) -> bool:
+        """Is there a table called ``name``?"""
+        if self.engine == SQLITE:
+            return self.query_one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) is not None
+        return self.query_one("SELECT to_regclass(?) IS NOT NULL", (name,)) == (True,)
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        raw, self.raw = self.raw, None
+        if raw is not None:
+            try:
+                raw.close()
+            except self._errors:
+                pass
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Database({self.url})"
+
+
+def _same(sql: str) -> str:
+    return sql
+
+
+def _connect_sqlite(db: Database) -> sqlite3.Connection:
+    path = db.url.path
+    assert path is not None
+    timeout = db.busy_timeout_ms / 1000
+    if db.readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None,
+                               check_same_thread=db._check_same_thread)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=db._check_same_thread)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA busy_timeout={int(db.busy_timeout_ms)}")
+    return conn
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise DatabaseError("a postgresql:// database needs psycopg: pip install 'fleet-telemetry[postgres]'") from None
+    return psycopg
+
+
+def _connect_postgresql(db: Database) -> Any:
+    conn = _psycopg().connect(db.url.url, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S)
+    # Floats inside JSON the server builds (web/db.py) get SQLite's 15 significant digits, so both
+    # engines answer the API alike; results come back in binary, so this never rounds a returned float.
+    # lock_timeout is SQLite's busy timeout: how long a statement waits for another writer's row lock.
+    settings = f"SET extra_float_digits = 0; SET lock_timeout = {int(db.busy_timeout_ms)}"
+    if db.readonly:
+        settings += "; SET default_transaction_read_only = on"
+    conn.execute(settings)
+    return conn
+
+
+def open_database(target: str | Path | DatabaseUrl, readonly: bool = False, check_same_thread: bool = True,
+                  migrate: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Database:
+    """Connect to a database URL (or SQLite path); unless read-only, create or migrate its schema first."""
+    url = target if isinstance(target, DatabaseUrl) else DatabaseUrl.parse(target)
+    db = Database(url, readonly=readonly, check_same_thread=check_same_thread, busy_timeout_ms=busy_timeout_ms)
+    if migrate and not readonly:
+        try:
+            ensure_schema(db)
+        except BaseException:
+            db.close()
+            raise
+    return db
+
+
+# --- migrations ------------------------------------------------------------------------------------
+def schema_version(db: Database) -> int:
+    """The version recorded in ``meta`` (0 for a new database)."""
+    if not db.table_exists("meta"):
+        return 0
+    row = db.query_one("SELECT value FROM meta WHERE key = 'schema_version'")
+    return int(row[0]) if row else 0
+
+
+@contextmanager
+def _migration_lock(db: Database) -> Iterator[None]:
+    """A write transaction that only one process at a time holds while it migrates."""
+    with db.transaction():
+        if db.engine == POSTGRESQL:
+            db.execute("SELECT pg_advisory_xact_lock(?)", (PG_MIGRATION_LOCK,))
+        yield
+
+
+def ensure_schema(db: Database) -> None:
     """Apply every migration newer than the database's version, each in its own write transaction.
 
-    Several parts may start at once on one ``fleet.db``: the version is read again under the write lock,
-    so each migration runs exactly once.
+    Several parts may start at once on one database: the version is read again under the migration lock
+    (SQLite's write lock, a PostgreSQL advisory lock), so each migration runs exactly once.
     """
-    try:
-        for version, script in MIGRATIONS:
-            if version <= schema_version(conn):
-                continue
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                current = schema_version(conn)
+    current = schema_version(db)
+    for version, migration in MIGRATIONS:
+        if version <= current:
+            continue
+        try:
+            with _migration_lock(db):
+                current = schema_version(db)
                 if current < version:
-                    for statement in statements(script):
-                        conn.execute(statement)
-                    conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key)"
-                                 " DO UPDATE SET value = excluded.value", (str(version),))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        current = schema_version(conn)
-        if current > SCHEMA_VERSION:
-            raise DatabaseError(f"database schema version {current} is newer than this fleet ({SCHEMA_VERSION})")
-    except sqlite3.Error as exc:
-        raise DatabaseError(f"cannot create or migrate the schema: {exc}") from exc
+                    for statement in migration_statements(migration, db.engine):
+                        db.execute(statement)
+                    db.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key)"
+                               " DO UPDATE SET value = excluded.value", (str(version),))
+                    current = version
+        except DatabaseError as exc:
+            raise type(exc)(f"cannot migrate {db.url} to schema version {version}: {exc}") from exc
+    if current > SCHEMA_VERSION:
+        raise DatabaseError(f"database schema version {current} is newer than this fleet ({SCHEMA_VERSION})")

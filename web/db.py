@@ -1,35 +1,68 @@
-"""Per-request read-only access to ``fleet.db`` and the org-scoped queries the API needs."""
+"""Per-request read-only access to the database and the org-scoped queries the API needs.
+
+Queries are the same on SQLite and PostgreSQL except where the API's JSON is built by the database
+(``MACHINE_JSON``, ``_LIST_SQL``) and the few JSON field reads (``_JSON_FIELD``): those are spelled per engine.
+"""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 from flask import current_app, g
 
-from fleet.config.database import DatabaseError, connect
+from fleet.config.database import POSTGRESQL, SQLITE, Database, DatabaseError, open_database
 from fleet.web.errors import WebError
 
-# The API's machine object, assembled by SQLite's JSON functions: for 10,000 machines that is ~10x
+# The API's machine object, assembled by the database's JSON functions: for 10,000 machines that is ~10x
 # faster than decoding each row's system/metrics JSON in Python only to encode it again.
-MACHINE_JSON = ("json_object('org', org, 'machine_id', machine_id, 'hardware_id', hardware_id, 'status', status, "
-                "'session', session, 'interval_s', interval_s, 'last_seen', last_seen, 'last_ping', last_ping, "
-                "'clock_offset_s', clock_offset_s, 'conflict', json(CASE WHEN conflict THEN 'true' ELSE 'false' END), "
-                "'os', os, 'system', json(system), 'metrics', json(metrics), 'first_seen', first_seen)")
+# Each field is a column, read as a plain value, as JSON text ("json"), or as an integer flag ("bool").
+MACHINE_FIELDS = (("org", ""), ("machine_id", ""), ("hardware_id", ""), ("status", ""), ("session", ""),
+                  ("interval_s", ""), ("last_seen", ""), ("last_ping", ""), ("clock_offset_s", ""),
+                  ("conflict", "bool"), ("os", ""), ("system", "json"), ("metrics", "json"), ("first_seen", ""))
+_FIELD_SQL = {
+    SQLITE: {"": "{0}", "json": "json({0})", "bool": "json(CASE WHEN {0} THEN 'true' ELSE 'false' END)"},
+    POSTGRESQL: {"": "{0}", "json": "{0}::json", "bool": "{0} <> 0"},
+}
+_OBJECT = {SQLITE: "json_object", POSTGRESQL: "json_build_object"}
+MACHINE_JSON = {engine: f"{_OBJECT[engine]}(" + ", ".join(
+    f"'{name}', " + _FIELD_SQL[engine][kind].format(name) for name, kind in MACHINE_FIELDS) + ")"
+    for engine in (SQLITE, POSTGRESQL)}
+# A number inside a JSON column, NULL when absent or not a number (path as a tuple of keys).
+_JSON_FIELD = {
+    SQLITE: lambda column, path: f"json_extract({column}, '$.{'.'.join(path)}')",
+    POSTGRESQL: lambda column, path: (f"CASE WHEN json_typeof({column}::json #> '{{{','.join(path)}}}') = 'number'"
+                                      f" THEN ({column}::json #>> '{{{','.join(path)}}}')::float8 END"),
+}
+_JSON_TEXT = {
+    SQLITE: lambda column, key: f"json_extract({column}, '$.{key}')",
+    POSTGRESQL: lambda column, key: f"({column}::json ->> '{key}')",
+}
 SORTS = {"machine_id": "machine_id", "status": "status", "last_seen": "last_seen", "os": "os",
-         "cpu": "json_extract(metrics, '$.cpu_percent')", "memory": "json_extract(metrics, '$.memory.percent')"}
+         "cpu": ("metrics", ("cpu_percent",)), "memory": ("metrics", ("memory", "percent"))}
+# SQLite's LIKE ignores ASCII case; PostgreSQL's ILIKE does that (and more).
+_LIKE = {SQLITE: "LIKE", POSTGRESQL: "ILIKE"}
+# NULLs sort first ascending on SQLite, last on PostgreSQL unless told.
+_NULLS = {SQLITE: ("", ""), POSTGRESQL: (" NULLS FIRST", " NULLS LAST")}
+# The page of machine objects as one JSON array text, in the page's order.
+_LIST_SQL = {
+    SQLITE: "SELECT coalesce(json_group_array(json(m)), '[]') FROM (SELECT {machine} AS m FROM machines "
+            "WHERE {where} ORDER BY {order}{page})",
+    POSTGRESQL: "SELECT coalesce(json_agg(m ORDER BY n), '[]')::text FROM (SELECT {machine} AS m, "
+                "row_number() OVER (ORDER BY {order}) AS n FROM machines WHERE {where} ORDER BY {order}{page}) AS p",
+}
 
 
 class DatabaseUnavailable(WebError):
-    """fleet.db cannot be opened or queried."""
+    """The database cannot be opened or queried."""
 
 
-def get_db() -> sqlite3.Connection:
+def get_db() -> Database:
     """This request's read-only connection (opened on first use, closed at teardown)."""
     if "db" not in g:
         try:
-            g.db = connect(current_app.config["FLEET_SETTINGS"].db_path, readonly=True, check_same_thread=False)
+            g.db = open_database(current_app.config["FLEET_SETTINGS"].database, readonly=True,
+                                 check_same_thread=False)
         except DatabaseError as exc:
             raise DatabaseUnavailable("database unavailable") from exc
     return g.db
@@ -43,16 +76,22 @@ def close_db(_exc: BaseException | None = None) -> None:
 
 
 def query(sql: str, params: tuple | list = ()) -> list[tuple]:
-    """Run a read query, converting sqlite errors at the boundary."""
+    """Run a read query, converting database errors at the boundary."""
     try:
-        return get_db().execute(sql, params).fetchall()
-    except sqlite3.Error as exc:
+        return get_db().query(sql, params)
+    except DatabaseError as exc:
         raise DatabaseUnavailable(f"database error: {exc}") from exc
+
+
+def _sort_expression(engine: str, sort: str) -> str:
+    spec = SORTS[sort]
+    return spec if isinstance(spec, str) else _JSON_FIELD[engine](*spec)
 
 
 def list_machines_json(org: str, status: str | None, os_name: str | None, search: str | None, sort: str,
                        descending: bool, limit: int | None, offset: int) -> tuple[int, str]:
     """An org's machines, filtered, sorted and paginated: (total matching, JSON array text of the page)."""
+    engine = get_db().engine
     where, params = ["org = ?"], [org]
     if status:
         where.append("status = ?")
@@ -61,15 +100,17 @@ def list_machines_json(org: str, status: str | None, os_name: str | None, search
         where.append("os = ?")
         params.append(os_name)
     if search:
-        where.append("(machine_id LIKE ? ESCAPE '\\' OR json_extract(system, '$.hostname') LIKE ? ESCAPE '\\')")
+        like = _LIKE[engine]
+        hostname = _JSON_TEXT[engine]("system", "hostname")
+        where.append(f"(machine_id {like} ? ESCAPE '\\' OR {hostname} {like} ? ESCAPE '\\')")
         pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         params += [pattern, pattern]
     clause = " AND ".join(where)
     total = query(f"SELECT count(*) FROM machines WHERE {clause}", params)[0][0]
-    order = f"{SORTS[sort]} {'DESC' if descending else 'ASC'}, machine_id"
+    nulls = _NULLS[engine][1 if descending else 0]
+    order = f"{_sort_expression(engine, sort)} {'DESC' if descending else 'ASC'}{nulls}, machine_id"
     page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else ""
-    rows = query(f"SELECT coalesce(json_group_array(json(m)), '[]') FROM (SELECT {MACHINE_JSON} AS m FROM machines "
-                 f"WHERE {clause} ORDER BY {order}{page})", params)
+    rows = query(_LIST_SQL[engine].format(machine=MACHINE_JSON[engine], where=clause, order=order, page=page), params)
     return total, rows[0][0]
 
 
@@ -101,7 +142,9 @@ def os_values(org: str) -> list[str]:
 
 def get_machine(org: str, machine_id: str) -> dict[str, Any] | None:
     """One machine of the org, or None (also for another org's machine)."""
-    rows = query(f"SELECT {MACHINE_JSON} FROM machines WHERE org = ? AND machine_id = ?", (org, machine_id))
+    engine = get_db().engine
+    text = MACHINE_JSON[engine] + ("::text" if engine == POSTGRESQL else "")  # psycopg would decode json itself
+    rows = query(f"SELECT {text} FROM machines WHERE org = ? AND machine_id = ?", (org, machine_id))
     return json.loads(rows[0][0]) if rows else None
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from waitress.server import create_server
 
+from fleet.config.database import open_database
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
 from fleet.web.errors import WebError
@@ -18,6 +19,7 @@ log = logging.getLogger("fleet.web")
 
 
 def _server(settings: Settings) -> Any:
+    open_database(settings.database).close()  # create or migrate the schema before serving (SPEC: Storage)
     app = create_app(settings)
     try:
         return create_server(app, host=settings.host, port=settings.http_port, threads=8,

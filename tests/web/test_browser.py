@@ -11,7 +11,7 @@ from playwright.sync_api import expect
 
 from fleet.web.server import start_in_thread
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.both_engines]
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 XSS = "<img src=x onerror=\"window.__pwned=1\">"
