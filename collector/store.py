@@ -190,7 +190,7 @@ class RetentionResult:
 
 
 def apply_retention(db: Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
-    """Fold raw reports older than ``raw_days`` into 1-minute rollups; delete rollups and events past ``rollup_days``.
+    """Fold raw reports older than ``raw_days`` into 1-minute rollups; drop rollups and events past ``rollup_days``.
 
     Several collectors may run this at once on one database. Two runs over one chunk would add its samples
     to the rollups twice, so a chunk is only rolled up by the transaction that holds the retention lock;
