@@ -1,4 +1,4 @@
-"""The running collector: MQTT subscriptions per org, a bounded queue, and one writer thread owning state and the database.
+"""The running collector: MQTT subscriptions per org, a bounded queue, one writer thread owning state and the database.
 
 Threads:
 - the MQTT link's network thread (collector.mqtt_link) runs ``_on_message``: it validates the message

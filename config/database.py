@@ -196,7 +196,7 @@ class DatabaseUrl:
         if scheme in (POSTGRESQL, "postgres"):
             parts = urlsplit(text)
             try:
-                parts.port
+                _ = parts.port  # urlsplit checks the port lazily
             except ValueError as exc:
                 raise DatabaseError(f"bad PostgreSQL URL {redact(text)}: {exc}") from None
             return cls(POSTGRESQL, text)
@@ -319,8 +319,9 @@ class Database:
         self.engine = url.engine
         self.readonly = readonly
         self.busy_timeout_ms = busy_timeout_ms
-        self._check_same_thread = check_same_thread
+        self.check_same_thread = check_same_thread
         self._depth = 0
+        self._staged: dict[str, bool] = {}  # PostgreSQL staging tables of this connection: used in this transaction?
         if self.engine == SQLITE:
             self._errors: tuple[type[BaseException], ...] = (sqlite3.Error, ValueError, OverflowError)
             self._convert = _sqlite_error
@@ -342,6 +343,7 @@ class Database:
     def _live(self) -> Any:
         raw = self.raw
         if self.engine == POSTGRESQL and self._depth == 0 and (raw is None or raw.closed):
+            self._staged.clear()
             self.raw = raw = self._connect()
         return raw
 
@@ -393,21 +395,56 @@ class Database:
         except self._errors as exc:
             raise self._failed(exc) from exc
 
-    def insert(self, table: str, rows: Iterable[Mapping[str, Any]], key: Sequence[str] = ()) -> int:
-        """Insert dict rows (all with the first row's columns); with ``key``, a row whose key exists replaces it.
+    def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                    on_conflict: str = "") -> int:
+        """Insert rows (values in ``columns`` order) in one transaction; returns how many were inserted or updated.
 
-        For setup and maintenance, not hot paths: those write their statement out (collector/store.py).
+        ``on_conflict`` is what follows ON CONFLICT, e.g. "DO NOTHING". SQLite steps one prepared INSERT per
+        row. PostgreSQL COPYs the rows into a temporary table and runs one INSERT ... SELECT: 1.5-2x faster
+        than executemany's pipelined INSERTs (bench/ingest.py). So ``on_conflict`` must not update one row
+        twice (at most one row per key), which PostgreSQL refuses and SQLite would allow.
         """
+        if not rows:
+            return 0
+        names = ", ".join(columns)
+        conflict = f" ON CONFLICT {on_conflict}" if on_conflict else ""
+        if self.engine == SQLITE:
+            with self.transaction():
+                return self.executemany(f"INSERT INTO {table}({names}) VALUES ({', '.join('?' * len(columns))})"
+                                        f"{conflict}", rows)
+        with self.transaction():
+            try:
+                staging = self._staging(table, names)
+                cursor = self.raw.cursor()
+                with cursor.copy(f"COPY {staging}({names}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                return cursor.execute(f"INSERT INTO {table}({names}) SELECT {names} FROM {staging}{conflict}").rowcount
+            except self._errors as exc:
+                raise self._failed(exc) from exc
+
+    def _staging(self, table: str, names: str) -> str:
+        # A temporary table per connection and column list, emptied at every commit (or right here if this
+        # transaction used it already); the connection's loss takes it along, and _live() forgets it.
+        staging = f"fleet_staging_{table}_{zlib.crc32(names.encode()):08x}"
+        if staging not in self._staged:
+            self.raw.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS"
+                             f" SELECT {names} FROM {table} WITH NO DATA")
+            self._staged[staging] = False
+        if self._staged[staging]:
+            self.raw.execute(f"TRUNCATE {staging}")
+        self._staged[staging] = True
+        return staging
+
+    def insert(self, table: str, rows: Iterable[Mapping[str, Any]], key: Sequence[str] = ()) -> int:
+        """Insert dict rows (all with the first row's columns); with ``key``, a row whose key exists replaces it."""
         rows = list(rows)
         if not rows:
             return 0
         columns = list(rows[0])
-        sql = (f"INSERT INTO {table}({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})")
-        if key:
-            updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
-            sql += f" ON CONFLICT({', '.join(key)}) " + (f"DO UPDATE SET {updates}" if updates else "DO NOTHING")
-        with self.transaction():
-            return self.executemany(sql, [[row[c] for c in columns] for row in rows])
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+        conflict = (f"({', '.join(key)}) " + (f"DO UPDATE SET {updates}" if updates else "DO NOTHING")) if key else ""
+        return self.insert_many(table, columns, [[row[c] for c in columns] for row in rows], conflict)
 
     @contextmanager
     def transaction(self) -> Iterator[Database]:
@@ -428,15 +465,22 @@ class Database:
         try:
             yield self
         except BaseException:
-            self._depth = 0
+            self._end_transaction()
+            self._staged.clear()  # a staging table created in this transaction is gone with it
             self._rollback()
             raise
-        self._depth = 0
+        self._end_transaction()
         try:
             raw.execute("COMMIT")
         except self._errors as exc:
+            self._staged.clear()
             self._rollback()
             raise self._failed(exc) from exc
+
+    def _end_transaction(self) -> None:
+        self._depth = 0
+        for staging in self._staged:
+            self._staged[staging] = False
 
     def _rollback(self) -> None:
         if self.raw is None:
@@ -491,10 +535,10 @@ def _connect_sqlite(db: Database) -> sqlite3.Connection:
     timeout = db.busy_timeout_ms / 1000
     if db.readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None,
-                               check_same_thread=db._check_same_thread)
+                               check_same_thread=db.check_same_thread)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=db._check_same_thread)
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=db.check_same_thread)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={int(db.busy_timeout_ms)}")

@@ -16,9 +16,8 @@ from fleet.broker.server import RunningBroker, start_in_thread
 from fleet.config import credentials
 from fleet.config.database import sqlite_url
 from fleet.config.settings import Settings
+from tests.dbhelpers import ENGINES
 from tests.postgres import PostgresServer, unavailable_reason
-
-ENGINES = ("sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -45,14 +44,15 @@ def pg_server():
 
 
 @pytest.fixture
-def database_url(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+def database_url(engine: str, tmp_path: Path, request: pytest.FixtureRequest):
     """The test's own empty database: ``fleet.db`` in the data dir, or a fresh PostgreSQL database."""
-    if engine == "postgresql":
-        server: PostgresServer = request.getfixturevalue("pg_server")
-        url = server.database()
-        request.addfinalizer(lambda: server.drop(url))
-        return url
-    return sqlite_url(tmp_path / "fleet-data" / "fleet.db")
+    if engine != "postgresql":
+        yield sqlite_url(tmp_path / "fleet-data" / "fleet.db")
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    url = server.database()
+    yield url
+    server.drop(url)
 
 
 @pytest.fixture

@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from fleet.config.database import POSTGRESQL, open_database
+
+# The engine fixture's parameters (tests/conftest.py); a module-scoped fixture may take them directly.
+ENGINES = ("sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql))
 
 # What the collector writes in every batch: a PostgreSQL writer touching any of them waits.
 COLLECTOR_TABLES = "reports, machines, events, drops, org_stats"

@@ -22,7 +22,7 @@ def db(database_url):
 
 def _insert_reports(db, rows):
     with db.transaction():
-        db.executemany(store._INSERT_REPORT, rows)
+        db.executemany(store.INSERT_REPORT, rows)
 
 
 def test_batch_stores_reports_machines_events_and_counters(db):

@@ -1,4 +1,4 @@
-"""The HTTP API over a real database (SQLite and PostgreSQL): contract shapes, org isolation, errors, limits, headers."""
+"""The HTTP API over a real database, SQLite and PostgreSQL: contract shapes, org isolation, errors, limits, headers."""
 
 from __future__ import annotations
 
