@@ -10,9 +10,9 @@ and nowhere else, except the few queries that truly differ per engine, which pic
 - placeholders: ``?`` becomes ``%s`` for psycopg (and a literal ``%`` becomes ``%%``), once per statement text;
 - DDL types in migrations: INTEGER is 64-bit and REAL is double precision on both engines, and TEXT sorts
   and compares byte-wise (SQLite's BINARY, PostgreSQL's "C" collation), so every query orders alike;
-- the lock that serialises migrations when several parts start at once;
-- PostgreSQL connections render floats inside server-built JSON with 15 significant digits, as
-  SQLite's json_object does, and return query results in binary (floats exact).
+- the lock that serialises migrations when several parts start at once, and ``try_lock`` for work one
+  process at a time must do;
+- bulk inserts (``insert_many``): executemany on SQLite, COPY and one INSERT ... SELECT on PostgreSQL.
 
 Schema changes: append ``(version, script)`` to MIGRATIONS; never edit an applied migration. A script is
 portable SQL in SQLite's spelling (CREATE TABLE/INDEX IF NOT EXISTS, ALTER TABLE ADD COLUMN, INTEGER/REAL/
@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -395,6 +396,11 @@ class Database:
         except self._errors as exc:
             raise self._failed(exc) from exc
 
+    @property
+    def in_transaction(self) -> bool:
+        """Inside ``with db.transaction():``?"""
+        return self._depth > 0
+
     def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                     on_conflict: str = "") -> int:
         """Insert rows (values in ``columns`` order) in one transaction; returns how many were inserted or updated.
@@ -555,14 +561,52 @@ def _psycopg() -> Any:
 
 def _connect_postgresql(db: Database) -> Any:
     conn = _psycopg().connect(db.url.url, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S)
-    # Floats inside JSON the server builds (web/db.py) get SQLite's 15 significant digits, so both
-    # engines answer the API alike; results come back in binary, so this never rounds a returned float.
     # lock_timeout is SQLite's busy timeout: how long a statement waits for another writer's row lock.
-    settings = f"SET extra_float_digits = 0; SET lock_timeout = {int(db.busy_timeout_ms)}"
+    settings = f"SET lock_timeout = {int(db.busy_timeout_ms)}"
     if db.readonly:
         settings += "; SET default_transaction_read_only = on"
     conn.execute(settings)
     return conn
+
+
+class DatabasePool:
+    """Idle connections kept for the next user, for servers that open one per request (web).
+
+    A new PostgreSQL connection costs a TCP and SCRAM handshake (~10 ms, bench/web.py); a SQLite one a
+    file open and a few pragmas. A connection comes back only when it is idle and healthy.
+    """
+
+    def __init__(self, target: str | Path | DatabaseUrl, readonly: bool = True, size: int = 8) -> None:
+        self.url = target if isinstance(target, DatabaseUrl) else DatabaseUrl.parse(target)
+        self.readonly = readonly
+        self.size = size
+        self._idle: list[Database] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Database:
+        """An idle connection, or a new one."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return open_database(self.url, readonly=self.readonly, check_same_thread=False)
+
+    def put(self, db: Database) -> None:
+        """Give a connection back (closed instead when the pool is full or the connection is not reusable)."""
+        healthy = db.raw is not None and not db.in_transaction
+        if healthy and db.engine == POSTGRESQL:
+            healthy = not db.raw.closed and db.raw.info.transaction_status == _psycopg().pq.TransactionStatus.IDLE
+        with self._lock:
+            if healthy and len(self._idle) < self.size:
+                self._idle.append(db)
+                return
+        db.close()
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for db in idle:
+            db.close()
 
 
 def open_database(target: str | Path | DatabaseUrl, readonly: bool = False, check_same_thread: bool = True,

@@ -172,10 +172,11 @@ class PostgresServer:
 
 
 def main() -> None:
-    """Start a server with one database, print its URL, and run until Ctrl-C."""
+    """Start a server, print the URLs of N empty databases (argument, default 1), and run until Ctrl-C."""
     server = PostgresServer().start()
     try:
-        print(server.database(), flush=True)
+        for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 1):
+            print(server.database(), flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         server.destroy()
