@@ -282,7 +282,8 @@ def stage_costs(databases: list[str], n: int = 5000) -> list[tuple[str, float]]:
         return result
 
     timed("json.loads alone", lambda: [json.loads(raw) for raw in raws])
-    timed("config.payloads.parse_report (decode + validate)", lambda: [payloads.parse_report(raw, topic) for raw in raws])
+    timed("config.payloads.parse_report (decode + validate)",
+          lambda: [payloads.parse_report(raw, topic) for raw in raws])
     drops, limiter = DropCounter(), RateLimiter(1e9)
     items = timed("intake.parse_message (topic, rate limit, validate)",
                   lambda: [parse_message(topic, raw, False, time.time(), limiter, drops) for raw in raws])

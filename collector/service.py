@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -295,6 +296,11 @@ class Writer:
         self.next_retention = now
         self.pending_clears: list[str] = []
         self.pending_acks: list[int] = []  # acknowledged once the batch holding them is written
+        # A connection lost during COMMIT (PostgreSQL) leaves unknown whether the batch was stored, and a retry
+        # would store its events and counters twice: each batch also writes this collector's marker (one row).
+        self.marker_key = f"collector_batch:{owner.client_id}"
+        self.marker_prefix = os.urandom(6).hex()  # this process's, so a marker left by an earlier one never matches
+        self.batches = 0
 
     def run(self) -> None:
         """Loop until stop() and the queue is empty; the last flush writes everything pending."""
@@ -411,7 +417,7 @@ class Writer:
         batch = self.batch
         batch.drops = self.owner.drops.take_unsaved()
         batch.machines = self.tracker.take_dirty()
-        if batch and not self._write(batch, final):
+        if batch and not self.write(batch, final):
             self.pending_acks = []  # not stored: leave them unacknowledged, the broker will send them again
         self.batch = store.Batch()
         client = self.owner._client
@@ -425,7 +431,7 @@ class Writer:
                 log.info("machine %s evicted: retained ping cleared", topic)
         self.pending_clears = []
 
-    def _write(self, batch: store.Batch, final: bool) -> bool:
+    def write(self, batch: store.Batch, final: bool) -> bool:
         """Write a batch, retrying while the database is busy or away; False only if it gave up at shutdown."""
         try:
             return self._retrying(batch, final)
@@ -438,9 +444,15 @@ class Writer:
         before it is committed. DatabaseRefused passes through."""
         delay = 0.05
         first_failure = None
+        self.batches += 1
+        marker = (self.marker_key, f"{self.marker_prefix}:{self.batches}")
         while True:
             try:
-                self.owner._stored += store.write_batch(self.db, batch, time.time())
+                if first_failure is not None and store.committed(self.db, marker):
+                    log.info("the batch whose commit was cut off had been stored: not writing it again")
+                    self.owner._stored += len(batch.reports)
+                    return True
+                self.owner._stored += store.write_batch(self.db, batch, time.time(), marker)
                 return True
             except DatabaseRefused:
                 raise

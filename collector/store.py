@@ -98,10 +98,17 @@ UPSERT_MACHINE = (
 )
 
 
-def write_batch(db: Database, batch: Batch, now: float) -> int:
-    """Store a batch in one transaction; returns how many reports were new (replays are ignored)."""
+def write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] | None = None) -> int:
+    """Store a batch in one transaction; returns how many reports were new (replays are ignored).
+
+    ``marker`` (key, value) is written to ``meta`` in the same transaction, so ``committed(db, marker)`` can
+    tell afterwards whether a batch whose COMMIT failed midway was stored after all.
+    """
     inserted = 0
     with db.transaction():
+        if marker is not None:
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value = excluded.value", marker)
         if batch.reports:
             # SQLite: one prepared statement stepped per row, 3x faster than one INSERT ... SELECT FROM
             # json_each(?); PostgreSQL: COPY and one INSERT ... SELECT (python3 bench/ingest.py).
@@ -127,6 +134,11 @@ def write_batch(db: Database, batch: Batch, now: float) -> int:
                 " ON CONFLICT(org) DO UPDATE SET expired = org_stats.expired + excluded.expired",
                 sorted(batch.expired.items()))
     return inserted
+
+
+def committed(db: Database, marker: tuple[str, str]) -> bool:
+    """Was the batch written with ``marker`` committed? (A lost connection can hide a COMMIT that succeeded.)"""
+    return db.query_one("SELECT value FROM meta WHERE key = ?", (marker[0],)) == (marker[1],)
 
 
 def write_heartbeat(db: Database, component: str, now: float, detail: Mapping[str, Any]) -> None:

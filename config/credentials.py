@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.config.database import Database, open_database, sqlite_url
+from fleet.config.database import POSTGRESQL, Database, open_database, sqlite_url
 from fleet.config.errors import CredentialError
 from fleet.config.ids import validate_id
 
@@ -133,6 +133,20 @@ def _store(db: Database, pepper: bytes, username: str, org: str | None, role: st
     )
 
 
+def check_pepper(db: Database, pepper: bytes, data_dir: Path) -> None:
+    """Make sure the database's keys were hashed with this pepper (several hosts share one PostgreSQL database).
+
+    The database keeps an HMAC of a fixed text under the pepper (it reveals nothing of the pepper); the
+    first writer records it. A host with another pepper would refuse every key, so it stops here instead.
+    """
+    check = hmac.new(pepper, b"fleet pepper check", hashlib.sha256).hexdigest()
+    db.execute("INSERT INTO meta(key, value) VALUES ('pepper_check', ?) ON CONFLICT(key) DO NOTHING", (check,))
+    row = db.query_one("SELECT value FROM meta WHERE key = 'pepper_check'")
+    if row is None or not hmac.compare_digest(row[0], check):
+        raise CredentialError(f"{Path(data_dir) / PEPPER_FILE} is not the pepper the keys in {db.url} were made with:"
+                              " copy it (and service.key) from the first host's data dir")
+
+
 def _org_exists(db: Database, org: str) -> bool:
     return db.query_one("SELECT 1 FROM orgs WHERE name = ?", (org,)) is not None
 
@@ -143,6 +157,7 @@ def add_org(data_dir: Path, org: str, database: str | None = None) -> OrgSecrets
     pepper = load_pepper(data_dir)
     secrets_ = OrgSecrets(org, generate_key(), generate_key())
     with _open(data_dir, database) as db, db.transaction():
+        check_pepper(db, pepper, data_dir)
         if _org_exists(db, org):
             raise CredentialError(f"org {org!r} already exists")
         db.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, time.time()))
@@ -183,6 +198,7 @@ def rotate_key(data_dir: Path, org: str, role: str, database: str | None = None)
     pepper = load_pepper(data_dir)
     key = generate_key()
     with _open(data_dir, database) as db, db.transaction():
+        check_pepper(db, pepper, data_dir)
         if not _org_exists(db, org):
             raise CredentialError(f"no such org {org!r}")
         _store(db, pepper, username, org, role, key)
@@ -197,10 +213,15 @@ def ensure_service_key(data_dir: Path, database: str | None = None) -> str:
     if not path.exists():
         _write_private(path, generate_key() + "\n")
     key = path.read_text().strip()
-    with _open(data_dir, database) as db:
+    with _open(data_dir, database) as db, db.transaction():
+        check_pepper(db, pepper, data_dir)
         row = db.query_one("SELECT digest FROM credentials WHERE username = ?", (SERVICE_USERNAME,))
+        if row is not None and not hmac.compare_digest(row[0], digest_key(pepper, key)) and db.engine == POSTGRESQL:
+            # A shared database: the key belongs to the host that made it, whose collector still uses it.
+            raise CredentialError(f"{db.url} holds another data dir's service key: copy service.key (and pepper)"
+                                  f" from the first host's data dir into {data_dir}")
         if row is None or not hmac.compare_digest(row[0], digest_key(pepper, key)):
-            _store(db, pepper, SERVICE_USERNAME, None, SERVICE_ROLE, key)
+            _store(db, pepper, SERVICE_USERNAME, None, SERVICE_ROLE, key)  # SQLite: the data dir's file wins
     return key
 
 

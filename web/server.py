@@ -11,7 +11,9 @@ from typing import Any
 from flask import Flask
 from waitress.server import create_server
 
+from fleet.config import credentials
 from fleet.config.database import open_database
+from fleet.config.errors import CredentialError
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
 from fleet.web.errors import WebError
@@ -20,7 +22,13 @@ log = logging.getLogger("fleet.web")
 
 
 def _server(settings: Settings) -> tuple[Any, Flask]:
-    open_database(settings.database).close()  # create or migrate the schema before serving (SPEC: Storage)
+    with open_database(settings.database) as db:  # create or migrate the schema before serving (SPEC: Storage)
+        try:
+            pepper = credentials.load_pepper(settings.data_dir, create=False)
+        except CredentialError:
+            pepper = None  # no org was made with this data dir yet: every token is refused until one is
+        if pepper is not None:
+            credentials.check_pepper(db, pepper, settings.data_dir)  # another host's pepper: stop, say which
     app = create_app(settings)
     try:
         return create_server(app, host=settings.host, port=settings.http_port, threads=8,

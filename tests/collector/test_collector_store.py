@@ -161,3 +161,34 @@ def test_reports_are_stored_exactly_types_included(db):
     assert [json.loads(row[-1]) for row in got] == [json.loads(row[-1]) for row in rows]
     # REAL columns read back as floats (disk_percent was sent as 5), INTEGER ones as ints, on both engines.
     assert [type(v) for v in got[0][:-1]] == [str, str, str, int] + [float] * 6 + [int, int]
+
+
+def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
+    """The connection drops after COMMIT reached the server: the writer finds its marker and moves on."""
+    from types import SimpleNamespace
+
+    from fleet.collector import service
+    from fleet.collector.intake import DropCounter
+    from fleet.config.database import DatabaseBusy
+
+    owner = SimpleNamespace(settings=service.Settings(), tracker=Tracker(3.0, 10.0, 3600), client_id="c1",
+                            drops=DropCounter(), _stored=0)
+    writer = service.Writer(owner, db)
+    real = store.write_batch
+    calls = []
+
+    def commit_then_fail(*args, **kwargs):
+        calls.append(1)
+        inserted = real(*args, **kwargs)
+        if len(calls) == 1:
+            raise DatabaseBusy("server closed the connection unexpectedly")
+        return inserted
+
+    monkeypatch.setattr(store, "write_batch", commit_then_fail)
+    t = Tracker(3.0, 10.0, 3600)
+    r = report()
+    batch = store.Batch(reports=[store.report_row(r, T0, "{}")], events=t.on_report(r, T0), drops={"not_json": 1})
+    assert writer.write(batch, final=False)
+    assert db.query("SELECT new_status FROM events") == [("online",)]
+    assert db.query("SELECT count FROM drops") == [(1,)]
+    assert len(calls) == 1

@@ -83,3 +83,21 @@ def test_mosquitto_hash_format():
     assert int(iterations) == credentials.MOSQUITTO_ITERATIONS
     assert base64.b64decode(salt_b64) == salt
     assert base64.b64decode(hash_b64) == hashlib.pbkdf2_hmac("sha512", b"secret", salt, int(iterations))
+
+
+@pytest.mark.both_engines
+def test_another_hosts_pepper_or_service_key_is_refused(tmp_path, database_url, engine):
+    """Hosts sharing one database must share the pepper (and, on PostgreSQL, the service key) of the first one."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    credentials.add_org(first, "acme", database_url)
+    key = credentials.ensure_service_key(first, database_url)
+    with pytest.raises(CredentialError, match="not the pepper"):
+        credentials.add_org(second, "globex", database_url)
+    (second / "pepper").write_bytes((first / "pepper").read_bytes())
+    credentials.add_org(second, "globex", database_url)
+    if engine == "postgresql":
+        with pytest.raises(CredentialError, match="another data dir's service key"):
+            credentials.ensure_service_key(second, database_url)
+        (second / credentials.SERVICE_KEY_FILE).write_text(key + "\n")
+    assert credentials.ensure_service_key(second, database_url) == (key if engine == "postgresql" else
+                                                                    (second / "service.key").read_text().strip())

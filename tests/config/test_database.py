@@ -98,9 +98,13 @@ def test_events_get_increasing_ids(db):
 
 
 def test_transactions_commit_together_or_not_at_all(db):
-    with pytest.raises(DatabaseRefused), db.transaction():
-        db.execute("INSERT INTO orgs(name, created) VALUES ('a', 1)")
-        db.execute("INSERT INTO orgs(name, created) VALUES ('a', 2)")  # primary key: refused
+    def twice() -> None:
+        with db.transaction():
+            db.execute("INSERT INTO orgs(name, created) VALUES ('a', 1)")
+            db.execute("INSERT INTO orgs(name, created) VALUES ('a', 2)")  # primary key: refused
+
+    with pytest.raises(DatabaseRefused):
+        twice()
     assert db.query("SELECT name FROM orgs") == []
     with db.transaction():
         db.execute("INSERT INTO orgs(name, created) VALUES ('a', 1)")

@@ -1,4 +1,4 @@
-"""SQLite and PostgreSQL answer the API alike: one fleet, stored by the collector's own code in each, every endpoint compared."""
+"""SQLite and PostgreSQL answer the API alike: one fleet stored by the collector's code in each, all endpoints compared."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def _store_fleet(database: str, now: float) -> None:
 def _clients(tmp_path, pg_server):
     now = time.time()
     apps = []
-    for name, database in (("sqlite", sqlite_url(tmp_path / "sqlite" / "fleet.db")), ("postgresql", pg_server.database())):
+    for name, database in (("sqlite", sqlite_url(tmp_path / "sqlite" / "fleet.db")),
+                           ("postgresql", pg_server.database())):
         data = tmp_path / name
         keys = {org: credentials.add_org(data, org, database) for org in ("acme", "globex")}
         _store_fleet(database, now)
