@@ -1,4 +1,4 @@
-"""SQLite and PostgreSQL answer the API alike: one fleet stored by the collector's code in each, all endpoints compared."""
+"""SQLite and PostgreSQL answer the API alike: one fleet, stored by the collector's code in each, compared."""
 
 from __future__ import annotations
 
