@@ -228,12 +228,10 @@ def test_charts_have_a_labelled_time_axis(browser, site, fleet):
 
 def set_metrics(fleet, machine_id, **metrics):
     """Merge ``metrics`` into an acme machine's latest metrics."""
-    db = fleet.db()
-    (current,) = db.execute("SELECT metrics FROM machines WHERE org = 'acme' AND machine_id = ?",
-                            [machine_id]).fetchone()
-    db.execute("UPDATE machines SET metrics = ? WHERE org = 'acme' AND machine_id = ?",
-               [json.dumps({**json.loads(current), **metrics}), machine_id])
-    db.conn.commit()
+    with fleet.db() as db:
+        (current,) = db.query_one("SELECT metrics FROM machines WHERE org = 'acme' AND machine_id = ?", [machine_id])
+        db.execute("UPDATE machines SET metrics = ? WHERE org = 'acme' AND machine_id = ?",
+                   [json.dumps({**json.loads(current), **metrics}), machine_id])
 
 
 def test_numbers_in_the_detail_are_formatted(browser, site, fleet):
