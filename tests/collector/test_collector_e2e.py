@@ -21,27 +21,30 @@ from tests.collector.collector_fixtures import SimAgent, query
 from tests.dbhelpers import rows, write_lock
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.both_engines
+# The tests where the database takes part run on both engines (tests/conftest.py); the ones about the state
+# machine, rate limits or the broker run on SQLite only: the same code stores their outcome either way.
+both_engines = pytest.mark.both_engines
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def machine_row(ep, machine="m1"):
     rows = query(ep, "SELECT status, session, conflict, clock_offset_s, metrics, os, hardware_id "
-                              "FROM machines WHERE org='acme' AND machine_id=?", machine)
+                     "FROM machines WHERE org='acme' AND machine_id=?", machine)
     return rows[0] if rows else None
 
 
 def events(ep, machine="m1"):
     return query(ep, "SELECT old_status, new_status, reason FROM events WHERE org='acme' AND machine_id=? "
-                              "ORDER BY id", machine)
+                     "ORDER BY id", machine)
 
 
 def seqs(ep, machine="m1"):
     return [row[0] for row in query(ep, "SELECT seq FROM reports WHERE org='acme' AND machine_id=? "
-                                                 "ORDER BY seq", machine)]
+                                        "ORDER BY seq", machine)]
 
 
+@both_engines
 def test_reports_and_presence_flow_into_the_database(endpoint, collectors):
     collector = collectors(endpoint.settings())
     agent = SimAgent(endpoint, "m1").connect()
@@ -103,6 +106,7 @@ def test_late_last_will_of_an_old_session_does_not_mark_a_reconnected_agent_offl
     agent.close()
 
 
+@both_engines
 def test_ttl_eviction_clears_the_retained_ping(endpoint, collectors):
     collectors(endpoint.settings(ttl_seconds=1))
     agent = SimAgent(endpoint, "m1").connect()
@@ -190,15 +194,18 @@ def _outage(endpoint, collectors, count: int, outage_s: float) -> None:
     agent.close()
 
 
+@both_engines
 def test_collector_outage_loses_nothing(endpoint, collectors):
     _outage(endpoint, collectors, count=70, outage_s=2.0)
 
 
+@both_engines
 @pytest.mark.slow
 def test_collector_down_ten_seconds_loses_nothing(endpoint, collectors):
     _outage(endpoint, collectors, count=300, outage_s=10.0)
 
 
+@both_engines
 def test_bad_messages_are_dropped_counted_and_the_collector_keeps_going(endpoint, collectors):
     collector = collectors(endpoint.settings())
     agent = SimAgent(endpoint, "m1").connect()
@@ -246,6 +253,7 @@ def test_a_flooding_agent_is_rate_limited(endpoint, collectors):
     assert 20 <= stored < 60
 
 
+@both_engines
 def test_orgs_added_and_removed_are_picked_up_within_5_s(endpoint, collectors):
     collector = collectors(endpoint.settings())
     before = tuple(credentials.list_orgs(endpoint.data_dir, endpoint.database))
@@ -277,6 +285,7 @@ def _publish_ok(endpoint) -> bool:
     return True
 
 
+@both_engines
 def test_shard_serves_only_its_orgs(endpoint, collectors):
     credentials.add_org(endpoint.data_dir, "initech", endpoint.database)
     collector = collectors(endpoint.settings(orgs=("initech",)))
@@ -290,6 +299,7 @@ def test_shard_serves_only_its_orgs(endpoint, collectors):
     assert seqs(endpoint) == []
 
 
+@both_engines
 def test_locked_database_applies_backpressure_and_loses_nothing(endpoint, collectors, monkeypatch):
     monkeypatch.setattr(service, "QUEUE_MAX", 5)
     collectors(endpoint.settings())
@@ -324,6 +334,7 @@ def _connect_agent(endpoint):
         return None
 
 
+@both_engines
 def test_retention_runs_on_a_timer(endpoint, collectors):
     day = 86400
     old = time.time() - 10 * day
@@ -340,6 +351,7 @@ def test_retention_runs_on_a_timer(endpoint, collectors):
         (10, 50.0)]
 
 
+@both_engines
 def test_cli_collector_runs_until_sigterm_and_flushes(endpoint):
     env = dict(os.environ, FLEET_BATCH_INTERVAL_S="0.05", FLEET_RELOAD_INTERVAL_S="0.5")
     cmd = [sys.executable, "-m", "fleet.cli", "collector", "--data-dir", str(endpoint.data_dir),

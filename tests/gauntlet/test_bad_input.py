@@ -17,7 +17,7 @@ from fleet.config.topics import report_topic
 from tests.dbhelpers import rows
 from tests.helpers import close, connect_client, wait_for
 
-pytestmark = pytest.mark.both_engines
+both_engines = pytest.mark.both_engines  # what reaches the database runs on SQLite and PostgreSQL
 
 TOPIC = report_topic("acme", "m1")
 
@@ -73,6 +73,7 @@ def collector(broker):
     running.stop()
 
 
+@both_engines
 def test_every_class_of_bad_report_is_counted_and_harmless(broker, acme, collector):
     agent = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-m1")
     for _name, payload, _reason in BAD:
@@ -92,6 +93,7 @@ def test_every_class_of_bad_report_is_counted_and_harmless(broker, acme, collect
     close(agent)
 
 
+@both_engines
 def test_odd_but_valid_reports_are_stored_and_served_alike(broker, acme, collector):
     """Extremes the contract allows: each is stored as sent, and the API serves the machine afterwards."""
     from fleet.web.app import create_app
@@ -117,6 +119,7 @@ def test_odd_but_valid_reports_are_stored_and_served_alike(broker, acme, collect
     close(agent)
 
 
+@both_engines
 def test_replays_and_stale_sessions_change_nothing(broker, acme, collector):
     agent = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-m1")
     for seq in range(3):
@@ -133,6 +136,7 @@ def test_replays_and_stale_sessions_change_nothing(broker, acme, collector):
     close(agent)
 
 
+@both_engines
 def test_clock_ten_years_off_is_flagged_not_fatal(broker, acme, collector):
     agent = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-m1")
     ten_years = 10 * 365 * 86400
@@ -145,6 +149,7 @@ def test_clock_ten_years_off_is_flagged_not_fatal(broker, acme, collector):
     close(agent)
 
 
+@both_engines
 @pytest.mark.slow
 def test_a_flooding_agent_is_rate_limited_and_others_are_unaffected(broker, acme, collector):
     flooder = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-flood")

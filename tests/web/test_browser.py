@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 
 from fleet.web.server import start_in_thread
 
-pytestmark = [pytest.mark.browser, pytest.mark.both_engines]
+pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 XSS = "<img src=x onerror=\"window.__pwned=1\">"
@@ -51,6 +51,7 @@ def site(fleet, settings):
     running.stop()
 
 
+@pytest.mark.both_engines  # the API answers alike on both (test_engines_agree.py); one browser run each
 def test_dashboard_end_to_end(browser, site, fleet):
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 900})
