@@ -23,7 +23,8 @@ from tests.postgres import PostgresServer, unavailable_reason
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run tests marked ``both_engines`` that touch the database on SQLite and on PostgreSQL."""
     if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_engines"):
-        metafunc.parametrize("engine", ENGINES, indirect=True)
+        if "endpoint" not in metafunc.fixturenames:  # tests/collector/conftest.py pairs the two itself
+            metafunc.parametrize("engine", ENGINES, indirect=True)
 
 
 @pytest.fixture
