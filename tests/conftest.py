@@ -14,7 +14,7 @@ import pytest
 from fleet.broker.pki import ensure_certs
 from fleet.broker.server import RunningBroker, start_in_thread
 from fleet.config import credentials
-from fleet.config.database import sqlite_url
+from fleet.config.database import open_database, sqlite_url
 from fleet.config.settings import Settings
 from tests.dbhelpers import ENGINES
 from tests.postgres import PostgresServer, unavailable_reason
@@ -54,6 +54,14 @@ def database_url(engine: str, tmp_path: Path, request: pytest.FixtureRequest):
     url = server.database()
     yield url
     server.drop(url)
+
+
+@pytest.fixture
+def db(database_url: str):
+    """The test's database, open (its schema created)."""
+    opened = open_database(database_url)
+    yield opened
+    opened.close()
 
 
 @pytest.fixture

@@ -13,13 +13,6 @@ from tests.dbhelpers import write_lock
 pytestmark = pytest.mark.both_engines
 
 
-@pytest.fixture
-def db(database_url):
-    database = open_database(database_url)
-    yield database
-    database.close()
-
-
 def _insert_reports(db, rows):
     with db.transaction():
         db.executemany(store.INSERT_REPORT, rows)

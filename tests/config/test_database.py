@@ -13,13 +13,6 @@ from fleet.config.database import DatabaseBusy, DatabaseError, DatabaseRefused, 
 pytestmark = pytest.mark.both_engines
 
 
-@pytest.fixture
-def db(database_url):
-    opened = open_database(database_url)
-    yield opened
-    opened.close()
-
-
 def _with_migration(monkeypatch, script) -> int:
     version = database.SCHEMA_VERSION + 1
     monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, (version, script)))

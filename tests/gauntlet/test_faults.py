@@ -12,7 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,19 +160,29 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
                 proc.wait(10)
 
 
-def test_collector_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, database_url):
-    data = tmp_path / "fleet-data"
-    db = database_url
-    org = credentials.add_org(data, "acme", db)
+@dataclass
+class Stream:
+    """A broker, a witness subscribed to every report, a collector and the agents, all running."""
+
+    url: str
+    inbox: Inbox
+    witness: Any
+    agents: dict[str, subprocess.Popen]
+    collector: subprocess.Popen
+    procs: list[subprocess.Popen]
+
+
+@contextmanager
+def _stream(data: Path, db: str, org: credentials.OrgSecrets) -> Iterator[Stream]:
+    """Everything of a fault test running, reports flowing; every process is killed at the end."""
     port = free_port()
     url = f"mqtts://127.0.0.1:{port}"
-    procs: list[subprocess.Popen] = [_fleet("broker", "--data-dir", str(data), "--mqtt-port", str(port),
-                                            "--database", db)]
+    procs = [_fleet("broker", "--data-dir", str(data), "--mqtt-port", str(port), "--database", db)]
     try:
         wait_for(lambda: port_open(port), timeout=30, message="broker up")
-        broker = type("B", (), {"url": url, "ca_path": data / "certs" / "ca.pem"})
         # An independent witness: everything the broker routed, by (machine, session, seq).
-        witness = connect_client(broker, "acme/reader", org.reader_key, "witness")
+        witness = connect_client(type("B", (), {"url": url, "ca_path": data / "certs" / "ca.pem"}), "acme/reader",
+                                 org.reader_key, "witness")
         inbox = Inbox(witness)
         inbox.subscribe("fleet/acme/+/report", qos=1)
         collector = _start_collector(data, db, url)
@@ -176,32 +190,42 @@ def test_collector_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, data
         agents = _start_agents(data, url, org.agent_key, interval="0.1")
         procs += agents.values()
         wait_for(lambda: all(_gapless(db).get(m, 0) >= 10 for m in AGENTS), timeout=30, message="reports flowing")
-
-        # Another writer holds the database: reports pile up in the collector, received but not committed...
-        with write_lock(db):
-            seen = len(inbox.messages)
-            wait_for(lambda: len(inbox.messages) >= seen + 20, timeout=15,
-                     message="reports while the database is held")
-            collector.send_signal(signal.SIGKILL)  # ...and then it dies: had it acknowledged them, they'd be gone
-            collector.wait(10)
-        seen = len(inbox.messages)
-        wait_for(lambda: len(inbox.messages) >= seen + 10, timeout=15, message="agents keep reporting meanwhile")
-        collector = _start_collector(data, db, url)
-        procs.append(collector)
-        _stop_agents_and_collector(data, db, agents, collector)
-
-        witnessed = {(m, r.session, r.seq) for x in inbox.messages
-                     for m in [x.topic.split("/")[2]] for r in [payloads.parse_report(x.payload, x.topic)]}
-        stored = set(_rows(db, "SELECT machine_id, session, seq FROM reports"))
-        assert stored == witnessed, (f"missing {sorted(witnessed - stored)[:5]}, "
-                                     f"unexpected {sorted(stored - witnessed)[:5]}")
-        _gapless(db)
+        yield Stream(url, inbox, witness, agents, collector, procs)
         close(witness)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def _stored_exactly_what_was_witnessed(inbox: Inbox, db: str) -> None:
+    witnessed = {(m, r.session, r.seq) for x in inbox.messages
+                 for m in [x.topic.split("/")[2]] for r in [payloads.parse_report(x.payload, x.topic)]}
+    stored = set(_rows(db, "SELECT machine_id, session, seq FROM reports"))
+    assert stored == witnessed, (f"missing {sorted(witnessed - stored)[:5]}, "
+                                 f"unexpected {sorted(stored - witnessed)[:5]}")
+    _gapless(db)
+
+
+def test_collector_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, database_url):
+    data = tmp_path / "fleet-data"
+    org = credentials.add_org(data, "acme", database_url)
+    with _stream(data, database_url, org) as stream:
+        inbox = stream.inbox
+        # Another writer holds the database: reports pile up in the collector, received but not committed...
+        with write_lock(database_url):
+            seen = len(inbox.messages)
+            wait_for(lambda: len(inbox.messages) >= seen + 20, timeout=15,
+                     message="reports while the database is held")
+            stream.collector.send_signal(signal.SIGKILL)  # ...then it dies: had it acknowledged them, they'd be gone
+            stream.collector.wait(10)
+        seen = len(inbox.messages)
+        wait_for(lambda: len(inbox.messages) >= seen + 10, timeout=15, message="agents keep reporting meanwhile")
+        collector = _start_collector(data, database_url, stream.url)
+        stream.procs.append(collector)
+        _stop_agents_and_collector(data, database_url, stream.agents, collector)
+        _stored_exactly_what_was_witnessed(inbox, database_url)
 
 
 @pytest.mark.postgresql
@@ -212,51 +236,29 @@ def test_postgresql_restarted_mid_stream_loses_and_duplicates_nothing(tmp_path):
     if reason:
         pytest.skip(reason)
     pg = PostgresServer().start()  # its own server: restarting the shared one would disturb other tests
-    data = tmp_path / "fleet-data"
-    db = pg.database()
-    org = credentials.add_org(data, "acme", db)
-    port = free_port()
-    url = f"mqtts://127.0.0.1:{port}"
-    procs: list[subprocess.Popen] = [_fleet("broker", "--data-dir", str(data), "--mqtt-port", str(port),
-                                            "--database", db)]
     try:
-        wait_for(lambda: port_open(port), timeout=30, message="broker up")
-        witness = connect_client(type("B", (), {"url": url, "ca_path": data / "certs" / "ca.pem"}), "acme/reader",
-                                 org.reader_key, "witness")
-        inbox = Inbox(witness)
-        inbox.subscribe("fleet/acme/+/report", qos=1)
-        collector = _start_collector(data, db, url)
-        procs.append(collector)
-        agents = _start_agents(data, url, org.agent_key, interval="0.1")
-        procs += agents.values()
-        for mode in ("fast", "immediate"):
-            wait_for(lambda: all(_gapless(db).get(m, 0) >= 10 for m in AGENTS), timeout=30, message="reports flowing")
-            pg.stop(mode)
-            seen = len(inbox.messages)
-            wait_for(lambda s=seen: len(inbox.messages) >= s + 20, timeout=15,
-                     message="reports while PostgreSQL is down")
-            pg.start()
-            before = sum(_gapless(db).values())
-            wait_for(lambda b=before: sum(_gapless(db).values()) >= b + 20, timeout=30,
-                     message=f"reports stored again after the {mode} restart")
-        _stop_agents_and_collector(data, db, agents, collector)
-        log = collector.stderr.read()
-        assert "database busy or unreachable" in log  # the retry path ran
-        assert "Traceback" not in log
-
-        witnessed = {(m, r.session, r.seq) for x in inbox.messages
-                     for m in [x.topic.split("/")[2]] for r in [payloads.parse_report(x.payload, x.topic)]}
-        stored = set(_rows(db, "SELECT machine_id, session, seq FROM reports"))
-        assert stored == witnessed, (f"missing {sorted(witnessed - stored)[:5]}, "
-                                     f"unexpected {sorted(stored - witnessed)[:5]}")
-        _gapless(db)
-        # Each agent's presence made it through too: one online, one offline event per agent.
-        events = _rows(db, "SELECT machine_id, new_status FROM events ORDER BY id")
-        assert sorted(events) == sorted([(m, "online") for m in AGENTS] + [(m, "offline") for m in AGENTS]), events
-        close(witness)
+        data = tmp_path / "fleet-data"
+        db = pg.database()
+        org = credentials.add_org(data, "acme", db)
+        with _stream(data, db, org) as stream:
+            for mode in ("fast", "immediate"):
+                wait_for(lambda: all(_gapless(db).get(m, 0) >= 10 for m in AGENTS), timeout=30,
+                         message="reports flowing")
+                pg.stop(mode)
+                seen = len(stream.inbox.messages)
+                wait_for(lambda s=seen: len(stream.inbox.messages) >= s + 20, timeout=15,
+                         message="reports while PostgreSQL is down")
+                pg.start()
+                before = sum(_gapless(db).values())
+                wait_for(lambda b=before: sum(_gapless(db).values()) >= b + 20, timeout=30,
+                         message=f"reports stored again after the {mode} restart")
+            _stop_agents_and_collector(data, db, stream.agents, stream.collector)
+            log = stream.collector.stderr.read()
+            assert "database busy or unreachable" in log  # the retry path ran
+            assert "Traceback" not in log
+            _stored_exactly_what_was_witnessed(stream.inbox, db)
+            # Each agent's presence made it through too: one online, one offline event per agent.
+            events = _rows(db, "SELECT machine_id, new_status FROM events ORDER BY id")
+            assert sorted(events) == sorted([(m, "online") for m in AGENTS] + [(m, "offline") for m in AGENTS])
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
         pg.destroy()
