@@ -93,7 +93,7 @@ class RunningCollector:
         self.client_id = client_id_for(settings.orgs)
         self.drops = DropCounter()
         self.limiter = RateLimiter(settings.agent_rate_limit_per_s)
-        self.tracker = Tracker(settings.stale_factor, settings.interval, settings.ttl_seconds)
+        self.tracker = Tracker(settings.stale_factor, settings.interval, settings.ttl_seconds, settings.lost_grace_s)
         # A deque, not queue.Queue: the writer must not wake per message (each wake-up is a GIL
         # hand-off that halved throughput); it sleeps until a batch is full or batch_interval_s passes.
         self._queue: deque[tuple[Received, int]] = deque()  # message, token to acknowledge it with
@@ -263,7 +263,7 @@ class RunningCollector:
     def _writer_main(self) -> None:
         try:
             db = open_database(self.settings.database, busy_timeout_ms=WRITER_BUSY_TIMEOUT_MS)
-            self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None))
+            self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None), time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._writer_error = exc
             self._writer_ready.set()
@@ -294,6 +294,7 @@ class Writer:
         self.next_heartbeat = now
         self.next_orgs = now + self.org_every
         self.next_retention = now
+        self.next_settle = now
         self.pending_clears: list[str] = []
         self.pending_acks: list[int] = []  # acknowledged once the batch holding them is written
         # A connection lost during COMMIT (PostgreSQL) leaves unknown whether the batch was stored, and a retry
@@ -323,6 +324,8 @@ class Writer:
             try:
                 self._timers(final=done)
                 self._flush(final=done)
+                if not done and owner.wait_subscribed(0):
+                    self._settle_tails()
                 if done or time.monotonic() >= self.next_heartbeat:
                     self.next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
                     self._heartbeat(final=done)
@@ -368,6 +371,23 @@ class Writer:
         if now_m >= self.next_retention and not final:
             self.next_retention = now_m + RETENTION_EVERY_S
             self._retention()
+
+    def _settle_tails(self) -> None:
+        """Count the missing reports of sessions whose grace period ended, from what is committed now.
+
+        Runs right after a flush, so every report received so far is in history; the counts reach the
+        database with the next batch (machine row, org counter and event in one transaction).
+        """
+        now_m = time.monotonic()
+        if now_m < self.next_settle:
+            return
+        self.next_settle = now_m + self.tick_every
+        now = time.time()
+        for tail in self.tracker.due_tails(now):
+            lost, transitions = self.tracker.settle_tail(tail, store.tail_stats(self.db, tail), now)
+            if lost:
+                self.batch.lost[tail.org] = self.batch.lost.get(tail.org, 0) + lost
+            self._record(transitions)
 
     def tick(self, now: float) -> None:
         """Stale and TTL checks; evicted machines lose their row and their retained ping."""
@@ -476,7 +496,7 @@ class Writer:
         False if it gave up on a row at shutdown (the database went away meanwhile): nothing is acknowledged.
         """
         log.error("database refused a batch (%s): storing its rows one by one", exc)
-        parts = [store.Batch(drops=batch.drops, expired=batch.expired)]
+        parts = [store.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost)]
         parts += [store.Batch(evicted=[m]) for m in batch.evicted]
         parts += [store.Batch(machines=[m]) for m in batch.machines]
         parts += [store.Batch(events=[e]) for e in batch.events]

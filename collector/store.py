@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.collector.state import Machine, Transition
+from fleet.collector.state import Machine, Tail, TailStats, Transition
 from fleet.config.database import POSTGRESQL, SQLITE, Database
 from fleet.config.payloads import Report
 
@@ -31,9 +31,11 @@ class Batch:
     events: list[Transition] = field(default_factory=list)
     drops: dict[str, int] = field(default_factory=dict)
     expired: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)  # per org: reports of settled tails that never arrived
 
     def __bool__(self) -> bool:
-        return bool(self.reports or self.machines or self.evicted or self.events or self.drops or self.expired)
+        return bool(self.reports or self.machines or self.evicted or self.events or self.drops or self.expired
+                    or self.lost)
 
 
 def _number(value: Any) -> float | None:
@@ -67,7 +69,21 @@ def report_row(report: Report, received: float, payload: str) -> tuple:
     if isinstance(net, dict):
         sent, recv = _counter(net.get("bytes_sent")), _counter(net.get("bytes_recv"))
     return (report.org, report.machine_id, report.session, report.seq, report.ts, received,
-            _number(metrics.get("cpu_percent")), memory_percent, disk_percent, load1, sent, recv, payload)
+            _number(metrics.get("cpu_percent")), memory_percent, disk_percent, load1, sent, recv, payload,
+            extra_fields(metrics))
+
+
+def extra_fields(metrics: Mapping[str, Any]) -> str | None:
+    """The report's custom series and process counts as history fields (JSON), or None when it has neither.
+
+    Named as alert rules name them: ``custom.<series>`` and ``process.<name>`` (validated numbers already).
+    """
+    custom, counts = metrics.get("custom"), metrics.get("process_counts")
+    if not custom and not counts:
+        return None
+    fields = {f"custom.{name}": value for name, value in (custom or {}).items()}
+    fields.update((f"process.{name}", value) for name, value in (counts or {}).items())
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
 
 def _json(value: Mapping[str, Any] | str) -> str:
@@ -80,21 +96,24 @@ def _machine_row(machine: Machine, now: float) -> tuple:
     machine.metrics = _json(machine.metrics)
     return (machine.org, machine.machine_id, machine.hardware_id, machine.status, machine.session,
             machine.interval_s, machine.last_seen, machine.last_ping, machine.clock_offset_s,
-            int(machine.conflict), machine.os, machine.system, machine.metrics, machine.first_seen, now)
+            int(machine.conflict), machine.os, machine.system, machine.metrics, machine.first_seen, now,
+            machine.lost, machine.late, machine.tails_json())
 
 
 REPORT_COLUMNS = ("org", "machine_id", "session", "seq", "ts", "received", "cpu_percent", "memory_percent",
-                  "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv", "payload")
+                  "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv", "payload", "fields")
 INSERT_REPORT = (f"INSERT INTO reports({', '.join(REPORT_COLUMNS)}) VALUES ({', '.join('?' * len(REPORT_COLUMNS))})"
                  " ON CONFLICT DO NOTHING")  # a replay of (org, machine_id, session, seq) changes nothing
 MACHINE_COLUMNS = ("org", "machine_id", "hardware_id", "status", "session", "interval_s", "last_seen", "last_ping",
-                   "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "updated")
+                   "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "updated", "lost", "late",
+                   "tails")
 UPSERT_MACHINE = (
     "(org, machine_id) DO UPDATE SET hardware_id=excluded.hardware_id, status=excluded.status,"
     " session=excluded.session, interval_s=excluded.interval_s, last_seen=excluded.last_seen,"
     " last_ping=excluded.last_ping, clock_offset_s=excluded.clock_offset_s, conflict=excluded.conflict,"
     " os=excluded.os, system=excluded.system, metrics=excluded.metrics,"
-    " first_seen=coalesce(machines.first_seen, excluded.first_seen), updated=excluded.updated"
+    " first_seen=coalesce(machines.first_seen, excluded.first_seen), updated=excluded.updated,"
+    " lost=excluded.lost, late=excluded.late, tails=excluded.tails"
 )
 
 
@@ -133,7 +152,24 @@ def write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] 
                 "INSERT INTO org_stats(org, expired) VALUES (?, ?)"
                 " ON CONFLICT(org) DO UPDATE SET expired = org_stats.expired + excluded.expired",
                 sorted(batch.expired.items()))
+        if batch.lost:
+            db.executemany(
+                "INSERT INTO org_stats(org, lost) VALUES (?, ?)"
+                " ON CONFLICT(org) DO UPDATE SET lost = org_stats.lost + excluded.lost", sorted(batch.lost.items()))
     return inserted
+
+
+def tail_stats(db: Database, tail: Tail) -> TailStats:
+    """What history holds of a tail's session: stored seqs up to ``last_seq``, its highest seq and newest ts."""
+    received, max_seq, max_ts = db.query(
+        "SELECT sum(CASE WHEN seq <= ? THEN 1 ELSE 0 END), max(seq), max(ts) FROM reports"
+        " WHERE org = ? AND machine_id = ? AND session = ?",
+        (tail.last_seq, tail.org, tail.machine_id, tail.session))[0]
+    before = None
+    if max_seq is None and tail.announced_ts is not None:
+        before = db.query("SELECT max(ts) FROM reports WHERE org = ? AND machine_id = ? AND ts < ?",
+                          (tail.org, tail.machine_id, tail.announced_ts))[0][0]
+    return TailStats(int(received or 0), None if max_seq is None else int(max_seq), max_ts, before)
 
 
 def committed(db: Database, marker: tuple[str, str]) -> bool:
@@ -191,6 +227,32 @@ _ROLLUP_SQL = {engine: _ROLLUP.format(minute=_MINUTE[engine], cpu=_weighted("cpu
                for engine in (SQLITE, POSTGRESQL)}
 
 
+def _rollup_fields(db: Database, chunk_end: float) -> None:
+    """Fold the extra history fields of reports received before ``chunk_end`` into their minutes' rollups.
+
+    Each rollup keeps ``{"field": [sum, samples]}`` per field (a series may be missing from some reports), so
+    merging with a rollup already there is exact; history reads the mean. Runs after ``_ROLLUP_SQL``, which
+    made every row this updates.
+    """
+    groups: dict[tuple[str, str, float], dict[str, list[float]]] = {}
+    rows = db.query("SELECT org, machine_id, ts, fields FROM reports WHERE received < ? AND fields IS NOT NULL",
+                    (chunk_end,))
+    for org, machine_id, ts, text in rows:
+        sums = groups.setdefault((org, machine_id, math.floor(ts / 60) * 60.0), {})  # = _MINUTE (ts >= 0)
+        for name, value in json.loads(text).items():
+            total = sums.setdefault(name, [0.0, 0])
+            total[0] += value
+            total[1] += 1
+    for key, sums in groups.items():
+        row = db.query_one("SELECT fields FROM rollups WHERE org = ? AND machine_id = ? AND minute = ?", key)
+        merged = json.loads(row[0]) if row and row[0] else {}
+        for name, (added, samples) in sums.items():
+            old = merged.get(name, [0.0, 0])
+            merged[name] = [old[0] + added, old[1] + samples]
+        db.execute("UPDATE rollups SET fields = ? WHERE org = ? AND machine_id = ? AND minute = ?",
+                   (json.dumps(merged, separators=(",", ":"), ensure_ascii=False), *key))
+
+
 @dataclass(frozen=True)
 class RetentionResult:
     """What one retention run removed."""
@@ -220,6 +282,7 @@ def apply_retention(db: Database, now: float, raw_days: float, rollup_days: floa
             if not db.try_lock("retention"):
                 return RetentionResult(rolled, 0, 0)
             db.execute(rollup, (chunk_end,))
+            _rollup_fields(db, chunk_end)
             rolled += db.execute("DELETE FROM reports WHERE received < ?", (chunk_end,))
     keep_cutoff = now - rollup_days * DAY
     with db.transaction():

@@ -166,3 +166,12 @@ class SimAgent:
 def query(endpoint: Endpoint, sql: str, *args):
     """Run a read query on the endpoint's database (a fresh connection, as the web does)."""
     return rows(endpoint.database, sql, *args)
+
+
+def end_agent_and_probe(agent: subprocess.Popen, probe: subprocess.Popen) -> None:
+    """Stop a `fleet agent` process (SIGTERM, its output read) and kill a probe process the test started."""
+    agent.terminate()
+    agent.communicate(timeout=20)
+    if probe.poll() is None:
+        probe.kill()
+        probe.wait(5)

@@ -75,7 +75,7 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(db):
         base = now - d * day - 7200
         for i in range(0, 7200, 20):
             ts = base + i
-            rows.append(("acme", "m", f"s{d}", i, ts, ts, float(i % 100), 50.0, 10.0, 0.5, i, 2 * i, "{}"))
+            rows.append(("acme", "m", f"s{d}", i, ts, ts, float(i % 100), 50.0, 10.0, 0.5, i, 2 * i, "{}", None))
     _insert_reports(db, rows)
     db.execute("INSERT INTO events(org, machine_id, ts, new_status) VALUES ('acme', 'm', ?, 'online')",
                (now - 40 * day,))
@@ -101,16 +101,20 @@ def test_retention_merges_a_minute_split_across_runs(db):
     # 59.9 s into a minute: a bucket that rounds instead of truncating would land in the next minute.
     minute = 60.0 * 1000
     _insert_reports(db, [
-        ("a", "m", "s", 0, minute + 1, minute + 1, 10.0, None, None, None, 5, 5, "{}"),
-        ("a", "m", "s", 1, minute + 59.9, minute + 2, 20.0, None, None, None, 7, 7, "{}"),
+        ("a", "m", "s", 0, minute + 1, minute + 1, 10.0, None, None, None, 5, 5, "{}", '{"custom.q":1}'),
+        ("a", "m", "s", 1, minute + 59.9, minute + 2, 20.0, None, None, None, 7, 7, "{}",
+         '{"custom.q":4,"process.x":2}'),
     ])
     store.apply_retention(db, minute + 1.5 + 86400, raw_days=1, rollup_days=3650)
     store.apply_retention(db, minute + 3 + 86400, raw_days=1, rollup_days=3650)
     assert db.query("SELECT minute, samples, cpu_percent, net_bytes_sent FROM rollups") == [(minute, 2, 15.0, 7)]
+    # Extra fields keep a sum and a sample count each, so the two runs merge exactly.
+    fields = db.query_one("SELECT fields FROM rollups")[0]
+    assert json.loads(fields) == {"custom.q": [5.0, 2], "process.x": [2.0, 1]}
 
 
 def test_retention_runs_once_when_another_collector_holds_its_lock(db, database_url):
-    _insert_reports(db, [("a", "m", "s", 0, 60.0, 60.0, 10.0, None, None, None, 5, 5, "{}")])
+    _insert_reports(db, [("a", "m", "s", 0, 60.0, 60.0, 10.0, None, None, None, 5, 5, "{}", None)])
     with open_database(database_url) as other, other.transaction():
         assert other.try_lock("retention")
         if db.engine == "postgresql":  # SQLite's write lock makes the second run wait instead
@@ -149,11 +153,12 @@ def test_reports_are_stored_exactly_types_included(db):
         rows.append(store.report_row(r, 1764000001.5, raw.decode()))
     assert rows[2][10:12] == (1, None)  # float byte counters: truncated to an integer, or dropped past 64 bits
     assert store.write_batch(db, store.Batch(reports=rows), T0) == 3
-    got = db.query("SELECT * FROM reports ORDER BY seq")
-    assert [row[:-1] for row in got] == [row[:-1] for row in rows]
-    assert [json.loads(row[-1]) for row in got] == [json.loads(row[-1]) for row in rows]
+    got = db.query(f"SELECT {', '.join(store.REPORT_COLUMNS)} FROM reports ORDER BY seq")
+    payload = store.REPORT_COLUMNS.index("payload")
+    assert [row[:payload] + row[payload + 1:] for row in got] == [row[:payload] + row[payload + 1:] for row in rows]
+    assert [json.loads(row[payload]) for row in got] == [json.loads(row[payload]) for row in rows]
     # REAL columns read back as floats (disk_percent was sent as 5), INTEGER ones as ints, on both engines.
-    assert [type(v) for v in got[0][:-1]] == [str, str, str, int] + [float] * 6 + [int, int]
+    assert [type(v) for v in got[0][:payload]] == [str, str, str, int] + [float] * 6 + [int, int]
 
 
 def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):

@@ -46,6 +46,9 @@ def _store_fleet(database: str, now: float) -> None:
                            "load_avg": [rng.random(), 0.5, 0.25], "net": {"bytes_sent": seq * 1000, "bytes_recv": seq}}
                 if i % 5 == 0:
                     metrics.pop("memory")
+                if i % 2:  # history fields, raw and (for the older half) rolled up
+                    metrics["custom"] = {"queue_depth": rng.random() * 10, 'jobs{kind="x"}': seq}
+                    metrics["process_counts"] = {"nginx": seq % 2}
                 system = {"hostname": f"Host-{i}.example", "os": OSES[i % len(OSES)], "os_version": "1"}
                 raw = payloads.encode(payloads.build_report(machine, f"0x{i:04x}", session, seq, ts, metrics, system))
                 report = payloads.parse_report(raw, report_topic(org, machine))
