@@ -384,7 +384,12 @@ class Writer:
         self.next_settle = now_m + self.tick_every
         now = time.time()
         for tail in self.tracker.due_tails(now):
-            lost, transitions = self.tracker.settle_tail(tail, store.tail_stats(self.db, tail), now)
+            try:
+                stats = store.tail_stats(self.db, tail)
+            except DatabaseError as exc:  # the database went away after the flush: settle on a later pass
+                log.warning("cannot count the tail of %s/%s yet: %s", tail.org, tail.machine_id, exc)
+                return
+            lost, transitions = self.tracker.settle_tail(tail, stats, now)
             if lost:
                 self.batch.lost[tail.org] = self.batch.lost.get(tail.org, 0) + lost
             self._record(transitions)
