@@ -31,7 +31,8 @@ def _server(settings: Settings) -> tuple[Any, Flask]:
             credentials.check_pepper(db, pepper, settings.data_dir)  # another host's pepper: stop, say which
     app = create_app(settings)
     try:
-        return create_server(app, host=settings.host, port=settings.http_port, threads=8,
+        # poll(), not select(): in `fleet up` the broker's connections push socket numbers past FD_SETSIZE (1024).
+        return create_server(app, host=settings.host, port=settings.http_port, threads=8, asyncore_use_poll=True,
                              ident="fleet", clear_untrusted_proxy_headers=True), app
     except OSError as exc:
         raise WebError(f"cannot listen on {settings.host}:{settings.http_port}: {exc.strerror or exc}") from exc
