@@ -153,6 +153,7 @@ class RawSubscriber:
         self.count = 0
         self.first: float | None = None
         self.broker = broker
+        self.client_id = client_id
         self.client = new_client(BrokerAddress.parse(broker.url), client_id, broker.reader_user, broker.reader_key,
                                  broker.ca, clean_session=False)
         self.client.on_message = self._on_message
@@ -211,7 +212,7 @@ def run_raw(broker: Broker, publishers: int, reports: int, mode: str) -> float:
         sub.stop()
         _, procs = publish_all(broker, publishers, reports)
         join_all(procs)
-        sub = RawSubscriber(broker, sub.client._client_id.decode())
+        sub = RawSubscriber(broker, sub.client_id)
         t0 = time.monotonic()
         sub.start()
     else:
@@ -223,7 +224,7 @@ def run_raw(broker: Broker, publishers: int, reports: int, mode: str) -> float:
         join_all(procs)
     sub.stop()
     # Its persistent session would otherwise keep queueing (and dropping) every later run's reports.
-    clear_session(broker, sub.client._client_id.decode(), broker.reader_user, broker.reader_key)
+    clear_session(broker, sub.client_id, broker.reader_user, broker.reader_key)
     if sub.count != total:
         raise SystemExit(f"raw subscriber got {sub.count} of {total}")
     return total / elapsed
