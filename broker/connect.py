@@ -198,7 +198,7 @@ class SessionBroker(RoutingBroker):
                  grant.org if grant else None)
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
                                               client_session=session)
-        await handler.start()  # sends again what was in flight (amqtt waits up to 10 s for those PUBACKs)
+        await handler.start()  # sends again what was in flight, without waiting for it (protocol.py)
         self._watch_keepalive(session, handler, reader)
         state.ready = True
         self.deliver_queued(session)
