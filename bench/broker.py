@@ -8,6 +8,7 @@ Measures, for each broker (a subprocess, so RSS is the broker's own):
   normal, in alternating rounds of the same run (--rounds).
 
     python3 bench/broker.py [--qos0 20000] [--qos1 10000] [--clients 500,2000] [--rounds 3] [--durability-only]
+        [--baseline-python /path/to/venv-with-main/bin/python]
 Loopback only; each phase is bounded in time.
 """
 
@@ -73,20 +74,25 @@ class Target:
     def rss_mb(self) -> float:
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
+    def cpu_s(self) -> float:
+        """CPU time (user + system) the broker process used so far: unlike msg/s, not moved by other load."""
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
+
     def stop(self) -> None:
         stop_process(self.proc)
 
 
-def start_ours(work: Path, durability: str = "full") -> Target:
+def start_ours(work: Path, durability: str = "full", python: str = sys.executable) -> Target:
     data = work / f"ours-{durability}-{time.monotonic_ns()}"
     org = credentials.add_org(data, "bench")
     service_key = credentials.ensure_service_key(data)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "broker", "--data-dir", str(data),
+    proc = subprocess.Popen([python, "-m", "fleet.cli", "broker", "--data-dir", str(data),
                              "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "ERROR",
                                                               "FLEET_MAX_QUEUED_MESSAGES": "100000",
                                                               "FLEET_BROKER_DURABILITY": durability},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
     wait_port(port, proc)
     return Target("fleet (ours)", proc, port, data / "certs" / "ca.pem",
                   ("bench/agent", org.agent_key, "fleet-bench-m1"), (credentials.SERVICE_USERNAME, service_key, "sub"),
@@ -233,15 +239,21 @@ def connections(target: Target, steps: list[int]) -> list[tuple[int, float, floa
     return asyncio.run(run())
 
 
-def durability_rounds(work: Path, count: int, rounds: int) -> dict[str, list[float]]:
-    """QoS 1 msg/s to a persistent subscriber for each durability, alternating modes round by round."""
-    rates: dict[str, list[float]] = {"off": [], "full": [], "normal": []}
+def durability_rounds(work: Path, count: int, rounds: int,
+                      baseline: str | None) -> dict[str, list[tuple[float, float]]]:
+    """(QoS 1 msg/s to a persistent subscriber, broker CPU µs per message) for each durability (and
+    ``baseline``, another checkout's Python), alternating modes round by round."""
+    rates: dict[str, list[tuple[float, float]]] = {"off": [], "full": [], "normal": []}
+    if baseline:
+        rates["baseline"] = []
     for round_ in range(rounds):
-        for durability in rates:
-            target = start_ours(work, durability)
+        for mode in rates:
+            target = start_ours(work, "full", baseline) if mode == "baseline" else start_ours(work, mode)
             try:
-                print(f"durability {durability}, round {round_ + 1}/{rounds}…", file=sys.stderr)
-                rates[durability].append(throughput(target, 1, count, persistent=True))
+                print(f"{mode}, round {round_ + 1}/{rounds}…", file=sys.stderr)
+                before = target.cpu_s()
+                rate = throughput(target, 1, count, persistent=True)
+                rates[mode].append((rate, (target.cpu_s() - before) / count * 1e6))
             finally:
                 target.stop()
     return rates
@@ -254,6 +266,8 @@ def main() -> None:
     parser.add_argument("--clients", default="500,2000")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the durability comparison")
     parser.add_argument("--durability-only", action="store_true", help="only the durability comparison")
+    parser.add_argument("--baseline-python", help="also run the broker of the checkout this Python has installed "
+                        "(e.g. a venv with main's code) in the durability comparison")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -275,7 +289,7 @@ def main() -> None:
             results.append((target.name, q0, q1, idle_rss, conns))
         finally:
             target.stop()
-    rates = durability_rounds(work, args.qos1, args.rounds)
+    rates = durability_rounds(work, args.qos1, args.rounds, args.baseline_python)
     print(f"\ncores={os.cpu_count()}  payload={len(PAYLOAD)} B  QoS0 n={args.qos0}  QoS1 n={args.qos1}\n")
     if results:
         print("| broker | QoS0 msg/s | QoS1 msg/s | RSS idle | " + " | ".join(
@@ -289,14 +303,16 @@ def main() -> None:
         if ours and stock:
             print(f"\nQoS1 ours / stock amqtt = {ours[2] / stock[2]:.2f}x (target >= 2x)")
     print(f"\nQoS 1 to a persistent subscriber (ours), {args.rounds} alternating rounds\n")
-    print("| durability | msg/s, each round | median | / off |")
-    print("|---|---|---|---|")
-    base = statistics.median(rates["off"])
-    for durability, values in rates.items():
-        median = statistics.median(values)
-        print(f"| {durability} | {' / '.join(f'{v:,.0f}' for v in values)} | {median:,.0f} | {median / base:.0%} |")
-    print(f"\ndurability full / off = {statistics.median(rates['full']) / base:.0%} (target >= 80%)")
-
+    print("| broker.db durability | msg/s, each round | median msg/s | / off | broker CPU per message, median |")
+    print("|---|---|---|---|---|")
+    base = statistics.median(rate for rate, _ in rates["off"])
+    for mode, values in rates.items():
+        median = statistics.median(rate for rate, _ in values)
+        cpu = statistics.median(us for _, us in values)
+        print(f"| {mode} | {' / '.join(f'{rate:,.0f}' for rate, _ in values)} | {median:,.0f} | {median / base:.0%} "
+              f"| {cpu:.0f} µs |")
+    full = statistics.median(rate for rate, _ in rates["full"])
+    print(f"\ndurability full / off = {full / base:.0%} (target >= 80%)")
 
 if __name__ == "__main__":
     main()

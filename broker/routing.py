@@ -25,8 +25,7 @@ import asyncio
 import functools
 import logging
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import BrokerConfig
@@ -48,8 +47,7 @@ INFLIGHT_WINDOW = 10_000  # messages in flight to one connection; below 65,535 p
 MAX_DROP_LOG_KEYS = 10_000  # one warning per (reason, client); the set of keys logged is bounded too
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedMessage:
+class QueuedMessage(NamedTuple):
     """A message waiting for a session: offline, or behind its in-flight window. ``seq``: its row in broker.db."""
 
     topic: str
@@ -131,33 +129,36 @@ class RoutingBroker(Broker):
         seq = None
         if persistent and qos >= QOS_1 and self.store is not None:
             seq = self.store.append(target.client_id or "", topic, data, qos)
-        state.queue.append(QueuedMessage(topic, data, qos, retain, seq))
-        if connected and len(state.queue) == 1:
-            self.deliver_queued(target)
+        if connected and not state.queue and self._window_open(target, state):
+            self._start_delivery(target, state, topic, data, qos, retain, seq)
+        else:
+            state.queue.append(QueuedMessage(topic, data, qos, retain, seq))
 
     def _window_open(self, session: Session, state: Extras) -> bool:
         # In-flight QoS 1 messages include those resent after a reconnect; both bounds keep packet ids free.
         return state.ready and state.pending < INFLIGHT_WINDOW and len(session.inflight_out) < INFLIGHT_WINDOW
 
-    def _start_delivery(self, target: Session, state: Extras, message: QueuedMessage) -> bool:
+    def _start_delivery(self, target: Session, state: Extras, topic: str, data: bytes, qos: int, retain: bool,
+                        seq: int | None) -> bool:
         handler = self.sessions.get(target.client_id or "", (None, None))[1]
         if not isinstance(handler, FleetProtocolHandler) or not handler.is_open():  # its connection is ending
-            state.queue.appendleft(message)
+            state.queue.appendleft(QueuedMessage(topic, data, qos, retain, seq))
             return False
         state.pending += 1
-        task = asyncio.ensure_future(handler.start_delivery(message.topic, message.data, message.qos,
-                                                            message.retain, message.seq))
+        task = asyncio.ensure_future(handler.start_delivery(topic, data, qos, retain, seq))
         self._delivery_tasks.add(task)
         task.add_done_callback(functools.partial(self._delivery_done, session=target))
         return True
 
     def _delivery_done(self, task: asyncio.Task[Any], *, session: Session) -> None:
         self._delivery_tasks.discard(task)
-        extras(session).pending -= 1
+        state = extras(session)
+        state.pending -= 1
         if not task.cancelled() and task.exception() is not None:
             self.stats["delivery_failed"] += 1
             log.debug("delivery to %s failed: %r", session.client_id, task.exception())
-        self.deliver_queued(session)
+        if state.queue:
+            self.deliver_queued(session)
 
     def deliver_queued(self, session: Session) -> None:
         """Send what waits for a connected session, in order, up to its in-flight window (retain=0 for what
@@ -166,7 +167,7 @@ class RoutingBroker(Broker):
             return
         state = extras(session)
         while state.queue and self._window_open(session, state):
-            if not self._start_delivery(session, state, state.queue.popleft()):
+            if not self._start_delivery(session, state, *state.queue.popleft()):
                 return
 
     def delivered(self, session: Session, message: TrackedMessage) -> None:

@@ -19,7 +19,7 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 
 from fleet.broker.pki import ensure_certs
 from fleet.config import credentials
-from fleet.config.database import connect, ensure_schema
+from fleet.config.database import open_database
 from tests.helpers import free_port, port_open, wait_for
 
 
@@ -41,12 +41,8 @@ def access_lists(records: list[credentials.CredentialRecord]) -> tuple[dict[str,
 def stock_config(data_dir: Path, keys: dict[str, str], port: int) -> dict[str, Any]:
     """amqtt configuration: one TLS listener, a password file for ``keys``, the access lists of fleet.db."""
     certs = ensure_certs(data_dir / "certs", ["127.0.0.1"])
-    conn = connect(data_dir / "fleet.db")
-    try:
-        ensure_schema(conn)
-        records = list(credentials.load_records(conn).values())
-    finally:
-        conn.close()
+    with open_database(data_dir / "fleet.db") as db:
+        records = list(credentials.load_records(db).values())
     hasher = Argon2Hasher()
     password_file = data_dir / "stock-amqtt.passwd"
     password_file.write_text("".join(f"{user}:{hasher.hash(key)}\n" for user, key in keys.items()))
