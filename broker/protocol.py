@@ -22,6 +22,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WriterAdapter
@@ -41,7 +42,6 @@ from amqtt.mqtt.packet import (
     MQTTFixedHeader,
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
-from amqtt.mqtt.protocol.handler import OUTGOING
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.pubrec import PubrecPacket
@@ -51,6 +51,7 @@ from fleet.broker.sessions import NO_QUEUE
 
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
 MAX_PACKET_BYTES = 1024 * 1024  # larger packets close the connection before being buffered
+CONGESTED_BYTES = 1024 * 1024  # unsent bytes past which a connection counts as congested
 
 MAX_QOS2_INFLIGHT = 100  # incoming QoS 2 messages held between PUBLISH and PUBREL, per connection
 # What reading a packet raises when the peer left, sent garbage or a packet the codec refuses: the connection ends.
@@ -77,11 +78,31 @@ class TrackedMessage(OutgoingApplicationMessage):
     """An outgoing QoS 1 message the broker follows until the subscriber acknowledges it (``seq``: its row in
     broker.db's queue, or None when it has none)."""
 
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "sent")
 
     def __init__(self, packet_id: int, topic: str, qos: int, data: bytes, retain: bool, seq: int | None) -> None:
         super().__init__(packet_id, topic, qos, data, retain)
         self.seq = seq
+        self.sent = False  # written once: sent again with DUP
+
+
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length encoding of a packet's remaining length."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish_bytes(topic: str, data: bytes, qos: int, retain: bool, packet_id: int = 0, dup: bool = False) -> bytes:
+    """A PUBLISH packet (QoS 0 or 1), encoded in one go (amqtt builds three objects and joins their bytes)."""
+    name = topic.encode("utf-8")
+    head = 0x30 | (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
+    ident = packet_id.to_bytes(2, "big") if qos else b""
+    length = 2 + len(name) + len(ident) + len(data)
+    return b"".join((bytes((head,)), remaining_length(length), len(name).to_bytes(2, "big"), name, ident, data))
 
 
 class GuardedReader(ReaderAdapter):
@@ -232,10 +253,9 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         super().__init__(*args, **kwargs)
         # serve() hands SUBSCRIBE and UNSUBSCRIBE to the broker itself: amqtt's two queues for them stay empty.
         self._pending_subscriptions = self._pending_unsubscriptions = NO_QUEUE
-        self._resends: set[asyncio.Future[None]] = set()
         # PUBACKs not sent yet, oldest first, each with the commit it waits for: they go out in order.
         self._acks: deque[tuple[int, asyncio.Future[None] | None]] = deque()
-        self._acks_sending = False
+        self._ack_barrier: asyncio.Future[None] | None = None  # the newest commit a callback waits for
 
     async def serve(self) -> bool:
         """Read and handle the client's packets, one at a time, until it sends DISCONNECT (True) or the
@@ -252,6 +272,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
                 kind, flags, body = packet
                 if kind == PUBLISH:
                     await self._publish_received(flags, body)
+                    await self.writer.drain()  # a client that reads no PUBACK stops being read
                 elif kind == PUBACK:
                     await self.handle_puback(PubackPacket.build(int.from_bytes(body[:2], "big")))
                 elif kind == PINGREQ:
@@ -304,47 +325,61 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         client sends again (MQTT 4.4)."""
         if self.session is None:
             return
+        loop = asyncio.get_running_loop()
         for message in list(self.session.inflight_out.values()):
-            self._spawn(self._handle_message_flow(message))
+            if isinstance(message, TrackedMessage):
+                self._send_tracked(message, loop.create_future())
 
     def is_open(self) -> bool:
         """True while the connection can still carry a message."""
         return isinstance(self.writer, StreamWriter) and not self.writer.is_closed
 
-    def start_delivery(self, topic: str, data: bytes, qos: int, retain: bool,
-                       seq: int | None) -> Coroutine[Any, Any, Any]:
-        """The coroutine that sends one message to this client. A QoS 1 message is in the session's in-flight
-        set from this call on (so the broker can bound it) until its PUBACK (see on_delivered)."""
+    def congested(self) -> bool:
+        """True while more than CONGESTED_BYTES wait to be sent to this client (QoS 1 stays bounded by the
+        broker's in-flight window; QoS 0 is dropped meanwhile)."""
+        return isinstance(self.writer, StreamWriter) and self.writer.transport.get_write_buffer_size() > CONGESTED_BYTES
+
+    def start_delivery(self, topic: str, data: bytes, qos: int, retain: bool, seq: int | None) -> asyncio.Future[Any]:
+        """Send one message to this client now; the future is done once it is delivered: at once at QoS 0, on
+        its PUBACK at QoS 1 (in the session's in-flight set until then, see on_delivered), cancelled if the
+        connection ends first. No task per message: amqtt ran one, awaiting the write and then the PUBACK."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if qos == QOS_0 or self.session is None:
-            return self.mqtt_publish(topic, data, QOS_0, retain=retain)
+            if self.congested():  # QoS 0 may be dropped: a client reading nothing does not grow our buffers
+                if self.on_dropped is not None and self.session is not None:
+                    self.on_dropped("slow_subscriber", self.session, topic)
+            else:
+                self._write(publish_bytes(topic, data, QOS_0, retain))
+            done.set_result(None)
+            return done
         message = TrackedMessage(self.session.next_packet_id, topic, QOS_1, data, retain, seq)
         self.session.inflight_out[message.packet_id] = message
-        return self._handle_qos1_message_flow(message)
+        self._send_tracked(message, done)
+        return done
 
-    async def _handle_qos1_message_flow(self, app_message: Any) -> None:  # the amqtt seam: outgoing QoS 1
-        """Outgoing QoS 1 waits for its PUBACK without a per-message timer; unacknowledged messages stay
-        in flight (stock gave up after 5 s and forgot them) and are sent again when a persistent session
-        returns, while closing the connection cancels the wait."""
-        if app_message.direction != OUTGOING or self.session is None:
-            await super()._handle_qos1_message_flow(app_message)
-            return
+    def _send_tracked(self, message: TrackedMessage, done: asyncio.Future[Any]) -> None:
+        """Write an outgoing QoS 1 message (again, with DUP, if it was sent before) and wait for its PUBACK
+        without a timer: unacknowledged, it stays in flight (stock gave up after 5 s and forgot it) and is
+        sent again when a persistent session returns. The waiter exists before the bytes are written, so no
+        acknowledgement, however quick, finds none (amqtt registered it only after awaiting the write)."""
         session = self.session
-        packet_id = app_message.packet_id
-        session.inflight_out.setdefault(packet_id, app_message)
-        packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
-        await self._send_packet(packet)
-        app_message.publish_packet = packet
-        if not self.is_open():
-            return  # the connection ended meanwhile: nobody would answer; it stays in flight for the next one
-        waiter = asyncio.get_running_loop().create_future()
-        self._puback_waiters[packet_id] = waiter
-        try:
-            app_message.puback_packet = await waiter
-        finally:
-            self._puback_waiters.pop(packet_id, None)
-        session.inflight_out.pop(packet_id, None)
-        if isinstance(app_message, TrackedMessage) and self.on_delivered is not None:
-            self.on_delivered(session, app_message)
+        if session is None or not self.is_open():  # nobody would answer; it stays in flight for the next one
+            done.cancel()
+            return
+        self._puback_waiters[message.packet_id] = done
+        done.add_done_callback(partial(self._acknowledged, session, message))
+        self._write(publish_bytes(message.topic, bytes(message.data), QOS_1, bool(message.retain), message.packet_id,
+                                  dup=message.sent))
+        message.sent = True
+
+    def _acknowledged(self, session: Session, message: TrackedMessage, waiter: asyncio.Future[Any]) -> None:
+        if self._puback_waiters.get(message.packet_id) is waiter:
+            del self._puback_waiters[message.packet_id]
+        if waiter.cancelled():  # the connection ended: still in flight, for the session's next connection
+            return
+        session.inflight_out.pop(message.packet_id, None)
+        if self.on_delivered is not None:
+            self.on_delivered(session, message)
 
     async def receive_publish(self, topic: str, data: bytes, qos: int, retain: bool, packet_id: int) -> None:
         """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 is held until
@@ -359,18 +394,22 @@ class FleetProtocolHandler(BrokerProtocolHandler):
             return
         barrier = self.durable_barrier() if self.durable_barrier is not None else None
         self._acks.append((packet_id, barrier))
-        if self._acks_sending:  # the task sending acknowledgements takes this one too
-            return
-        if barrier is None or barrier.done():
-            await self._send_acks()
+        if barrier is not None and not barrier.done():
+            if barrier is not self._ack_barrier:  # one callback per commit this connection waits for
+                self._ack_barrier = barrier
+                barrier.add_done_callback(self._send_acks)
         else:
-            self._acks_sending = True  # before the task runs: the next PUBLISH must not start another one
-            self._spawn(self._send_acks())
+            self._send_acks()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._resends.add(task)
-        task.add_done_callback(self._resends.discard)
+    def _send_acks(self, _committed: object = None) -> None:
+        """Write the queued PUBACKs whose messages are on disk, oldest first, all in one write; called at once
+        when nothing waits for the disk, else when a commit completes (no task: the barrier calls back)."""
+        ready = []
+        acks = self._acks
+        while acks and (acks[0][1] is None or acks[0][1].done()):
+            ready.append(acks.popleft()[0])
+        if ready:
+            self._write(PubackBatch(ready).data)
 
     async def _hold_qos2(self, topic: str, data: bytes, retain: bool, packet_id: int) -> None:
         """QoS 2, MQTT's method A: keep the message until its PUBREL, acknowledge with PUBREC (again for a
@@ -393,17 +432,3 @@ class FleetProtocolHandler(BrokerProtocolHandler):
             self.router(session, message.topic, bytes(message.data), QOS_2, bool(message.retain))
         await self._send_packet(PubcompPacket.build(packet_id))
 
-    async def _send_acks(self) -> None:
-        """Send the queued PUBACKs in order, each once its message is on disk, as many per write as are ready."""
-        self._acks_sending = True
-        try:
-            while self._acks:
-                oldest = self._acks[0][1]
-                if oldest is not None and not oldest.done():
-                    await asyncio.shield(oldest)  # a batch's commit, shared with other publishers: never cancel it
-                ready = []
-                while self._acks and (self._acks[0][1] is None or self._acks[0][1].done()):
-                    ready.append(self._acks.popleft()[0])
-                await self._send_packet(PubackBatch(ready))
-        finally:
-            self._acks_sending = False

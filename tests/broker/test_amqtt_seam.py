@@ -42,13 +42,12 @@ SEAM: dict[type, dict[str, str]] = {
         "_handle_unsubscription": "override and call (from serve()): the subscription also leaves broker.db",
     },
     BrokerProtocolHandler: {
-        "_handle_qos1_message_flow": "override and call: outgoing QoS 1 waits for its PUBACK without a 5 s timeout",
         "_retry_deliveries": "override and call: resend what was in flight, without waiting for the PUBACKs",
         "_pending_subscriptions": "write: an empty stand-in; serve() hands SUBSCRIBE to the broker directly",
         "_pending_unsubscriptions": "write: an empty stand-in; serve() hands UNSUBSCRIBE to the broker directly",
-        "_handle_message_flow": "call: amqtt's QoS dispatch, for what is resent",
-        "_send_packet": "call: write a packet (PUBACK after routing, PUBLISH)",
-        "_puback_waiters": "read/write: the futures amqtt's PUBACK handler completes",
+        "_send_packet": "call: write a packet amqtt builds (CONNACK, SUBACK, PUBREC, PUBCOMP)",
+        "_puback_waiters": "read/write: the futures amqtt's PUBACK handler completes (registered before the "
+                           "PUBLISH is written)",
     },
     Session: {
         "_init_states": "patched while a broker runs: a small state machine instead of transitions.Machine",
