@@ -5,8 +5,8 @@ Stock behaviour replaced here (amqtt 0.12.1, broker.py):
   authenticated, so a wrong password with a victim's client id wiped or kicked the victim; here the
   CONNECT is authenticated, and its will topic checked, before any session is touched, and a client id
   held by another user is refused;
-- keepalive was never enforced; here one watchdog timer per connection drops a client silent for
-  1.5 x its keepalive, and its will is published;
+- keepalive was never enforced; here a client silent for 1.5 x its keepalive is dropped (one timer for
+  all connections, broker/keepalive.py), and its will is published;
 - a takeover raced the older connection's end (a retry loop, then a second takeover path); here the
   older connection is dropped and its end awaited before the new one is admitted;
 - every connection, health checks included, logged at INFO, and one closing before CONNECT logged an
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
 from functools import partial
 from typing import Any
 
@@ -29,6 +28,7 @@ from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.session import Session
 
+from fleet.broker.keepalive import KeepaliveWheel
 from fleet.broker.policy import (
     ACCEPTED,
     IDENTIFIER_REJECTED,
@@ -78,6 +78,7 @@ class SessionBroker(RoutingBroker):
         self._connection_tasks: set[asyncio.Task[Any]] = set()
         self._tls: dict[str, ssl.SSLContext] = {}  # listener name -> its TLS context (negotiated per connection)
         self._stopping = False
+        self._keepalive = KeepaliveWheel(self._still_serving, lambda handler: handler.handle_read_timeout())
 
     # --- listening -------------------------------------------------------------------------------
     async def _create_server_instance(self, listener_name: str, listener_type: ListenerType,  # the amqtt seam
@@ -286,23 +287,18 @@ class SessionBroker(RoutingBroker):
                                               client_session=session)
 
     def _watch_keepalive(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader) -> None:
-        """Drop the connection once nothing was read for 1.5 x keepalive (one timer per connection)."""
+        """Drop the connection once nothing was read for 1.5 x keepalive (the keepalive wheel's one timer)."""
         limit = extras(session).keepalive_s
-        if not limit:
-            return
-        loop = asyncio.get_running_loop()
+        if limit:
+            self._keepalive.watch(handler, reader, limit)
 
-        def check() -> None:
-            current = self.sessions.get(session.client_id or "")
-            if current is None or current[1] is not handler or session.transitions.state != "connected":
-                return
-            idle = time.monotonic() - reader.last_read
-            if idle >= limit:
-                handler.handle_read_timeout()
-            else:
-                loop.call_later(limit - idle, check)
-
-        loop.call_later(limit, check)
+    def _still_serving(self, handler: FleetProtocolHandler) -> bool:
+        """True while ``handler`` serves its session's live connection (not ended, not taken over)."""
+        session = handler.session
+        if session is None or session.transitions.state != "connected":
+            return False
+        current = self.sessions.get(session.client_id or "")
+        return current is not None and current[1] is handler
 
     def _keepalive_expired(self, session: Session) -> None:
         self.stats["keepalive_expired"] += 1
@@ -313,6 +309,7 @@ class SessionBroker(RoutingBroker):
         session; no wills: the clients did nothing wrong), then amqtt's shutdown. A client connecting meanwhile
         is dropped at once: none is left connected to a broker that is gone."""
         self._stopping = True
+        self._keepalive.stop()
         for server in self._servers.values():
             if server.instance is not None:
                 server.instance.close()
