@@ -42,9 +42,6 @@ from amqtt.mqtt.packet import (
     MQTTFixedHeader,
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
-from amqtt.mqtt.puback import PubackPacket
-from amqtt.mqtt.pubcomp import PubcompPacket
-from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from fleet.broker.sessions import NO_QUEUE
@@ -59,6 +56,8 @@ READ_FAILURES = (NoDataError, MQTTError, CodecError, OSError, ValueError, IndexE
 
 Router = Callable[[Session, str, bytes, int, bool], None]
 PUBACK_HEADER = b"\x40\x02"  # PUBACK, remaining length 2 (the packet id follows)
+PUBREC_HEADER = b"\x50\x02"
+PUBCOMP_HEADER = b"\x70\x02"
 PINGRESP = b"\xd0\x00"
 
 
@@ -271,16 +270,17 @@ class FleetProtocolHandler(BrokerProtocolHandler):
                     return False
                 kind, flags, body = packet
                 if kind == PUBLISH:
-                    await self._publish_received(flags, body)
-                    await self.writer.drain()  # a client that reads no PUBACK stops being read
+                    self._publish_received(flags, body)
+                    if self.congested():  # a client that reads none of its PUBACKs stops being read
+                        await self.writer.drain()
                 elif kind == PUBACK:
-                    await self.handle_puback(PubackPacket.build(int.from_bytes(body[:2], "big")))
+                    self._puback_received(int.from_bytes(body[:2], "big"))
                 elif kind == PINGREQ:
                     self._write(PINGRESP)
                 elif kind == DISCONNECT:
                     return True
                 elif kind == PUBREL:
-                    await self._release_qos2(int.from_bytes(body[:2], "big"))
+                    self._release_qos2(int.from_bytes(body[:2], "big"))
                 elif kind in (SUBSCRIBE, UNSUBSCRIBE):
                     parsed = await parse_with_amqtt(kind, flags, body)
                     if kind == SUBSCRIBE and self.on_subscribe is not None:
@@ -301,7 +301,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         if self.writer is not None:
             self.writer.write(data)
 
-    async def _publish_received(self, flags: int, body: bytes) -> None:
+    def _publish_received(self, flags: int, body: bytes) -> None:
         """A PUBLISH, decoded: topic (UTF-8), packet id for QoS 1 and 2, payload."""
         qos = (flags >> 1) & 0x03
         end = 2 + int.from_bytes(body[:2], "big")
@@ -309,7 +309,15 @@ class FleetProtocolHandler(BrokerProtocolHandler):
             raise MQTTError("malformed PUBLISH")
         topic = body[2:end].decode("utf-8")  # UnicodeDecodeError is a ValueError: the connection ends
         packet_id = int.from_bytes(body[end:end + 2], "big") if qos else 0
-        await self.receive_publish(topic, body[end + 2 if qos else end:], qos, bool(flags & 0x01), packet_id)
+        self.receive_publish(topic, body[end + 2 if qos else end:], qos, bool(flags & 0x01), packet_id)
+
+    def _puback_received(self, packet_id: int) -> None:
+        """The client acknowledged an outgoing QoS 1 message: its waiter completes (see _send_tracked)."""
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is None or waiter.done():
+            self.logger.warning("Received PUBACK for unknown pending message Id: '%d'", packet_id)
+        else:
+            waiter.set_result(None)
 
     def handle_read_timeout(self) -> None:
         """Nothing arrived for 1.5 x keepalive: close the connection so the will is published."""
@@ -381,13 +389,13 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         if self.on_delivered is not None:
             self.on_delivered(session, message)
 
-    async def receive_publish(self, topic: str, data: bytes, qos: int, retain: bool, packet_id: int) -> None:
+    def receive_publish(self, topic: str, data: bytes, qos: int, retain: bool, packet_id: int) -> None:
         """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 is held until
         its PUBREL. Never waits for the disk: a PUBACK that must is sent by a task, in order with the others."""
         if self.router is None or self.session is None:
             return
         if qos == QOS_2:
-            await self._hold_qos2(topic, data, retain, packet_id)
+            self._hold_qos2(topic, data, retain, packet_id)
             return
         self.router(self.session, topic, data, qos, retain)
         if qos != QOS_1:
@@ -411,7 +419,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         if ready:
             self._write(PubackBatch(ready).data)
 
-    async def _hold_qos2(self, topic: str, data: bytes, retain: bool, packet_id: int) -> None:
+    def _hold_qos2(self, topic: str, data: bytes, retain: bool, packet_id: int) -> None:
         """QoS 2, MQTT's method A: keep the message until its PUBREL, acknowledge with PUBREC (again for a
         duplicate). At most MAX_QOS2_INFLIGHT are held; beyond, the message is dropped and counted."""
         session = self.session
@@ -422,13 +430,13 @@ class FleetProtocolHandler(BrokerProtocolHandler):
                     self.on_dropped("qos2_inflight_full", session, topic)
             else:
                 session.inflight_in[packet_id] = IncomingApplicationMessage(packet_id, topic, QOS_2, data, retain)
-        await self._send_packet(PubrecPacket.build(packet_id))
+        self._write(PUBREC_HEADER + packet_id.to_bytes(2, "big"))
 
-    async def _release_qos2(self, packet_id: int) -> None:
+    def _release_qos2(self, packet_id: int) -> None:
         """PUBREL: route the held QoS 2 message (once), then PUBCOMP."""
         session = self.session
         message = session.inflight_in.pop(packet_id, None) if session is not None else None
         if message is not None and self.router is not None and session is not None:
             self.router(session, message.topic, bytes(message.data), QOS_2, bool(message.retain))
-        await self._send_packet(PubcompPacket.build(packet_id))
+        self._write(PUBCOMP_HEADER + packet_id.to_bytes(2, "big"))
 
