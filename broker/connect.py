@@ -78,6 +78,7 @@ class SessionBroker(RoutingBroker):
         self._connection_tasks: set[asyncio.Task[Any]] = set()
         self._tls: dict[str, ssl.SSLContext] = {}  # listener name -> its TLS context (negotiated per connection)
         self._stopping = False
+        self._connected = 0
         self._keepalive = KeepaliveWheel(self._still_serving, lambda handler: handler.handle_read_timeout())
 
     # --- listening -------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class SessionBroker(RoutingBroker):
         """Accept, deliver what was held for the session, serve the connection in this task until it ends,
         then end the session (its will unless the client sent DISCONNECT)."""
         session.transitions.connect()  # not connected: _end_live_connection ended any live connection
+        self._connected += 1
         state = extras(session)
         state.connection = asyncio.current_task()
         state.ready = False  # until what was in flight has been sent again: new messages queue behind it
@@ -255,18 +257,18 @@ class SessionBroker(RoutingBroker):
         handler.on_unsubscribe = lambda unsub: self._handle_unsubscription(session, handler, _resolved(unsub))
         handler.attach(session, reader, writer)
         self.sessions[session.client_id or ""] = (session, handler)
-        await handler.mqtt_connack_authorize(True)
-        grant = grant_of(session)
-        log.info("connected client_id=%s user=%s org=%s", session.client_id, session.username,
-                 grant.org if grant else None)
-        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
-                                              client_session=session)
-        await handler._retry_deliveries()  # noqa: SLF001 - the amqtt seam: what was in flight, sent again
-        self._watch_keepalive(session, handler, reader)
-        state.ready = True
-        self.deliver_queued(session)
         clean = False
         try:
+            await handler.mqtt_connack_authorize(True)
+            grant = grant_of(session)
+            log.info("connected client_id=%s user=%s org=%s", session.client_id, session.username,
+                     grant.org if grant else None)
+            await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
+                                                  client_session=session)
+            await handler._retry_deliveries()  # noqa: SLF001 - the amqtt seam: what was in flight, sent again
+            self._watch_keepalive(session, handler, reader)
+            state.ready = True
+            self.deliver_queued(session)
             clean = await handler.serve()
         except asyncio.CancelledError:  # the broker stops: the connection is dropped, no will
             abort(writer)
@@ -283,8 +285,21 @@ class SessionBroker(RoutingBroker):
                 await self.retain_message(session, session.will_topic, session.will_message, session.will_qos)
         await handler.stop()
         session.transitions.disconnect()
+        self._connected -= 1
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_DISCONNECTED, client_id=session.client_id,
                                               client_session=session)
+        client_id = session.client_id or ""
+        if session.clean_session and self.sessions.get(client_id, (None, None))[0] is session:
+            await self._cleanup_session(client_id)  # noqa: SLF001 - the amqtt seam: a clean session ends with it
+
+    async def _session_monitor(self) -> None:  # the amqtt seam: no per-second scan of every session
+        """Nothing to do: amqtt scanned every session once a second for ended clean sessions (18,000 at a
+        time, for a few each second); here a clean session is removed when its connection ends
+        (_end_session), and persistent sessions do not expire (no session_expiry_interval is set)."""
+
+    def connected_count(self) -> int:
+        """Clients connected right now (kept as they come and go, not counted over every session)."""
+        return self._connected
 
     def _watch_keepalive(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader) -> None:
         """Drop the connection once nothing was read for 1.5 x keepalive (the keepalive wheel's one timer)."""

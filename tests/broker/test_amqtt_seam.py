@@ -35,6 +35,8 @@ SEAM: dict[type, dict[str, str]] = {
         "_create_server_instance": "override: a plain TCP listener with a deep backlog; each connection's task "
                                    "negotiates TLS (bounded, and ended by a stop)",
         "_authenticate": "call: amqtt's plugin authentication (FleetAuthPlugin)",
+        "_session_monitor": "override: a no-op; amqtt scanned every session each second for ended clean ones",
+        "_cleanup_session": "call: a clean session is removed when its connection ends",
         "_delete_session": "override and call: a clean session also forgets the stored subscriptions",
         "_broadcast_message": "override: wills take the checked fan-out instead of the broadcast queue",
         "_handle_subscription": "override and call (from serve()): SUBACK, then retained messages through the "
