@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -143,3 +145,35 @@ def close(client: Any) -> None:
 def bearer(key: str) -> dict[str, str]:
     """The HTTP Authorization header for a reader key."""
     return {"Authorization": f"Bearer {key}"}
+
+
+@dataclass
+class BrokerProcess:
+    """A broker in its own process, with the attributes connect_client uses (.url, .ca_path, .data_dir)."""
+
+    port: int
+    ca_path: Path
+    data_dir: Path
+    proc: subprocess.Popen
+
+    host = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        """TLS URL clients connect to."""
+        return f"mqtts://{self.host}:{self.port}"
+
+    def kill(self) -> None:
+        """Abrupt end (SIGKILL): no clean disconnects, nothing saved on the way out."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Terminate and reap the process (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

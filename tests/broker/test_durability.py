@@ -4,14 +4,12 @@ deleted once the subscriber acknowledges them, and restored in order after a res
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import ssl
 import struct
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -19,7 +17,7 @@ import pytest
 
 from fleet.broker.server import start_in_thread
 from fleet.config import credentials
-from tests.helpers import Inbox, close, connect_client, free_port, port_open, wait_for
+from tests.helpers import BrokerProcess, Inbox, close, connect_client, free_port, port_open, wait_for
 
 REPORTS = "fleet/acme/+/report"
 COLLECTOR = "collector-like"
@@ -171,39 +169,13 @@ def test_a_restart_restores_the_queue_in_order(broker_settings, acme):
 
 
 # SIGKILL of a real `fleet broker` ---------------------------------------------------------------------
-@dataclass
-class BrokerProcess:
-    """`fleet broker` in its own process, with the attributes connect_client uses."""
-
-    data_dir: Path
-    port: int
-    proc: subprocess.Popen
-
-    @property
-    def url(self) -> str:
-        return f"mqtts://127.0.0.1:{self.port}"
-
-    @property
-    def ca_path(self) -> Path:
-        return self.data_dir / "certs" / "ca.pem"
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)
-
-
 def run_broker(data_dir: Path, port: int) -> BrokerProcess:
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "broker", "--data-dir", str(data_dir),
                              "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "WARNING"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: proc.poll() is not None or port_open(port), timeout=30, message="fleet broker listening")
     assert proc.poll() is None, "fleet broker exited"
-    return BrokerProcess(data_dir, port, proc)
+    return BrokerProcess(port, data_dir / "certs" / "ca.pem", data_dir, proc)
 
 
 class Publisher:
