@@ -180,7 +180,7 @@ class RetentionResult:
 
 
 def apply_retention(db: sqlite_utils.Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
-    """Fold raw reports older than ``raw_days`` into 1-minute rollups; delete rollups and events past ``rollup_days``."""
+    """Fold raw reports older than ``raw_days`` into 1-minute rollups; drop rollups and events past ``rollup_days``."""
     conn = db.conn
     raw_cutoff = now - raw_days * DAY
     rolled = 0
