@@ -25,7 +25,7 @@ from typing import Any
 
 from fleet.collector import store
 from fleet.collector.errors import CollectorError
-from fleet.collector.intake import INTERNAL, DropCounter, RateLimiter, Received, parse_message
+from fleet.collector.intake import INTERNAL, UNKNOWN_ORG, DropCounter, RateLimiter, Received, parse_message
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
 from fleet.collector.state import Tracker, Transition
 from fleet.config import credentials, payloads
@@ -34,7 +34,7 @@ from fleet.config.errors import ConfigError
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.payloads import Report
 from fleet.config.settings import Settings
-from fleet.config.topics import KINDS, org_kind_filter, ping_topic
+from fleet.config.topics import KINDS, every_org_filter, org_kind_filter, ping_topic
 
 log = logging.getLogger("collector")
 
@@ -101,8 +101,7 @@ class RunningCollector:
         self._queue_max = QUEUE_MAX
         self._wake = threading.Event()
         self._space = threading.Event()
-        self._orgs: frozenset[str] = frozenset()
-        self._subscribed: frozenset[str] = frozenset()
+        self._orgs: frozenset[str] = frozenset()  # the orgs served: existing ones (of the shard)
         self._orgs_lock = threading.Lock()
         self._connected = threading.Event()
         self._synced = threading.Event()  # connected and subscribed at least once
@@ -150,7 +149,7 @@ class RunningCollector:
 
     def stats(self) -> CollectorStats:
         """Current counters."""
-        return CollectorStats(self._connected.is_set(), tuple(sorted(self._subscribed)), self._received,
+        return CollectorStats(self._connected.is_set(), tuple(sorted(self._orgs)), self._received,
                               self._stored, self.drops.totals(), len(self._queue), len(self.tracker.machines))
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -178,33 +177,31 @@ class RunningCollector:
         with self._orgs_lock:
             self._orgs = wanted
 
-    def _sync_subscriptions(self, force: bool = False) -> None:
-        """Subscribe to new orgs, unsubscribe removed ones (all of them again after a reconnect)."""
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What the collector subscribes to, fixed for its lifetime so that no org waits for a subscription.
+
+        An agent may publish as soon as its org's credentials are valid, and a broker drops what nobody is
+        subscribed to, so the filters do not follow the org list: without a shard, every org by wildcard
+        (messages of orgs that do not exist are counted as ``unknown_org``); a shard, its orgs by name,
+        whether they exist yet or not.
+        """
+        if self.settings.orgs:
+            return [(org_kind_filter(org, kind), 1) for org in sorted(set(self.settings.orgs)) for kind in KINDS]
+        return [(every_org_filter(kind), 1) for kind in KINDS]
+
+    def _subscribe(self) -> None:
         client = self._client
-        if client is None or not self._connected.is_set():
+        if client is None:
             return
-        with self._orgs_lock:
-            wanted = self._orgs
-            added = wanted if force else wanted - self._subscribed
-            removed = frozenset() if force else self._subscribed - wanted
-            self._subscribed = wanted
-        filters = [(org_kind_filter(org, kind), 1) for org in sorted(added) for kind in KINDS]
+        filters = self.subscriptions()
         for i in range(0, len(filters), SUBSCRIBE_CHUNK):
             client.subscribe(filters[i:i + SUBSCRIBE_CHUNK])
-        if removed:
-            client.unsubscribe([org_kind_filter(org, kind) for org in sorted(removed) for kind in KINDS])
-        for org in sorted(added if not force else ()):
-            log.info("collector subscribed to org %s", org)
-        for org in sorted(removed):
-            log.info("collector unsubscribed from org %s", org)
-        if not filters:
-            self._synced.set()  # nothing to wait for
 
     # --- link callbacks (network thread: never block on anything but the bounded queue) ---------
     def _on_connect(self, session_present: bool) -> None:
         self._connected.set()
         log.info("collector connected to %s (session present: %s)", self.address.url, session_present)
-        self._sync_subscriptions(force=True)
+        self._subscribe()
 
     def _on_disconnect(self, why: str) -> None:
         was = self._connected.is_set()
@@ -229,8 +226,8 @@ class RunningCollector:
             client.ack((token,))
             return
         item = parse_message(topic, payload, retained, time.time(), self.limiter, self.drops)
-        if item is None or item.message.org not in self._orgs:
-            client.ack((token,))  # nothing to store: counted (or not ours), acknowledge now
+        if item is None:
+            client.ack((token,))  # nothing to store: counted, acknowledge now
             return
         self._put(item, token)
 
@@ -301,6 +298,8 @@ class Writer:
         self.next_retention = now
         self.pending_clears: list[str] = []
         self.pending_acks: list[int] = []  # acknowledged once the batch holding them is written
+        self.orgs_read_for_batch = False
+        self.orgs_read_ok = True
 
     def run(self) -> None:
         """Loop until stop() and the queue is empty; the last flush writes everything pending."""
@@ -314,9 +313,13 @@ class Writer:
                 owner._wake.wait(PROMPT_FLUSH_S if q else self.settings.batch_interval_s)
             owner._wake.clear()
             done = owner._network_done.is_set()
+            self.orgs_read_for_batch = False
             for _ in range(min(len(q), batch_max)):
                 item, ack = q.popleft()
-                self._apply(item)
+                if item.message.org in owner._orgs or self._org_appeared(item.message.org):
+                    self._apply(item)
+                else:
+                    owner.drops.add(UNKNOWN_ORG, f"fleet/{item.message.org}/{item.message.machine_id}", "no such org")
                 self.pending_acks.append(ack)
             owner._space.set()
             done = done and not q
@@ -378,19 +381,34 @@ class Writer:
             self.batch.expired[machine.org] = self.batch.expired.get(machine.org, 0) + 1
             self.pending_clears.append(ping_topic(machine.org, machine.machine_id))
 
-    def _refresh_orgs(self) -> None:
+    def _org_appeared(self, org: str) -> bool:
+        """Whether ``org``, unknown so far, exists after all: read the org list again, once per batch.
+
+        A new org's agent can publish before the periodic refresh. Every message of the batch was received
+        before this read, and the broker accepted it only once the org's credentials were in the database,
+        so an org this read does not list does not exist (or is not this shard's). If the read fails, the
+        message is kept rather than dropped.
+        """
+        if not self.orgs_read_for_batch:
+            self.orgs_read_for_batch = True
+            self.orgs_read_ok = self._refresh_orgs()
+        return org in self.owner._orgs or not self.orgs_read_ok
+
+    def _refresh_orgs(self) -> bool:
         owner = self.owner
         try:
             wanted = owner._wanted_orgs(store.list_orgs(self.db))
         except sqlite3.Error as exc:
             log.warning("cannot read orgs (will retry): %s", exc)
-            return
+            return False
         if wanted != owner._orgs:
-            for org in owner._orgs - wanted:
+            for org in sorted(owner._orgs - wanted):
                 self.tracker.forget_org(org)
+                log.info("collector no longer serves org %s", org)
+            for org in sorted(wanted - owner._orgs):
+                log.info("collector serves org %s", org)
             owner._set_orgs(wanted)
-        if wanted != owner._subscribed:
-            owner._sync_subscriptions()
+        return True
 
     def _retention(self) -> None:
         try:
