@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from flask import Blueprint, Response, abort, g, jsonify
@@ -54,10 +55,14 @@ def machine(machine_id: str):
 @bp.get("/fleet/<machine_id>/history")
 @org_required
 def history(machine_id: str):
-    """``{"machine_id", "points"}`` between ``since`` and ``until`` (default: the last hour), oldest first."""
+    """``{"machine_id", "points"}`` from ``since`` (default: an hour ago) to ``until`` (default: no end), oldest first.
+
+    Without ``until`` there is no upper bound: a client polling with ``since=<last ts>`` gets the points
+    after it (none yet is an empty list, not an error), even when the agent's clock runs ahead of ours.
+    """
     _machine_or_404(machine_id)
-    until = params.number("until", time.time())
-    since = params.number("since", until - DEFAULT_HISTORY_S)
+    until = params.number("until", math.inf)
+    since = params.number("since", min(until, time.time()) - DEFAULT_HISTORY_S)
     if since > until:
         abort(400, description="'since' must not be after 'until'")
     points = db.history(g.org, machine_id, since, until, MAX_HISTORY_POINTS)
