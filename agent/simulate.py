@@ -25,6 +25,7 @@ from fleet.agent.errors import AgentError
 from fleet.config import payloads
 from fleet.config.mqtt import BrokerAddress, new_client, paho, tls_context
 from fleet.config.settings import Settings
+from fleet.config.status import OFFLINE, ONLINE
 from fleet.config.topics import agent_client_id, ping_topic, report_topic
 
 log = logging.getLogger("fleet.simulate")
@@ -130,7 +131,7 @@ class SimAgent:
                             f"{self.settings.org}/agent", self.settings.key)
         if tls is not None:
             client.tls_set_context(tls)
-        will = payloads.build_ping(self.machine, self.hw_id, self.session, "offline", interval, reason="lost")
+        will = payloads.build_ping(self.machine, self.hw_id, self.session, OFFLINE, interval, reason="lost")
         client.will_set(ping_topic(self.settings.org, self.machine), payloads.encode(will), qos=1, retain=True)
         client.max_inflight_messages_set(20)
         client.on_connect = self._on_connect
@@ -147,7 +148,7 @@ class SimAgent:
         self.connected = True
         self.attempts = 0
         self.stats.add(connects=1, connected=1)
-        self.ping("online")
+        self.ping(ONLINE)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
         if self.connected:
@@ -186,7 +187,7 @@ class SimAgent:
         self.reports += 1
         self.stats.add(sent=1)
         if self.reports % 5 == 0:
-            self.ping("online")
+            self.ping(ONLINE)
 
 
 def _backoff(agent: SimAgent) -> float:
@@ -287,7 +288,7 @@ class Shard(threading.Thread):
         infos = []
         for agent in self.agents:
             if agent.connected and agent.client is not None:
-                infos.append((agent, agent.ping("offline", reason="shutdown")))
+                infos.append((agent, agent.ping(OFFLINE, reason="shutdown")))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(not info.is_published() for _, info in infos):
             for key, _ in selector.select(timeout=0.05):

@@ -81,7 +81,7 @@ class Connect:
 
 @dataclass(frozen=True)
 class Connack:
-    """CONNACK: ``return_code`` 0 accepts, anything else refuses (see config.mqtt.CONNACK_REASONS)."""
+    """CONNACK: ``return_code`` 0 accepts, anything else refuses (see config.connack)."""
 
     session_present: bool = False
     return_code: int = 0

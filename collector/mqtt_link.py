@@ -43,6 +43,7 @@ from fleet.collector.mqtt_codec import (
     encode,
     encode_pubacks,
 )
+from fleet.config import connack as connack_codes
 from fleet.config.mqtt import BrokerAddress, tls_context
 
 log = logging.getLogger("collector")
@@ -53,8 +54,6 @@ STOP_FLUSH_S = 2.0
 NO_ACK = -1  # token of a QoS 0 message: nothing to acknowledge
 CONNACK_SIZE = 4
 
-CONNACK_REASONS = {1: "unacceptable protocol version", 2: "client identifier rejected", 3: "server unavailable",
-                   4: "bad user name or password", 5: "not authorized"}
 
 PINGREQ = encode(Pingreq())
 DISCONNECT = encode(Disconnect())
@@ -229,7 +228,7 @@ class MqttLink:
                 raise LinkError(f"expected CONNACK, got {data.hex()}")
             connack = found[0]
             if connack.return_code:
-                raise Refused(CONNACK_REASONS.get(connack.return_code, f"return code {connack.return_code}"))
+                raise Refused(connack_codes.describe(connack.return_code))
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except BaseException:

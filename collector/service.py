@@ -34,11 +34,11 @@ from fleet.config.errors import ConfigError
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.payloads import Report
 from fleet.config.settings import Settings
+from fleet.config.status import BROKER_CONNECTED, COLLECTOR
 from fleet.config.topics import KINDS, every_org_filter, org_kind_filter, ping_topic
 
 log = logging.getLogger("collector")
 
-COMPONENT = "collector"
 QUEUE_MAX = 20_000
 PROMPT_FLUSH_S = 0.005
 HEARTBEAT_EVERY_S = 2.0
@@ -423,11 +423,11 @@ class Writer:
 
     def _heartbeat(self, final: bool) -> None:
         stats = self.owner.stats()
-        detail = {"broker_connected": stats.broker_connected and not final, "orgs": list(stats.orgs),
+        detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.owner.client_id}
         try:
-            store.write_heartbeat(self.db, COMPONENT, time.time(), detail)
+            store.write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except sqlite3.Error as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
 

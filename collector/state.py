@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.config.payloads import Ping, Report
+from fleet.config.status import EVICTED, OFFLINE, ONLINE, STALE
+from fleet.config.status import MACHINE_STATUSES as STATUSES
 
-ONLINE, STALE, OFFLINE, EVICTED = "online", "stale", "offline", "evicted"
-STATUSES = (ONLINE, STALE, OFFLINE)
 OFFSET_WINDOW = 5  # clock offset = min over this many recent messages (delay only adds)
 PAST_SESSIONS = 16  # earlier sessions remembered per machine, to recognise late messages
 LOAD_TS_MARGIN_S = 2.0

@@ -9,11 +9,11 @@ import time
 from flask import Blueprint, Response, abort, g, jsonify
 
 from fleet.config.ids import is_valid_id
+from fleet.config.status import MACHINE_STATUSES
 from fleet.web import db, params
 from fleet.web.auth import org_required
 
 bp = Blueprint("api", __name__, url_prefix="/api")
-STATUSES = ("online", "stale", "offline")
 MAX_HISTORY_POINTS = 2000
 DEFAULT_HISTORY_S = 3600.0
 
@@ -22,7 +22,7 @@ DEFAULT_HISTORY_S = 3600.0
 @org_required
 def fleet():
     """``{"count", "expired", "data"}`` for the caller's org, with optional filters and pages."""
-    status = params.choice("status", STATUSES)
+    status = params.choice("status", MACHINE_STATUSES)
     os_name = params.text("os")
     search = params.text("q")
     sort = params.choice("sort", db.SORTS, "machine_id")

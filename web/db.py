@@ -9,6 +9,7 @@ from typing import Any
 from flask import current_app, g
 
 from fleet.config.database import DatabaseError, connect
+from fleet.config.status import MACHINE_STATUSES
 from fleet.web.errors import WebError
 
 # The API's machine object, assembled by SQLite's JSON functions: for 10,000 machines that is ~10x
@@ -81,7 +82,7 @@ def list_machines(org: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:
 
 def status_counts(org: str) -> dict[str, int]:
     """Machines per status, plus expired (evicted by TTL)."""
-    counts = {"online": 0, "stale": 0, "offline": 0}
+    counts = dict.fromkeys(MACHINE_STATUSES, 0)
     for status, n in query("SELECT status, count(*) FROM machines WHERE org = ? GROUP BY status", (org,)):
         counts[status] = n
     counts["expired"] = expired_count(org)
