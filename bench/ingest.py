@@ -305,6 +305,9 @@ def main() -> None:
     parser.add_argument("--broker", choices=("mosquitto", "embedded", "both"), default="both")
     parser.add_argument("--modes", default="backlog,live", help="comma-separated: backlog, live")
     args = parser.parse_args()
+    from fleet.collector.service import collect_garbage_less_often
+
+    collect_garbage_less_often()  # as `fleet collector` does; the raw subscriber runs under the same threshold
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     total = args.publishers * args.reports
     rows = []

@@ -52,8 +52,12 @@ SUBSCRIBE_CHUNK = 64
 GC_THRESHOLD = 20_000
 
 
-def _collect_garbage_less_often() -> None:
-    """Raise the cyclic GC's first threshold (process-wide) so it does not keep re-walking queued reports."""
+def collect_garbage_less_often() -> None:
+    """Raise the cyclic GC's first threshold (process-wide) so it does not keep re-walking queued reports.
+
+    Only for a process that runs the collector alone (``serve``, ``bench/ingest.py``): ``fleet up`` shares
+    its process with the broker and the web and keeps Python's defaults (docs/collector.md).
+    """
     # Each decoded report is ~10 dicts and lists, freed by reference counting once stored; with up to
     # QUEUE_MAX of them alive, the default threshold (700) ran a collection every ~70 messages and took a
     # quarter of the ingest time (python3 bench/ingest.py: 74% -> 84-87% of the raw subscriber on Mosquitto).
@@ -137,7 +141,6 @@ class RunningCollector:
         self._writer.start()
         if not self._writer_ready.wait(30) or self._writer_error is not None:
             raise CollectorError(f"collector writer failed to start: {self._writer_error}")
-        _collect_garbage_less_often()
         client.start()
         log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
                  ", ".join(sorted(self._orgs)) or "(none yet)")
@@ -495,6 +498,7 @@ def serve(settings: Settings) -> None:
     """``fleet collector``: run until SIGINT/SIGTERM, then stop cleanly, flushing pending writes."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    collect_garbage_less_often()  # this process is the collector's alone
     collector = start(settings)
     try:
         stop.wait()
