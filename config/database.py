@@ -122,9 +122,25 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+# Version 2 (issues 14 and 16): custom and process fields in history, tail accounting.
+CUSTOM_FIELDS_AND_TAILS = """
+-- Extra numeric history fields of a report, as a JSON object: {"custom.<series>": n, "process.<name>": n}.
+ALTER TABLE reports ADD COLUMN fields TEXT;
+-- The same, rolled up per minute: {"<field>": [sum, samples]}.
+ALTER TABLE rollups ADD COLUMN fields TEXT;
+-- Tail accounting: reports of ended sessions that never arrived, those that arrived after their count was
+-- settled, and the open and settled checks:
+-- {"pending": [[session, last_seq, ts, interval_s, due]], "settled": [[session, last_seq]]}.
+ALTER TABLE machines ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE machines ADD COLUMN late INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE machines ADD COLUMN tails TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE org_stats ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+"""
+
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, SCHEMA),
+    (2, CUSTOM_FIELDS_AND_TAILS),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
