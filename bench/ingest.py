@@ -17,6 +17,7 @@ Every run checks zero loss: the collector must have stored exactly M*K distinct 
 
     python3 bench/ingest.py --publishers 4 --reports 5000 --broker both
     python3 bench/ingest.py --publishers 4 --reports 10000 --machines 10000 --broker both
+    python3 bench/ingest.py --publishers 4 --reports 5000 --machines 10000 --rate 1000 --broker both
 """
 
 from __future__ import annotations
@@ -130,37 +131,52 @@ def _connect(address: BrokerAddress, client_id: str, user: str | None, key: str 
 
 
 def publisher(url: str, ca: str | None, user: str | None, key: str | None, machines: list[str], count: int,
-              ready) -> None:
+              rate: float, ready, connecting) -> None:
     """Agent-like connections, one per machine, publishing ``count`` QoS 1 reports round-robin over them.
 
-    Report r goes to machine r % len(machines) with seq r // len(machines), each machine in its own session.
+    Report r goes to machine r % len(machines) with seq r // len(machines), each machine in its own session,
+    as fast as the broker takes them, or ``rate`` reports a second when it is not 0.
     Everything is connected and encoded before ``ready`` (a barrier) lets every publisher start at once.
+    One publisher connects at a time (``connecting``, a lock): the embedded broker answers ~150 TLS
+    handshakes a second, and thousands at once from every publisher time out.
     """
     address = BrokerAddress.parse(url)
     tls = tls_context(ca) if address.tls else None
     try:
-        socks = [_connect(address, agent_client_id(ORG, m), user, key, tls) for m in machines]
+        with connecting:
+            socks = [_connect(address, agent_client_id(ORG, m), user, key, tls) for m in machines]
     except BaseException:
         ready.abort()  # the parent and the other publishers stop waiting
         raise
     sessions = [os.urandom(8).hex() for _ in machines]
     topics = [report_topic(ORG, m).encode() for m in machines]
-    out = [bytearray() for _ in machines]
+    packets = []
     for r in range(count):
         i, seq = r % len(machines), r // len(machines)
         raw = payloads.encode(payloads.build_report(machines[i], "0x1a2b", sessions[i], seq, time.time(), METRICS,
                                                     SYSTEM))
-        out[i] += encode(Publish(topics[i], raw, 1, False, seq % 0xFFFF + 1))
+        packets.append(encode(Publish(topics[i], raw, 1, False, seq % 0xFFFF + 1)))
+    out = [bytearray() for _ in machines]
     inbox = [bytearray() for _ in machines]
     index = {sock: i for i, sock in enumerate(socks)}
     selector = selectors.DefaultSelector()
     for sock in socks:
-        selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        selector.register(sock, selectors.EVENT_READ)
     ready.wait()
+    started = time.monotonic()
+    queued = 0
     unacked = count
     while unacked:
-        ready_events = selector.select(120)
-        if not ready_events:
+        due = count if not rate else min(count, int((time.monotonic() - started) * rate) + 1)
+        for r in range(queued, due):
+            i = r % len(machines)
+            if not out[i]:
+                selector.modify(socks[i], selectors.EVENT_READ | selectors.EVENT_WRITE)
+            out[i] += packets[r]
+        queued = max(queued, due)
+        wait = 120.0 if queued == count else max(0.0, started + queued / rate - time.monotonic())
+        ready_events = selector.select(wait)
+        if not ready_events and queued == count:
             raise SystemExit(f"no PUBACK for 120 s ({unacked} of {count} reports unacknowledged)")
         for handle, events in ready_events:
             sock = handle.fileobj
@@ -198,14 +214,15 @@ def publish_all(broker: Broker, load: Load) -> tuple[float, list]:
     """Start the publisher processes; return the wall time when all of them were connected, and them."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Barrier(load.publishers + 1)
+    connecting = ctx.Lock()
     names = [f"m{i:05d}" for i in range(load.machines)]
     procs = [ctx.Process(target=publisher, args=(broker.publish_url, str(broker.ca) if broker.ca else None,
                                                  broker.agent_user, broker.agent_key, names[i::load.publishers],
-                                                 load.reports, ready))
+                                                 load.reports, load.rate / load.publishers, ready, connecting))
              for i in range(load.publishers)]
     for proc in procs:
         proc.start()
-    ready.wait(600)  # every connection is up and every report encoded
+    ready.wait(1800)  # every connection is up and every report encoded
     return time.time(), procs
 
 
@@ -233,11 +250,11 @@ class RawSubscriber:
     def _on_message(self, client, userdata, msg) -> None:
         self.count += 1
 
-    def start(self) -> None:
+    def start(self, wait_suback: bool = True) -> None:
         address = BrokerAddress.parse(self.broker.url)
         self.client.connect(address.host, address.port, keepalive=60)
         self.client.loop_start()
-        if not self.subscribed.wait(10):
+        if wait_suback and not self.subscribed.wait(10):
             raise SystemExit("raw subscriber: no SUBACK")
 
     def stop(self) -> None:
@@ -279,13 +296,23 @@ class Load:
     publishers: int
     reports: int  # per publisher
     machines: int
+    rate: float = 0.0  # reports a second, all publishers together; 0: as fast as the broker takes them
 
     @property
     def total(self) -> int:
         return self.publishers * self.reports
 
 
-def run_raw(broker: Broker, load: Load, mode: str) -> float:
+@dataclass(frozen=True)
+class Measured:
+    """One consumer's run: messages per second, and this process's CPU time per message meanwhile."""
+
+    rate: float
+    cpu_us: float  # the consumer's threads (publishers and broker are other processes); load-independent-ish
+    batch: float = 0.0  # the collector's reports per commit
+
+
+def run_raw(broker: Broker, load: Load, mode: str) -> Measured:
     sub = RawSubscriber(broker, f"bench-raw-{mode}-{os.getpid()}")
     sub.start()
     if mode == "backlog":
@@ -293,13 +320,15 @@ def run_raw(broker: Broker, load: Load, mode: str) -> float:
         _, procs = publish_all(broker, load)
         join_all(procs)
         sub = RawSubscriber(broker, sub.client_id)
-        t0 = time.monotonic()
-        sub.start()
+        t0, cpu0 = time.monotonic(), time.process_time()
+        # Its session holds the subscription; the embedded broker answers the SUBSCRIBE paho sends again
+        # only after the backlog.
+        sub.start(wait_suback=False)
     else:
         started, procs = publish_all(broker, load)
-        t0 = time.monotonic() + (started - time.time())
+        t0, cpu0 = time.monotonic() + (started - time.time()), time.process_time()
     wait_until(lambda: sub.count >= load.total, 600, "raw subscriber", step=0.005)
-    elapsed = time.monotonic() - t0
+    elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
     if mode == "live":
         join_all(procs)
     sub.stop()
@@ -307,10 +336,10 @@ def run_raw(broker: Broker, load: Load, mode: str) -> float:
     clear_session(broker, sub.client_id, broker.reader_user, broker.reader_key)
     if sub.count != load.total:
         raise SystemExit(f"raw subscriber got {sub.count} of {load.total}")
-    return load.total / elapsed
+    return Measured(load.total / elapsed, cpu / load.total * 1e6)
 
 
-def run_collector(broker: Broker, data_dir: Path, load: Load, mode: str, profile: Path | None = None) -> float:
+def run_collector(broker: Broker, data_dir: Path, load: Load, mode: str, profile: Path | None = None) -> Measured:
     from fleet.collector.service import client_id_for, start
 
     service_user = credentials.SERVICE_USERNAME if broker.agent_user else None
@@ -328,16 +357,16 @@ def run_collector(broker: Broker, data_dir: Path, load: Load, mode: str, profile
         collector.stop()
         _, procs = publish_all(broker, load)
         join_all(procs)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         with profiled(profile):
             collector = start(collector_settings(broker, data_dir))
             wait_until(lambda: collector.stats().stored >= load.total, 600, "collector", step=0.005)
     else:
         started, procs = publish_all(broker, load)
-        t0 = time.monotonic() + (started - time.time())
+        t0, cpu0 = time.monotonic() + (started - time.time()), time.process_time()
         with profiled(profile):
             wait_until(lambda: collector.stats().stored >= load.total, 600, "collector", step=0.005)
-    elapsed = time.monotonic() - t0
+    elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
     if mode == "live":
         join_all(procs)
     stats = collector.stats()
@@ -346,7 +375,7 @@ def run_collector(broker: Broker, data_dir: Path, load: Load, mode: str, profile
     if rows != load.total or distinct != load.total or stats.dropped:
         raise SystemExit(f"loss or duplicates: {rows} rows, {distinct} distinct of {load.total}; "
                          f"drops {stats.dropped}")
-    return load.total / elapsed
+    return Measured(load.total / elapsed, cpu / load.total * 1e6, stats.stored / max(1, stats.commits))
 
 
 class profiled:  # noqa: N801 - used as a context manager, like contextlib's
@@ -433,6 +462,9 @@ def main() -> None:
                         help="distinct machines (N, default M), each with its own connection, session and seq")
     parser.add_argument("--broker", choices=("mosquitto", "embedded", "both"), default="both")
     parser.add_argument("--modes", default="backlog,live", help="comma-separated: backlog, live")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="live only: publish this many reports a second in all (like a fleet at its interval), "
+                             "and compare CPU per report rather than throughput")
     parser.add_argument("--repeat", type=int, default=1, help="run each (broker, mode) pair this many times")
     parser.add_argument("--profile", type=Path,
                         help="write a cProfile of the collector's threads in the last backlog run to this file")
@@ -441,10 +473,10 @@ def main() -> None:
     from fleet.collector.service import collect_garbage_less_often
 
     collect_garbage_less_often()  # as `fleet collector` does; the raw subscriber runs under the same threshold
-    load = Load(args.publishers, args.reports, args.machines or args.publishers)
+    load = Load(args.publishers, args.reports, args.machines or args.publishers, args.rate)
     if load.machines < load.publishers:
         raise SystemExit("--machines must be at least --publishers")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = ["live"] if args.rate else [m.strip() for m in args.modes.split(",") if m.strip()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp:
         workdir = Path(tmp)
@@ -463,18 +495,21 @@ def main() -> None:
                         raw = run_raw(broker, load, mode)
                         coll = run_collector(broker, data_dir, load, mode, args.profile)
                         rows.append((name, mode, raw, coll))
-                        print(f"{name:9s} {mode:7s} raw {raw:9.0f} msg/s  collector {coll:9.0f} msg/s  "
-                              f"{100 * coll / raw:5.1f}%", flush=True)
+                        print(f"{name:9s} {mode:7s} raw {raw.rate:7.0f} msg/s {raw.cpu_us:5.1f} µs CPU  "
+                              f"collector {coll.rate:7.0f} msg/s {coll.cpu_us:5.1f} µs CPU "
+                              f"{coll.batch:5.0f}/commit  {100 * coll.rate / raw.rate:5.1f}%", flush=True)
             finally:
                 broker.stop()
     size = len(payloads.encode(payloads.build_report("m00000", "0x1a2b", "x" * 16, 0, 1.0, METRICS, SYSTEM)))
     print()
     print(f"M={load.publishers} publishers x K={load.reports} reports over N={load.machines} machines "
-          f"(QoS 1, {size} B each), {os.cpu_count()} CPUs")
-    print("| broker | mode | raw paho subscriber (msg/s) | collector into SQLite (msg/s) | collector / raw |")
+          f"(QoS 1, {size} B each{f', {load.rate:,.0f} reports/s' if load.rate else ''}), {os.cpu_count()} CPUs")
+    print("| broker | mode | raw paho subscriber: msg/s, CPU µs/msg | collector into SQLite: msg/s, CPU µs/msg "
+          "| collector / raw: rate, CPU |")
     print("|---|---|---|---|---|")
     for name, mode, raw, coll in rows:
-        print(f"| {name} | {mode} | {raw:,.0f} | {coll:,.0f} | {100 * coll / raw:.0f}% |")
+        print(f"| {name} | {mode} | {raw.rate:,.0f}, {raw.cpu_us:.0f} | {coll.rate:,.0f}, {coll.cpu_us:.0f} "
+              f"| {100 * coll.rate / raw.rate:.0f}%, {coll.cpu_us / raw.cpu_us:.2f}x |")
     if args.no_stages:
         return
     print()
@@ -484,7 +519,7 @@ def main() -> None:
     for name, micros in stage_costs(machines=load.machines):
         print(f"| {name} | {micros:.1f} |")
     for name, mode, raw, _ in rows[:1]:
-        print(f"(the raw subscriber spends {1e6 / raw:.1f} µs/msg in paho on {name}/{mode})")
+        print(f"(the raw subscriber spends {raw.cpu_us:.1f} µs of CPU per message in paho on {name}/{mode})")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from fleet.collector.intake import INTERNAL, UNKNOWN_ORG, DropCounter, RateLimit
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
 from fleet.collector.state import Tracker, Transition
 from fleet.config import credentials, payloads
-from fleet.config.database import open_db
+from fleet.config.database import connect, open_db
 from fleet.config.errors import ConfigError
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.payloads import Report
@@ -47,6 +47,7 @@ ORG_REFRESH_MAX_S = 2.0
 STARTUP_GRACE_S = 30.0  # without a broker, start stale/TTL checks after this long anyway
 WRITER_BUSY_TIMEOUT_MS = 1000
 STOP_RETRY_S = 10.0
+CHECKPOINT_EVERY_S = 1.0
 KEEPALIVE_S = 30
 SUBSCRIBE_CHUNK = 64
 GC_THRESHOLD = 20_000
@@ -87,6 +88,7 @@ class CollectorStats:
     dropped: dict[str, int] = field(default_factory=dict)
     queued: int = 0
     machines: int = 0
+    commits: int = 0  # write transactions: stored / commits is the mean batch
 
 
 class RunningCollector:
@@ -113,8 +115,10 @@ class RunningCollector:
         self._network_done = threading.Event()
         self._writer_ready = threading.Event()
         self._writer_error: BaseException | None = None
+        self._checkpoint_stop = threading.Event()
         self._received = 0
         self._stored = 0
+        self._commits = 0
         self._started = time.monotonic()
         self._backpressure_logged = 0.0
         self._client: MqttLink | None = None
@@ -153,7 +157,8 @@ class RunningCollector:
     def stats(self) -> CollectorStats:
         """Current counters."""
         return CollectorStats(self._connected.is_set(), tuple(sorted(self._orgs)), self._received,
-                              self._stored, self.drops.totals(), len(self._queue), len(self.tracker.machines))
+                              self._stored, self.drops.totals(), len(self._queue), len(self.tracker.machines),
+                              self._commits)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Disconnect (the broker keeps our session and queues for it), write everything pending, stop."""
@@ -268,19 +273,45 @@ class RunningCollector:
         try:
             db = open_db(self.settings.db_path)
             db.conn.execute(f"PRAGMA busy_timeout={WRITER_BUSY_TIMEOUT_MS}")
+            # Checkpoints (copying the WAL into fleet.db, with an fsync) run on a thread of their own, so a
+            # commit never waits for one: the broker sends no more than its in-flight window until we ack.
+            db.conn.execute("PRAGMA wal_autocheckpoint=0")
             self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None), time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._writer_error = exc
             self._writer_ready.set()
             return
         self._writer_ready.set()
+        checkpointer = threading.Thread(target=self._checkpointer, name="collector-checkpoint", daemon=True)
+        checkpointer.start()
         try:
             Writer(self, db).run()
         except BaseException:
             log.exception("collector writer thread crashed")
             raise
         finally:
+            self._checkpoint_stop.set()
+            checkpointer.join(STOP_RETRY_S)
             db.conn.close()
+
+    def _checkpointer(self) -> None:
+        """Copy the WAL into fleet.db every CHECKPOINT_EVERY_S, off the writer's commit path."""
+        try:
+            conn = connect(self.settings.db_path)
+        except ConfigError as exc:
+            log.error("collector checkpoints disabled: %s", exc)
+            return
+        try:
+            while not self._checkpoint_stop.wait(CHECKPOINT_EVERY_S):
+                try:
+                    store.checkpoint(conn)
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed (will retry): %s", exc)
+            store.checkpoint(conn)
+        except sqlite3.Error as exc:
+            log.warning("final WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
 
 
 class Writer:
@@ -479,6 +510,7 @@ class Writer:
         while True:
             try:
                 self.owner._stored += store.write_batch(self.db, batch, time.time())
+                self.owner._commits += 1
                 return True
             except sqlite3.OperationalError as exc:
                 now = time.monotonic()

@@ -76,7 +76,7 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(tmp_path
         for i in range(0, 7200, 20):
             ts = base + i
             rows.append(("acme", "m", f"s{d}", i, ts, ts, float(i % 100), 50.0, 10.0, 0.5, i, 2 * i, "{}", None))
-    db.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
+    store.insert_reports(db.conn, rows)
     db.conn.commit()
     db.conn.execute("INSERT INTO events(org, machine_id, ts, new_status) VALUES ('acme', 'm', ?, 'online')",
                     (now - 40 * day,))
@@ -102,7 +102,7 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(tmp_path
 def test_retention_merges_a_minute_split_across_runs(tmp_path):
     db = _db(tmp_path)
     minute = 60.0 * 1000
-    db.conn.executemany(store._INSERT_REPORT, [  # noqa: SLF001 - the collector's own insert
+    store.insert_reports(db.conn, [
         ("a", "m", "s", 0, minute + 1, minute + 1, 10.0, None, None, None, 5, 5, "{}", '{"custom.q":1}'),
         ("a", "m", "s", 1, minute + 2, minute + 2, 20.0, None, None, None, 7, 7, "{}", '{"custom.q":4,"process.x":2}'),
     ])
@@ -150,10 +150,30 @@ def test_json_batch_insert_stores_exactly_the_validated_values(tmp_path):
         rows.append(store.report_row(r, 1764000001.5, raw.decode()))
     store.write_batch(db_a, store.Batch(reports=rows), T0)
     with db_b.conn:
-        db_b.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
+        store.insert_reports(db_b.conn, rows)
     sql = "SELECT org, machine_id, session, seq, ts, received, cpu_percent, memory_percent, disk_percent, load1," \
           " net_bytes_sent, net_bytes_recv, fields, payload FROM reports ORDER BY seq"
     got, want = db_a.conn.execute(sql).fetchall(), db_b.conn.execute(sql).fetchall()
     assert [row[:-1] for row in got] == [row[:-1] for row in want]
     assert [_json.loads(row[-1]) for row in got] == [_json.loads(row[-1]) for row in want]
     assert [type(v) for v in got[0][:-1]] == [type(v) for v in want[0][:-1]]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 127, 200])
+def test_batches_of_any_size_store_every_row_once(tmp_path, n):
+    """Rows go to SQLite in multi-row statements of 64, 32, ... 1 rows; none is lost or doubled."""
+    from fleet.collector.state import Machine
+
+    db = open_db(tmp_path / "fleet.db")
+    rows = [("a", f"m{i % 7}", "s", i, 1.0 + i, 1.0 + i, 1.0, None, None, None, None, None, "{}", None)
+            for i in range(n)]
+    machines = [Machine(org="a", machine_id=f"m{i}", status="online", session="s", metrics={"cpu_percent": i})
+                for i in range(n)]
+    assert store.write_batch(db, store.Batch(reports=rows + rows[:3], machines=machines), 5.0) == n
+    assert db.conn.execute("SELECT count(*), count(DISTINCT seq) FROM reports").fetchone() == (n, n)
+    assert db.conn.execute("SELECT count(*) FROM machines").fetchone()[0] == n
+    machines[-1].metrics = {"cpu_percent": -1}
+    store.write_batch(db, store.Batch(machines=machines), 6.0)
+    assert db.conn.execute("SELECT count(*), max(updated) FROM machines").fetchone() == (n, 6.0)
+    assert db.conn.execute("SELECT metrics FROM machines WHERE machine_id = ?", (f"m{n - 1}",)).fetchone() == \
+        ('{"cpu_percent":-1}',)

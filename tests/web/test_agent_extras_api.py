@@ -44,7 +44,7 @@ def test_history_points_carry_custom_and_process_fields_raw_and_rolled_up(client
         fields = store.extra_fields({"custom": {"queue_depth": depth}, "process_counts": {"nginx": i % 2}})
         rows.append(("acme", "app-1", "s", i, ts, ts, 1.0, None, None, None, None, None, "{}", fields))
     rows.append(("acme", "app-1", "s", 9, now - 40, now - 40, 1.0, None, None, None, None, None, "{}", None))
-    db.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
+    store.insert_reports(db.conn, rows)
     db.conn.commit()
     store.apply_retention(db, now, raw_days=1, rollup_days=30)
     since = now - 4 * 86400
