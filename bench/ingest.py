@@ -1,4 +1,4 @@
-"""Ingest benchmark: how fast the collector drains reports into SQLite, against a raw paho subscriber.
+"""Ingest benchmark: how fast the collector drains reports into its database, against a raw paho subscriber.
 
 M publisher processes push K reports each (QoS 1) for N distinct machines (``--machines``, default M),
 each machine with its own connection (client id ``fleet-bench-<machine>``), session and seq, through a
@@ -10,14 +10,20 @@ each consumer:
 
 - backlog: the consumer's persistent session is registered, the consumer disconnects, all M*K reports
   are published and queued by the broker, then the consumer starts; rate = M*K / time until the last
-  report is counted (raw subscriber) or committed to SQLite (collector). This is its sustained drain rate.
+  report is counted (raw subscriber) or committed to the database (collector). This is its sustained drain rate.
 - live: the consumer runs while the publishers publish; rate = M*K / (first publish .. last counted).
 
 Every run checks zero loss: the collector must have stored exactly M*K distinct (machine, seq).
 
+``--database URL`` (repeatable) picks the collector's database: ``sqlite`` (the default: fleet.db in a
+temporary data dir) or a ``postgresql://`` URL (``python -m tests.postgres`` starts a throwaway server and
+prints one). Each database is measured against the same broker and the same raw baseline, in one run.
+The broker keeps its credentials in the data dir's SQLite file either way.
+
     python3 bench/ingest.py --publishers 4 --reports 5000 --broker both
     python3 bench/ingest.py --publishers 4 --reports 10000 --machines 10000 --broker both
     python3 bench/ingest.py --publishers 4 --reports 5000 --machines 10000 --rate 1000 --broker both
+    python3 bench/ingest.py --broker mosquitto --database sqlite --database postgresql://u:p@127.0.0.1:5432/db
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import multiprocessing
 import os
 import selectors
 import socket
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -43,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import free_port, port_open, stop_process  # noqa: E402
 from fleet.collector.mqtt_codec import Connack, Connect, Disconnect, Puback, Publish, decode, encode  # noqa: E402
 from fleet.config import credentials, payloads  # noqa: E402
+from fleet.config.database import DatabaseUrl, open_database, redact, sqlite_url  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client, tls_context  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
 from fleet.config.topics import agent_client_id, report_topic  # noqa: E402
@@ -276,17 +282,16 @@ def clear_session(broker: Broker, client_id: str, user: str | None, key: str | N
     client.loop_stop()
 
 
-def collector_settings(broker: Broker, data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, broker_url=broker.url, ca=str(broker.ca or ""),
+def collector_settings(broker: Broker, data_dir: Path, database: str) -> Settings:
+    return Settings(data_dir=data_dir, database_url=database, broker_url=broker.url, ca=str(broker.ca or ""),
                     agent_rate_limit_per_s=1e9, log_level="WARNING")
 
 
-def stored_reports(db: Path) -> tuple[int, int]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT count(*), count(DISTINCT machine_id || '/' || seq) FROM reports").fetchone()
-    finally:
-        conn.close()
+def stored_reports(database: str) -> tuple[int, int]:
+    with open_database(database) as db:
+        row = db.query_one("SELECT count(*), count(DISTINCT machine_id || '/' || seq) FROM reports")
+    assert row is not None
+    return row[0], row[1]
 
 
 @dataclass(frozen=True)
@@ -339,18 +344,16 @@ def run_raw(broker: Broker, load: Load, mode: str) -> Measured:
     return Measured(load.total / elapsed, cpu / load.total * 1e6)
 
 
-def run_collector(broker: Broker, data_dir: Path, load: Load, mode: str, profile: Path | None = None) -> Measured:
+def run_collector(broker: Broker, data_dir: Path, database: str, load: Load, mode: str,
+                  profile: Path | None = None) -> Measured:
     from fleet.collector.service import client_id_for, start
 
     service_user = credentials.SERVICE_USERNAME if broker.agent_user else None
     service_key = credentials.ensure_service_key(data_dir) if broker.agent_user else None
     clear_session(broker, client_id_for(()), service_user, service_key)
-    db = data_dir / "fleet.db"
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("DELETE FROM reports")
-    conn.close()
-    collector = start(collector_settings(broker, data_dir))
+    with open_database(database) as db:
+        db.execute("DELETE FROM reports")
+    collector = start(collector_settings(broker, data_dir, database))
     if not collector.wait_subscribed(15):
         raise SystemExit("collector did not subscribe")
     if mode == "backlog":
@@ -359,7 +362,7 @@ def run_collector(broker: Broker, data_dir: Path, load: Load, mode: str, profile
         join_all(procs)
         t0, cpu0 = time.monotonic(), time.process_time()
         with profiled(profile):
-            collector = start(collector_settings(broker, data_dir))
+            collector = start(collector_settings(broker, data_dir, database))
             wait_until(lambda: collector.stats().stored >= load.total, 600, "collector", step=0.005)
     else:
         started, procs = publish_all(broker, load)
@@ -371,7 +374,7 @@ def run_collector(broker: Broker, data_dir: Path, load: Load, mode: str, profile
         join_all(procs)
     stats = collector.stats()
     collector.stop()
-    rows, distinct = stored_reports(db)
+    rows, distinct = stored_reports(database)
     if rows != load.total or distinct != load.total or stats.dropped:
         raise SystemExit(f"loss or duplicates: {rows} rows, {distinct} distinct of {load.total}; "
                          f"drops {stats.dropped}")
@@ -413,14 +416,13 @@ class profiled:  # noqa: N801 - used as a context manager, like contextlib's
             print(f"profile of {len(self.profiles)} threads written to {self.path}", file=sys.stderr)
 
 
-def stage_costs(n: int = 5000, machines: int = 1) -> list[tuple[str, float]]:
+def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[tuple[str, float]]:
     """Single-threaded cost of each step the collector adds per message (µs), measured in this run."""
     import json
 
     from fleet.collector import store
     from fleet.collector.intake import DropCounter, RateLimiter, parse_message
     from fleet.collector.state import Tracker
-    from fleet.config.database import open_db
 
     names = [f"m{i:05d}" for i in range(min(machines, n))]
     raws = [payloads.encode(payloads.build_report(names[r % len(names)], "0x1a2b", "s1", r // len(names), time.time(),
@@ -445,13 +447,19 @@ def stage_costs(n: int = 5000, machines: int = 1) -> list[tuple[str, float]]:
     timed("state machine (Tracker.on_report)", lambda: [tracker.on_report(i.message, i.received) for i in items])
     rows = timed("history row (store.report_row)", lambda: [store.report_row(i.message, i.received, i.payload)
                                                              for i in items])
-    with tempfile.TemporaryDirectory() as tmp:
-        db = open_db(Path(tmp) / "fleet.db")
-        timed("SQLite batch insert, 500 per transaction (GIL released)",
-              lambda: [store.write_batch(db, store.Batch(reports=rows[i:i + 500]), time.time())
-                       for i in range(0, n, 500)])
-        db.conn.close()
+    for database in databases:
+        with open_database(database) as db:
+            db.execute("DELETE FROM reports")
+            timed(f"{engine_name(database)} batch insert, 500 per transaction",
+                  lambda db=db: [store.write_batch(db, store.Batch(reports=rows[i:i + 500]), time.time())
+                                 for i in range(0, n, 500)])
+            db.execute("DELETE FROM reports")
     return out
+
+
+def engine_name(database: str) -> str:
+    """SQLite or PostgreSQL, for the tables."""
+    return "SQLite" if DatabaseUrl.parse(database).engine == "sqlite" else "PostgreSQL"
 
 
 def main() -> None:
@@ -469,6 +477,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path,
                         help="write a cProfile of the collector's threads in the last backlog run to this file")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-step cost table")
+    parser.add_argument("--database", action="append", metavar="URL",
+                        help="the collector's database: sqlite (default) or postgresql://…; repeat to compare")
     args = parser.parse_args()
     from fleet.collector.service import collect_garbage_less_often
 
@@ -482,9 +492,10 @@ def main() -> None:
         workdir = Path(tmp)
         data_dir = workdir / "data"
         keys = credentials.add_org(data_dir, ORG)
-        from fleet.config.database import open_db
-
-        open_db(data_dir / "fleet.db").conn.close()
+        databases = [sqlite_url(data_dir / "fleet.db") if d == "sqlite" else d for d in args.database or ["sqlite"]]
+        for database in databases:  # the org and the schema in each; the broker checks keys in the SQLite file
+            if not credentials.org_exists(data_dir, ORG, database):
+                credentials.add_org(data_dir, ORG, database)
         names = ["mosquitto", "embedded"] if args.broker == "both" else [args.broker]
         for name in names:
             broker = (start_mosquitto(workdir) if name == "mosquitto"
@@ -493,22 +504,24 @@ def main() -> None:
                 for _ in range(args.repeat):
                     for mode in modes:
                         raw = run_raw(broker, load, mode)
-                        coll = run_collector(broker, data_dir, load, mode, args.profile)
-                        rows.append((name, mode, raw, coll))
-                        print(f"{name:9s} {mode:7s} raw {raw.rate:7.0f} msg/s {raw.cpu_us:5.1f} µs CPU  "
-                              f"collector {coll.rate:7.0f} msg/s {coll.cpu_us:5.1f} µs CPU "
-                              f"{coll.batch:5.0f}/commit  {100 * coll.rate / raw.rate:5.1f}%", flush=True)
+                        for database in databases:
+                            coll = run_collector(broker, data_dir, database, load, mode, args.profile)
+                            rows.append((name, mode, engine_name(database), raw, coll))
+                            print(f"{name:9s} {mode:7s} {engine_name(database):10s} raw {raw.rate:7.0f} msg/s "
+                                  f"{raw.cpu_us:5.1f} µs CPU  collector {coll.rate:7.0f} msg/s {coll.cpu_us:5.1f} µs "
+                                  f"CPU {coll.batch:5.0f}/commit  {100 * coll.rate / raw.rate:5.1f}%", flush=True)
             finally:
                 broker.stop()
     size = len(payloads.encode(payloads.build_report("m00000", "0x1a2b", "x" * 16, 0, 1.0, METRICS, SYSTEM)))
     print()
     print(f"M={load.publishers} publishers x K={load.reports} reports over N={load.machines} machines "
-          f"(QoS 1, {size} B each{f', {load.rate:,.0f} reports/s' if load.rate else ''}), {os.cpu_count()} CPUs")
-    print("| broker | mode | raw paho subscriber: msg/s, CPU µs/msg | collector into SQLite: msg/s, CPU µs/msg "
+          f"(QoS 1, {size} B each{f', {load.rate:,.0f} reports/s' if load.rate else ''}), {os.cpu_count()} CPUs; "
+          f"databases: {', '.join(redact(d) for d in databases)}")
+    print("| broker | mode | database | raw paho subscriber: msg/s, CPU µs/msg | collector: msg/s, CPU µs/msg "
           "| collector / raw: rate, CPU |")
-    print("|---|---|---|---|---|")
-    for name, mode, raw, coll in rows:
-        print(f"| {name} | {mode} | {raw.rate:,.0f}, {raw.cpu_us:.0f} | {coll.rate:,.0f}, {coll.cpu_us:.0f} "
+    print("|---|---|---|---|---|---|")
+    for name, mode, engine, raw, coll in rows:
+        print(f"| {name} | {mode} | {engine} | {raw.rate:,.0f}, {raw.cpu_us:.0f} | {coll.rate:,.0f}, {coll.cpu_us:.0f} "
               f"| {100 * coll.rate / raw.rate:.0f}%, {coll.cpu_us / raw.cpu_us:.2f}x |")
     if args.no_stages:
         return
@@ -516,9 +529,9 @@ def main() -> None:
     print("Per-message cost of each collector step (one thread, no broker):")
     print("| step | µs/msg |")
     print("|---|---|")
-    for name, micros in stage_costs(machines=load.machines):
+    for name, micros in stage_costs(databases, machines=load.machines):
         print(f"| {name} | {micros:.1f} |")
-    for name, mode, raw, _ in rows[:1]:
+    for name, mode, _, raw, _ in rows[:1]:
         print(f"(the raw subscriber spends {raw.cpu_us:.1f} µs of CPU per message in paho on {name}/{mode})")
 
 

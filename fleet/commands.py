@@ -27,12 +27,19 @@ def common(func: Callable) -> Callable:
                   help="TOML settings file (or FLEET_CONFIG).")
     @functools.wraps(func)
     def wrapper(data_dir: Path | None, config_file: str | None, **kwargs: Any) -> Any:
-        flag_names = getattr(wrapper, "setting_flags", ())
+        flag_names = (*getattr(wrapper, "setting_flags", ()), "database_url")
         flags = {name: kwargs.pop(name) for name in flag_names if name in kwargs}
         flags["data_dir"] = data_dir
         return run_with_settings(func, config_file, flags, **kwargs)
 
     return wrapper
+
+
+def database(func: Callable) -> Callable:
+    """Add ``--database URL`` (setting ``database_url``) to a command that touches the database."""
+    return click.option("--database", "database_url", default=None, metavar="URL",
+                        help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB "
+                             "(or FLEET_DATABASE_URL; default sqlite:///DATA_DIR/fleet.db).")(func)
 
 
 def settings_flags(*names: str) -> Callable:
@@ -60,12 +67,13 @@ def org() -> None:
 @org.command("add")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the keys as a JSON object.")
+@database
 @common
 def org_add(settings: Settings, name: str, as_json: bool) -> None:
     """Create ORG and print its agent and reader keys (shown once)."""
     from fleet.config import credentials
 
-    created = credentials.add_org(settings.data_dir, name)
+    created = credentials.add_org(settings.data_dir, name, settings.database)
     if as_json:
         click.echo(json.dumps(created.as_dict()))
     else:
@@ -77,12 +85,13 @@ def org_add(settings: Settings, name: str, as_json: bool) -> None:
 
 @org.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
 @common
 def org_list(settings: Settings, as_json: bool) -> None:
     """List orgs."""
     from fleet.config import credentials
 
-    names = credentials.list_orgs(settings.data_dir)
+    names = credentials.list_orgs(settings.data_dir, settings.database)
     if as_json:
         click.echo(json.dumps(names))
     else:
@@ -92,12 +101,13 @@ def org_list(settings: Settings, as_json: bool) -> None:
 
 @org.command("remove")
 @click.argument("name")
+@database
 @common
 def org_remove(settings: Settings, name: str) -> None:
     """Remove ORG: its keys stop working (history is kept until retention ends)."""
     from fleet.config import credentials
 
-    credentials.remove_org(settings.data_dir, name)
+    credentials.remove_org(settings.data_dir, name, settings.database)
     click.echo(f"removed org {name}")
 
 
@@ -105,12 +115,13 @@ def org_remove(settings: Settings, name: str) -> None:
 @click.argument("name")
 @click.option("--role", type=click.Choice(("agent", "reader")), required=True)
 @click.option("--json", "as_json", is_flag=True)
+@database
 @common
 def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
     """Replace one key of ORG; the old key is refused at once."""
     from fleet.config import credentials
 
-    key = credentials.rotate_key(settings.data_dir, name, role)
+    key = credentials.rotate_key(settings.data_dir, name, role, settings.database)
     if as_json:
         click.echo(json.dumps({"org": name, "role": role, "key": key}))
     else:
@@ -133,6 +144,7 @@ def _broker_url(func: Callable) -> Callable:
 @click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
 @click.option("--demo", type=click.IntRange(min=0), default=None,
               help="Also run org 'demo' with this machine's agent and N simulated agents.")
+@database
 @common
 @settings_flags("host", "mqtt_port", "http_port")
 def up(settings: Settings, demo: int | None) -> None:
@@ -145,6 +157,7 @@ def up(settings: Settings, demo: int | None) -> None:
 @cli.command()
 @_host
 @click.option("--mqtt-port", type=int, default=None, help="MQTT/TLS port (default 8883).")
+@database
 @common
 @settings_flags("host", "mqtt_port")
 def broker(settings: Settings) -> None:
@@ -158,6 +171,7 @@ def broker(settings: Settings) -> None:
 @_broker_url
 @click.option("--org", "orgs", default=None, help="Only these orgs (comma-separated), to shard collectors.")
 @click.option("--ca", default=None, help="CA file to verify the broker (default DATA_DIR/certs/ca.pem).")
+@database
 @common
 @settings_flags("broker_url", "orgs", "ca")
 def collector(settings: Settings) -> None:
@@ -172,6 +186,7 @@ def collector(settings: Settings) -> None:
 @click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
 @_broker_url
 @click.option("--ca", default=None, help="CA file to verify the broker (default DATA_DIR/certs/ca.pem).")
+@database
 @common
 @settings_flags("host", "http_port", "broker_url", "ca")
 def web(settings: Settings) -> None:
@@ -210,13 +225,21 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
 @click.option("--ca", default=None, help="CA file to verify the broker.")
 @click.option("--interval", type=float, default=None, help="Seconds between reports (default 10).")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--prefix", default="sim", show_default=True,
+              help="Machine names are PREFIX-0001…: give each process its own to run several on one org.")
+@click.option("--connect-rate", type=click.FloatRange(min=0, min_open=True), default=200.0, show_default=True,
+              help="First connects a second: they are spread, with jitter, over AGENTS / RATE seconds.")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one line per report published and per PUBACK to this file (for loss accounting).")
 @common
 @settings_flags("broker_url", "org", "key", "ca", "interval")
-def simulate(settings: Settings, agents: int, duration: float | None) -> None:
+def simulate(settings: Settings, agents: int, duration: float | None, prefix: str, connect_rate: float,
+             record_path: Path | None) -> None:
     """Load generator: N simulated agents speaking the real protocol."""
     from fleet.agent.simulate import run_simulation
 
-    run_simulation(settings, agents=agents, duration=duration)
+    run_simulation(settings, agents=agents, duration=duration, prefix=prefix, connect_rate=connect_rate,
+                   record_path=record_path)
 
 
 @cli.command("mosquitto-config")
@@ -224,6 +247,7 @@ def simulate(settings: Settings, agents: int, duration: float | None) -> None:
               help="Directory for mosquitto.conf, the password file and the ACL file.")
 @click.option("--mqtt-port", type=int, default=None)
 @_host
+@database
 @common
 @settings_flags("mqtt_port", "host")
 def mosquitto_config(settings: Settings, out_dir: Path) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 
+from fleet.config.database import DatabaseUrl
 from tests.collector.collector_fixtures import SimAgent
 from tests.helpers import wait_for
 
 
-def checkpointed_reports(data_dir) -> int:
-    """Reports in fleet.db itself, without what is still only in its WAL."""
-    conn = sqlite3.connect(f"file:{data_dir / 'fleet.db'}?immutable=1", uri=True)
+def checkpointed_reports(database: str) -> int:
+    """Reports in the SQLite file itself, without what is still only in its WAL."""
+    conn = sqlite3.connect(f"file:{DatabaseUrl.parse(database).path}?immutable=1", uri=True)
     try:
         return conn.execute("SELECT count(*) FROM reports").fetchone()[0]
     finally:
@@ -25,5 +26,5 @@ def test_the_wal_is_checkpointed_off_the_writers_commit_path(endpoint, collector
         agent.report()
     agent.close()
     wait_for(lambda: collector.stats().stored == 3, 10, "three reports committed")
-    wait_for(lambda: checkpointed_reports(endpoint.data_dir) == 3, 10, "the reports copied into fleet.db")
+    wait_for(lambda: checkpointed_reports(endpoint.database) == 3, 10, "the reports copied into fleet.db")
     assert collector.stats().commits >= 1

@@ -24,7 +24,7 @@ def slow_org_refresh(monkeypatch):
 
 
 def history(ep: Endpoint, org: str, machine: str = "m1") -> list[int]:
-    return [row[0] for row in query(ep.data_dir, "SELECT seq FROM reports WHERE org=? AND machine_id=? ORDER BY seq",
+    return [row[0] for row in query(ep, "SELECT seq FROM reports WHERE org=? AND machine_id=? ORDER BY seq",
                                     org, machine)]
 
 
@@ -88,6 +88,6 @@ def test_messages_of_an_org_that_does_not_exist_are_counted_and_dropped(mosquitt
     wait_for(lambda: collector.stats().dropped.get(UNKNOWN_ORG) == 2, 10, "ghost's report and ping counted")
     assert history(ep, "ghost") == []
     assert collector.stats().orgs == ("acme",)
-    assert query(ep.data_dir, "SELECT count(*) FROM machines WHERE org='ghost'")[0][0] == 0
-    wait_for(lambda: dict(query(ep.data_dir, "SELECT reason, count FROM drops")).get(UNKNOWN_ORG) == 2, 10,
+    assert query(ep, "SELECT count(*) FROM machines WHERE org='ghost'")[0][0] == 0
+    wait_for(lambda: dict(query(ep, "SELECT reason, count FROM drops")).get(UNKNOWN_ORG) == 2, 10,
              "the drop stored")

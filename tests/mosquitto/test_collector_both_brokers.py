@@ -13,7 +13,7 @@ from fleet.collector import service
 from fleet.config import credentials, payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import agent_client_id, report_topic
-from tests.collector.collector_fixtures import query
+from tests.dbhelpers import rows
 from tests.helpers import close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
@@ -46,7 +46,8 @@ def publish_report(broker, org: str, key: str, machine: str, seq: int) -> None:
 
 
 def history(broker, org: str) -> list[int]:
-    return [row[0] for row in query(broker.data_dir, "SELECT seq FROM reports WHERE org=? ORDER BY seq", org)]
+    found = rows(str(broker.data_dir / "fleet.db"), "SELECT seq FROM reports WHERE org=? ORDER BY seq", org)
+    return [row[0] for row in found]
 
 
 def test_org_add_then_an_agent_at_once_and_history_holds_seq_0(any_broker, collector, acme):
