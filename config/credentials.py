@@ -131,6 +131,8 @@ def _store(conn: sqlite3.Connection, pepper: bytes, username: str, org: str | No
 
 def add_org(data_dir: Path, org: str) -> OrgSecrets:
     """Create an org with fresh agent and reader keys; raise CredentialError if it exists."""
+    from fleet.config import alerting  # imports this module
+
     validate_id(org, "org")
     pepper = load_pepper(data_dir)
     secrets_ = OrgSecrets(org, generate_key(), generate_key())
@@ -139,7 +141,9 @@ def add_org(data_dir: Path, org: str) -> OrgSecrets:
         with conn:
             if conn.execute("SELECT 1 FROM orgs WHERE name = ?", (org,)).fetchone():
                 raise CredentialError(f"org {org!r} already exists")
-            conn.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, time.time()))
+            now = time.time()
+            conn.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, now))
+            alerting.insert_default_rules(conn, org, now)
             _store(conn, pepper, username_for(org, "agent"), org, "agent", secrets_.agent_key)
             _store(conn, pepper, username_for(org, "reader"), org, "reader", secrets_.reader_key)
     finally:
@@ -166,7 +170,9 @@ def list_orgs(data_dir: Path) -> list[str]:
 
 
 def remove_org(data_dir: Path, org: str) -> None:
-    """Delete an org and its credentials (its keys stop working at once); history stays."""
+    """Delete an org, its credentials (its keys stop working at once) and its alerting; history stays."""
+    from fleet.config import alerting  # imports this module
+
     validate_id(org, "org")
     conn = _open(data_dir)
     try:
@@ -174,6 +180,7 @@ def remove_org(data_dir: Path, org: str) -> None:
             if conn.execute("DELETE FROM orgs WHERE name = ?", (org,)).rowcount == 0:
                 raise CredentialError(f"no such org {org!r}")
             conn.execute("DELETE FROM credentials WHERE org = ?", (org,))
+            alerting.drop_org(conn, org)
     finally:
         conn.close()
 

@@ -100,6 +100,7 @@ COMPARE: dict[str, Callable[[float, float], bool]] = {
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _OPERATOR = re.compile(r"==|!=|=|>=|<=|>|<")
+_OPERATOR_RUN = re.compile(r"[<>=!]+")
 _THRESHOLD = re.compile(r"(?P<field>.+?)\s*(?P<op>==|!=|=|>=|<=|>|<)\s*(?P<number>\S*)")
 
 
@@ -160,6 +161,13 @@ def parse_condition(text: str) -> Condition:
             raise RuleError(f"{text[:60]!r} needs an operator and a number, e.g. {text[:60]} > 90")
         raise RuleError(f"cannot read {text[:80]!r}: expected {EXPR_FORMS}")
     field, op, number = threshold.group("field"), threshold.group("op"), threshold.group("number")
+    tail = field.rsplit(" ", 1)[-1]
+    extra = _OPERATOR_RUN.match(number)
+    if (" " in field and _OPERATOR_RUN.fullmatch(tail)) or extra:
+        start = threshold.end("field") - len(tail) if " " in field and _OPERATOR_RUN.fullmatch(tail) \
+            else threshold.start("op")
+        end = threshold.start("number") + (len(extra.group()) if extra else 0)
+        raise RuleError(f"unknown operator {text[start:end].strip()[:10]!r}: use >, >=, < or <=")
     if " " in field and not field.startswith((CUSTOM_PREFIX, PROCESS_PREFIX)):
         raise RuleError(f"cannot read {text[:80]!r}: one comparison per rule, {EXPR_FORMS}")
     check_field(field)

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +39,7 @@ class Settings:
     orgs: tuple[str, ...] = ()  # collector shard; empty = every org
     # agent
     org: str = ""
-    key: str = ""
+    key: str = field(default="", repr=False)
     machine: str = ""
     interval: float = 10.0
     agent_queue_max_reports: int = 100_000
@@ -57,6 +57,9 @@ class Settings:
     history_raw_days: float = 7.0
     history_rollup_days: float = 90.0
     agent_rate_limit_per_s: float = 50.0
+    # alerts
+    alert_group_wait: float = 10.0  # seconds an org's notifications are gathered into one message
+    smtp_url: str = field(default="", repr=False)  # smtp(s)://user:pass@host:port for mailto: channels
     # web
     refresh_interval_ms: int = 5000
     rate_limit_config: str = "100/minute"
@@ -92,6 +95,10 @@ class Settings:
         _check(self.machine == "" or is_valid_id(self.machine), "machine", "must be a valid machine id", self.machine)
         for org in self.orgs:
             _check(is_valid_id(org), "orgs", "must be valid org ids", org)
+        _check(0 <= self.alert_group_wait <= 3600, "alert_group_wait", "must be between 0 and 3600 seconds",
+               self.alert_group_wait)
+        if self.smtp_url:
+            _check_smtp_url(self.smtp_url)
 
     # derived values -------------------------------------------------------------------------
     @property
@@ -129,6 +136,18 @@ class _Invalid(Exception):
 def _check(ok: bool, name: str, why: str, value: Any) -> None:
     if not ok:
         raise SettingsError(f"invalid setting {name} (FLEET_{name.upper()}={value!r}): {why}")
+
+
+def _check_smtp_url(url: str) -> None:
+    # The URL holds the SMTP password: the message names the setting, never the value.
+    why = "must look like smtp://user:password@host:587 or smtps://host:465 (value not shown)"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError:
+        raise SettingsError(f"invalid setting smtp_url (FLEET_SMTP_URL): {why}") from None
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        raise SettingsError(f"invalid setting smtp_url (FLEET_SMTP_URL): {why}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
