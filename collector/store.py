@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlite_utils
 
+from fleet.collector.alerts import AlertWrites
 from fleet.collector.state import Machine, Transition
 from fleet.config.payloads import Report
 
@@ -32,9 +33,11 @@ class Batch:
     events: list[Transition] = field(default_factory=list)
     drops: dict[str, int] = field(default_factory=dict)
     expired: dict[str, int] = field(default_factory=dict)
+    alerts: AlertWrites | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.reports or self.machines or self.evicted or self.events or self.drops or self.expired)
+        return bool(self.reports or self.machines or self.evicted or self.events or self.drops or self.expired
+                    or self.alerts)
 
 
 def _number(value: Any) -> float | None:
@@ -118,6 +121,10 @@ def write_batch(db: sqlite_utils.Database, batch: Batch, now: float) -> int:
             conn.executemany(
                 "INSERT INTO org_stats(org, expired) VALUES (?, ?)"
                 " ON CONFLICT(org) DO UPDATE SET expired = expired + excluded.expired", list(batch.expired.items()))
+        if batch.alerts:
+            batch.alerts.write(conn)
+    if batch.alerts:
+        batch.alerts.committed()
     return inserted
 
 
@@ -177,10 +184,11 @@ class RetentionResult:
     reports_rolled_up: int
     rollups_deleted: int
     events_deleted: int
+    alerts_deleted: int = 0
 
 
 def apply_retention(db: sqlite_utils.Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
-    """Fold raw reports older than ``raw_days`` into 1-minute rollups; delete rollups and events past ``rollup_days``."""
+    """Roll raw reports past ``raw_days`` into rollups, drop resolved alerts as old; prune past ``rollup_days``."""
     conn = db.conn
     raw_cutoff = now - raw_days * DAY
     rolled = 0
@@ -197,4 +205,7 @@ def apply_retention(db: sqlite_utils.Database, now: float, raw_days: float, roll
     with conn:
         rollups = conn.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,)).rowcount
         events = conn.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,)).rowcount
-    return RetentionResult(rolled, rollups, events)
+        # Resolved alerts are history like raw reports; one the channels still must hear of stays.
+        alerts = conn.execute("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ? AND notified = state",
+                              (raw_cutoff,)).rowcount
+    return RetentionResult(rolled, rollups, events, alerts)
