@@ -28,6 +28,11 @@ class FatalConnectError(AgentError):
     """A refusal that retrying will not fix (bad key, unknown CA)."""
 
 
+def new_session() -> str:
+    """A fresh session id for a new connection (= secrets.token_hex(8), without importing hashlib)."""
+    return os.urandom(8).hex()
+
+
 @dataclass
 class Connection:
     """A live (or connecting) MQTT connection with its own session id."""
@@ -40,7 +45,7 @@ class Connection:
     hardware_id: str
     interval: float
     keepalive: int
-    session: str = field(default_factory=lambda: os.urandom(8).hex())  # = secrets.token_hex(8), without hashlib
+    session: str = field(default_factory=new_session)
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     wake: threading.Event = field(default_factory=threading.Event)
     client: Any = None

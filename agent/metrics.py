@@ -69,7 +69,8 @@ def swap_percent(_state: CollectorState) -> float:
 
 def disks(_state: CollectorState) -> list[dict[str, Any]]:
     """Real filesystems (pseudo ones skipped): mount point, total and used bytes, used percent."""
-    result, seen = [], set()
+    result: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for part in psutil.disk_partitions(all=False):
         if part.fstype in PSEUDO_FILESYSTEMS or part.device in seen or len(result) >= MAX_DISKS:
             continue

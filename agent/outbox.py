@@ -68,7 +68,7 @@ class Outbox:
                 self._count += 1
                 self._bytes += len(payload)
                 self._enforce_bounds()
-                return int(cur.lastrowid)
+                return cur.lastrowid or 0
             except sqlite3.OperationalError as exc:
                 if "full" not in str(exc):
                     raise AgentError(f"agent queue write failed: {exc}") from exc

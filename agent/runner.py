@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from fleet.agent.connection import Connection, FatalConnectError
+from fleet.agent.connection import Connection, FatalConnectError, new_session
 from fleet.agent.errors import AgentError
 from fleet.agent.metrics import CollectorState, collect_metrics, hardware_id, prime_cpu, system_info
 from fleet.agent.outbox import Outbox
@@ -52,7 +52,7 @@ class Agent:
         self.system = system_info(self.hw_id)
         self.state = CollectorState()
         self.conn: Connection | None = None
-        self.session = Connection.__dataclass_fields__["session"].default_factory()  # type: ignore[misc]
+        self.session = new_session()
         self.seq = 0
         self.inflight: dict[int, int] = {}  # paho mid -> outbox id
         self.stop = threading.Event()
@@ -82,7 +82,8 @@ class Agent:
     def connect(self) -> None:
         """Open a new connection with a new session, and announce it with a retained online ping."""
         conn = Connection(self.address, self.settings.org, self.machine, self.settings.key, str(self.settings.ca_path),
-                          self.hw_id, self.settings.interval, keepalive_for(self.settings.interval), wake=self.stop_or_event)
+                          self.hw_id, self.settings.interval, keepalive_for(self.settings.interval),
+                          wake=self.stop_or_event)
         conn.open()
         self.conn = conn
         self.session, self.seq = conn.session, 0
@@ -202,7 +203,7 @@ def print_reports(settings: Settings, machine: str, once: bool, stop: threading.
     hw_id = hardware_id()
     system, state = system_info(hw_id), CollectorState()
     prime_cpu()
-    session, seq = Connection.__dataclass_fields__["session"].default_factory(), 0  # type: ignore[misc]
+    session, seq = new_session(), 0
     stop.wait(min(1.0, settings.interval))
     while True:
         report = payloads.build_report(machine, hw_id, session, seq, round(time.time(), 3),
@@ -232,8 +233,12 @@ def run(settings: Settings, once: bool = False, print_only: bool = False) -> int
                     settings.agent_queue_max_reports, settings.agent_queue_max_bytes)
     agent = Agent(settings, machine, outbox)
     agent.stop = stop
+    def request_stop(*_: object) -> None:
+        stop.set()
+        agent.stop_or_event.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: (stop.set(), agent.stop_or_event.set()))
+        signal.signal(sig, request_stop)
     try:
         return agent.run(once=once)
     finally:

@@ -159,11 +159,18 @@ class SimAgent:
             self.report_mids.discard(mid)
             self.stats.add(acked=1)
 
+    @property
+    def live(self) -> paho.Client:
+        """The connected client (publishing before connect() is a bug)."""
+        if self.client is None:
+            raise RuntimeError(f"simulated agent {self.machine} is not connected")
+        return self.client
+
     def ping(self, status: str, reason: str | None = None) -> Any:
         """Publish this session's retained presence."""
         body = payloads.build_ping(self.machine, self.hw_id, self.session, status, self.settings.interval,
                                    ts=round(time.time(), 3), reason=reason)
-        return self.client.publish(ping_topic(self.settings.org, self.machine), payloads.encode(body), qos=1,
+        return self.live.publish(ping_topic(self.settings.org, self.machine), payloads.encode(body), qos=1,
                                    retain=True)
 
     def report(self) -> None:
@@ -173,7 +180,7 @@ class SimAgent:
             return
         body = payloads.build_report(self.machine, self.hw_id, self.session, self.seq, round(time.time(), 3),
                                      self.metrics(self.settings.interval), self.system)
-        info = self.client.publish(report_topic(self.settings.org, self.machine), payloads.encode(body), qos=1)
+        info = self.live.publish(report_topic(self.settings.org, self.machine), payloads.encode(body), qos=1)
         self.report_mids.add(info.mid)
         self.seq += 1
         self.reports += 1
@@ -240,7 +247,7 @@ class Shard(threading.Thread):
             agent.next_connect = now + _backoff(agent)
             log.debug("simulated agent %s cannot connect: %s", agent.machine, exc)
             return
-        sock = agent.client.socket()
+        sock = agent.live.socket()
         if sock is not None:
             selector.register(sock, selectors.EVENT_READ, agent)
             registered[agent] = sock
@@ -340,7 +347,7 @@ def start_simulation(settings: Settings, agents: int, seed: int | None = None) -
     return Simulation(stats, shards, stop, sims)
 
 
-def run_simulation(settings: Settings, agents: int, duration: float | None = None) -> dict[str, int]:
+def run_simulation(settings: Settings, agents: int, duration: float | None = None) -> dict[str, float]:
     """``fleet simulate``: run until ``duration`` or Ctrl-C; progress every 5 s; JSON summary on exit."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

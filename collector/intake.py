@@ -21,7 +21,8 @@ log = logging.getLogger("collector.intake")
 RATE_LIMITED = "rate_limited"
 INTERNAL = "internal"
 DROP_REASONS = payloads.REASONS + (RATE_LIMITED, INTERNAL)
-BURST_SECONDS = 20.0  # bucket depth in seconds of the rate: a broker delivering a backlog after an outage is not a flood
+# Bucket depth in seconds of the rate: a broker delivering a backlog after an outage is not a flood.
+BURST_SECONDS = 20.0
 LOG_EVERY_S = 60.0
 MAX_BUCKETS = 100_000
 MAX_CACHED_TOPICS = 100_000

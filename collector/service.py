@@ -235,15 +235,17 @@ class RunningCollector:
 
     def _on_message(self, topic_bytes: bytes, payload: bytes, retained: bool, token: int) -> None:
         self._received += 1
+        client = self._client
+        assert client is not None  # the link calls back only once start() has made it
         try:
             topic = topic_bytes.decode("utf-8")
         except UnicodeDecodeError:
             self.drops.add(payloads.BAD_TOPIC, repr(topic_bytes[:100]), "topic is not UTF-8")
-            self._client.ack((token,))
+            client.ack((token,))
             return
         item = parse_message(topic, payload, retained, time.time(), self.limiter, self.drops)
         if item is None or item.message.org not in self._orgs:
-            self._client.ack((token,))  # nothing to store: counted (or not ours), acknowledge now
+            client.ack((token,))  # nothing to store: counted (or not ours), acknowledge now
             return
         self._put(item, token)
 

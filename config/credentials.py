@@ -84,7 +84,8 @@ def load_pepper(data_dir: Path, create: bool = True) -> bytes:
         return bytes.fromhex(path.read_text().strip())
     except FileNotFoundError:
         if not create:
-            raise CredentialError(f"no credential store in {data_dir} (run 'fleet org add' or 'fleet up' first)")
+            raise CredentialError(
+                f"no credential store in {data_dir} (run 'fleet org add' or 'fleet up' first)") from None
     except ValueError as exc:
         raise CredentialError(f"corrupt pepper file {path}") from exc
     Path(data_dir).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from fleet.config.errors import ContractError, PayloadError
 from fleet.config.ids import is_valid_id
@@ -134,7 +134,7 @@ def decode_object(raw: bytes) -> dict[str, Any]:
 
 # The checks below see only what a JSON decoder produced, so exact type tests are enough (a bool is
 # never mistaken for an int) and stay cheap: the collector runs them for every message.
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     kind = type(value)
     if kind is float:
         return math.isfinite(value)

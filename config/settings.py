@@ -75,8 +75,8 @@ class Settings:
                      "stale_factor", "history_raw_days", "history_rollup_days", "agent_rate_limit_per_s"):
             value = getattr(self, name)
             _check(value > 0, name, "must be greater than 0", value)
-        for name in ("ttl_seconds", "agent_queue_max_reports", "agent_queue_max_bytes",
-                     "max_queued_messages", "service_queued_messages", "max_connections", "batch_max", "refresh_interval_ms"):
+        for name in ("ttl_seconds", "agent_queue_max_reports", "agent_queue_max_bytes", "max_queued_messages",
+                     "service_queued_messages", "max_connections", "batch_max", "refresh_interval_ms"):
             value = getattr(self, name)
             _check(value >= 1, name, "must be a positive integer", value)
         _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (SPEC: changes apply within 5 s)",
@@ -86,7 +86,7 @@ class Settings:
             _check(parts.scheme in ("mqtts", "mqtt") and bool(parts.hostname), "broker_url",
                    "must look like mqtts://HOST:PORT", self.broker_url)
             try:
-                parts.port
+                _ = parts.port  # urlsplit validates the port lazily
             except ValueError:
                 _check(False, "broker_url", "has a bad port", self.broker_url)
         for name in ("org",):

@@ -120,7 +120,9 @@ def parse_agent_args(args: list[str]) -> dict[str, Any] | None:
             if not _usable(value, directory=False):
                 return None
             params["config_file"] = value
-        elif option is not None and option.kind is float:
+        elif option is None:  # unreachable: every other flag is an option
+            return None
+        elif option.kind is float:
             try:
                 params[option.dest] = float(value)
             except ValueError:

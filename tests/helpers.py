@@ -82,7 +82,8 @@ class Inbox:
                 return bool(found)
 
             if not self._cond.wait_for(seen, timeout):
-                raise AssertionError(f"no message on {topic} within {timeout} s (got {[m.topic for m in self.messages]})")
+                got = [m.topic for m in self.messages]
+                raise AssertionError(f"no message on {topic} within {timeout} s (got {got})")
             return found[0]
 
     def on(self, topic: str) -> list[Received]:

@@ -102,4 +102,5 @@ def test_the_agent_runs_without_importing_click():
             "    print('exit', stop.code, 'click' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     report, verdict = result.stdout.strip().splitlines()
-    assert json.loads(report)["seq"] == 0 and verdict == "exit 0 False", result.stderr
+    assert json.loads(report)["seq"] == 0, result.stderr
+    assert verdict == "exit 0 False", result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import overload
 
 from flask import abort, request
 
@@ -21,6 +22,10 @@ def number(name: str, default: float) -> float:
     return value
 
 
+@overload
+def integer(name: str, default: int, low: int, high: int) -> int: ...
+@overload
+def integer(name: str, default: None, low: int, high: int) -> int | None: ...
 def integer(name: str, default: int | None, low: int, high: int) -> int | None:
     """An integer parameter within [low, high]."""
     raw = request.args.get(name)
@@ -35,6 +40,10 @@ def integer(name: str, default: int | None, low: int, high: int) -> int | None:
     return value
 
 
+@overload
+def choice(name: str, allowed: tuple[str, ...] | dict, default: str) -> str: ...
+@overload
+def choice(name: str, allowed: tuple[str, ...] | dict, default: None = None) -> str | None: ...
 def choice(name: str, allowed: tuple[str, ...] | dict, default: str | None = None) -> str | None:
     """A parameter restricted to known values."""
     raw = request.args.get(name)

@@ -45,7 +45,7 @@ class RunningWeb:
         """Stop accepting, let running requests finish, close every connection (idempotent)."""
         server = self._server
         server.task_dispatcher.shutdown(timeout=5)
-        for channel in list(server._map.values()):
+        for channel in list(server._map.values()):  # noqa: SLF001 - waitress has no public way to close its channels
             channel.close()
         self._thread.join(10)
 

@@ -137,8 +137,9 @@ class SimAgent:
 
     def report(self, **metrics) -> int:
         seq = self.seq
+        system = {"os": "Linux", "hardware_id": self.hardware_id}
         payload = payloads.build_report(self.machine, self.hardware_id, self.session, seq, time.time(),
-                                        {"cpu_percent": 10.0, **metrics}, {"os": "Linux", "hardware_id": self.hardware_id})
+                                        {"cpu_percent": 10.0, **metrics}, system)
         self.publish(report_topic(self.endpoint.keys.org, self.machine), payloads.encode(payload))
         self.seq += 1
         return seq

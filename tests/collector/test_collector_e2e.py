@@ -421,7 +421,8 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
         "SELECT username, mosquitto_hash FROM credentials")))
     conn.close()
     (tmp_path / "acl").write_text(f"user {credentials.SERVICE_USERNAME}\ntopic readwrite fleet/#\n\n"
-                                  "user acme/agent\ntopic readwrite fleet/acme/#\n\nuser acme/reader\ntopic read fleet/acme/#\n")
+                                  "user acme/agent\ntopic readwrite fleet/acme/#\n\n"
+                                  "user acme/reader\ntopic read fleet/acme/#\n")
     port = free_port()
     (tmp_path / "m.conf").write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous false\npersistence false\nuser {getpass.getuser()}\n"

@@ -126,4 +126,4 @@ def test_limiter_memory_is_bounded(monkeypatch):
     for i in range(1000):
         limiter.allow("a", f"m{i}")
         clock.now += 0.01
-    assert len(limiter._buckets) <= 100
+    assert len(limiter._buckets) <= 100  # noqa: SLF001 - the bound is the point, and nothing public shows it

@@ -1,8 +1,11 @@
 """Every transition of the collector's state machine, driven with an injected clock (no broker)."""
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from fleet.collector.state import EVICTED, OFFLINE, ONLINE, STALE
+from fleet.collector.state import EVICTED, OFFLINE, ONLINE, STALE, STATUSES
 from tests.collector.collector_builders import INTERVAL, T0, ping, report, tracker
 
 
@@ -176,11 +179,6 @@ def test_load_restores_state_from_rows():
     assert statuses(t.on_ping(ping(machine="m", session="s10", ts=T0 + 2), T0 + 2)) == [(OFFLINE, ONLINE, "ping")]
 
 
-from hypothesis import given  # noqa: E402
-from hypothesis import settings as hsettings
-from hypothesis import strategies as st
-
-from fleet.collector.state import STATUSES  # noqa: E402
 
 operations = st.lists(st.one_of(
     st.tuples(st.just("report"), st.sampled_from(["a", "b", "c"]), st.sampled_from(["hw1", "hw2"])),

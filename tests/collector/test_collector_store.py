@@ -3,6 +3,8 @@
 import json
 import sqlite3
 
+import pytest
+
 from fleet.collector import store
 from fleet.collector.state import Tracker
 from fleet.config.database import open_db
@@ -117,11 +119,8 @@ def test_write_batch_fails_cleanly_while_another_writer_holds_the_lock(tmp_path)
     other.execute("BEGIN IMMEDIATE")
     r = report()
     batch = store.Batch(reports=[store.report_row(r, T0, "{}")])
-    try:
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
         store.write_batch(db, batch, T0)
-        raise AssertionError("expected the lock to be reported")
-    except sqlite3.OperationalError as exc:
-        assert "locked" in str(exc)
     other.rollback()
     assert store.write_batch(db, batch, T0) == 1  # the same batch, retried, is stored once
 

@@ -1,4 +1,7 @@
-"""config/payloads.py as it was before its fast path (orjson, exact type checks without per-field closures): the oracle the fast one must match."""
+"""config/payloads.py as it was before its fast path: the oracle the fast one must match.
+
+(The fast path decodes with orjson and checks exact types without per-field closures.)
+"""
 
 from __future__ import annotations
 

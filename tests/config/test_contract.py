@@ -50,7 +50,9 @@ def test_topics_round_trip():
     assert ping_topic("acme", "web-1") == "fleet/acme/web-1/ping"
     assert Topic.parse("fleet/acme/web-1/ping") == Topic("acme", "web-1", "ping")
     assert org_filter("acme") == "fleet/acme/#"
-    for bad in ("fleet/acme/report", "fleet/acme/+/report", "x/acme/m/report", "fleet/acme/m/other", "fleet/a/m/ping/x"):
+    bad_topics = ("fleet/acme/report", "fleet/acme/+/report", "x/acme/m/report", "fleet/acme/m/other",
+                  "fleet/a/m/ping/x")
+    for bad in bad_topics:
         with pytest.raises(ContractError):
             Topic.parse(bad)
 
@@ -84,7 +86,8 @@ def _report(**overrides):
 def test_report_round_trip():
     raw = payloads.encode(_report())
     report = payloads.parse_report(raw, "fleet/acme/web-1/report")
-    assert (report.org, report.machine_id, report.session, report.seq, report.ts) == ("acme", "web-1", "s1", 3, 1764000000.125)
+    got = (report.org, report.machine_id, report.session, report.seq, report.ts)
+    assert got == ("acme", "web-1", "s1", 3, 1764000000.125)
 
 
 @pytest.mark.parametrize(("raw", "reason"), [
@@ -122,7 +125,8 @@ def test_pings():
     online = payloads.parse_ping(payloads.encode(payloads.build_ping("web-1", "0x1", "s2", "online", 10, ts=5.0)),
                                  "fleet/acme/web-1/ping")
     assert (online.status, online.reason, online.ts) == ("online", None, 5.0)
-    for bad in ({**will, "status": "away"}, {k: v for k, v in will.items() if k != "reason"}, {**will, "interval_s": 0}):
+    no_reason = {k: v for k, v in will.items() if k != "reason"}
+    for bad in ({**will, "status": "away"}, no_reason, {**will, "interval_s": 0}):
         with pytest.raises(PayloadError):
             payloads.parse_ping(json.dumps(bad).encode(), "fleet/acme/web-1/ping")
     with pytest.raises(ContractError):
@@ -130,7 +134,7 @@ def test_pings():
 
 
 def test_encode_refuses_nan_and_oversize():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="(?i)nan|float"):
         payloads.encode({"x": float("nan")})
     with pytest.raises(PayloadError):
         payloads.encode({"x": "y" * payloads.MAX_PAYLOAD_BYTES})

@@ -62,7 +62,8 @@ def assert_same(raw: bytes, kind: str) -> None:
     topic = REPORT_TOPIC if kind == "report" else PING_TOPIC
     fast = verdict(getattr(payloads, f"parse_{kind}"), raw, topic)
     ref = verdict(getattr(reference, f"parse_{kind}"), raw, topic)
-    assert len(fast) == len(ref) and all(same(a, b) for a, b in zip(fast, ref, strict=False)), (raw, fast, ref)
+    assert len(fast) == len(ref), (raw, fast, ref)
+    assert all(same(a, b) for a, b in zip(fast, ref, strict=True)), (raw, fast, ref)
 
 
 def mutate(base: dict, path: tuple[str, ...], value, delete: bool) -> dict:

@@ -1,5 +1,6 @@
 """Settings precedence (flag > env > file > default) and one-line errors naming the setting."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_unknown_key_and_broken_file_are_errors(tmp_path):
 
 def test_settings_are_frozen_and_replace_revalidates():
     s = Settings()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.ttl_seconds = 5  # type: ignore[misc]
     assert s.replace(ttl_seconds=5).ttl_seconds == 5
     with pytest.raises(SettingsError):

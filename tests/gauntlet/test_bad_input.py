@@ -100,7 +100,8 @@ def test_replays_and_stale_sessions_change_nothing(broker, acme, collector):
     agent.publish("fleet/acme/m1/ping", payloads.encode(old), qos=1, retain=True).wait_for_publish(5)
     agent.publish(TOPIC, payloads.encode(good(3, session="new")), qos=1).wait_for_publish(5)
     wait_for(lambda: len(stored(broker.data_dir, "SELECT seq FROM reports WHERE machine_id='m1'")) == 4, timeout=10)
-    assert stored(broker.data_dir, "SELECT seq FROM reports WHERE machine_id='m1' ORDER BY seq") == [(0,), (1,), (2,), (3,)]
+    seqs = stored(broker.data_dir, "SELECT seq FROM reports WHERE machine_id='m1' ORDER BY seq")
+    assert seqs == [(0,), (1,), (2,), (3,)]
     assert stored(broker.data_dir, "SELECT status, session FROM machines WHERE machine_id='m1'") == [("online", "new")]
     close(agent)
 

@@ -131,8 +131,11 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
                 (p := payloads.parse_ping(x.payload, x.topic)).status == "online" and p.session != before[m]
                 for x in inbox.on(t)), timeout=20, message=f"{m} reconnected with a new session")
         wait_for(lambda: all(_queued(data, m) == 0 for m in AGENTS), timeout=20, message="backlogs drained")
-        wait_for(lambda: all(len({r[0] for r in _rows(data, f"SELECT session FROM reports WHERE machine_id='{m}'")}) >= 2
-                             for m in AGENTS), timeout=20, message="reports of the new sessions stored")
+        def sessions(m: str) -> set[str]:
+            return {r[0] for r in _rows(data, f"SELECT session FROM reports WHERE machine_id='{m}'")}
+
+        wait_for(lambda: all(len(sessions(m)) >= 2 for m in AGENTS), timeout=20,
+                 message="reports of the new sessions stored")
         wait_for(lambda: all(_gapless(data).get(m, 0) >= 20 for m in AGENTS), timeout=20, message="20 reports each")
         close(reader)
 
@@ -141,7 +144,8 @@ def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path
         assert all(totals[m] >= 20 for m in AGENTS), totals
         # No tail lost either: each session's reports continue one interval after the previous session's last.
         for m in AGENTS:
-            spans = _rows(data, f"SELECT min(ts), max(ts) FROM reports WHERE machine_id='{m}' GROUP BY session ORDER BY 1")
+            spans = _rows(data, f"SELECT min(ts), max(ts) FROM reports WHERE machine_id='{m}'"
+                                " GROUP BY session ORDER BY 1")
             for (_, last), (first, _) in zip(spans, spans[1:], strict=False):
                 assert first - last < 0.2 * 1.9, (m, spans)  # one interval, with room for a late tick
     finally:

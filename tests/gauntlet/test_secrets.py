@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from fleet.config import credentials
+from fleet.config import credentials, database
 from fleet.up import DEMO_KEYS_FILE
 from tests.helpers import connect_client, free_port, wait_for
 
@@ -70,7 +70,7 @@ def test_reprs_hide_keys(tmp_path):
     from fleet.up import ensure_demo_org
 
     demo = ensure_demo_org(tmp_path)
-    records = credentials.load_records(__import__("fleet.config.database", fromlist=["connect"]).connect(tmp_path / "fleet.db"))
+    records = credentials.load_records(database.connect(tmp_path / "fleet.db"))
     text = repr(org) + repr(demo) + repr(list(records.values()))
     for secret in (org.agent_key, org.reader_key, demo.agent_key, demo.reader_key):
         assert secret not in text
