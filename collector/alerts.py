@@ -33,7 +33,7 @@ from fleet.collector.channels import group_key
 from fleet.collector.state import Machine, Tracker
 from fleet.config import alerting
 from fleet.config.rules import Conflict, Rule, Silence, StatusIs, Threshold, metric_reader
-from fleet.config.topics import ROOT
+from fleet.config.topics import alert_topic
 
 log = logging.getLogger("collector.alerts")
 
@@ -42,11 +42,6 @@ REFRESH_S = 2.0  # rules, channels and silences are read again this often (SPEC:
 RECHECK_S = 0.5  # pending alerts (for durations, blindness) and status/conflict conditions are checked this often
 VALUE_WRITE_S = 10.0  # a live alert's changing value is written at most this often
 MATCH_CACHE_MAX = 200_000
-
-
-def alert_topic(org: str, machine_id: str) -> str:
-    """``fleet/<org>/<machine>/alert``: the machine's firing alerts, retained, published by the collector only."""
-    return f"{ROOT}/{org}/{machine_id}/alert"
 
 
 @dataclass(eq=False, slots=True)

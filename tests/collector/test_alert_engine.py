@@ -7,10 +7,11 @@ import json
 import pytest
 
 from fleet.collector import store
-from fleet.collector.alerts import AlertEngine, alert_topic
+from fleet.collector.alerts import AlertEngine
 from fleet.config import alerting, credentials
 from fleet.config.database import open_db
 from fleet.config.rules import Rule
+from fleet.config.topics import alert_topic
 from tests.collector.collector_builders import T0, ping, report, tracker
 
 ORGS = {"acme", "globex"}
