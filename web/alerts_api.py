@@ -16,7 +16,7 @@ STATES = ("pending", "firing", "resolved")
 @bp.get("/alerts")
 @org_required
 def alerts():
-    """``{"data": [alert, …]}`` of the caller's org: live alerts, and resolved ones since ``since`` (default: all kept)."""
+    """``{"data": [alert, …]}`` of the caller's org: live alerts, and those resolved since ``since`` (default: all)."""
     state = params.choice("state", STATES)
     since = params.number("since", 0.0)
     machine_id = params.text("machine", 64)

@@ -16,8 +16,8 @@ def _alert(fleet, org, rule, machine, state, severity="warning", value=None, act
            resolved_at=None):
     now = time.time()
     with fleet.db().conn as conn:
-        conn.execute("INSERT INTO alerts(org, rule, machine_id, state, severity, value, active_at, fired_at, resolved_at,"
-                     " notified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '')",
+        conn.execute("INSERT INTO alerts(org, rule, machine_id, state, severity, value, active_at, fired_at,"
+                     " resolved_at, notified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '')",
                      (org, rule, machine, state, severity, value, active_at or now - 100, fired_at, resolved_at))
 
 
