@@ -1,0 +1,120 @@
+"""A loopback HTTP server for channel tests: records each request, answers with the status the test chooses."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+MAX_HANG_S = 10.0
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the server received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return json.loads(self.body)
+
+
+class Recorder:
+    """Records requests; ``status`` (settable) is the answer, ``hang`` makes it stall until released."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.location = ""
+        self.hang = False
+        self.release = threading.Event()
+        self.requests: list[Recorded] = []
+        self._cond = threading.Condition()
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with recorder._cond:
+                    recorder.requests.append(Recorded(self.command, self.path, dict(self.headers.items()), body))
+                    recorder._cond.notify_all()
+                if recorder.hang:
+                    recorder.release.wait(MAX_HANG_S)
+                self.send_response(recorder.status)
+                if recorder.location:
+                    self.send_header("Location", recorder.location)
+                reply = b'{"detail": "recorded"}' if recorder.status < 300 else b'{"error": "refused by test"}'
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.scheme = "http"
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="http-recorder",
+                                        daemon=True)
+
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """Serve HTTPS with ``context`` (call before start)."""
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https"
+
+    @property
+    def url(self) -> str:
+        """The server's base URL, without a trailing slash."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def start(self) -> Recorder:
+        """Serve in a background thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release any stalled request."""
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+
+    def wait_for_count(self, n: int, timeout: float = 10.0) -> list[Recorded]:
+        """Wait until ``n`` requests arrived; return them all."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.requests) >= n, timeout):
+                raise AssertionError(f"got {len(self.requests)} requests, expected {n} within {timeout} s")
+            return list(self.requests)
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> Recorded:
+        """Wait for the first request that satisfies ``predicate``."""
+        found: list[Recorded] = []
+
+        def seen() -> bool:
+            found[:] = [r for r in self.requests if predicate(r)]
+            return bool(found)
+
+        with self._cond:
+            if not self._cond.wait_for(seen, timeout):
+                raise AssertionError(f"no matching request within {timeout} s (got {len(self.requests)})")
+            return found[0]
+
+
+@contextmanager
+def recording(status: int = 200) -> Iterator[Recorder]:
+    """A started Recorder, stopped after the block."""
+    recorder = Recorder(status).start()
+    try:
+        yield recorder
+    finally:
+        recorder.stop()
