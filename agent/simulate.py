@@ -31,6 +31,7 @@ log = logging.getLogger("fleet.simulate")
 AGENTS_PER_SHARD = 250
 MAX_UNACKED = 50  # reports in flight per agent; past this a report is skipped (counted), so memory stays bounded
 PROGRESS_EVERY_S = 5.0
+HOT_FOR_S, COOL_FOR_S = 180.0, 120.0  # a "hot" agent's CPU cycle: pinned above 90% for 3 min, then normal for 2
 OS_FAMILIES = [("Linux", "Debian GNU/Linux 12 (bookworm)", "x86_64"), ("Linux", "Ubuntu 24.04 LTS", "x86_64"),
                ("Linux", "Ubuntu 22.04 LTS", "aarch64"), ("Linux", "Alpine Linux v3.20", "x86_64"),
                ("Windows", "Windows Server 2022", "AMD64"), ("Darwin", "macOS 15.1", "arm64"),
@@ -66,8 +67,9 @@ class SimStats:
 class SimAgent:
     """One simulated machine: identity, metric random walks, and its current connection."""
 
-    def __init__(self, index: int, settings: Settings, stats: SimStats, rng: random.Random) -> None:
+    def __init__(self, index: int, settings: Settings, stats: SimStats, rng: random.Random, hot: bool = False) -> None:
         self.machine = f"sim-{index:04d}"
+        self.hot_since = time.monotonic() if hot else None  # runs hot in cycles, so a demo sees an alert fire
         self.settings = settings
         self.stats = stats
         self.rng = rng
@@ -101,7 +103,11 @@ class SimAgent:
 
     def metrics(self, interval: float) -> dict[str, Any]:
         """Next point of each random walk, in the contract's shape."""
-        self.cpu = self._walk(self.cpu, 6, 0.5, 100)
+        cycle = None if self.hot_since is None else (time.monotonic() - self.hot_since) % (HOT_FOR_S + COOL_FOR_S)
+        if cycle is not None and cycle < HOT_FOR_S:
+            self.cpu = self._walk(max(self.cpu, 94.0), 2, 91, 100)
+        else:
+            self.cpu = self._walk(min(self.cpu, 60.0) if cycle is not None else self.cpu, 6, 0.5, 100)
         self.mem = self._walk(self.mem, 1.5, 5, 98)
         self.disk = min(99.5, self.disk + self.rng.uniform(0, 0.02))
         sent, recv = self.rng.uniform(1e3, 5e5) * interval, self.rng.uniform(1e3, 2e6) * interval
@@ -329,15 +335,15 @@ class Simulation:
             shard.join(15)
 
 
-def start_simulation(settings: Settings, agents: int, seed: int | None = None) -> Simulation:
-    """Start ``agents`` simulated agents in background threads."""
+def start_simulation(settings: Settings, agents: int, seed: int | None = None, hot: int = 0) -> Simulation:
+    """Start ``agents`` simulated agents in background threads; the first ``hot`` of them run hot in cycles."""
     if not settings.org or not settings.key:
         raise AgentError("simulate needs --org and --key (or FLEET_ORG / FLEET_KEY)")
     address = BrokerAddress.parse(settings.effective_broker_url)
     rng = random.Random(seed)
     stats = SimStats()
     stop = threading.Event()
-    sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random())) for i in range(agents)]
+    sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random()), hot=i < hot) for i in range(agents)]
     spread = min(settings.interval, max(1.0, agents / 200))  # at most ~200 new TLS connections a second
     tls = tls_context(settings.ca_path) if address.tls else None  # a bad CA file fails here, once
     shards = [Shard(sims[i:i + AGENTS_PER_SHARD], address, tls, stop, spread)
