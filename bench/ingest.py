@@ -304,6 +304,8 @@ def main() -> None:
     parser.add_argument("--reports", type=int, default=5000, help="reports per publisher (K)")
     parser.add_argument("--broker", choices=("mosquitto", "embedded", "both"), default="both")
     parser.add_argument("--modes", default="backlog,live", help="comma-separated: backlog, live")
+    parser.add_argument("--alert-rules", choices=("none", "default", "all"), default="default",
+                        help="alert rules of the org: none, the 3 default ones, or all (+ bench/alerts.py's 5 thresholds)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     total = args.publishers * args.reports
@@ -311,7 +313,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp:
         workdir = Path(tmp)
         data_dir = workdir / "data"
-        keys = credentials.add_org(data_dir, ORG)
+        keys = credentials.add_org(data_dir, ORG)  # with the 3 default alert rules every org starts with
+        if args.alert_rules == "all":
+            from bench.alerts import add_threshold_rules
+
+            add_threshold_rules(data_dir)
+        elif args.alert_rules == "none":
+            from fleet.config import alerting
+
+            for rule in alerting.list_rules(data_dir, ORG):
+                alerting.remove_rule(data_dir, ORG, rule.name)
         from fleet.config.database import open_db
 
         open_db(data_dir / "fleet.db").conn.close()
@@ -328,6 +339,7 @@ def main() -> None:
             finally:
                 broker.stop()
     print()
+    print(f"alert rules: {args.alert_rules} ({ {'none': 0, 'default': 3, 'all': 8}[args.alert_rules]} rules)")
     print(f"M={args.publishers} publishers x K={args.reports} reports (QoS 1, {len(payloads.encode(payloads.build_report('m000', '0x1a2b', 'x' * 16, 0, 1.0, METRICS, SYSTEM)))} B each), "
           f"{os.cpu_count()} CPUs")
     print("| broker | mode | raw paho subscriber (msg/s) | collector into SQLite (msg/s) | collector / raw |")

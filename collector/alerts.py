@@ -92,14 +92,21 @@ def _metrics(machine: Machine) -> Mapping[str, Any]:
     return metrics
 
 
+Check = Callable[[Machine, Mapping[str, Any]], tuple[bool, float | None]]
+
+
 @dataclass(eq=False)
 class CompiledRule:
-    """A rule with its condition turned into a function of a machine's live state."""
+    """A rule with its condition turned into a function of a machine's live state and latest metrics."""
 
     rule: Rule
-    check: Callable[[Machine], tuple[bool, float | None]]
+    check: Check
     uses_metrics: bool  # only a report can change the outcome
+    all_machines: bool = False
     matches: dict[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.all_machines = self.rule.machines == "*"
 
     @property
     def name(self) -> str:
@@ -108,7 +115,7 @@ class CompiledRule:
 
     def applies_to(self, machine_id: str) -> bool:
         """True when the rule's glob covers the machine (cached per machine)."""
-        if self.rule.machines == "*":
+        if self.all_machines:
             return True
         hit = self.matches.get(machine_id)
         if hit is None:
@@ -117,26 +124,30 @@ class CompiledRule:
             hit = self.matches[machine_id] = self.rule.applies_to(machine_id)
         return hit
 
+    def holds(self, machine: Machine) -> bool:
+        """Whether the condition holds now (metrics read from the machine's state)."""
+        return self.check(machine, _metrics(machine) if self.uses_metrics else {})[0]
+
 
 def compile_rule(rule: Rule) -> CompiledRule:
     """Turn a parsed rule into a check returning (condition holds, value)."""
     when = rule.when
     if isinstance(when, StatusIs):
         status = when.status
-        return CompiledRule(rule, lambda m: (m.status == status, None), uses_metrics=False)
+        return CompiledRule(rule, lambda m, _metrics: (m.status == status, None), uses_metrics=False)
     if isinstance(when, Conflict):
-        return CompiledRule(rule, lambda m: (m.conflict, None), uses_metrics=False)
+        return CompiledRule(rule, lambda m, _metrics: (m.conflict, None), uses_metrics=False)
     assert isinstance(when, Threshold)
-    holds = when.holds
+    holds = when.predicate()
     if when.field == "clock_offset_s":
-        def offset_check(m: Machine) -> tuple[bool, float | None]:
+        def offset_check(m: Machine, _metrics: Mapping[str, Any]) -> tuple[bool, float | None]:
             value = None if m.clock_offset_s is None else abs(m.clock_offset_s)
             return (value is not None and holds(value), value)
         return CompiledRule(rule, offset_check, uses_metrics=False)
     reader = metric_reader(when.field)
 
-    def metric_check(m: Machine) -> tuple[bool, float | None]:
-        value = reader(_metrics(m))
+    def metric_check(_m: Machine, metrics: Mapping[str, Any]) -> tuple[bool, float | None]:
+        value = reader(metrics)
         return (value is not None and holds(value), value)
     return CompiledRule(rule, metric_check, uses_metrics=True)
 
@@ -335,13 +346,17 @@ class AlertEngine:
             return
         machine_id = machine.machine_id
         current = self.live.get((machine.org, machine_id))
+        metrics: Mapping[str, Any] | None = None
         for cr in rules:
-            if not metrics_changed and cr.uses_metrics:
+            if cr.uses_metrics:
+                if not metrics_changed:
+                    continue
+                if metrics is None:
+                    metrics = _metrics(machine)
+            if not cr.all_machines and not cr.applies_to(machine_id):
                 continue
-            if not cr.applies_to(machine_id):
-                continue
-            holds, value = cr.check(machine)
-            alert = current.get(cr.name) if current else None
+            holds, value = cr.check(machine, metrics)  # type: ignore[arg-type] # None only for non-metric rules
+            alert = current.get(cr.rule.name) if current else None
             if holds:
                 if alert is None:
                     alert = self._open(cr.rule, machine, value, now)
@@ -386,7 +401,7 @@ class AlertEngine:
             cr = self.by_name.get((alert.org, alert.rule))
             if machine is None or cr is None:
                 continue
-            if cr.uses_metrics or cr.check(machine)[0]:  # metric rules change only with reports
+            if cr.uses_metrics or cr.holds(machine):  # metric rules change only with reports
                 self._maybe_fire(alert, cr.rule, machine, now)
             else:
                 self._clear(alert, now)

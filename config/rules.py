@@ -88,6 +88,10 @@ class Threshold:
         """True when ``value OP number``."""
         return COMPARE[self.op](value, self.limit)
 
+    def predicate(self) -> Callable[[float], bool]:
+        """``holds`` as one fast call, for the collector's per-report evaluation."""
+        return getattr(self.limit, _MIRRORED[self.op])
+
     def __str__(self) -> str:
         return f"{self.field} {self.op} {self.number}"
 
@@ -97,6 +101,8 @@ Condition = StatusIs | Conflict | Threshold
 COMPARE: dict[str, Callable[[float, float], bool]] = {
     ">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
 }
+# value OP limit as a bound method of the limit (one C call): value > limit is limit < value, and so on.
+_MIRRORED = {">": "__lt__", ">=": "__le__", "<": "__gt__", "<=": "__ge__"}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _OPERATOR = re.compile(r"==|!=|=|>=|<=|>|<")
@@ -344,18 +350,26 @@ class Silence:
 
 
 # --- field values --------------------------------------------------------------------------------------
+# Decoded JSON holds plain dicts; isinstance(x, dict) is several times cheaper than the ABC check of Mapping.
 def _number_or_none(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+    kind = type(value)  # exact types: bool is an int subclass and no number here
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int:
+        return float(value)
+    return None
 
 
 def _disk_percent(metrics: Mapping[str, Any]) -> float | None:
     disks = metrics.get("disks")
     if not isinstance(disks, list):
         return None
-    values = [v for v in (_number_or_none(d.get("percent")) for d in disks if isinstance(d, Mapping)) if v is not None]
-    return max(values) if values else None
+    best = None
+    for disk in disks:
+        value = _number_or_none(disk.get("percent")) if isinstance(disk, dict) else None
+        if value is not None and (best is None or value > best):
+            best = value
+    return best
 
 
 def _load(index: int) -> Callable[[Mapping[str, Any]], float | None]:
@@ -368,7 +382,7 @@ def _load(index: int) -> Callable[[Mapping[str, Any]], float | None]:
 def _nested(section: str, key: str) -> Callable[[Mapping[str, Any]], float | None]:
     def value(metrics: Mapping[str, Any]) -> float | None:
         inner = metrics.get(section)
-        return _number_or_none(inner.get(key)) if isinstance(inner, Mapping) else None
+        return _number_or_none(inner.get(key)) if isinstance(inner, dict) else None
     return value
 
 
@@ -382,7 +396,7 @@ def _top(key: str) -> Callable[[Mapping[str, Any]], float | None]:
         section, _, rest = key.partition("_")
         while rest:
             inner = metrics.get(section)
-            if isinstance(inner, Mapping) and rest in inner:
+            if isinstance(inner, dict) and rest in inner:
                 return _number_or_none(inner[rest])
             head, _, rest = rest.partition("_")
             section = f"{section}_{head}"
