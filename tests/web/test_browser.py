@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -108,4 +111,163 @@ def test_token_in_the_url_fragment_signs_in_and_is_removed(browser, site, fleet)
     page.goto(f"{site.url}/#token={fleet.acme.reader_key}")
     page.wait_for_selector("#machines tbody tr")
     assert "token" not in page.url
+    page.close()
+
+
+def signed_in(browser, site, fleet):
+    """A page signed in as acme, en-GB in UTC (24-hour times to compare with), with a count of table re-renders."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900}, locale="en-GB", timezone_id="UTC")
+    page.goto(f"{site.url}/#token={fleet.acme.reader_key}")
+    page.wait_for_selector("#machines tbody tr")
+    page.evaluate("""() => { window.__renders = 0;
+        new MutationObserver(() => { window.__renders += 1; })
+            .observe(document.querySelector('#machines tbody'), { childList: true }); }""")
+    return page
+
+
+def wait_for_refreshes(page, n=2):
+    """Wait until the table was rebuilt ``n`` more times by the page's own refresh timer (every second here)."""
+    start = page.evaluate("window.__renders")
+    page.wait_for_function("n => window.__renders >= n", arg=start + n, timeout=10_000)
+
+
+def test_a_row_opens_from_the_keyboard_and_keeps_focus_across_refreshes(browser, site, fleet):
+    page = signed_in(browser, site, fleet)
+    for _ in range(40):  # Tab through the page's controls to the first row
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.matches('#machines tbody tr')"):
+            break
+    else:
+        pytest.fail("Tab never reached a table row")
+    first = page.evaluate("document.activeElement.dataset.machine")
+    page.keyboard.press("Tab")  # on to the next row
+    machine = page.evaluate("document.activeElement.dataset.machine")
+    assert machine
+    assert machine != first
+    wait_for_refreshes(page)  # the rows were rebuilt: focus is on the new row of the same machine
+    assert page.evaluate("document.activeElement.dataset.machine") == machine
+    page.keyboard.press("Enter")
+    expect(page.locator("#detail")).to_be_visible()
+    expect(page.locator("#d-name")).to_have_text(machine)
+    expect(page.locator("#d-name")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.locator("#detail")).to_be_hidden()
+    assert page.evaluate("document.activeElement.dataset.machine") == machine
+    page.keyboard.press("Space")
+    expect(page.locator("#detail")).to_be_visible()
+    page.close()
+
+
+def test_toggle_buttons_say_whether_they_are_pressed(browser, site, fleet):
+    page = signed_in(browser, site, fleet)
+    stat = {s: page.locator(f".stat[data-status='{s}']") for s in ("online", "stale", "offline")}
+    for button in stat.values():
+        expect(button).to_have_attribute("aria-pressed", "false")
+    stat["online"].click()
+    expect(stat["online"]).to_have_attribute("aria-pressed", "true")
+    expect(stat["stale"]).to_have_attribute("aria-pressed", "false")
+    expect(page.locator("#machines tbody tr")).to_have_count(2)
+    stat["online"].click()
+    expect(stat["online"]).to_have_attribute("aria-pressed", "false")
+    page.select_option("#status-filter", "stale")  # the select and the buttons are one filter
+    expect(stat["stale"]).to_have_attribute("aria-pressed", "true")
+    expect(stat["online"]).to_have_attribute("aria-pressed", "false")
+    page.select_option("#status-filter", "")
+
+    page.click("tr[data-machine='web-1']")
+    ranges = page.locator(".range button")
+    expect(ranges).to_have_count(4)
+    assert [ranges.nth(i).get_attribute("aria-pressed") for i in range(4)] == ["true", "false", "false", "false"]
+    page.click(".range button[data-range='3600']")
+    expect(page.locator(".range button[data-range='3600']")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator(".range button[data-range='900']")).to_have_attribute("aria-pressed", "false")
+    page.close()
+
+
+def axis_ticks(page, chart):
+    """(datetime, text, left x) of each time-axis label under ``chart``."""
+    return page.eval_on_selector_all(
+        f".chart[data-chart='{chart}'] .axis time",
+        "els => els.map(e => [e.getAttribute('datetime'), e.textContent, e.getBoundingClientRect().left])")
+
+
+def steps(ticks):
+    """The distinct gaps, in seconds, between consecutive axis labels."""
+    stamps = [datetime.fromisoformat(iso).timestamp() for iso, _, _ in ticks]
+    return {b - a for a, b in zip(stamps, stamps[1:], strict=False)}
+
+
+def test_charts_have_a_labelled_time_axis(browser, site, fleet):
+    page = signed_in(browser, site, fleet)
+    page.click("tr[data-machine='web-1']")
+    page.wait_for_selector(".chart[data-chart='cpu'] path.line")
+    now = time.time()
+    for name in ("cpu", "memory", "disk", "network"):
+        ticks = axis_ticks(page, name)
+        assert len(ticks) >= 2, name
+        stamps = [datetime.fromisoformat(iso).timestamp() for iso, _, _ in ticks]
+        # Each label is its tick's time of day (UTC, 24-hour in en-GB), inside the 15-minute window.
+        assert [text for _, text, _ in ticks] == [time.strftime("%H:%M", time.gmtime(t)) for t in stamps]
+        assert all(now - 900 - 5 <= t <= now + 5 for t in stamps)
+        assert steps(ticks) == {300.0}  # round 5-minute steps
+        lefts = [left for _, _, left in ticks]
+        assert lefts == sorted(lefts)
+    # The x axis is the window, not the data: 10 minutes of history start a third of the way in.
+    path = page.get_attribute(".chart[data-chart='cpu'] path.line", "d")
+    first_x = float(re.match(r"M([\d.]+),", path).group(1))
+    assert 0.28 < first_x / 280 < 0.40
+    page.click(".range button[data-range='3600']")
+    page.wait_for_function("""() => {
+        const t = [...document.querySelectorAll(".chart[data-chart='cpu'] .axis time")];
+        const at = (i) => Date.parse(t[i].getAttribute("datetime"));
+        return t.length >= 2 && at(1) - at(0) > 300000;
+    }""")
+    assert steps(axis_ticks(page, "cpu")) == {900.0}  # quarter hours over the last hour
+    page.close()
+
+
+def set_metrics(fleet, machine_id, **metrics):
+    """Merge ``metrics`` into an acme machine's latest metrics."""
+    db = fleet.db()
+    (current,) = db.execute("SELECT metrics FROM machines WHERE org = 'acme' AND machine_id = ?",
+                            [machine_id]).fetchone()
+    db.execute("UPDATE machines SET metrics = ? WHERE org = 'acme' AND machine_id = ?",
+               [json.dumps({**json.loads(current), **metrics}), machine_id])
+    db.conn.commit()
+
+
+def test_numbers_in_the_detail_are_formatted(browser, site, fleet):
+    set_metrics(fleet, "web-1", load_avg=[1.4849999999999999, 0.30000000000000004, 12], cpu_count=8,
+                uptime_s=90061.123456789)
+    page = signed_in(browser, site, fleet)
+    page.click("tr[data-machine='web-1']")
+    page.wait_for_selector(".chart[data-chart='cpu'] path.line")
+    facts = dict(zip(page.locator("#d-facts dt").all_text_contents(), page.locator("#d-facts dd").all_text_contents(),
+                     strict=True))
+    assert facts["Load"] == "1.48, 0.30, 12.00"
+    assert facts["CPUs"] == "8"
+    assert facts["Uptime"] == "1.0 days"
+    assert not re.search(r"\d\.\d{4,}", page.inner_text("#detail"))  # no float printed raw anywhere
+    page.close()
+
+
+def test_only_a_small_status_region_is_live(browser, site, fleet):
+    page = signed_in(browser, site, fleet)
+    assert page.eval_on_selector_all("[aria-live]", "els => els.map(e => e.id)") == ["live-status"]
+    assert page.get_attribute("#live-status", "role") == "status"
+    page.click("tr[data-machine='web-1']")
+    expect(page.locator("#live-status")).to_have_text("web-1: online, details open")
+    page.evaluate("""() => { window.__spoken = 0;
+        new MutationObserver(() => { window.__spoken += 1; }).observe(document.getElementById('live-status'),
+            { childList: true, characterData: true, subtree: true }); }""")
+    wait_for_refreshes(page)  # the detail re-rendered twice with nothing new: nothing is read out again
+    assert page.evaluate("window.__spoken") == 0
+    fleet.machine("acme", "web-1", "offline")
+    expect(page.locator("#live-status")).to_have_text("web-1 is now offline")
+    assert page.evaluate("window.__spoken") == 1
+    # A failing refresh is said once, and so is its recovery.
+    page.route("**/api/fleet?*", lambda route: route.fulfill(status=503, json={"error": "down"}))
+    expect(page.locator("#live-status")).to_have_text(re.compile(r"^Refresh failed: 503"))
+    page.unroute("**/api/fleet?*")
+    expect(page.locator("#live-status")).to_have_text("Refresh works again")
     page.close()

@@ -4,7 +4,8 @@
 
 const PAGE = 100;
 const state = { token: sessionStorage.getItem("fleet-token") || "", config: null, page: 0, timer: null,
-                selected: null, range: 900, machines: [], serverSkew: 0, alerts: [], silences: [], alertTab: "firing" };
+                selected: null, range: 900, machines: [], serverSkew: 0, selectedStatus: null, failing: false,
+                alerts: [], silences: [], alertTab: "firing" };
 const RESOLVED_WINDOW_S = 86400;
 const $ = (id) => document.getElementById(id);
 
@@ -42,6 +43,15 @@ function ago(ts) {
 }
 
 function pct(value) { return typeof value === "number" ? value : null; }
+
+// A number with a fixed count of decimals (load 1.4849999999999999 -> "1.48"); anything else is absent.
+function fixed(value, digits) { return typeof value === "number" && Number.isFinite(value) ? value.toFixed(digits) : null; }
+
+// The one live region (#live-status): written only when the message changes, so nothing is read out twice.
+function announce(message) {
+  const region = $("live-status");
+  if (region.textContent !== message) region.textContent = message;
+}
 
 function bar(value) {
   const cell = el("td", { class: "num" });
@@ -104,8 +114,12 @@ async function refresh() {
     [body] = await Promise.all([api(`/api/fleet?${query()}`), loadAlerts()]);
   } catch (err) {
     $("refresh-state").textContent = `refresh failed: ${err.message}`;
+    announce(`Refresh failed: ${err.message}`);
+    state.failing = true;
     return;
   }
+  if (state.failing) announce("Refresh works again");
+  state.failing = false;
   state.serverSkew = Date.now() / 1000 - body.server_time;
   $("login").hidden = true; $("fleet").hidden = false; $("logout").hidden = false;
   $("org-name").textContent = body.org;
@@ -156,7 +170,13 @@ function alertItem(a) {
     if (a.silenced) item.append(severityBadge("silenced", "silenced"));
     item.append(el("span", { class: "muted", text: `${a.state === "pending" ? "pending" : "since"} ${ago(a.started_at)}` }));
   }
+  item.tabIndex = 0;
   item.addEventListener("click", () => loadDetail(a.machine_id, true));
+  item.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Enter" && ev.key !== " ") return;
+    ev.preventDefault();
+    loadDetail(a.machine_id, true, true);
+  });
   return item;
 }
 
@@ -178,7 +198,10 @@ function renderAlerts() {
   $("tab-firing").textContent = firing.length;
   $("tab-resolved").textContent = resolved.length;
   $("tab-silences").textContent = active.length;
-  for (const tab of panel.querySelectorAll("[data-tab]")) tab.classList.toggle("active", tab.dataset.tab === state.alertTab);
+  for (const tab of panel.querySelectorAll("[data-tab]")) {
+    tab.classList.toggle("active", tab.dataset.tab === state.alertTab);
+    tab.setAttribute("aria-selected", String(tab.dataset.tab === state.alertTab));
+  }
   let items, none;
   if (state.alertTab === "resolved") { items = resolved.map(alertItem); none = "Nothing resolved in the last 24 hours."; }
   else if (state.alertTab === "silences") { items = active.map(silenceItem); none = "No silences."; }
@@ -192,6 +215,9 @@ function renderAlerts() {
 
 function renderTable(machines) {
   state.machines = machines;
+  // Rows are rebuilt every refresh: a keyboard user's focus moves to the new row of the same machine.
+  const focused = document.activeElement && document.activeElement.closest("#machines tbody tr");
+  const refocus = focused ? focused.dataset.machine : null;
   const firing = firingByMachine();
   const rows = machines.map((m) => {
     const flags = el("td");
@@ -207,7 +233,7 @@ function renderTable(machines) {
       flags.append(el("span", { class: "flag skew", text: `clock ${m.clock_offset_s > 0 ? "-" : "+"}${Math.abs(m.clock_offset_s).toFixed(1)} s` }));
     }
     const sys = m.system || {};
-    const row = el("tr", { "data-machine": m.machine_id },
+    const row = el("tr", { "data-machine": m.machine_id, tabindex: "0" },
       el("td", {}, badge(m.status)),
       el("td", {}, el("div", { class: "name", text: m.machine_id }), el("div", { class: "sub", text: sys.hostname || "" })),
       el("td", {}, el("div", { text: sys.os || "" }), el("div", { class: "sub", text: sys.os_version || "" })),
@@ -218,9 +244,16 @@ function renderTable(machines) {
       flags);
     if (m.machine_id === state.selected) row.classList.add("active");
     row.addEventListener("click", () => loadDetail(m.machine_id, true));
+    row.addEventListener("keydown", (ev) => {
+      if (ev.target !== row || (ev.key !== "Enter" && ev.key !== " ")) return;
+      ev.preventDefault();
+      loadDetail(m.machine_id, true, true);
+    });
     return row;
   });
   $("machines").tBodies[0].replaceChildren(...rows);
+  const again = refocus && rows.find((r) => r.dataset.machine === refocus);
+  if (again) again.focus({ preventScroll: true });
   $("empty").hidden = machines.length > 0;
 }
 
@@ -228,7 +261,7 @@ function fact(dl, label, value) {
   dl.append(el("dt", { text: label }), el("dd", { text: value == null || value === "" ? "–" : String(value) }));
 }
 
-async function loadDetail(machineId, open) {
+async function loadDetail(machineId, open, focus = false) {
   state.selected = machineId;
   for (const row of $("machines").tBodies[0].rows) row.classList.toggle("active", row.dataset.machine === machineId);
   const now = Date.now() / 1000 - state.serverSkew;
@@ -244,8 +277,13 @@ async function loadDetail(machineId, open) {
     if (open) $("d-sub").textContent = `could not load: ${err.message}`;
     return;
   }
+  const wasHidden = $("detail").hidden;
   $("detail").hidden = false;
   $("d-name").textContent = machine.machine_id;
+  if (open) announce(`${machine.machine_id}: ${machine.status}, details open`);
+  else if (state.selectedStatus && state.selectedStatus !== machine.status) announce(`${machine.machine_id} is now ${machine.status}`);
+  state.selectedStatus = machine.status;
+  if (focus && wasHidden) $("d-name").focus();  // opened from the keyboard: continue reading in the panel
   $("d-sub").replaceChildren(badge(machine.status), document.createTextNode(`  last seen ${ago(machine.last_seen)}`));
   const sys = machine.system || {}, met = machine.metrics || {};
   const dl = $("d-facts");
@@ -257,14 +295,14 @@ async function loadDetail(machineId, open) {
   fact(dl, "Python / agent", [sys.python_version, sys.agent_version].filter(Boolean).join(" / "));
   fact(dl, "Hardware id", machine.hardware_id);
   fact(dl, "CPUs", met.cpu_count);
-  fact(dl, "Load", (met.load_avg || []).join("  "));
+  fact(dl, "Load", (met.load_avg || []).map((v) => fixed(v, 2) ?? "–").join(", "));
   fact(dl, "Uptime", met.uptime_s != null ? `${(met.uptime_s / 86400).toFixed(1)} days` : null);
   fact(dl, "Clock offset", machine.clock_offset_s != null ? `${machine.clock_offset_s.toFixed(2)} s` : null);
   fact(dl, "Session", machine.session);
   fact(dl, "Name conflict", machine.conflict ? "yes: two hardware ids use this name" : "no");
   const mine = state.alerts.filter((a) => a.machine_id === machine.machine_id && a.state !== "resolved");
   $("d-alerts").replaceChildren(...mine.map(alertItem));
-  renderCharts(history.points);
+  renderCharts(history.points, now - state.range, now);
   const list = $("d-events");
   list.replaceChildren(...events.events.slice().reverse().map((e) => el("li", {},
     el("time", { text: new Date(e.ts * 1000).toLocaleString() }),
@@ -283,13 +321,14 @@ function rates(points, key) {
   return out;
 }
 
-function renderCharts(points) {
+// Charts span the selected range, [t0, t1] in server time, whatever part of it has data.
+function renderCharts(points, t0, t1) {
   const series = (key) => points.filter((p) => typeof p[key] === "number").map((p) => ({ ts: p.ts, v: p[key] }));
   const charts = [
-    chart("CPU", "%", [series("cpu_percent")], 100),
-    chart("Memory", "%", [series("memory_percent")], 100),
-    chart("Disk", "%", [series("disk_percent")], 100),
-    chart("Network", "B/s", [rates(points, "net_bytes_recv"), rates(points, "net_bytes_sent")], null),
+    chart("CPU", "%", [series("cpu_percent")], 100, t0, t1),
+    chart("Memory", "%", [series("memory_percent")], 100, t0, t1),
+    chart("Disk", "%", [series("disk_percent")], 100, t0, t1),
+    chart("Network", "B/s", [rates(points, "net_bytes_recv"), rates(points, "net_bytes_sent")], null, t0, t1),
   ];
   $("d-charts").replaceChildren(...charts);
 }
@@ -302,19 +341,47 @@ function human(v, unit) {
   return `${v.toFixed(v < 10 ? 1 : 0)} ${units[i]}`;
 }
 
-function chart(title, unit, seriesList, fixedMax) {
+// Time-axis ticks: the first step (seconds) that gives at most `most` ticks over [t0, t1], on local clock boundaries.
+const TICK_STEPS = [60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
+function timeTicks(t0, t1, most = 4) {
+  const step = TICK_STEPS.find((s) => (t1 - t0) / s <= most) || TICK_STEPS[TICK_STEPS.length - 1];
+  const zone = new Date(t0 * 1000).getTimezoneOffset() * 60;  // seconds to add to local time to get UTC
+  const ticks = [];
+  for (let t = Math.ceil((t0 - zone) / step) * step + zone; t <= t1; t += step) ticks.push(t);
+  return ticks;
+}
+
+function timeLabel(ts) {
+  return new Date(ts * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function chart(title, unit, seriesList, fixedMax, t0, t1) {
   const W = 280, H = 110, P = 4;
   const box = el("div", { class: "chart", "data-chart": title.toLowerCase() });
   const main = seriesList[0];
   const last = main.length ? human(main[main.length - 1].v, unit) : "no data";
   box.append(el("h4", {}, document.createTextNode(title), el("b", { text: last })));
-  const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", "aria-label": `${title} over time` });
-  for (const y of [0.25, 0.5, 0.75]) s.append(svg("line", { class: "grid", x1: 0, x2: W, y1: H * y, y2: H * y }));
   const all = seriesList.flat();
+  const end = Math.max(t1, ...all.map((p) => p.ts));  // a point stamped a little ahead (clock skew) still shows
+  const x = (t) => ((t - t0) / (end - t0)) * (W - 2 * P) + P;
+  const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
+                         "aria-label": `${title} from ${timeLabel(t0)} to ${timeLabel(end)}` });
+  for (const y of [0.25, 0.5, 0.75]) s.append(svg("line", { class: "grid", x1: 0, x2: W, y1: H * y, y2: H * y }));
+  // The time axis: labels in HTML under the plot (the SVG is stretched, text in it would be too).
+  const axis = el("div", { class: "axis" });
+  for (const t of timeTicks(t0, end)) {
+    const at = x(t);
+    s.append(svg("line", { class: "grid", x1: at, x2: at, y1: 0, y2: H }));
+    const tick = el("time", { datetime: new Date(t * 1000).toISOString(), text: timeLabel(t) });
+    const f = at / W;
+    // Centred on its tick, except near an edge, where it slides to stay inside the chart (still covering the tick).
+    const shift = f < 0.15 ? (50 * f) / 0.15 : f > 0.85 ? 100 - (50 * (1 - f)) / 0.15 : 50;
+    tick.style.left = `${(f * 100).toFixed(2)}%`;
+    tick.style.transform = `translateX(${(-shift).toFixed(2)}%)`;
+    axis.append(tick);
+  }
   if (all.length >= 1) {
-    const t0 = Math.min(...all.map((p) => p.ts)), t1 = Math.max(...all.map((p) => p.ts));
     const max = fixedMax || Math.max(1, ...all.map((p) => p.v)) * 1.1;
-    const x = (t) => (t1 === t0 ? W / 2 : ((t - t0) / (t1 - t0)) * (W - 2 * P) + P);
     const y = (v) => H - P - (Math.min(v, max) / max) * (H - 2 * P);
     seriesList.forEach((points, i) => {
       if (!points.length) return;
@@ -326,7 +393,7 @@ function chart(title, unit, seriesList, fixedMax) {
     label.textContent = fixedMax ? `${fixedMax}${unit}` : human(max, unit);
     s.append(label);
   }
-  box.append(s);
+  box.append(s, axis);
   return box;
 }
 
@@ -366,11 +433,20 @@ $("search").addEventListener("input", () => { clearTimeout(searchTimer); searchT
 for (const id of ["os-filter", "status-filter", "sort"]) $(id).addEventListener("change", () => { state.page = 0; refresh(); });
 $("prev").addEventListener("click", () => { state.page = Math.max(0, state.page - 1); refresh(); });
 $("next").addEventListener("click", () => { state.page += 1; refresh(); });
+// Toggle buttons show their state to the eye (a class) and to assistive technology (aria-pressed).
+function setPressed(button, pressed, cls) {
+  button.classList.toggle(cls, pressed);
+  button.setAttribute("aria-pressed", String(pressed));
+}
+function syncStatusButtons() {
+  for (const b of document.querySelectorAll(".stat[data-status]")) setPressed(b, b.dataset.status === $("status-filter").value, "selected");
+}
+$("status-filter").addEventListener("change", syncStatusButtons);
 for (const button of document.querySelectorAll(".stat[data-status]")) {
   button.addEventListener("click", () => {
     const status = button.dataset.status;
     $("status-filter").value = $("status-filter").value === status ? "" : status;
-    document.querySelectorAll(".stat").forEach((b) => b.classList.toggle("selected", b.dataset.status === $("status-filter").value));
+    syncStatusButtons();
     state.page = 0;
     refresh();
   });
@@ -383,10 +459,19 @@ $("alerts-card").addEventListener("click", () => {
   renderAlerts();
   $("alerts-panel").scrollIntoView({ behavior: "smooth", block: "nearest" });
 });
-$("d-close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; refresh(); });
+function closeDetail() {
+  const row = document.querySelector(`#machines tbody tr[data-machine="${CSS.escape(state.selected || "")}"]`);
+  const hadFocus = $("detail").contains(document.activeElement);
+  $("detail").hidden = true;
+  state.selected = null;
+  if (row && hadFocus) row.focus();  // back to the row the keyboard came from
+  refresh();
+}
+$("d-close").addEventListener("click", closeDetail);
+$("detail").addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeDetail(); });
 for (const button of document.querySelectorAll(".range button")) {
   button.addEventListener("click", () => {
-    document.querySelectorAll(".range button").forEach((b) => b.classList.toggle("active", b === button));
+    document.querySelectorAll(".range button").forEach((b) => setPressed(b, b === button, "active"));
     state.range = Number(button.dataset.range);
     if (state.selected) loadDetail(state.selected, true);
   });
