@@ -32,7 +32,7 @@ from fleet.collector import notify
 from fleet.collector.channels import group_key
 from fleet.collector.state import Machine, Tracker
 from fleet.config import alerting
-from fleet.config.rules import Conflict, Rule, Silence, StatusIs, Threshold, metric_reader
+from fleet.config.rules import Conflict, Rule, Silence, StatusIs, Threshold, format_duration, metric_reader
 from fleet.config.topics import alert_topic
 
 log = logging.getLogger("collector.alerts")
@@ -153,14 +153,15 @@ def compile_rule(rule: Rule) -> CompiledRule:
 
 
 def summary(rule: Rule, machine_id: str, value: float | None) -> str:
-    """One line saying what is wrong, for notifications."""
+    """One line saying what is wrong and which rule says so, for notifications."""
     when = rule.when
     if isinstance(when, StatusIs):
-        return f"{machine_id} is {when.status}"
-    if isinstance(when, Conflict):
-        return f"two machines with different hardware ids report as {machine_id}"
-    shown = "?" if value is None else f"{value:.6g}"
-    return f"{when.field} is {shown} on {machine_id} ({when.op} {when.number})"
+        what = f"{machine_id} is {when.status}"
+    elif isinstance(when, Conflict):
+        what = f"two machines with different hardware ids report as {machine_id}"
+    else:
+        what = f"{when.field} is {'?' if value is None else f'{value:.6g}'} on {machine_id}"
+    return f"{what} ({when}{f' for {format_duration(rule.for_s)}' if rule.for_s else ''})"
 
 
 # --- what a flush writes -------------------------------------------------------------------------------
