@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--broker", choices=("mosquitto", "embedded", "both"), default="both")
     parser.add_argument("--modes", default="backlog,live", help="comma-separated: backlog, live")
     parser.add_argument("--alert-rules", choices=("none", "default", "all"), default="default",
-                        help="alert rules of the org: none, the 3 default ones, or all (+ bench/alerts.py's 5 thresholds)")
+                        help="the org's alert rules: none, the 3 default ones, or all 8 (+ bench/alerts.py's 5)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     total = args.publishers * args.reports
@@ -339,7 +339,8 @@ def main() -> None:
             finally:
                 broker.stop()
     print()
-    print(f"alert rules: {args.alert_rules} ({ {'none': 0, 'default': 3, 'all': 8}[args.alert_rules]} rules)")
+    rule_count = {"none": 0, "default": 3, "all": 8}[args.alert_rules]
+    print(f"alert rules: {args.alert_rules} ({rule_count} rules)")
     print(f"M={args.publishers} publishers x K={args.reports} reports (QoS 1, {len(payloads.encode(payloads.build_report('m000', '0x1a2b', 'x' * 16, 0, 1.0, METRICS, SYSTEM)))} B each), "
           f"{os.cpu_count()} CPUs")
     print("| broker | mode | raw paho subscriber (msg/s) | collector into SQLite (msg/s) | collector / raw |")

@@ -198,8 +198,9 @@ def load_channel(conn: sqlite3.Connection, box: SecretBox, org: str, name: str) 
                        " WHERE org = ? AND name = ?", (org, name)).fetchone()
     if row is None:
         return None
-    url_enc, secret_enc = row[-2], row[-1]
-    return Channel(*row[:-2], url=box.open(url_enc), secret=None if secret_enc is None else box.open(secret_enc))
+    org_, name_, kind, target, last_delivery, last_error, last_error_at, failures, url_enc, secret_enc = row
+    return Channel(org_, name_, kind, target, last_delivery, last_error, last_error_at, failures, url=box.open(url_enc),
+                   secret=None if secret_enc is None else box.open(secret_enc))
 
 
 def get_channel(data_dir: Path, org: str, name: str) -> Channel:
@@ -285,7 +286,8 @@ def expire_silence(data_dir: Path, org: str, silence_id: int, now: float | None 
 
 def load_silences(conn: sqlite3.Connection, now: float, org: str | None = None) -> list[Silence]:
     """Silences in force at ``now`` or later (of one org, or all), oldest first."""
-    where, params = "ends_at > ?", [now]
+    where = "ends_at > ?"
+    params: list[Any] = [now]
     if org is not None:
         where += " AND org = ?"
         params.append(org)
