@@ -264,3 +264,21 @@ def test_removing_the_org_forgets_its_alerts(h):
     h.flush()
     assert h.alerts() == []
     assert ("fleet/acme/web-1/alert", b"") in h.published
+
+
+def test_alertmanager_channels_get_firing_alerts_again_while_they_fire(h):
+    alerting.store_channel(h.data_dir, "acme", "am", "alertmanager", "alertmanager+http://127.0.0.1:9093", None,
+                           "alertmanager+http://127.0.0.1:9093")
+    h.rule("acme", "down-now", "status == offline")
+    h.tick(T0)
+    _offline(h)
+    h.tick(T0 + 12)
+    assert sorted(channel for channel, _ in h.outbox()) == ["am", "hook"]
+    h.db.conn.execute("DELETE FROM alert_outbox")  # delivered
+    h.db.conn.commit()
+    h.tick(T0 + 40)
+    assert h.outbox() == []
+    h.tick(T0 + 75)  # 60 s after the channel was first seen
+    assert h.outbox() == [("am", [("firing", "down-now", "web-1")])]
+    h.tick(T0 + 140)  # the re-send is still queued: no pile-up
+    assert len(h.outbox()) == 1
