@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, port_open, stop_process  # noqa: E402
+from bench.ingest import SYSTEM, wait_until  # noqa: E402
 from fleet.config import alerting, credentials, payloads  # noqa: E402
 from fleet.config.rules import Rule  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
@@ -43,18 +44,6 @@ ORG = "bench"
 THRESHOLD_RULES = (("cpu-hot", "cpu_percent > 90", "5m"), ("memory-full", "memory_percent > 95", "5m"),
                    ("load-high", "load1 > 16", "10m"), ("swapping", "swap_percent > 80", "10m"),
                    ("clock-skew", "clock_offset_s > 5", "1m"))
-SYSTEM = {"hostname": "bench", "os": "Linux", "os_version": "6.1", "platform": "Linux-6.1-x86_64",
-          "architecture": "x86_64", "python_version": "3.11.7", "hardware_id": "0x1a2b3c4d5e6f",
-          "agent_version": "0.1.0"}
-
-
-def wait_until(predicate, timeout: float, what: str, step: float = 0.01) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic()
-        time.sleep(step)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def add_threshold_rules(data_dir: Path, org: str = ORG) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from fleet.collector import notify
 from fleet.collector.channels import group_key
-from fleet.collector.state import Machine, Tracker
+from fleet.collector.state import Machine, Tracker, Transition
 from fleet.config import alerting
 from fleet.config.rules import Conflict, Rule, Silence, StatusIs, Threshold, format_duration, metric_reader
 from fleet.config.topics import alert_topic
@@ -370,6 +370,15 @@ class AlertEngine:
                     self._maybe_fire(alert, cr.rule, machine, now)
             elif alert is not None:
                 self._clear(alert, now)
+
+    def after_tick(self, transitions: Iterable[Transition], evicted: Iterable[Machine], now: float) -> None:
+        """The tracker's timer changed statuses (stale) and evicted machines: apply both."""
+        for t in transitions:
+            machine = self.tracker.get(t.org, t.machine_id)
+            if machine is not None:
+                self.evaluate(machine, now, metrics_changed=False)
+        for machine in evicted:
+            self.on_evicted(machine, now)
 
     def on_evicted(self, machine: Machine, now: float) -> None:
         """An evicted machine's alerts resolve and its alert topic is cleared."""

@@ -395,12 +395,8 @@ class Writer:
         """Stale and TTL checks; evicted machines lose their row and their retained ping."""
         transitions, evicted = self.tracker.tick(now)
         self._record(transitions)
-        for t in transitions:
-            machine = self.tracker.get(t.org, t.machine_id)
-            if machine is not None:
-                self.alerts.evaluate(machine, now, metrics_changed=False)
+        self.alerts.after_tick(transitions, evicted, now)
         for machine in evicted:
-            self.alerts.on_evicted(machine, now)
             self.batch.evicted.append(machine)
             self.batch.expired[machine.org] = self.batch.expired.get(machine.org, 0) + 1
             self.pending_clears.append(ping_topic(machine.org, machine.machine_id))

@@ -1,87 +1,52 @@
-"""A loopback HTTP server standing in for a webhook endpoint: records every POST, answers with scripted codes."""
+"""A webhook endpoint for the alert tests: the channel tests' HTTP recorder, read as signed notifications."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import threading
-from collections import deque
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from fleet.collector.notify import verify
+from tests.collector.http_recorder import Recorded, Recorder
 
 
-@dataclass(frozen=True)
-class Post:
-    """One request the receiver got."""
-
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def signed_with(self, secret: str) -> bool:
-        """True when X-Fleet-Signature is the HMAC-SHA256 of the body under ``secret``."""
-        expected = "sha256=" + hmac.new(secret.encode(), self.body, hashlib.sha256).hexdigest()
-        return hmac.compare_digest(self.headers.get("x-fleet-signature", ""), expected)
+def signed_with(post: Recorded, secret: str) -> bool:
+    """True when the request's X-Fleet-Signature is the HMAC-SHA256 of its body under ``secret``."""
+    headers = {k.lower(): v for k, v in post.headers.items()}
+    return verify(secret, post.body, headers.get("x-fleet-signature"))
 
 
-class Receiver:
-    """``Receiver()`` listens on a free loopback port; ``answers`` holds status codes to reply with, then 200."""
+class Receiver(Recorder):
+    """A started Recorder on a webhook path; ``answers`` scripts the first replies (e.g. 500, then 200)."""
 
     def __init__(self) -> None:
-        self.posts: list[Post] = []
-        self.answers: deque[int] = deque()
-        self.attempts = 0
-        self.cond = threading.Condition()
-        owner = self
+        super().__init__()
+        self.start()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with owner.cond:
-                    owner.attempts += 1
-                    code = owner.answers.popleft() if owner.answers else 200
-                    if code < 300:
-                        owner.posts.append(Post(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                    owner.cond.notify_all()
-                self.send_response(code)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
+    @property
+    def url(self) -> str:
+        """The webhook URL to give the channel."""
+        return f"{super().url}/hook"
 
-            def log_message(self, *_args: Any) -> None:
-                pass
+    @property
+    def posts(self) -> list[Recorded]:
+        """The notifications accepted (answered 2xx)."""
+        return [r for r in self.requests if r.status < 300]
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+    @property
+    def attempts(self) -> int:
+        """Every request, accepted or refused."""
+        return len(self.requests)
 
-    def wait_posts(self, n: int, timeout: float = 10.0) -> list[Post]:
-        """Wait until ``n`` POSTs were accepted; return them all."""
-        with self.cond:
-            if not self.cond.wait_for(lambda: len(self.posts) >= n, timeout):
-                raise AssertionError(f"{len(self.posts)} POSTs within {timeout} s, expected {n}")
-            return list(self.posts)
+    def wait_posts(self, n: int, timeout: float = 10.0) -> list[Recorded]:
+        """Wait until ``n`` notifications were accepted; return them."""
+        return self.wait_for_count(n, timeout, accepted=True)
 
-    def wait_attempts(self, n: int, timeout: float = 10.0) -> int:
+    def wait_attempts(self, n: int, timeout: float = 10.0) -> list[Recorded]:
         """Wait until ``n`` requests arrived, answered or refused."""
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.attempts >= n, timeout):
-                raise AssertionError(f"{self.attempts} requests within {timeout} s, expected {n}")
-            return self.attempts
+        return self.wait_for_count(n, timeout)
 
     def alerts(self) -> list[tuple[str, str, str]]:
-        """(status, alertname, machine_id) of every alert in every accepted POST, in order."""
-        with self.cond:
-            return [(a["status"], a["labels"]["alertname"], a["labels"]["machine_id"])
-                    for post in self.posts for a in post.json["alerts"]]
+        """(status, alertname, machine_id) of every alert in every accepted notification, in order."""
+        return [(a["status"], a["labels"]["alertname"], a["labels"]["machine_id"])
+                for post in self.posts for a in post.json()["alerts"]]
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        """Stop serving."""
+        self.stop()

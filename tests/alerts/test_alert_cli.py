@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from fleet.cli import cli
 from fleet.config import credentials
-from tests.alerts.receiver import Receiver
+from tests.alerts.receiver import Receiver, signed_with
 
 
 def run(data_dir, *args, env=None):
@@ -77,8 +77,8 @@ def test_webhook_channel_add_test_list(data_dir, receiver):
     tested = run(data_dir, "alert", "channel", "test", "acme", "hook")
     assert tested.exit_code == 0, tested.stderr
     post = receiver.wait_posts(1)[0]
-    assert post.signed_with(secret)
-    assert post.json["version"] == "4"
+    assert signed_with(post, secret)
+    assert post.json()["version"] == "4"
 
     listed = run(data_dir, "alert", "channel", "list", "acme", "--json")
     channels = json.loads(listed.stdout)

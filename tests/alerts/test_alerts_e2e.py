@@ -17,13 +17,12 @@ import pytest
 
 from fleet.agent.simulate import start_simulation
 from fleet.collector.channels import add_channel
-from fleet.collector.service import start
 from fleet.config import alerting
 from fleet.config.rules import Rule
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
 from tests.alerts.proxy import Proxy
-from tests.alerts.receiver import Receiver
+from tests.alerts.receiver import Receiver, signed_with
 from tests.collector.collector_fixtures import SimAgent, embedded_endpoint, query
 from tests.helpers import Inbox, bearer, close, connect_client, wait_for
 
@@ -42,21 +41,6 @@ def receivers():
     yield make
     for r in made:
         r.close()
-
-
-@pytest.fixture
-def collectors():
-    running = []
-
-    def make(settings: Settings):
-        collector = start(settings)
-        running.append(collector)
-        assert collector.wait_subscribed(10), "collector did not subscribe"
-        return collector
-
-    yield make
-    for collector in running:
-        collector.stop()
 
 
 def _settings(broker, **changes) -> Settings:
@@ -91,6 +75,14 @@ def _online(data_dir, machine, org="acme"):
     return bool(rows) and rows[0][0] == "online"
 
 
+def _lose(ep, machine: str = "m1", org: str = "acme") -> None:
+    """An agent comes online, then vanishes without a word (its last will says offline/lost)."""
+    agent = SimAgent(ep, machine).connect()
+    agent.ping("online")
+    wait_for(lambda: _online(ep.data_dir, machine, org), message=f"{machine} online")
+    agent.drop()
+
+
 def _quiet_until(deadline: float) -> bool:
     return time.time() >= deadline
 
@@ -114,16 +106,16 @@ def test_sigkilled_agent_fires_a_signed_webhook_then_resolves_once_each(broker, 
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         post = hook.wait_posts(1, timeout=30)[0]
-        assert post.signed_with(secret)
-        body = post.json
+        assert signed_with(post, secret)
+        body = post.json()
         assert (body["version"], body["status"]) == ("4", "firing")
         assert [(a["status"], a["labels"]) for a in body["alerts"]] == [
             ("firing", {"alertname": "down", "org": "acme", "machine_id": "real-1", "severity": "critical"})]
         assert body["alerts"][0]["startsAt"].endswith("Z")
         proc = _agent(ep, acme, "real-1")
         posts = hook.wait_posts(2, timeout=30)
-        assert posts[1].signed_with(secret)
-        assert [a["status"] for a in posts[1].json["alerts"]] == ["resolved"]
+        assert signed_with(posts[1], secret)
+        assert [a["status"] for a in posts[1].json()["alerts"]] == ["resolved"]
         wait_for(lambda: _alerts(ep.data_dir) == [("real-1", "resolved", "resolved")] and _outbox(ep.data_dir) == 0,
                  message="the alert resolved and nothing more to send")
         assert len(hook.posts) == 2
@@ -154,7 +146,7 @@ def test_fifty_machines_lost_at_once_are_a_few_grouped_posts(broker, acme, colle
 
         wait_for(all_notified, timeout=60, message="every lost machine in a firing notification")
         assert len(hook.posts) <= 3
-        assert all(len(p.json["alerts"]) >= 1 for p in hook.posts)
+        assert all(len(p.json()["alerts"]) >= 1 for p in hook.posts)
         assert len(hook.alerts()) == 50  # each machine once
     finally:
         proc.kill()
@@ -228,10 +220,7 @@ def test_a_restarted_collector_does_not_notify_a_firing_alert_again(broker, acme
     hook = receivers()
     _watch_offline(settings, "acme", hook)
     first = collectors(settings)
-    agent = SimAgent(ep, "m1").connect()
-    agent.ping("online")
-    wait_for(lambda: _online(ep.data_dir, "m1"), message="online")
-    agent.drop()
+    _lose(ep)
     hook.wait_posts(1)
     wait_for(lambda: _alerts(ep.data_dir) == [("m1", "firing", "firing")] and _outbox(ep.data_dir) == 0)
     first.stop()
@@ -244,7 +233,7 @@ def test_a_restarted_collector_does_not_notify_a_firing_alert_again(broker, acme
     again = SimAgent(ep, "m1").connect()
     again.ping("online")
     posts = hook.wait_posts(2)
-    assert [a["status"] for a in posts[1].json["alerts"]] == ["resolved"]
+    assert [a["status"] for a in posts[1].json()["alerts"]] == ["resolved"]
     again.close()
 
 
@@ -255,10 +244,7 @@ def test_a_500_then_200_is_delivered_once(broker, acme, collectors, receivers):
     hook.answers.append(500)
     _watch_offline(settings, "acme", hook)
     collectors(settings)
-    agent = SimAgent(ep, "m1").connect()
-    agent.ping("online")
-    wait_for(lambda: _online(ep.data_dir, "m1"), message="online")
-    agent.drop()
+    _lose(ep)
     assert len(hook.wait_posts(1, timeout=15)) == 1
     assert hook.attempts == 2
     wait_for(lambda: _outbox(ep.data_dir) == 0 and _channel(ep.data_dir)[0] is not None, message="delivery recorded")
@@ -274,10 +260,7 @@ def test_a_4xx_is_not_retried_and_the_error_is_visible(broker, acme, collectors,
     hook.answers.append(403)
     _watch_offline(settings, "acme", hook)
     collectors(settings)
-    agent = SimAgent(ep, "m1").connect()
-    agent.ping("online")
-    wait_for(lambda: _online(ep.data_dir, "m1"), message="online")
-    agent.drop()
+    _lose(ep)
     hook.wait_attempts(1)
     wait_for(lambda: _channel(ep.data_dir)[1] is not None and _outbox(ep.data_dir) == 0, message="error recorded")
     last_delivery, last_error, failures = _channel(ep.data_dir)
@@ -294,10 +277,7 @@ def test_a_silenced_alert_sends_nothing_but_is_listed(broker, acme, collectors, 
     _watch_offline(settings, "acme", hook)
     alerting.add_silence(ep.data_dir, "acme", 3600, "m*", None, "planned work")
     collectors(settings)
-    agent = SimAgent(ep, "m1").connect()
-    agent.ping("online")
-    wait_for(lambda: _online(ep.data_dir, "m1"), message="online")
-    agent.drop()
+    _lose(ep)
     wait_for(lambda: _alerts(ep.data_dir) == [("m1", "firing", "")], message="firing")
     fired = query(ep.data_dir, "SELECT fired_at FROM alerts WHERE rule = 'down'")[0][0]
     wait_for(lambda: _quiet_until(fired + GROUP_WAIT + 2.0), timeout=10)
@@ -320,12 +300,9 @@ def test_two_orgs_never_see_each_others_alerts(broker, acme, globex, collectors,
         readers[org] = Inbox(client)
         assert readers[org].subscribe(f"fleet/{org}/#") == [1]
     ep = embedded_endpoint(broker, globex)
-    agent = SimAgent(ep, "g1").connect()
-    agent.ping("online")
-    wait_for(lambda: _online(ep.data_dir, "g1", "globex"), message="online")
-    agent.drop()
+    _lose(ep, "g1", "globex")
     post = hooks["globex"].wait_posts(1)[0]
-    assert {a["labels"]["org"] for a in post.json["alerts"]} == {"globex"}
+    assert {a["labels"]["org"] for a in post.json()["alerts"]} == {"globex"}
     topic = readers["globex"].wait_for_topic("fleet/globex/g1/alert")
     assert [a["rule"] for a in json.loads(topic.payload)] == ["down"]
     assert topic.retain is False or topic.retain is True

@@ -61,13 +61,7 @@ class Harness:
         return transitions
 
     def tick(self, now):
-        transitions, evicted = self.tracker.tick(now)
-        for t in transitions:
-            machine = self.tracker.get(t.org, t.machine_id)
-            if machine is not None:
-                self.engine.evaluate(machine, now, metrics_changed=False)
-        for machine in evicted:
-            self.engine.on_evicted(machine, now)
+        self.engine.after_tick(*self.tracker.tick(now), now)
         self.engine.timers(self.db.conn, ORGS, now)
         self.flush()
 
