@@ -46,6 +46,7 @@ class Connection:
     interval: float
     keepalive: int
     session: str = field(default_factory=new_session)
+    prev: tuple[str, int] | None = None  # the previous session and its last seq, told in every online ping
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     wake: threading.Event = field(default_factory=threading.Event)
     client: Any = None
@@ -107,7 +108,7 @@ class Connection:
     def ping(self, status: str, ts: float, reason: str | None = None) -> int:
         """Publish this session's retained presence ping."""
         body = payloads.build_ping(self.machine, self.hardware_id, self.session, status, self.interval,
-                                   ts=ts, reason=reason)
+                                   ts=ts, reason=reason, prev=self.prev)
         return self.publish(ping_topic(self.org, self.machine), payloads.encode(body), retain=True)
 
     def is_connected(self) -> bool:

@@ -21,6 +21,9 @@ from typing import Any
 
 import psutil
 
+from fleet.agent.processes import Check, ProcessSampler
+from fleet.agent.textfile import TextfileCollector
+
 AGENT_VERSION = "0.1.0"
 log = logging.getLogger("fleet.agent")
 
@@ -39,6 +42,15 @@ class CollectorState:
 
     last_net: tuple[float, int, int] | None = None
     failed: set[str] = field(default_factory=set)
+    textfile: TextfileCollector | None = None  # --textfile-dir
+    processes: ProcessSampler | None = None  # top processes (previous CPU samples) and --process checks
+
+
+def collector_state(textfile_dir: str = "", process_checks: tuple[str, ...] = (), top: bool = True) -> CollectorState:
+    """State for the configured optional collectors (ValueError for a bad --process)."""
+    checks = tuple(Check.parse(spec) for spec in dict.fromkeys(process_checks))
+    return CollectorState(textfile=TextfileCollector(textfile_dir) if textfile_dir else None,
+                          processes=ProcessSampler(checks) if top or checks else None)
 
 
 def cpu_percent(_state: CollectorState) -> float:
@@ -108,6 +120,16 @@ def process_count(_state: CollectorState) -> int:
     return len(psutil.pids())
 
 
+def custom(state: CollectorState) -> dict[str, float] | None:
+    """Series of the textfile directory's ``*.prom`` files (their own units); None when not configured."""
+    return state.textfile.collect() if state.textfile is not None else None
+
+
+def process_fields(state: CollectorState) -> dict[str, Any]:
+    """``processes`` (top 5 by CPU: percent of one core, memory percent) and ``process_counts`` (count)."""
+    return state.processes.sample() if state.processes is not None else {}
+
+
 COLLECTORS: list[tuple[str, Callable[[CollectorState], Any]]] = [
     ("cpu_percent", cpu_percent),
     ("cpu_count", cpu_count),
@@ -118,26 +140,45 @@ COLLECTORS: list[tuple[str, Callable[[CollectorState], Any]]] = [
     ("net", net),
     ("uptime_s", uptime_s),
     ("process_count", process_count),
+    ("custom", custom),
+]
+# Collectors that return several fields of ``metrics`` at once (one pass over the process table).
+FIELD_GROUPS: list[tuple[str, Callable[[CollectorState], dict[str, Any]]]] = [
+    ("processes", process_fields),
 ]
 
 
 def collect_metrics(state: CollectorState,
-                    collectors: list[tuple[str, Callable[[CollectorState], Any]]] = COLLECTORS) -> dict[str, Any]:
-    """Run every collector; a failing one leaves its field out and is logged once."""
+                    collectors: list[tuple[str, Callable[[CollectorState], Any]]] = COLLECTORS,
+                    groups: list[tuple[str, Callable[[CollectorState], dict[str, Any]]]] = FIELD_GROUPS
+                    ) -> dict[str, Any]:
+    """Run every collector; a failing one (or one with nothing to say: None) leaves its field out, logged once."""
     metrics: dict[str, Any] = {}
-    for name, collector in collectors:
+    for name, collector in [*collectors, *groups]:
         try:
-            metrics[name] = collector(state)
+            value = collector(state)
         except Exception as exc:  # noqa: BLE001 - one broken sensor must not stop the agent
             if name not in state.failed:
                 state.failed.add(name)
                 log.warning("metric %s unavailable: %s", name, exc)
+            continue
+        if value is None:
+            continue
+        if (name, collector) in groups:
+            metrics.update(value)
+        else:
+            metrics[name] = value
     return metrics
 
 
-def prime_cpu() -> None:
-    """psutil's first cpu_percent() call returns 0.0; start its measuring window now."""
+def prime_cpu(state: CollectorState | None = None) -> None:
+    """psutil's first cpu_percent() call returns 0.0; start its measuring window (and the processes') now."""
     psutil.cpu_percent(interval=None)
+    if state is not None and state.processes is not None:
+        try:
+            state.processes.sample()
+        except Exception as exc:  # noqa: BLE001 - collect_metrics logs it again if it persists
+            log.warning("process sampling unavailable: %s", exc)
 
 
 def hardware_id(machine_id_file: Path = Path("/etc/machine-id")) -> str:

@@ -16,6 +16,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
                                    payload BLOB NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS last_report (id INTEGER PRIMARY KEY CHECK (id = 1), session TEXT NOT NULL,
+                                        seq INTEGER NOT NULL);
 """
 
 
@@ -116,6 +118,19 @@ class Outbox:
         self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
         self._count -= count
         self._bytes -= size
+
+    def remember_last(self, session: str, seq: int) -> None:
+        """Record the session and seq of the newest report made, for the next run's ``prev_session``."""
+        try:
+            self._db.execute("INSERT INTO last_report(id, session, seq) VALUES (1, ?, ?) ON CONFLICT(id)"
+                             " DO UPDATE SET session = excluded.session, seq = excluded.seq", (session, seq))
+        except sqlite3.Error:
+            pass  # only tail accounting needs it; a full disk is already counted by append()
+
+    def last(self) -> tuple[str, int] | None:
+        """The session and seq of the newest report made by this or an earlier run, or None."""
+        row = self._db.execute("SELECT session, seq FROM last_report WHERE id = 1").fetchone()
+        return (str(row[0]), int(row[1])) if row else None
 
     @property
     def dropped(self) -> int:

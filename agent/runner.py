@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fleet.agent.connection import Connection, FatalConnectError, new_session
 from fleet.agent.errors import AgentError
-from fleet.agent.metrics import CollectorState, collect_metrics, hardware_id, prime_cpu, system_info
+from fleet.agent.metrics import CollectorState, collect_metrics, collector_state, hardware_id, prime_cpu, system_info
 from fleet.agent.outbox import Outbox
 from fleet.config import payloads
 from fleet.config.ids import sanitize_machine_id
@@ -50,10 +50,12 @@ class Agent:
         self.address = BrokerAddress.parse(settings.effective_broker_url)
         self.hw_id = hardware_id()
         self.system = system_info(self.hw_id)
-        self.state = CollectorState()
+        self.state = make_state(settings)
         self.conn: Connection | None = None
         self.session = new_session()
         self.seq = 0
+        # The newest session that made reports and its last seq (from an earlier run too), for tail accounting.
+        self.prev: tuple[str, int] | None = outbox.last()
         self.inflight: dict[int, int] = {}  # paho mid -> outbox id
         self.stop = threading.Event()
         self.stop_or_event = threading.Event()  # set by PUBACKs, disconnects and stop requests
@@ -73,6 +75,7 @@ class Agent:
         """Store the next report in the outbox (sent when connected); a full disk drops, counts and logs."""
         before = self.outbox.dropped
         self.outbox.append(report_topic(self.settings.org, self.machine), payloads.encode(self.make_report()))
+        self.outbox.remember_last(self.session, self.seq - 1)
         if self.outbox.dropped > before and time.monotonic() - self._full_logged > 60:
             self._full_logged = time.monotonic()
             log.warning("agent queue full (bounds or disk): %d reports dropped so far, oldest first",
@@ -80,10 +83,15 @@ class Agent:
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> None:
-        """Open a new connection with a new session, and announce it with a retained online ping."""
+        """Open a new connection with a new session, and announce it with a retained online ping.
+
+        The ping names the previous session and its last seq, so the collector can count what of it never arrived.
+        """
+        if self.seq > 0:
+            self.prev = (self.session, self.seq - 1)
         conn = Connection(self.address, self.settings.org, self.machine, self.settings.key, str(self.settings.ca_path),
                           self.hw_id, self.settings.interval, keepalive_for(self.settings.interval),
-                          wake=self.stop_or_event)
+                          wake=self.stop_or_event, prev=self.prev)
         conn.open()
         self.conn = conn
         self.session, self.seq = conn.session, 0
@@ -156,7 +164,7 @@ class Agent:
     # -- main loop ------------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:
         """Report until stopped; with ``once``, deliver one report (and any backlog) then stop."""
-        prime_cpu()
+        prime_cpu(self.state)
         interval = self.settings.interval
         next_report = time.monotonic() + (min(1.0, interval) if once else 0.0)
         next_ping = PING_EVERY
@@ -198,11 +206,19 @@ class Agent:
         return 0
 
 
+def make_state(settings: Settings) -> CollectorState:
+    """The collectors' state for these settings; a bad ``--process`` is an AgentError (one line, exit 1)."""
+    try:
+        return collector_state(settings.textfile_dir, settings.processes)
+    except ValueError as exc:
+        raise AgentError(str(exc)) from exc
+
+
 def print_reports(settings: Settings, machine: str, once: bool, stop: threading.Event) -> int:
     """``--print``: collect reports and print them as JSON, without any broker."""
     hw_id = hardware_id()
-    system, state = system_info(hw_id), CollectorState()
-    prime_cpu()
+    system, state = system_info(hw_id), make_state(settings)
+    prime_cpu(state)
     session, seq = new_session(), 0
     stop.wait(min(1.0, settings.interval))
     while True:

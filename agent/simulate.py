@@ -90,6 +90,7 @@ class SimAgent:
         self.client: paho.Client | None = None
         self.session = ""
         self.seq = 0
+        self.prev: tuple[str, int] | None = None  # the previous session and the last seq published in it
         self.reports = 0
         self.connected = False
         self.next_connect = 0.0
@@ -127,6 +128,8 @@ class SimAgent:
     # protocol ------------------------------------------------------------------------------
     def connect(self, address: BrokerAddress, tls: ssl.SSLContext | None) -> None:
         """Open a new connection with a new session and its will (blocking TCP + TLS handshake)."""
+        if self.session and self.seq > 0:  # named in this connection's online pings, for tail accounting
+            self.prev = (self.session, self.seq - 1)
         self.session = secrets.token_hex(8)
         self.seq = 0
         interval = self.settings.interval
@@ -175,7 +178,7 @@ class SimAgent:
     def ping(self, status: str, reason: str | None = None) -> Any:
         """Publish this session's retained presence."""
         body = payloads.build_ping(self.machine, self.hw_id, self.session, status, self.settings.interval,
-                                   ts=round(time.time(), 3), reason=reason)
+                                   ts=round(time.time(), 3), reason=reason, prev=self.prev)
         return self.live.publish(ping_topic(self.settings.org, self.machine), payloads.encode(body), qos=1,
                                    retain=True)
 

@@ -96,7 +96,7 @@ class RunningCollector:
         self.client_id = client_id_for(settings.orgs)
         self.drops = DropCounter()
         self.limiter = RateLimiter(settings.agent_rate_limit_per_s)
-        self.tracker = Tracker(settings.stale_factor, settings.interval, settings.ttl_seconds)
+        self.tracker = Tracker(settings.stale_factor, settings.interval, settings.ttl_seconds, settings.lost_grace_s)
         # A deque, not queue.Queue: the writer must not wake per message (each wake-up is a GIL
         # hand-off that halved throughput); it sleeps until a batch is full or batch_interval_s passes.
         self._queue: deque[tuple[Received, int]] = deque()  # message, token to acknowledge it with
@@ -283,7 +283,7 @@ class RunningCollector:
         try:
             db = open_db(self.settings.db_path)
             db.conn.execute(f"PRAGMA busy_timeout={WRITER_BUSY_TIMEOUT_MS}")
-            self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None))
+            self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None), time.time())
             self.alerts.load(db.conn, self._orgs, time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._writer_error = exc
@@ -316,6 +316,7 @@ class Writer:
         self.next_heartbeat = now
         self.next_orgs = now + self.org_every
         self.next_retention = now
+        self.next_settle = now
         self.pending_clears: list[str] = []
         self.pending_acks: list[int] = []  # acknowledged once the batch holding them is written
 
@@ -340,6 +341,8 @@ class Writer:
             try:
                 self._timers(final=done)
                 self._flush(final=done)
+                if not done and owner.wait_subscribed(0):
+                    self._settle_tails()
                 if done or time.monotonic() >= self.next_heartbeat:
                     self.next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
                     self._heartbeat(final=done)
@@ -390,6 +393,23 @@ class Writer:
         if now_m >= self.next_retention and not final:
             self.next_retention = now_m + RETENTION_EVERY_S
             self._retention()
+
+    def _settle_tails(self) -> None:
+        """Count the missing reports of sessions whose grace period ended, from what is committed now.
+
+        Runs right after a flush, so every report received so far is in history; the counts reach the
+        database with the next batch (machine row, org counter and event in one transaction).
+        """
+        now_m = time.monotonic()
+        if now_m < self.next_settle:
+            return
+        self.next_settle = now_m + self.tick_every
+        now = time.time()
+        for tail in self.tracker.due_tails(now):
+            lost, transitions = self.tracker.settle_tail(tail, store.tail_stats(self.db, tail), now)
+            if lost:
+                self.batch.lost[tail.org] = self.batch.lost.get(tail.org, 0) + lost
+            self._record(transitions)
 
     def tick(self, now: float) -> None:
         """Stale and TTL checks; evicted machines lose their row and their retained ping."""
@@ -491,7 +511,7 @@ class Writer:
         """A row the database refuses (not a busy lock): store everything else, count what it rejects."""
         log.error("database refused a batch (%s): storing its rows one by one", exc)
         rest = store.Batch(machines=batch.machines, evicted=batch.evicted, events=batch.events,
-                           drops=batch.drops, expired=batch.expired, alerts=batch.alerts)
+                           drops=batch.drops, expired=batch.expired, lost=batch.lost, alerts=batch.alerts)
         for part in [rest] + [store.Batch(reports=[row]) for row in batch.reports]:
             try:
                 self.owner._stored += store.write_batch(self.db, part, time.time())

@@ -9,10 +9,18 @@ Rules (SPEC "Collector state"):
 - messages of an earlier session (agent replays) go to history but never change the status;
 - ``stale`` when an online machine is silent past ``stale_factor * interval_s``;
 - evicted when silent past ``ttl_seconds``: removed from the live view.
+
+Tail accounting (docs/collector.md): an ``online`` ping naming ``prev_session``/``prev_seq`` opens a check
+of that session, settled ``lost_grace_s`` later (replays from the agent's outbox may still be arriving)
+from what history holds of it then (``settle_tail``). Its count of missing reports is final: a report of
+that session arriving later is counted in ``late`` and lost is never decremented (it is a counter).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +33,51 @@ STATUSES = (ONLINE, STALE, OFFLINE)
 OFFSET_WINDOW = 5  # clock offset = min over this many recent messages (delay only adds)
 PAST_SESSIONS = 16  # earlier sessions remembered per machine, to recognise late messages
 LOAD_TS_MARGIN_S = 2.0
+MAX_PENDING_TAILS = 16  # open tail checks per machine; an agent reconnecting faster than the grace loses the oldest
+MAX_SETTLED_TAILS = 16  # settled sessions remembered per machine (no double count, late arrivals recognised)
+MIN_TAIL_INTERVAL_S = 0.1  # the interval a plausibility bound assumes at least
+log = logging.getLogger("collector")
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """An open check of a previous session: were its reports up to ``last_seq`` all stored?"""
+
+    org: str
+    machine_id: str
+    session: str
+    last_seq: int
+    announced_ts: float | None  # the agent's ts of the ping that named it
+    interval_s: float
+    due: float  # collector time when the grace period ends
+
+
+@dataclass(frozen=True, slots=True)
+class TailStats:
+    """What history holds of a tail's session when its grace period ends."""
+
+    received: int  # distinct seqs <= last_seq stored
+    max_seq: int | None  # highest seq of the session stored (None: none stored)
+    max_ts: float | None  # agent ts of the session's newest stored report
+    machine_last_ts: float | None = None  # newest report of the machine before the announcement (other sessions)
+
+
+def tail_lost(tail: Tail, stats: TailStats) -> int:
+    """Reports of the tail's session that never arrived, never trusting more than the agent could have made.
+
+    The claimed ``last_seq`` is capped by one report per ``interval_s`` between the session's newest stored
+    report (or, if none is stored, the machine's newest report before it) and the ping that announced it.
+    """
+    interval = max(tail.interval_s, MIN_TAIL_INTERVAL_S)
+    announced = tail.announced_ts
+    if stats.max_seq is not None and stats.max_ts is not None:
+        gap = 0.0 if announced is None else max(0.0, announced - stats.max_ts)
+        bound = stats.max_seq + math.ceil(gap / interval)
+    elif stats.machine_last_ts is not None and announced is not None:
+        bound = math.ceil(max(0.0, announced - stats.machine_last_ts) / interval) - 1
+    else:
+        bound = -1  # a session never seen from a machine never seen: nothing to compare a claim with
+    return max(0, min(tail.last_seq, bound) + 1 - stats.received)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +115,16 @@ class Machine:
     offsets: deque = field(default_factory=lambda: deque(maxlen=OFFSET_WINDOW))
     past_sessions: deque = field(default_factory=lambda: deque(maxlen=PAST_SESSIONS))
     hardware_seen: dict[str, float] = field(default_factory=dict)
+    lost: int = 0  # reports of ended sessions that never arrived (settled tails)
+    late: int = 0  # reports of a settled session that arrived after its grace period
+    pending_tails: list[Tail] = field(default_factory=list)
+    settled_tails: dict[str, int] = field(default_factory=dict)  # session -> last_seq, oldest first
+
+    def tails_json(self) -> str:
+        """Open and settled tail checks as stored in ``machines.tails``."""
+        return json.dumps({"pending": [[t.session, t.last_seq, t.announced_ts, t.interval_s, t.due]
+                                       for t in self.pending_tails],
+                           "settled": [[s, n] for s, n in self.settled_tails.items()]}, separators=(",", ":"))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -72,12 +135,15 @@ class Machine:
 class Tracker:
     """Live state of every machine of the collector's orgs; returns the transitions each input causes."""
 
-    def __init__(self, stale_factor: float, default_interval_s: float, ttl_seconds: float) -> None:
+    def __init__(self, stale_factor: float, default_interval_s: float, ttl_seconds: float,
+                 lost_grace_s: float = 60.0) -> None:
         self.stale_factor = stale_factor
         self.default_interval_s = default_interval_s
         self.ttl_seconds = ttl_seconds
+        self.lost_grace_s = lost_grace_s
         self.machines: dict[tuple[str, str], Machine] = {}
         self._dirty: set[tuple[str, str]] = set()
+        self._with_tails: set[tuple[str, str]] = set()  # machines with open tail checks
 
     # --- queries ------------------------------------------------------------------------------
     def get(self, org: str, machine_id: str) -> Machine | None:
@@ -95,8 +161,12 @@ class Tracker:
         return dirty
 
     # --- inputs -------------------------------------------------------------------------------
-    def load(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Restore state from machines-table rows (collector restart)."""
+    def load(self, rows: Iterable[Mapping[str, Any]], now: float | None = None) -> None:
+        """Restore state from machines-table rows (collector restart).
+
+        Open tail checks get a full grace period again from ``now``: replays queued for the collector while it
+        was down arrive after the restart.
+        """
         for row in rows:
             machine = Machine(
                 org=row["org"], machine_id=row["machine_id"], status=row["status"], session=row["session"] or "",
@@ -112,6 +182,7 @@ class Tracker:
             if machine.last_seen is not None:
                 # The current session's newest ts is not stored; estimate it (agent clock) with a margin.
                 machine.session_ts = machine.last_seen - (machine.clock_offset_s or 0.0) - LOAD_TS_MARGIN_S
+            self._load_tails(machine, row, now)
             self.machines[machine.key] = machine
 
     def on_report(self, report: Report, now: float) -> list[Transition]:
@@ -134,6 +205,8 @@ class Tracker:
         if role != "old":
             self._offset(machine, now - report.ts)
             machine.session_ts = max(machine.session_ts, report.ts)
+        elif report.seq <= machine.settled_tails.get(report.session, -1):
+            machine.late += 1  # its tail was already settled: lost stays as counted
         machine.last_seen = now if machine.last_seen is None else max(machine.last_seen, now)
         if report.ts >= machine.latest_ts:
             machine.latest_ts = report.ts
@@ -171,6 +244,8 @@ class Tracker:
             self._dirty.add(key)
             if not retained:
                 self._after_live_message(machine, ping, now)
+            if ping.prev_session is not None:
+                self._open_tail(machine, ping, now)
             return [Transition(ping.org, ping.machine_id, now, None, status, reason)]
 
         role = self._role(machine, ping.session, ping.ts)
@@ -197,8 +272,71 @@ class Tracker:
                 transitions.append(self._set(machine, target, "retained" if retained else "ping", now))
         if not retained:
             self._after_live_message(machine, ping, now)
+        if ping.prev_session is not None:
+            self._open_tail(machine, ping, now)
         self._dirty.add(key)
         return transitions
+
+    # --- tail accounting ----------------------------------------------------------------------
+    def due_tails(self, now: float) -> list[Tail]:
+        """Tail checks whose grace period has ended (they stay open until settled)."""
+        due = []
+        for key in list(self._with_tails):
+            machine = self.machines.get(key)
+            if machine is None or not machine.pending_tails:
+                self._with_tails.discard(key)
+                continue
+            due += [tail for tail in machine.pending_tails if tail.due <= now]
+        return due
+
+    def settle_tail(self, tail: Tail, stats: TailStats, now: float) -> tuple[int, list[Transition]]:
+        """Close a tail check with what history holds: (reports lost, the event to log when any were)."""
+        machine = self.machines.get((tail.org, tail.machine_id))
+        if machine is None or tail not in machine.pending_tails:
+            return 0, []  # evicted meanwhile, or settled already
+        machine.pending_tails.remove(tail)
+        lost = tail_lost(tail, stats)
+        machine.settled_tails[tail.session] = tail.last_seq
+        while len(machine.settled_tails) > MAX_SETTLED_TAILS:
+            del machine.settled_tails[next(iter(machine.settled_tails))]
+        self._dirty.add(machine.key)
+        if max(0, tail.last_seq + 1 - stats.received) > lost:
+            log.warning("machine %s/%s: session %s claims seq up to %d, more than it could have made; counting %d",
+                        tail.org, tail.machine_id, tail.session, tail.last_seq, lost)
+        if not lost:
+            return 0, []
+        machine.lost += lost
+        return lost, [Transition(tail.org, tail.machine_id, now, machine.status, machine.status,
+                                 f"lost {lost} of session {tail.session}")]
+
+    def _open_tail(self, machine: Machine, ping: Ping, now: float) -> None:
+        session, last_seq = ping.prev_session, ping.prev_seq
+        if session is None or last_seq is None or session == machine.session:
+            return
+        if session in machine.settled_tails or any(t.session == session for t in machine.pending_tails):
+            return  # the retained ping again, or the next online ping of the same connection
+        machine.pending_tails.append(Tail(machine.org, machine.machine_id, session, last_seq, ping.ts,
+                                          ping.interval_s, now + self.lost_grace_s))
+        if len(machine.pending_tails) > MAX_PENDING_TAILS:
+            dropped = machine.pending_tails.pop(0)
+            log.warning("machine %s/%s: too many sessions awaiting tail accounting; session %s not counted",
+                        machine.org, machine.machine_id, dropped.session)
+        self._with_tails.add(machine.key)
+
+    def _load_tails(self, machine: Machine, row: Mapping[str, Any], now: float | None) -> None:
+        machine.lost = int(row.get("lost") or 0)
+        machine.late = int(row.get("late") or 0)
+        try:
+            tails = json.loads(row.get("tails") or "{}")
+            for session, last_seq, announced, interval_s, due in tails.get("pending", []):
+                due = due if now is None else max(due, now + self.lost_grace_s)
+                machine.pending_tails.append(Tail(machine.org, machine.machine_id, str(session), int(last_seq),
+                                                  announced, float(interval_s), float(due)))
+            machine.settled_tails = {str(s): int(n) for s, n in tails.get("settled", [])}
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("machine %s/%s: unreadable tail checks dropped (%s)", machine.org, machine.machine_id, exc)
+        if machine.pending_tails:
+            self._with_tails.add(machine.key)
 
     def tick(self, now: float) -> tuple[list[Transition], list[Machine]]:
         """Timer check: mark silent machines stale, evict those silent past the TTL, refresh conflicts."""

@@ -16,7 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from fleet.collector.alerts import AlertWrites
-from fleet.collector.state import Machine, Transition
+from fleet.collector.state import Machine, Tail, TailStats, Transition
 from fleet.config.payloads import Report
 
 DAY = 86_400.0
@@ -33,11 +33,12 @@ class Batch:
     events: list[Transition] = field(default_factory=list)
     drops: dict[str, int] = field(default_factory=dict)
     expired: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)  # per org: reports of settled tails that never arrived
     alerts: AlertWrites | None = None
 
     def __bool__(self) -> bool:
         return bool(self.reports or self.machines or self.evicted or self.events or self.drops or self.expired
-                    or self.alerts)
+                    or self.lost or self.alerts)
 
 
 def _number(value: Any) -> float | None:
@@ -62,7 +63,21 @@ def report_row(report: Report, received: float, payload: str) -> tuple:
     if isinstance(net, dict):
         sent, recv = _number(net.get("bytes_sent")), _number(net.get("bytes_recv"))
     return (report.org, report.machine_id, report.session, report.seq, report.ts, received,
-            _number(metrics.get("cpu_percent")), memory_percent, disk_percent, load1, sent, recv, payload)
+            _number(metrics.get("cpu_percent")), memory_percent, disk_percent, load1, sent, recv, payload,
+            extra_fields(metrics))
+
+
+def extra_fields(metrics: Mapping[str, Any]) -> str | None:
+    """The report's custom series and process counts as history fields (JSON), or None when it has neither.
+
+    Named as alert rules name them: ``custom.<series>`` and ``process.<name>`` (validated numbers already).
+    """
+    custom, counts = metrics.get("custom"), metrics.get("process_counts")
+    if not custom and not counts:
+        return None
+    fields = {f"custom.{name}": value for name, value in (custom or {}).items()}
+    fields.update((f"process.{name}", value) for name, value in (counts or {}).items())
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
 
 def _json(value: Mapping[str, Any] | str) -> str:
@@ -75,21 +90,24 @@ def _machine_row(machine: Machine, now: float) -> tuple:
     machine.metrics = _json(machine.metrics)
     return (machine.org, machine.machine_id, machine.hardware_id, machine.status, machine.session,
             machine.interval_s, machine.last_seen, machine.last_ping, machine.clock_offset_s,
-            int(machine.conflict), machine.os, machine.system, machine.metrics, machine.first_seen, now)
+            int(machine.conflict), machine.os, machine.system, machine.metrics, machine.first_seen, now,
+            machine.lost, machine.late, machine.tails_json())
 
 
 _INSERT_REPORT = (
     "INSERT OR IGNORE INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, memory_percent,"
-    " disk_percent, load1, net_bytes_sent, net_bytes_recv, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " disk_percent, load1, net_bytes_sent, net_bytes_recv, payload, fields) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _UPSERT_MACHINE = (
     "INSERT INTO machines(org, machine_id, hardware_id, status, session, interval_s, last_seen, last_ping,"
-    " clock_offset_s, conflict, os, system, metrics, first_seen, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " clock_offset_s, conflict, os, system, metrics, first_seen, updated, lost, late, tails)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
     " ON CONFLICT(org, machine_id) DO UPDATE SET hardware_id=excluded.hardware_id, status=excluded.status,"
     " session=excluded.session, interval_s=excluded.interval_s, last_seen=excluded.last_seen,"
     " last_ping=excluded.last_ping, clock_offset_s=excluded.clock_offset_s, conflict=excluded.conflict,"
     " os=excluded.os, system=excluded.system, metrics=excluded.metrics,"
-    " first_seen=coalesce(machines.first_seen, excluded.first_seen), updated=excluded.updated"
+    " first_seen=coalesce(machines.first_seen, excluded.first_seen), updated=excluded.updated,"
+    " lost=excluded.lost, late=excluded.late, tails=excluded.tails"
 )
 
 
@@ -120,12 +138,31 @@ def write_batch(db: sqlite_utils.Database, batch: Batch, now: float) -> int:
         if batch.expired:
             conn.executemany(
                 "INSERT INTO org_stats(org, expired) VALUES (?, ?)"
-                " ON CONFLICT(org) DO UPDATE SET expired = expired + excluded.expired", list(batch.expired.items()))
+                " ON CONFLICT(org) DO UPDATE SET expired = org_stats.expired + excluded.expired",
+                list(batch.expired.items()))
+        if batch.lost:
+            conn.executemany(
+                "INSERT INTO org_stats(org, lost) VALUES (?, ?)"
+                " ON CONFLICT(org) DO UPDATE SET lost = org_stats.lost + excluded.lost", list(batch.lost.items()))
         if batch.alerts:
             batch.alerts.write(conn)
     if batch.alerts:
         batch.alerts.committed()
     return inserted
+
+
+def tail_stats(db: sqlite_utils.Database, tail: Tail) -> TailStats:
+    """What history holds of a tail's session: stored seqs up to ``last_seq``, its highest seq and newest ts."""
+    conn = db.conn
+    received, max_seq, max_ts = conn.execute(
+        "SELECT sum(CASE WHEN seq <= ? THEN 1 ELSE 0 END), max(seq), max(ts) FROM reports"
+        " WHERE org = ? AND machine_id = ? AND session = ?",
+        (tail.last_seq, tail.org, tail.machine_id, tail.session)).fetchone()
+    before = None
+    if max_seq is None and tail.announced_ts is not None:
+        before = conn.execute("SELECT max(ts) FROM reports WHERE org = ? AND machine_id = ? AND ts < ?",
+                              (tail.org, tail.machine_id, tail.announced_ts)).fetchone()[0]
+    return TailStats(int(received or 0), None if max_seq is None else int(max_seq), max_ts, before)
 
 
 def write_heartbeat(db: sqlite_utils.Database, component: str, now: float, detail: Mapping[str, Any]) -> None:
@@ -177,6 +214,32 @@ _ROLLUP_SQL = _ROLLUP.format(cpu=_weighted("cpu_percent"), memory=_weighted("mem
                              disk=_weighted("disk_percent"), load1=_weighted("load1"))
 
 
+def _rollup_fields(conn: sqlite3.Connection, chunk_end: float) -> None:
+    """Fold the extra history fields of reports received before ``chunk_end`` into their minutes' rollups.
+
+    Each rollup keeps ``{"field": [sum, samples]}`` per field (a series may be missing from some reports), so
+    merging with a rollup already there is exact; history reads the mean. Runs after ``_ROLLUP_SQL``, which
+    made every row this updates.
+    """
+    groups: dict[tuple[str, str, float], dict[str, list[float]]] = {}
+    rows = conn.execute("SELECT org, machine_id, ts, fields FROM reports WHERE received < ? AND fields IS NOT NULL",
+                        (chunk_end,))
+    for org, machine_id, ts, text in rows:
+        sums = groups.setdefault((org, machine_id, int(ts / 60) * 60.0), {})  # = CAST(ts / 60 AS INTEGER) * 60.0
+        for name, value in json.loads(text).items():
+            total = sums.setdefault(name, [0.0, 0])
+            total[0] += value
+            total[1] += 1
+    for key, sums in groups.items():
+        row = conn.execute("SELECT fields FROM rollups WHERE org = ? AND machine_id = ? AND minute = ?", key).fetchone()
+        merged = json.loads(row[0]) if row and row[0] else {}
+        for name, (added, samples) in sums.items():
+            old = merged.get(name, [0.0, 0])
+            merged[name] = [old[0] + added, old[1] + samples]
+        conn.execute("UPDATE rollups SET fields = ? WHERE org = ? AND machine_id = ? AND minute = ?",
+                     (json.dumps(merged, separators=(",", ":"), ensure_ascii=False), *key))
+
+
 @dataclass(frozen=True)
 class RetentionResult:
     """What one retention run removed."""
@@ -200,6 +263,7 @@ def apply_retention(db: sqlite_utils.Database, now: float, raw_days: float, roll
         chunk_end = min(raw_cutoff, math.floor(oldest) + RETENTION_CHUNK_S)
         with conn:
             conn.execute(_ROLLUP_SQL, (chunk_end,))
+            _rollup_fields(conn, chunk_end)
             rolled += conn.execute("DELETE FROM reports WHERE received < ?", (chunk_end,)).rowcount
     keep_cutoff = now - rollup_days * DAY
     with conn:

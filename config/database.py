@@ -122,7 +122,23 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
-# Version 2: alerting (SPEC "Alerts"): rules, channels, alerts per (rule, machine), silences, and the
+# Version 2 (issues 14 and 16): custom and process fields in history, tail accounting.
+CUSTOM_FIELDS_AND_TAILS = """
+-- Extra numeric history fields of a report, as a JSON object: {"custom.<series>": n, "process.<name>": n}.
+ALTER TABLE reports ADD COLUMN fields TEXT;
+-- The same, rolled up per minute: {"<field>": [sum, samples]}.
+ALTER TABLE rollups ADD COLUMN fields TEXT;
+-- Tail accounting: reports of ended sessions that never arrived, those that arrived after their count was
+-- settled, and the open and settled checks:
+-- {"pending": [[session, last_seq, ts, interval_s, due]], "settled": [[session, last_seq]]}.
+ALTER TABLE machines ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE machines ADD COLUMN late INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE machines ADD COLUMN tails TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE org_stats ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+"""
+
+
+# Version 3: alerting (SPEC "Alerts"): rules, channels, alerts per (rule, machine), silences, and the
 # notification outbox; existing orgs get the three default rules.
 ALERTS_SCHEMA = """
 -- An org's alert rules; expr is the canonical text of the parsed condition (config.rules).
@@ -210,7 +226,8 @@ ON CONFLICT(org, name) DO NOTHING;
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, SCHEMA),
-    (2, ALERTS_SCHEMA),
+    (2, CUSTOM_FIELDS_AND_TAILS),
+    (3, ALERTS_SCHEMA),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -44,8 +44,18 @@ _SYSTEM_FIELDS = (
 _SIZES = ("total", "used")
 _PERCENT = ("percent",)
 _MOUNT = ("mount",)
+_PROCESS_PERCENTS = ("cpu_percent", "memory_percent")
 MAX_STRING = 256
 MAX_DISKS = 64
+# Optional metrics of issue 14 (SPEC "Optional keys of metrics"): custom series, top processes, process checks.
+MAX_CUSTOM_SERIES = 64
+MAX_TOP_PROCESSES = 16  # the agent sends 5; a little room for a future --top option
+MAX_PROCESS_CHECKS = 64
+MAX_PROCESS_COUNT = 10**7  # above any pid_max: a larger count is nonsense
+# A series as the agent writes it: a Prometheus metric name, then its labels as in the file, no spaces.
+SERIES_RE = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*(?:\{[^\x00-\x1f\x7f]*\})?")
+CHECK_NAME_RE = re.compile(r"[^\x00-\x1f\x7f]+")  # a process name or re:<regex>, printable
+MAX_PREV_SEQ = 10**9  # 31 years of reports at 1 s: a larger previous seq is nonsense
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,8 @@ class Ping:
     ts: float | None
     interval_s: float
     data: Mapping[str, Any]
+    prev_session: str | None = None  # online pings: the previous connection's session and its last seq
+    prev_seq: int | None = None
 
 
 def encode(payload: Mapping[str, Any]) -> bytes:
@@ -159,6 +171,18 @@ def _encodable(value: str) -> bool:
     return True
 
 
+def is_series_name(value: Any) -> bool:
+    """True for a custom series name the contract accepts (``queue_depth``, ``queue_depth{queue="mail"}``)."""
+    return (type(value) is str and len(value) <= MAX_STRING and SERIES_RE.fullmatch(value) is not None
+            and (value.isascii() or _encodable(value)))
+
+
+def is_check_name(value: Any) -> bool:
+    """True for a process check name the contract accepts (a name, or ``re:`` and a regex)."""
+    return (type(value) is str and len(value) <= MAX_STRING and CHECK_NAME_RE.fullmatch(value) is not None
+            and (value.isascii() or _encodable(value)))
+
+
 def _bad(name: str, value: Any) -> PayloadError:
     return PayloadError(BAD_FIELD, f"bad {name!r}: {str(value)[:60]!r}")
 
@@ -193,6 +217,11 @@ def _check_common(obj: Mapping[str, Any], topic: Topic) -> tuple[str, str, str]:
     return machine_id, hardware_id, session
 
 
+_DISK_FIELDS = ((_MOUNT, _short_str), (_SIZES, _is_int), (_PERCENT, _is_number))
+_PROCESS_FIELDS = ((("name",), _short_str), (("pid",), lambda v: _is_int(v) and v >= 0),
+                   (_PROCESS_PERCENTS, lambda v: _is_number(v) and v >= 0))
+
+
 def _check_metrics(metrics: Any) -> None:
     if type(metrics) is not dict:
         raise PayloadError(BAD_FIELD, "metrics must be an object")
@@ -209,15 +238,7 @@ def _check_metrics(metrics: Any) -> None:
         _check_optional(memory, _SIZES, _is_int)
         _check_optional(memory, _PERCENT, _is_number)
     if "disks" in metrics:
-        disks = metrics["disks"]
-        if type(disks) is not list or len(disks) > MAX_DISKS:
-            raise _bad("disks", disks)
-        for disk in disks:
-            if type(disk) is not dict:
-                raise PayloadError(BAD_FIELD, "disks entries must be objects")
-            _check_optional(disk, _MOUNT, _short_str)
-            _check_optional(disk, _SIZES, _is_int)
-            _check_optional(disk, _PERCENT, _is_number)
+        _check_entries("disks", metrics["disks"], MAX_DISKS, _DISK_FIELDS)
     if "net" in metrics:
         net = metrics["net"]
         if type(net) is not dict:
@@ -225,6 +246,39 @@ def _check_metrics(metrics: Any) -> None:
         for name, value in net.items():
             if not _is_number(value):
                 raise PayloadError(BAD_FIELD, f"bad net.{str(name)[:40]!r}")
+    if "custom" in metrics:
+        _check_named_values("custom", metrics["custom"], MAX_CUSTOM_SERIES, is_series_name, _is_number)
+    if "processes" in metrics:
+        _check_entries("processes", metrics["processes"], MAX_TOP_PROCESSES, _PROCESS_FIELDS)
+    if "process_counts" in metrics:
+        _check_named_values("process_counts", metrics["process_counts"], MAX_PROCESS_CHECKS, is_check_name,
+                            _is_process_count)
+
+
+def _check_entries(name: str, entries: Any, limit: int,
+                   fields: tuple[tuple[tuple[str, ...], Callable[[Any], bool]], ...]) -> None:
+    """A list of at most ``limit`` objects whose optional fields pass their checks (disks, processes)."""
+    if type(entries) is not list or len(entries) > limit:
+        raise _bad(name, entries)
+    for entry in entries:
+        if type(entry) is not dict:
+            raise PayloadError(BAD_FIELD, f"{name} entries must be objects")
+        for names, check in fields:
+            _check_optional(entry, names, check)
+
+
+def _check_named_values(name: str, values: Any, limit: int, key_ok: Callable[[Any], bool],
+                        value_ok: Callable[[Any], bool]) -> None:
+    """An object of at most ``limit`` names and values, each passing its check (custom, process_counts)."""
+    if type(values) is not dict or len(values) > limit:
+        raise _bad(name, values)
+    for key, value in values.items():
+        if not key_ok(key) or not value_ok(value):
+            raise PayloadError(BAD_FIELD, f"bad {name} {str(key)[:60]!r}")
+
+
+def _is_process_count(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= MAX_PROCESS_COUNT
 
 
 def _check_system(system: Any) -> None:
@@ -285,13 +339,24 @@ def parse_ping(raw: bytes, topic: str | Topic) -> Ping:
     interval_s = _required(obj, "interval_s")
     if not (_is_number(interval_s) and 0 < interval_s <= 86400):
         raise _bad("interval_s", interval_s)
+    prev_session = prev_seq = None
+    if "prev_session" in obj or "prev_seq" in obj:
+        prev_session, prev_seq = _required(obj, "prev_session"), _required(obj, "prev_seq")
+        if type(prev_session) is not str or SESSION_RE.fullmatch(prev_session) is None or prev_session == session:
+            raise _bad("prev_session", prev_session)
+        if not (_is_int(prev_seq) and 0 <= prev_seq <= MAX_PREV_SEQ) or status != "online":
+            raise _bad("prev_seq", prev_seq)
     return Ping(t.org, machine_id, hardware_id, session, status, reason,
-                None if ts is None else float(ts), float(interval_s), obj)
+                None if ts is None else float(ts), float(interval_s), obj, prev_session, prev_seq)
 
 
 def build_ping(machine_id: str, hardware_id: str, session: str, status: str, interval_s: float,
-               ts: float | None = None, reason: str | None = None) -> dict[str, Any]:
-    """Build a ping payload; omit ``ts`` for a last will (it is sent later by the broker)."""
+               ts: float | None = None, reason: str | None = None, prev: tuple[str, int] | None = None
+               ) -> dict[str, Any]:
+    """Build a ping payload; omit ``ts`` for a last will (it is sent later by the broker).
+
+    ``prev`` (online pings only) is the previous connection's session and the last seq made in it.
+    """
     if status not in PING_STATUSES:
         raise ContractError(f"invalid ping status {status!r}")
     if status == "offline" and reason not in OFFLINE_REASONS:
@@ -302,6 +367,8 @@ def build_ping(machine_id: str, hardware_id: str, session: str, status: str, int
         payload["reason"] = reason
     if ts is not None:
         payload["ts"] = ts
+    if prev is not None and status == "online":
+        payload["prev_session"], payload["prev_seq"] = prev
     return payload
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 from fleet.config.errors import SettingsError
 from fleet.config.ids import is_valid_id
+from fleet.config.payloads import MAX_PROCESS_CHECKS, is_check_name
 
 ENV_PREFIX = "FLEET_"
 
@@ -45,6 +47,8 @@ class Settings:
     agent_queue_max_reports: int = 100_000
     agent_queue_max_bytes: int = 64 * 1024 * 1024
     reconnect_max_s: float = 60.0
+    textfile_dir: str = ""  # *.prom files in Prometheus text format, reported as metrics.custom
+    processes: tuple[str, ...] = ()  # process checks: NAME, or re:REGEX over the command line
     # broker
     max_queued_messages: int = 1000  # per reader/agent session: a stuck subscriber cannot hold more
     service_queued_messages: int = 200_000  # per collector session: seconds of full ingest, never dropped lightly
@@ -57,6 +61,7 @@ class Settings:
     history_raw_days: float = 7.0
     history_rollup_days: float = 90.0
     agent_rate_limit_per_s: float = 50.0
+    lost_grace_s: float = 60.0  # after an agent names its previous session, wait this long for replays, then count
     # alerts
     alert_group_wait: float = 10.0  # seconds an org's notifications are gathered into one message
     smtp_url: str = field(default="", repr=False)  # smtp(s)://user:pass@host:port for mailto: channels
@@ -72,7 +77,8 @@ class Settings:
             value = getattr(self, name)
             _check(0 <= value <= 65535, name, "must be a port number 0-65535", value)
         for name in ("reload_interval_s", "interval", "reconnect_max_s", "batch_interval_s",
-                     "stale_factor", "history_raw_days", "history_rollup_days", "agent_rate_limit_per_s"):
+                     "stale_factor", "history_raw_days", "history_rollup_days", "agent_rate_limit_per_s",
+                     "lost_grace_s"):
             value = getattr(self, name)
             _check(value > 0, name, "must be greater than 0", value)
         for name in ("ttl_seconds", "agent_queue_max_reports", "agent_queue_max_bytes", "max_queued_messages",
@@ -95,6 +101,16 @@ class Settings:
         _check(self.machine == "" or is_valid_id(self.machine), "machine", "must be a valid machine id", self.machine)
         for org in self.orgs:
             _check(is_valid_id(org), "orgs", "must be valid org ids", org)
+        _check(len(set(self.processes)) <= MAX_PROCESS_CHECKS, "processes",
+               f"at most {MAX_PROCESS_CHECKS} process checks", len(self.processes))
+        for spec in self.processes:
+            _check(is_check_name(spec) and spec != "re:", "processes",
+                   "must be a process name or re:REGEX (printable, at most 256 characters)", spec)
+            if spec.startswith("re:"):
+                try:
+                    re.compile(spec[3:])
+                except re.error as exc:
+                    _check(False, "processes", f"bad regex: {exc}", spec)
         _check(0 <= self.alert_group_wait <= 3600, "alert_group_wait", "must be between 0 and 3600 seconds",
                self.alert_group_wait)
         if self.smtp_url:

@@ -185,6 +185,9 @@ def _agent_options(func: Callable) -> Callable:
     for option in reversed(AGENT_OPTIONS):  # fleet/launch.py parses the same options without click
         if option.kind is bool:
             func = click.option(option.flag, option.dest, is_flag=True, help=option.help)(func)
+        elif option.kind is tuple:  # repeatable; not given at all = None, so the environment or file still counts
+            func = click.option(option.flag, option.dest, multiple=True, help=option.help,
+                                callback=lambda _ctx, _param, value: value or None)(func)
         else:
             func = click.option(option.flag, option.dest, type=option.kind, default=None, help=option.help)(func)
     return func

@@ -69,6 +69,8 @@ AGENT_OPTIONS = (
     Option("--machine", "machine", str, "Machine id (default: sanitised hostname)."),
     Option("--ca", "ca", str, "CA file to verify the broker."),
     Option("--interval", "interval", float, "Seconds between reports (default 10)."),
+    Option("--textfile-dir", "textfile_dir", str, "Directory of *.prom files (Prometheus text format) to report."),
+    Option("--process", "processes", tuple, "Count processes named NAME, or matching re:REGEX (repeatable)."),
     Option("--once", "once", bool, "Send (or print) one report and exit.", setting=False),
     Option("--print", "print_only", bool, "Print reports as JSON instead of publishing.", setting=False),
 )
@@ -94,12 +96,13 @@ def parse_agent_args(args: list[str]) -> dict[str, Any] | None:
     """
     options = {option.flag: option for option in AGENT_OPTIONS}
     params: dict[str, Any] = {option.dest: False if option.kind is bool else None for option in AGENT_OPTIONS}
+    repeatable = {option.flag for option in AGENT_OPTIONS if option.kind is tuple}
     params.update(data_dir=None, config_file=None)
     seen: set[str] = set()
     rest = list(args)
     while rest:
         flag, has_value, value = rest.pop(0).partition("=")
-        if flag in seen or (flag not in options and flag not in (DATA_DIR, CONFIG)):
+        if (flag in seen and flag not in repeatable) or (flag not in options and flag not in (DATA_DIR, CONFIG)):
             return None
         seen.add(flag)
         option = options.get(flag)
@@ -122,6 +125,8 @@ def parse_agent_args(args: list[str]) -> dict[str, Any] | None:
             params["config_file"] = value
         elif option is None:  # unreachable: every other flag is an option
             return None
+        elif option.kind is tuple:
+            params[option.dest] = (*(params[option.dest] or ()), value)
         elif option.kind is float:
             try:
                 params[option.dest] = float(value)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from fleet.cli import cli
@@ -77,6 +78,7 @@ def test_plain_agent_command_lines_parse_as_click_parses_them(tmp_path):
         ["--interval=1", "--org=a=b", "--data-dir", str(tmp_path), "--config", str(config_file)],
         ["--key", "--once"],  # an option's value is the next word, whatever it looks like
         ["--print", "--interval", " 3 ", "--data-dir", "", "--machine="],
+        ["--process", "nginx", "--textfile-dir", "/var/lib/prom", "--process=re:gunicorn.*app,x", "--process", ""],
     ]
     for args in command_lines:
         assert parse_agent_args(args) == agent_params_by_click(args), args
@@ -104,3 +106,27 @@ def test_the_agent_runs_without_importing_click():
     report, verdict = result.stdout.strip().splitlines()
     assert json.loads(report)["seq"] == 0, result.stderr
     assert verdict == "exit 0 False", result.stderr
+
+
+def test_process_checks_and_the_textfile_dir_from_flags_environment_and_file(tmp_path):
+    from fleet.config.errors import SettingsError
+    from fleet.config.settings import load_settings
+
+    flags = parse_agent_args(["--process", "nginx", "--process", "re:a{1,2}"])
+    assert flags["processes"] == ("nginx", "re:a{1,2}")
+    assert load_settings(None, env={}, flags={"processes": flags["processes"]}).processes == ("nginx", "re:a{1,2}")
+    assert load_settings(None, env={"FLEET_PROCESSES": "nginx, sshd", "FLEET_TEXTFILE_DIR": "/t"}).processes == (
+        "nginx", "sshd")
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text('processes = ["re:gunicorn.*app,worker", "nginx"]\ntextfile_dir = "/var/lib/prom"\n')
+    settings = load_settings(config_file, env={})
+    assert (settings.processes, settings.textfile_dir) == (("re:gunicorn.*app,worker", "nginx"), "/var/lib/prom")
+    for bad in (("re:(",), ("re:",), ("x\x01",), tuple(f"p{i}" for i in range(65))):
+        with pytest.raises(SettingsError, match="processes"):
+            load_settings(None, env={}, flags={"processes": bad})
+    result = subprocess.run([sys.executable, "-m", "fleet.cli", "agent", "--print", "--once", "--process", "re:("],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "processes" in result.stderr
+    assert "bad regex" in result.stderr

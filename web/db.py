@@ -18,7 +18,8 @@ from fleet.web.errors import WebError
 MACHINE_JSON = ("json_object('org', org, 'machine_id', machine_id, 'hardware_id', hardware_id, 'status', status, "
                 "'session', session, 'interval_s', interval_s, 'last_seen', last_seen, 'last_ping', last_ping, "
                 "'clock_offset_s', clock_offset_s, 'conflict', json(CASE WHEN conflict THEN 'true' ELSE 'false' END), "
-                "'os', os, 'system', json(system), 'metrics', json(metrics), 'first_seen', first_seen)")
+                "'os', os, 'system', json(system), 'metrics', json(metrics), 'first_seen', first_seen, "
+                "'lost', lost, 'late', late)")
 SORTS = {"machine_id": "machine_id", "status": "status", "last_seen": "last_seen", "os": "os",
          "cpu": "json_extract(metrics, '$.cpu_percent')", "memory": "json_extract(metrics, '$.memory.percent')"}
 
@@ -96,6 +97,12 @@ def expired_count(org: str) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def lost_count(org: str) -> int:
+    """Reports of the org's ended sessions that never arrived (settled tails, evicted machines included)."""
+    rows = query("SELECT lost FROM org_stats WHERE org = ?", (org,))
+    return int(rows[0][0]) if rows else 0
+
+
 def os_values(org: str) -> list[str]:
     """Distinct OS names of the org (for the filter)."""
     return [r[0] for r in query("SELECT DISTINCT os FROM machines WHERE org = ? AND os != '' ORDER BY os", (org,))]
@@ -112,18 +119,38 @@ POINT_COLUMNS = ("ts", "session", "seq", "cpu_percent", "memory_percent", "disk_
 
 
 def history(org: str, machine_id: str, since: float, until: float, max_points: int) -> list[dict[str, Any]]:
-    """Oldest-first history points (raw reports, with 1-minute rollups before raw history begins)."""
-    raw = query(f"SELECT {', '.join(POINT_COLUMNS)} FROM reports WHERE org = ? AND machine_id = ? "
+    """Oldest-first history points (raw reports, with 1-minute rollups before raw history begins).
+
+    Besides the fixed columns, a point carries the report's extra numeric fields (``custom.<series>``,
+    ``process.<name>``), kept as a small JSON object per row and decoded only for the points returned.
+    """
+    raw = query(f"SELECT {', '.join(POINT_COLUMNS)}, fields FROM reports WHERE org = ? AND machine_id = ? "
                 "AND ts >= ? AND ts <= ? ORDER BY ts, session, seq", (org, machine_id, since, until))
     first_raw = raw[0][0] if raw else until
     rolled = query("SELECT minute, NULL, NULL, cpu_percent, memory_percent, disk_percent, load1, net_bytes_sent, "
-                   "net_bytes_recv FROM rollups WHERE org = ? AND machine_id = ? AND minute >= ? AND minute < ? "
-                   "ORDER BY minute", (org, machine_id, since, min(first_raw, until)))
+                   "net_bytes_recv, fields FROM rollups WHERE org = ? AND machine_id = ? AND minute >= ? "
+                   "AND minute < ? ORDER BY minute", (org, machine_id, since, min(first_raw, until)))
     rows = rolled + raw
     if len(rows) > max_points:  # keep the shape, bound the payload
         step = len(rows) / max_points
         rows = [rows[int(i * step)] for i in range(max_points - 1)] + [rows[-1]]
-    return [dict(zip(POINT_COLUMNS, r, strict=False)) for r in rows]
+    points = []
+    for row in rows:
+        point = dict(zip(POINT_COLUMNS, row, strict=False))
+        if row[-1]:
+            point.update(_extra_fields(row[-1]))
+        points.append(point)
+    return points
+
+
+def _extra_fields(text: str) -> dict[str, float | None]:
+    """A row's extra fields: a report's ``{"field": n}``, or a rollup's ``{"field": [sum, samples]}`` as the mean."""
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return {}
+    return {name: (value[0] / value[1] if value[1] else None) if isinstance(value, list) else value
+            for name, value in fields.items()}
 
 
 def events(org: str, since: float, machine_id: str | None, limit: int) -> list[dict[str, Any]]:

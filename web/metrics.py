@@ -56,6 +56,16 @@ def render(org: str) -> str:
             per_machine(lambda m: m["clock_offset_s"]))
     _family(lines, "fleet_machine_conflict", "gauge", "1 while two hardware ids report under this name.",
             per_machine(lambda m: 1.0 if m["conflict"] else 0.0))
+    _family(lines, "fleet_reports_lost_total", "counter",
+            "Reports of the machine's ended sessions that never arrived (counted after a grace period).",
+            per_machine(lambda m: m.get("lost")))
+    _family(lines, "fleet_reports_late_total", "counter",
+            "Reports of a session that arrived after its lost reports were counted (lost is not decremented).",
+            per_machine(lambda m: m.get("late")))
+    _family(lines, "fleet_org_reports_lost_total", "counter",
+            "Reports of the org's ended sessions that never arrived, evicted machines included.",
+            [(_labels(org=org), db.lost_count(org))])
+    custom_samples(lines, org, machines)
     _family(lines, "fleet_machines", "gauge", "Machines per status.",
             [(_labels(org=org, status=s), counts[s]) for s in STATUSES])
     _family(lines, "fleet_machines_expired_total", "counter", "Machines evicted after the TTL.",
@@ -65,6 +75,21 @@ def render(org: str) -> str:
     _family(lines, "fleet_collector_dropped_messages_total", "counter", "Messages the collector dropped, by reason.",
             [(_labels(reason=reason), n) for reason, n in db.drop_counts().items()])
     return "\n".join(lines) + "\n"
+
+
+def custom_samples(lines: list[str], org: str, machines: list[dict]) -> None:
+    """Each machine's custom series and process check counts (issue 14), one labelled sample each."""
+    custom, counts = [], []
+    for m in machines:
+        metrics = m.get("metrics") or {}
+        for series, value in (metrics.get("custom") or {}).items():
+            custom.append((_labels(org=org, machine_id=m["machine_id"], series=series), value))
+        for name, value in (metrics.get("process_counts") or {}).items():
+            counts.append((_labels(org=org, machine_id=m["machine_id"], name=name), value))
+    _family(lines, "fleet_machine_custom", "gauge",
+            "A series of the machine's textfile directory, named as in its file (label series).", custom)
+    _family(lines, "fleet_machine_process_count", "gauge",
+            "Processes matching a process check of the agent (label name: NAME or re:REGEX).", counts)
 
 
 @bp.get("/metrics")

@@ -132,6 +132,12 @@ def test_broker_outage_loses_no_report_and_keeps_order(broker_settings, acme, tm
         assert len(by_session) >= 2
         for session, seqs in by_session.items():
             assert seqs == list(range(len(seqs))), (session, seqs)  # every seq, in order, none missing
+        # The new connection's online ping names the session before it and its last seq, for tail accounting.
+        pings = [payloads.parse_ping(m.payload, PING) for m in inbox2.on(PING)]
+        named = [(p.prev_session, p.prev_seq) for p in pings if p.status == "online" and p.prev_session]
+        assert named
+        prev_session, prev_seq = named[0]
+        assert prev_seq == max(by_session[prev_session])
         close(client)
     finally:
         if proc.poll() is None:
@@ -205,3 +211,27 @@ def test_full_disk_drops_oldest_counts_and_keeps_going(tmp_path):
     assert remaining[-1] == b"report-0499"
     assert remaining == sorted(remaining)  # still in order
     assert len(box) == len(remaining)
+
+
+def test_a_restarted_agent_names_the_session_of_its_previous_run(broker, acme, tmp_path):
+    client, inbox = watcher(broker)
+    proc = agent_process(broker, acme.agent_key, tmp_path, interval="0.2")
+    try:
+        inbox.wait_for_count(4, timeout=15)
+        wait_for(lambda: len(inbox.on(REPORT)) >= 3, timeout=15, message="three reports")
+    finally:
+        stop(proc, signal.SIGKILL)
+    first = [payloads.parse_report(m.payload, REPORT) for m in inbox.on(REPORT)]
+    session = first[0].session
+    proc = agent_process(broker, acme.agent_key, tmp_path, interval="0.2")
+    try:
+        def named():
+            pings = [payloads.parse_ping(m.payload, PING) for m in inbox.on(PING)]
+            return [p for p in pings if p.status == "online" and p.prev_session == session]
+
+        ping = wait_for(named, timeout=15, message="an online ping naming the killed run's session")[0]
+        assert ping.session != session
+        assert ping.prev_seq >= max(r.seq for r in first if r.session == session)
+    finally:
+        stop(proc)
+        close(client)

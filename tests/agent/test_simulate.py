@@ -39,3 +39,34 @@ def test_simulated_agents_report_and_shut_down_cleanly(broker, acme):
                           and payloads.parse_ping(m.payload, m.topic).reason == "shutdown"}) == 20, timeout=10,
              message=f"offline/shutdown from every agent (got {len(shutdowns)})")
     close(reader)
+
+
+def test_after_a_reconnect_simulated_agents_name_their_previous_session(broker_settings, acme):
+    from fleet.broker.server import start_in_thread
+
+    first = start_in_thread(broker_settings)
+    settings = first.settings.replace(org="acme", key=acme.agent_key, interval=0.2, reconnect_max_s=0.5)
+    sim = start_simulation(settings, agents=3, seed=2)
+    second = None
+    try:
+        wait_for(lambda: sim.stats()["acked"] >= 9, timeout=20, message="reports acknowledged")
+        first.stop()
+        wait_for(lambda: sim.stats()["connected"] == 0, timeout=20, message="agents see the broker gone")
+        ended = {agent.machine: (agent.session, agent.seq - 1) for agent in sim.agents}
+        second = start_in_thread(broker_settings.replace(mqtt_port=first.port))
+        reader = connect_client(second, credentials.SERVICE_USERNAME,
+                                credentials.ensure_service_key(second.data_dir), "watcher")
+        inbox = Inbox(reader)
+        inbox.subscribe("fleet/acme/+/ping", qos=1)
+
+        def named():
+            pings = [payloads.parse_ping(m.payload, m.topic) for m in inbox.messages]
+            return {p.machine_id: (p.prev_session, p.prev_seq) for p in pings if p.prev_session}
+
+        wait_for(lambda: len(named()) == 3, timeout=20, message="every agent names its previous session")
+        assert named() == ended
+        close(reader)
+    finally:
+        sim.stop()
+        if second is not None:
+            second.stop()

@@ -167,3 +167,12 @@ def query(data_dir: Path, sql: str, *args):
         return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
+
+
+def end_agent_and_probe(agent: subprocess.Popen, probe: subprocess.Popen) -> None:
+    """Stop a `fleet agent` process (SIGTERM, its output read) and kill a probe process the test started."""
+    agent.terminate()
+    agent.communicate(timeout=20)
+    if probe.poll() is None:
+        probe.kill()
+        probe.wait(5)

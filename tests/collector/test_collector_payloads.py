@@ -71,7 +71,8 @@ def test_replacing_any_report_field_with_junk_never_crashes(name, junk):
         assert reason == payloads.BAD_FIELD
 
 
-@given(st.sampled_from(["cpu_percent", "cpu_count", "load_avg", "memory", "disks", "net", "uptime_s"]), json_values)
+@given(st.sampled_from(["cpu_percent", "cpu_count", "load_avg", "memory", "disks", "net", "uptime_s", "custom",
+                        "processes", "process_counts"]), json_values)
 def test_junk_in_metrics_never_crashes_and_what_passes_is_storable(name, junk):
     data = valid_report()
     data["metrics"][name] = junk
@@ -87,7 +88,8 @@ def test_junk_in_metrics_never_crashes_and_what_passes_is_storable(name, junk):
     # Whatever is accepted can be stored by the collector.
     from fleet.collector.store import report_row
     conn = sqlite3.connect(":memory:")
-    conn.execute("SELECT " + ",".join("?" * 13), report_row(report, 1.0, "{}"))
+    row = report_row(report, 1.0, "{}")
+    conn.execute("SELECT " + ",".join("?" * len(row)), row)
 
 
 @given(machine=ids, hw=short_text, session=sessions, seq=counts, ts=finite, os_name=short_text)

@@ -75,8 +75,8 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(tmp_path
         base = now - d * day - 7200
         for i in range(0, 7200, 20):
             ts = base + i
-            rows.append(("acme", "m", f"s{d}", i, ts, ts, float(i % 100), 50.0, 10.0, 0.5, i, 2 * i, "{}"))
-    db.conn.executemany(store._INSERT_REPORT, rows)
+            rows.append(("acme", "m", f"s{d}", i, ts, ts, float(i % 100), 50.0, 10.0, 0.5, i, 2 * i, "{}", None))
+    db.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
     db.conn.commit()
     db.conn.execute("INSERT INTO events(org, machine_id, ts, new_status) VALUES ('acme', 'm', ?, 'online')",
                     (now - 40 * day,))
@@ -102,14 +102,17 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(tmp_path
 def test_retention_merges_a_minute_split_across_runs(tmp_path):
     db = _db(tmp_path)
     minute = 60.0 * 1000
-    db.conn.executemany(store._INSERT_REPORT, [
-        ("a", "m", "s", 0, minute + 1, minute + 1, 10.0, None, None, None, 5, 5, "{}"),
-        ("a", "m", "s", 1, minute + 2, minute + 2, 20.0, None, None, None, 7, 7, "{}"),
+    db.conn.executemany(store._INSERT_REPORT, [  # noqa: SLF001 - the collector's own insert
+        ("a", "m", "s", 0, minute + 1, minute + 1, 10.0, None, None, None, 5, 5, "{}", '{"custom.q":1}'),
+        ("a", "m", "s", 1, minute + 2, minute + 2, 20.0, None, None, None, 7, 7, "{}", '{"custom.q":4,"process.x":2}'),
     ])
     db.conn.commit()
     store.apply_retention(db, minute + 1.5 + 86400, raw_days=1, rollup_days=3650)
     store.apply_retention(db, minute + 3 + 86400, raw_days=1, rollup_days=3650)
     assert db.conn.execute("SELECT samples, cpu_percent, net_bytes_sent FROM rollups").fetchall() == [(2, 15.0, 7)]
+    # Extra fields keep a sum and a sample count each, so the two runs merge exactly.
+    fields = db.conn.execute("SELECT fields FROM rollups").fetchone()[0]
+    assert json.loads(fields) == {"custom.q": [5.0, 2], "process.x": [2.0, 1]}
 
 
 def test_write_batch_fails_cleanly_while_another_writer_holds_the_lock(tmp_path):
@@ -147,8 +150,9 @@ def test_json_batch_insert_stores_exactly_the_validated_values(tmp_path):
         rows.append(store.report_row(r, 1764000001.5, raw.decode()))
     store.write_batch(db_a, store.Batch(reports=rows), T0)
     with db_b.conn:
-        db_b.conn.executemany(store._INSERT_REPORT, rows)
-    sql = "SELECT * FROM reports ORDER BY seq"
+        db_b.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
+    sql = "SELECT org, machine_id, session, seq, ts, received, cpu_percent, memory_percent, disk_percent, load1," \
+          " net_bytes_sent, net_bytes_recv, fields, payload FROM reports ORDER BY seq"
     got, want = db_a.conn.execute(sql).fetchall(), db_b.conn.execute(sql).fetchall()
     assert [row[:-1] for row in got] == [row[:-1] for row in want]
     assert [_json.loads(row[-1]) for row in got] == [_json.loads(row[-1]) for row in want]

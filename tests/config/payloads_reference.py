@@ -19,10 +19,15 @@ from fleet.config.payloads import (  # parse_topic did not change
     BAD_FIELD,
     BAD_TOPIC,
     MACHINE_MISMATCH,
+    MAX_CUSTOM_SERIES,
     MAX_DISKS,
     MAX_INT,
     MAX_PAYLOAD_BYTES,
+    MAX_PREV_SEQ,
+    MAX_PROCESS_CHECKS,
+    MAX_PROCESS_COUNT,
     MAX_STRING,
+    MAX_TOP_PROCESSES,
     NOT_JSON,
     NOT_OBJECT,
     NOT_UTF8,
@@ -139,6 +144,42 @@ def _check_metrics(metrics: Any) -> None:
         for name, value in net.items():
             if not _is_number(value):
                 raise PayloadError(BAD_FIELD, f"bad net.{str(name)[:40]!r}")
+    custom = _field(metrics, "custom", lambda v: isinstance(v, dict) and len(v) <= MAX_CUSTOM_SERIES, False)
+    for name, value in (custom or {}).items():
+        if not (_series_name(name) and _is_number(value)):
+            raise PayloadError(BAD_FIELD, f"bad custom series {str(name)[:60]!r}")
+    processes = _field(metrics, "processes", lambda v: isinstance(v, list) and len(v) <= MAX_TOP_PROCESSES, False)
+    for proc in processes or ():
+        if not isinstance(proc, dict):
+            raise PayloadError(BAD_FIELD, "processes entries must be objects")
+        _field(proc, "name", _short_str, required=False)
+        _field(proc, "pid", lambda v: _is_int(v) and v >= 0, required=False)
+        for name in ("cpu_percent", "memory_percent"):
+            _field(proc, name, lambda v: _is_number(v) and v >= 0, required=False)
+    counts = _field(metrics, "process_counts", lambda v: isinstance(v, dict) and len(v) <= MAX_PROCESS_CHECKS, False)
+    for name, value in (counts or {}).items():
+        if not (_check_name(name) and _is_int(value) and 0 <= value <= MAX_PROCESS_COUNT):
+            raise PayloadError(BAD_FIELD, f"bad process_counts {str(name)[:60]!r}")
+
+
+def _printable(value: str) -> bool:
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+
+def _series_name(value: Any) -> bool:
+    # A metric name ([A-Za-z_:][A-Za-z0-9_:]*), optionally {labels} as written, printable, encodable.
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_STRING and _encodable(value) and _printable(value)):
+        return False
+    name, brace, labels = value.partition("{")
+    if not name or not (name[0].isascii() and (name[0].isalpha() or name[0] in "_:")):
+        return False
+    if not all(c.isascii() and (c.isalnum() or c in "_:") for c in name):
+        return False
+    return not brace or labels.endswith("}")
+
+
+def _check_name(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_STRING and _encodable(value) and _printable(value)
 
 
 def _check_system(system: Any) -> None:
@@ -177,5 +218,9 @@ def parse_ping(raw: bytes, topic: str | Topic) -> Ping:
         reason = None
     ts = _field(obj, "ts", lambda v: _is_number(v) and v >= 0, required=False)
     interval_s = _field(obj, "interval_s", lambda v: _is_number(v) and 0 < v <= 86400)
+    has_prev = "prev_session" in obj or "prev_seq" in obj
+    prev_session = _field(obj, "prev_session", lambda v: _session(v) and v != session, required=has_prev)
+    prev_seq = _field(obj, "prev_seq", lambda v: _is_int(v) and 0 <= v <= MAX_PREV_SEQ and status == "online",
+                      required=has_prev)
     return Ping(t.org, machine_id, hardware_id, session, status, reason,
-                None if ts is None else float(ts), float(interval_s), obj)
+                None if ts is None else float(ts), float(interval_s), obj, prev_session, prev_seq)

@@ -21,9 +21,13 @@ BASE_REPORT = payloads.build_report(
     {"cpu_percent": 12.5, "cpu_count": 8, "load_avg": [0.4, 0.3, 0.2], "swap_percent": 0.0,
      "memory": {"total": 16_000, "used": 8_000, "percent": 50.0},
      "disks": [{"mount": "/", "total": 500, "used": 100, "percent": 20.0}],
-     "net": {"bytes_sent": 1, "bytes_recv": 2, "sent_per_s": 0.5}, "uptime_s": 10, "process_count": 3},
+     "net": {"bytes_sent": 1, "bytes_recv": 2, "sent_per_s": 0.5}, "uptime_s": 10, "process_count": 3,
+     "custom": {"queue_depth": 3.0, 'queue_depth{queue="mail"}': 7},
+     "processes": [{"name": "nginx", "pid": 10, "cpu_percent": 1.5, "memory_percent": 0.25}],
+     "process_counts": {"nginx": 2, "re:gunicorn.*app": 0}},
     {"hostname": "web-1", "os": "Linux", "hardware_id": "0x1a2b"})
 BASE_PING = payloads.build_ping("web-1", "0x1a2b", "s-1", "offline", 10, ts=1.0, reason="lost")
+ONLINE_PING = payloads.build_ping("web-1", "0x1a2b", "s-2", "online", 10, ts=1.0, prev=("s-1", 41))
 
 # Values where decoders and type checks disagree in practice: big and huge ints, bools, -0.0, floats
 # that overflow, lone surrogates, non-ASCII text, nested containers.
@@ -38,9 +42,15 @@ REPORT_PATHS = [("v",), ("machine_id",), ("hardware_id",), ("session",), ("seq",
                 ("system",), ("metrics", "cpu_percent"), ("metrics", "cpu_count"), ("metrics", "load_avg"),
                 ("metrics", "memory"), ("metrics", "memory", "total"), ("metrics", "memory", "percent"),
                 ("metrics", "disks"), ("metrics", "net"), ("metrics", "net", "bytes_sent"),
-                ("metrics", "uptime_s"), ("system", "os"), ("system", "hostname")]
+                ("metrics", "uptime_s"), ("system", "os"), ("system", "hostname"),
+                ("metrics", "custom"), ("metrics", "custom", "queue_depth"), ("metrics", "custom", "x y"),
+                ("metrics", "custom", 'a{b="c"}'), ("metrics", "custom", "1abc"), ("metrics", "custom", "a{b"),
+                ("metrics", "processes"), ("metrics", "process_counts"), ("metrics", "process_counts", "nginx"),
+                ("metrics", "process_counts", "re:a.*"), ("metrics", "process_counts", "")]
 PING_PATHS = [("v",), ("status",), ("reason",), ("ts",), ("interval_s",), ("session",), ("hardware_id",),
-              ("machine_id",)]
+              ("machine_id",), ("prev_session",), ("prev_seq",)]
+# Containers at these paths are replaced by lists or dicts of entries, each mutated in turn.
+PROCESS_ENTRY = {"name": "nginx", "pid": 10, "cpu_percent": 1.5, "memory_percent": 0.25}
 
 
 def verdict(parse, raw: bytes, topic: str):
@@ -88,9 +98,38 @@ def test_reports_with_one_field_changed(path, value, delete):
 
 @hsettings(max_examples=300)
 @given(st.sampled_from(PING_PATHS), json_values | st.sampled_from(["online", "offline", "lost", "shutdown"]),
-       st.booleans())
-def test_pings_with_one_field_changed(path, value, delete):
-    assert_same(json.dumps(mutate(BASE_PING, path, value, delete)).encode(), "ping")
+       st.booleans(), st.booleans())
+def test_pings_with_one_field_changed(path, value, delete, online):
+    base = ONLINE_PING if online else BASE_PING
+    assert_same(json.dumps(mutate(base, path, value, delete)).encode(), "ping")
+
+
+series_names = st.text(alphabet=st.sampled_from('az_:09{}="\\ \x01é'), max_size=12) | st.sampled_from(
+    ["a" * 256, "a" * 257, 'q{l="v"}', "q{}", "\ud800", "x\x7f"])
+
+
+@hsettings(max_examples=300)
+@given(st.dictionaries(series_names, json_values, max_size=4) | st.integers(), st.integers(0, 70))
+def test_custom_series(custom, extra):
+    if isinstance(custom, dict):
+        custom = {**custom, **{f"s{i}": i for i in range(extra)}}
+    assert_same(json.dumps(mutate(BASE_REPORT, ("metrics", "custom"), custom, False)).encode(), "report")
+
+
+@hsettings(max_examples=300)
+@given(st.sampled_from(list(PROCESS_ENTRY)), json_values, st.booleans(), st.integers(1, 18))
+def test_process_entries(key, value, delete, copies):
+    entry = mutate(PROCESS_ENTRY, (key,), value, delete)
+    processes = [PROCESS_ENTRY] * (copies - 1) + [entry]
+    assert_same(json.dumps(mutate(BASE_REPORT, ("metrics", "processes"), processes, False)).encode(), "report")
+    assert_same(json.dumps(mutate(BASE_REPORT, ("metrics", "processes"), [value], False)).encode(), "report")
+
+
+@hsettings(max_examples=300)
+@given(st.dictionaries(series_names, json_values | st.integers(-2, 10**7 + 2), max_size=4), st.integers(0, 70))
+def test_process_counts(counts, extra):
+    counts = {**counts, **{f"p{i}": i for i in range(extra)}}
+    assert_same(json.dumps(mutate(BASE_REPORT, ("metrics", "process_counts"), counts, False)).encode(), "report")
 
 
 @hsettings(max_examples=300)

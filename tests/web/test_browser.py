@@ -35,7 +35,15 @@ def browser():
 
 
 @pytest.fixture
-def site(fleet, settings):
+def served(settings):
+    """The web app on a free port (it reads fleet.db per request, so rows may be added after it starts)."""
+    running = start_in_thread(settings.replace(http_port=0))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def site(fleet, served):
     now = time.time()
     fleet.machine("acme", "web-1", "online", "Linux", cpu=35)
     fleet.machine("acme", "db-1", "stale", "Linux", cpu=80, last_seen=now - 45)
@@ -46,9 +54,7 @@ def site(fleet, settings):
     fleet.event("acme", "web-1", now - 300, None, "online")
     fleet.event("acme", "web-1", now - 200, "online", "offline", "lost")
     fleet.event("acme", "web-1", now - 100, "offline", "online")
-    running = start_in_thread(settings.replace(http_port=0))
-    yield running
-    running.stop()
+    return served
 
 
 def test_dashboard_end_to_end(browser, site, fleet):
@@ -112,6 +118,52 @@ def test_token_in_the_url_fragment_signs_in_and_is_removed(browser, site, fleet)
     page.wait_for_selector("#machines tbody tr")
     assert "token" not in page.url
     page.close()
+
+
+@pytest.fixture
+def site_with_extras(fleet, served):
+    """A machine whose agent reports top processes, two process checks (one at 0) and custom series."""
+    now = time.time()
+    fleet.machine("acme", "app-1", "online", "Linux", cpu=20)
+    metrics = {"cpu_percent": 20.0, "memory": {"percent": 40.0},
+               "processes": [{"name": "postgres", "pid": 812, "cpu_percent": 87.5, "memory_percent": 12.25},
+                             {"name": XSS, "pid": 813, "cpu_percent": 3.0, "memory_percent": 0.5}],
+               "process_counts": {"nginx": 0, "re:gunicorn.*app": 4},
+               "custom": {"queue_depth": 12.0, 'queue_depth{queue="mail"}': 3.0}}
+    db = fleet.db()
+    db.conn.execute("UPDATE machines SET metrics = ? WHERE machine_id = 'app-1'", (json.dumps(metrics),))
+    db["reports"].insert_all([
+        {"org": "acme", "machine_id": "app-1", "session": "s1", "seq": i, "ts": now - 600 + i * 10,
+         "received": now - 600 + i * 10, "cpu_percent": 20.0, "payload": "{}",
+         "fields": json.dumps({"custom.queue_depth": float(i), "process.nginx": 1 if i < 30 else 0})}
+        for i in range(60)])
+    db.conn.commit()
+    return served
+
+
+def test_the_detail_view_shows_processes_checks_and_custom_series(browser, site_with_extras, fleet):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{site_with_extras.url}/#token={fleet.acme.reader_key}")
+    page.click("tr[data-machine='app-1']")
+    page.wait_for_selector("#d-processes tbody tr")
+    rows = page.locator("#d-processes tbody tr")
+    assert rows.count() == 2
+    assert rows.nth(0).inner_text().split() == ["postgres", "812", "87.5%", "12.3%"]
+    assert page.locator("text=" + XSS).count() >= 1  # a process name is text, never markup
+    assert page.evaluate("window.__pwned === undefined")
+    down = page.locator("#d-checks li.down")
+    assert down.count() == 1
+    assert down.get_attribute("data-check") == "nginx"
+    assert page.locator("#d-checks li.up").get_attribute("data-check") == "re:gunicorn.*app"
+    color = down.locator(".mark").evaluate("e => getComputedStyle(e).color")
+    assert color == "rgb(214, 69, 69)"  # --offline: the red mark at 0
+    # Custom series are chartable: the first is drawn from history, another can be chosen.
+    page.wait_for_selector(".chart[data-chart='custom'] path.line")
+    assert page.get_attribute(".chart[data-chart='custom'] path.line", "d").count("L") >= 50
+    page.screenshot(path=str(ARTIFACTS / "detail-extras.png"), full_page=True)
+    page.select_option("#d-custom-series", 'queue_depth{queue="mail"}')
+    expect(page.locator(".chart[data-chart='custom'] h4")).to_contain_text('queue_depth{queue="mail"}')
 
 
 def signed_in(browser, site, fleet):

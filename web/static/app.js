@@ -5,7 +5,7 @@
 const PAGE = 100;
 const state = { token: sessionStorage.getItem("fleet-token") || "", config: null, page: 0, timer: null,
                 selected: null, range: 900, machines: [], serverSkew: 0, selectedStatus: null, failing: false,
-                alerts: [], silences: [], alertTab: "firing" };
+                customSeries: null, alerts: [], silences: [], alertTab: "firing" };
 const RESOLVED_WINDOW_S = 86400;
 const $ = (id) => document.getElementById(id);
 
@@ -300,9 +300,11 @@ async function loadDetail(machineId, open, focus = false) {
   fact(dl, "Clock offset", machine.clock_offset_s != null ? `${machine.clock_offset_s.toFixed(2)} s` : null);
   fact(dl, "Session", machine.session);
   fact(dl, "Name conflict", machine.conflict ? "yes: two hardware ids use this name" : "no");
+  if (machine.lost || machine.late) fact(dl, "Reports lost", `${machine.lost}${machine.late ? ` (${machine.late} arrived late)` : ""}`);
   const mine = state.alerts.filter((a) => a.machine_id === machine.machine_id && a.state !== "resolved");
   $("d-alerts").replaceChildren(...mine.map(alertItem));
   renderCharts(history.points, now - state.range, now);
+  renderAgentExtras(met, history.points, now - state.range, now);
   const list = $("d-events");
   list.replaceChildren(...events.events.slice().reverse().map((e) => el("li", {},
     el("time", { text: new Date(e.ts * 1000).toLocaleString() }),
@@ -395,6 +397,54 @@ function chart(title, unit, seriesList, fixedMax, t0, t1) {
   }
   box.append(s, axis);
   return box;
+}
+
+// --- processes, process checks and custom metrics (issue 14) ---------------------------------------
+// One section of the detail view, rebuilt on every refresh; its state is the chosen custom series.
+function renderAgentExtras(met, points, t0, t1) {
+  const parts = [processTable(met.processes), processChecks(met.process_counts), customMetrics(met.custom, points, t0, t1)];
+  $("d-extras").replaceChildren(...parts.filter(Boolean));
+}
+
+function processTable(processes) {
+  if (!Array.isArray(processes)) return null;
+  const rows = processes.map((p) => el("tr", {},
+    el("td", { class: "name", text: p.name || "?" }), el("td", { class: "num", text: String(p.pid ?? "") }),
+    el("td", { class: "num", text: typeof p.cpu_percent === "number" ? `${p.cpu_percent.toFixed(1)}%` : "–" }),
+    el("td", { class: "num", text: typeof p.memory_percent === "number" ? `${p.memory_percent.toFixed(1)}%` : "–" })));
+  const table = el("table", { class: "mini", id: "d-processes" },
+    el("thead", {}, el("tr", {}, el("th", { text: "Process" }), el("th", { class: "num", text: "PID" }),
+      el("th", { class: "num", text: "CPU", title: "percent of one core, since the previous report" }),
+      el("th", { class: "num", text: "Memory" }))),
+    el("tbody", {}, ...rows));
+  return el("div", { class: "extra" }, el("h3", { text: "Top processes" }), table);
+}
+
+function processChecks(counts) {
+  if (!counts || typeof counts !== "object") return null;
+  const items = Object.entries(counts).map(([name, n]) => el("li", { class: n > 0 ? "check up" : "check down", "data-check": name },
+    el("span", { class: "mark", "aria-hidden": "true", text: n > 0 ? "●" : "✕" }),
+    el("code", { text: name }), el("b", { text: String(n), title: n > 0 ? "running" : "not running" })));
+  if (!items.length) return null;
+  return el("div", { class: "extra" }, el("h3", { text: "Process checks" }), el("ul", { class: "checks", id: "d-checks" }, ...items));
+}
+
+function customMetrics(custom, points, t0, t1) {
+  if (!custom || typeof custom !== "object" || !Object.keys(custom).length) return null;
+  const names = Object.keys(custom).sort();
+  if (!names.includes(state.customSeries)) state.customSeries = names[0];
+  const select = el("select", { id: "d-custom-series", "aria-label": "custom series to chart" },
+    ...names.map((n) => el("option", { value: n, text: `${n} = ${custom[n]}` })));
+  select.value = state.customSeries;
+  const field = `custom.${state.customSeries}`;
+  const series = points.filter((p) => typeof p[field] === "number").map((p) => ({ ts: p.ts, v: p[field] }));
+  const box = chart(state.customSeries, "", [series], null, t0, t1);
+  box.dataset.chart = "custom";
+  select.addEventListener("change", () => {
+    state.customSeries = select.value;
+    if (state.selected) loadDetail(state.selected, false);
+  });
+  return el("div", { class: "extra" }, el("h3", { text: `Custom metrics (${names.length})` }), select, box);
 }
 
 function schedule() {

@@ -1,0 +1,69 @@
+"""Custom series, process counts and lost reports in the API: machine object, /history (raw, rolled up), /metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fleet.collector import store
+from tests.helpers import bearer
+
+METRICS = {"cpu_percent": 5.0, "custom": {"queue_depth": 2.0, 'jobs{kind="a\\"b"}': 1.0},
+           "process_counts": {"nginx": 0, "re:gunicorn .*": 3},
+           "processes": [{"name": "nginx", "pid": 9, "cpu_percent": 1.0, "memory_percent": 0.1}]}
+
+
+def add_machine(fleet, lost=0, late=0):
+    fleet.machine("acme", "app-1")
+    db = fleet.db()
+    db.conn.execute("UPDATE machines SET metrics = ?, lost = ?, late = ? WHERE machine_id = 'app-1'",
+                    (json.dumps(METRICS), lost, late))
+    db.conn.execute("INSERT INTO org_stats(org, lost) VALUES ('acme', ?) ON CONFLICT(org) DO UPDATE SET lost = ?",
+                    (lost + 7, lost + 7))
+    db.conn.commit()
+    return db
+
+
+def test_the_machine_object_carries_the_new_metrics_and_lost_counts(client, fleet):
+    add_machine(fleet, lost=4, late=1)
+    body = client.get("/api/fleet/app-1", headers=bearer(fleet.acme.reader_key)).get_json()
+    assert body["metrics"]["custom"] == METRICS["custom"]
+    assert body["metrics"]["process_counts"] == METRICS["process_counts"]
+    assert body["metrics"]["processes"] == METRICS["processes"]
+    assert (body["lost"], body["late"]) == (4, 1)
+    listed = client.get("/api/fleet", headers=bearer(fleet.acme.reader_key)).get_json()["data"]
+    assert [(m["machine_id"], m["lost"]) for m in listed] == [("app-1", 4)]
+
+
+def test_history_points_carry_custom_and_process_fields_raw_and_rolled_up(client, fleet):
+    db = add_machine(fleet)
+    now = time.time()
+    old = now - 3 * 86400  # three days ago: rolled up into minutes below
+    rows = []
+    for i, (ts, depth) in enumerate([(old, 1.0), (old + 10, 3.0), (now - 60, 5.0), (now - 50, 6.0)]):
+        fields = store.extra_fields({"custom": {"queue_depth": depth}, "process_counts": {"nginx": i % 2}})
+        rows.append(("acme", "app-1", "s", i, ts, ts, 1.0, None, None, None, None, None, "{}", fields))
+    rows.append(("acme", "app-1", "s", 9, now - 40, now - 40, 1.0, None, None, None, None, None, "{}", None))
+    db.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
+    db.conn.commit()
+    store.apply_retention(db, now, raw_days=1, rollup_days=30)
+    since = now - 4 * 86400
+    points = client.get(f"/api/fleet/app-1/history?since={since}", headers=bearer(fleet.acme.reader_key)).get_json()
+    points = points["points"]
+    assert [p.get("custom.queue_depth") for p in points] == [2.0, 5.0, 6.0, None]  # a minute's mean, then raw
+    assert [p.get("process.nginx") for p in points] == [0.5, 0, 1, None]
+    assert points[0]["session"] is None  # a rollup
+
+
+def test_metrics_export_custom_series_process_counts_and_lost(client, fleet):
+    add_machine(fleet, lost=4, late=1)
+    text = client.get("/metrics", headers=bearer(fleet.acme.reader_key)).get_data(as_text=True)
+    assert 'fleet_machine_custom{org="acme",machine_id="app-1",series="queue_depth"} 2.0' in text
+    assert 'fleet_machine_custom{org="acme",machine_id="app-1",series="jobs{kind=\\"a\\\\\\"b\\"}"} 1.0' in text
+    assert 'fleet_machine_process_count{org="acme",machine_id="app-1",name="nginx"} 0.0' in text
+    assert 'fleet_machine_process_count{org="acme",machine_id="app-1",name="re:gunicorn .*"} 3.0' in text
+    assert 'fleet_reports_lost_total{org="acme",machine_id="app-1"} 4.0' in text
+    assert 'fleet_reports_late_total{org="acme",machine_id="app-1"} 1.0' in text
+    assert 'fleet_org_reports_lost_total{org="acme"} 11.0' in text
+    other = client.get("/metrics", headers=bearer(fleet.globex.reader_key)).get_data(as_text=True)
+    assert "app-1" not in other
