@@ -230,6 +230,7 @@ class AlertEngine:
         self.blind = blind
         self.rules: dict[str, list[CompiledRule]] = {}
         self.by_name: dict[tuple[str, str], CompiledRule] = {}
+        self.conflict_rules = False  # any org has a conflict rule (the timer must re-check them)
         self.rule_rows: dict[str, tuple] = {}
         self.channels: dict[str, dict[str, str]] = {}
         self.silences: dict[str, list[Silence]] = {}
@@ -283,6 +284,7 @@ class AlertEngine:
         """Read rules, channels and silences again; re-evaluate the machines of orgs whose rules changed."""
         wanted = set(orgs)
         loaded = alerting.load_rules(conn, wanted)
+        changed = set()
         for org in wanted | set(self.rules):
             rules = loaded.get(org, [])
             signature = tuple((r.name, str(r.when), r.for_s, r.machines, r.severity) for r in rules)
@@ -290,10 +292,13 @@ class AlertEngine:
                 continue
             self.rule_rows[org] = signature
             self.rules[org] = [compile_rule(r) for r in rules]
-            self.by_name.update({(org, cr.name): cr for cr in self.rules[org]})
             if not rules:
                 del self.rules[org]
-            self._rules_changed(org, now)
+            changed.add(org)
+            if not everything:
+                log.info("alerts: rules of org %s now %s", org, ", ".join(r.name for r in rules) or "(none)")
+        if changed:
+            self._rules_changed(changed, now)
         self.channels = {org: kinds for org, kinds in alerting.channel_kinds(conn).items() if org in wanted}
         silences: dict[str, list[Silence]] = {}
         for silence in alerting.load_silences(conn, now):
@@ -305,20 +310,19 @@ class AlertEngine:
                 del self.held[key]
                 self._announce(alert, now)
 
-    def _rules_changed(self, org: str, now: float) -> None:
-        names = {cr.name for cr in self.rules.get(org, ())}
-        for key in [k for k in self.by_name if k[0] == org and k[1] not in names]:
-            del self.by_name[key]
-        for (alert_org, _machine), alerts in list(self.live.items()):
-            if alert_org != org:
-                continue
-            for name, alert in list(alerts.items()):
-                if name not in names:
-                    self._clear(alert, now)  # the rule is gone: its alerts resolve
+    def _rules_changed(self, orgs: set[str], now: float) -> None:
+        """Alerts of removed rules resolve; every machine of these orgs is evaluated against their rules."""
+        self.by_name = {k: cr for k, cr in self.by_name.items() if k[0] not in orgs}
+        self.by_name.update({(org, cr.name): cr for org in orgs for cr in self.rules.get(org, ())})
+        self.conflict_rules = any(isinstance(cr.rule.when, Conflict) for cr in self.by_name.values())
+        for (org, _machine), alerts in list(self.live.items()):
+            if org in orgs:
+                for name, alert in list(alerts.items()):
+                    if (org, name) not in self.by_name:
+                        self._clear(alert, now)  # the rule is gone: its alerts resolve
         for machine in list(self.tracker.machines.values()):
-            if machine.org == org:
+            if machine.org in orgs:
                 self.evaluate(machine, now)
-        log.info("alerts: rules of org %s now %s", org, ", ".join(sorted(names)) or "(none)")
 
     def forget_org(self, org: str) -> None:
         """The org is gone: drop its alerts from memory and the database, clear its alert topics."""
@@ -415,7 +419,7 @@ class AlertEngine:
                 self._maybe_fire(alert, cr.rule, machine, now)
             else:
                 self._clear(alert, now)
-        for alerts in list(self.live.values()):
+        for alerts in list(self.live.values()) if self.conflict_rules else ():
             for alert in list(alerts.values()):
                 cr = self.by_name.get((alert.org, alert.rule))
                 if cr is None or not isinstance(cr.rule.when, Conflict) or alert.state != FIRING:

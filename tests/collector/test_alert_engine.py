@@ -276,3 +276,13 @@ def test_alertmanager_channels_get_firing_alerts_again_while_they_fire(h):
     assert h.outbox() == [("am", [("firing", "down-now", "web-1")])]
     h.tick(T0 + 140)  # the re-send is still queued: no pile-up
     assert len(h.outbox()) == 1
+
+
+def test_a_conflict_alert_resolves_when_the_tracker_timer_ends_the_conflict(h):
+    h.rule("acme", "clone", "conflict", severity="critical")
+    h.tick(T0)
+    h.apply(report(seq=0, ts=T0, hw="hw-a"), T0)
+    h.apply(report(session="s2", seq=0, ts=T0 + 1, hw="hw-b"), T0 + 1)
+    assert ("clone", "web-1", "firing", "") in h.alerts()
+    h.tick(T0 + 45)  # both hardware ids silent past stale_after (30 s): no conflict any more
+    assert ("clone", "web-1", "resolved", "") in [(r, m, s, "") for r, m, s, _ in h.alerts()]
