@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, abort, g, jsonify
 
 from fleet.web import db, params
 from fleet.web.auth import org_required
@@ -22,6 +22,16 @@ def alerts():
     machine_id = params.text("machine", 64)
     limit = params.integer("limit", 1000, 1, 10_000)
     return jsonify({"data": db.alerts(g.org, state, since, machine_id, limit, time.time())})
+
+
+@bp.get("/alerts/<int:alert_id>")
+@org_required
+def alert(alert_id: int):
+    """One alert of the caller's org; 404 for an unknown id or another org's alert (not told apart)."""
+    found = db.alerts(g.org, None, 0.0, None, 1, time.time(), alert_id=alert_id)
+    if not found:
+        abort(404, description=f"no alert {alert_id}")
+    return jsonify(found[0])
 
 
 @bp.get("/silences")

@@ -177,10 +177,13 @@ def silences(org: str, now: float) -> list[Silence]:
         raise DatabaseUnavailable(f"database error: {exc}") from exc
 
 
-def alerts(org: str, state: str | None, since: float, machine_id: str | None, limit: int,
-           now: float) -> list[dict[str, Any]]:
+def alerts(org: str, state: str | None, since: float, machine_id: str | None, limit: int, now: float,
+           alert_id: int | None = None) -> list[dict[str, Any]]:
     """The org's alerts, newest first: pending and firing ones, and those resolved at or after ``since``."""
     where, params = ["org = ?", "(resolved_at IS NULL OR resolved_at >= ?)"], [org, since]
+    if alert_id is not None:
+        where.append("id = ?")
+        params.append(alert_id)
     if state:
         where.append("state = ?")
         params.append(state)

@@ -62,7 +62,18 @@ def test_state_and_since_filters(client, fleet, alerts):
     assert client.get("/api/alerts?since=soon", headers=bearer(fleet.acme.reader_key)).status_code == 400
 
 
-@pytest.mark.parametrize("path", ["/api/alerts", "/api/silences"])
+def test_one_alert_by_id_and_404_for_another_orgs(client, fleet, alerts):
+    listed = client.get("/api/alerts", headers=bearer(fleet.acme.reader_key)).get_json()["data"]
+    one = client.get(f"/api/alerts/{listed[0]['id']}", headers=bearer(fleet.acme.reader_key))
+    assert one.get_json() == listed[0]
+    theirs = client.get("/api/alerts?state=firing", headers=bearer(fleet.globex.reader_key)).get_json()["data"][0]
+    res = client.get(f"/api/alerts/{theirs['id']}", headers=bearer(fleet.acme.reader_key))
+    assert res.status_code == 404
+    assert "error" in res.get_json()
+    assert client.get("/api/alerts/999999", headers=bearer(fleet.acme.reader_key)).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/api/alerts", "/api/alerts/1", "/api/silences"])
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}])
 def test_missing_or_wrong_token_is_401_json(client, path, headers):
     res = client.get(path, headers=headers)
