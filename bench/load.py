@@ -1,12 +1,19 @@
-"""Load test: N simulated agents against broker + collector + web for a while (issue 6).
+"""Load test: N simulated agents against broker + collector + web, on the embedded broker and/or Mosquitto.
 
-Runs each part as its own process on one data dir (so RSS is measured per part), drives
-`fleet simulate`, and reports sustained ingest, report->API latency (a probe agent whose
-reports carry a marker the API must show), RSS of each part over time, and seq accounting:
-every report the simulator got a PUBACK for must be stored once, with no gap per session.
+For each broker, a fresh data dir, and each part as its own process (so CPU and RSS are per part): the
+broker (`fleet broker`, or Debian's Mosquitto on the config `fleet mosquitto-config` writes), `fleet
+collector`, `fleet web`. Then S `fleet simulate` processes (distinct machine prefixes, one org) open N
+agents in all, their first connects spread with jitter over N / --connect-rate seconds, and a probe
+agent publishes a marked report every second and polls the API until it shows. Phases:
 
-    python3 bench/load.py --agents 2000 --interval 1 --duration 120
-Loopback only; stops by itself.
+- connect: until the simulators have every agent connected (handshakes/s = N / first..last connect);
+- settle: one interval, so every agent has reported;
+- steady: --steady seconds: broker and collector CPU (% of one core), RSS (total, and per connection
+  over the broker's idle RSS), ingest rate;
+- drain: simulators stopped cleanly; every report they got a PUBACK for must be stored.
+
+    python3 bench/load.py --agents 5000 --interval 10 --broker both
+Loopback only; stops by itself; prints one table with the brokers side by side.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -22,67 +30,60 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import free_port, stop_process  # noqa: E402
+from bench.common import (  # noqa: E402
+    FLEET,
+    free_port,
+    http_json,
+    print_table,
+    simulator_summaries,
+    start_simulators,
+    stop_process,
+    wait_port,
+    wait_until,
+)
 from fleet.config import payloads  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
 from fleet.config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
 
-FLEET = [sys.executable, "-m", "fleet.cli"]
-
-
-
-def http_json(url: str, token: str | None = None, timeout: float = 5.0):
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.status, json.loads(resp.read())
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
+ORG = "load"
+PROBE = "probe-1"
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+# The latency probe polls the API every 20 ms: lift the per-client limit for this benchmark only.
+ENV = {**os.environ, "FLEET_LOG_LEVEL": "WARNING", "FLEET_RATE_LIMIT_API": "1000000/minute"}
 
 
 class Probe:
     """One agent publishing a marked report each second; measures how long until the API shows it."""
 
-    def __init__(self, url: str, ca: Path, org: str, key: str, api: str, reader_key: str) -> None:
-        self.machine = "probe-1"
-        self.org, self.api, self.reader_key = org, api, reader_key
-        self.client = new_client(BrokerAddress.parse(url), agent_client_id(org, self.machine),
-                                 f"{org}/agent", key, ca)
+    def __init__(self, url: str, ca: Path, key: str, api: str, reader_key: str) -> None:
+        self.api, self.reader_key = api, reader_key
+        self.address = BrokerAddress.parse(url)
+        self.client = new_client(self.address, agent_client_id(ORG, PROBE), f"{ORG}/agent", key, ca)
         self.latencies: list[float] = []
         self.stop = threading.Event()
 
-    def loop(self, broker_url: str) -> None:
-        address = BrokerAddress.parse(broker_url)
-        self.client.connect(address.host, address.port, keepalive=30)
+    def loop(self) -> None:
+        self.client.connect(self.address.host, self.address.port, keepalive=30)
         self.client.loop_start()
         session = os.urandom(6).hex()
-        self.client.publish(ping_topic(self.org, self.machine), payloads.encode(
-            payloads.build_ping(self.machine, "probe", session, "online", 1.0, ts=time.time())), qos=1, retain=True)
+        self.client.publish(ping_topic(ORG, PROBE), payloads.encode(
+            payloads.build_ping(PROBE, "probe", session, "online", 1.0, ts=time.time())), qos=1, retain=True)
         seq = 0
         while not self.stop.is_set():
             sent = time.time()
-            body = payloads.build_report(self.machine, "probe", session, seq, sent, {"probe_seq": seq}, {"os": "Linux"})
-            self.client.publish(report_topic(self.org, self.machine), payloads.encode(body), qos=1)
+            body = payloads.build_report(PROBE, "probe", session, seq, sent, {"probe_seq": seq}, {"os": "Linux"})
+            self.client.publish(report_topic(ORG, PROBE), payloads.encode(body), qos=1)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not self.stop.is_set():
                 try:
-                    _, machine = http_json(f"{self.api}/api/fleet/{self.machine}", self.reader_key)
+                    _, machine = http_json(f"{self.api}/api/fleet/{PROBE}", self.reader_key)
                     if machine.get("metrics", {}).get("probe_seq") == seq:
                         self.latencies.append(time.time() - sent)
                         break
@@ -95,109 +96,243 @@ class Probe:
         self.client.disconnect()
 
 
-def rss_mb(pid: int) -> float:
+def tree(pid: int) -> list[psutil.Process]:
+    """A process and its children (``fleet`` parts are single processes; this is belt and braces)."""
     try:
         proc = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+        return [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return float("nan")
+        return []
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process tree so far."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    """RSS of a process tree in MiB."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def stored_reports(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT count(*) FROM reports WHERE machine_id != ?", (PROBE,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def online_machines(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT count(*) FROM machines WHERE status = 'online' AND machine_id != ?",
+                            (PROBE,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+@dataclass
+class Sample:
+    """One second of the run: CPU seconds and RSS of each part, reports stored."""
+
+    t: float
+    cpu: dict[str, float]
+    rss: dict[str, float]
+    stored: int
+
+
+@dataclass
+class Parts:
+    """The processes of one run, by name: broker, collector, web, simulators."""
+
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    sims: list[subprocess.Popen] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for proc in [*self.sims, *reversed(list(self.procs.values()))]:
+            stop_process(proc, 20)
+
+
+def start_broker(kind: str, data: Path, port: int) -> subprocess.Popen:
+    """`fleet broker`, or Mosquitto on `fleet mosquitto-config`'s output (run as root when we are root)."""
+    if kind == "embedded":
+        proc = subprocess.Popen([*FLEET, "broker", "--mqtt-port", str(port), "--data-dir", str(data)], env=ENV)
+        wait_port(port, proc)
+        return proc
+    out = data / "mosquitto"
+    subprocess.run([*FLEET, "mosquitto-config", "--out", str(out), "--mqtt-port", str(port), "--data-dir", str(data)],
+                   env=ENV, check=True, stdout=subprocess.DEVNULL)
+    log = open(out / "mosquitto.log", "w")  # a file, not a pipe: a full pipe would stall Mosquitto
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(out / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    wait_port(port, proc)
+    return proc
+
+
+def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
+    """One broker's run; returns its figures by metric name."""
+    data = Path(tempfile.mkdtemp(prefix=f"fleet-load-{kind}-"))
+    db = data / "fleet.db"
+    mqtt_port, http_port = free_port(), free_port()
+    common = ["--data-dir", str(data)]
+    keys = json.loads(subprocess.check_output([*FLEET, "org", "add", ORG, "--json", *common], env=ENV))
+    parts = Parts()
+    try:
+        parts.procs["broker"] = start_broker(kind, data, mqtt_port)
+        url = f"mqtts://127.0.0.1:{mqtt_port}"
+        ca = data / "certs" / "ca.pem"
+        parts.procs["collector"] = subprocess.Popen([*FLEET, "collector", "--broker", url, *common], env=ENV)
+        parts.procs["web"] = subprocess.Popen([*FLEET, "web", "--http-port", str(http_port), "--broker", url,
+                                               *common], env=ENV)
+        api = f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: http_json(f"{api}/healthz")[0] == 200, 60, "healthz")
+        time.sleep(2)  # let start-up settle before the idle baseline
+        idle_rss = {name: rss_mb(p.pid) for name, p in parts.procs.items()}
+
+        started = time.time()
+        parts.sims = start_simulators(args.simulators, args.agents, url, ORG, keys["agent_key"], data, args.interval,
+                                      args.connect_rate, ENV)
+        probe = Probe(url, ca, keys["agent_key"], api, keys["reader_key"])
+        probe_thread = threading.Thread(target=probe.loop, daemon=True)
+        probe_thread.start()
+
+        samples: list[Sample] = []
+        sampling = threading.Event()
+
+        def sample() -> None:
+            pids = {name: p.pid for name, p in parts.procs.items()} | {f"sim{i}": s.pid for i, s in
+                                                                        enumerate(parts.sims)}
+            while not sampling.is_set():
+                try:
+                    stored = stored_reports(db)
+                except sqlite3.Error:
+                    stored = samples[-1].stored if samples else 0
+                samples.append(Sample(time.time(), {n: cpu_s(pid) for n, pid in pids.items()},
+                                      {n: rss_mb(pid) for n, pid in pids.items()}, stored))
+                sampling.wait(1.0)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+
+        window = args.agents / args.connect_rate
+        all_online = None
+        deadline = time.monotonic() + window + args.connect_timeout
+        while time.monotonic() < deadline and all(s.poll() is None for s in parts.sims):
+            if online_machines(db) >= args.agents:
+                all_online = time.time()
+                break
+            time.sleep(0.5)
+        if all_online is None:
+            print(f"  [{kind}] not every agent online after {window + args.connect_timeout:.0f} s "
+                  f"({online_machines(db)}/{args.agents}); measuring anyway", flush=True)
+        steady_from = time.time() + args.interval
+        steady_to = steady_from + args.steady
+        while time.time() < steady_to:
+            time.sleep(min(5.0, max(0.0, steady_to - time.time())))
+            last = samples[-1]
+            print(f"  [{kind}] t={last.t - started:5.0f}s online={online_machines(db)} stored={last.stored} "
+                  + " ".join(f"{n}={last.rss[n]:.0f}MB" for n in ("broker", "collector", "web")), flush=True)
+
+        for sim in parts.sims:
+            sim.send_signal(signal.SIGTERM)
+        summaries = simulator_summaries(parts.sims)
+        probe.stop.set()
+        probe_thread.join(15)
+        acked = sum(s.get("acked", 0) for s in summaries)
+        deadline = time.monotonic() + 60
+        while stored_reports(db) < acked and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stored = stored_reports(db)
+        sampling.set()
+        sampler.join(5)
+    finally:
+        parts.stop()
+
+    connected_at = [s.get("all_connected_at") for s in summaries]
+    firsts = [s["first_connect_at"] for s in summaries if s.get("first_connect_at")]
+    all_connected = max(connected_at) if connected_at and None not in connected_at else None
+    sims = [f"sim{i}" for i in range(args.simulators)]
+
+    def window(t0: float, t1: float) -> list[Sample]:
+        inside = [s for s in samples if t0 <= s.t <= t1]
+        return inside if len(inside) >= 2 else [samples[0], samples[-1]]
+
+    def cpu_pct(phase: list[Sample], *names: str) -> float:
+        return sum(phase[-1].cpu[n] - phase[0].cpu[n] for n in names) / (phase[-1].t - phase[0].t) * 100
+
+    connecting = window(started, all_connected or steady_from)
+    steady = window(steady_from, steady_to)
+    first, last = steady[0], steady[-1]
+    dt = last.t - first.t
+
+    def mean_rss(name: str) -> float:
+        return statistics.fmean(s.rss[name] for s in steady)
+
+    lat = sorted(probe.latencies)
+    return {
+        "time until all agents connected": "never" if all_connected is None else f"{all_connected - started:.1f} s",
+        "connect rate (handshakes/s; offered)": ("n/a" if all_connected is None or not firsts
+                                                 else f"{args.agents / max(1e-3, all_connected - min(firsts)):.0f}")
+        + f" ({args.connect_rate:.0f})",
+        "connect attempts failed / reconnects": f"{sum(s.get('failed', 0) for s in summaries)} / "
+                                                f"{sum(s.get('reconnects', 0) for s in summaries)}",
+        "CPU while connecting: broker / simulators": f"{cpu_pct(connecting, 'broker'):.0f}% / "
+                                                     f"{cpu_pct(connecting, *sims):.0f}%",
+        "simulator errors (logged; must be 0)": sum(s.get("errors", 0) for s in summaries),
+        "steady phase": f"{dt:.0f} s",
+        "ingest (reports/s, offered)": f"{(last.stored - first.stored) / dt:.0f} ({args.agents / args.interval:.0f})",
+        "broker CPU (% of a core)": f"{cpu_pct(steady, 'broker'):.0f}%",
+        "broker RSS idle / steady": f"{idle_rss['broker']:.0f} / {mean_rss('broker'):.0f} MB",
+        "broker RSS per connection": f"{(mean_rss('broker') - idle_rss['broker']) * 1024 / args.agents:.1f} KiB",
+        "collector CPU (% of a core)": f"{cpu_pct(steady, 'collector'):.0f}%",
+        "collector RSS": f"{mean_rss('collector'):.0f} MB",
+        "web CPU / RSS": f"{cpu_pct(steady, 'web'):.0f}% / {mean_rss('web'):.0f} MB",
+        f"simulator CPU ({args.simulators} process{'es' if args.simulators > 1 else ''}, max per process)":
+            f"{cpu_pct(steady, *sims):.0f}% ({max(cpu_pct(steady, s) for s in sims):.0f}%)",
+        "simulator RSS per agent": f"{sum(mean_rss(s) for s in sims) * 1024 / args.agents:.0f} KiB",
+        "reports acked / stored": f"{acked} / {stored}",
+        "acked but not stored": f"{max(0, acked - stored)}",
+        "report->API latency p50 / p99": "n/a" if not lat else
+        f"{statistics.median(lat) * 1000:.0f} / {lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000:.0f} ms",
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=2000)
-    parser.add_argument("--interval", type=float, default=1.0)
-    parser.add_argument("--duration", type=float, default=120.0)
+    parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--broker", choices=("embedded", "mosquitto", "both"), default="both")
+    parser.add_argument("--steady", type=float, default=60.0, help="seconds measured after connect + one interval")
+    parser.add_argument("--connect-rate", type=float, default=500.0,
+                        help="first connects a second, over all simulators (window = agents / rate)")
+    parser.add_argument("--connect-timeout", type=float, default=120.0,
+                        help="how long past the connect window to wait for every agent to be online")
+    parser.add_argument("--simulators", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                        help="fleet simulate processes (default: one per two cores)")
     args = parser.parse_args()
-
-    data = Path(tempfile.mkdtemp(prefix="fleet-load-"))
-    mqtt_port, http_port = free_port(), free_port()
-    common = ["--data-dir", str(data)]
-    keys = json.loads(subprocess.check_output([*FLEET, "org", "add", "load", "--json", *common]))
-    # The latency probe polls the API every 20 ms: lift the per-client limit for this benchmark only.
-    env = {**os.environ, "FLEET_LOG_LEVEL": "WARNING", "FLEET_RATE_LIMIT_API": "1000000/minute"}
-    parts = {
-        "broker": subprocess.Popen([*FLEET, "broker", "--mqtt-port", str(mqtt_port), *common], env=env),
-    }
-    ca = data / "certs" / "ca.pem"
-    broker_url = f"mqtts://127.0.0.1:{mqtt_port}"
-    wait_until(lambda: socket.create_connection(("127.0.0.1", mqtt_port), 1).close() or True, 30, "broker")
-    parts["collector"] = subprocess.Popen([*FLEET, "collector", "--broker", broker_url, *common], env=env)
-    parts["web"] = subprocess.Popen([*FLEET, "web", "--http-port", str(http_port), "--broker", broker_url, *common],
-                                    env=env)
-    api = f"http://127.0.0.1:{http_port}"
-    wait_until(lambda: http_json(f"{api}/healthz")[0] == 200, 30, "healthz")
-
-    rss: dict[str, list[float]] = {name: [rss_mb(p.pid)] for name, p in parts.items()}
-    sim_env = {**env, "FLEET_KEY": keys["agent_key"]}
-    sim = subprocess.Popen([*FLEET, "simulate", "--broker", broker_url, "--org", "load", "--ca", str(ca),
-                            "--agents", str(args.agents), "--interval", str(args.interval),
-                            "--duration", str(args.duration), *common],
-                           env=sim_env, stdout=subprocess.PIPE, text=True)
-    probe = Probe(broker_url, ca, "load", keys["agent_key"], api, keys["reader_key"])
-    probe_thread = threading.Thread(target=probe.loop, args=(broker_url,), daemon=True)
-    probe_thread.start()
-
-    started = time.time()
-    db = data / "fleet.db"
-    stored_samples: list[tuple[float, int]] = []
-    while sim.poll() is None:
-        time.sleep(10)
-        for name, p in parts.items():
-            rss[name].append(rss_mb(p.pid))
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        stored_samples.append((time.time(), conn.execute("SELECT count(*) FROM reports").fetchone()[0]))
-        conn.close()
-        print(f"  t={time.time() - started:5.0f}s stored={stored_samples[-1][1]:>9} "
-              + " ".join(f"{n}={v[-1]:.0f}MB" for n, v in rss.items()), flush=True)
-    sim_out = sim.stdout.read() if sim.stdout else ""
-    probe.stop.set()
-    probe_thread.join(15)
-
-    # Let the collector drain, then account by (machine, session, seq).
-    summary_line = [line for line in sim_out.splitlines() if line.strip().startswith("{")]
-    summary = json.loads(summary_line[-1]) if summary_line else {}
-    acked = summary.get("acked")
-
-    def stored_count() -> int:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            return conn.execute("SELECT count(*) FROM reports WHERE machine_id != 'probe-1'").fetchone()[0]
-        finally:
-            conn.close()
-
-    deadline = time.monotonic() + 60
-    while acked is not None and stored_count() < acked and time.monotonic() < deadline:
-        time.sleep(0.5)
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    stored = stored_count()
-    gaps = conn.execute(
-        "SELECT count(*) FROM (SELECT machine_id, session, max(seq) - min(seq) + 1 - count(*) AS missing "
-        "FROM reports WHERE machine_id != 'probe-1' GROUP BY machine_id, session) WHERE missing != 0").fetchone()[0]
-    conn.close()
-    for name, p in parts.items():
-        rss[name].append(rss_mb(p.pid))
-    for p in parts.values():
-        stop_process(p, 20)
-
-    window = [s for s in stored_samples if 20 <= s[0] - started <= args.duration + 5]
-    rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) >= 2 else float("nan")
-    lat = sorted(probe.latencies)
-    p50 = statistics.median(lat) if lat else float("nan")
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
+    brokers = ["embedded", "mosquitto"] if args.broker == "both" else [args.broker]
+    results = {}
+    for kind in brokers:
+        print(f"{kind}: {args.agents} agents, interval {args.interval} s, {args.simulators} simulator(s)", flush=True)
+        results[kind] = run(kind, args)
     print()
-    print(f"agents={args.agents} interval={args.interval}s duration={args.duration}s cores={os.cpu_count()}")
-    print("| metric | value |")
-    print("|---|---|")
-    print(f"| offered load | {args.agents / args.interval:.0f} reports/s |")
-    print(f"| sustained ingest (after 20 s warm-up) | {rate:.0f} reports/s |")
-    print(f"| simulator sent / acked | {summary.get('sent')} / {acked} |")
-    print(f"| stored (distinct machine, session, seq) | {stored} |")
-    print(f"| lost (acked - stored) | {None if acked is None else acked - stored} |")
-    print(f"| sessions with seq gaps | {gaps} |")
-    print(f"| report->API latency p50 / p99 (n={len(lat)}) | {p50 * 1000:.0f} ms / {p99 * 1000:.0f} ms |")
-    for name, values in rss.items():
-        print(f"| RSS {name} start / end | {values[0]:.0f} MB / {values[-1]:.0f} MB |")
+    print(f"agents={args.agents} interval={args.interval}s steady={args.steady}s connect-rate={args.connect_rate}/s "
+          f"simulators={args.simulators} cores={os.cpu_count()}")
+    print_table("metric", results)
 
 
 if __name__ == "__main__":

@@ -55,10 +55,11 @@ def tls_context(ca_path: str | Path | None) -> ssl.SSLContext:
 
 
 def new_client(address: BrokerAddress, client_id: str, username: str | None, password: str | None,
-               ca_path: str | Path | None = None, clean_session: bool = True) -> paho.Client:
-    """A paho MQTT 3.1.1 client (callback API v2) set up for ``address``; not yet connected."""
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         clean_session=clean_session, protocol=paho.MQTTv311)
+               ca_path: str | Path | None = None, clean_session: bool = True,
+               factory: type[paho.Client] = paho.Client) -> paho.Client:
+    """A paho MQTT 3.1.1 client (callback API v2, of class ``factory``) set up for ``address``; not yet connected."""
+    client = factory(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                     clean_session=clean_session, protocol=paho.MQTTv311)
     if username is not None:
         client.username_pw_set(username, password)
     if address.tls:

@@ -210,13 +210,21 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
 @click.option("--ca", default=None, help="CA file to verify the broker.")
 @click.option("--interval", type=float, default=None, help="Seconds between reports (default 10).")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--prefix", default="sim", show_default=True,
+              help="Machine names are PREFIX-0001…: give each process its own to run several on one org.")
+@click.option("--connect-rate", type=click.FloatRange(min=0, min_open=True), default=200.0, show_default=True,
+              help="First connects a second: they are spread, with jitter, over AGENTS / RATE seconds.")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one line per report published and per PUBACK to this file (for loss accounting).")
 @common
 @settings_flags("broker_url", "org", "key", "ca", "interval")
-def simulate(settings: Settings, agents: int, duration: float | None) -> None:
+def simulate(settings: Settings, agents: int, duration: float | None, prefix: str, connect_rate: float,
+             record_path: Path | None) -> None:
     """Load generator: N simulated agents speaking the real protocol."""
     from fleet.agent.simulate import run_simulation
 
-    run_simulation(settings, agents=agents, duration=duration)
+    run_simulation(settings, agents=agents, duration=duration, prefix=prefix, connect_rate=connect_rate,
+                   record_path=record_path)
 
 
 @cli.command("mosquitto-config")

@@ -20,7 +20,8 @@ log = logging.getLogger("fleet.web")
 def _server(settings: Settings) -> Any:
     app = create_app(settings)
     try:
-        return create_server(app, host=settings.host, port=settings.http_port, threads=8,
+        # poll(), not select(): in `fleet up` the broker's connections push socket numbers past FD_SETSIZE (1024).
+        return create_server(app, host=settings.host, port=settings.http_port, threads=8, asyncore_use_poll=True,
                              ident="fleet", clear_untrusted_proxy_headers=True)
     except OSError as exc:
         raise WebError(f"cannot listen on {settings.host}:{settings.http_port}: {exc.strerror or exc}") from exc
