@@ -1,4 +1,4 @@
-"""Ingest benchmark: how fast the collector drains reports into SQLite, against a raw paho subscriber.
+"""Ingest benchmark: how fast the collector drains reports into its database, against a raw paho subscriber.
 
 M publisher processes push K reports each (QoS 1) through a broker started here on a free loopback
 port: Debian's Mosquitto (plain listener, anonymous allowed: a loopback benchmark, not a deployment)
@@ -6,12 +6,18 @@ and/or the embedded broker (``fleet broker``, TLS, real org credentials). For ea
 
 - backlog: the consumer's persistent session is registered, the consumer disconnects, all M*K reports
   are published and queued by the broker, then the consumer starts; rate = M*K / time until the last
-  report is counted (raw subscriber) or committed to SQLite (collector). This is its sustained drain rate.
+  report is counted (raw subscriber) or committed to the database (collector). This is its sustained drain rate.
 - live: the consumer runs while the publishers publish; rate = M*K / (first publish .. last counted).
 
 Every run checks zero loss: the collector must have stored exactly M*K distinct (machine, seq).
 
+``--database URL`` (repeatable) picks the collector's database: ``sqlite`` (the default: fleet.db in a
+temporary data dir) or a ``postgresql://`` URL (``python -m tests.postgres`` starts a throwaway server and
+prints one). Each database is measured against the same broker and the same raw baseline, in one run.
+The broker keeps its credentials in the data dir's SQLite file either way.
+
     python3 bench/ingest.py --publishers 4 --reports 5000 --broker both
+    python3 bench/ingest.py --broker mosquitto --database sqlite --database postgresql://u:p@127.0.0.1:5432/db
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -33,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, port_open, stop_process  # noqa: E402
 from fleet.config import credentials, payloads  # noqa: E402
+from fleet.config.database import DatabaseUrl, open_database, redact, sqlite_url  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
 from fleet.config.topics import agent_client_id, report_topic  # noqa: E402
@@ -147,6 +153,7 @@ class RawSubscriber:
         self.count = 0
         self.first: float | None = None
         self.broker = broker
+        self.client_id = client_id
         self.client = new_client(BrokerAddress.parse(broker.url), client_id, broker.reader_user, broker.reader_key,
                                  broker.ca, clean_session=False)
         self.client.on_message = self._on_message
@@ -185,17 +192,16 @@ def clear_session(broker: Broker, client_id: str, user: str | None, key: str | N
     client.loop_stop()
 
 
-def collector_settings(broker: Broker, data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, broker_url=broker.url, ca=str(broker.ca or ""),
+def collector_settings(broker: Broker, data_dir: Path, database: str) -> Settings:
+    return Settings(data_dir=data_dir, database_url=database, broker_url=broker.url, ca=str(broker.ca or ""),
                     agent_rate_limit_per_s=1e9, log_level="WARNING")
 
 
-def stored_reports(db: Path) -> tuple[int, int]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT count(*), count(DISTINCT machine_id || '/' || seq) FROM reports").fetchone()
-    finally:
-        conn.close()
+def stored_reports(database: str) -> tuple[int, int]:
+    with open_database(database) as db:
+        row = db.query_one("SELECT count(*), count(DISTINCT machine_id || '/' || seq) FROM reports")
+    assert row is not None
+    return row[0], row[1]
 
 
 def run_raw(broker: Broker, publishers: int, reports: int, mode: str) -> float:
@@ -206,7 +212,7 @@ def run_raw(broker: Broker, publishers: int, reports: int, mode: str) -> float:
         sub.stop()
         _, procs = publish_all(broker, publishers, reports)
         join_all(procs)
-        sub = RawSubscriber(broker, sub.client._client_id.decode())
+        sub = RawSubscriber(broker, sub.client_id)
         t0 = time.monotonic()
         sub.start()
     else:
@@ -218,25 +224,22 @@ def run_raw(broker: Broker, publishers: int, reports: int, mode: str) -> float:
         join_all(procs)
     sub.stop()
     # Its persistent session would otherwise keep queueing (and dropping) every later run's reports.
-    clear_session(broker, sub.client._client_id.decode(), broker.reader_user, broker.reader_key)
+    clear_session(broker, sub.client_id, broker.reader_user, broker.reader_key)
     if sub.count != total:
         raise SystemExit(f"raw subscriber got {sub.count} of {total}")
     return total / elapsed
 
 
-def run_collector(broker: Broker, data_dir: Path, publishers: int, reports: int, mode: str) -> float:
+def run_collector(broker: Broker, data_dir: Path, database: str, publishers: int, reports: int, mode: str) -> float:
     from fleet.collector.service import client_id_for, start
 
     total = publishers * reports
     service_user = credentials.SERVICE_USERNAME if broker.agent_user else None
     service_key = credentials.ensure_service_key(data_dir) if broker.agent_user else None
     clear_session(broker, client_id_for(()), service_user, service_key)
-    db = data_dir / "fleet.db"
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("DELETE FROM reports")
-    conn.close()
-    collector = start(collector_settings(broker, data_dir))
+    with open_database(database) as db:
+        db.execute("DELETE FROM reports")
+    collector = start(collector_settings(broker, data_dir, database))
     if not collector.wait_subscribed(15):
         raise SystemExit("collector did not subscribe")
     if mode == "backlog":
@@ -244,7 +247,7 @@ def run_collector(broker: Broker, data_dir: Path, publishers: int, reports: int,
         _, procs = publish_all(broker, publishers, reports)
         join_all(procs)
         t0 = time.monotonic()
-        collector = start(collector_settings(broker, data_dir))
+        collector = start(collector_settings(broker, data_dir, database))
     else:
         start_at, procs = publish_all(broker, publishers, reports)
         t0 = time.monotonic() + (start_at - time.time())
@@ -254,20 +257,19 @@ def run_collector(broker: Broker, data_dir: Path, publishers: int, reports: int,
         join_all(procs)
     stats = collector.stats()
     collector.stop()
-    rows, distinct = stored_reports(db)
+    rows, distinct = stored_reports(database)
     if rows != total or distinct != total or stats.dropped:
         raise SystemExit(f"loss or duplicates: {rows} rows, {distinct} distinct of {total}; drops {stats.dropped}")
     return total / elapsed
 
 
-def stage_costs(n: int = 5000) -> list[tuple[str, float]]:
+def stage_costs(databases: list[str], n: int = 5000) -> list[tuple[str, float]]:
     """Single-threaded cost of each step the collector adds per message (µs), measured in this run."""
     import json
 
     from fleet.collector import store
     from fleet.collector.intake import DropCounter, RateLimiter, parse_message
     from fleet.collector.state import Tracker
-    from fleet.config.database import open_db
 
     raws = [payloads.encode(payloads.build_report("m000", "0x1a2b", "s1", seq, time.time(), METRICS, SYSTEM))
             for seq in range(n)]
@@ -281,7 +283,8 @@ def stage_costs(n: int = 5000) -> list[tuple[str, float]]:
         return result
 
     timed("json.loads alone", lambda: [json.loads(raw) for raw in raws])
-    timed("config.payloads.parse_report (decode + validate)", lambda: [payloads.parse_report(raw, topic) for raw in raws])
+    timed("config.payloads.parse_report (decode + validate)",
+          lambda: [payloads.parse_report(raw, topic) for raw in raws])
     drops, limiter = DropCounter(), RateLimiter(1e9)
     items = timed("intake.parse_message (topic, rate limit, validate)",
                   lambda: [parse_message(topic, raw, False, time.time(), limiter, drops) for raw in raws])
@@ -289,13 +292,19 @@ def stage_costs(n: int = 5000) -> list[tuple[str, float]]:
     timed("state machine (Tracker.on_report)", lambda: [tracker.on_report(i.message, i.received) for i in items])
     rows = timed("history row (store.report_row)", lambda: [store.report_row(i.message, i.received, i.payload)
                                                              for i in items])
-    with tempfile.TemporaryDirectory() as tmp:
-        db = open_db(Path(tmp) / "fleet.db")
-        timed("SQLite batch insert, 500 per transaction (GIL released)",
-              lambda: [store.write_batch(db, store.Batch(reports=rows[i:i + 500]), time.time())
-                       for i in range(0, n, 500)])
-        db.conn.close()
+    for database in databases:
+        with open_database(database) as db:
+            db.execute("DELETE FROM reports")
+            timed(f"{engine_name(database)} batch insert, 500 per transaction",
+                  lambda db=db: [store.write_batch(db, store.Batch(reports=rows[i:i + 500]), time.time())
+                                 for i in range(0, n, 500)])
+            db.execute("DELETE FROM reports")
     return out
+
+
+def engine_name(database: str) -> str:
+    """SQLite or PostgreSQL, for the tables."""
+    return "SQLite" if DatabaseUrl.parse(database).engine == "sqlite" else "PostgreSQL"
 
 
 def main() -> None:
@@ -304,6 +313,8 @@ def main() -> None:
     parser.add_argument("--reports", type=int, default=5000, help="reports per publisher (K)")
     parser.add_argument("--broker", choices=("mosquitto", "embedded", "both"), default="both")
     parser.add_argument("--modes", default="backlog,live", help="comma-separated: backlog, live")
+    parser.add_argument("--database", action="append", metavar="URL",
+                        help="the collector's database: sqlite (default) or postgresql://…; repeat to compare")
     parser.add_argument("--alert-rules", choices=("none", "default", "all"), default="default",
                         help="the org's alert rules: none, the 3 default ones, or all 8 (+ bench/alerts.py's 5)")
     args = parser.parse_args()
@@ -314,46 +325,48 @@ def main() -> None:
         workdir = Path(tmp)
         data_dir = workdir / "data"
         keys = credentials.add_org(data_dir, ORG)  # with the 3 default alert rules every org starts with
-        if args.alert_rules == "all":
-            from bench.alerts import add_threshold_rules
+        databases = [sqlite_url(data_dir / "fleet.db") if d == "sqlite" else d for d in args.database or ["sqlite"]]
+        for database in databases:  # the org and the schema in each; the broker checks keys in the SQLite file
+            if not credentials.org_exists(data_dir, ORG, database):
+                credentials.add_org(data_dir, ORG, database)
+            if args.alert_rules == "all":
+                from bench.alerts import add_threshold_rules
 
-            add_threshold_rules(data_dir)
-        elif args.alert_rules == "none":
-            from fleet.config import alerting
+                add_threshold_rules(data_dir, database=database)
+            elif args.alert_rules == "none":
+                from fleet.config import alerting
 
-            for rule in alerting.list_rules(data_dir, ORG):
-                alerting.remove_rule(data_dir, ORG, rule.name)
-        from fleet.config.database import open_db
-
-        open_db(data_dir / "fleet.db").conn.close()
+                for rule in alerting.list_rules(data_dir, ORG, database):
+                    alerting.remove_rule(data_dir, ORG, rule.name, database)
         names = ["mosquitto", "embedded"] if args.broker == "both" else [args.broker]
         for name in names:
             broker = start_mosquitto(workdir) if name == "mosquitto" else start_embedded(data_dir, keys, total + 1000)
             try:
                 for mode in modes:
                     raw = run_raw(broker, args.publishers, args.reports, mode)
-                    coll = run_collector(broker, data_dir, args.publishers, args.reports, mode)
-                    rows.append((name, mode, raw, coll))
-                    print(f"{name:9s} {mode:7s} raw {raw:9.0f} msg/s  collector {coll:9.0f} msg/s  "
-                          f"{100 * coll / raw:5.1f}%", flush=True)
+                    for database in databases:
+                        coll = run_collector(broker, data_dir, database, args.publishers, args.reports, mode)
+                        rows.append((name, mode, engine_name(database), raw, coll))
+                        print(f"{name:9s} {mode:7s} {engine_name(database):10s} raw {raw:9.0f} msg/s  "
+                              f"collector {coll:9.0f} msg/s  {100 * coll / raw:5.1f}%", flush=True)
             finally:
                 broker.stop()
     print()
     rule_count = {"none": 0, "default": 3, "all": 8}[args.alert_rules]
-    print(f"alert rules: {args.alert_rules} ({rule_count} rules)")
-    print(f"M={args.publishers} publishers x K={args.reports} reports (QoS 1, {len(payloads.encode(payloads.build_report('m000', '0x1a2b', 'x' * 16, 0, 1.0, METRICS, SYSTEM)))} B each), "
-          f"{os.cpu_count()} CPUs")
-    print("| broker | mode | raw paho subscriber (msg/s) | collector into SQLite (msg/s) | collector / raw |")
-    print("|---|---|---|---|---|")
-    for name, mode, raw, coll in rows:
-        print(f"| {name} | {mode} | {raw:,.0f} | {coll:,.0f} | {100 * coll / raw:.0f}% |")
+    size = len(payloads.encode(payloads.build_report("m000", "0x1a2b", "x" * 16, 0, 1.0, METRICS, SYSTEM)))
+    print(f"M={args.publishers} publishers x K={args.reports} reports (QoS 1, {size} B each), {os.cpu_count()} CPUs; "
+          f"databases: {', '.join(redact(d) for d in databases)}; alert rules: {args.alert_rules} ({rule_count})")
+    print("| broker | mode | database | raw paho subscriber (msg/s) | collector (msg/s) | collector / raw |")
+    print("|---|---|---|---|---|---|")
+    for name, mode, engine, raw, coll in rows:
+        print(f"| {name} | {mode} | {engine} | {raw:,.0f} | {coll:,.0f} | {100 * coll / raw:.0f}% |")
     print()
     print("Per-message cost of each collector step (one thread, no broker):")
     print("| step | µs/msg |")
     print("|---|---|")
-    for name, micros in stage_costs():
+    for name, micros in stage_costs(databases):
         print(f"| {name} | {micros:.1f} |")
-    for name, mode, raw, _ in rows[:1]:
+    for name, mode, _, raw, _ in rows[:1]:
         print(f"(the raw subscriber spends {1e6 / raw:.1f} µs/msg in paho on {name}/{mode})")
 
 

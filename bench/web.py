@@ -1,7 +1,8 @@
-"""Web benchmark: API latency (p50/p99) through waitress with 10,000 machines in fleet.db.
+"""Web benchmark: API latency (p50/p99) through waitress with 10,000 machines in the database.
 
-    python3 bench/web.py [--machines 10000] [--requests 200]
-The server runs as `fleet web` in its own process; requests come one at a time over loopback.
+    python3 bench/web.py [--machines 10000] [--requests 200] [--database sqlite --database postgresql://…]
+The server runs as `fleet web` in its own process; requests come one at a time over loopback. Each
+``--database`` (default: sqlite, fleet.db in a temporary data dir) is filled alike and measured in turn.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
 from fleet.config import credentials  # noqa: E402
-from fleet.config.database import open_db  # noqa: E402
+from fleet.config.database import DatabaseUrl, open_database, sqlite_url  # noqa: E402
 
 
-def fill(data: Path, machines: int) -> str:
-    org = credentials.add_org(data, "bench")
-    db = open_db(data / "fleet.db")
+def fill(data: Path, database: str, machines: int) -> str:
+    random.seed(42)  # the same fleet in every database
+    if credentials.org_exists(data, "bench", database):
+        raise SystemExit(f"{DatabaseUrl.parse(database)} is not empty: give bench/web.py a new database")
+    org = credentials.add_org(data, "bench", database)
+    db = open_database(database)
     now = time.time()
     oses = [("Linux", "Debian 12"), ("Linux", "Ubuntu 24.04"), ("Windows", "Server 2022"), ("Darwin", "macOS 15")]
     rows = []
@@ -46,11 +50,14 @@ def fill(data: Path, machines: int) -> str:
                      "last_seen": now - random.uniform(0, 30), "last_ping": now, "clock_offset_s": 0.01,
                      "conflict": 0, "os": os_name, "system": json.dumps(system), "metrics": json.dumps(metrics),
                      "first_seen": now - 86400, "updated": now})
-    db["machines"].insert_all(rows, batch_size=1000)
-    db["reports"].insert_all(({"org": "bench", "machine_id": "m-00042", "session": "s", "seq": i,
-                               "ts": now - 86400 + i * 10, "received": now - 86400 + i * 10, "cpu_percent": 10.0,
-                               "memory_percent": 50.0, "disk_percent": 50.0, "load1": 0.5, "net_bytes_sent": i,
-                               "net_bytes_recv": i, "payload": "{}"} for i in range(8640)), batch_size=2000)
+    db.insert("machines", rows)
+    db.insert("reports", [{"org": "bench", "machine_id": "m-00042", "session": "s", "seq": i,
+                           "ts": now - 86400 + i * 10, "received": now - 86400 + i * 10, "cpu_percent": 10.0,
+                           "memory_percent": 50.0, "disk_percent": 50.0, "load1": 0.5, "net_bytes_sent": i,
+                           "net_bytes_recv": i, "payload": "{}"} for i in range(8640)])
+    if db.engine == "postgresql":
+        db.execute("ANALYZE")  # what autovacuum would do within a minute of such a load
+    db.close()
     return org.reader_key
 
 
@@ -68,11 +75,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--machines", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--database", action="append", metavar="URL",
+                        help="sqlite (default) or postgresql://…; repeat to compare in one run")
     args = parser.parse_args()
-    data = Path(tempfile.mkdtemp(prefix="fleet-bench-web-"))
-    token = fill(data, args.machines)
+    print(f"machines={args.machines} requests/endpoint={args.requests} cores={os.cpu_count()}")
+    for database in args.database or ["sqlite"]:
+        data = Path(tempfile.mkdtemp(prefix="fleet-bench-web-"))
+        measure(data, sqlite_url(data / "fleet.db") if database == "sqlite" else database, args)
+
+
+def measure(data: Path, database: str, args: argparse.Namespace) -> None:
+    """Fill one database and print the latency table of a `fleet web` serving it."""
+    token = fill(data, database, args.machines)
     port = free_port()
-    env = {**os.environ, "FLEET_LOG_LEVEL": "ERROR", "FLEET_RATE_LIMIT_API": "1000000/minute"}
+    env = {**os.environ, "FLEET_LOG_LEVEL": "ERROR", "FLEET_RATE_LIMIT_API": "1000000/minute",
+           "FLEET_DATABASE_URL": database}
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "web", "--data-dir", str(data), "--http-port",
                              str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -88,7 +105,8 @@ def main() -> None:
             "/api/fleet/<machine>/history (24 h)": f"/api/fleet/m-00042/history?since={now - 86400}",
             "/metrics": "/metrics",
         }
-        print(f"machines={args.machines} requests/endpoint={args.requests} cores={os.cpu_count()}\n")
+        engine = "SQLite" if DatabaseUrl.parse(database).engine == "sqlite" else "PostgreSQL"
+        print(f"\n{engine}:\n")
         print("| endpoint | p50 ms | p99 ms | response size |")
         print("|---|---|---|---|")
         for label, path in paths.items():

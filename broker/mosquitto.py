@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import sqlite3
 from pathlib import Path
 
 from fleet.broker.errors import BrokerError
 from fleet.broker.pki import ensure_certs
 from fleet.config import credentials
-from fleet.config.database import connect, ensure_schema
+from fleet.config.database import DatabaseError, open_database
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
 from fleet.config.settings import Settings
 
@@ -29,15 +28,12 @@ MOSQUITTO_USER = "mosquitto"  # started as root, Debian's Mosquitto drops to thi
 
 
 def _records(settings: Settings) -> list[credentials.CredentialRecord]:
-    credentials.ensure_service_key(settings.data_dir)
-    conn = connect(settings.db_path)
     try:
-        ensure_schema(conn)
-        return sorted(credentials.load_records(conn).values(), key=lambda r: r.username)
-    except sqlite3.Error as exc:
+        credentials.ensure_service_key(settings.data_dir, settings.database)
+        with open_database(settings.database) as db:
+            return sorted(credentials.load_records(db).values(), key=lambda r: r.username)
+    except DatabaseError as exc:
         raise BrokerError(f"cannot read credentials: {exc}") from exc
-    finally:
-        conn.close()
 
 
 def password_file(records: list[credentials.CredentialRecord]) -> str:

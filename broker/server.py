@@ -23,7 +23,7 @@ from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
 from fleet.broker.retained import RetainedStore
 from fleet.config import credentials
-from fleet.config.database import DatabaseError, connect, ensure_schema
+from fleet.config.database import DatabaseError, open_database
 from fleet.config.settings import Settings
 
 log = logging.getLogger("fleet.broker")
@@ -46,23 +46,15 @@ def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> dict[
     return {"listeners": listeners, "plugins": plugins}
 
 
-def _load_records(db_path: Path) -> dict[str, credentials.CredentialRecord]:
-    conn = connect(db_path)
-    try:
-        ensure_schema(conn)
-        return credentials.load_records(conn)
-    finally:
-        conn.close()
+def _load_records(database: str, migrate: bool = False) -> dict[str, credentials.CredentialRecord]:
+    with open_database(database, readonly=not migrate) as db:
+        return credentials.load_records(db)
 
 
-def _write_heartbeat(db_path: Path, detail: dict[str, Any]) -> None:
-    conn = connect(db_path)
-    try:
-        with conn:
-            conn.execute("INSERT OR REPLACE INTO heartbeats(component, ts, detail) VALUES ('broker', ?, ?)",
-                         (time.time(), json.dumps(detail)))
-    finally:
-        conn.close()
+def _write_heartbeat(database: str, detail: dict[str, Any]) -> None:
+    with open_database(database, migrate=False) as db:
+        db.execute("INSERT INTO heartbeats(component, ts, detail) VALUES ('broker', ?, ?) ON CONFLICT(component)"
+                   " DO UPDATE SET ts = excluded.ts, detail = excluded.detail", (time.time(), json.dumps(detail)))
 
 
 @dataclass
@@ -82,12 +74,12 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     certs = await asyncio.to_thread(ensure_certs, settings.certs_dir, [settings.host])
-    await asyncio.to_thread(credentials.ensure_service_key, data_dir)
-    pepper = await asyncio.to_thread(credentials.load_pepper, data_dir)
     try:
-        records = await asyncio.to_thread(_load_records, settings.db_path)
+        await asyncio.to_thread(credentials.ensure_service_key, data_dir, settings.database)
+        records = await asyncio.to_thread(_load_records, settings.database, True)
     except DatabaseError as exc:
         raise BrokerError(str(exc)) from exc
+    pepper = await asyncio.to_thread(credentials.load_pepper, data_dir)
     policy = AccessPolicy(pepper, records)
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy
@@ -114,7 +106,7 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
         while True:
             await asyncio.sleep(settings.reload_interval_s)
             try:
-                fresh = await asyncio.to_thread(_load_records, settings.db_path)
+                fresh = await asyncio.to_thread(_load_records, settings.database)
             except Exception as exc:  # noqa: BLE001 - keep the old snapshot, try again
                 log.warning("credential reload failed: %s", exc)
                 continue
@@ -131,7 +123,7 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
                 if time.monotonic() - last_beat >= HEARTBEAT_S:
                     last_beat = time.monotonic()
                     detail = {"connected": broker.connected_count(), **broker.stats}
-                    await asyncio.to_thread(_write_heartbeat, settings.db_path, detail)
+                    await asyncio.to_thread(_write_heartbeat, settings.database, detail)
             except Exception as exc:  # noqa: BLE001 - a locked database must not stop the broker
                 log.warning("broker housekeeping failed: %s", exc)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from fleet.collector import notify
 from fleet.collector.channels import group_key
 from fleet.collector.state import Machine, Tracker, Transition
 from fleet.config import alerting
+from fleet.config.database import Database, DatabaseError
 from fleet.config.rules import Conflict, Rule, Silence, StatusIs, Threshold, format_duration, metric_reader
 from fleet.config.topics import alert_topic
 
@@ -46,7 +46,7 @@ MATCH_CACHE_MAX = 200_000
 
 @dataclass(eq=False, slots=True)
 class Alert:
-    """One (rule, machine) alert as the engine keeps it; ``id`` is None until its row is written."""
+    """One (rule, machine) alert as the engine keeps it. Its row is found by (org, rule, machine, active_at)."""
 
     org: str
     rule: str
@@ -59,7 +59,7 @@ class Alert:
     fired_at: float | None = None
     resolved_at: float | None = None
     notified: str = ""
-    id: int | None = None
+    stored: bool = False  # handed to a write: its row exists (or will, once that transaction commits)
     written_at: float = 0.0
 
     @property
@@ -165,51 +165,41 @@ def summary(rule: Rule, machine_id: str, value: float | None) -> str:
 
 
 # --- what a flush writes -------------------------------------------------------------------------------
-_INSERT_ALERT = ("INSERT INTO alerts(org, rule, machine_id, state, severity, summary, value, active_at, fired_at,"
-                 " resolved_at, notified) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id")
-_UPDATE_ALERT = ("UPDATE alerts SET state = ?, severity = ?, summary = ?, value = ?, fired_at = ?, resolved_at = ?,"
-                 " notified = ? WHERE id = ?")
+_ALERT_COLUMNS = ("org", "rule", "machine_id", "active_at", "state", "severity", "summary", "value", "fired_at",
+                  "resolved_at", "notified")
+# An alert's row is keyed by (org, rule, machine, active_at): a write is an upsert, so a batch written twice
+# (a retried transaction whose first COMMIT did land) changes nothing more.
+_UPSERT_ALERT = (f"INSERT INTO alerts({', '.join(_ALERT_COLUMNS)}) VALUES ({', '.join('?' * len(_ALERT_COLUMNS))})"
+                 " ON CONFLICT(org, rule, machine_id, active_at) DO UPDATE SET state = excluded.state,"
+                 " severity = excluded.severity, summary = excluded.summary, value = excluded.value,"
+                 " fired_at = excluded.fired_at, resolved_at = excluded.resolved_at, notified = excluded.notified")
 
 
 @dataclass
 class AlertWrites:
-    """Alert rows, deletions and outbox rows of one writer transaction; ids are assigned after the commit."""
+    """Alert rows, deletions and outbox rows of one writer transaction."""
 
-    alerts: list[Alert] = field(default_factory=list)
-    deleted: list[int] = field(default_factory=list)
+    alerts: list[tuple] = field(default_factory=list)
+    deleted: list[tuple[str, str, str, float]] = field(default_factory=list)  # (org, rule, machine, active_at)
     outbox: list[tuple] = field(default_factory=list)
     purged_orgs: list[str] = field(default_factory=list)
-    _new_ids: list[tuple[Alert, int]] = field(default_factory=list, repr=False)
 
     def __bool__(self) -> bool:
         return bool(self.alerts or self.deleted or self.outbox or self.purged_orgs)
 
-    def write(self, conn: sqlite3.Connection) -> None:
+    def write(self, db: Database) -> None:
         """Execute inside the caller's transaction."""
-        self._new_ids = []
         for org in self.purged_orgs:
             for table in ("alerts", "alert_outbox"):
-                conn.execute(f"DELETE FROM {table} WHERE org = ?", (org,))
+                db.execute(f"DELETE FROM {table} WHERE org = ?", (org,))
         if self.deleted:
-            conn.executemany("DELETE FROM alerts WHERE id = ?", [(i,) for i in self.deleted])
-        # Updates first: a resolved row must leave the (org, rule, machine) index before its successor arrives.
-        conn.executemany(_UPDATE_ALERT, [(a.state, a.severity, a.summary, a.value, a.fired_at, a.resolved_at,
-                                          a.notified, a.id) for a in self.alerts if a.id is not None])
-        for a in self.alerts:
-            if a.id is None:
-                new_id = conn.execute(_INSERT_ALERT, (a.org, a.rule, a.machine_id, a.state, a.severity, a.summary,
-                                                      a.value, a.active_at, a.fired_at, a.resolved_at,
-                                                      a.notified)).fetchone()[0]
-                self._new_ids.append((a, new_id))
+            db.executemany("DELETE FROM alerts WHERE org = ? AND rule = ? AND machine_id = ? AND active_at = ?",
+                           self.deleted)
+        if self.alerts:
+            db.executemany(_UPSERT_ALERT, self.alerts)
         if self.outbox:
-            conn.executemany("INSERT INTO alert_outbox(org, channel, group_key, notices, created, next_attempt)"
-                             " VALUES (?, ?, ?, ?, ?, ?)", self.outbox)
-
-    def committed(self) -> None:
-        """The transaction is committed: the new rows' ids belong to their alerts now."""
-        for alert, new_id in self._new_ids:
-            alert.id = new_id
-        self._new_ids = []
+            db.executemany("INSERT INTO alert_outbox(org, channel, group_key, notices, created, next_attempt)"
+                           " VALUES (?, ?, ?, ?, ?, ?)", self.outbox)
 
 
 # --- the engine --------------------------------------------------------------------------------------------
@@ -249,18 +239,18 @@ class AlertEngine:
         self.outbox_added = False
 
     # --- loading and refreshing --------------------------------------------------------------------------
-    def load(self, conn: sqlite3.Connection, orgs: Iterable[str], now: float) -> None:
+    def load(self, db: Database, orgs: Iterable[str], now: float) -> None:
         """Restore live alerts from the database, then evaluate every known machine once."""
         wanted = set(orgs)
-        rows = conn.execute("SELECT id, org, rule, machine_id, severity, state, active_at, summary, value, fired_at,"
-                            " resolved_at, notified FROM alerts WHERE state != 'resolved'"
-                            " OR (state = 'resolved' AND notified = 'firing')").fetchall()
-        for (id_, org, rule, machine_id, severity, state, active_at, summary_, value, fired_at, resolved_at,
+        rows = db.query("SELECT org, rule, machine_id, severity, state, active_at, summary, value, fired_at,"
+                        " resolved_at, notified FROM alerts WHERE state != 'resolved'"
+                        " OR (state = 'resolved' AND notified = 'firing')")
+        for (org, rule, machine_id, severity, state, active_at, summary_, value, fired_at, resolved_at,
              notified) in rows:
             if org not in wanted:
                 continue
             alert = Alert(org, rule, machine_id, severity, state, active_at, summary_ or "", value, fired_at,
-                          resolved_at, notified or "", id_, now)
+                          resolved_at, notified or "", True, now)
             if state == RESOLVED:
                 self.unsent[alert.key] = alert
             else:
@@ -276,14 +266,14 @@ class AlertEngine:
         for alert in [a for alerts in self.live.values() for a in alerts.values()] + list(self.unsent.values()):
             if alert.needs_notice():
                 self._announce(alert, now)
-        self.refresh(conn, wanted, now, everything=True)
+        self.refresh(db, wanted, now, everything=True)
         log.info("alerts: %d rule(s) of %d org(s), %d firing, %d pending", sum(map(len, self.rules.values())),
                  len(self.rules), self.firing_count(), len(self.pending))
 
-    def refresh(self, conn: sqlite3.Connection, orgs: Iterable[str], now: float, everything: bool = False) -> None:
+    def refresh(self, db: Database, orgs: Iterable[str], now: float, everything: bool = False) -> None:
         """Read rules, channels and silences again; re-evaluate the machines of orgs whose rules changed."""
         wanted = set(orgs)
-        loaded = alerting.load_rules(conn, wanted)
+        loaded = alerting.load_rules(db, wanted)
         changed = set()
         for org in wanted | set(self.rules):
             rules = loaded.get(org, [])
@@ -299,9 +289,9 @@ class AlertEngine:
                 log.info("alerts: rules of org %s now %s", org, ", ".join(r.name for r in rules) or "(none)")
         if changed:
             self._rules_changed(changed, now)
-        self.channels = {org: kinds for org, kinds in alerting.channel_kinds(conn).items() if org in wanted}
+        self.channels = {org: kinds for org, kinds in alerting.channel_kinds(db).items() if org in wanted}
         silences: dict[str, list[Silence]] = {}
-        for silence in alerting.load_silences(conn, now):
+        for silence in alerting.load_silences(db, now):
             if silence.org in wanted:
                 silences.setdefault(silence.org, []).append(silence)
         self.silences = silences
@@ -391,18 +381,18 @@ class AlertEngine:
         self.topics.discard((machine.org, machine.machine_id))
         self.cleared.append(alert_topic(machine.org, machine.machine_id))
 
-    def timers(self, conn: sqlite3.Connection, orgs: Iterable[str], now: float) -> None:
+    def timers(self, db: Database, orgs: Iterable[str], now: float) -> None:
         """Periodic work: re-read the setup, promote pending alerts, re-check status rules, seal due groups."""
         if now >= self.next_refresh:
             self.next_refresh = now + REFRESH_S
             try:
-                self.refresh(conn, orgs, now)
-            except sqlite3.Error as exc:
+                self.refresh(db, orgs, now)
+            except DatabaseError as exc:
                 log.warning("cannot read alert rules (will retry): %s", exc)
         if now >= self.next_recheck:
             self.next_recheck = now + RECHECK_S
             self._recheck(now)
-            self._resend(conn, now)
+            self._resend(db, now)
         for org, group in list(self.groups.items()):
             if now >= group.due:
                 del self.groups[org]
@@ -460,8 +450,8 @@ class AlertEngine:
         if alert.state == PENDING:
             self.pending.pop(alert.key, None)
             self.dirty.pop(id(alert), None)
-            if alert.id is not None:
-                self.writes.deleted.append(alert.id)
+            if alert.stored:
+                self.writes.deleted.append((alert.org, alert.rule, alert.machine_id, alert.active_at))
             return
         alert.state = RESOLVED
         alert.resolved_at = now
@@ -527,7 +517,7 @@ class AlertEngine:
             self.writes.outbox.append((org, channel, group_key(org), body, now, now))
             self.outbox_added = True
 
-    def _resend(self, conn: sqlite3.Connection, now: float) -> None:
+    def _resend(self, db: Database, now: float) -> None:
         """Channels that forget alerts not re-sent (Alertmanager) get every notified firing alert again."""
         for org, kinds in self.channels.items():
             for channel, kind in kinds.items():
@@ -544,9 +534,9 @@ class AlertEngine:
                 if not notices:
                     continue
                 try:
-                    queued = conn.execute("SELECT 1 FROM alert_outbox WHERE org = ? AND channel = ? LIMIT 1",
-                                          (org, channel)).fetchone()
-                except sqlite3.Error:
+                    queued = db.query_one("SELECT 1 FROM alert_outbox WHERE org = ? AND channel = ? LIMIT 1",
+                                          (org, channel))
+                except DatabaseError:
                     continue
                 if queued is None:  # a backlog is still being delivered: do not pile re-sends on it
                     self._queue(org, (channel,), notices, now)
@@ -555,7 +545,12 @@ class AlertEngine:
     def take_writes(self) -> AlertWrites | None:
         """What the next transaction must write (None when nothing changed)."""
         writes = self.writes
-        writes.alerts = list(self.dirty.values())
+        # A resolved row leaves the one-live-alert-per-(rule, machine) index before its successor arrives.
+        for alert in sorted(self.dirty.values(), key=lambda a: a.state != RESOLVED):
+            alert.stored = True
+            writes.alerts.append((alert.org, alert.rule, alert.machine_id, alert.active_at, alert.state,
+                                  alert.severity, alert.summary, alert.value, alert.fired_at, alert.resolved_at,
+                                  alert.notified))
         self.dirty = {}
         self.writes = AlertWrites()
         return writes if writes else None

@@ -15,7 +15,7 @@ from typing import Any
 from fleet.collector import notify
 from fleet.config import alerting
 from fleet.config.alerting import Channel
-from fleet.config.database import connect
+from fleet.config.database import open_database
 from fleet.config.settings import Settings
 
 log = logging.getLogger("collector.alerts")
@@ -43,7 +43,7 @@ def add_channel(settings: Settings, org: str, name: str, url: str) -> NewChannel
         log.warning("channel %s/%s is email but FLEET_SMTP_URL is not set: deliveries will fail until it is",
                     org, name)
     secret = notify.new_secret(kind)
-    alerting.store_channel(settings.data_dir, org, name, kind, url, secret, notify.redact(url))
+    alerting.store_channel(settings.data_dir, org, name, kind, url, secret, notify.redact(url), settings.database)
     log.info("alert channel %s/%s added (%s, %s)", org, name, kind, notify.redact(url))
     return NewChannel(org, name, kind, secret)
 
@@ -61,7 +61,7 @@ def send(settings: Settings, channel: Channel, notices: Sequence[notify.Notice],
 
 def send_test(settings: Settings, org: str, name: str) -> None:
     """Send the one test notification to a channel and record the outcome; raises with the reason if it fails."""
-    channel = alerting.get_channel(settings.data_dir, org, name)
+    channel = alerting.get_channel(settings.data_dir, org, name, settings.database)
     error: str | None = None
     try:
         send(settings, channel, notify.test_notices(org, name), group_key(org))
@@ -69,10 +69,6 @@ def send_test(settings: Settings, org: str, name: str) -> None:
         error = str(exc) or type(exc).__name__
         raise
     finally:
-        conn = connect(settings.db_path)
-        try:
-            with conn:
-                alerting.record_delivery(conn, org, name, time.time(), error)
-        finally:
-            conn.close()
+        with open_database(settings.database) as db, db.transaction():
+            alerting.record_delivery(db, org, name, time.time(), error)
         log.info("alert channel %s/%s test: %s", org, name, error or "delivered")

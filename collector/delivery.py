@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from fleet.collector import notify
 from fleet.collector.channels import send
 from fleet.config import alerting
-from fleet.config.database import connect
+from fleet.config.database import Database, DatabaseError, open_database
 from fleet.config.errors import ConfigError
 from fleet.config.secretbox import SecretBox, secret_box
 from fleet.config.settings import Settings
@@ -80,6 +79,7 @@ class DeliveryWorker:
         self._pool = ThreadPoolExecutor(max_workers=MAX_PARALLEL, thread_name_prefix="collector-notify")
         self._thread = threading.Thread(target=self._run, name="collector-delivery", daemon=True)
         self._box: SecretBox | None = None
+        self._pending_outcome: Outcome | None = None  # finished, but not yet written (the database was busy)
 
     def start(self) -> None:
         """Start delivering in the background."""
@@ -99,37 +99,39 @@ class DeliveryWorker:
 
     # --- dispatcher thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        conn = connect(self.settings.db_path, check_same_thread=True)
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        db: Database | None = None
         try:
             while not self._stop.is_set():
                 wait = IDLE_WAIT_S
                 try:
-                    self._record(conn)
-                    wait = self._dispatch(conn)
-                except (sqlite3.Error, ConfigError) as exc:
+                    if db is None:
+                        db = open_database(self.settings.database, migrate=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
+                    self._record(db)
+                    wait = self._dispatch(db)
+                except ConfigError as exc:  # DatabaseError among them: busy, or the server away
                     log.warning("alert delivery: database not available (will retry): %s", exc)
                 except Exception:
                     log.exception("alert delivery worker error (continuing)")
                 self._wake.wait(max(0.01, wait))
                 self._wake.clear()
             deadline = time.monotonic() + STOP_WAIT_S
-            while self._busy and time.monotonic() < deadline:
+            while db is not None and self._busy and time.monotonic() < deadline:
                 try:
-                    self._finish(conn, self._done.get(timeout=max(0.01, deadline - time.monotonic())))
-                except queue.Empty:
+                    self._record(db, self._done.get(timeout=max(0.01, deadline - time.monotonic())))
+                except (queue.Empty, DatabaseError):
                     break
         finally:
-            conn.close()
+            if db is not None:
+                db.close()
 
-    def _dispatch(self, conn: sqlite3.Connection) -> float:
+    def _dispatch(self, db: Database) -> float:
         """Start the due rows (one per channel); return how long to sleep until the next one is due."""
         if len(self._busy) >= MAX_PARALLEL:
             return IDLE_WAIT_S
         now = time.time()
         orgs = self.orgs()
         wait = IDLE_WAIT_S
-        for row in conn.execute(_DUE, (BATCH,)).fetchall():
+        for row in db.query(_DUE, (BATCH,)):
             job = Job(*row[:7])
             next_attempt = row[7]
             if job.org not in orgs or (job.org, job.channel) in self._busy:
@@ -139,10 +141,9 @@ class DeliveryWorker:
                 continue
             if len(self._busy) >= MAX_PARALLEL:
                 break
-            channel = alerting.load_channel(conn, self._secret_box(), job.org, job.channel)
+            channel = alerting.load_channel(db, self._secret_box(), job.org, job.channel)
             if channel is None:  # removed since the row was made
-                with conn:
-                    conn.execute("DELETE FROM alert_outbox WHERE id = ?", (job.id,))
+                db.execute("DELETE FROM alert_outbox WHERE id = ?", (job.id,))
                 continue
             self._busy.add((job.org, job.channel))
             future = self._pool.submit(self._send, channel, job)
@@ -177,24 +178,34 @@ class DeliveryWorker:
         self._done.put(future.result())
         self._wake.set()
 
-    def _record(self, conn: sqlite3.Connection) -> None:
+    def _record(self, db: Database, first: Outcome | None = None) -> None:
+        """Write the outcomes of finished sends. One the database cannot take now waits for the next try, its
+        channel still busy, so its row is neither sent again nor lost."""
+        outcome = first or self._pending_outcome
+        self._pending_outcome = None
         while True:
+            if outcome is None:
+                try:
+                    outcome = self._done.get_nowait()
+                except queue.Empty:
+                    return
             try:
-                outcome = self._done.get_nowait()
-            except queue.Empty:
-                return
-            self._finish(conn, outcome)
+                self._finish(db, outcome)
+            except DatabaseError:
+                self._pending_outcome = outcome
+                raise
+            self._busy.discard((outcome.job.org, outcome.job.channel))
+            outcome = None
 
-    def _finish(self, conn: sqlite3.Connection, outcome: Outcome) -> None:
+    def _finish(self, db: Database, outcome: Outcome) -> None:
         """Write a send's outcome: delete a delivered or abandoned row, reschedule a retryable failure."""
         job = outcome.job
-        self._busy.discard((job.org, job.channel))
         now = time.time()
         attempts = job.attempts + 1
-        with conn:
+        with db.transaction():
             if outcome.error is None:
-                conn.execute("DELETE FROM alert_outbox WHERE id = ?", (job.id,))
-                alerting.record_delivery(conn, job.org, job.channel, now, None)
+                db.execute("DELETE FROM alert_outbox WHERE id = ?", (job.id,))
+                alerting.record_delivery(db, job.org, job.channel, now, None)
                 self.delivered += 1
                 log.info("alerts of org %s delivered to channel %s (%d notice(s), attempt %d)", job.org, job.channel,
                          outcome.count, attempts)
@@ -202,14 +213,14 @@ class DeliveryWorker:
             self.failed += 1
             if outcome.retryable and now - job.created < notify.RETRY_FOR_S:
                 delay = notify.retry_delay(attempts)
-                conn.execute("UPDATE alert_outbox SET attempts = ?, next_attempt = ?, last_error = ? WHERE id = ?",
-                             (attempts, now + delay, outcome.error[:500], job.id))
-                alerting.record_delivery(conn, job.org, job.channel, now, outcome.error)
+                db.execute("UPDATE alert_outbox SET attempts = ?, next_attempt = ?, last_error = ? WHERE id = ?",
+                           (attempts, now + delay, outcome.error[:500], job.id))
+                alerting.record_delivery(db, job.org, job.channel, now, outcome.error)
                 log.warning("alerts of org %s not delivered to channel %s (attempt %d, retry in %.1f s): %s",
                             job.org, job.channel, attempts, delay, outcome.error)
                 return
             why = "gave up after an hour" if outcome.retryable else "not retried"
-            conn.execute("DELETE FROM alert_outbox WHERE id = ?", (job.id,))
-            alerting.record_delivery(conn, job.org, job.channel, now, f"{outcome.error} ({why})")
+            db.execute("DELETE FROM alert_outbox WHERE id = ?", (job.id,))
+            alerting.record_delivery(db, job.org, job.channel, now, f"{outcome.error} ({why})")
             log.error("alerts of org %s not delivered to channel %s (%s): %s", job.org, job.channel, why,
                       outcome.error)

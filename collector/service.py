@@ -1,4 +1,4 @@
-"""The running collector: MQTT subscriptions per org, a bounded queue, and one writer thread owning state and SQLite.
+"""The running collector: MQTT subscriptions per org, a bounded queue, one writer thread owning state and the database.
 
 Threads:
 - the MQTT link's network thread (collector.mqtt_link) runs ``_on_message``: it validates the message
@@ -15,13 +15,12 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import signal
-import sqlite3
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from fleet.collector import store
 from fleet.collector.alerts import AlertEngine
@@ -31,7 +30,7 @@ from fleet.collector.intake import INTERNAL, DropCounter, RateLimiter, Received,
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
 from fleet.collector.state import Machine, Tracker, Transition
 from fleet.config import credentials, payloads
-from fleet.config.database import open_db
+from fleet.config.database import Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
 from fleet.config.errors import ConfigError
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.payloads import Report
@@ -126,18 +125,15 @@ class RunningCollector:
     def start(self) -> RunningCollector:
         """Open the database, restore state, connect and subscribe; returns once the writer is ready."""
         try:
-            key = credentials.ensure_service_key(self.settings.data_dir)
-            db = open_db(self.settings.db_path)
-            try:
-                self._set_orgs(self._wanted_orgs(store.list_orgs(db)))
-            finally:
-                db.conn.close()
+            key = credentials.ensure_service_key(self.settings.data_dir, self.settings.database)
+            with open_database(self.settings.database) as db:
+                self._set_orgs(self._wanted_orgs(credentials.org_names(db)))
             # PUBACK only once a message is committed (or dropped): a killed collector loses nothing, the
             # broker redelivers what was never acknowledged and the (machine, session, seq) key dedupes it.
             client = MqttLink(self.address, self.client_id, credentials.SERVICE_USERNAME, key, self.settings.ca_path,
                               KEEPALIVE_S, LinkCallbacks(self._on_connect, self._on_disconnect, self._on_message,
                                                          self._on_suback, self._on_read))
-        except (ConfigError, sqlite3.Error, OSError) as exc:
+        except (ConfigError, OSError) as exc:
             raise CollectorError(f"cannot start the collector: {exc}") from exc
         self._client = client
         self._writer.start()
@@ -281,10 +277,9 @@ class RunningCollector:
     # --- writer thread ------------------------------------------------------------------------
     def _writer_main(self) -> None:
         try:
-            db = open_db(self.settings.db_path)
-            db.conn.execute(f"PRAGMA busy_timeout={WRITER_BUSY_TIMEOUT_MS}")
+            db = open_database(self.settings.database, busy_timeout_ms=WRITER_BUSY_TIMEOUT_MS)
             self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None), time.time())
-            self.alerts.load(db.conn, self._orgs, time.time())
+            self.alerts.load(db, self._orgs, time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._writer_error = exc
             self._writer_ready.set()
@@ -296,13 +291,13 @@ class RunningCollector:
             log.exception("collector writer thread crashed")
             raise
         finally:
-            db.conn.close()
+            db.close()
 
 
 class Writer:
     """The writer thread's loop: batch, apply state, store, and run the timers."""
 
-    def __init__(self, owner: RunningCollector, db: Any) -> None:
+    def __init__(self, owner: RunningCollector, db: Database) -> None:
         self.owner = owner
         self.db = db
         self.settings = owner.settings
@@ -319,6 +314,11 @@ class Writer:
         self.next_settle = now
         self.pending_clears: list[str] = []
         self.pending_acks: list[int] = []  # acknowledged once the batch holding them is written
+        # A connection lost during COMMIT (PostgreSQL) leaves unknown whether the batch was stored, and a retry
+        # would store its events and counters twice: each batch also writes this collector's marker (one row).
+        self.marker_key = f"collector_batch:{owner.client_id}"
+        self.marker_prefix = os.urandom(6).hex()  # this process's, so a marker left by an earlier one never matches
+        self.batches = 0
 
     def run(self) -> None:
         """Loop until stop() and the queue is empty; the last flush writes everything pending."""
@@ -389,7 +389,7 @@ class Writer:
             self.next_orgs = now_m + self.org_every
             self._refresh_orgs()
         if not final:
-            self.alerts.timers(self.db.conn, owner._orgs, time.time())
+            self.alerts.timers(self.db, owner._orgs, time.time())
         if now_m >= self.next_retention and not final:
             self.next_retention = now_m + RETENTION_EVERY_S
             self._retention()
@@ -406,7 +406,12 @@ class Writer:
         self.next_settle = now_m + self.tick_every
         now = time.time()
         for tail in self.tracker.due_tails(now):
-            lost, transitions = self.tracker.settle_tail(tail, store.tail_stats(self.db, tail), now)
+            try:
+                stats = store.tail_stats(self.db, tail)
+            except DatabaseError as exc:  # the database went away after the flush: settle on a later pass
+                log.warning("cannot count the tail of %s/%s yet: %s", tail.org, tail.machine_id, exc)
+                return
+            lost, transitions = self.tracker.settle_tail(tail, stats, now)
             if lost:
                 self.batch.lost[tail.org] = self.batch.lost.get(tail.org, 0) + lost
             self._record(transitions)
@@ -424,8 +429,8 @@ class Writer:
     def _refresh_orgs(self) -> None:
         owner = self.owner
         try:
-            wanted = owner._wanted_orgs(store.list_orgs(self.db))
-        except sqlite3.Error as exc:
+            wanted = owner._wanted_orgs(credentials.org_names(self.db))
+        except DatabaseError as exc:
             log.warning("cannot read orgs (will retry): %s", exc)
             return
         if wanted != owner._orgs:
@@ -440,7 +445,7 @@ class Writer:
         try:
             result = store.apply_retention(self.db, time.time(), self.settings.history_raw_days,
                                            self.settings.history_rollup_days)
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             log.warning("history retention failed (will retry): %s", exc)
             return
         if result.reports_rolled_up or result.rollups_deleted or result.events_deleted:
@@ -455,7 +460,7 @@ class Writer:
                   "alerts_firing": self.alerts.firing_count()}
         try:
             store.write_heartbeat(self.db, COMPONENT, time.time(), detail)
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
 
     def _flush(self, final: bool) -> None:
@@ -463,7 +468,7 @@ class Writer:
         batch.drops = self.owner.drops.take_unsaved()
         batch.machines = self.tracker.take_dirty()
         batch.alerts = self.alerts.take_writes()
-        if batch and not self._write(batch, final):
+        if batch and not self.write(batch, final):
             self.pending_acks = []  # not stored: leave them unacknowledged, the broker will send them again
         self.batch = store.Batch()
         client = self.owner._client
@@ -483,19 +488,37 @@ class Writer:
             self.alerts.outbox_added = False
             self.owner.delivery.wake()
 
-    def _write(self, batch: store.Batch, final: bool) -> bool:
-        """Write a batch, retrying while the database is busy; False only if it gave up at shutdown."""
+    def write(self, batch: store.Batch, final: bool) -> bool:
+        """Write a batch, retrying while the database is busy or away; False only if it gave up at shutdown."""
+        try:
+            return self._retrying(batch, final)
+        except DatabaseRefused as exc:
+            return self._salvage(batch, exc, final)  # what the database refuses is counted; the rest is stored
+
+    def _retrying(self, batch: store.Batch, final: bool) -> bool:
+        """Write one batch; a transient failure (busy, locked, connection lost, server restarting) is retried
+        with backoff, reconnecting as needed. Whatever failed was rolled back, so nothing is acknowledged
+        before it is committed. DatabaseRefused passes through."""
         delay = 0.05
         first_failure = None
+        self.batches += 1
+        marker = (self.marker_key, f"{self.marker_prefix}:{self.batches}")
         while True:
             try:
-                self.owner._stored += store.write_batch(self.db, batch, time.time())
+                if first_failure is not None and store.committed(self.db, marker):
+                    log.info("the batch whose commit was cut off had been stored: not writing it again")
+                    self.owner._stored += len(batch.reports)
+                    return True
+                self.owner._stored += store.write_batch(self.db, batch, time.time(), marker)
                 return True
-            except sqlite3.OperationalError as exc:
+            except DatabaseRefused:
+                raise
+            except DatabaseError as exc:  # DatabaseBusy, or a lasting fault such as a dropped table
                 now = time.monotonic()
                 if first_failure is None:
                     first_failure = now
-                    log.warning("database busy (%s): retrying %d reports with backoff", exc, len(batch.reports))
+                    kind = "busy or unreachable" if isinstance(exc, DatabaseBusy) else "failing"
+                    log.warning("database %s (%s): retrying %d reports with backoff", kind, exc, len(batch.reports))
                 if final and now - first_failure > STOP_RETRY_S:
                     self.owner.drops.restore(batch.drops)
                     log.error("giving up at shutdown: %d reports and %d events not stored, not acknowledged (%s)",
@@ -503,21 +526,36 @@ class Writer:
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-            except (sqlite3.Error, ValueError) as exc:
-                self._salvage(batch, exc)  # what the database refuses is counted; the rest is stored
-                return True
 
-    def _salvage(self, batch: store.Batch, exc: BaseException) -> None:
-        """A row the database refuses (not a busy lock): store everything else, count what it rejects."""
+    def _salvage(self, batch: store.Batch, exc: BaseException, final: bool) -> bool:
+        """A row the database refuses: store every other row on its own, count each one it refuses.
+
+        False if it gave up on a row at shutdown (the database went away meanwhile): nothing is acknowledged.
+        """
         log.error("database refused a batch (%s): storing its rows one by one", exc)
-        rest = store.Batch(machines=batch.machines, evicted=batch.evicted, events=batch.events,
-                           drops=batch.drops, expired=batch.expired, lost=batch.lost, alerts=batch.alerts)
-        for part in [rest] + [store.Batch(reports=[row]) for row in batch.reports]:
+        parts = [store.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost, alerts=batch.alerts)]
+        parts += [store.Batch(evicted=[m]) for m in batch.evicted]
+        parts += [store.Batch(machines=[m]) for m in batch.machines]
+        parts += [store.Batch(events=[e]) for e in batch.events]
+        parts += [store.Batch(reports=[row]) for row in batch.reports]
+        complete = True
+        for part in parts:
             try:
-                self.owner._stored += store.write_batch(self.db, part, time.time())
-            except (sqlite3.Error, ValueError) as row_exc:
-                topic = f"fleet/{part.reports[0][0]}/{part.reports[0][1]}/report" if part.reports else "(state)"
-                self.owner.drops.add(INTERNAL, topic, f"database refused: {row_exc}")
+                complete = self._retrying(part, final) and complete
+            except DatabaseRefused as row_exc:
+                self.owner.drops.add(INTERNAL, _topic_of(part), f"database refused: {row_exc}")
+        return complete
+
+
+def _topic_of(part: store.Batch) -> str:
+    """Where a refused row came from, for the drop log."""
+    if part.reports:
+        return f"fleet/{part.reports[0][0]}/{part.reports[0][1]}/report"
+    for machine in part.machines or part.evicted:
+        return f"fleet/{machine.org}/{machine.machine_id}"
+    for event in part.events:
+        return f"fleet/{event.org}/{event.machine_id}"
+    return "(counters)"
 
 
 def start(settings: Settings) -> RunningCollector:

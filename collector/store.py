@@ -1,22 +1,21 @@
-"""The collector's SQLite writes: one transaction per batch, heartbeats, and history retention.
+"""The collector's database writes: one transaction per batch, heartbeats, and history retention.
 
-Every function takes the writer thread's own connection (``config.database.open_db``); nothing here
-is called from the MQTT network thread.
+Every function takes the writer thread's own connection (``config.database.open_database``); nothing here
+is called from the MQTT network thread. The SQL is the same on SQLite and PostgreSQL except the rollup's
+minute bucket and "greater of two" (``_ROLLUP_SQL``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
 from fleet.collector.alerts import AlertWrites
 from fleet.collector.state import Machine, Tail, TailStats, Transition
+from fleet.config.database import POSTGRESQL, SQLITE, Database
 from fleet.config.payloads import Report
 
 DAY = 86_400.0
@@ -45,6 +44,15 @@ def _number(value: Any) -> float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _counter(value: Any) -> int | None:
+    # An INTEGER column: a float byte counter is truncated here, so both engines store the same integer
+    # (PostgreSQL would round it, or refuse one past 64 bits; SQLite would keep the float).
+    number = _number(value)
+    if isinstance(number, float):
+        return int(number) if -(2**63) <= number < 2**63 else None
+    return number
+
+
 def report_row(report: Report, received: float, payload: str) -> tuple:
     """The reports-table row of a validated report (the few columns charts and rollups need)."""
     metrics = report.metrics
@@ -61,7 +69,7 @@ def report_row(report: Report, received: float, payload: str) -> tuple:
     net = metrics.get("net")
     sent = recv = None
     if isinstance(net, dict):
-        sent, recv = _number(net.get("bytes_sent")), _number(net.get("bytes_recv"))
+        sent, recv = _counter(net.get("bytes_sent")), _counter(net.get("bytes_recv"))
     return (report.org, report.machine_id, report.session, report.seq, report.ts, received,
             _number(metrics.get("cpu_percent")), memory_percent, disk_percent, load1, sent, recv, payload,
             extra_fields(metrics))
@@ -94,15 +102,15 @@ def _machine_row(machine: Machine, now: float) -> tuple:
             machine.lost, machine.late, machine.tails_json())
 
 
-_INSERT_REPORT = (
-    "INSERT OR IGNORE INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, memory_percent,"
-    " disk_percent, load1, net_bytes_sent, net_bytes_recv, payload, fields) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
-_UPSERT_MACHINE = (
-    "INSERT INTO machines(org, machine_id, hardware_id, status, session, interval_s, last_seen, last_ping,"
-    " clock_offset_s, conflict, os, system, metrics, first_seen, updated, lost, late, tails)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT(org, machine_id) DO UPDATE SET hardware_id=excluded.hardware_id, status=excluded.status,"
+REPORT_COLUMNS = ("org", "machine_id", "session", "seq", "ts", "received", "cpu_percent", "memory_percent",
+                  "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv", "payload", "fields")
+INSERT_REPORT = (f"INSERT INTO reports({', '.join(REPORT_COLUMNS)}) VALUES ({', '.join('?' * len(REPORT_COLUMNS))})"
+                 " ON CONFLICT DO NOTHING")  # a replay of (org, machine_id, session, seq) changes nothing
+MACHINE_COLUMNS = ("org", "machine_id", "hardware_id", "status", "session", "interval_s", "last_seen", "last_ping",
+                   "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "updated", "lost", "late",
+                   "tails")
+UPSERT_MACHINE = (
+    "(org, machine_id) DO UPDATE SET hardware_id=excluded.hardware_id, status=excluded.status,"
     " session=excluded.session, interval_s=excluded.interval_s, last_seen=excluded.last_seen,"
     " last_ping=excluded.last_ping, clock_offset_s=excluded.clock_offset_s, conflict=excluded.conflict,"
     " os=excluded.os, system=excluded.system, metrics=excluded.metrics,"
@@ -111,94 +119,91 @@ _UPSERT_MACHINE = (
 )
 
 
-def write_batch(db: sqlite_utils.Database, batch: Batch, now: float) -> int:
-    """Store a batch in one transaction; returns how many reports were new (replays are ignored)."""
-    conn = db.conn
-    with conn:
-        before = conn.total_changes
+def write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] | None = None) -> int:
+    """Store a batch in one transaction; returns how many reports were new (replays are ignored).
+
+    ``marker`` (key, value) is written to ``meta`` in the same transaction, so ``committed(db, marker)`` can
+    tell afterwards whether a batch whose COMMIT failed midway was stored after all.
+    """
+    inserted = 0
+    with db.transaction():
+        if marker is not None:
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value = excluded.value", marker)
         if batch.reports:
-            # executemany hands the GIL back after every row; that is cheap now that the network thread
-            # is light (collector.mqtt_link), and 3x faster than one INSERT ... SELECT FROM json_each(?)
-            # whose json_extract calls re-read every row 13 times (python3 bench/ingest.py).
-            conn.executemany(_INSERT_REPORT, batch.reports)
-        inserted = conn.total_changes - before
+            # SQLite: one prepared statement stepped per row, 3x faster than one INSERT ... SELECT FROM
+            # json_each(?); PostgreSQL: COPY and one INSERT ... SELECT (python3 bench/ingest.py).
+            inserted = db.insert_many("reports", REPORT_COLUMNS, batch.reports, "DO NOTHING")
         if batch.evicted:
-            conn.executemany("DELETE FROM machines WHERE org = ? AND machine_id = ?",
-                             [(m.org, m.machine_id) for m in batch.evicted])
+            db.executemany("DELETE FROM machines WHERE org = ? AND machine_id = ?",
+                           [(m.org, m.machine_id) for m in batch.evicted])
         if batch.machines:
-            conn.executemany(_UPSERT_MACHINE, [_machine_row(m, now) for m in batch.machines])
+            db.insert_many("machines", MACHINE_COLUMNS, [_machine_row(m, now) for m in batch.machines], UPSERT_MACHINE)
         if batch.events:
-            conn.executemany(
+            db.executemany(
                 "INSERT INTO events(org, machine_id, ts, old_status, new_status, reason) VALUES (?,?,?,?,?,?)",
                 [(e.org, e.machine_id, e.ts, e.old_status, e.new_status, e.reason) for e in batch.events])
+        # Counters are shared by every collector writing to one database: sorted, so two transactions
+        # lock their rows in the same order and never deadlock on PostgreSQL.
         if batch.drops:
-            conn.executemany(
+            db.executemany(
                 "INSERT INTO drops(reason, count) VALUES (?, ?)"
-                " ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count", list(batch.drops.items()))
+                " ON CONFLICT(reason) DO UPDATE SET count = drops.count + excluded.count", sorted(batch.drops.items()))
         if batch.expired:
-            conn.executemany(
+            db.executemany(
                 "INSERT INTO org_stats(org, expired) VALUES (?, ?)"
                 " ON CONFLICT(org) DO UPDATE SET expired = org_stats.expired + excluded.expired",
-                list(batch.expired.items()))
+                sorted(batch.expired.items()))
         if batch.lost:
-            conn.executemany(
+            db.executemany(
                 "INSERT INTO org_stats(org, lost) VALUES (?, ?)"
-                " ON CONFLICT(org) DO UPDATE SET lost = org_stats.lost + excluded.lost", list(batch.lost.items()))
+                " ON CONFLICT(org) DO UPDATE SET lost = org_stats.lost + excluded.lost", sorted(batch.lost.items()))
         if batch.alerts:
-            batch.alerts.write(conn)
-    if batch.alerts:
-        batch.alerts.committed()
+            batch.alerts.write(db)
     return inserted
 
 
-def tail_stats(db: sqlite_utils.Database, tail: Tail) -> TailStats:
+def tail_stats(db: Database, tail: Tail) -> TailStats:
     """What history holds of a tail's session: stored seqs up to ``last_seq``, its highest seq and newest ts."""
-    conn = db.conn
-    received, max_seq, max_ts = conn.execute(
+    received, max_seq, max_ts = db.query(
         "SELECT sum(CASE WHEN seq <= ? THEN 1 ELSE 0 END), max(seq), max(ts) FROM reports"
         " WHERE org = ? AND machine_id = ? AND session = ?",
-        (tail.last_seq, tail.org, tail.machine_id, tail.session)).fetchone()
+        (tail.last_seq, tail.org, tail.machine_id, tail.session))[0]
     before = None
     if max_seq is None and tail.announced_ts is not None:
-        before = conn.execute("SELECT max(ts) FROM reports WHERE org = ? AND machine_id = ? AND ts < ?",
-                              (tail.org, tail.machine_id, tail.announced_ts)).fetchone()[0]
+        before = db.query("SELECT max(ts) FROM reports WHERE org = ? AND machine_id = ? AND ts < ?",
+                          (tail.org, tail.machine_id, tail.announced_ts))[0][0]
     return TailStats(int(received or 0), None if max_seq is None else int(max_seq), max_ts, before)
 
 
-def write_heartbeat(db: sqlite_utils.Database, component: str, now: float, detail: Mapping[str, Any]) -> None:
+def committed(db: Database, marker: tuple[str, str]) -> bool:
+    """Was the batch written with ``marker`` committed? (A lost connection can hide a COMMIT that succeeded.)"""
+    return db.query_one("SELECT value FROM meta WHERE key = ?", (marker[0],)) == (marker[1],)
+
+
+def write_heartbeat(db: Database, component: str, now: float, detail: Mapping[str, Any]) -> None:
     """Record that ``component`` is alive, with its detail JSON (read by the web's /healthz)."""
-    with db.conn:
-        db.conn.execute("INSERT OR REPLACE INTO heartbeats(component, ts, detail) VALUES (?, ?, ?)",
-                        (component, now, json.dumps(detail, separators=(",", ":"))))
+    db.execute("INSERT INTO heartbeats(component, ts, detail) VALUES (?, ?, ?) ON CONFLICT(component)"
+               " DO UPDATE SET ts = excluded.ts, detail = excluded.detail",
+               (component, now, json.dumps(detail, separators=(",", ":"))))
 
 
-def load_machines(db: sqlite_utils.Database, orgs: Iterable[str] | None) -> list[dict[str, Any]]:
+def load_machines(db: Database, orgs: Iterable[str] | None) -> list[dict[str, Any]]:
     """Machines-table rows to restore live state from (only ``orgs`` when given)."""
-    conn = db.conn
-    conn.row_factory = sqlite3.Row
-    try:
-        rows = [dict(row) for row in conn.execute("SELECT * FROM machines")]
-    finally:
-        conn.row_factory = None
+    rows = db.query_dicts("SELECT * FROM machines")
     wanted = None if orgs is None else set(orgs)
     return [row for row in rows if wanted is None or row["org"] in wanted]
-
-
-def list_orgs(db: sqlite_utils.Database) -> list[str]:
-    """Every org in the credential store."""
-    return [row[0] for row in db.conn.execute("SELECT name FROM orgs ORDER BY name")]
 
 
 _ROLLUP = """
 INSERT INTO rollups(org, machine_id, minute, samples, cpu_percent, memory_percent, disk_percent, load1,
                     net_bytes_sent, net_bytes_recv)
-SELECT org, machine_id, CAST(ts / 60 AS INTEGER) * 60.0 AS m, count(*), avg(cpu_percent), avg(memory_percent),
+SELECT org, machine_id, {minute} AS m, count(*), avg(cpu_percent), avg(memory_percent),
        avg(disk_percent), avg(load1), max(net_bytes_sent), max(net_bytes_recv)
 FROM reports WHERE received < ? GROUP BY org, machine_id, m
 ON CONFLICT(org, machine_id, minute) DO UPDATE SET
   cpu_percent = {cpu}, memory_percent = {memory}, disk_percent = {disk}, load1 = {load1},
-  net_bytes_sent = max(coalesce(rollups.net_bytes_sent, excluded.net_bytes_sent), coalesce(excluded.net_bytes_sent, rollups.net_bytes_sent)),
-  net_bytes_recv = max(coalesce(rollups.net_bytes_recv, excluded.net_bytes_recv), coalesce(excluded.net_bytes_recv, rollups.net_bytes_recv)),
+  net_bytes_sent = {sent}, net_bytes_recv = {recv},
   samples = rollups.samples + excluded.samples
 """
 
@@ -210,11 +215,23 @@ def _weighted(column: str) -> str:
             f" / (rollups.samples + excluded.samples) END")
 
 
-_ROLLUP_SQL = _ROLLUP.format(cpu=_weighted("cpu_percent"), memory=_weighted("memory_percent"),
-                             disk=_weighted("disk_percent"), load1=_weighted("load1"))
+def _greater(column: str, engine: str) -> str:
+    # The larger of the stored and the new value, ignoring a side that has none (GREATEST skips NULLs).
+    if engine == POSTGRESQL:
+        return f"GREATEST(rollups.{column}, excluded.{column})"
+    return (f"max(coalesce(rollups.{column}, excluded.{column}), coalesce(excluded.{column}, rollups.{column}))")
 
 
-def _rollup_fields(conn: sqlite3.Connection, chunk_end: float) -> None:
+# ts is never negative (config.payloads), so SQLite's truncating CAST is floor(); PostgreSQL's CAST rounds.
+_MINUTE = {SQLITE: "CAST(ts / 60 AS INTEGER) * 60.0", POSTGRESQL: "floor(ts / 60) * 60.0"}
+_ROLLUP_SQL = {engine: _ROLLUP.format(minute=_MINUTE[engine], cpu=_weighted("cpu_percent"),
+                                      memory=_weighted("memory_percent"), disk=_weighted("disk_percent"),
+                                      load1=_weighted("load1"), sent=_greater("net_bytes_sent", engine),
+                                      recv=_greater("net_bytes_recv", engine))
+               for engine in (SQLITE, POSTGRESQL)}
+
+
+def _rollup_fields(db: Database, chunk_end: float) -> None:
     """Fold the extra history fields of reports received before ``chunk_end`` into their minutes' rollups.
 
     Each rollup keeps ``{"field": [sum, samples]}`` per field (a series may be missing from some reports), so
@@ -222,22 +239,22 @@ def _rollup_fields(conn: sqlite3.Connection, chunk_end: float) -> None:
     made every row this updates.
     """
     groups: dict[tuple[str, str, float], dict[str, list[float]]] = {}
-    rows = conn.execute("SELECT org, machine_id, ts, fields FROM reports WHERE received < ? AND fields IS NOT NULL",
-                        (chunk_end,))
+    rows = db.query("SELECT org, machine_id, ts, fields FROM reports WHERE received < ? AND fields IS NOT NULL",
+                    (chunk_end,))
     for org, machine_id, ts, text in rows:
-        sums = groups.setdefault((org, machine_id, int(ts / 60) * 60.0), {})  # = CAST(ts / 60 AS INTEGER) * 60.0
+        sums = groups.setdefault((org, machine_id, math.floor(ts / 60) * 60.0), {})  # = _MINUTE (ts >= 0)
         for name, value in json.loads(text).items():
             total = sums.setdefault(name, [0.0, 0])
             total[0] += value
             total[1] += 1
     for key, sums in groups.items():
-        row = conn.execute("SELECT fields FROM rollups WHERE org = ? AND machine_id = ? AND minute = ?", key).fetchone()
+        row = db.query_one("SELECT fields FROM rollups WHERE org = ? AND machine_id = ? AND minute = ?", key)
         merged = json.loads(row[0]) if row and row[0] else {}
         for name, (added, samples) in sums.items():
             old = merged.get(name, [0.0, 0])
             merged[name] = [old[0] + added, old[1] + samples]
-        conn.execute("UPDATE rollups SET fields = ? WHERE org = ? AND machine_id = ? AND minute = ?",
-                     (json.dumps(merged, separators=(",", ":"), ensure_ascii=False), *key))
+        db.execute("UPDATE rollups SET fields = ? WHERE org = ? AND machine_id = ? AND minute = ?",
+                   (json.dumps(merged, separators=(",", ":"), ensure_ascii=False), *key))
 
 
 @dataclass(frozen=True)
@@ -250,26 +267,33 @@ class RetentionResult:
     alerts_deleted: int = 0
 
 
-def apply_retention(db: sqlite_utils.Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
-    """Roll raw reports past ``raw_days`` into rollups, drop resolved alerts as old; prune past ``rollup_days``."""
-    conn = db.conn
+def apply_retention(db: Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
+    """Fold raw reports older than ``raw_days`` into 1-minute rollups; drop rollups and events past ``rollup_days``.
+
+    Several collectors may run this at once on one database. Two runs over one chunk would add its samples
+    to the rollups twice, so a chunk is only rolled up by the transaction that holds the retention lock;
+    a collector that finds it taken leaves the work to the one that has it.
+    """
     raw_cutoff = now - raw_days * DAY
     rolled = 0
+    rollup = _ROLLUP_SQL[db.engine]
     while True:
-        oldest = conn.execute("SELECT min(received) FROM reports").fetchone()[0]
+        oldest = db.query("SELECT min(received) FROM reports")[0][0]
         if oldest is None or oldest >= raw_cutoff:
             break
         # Small chunks keep each write transaction short, so readers and the batch writer never wait long.
         chunk_end = min(raw_cutoff, math.floor(oldest) + RETENTION_CHUNK_S)
-        with conn:
-            conn.execute(_ROLLUP_SQL, (chunk_end,))
-            _rollup_fields(conn, chunk_end)
-            rolled += conn.execute("DELETE FROM reports WHERE received < ?", (chunk_end,)).rowcount
+        with db.transaction():
+            if not db.try_lock("retention"):
+                return RetentionResult(rolled, 0, 0)
+            db.execute(rollup, (chunk_end,))
+            _rollup_fields(db, chunk_end)
+            rolled += db.execute("DELETE FROM reports WHERE received < ?", (chunk_end,))
     keep_cutoff = now - rollup_days * DAY
-    with conn:
-        rollups = conn.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,)).rowcount
-        events = conn.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,)).rowcount
+    with db.transaction():
+        rollups = db.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,))
+        events = db.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,))
         # Resolved alerts are history like raw reports; one the channels still must hear of stays.
-        alerts = conn.execute("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ? AND notified = state",
-                              (raw_cutoff,)).rowcount
+        alerts = db.execute("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ? AND notified = state",
+                            (raw_cutoff,))
     return RetentionResult(rolled, rollups, events, alerts)

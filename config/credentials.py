@@ -13,12 +13,11 @@ import hashlib
 import hmac
 import os
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.config.database import connect, ensure_schema
+from fleet.config.database import POSTGRESQL, Database, open_database, sqlite_url
 from fleet.config.errors import CredentialError
 from fleet.config.ids import validate_id
 
@@ -116,93 +115,104 @@ def mosquitto_hash(key: str, salt: bytes | None = None, iterations: int = MOSQUI
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(derived).decode()}"
 
 
-def _open(data_dir: Path) -> sqlite3.Connection:
-    conn = connect(Path(data_dir) / "fleet.db")
-    ensure_schema(conn)
-    return conn
+def database_for(data_dir: Path, database: str | None = None) -> str:
+    """The database URL to use: ``database`` if given, else ``fleet.db`` in the data dir."""
+    return database or sqlite_url(Path(data_dir) / "fleet.db")
 
 
-def _store(conn: sqlite3.Connection, pepper: bytes, username: str, org: str | None, role: str, key: str) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO credentials(username, org, role, digest, mosquitto_hash, created) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
+def _open(data_dir: Path, database: str | None) -> Database:
+    return open_database(database_for(data_dir, database))
+
+
+def _store(db: Database, pepper: bytes, username: str, org: str | None, role: str, key: str) -> None:
+    db.execute(
+        "INSERT INTO credentials(username, org, role, digest, mosquitto_hash, created) VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(username) DO UPDATE SET org = excluded.org, role = excluded.role, digest = excluded.digest,"
+        " mosquitto_hash = excluded.mosquitto_hash, created = excluded.created",
         (username, org, role, digest_key(pepper, key), mosquitto_hash(key), time.time()),
     )
 
 
-def add_org(data_dir: Path, org: str) -> OrgSecrets:
+def check_pepper(db: Database, pepper: bytes, data_dir: Path) -> None:
+    """Make sure the database's keys were hashed with this pepper (several hosts share one PostgreSQL database).
+
+    The database keeps an HMAC of a fixed text under the pepper (it reveals nothing of the pepper); the
+    first writer records it. A host with another pepper would refuse every key, so it stops here instead.
+    """
+    check = hmac.new(pepper, b"fleet pepper check", hashlib.sha256).hexdigest()
+    db.execute("INSERT INTO meta(key, value) VALUES ('pepper_check', ?) ON CONFLICT(key) DO NOTHING", (check,))
+    row = db.query_one("SELECT value FROM meta WHERE key = 'pepper_check'")
+    if row is None or not hmac.compare_digest(row[0], check):
+        raise CredentialError(f"{Path(data_dir) / PEPPER_FILE} is not the pepper the keys in {db.url} were made with:"
+                              " copy it (and service.key) from the first host's data dir")
+
+
+def _org_exists(db: Database, org: str) -> bool:
+    return db.query_one("SELECT 1 FROM orgs WHERE name = ?", (org,)) is not None
+
+
+def add_org(data_dir: Path, org: str, database: str | None = None) -> OrgSecrets:
     """Create an org with fresh agent and reader keys; raise CredentialError if it exists."""
     from fleet.config import alerting  # imports this module
 
     validate_id(org, "org")
     pepper = load_pepper(data_dir)
     secrets_ = OrgSecrets(org, generate_key(), generate_key())
-    conn = _open(data_dir)
-    try:
-        with conn:
-            if conn.execute("SELECT 1 FROM orgs WHERE name = ?", (org,)).fetchone():
-                raise CredentialError(f"org {org!r} already exists")
-            now = time.time()
-            conn.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, now))
-            alerting.insert_default_rules(conn, org, now)
-            _store(conn, pepper, username_for(org, "agent"), org, "agent", secrets_.agent_key)
-            _store(conn, pepper, username_for(org, "reader"), org, "reader", secrets_.reader_key)
-    finally:
-        conn.close()
+    with _open(data_dir, database) as db, db.transaction():
+        check_pepper(db, pepper, data_dir)
+        if _org_exists(db, org):
+            raise CredentialError(f"org {org!r} already exists")
+        now = time.time()
+        db.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, now))
+        alerting.insert_default_rules(db, org, now)
+        _store(db, pepper, username_for(org, "agent"), org, "agent", secrets_.agent_key)
+        _store(db, pepper, username_for(org, "reader"), org, "reader", secrets_.reader_key)
     return secrets_
 
 
-def org_exists(data_dir: Path, org: str) -> bool:
+def org_exists(data_dir: Path, org: str, database: str | None = None) -> bool:
     """True when ``org`` is in the credential store."""
-    conn = _open(data_dir)
-    try:
-        return conn.execute("SELECT 1 FROM orgs WHERE name = ?", (org,)).fetchone() is not None
-    finally:
-        conn.close()
+    with _open(data_dir, database) as db:
+        return _org_exists(db, org)
 
 
-def list_orgs(data_dir: Path) -> list[str]:
+def list_orgs(data_dir: Path, database: str | None = None) -> list[str]:
     """Names of every org, sorted."""
-    conn = _open(data_dir)
-    try:
-        return [row[0] for row in conn.execute("SELECT name FROM orgs ORDER BY name")]
-    finally:
-        conn.close()
+    with _open(data_dir, database) as db:
+        return org_names(db)
 
 
-def remove_org(data_dir: Path, org: str) -> None:
+def org_names(db: Database) -> list[str]:
+    """Names of every org in an open database, sorted."""
+    return [row[0] for row in db.query("SELECT name FROM orgs ORDER BY name")]
+
+
+def remove_org(data_dir: Path, org: str, database: str | None = None) -> None:
     """Delete an org, its credentials (its keys stop working at once) and its alerting; history stays."""
     from fleet.config import alerting  # imports this module
 
     validate_id(org, "org")
-    conn = _open(data_dir)
-    try:
-        with conn:
-            if conn.execute("DELETE FROM orgs WHERE name = ?", (org,)).rowcount == 0:
-                raise CredentialError(f"no such org {org!r}")
-            conn.execute("DELETE FROM credentials WHERE org = ?", (org,))
-            alerting.drop_org(conn, org)
-    finally:
-        conn.close()
+    with _open(data_dir, database) as db, db.transaction():
+        if db.execute("DELETE FROM orgs WHERE name = ?", (org,)) == 0:
+            raise CredentialError(f"no such org {org!r}")
+        db.execute("DELETE FROM credentials WHERE org = ?", (org,))
+        alerting.drop_org(db, org)
 
 
-def rotate_key(data_dir: Path, org: str, role: str) -> str:
+def rotate_key(data_dir: Path, org: str, role: str, database: str | None = None) -> str:
     """Replace one role's key of an org; the old key is invalid from now on. Returns the new key."""
     username = username_for(org, role)
     pepper = load_pepper(data_dir)
     key = generate_key()
-    conn = _open(data_dir)
-    try:
-        with conn:
-            if not conn.execute("SELECT 1 FROM orgs WHERE name = ?", (org,)).fetchone():
-                raise CredentialError(f"no such org {org!r}")
-            _store(conn, pepper, username, org, role, key)
-    finally:
-        conn.close()
+    with _open(data_dir, database) as db, db.transaction():
+        check_pepper(db, pepper, data_dir)
+        if not _org_exists(db, org):
+            raise CredentialError(f"no such org {org!r}")
+        _store(db, pepper, username, org, role, key)
     return key
 
 
-def ensure_service_key(data_dir: Path) -> str:
+def ensure_service_key(data_dir: Path, database: str | None = None) -> str:
     """The internal service user's key (collector, web health checks), created on first start."""
     data_dir = Path(data_dir)
     path = data_dir / SERVICE_KEY_FILE
@@ -210,20 +220,21 @@ def ensure_service_key(data_dir: Path) -> str:
     if not path.exists():
         _write_private(path, generate_key() + "\n")
     key = path.read_text().strip()
-    conn = _open(data_dir)
-    try:
-        row = conn.execute("SELECT digest FROM credentials WHERE username = ?", (SERVICE_USERNAME,)).fetchone()
+    with _open(data_dir, database) as db, db.transaction():
+        check_pepper(db, pepper, data_dir)
+        row = db.query_one("SELECT digest FROM credentials WHERE username = ?", (SERVICE_USERNAME,))
+        if row is not None and not hmac.compare_digest(row[0], digest_key(pepper, key)) and db.engine == POSTGRESQL:
+            # A shared database: the key belongs to the host that made it, whose collector still uses it.
+            raise CredentialError(f"{db.url} holds another data dir's service key: copy service.key (and pepper)"
+                                  f" from the first host's data dir into {data_dir}")
         if row is None or not hmac.compare_digest(row[0], digest_key(pepper, key)):
-            with conn:
-                _store(conn, pepper, SERVICE_USERNAME, None, SERVICE_ROLE, key)
-    finally:
-        conn.close()
+            _store(db, pepper, SERVICE_USERNAME, None, SERVICE_ROLE, key)  # SQLite: the data dir's file wins
     return key
 
 
-def load_records(conn: sqlite3.Connection) -> dict[str, CredentialRecord]:
+def load_records(db: Database) -> dict[str, CredentialRecord]:
     """Every stored credential by username (a snapshot the broker keeps in memory and reloads)."""
-    rows = conn.execute("SELECT username, org, role, digest, mosquitto_hash FROM credentials")
+    rows = db.query("SELECT username, org, role, digest, mosquitto_hash FROM credentials")
     return {row[0]: CredentialRecord(*row) for row in rows}
 
 
@@ -246,14 +257,12 @@ def check_key(records: dict[str, CredentialRecord], pepper: bytes, username: str
     return None
 
 
-def find_reader(conn: sqlite3.Connection, pepper: bytes, token: str) -> str | None:
+def find_reader(db: Database, pepper: bytes, token: str) -> str | None:
     """The org whose reader key is ``token`` (HTTP bearer auth), compared in constant time; else None."""
     if not token:
         return None
     candidate = digest_key(pepper, token)
-    row = conn.execute(
-        "SELECT org, digest FROM credentials WHERE digest = ? AND role = 'reader'", (candidate,)
-    ).fetchone()
+    row = db.query_one("SELECT org, digest FROM credentials WHERE digest = ? AND role = 'reader'", (candidate,))
     if row is not None and hmac.compare_digest(row[1], candidate):
         return row[0]
     return None

@@ -141,7 +141,22 @@ def decode_object(raw: bytes) -> dict[str, Any]:
         raise PayloadError(NOT_JSON, str(exc)[:120]) from exc
     if type(value) is not dict:
         raise PayloadError(NOT_OBJECT, type(value).__name__)
+    # A NUL can only arrive escaped; the byte search finds it fast and the walk makes sure it is in a string.
+    if b"\\u0000" in raw and _holds_nul(value):
+        raise PayloadError(BAD_FIELD, "strings must not contain NUL (\\u0000)")
     return value
+
+
+def _holds_nul(value: Any) -> bool:
+    # PostgreSQL cannot store NUL in text, nor read a JSON document holding \u0000 anywhere with ->>, so
+    # one such string in any key or value would break every JSON query over that machine's org.
+    if type(value) is str:
+        return "\x00" in value
+    if type(value) is dict:
+        return any("\x00" in key or _holds_nul(item) for key, item in value.items())
+    if type(value) is list:
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 # The checks below see only what a JSON decoder produced, so exact type tests are enough (a bool is

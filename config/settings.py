@@ -28,6 +28,8 @@ class Settings:
     """Every tunable of fleet, typed and validated on creation."""
 
     data_dir: Path = Path("fleet-data")
+    # sqlite:///PATH or postgresql://user:password@host:port/dbname; default sqlite:///<data_dir>/fleet.db
+    database_url: str = field(default="", repr=False)
     log_level: str = "INFO"
     # network
     host: str = "127.0.0.1"
@@ -111,6 +113,14 @@ class Settings:
                     re.compile(spec[3:])
                 except re.error as exc:
                     _check(False, "processes", f"bad regex: {exc}", spec)
+        if self.database_url:
+            from fleet.config.database import DatabaseError, DatabaseUrl, redact
+
+            try:
+                DatabaseUrl.parse(self.database_url)
+            except DatabaseError as exc:
+                raise SettingsError(f"invalid setting database_url (FLEET_DATABASE_URL={redact(self.database_url)!r}):"
+                                    f" {exc}") from None
         _check(0 <= self.alert_group_wait <= 3600, "alert_group_wait", "must be between 0 and 3600 seconds",
                self.alert_group_wait)
         if self.smtp_url:
@@ -119,8 +129,13 @@ class Settings:
     # derived values -------------------------------------------------------------------------
     @property
     def db_path(self) -> Path:
-        """The shared SQLite database."""
+        """Where the default SQLite database lives (``database`` is what the parts really open)."""
         return self.data_dir / "fleet.db"
+
+    @property
+    def database(self) -> str:
+        """The database URL every part opens: ``database_url``, or SQLite's ``fleet.db`` in the data dir."""
+        return self.database_url or f"sqlite:///{self.db_path}"
 
     @property
     def certs_dir(self) -> Path:

@@ -27,12 +27,19 @@ def common(func: Callable) -> Callable:
                   help="TOML settings file (or FLEET_CONFIG).")
     @functools.wraps(func)
     def wrapper(data_dir: Path | None, config_file: str | None, **kwargs: Any) -> Any:
-        flag_names = getattr(wrapper, "setting_flags", ())
+        flag_names = (*getattr(wrapper, "setting_flags", ()), "database_url")
         flags = {name: kwargs.pop(name) for name in flag_names if name in kwargs}
         flags["data_dir"] = data_dir
         return run_with_settings(func, config_file, flags, **kwargs)
 
     return wrapper
+
+
+def database(func: Callable) -> Callable:
+    """Add ``--database URL`` (setting ``database_url``) to a command that touches the database."""
+    return click.option("--database", "database_url", default=None, metavar="URL",
+                        help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB "
+                             "(or FLEET_DATABASE_URL; default sqlite:///DATA_DIR/fleet.db).")(func)
 
 
 def settings_flags(*names: str) -> Callable:
@@ -60,12 +67,13 @@ def org() -> None:
 @org.command("add")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the keys as a JSON object.")
+@database
 @common
 def org_add(settings: Settings, name: str, as_json: bool) -> None:
     """Create ORG and print its agent and reader keys (shown once)."""
     from fleet.config import credentials
 
-    created = credentials.add_org(settings.data_dir, name)
+    created = credentials.add_org(settings.data_dir, name, settings.database)
     if as_json:
         click.echo(json.dumps(created.as_dict()))
     else:
@@ -77,12 +85,13 @@ def org_add(settings: Settings, name: str, as_json: bool) -> None:
 
 @org.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
 @common
 def org_list(settings: Settings, as_json: bool) -> None:
     """List orgs."""
     from fleet.config import credentials
 
-    names = credentials.list_orgs(settings.data_dir)
+    names = credentials.list_orgs(settings.data_dir, settings.database)
     if as_json:
         click.echo(json.dumps(names))
     else:
@@ -92,12 +101,13 @@ def org_list(settings: Settings, as_json: bool) -> None:
 
 @org.command("remove")
 @click.argument("name")
+@database
 @common
 def org_remove(settings: Settings, name: str) -> None:
     """Remove ORG: its keys stop working (history is kept until retention ends)."""
     from fleet.config import credentials
 
-    credentials.remove_org(settings.data_dir, name)
+    credentials.remove_org(settings.data_dir, name, settings.database)
     click.echo(f"removed org {name}")
 
 
@@ -105,12 +115,13 @@ def org_remove(settings: Settings, name: str) -> None:
 @click.argument("name")
 @click.option("--role", type=click.Choice(("agent", "reader")), required=True)
 @click.option("--json", "as_json", is_flag=True)
+@database
 @common
 def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
     """Replace one key of ORG; the old key is refused at once."""
     from fleet.config import credentials
 
-    key = credentials.rotate_key(settings.data_dir, name, role)
+    key = credentials.rotate_key(settings.data_dir, name, role, settings.database)
     if as_json:
         click.echo(json.dumps({"org": name, "role": role, "key": key}))
     else:
@@ -133,6 +144,7 @@ def _broker_url(func: Callable) -> Callable:
 @click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
 @click.option("--demo", type=click.IntRange(min=0), default=None,
               help="Also run org 'demo' with this machine's agent and N simulated agents.")
+@database
 @common
 @settings_flags("host", "mqtt_port", "http_port")
 def up(settings: Settings, demo: int | None) -> None:
@@ -145,6 +157,7 @@ def up(settings: Settings, demo: int | None) -> None:
 @cli.command()
 @_host
 @click.option("--mqtt-port", type=int, default=None, help="MQTT/TLS port (default 8883).")
+@database
 @common
 @settings_flags("host", "mqtt_port")
 def broker(settings: Settings) -> None:
@@ -158,6 +171,7 @@ def broker(settings: Settings) -> None:
 @_broker_url
 @click.option("--org", "orgs", default=None, help="Only these orgs (comma-separated), to shard collectors.")
 @click.option("--ca", default=None, help="CA file to verify the broker (default DATA_DIR/certs/ca.pem).")
+@database
 @common
 @settings_flags("broker_url", "orgs", "ca")
 def collector(settings: Settings) -> None:
@@ -172,6 +186,7 @@ def collector(settings: Settings) -> None:
 @click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
 @_broker_url
 @click.option("--ca", default=None, help="CA file to verify the broker (default DATA_DIR/certs/ca.pem).")
+@database
 @common
 @settings_flags("host", "http_port", "broker_url", "ca")
 def web(settings: Settings) -> None:
@@ -232,6 +247,7 @@ def simulate(settings: Settings, agents: int, duration: float | None, prefix: st
               help="Directory for mosquitto.conf, the password file and the ACL file.")
 @click.option("--mqtt-port", type=int, default=None)
 @_host
+@database
 @common
 @settings_flags("mqtt_port", "host")
 def mosquitto_config(settings: Settings, out_dir: Path) -> None:
@@ -256,6 +272,7 @@ def alert() -> None:
 @click.option("--for", "for_", default="0s", show_default=True, help="How long the condition must hold: 30s, 5m, 2h.")
 @click.option("--machines", default="*", show_default=True, help="Glob over machine ids, e.g. 'web-*'.")
 @click.option("--severity", type=click.Choice(("warning", "critical")), default="warning", show_default=True)
+@database
 @common
 def alert_add(settings: Settings, org_name: str, rule_name: str, when: str, for_: str, machines: str,
               severity: str) -> None:
@@ -263,7 +280,7 @@ def alert_add(settings: Settings, org_name: str, rule_name: str, when: str, for_
     from fleet.config import alerting, rules
 
     rule = rules.Rule.parse(org_name, rule_name, when, for_, machines, severity)
-    alerting.add_rule(settings.data_dir, rule)
+    alerting.add_rule(settings.data_dir, rule, settings.database)
     if isinstance(rule.when, rules.Threshold) and rule.when.field not in rules.KNOWN_FIELDS \
             and not rule.when.field.startswith((rules.CUSTOM_PREFIX, rules.PROCESS_PREFIX)):
         click.echo(f"note: {rule.when.field!r} is not a standard field; the rule holds only for machines whose "
@@ -274,12 +291,13 @@ def alert_add(settings: Settings, org_name: str, rule_name: str, when: str, for_
 @alert.command("list")
 @click.argument("org_name", metavar="ORG")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
 @common
 def alert_list(settings: Settings, org_name: str, as_json: bool) -> None:
     """List the alert rules of ORG."""
     from fleet.config import alerting, rules
 
-    found = alerting.list_rules(settings.data_dir, org_name)
+    found = alerting.list_rules(settings.data_dir, org_name, settings.database)
     if as_json:
         click.echo(json.dumps([rule.as_dict() for rule in found]))
         return
@@ -290,12 +308,13 @@ def alert_list(settings: Settings, org_name: str, as_json: bool) -> None:
 @alert.command("remove")
 @click.argument("org_name", metavar="ORG")
 @click.argument("rule_name", metavar="RULE")
+@database
 @common
 def alert_remove(settings: Settings, org_name: str, rule_name: str) -> None:
     """Remove alert rule RULE of ORG (its alerts resolve)."""
     from fleet.config import alerting
 
-    alerting.remove_rule(settings.data_dir, org_name, rule_name)
+    alerting.remove_rule(settings.data_dir, org_name, rule_name, settings.database)
     click.echo(f"removed rule {rule_name} of org {org_name}")
 
 
@@ -322,6 +341,7 @@ def alert_channel() -> None:
 @click.argument("channel_name", metavar="CHANNEL")
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help='Print {"org", "channel", "secret"}.')
+@database
 @common
 def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url: str, as_json: bool) -> None:
     """Add CHANNEL to ORG: http(s):// webhook, alertmanager+http(s)://HOST:PORT, mailto:ADDR or an Apprise URL."""
@@ -341,12 +361,13 @@ def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url:
 @alert_channel.command("list")
 @click.argument("org_name", metavar="ORG")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
 @common
 def alert_channel_list(settings: Settings, org_name: str, as_json: bool) -> None:
     """List the channels of ORG with their last delivery and last error (never a secret)."""
     from fleet.config import alerting
 
-    found = alerting.list_channels(settings.data_dir, org_name)
+    found = alerting.list_channels(settings.data_dir, org_name, settings.database)
     if as_json:
         click.echo(json.dumps([channel.as_dict() for channel in found]))
         return
@@ -358,18 +379,20 @@ def alert_channel_list(settings: Settings, org_name: str, as_json: bool) -> None
 @alert_channel.command("remove")
 @click.argument("org_name", metavar="ORG")
 @click.argument("channel_name", metavar="CHANNEL")
+@database
 @common
 def alert_channel_remove(settings: Settings, org_name: str, channel_name: str) -> None:
     """Remove CHANNEL of ORG (with what was waiting to be sent to it)."""
     from fleet.config import alerting
 
-    alerting.remove_channel(settings.data_dir, org_name, channel_name)
+    alerting.remove_channel(settings.data_dir, org_name, channel_name, settings.database)
     click.echo(f"removed channel {channel_name} of org {org_name}")
 
 
 @alert_channel.command("test")
 @click.argument("org_name", metavar="ORG")
 @click.argument("channel_name", metavar="CHANNEL")
+@database
 @common
 def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> None:
     """Send one test notification to CHANNEL; exit 1 with the reason if it fails."""
@@ -386,6 +409,7 @@ def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> 
 @click.option("--rule", "rule_name", default=None, help="Only this rule's alerts (default: every rule).")
 @click.option("--comment", default="", help="Why (shown with the silence).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "ends_at"}.')
+@database
 @common
 def alert_silence(settings: Settings, org_name: str, for_: str, machines: str, rule_name: str | None, comment: str,
                   as_json: bool) -> None:
@@ -393,7 +417,7 @@ def alert_silence(settings: Settings, org_name: str, for_: str, machines: str, r
     from fleet.config import alerting, rules
 
     silence = alerting.add_silence(settings.data_dir, org_name, rules.parse_duration(for_), machines, rule_name,
-                                   comment)
+                                   comment, database=settings.database)
     if as_json:
         click.echo(json.dumps({"id": silence.id, "ends_at": silence.ends_at}))
     else:
@@ -403,24 +427,26 @@ def alert_silence(settings: Settings, org_name: str, for_: str, machines: str, r
 @alert.command("unsilence")
 @click.argument("org_name", metavar="ORG")
 @click.argument("silence_id", metavar="ID", type=int)
+@database
 @common
 def alert_unsilence(settings: Settings, org_name: str, silence_id: int) -> None:
     """End silence ID of ORG now."""
     from fleet.config import alerting
 
-    alerting.expire_silence(settings.data_dir, org_name, silence_id)
+    alerting.expire_silence(settings.data_dir, org_name, silence_id, database=settings.database)
     click.echo(f"silence {silence_id} of org {org_name} ended")
 
 
 @alert.command("silences")
 @click.argument("org_name", metavar="ORG")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
 @common
 def alert_silences(settings: Settings, org_name: str, as_json: bool) -> None:
     """List the current and future silences of ORG."""
     from fleet.config import alerting
 
-    found = alerting.list_silences(settings.data_dir, org_name)
+    found = alerting.list_silences(settings.data_dir, org_name, database=settings.database)
     if as_json:
         click.echo(json.dumps([silence.as_dict() for silence in found]))
         return

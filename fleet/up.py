@@ -33,22 +33,22 @@ class DemoKeys:
     reader_key: str = field(repr=False)
 
 
-def ensure_demo_org(data_dir: Path) -> DemoKeys:
+def ensure_demo_org(data_dir: Path, database: str | None = None) -> DemoKeys:
     """Create org ``demo`` if absent; if it exists without saved keys, rotate both and save them."""
     path = Path(data_dir) / DEMO_KEYS_FILE
-    if credentials.org_exists(data_dir, DEMO_ORG):
+    if credentials.org_exists(data_dir, DEMO_ORG, database):
         if path.exists():
             saved = json.loads(path.read_text())
             return DemoKeys(saved["agent_key"], saved["reader_key"])
-        keys = DemoKeys(credentials.rotate_key(data_dir, DEMO_ORG, "agent"),
-                        credentials.rotate_key(data_dir, DEMO_ORG, "reader"))
+        keys = DemoKeys(credentials.rotate_key(data_dir, DEMO_ORG, "agent", database),
+                        credentials.rotate_key(data_dir, DEMO_ORG, "reader", database))
     else:
         from fleet.config import alerting, rules
 
-        created = credentials.add_org(data_dir, DEMO_ORG)
+        created = credentials.add_org(data_dir, DEMO_ORG, database)
         keys = DemoKeys(created.agent_key, created.reader_key)
         name, when, for_, severity = DEMO_RULE
-        alerting.add_rule(data_dir, rules.Rule.parse(DEMO_ORG, name, when, for_, "*", severity))
+        alerting.add_rule(data_dir, rules.Rule.parse(DEMO_ORG, name, when, for_, "*", severity), database)
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -102,7 +102,7 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
     from fleet.web.server import start_in_thread as start_web
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    demo_keys = ensure_demo_org(settings.data_dir) if demo is not None else None
+    demo_keys = ensure_demo_org(settings.data_dir, settings.database) if demo is not None else None
     stops: list[Callable[[], Any]] = []
     try:
         broker = start_broker(settings)

@@ -1,4 +1,9 @@
-"""Shared fixtures: a data dir with real certificates, the embedded broker on a free port, two orgs."""
+"""Shared fixtures: a data dir with real certificates, the embedded broker on a free port, two orgs, the database.
+
+The database is SQLite in the test's data dir. Tests marked ``both_engines`` (whole modules, via
+``pytestmark``) run once per engine: ``engine`` is then "sqlite" or "postgresql", and ``database_url``
+is a fresh database on a PostgreSQL server started once per test run (tests/postgres.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,54 @@ import pytest
 from fleet.broker.pki import ensure_certs
 from fleet.broker.server import RunningBroker, start_in_thread
 from fleet.config import credentials
+from fleet.config.database import open_database, sqlite_url
 from fleet.config.settings import Settings
+from tests.dbhelpers import ENGINES
+from tests.postgres import PostgresServer, unavailable_reason
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run tests marked ``both_engines`` that touch the database on SQLite and on PostgreSQL."""
+    if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_engines"):
+        if "endpoint" not in metafunc.fixturenames:  # tests/collector/conftest.py pairs the two itself
+            metafunc.parametrize("engine", ENGINES, indirect=True)
+
+
+@pytest.fixture
+def engine(request: pytest.FixtureRequest) -> str:
+    """The database engine of this test: "sqlite" unless parametrised by ``both_engines``."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the whole run, started on first use; skipped where it cannot run."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def database_url(engine: str, tmp_path: Path, request: pytest.FixtureRequest):
+    """The test's own empty database: ``fleet.db`` in the data dir, or a fresh PostgreSQL database."""
+    if engine != "postgresql":
+        yield sqlite_url(tmp_path / "fleet-data" / "fleet.db")
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    url = server.database()
+    yield url
+    server.drop(url)
+
+
+@pytest.fixture
+def db(database_url: str):
+    """The test's database, open (its schema created)."""
+    opened = open_database(database_url)
+    yield opened
+    opened.close()
 
 
 @pytest.fixture
@@ -21,9 +73,9 @@ def fleet_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def broker_settings(fleet_dir: Path) -> Settings:
+def broker_settings(fleet_dir: Path, database_url: str) -> Settings:
     """Settings of a test broker: free port, fast credential reloads."""
-    return Settings(data_dir=fleet_dir, mqtt_port=0, reload_interval_s=0.5)
+    return Settings(data_dir=fleet_dir, database_url=database_url, mqtt_port=0, reload_interval_s=0.5)
 
 
 @pytest.fixture
@@ -35,12 +87,12 @@ def broker(broker_settings: Settings, acme, globex):
 
 
 @pytest.fixture
-def acme(fleet_dir: Path) -> credentials.OrgSecrets:
+def acme(fleet_dir: Path, database_url: str) -> credentials.OrgSecrets:
     """Org ``acme`` and its keys."""
-    return credentials.add_org(fleet_dir, "acme")
+    return credentials.add_org(fleet_dir, "acme", database_url)
 
 
 @pytest.fixture
-def globex(fleet_dir: Path) -> credentials.OrgSecrets:
+def globex(fleet_dir: Path, database_url: str) -> credentials.OrgSecrets:
     """Org ``globex`` and its keys."""
-    return credentials.add_org(fleet_dir, "globex")
+    return credentials.add_org(fleet_dir, "globex", database_url)

@@ -33,8 +33,8 @@ def fleet():
     counts = db.status_counts(g.org)
     head = json.dumps({"org": g.org, "count": total, "expired": counts["expired"], "counts": counts,
                        "os_values": db.os_values(g.org), "server_time": time.time()})
-    # The machines array is already JSON (built by SQLite); splice it in rather than decode and re-encode it.
-    return Response(head[:-1] + ', "data": ' + machines_json + "}", mimetype="application/json")
+    # The machines array is already JSON (web/db.py); splice it in rather than decode and re-encode it.
+    return Response(head[:-1].encode() + b', "data": ' + machines_json + b"}", mimetype="application/json")
 
 
 def _machine_or_404(machine_id: str) -> dict:

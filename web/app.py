@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from fleet.config.settings import Settings
 from fleet.web import alerts_api, api, config_api, dashboard, health, metrics
-from fleet.web.db import DatabaseUnavailable, close_db
+from fleet.web.db import DatabaseUnavailable, close_db, pool_for
 
 log = logging.getLogger("fleet.web")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -42,8 +42,8 @@ def _json_error(exc: HTTPException):
 def create_app(settings: Settings, **overrides) -> Flask:
     """Build the web app for ``settings``; ``overrides`` go into app.config (tests)."""
     app = Flask(__name__)
-    app.config.update(FLEET_SETTINGS=settings, JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=64 * 1024,
-                      RATELIMIT_HEADERS_ENABLED=True)
+    app.config.update(FLEET_SETTINGS=settings, FLEET_DB_POOL=pool_for(settings), JSON_SORT_KEYS=False,
+                      MAX_CONTENT_LENGTH=64 * 1024, RATELIMIT_HEADERS_ENABLED=True)
     app.config.update(overrides)
     limiter = Limiter(get_remote_address, app=app, default_limits=[settings.rate_limit_api],
                       storage_uri="memory://", strategy="fixed-window")

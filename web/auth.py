@@ -9,8 +9,9 @@ from typing import Any
 from flask import abort, current_app, g, request
 
 from fleet.config import credentials
+from fleet.config.database import DatabaseError
 from fleet.config.errors import CredentialError
-from fleet.web.db import get_db
+from fleet.web.db import DatabaseUnavailable, get_db
 
 
 def _pepper() -> bytes | None:
@@ -42,7 +43,10 @@ def org_required(view: Callable[..., Any]) -> Callable[..., Any]:
         if token is None:
             abort(401, description="missing bearer token (Authorization: Bearer <reader key>)")
         pepper = _pepper()
-        org = credentials.find_reader(get_db(), pepper, token) if pepper else None
+        try:
+            org = credentials.find_reader(get_db(), pepper, token) if pepper else None
+        except DatabaseError as exc:
+            raise DatabaseUnavailable(f"database error: {exc}") from exc
         if org is None:
             abort(401, description="invalid token")
         g.org = org

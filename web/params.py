@@ -61,4 +61,6 @@ def text(name: str, max_len: int = 128) -> str | None:
         return None
     if len(raw) > max_len:
         abort(400, description=f"parameter {name!r} is longer than {max_len} characters")
+    if "\x00" in raw:  # no stored text holds one, and PostgreSQL refuses it as a query parameter
+        abort(400, description=f"parameter {name!r} must not contain NUL characters")
     return raw

@@ -8,8 +8,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from flask import Flask
 from waitress.server import create_server
 
+from fleet.config import credentials
+from fleet.config.database import open_database
+from fleet.config.errors import CredentialError
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
 from fleet.web.errors import WebError
@@ -17,12 +21,19 @@ from fleet.web.errors import WebError
 log = logging.getLogger("fleet.web")
 
 
-def _server(settings: Settings) -> Any:
+def _server(settings: Settings) -> tuple[Any, Flask]:
+    with open_database(settings.database) as db:  # create or migrate the schema before serving (SPEC: Storage)
+        try:
+            pepper = credentials.load_pepper(settings.data_dir, create=False)
+        except CredentialError:
+            pepper = None  # no org was made with this data dir yet: every token is refused until one is
+        if pepper is not None:
+            credentials.check_pepper(db, pepper, settings.data_dir)  # another host's pepper: stop, say which
     app = create_app(settings)
     try:
         # poll(), not select(): in `fleet up` the broker's connections push socket numbers past FD_SETSIZE (1024).
         return create_server(app, host=settings.host, port=settings.http_port, threads=8, asyncore_use_poll=True,
-                             ident="fleet", clear_untrusted_proxy_headers=True)
+                             ident="fleet", clear_untrusted_proxy_headers=True), app
     except OSError as exc:
         raise WebError(f"cannot listen on {settings.host}:{settings.http_port}: {exc.strerror or exc}") from exc
 
@@ -35,6 +46,7 @@ class RunningWeb:
     port: int
     _server: Any = field(repr=False)
     _thread: threading.Thread = field(repr=False)
+    _app: Flask = field(repr=False)
 
     @property
     def url(self) -> str:
@@ -49,16 +61,17 @@ class RunningWeb:
         for channel in list(server._map.values()):  # noqa: SLF001 - waitress has no public way to close its channels
             channel.close()
         self._thread.join(10)
+        self._app.config["FLEET_DB_POOL"].close()
 
 
 def start_in_thread(settings: Settings) -> RunningWeb:
     """Start serving in a thread; ``http_port`` 0 picks a free port (read back in ``.port``)."""
-    server = _server(settings)
+    server, app = _server(settings)
     thread = threading.Thread(target=server.run, name="fleet-web", daemon=True)
     thread.start()
     port = server.effective_port
     log.info("web listening on http://%s:%s", settings.host, port)
-    return RunningWeb(settings.host, port, server, thread)
+    return RunningWeb(settings.host, port, server, thread, app)
 
 
 def serve(settings: Settings) -> None:

@@ -18,12 +18,14 @@ import pytest
 from fleet.agent.simulate import start_simulation
 from fleet.collector.channels import add_channel
 from fleet.config import alerting
+from fleet.config.credentials import database_for
 from fleet.config.rules import Rule
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
 from tests.alerts.proxy import Proxy
 from tests.alerts.receiver import Receiver, signed_with
-from tests.collector.collector_fixtures import SimAgent, embedded_endpoint, query
+from tests.collector.collector_fixtures import SimAgent, embedded_endpoint
+from tests.dbhelpers import rows
 from tests.helpers import Inbox, bearer, close, connect_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +56,11 @@ def _watch_offline(settings: Settings, org: str, receiver: Receiver, for_: str =
     """Rule ``down`` (status == offline) and a webhook channel to ``receiver``; returns the signing secret."""
     alerting.add_rule(settings.data_dir, Rule.parse(org, "down", "status == offline", for_, severity="critical"))
     return add_channel(settings, org, "hook", receiver.url).secret
+
+
+def query(data_dir, sql: str, *args):
+    """A read query on the data dir's database (what the broker fixture's collector writes to)."""
+    return rows(database_for(data_dir), sql, *args)
 
 
 def _alerts(data_dir, org="acme", rule="down"):

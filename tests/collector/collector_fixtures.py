@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ from fleet.config import credentials, payloads
 from fleet.config.mqtt import BrokerAddress, new_client
 from fleet.config.settings import Settings
 from fleet.config.topics import agent_client_id, ping_topic, report_topic
+from tests.dbhelpers import rows
 from tests.helpers import free_port, port_open, wait_for  # noqa: F401 - re-exported to the collector tests
 
 
@@ -33,16 +33,17 @@ class Endpoint:
     stop: Callable[[], None]
     restart: Callable[[], None]
     anonymous: bool = False
+    database: str = ""  # the database URL the collector under test writes to
 
     def user(self, role: str) -> tuple[str | None, str | None]:
         if role == "service":
-            return credentials.SERVICE_USERNAME, credentials.ensure_service_key(self.data_dir)
+            return credentials.SERVICE_USERNAME, credentials.ensure_service_key(self.data_dir, self.database)
         key = self.keys.agent_key if role == "agent" else self.keys.reader_key
         return f"{self.keys.org}/{role}", key
 
     def settings(self, **changes) -> Settings:
-        base = dict(data_dir=self.data_dir, broker_url=self.url, ca=str(self.ca or ""), batch_interval_s=0.05,
-                    reload_interval_s=0.5, interval=1.0)
+        base = dict(data_dir=self.data_dir, database_url=self.database, broker_url=self.url, ca=str(self.ca or ""),
+                    batch_interval_s=0.05, reload_interval_s=0.5, interval=1.0)
         base.update(changes)
         return Settings(**base)
 
@@ -67,11 +68,11 @@ class Endpoint:
         return client
 
 
-def mosquitto_endpoint_at(tmp_path: Path) -> Endpoint:
+def mosquitto_endpoint_at(tmp_path: Path, database: str = "") -> Endpoint:
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed")
-    data_dir = tmp_path / "data"
-    keys = credentials.add_org(data_dir, "acme")
+    data_dir = tmp_path / "fleet-data"  # where the database_url fixture puts a SQLite database
+    keys = credentials.add_org(data_dir, "acme", database or None)
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     # Loopback only, anonymous allowed: this fixture tests the collector, not Mosquitto's access model.
@@ -90,7 +91,8 @@ def mosquitto_endpoint_at(tmp_path: Path) -> Endpoint:
             proc.wait(10)
 
     start()
-    return Endpoint(f"mqtt://127.0.0.1:{port}", None, data_dir, keys, stop, start, anonymous=True)
+    return Endpoint(f"mqtt://127.0.0.1:{port}", None, data_dir, keys, stop, start, anonymous=True,
+                    database=database or credentials.database_for(data_dir))
 
 
 def embedded_endpoint(running, keys: credentials.OrgSecrets) -> Endpoint:
@@ -105,7 +107,8 @@ def embedded_endpoint(running, keys: credentials.OrgSecrets) -> Endpoint:
     def restart() -> None:
         state["broker"] = start_in_thread(state["broker"].settings)
 
-    ep = Endpoint(running.url, running.ca_path, running.data_dir, keys, stop, restart)
+    ep = Endpoint(running.url, running.ca_path, running.data_dir, keys, stop, restart,
+                  database=running.settings.database)
     ep.current = lambda: state["broker"]
     return ep
 
@@ -160,13 +163,9 @@ class SimAgent:
 
 
 
-def query(data_dir: Path, sql: str, *args):
-    """Run a read query on the data dir's fleet.db (a fresh connection, as the web does)."""
-    conn = sqlite3.connect(data_dir / "fleet.db", timeout=5)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+def query(endpoint: Endpoint, sql: str, *args):
+    """Run a read query on the endpoint's database (a fresh connection, as the web does)."""
+    return rows(endpoint.database, sql, *args)
 
 
 def end_agent_and_probe(agent: subprocess.Popen, probe: subprocess.Popen) -> None:

@@ -8,11 +8,23 @@ from fleet.config.settings import Settings
 from tests.collector.collector_fixtures import Endpoint, embedded_endpoint, mosquitto_endpoint_at
 
 
-@pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
-def endpoint(request, tmp_path) -> Endpoint:
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests using ``endpoint`` run on the embedded broker and on Mosquitto, with SQLite; marked ``both_engines``,
+    also on the embedded broker with PostgreSQL. Which broker and which database are independent, so
+    Mosquitto with PostgreSQL would add nothing."""
+    if "endpoint" not in metafunc.fixturenames:
+        return
+    pairs = [("embedded", "sqlite"), pytest.param("mosquitto", "sqlite", marks=pytest.mark.mosquitto)]
+    if metafunc.definition.get_closest_marker("both_engines"):
+        pairs.append(pytest.param("embedded", "postgresql", marks=pytest.mark.postgresql))
+    metafunc.parametrize(("endpoint", "engine"), pairs, indirect=True)
+
+
+@pytest.fixture
+def endpoint(request, tmp_path, database_url) -> Endpoint:
     """The collector's broker: the embedded one (TLS, real access rules) and Debian's Mosquitto."""
     if request.param == "mosquitto":
-        ep = mosquitto_endpoint_at(tmp_path)
+        ep = mosquitto_endpoint_at(tmp_path, database_url)
         yield ep
         ep.stop()
     else:

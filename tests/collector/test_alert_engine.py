@@ -9,20 +9,22 @@ import pytest
 from fleet.collector import store
 from fleet.collector.alerts import AlertEngine
 from fleet.config import alerting, credentials
-from fleet.config.database import open_db
+from fleet.config.database import open_database
 from fleet.config.rules import Rule
 from fleet.config.topics import alert_topic
 from tests.collector.collector_builders import T0, ping, report, tracker
 
 ORGS = {"acme", "globex"}
+pytestmark = pytest.mark.both_engines  # the alert tables' SQL (upserts, partial indexes) on both
 
 
 class Harness:
     """A tracker and an alert engine over a real fleet.db, driven with explicit times."""
 
-    def __init__(self, data_dir, group_wait=10.0):
+    def __init__(self, data_dir, database, group_wait=10.0):
         self.data_dir = data_dir
-        self.db = open_db(data_dir / "fleet.db")
+        self.database = database
+        self.db = open_database(database)
         self.tracker = tracker()
         self.blind = False
         self.group_wait = group_wait
@@ -31,24 +33,25 @@ class Harness:
 
     def new_engine(self):
         engine = AlertEngine(self.tracker, self.group_wait, lambda machine, now: self.blind)
-        engine.load(self.db.conn, ORGS, T0)
+        engine.load(self.db, ORGS, T0)
         return engine
 
     def restart(self, now):
         """A new tracker and engine from what the database holds (the collector restarted)."""
         self.flush()
         self.tracker = tracker()
-        self.tracker.load(store.load_machines(self.db, None))
+        self.tracker.load(store.load_machines(self.db, None), now)
         self.engine = AlertEngine(self.tracker, self.group_wait, lambda machine, t: self.blind)
-        self.engine.load(self.db.conn, ORGS, now)
+        self.engine.load(self.db, ORGS, now)
         self.flush()
 
     def rule(self, org, name, when, for_="0s", machines="*", severity="warning"):
-        alerting.add_rule(self.data_dir, Rule.parse(org, name, when, for_, machines, severity))
-        self.engine.refresh(self.db.conn, ORGS, T0)  # the collector re-reads rules every 2 s
+        alerting.add_rule(self.data_dir, Rule.parse(org, name, when, for_, machines, severity), self.database)
+        self.engine.refresh(self.db, ORGS, T0)  # the collector re-reads rules every 2 s
 
     def channel(self, org, name="hook"):
-        alerting.store_channel(self.data_dir, org, name, "webhook", "http://127.0.0.1:9/h", "s", "http://127.0.0.1:9")
+        alerting.store_channel(self.data_dir, org, name, "webhook", "http://127.0.0.1:9/h", "s", "http://127.0.0.1:9",
+                               self.database)
 
     def apply(self, message, now):
         if message.__class__.__name__ == "Report":
@@ -62,7 +65,7 @@ class Harness:
 
     def tick(self, now):
         self.engine.after_tick(*self.tracker.tick(now), now)
-        self.engine.timers(self.db.conn, ORGS, now)
+        self.engine.timers(self.db, ORGS, now)
         self.flush()
 
     def flush(self):
@@ -71,24 +74,24 @@ class Harness:
         self.published += self.engine.take_publishes()
 
     def alerts(self, org="acme"):
-        return self.db.conn.execute("SELECT rule, machine_id, state, notified FROM alerts WHERE org = ? ORDER BY id",
-                                    (org,)).fetchall()
+        return self.db.query("SELECT rule, machine_id, state, notified FROM alerts WHERE org = ? ORDER BY id", (org,))
 
     def outbox(self, org="acme"):
-        rows = self.db.conn.execute("SELECT channel, notices FROM alert_outbox WHERE org = ? ORDER BY id", (org,))
+        rows = self.db.query("SELECT channel, notices FROM alert_outbox WHERE org = ? ORDER BY id", (org,))
         return [(channel, [(n["status"], n["rule"], n["machine_id"]) for n in json.loads(notices)])
                 for channel, notices in rows]
 
 
 @pytest.fixture
-def h(tmp_path):
-    data_dir = tmp_path / "data"
+def h(tmp_path, database_url):
+    data_dir = tmp_path / "fleet-data"
     for org in sorted(ORGS):
-        credentials.add_org(data_dir, org)
-    harness = Harness(data_dir)
+        credentials.add_org(data_dir, org, database_url)
+    harness = Harness(data_dir, database_url)
     harness.channel("acme")
-    harness.engine.timers(harness.db.conn, ORGS, T0)
-    return harness
+    harness.engine.timers(harness.db, ORGS, T0)
+    yield harness
+    harness.db.close()
 
 
 def _offline(h, machine="web-1", t=T0):
@@ -145,7 +148,7 @@ def test_thresholds_carry_their_value_and_resolve_with_a_report(h):
         h.apply(msg, T0)
     assert [a for a in h.alerts() if a[0] == "hot"] == [("hot", "web-1", "firing", "")]
     h.tick(T0 + 11)
-    posted = json.loads(h.db.conn.execute("SELECT notices FROM alert_outbox").fetchone()[0])
+    posted = json.loads(h.db.query_one("SELECT notices FROM alert_outbox")[0])
     assert posted[0]["value"] == 97.5
     assert posted[0]["severity"] == "critical"
     assert "97.5" in posted[0]["summary"]
@@ -169,14 +172,14 @@ def test_many_machines_lost_at_once_make_one_message_per_channel(h):
 
 def test_a_silence_holds_notices_back_while_the_alert_still_shows(h):
     h.rule("acme", "down-now", "status == offline")
-    silence = alerting.add_silence(h.data_dir, "acme", 60, "web-*", now=T0)
+    silence = alerting.add_silence(h.data_dir, "acme", 60, "web-*", now=T0, database=h.database)
     h.tick(T0 + 3)
     _offline(h, t=T0 + 3)
     h.tick(T0 + 20)
     assert ("down-now", "web-1", "firing", "") in h.alerts()
     assert h.outbox() == []
     assert json.loads(h.published[-1][1])[0]["rule"] == "down-now"
-    alerting.expire_silence(h.data_dir, "acme", silence.id, now=T0 + 21)
+    alerting.expire_silence(h.data_dir, "acme", silence.id, now=T0 + 21, database=h.database)
     h.tick(T0 + 23)  # silences are read again within 2 s
     h.tick(T0 + 34)
     assert h.outbox() == [("hook", [("firing", "down-now", "web-1")])]
@@ -194,8 +197,8 @@ def test_a_restart_neither_resends_nor_forgets(h):
     h.tick(T0 + 40)
     h.tick(T0 + 300)
     assert h.outbox() == [("hook", [("firing", "down-now", "sent")]), ("hook", [("firing", "down-now", "unsent")])]
-    pending = h.db.conn.execute("SELECT active_at FROM alerts WHERE rule = 'machine-offline' AND machine_id = 'sent'")
-    assert pending.fetchone()[0] == T0 + 1  # the pending alert kept its start across the restart
+    pending = h.db.query_one("SELECT active_at FROM alerts WHERE rule = 'machine-offline' AND machine_id = 'sent'")
+    assert pending[0] == T0 + 1  # the pending alert kept its start across the restart
 
 
 def test_eviction_resolves_and_clears_the_alert_topic(h):
@@ -217,7 +220,7 @@ def test_removing_a_rule_resolves_its_alerts(h):
     h.tick(T0)
     _offline(h)
     h.tick(T0 + 12)
-    alerting.remove_rule(h.data_dir, "acme", "down-now")
+    alerting.remove_rule(h.data_dir, "acme", "down-now", h.database)
     h.tick(T0 + 15)
     assert ("down-now", "web-1", "resolved", "") in [(r, m, s, "") for r, m, s, _ in h.alerts()]
     h.tick(T0 + 30)
@@ -253,7 +256,7 @@ def test_removing_the_org_forgets_its_alerts(h):
     h.rule("acme", "down-now", "status == offline")
     h.tick(T0)
     _offline(h)
-    credentials.remove_org(h.data_dir, "acme")
+    credentials.remove_org(h.data_dir, "acme", h.database)
     h.engine.forget_org("acme")
     h.flush()
     assert h.alerts() == []
@@ -262,14 +265,13 @@ def test_removing_the_org_forgets_its_alerts(h):
 
 def test_alertmanager_channels_get_firing_alerts_again_while_they_fire(h):
     alerting.store_channel(h.data_dir, "acme", "am", "alertmanager", "alertmanager+http://127.0.0.1:9093", None,
-                           "alertmanager+http://127.0.0.1:9093")
+                           "alertmanager+http://127.0.0.1:9093", h.database)
     h.rule("acme", "down-now", "status == offline")
     h.tick(T0)
     _offline(h)
     h.tick(T0 + 12)
     assert sorted(channel for channel, _ in h.outbox()) == ["am", "hook"]
-    h.db.conn.execute("DELETE FROM alert_outbox")  # delivered
-    h.db.conn.commit()
+    h.db.execute("DELETE FROM alert_outbox")  # delivered
     h.tick(T0 + 40)
     assert h.outbox() == []
     h.tick(T0 + 75)  # 60 s after the channel was first seen

@@ -1,4 +1,4 @@
-"""The collector end to end: real broker, simulated agents over real MQTT, real fleet.db."""
+"""The collector end to end: real broker, simulated agents over real MQTT, a real database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import getpass
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,27 +18,33 @@ from fleet.collector import service
 from fleet.config import credentials, payloads
 from fleet.config.topics import ping_topic, report_topic
 from tests.collector.collector_fixtures import SimAgent, query
+from tests.dbhelpers import rows, write_lock
 from tests.helpers import wait_for
+
+# The tests where the database takes part run on both engines (tests/conftest.py); the ones about the state
+# machine, rate limits or the broker run on SQLite only: the same code stores their outcome either way.
+both_engines = pytest.mark.both_engines
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def machine_row(ep, machine="m1"):
-    rows = query(ep.data_dir, "SELECT status, session, conflict, clock_offset_s, metrics, os, hardware_id "
-                              "FROM machines WHERE org='acme' AND machine_id=?", machine)
+    rows = query(ep, "SELECT status, session, conflict, clock_offset_s, metrics, os, hardware_id "
+                     "FROM machines WHERE org='acme' AND machine_id=?", machine)
     return rows[0] if rows else None
 
 
 def events(ep, machine="m1"):
-    return query(ep.data_dir, "SELECT old_status, new_status, reason FROM events WHERE org='acme' AND machine_id=? "
-                              "ORDER BY id", machine)
+    return query(ep, "SELECT old_status, new_status, reason FROM events WHERE org='acme' AND machine_id=? "
+                     "ORDER BY id", machine)
 
 
 def seqs(ep, machine="m1"):
-    return [row[0] for row in query(ep.data_dir, "SELECT seq FROM reports WHERE org='acme' AND machine_id=? "
-                                                 "ORDER BY seq", machine)]
+    return [row[0] for row in query(ep, "SELECT seq FROM reports WHERE org='acme' AND machine_id=? "
+                                        "ORDER BY seq", machine)]
 
 
+@both_engines
 def test_reports_and_presence_flow_into_the_database(endpoint, collectors):
     collector = collectors(endpoint.settings())
     agent = SimAgent(endpoint, "m1").connect()
@@ -55,11 +60,11 @@ def test_reports_and_presence_flow_into_the_database(endpoint, collectors):
     wait_for(lambda: machine_row(endpoint)[0] == "offline", message="offline")
     assert events(endpoint) == [(None, "online", "ping"), ("online", "offline", "shutdown")]
     agent.close()
-    beat = wait_for(lambda: query(endpoint.data_dir, "SELECT ts, detail FROM heartbeats WHERE component='collector'"))
+    beat = wait_for(lambda: query(endpoint, "SELECT ts, detail FROM heartbeats WHERE component='collector'"))
     detail = json.loads(beat[0][1])
     assert detail["broker_connected"] is True
     assert time.time() - beat[0][0] < 10
-    assert detail["orgs"] == credentials.list_orgs(endpoint.data_dir)
+    assert detail["orgs"] == credentials.list_orgs(endpoint.data_dir, endpoint.database)
     assert collector.stats().stored == 3
 
 
@@ -101,13 +106,14 @@ def test_late_last_will_of_an_old_session_does_not_mark_a_reconnected_agent_offl
     agent.close()
 
 
+@both_engines
 def test_ttl_eviction_clears_the_retained_ping(endpoint, collectors):
     collectors(endpoint.settings(ttl_seconds=1))
     agent = SimAgent(endpoint, "m1").connect()
     agent.ping("online")
     agent.report()
     agent.close()  # clean disconnect: no will, just silence
-    wait_for(lambda: query(endpoint.data_dir, "SELECT expired FROM org_stats WHERE org='acme'") == [(1,)],
+    wait_for(lambda: query(endpoint, "SELECT expired FROM org_stats WHERE org='acme'") == [(1,)],
                message="eviction counted")
     assert machine_row(endpoint) is None
     assert events(endpoint)[-1][1:] == ("evicted", "ttl")
@@ -133,7 +139,7 @@ def test_ttl_eviction_clears_the_retained_ping(endpoint, collectors):
     assert [t for t, _, _ in received if t == ping_topic("acme", "m1")] == []
     reader.disconnect()
     marker.close()
-    assert query(endpoint.data_dir, "SELECT count(*) FROM drops") == [(0,)]  # our own empty ping was ignored
+    assert query(endpoint, "SELECT count(*) FROM drops") == [(0,)]  # our own empty ping was ignored
 
 
 def _retained_cleared(endpoint) -> bool:
@@ -188,15 +194,18 @@ def _outage(endpoint, collectors, count: int, outage_s: float) -> None:
     agent.close()
 
 
+@both_engines
 def test_collector_outage_loses_nothing(endpoint, collectors):
     _outage(endpoint, collectors, count=70, outage_s=2.0)
 
 
+@both_engines
 @pytest.mark.slow
 def test_collector_down_ten_seconds_loses_nothing(endpoint, collectors):
     _outage(endpoint, collectors, count=300, outage_s=10.0)
 
 
+@both_engines
 def test_bad_messages_are_dropped_counted_and_the_collector_keeps_going(endpoint, collectors):
     collector = collectors(endpoint.settings())
     agent = SimAgent(endpoint, "m1").connect()
@@ -213,7 +222,7 @@ def test_bad_messages_are_dropped_counted_and_the_collector_keeps_going(endpoint
         agent.publish(topic, raw)
     agent.report()
     wait_for(lambda: seqs(endpoint) == [0], message="the good report")
-    wait_for(lambda: dict(query(endpoint.data_dir, "SELECT reason, count FROM drops")) == {r: 1 for r in bad},
+    wait_for(lambda: dict(query(endpoint, "SELECT reason, count FROM drops")) == {r: 1 for r in bad},
                message="drops persisted per reason")
     assert collector.stats().dropped == {r: 1 for r in bad}
 
@@ -227,7 +236,7 @@ def test_oversize_payload_is_dropped(mosquitto_endpoint, collectors):
     agent.publish("fleet/acme/bad id!/report", b"{}")
     agent.report()
     wait_for(lambda: seqs(ep) == [0], message="the good report")
-    wait_for(lambda: dict(query(ep.data_dir, "SELECT reason, count FROM drops")) == {"too_large": 1, "bad_topic": 1},
+    wait_for(lambda: dict(query(ep, "SELECT reason, count FROM drops")) == {"too_large": 1, "bad_topic": 1},
                message="drops")
 
 
@@ -244,24 +253,25 @@ def test_a_flooding_agent_is_rate_limited(endpoint, collectors):
     assert 20 <= stored < 60
 
 
+@both_engines
 def test_orgs_added_and_removed_are_picked_up_within_5_s(endpoint, collectors):
     collector = collectors(endpoint.settings())
-    before = tuple(credentials.list_orgs(endpoint.data_dir))
+    before = tuple(credentials.list_orgs(endpoint.data_dir, endpoint.database))
     assert collector.stats().orgs == before
     assert "acme" in before
     t0 = time.monotonic()
-    keys = credentials.add_org(endpoint.data_dir, "initech")
+    keys = credentials.add_org(endpoint.data_dir, "initech", endpoint.database)
     wait_for(lambda: collector.stats().orgs == tuple(sorted(before + ("initech",))), timeout=5,
                message="subscribed to initech")
     assert time.monotonic() - t0 < 5
     endpoint.keys, acme_keys = keys, endpoint.keys  # publish as initech
     try:
         wait_for(lambda: _publish_ok(endpoint), timeout=5, message="initech agent accepted by the broker")
-        wait_for(lambda: query(endpoint.data_dir, "SELECT count(*) FROM reports WHERE org='initech'")[0][0] >= 1,
+        wait_for(lambda: query(endpoint, "SELECT count(*) FROM reports WHERE org='initech'")[0][0] >= 1,
                    message="initech report stored")
     finally:
         endpoint.keys = acme_keys
-    credentials.remove_org(endpoint.data_dir, "initech")
+    credentials.remove_org(endpoint.data_dir, "initech", endpoint.database)
     wait_for(lambda: collector.stats().orgs == before, timeout=5, message="unsubscribed from initech")
 
 
@@ -275,35 +285,32 @@ def _publish_ok(endpoint) -> bool:
     return True
 
 
+@both_engines
 def test_shard_serves_only_its_orgs(endpoint, collectors):
-    credentials.add_org(endpoint.data_dir, "initech")
+    credentials.add_org(endpoint.data_dir, "initech", endpoint.database)
     collector = collectors(endpoint.settings(orgs=("initech",)))
     assert collector.stats().orgs == ("initech",)
     assert collector.client_id != service.client_id_for(())
     agent = SimAgent(endpoint, "m1").connect()  # an acme agent: not this shard's business
     agent.report()
     agent.close()
-    beat = wait_for(lambda: query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'"))
+    beat = wait_for(lambda: query(endpoint, "SELECT detail FROM heartbeats WHERE component='collector'"))
     assert json.loads(beat[0][0])["orgs"] == ["initech"]
     assert seqs(endpoint) == []
 
 
+@both_engines
 def test_locked_database_applies_backpressure_and_loses_nothing(endpoint, collectors, monkeypatch):
     monkeypatch.setattr(service, "QUEUE_MAX", 5)
     collectors(endpoint.settings())
     agent = SimAgent(endpoint, "m1").connect()
     agent.report()
     wait_for(lambda: seqs(endpoint) == [0], message="first report")
-    locker = sqlite3.connect(endpoint.data_dir / "fleet.db", timeout=5)
-    locker.execute("BEGIN IMMEDIATE")  # another writer holds the database
-    try:
+    with write_lock(endpoint.database):  # another writer holds the database
         for _ in range(40):
             agent.report()
         time.sleep(2.5)  # hold the lock longer than the writer's busy timeout: the retry path must run
         assert seqs(endpoint) == [0]
-    finally:
-        locker.rollback()
-        locker.close()
     wait_for(lambda: seqs(endpoint) == list(range(41)), timeout=20, message="every report after the lock")
     agent.close()
 
@@ -327,34 +334,34 @@ def _connect_agent(endpoint):
         return None
 
 
+@both_engines
 def test_retention_runs_on_a_timer(endpoint, collectors):
     day = 86400
     old = time.time() - 10 * day
-    from fleet.config.database import open_db
+    from fleet.config.database import open_database
 
-    db = open_db(endpoint.data_dir / "fleet.db")
-    with db.conn:
-        db.conn.executemany(
+    with open_database(endpoint.database) as db, db.transaction():
+        db.executemany(
             "INSERT INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, payload) "
             "VALUES ('acme', 'old', 's', ?, ?, ?, 50.0, '{}')", [(i, old + i, old + i) for i in range(10)])
-    db.conn.close()
     collectors(endpoint.settings(history_raw_days=1))
-    wait_for(lambda: query(endpoint.data_dir, "SELECT count(*) FROM reports WHERE machine_id='old'") == [(0,)],
+    wait_for(lambda: query(endpoint, "SELECT count(*) FROM reports WHERE machine_id='old'") == [(0,)],
                message="old raw history rolled up")
-    assert query(endpoint.data_dir, "SELECT sum(samples), avg(cpu_percent) FROM rollups WHERE machine_id='old'") == [
+    assert query(endpoint, "SELECT sum(samples), avg(cpu_percent) FROM rollups WHERE machine_id='old'") == [
         (10, 50.0)]
 
 
+@both_engines
 def test_cli_collector_runs_until_sigterm_and_flushes(endpoint):
     env = dict(os.environ, FLEET_BATCH_INTERVAL_S="0.05", FLEET_RELOAD_INTERVAL_S="0.5")
     cmd = [sys.executable, "-m", "fleet.cli", "collector", "--data-dir", str(endpoint.data_dir),
-           "--broker", endpoint.url]
+           "--database", endpoint.database, "--broker", endpoint.url]
     if endpoint.ca:
         cmd += ["--ca", str(endpoint.ca)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def connected():
-            rows = query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'")
+            rows = query(endpoint, "SELECT detail FROM heartbeats WHERE component='collector'")
             return rows and json.loads(rows[0][0])["broker_connected"] and "acme" in json.loads(rows[0][0])["orgs"]
 
         wait_for(connected, timeout=20, message="the CLI collector to connect")
@@ -369,7 +376,7 @@ def test_cli_collector_runs_until_sigterm_and_flushes(endpoint):
         if proc.poll() is None:
             proc.kill()
         _, err = proc.communicate()
-    beat = query(endpoint.data_dir, "SELECT detail FROM heartbeats WHERE component='collector'")
+    beat = query(endpoint, "SELECT detail FROM heartbeats WHERE component='collector'")
     assert json.loads(beat[0][0])["broker_connected"] is False  # the last beat says it is gone
     assert "Traceback" not in err
 
@@ -416,10 +423,8 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
     server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    conn = sqlite3.connect(data_dir / "fleet.db")
-    (tmp_path / "passwd").write_text("".join(f"{u}:{h}\n" for u, h in conn.execute(
-        "SELECT username, mosquitto_hash FROM credentials")))
-    conn.close()
+    (tmp_path / "passwd").write_text("".join(f"{u}:{h}\n" for u, h in rows(
+        credentials.database_for(data_dir), "SELECT username, mosquitto_hash FROM credentials")))
     (tmp_path / "acl").write_text(f"user {credentials.SERVICE_USERNAME}\ntopic readwrite fleet/#\n\n"
                                   "user acme/agent\ntopic readwrite fleet/acme/#\n\n"
                                   "user acme/reader\ntopic read fleet/acme/#\n")
@@ -432,7 +437,8 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
                             stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port), message="mosquitto TLS listener")
-        ep = Endpoint(f"mqtts://127.0.0.1:{port}", tmp_path / "ca.pem", data_dir, keys, proc.terminate, lambda: None)
+        ep = Endpoint(f"mqtts://127.0.0.1:{port}", tmp_path / "ca.pem", data_dir, keys, proc.terminate, lambda: None,
+                      database=credentials.database_for(data_dir))
         collector = collectors(ep.settings())
         agent = SimAgent(ep, "m1").connect()
         agent.ping("online")
@@ -467,7 +473,7 @@ def test_the_real_agent_is_seen_online_then_offline_after_sigterm(broker, acme, 
         proc.communicate()
     wait_for(lambda: machine_row(ep, "real-1")[0] == "offline", message="offline after SIGTERM")
     assert events(ep, "real-1")[-1] == ("online", "offline", "shutdown")
-    assert query(ep.data_dir, "SELECT count(*) FROM drops") == [(0,)]  # the agent speaks the contract
-    for (session,) in query(ep.data_dir, "SELECT DISTINCT session FROM reports WHERE machine_id='real-1'"):
-        got = [r[0] for r in query(ep.data_dir, "SELECT seq FROM reports WHERE session=? ORDER BY seq", session)]
+    assert query(ep, "SELECT count(*) FROM drops") == [(0,)]  # the agent speaks the contract
+    for (session,) in query(ep, "SELECT DISTINCT session FROM reports WHERE machine_id='real-1'"):
+        got = [r[0] for r in query(ep, "SELECT seq FROM reports WHERE session=? ORDER BY seq", session)]
         assert got == list(range(len(got)))  # no gap within a session

@@ -21,7 +21,7 @@ json_values = st.recursive(
 )
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 sessions = st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z")
-short_text = st.text(max_size=40)
+short_text = st.text(st.characters(blacklist_characters="\x00"), max_size=40)  # NUL: a bad_field
 finite = st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False)
 counts = st.integers(min_value=0, max_value=2**62)
 

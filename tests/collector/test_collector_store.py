@@ -1,22 +1,24 @@
-"""The collector's SQLite writes on a real database file: batches, idempotent replays, retention."""
+"""The collector's writes on a real database, SQLite and PostgreSQL: batches, idempotent replays, retention."""
 
 import json
-import sqlite3
 
 import pytest
 
 from fleet.collector import store
 from fleet.collector.state import Tracker
-from fleet.config.database import open_db
+from fleet.config.database import DatabaseBusy, open_database
 from tests.collector.collector_builders import T0, ping, report
+from tests.dbhelpers import write_lock
+
+pytestmark = pytest.mark.both_engines
 
 
-def _db(tmp_path):
-    return open_db(tmp_path / "fleet.db")
+def _insert_reports(db, rows):
+    with db.transaction():
+        db.executemany(store.INSERT_REPORT, rows)
 
 
-def test_batch_stores_reports_machines_events_and_counters(tmp_path):
-    db = _db(tmp_path)
+def test_batch_stores_reports_machines_events_and_counters(db):
     t = Tracker(3.0, 10.0, 3600)
     batch = store.Batch()
     for seq in range(3):
@@ -30,14 +32,14 @@ def test_batch_stores_reports_machines_events_and_counters(tmp_path):
     # A replay of the same (org, machine, session, seq) is ignored; counters add up.
     again = store.Batch(reports=batch.reports[:2], drops={"not_json": 1, "rate_limited": 4})
     assert store.write_batch(db, again, T0 + 6) == 0
-    conn = db.conn
-    assert conn.execute("SELECT count(*), min(seq), max(seq) FROM reports").fetchone() == (3, 0, 2)
-    row = conn.execute("SELECT status, session, os, metrics, last_seen FROM machines").fetchone()
+    assert db.query_one("SELECT count(*), min(seq), max(seq) FROM reports") == (3, 0, 2)
+    row = db.query_one("SELECT status, session, os, metrics, last_seen FROM machines")
     assert row[:3] == ("online", "s1", "Linux")
     assert json.loads(row[3])["cpu_percent"] == 5.0
-    assert conn.execute("SELECT old_status, new_status, reason FROM events").fetchall() == [(None, "online", "report")]
-    assert dict(conn.execute("SELECT reason, count FROM drops")) == {"not_json": 3, "rate_limited": 4}
-    assert conn.execute("SELECT expired FROM org_stats WHERE org='acme'").fetchone() == (1,)
+    assert row[4] == T0 + 2.1
+    assert db.query("SELECT old_status, new_status, reason FROM events") == [(None, "online", "report")]
+    assert dict(db.query("SELECT reason, count FROM drops")) == {"not_json": 3, "rate_limited": 4}
+    assert db.query_one("SELECT expired FROM org_stats WHERE org='acme'") == (1,)
 
 
 def test_report_row_extracts_chart_columns():
@@ -54,19 +56,17 @@ def test_report_row_extracts_chart_columns():
     assert store.report_row(empty, T0, "x")[6:12] == (None,) * 6
 
 
-def test_evicted_machine_row_is_deleted(tmp_path):
-    db = _db(tmp_path)
+def test_evicted_machine_row_is_deleted(db):
     t = Tracker(3.0, 10.0, ttl_seconds=100)
     t.on_ping(ping(), T0)
     store.write_batch(db, store.Batch(machines=t.take_dirty()), T0)
     transitions, evicted = t.tick(T0 + 200)
     store.write_batch(db, store.Batch(evicted=evicted, events=transitions, expired={"acme": 1}), T0 + 200)
-    assert db.conn.execute("SELECT count(*) FROM machines").fetchone() == (0,)
-    assert db.conn.execute("SELECT new_status, reason FROM events").fetchall() == [("evicted", "ttl")]
+    assert db.query_one("SELECT count(*) FROM machines") == (0,)
+    assert db.query("SELECT new_status, reason FROM events") == [("evicted", "ttl")]
 
 
-def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(tmp_path):
-    db = _db(tmp_path)
+def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(db):
     day = 86400.0
     now = T0 + 100 * day
     rows = []
@@ -76,84 +76,117 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(tmp_path
         for i in range(0, 7200, 20):
             ts = base + i
             rows.append(("acme", "m", f"s{d}", i, ts, ts, float(i % 100), 50.0, 10.0, 0.5, i, 2 * i, "{}", None))
-    db.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
-    db.conn.commit()
-    db.conn.execute("INSERT INTO events(org, machine_id, ts, new_status) VALUES ('acme', 'm', ?, 'online')",
-                    (now - 40 * day,))
-    db.conn.commit()
+    _insert_reports(db, rows)
+    db.execute("INSERT INTO events(org, machine_id, ts, new_status) VALUES ('acme', 'm', ?, 'online')",
+               (now - 40 * day,))
     result = store.apply_retention(db, now, raw_days=7, rollup_days=20)
-    conn = db.conn
-    oldest_raw = conn.execute("SELECT min(received) FROM reports").fetchone()[0]
+    oldest_raw = db.query_one("SELECT min(received) FROM reports")[0]
     assert oldest_raw >= now - 7 * day
     assert result.reports_rolled_up == sum(1 for r in rows if r[5] < now - 7 * day)
     # Rollups: one per minute, 3 samples each, only for days 7..19 (older ones past rollup_days deleted).
-    minutes, samples, oldest_minute = conn.execute("SELECT count(*), sum(samples), min(minute) FROM rollups").fetchone()
+    minutes, samples, oldest_minute = db.query_one("SELECT count(*), sum(samples), min(minute) FROM rollups")
     assert oldest_minute >= now - 20 * day
     assert samples == 3 * minutes
     assert minutes > 0
-    first = conn.execute("SELECT cpu_percent, net_bytes_sent FROM rollups ORDER BY minute LIMIT 1").fetchone()
+    first = db.query_one("SELECT cpu_percent, net_bytes_sent, minute FROM rollups ORDER BY minute LIMIT 1")
     assert first[0] is not None
     assert first[1] is not None
-    assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    assert first[2] % 60 == 0
+    assert db.query_one("SELECT count(*) FROM events") == (0,)
     # Idempotent: a second run finds nothing more to do.
     assert store.apply_retention(db, now, 7, 20) == store.RetentionResult(0, 0, 0)
 
 
-def test_retention_merges_a_minute_split_across_runs(tmp_path):
-    db = _db(tmp_path)
+def test_retention_merges_a_minute_split_across_runs(db):
+    # 59.9 s into a minute: a bucket that rounds instead of truncating would land in the next minute.
     minute = 60.0 * 1000
-    db.conn.executemany(store._INSERT_REPORT, [  # noqa: SLF001 - the collector's own insert
+    _insert_reports(db, [
         ("a", "m", "s", 0, minute + 1, minute + 1, 10.0, None, None, None, 5, 5, "{}", '{"custom.q":1}'),
-        ("a", "m", "s", 1, minute + 2, minute + 2, 20.0, None, None, None, 7, 7, "{}", '{"custom.q":4,"process.x":2}'),
+        ("a", "m", "s", 1, minute + 59.9, minute + 2, 20.0, None, None, None, 7, 7, "{}",
+         '{"custom.q":4,"process.x":2}'),
     ])
-    db.conn.commit()
     store.apply_retention(db, minute + 1.5 + 86400, raw_days=1, rollup_days=3650)
     store.apply_retention(db, minute + 3 + 86400, raw_days=1, rollup_days=3650)
-    assert db.conn.execute("SELECT samples, cpu_percent, net_bytes_sent FROM rollups").fetchall() == [(2, 15.0, 7)]
+    assert db.query("SELECT minute, samples, cpu_percent, net_bytes_sent FROM rollups") == [(minute, 2, 15.0, 7)]
     # Extra fields keep a sum and a sample count each, so the two runs merge exactly.
-    fields = db.conn.execute("SELECT fields FROM rollups").fetchone()[0]
+    fields = db.query_one("SELECT fields FROM rollups")[0]
     assert json.loads(fields) == {"custom.q": [5.0, 2], "process.x": [2.0, 1]}
 
 
-def test_write_batch_fails_cleanly_while_another_writer_holds_the_lock(tmp_path):
-    db = _db(tmp_path)
-    db.conn.execute("PRAGMA busy_timeout=50")
-    other = sqlite3.connect(tmp_path / "fleet.db")
-    other.execute("BEGIN IMMEDIATE")
+def test_retention_runs_once_when_another_collector_holds_its_lock(db, database_url):
+    _insert_reports(db, [("a", "m", "s", 0, 60.0, 60.0, 10.0, None, None, None, 5, 5, "{}", None)])
+    with open_database(database_url) as other, other.transaction():
+        assert other.try_lock("retention")
+        if db.engine == "postgresql":  # SQLite's write lock makes the second run wait instead
+            assert store.apply_retention(db, 86400 * 10, 1, 3650) == store.RetentionResult(0, 0, 0)
+    assert store.apply_retention(db, 86400 * 10, 1, 3650).reports_rolled_up == 1
+    assert db.query("SELECT samples FROM rollups") == [(1,)]
+
+
+def test_write_batch_fails_cleanly_while_another_writer_holds_the_lock(database_url):
+    db = open_database(database_url, busy_timeout_ms=50)
     r = report()
-    batch = store.Batch(reports=[store.report_row(r, T0, "{}")])
-    with pytest.raises(sqlite3.OperationalError, match="locked"):
-        store.write_batch(db, batch, T0)
-    other.rollback()
+    batch = store.Batch(reports=[store.report_row(r, T0, "{}")], machines=[], drops={"not_json": 1})
+    with write_lock(database_url):
+        with pytest.raises(DatabaseBusy):
+            store.write_batch(db, batch, T0)
     assert store.write_batch(db, batch, T0) == 1  # the same batch, retried, is stored once
+    assert db.query("SELECT reason, count FROM drops") == [("not_json", 1)]
+    db.close()
 
 
-def test_json_batch_insert_stores_exactly_the_validated_values(tmp_path):
-    """The one-statement JSON insert and plain executemany give identical rows, payload included."""
-    import json as _json
-
+def test_reports_are_stored_exactly_types_included(db):
+    """What a validated report becomes is read back unchanged: floats to the last bit, 63-bit ints, any text."""
     from fleet.config import payloads
 
-    db_a = open_db(tmp_path / "a.db")
-    db_b = open_db(tmp_path / "b.db")
     rows = []
     for seq, metrics in enumerate([
         {"cpu_percent": 1e-07, "memory": {"percent": 33.3}, "load_avg": [1e16],
          "disks": [{"mount": "/", "percent": 5}], "net": {"bytes_sent": 2**62, "bytes_recv": 0}},
         {},
-        {"cpu_percent": 0, "load_avg": [], "disks": [], "net": {}},
+        {"cpu_percent": 0, "load_avg": [], "disks": [], "net": {"bytes_sent": 1.5, "bytes_recv": 1e300}},
     ]):
         data = payloads.build_report("web-1", 'h"w\\', "s-1_x", seq, 1764000000.123456789, metrics,
                                      {"os": "Lin\u00fcx \U0001F600", "hostname": 'a"b'})
         raw = payloads.encode(data)
         r = payloads.parse_report(raw, "fleet/acme/web-1/report")
         rows.append(store.report_row(r, 1764000001.5, raw.decode()))
-    store.write_batch(db_a, store.Batch(reports=rows), T0)
-    with db_b.conn:
-        db_b.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
-    sql = "SELECT org, machine_id, session, seq, ts, received, cpu_percent, memory_percent, disk_percent, load1," \
-          " net_bytes_sent, net_bytes_recv, fields, payload FROM reports ORDER BY seq"
-    got, want = db_a.conn.execute(sql).fetchall(), db_b.conn.execute(sql).fetchall()
-    assert [row[:-1] for row in got] == [row[:-1] for row in want]
-    assert [_json.loads(row[-1]) for row in got] == [_json.loads(row[-1]) for row in want]
-    assert [type(v) for v in got[0][:-1]] == [type(v) for v in want[0][:-1]]
+    assert rows[2][10:12] == (1, None)  # float byte counters: truncated to an integer, or dropped past 64 bits
+    assert store.write_batch(db, store.Batch(reports=rows), T0) == 3
+    got = db.query(f"SELECT {', '.join(store.REPORT_COLUMNS)} FROM reports ORDER BY seq")
+    payload = store.REPORT_COLUMNS.index("payload")
+    assert [row[:payload] + row[payload + 1:] for row in got] == [row[:payload] + row[payload + 1:] for row in rows]
+    assert [json.loads(row[payload]) for row in got] == [json.loads(row[payload]) for row in rows]
+    # REAL columns read back as floats (disk_percent was sent as 5), INTEGER ones as ints, on both engines.
+    assert [type(v) for v in got[0][:payload]] == [str, str, str, int] + [float] * 6 + [int, int]
+
+
+def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
+    """The connection drops after COMMIT reached the server: the writer finds its marker and moves on."""
+    from types import SimpleNamespace
+
+    from fleet.collector import service
+    from fleet.collector.intake import DropCounter
+    from fleet.config.database import DatabaseBusy
+
+    owner = SimpleNamespace(settings=service.Settings(), tracker=Tracker(3.0, 10.0, 3600), client_id="c1",
+                            drops=DropCounter(), _stored=0)
+    writer = service.Writer(owner, db)
+    real = store.write_batch
+    calls = []
+
+    def commit_then_fail(*args, **kwargs):
+        calls.append(1)
+        inserted = real(*args, **kwargs)
+        if len(calls) == 1:
+            raise DatabaseBusy("server closed the connection unexpectedly")
+        return inserted
+
+    monkeypatch.setattr(store, "write_batch", commit_then_fail)
+    t = Tracker(3.0, 10.0, 3600)
+    r = report()
+    batch = store.Batch(reports=[store.report_row(r, T0, "{}")], events=t.on_report(r, T0), drops={"not_json": 1})
+    assert writer.write(batch, final=False)
+    assert db.query("SELECT new_status FROM events") == [("online",)]
+    assert db.query("SELECT count FROM drops") == [(1,)]
+    assert len(calls) == 1

@@ -32,7 +32,7 @@ def ep(broker, acme):
 
 @pytest.fixture
 def web(ep):
-    app = create_app(Settings(data_dir=ep.data_dir, mqtt_port=1, ttl_seconds=3600))
+    app = create_app(Settings(data_dir=ep.data_dir, database_url=ep.database, mqtt_port=1, ttl_seconds=3600))
     client = app.test_client()
 
     def get(path: str):
@@ -65,7 +65,7 @@ def test_the_agents_custom_series_and_process_counts_reach_the_api_history_and_m
     agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def latest():
-            rows = query(ep.data_dir, "SELECT metrics FROM machines WHERE machine_id = 'real-1'")
+            rows = query(ep, "SELECT metrics FROM machines WHERE machine_id = 'real-1'")
             return json.loads(rows[0][0]) if rows else {}
 
         wait_for(lambda: latest().get("processes"), 20, "a report with top processes")
@@ -95,7 +95,7 @@ def test_the_agents_custom_series_and_process_counts_reach_the_api_history_and_m
         assert 'name="re:fleet-probe-y 300"} 0.0' in text
     finally:
         end_agent_and_probe(agent, probe)
-    assert query(ep.data_dir, "SELECT count(*) FROM drops") == [(0,)]  # the agent speaks the contract
+    assert query(ep, "SELECT count(*) FROM drops") == [(0,)]  # the agent speaks the contract
 
 
 def hostile_reports(agent: SimAgent) -> list[bytes]:
@@ -136,7 +136,7 @@ def test_hostile_values_are_dropped_and_counted_and_the_collector_keeps_running(
             agent.publish(topic, raw)
     agent.client.publish(topic, b"x" * (1 << 20), qos=1)  # 1 MiB: the broker refuses it before the collector
     agent.report(custom={"ok": 1.5})
-    wait_for(lambda: len(query(ep.data_dir, "SELECT seq FROM reports WHERE machine_id = 'm1'")) == 2, 10,
+    wait_for(lambda: len(query(ep, "SELECT seq FROM reports WHERE machine_id = 'm1'")) == 2, 10,
              "the two good reports")
     wait_for(lambda: sum(collector.stats().dropped.values()) == len(sent) - len(refused_by_broker), 10,
              "every hostile report dropped and counted")

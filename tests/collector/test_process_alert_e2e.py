@@ -24,9 +24,8 @@ alerting = pytest.importorskip("fleet.config.alerting", reason="the alert rules 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def alert_states(data_dir):
-    return query(data_dir, "SELECT machine_id, state FROM alerts WHERE org = 'acme' AND rule = 'probe-down'"
-                           " ORDER BY id")
+def alert_states(ep):
+    return query(ep, "SELECT machine_id, state FROM alerts WHERE org = 'acme' AND rule = 'probe-down' ORDER BY id")
 
 
 @pytest.mark.slow
@@ -43,20 +42,20 @@ def test_a_process_rule_fires_when_the_checked_process_is_killed_and_resolves_wh
            "--org", "acme", "--key", acme.agent_key, "--machine", "app-1", "--ca", str(ep.ca), "--interval", "0.3",
            "--process", "fleet-probe-z"]
     agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    web = create_app(Settings(data_dir=ep.data_dir, mqtt_port=1)).test_client()
+    web = create_app(Settings(data_dir=ep.data_dir, database_url=ep.database, mqtt_port=1)).test_client()
     try:
         def counted():
-            rows = query(ep.data_dir, "SELECT metrics FROM machines WHERE machine_id = 'app-1'")
+            rows = query(ep, "SELECT metrics FROM machines WHERE machine_id = 'app-1'")
             return rows and '"process_counts":{"fleet-probe-z":1}' in rows[0][0]
 
         wait_for(counted, 20, "the probe counted once")
-        assert alert_states(ep.data_dir) == []  # the process runs: the rule does not hold
+        assert alert_states(ep) == []  # the process runs: the rule does not hold
         probe.kill()
         probe.wait(5)
-        wait_for(lambda: alert_states(ep.data_dir) == [("app-1", "firing")], 20, "the rule fires")
+        wait_for(lambda: alert_states(ep) == [("app-1", "firing")], 20, "the rule fires")
         body = web.get("/api/alerts?state=firing", headers=bearer(acme.reader_key)).get_json()
         assert [(a["rule"], a["machine_id"], a["value"]) for a in body["data"]] == [("probe-down", "app-1", 0)]
         probe = subprocess.Popen([str(program), "300"])
-        wait_for(lambda: alert_states(ep.data_dir) == [("app-1", "resolved")], 20, "resolved once it runs again")
+        wait_for(lambda: alert_states(ep) == [("app-1", "resolved")], 20, "resolved once it runs again")
     finally:
         end_agent_and_probe(agent, probe)

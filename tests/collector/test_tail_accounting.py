@@ -1,7 +1,7 @@
 """Tail accounting (issue 16): reports of a previous session that never arrived, counted after a grace period.
 
-The state machine is driven with an injected clock; the counts come from a real SQLite file through the
-collector's own store functions, as the writer thread does it.
+The state machine is driven with an injected clock; the counts come from a real database (SQLite and
+PostgreSQL) through the collector's own store functions, as the writer thread does it.
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ import pytest
 from fleet.collector import store
 from fleet.collector.state import Tail, TailStats, tail_lost
 from fleet.config import payloads
-from fleet.config.database import open_db
+from fleet.config.database import open_database
 from fleet.config.errors import PayloadError
 from tests.collector.collector_builders import INTERVAL, T0, ping, report, tracker
 
+pytestmark = pytest.mark.both_engines
 GRACE = 60.0
 
 
 class History:
     """A tracker and the real history it writes, flushed as the writer does."""
 
-    def __init__(self, tmp_path, grace: float = GRACE) -> None:
-        self.db = open_db(tmp_path / "fleet.db")
+    def __init__(self, database: str, grace: float = GRACE) -> None:
+        self.db = open_database(database)
         self.t = tracker(grace=grace)
 
     def reports(self, session: str, seqs, now: float) -> None:
@@ -55,14 +56,14 @@ class History:
         store.write_batch(self.db, batch, now)
 
     def row(self):
-        return self.db.conn.execute("SELECT lost, late, tails FROM machines WHERE machine_id = 'web-1'").fetchone()
+        return self.db.query_one("SELECT lost, late, tails FROM machines WHERE machine_id = 'web-1'")
 
     def org_lost(self) -> int:
-        return self.db.conn.execute("SELECT lost FROM org_stats WHERE org = 'acme'").fetchone()[0]
+        return self.db.query("SELECT lost FROM org_stats WHERE org = 'acme'")[0][0]
 
 
-def test_a_lost_tail_is_counted_after_the_grace_period(tmp_path):
-    h = History(tmp_path)
+def test_a_lost_tail_is_counted_after_the_grace_period(database_url):
+    h = History(database_url)
     h.ping(T0, session="a")
     h.reports("a", range(6), T0 + 1)  # seq 0-5 arrived; 6-9 were published but never got through
     h.ping(T0 + 100, session="b", ts=T0 + 100, prev=("a", 9))
@@ -72,13 +73,13 @@ def test_a_lost_tail_is_counted_after_the_grace_period(tmp_path):
     assert (machine.lost, machine.late) == (4, 0)
     assert h.row()[:2] == (4, 0)
     assert h.org_lost() == 4
-    events = h.db.conn.execute("SELECT old_status, new_status, reason FROM events ORDER BY id").fetchall()
+    events = h.db.query("SELECT old_status, new_status, reason FROM events ORDER BY id")
     assert events[-1] == ("online", "online", "lost 4 of session a")
     assert h.settle(T0 + 1000) == 0  # settled once
 
 
-def test_replays_within_the_grace_period_are_not_lost(tmp_path):
-    h = History(tmp_path)
+def test_replays_within_the_grace_period_are_not_lost(database_url):
+    h = History(database_url)
     h.reports("a", range(3), T0)
     h.ping(T0 + 50, session="b", ts=T0 + 50, prev=("a", 5))
     h.reports("a", [3, 5], T0 + 60)  # the outbox replays what it kept; seq 4 never comes
@@ -86,8 +87,8 @@ def test_replays_within_the_grace_period_are_not_lost(tmp_path):
     assert h.settle(T0 + 50 + GRACE) == 1
 
 
-def test_a_late_arrival_after_the_count_is_recorded_not_subtracted(tmp_path):
-    h = History(tmp_path)
+def test_a_late_arrival_after_the_count_is_recorded_not_subtracted(database_url):
+    h = History(database_url)
     h.reports("a", range(3), T0)
     h.ping(T0 + 50, session="b", ts=T0 + 50, prev=("a", 4))
     h.reports("b", [0], T0 + 51)
@@ -98,8 +99,8 @@ def test_a_late_arrival_after_the_count_is_recorded_not_subtracted(tmp_path):
     assert h.t.get("acme", "web-1").session == "b"
 
 
-def test_the_retained_ping_and_periodic_pings_do_not_count_twice(tmp_path):
-    h = History(tmp_path)
+def test_the_retained_ping_and_periodic_pings_do_not_count_twice(database_url):
+    h = History(database_url)
     h.reports("a", range(3), T0)
     h.ping(T0 + 50, session="b", ts=T0 + 50, prev=("a", 4))
     h.ping(T0 + 100, session="b", ts=T0 + 100, prev=("a", 4))  # every 5th interval, same connection
@@ -109,8 +110,8 @@ def test_the_retained_ping_and_periodic_pings_do_not_count_twice(tmp_path):
     assert h.org_lost() == 2
 
 
-def test_the_count_survives_a_collector_restart_without_double_counting(tmp_path):
-    h = History(tmp_path)
+def test_the_count_survives_a_collector_restart_without_double_counting(database_url):
+    h = History(database_url)
     h.reports("a", range(3), T0)
     h.ping(T0 + 50, session="b", ts=T0 + 50, prev=("a", 4))
     h.reports("c", range(2), T0 + 60)  # another reconnect: c ends without a word yet
@@ -175,8 +176,8 @@ def test_an_offline_ping_cannot_name_a_previous_session():
     assert (good.prev_session, good.prev_seq) == ("a", 3)
 
 
-def test_open_checks_per_machine_are_bounded(tmp_path):
-    h = History(tmp_path)
+def test_open_checks_per_machine_are_bounded(database_url):
+    h = History(database_url)
     for i in range(40):
         h.ping(T0 + i, session=f"s{i + 1}", ts=T0 + i, prev=(f"s{i}", 3))
     machine = h.t.get("acme", "web-1")

@@ -61,6 +61,15 @@ def decode_object(raw: bytes) -> dict[str, Any]:
         raise PayloadError(NOT_JSON, str(exc)[:120]) from exc
     if not isinstance(value, dict):
         raise PayloadError(NOT_OBJECT, type(value).__name__)
+    stack: list[Any] = [value]
+    while stack:  # every key and string value, at any depth
+        item = stack.pop()
+        if isinstance(item, str) and "\x00" in item:
+            raise PayloadError(BAD_FIELD, "strings must not contain NUL")
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
     return value
 
 

@@ -3,20 +3,17 @@
 import base64
 import hashlib
 import json
-import sqlite3
 
 import pytest
 
 from fleet.config import credentials
-from fleet.config.database import connect
+from fleet.config.database import open_database
 from fleet.config.errors import CredentialError, InvalidId
+from tests.dbhelpers import rows
 
 
 def _stored_text(data_dir):
-    conn = sqlite3.connect(data_dir / "fleet.db")
-    rows = conn.execute("SELECT * FROM credentials").fetchall()
-    conn.close()
-    return json.dumps(rows)
+    return json.dumps(rows(credentials.database_for(data_dir), "SELECT * FROM credentials"))
 
 
 def test_add_org_stores_only_hashes(tmp_path):
@@ -47,7 +44,7 @@ def test_duplicate_and_invalid_orgs(tmp_path):
 def test_check_key_roles_and_rotation(tmp_path):
     org = credentials.add_org(tmp_path, "acme")
     pepper = credentials.load_pepper(tmp_path)
-    conn = connect(tmp_path / "fleet.db")
+    conn = open_database(tmp_path / "fleet.db")
     records = credentials.load_records(conn)
     assert credentials.check_key(records, pepper, "acme/agent", org.agent_key).role == "agent"
     assert credentials.check_key(records, pepper, "acme/reader", org.reader_key).org == "acme"
@@ -72,7 +69,7 @@ def test_service_key_is_stable_and_private(tmp_path):
     key = credentials.ensure_service_key(tmp_path)
     assert credentials.ensure_service_key(tmp_path) == key
     assert (tmp_path / credentials.SERVICE_KEY_FILE).stat().st_mode & 0o077 == 0
-    records = credentials.load_records(connect(tmp_path / "fleet.db"))
+    records = credentials.load_records(open_database(tmp_path / "fleet.db"))
     principal = credentials.check_key(records, credentials.load_pepper(tmp_path), credentials.SERVICE_USERNAME, key)
     assert principal.role == "service"
     assert principal.org is None
@@ -86,3 +83,21 @@ def test_mosquitto_hash_format():
     assert int(iterations) == credentials.MOSQUITTO_ITERATIONS
     assert base64.b64decode(salt_b64) == salt
     assert base64.b64decode(hash_b64) == hashlib.pbkdf2_hmac("sha512", b"secret", salt, int(iterations))
+
+
+@pytest.mark.both_engines
+def test_another_hosts_pepper_or_service_key_is_refused(tmp_path, database_url, engine):
+    """Hosts sharing one database must share the pepper (and, on PostgreSQL, the service key) of the first one."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    credentials.add_org(first, "acme", database_url)
+    key = credentials.ensure_service_key(first, database_url)
+    with pytest.raises(CredentialError, match="not the pepper"):
+        credentials.add_org(second, "globex", database_url)
+    (second / "pepper").write_bytes((first / "pepper").read_bytes())
+    credentials.add_org(second, "globex", database_url)
+    if engine == "postgresql":
+        with pytest.raises(CredentialError, match="another data dir's service key"):
+            credentials.ensure_service_key(second, database_url)
+        (second / credentials.SERVICE_KEY_FILE).write_text(key + "\n")
+    assert credentials.ensure_service_key(second, database_url) == (key if engine == "postgresql" else
+                                                                    (second / "service.key").read_text().strip())

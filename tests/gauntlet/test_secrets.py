@@ -94,7 +94,7 @@ def test_reprs_hide_keys(tmp_path):
     from fleet.up import ensure_demo_org
 
     demo = ensure_demo_org(tmp_path)
-    records = credentials.load_records(database.connect(tmp_path / "fleet.db"))
+    records = credentials.load_records(database.open_database(tmp_path / "fleet.db"))
     from fleet.collector.channels import add_channel
     from fleet.config.secretbox import secret_box
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from fleet.collector import store
 from tests.helpers import bearer
+
+pytestmark = pytest.mark.both_engines
 
 METRICS = {"cpu_percent": 5.0, "custom": {"queue_depth": 2.0, 'jobs{kind="a\\"b"}': 1.0},
            "process_counts": {"nginx": 0, "re:gunicorn .*": 3},
@@ -16,11 +20,10 @@ METRICS = {"cpu_percent": 5.0, "custom": {"queue_depth": 2.0, 'jobs{kind="a\\"b"
 def add_machine(fleet, lost=0, late=0):
     fleet.machine("acme", "app-1")
     db = fleet.db()
-    db.conn.execute("UPDATE machines SET metrics = ?, lost = ?, late = ? WHERE machine_id = 'app-1'",
-                    (json.dumps(METRICS), lost, late))
-    db.conn.execute("INSERT INTO org_stats(org, lost) VALUES ('acme', ?) ON CONFLICT(org) DO UPDATE SET lost = ?",
-                    (lost + 7, lost + 7))
-    db.conn.commit()
+    db.execute("UPDATE machines SET metrics = ?, lost = ?, late = ? WHERE machine_id = 'app-1'",
+               (json.dumps(METRICS), lost, late))
+    db.execute("INSERT INTO org_stats(org, lost) VALUES ('acme', ?) ON CONFLICT(org) DO UPDATE SET lost = ?",
+               (lost + 7, lost + 7))
     return db
 
 
@@ -44,8 +47,8 @@ def test_history_points_carry_custom_and_process_fields_raw_and_rolled_up(client
         fields = store.extra_fields({"custom": {"queue_depth": depth}, "process_counts": {"nginx": i % 2}})
         rows.append(("acme", "app-1", "s", i, ts, ts, 1.0, None, None, None, None, None, "{}", fields))
     rows.append(("acme", "app-1", "s", 9, now - 40, now - 40, 1.0, None, None, None, None, None, "{}", None))
-    db.conn.executemany(store._INSERT_REPORT, rows)  # noqa: SLF001 - the collector's own insert
-    db.conn.commit()
+    with db.transaction():
+        db.executemany(store.INSERT_REPORT, rows)
     store.apply_retention(db, now, raw_days=1, rollup_days=30)
     since = now - 4 * 86400
     points = client.get(f"/api/fleet/app-1/history?since={since}", headers=bearer(fleet.acme.reader_key)).get_json()

@@ -9,16 +9,15 @@ import pytest
 from fleet.config import alerting
 from tests.helpers import bearer
 
+pytestmark = pytest.mark.both_engines
 SPEC_KEYS = {"id", "rule", "machine_id", "state", "severity", "value", "started_at", "resolved_at", "silenced"}
 
 
 def _alert(fleet, org, rule, machine, state, severity="warning", value=None, active_at=None, fired_at=None,
            resolved_at=None):
-    now = time.time()
-    with fleet.db().conn as conn:
-        conn.execute("INSERT INTO alerts(org, rule, machine_id, state, severity, value, active_at, fired_at,"
-                     " resolved_at, notified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '')",
-                     (org, rule, machine, state, severity, value, active_at or now - 100, fired_at, resolved_at))
+    fleet.insert("alerts", [{"org": org, "rule": rule, "machine_id": machine, "state": state, "severity": severity,
+                             "value": value, "active_at": active_at or time.time() - 100, "fired_at": fired_at,
+                             "resolved_at": resolved_at, "notified": ""}])
 
 
 @pytest.fixture
@@ -82,8 +81,9 @@ def test_missing_or_wrong_token_is_401_json(client, path, headers):
 
 
 def test_silenced_alerts_say_so_and_silences_are_listed(client, fleet, alerts):
-    silence = alerting.add_silence(fleet.data_dir, "acme", 3600, "web-*", "machine-offline", "maintenance")
-    alerting.add_silence(fleet.data_dir, "globex", 3600)
+    silence = alerting.add_silence(fleet.data_dir, "acme", 3600, "web-*", "machine-offline", "maintenance",
+                                   database=fleet.database)
+    alerting.add_silence(fleet.data_dir, "globex", 3600, database=fleet.database)
     body = client.get("/api/alerts", headers=bearer(fleet.acme.reader_key)).get_json()
     assert {a["machine_id"]: a["silenced"] for a in body["data"]} == {"web-1": True, "db-1": False, "web-2": False,
                                                                       "old-1": False}

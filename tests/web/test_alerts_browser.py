@@ -27,9 +27,9 @@ def site(fleet, settings):
     _alert(fleet, "acme", "disk-full", "web-1", "firing", "warning", value=95.0, fired_at=now - 60)
     _alert(fleet, "acme", "disk-full", "db-1", "resolved", value=91.0, fired_at=now - 900, resolved_at=now - 300)
     _alert(fleet, "globex", "machine-offline", "g-1", "firing", "critical", fired_at=now - 10)
-    with fleet.db().conn as conn:
-        conn.execute("UPDATE alerts SET summary = ? WHERE machine_id = 'web-1' AND rule = 'disk-full'", (XSS,))
-    alerting.add_silence(fleet.data_dir, "acme", 3600, "db-*", None, "patching db")
+    with fleet.db() as db:
+        db.execute("UPDATE alerts SET summary = ? WHERE machine_id = 'web-1' AND rule = 'disk-full'", (XSS,))
+    alerting.add_silence(fleet.data_dir, "acme", 3600, "db-*", None, "patching db", database=fleet.database)
     running = start_in_thread(settings.replace(http_port=0))
     yield running
     running.stop()

@@ -1,4 +1,4 @@
-"""The HTTP API over a real SQLite file: contract shapes, org isolation, errors, limits, headers."""
+"""The HTTP API over a real database, SQLite and PostgreSQL: contract shapes, org isolation, errors, limits, headers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
 from tests.helpers import bearer
+
+pytestmark = pytest.mark.both_engines
 
 
 def test_config_needs_no_auth_and_matches_spec(client, settings):
@@ -41,7 +43,7 @@ def test_fleet_is_org_scoped_and_filterable(client, fleet):
     fleet.machine("acme", "db-1", "offline", "Linux")
     fleet.machine("acme", "win-1", "stale", "Windows")
     fleet.machine("globex", "web-1", "online", "Linux")
-    fleet.db()["org_stats"].insert({"org": "acme", "expired": 4}, replace=True)
+    fleet.insert("org_stats", [{"org": "acme", "expired": 4}], ("org",))
     body = client.get("/api/fleet", headers=bearer(fleet.acme.reader_key)).get_json()
     assert body["count"] == 3
     assert body["expired"] == 4
@@ -126,7 +128,7 @@ def test_metrics_is_prometheus_text_for_the_org(client, fleet):
     fleet.machine("acme", "web-1", cpu=12.5)
     fleet.machine("acme", 'we"ird', conflict=True)
     fleet.machine("globex", "hidden")
-    fleet.db()["drops"].insert({"reason": "not_json", "count": 3}, replace=True)
+    fleet.insert("drops", [{"reason": "not_json", "count": 3}], ("reason",))
     res = client.get("/metrics", headers=bearer(fleet.acme.reader_key))
     assert res.status_code == 200
     assert res.mimetype == "text/plain"
@@ -152,7 +154,8 @@ def test_security_headers_on_every_response(client):
 
 
 def test_rate_limits_answer_429_json(fleet):
-    app = create_app(Settings(data_dir=fleet.data_dir, rate_limit_config="3/minute", rate_limit_api="5/minute"))
+    app = create_app(Settings(data_dir=fleet.data_dir, database_url=fleet.database, rate_limit_config="3/minute",
+                              rate_limit_api="5/minute"))
     client = app.test_client()
     codes = [client.get("/api/config").status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]
@@ -168,8 +171,8 @@ def test_healthz_reports_each_part(client, fleet):
     assert body["database"] == "ok"
     assert body["collector"] != "ok"
     assert body["broker"] != "ok"
-    fleet.db()["heartbeats"].insert({"component": "collector", "ts": time.time(),
-                                     "detail": '{"broker_connected": true}'}, replace=True)
+    fleet.insert("heartbeats", [{"component": "collector", "ts": time.time(), "detail": '{"broker_connected": true}'}],
+                 ("component",))
     assert client.get("/healthz").get_json()["collector"] == "ok"
 
 

@@ -57,6 +57,7 @@ def site(fleet, served):
     return served
 
 
+@pytest.mark.both_engines  # the API answers alike on both (test_engines_agree.py); one browser run each
 def test_dashboard_end_to_end(browser, site, fleet):
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -130,14 +131,13 @@ def site_with_extras(fleet, served):
                              {"name": XSS, "pid": 813, "cpu_percent": 3.0, "memory_percent": 0.5}],
                "process_counts": {"nginx": 0, "re:gunicorn.*app": 4},
                "custom": {"queue_depth": 12.0, 'queue_depth{queue="mail"}': 3.0}}
-    db = fleet.db()
-    db.conn.execute("UPDATE machines SET metrics = ? WHERE machine_id = 'app-1'", (json.dumps(metrics),))
-    db["reports"].insert_all([
-        {"org": "acme", "machine_id": "app-1", "session": "s1", "seq": i, "ts": now - 600 + i * 10,
-         "received": now - 600 + i * 10, "cpu_percent": 20.0, "payload": "{}",
-         "fields": json.dumps({"custom.queue_depth": float(i), "process.nginx": 1 if i < 30 else 0})}
-        for i in range(60)])
-    db.conn.commit()
+    with fleet.db() as db:
+        db.execute("UPDATE machines SET metrics = ? WHERE machine_id = 'app-1'", (json.dumps(metrics),))
+        db.insert("reports", [
+            {"org": "acme", "machine_id": "app-1", "session": "s1", "seq": i, "ts": now - 600 + i * 10,
+             "received": now - 600 + i * 10, "cpu_percent": 20.0, "payload": "{}",
+             "fields": json.dumps({"custom.queue_depth": float(i), "process.nginx": 1 if i < 30 else 0})}
+            for i in range(60)])
     return served
 
 
@@ -280,12 +280,10 @@ def test_charts_have_a_labelled_time_axis(browser, site, fleet):
 
 def set_metrics(fleet, machine_id, **metrics):
     """Merge ``metrics`` into an acme machine's latest metrics."""
-    db = fleet.db()
-    (current,) = db.execute("SELECT metrics FROM machines WHERE org = 'acme' AND machine_id = ?",
-                            [machine_id]).fetchone()
-    db.execute("UPDATE machines SET metrics = ? WHERE org = 'acme' AND machine_id = ?",
-               [json.dumps({**json.loads(current), **metrics}), machine_id])
-    db.conn.commit()
+    with fleet.db() as db:
+        (current,) = db.query_one("SELECT metrics FROM machines WHERE org = 'acme' AND machine_id = ?", [machine_id])
+        db.execute("UPDATE machines SET metrics = ? WHERE org = 'acme' AND machine_id = ?",
+                   [json.dumps({**json.loads(current), **metrics}), machine_id])
 
 
 def test_numbers_in_the_detail_are_formatted(browser, site, fleet):
