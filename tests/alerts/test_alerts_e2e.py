@@ -18,7 +18,6 @@ import pytest
 from fleet.agent.simulate import start_simulation
 from fleet.collector.channels import add_channel
 from fleet.config import alerting
-from fleet.config.credentials import database_for
 from fleet.config.rules import Rule
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
@@ -46,7 +45,8 @@ def receivers():
 
 
 def _settings(broker, **changes) -> Settings:
-    base = dict(data_dir=broker.data_dir, broker_url=broker.url, ca=str(broker.ca_path), batch_interval_s=0.05,
+    base = dict(data_dir=broker.data_dir, database_url=broker.settings.database_url, broker_url=broker.url,
+                ca=str(broker.ca_path), batch_interval_s=0.05,
                 reload_interval_s=0.5, interval=1.0, alert_group_wait=GROUP_WAIT)
     base.update(changes)
     return Settings(**base)
@@ -54,31 +54,36 @@ def _settings(broker, **changes) -> Settings:
 
 def _watch_offline(settings: Settings, org: str, receiver: Receiver, for_: str = "0s") -> str:
     """Rule ``down`` (status == offline) and a webhook channel to ``receiver``; returns the signing secret."""
-    alerting.add_rule(settings.data_dir, Rule.parse(org, "down", "status == offline", for_, severity="critical"))
+    alerting.add_rule(settings.data_dir, Rule.parse(org, "down", "status == offline", for_, severity="critical"),
+                      settings.database)
     return add_channel(settings, org, "hook", receiver.url).secret
 
 
-def query(data_dir, sql: str, *args):
-    """A read query on the data dir's database (what the broker fixture's collector writes to)."""
-    return rows(database_for(data_dir), sql, *args)
+def query(database: str, sql: str, *args):
+    """A read query on the test's database (a fresh read-only connection, as the web does)."""
+    return rows(database, sql, *args)
 
 
-def _alerts(data_dir, org="acme", rule="down"):
-    return query(data_dir, "SELECT machine_id, state, notified FROM alerts WHERE org = ? AND rule = ? ORDER BY id",
+def _alerts(database, org="acme", rule="down"):
+    return query(database, "SELECT machine_id, state, notified FROM alerts WHERE org = ? AND rule = ? ORDER BY id",
                  org, rule)
 
 
-def _outbox(data_dir):
-    return query(data_dir, "SELECT count(*) FROM alert_outbox")[0][0]
+def _outbox(database):
+    return query(database, "SELECT count(*) FROM alert_outbox")[0][0]
 
 
-def _channel(data_dir, org="acme"):
-    rows = query(data_dir, "SELECT last_delivery, last_error, failures FROM alert_channels WHERE org = ?", org)
+def _channel(database, org="acme"):
+    rows = query(database, "SELECT last_delivery, last_error, failures FROM alert_channels WHERE org = ?", org)
     return rows[0]
 
 
-def _online(data_dir, machine, org="acme"):
-    rows = query(data_dir, "SELECT status FROM machines WHERE org = ? AND machine_id = ?", org, machine)
+def _machines(broker, status: str) -> int:
+    return query(broker.settings.database, "SELECT count(*) FROM machines WHERE status = ?", status)[0][0]
+
+
+def _online(database, machine, org="acme"):
+    rows = query(database, "SELECT status FROM machines WHERE org = ? AND machine_id = ?", org, machine)
     return bool(rows) and rows[0][0] == "online"
 
 
@@ -86,7 +91,7 @@ def _lose(ep, machine: str = "m1", org: str = "acme") -> None:
     """An agent comes online, then vanishes without a word (its last will says offline/lost)."""
     agent = SimAgent(ep, machine).connect()
     agent.ping("online")
-    wait_for(lambda: _online(ep.data_dir, machine, org), message=f"{machine} online")
+    wait_for(lambda: _online(ep.database, machine, org), message=f"{machine} online")
     agent.drop()
 
 
@@ -95,7 +100,7 @@ def _quiet_until(deadline: float) -> bool:
 
 
 def _agent(ep, acme, machine):
-    cmd = [sys.executable, "-m", "fleet.cli", "agent", "--data-dir", str(ep.data_dir), "--broker", ep.url,
+    cmd = [sys.executable, "-m", "fleet.cli", "agent", "--data-dir", str(ep.database), "--broker", ep.url,
            "--org", "acme", "--key", acme.agent_key, "--machine", machine, "--ca", str(ep.ca), "--interval", "0.5"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -109,7 +114,7 @@ def test_sigkilled_agent_fires_a_signed_webhook_then_resolves_once_each(broker, 
     collectors(settings)
     proc = _agent(ep, acme, "real-1")
     try:
-        wait_for(lambda: _online(ep.data_dir, "real-1"), timeout=20, message="the agent online")
+        wait_for(lambda: _online(ep.database, "real-1"), timeout=20, message="the agent online")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         post = hook.wait_posts(1, timeout=30)[0]
@@ -123,7 +128,7 @@ def test_sigkilled_agent_fires_a_signed_webhook_then_resolves_once_each(broker, 
         posts = hook.wait_posts(2, timeout=30)
         assert signed_with(posts[1], secret)
         assert [a["status"] for a in posts[1].json()["alerts"]] == ["resolved"]
-        wait_for(lambda: _alerts(ep.data_dir) == [("real-1", "resolved", "resolved")] and _outbox(ep.data_dir) == 0,
+        wait_for(lambda: _alerts(ep.database) == [("real-1", "resolved", "resolved")] and _outbox(ep.database) == 0,
                  message="the alert resolved and nothing more to send")
         assert len(hook.posts) == 2
     finally:
@@ -142,7 +147,7 @@ def test_fifty_machines_lost_at_once_are_a_few_grouped_posts(broker, acme, colle
                              "--ca", str(broker.ca_path), "--interval", "1"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: query(broker.data_dir, "SELECT count(*) FROM machines WHERE status = 'online'")[0][0] == 50,
+        wait_for(lambda: _machines(broker, "online") == 50,
                  timeout=60, message="50 simulated machines online")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -165,11 +170,11 @@ def test_collector_away_15_s_while_agents_report_fires_nothing(broker, acme, col
     settings = _settings(broker)
     hook = receivers()
     _watch_offline(settings, "acme", hook)
-    alerting.add_rule(broker.data_dir, Rule.parse("acme", "quiet", "status == stale", "0s"))
+    alerting.add_rule(broker.data_dir, Rule.parse("acme", "quiet", "status == stale", "0s"), broker.settings.database)
     first = collectors(settings)
     sim = start_simulation(settings.replace(org="acme", key=acme.agent_key), agents=5, seed=1)
     try:
-        wait_for(lambda: query(broker.data_dir, "SELECT count(*) FROM machines WHERE status = 'online'")[0][0] == 5,
+        wait_for(lambda: _machines(broker, "online") == 5,
                  timeout=30, message="5 machines online")
         first.stop()
         sent = sim.stats()["sent"]
@@ -181,9 +186,9 @@ def test_collector_away_15_s_while_agents_report_fires_nothing(broker, acme, col
         # would have been sealed and delivered.
         wait_for(lambda: second.stats().stored >= 15 * 5, timeout=30, message="the backlog stored")
         wait_for(lambda: _quiet_until(since + 3.0 + GROUP_WAIT + 2.0), timeout=15)
-        assert query(broker.data_dir, "SELECT count(*) FROM alerts WHERE state != 'pending'") == [(0,)]
+        assert query(broker.settings.database, "SELECT count(*) FROM alerts WHERE state != 'pending'") == [(0,)]
         assert hook.attempts == 0
-        assert _outbox(broker.data_dir) == 0
+        assert _outbox(broker.settings.database) == 0
     finally:
         sim.stop()
 
@@ -195,32 +200,33 @@ def test_a_collector_cut_off_the_broker_does_not_blame_the_fleet(broker, acme, c
     settings = _settings(broker)
     hook = receivers()
     _watch_offline(settings, "acme", hook)
-    alerting.add_rule(broker.data_dir, Rule.parse("acme", "quiet", "status == stale", "0s"))
+    alerting.add_rule(broker.data_dir, Rule.parse("acme", "quiet", "status == stale", "0s"), broker.settings.database)
     collector = collectors(settings.replace(broker_url=f"mqtts://127.0.0.1:{proxy.port}"))
     sim = start_simulation(settings.replace(org="acme", key=acme.agent_key), agents=5, seed=2)
     try:
-        wait_for(lambda: query(broker.data_dir, "SELECT count(*) FROM machines WHERE status = 'online'")[0][0] == 5,
+        wait_for(lambda: _machines(broker, "online") == 5,
                  timeout=30, message="5 machines online")
         proxy.cut()
         wait_for(lambda: not collector.stats().broker_connected, message="the collector noticed")
         sent = sim.stats()["sent"]
         wait_for(lambda: sim.stats()["sent"] >= sent + 15 * 5, timeout=40, message="15 s of reports meanwhile")
-        wait_for(lambda: query(broker.data_dir, "SELECT count(*) FROM machines WHERE status = 'stale'")[0][0] == 5,
+        wait_for(lambda: _machines(broker, "stale") == 5,
                  message="to the collector the machines went stale")
         assert hook.attempts == 0
         proxy.restore()
         wait_for(lambda: collector.stats().broker_connected, timeout=15, message="reconnected")
         since = time.time()
-        wait_for(lambda: query(broker.data_dir, "SELECT count(*) FROM machines WHERE status = 'online'")[0][0] == 5,
+        wait_for(lambda: _machines(broker, "online") == 5,
                  timeout=20, message="the backlog says they never left")
         wait_for(lambda: _quiet_until(since + 3.0 + GROUP_WAIT + 2.0), timeout=15)
-        assert query(broker.data_dir, "SELECT count(*) FROM alerts WHERE state != 'pending'") == [(0,)]
+        assert query(broker.settings.database, "SELECT count(*) FROM alerts WHERE state != 'pending'") == [(0,)]
         assert hook.attempts == 0
     finally:
         sim.stop()
         proxy.close()
 
 
+@pytest.mark.both_engines
 def test_a_restarted_collector_does_not_notify_a_firing_alert_again(broker, acme, collectors, receivers):
     ep = embedded_endpoint(broker, acme)
     settings = _settings(broker)
@@ -229,14 +235,14 @@ def test_a_restarted_collector_does_not_notify_a_firing_alert_again(broker, acme
     first = collectors(settings)
     _lose(ep)
     hook.wait_posts(1)
-    wait_for(lambda: _alerts(ep.data_dir) == [("m1", "firing", "firing")] and _outbox(ep.data_dir) == 0)
+    wait_for(lambda: _alerts(ep.database) == [("m1", "firing", "firing")] and _outbox(ep.database) == 0)
     first.stop()
     second = collectors(settings)
     since = time.time()
     wait_for(lambda: _quiet_until(since + 3.0 + GROUP_WAIT + 1.5), timeout=15)
     assert second.stats().broker_connected
     assert len(hook.posts) == 1
-    assert _alerts(ep.data_dir) == [("m1", "firing", "firing")]
+    assert _alerts(ep.database) == [("m1", "firing", "firing")]
     again = SimAgent(ep, "m1").connect()
     again.ping("online")
     posts = hook.wait_posts(2)
@@ -244,6 +250,7 @@ def test_a_restarted_collector_does_not_notify_a_firing_alert_again(broker, acme
     again.close()
 
 
+@pytest.mark.both_engines
 def test_a_500_then_200_is_delivered_once(broker, acme, collectors, receivers):
     ep = embedded_endpoint(broker, acme)
     settings = _settings(broker)
@@ -254,8 +261,8 @@ def test_a_500_then_200_is_delivered_once(broker, acme, collectors, receivers):
     _lose(ep)
     assert len(hook.wait_posts(1, timeout=15)) == 1
     assert hook.attempts == 2
-    wait_for(lambda: _outbox(ep.data_dir) == 0 and _channel(ep.data_dir)[0] is not None, message="delivery recorded")
-    last_delivery, last_error, failures = _channel(ep.data_dir)
+    wait_for(lambda: _outbox(ep.database) == 0 and _channel(ep.database)[0] is not None, message="delivery recorded")
+    last_delivery, last_error, failures = _channel(ep.database)
     assert failures == 0
     assert "500" in last_error
 
@@ -269,27 +276,28 @@ def test_a_4xx_is_not_retried_and_the_error_is_visible(broker, acme, collectors,
     collectors(settings)
     _lose(ep)
     hook.wait_attempts(1)
-    wait_for(lambda: _channel(ep.data_dir)[1] is not None and _outbox(ep.data_dir) == 0, message="error recorded")
-    last_delivery, last_error, failures = _channel(ep.data_dir)
+    wait_for(lambda: _channel(ep.database)[1] is not None and _outbox(ep.database) == 0, message="error recorded")
+    last_delivery, last_error, failures = _channel(ep.database)
     assert (last_delivery, failures) == (None, 1)
     assert "403" in last_error
     assert "not retried" in last_error
     assert hook.attempts == 1  # and nothing is left in the outbox to try again
 
 
+@pytest.mark.both_engines
 def test_a_silenced_alert_sends_nothing_but_is_listed(broker, acme, collectors, receivers):
     ep = embedded_endpoint(broker, acme)
     settings = _settings(broker)
     hook = receivers()
     _watch_offline(settings, "acme", hook)
-    alerting.add_silence(ep.data_dir, "acme", 3600, "m*", None, "planned work")
+    alerting.add_silence(ep.data_dir, "acme", 3600, "m*", None, "planned work", database=ep.database)
     collectors(settings)
     _lose(ep)
-    wait_for(lambda: _alerts(ep.data_dir) == [("m1", "firing", "")], message="firing")
-    fired = query(ep.data_dir, "SELECT fired_at FROM alerts WHERE rule = 'down'")[0][0]
+    wait_for(lambda: _alerts(ep.database) == [("m1", "firing", "")], message="firing")
+    fired = query(ep.database, "SELECT fired_at FROM alerts WHERE rule = 'down'")[0][0]
     wait_for(lambda: _quiet_until(fired + GROUP_WAIT + 2.0), timeout=10)
     assert hook.attempts == 0
-    assert _outbox(ep.data_dir) == 0
+    assert _outbox(ep.database) == 0
     api = create_app(settings).test_client()
     listed = api.get("/api/alerts?state=firing", headers=bearer(acme.reader_key)).get_json()["data"]
     assert [(a["rule"], a["machine_id"], a["silenced"]) for a in listed] == [("down", "m1", True)]
@@ -313,7 +321,7 @@ def test_two_orgs_never_see_each_others_alerts(broker, acme, globex, collectors,
     topic = readers["globex"].wait_for_topic("fleet/globex/g1/alert")
     assert [a["rule"] for a in json.loads(topic.payload)] == ["down"]
     assert topic.retain is False or topic.retain is True
-    wait_for(lambda: _outbox(ep.data_dir) == 0, message="globex delivered")
+    wait_for(lambda: _outbox(ep.database) == 0, message="globex delivered")
     assert hooks["acme"].attempts == 0
     assert not [m for m in readers["acme"].messages if "/globex/" in m.topic]
     api = create_app(settings).test_client()
