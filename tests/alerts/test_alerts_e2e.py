@@ -303,24 +303,25 @@ def test_a_silenced_alert_sends_nothing_but_is_listed(broker, acme, collectors, 
     assert [(a["rule"], a["machine_id"], a["silenced"]) for a in listed] == [("down", "m1", True)]
 
 
+def _readers(broker, keys_by_org) -> dict[str, Inbox]:
+    readers = {}
+    for org, keys in keys_by_org.items():
+        readers[org] = Inbox(connect_client(broker, f"{org}/reader", keys.reader_key, f"reader-{org}"))
+        assert readers[org].subscribe(f"fleet/{org}/#") == [1]
+    return readers
+
+
 def test_two_orgs_never_see_each_others_alerts(broker, acme, globex, collectors, receivers):
     settings = _settings(broker)
     hooks = {"acme": receivers(), "globex": receivers()}
     for org, hook in hooks.items():
         _watch_offline(settings, org, hook)
     collectors(settings)
-    readers = {}
-    for org, keys in (("acme", acme), ("globex", globex)):
-        client = connect_client(broker, f"{org}/reader", keys.reader_key, f"reader-{org}")
-        readers[org] = Inbox(client)
-        assert readers[org].subscribe(f"fleet/{org}/#") == [1]
+    readers = _readers(broker, {"acme": acme, "globex": globex})
     ep = embedded_endpoint(broker, globex)
     _lose(ep, "g1", "globex")
     post = hooks["globex"].wait_posts(1)[0]
     assert {a["labels"]["org"] for a in post.json()["alerts"]} == {"globex"}
-    topic = readers["globex"].wait_for_topic("fleet/globex/g1/alert")
-    assert [a["rule"] for a in json.loads(topic.payload)] == ["down"]
-    assert topic.retain is False or topic.retain is True
     wait_for(lambda: _outbox(ep.database) == 0, message="globex delivered")
     assert hooks["acme"].attempts == 0
     assert not [m for m in readers["acme"].messages if "/globex/" in m.topic]
@@ -329,4 +330,31 @@ def test_two_orgs_never_see_each_others_alerts(broker, acme, globex, collectors,
     assert [a["machine_id"] for a in api.get("/api/alerts", headers=bearer(globex.reader_key)).get_json()["data"]
             if a["rule"] == "down"] == ["g1"]
     for inbox in readers.values():
+        close(inbox.client)
+
+
+def test_the_alert_topic_is_retained_and_reaches_its_org_only(broker, acme, globex, collectors):
+    """Needs the broker's rule that lets the collector's service account publish fleet/<org>/<m>/alert."""
+    settings = _settings(broker)
+    alerting.add_rule(settings.data_dir, Rule.parse("globex", "down", "status == offline", severity="critical"),
+                      settings.database)
+    collectors(settings)
+    readers = _readers(broker, {"acme": acme, "globex": globex})
+    ep = embedded_endpoint(broker, globex)
+    _lose(ep, "g1", "globex")
+    live = readers["globex"].wait_for_topic("fleet/globex/g1/alert")
+    body = json.loads(live.payload)
+    assert [(a["rule"], a["severity"], a["value"]) for a in body] == [("down", "critical", None)]
+    assert body[0]["since"] > 0
+    late = Inbox(connect_client(broker, "globex/reader", globex.reader_key, "reader-late"))
+    late.subscribe("fleet/globex/+/alert")
+    retained = late.wait_for_topic("fleet/globex/g1/alert")
+    assert (retained.retain, json.loads(retained.payload)) == (True, body)
+    back = SimAgent(ep, "g1").connect()
+    back.ping("online")
+    wait_for(lambda: [m.payload for m in readers["globex"].on("fleet/globex/g1/alert")][-1] == b"[]",
+             message="an empty list once it resolves")
+    assert not [m for m in readers["acme"].messages if "/globex/" in m.topic]
+    back.close()
+    for inbox in (*readers.values(), late):
         close(inbox.client)
