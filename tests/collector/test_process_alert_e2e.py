@@ -19,7 +19,6 @@ from fleet.web.app import create_app
 from tests.collector.collector_fixtures import embedded_endpoint, end_agent_and_probe, query
 from tests.helpers import bearer, wait_for
 
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
