@@ -45,6 +45,7 @@ PROGRESS_EVERY_S = 5.0
 CONNECT_TIMEOUT_S = 10.0  # TCP connect + TLS handshake; the CONNACK then has the keepalive (paho's rule)
 DEFAULT_CONNECT_RATE = 200.0  # first connects a second: the window is agents / rate seconds
 DEFAULT_PREFIX = "sim"
+HOT_FOR_S, COOL_FOR_S = 180.0, 120.0  # a "hot" agent's CPU cycle: pinned above 90% for 3 min, then normal for 2
 OS_FAMILIES = [("Linux", "Debian GNU/Linux 12 (bookworm)", "x86_64"), ("Linux", "Ubuntu 24.04 LTS", "x86_64"),
                ("Linux", "Ubuntu 22.04 LTS", "aarch64"), ("Linux", "Alpine Linux v3.20", "x86_64"),
                ("Windows", "Windows Server 2022", "AMD64"), ("Darwin", "macOS 15.1", "arm64"),
@@ -103,8 +104,9 @@ class SimAgent:
     """One simulated machine: identity, metric random walks, and its current connection."""
 
     def __init__(self, index: int, settings: Settings, stats: SimStats, rng: random.Random,
-                 prefix: str = DEFAULT_PREFIX) -> None:
+                 prefix: str = DEFAULT_PREFIX, hot: bool = False) -> None:
         self.machine = f"{prefix}-{index:04d}"
+        self.hot_since = time.monotonic() if hot else None  # runs hot in cycles, so a demo sees an alert fire
         self.settings = settings
         self.stats = stats
         self.rng = rng
@@ -143,7 +145,11 @@ class SimAgent:
 
     def metrics(self, interval: float) -> dict[str, Any]:
         """Next point of each random walk, in the contract's shape."""
-        self.cpu = self._walk(self.cpu, 6, 0.5, 100)
+        cycle = None if self.hot_since is None else (time.monotonic() - self.hot_since) % (HOT_FOR_S + COOL_FOR_S)
+        if cycle is not None and cycle < HOT_FOR_S:
+            self.cpu = self._walk(max(self.cpu, 94.0), 2, 91, 100)
+        else:
+            self.cpu = self._walk(min(self.cpu, 60.0) if cycle is not None else self.cpu, 6, 0.5, 100)
         self.mem = self._walk(self.mem, 1.5, 5, 98)
         self.disk = min(99.5, self.disk + self.rng.uniform(0, 0.02))
         sent, recv = self.rng.uniform(1e3, 5e5) * interval, self.rng.uniform(1e3, 2e6) * interval
@@ -497,11 +503,13 @@ class Simulation:
 
 
 def start_simulation(settings: Settings, agents: int, seed: int | None = None, prefix: str = DEFAULT_PREFIX,
-                     connect_rate: float = DEFAULT_CONNECT_RATE, record_path: Path | None = None) -> Simulation:
+                     connect_rate: float = DEFAULT_CONNECT_RATE, record_path: Path | None = None,
+                     hot: int = 0) -> Simulation:
     """Start ``agents`` simulated agents, named ``<prefix>-0001``…, in background threads.
 
     Their first connects are spread, with jitter, over ``agents / connect_rate`` seconds (at least one);
-    with ``record_path``, every report published and acknowledged is written there (agent/record.py).
+    with ``record_path``, every report published and acknowledged is written there (agent/record.py). The
+    first ``hot`` agents run hot in cycles (CPU above 90%), so a demo sees an alert fire.
     """
     if not settings.org or not settings.key:
         raise AgentError("simulate needs --org and --key (or FLEET_ORG / FLEET_KEY)")
@@ -513,7 +521,8 @@ def start_simulation(settings: Settings, agents: int, seed: int | None = None, p
     rng = random.Random(seed)
     stats = SimStats(target=agents)
     stop = threading.Event()
-    sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random()), prefix) for i in range(agents)]
+    sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random()), prefix, hot=i < hot)
+            for i in range(agents)]
     window = max(1.0, agents / connect_rate)
     recorder = record.Recorder(record_path) if record_path is not None else None
     shards = [Shard(sims[i:i + AGENTS_PER_SHARD], address, tls, stop, window, recorder)

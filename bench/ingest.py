@@ -479,6 +479,8 @@ def main() -> None:
     parser.add_argument("--no-stages", action="store_true", help="skip the per-step cost table")
     parser.add_argument("--database", action="append", metavar="URL",
                         help="the collector's database: sqlite (default) or postgresql://…; repeat to compare")
+    parser.add_argument("--alert-rules", choices=("none", "default", "all"), default="default",
+                        help="the org's alert rules: none, the 3 default ones, or all 8 (+ bench/alerts.py's 5)")
     args = parser.parse_args()
     from fleet.collector.service import collect_garbage_less_often
 
@@ -491,11 +493,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp:
         workdir = Path(tmp)
         data_dir = workdir / "data"
-        keys = credentials.add_org(data_dir, ORG)
+        keys = credentials.add_org(data_dir, ORG)  # with the 3 default alert rules every org starts with
         databases = [sqlite_url(data_dir / "fleet.db") if d == "sqlite" else d for d in args.database or ["sqlite"]]
         for database in databases:  # the org and the schema in each; the broker checks keys in the SQLite file
             if not credentials.org_exists(data_dir, ORG, database):
                 credentials.add_org(data_dir, ORG, database)
+            if args.alert_rules == "all":
+                from bench.alerts import add_threshold_rules
+
+                add_threshold_rules(data_dir, database=database)
+            elif args.alert_rules == "none":
+                from fleet.config import alerting
+
+                for rule in alerting.list_rules(data_dir, ORG, database):
+                    alerting.remove_rule(data_dir, ORG, rule.name, database)
         names = ["mosquitto", "embedded"] if args.broker == "both" else [args.broker]
         for name in names:
             broker = (start_mosquitto(workdir) if name == "mosquitto"
@@ -514,9 +525,10 @@ def main() -> None:
                 broker.stop()
     size = len(payloads.encode(payloads.build_report("m00000", "0x1a2b", "x" * 16, 0, 1.0, METRICS, SYSTEM)))
     print()
+    rule_count = {"none": 0, "default": 3, "all": 8}[args.alert_rules]
     print(f"M={load.publishers} publishers x K={load.reports} reports over N={load.machines} machines "
           f"(QoS 1, {size} B each{f', {load.rate:,.0f} reports/s' if load.rate else ''}), {os.cpu_count()} CPUs; "
-          f"databases: {', '.join(redact(d) for d in databases)}")
+          f"databases: {', '.join(redact(d) for d in databases)}; alert rules: {args.alert_rules} ({rule_count})")
     print("| broker | mode | database | raw paho subscriber: msg/s, CPU µs/msg | collector: msg/s, CPU µs/msg "
           "| collector / raw: rate, CPU |")
     print("|---|---|---|---|---|---|")

@@ -23,10 +23,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fleet.collector import store
+from fleet.collector.alerts import AlertEngine
+from fleet.collector.delivery import DeliveryWorker
 from fleet.collector.errors import CollectorError
 from fleet.collector.intake import INTERNAL, UNKNOWN_ORG, DropCounter, RateLimiter, Received, parse_message
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
-from fleet.collector.state import Tracker, Transition
+from fleet.collector.state import Machine, Tracker, Transition
 from fleet.config import credentials, payloads
 from fleet.config.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
 from fleet.config.errors import ConfigError
@@ -122,6 +124,9 @@ class RunningCollector:
         self._backpressure_logged = 0.0
         self._client: MqttLink | None = None
         self._writer = threading.Thread(target=self._writer_main, name="collector-writer", daemon=True)
+        self._connected_since: float | None = None  # wall clock of the current connection's CONNACK
+        self.alerts = AlertEngine(self.tracker, settings.alert_group_wait, self.blind)
+        self.delivery = DeliveryWorker(settings, lambda: self._orgs)
 
     # --- public -------------------------------------------------------------------------------
     def start(self) -> RunningCollector:
@@ -141,6 +146,7 @@ class RunningCollector:
         self._writer.start()
         if not self._writer_ready.wait(30) or self._writer_error is not None:
             raise CollectorError(f"collector writer failed to start: {self._writer_error}")
+        self.delivery.start()
         client.start()
         log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
                  ", ".join(sorted(self._orgs)) or "(none yet)")
@@ -167,6 +173,7 @@ class RunningCollector:
         self._network_done.set()
         if self._writer.is_alive():
             self._writer.join(timeout)
+        self.delivery.stop()
         self._connected.clear()
         log.info("collector stopped: received %d, stored %d, dropped %s", self._received, self._stored,
                  self.drops.totals() or "none")
@@ -201,14 +208,22 @@ class RunningCollector:
         for i in range(0, len(filters), SUBSCRIBE_CHUNK):
             client.subscribe(filters[i:i + SUBSCRIBE_CHUNK])
 
+    def blind(self, machine: Machine, now: float) -> bool:
+        """True while the collector cannot tell the machine's status: disconnected, or within its stale_after of
+        connecting (the backlog and fresh pings are still arriving). Status alerts do not fire meanwhile."""
+        since = self._connected_since
+        return since is None or now - since < self.tracker.stale_after(machine)
+
     # --- link callbacks (network thread: never block on anything but the bounded queue) ---------
     def _on_connect(self, session_present: bool) -> None:
+        self._connected_since = time.time()
         self._connected.set()
         log.info("collector connected to %s (session present: %s)", self.address.url, session_present)
         self._subscribe()
 
     def _on_disconnect(self, why: str) -> None:
         was = self._connected.is_set()
+        self._connected_since = None
         self._connected.clear()
         if was and not self._stopping.is_set():
             log.warning("collector lost the broker %s (%s); reconnecting", self.address.url, why)
@@ -273,6 +288,7 @@ class RunningCollector:
                 # commit never waits for one: the broker sends no more than its in-flight window until we ack.
                 db.execute("PRAGMA wal_autocheckpoint=0")
             self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None), time.time())
+            self.alerts.load(db, self._orgs, time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._writer_error = exc
             self._writer_ready.set()
@@ -320,6 +336,7 @@ class Writer:
         self.db = db
         self.settings = owner.settings
         self.tracker = owner.tracker
+        self.alerts = owner.alerts
         self.batch = store.Batch()
         now = time.monotonic()
         self.tick_every = min(1.0, self.settings.ttl_seconds / 4)
@@ -385,6 +402,9 @@ class Writer:
             else:
                 transitions = self.tracker.on_ping(message, item.received, item.retained)
             self._record(transitions)
+            machine = self.tracker.get(message.org, message.machine_id)
+            if machine is not None:
+                self.alerts.evaluate(machine, item.received, metrics_changed=isinstance(message, Report))
         except Exception as exc:
             self.owner.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}",
                                  f"{type(exc).__name__}: {exc}")
@@ -408,6 +428,8 @@ class Writer:
         if now_m >= self.next_orgs and not final:
             self.next_orgs = now_m + self.org_every
             self._refresh_orgs()
+        if not final:
+            self.alerts.timers(self.db, owner._orgs, time.time())
         if now_m >= self.next_retention and not final:
             self.next_retention = now_m + RETENTION_EVERY_S
             self._retention()
@@ -438,6 +460,7 @@ class Writer:
         """Stale and TTL checks; evicted machines lose their row and their retained ping."""
         transitions, evicted = self.tracker.tick(now)
         self._record(transitions)
+        self.alerts.after_tick(transitions, evicted, now)
         for machine in evicted:
             self.batch.evicted.append(machine)
             self.batch.expired[machine.org] = self.batch.expired.get(machine.org, 0) + 1
@@ -466,6 +489,7 @@ class Writer:
         if wanted != owner._orgs:
             for org in sorted(owner._orgs - wanted):
                 self.tracker.forget_org(org)
+                self.alerts.forget_org(org)
                 log.info("collector no longer serves org %s", org)
             for org in sorted(wanted - owner._orgs):
                 log.info("collector serves org %s", org)
@@ -487,7 +511,8 @@ class Writer:
         stats = self.owner.stats()
         detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
-                  "queued": stats.queued, "machines": stats.machines, "client_id": self.owner.client_id}
+                  "queued": stats.queued, "machines": stats.machines, "client_id": self.owner.client_id,
+                  "alerts_firing": self.alerts.firing_count()}
         try:
             store.write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:
@@ -497,6 +522,7 @@ class Writer:
         batch = self.batch
         batch.drops = self.owner.drops.take_unsaved()
         batch.machines = self.tracker.take_dirty()
+        batch.alerts = self.alerts.take_writes()
         if batch and not self.write(batch, final):
             self.pending_acks = []  # not stored: leave them unacknowledged, the broker will send them again
         self.batch = store.Batch()
@@ -510,6 +536,12 @@ class Writer:
                 client.publish(topic, b"", retain=True)
                 log.info("machine %s evicted: retained ping cleared", topic)
         self.pending_clears = []
+        for topic, payload in self.alerts.take_publishes():
+            if client is not None:
+                client.publish(topic, payload, retain=True)
+        if self.alerts.outbox_added:
+            self.alerts.outbox_added = False
+            self.owner.delivery.wake()
 
     def write(self, batch: store.Batch, final: bool) -> bool:
         """Write a batch, retrying while the database is busy or away; False only if it gave up at shutdown."""
@@ -557,7 +589,7 @@ class Writer:
         False if it gave up on a row at shutdown (the database went away meanwhile): nothing is acknowledged.
         """
         log.error("database refused a batch (%s): storing its rows one by one", exc)
-        parts = [store.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost)]
+        parts = [store.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost, alerts=batch.alerts)]
         parts += [store.Batch(evicted=[m]) for m in batch.evicted]
         parts += [store.Batch(machines=[m]) for m in batch.machines]
         parts += [store.Batch(events=[e]) for e in batch.events]

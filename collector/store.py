@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from fleet.collector.alerts import AlertWrites
 from fleet.collector.state import Machine, Tail, TailStats, Transition
 from fleet.config.database import POSTGRESQL, SQLITE, Database
 from fleet.config.payloads import Report
@@ -34,10 +35,11 @@ class Batch:
     drops: dict[str, int] = field(default_factory=dict)
     expired: dict[str, int] = field(default_factory=dict)
     lost: dict[str, int] = field(default_factory=dict)  # per org: reports of settled tails that never arrived
+    alerts: AlertWrites | None = None
 
     def __bool__(self) -> bool:
         return bool(self.reports or self.machines or self.evicted or self.events or self.drops or self.expired
-                    or self.lost)
+                    or self.lost or self.alerts)
 
 
 def _number(value: Any) -> float | None:
@@ -160,6 +162,8 @@ def write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] 
             db.executemany(
                 "INSERT INTO org_stats(org, lost) VALUES (?, ?)"
                 " ON CONFLICT(org) DO UPDATE SET lost = org_stats.lost + excluded.lost", sorted(batch.lost.items()))
+        if batch.alerts:
+            batch.alerts.write(db)
     return inserted
 
 
@@ -269,6 +273,7 @@ class RetentionResult:
     reports_rolled_up: int
     rollups_deleted: int
     events_deleted: int
+    alerts_deleted: int = 0
 
 
 def apply_retention(db: Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
@@ -297,4 +302,7 @@ def apply_retention(db: Database, now: float, raw_days: float, rollup_days: floa
     with db.transaction():
         rollups = db.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,))
         events = db.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,))
-    return RetentionResult(rolled, rollups, events)
+        # Resolved alerts are history like raw reports; one the channels still must hear of stays.
+        alerts = db.execute("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ? AND notified = state",
+                            (raw_cutoff,))
+    return RetentionResult(rolled, rollups, events, alerts)

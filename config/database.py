@@ -166,10 +166,98 @@ ALTER TABLE machines ADD COLUMN tails TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE org_stats ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
 """
 
+
+# Version 3: alerting (SPEC "Alerts"): rules, channels, alerts per (rule, machine), silences, and the
+# notification outbox; existing orgs get the three default rules.
+ALERTS_SCHEMA = """
+-- An org's alert rules; expr is the canonical text of the parsed condition (config.rules).
+CREATE TABLE IF NOT EXISTS alert_rules (
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    expr TEXT NOT NULL,
+    for_s REAL NOT NULL DEFAULT 0,
+    machines TEXT NOT NULL DEFAULT '*',   -- glob over machine ids
+    severity TEXT NOT NULL DEFAULT 'warning',
+    created REAL NOT NULL,
+    PRIMARY KEY (org, name)
+);
+-- Notification channels. url and secret are encrypted at rest (config.secretbox); target is the URL
+-- without credentials or path, for display.
+CREATE TABLE IF NOT EXISTS alert_channels (
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,            -- 'webhook' | 'alertmanager' | 'email' | 'apprise'
+    target TEXT NOT NULL,
+    url_enc TEXT NOT NULL,
+    secret_enc TEXT,
+    created REAL NOT NULL,
+    last_delivery REAL,
+    last_error TEXT,
+    last_error_at REAL,
+    failures INTEGER NOT NULL DEFAULT 0,   -- failed attempts since the last delivery
+    PRIMARY KEY (org, name)
+);
+-- One row per alert: a (rule, machine) from pending through firing to resolved. A pending alert whose
+-- condition stops is deleted; a resolved one stays (history) and the next one is a new row.
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    org TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    state TEXT NOT NULL,           -- 'pending' | 'firing' | 'resolved'
+    severity TEXT NOT NULL,
+    summary TEXT NOT NULL DEFAULT '',
+    value REAL,
+    active_at REAL NOT NULL,       -- when the condition began to hold
+    fired_at REAL,
+    resolved_at REAL,
+    notified TEXT NOT NULL DEFAULT ''  -- the last state handed to the org's channels: '', 'firing', 'resolved'
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_active ON alerts(org, rule, machine_id) WHERE state != 'resolved';
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_key ON alerts(org, rule, machine_id, active_at);
+CREATE INDEX IF NOT EXISTS alerts_org_state ON alerts(org, state);
+CREATE INDEX IF NOT EXISTS alerts_resolved_at ON alerts(resolved_at);
+CREATE TABLE IF NOT EXISTS alert_silences (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    org TEXT NOT NULL,
+    machines TEXT NOT NULL DEFAULT '*',
+    rule TEXT,                     -- NULL: every rule
+    comment TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    starts_at REAL NOT NULL,
+    ends_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alert_silences_org ON alert_silences(org, ends_at);
+-- Grouped notifications waiting for delivery to one channel; deleted once delivered or given up.
+CREATE TABLE IF NOT EXISTS alert_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    org TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    group_key TEXT NOT NULL,
+    notices TEXT NOT NULL,         -- JSON list of notices (collector.notify.Notice fields)
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS alert_outbox_channel ON alert_outbox(org, channel, id);
+INSERT INTO alert_rules(org, name, expr, for_s, machines, severity, created)
+SELECT name, 'machine-offline', 'status == offline', 120, '*', 'critical', created FROM orgs WHERE true
+ON CONFLICT(org, name) DO NOTHING;
+INSERT INTO alert_rules(org, name, expr, for_s, machines, severity, created)
+SELECT name, 'machine-stale', 'status == stale', 300, '*', 'warning', created FROM orgs WHERE true
+ON CONFLICT(org, name) DO NOTHING;
+INSERT INTO alert_rules(org, name, expr, for_s, machines, severity, created)
+SELECT name, 'disk-full', 'disk_percent > 90', 600, '*', 'warning', created FROM orgs WHERE true
+ON CONFLICT(org, name) DO NOTHING;
+"""
+
+
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
     (2, CUSTOM_FIELDS_AND_TAILS),
+    (3, ALERTS_SCHEMA),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

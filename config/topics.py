@@ -11,6 +11,8 @@ ROOT = "fleet"
 KINDS = ("report", "ping")
 REPORT_TEMPLATE = ROOT + "/{org}/{machine}/report"
 PING_TEMPLATE = ROOT + "/{org}/{machine}/ping"
+ALERT_KIND = "alert"  # published (retained) by the collector only; not a kind the collector subscribes to
+ALERT_TEMPLATE = ROOT + "/{org}/{machine}/alert"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,11 @@ def report_topic(org: str, machine: str) -> str:
 def ping_topic(org: str, machine: str) -> str:
     """Topic of an agent's retained presence ping."""
     return str(Topic(org, machine, "ping"))
+
+
+def alert_topic(org: str, machine: str) -> str:
+    """Topic of a machine's firing alerts: a retained JSON list the collector publishes."""
+    return ALERT_TEMPLATE.format(org=validate_id(org, "org"), machine=validate_id(machine, "machine id"))
 
 
 def org_filter(org: str) -> str:

@@ -70,6 +70,8 @@ def render(org: str) -> str:
             [(_labels(org=org, status=s), counts[s]) for s in MACHINE_STATUSES])
     _family(lines, "fleet_machines_expired_total", "counter", "Machines evicted after the TTL.",
             [(_labels(org=org), counts["expired"])])
+    _family(lines, "fleet_alerts_firing", "gauge", "Alerts firing now, per rule and severity.",
+            [(_labels(org=org, rule=rule, severity=severity), n) for rule, severity, n in db.firing_counts(org)])
     _family(lines, "fleet_collector_dropped_messages_total", "counter", "Messages the collector dropped, by reason.",
             [(_labels(reason=reason), n) for reason, n in db.drop_counts().items()])
     return "\n".join(lines) + "\n"

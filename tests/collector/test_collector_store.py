@@ -170,7 +170,7 @@ def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
     from fleet.config.database import DatabaseBusy
 
     owner = SimpleNamespace(settings=service.Settings(), tracker=Tracker(3.0, 10.0, 3600), client_id="c1",
-                            drops=DropCounter(), _stored=0, _commits=0)
+                            drops=DropCounter(), _stored=0, _commits=0, alerts=None)
     writer = service.Writer(owner, db)
     real = store.write_batch
     calls = []
