@@ -35,6 +35,7 @@ from fleet.config import payloads
 from fleet.config.ids import validate_id
 from fleet.config.mqtt import BrokerAddress, new_client, paho, tls_context
 from fleet.config.settings import Settings
+from fleet.config.status import OFFLINE, ONLINE
 from fleet.config.topics import agent_client_id, ping_topic, report_topic
 
 log = logging.getLogger("fleet.simulate")
@@ -178,7 +179,7 @@ class SimAgent:
         client = cast(PreparedSocketClient, new_client(
             dataclasses.replace(address, tls=False), agent_client_id(self.settings.org, self.machine),
             f"{self.settings.org}/agent", self.settings.key, factory=PreparedSocketClient))
-        will = payloads.build_ping(self.machine, self.hw_id, self.session, "offline", interval, reason="lost")
+        will = payloads.build_ping(self.machine, self.hw_id, self.session, OFFLINE, interval, reason="lost")
         client.will_set(ping_topic(self.settings.org, self.machine), payloads.encode(will), qos=1, retain=True)
         client.max_inflight_messages_set(20)
         client.on_connect = self._on_connect
@@ -202,7 +203,7 @@ class SimAgent:
         self.stats.add(connected=1, connects=1)
         if self.events is not None:
             self.events.append(record.connected(self.machine, self.session, time.time()))
-        self.ping("online")
+        self.ping(ONLINE)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
         if self.connected:
@@ -245,7 +246,7 @@ class SimAgent:
         self.reports += 1
         self.stats.add(sent=1)
         if self.reports % 5 == 0:
-            self.ping("online")
+            self.ping(ONLINE)
 
 
 def _backoff(agent: SimAgent) -> float:
@@ -445,7 +446,7 @@ class Shard(threading.Thread):
             if agent.dialing is not None:
                 self._dial_failed(agent, "stopping")
             elif agent.connected and agent.client is not None:
-                infos.append((agent, agent.ping("offline", reason="shutdown")))
+                infos.append((agent, agent.ping(OFFLINE, reason="shutdown")))
         deadline = time.monotonic() + 5
         def waiting() -> bool:  # offline pings not yet acknowledged on connections still open
             return any(not info.is_published() and agent.client is not None and agent.client.socket() is not None

@@ -34,8 +34,9 @@ from amqtt.session import Session
 from transitions import MachineError
 
 from fleet.broker.plugins import grant_of
-from fleet.broker.policy import ACCEPTED, IDENTIFIER_REJECTED, AccessPolicy, Grant
+from fleet.broker.policy import AccessPolicy, Grant
 from fleet.broker.retained import RetainedStore
+from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED
 from fleet.config.credentials import Principal
 from fleet.config.topics import machine_from_client_id
 
@@ -199,7 +200,10 @@ class FleetBroker(Broker):
             verdict = self.policy.check_connect(incoming.username, incoming.password, incoming.client_id or "",
                                                 incoming.will_topic if incoming.will_flag else None,
                                                 incoming.will_message, bool(incoming.will_retain))
-            code, reason = (verdict.code, verdict.reason) if verdict.code != ACCEPTED else (5, "refused by a plugin")
+            if verdict.code != ACCEPTED:
+                code, reason = verdict.code, verdict.reason
+            else:
+                code, reason = NOT_AUTHORIZED, "refused by a plugin"
         self.stats["connect_refused"] += 1
         log.info("refused CONNECT client_id=%s user=%s: %s", incoming.client_id, incoming.username, reason)
         try:

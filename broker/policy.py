@@ -10,15 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fleet.config import credentials
+from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED
 from fleet.config.credentials import CredentialRecord, Principal
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
 from fleet.config.topics import ROOT, machine_from_client_id
-
-# CONNACK return codes of MQTT 3.1.1
-ACCEPTED = 0
-IDENTIFIER_REJECTED = 2
-BAD_CREDENTIALS = 4
-NOT_AUTHORIZED = 5
 
 
 @dataclass(frozen=True)

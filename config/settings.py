@@ -21,6 +21,12 @@ from fleet.config.ids import is_valid_id
 from fleet.config.payloads import MAX_PROCESS_CHECKS, is_check_name
 
 ENV_PREFIX = "FLEET_"
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # bind addresses meaning every interface: no client connects to them
+
+
+def local_host(host: str) -> str:
+    """The address a client on this machine uses for a server bound to ``host`` (127.0.0.1 for a wildcard)."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,7 @@ class Settings:
         """The broker URL clients connect to: ``broker_url`` or the embedded broker's TLS listener."""
         if self.broker_url:
             return self.broker_url
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"mqtts://{host}:{self.mqtt_port}"
+        return f"mqtts://{local_host(self.host)}:{self.mqtt_port}"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (validated again)."""

@@ -14,6 +14,7 @@ from flask import current_app, g
 from fleet.config.alerting import silences_query
 from fleet.config.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
 from fleet.config.rules import Silence
+from fleet.config.status import MACHINE_STATUSES
 from fleet.web.errors import WebError
 
 # The API's machine object: these columns as they are, conflict as a boolean, and system and metrics spliced
@@ -134,7 +135,7 @@ def list_machines(org: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:
 
 def status_counts(org: str) -> dict[str, int]:
     """Machines per status, plus expired (evicted by TTL)."""
-    counts = {"online": 0, "stale": 0, "offline": 0}
+    counts = dict.fromkeys(MACHINE_STATUSES, 0)
     for status, n in query("SELECT status, count(*) FROM machines WHERE org = ? GROUP BY status", (org,)):
         counts[status] = n
     counts["expired"] = expired_count(org)
