@@ -13,6 +13,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from bench.common import free_port, port_open  # noqa: F401 - one home for loopback helpers
+from fleet.config import connack
 from fleet.config.mqtt import BrokerAddress, new_client
 
 
@@ -128,8 +129,7 @@ def connect_client(broker: Any, username: str | None, password: str | None, clie
     if expect_rc:
         client.loop_stop()
         client.disconnect()
-        # paho v2 reports MQTT 3.1.1 refusals as reason codes; map back to CONNACK return codes.
-        return {0x87: 5, 0x86: 4, 0x85: 2, 0x84: 1, 0x88: 3}.get(rc, rc)
+        return connack.from_reason_code(rc)
     if rc != 0:
         client.loop_stop()
         raise AssertionError(f"connection refused, reason code {rc:#x}")

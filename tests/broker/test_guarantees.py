@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import struct
 import threading
 import time
 import tracemalloc
@@ -18,6 +17,7 @@ from asyncio import sslproto
 import pytest
 
 from fleet.broker.server import start_in_thread
+from fleet.collector.mqtt_codec import Connack, Connect, Will, encode
 from fleet.config import credentials, payloads
 from tests.broker.stock import keys_of, start_stock
 from tests.helpers import Inbox, close, connect_client, wait_for
@@ -120,28 +120,15 @@ def watch_disconnects(client) -> threading.Event:
 
 
 # (c) -------------------------------------------------------------------------------------------
-def _mqtt_string(value: bytes) -> bytes:
-    return struct.pack("!H", len(value)) + value
-
-
 def raw_connect(broker, client_id: str, username: str, password: str, keepalive: int,
                 will_topic: str, will_payload: bytes) -> ssl.SSLSocket:
     """Open TLS, send a CONNECT with a retained QoS 1 will, read the CONNACK, then stay silent."""
     ctx = ssl.create_default_context(cafile=str(broker.ca_path))
     sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=5),
                            server_hostname="127.0.0.1")
-    flags = 0x80 | 0x40 | 0x20 | 0x08 | 0x04 | 0x02  # user, password, will retain, will QoS 1, will, clean
-    variable = _mqtt_string(b"MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
-    body = variable + _mqtt_string(client_id.encode()) + _mqtt_string(will_topic.encode()) + \
-        _mqtt_string(will_payload) + _mqtt_string(username.encode()) + _mqtt_string(password.encode())
-    length, encoded = len(body), b""
-    while True:
-        byte, length = length % 128, length // 128
-        encoded += bytes([byte | (0x80 if length else 0)])
-        if not length:
-            break
-    sock.sendall(b"\x10" + encoded + body)
-    assert sock.recv(4) == b"\x20\x02\x00\x00"
+    will = Will(will_topic, will_payload, qos=1, retain=True)
+    sock.sendall(encode(Connect(client_id, username, password, keepalive, clean_session=True, will=will)))
+    assert sock.recv(4) == encode(Connack())
     return sock
 
 

@@ -92,6 +92,23 @@ def test_history_is_oldest_first_and_bounded_by_since_until(client, fleet):
         assert key in point
 
 
+def test_history_since_after_now_without_until_is_200_with_the_points_after_it(client, fleet):
+    """Issue 13, item 3: a client polling with since=<last ts> got 400 once its clock ran ahead of ours."""
+    fleet.machine("acme", "web-1")
+    now = time.time()
+    url = "/api/fleet/web-1/history?since={}"
+    res = client.get(url.format(now + 3600), headers=bearer(fleet.acme.reader_key))
+    assert res.status_code == 200
+    assert res.get_json() == {"machine_id": "web-1", "points": []}
+    fleet.reports("acme", "web-1", 5, now + 100, step=1.0)  # an agent whose clock is ahead of the server's
+    res = client.get(url.format(now + 101.5), headers=bearer(fleet.acme.reader_key))
+    assert res.status_code == 200
+    assert [p["ts"] for p in res.get_json()["points"]] == [now + 100 + i for i in (2, 3, 4)]
+    bounded = client.get(f"/api/fleet/web-1/history?since={now + 50}&until={now + 102}",
+                         headers=bearer(fleet.acme.reader_key))
+    assert [p["ts"] for p in bounded.get_json()["points"]] == [now + 100 + i for i in (0, 1, 2)]
+
+
 def test_events_of_the_org_since(client, fleet):
     now = time.time()
     fleet.event("acme", "web-1", now - 100, None, "online")
