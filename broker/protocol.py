@@ -202,13 +202,14 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         packet_id = app_message.packet_id
         session.inflight_out.setdefault(packet_id, app_message)
         packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
-        await self._send_packet(packet)
-        app_message.publish_packet = packet
-        if not self.is_open():
-            return  # the connection ended meanwhile: nobody would answer; it stays in flight for the next one
+        # Waiting starts before sending: the PUBACK may be read while the send still waits in drain().
         waiter = asyncio.get_running_loop().create_future()
         self._puback_waiters[packet_id] = waiter
         try:
+            await self._send_packet(packet)
+            app_message.publish_packet = packet
+            if not self.is_open() and not waiter.done():
+                return  # the connection ended meanwhile: nobody will answer; it stays in flight for the next one
             app_message.puback_packet = await waiter
         finally:
             self._puback_waiters.pop(packet_id, None)

@@ -3,6 +3,7 @@ deleted once the subscriber acknowledges them, and restored in order after a res
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import ssl
@@ -285,3 +286,31 @@ def test_in_flight_window_bounds_a_subscriber_that_never_acknowledges(broker, ac
     got = [m.payload for m in inbox.wait_for_count(20, timeout=15)]
     assert got == [f"m{i}".encode() for i in range(20)]
     wait_for(lambda: not queued_rows(broker.data_dir), timeout=5, message="acknowledged rows deleted")
+
+
+def test_a_puback_read_while_its_publish_is_still_being_written_is_matched(broker, acme, caplog, monkeypatch):
+    """A delivery may wait in drain() after writing its PUBLISH (a full transport buffer, as when a backlog goes
+    out after a restart); the subscriber's PUBACK can arrive meanwhile and must still complete it (it used to
+    find no waiter yet: "Received PUBACK for unknown pending message", the message stuck in flight and on
+    disk). A slow drain stands in for the full buffer."""
+    from fleet.broker import protocol
+
+    drain = protocol.StreamWriter.drain
+
+    async def slow_drain(self) -> None:
+        await asyncio.sleep(0.05)
+        await drain(self)
+
+    monkeypatch.setattr(protocol.StreamWriter, "drain", slow_drain)
+    subscribe_then_leave(broker)
+    inbox = reconnect(broker)
+    a = agent(broker, acme)
+    for i in range(10):
+        a.publish("fleet/acme/web-1/report", f"m{i}".encode(), qos=1).wait_for_publish(10)
+    close(a)
+    assert [m.payload for m in inbox.wait_for_count(10, timeout=10)] == [f"m{i}".encode() for i in range(10)]
+    session = broker.broker.sessions[COLLECTOR][0]
+    wait_for(lambda: not session.inflight_out, timeout=10, message="every delivery acknowledged")
+    wait_for(lambda: not queued_rows(broker.data_dir), timeout=10, message="every row deleted")
+    assert "unknown pending message" not in caplog.text
+    close(inbox.client)
