@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import ssl
-import struct
 import subprocess
 import sys
 import threading
@@ -17,6 +17,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from fleet.broker.server import start_in_thread
+from fleet.collector.mqtt_codec import Connack, Connect, Publish, encode, encode_pubacks
 from fleet.config import credentials
 from tests.helpers import BrokerProcess, Inbox, close, connect_client, free_port, port_open, wait_for
 
@@ -91,45 +92,21 @@ def test_a_clean_session_replacing_a_persistent_one_drops_its_queue(broker, acme
     wait_for(lambda: not queued_rows(broker.data_dir), timeout=5, message="queue of the deleted session gone")
 
 
-def _connect_bytes(client_id: str, username: str, password: str) -> bytes:
-    def s(value: str) -> bytes:
-        return struct.pack("!H", len(value.encode())) + value.encode()
-
-    body = s("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60) + s(client_id) + s(username) + s(password)
-    return b"\x10" + _length(len(body)) + body
-
-
-def _length(n: int) -> bytes:
-    out = b""
-    while True:
-        byte, n = n % 128, n // 128
-        out += bytes([byte | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
-def _publish_bytes(topic: str, payload: bytes, packet_id: int) -> bytes:
-    body = struct.pack("!H", len(topic)) + topic.encode() + struct.pack("!H", packet_id) + payload
-    return b"\x32" + _length(len(body)) + body
-
-
 def test_one_write_for_the_pubacks_of_a_loop_turn(broker, acme):
     """200 PUBLISHes in one send arrive in one or a few reads: a handful of commits, not 200."""
     subscribe_then_leave(broker)
     ctx = ssl.create_default_context(cafile=str(broker.ca_path))
-    import socket
-
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
                          server_hostname="127.0.0.1") as sock:
-        sock.sendall(_connect_bytes("fleet-acme-web-1", "acme/agent", acme.agent_key))
-        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        sock.sendall(encode(Connect("fleet-acme-web-1", "acme/agent", acme.agent_key)))
+        assert sock.recv(4) == encode(Connack())
         before = broker.stats().get("store_commits", 0)
-        sock.sendall(b"".join(_publish_bytes("fleet/acme/web-1/report", f"m{i}".encode(), i + 1)
+        sock.sendall(b"".join(encode(Publish(b"fleet/acme/web-1/report", f"m{i}".encode(), qos=1, packet_id=i + 1))
                               for i in range(200)))
         acks = b""
-        while len(acks) < 200 * 4:
+        while len(acks) < len(encode_pubacks(range(1, 201))):
             acks += sock.recv(65536)
-        assert [struct.unpack("!H", acks[i + 2:i + 4])[0] for i in range(0, len(acks), 4)] == list(range(1, 201))
+        assert acks == encode_pubacks(range(1, 201))  # all of them, in order
     commits = broker.stats()["store_commits"] - before
     assert 1 <= commits <= 20, commits
     assert len(queued_rows(broker.data_dir)) == 200
