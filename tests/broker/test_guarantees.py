@@ -269,11 +269,12 @@ def test_logins_do_not_stall_other_clients(broker, acme):
     inbox.subscribe(OWN_REPORT)
     a = agent(broker, acme)
     stop = threading.Event()
+    refused: list[int] = []
 
     def wrong_login(client_id: str) -> None:
         try:
-            connect_client(broker, "acme/reader", "wrong", client_id, expect_rc=1)
-        except (OSError, AssertionError):  # a busy broker may reset or not answer a refused login: still a login
+            refused.append(connect_client(broker, "acme/reader", "wrong", client_id, expect_rc=1))
+        except Exception:  # noqa: BLE001 - a busy broker may reset or not answer a login: the storm goes on
             pass
 
     def login_storm():
@@ -296,8 +297,9 @@ def test_logins_do_not_stall_other_clients(broker, acme):
     finally:
         stop.set()
         storm.join()
+    assert len(refused) >= 10, f"only {len(refused)} logins were answered: no storm to stall anything"
     assert worst < 1.0, f"round trip stalled for {worst:.2f} s during logins"
-    assert broker.stats()["connect_refused"] >= 10
+    assert broker.stats().get("connect_refused", 0) >= len(refused)  # counted too
     close(a)
     close(watcher)
 
