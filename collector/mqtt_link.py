@@ -243,9 +243,16 @@ class MqttLink:
         return sock, connack.session_present
 
     def _serve(self, sock: socket.socket) -> None:
+        # poll, not select(): in `fleet up` the process holds thousands of agent sockets, and select()
+        # cannot watch a descriptor numbered 1024 or more.
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(sock, select.POLLIN)
+        watching_out = False
+        sock_fd, wake_fd = sock.fileno(), self._wake_r.fileno()
         buf = bytearray()
         out = bytearray()
-        # TLS keeps decrypted bytes that select() cannot see: ask the socket before sleeping.
+        # TLS keeps decrypted bytes that poll() cannot see: ask the socket before sleeping.
         pending = sock.pending if isinstance(sock, ssl.SSLSocket) else lambda: 0
         ping_every = self.keepalive / 2
         next_ping = time.monotonic() + ping_every
@@ -271,13 +278,16 @@ class MqttLink:
                     ping_sent = now
                 next_ping = now + ping_every
             timeout = 0.0 if pending() else max(0.0, min(next_ping - now, 0.5))
-            readable, _, _ = select.select([sock, self._wake_r], [sock] if out else [], [], timeout)
-            if self._wake_r in readable:
+            if bool(out) != watching_out:
+                watching_out = bool(out)
+                poller.modify(sock, select.POLLIN | select.POLLOUT if watching_out else select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+            if wake_fd in ready:
                 try:
                     self._wake_r.recv(4096)
                 except BlockingIOError:
                     pass
-            if sock in readable or pending():
+            if sock_fd in ready or pending():
                 try:
                     data = sock.recv(READ_SIZE)
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):

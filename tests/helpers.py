@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 
 from bench.common import free_port, port_open  # noqa: F401 - one home for loopback helpers
 from fleet.config import connack
@@ -177,3 +181,23 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+@contextlib.contextmanager
+def descriptors_held(count: int = 1100) -> Iterator[None]:
+    """Hold ``count`` open descriptors, so sockets opened meanwhile are numbered past select()'s 1024.
+
+    ``fleet up`` shares its process with the broker: past ~1,000 agents every new socket's number is over
+    FD_SETSIZE, which select() cannot watch.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = count + 200
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need) if hard == resource.RLIM_INFINITY
+                                                else min(hard, max(soft, need)), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -11,7 +11,7 @@ import pytest
 from fleet.collector.mqtt_codec import Connack, Connect, Pingreq, Puback, Publish, decode, encode
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
 from fleet.config.mqtt import BrokerAddress
-from tests.helpers import free_port, wait_for
+from tests.helpers import descriptors_held, free_port, wait_for
 
 TOPIC = "fleet/acme/web-1/report"
 
@@ -93,6 +93,20 @@ def test_receives_in_bulk_and_what_is_not_acknowledged_comes_back(endpoint):
     finally:
         link.stop()
     assert again.messages.empty()
+
+
+def test_works_when_its_socket_is_numbered_past_1024(endpoint):
+    recorder = Recorder()
+    with descriptors_held():  # only while the link connects: its socket keeps its high number
+        link = open_link(endpoint, "fleet.collector-manyfds", recorder)
+    try:
+        publish(endpoint, [b'{"n":1}'])  # paho's own loop uses select(), so the publisher connects after
+        ((_, payload, token),) = recorder.take(1)
+        assert payload == b'{"n":1}'
+        link.ack([token])
+        assert recorder.disconnects == []
+    finally:
+        link.stop()
 
 
 def test_acks_of_an_older_connection_are_not_sent_on_a_new_one(endpoint):

@@ -9,7 +9,7 @@ import pytest
 
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
-from tests.helpers import bearer
+from tests.helpers import bearer, descriptors_held
 
 pytestmark = pytest.mark.both_engines
 
@@ -208,21 +208,11 @@ def test_served_by_waitress(settings, fleet):
 
 
 def test_serves_when_the_process_holds_more_than_1024_descriptors(settings, fleet):
-    # `fleet up` shares its process with the broker: past ~1,000 agents every new socket's number is over
-    # FD_SETSIZE, which select() cannot watch.
-    import os
-    import resource
     import urllib.request
 
     from fleet.web.server import start_in_thread
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 1200:
-        pytest.skip(f"the hard descriptor limit ({hard}) is too low for this test")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
-                                                else min(hard, max(soft, 1200)), hard))
-    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
-    try:
+    with descriptors_held():
         running = start_in_thread(settings.replace(http_port=0))
         try:
             for _ in range(3):
@@ -230,7 +220,3 @@ def test_serves_when_the_process_holds_more_than_1024_descriptors(settings, flee
                     assert res.status == 200
         finally:
             running.stop()
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
