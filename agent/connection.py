@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.agent.errors import AgentError
-from fleet.config import payloads
+from fleet.config import connack, payloads
 from fleet.config.mqtt import BrokerAddress, new_client, paho
+from fleet.config.status import OFFLINE
 from fleet.config.topics import agent_client_id, ping_topic
 
-# CONNACK codes (MQTT 3.1.1) that retrying cannot fix.
-FATAL_CONNACK = {1: "broker does not speak MQTT 3.1.1", 2: "client id rejected (check --org and --machine)",
-                 4: "bad key", 5: "not authorised: bad key, or the org does not exist"}
+# Refusals that retrying cannot fix, and what the agent's user can do about them.
+FATAL_CONNACK = {connack.UNACCEPTABLE_PROTOCOL: "broker does not speak MQTT 3.1.1",
+                 connack.IDENTIFIER_REJECTED: "client id rejected (check --org and --machine)",
+                 connack.BAD_CREDENTIALS: "bad key",
+                 connack.NOT_AUTHORIZED: "not authorised: bad key, or the org does not exist"}
 
 
 class FatalConnectError(AgentError):
@@ -55,7 +58,7 @@ class Connection:
 
     def open(self, timeout: float = 10.0) -> None:
         """Connect (TLS verified, will set); raise FatalConnectError or AgentError on failure."""
-        will = payloads.encode(payloads.build_ping(self.machine, self.hardware_id, self.session, "offline",
+        will = payloads.encode(payloads.build_ping(self.machine, self.hardware_id, self.session, OFFLINE,
                                                    self.interval, reason="lost"))
         client = new_client(self.address, agent_client_id(self.org, self.machine), f"{self.org}/agent", self.key,
                             self.ca_path, clean_session=True)
@@ -83,11 +86,10 @@ class Connection:
             reason = FATAL_CONNACK.get(self._rc)
             if reason:
                 raise FatalConnectError(f"broker refused the connection: {reason}")
-            raise AgentError(f"broker refused the connection (code {self._rc})")
+            raise AgentError(f"broker refused the connection: {connack.describe(self._rc)}")
 
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason_code: Any, _p: Any = None) -> None:
-        code = int(getattr(reason_code, "value", reason_code))
-        self._rc = {0x84: 1, 0x85: 2, 0x86: 4, 0x87: 5, 0x88: 3}.get(code, code)
+        self._rc = connack.from_reason_code(reason_code)
         self._connack.set()
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason_code: Any, _p: Any = None) -> None:

@@ -20,6 +20,7 @@ from fleet.config import payloads
 from fleet.config.ids import sanitize_machine_id
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.settings import Settings
+from fleet.config.status import OFFLINE, ONLINE
 from fleet.config.topics import report_topic
 
 log = logging.getLogger("fleet.agent")
@@ -96,7 +97,7 @@ class Agent:
         self.conn = conn
         self.session, self.seq = conn.session, 0
         self.inflight.clear()
-        conn.ping("online", time.time())
+        conn.ping(ONLINE, time.time())
         log.info("connected to %s as org=%s machine=%s session=%s (%d queued)", self.address.url,
                  self.settings.org, self.machine, conn.session, len(self.outbox))
 
@@ -150,7 +151,7 @@ class Agent:
         try:
             info = conn.client.publish(
                 f"fleet/{self.settings.org}/{self.machine}/ping",
-                payloads.encode(payloads.build_ping(self.machine, self.hw_id, conn.session, "offline",
+                payloads.encode(payloads.build_ping(self.machine, self.hw_id, conn.session, OFFLINE,
                                                     self.settings.interval, ts=time.time(), reason="shutdown")),
                 qos=1, retain=True)
             info.wait_for_publish(5)
@@ -193,7 +194,7 @@ class Agent:
                     next_report = now + interval
                 next_ping -= 1
                 if next_ping <= 0 and self.conn is not None and self.conn.is_connected():
-                    self.conn.ping("online", time.time())
+                    self.conn.ping(ONLINE, time.time())
                     next_ping = PING_EVERY
             self.pump()
             if once and made and len(self.outbox) == 0 and self.conn is not None:

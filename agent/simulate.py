@@ -35,6 +35,7 @@ from fleet.config import payloads
 from fleet.config.ids import validate_id
 from fleet.config.mqtt import BrokerAddress, new_client, paho, tls_context
 from fleet.config.settings import Settings
+from fleet.config.status import OFFLINE, ONLINE
 from fleet.config.topics import agent_client_id, ping_topic, report_topic
 
 log = logging.getLogger("fleet.simulate")
@@ -44,6 +45,7 @@ PROGRESS_EVERY_S = 5.0
 CONNECT_TIMEOUT_S = 10.0  # TCP connect + TLS handshake; the CONNACK then has the keepalive (paho's rule)
 DEFAULT_CONNECT_RATE = 200.0  # first connects a second: the window is agents / rate seconds
 DEFAULT_PREFIX = "sim"
+HOT_FOR_S, COOL_FOR_S = 180.0, 120.0  # a "hot" agent's CPU cycle: pinned above 90% for 3 min, then normal for 2
 OS_FAMILIES = [("Linux", "Debian GNU/Linux 12 (bookworm)", "x86_64"), ("Linux", "Ubuntu 24.04 LTS", "x86_64"),
                ("Linux", "Ubuntu 22.04 LTS", "aarch64"), ("Linux", "Alpine Linux v3.20", "x86_64"),
                ("Windows", "Windows Server 2022", "AMD64"), ("Darwin", "macOS 15.1", "arm64"),
@@ -102,8 +104,9 @@ class SimAgent:
     """One simulated machine: identity, metric random walks, and its current connection."""
 
     def __init__(self, index: int, settings: Settings, stats: SimStats, rng: random.Random,
-                 prefix: str = DEFAULT_PREFIX) -> None:
+                 prefix: str = DEFAULT_PREFIX, hot: bool = False) -> None:
         self.machine = f"{prefix}-{index:04d}"
+        self.hot_since = time.monotonic() if hot else None  # runs hot in cycles, so a demo sees an alert fire
         self.settings = settings
         self.stats = stats
         self.rng = rng
@@ -142,7 +145,11 @@ class SimAgent:
 
     def metrics(self, interval: float) -> dict[str, Any]:
         """Next point of each random walk, in the contract's shape."""
-        self.cpu = self._walk(self.cpu, 6, 0.5, 100)
+        cycle = None if self.hot_since is None else (time.monotonic() - self.hot_since) % (HOT_FOR_S + COOL_FOR_S)
+        if cycle is not None and cycle < HOT_FOR_S:
+            self.cpu = self._walk(max(self.cpu, 94.0), 2, 91, 100)
+        else:
+            self.cpu = self._walk(min(self.cpu, 60.0) if cycle is not None else self.cpu, 6, 0.5, 100)
         self.mem = self._walk(self.mem, 1.5, 5, 98)
         self.disk = min(99.5, self.disk + self.rng.uniform(0, 0.02))
         sent, recv = self.rng.uniform(1e3, 5e5) * interval, self.rng.uniform(1e3, 2e6) * interval
@@ -172,7 +179,7 @@ class SimAgent:
         client = cast(PreparedSocketClient, new_client(
             dataclasses.replace(address, tls=False), agent_client_id(self.settings.org, self.machine),
             f"{self.settings.org}/agent", self.settings.key, factory=PreparedSocketClient))
-        will = payloads.build_ping(self.machine, self.hw_id, self.session, "offline", interval, reason="lost")
+        will = payloads.build_ping(self.machine, self.hw_id, self.session, OFFLINE, interval, reason="lost")
         client.will_set(ping_topic(self.settings.org, self.machine), payloads.encode(will), qos=1, retain=True)
         client.max_inflight_messages_set(20)
         client.on_connect = self._on_connect
@@ -196,7 +203,7 @@ class SimAgent:
         self.stats.add(connected=1, connects=1)
         if self.events is not None:
             self.events.append(record.connected(self.machine, self.session, time.time()))
-        self.ping("online")
+        self.ping(ONLINE)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
         if self.connected:
@@ -239,7 +246,7 @@ class SimAgent:
         self.reports += 1
         self.stats.add(sent=1)
         if self.reports % 5 == 0:
-            self.ping("online")
+            self.ping(ONLINE)
 
 
 def _backoff(agent: SimAgent) -> float:
@@ -439,7 +446,7 @@ class Shard(threading.Thread):
             if agent.dialing is not None:
                 self._dial_failed(agent, "stopping")
             elif agent.connected and agent.client is not None:
-                infos.append((agent, agent.ping("offline", reason="shutdown")))
+                infos.append((agent, agent.ping(OFFLINE, reason="shutdown")))
         deadline = time.monotonic() + 5
         def waiting() -> bool:  # offline pings not yet acknowledged on connections still open
             return any(not info.is_published() and agent.client is not None and agent.client.socket() is not None
@@ -496,11 +503,13 @@ class Simulation:
 
 
 def start_simulation(settings: Settings, agents: int, seed: int | None = None, prefix: str = DEFAULT_PREFIX,
-                     connect_rate: float = DEFAULT_CONNECT_RATE, record_path: Path | None = None) -> Simulation:
+                     connect_rate: float = DEFAULT_CONNECT_RATE, record_path: Path | None = None,
+                     hot: int = 0) -> Simulation:
     """Start ``agents`` simulated agents, named ``<prefix>-0001``…, in background threads.
 
     Their first connects are spread, with jitter, over ``agents / connect_rate`` seconds (at least one);
-    with ``record_path``, every report published and acknowledged is written there (agent/record.py).
+    with ``record_path``, every report published and acknowledged is written there (agent/record.py). The
+    first ``hot`` agents run hot in cycles (CPU above 90%), so a demo sees an alert fire.
     """
     if not settings.org or not settings.key:
         raise AgentError("simulate needs --org and --key (or FLEET_ORG / FLEET_KEY)")
@@ -512,7 +521,8 @@ def start_simulation(settings: Settings, agents: int, seed: int | None = None, p
     rng = random.Random(seed)
     stats = SimStats(target=agents)
     stop = threading.Event()
-    sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random()), prefix) for i in range(agents)]
+    sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random()), prefix, hot=i < hot)
+            for i in range(agents)]
     window = max(1.0, agents / connect_rate)
     recorder = record.Recorder(record_path) if record_path is not None else None
     shards = [Shard(sims[i:i + AGENTS_PER_SHARD], address, tls, stop, window, recorder)

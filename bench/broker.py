@@ -22,7 +22,6 @@ import resource
 import shutil
 import ssl
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
 from fleet.broker import patches  # noqa: E402
 from fleet.broker.pki import ensure_certs  # noqa: E402
+from fleet.collector.mqtt_codec import Connack, Connect, decode, encode  # noqa: E402
 from fleet.config import credentials  # noqa: E402
 
 TOPIC = "fleet/bench/m1/report"
@@ -178,22 +178,7 @@ def throughput(target: Target, qos: int, count: int, timeout: float = 120, persi
 
 def connect_packet(cred: tuple[str | None, str | None, str]) -> bytes:
     user, key, client_id = cred
-
-    def s(v: str) -> bytes:
-        b = v.encode()
-        return struct.pack("!H", len(b)) + b
-
-    flags = 0x02 | (0xC0 if user else 0)
-    body = s("MQTT") + bytes([4, flags]) + struct.pack("!H", 600) + s(client_id)
-    if user:
-        body += s(user) + s(key or "")
-    length, enc = len(body), b""
-    while True:
-        byte, length = length % 128, length // 128
-        enc += bytes([byte | (0x80 if length else 0)])
-        if not length:
-            break
-    return b"\x10" + enc + body
+    return encode(Connect(client_id, user, (key or "") if user else None, keepalive=600))
 
 
 async def connect_idle(target: Target, start: int, count: int, concurrency: int, keep: list) -> float:
@@ -206,9 +191,9 @@ async def connect_idle(target: Target, start: int, count: int, concurrency: int,
                 asyncio.open_connection("127.0.0.1", target.port, ssl=ctx, server_hostname="127.0.0.1"), 30)
             writer.write(connect_packet(target.client_cred(i)))
             await writer.drain()
-            ack = await asyncio.wait_for(reader.readexactly(4), 30)
-            if ack[3] != 0:
-                raise RuntimeError(f"CONNACK {ack[3]}")
+            found = decode(await asyncio.wait_for(reader.readexactly(4), 30))
+            if found is None or not isinstance(found[0], Connack) or found[0].return_code:
+                raise RuntimeError(f"no CONNACK accepting the client: {found}")
             keep.append(writer)
 
     started = time.perf_counter()

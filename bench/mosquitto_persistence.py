@@ -32,6 +32,7 @@ import paho.mqtt.client as paho
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.broker import Target, paho_client  # noqa: E402
 from bench.common import free_port, wait_port  # noqa: E402
 from fleet.broker.mosquitto import write_config  # noqa: E402
 from fleet.config import credentials  # noqa: E402
@@ -80,18 +81,9 @@ class Broker:
             self.proc.wait(10)
 
     def client(self, user: str, key: str, client_id: str, clean: bool = True) -> paho.Client:
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
-                             clean_session=clean)
-        client.username_pw_set(user, key)
-        client.tls_set(ca_certs=str(self.data / "certs" / "ca.pem"))
-        client.max_inflight_messages_set(100)
-        connected = threading.Event()
-        client.on_connect = lambda *a: connected.set()
-        client.connect("127.0.0.1", self.port, keepalive=60)
-        client.loop_start()
-        if not connected.wait(10):
-            raise SystemExit("no CONNACK from mosquitto")
-        return client
+        target = Target("mosquitto", self.proc, self.port, self.data / "certs" / "ca.pem", (None, None, ""),
+                        (None, None, ""))
+        return paho_client(target, (user, key, client_id), clean_session=clean)
 
     def collector(self) -> paho.Client:
         return self.client(credentials.SERVICE_USERNAME, self.service_key, "collector", clean=False)

@@ -29,17 +29,11 @@ from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.session import Session
 
 from fleet.broker.keepalive import KeepaliveWheel
-from fleet.broker.policy import (
-    ACCEPTED,
-    IDENTIFIER_REJECTED,
-    NOT_AUTHORIZED,
-    SERVER_UNAVAILABLE,
-    AccessPolicy,
-    Grant,
-)
+from fleet.broker.policy import AccessPolicy, Grant
 from fleet.broker.protocol import MAX_PACKET_BYTES, FleetProtocolHandler, GuardedReader, StreamWriter, abort
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of, spare_queues
+from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
 from fleet.config.credentials import Principal
 from fleet.config.topics import machine_from_client_id
 

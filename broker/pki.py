@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleet.broker.errors import BrokerError
+from fleet.config.settings import WILDCARD_HOSTS
 
 CA_DAYS = 3650
 SERVER_DAYS = 397
 RENEW_BEFORE_DAYS = 30
-WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fleet.config import credentials
+from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED
 from fleet.config.credentials import CredentialRecord, Principal
 from fleet.config.ids import is_valid_id
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
 from fleet.config.topics import ALERT_KIND, ROOT, machine_from_client_id
-
-# CONNACK return codes of MQTT 3.1.1
-ACCEPTED = 0
-IDENTIFIER_REJECTED = 2
-SERVER_UNAVAILABLE = 3
-BAD_CREDENTIALS = 4
-NOT_AUTHORIZED = 5
 
 AGENT_KINDS = ("report", "ping")  # what an agent publishes for its machine; never the collector's alert
 

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,55 @@ def serve(settings: Settings) -> None:
 
 
 @dataclass
+class LoopThread:
+    """An event loop in its own thread, running one server coroutine until ``stop()``."""
+
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+    stop_event: asyncio.Event = field(repr=False)
+    thread: threading.Thread = field(repr=False)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the coroutine to return and wait for the thread (idempotent)."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+            self.thread.join(timeout)
+
+
+Serve = Callable[[asyncio.Event, Callable[[Any], None]], Coroutine[Any, Any, None]]
+
+
+def start_loop_thread(serve: Serve, name: str, timeout: float = 30.0) -> tuple[LoopThread, Any]:
+    """Run ``serve(stop, on_started)`` on a new event loop in a thread; return once it called ``on_started(value)``,
+    with that value. What ``serve`` raises before that is raised here; TimeoutError if it takes too long."""
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    def on_started(value: Any) -> None:
+        box["value"] = value
+        started.set()
+
+    def run() -> None:
+        # asyncio.Runner, like asyncio.run, cancels what is left (e.g. a TLS handshake in progress) before closing
+        # the loop, so a stop never leaves "Task was destroyed but it is pending" behind.
+        with asyncio.Runner() as runner:
+            box["loop"] = runner.get_loop()
+            box["stop"] = asyncio.Event()
+            try:
+                runner.run(serve(box["stop"], on_started))
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                box["error"] = exc
+                started.set()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    if not started.wait(timeout):
+        raise TimeoutError(f"{name} did not start in {timeout:.0f} s")
+    if "error" in box and "value" not in box:
+        raise box["error"]
+    return LoopThread(box["loop"], box["stop"], thread), box["value"]
+
+
+@dataclass
 class RunningBroker:
     """A broker running on its own event loop in a background thread."""
 
@@ -188,9 +238,7 @@ class RunningBroker:
     ca_path: Path
     data_dir: Path
     broker: FleetBroker = field(repr=False)  # the amqtt broker itself, for inspection
-    _loop: asyncio.AbstractEventLoop = field(repr=False)
-    _stop: asyncio.Event = field(repr=False)
-    _thread: threading.Thread = field(repr=False)
+    _runner: LoopThread = field(repr=False)
 
     @property
     def url(self) -> str:
@@ -204,39 +252,19 @@ class RunningBroker:
 
     def stop(self) -> None:
         """Stop the broker and wait for its thread (idempotent)."""
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(30)
+        self._runner.stop()
 
 
 def start_in_thread(settings: Settings, timeout: float = 30.0) -> RunningBroker:
     """Start the broker in a background thread; return once it listens (port 0 = pick a free port)."""
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    def on_started(handle: BrokerHandle) -> None:
-        box["handle"] = handle
-        started.set()
-
-    def run() -> None:
-        # asyncio.Runner, like asyncio.run, cancels what is left (e.g. a TLS handshake in progress) before closing
-        # the loop, so a stop never leaves "Task was destroyed but it is pending" behind.
-        with asyncio.Runner() as runner:
-            box["loop"] = runner.get_loop()
-            box["stop"] = asyncio.Event()
-            try:
-                runner.run(run_broker(settings, box["stop"], on_started))
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-                box["error"] = exc
-                started.set()
-
-    thread = threading.Thread(target=run, name="fleet-broker", daemon=True)
-    thread.start()
-    if not started.wait(timeout):
-        raise BrokerError("broker did not start in time")
-    if "error" in box:
-        error = box["error"]
-        raise error if isinstance(error, BrokerError) else BrokerError(str(error))
-    handle: BrokerHandle = box["handle"]
+    try:
+        runner, handle = start_loop_thread(lambda stop, on_started: run_broker(settings, stop, on_started),
+                                           "fleet-broker", timeout)
+    except BrokerError:
+        raise
+    except TimeoutError as exc:
+        raise BrokerError("broker did not start in time") from exc
+    except BaseException as exc:
+        raise BrokerError(str(exc)) from exc
     return RunningBroker(settings.replace(mqtt_port=handle.port), settings.host, handle.port, handle.plain_port,
-                         handle.certs.ca, settings.data_dir, handle.broker, box["loop"], box["stop"], thread)
+                         handle.certs.ca, settings.data_dir, handle.broker, runner)

@@ -140,9 +140,9 @@ class BrokerStore:
                         return
                     # Let a few more loop turns join this commit: more PUBACKs per write, and rows whose
                     # subscriber acknowledges them meanwhile are never written (_cancel_delivered).
-                    wait = self._sealed[0].sealed_at + GROUP_WINDOW_S - time.monotonic()
-                    if wait > 0 and not self._closing:
-                        self._cond.wait(wait)
+                    deadline = self._sealed[0].sealed_at + GROUP_WINDOW_S
+                    while not self._closing and (wait := deadline - time.monotonic()) > 0:
+                        self._cond.wait(wait)  # woken early by each batch sealed meanwhile
                     batches = list(self._sealed)
                     self._sealed.clear()
                 if len(batches) > 1:
@@ -160,6 +160,8 @@ class BrokerStore:
                 with conn:
                     for batch in batches:
                         _write(conn, batch)
+                if failures:
+                    log.warning("broker store %s: commits succeed again after %d failures", self.path, failures)
                 return True
             except sqlite3.Error as exc:
                 failures += 1

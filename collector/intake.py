@@ -20,7 +20,8 @@ log = logging.getLogger("collector.intake")
 
 RATE_LIMITED = "rate_limited"
 INTERNAL = "internal"
-DROP_REASONS = payloads.REASONS + (RATE_LIMITED, INTERNAL)
+UNKNOWN_ORG = "unknown_org"  # a well-formed message of an org that does not exist (or is not this shard's)
+DROP_REASONS = payloads.REASONS + (RATE_LIMITED, INTERNAL, UNKNOWN_ORG)
 # Bucket depth in seconds of the rate: a broker delivering a backlog after an outage is not a flood.
 BURST_SECONDS = 20.0
 LOG_EVERY_S = 60.0

@@ -19,7 +19,6 @@ import random
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleet.collector.errors import CollectorError
+from fleet.collector.mqtt_codec import (
+    Connack,
+    Connect,
+    Disconnect,
+    MalformedPacket,
+    Pingreq,
+    Pingresp,
+    Puback,
+    Publish,
+    Suback,
+    Subscribe,
+    Unsuback,
+    Unsubscribe,
+    decode,
+    encode,
+    encode_pubacks,
+)
+from fleet.config import connack as connack_codes
 from fleet.config.mqtt import BrokerAddress, tls_context
 
 log = logging.getLogger("collector")
@@ -34,14 +51,12 @@ log = logging.getLogger("collector")
 READ_SIZE = 256 * 1024
 CONNECT_TIMEOUT_S = 10.0
 STOP_FLUSH_S = 2.0
-MAX_REMAINING = 268_435_455  # the protocol's own limit; brokers cap message sizes well below it
 NO_ACK = -1  # token of a QoS 0 message: nothing to acknowledge
+CONNACK_SIZE = 4
 
-CONNACK_REASONS = {1: "unacceptable protocol version", 2: "client identifier rejected", 3: "server unavailable",
-                   4: "bad user name or password", 5: "not authorized"}
 
-PINGREQ = b"\xc0\x00"
-DISCONNECT = b"\xe0\x00"
+PINGREQ = encode(Pingreq())
+DISCONNECT = encode(Disconnect())
 
 
 class LinkError(CollectorError):
@@ -63,42 +78,8 @@ class LinkCallbacks:
     on_read: Callable[[], None]                                # the messages of one socket read are delivered
 
 
-def _utf8(value: str) -> bytes:
-    data = value.encode("utf-8")
-    return struct.pack("!H", len(data)) + data
-
-
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(header: int, body: bytes) -> bytes:
-    """One MQTT control packet: fixed header byte, remaining length, body."""
-    return bytes([header]) + _remaining(len(body)) + body
-
-
-def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int,
-                   clean_session: bool) -> bytes:
-    """CONNECT for MQTT 3.1.1."""
-    flags = (0x02 if clean_session else 0) | (0x80 if username is not None else 0) | \
-        (0x40 if password is not None else 0)
-    body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + _utf8(client_id)
-    if username is not None:
-        body += _utf8(username)
-    if password is not None:
-        body += _utf8(password)
-    return packet(0x10, body)
-
-
-def publish_packet(topic: str, payload: bytes, mid: int, retain: bool, dup: bool = False) -> bytes:
-    """PUBLISH at QoS 1."""
-    header = 0x32 | (0x01 if retain else 0) | (0x08 if dup else 0)
-    return packet(header, _utf8(topic) + struct.pack("!H", mid) + payload)
+def _publish(topic: str, payload: bytes, mid: int, retain: bool, dup: bool = False) -> bytes:
+    return encode(Publish(topic.encode("utf-8"), payload, 1, retain, mid, dup))
 
 
 class MqttLink:
@@ -113,7 +94,7 @@ class MqttLink:
         self.callbacks = callbacks
         self.min_delay = min_delay
         self.max_delay = max_delay
-        self._connect = connect_packet(client_id, username, password, keepalive, clean_session=False)
+        self._connect = encode(Connect(client_id, username, password, keepalive, clean_session=False))
         self._tls = tls_context(ca_path) if address.tls else None
         self._lock = threading.Lock()
         self._out = bytearray()           # bytes for the current connection, written by the network thread
@@ -149,28 +130,22 @@ class MqttLink:
     def subscribe(self, filters: list[tuple[str, int]]) -> None:
         """SUBSCRIBE to ``(filter, qos)`` pairs; the SUBACK's codes go to ``on_suback``."""
         with self._lock:
-            mid = self._new_mid()
-            body = struct.pack("!H", mid) + b"".join(_utf8(f) + bytes([qos]) for f, qos in filters)
-            self._queue(packet(0x82, body))
+            self._queue(encode(Subscribe(self._new_mid(), tuple(filters))))
 
     def unsubscribe(self, filters: list[str]) -> None:
         """UNSUBSCRIBE from ``filters``."""
         with self._lock:
-            mid = self._new_mid()
-            self._queue(packet(0xA2, struct.pack("!H", mid) + b"".join(_utf8(f) for f in filters)))
+            self._queue(encode(Unsubscribe(self._new_mid(), tuple(filters))))
 
     def ack(self, tokens: Iterable[int]) -> None:
         """PUBACK the messages behind ``tokens`` (from ``on_message``), in one write."""
         with self._lock:
             generation = self._generation << 16
-            out = bytearray()
-            for token in tokens:
-                if token >= 0 and token & ~0xFFFF == generation:
-                    out += b"\x40\x02" + struct.pack("!H", token & 0xFFFF)
             # An older connection's messages are redelivered by the broker; acking them here would
             # acknowledge an id the broker no longer has in flight.
+            out = encode_pubacks([token & 0xFFFF for token in tokens if token >= 0 and token & ~0xFFFF == generation])
             if out and self._connected:
-                self._queue(bytes(out))
+                self._queue(out)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """PUBLISH at QoS 1; kept until the broker acknowledges it, resent after a reconnect."""
@@ -178,7 +153,7 @@ class MqttLink:
             mid = self._new_mid()
             self._inflight[mid] = (topic, payload, retain)
             if self._connected:
-                self._queue(publish_packet(topic, payload, mid, retain))
+                self._queue(_publish(topic, payload, mid, retain))
 
     def _new_mid(self) -> int:
         while True:
@@ -203,7 +178,7 @@ class MqttLink:
         while not self._stop.is_set():
             try:
                 sock, session_present = self._open()
-            except (OSError, LinkError) as exc:
+            except (OSError, LinkError, MalformedPacket) as exc:
                 failures += 1
                 level = logging.ERROR if isinstance(exc, Refused) else logging.WARNING
                 if failures == 1 or isinstance(exc, Refused) and failures % 60 == 1:
@@ -212,19 +187,29 @@ class MqttLink:
                 delay = min(delay * 2, self.max_delay)
                 continue
             failures = 0
-            delay = self.min_delay
             why = "stopped"
+            broken = False  # the broker broke the protocol: back off before trying again
             try:
                 self.callbacks.on_connect(session_present)
                 self._serve(sock)
-            except (OSError, LinkError) as exc:
+            except OSError as exc:
                 why = str(exc) or type(exc).__name__
+            except (LinkError, MalformedPacket) as exc:
+                why, broken = str(exc), True
+            except Exception as exc:  # noqa: BLE001 - a bug must cost a reconnect, never the network thread
+                log.exception("collector link error on %s", self.address.url)
+                why, broken = f"internal error: {type(exc).__name__}: {exc}", True
             finally:
                 with self._lock:
                     self._connected = False
                     self._out.clear()  # acks and subscriptions of this connection: redone on the next
                 sock.close()
             self.callbacks.on_disconnect(why)
+            if broken:
+                self._stop.wait(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self.max_delay)
+            else:
+                delay = self.min_delay
 
     def _open(self) -> tuple[socket.socket, bool]:
         sock = socket.create_connection((self.address.host, self.address.port), timeout=CONNECT_TIMEOUT_S)
@@ -232,16 +217,18 @@ class MqttLink:
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.address.host)
             sock.sendall(self._connect)
-            connack = b""
-            while len(connack) < 4:
-                chunk = sock.recv(4 - len(connack))
+            data = b""
+            while len(data) < CONNACK_SIZE:  # read no further: queued messages may follow the CONNACK
+                chunk = sock.recv(CONNACK_SIZE - len(data))
                 if not chunk:
                     raise LinkError("connection closed before CONNACK")
-                connack += chunk
-            if connack[0] != 0x20 or connack[1] != 2:
-                raise LinkError(f"expected CONNACK, got {connack.hex()}")
-            if connack[3]:
-                raise Refused(CONNACK_REASONS.get(connack[3], f"return code {connack[3]}"))
+                data += chunk
+            found = decode(data)
+            if found is None or not isinstance(found[0], Connack):
+                raise LinkError(f"expected CONNACK, got {data.hex()}")
+            connack = found[0]
+            if connack.return_code:
+                raise Refused(connack_codes.describe(connack.return_code))
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except BaseException:
@@ -252,13 +239,21 @@ class MqttLink:
             self._connected = True
             self._out.clear()
             for mid, (topic, payload, retain) in sorted(self._inflight.items()):
-                self._out += publish_packet(topic, payload, mid, retain, dup=True)
-        return sock, bool(connack[2] & 1)
+                self._out += _publish(topic, payload, mid, retain, dup=True)
+        return sock, connack.session_present
 
     def _serve(self, sock: socket.socket) -> None:
+        # poll, not select(): in `fleet up` the process holds thousands of agent sockets, and select()
+        # cannot watch a descriptor numbered 1024 or more.
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(sock, select.POLLIN)
+        watching_out = False
+        sock_fd, wake_fd = sock.fileno(), self._wake_r.fileno()
         buf = bytearray()
         out = bytearray()
-        tls = isinstance(sock, ssl.SSLSocket)
+        # TLS keeps decrypted bytes that poll() cannot see: ask the socket before sleeping.
+        pending = sock.pending if isinstance(sock, ssl.SSLSocket) else lambda: 0
         ping_every = self.keepalive / 2
         next_ping = time.monotonic() + ping_every
         ping_sent: float | None = None
@@ -282,14 +277,17 @@ class MqttLink:
                     out += PINGREQ
                     ping_sent = now
                 next_ping = now + ping_every
-            timeout = 0.0 if tls and sock.pending() else max(0.0, min(next_ping - now, 0.5))
-            readable, _, _ = select.select([sock, self._wake_r], [sock] if out else [], [], timeout)
-            if self._wake_r in readable:
+            timeout = 0.0 if pending() else max(0.0, min(next_ping - now, 0.5))
+            if bool(out) != watching_out:
+                watching_out = bool(out)
+                poller.modify(sock, select.POLLIN | select.POLLOUT if watching_out else select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+            if wake_fd in ready:
                 try:
                     self._wake_r.recv(4096)
                 except BlockingIOError:
                     pass
-            if sock in readable or (tls and sock.pending()):
+            if sock_fd in ready or pending():
                 try:
                     data = sock.recv(READ_SIZE)
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -312,53 +310,32 @@ class MqttLink:
                 del out[:sent]
 
     def _dispatch(self, buf: bytearray) -> tuple[int, bool]:
-        """Handle every complete packet in ``buf``; return the bytes used and whether a PINGRESP came."""
+        """Handle every complete packet in ``buf``; return the bytes used and whether a PINGRESP came.
+
+        A malformed packet raises MalformedPacket (the connection is dropped and made again); what came
+        before it in ``buf`` has been delivered, unacknowledged, and the broker sends it again.
+        """
         pos = 0
-        end = len(buf)
         pong = False
         on_message = self.callbacks.on_message
         generation = self._generation << 16
-        while end - pos >= 2:
-            header = buf[pos]
-            i = pos + 1
-            length = 0
-            shift = 0
-            while True:
-                if i >= end:
-                    return pos, pong
-                byte = buf[i]
-                i += 1
-                length |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise LinkError("malformed remaining length")
-            stop = i + length
-            if stop > end:
-                return pos, pong
-            kind = header & 0xF0
-            if kind == 0x30:
-                qos = (header >> 1) & 3
-                topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
-                if topic_end + (2 if qos else 0) > stop:
-                    raise LinkError("malformed PUBLISH")
-                if qos == 0:
-                    on_message(bytes(buf[i + 2:topic_end]), bytes(buf[topic_end:stop]), bool(header & 1), NO_ACK)
-                elif qos == 1:
-                    mid = (buf[topic_end] << 8) | buf[topic_end + 1]
-                    on_message(bytes(buf[i + 2:topic_end]), bytes(buf[topic_end + 2:stop]), bool(header & 1),
-                               generation | mid)
+        while found := decode(buf, pos):
+            packet, next_pos = found
+            if type(packet) is Publish:
+                if packet.qos == 1:
+                    on_message(packet.topic, packet.payload, packet.retain, generation | packet.packet_id)
+                elif packet.qos == 0:
+                    on_message(packet.topic, packet.payload, packet.retain, NO_ACK)
                 else:
                     raise LinkError("QoS 2 PUBLISH on a QoS 1 subscription")
-            elif kind == 0x40:
+            elif type(packet) is Puback:
                 with self._lock:
-                    self._inflight.pop((buf[i] << 8) | buf[i + 1], None)
-            elif kind == 0x90:
-                self.callbacks.on_suback(list(buf[i + 2:stop]))
-            elif kind == 0xD0:
+                    self._inflight.pop(packet.packet_id, None)
+            elif type(packet) is Suback:
+                self.callbacks.on_suback(list(packet.return_codes))
+            elif type(packet) is Pingresp:
                 pong = True
-            elif kind != 0xB0:  # UNSUBACK needs nothing
-                raise LinkError(f"unexpected packet type 0x{header:02x}")
-            pos = stop
+            elif type(packet) is not Unsuback:  # UNSUBACK needs nothing
+                raise LinkError(f"unexpected packet from the broker: {packet}")
+            pos = next_pos
         return pos, pong

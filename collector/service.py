@@ -23,21 +23,23 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fleet.collector import store
+from fleet.collector.alerts import AlertEngine
+from fleet.collector.delivery import DeliveryWorker
 from fleet.collector.errors import CollectorError
-from fleet.collector.intake import INTERNAL, DropCounter, RateLimiter, Received, parse_message
+from fleet.collector.intake import INTERNAL, UNKNOWN_ORG, DropCounter, RateLimiter, Received, parse_message
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
-from fleet.collector.state import Tracker, Transition
+from fleet.collector.state import Machine, Tracker, Transition
 from fleet.config import credentials, payloads
-from fleet.config.database import Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
+from fleet.config.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
 from fleet.config.errors import ConfigError
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.payloads import Report
 from fleet.config.settings import Settings
-from fleet.config.topics import KINDS, org_kind_filter, ping_topic
+from fleet.config.status import BROKER_CONNECTED, COLLECTOR
+from fleet.config.topics import KINDS, every_org_filter, org_kind_filter, ping_topic
 
 log = logging.getLogger("collector")
 
-COMPONENT = "collector"
 QUEUE_MAX = 20_000
 PROMPT_FLUSH_S = 0.005
 HEARTBEAT_EVERY_S = 2.0
@@ -46,13 +48,18 @@ ORG_REFRESH_MAX_S = 2.0
 STARTUP_GRACE_S = 30.0  # without a broker, start stale/TTL checks after this long anyway
 WRITER_BUSY_TIMEOUT_MS = 1000
 STOP_RETRY_S = 10.0
+CHECKPOINT_EVERY_S = 1.0
 KEEPALIVE_S = 30
 SUBSCRIBE_CHUNK = 64
 GC_THRESHOLD = 20_000
 
 
-def _collect_garbage_less_often() -> None:
-    """Raise the cyclic GC's first threshold (process-wide) so it does not keep re-walking queued reports."""
+def collect_garbage_less_often() -> None:
+    """Raise the cyclic GC's first threshold (process-wide) so it does not keep re-walking queued reports.
+
+    Only for a process that runs the collector alone (``serve``, ``bench/ingest.py``): ``fleet up`` shares
+    its process with the broker and the web and keeps Python's defaults (docs/collector.md).
+    """
     # Each decoded report is ~10 dicts and lists, freed by reference counting once stored; with up to
     # QUEUE_MAX of them alive, the default threshold (700) ran a collection every ~70 messages and took a
     # quarter of the ingest time (python3 bench/ingest.py: 74% -> 84-87% of the raw subscriber on Mosquitto).
@@ -82,6 +89,7 @@ class CollectorStats:
     dropped: dict[str, int] = field(default_factory=dict)
     queued: int = 0
     machines: int = 0
+    commits: int = 0  # write transactions: stored / commits is the mean batch
 
 
 class RunningCollector:
@@ -100,8 +108,7 @@ class RunningCollector:
         self._queue_max = QUEUE_MAX
         self._wake = threading.Event()
         self._space = threading.Event()
-        self._orgs: frozenset[str] = frozenset()
-        self._subscribed: frozenset[str] = frozenset()
+        self._orgs: frozenset[str] = frozenset()  # the orgs served: existing ones (of the shard)
         self._orgs_lock = threading.Lock()
         self._connected = threading.Event()
         self._synced = threading.Event()  # connected and subscribed at least once
@@ -109,12 +116,17 @@ class RunningCollector:
         self._network_done = threading.Event()
         self._writer_ready = threading.Event()
         self._writer_error: BaseException | None = None
+        self._checkpoint_stop = threading.Event()
         self._received = 0
         self._stored = 0
+        self._commits = 0
         self._started = time.monotonic()
         self._backpressure_logged = 0.0
         self._client: MqttLink | None = None
         self._writer = threading.Thread(target=self._writer_main, name="collector-writer", daemon=True)
+        self._connected_since: float | None = None  # wall clock of the current connection's CONNACK
+        self.alerts = AlertEngine(self.tracker, settings.alert_group_wait, self.blind)
+        self.delivery = DeliveryWorker(settings, lambda: self._orgs)
 
     # --- public -------------------------------------------------------------------------------
     def start(self) -> RunningCollector:
@@ -134,7 +146,7 @@ class RunningCollector:
         self._writer.start()
         if not self._writer_ready.wait(30) or self._writer_error is not None:
             raise CollectorError(f"collector writer failed to start: {self._writer_error}")
-        _collect_garbage_less_often()
+        self.delivery.start()
         client.start()
         log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
                  ", ".join(sorted(self._orgs)) or "(none yet)")
@@ -146,8 +158,9 @@ class RunningCollector:
 
     def stats(self) -> CollectorStats:
         """Current counters."""
-        return CollectorStats(self._connected.is_set(), tuple(sorted(self._subscribed)), self._received,
-                              self._stored, self.drops.totals(), len(self._queue), len(self.tracker.machines))
+        return CollectorStats(self._connected.is_set(), tuple(sorted(self._orgs)), self._received,
+                              self._stored, self.drops.totals(), len(self._queue), len(self.tracker.machines),
+                              self._commits)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Disconnect (the broker keeps our session and queues for it), write everything pending, stop."""
@@ -160,6 +173,7 @@ class RunningCollector:
         self._network_done.set()
         if self._writer.is_alive():
             self._writer.join(timeout)
+        self.delivery.stop()
         self._connected.clear()
         log.info("collector stopped: received %d, stored %d, dropped %s", self._received, self._stored,
                  self.drops.totals() or "none")
@@ -174,36 +188,42 @@ class RunningCollector:
         with self._orgs_lock:
             self._orgs = wanted
 
-    def _sync_subscriptions(self, force: bool = False) -> None:
-        """Subscribe to new orgs, unsubscribe removed ones (all of them again after a reconnect)."""
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What the collector subscribes to, fixed for its lifetime so that no org waits for a subscription.
+
+        An agent may publish as soon as its org's credentials are valid, and a broker drops what nobody is
+        subscribed to, so the filters do not follow the org list: without a shard, every org by wildcard
+        (messages of orgs that do not exist are counted as ``unknown_org``); a shard, its orgs by name,
+        whether they exist yet or not.
+        """
+        if self.settings.orgs:
+            return [(org_kind_filter(org, kind), 1) for org in sorted(set(self.settings.orgs)) for kind in KINDS]
+        return [(every_org_filter(kind), 1) for kind in KINDS]
+
+    def _subscribe(self) -> None:
         client = self._client
-        if client is None or not self._connected.is_set():
+        if client is None:
             return
-        with self._orgs_lock:
-            wanted = self._orgs
-            added = wanted if force else wanted - self._subscribed
-            removed = frozenset() if force else self._subscribed - wanted
-            self._subscribed = wanted
-        filters = [(org_kind_filter(org, kind), 1) for org in sorted(added) for kind in KINDS]
+        filters = self.subscriptions()
         for i in range(0, len(filters), SUBSCRIBE_CHUNK):
             client.subscribe(filters[i:i + SUBSCRIBE_CHUNK])
-        if removed:
-            client.unsubscribe([org_kind_filter(org, kind) for org in sorted(removed) for kind in KINDS])
-        for org in sorted(added if not force else ()):
-            log.info("collector subscribed to org %s", org)
-        for org in sorted(removed):
-            log.info("collector unsubscribed from org %s", org)
-        if not filters:
-            self._synced.set()  # nothing to wait for
+
+    def blind(self, machine: Machine, now: float) -> bool:
+        """True while the collector cannot tell the machine's status: disconnected, or within its stale_after of
+        connecting (the backlog and fresh pings are still arriving). Status alerts do not fire meanwhile."""
+        since = self._connected_since
+        return since is None or now - since < self.tracker.stale_after(machine)
 
     # --- link callbacks (network thread: never block on anything but the bounded queue) ---------
     def _on_connect(self, session_present: bool) -> None:
+        self._connected_since = time.time()
         self._connected.set()
         log.info("collector connected to %s (session present: %s)", self.address.url, session_present)
-        self._sync_subscriptions(force=True)
+        self._subscribe()
 
     def _on_disconnect(self, why: str) -> None:
         was = self._connected.is_set()
+        self._connected_since = None
         self._connected.clear()
         if was and not self._stopping.is_set():
             log.warning("collector lost the broker %s (%s); reconnecting", self.address.url, why)
@@ -225,8 +245,8 @@ class RunningCollector:
             client.ack((token,))
             return
         item = parse_message(topic, payload, retained, time.time(), self.limiter, self.drops)
-        if item is None or item.message.org not in self._orgs:
-            client.ack((token,))  # nothing to store: counted (or not ours), acknowledge now
+        if item is None:
+            client.ack((token,))  # nothing to store: counted, acknowledge now
             return
         self._put(item, token)
 
@@ -263,17 +283,47 @@ class RunningCollector:
     def _writer_main(self) -> None:
         try:
             db = open_database(self.settings.database, busy_timeout_ms=WRITER_BUSY_TIMEOUT_MS)
+            if db.engine == SQLITE:
+                # Checkpoints (copying the WAL into fleet.db, with an fsync) run on a thread of their own, so a
+                # commit never waits for one: the broker sends no more than its in-flight window until we ack.
+                db.execute("PRAGMA wal_autocheckpoint=0")
             self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None), time.time())
+            self.alerts.load(db, self._orgs, time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._writer_error = exc
             self._writer_ready.set()
             return
         self._writer_ready.set()
+        checkpointer = threading.Thread(target=self._checkpointer, name="collector-checkpoint", daemon=True)
+        if db.engine == SQLITE:
+            checkpointer.start()
         try:
             Writer(self, db).run()
         except BaseException:
             log.exception("collector writer thread crashed")
             raise
+        finally:
+            self._checkpoint_stop.set()
+            if checkpointer.is_alive():
+                checkpointer.join(STOP_RETRY_S)
+            db.close()
+
+    def _checkpointer(self) -> None:
+        """Copy the WAL into fleet.db every CHECKPOINT_EVERY_S, off the writer's commit path."""
+        try:
+            db = open_database(self.settings.database, migrate=False)
+        except DatabaseError as exc:
+            log.error("collector checkpoints disabled: %s", exc)
+            return
+        try:
+            while not self._checkpoint_stop.wait(CHECKPOINT_EVERY_S):
+                try:
+                    store.checkpoint(db)
+                except DatabaseError as exc:
+                    log.warning("WAL checkpoint failed (will retry): %s", exc)
+            store.checkpoint(db)
+        except DatabaseError as exc:
+            log.warning("final WAL checkpoint failed: %s", exc)
         finally:
             db.close()
 
@@ -286,6 +336,7 @@ class Writer:
         self.db = db
         self.settings = owner.settings
         self.tracker = owner.tracker
+        self.alerts = owner.alerts
         self.batch = store.Batch()
         now = time.monotonic()
         self.tick_every = min(1.0, self.settings.ttl_seconds / 4)
@@ -297,6 +348,8 @@ class Writer:
         self.next_settle = now
         self.pending_clears: list[str] = []
         self.pending_acks: list[int] = []  # acknowledged once the batch holding them is written
+        self.orgs_read_for_batch = False
+        self.orgs_read_ok = True
         # A connection lost during COMMIT (PostgreSQL) leaves unknown whether the batch was stored, and a retry
         # would store its events and counters twice: each batch also writes this collector's marker (one row).
         self.marker_key = f"collector_batch:{owner.client_id}"
@@ -315,9 +368,13 @@ class Writer:
                 owner._wake.wait(PROMPT_FLUSH_S if q else self.settings.batch_interval_s)
             owner._wake.clear()
             done = owner._network_done.is_set()
+            self.orgs_read_for_batch = False
             for _ in range(min(len(q), batch_max)):
                 item, ack = q.popleft()
-                self._apply(item)
+                if item.message.org in owner._orgs or self._org_appeared(item.message.org):
+                    self._apply(item)
+                else:
+                    owner.drops.add(UNKNOWN_ORG, f"fleet/{item.message.org}/{item.message.machine_id}", "no such org")
                 self.pending_acks.append(ack)
             owner._space.set()
             done = done and not q
@@ -345,6 +402,9 @@ class Writer:
             else:
                 transitions = self.tracker.on_ping(message, item.received, item.retained)
             self._record(transitions)
+            machine = self.tracker.get(message.org, message.machine_id)
+            if machine is not None:
+                self.alerts.evaluate(machine, item.received, metrics_changed=isinstance(message, Report))
         except Exception as exc:
             self.owner.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}",
                                  f"{type(exc).__name__}: {exc}")
@@ -368,6 +428,8 @@ class Writer:
         if now_m >= self.next_orgs and not final:
             self.next_orgs = now_m + self.org_every
             self._refresh_orgs()
+        if not final:
+            self.alerts.timers(self.db, owner._orgs, time.time())
         if now_m >= self.next_retention and not final:
             self.next_retention = now_m + RETENTION_EVERY_S
             self._retention()
@@ -398,24 +460,41 @@ class Writer:
         """Stale and TTL checks; evicted machines lose their row and their retained ping."""
         transitions, evicted = self.tracker.tick(now)
         self._record(transitions)
+        self.alerts.after_tick(transitions, evicted, now)
         for machine in evicted:
             self.batch.evicted.append(machine)
             self.batch.expired[machine.org] = self.batch.expired.get(machine.org, 0) + 1
             self.pending_clears.append(ping_topic(machine.org, machine.machine_id))
 
-    def _refresh_orgs(self) -> None:
+    def _org_appeared(self, org: str) -> bool:
+        """Whether ``org``, unknown so far, exists after all: read the org list again, once per batch.
+
+        A new org's agent can publish before the periodic refresh. Every message of the batch was received
+        before this read, and the broker accepted it only once the org's credentials were in the database,
+        so an org this read does not list does not exist (or is not this shard's). If the read fails, the
+        message is kept rather than dropped.
+        """
+        if not self.orgs_read_for_batch:
+            self.orgs_read_for_batch = True
+            self.orgs_read_ok = self._refresh_orgs()
+        return org in self.owner._orgs or not self.orgs_read_ok
+
+    def _refresh_orgs(self) -> bool:
         owner = self.owner
         try:
             wanted = owner._wanted_orgs(credentials.org_names(self.db))
         except DatabaseError as exc:
             log.warning("cannot read orgs (will retry): %s", exc)
-            return
+            return False
         if wanted != owner._orgs:
-            for org in owner._orgs - wanted:
+            for org in sorted(owner._orgs - wanted):
                 self.tracker.forget_org(org)
+                self.alerts.forget_org(org)
+                log.info("collector no longer serves org %s", org)
+            for org in sorted(wanted - owner._orgs):
+                log.info("collector serves org %s", org)
             owner._set_orgs(wanted)
-        if wanted != owner._subscribed:
-            owner._sync_subscriptions()
+        return True
 
     def _retention(self) -> None:
         try:
@@ -430,11 +509,12 @@ class Writer:
 
     def _heartbeat(self, final: bool) -> None:
         stats = self.owner.stats()
-        detail = {"broker_connected": stats.broker_connected and not final, "orgs": list(stats.orgs),
+        detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
-                  "queued": stats.queued, "machines": stats.machines, "client_id": self.owner.client_id}
+                  "queued": stats.queued, "machines": stats.machines, "client_id": self.owner.client_id,
+                  "alerts_firing": self.alerts.firing_count()}
         try:
-            store.write_heartbeat(self.db, COMPONENT, time.time(), detail)
+            store.write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
 
@@ -442,6 +522,7 @@ class Writer:
         batch = self.batch
         batch.drops = self.owner.drops.take_unsaved()
         batch.machines = self.tracker.take_dirty()
+        batch.alerts = self.alerts.take_writes()
         if batch and not self.write(batch, final):
             self.pending_acks = []  # not stored: leave them unacknowledged, the broker will send them again
         self.batch = store.Batch()
@@ -455,6 +536,12 @@ class Writer:
                 client.publish(topic, b"", retain=True)
                 log.info("machine %s evicted: retained ping cleared", topic)
         self.pending_clears = []
+        for topic, payload in self.alerts.take_publishes():
+            if client is not None:
+                client.publish(topic, payload, retain=True)
+        if self.alerts.outbox_added:
+            self.alerts.outbox_added = False
+            self.owner.delivery.wake()
 
     def write(self, batch: store.Batch, final: bool) -> bool:
         """Write a batch, retrying while the database is busy or away; False only if it gave up at shutdown."""
@@ -478,6 +565,7 @@ class Writer:
                     self.owner._stored += len(batch.reports)
                     return True
                 self.owner._stored += store.write_batch(self.db, batch, time.time(), marker)
+                self.owner._commits += 1
                 return True
             except DatabaseRefused:
                 raise
@@ -501,7 +589,7 @@ class Writer:
         False if it gave up on a row at shutdown (the database went away meanwhile): nothing is acknowledged.
         """
         log.error("database refused a batch (%s): storing its rows one by one", exc)
-        parts = [store.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost)]
+        parts = [store.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost, alerts=batch.alerts)]
         parts += [store.Batch(evicted=[m]) for m in batch.evicted]
         parts += [store.Batch(machines=[m]) for m in batch.machines]
         parts += [store.Batch(events=[e]) for e in batch.events]
@@ -535,6 +623,7 @@ def serve(settings: Settings) -> None:
     """``fleet collector``: run until SIGINT/SIGTERM, then stop cleanly, flushing pending writes."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    collect_garbage_less_often()  # this process is the collector's alone
     collector = start(settings)
     try:
         stop.wait()

@@ -153,6 +153,8 @@ def _org_exists(db: Database, org: str) -> bool:
 
 def add_org(data_dir: Path, org: str, database: str | None = None) -> OrgSecrets:
     """Create an org with fresh agent and reader keys; raise CredentialError if it exists."""
+    from fleet.config import alerting  # imports this module
+
     validate_id(org, "org")
     pepper = load_pepper(data_dir)
     secrets_ = OrgSecrets(org, generate_key(), generate_key())
@@ -160,7 +162,9 @@ def add_org(data_dir: Path, org: str, database: str | None = None) -> OrgSecrets
         check_pepper(db, pepper, data_dir)
         if _org_exists(db, org):
             raise CredentialError(f"org {org!r} already exists")
-        db.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, time.time()))
+        now = time.time()
+        db.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, now))
+        alerting.insert_default_rules(db, org, now)
         _store(db, pepper, username_for(org, "agent"), org, "agent", secrets_.agent_key)
         _store(db, pepper, username_for(org, "reader"), org, "reader", secrets_.reader_key)
     return secrets_
@@ -184,12 +188,15 @@ def org_names(db: Database) -> list[str]:
 
 
 def remove_org(data_dir: Path, org: str, database: str | None = None) -> None:
-    """Delete an org and its credentials (its keys stop working at once); history stays."""
+    """Delete an org, its credentials (its keys stop working at once) and its alerting; history stays."""
+    from fleet.config import alerting  # imports this module
+
     validate_id(org, "org")
     with _open(data_dir, database) as db, db.transaction():
         if db.execute("DELETE FROM orgs WHERE name = ?", (org,)) == 0:
             raise CredentialError(f"no such org {org!r}")
         db.execute("DELETE FROM credentials WHERE org = ?", (org,))
+        alerting.drop_org(db, org)
 
 
 def rotate_key(data_dir: Path, org: str, role: str, database: str | None = None) -> str:

@@ -9,8 +9,10 @@ so code that does use the module still works and only its first use pays for the
 ``importlib.util.LazyLoader`` cannot do this on Python 3.11: the import system reads the new module's
 ``__spec__`` before ``import`` returns, and the lazy module loads itself on that first attribute read.
 
-Call ``defer_unused()`` before the importers below are imported: ``fleet/cli.py`` does it first thing,
-and ``config/mqtt.py`` before it imports ssl and paho. A module already imported is left alone.
+Only the agent's process calls ``defer_unused()`` (``fleet.cli.prepare_agent_process``, before the
+importers below are imported): the stand-ins are process-wide, and pay only against the agent's budget,
+so the broker, collector, web and ``fleet up`` import every module as usual. A module already imported
+is left alone.
 """
 
 from __future__ import annotations

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from fleet.config.deferred import defer_unused
-
-defer_unused()  # before ssl and paho import what the agent never uses (config/deferred.py)
-
 import ssl
 from dataclasses import dataclass
 from pathlib import Path

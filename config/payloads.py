@@ -16,13 +16,14 @@ from typing import Any, TypeGuard
 
 from fleet.config.errors import ContractError, PayloadError
 from fleet.config.ids import is_valid_id
+from fleet.config.status import OFFLINE, ONLINE
 from fleet.config.topics import Topic
 
 VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_INT = 2**63 - 1
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-PING_STATUSES = ("online", "offline")
+PING_STATUSES = (ONLINE, OFFLINE)
 OFFLINE_REASONS = ("lost", "shutdown")
 
 # Reason codes (stable: they name drop counters in /metrics and /healthz).
@@ -342,11 +343,11 @@ def parse_ping(raw: bytes, topic: str | Topic) -> Ping:
     if status not in PING_STATUSES:
         raise _bad("status", status)
     reason = obj.get("reason")
-    if status == "offline" and "reason" not in obj:
+    if status == OFFLINE and "reason" not in obj:
         raise PayloadError(BAD_FIELD, "missing 'reason'")
     if "reason" in obj and reason not in OFFLINE_REASONS:
         raise _bad("reason", reason)
-    if status == "online":
+    if status == ONLINE:
         reason = None
     ts = obj.get("ts")
     if "ts" in obj and not (_is_number(ts) and ts >= 0):
@@ -374,11 +375,11 @@ def build_ping(machine_id: str, hardware_id: str, session: str, status: str, int
     """
     if status not in PING_STATUSES:
         raise ContractError(f"invalid ping status {status!r}")
-    if status == "offline" and reason not in OFFLINE_REASONS:
+    if status == OFFLINE and reason not in OFFLINE_REASONS:
         raise ContractError(f"offline ping needs a reason in {OFFLINE_REASONS}")
     payload: dict[str, Any] = {"v": VERSION, "status": status, "machine_id": machine_id,
                                "hardware_id": hardware_id, "session": session, "interval_s": interval_s}
-    if status == "offline":
+    if status == OFFLINE:
         payload["reason"] = reason
     if ts is not None:
         payload["ts"] = ts

@@ -21,6 +21,12 @@ from fleet.config.ids import is_valid_id
 from fleet.config.payloads import MAX_PROCESS_CHECKS, is_check_name
 
 ENV_PREFIX = "FLEET_"
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # bind addresses meaning every interface: no client connects to them
+
+
+def local_host(host: str) -> str:
+    """The address a client on this machine uses for a server bound to ``host`` (127.0.0.1 for a wildcard)."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class Settings:
     orgs: tuple[str, ...] = ()  # collector shard; empty = every org
     # agent
     org: str = ""
-    key: str = ""
+    key: str = field(default="", repr=False)
     machine: str = ""
     interval: float = 10.0
     agent_queue_max_reports: int = 100_000
@@ -65,6 +71,9 @@ class Settings:
     history_rollup_days: float = 90.0
     agent_rate_limit_per_s: float = 50.0
     lost_grace_s: float = 60.0  # after an agent names its previous session, wait this long for replays, then count
+    # alerts
+    alert_group_wait: float = 10.0  # seconds an org's notifications are gathered into one message
+    smtp_url: str = field(default="", repr=False)  # smtp(s)://user:pass@host:port for mailto: channels
     # web
     refresh_interval_ms: int = 5000
     rate_limit_config: str = "100/minute"
@@ -121,6 +130,10 @@ class Settings:
             except DatabaseError as exc:
                 raise SettingsError(f"invalid setting database_url (FLEET_DATABASE_URL={redact(self.database_url)!r}):"
                                     f" {exc}") from None
+        _check(0 <= self.alert_group_wait <= 3600, "alert_group_wait", "must be between 0 and 3600 seconds",
+               self.alert_group_wait)
+        if self.smtp_url:
+            _check_smtp_url(self.smtp_url)
 
     # derived values -------------------------------------------------------------------------
     @property
@@ -148,8 +161,7 @@ class Settings:
         """The broker URL clients connect to: ``broker_url`` or the embedded broker's TLS listener."""
         if self.broker_url:
             return self.broker_url
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"mqtts://{host}:{self.mqtt_port}"
+        return f"mqtts://{local_host(self.host)}:{self.mqtt_port}"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (validated again)."""
@@ -163,6 +175,18 @@ class _Invalid(Exception):
 def _check(ok: bool, name: str, why: str, value: Any) -> None:
     if not ok:
         raise SettingsError(f"invalid setting {name} (FLEET_{name.upper()}={value!r}): {why}")
+
+
+def _check_smtp_url(url: str) -> None:
+    # The URL holds the SMTP password: the message names the setting, never the value.
+    why = "must look like smtp://user:password@host:587 or smtps://host:465 (value not shown)"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError:
+        raise SettingsError(f"invalid setting smtp_url (FLEET_SMTP_URL): {why}") from None
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        raise SettingsError(f"invalid setting smtp_url (FLEET_SMTP_URL): {why}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

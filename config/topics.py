@@ -62,10 +62,19 @@ def org_filter(org: str) -> str:
 
 
 def org_kind_filter(org: str, kind: str) -> str:
-    """Filter for one kind of message of every machine of an org (what the collector subscribes to)."""
+    """Filter for one kind of message of every machine of an org (what a collector shard subscribes to)."""
+    return _kind_filter(validate_id(org, "org"), kind)
+
+
+def every_org_filter(kind: str) -> str:
+    """Filter for one kind of message of every machine of every org (what an unsharded collector subscribes to)."""
+    return _kind_filter("+", kind)
+
+
+def _kind_filter(org_level: str, kind: str) -> str:
     if kind not in KINDS:
         raise ContractError(f"invalid topic kind {kind!r}")
-    return f"{ROOT}/{validate_id(org, 'org')}/+/{kind}"
+    return f"{ROOT}/{org_level}/+/{kind}"
 
 
 def machine_filter(org: str, machine: str) -> str:

@@ -256,3 +256,199 @@ def mosquitto_config(settings: Settings, out_dir: Path) -> None:
 
     for path in write_config(settings, out_dir):
         click.echo(str(path))
+
+
+# --- alerts ---------------------------------------------------------------------------------
+@cli.group()
+def alert() -> None:
+    """Alert rules, notification channels and silences of an org."""
+
+
+@alert.command("add")
+@click.argument("org_name", metavar="ORG")
+@click.argument("rule_name", metavar="RULE")
+@click.option("--when", "when", required=True,
+              help="'status == offline', 'status == stale', 'conflict' or 'FIELD OP NUMBER' (e.g. 'cpu_percent > 90').")
+@click.option("--for", "for_", default="0s", show_default=True, help="How long the condition must hold: 30s, 5m, 2h.")
+@click.option("--machines", default="*", show_default=True, help="Glob over machine ids, e.g. 'web-*'.")
+@click.option("--severity", type=click.Choice(("warning", "critical")), default="warning", show_default=True)
+@database
+@common
+def alert_add(settings: Settings, org_name: str, rule_name: str, when: str, for_: str, machines: str,
+              severity: str) -> None:
+    """Add alert rule RULE to ORG."""
+    from fleet.config import alerting, rules
+
+    rule = rules.Rule.parse(org_name, rule_name, when, for_, machines, severity)
+    alerting.add_rule(settings.data_dir, rule, settings.database)
+    if isinstance(rule.when, rules.Threshold) and rule.when.field not in rules.KNOWN_FIELDS \
+            and not rule.when.field.startswith((rules.CUSTOM_PREFIX, rules.PROCESS_PREFIX)):
+        click.echo(f"note: {rule.when.field!r} is not a standard field; the rule holds only for machines whose "
+                   "reports carry a numeric field of that name", err=True)
+    click.echo(f"added rule {rule_name} to org {org_name}: {rule.when} for {rules.format_duration(rule.for_s)}")
+
+
+@alert.command("list")
+@click.argument("org_name", metavar="ORG")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
+@common
+def alert_list(settings: Settings, org_name: str, as_json: bool) -> None:
+    """List the alert rules of ORG."""
+    from fleet.config import alerting, rules
+
+    found = alerting.list_rules(settings.data_dir, org_name, settings.database)
+    if as_json:
+        click.echo(json.dumps([rule.as_dict() for rule in found]))
+        return
+    rows = [(r.name, str(r.when), rules.format_duration(r.for_s), r.machines, r.severity) for r in found]
+    _table(("RULE", "WHEN", "FOR", "MACHINES", "SEVERITY"), rows)
+
+
+@alert.command("remove")
+@click.argument("org_name", metavar="ORG")
+@click.argument("rule_name", metavar="RULE")
+@database
+@common
+def alert_remove(settings: Settings, org_name: str, rule_name: str) -> None:
+    """Remove alert rule RULE of ORG (its alerts resolve)."""
+    from fleet.config import alerting
+
+    alerting.remove_rule(settings.data_dir, org_name, rule_name, settings.database)
+    click.echo(f"removed rule {rule_name} of org {org_name}")
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    cells = [tuple(headers)] + [tuple("-" if v is None else str(v) for v in row) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(ts: float | None) -> str | None:
+    import time
+
+    return None if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+@alert.group("channel")
+def alert_channel() -> None:
+    """Where an org's notifications go: webhooks, Alertmanager, email, Apprise URLs."""
+
+
+@alert_channel.command("add")
+@click.argument("org_name", metavar="ORG")
+@click.argument("channel_name", metavar="CHANNEL")
+@click.argument("url")
+@click.option("--json", "as_json", is_flag=True, help='Print {"org", "channel", "secret"}.')
+@database
+@common
+def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url: str, as_json: bool) -> None:
+    """Add CHANNEL to ORG: http(s):// webhook, alertmanager+http(s)://HOST:PORT, mailto:ADDR or an Apprise URL."""
+    from fleet.collector.channels import add_channel
+
+    added = add_channel(settings, org_name, channel_name, url)
+    if as_json:
+        click.echo(json.dumps(added.as_dict()))
+        return
+    click.echo(f"added {added.kind} channel {channel_name} to org {org_name}")
+    if added.secret is not None:
+        click.echo(f"secret: {added.secret}")
+        click.echo("Store this signing secret now (X-Fleet-Signature: sha256=HMAC of the body); it is not shown again.",
+                   err=True)
+
+
+@alert_channel.command("list")
+@click.argument("org_name", metavar="ORG")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
+@common
+def alert_channel_list(settings: Settings, org_name: str, as_json: bool) -> None:
+    """List the channels of ORG with their last delivery and last error (never a secret)."""
+    from fleet.config import alerting
+
+    found = alerting.list_channels(settings.data_dir, org_name, settings.database)
+    if as_json:
+        click.echo(json.dumps([channel.as_dict() for channel in found]))
+        return
+    rows = [(c.name, c.kind, c.target, _when(c.last_delivery), c.failures,
+             None if c.last_error is None else f"{_when(c.last_error_at)} {c.last_error}") for c in found]
+    _table(("CHANNEL", "KIND", "TARGET", "LAST DELIVERY", "FAILURES", "LAST ERROR"), rows)
+
+
+@alert_channel.command("remove")
+@click.argument("org_name", metavar="ORG")
+@click.argument("channel_name", metavar="CHANNEL")
+@database
+@common
+def alert_channel_remove(settings: Settings, org_name: str, channel_name: str) -> None:
+    """Remove CHANNEL of ORG (with what was waiting to be sent to it)."""
+    from fleet.config import alerting
+
+    alerting.remove_channel(settings.data_dir, org_name, channel_name, settings.database)
+    click.echo(f"removed channel {channel_name} of org {org_name}")
+
+
+@alert_channel.command("test")
+@click.argument("org_name", metavar="ORG")
+@click.argument("channel_name", metavar="CHANNEL")
+@database
+@common
+def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> None:
+    """Send one test notification to CHANNEL; exit 1 with the reason if it fails."""
+    from fleet.collector.channels import send_test
+
+    send_test(settings, org_name, channel_name)
+    click.echo(f"test notification delivered to channel {channel_name} of org {org_name}")
+
+
+@alert.command("silence")
+@click.argument("org_name", metavar="ORG")
+@click.option("--for", "for_", required=True, help="How long: 30m, 2h, 1d.")
+@click.option("--machines", default="*", show_default=True, help="Glob over machine ids.")
+@click.option("--rule", "rule_name", default=None, help="Only this rule's alerts (default: every rule).")
+@click.option("--comment", default="", help="Why (shown with the silence).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"id", "ends_at"}.')
+@database
+@common
+def alert_silence(settings: Settings, org_name: str, for_: str, machines: str, rule_name: str | None, comment: str,
+                  as_json: bool) -> None:
+    """Send no notifications for ORG's matching alerts for a while (they still show everywhere)."""
+    from fleet.config import alerting, rules
+
+    silence = alerting.add_silence(settings.data_dir, org_name, rules.parse_duration(for_), machines, rule_name,
+                                   comment, database=settings.database)
+    if as_json:
+        click.echo(json.dumps({"id": silence.id, "ends_at": silence.ends_at}))
+    else:
+        click.echo(f"silence {silence.id} of org {org_name} until {_when(silence.ends_at)}")
+
+
+@alert.command("unsilence")
+@click.argument("org_name", metavar="ORG")
+@click.argument("silence_id", metavar="ID", type=int)
+@database
+@common
+def alert_unsilence(settings: Settings, org_name: str, silence_id: int) -> None:
+    """End silence ID of ORG now."""
+    from fleet.config import alerting
+
+    alerting.expire_silence(settings.data_dir, org_name, silence_id, database=settings.database)
+    click.echo(f"silence {silence_id} of org {org_name} ended")
+
+
+@alert.command("silences")
+@click.argument("org_name", metavar="ORG")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
+@common
+def alert_silences(settings: Settings, org_name: str, as_json: bool) -> None:
+    """List the current and future silences of ORG."""
+    from fleet.config import alerting
+
+    found = alerting.list_silences(settings.data_dir, org_name, database=settings.database)
+    if as_json:
+        click.echo(json.dumps([silence.as_dict() for silence in found]))
+        return
+    rows = [(s.id, s.rule or "*", s.machines, _when(s.ends_at), s.comment) for s in found]
+    _table(("ID", "RULE", "MACHINES", "ENDS", "COMMENT"), rows)

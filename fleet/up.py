@@ -20,6 +20,9 @@ from fleet.config.settings import Settings
 log = logging.getLogger("fleet.up")
 DEMO_ORG = "demo"
 DEMO_KEYS_FILE = "demo-keys.json"
+# The demo's first simulated machine runs hot in cycles (agent/simulate.py) and this rule, added with the demo
+# org, fires for it within a minute: a newcomer sees an alert fire and resolve without configuring anything.
+DEMO_RULE = ("demo-cpu-hot", "cpu_percent > 90", "30s", "critical")
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,12 @@ def ensure_demo_org(data_dir: Path, database: str | None = None) -> DemoKeys:
         keys = DemoKeys(credentials.rotate_key(data_dir, DEMO_ORG, "agent", database),
                         credentials.rotate_key(data_dir, DEMO_ORG, "reader", database))
     else:
+        from fleet.config import alerting, rules
+
         created = credentials.add_org(data_dir, DEMO_ORG, database)
         keys = DemoKeys(created.agent_key, created.reader_key)
+        name, when, for_, severity = DEMO_RULE
+        alerting.add_rule(data_dir, rules.Rule.parse(DEMO_ORG, name, when, for_, "*", severity), database)
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -112,7 +119,7 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
             if demo:
                 from fleet.agent.simulate import start_simulation
 
-                simulation = start_simulation(demo_settings, agents=demo)
+                simulation = start_simulation(demo_settings, agents=demo, hot=1)
                 stops.append(simulation.stop)
             if real_agent:
                 proc = start_real_agent(part_settings, system.broker_url, demo_keys.agent_key)
@@ -137,6 +144,9 @@ def run_up(settings: Settings, demo: int | None = None) -> None:
             print(f"  demo org:     {DEMO_ORG}, this machine's agent + {demo} simulated agents", flush=True)
             print(f"  reader key:   {system.demo_keys.reader_key}", flush=True)
             print(f"  open:         {system.http_url}/#token={system.demo_keys.reader_key}", flush=True)
+            if demo:
+                print(f"  alerts:       sim-0001 runs hot; rule {DEMO_RULE[0]} ({DEMO_RULE[1]} for {DEMO_RULE[2]}) "
+                      "fires for it within a minute", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         stop.wait()
         print("stopping…", flush=True)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import socket
 import ssl
-import struct
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 
 from bench.common import free_port, port_open  # noqa: F401 - one home for loopback helpers
+from fleet.config import connack
 from fleet.config.mqtt import BrokerAddress, new_client
 
 
@@ -129,36 +135,11 @@ def connect_client(broker: Any, username: str | None, password: str | None, clie
     if expect_rc:
         client.loop_stop()
         client.disconnect()
-        # paho v2 reports MQTT 3.1.1 refusals as reason codes; map back to CONNACK return codes.
-        return {0x87: 5, 0x86: 4, 0x85: 2, 0x84: 1, 0x88: 3}.get(rc, rc)
+        return connack.from_reason_code(rc)
     if rc != 0:
         client.loop_stop()
         raise AssertionError(f"connection refused, reason code {rc:#x}")
     return client
-
-
-def mqtt_string(value: bytes) -> bytes:
-    """An MQTT length-prefixed string."""
-    return struct.pack("!H", len(value)) + value
-
-
-def connect_packet(client_id: str, username: str, password: str, keepalive: int = 60,
-                   will: tuple[str, bytes] | None = None) -> bytes:
-    """A raw MQTT 3.1.1 CONNECT (clean session; ``will`` as (topic, payload), QoS 1, retained)."""
-    flags = 0x80 | 0x40 | 0x02  # user, password, clean session
-    will_part = b""
-    if will is not None:
-        flags |= 0x20 | 0x08 | 0x04  # will retain, will QoS 1, will
-        will_part = mqtt_string(will[0].encode()) + mqtt_string(will[1])
-    body = mqtt_string(b"MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + \
-        mqtt_string(client_id.encode()) + will_part + mqtt_string(username.encode()) + mqtt_string(password.encode())
-    length, encoded = len(body), b""
-    while True:
-        byte, length = length % 128, length // 128
-        encoded += bytes([byte | (0x80 if length else 0)])
-        if not length:
-            break
-    return b"\x10" + encoded + body
 
 
 def tls_socket(broker: Any, timeout: float = 5.0) -> ssl.SSLSocket:
@@ -177,3 +158,55 @@ def close(client: Any) -> None:
 def bearer(key: str) -> dict[str, str]:
     """The HTTP Authorization header for a reader key."""
     return {"Authorization": f"Bearer {key}"}
+
+
+@dataclass
+class BrokerProcess:
+    """A broker in its own process, with the attributes connect_client uses (.url, .ca_path, .data_dir)."""
+
+    port: int
+    ca_path: Path
+    data_dir: Path
+    proc: subprocess.Popen
+
+    host = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        """TLS URL clients connect to."""
+        return f"mqtts://{self.host}:{self.port}"
+
+    def kill(self) -> None:
+        """Abrupt end (SIGKILL): no clean disconnects, nothing saved on the way out."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Terminate and reap the process (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+@contextlib.contextmanager
+def descriptors_held(count: int = 1100) -> Iterator[None]:
+    """Hold ``count`` open descriptors, so sockets opened meanwhile are numbered past select()'s 1024.
+
+    ``fleet up`` shares its process with the broker: past ~1,000 agents every new socket's number is over
+    FD_SETSIZE, which select() cannot watch.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = count + 200
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need) if hard == resource.RLIM_INFINITY
+                                                else min(hard, max(soft, need)), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from flask import Blueprint, Response, abort, g, jsonify
 
 from fleet.config.ids import is_valid_id
+from fleet.config.status import MACHINE_STATUSES
 from fleet.web import db, params
 from fleet.web.auth import org_required
 
 bp = Blueprint("api", __name__, url_prefix="/api")
-STATUSES = ("online", "stale", "offline")
 MAX_HISTORY_POINTS = 2000
 DEFAULT_HISTORY_S = 3600.0
 
@@ -21,7 +22,7 @@ DEFAULT_HISTORY_S = 3600.0
 @org_required
 def fleet():
     """``{"count", "expired", "data"}`` for the caller's org, with optional filters and pages."""
-    status = params.choice("status", STATUSES)
+    status = params.choice("status", MACHINE_STATUSES)
     os_name = params.text("os")
     search = params.text("q")
     sort = params.choice("sort", db.SORTS, "machine_id")
@@ -54,10 +55,14 @@ def machine(machine_id: str):
 @bp.get("/fleet/<machine_id>/history")
 @org_required
 def history(machine_id: str):
-    """``{"machine_id", "points"}`` between ``since`` and ``until`` (default: the last hour), oldest first."""
+    """``{"machine_id", "points"}`` from ``since`` (default: an hour ago) to ``until`` (default: no end), oldest first.
+
+    Without ``until`` there is no upper bound: a client polling with ``since=<last ts>`` gets the points
+    after it (none yet is an empty list, not an error), even when the agent's clock runs ahead of ours.
+    """
     _machine_or_404(machine_id)
-    until = params.number("until", time.time())
-    since = params.number("since", until - DEFAULT_HISTORY_S)
+    until = params.number("until", math.inf)
+    since = params.number("since", min(until, time.time()) - DEFAULT_HISTORY_S)
     if since > until:
         abort(400, description="'since' must not be after 'until'")
     points = db.history(g.org, machine_id, since, until, MAX_HISTORY_POINTS)

@@ -19,7 +19,8 @@ def config():
         "REFRESH_INTERVAL_MS": settings.refresh_interval_ms,
         "API_VERSION": API_VERSION,
         "FEATURES": {"history": True, "events": True, "metrics": True, "clock_skew": True, "conflicts": True,
-                     "pagination": True, "custom_metrics": True, "processes": True, "lost_reports": True},
+                     "pagination": True, "custom_metrics": True, "processes": True, "lost_reports": True,
+                     "alerts": True},
         "MQTT": {"url": settings.effective_broker_url,
                  "topics": {"report": REPORT_TEMPLATE, "ping": PING_TEMPLATE}},
     })

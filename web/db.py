@@ -11,7 +11,10 @@ from typing import Any
 import orjson
 from flask import current_app, g
 
+from fleet.config.alerting import silences_query
 from fleet.config.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
+from fleet.config.rules import Silence
+from fleet.config.status import MACHINE_STATUSES
 from fleet.web.errors import WebError
 
 # The API's machine object: these columns as they are, conflict as a boolean, and system and metrics spliced
@@ -132,7 +135,7 @@ def list_machines(org: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:
 
 def status_counts(org: str) -> dict[str, int]:
     """Machines per status, plus expired (evicted by TTL)."""
-    counts = {"online": 0, "stale": 0, "offline": 0}
+    counts = dict.fromkeys(MACHINE_STATUSES, 0)
     for status, n in query("SELECT status, count(*) FROM machines WHERE org = ? GROUP BY status", (org,)):
         counts[status] = n
     counts["expired"] = expired_count(org)
@@ -211,6 +214,50 @@ def events(org: str, since: float, machine_id: str | None, limit: int) -> list[d
                  f"ORDER BY ts DESC, id DESC LIMIT ?", [*params, limit])
     return [{"id": i, "machine_id": m, "ts": ts, "old_status": old, "new_status": new, "reason": reason}
             for i, m, ts, old, new, reason in reversed(rows)]
+
+
+ALERT_COLUMNS = ("id", "rule", "machine_id", "state", "severity", "value", "summary", "active_at", "fired_at",
+                 "resolved_at")
+
+
+def silences(org: str, now: float) -> list[Silence]:
+    """The org's silences in force at ``now`` or later."""
+    return [Silence(*row) for row in query(*silences_query(now, org))]
+
+
+def alerts(org: str, state: str | None, since: float, machine_id: str | None, limit: int, now: float,
+           alert_id: int | None = None) -> list[dict[str, Any]]:
+    """The org's alerts, newest first: pending and firing ones, and those resolved at or after ``since``."""
+    where, params = ["org = ?", "(resolved_at IS NULL OR resolved_at >= ?)"], [org, since]
+    if alert_id is not None:
+        where.append("id = ?")
+        params.append(alert_id)
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    if machine_id:
+        where.append("machine_id = ?")
+        params.append(machine_id)
+    rows = query(f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE {' AND '.join(where)}"
+                 " ORDER BY coalesce(resolved_at, fired_at, active_at) DESC, id DESC LIMIT ?", [*params, limit])
+    active = [s for s in silences(org, now) if s.active(now)]
+    out = []
+    for row in rows:
+        alert = dict(zip(ALERT_COLUMNS, row, strict=True))
+        alert["started_at"] = alert["fired_at"] if alert["fired_at"] is not None else alert["active_at"]
+        alert["silenced"] = any(s.covers(alert["rule"], alert["machine_id"], now) for s in active)
+        out.append(alert)
+    return out
+
+
+def firing_counts(org: str) -> list[tuple[str, str, int]]:
+    """(rule, severity, firing alerts) for each rule of the org, and for firing alerts of removed rules."""
+    counts: dict[tuple[str, str], int] = {
+        (rule, severity): 0 for rule, severity in query("SELECT name, severity FROM alert_rules WHERE org = ?", (org,))}
+    for rule, severity, n in query("SELECT rule, severity, count(*) FROM alerts WHERE org = ? AND state = 'firing'"
+                                   " GROUP BY rule, severity", (org,)):
+        counts[(rule, severity)] = int(n)
+    return [(rule, severity, n) for (rule, severity), n in sorted(counts.items())]
 
 
 def drop_counts() -> dict[str, int]:

@@ -8,6 +8,7 @@ import time
 from flask import Blueprint, current_app, jsonify
 
 from fleet.config.mqtt import BrokerAddress
+from fleet.config.status import BROKER_CONNECTED, COLLECTOR
 from fleet.web import db
 
 bp = Blueprint("health", __name__)
@@ -27,7 +28,7 @@ def check_database() -> str:
 def check_collector() -> str:
     """Has the collector written its heartbeat recently?"""
     try:
-        beat = db.heartbeat("collector")
+        beat = db.heartbeat(COLLECTOR)
     except db.DatabaseUnavailable:
         return "unknown: database unavailable"
     if beat is None:
@@ -35,7 +36,7 @@ def check_collector() -> str:
     age = time.time() - beat[0]
     if age > COLLECTOR_STALE_S:
         return f"no heartbeat for {age:.0f} s"
-    if beat[1].get("broker_connected") is False:
+    if beat[1].get(BROKER_CONNECTED) is False:
         return "running, but not connected to the broker"
     return "ok"
 

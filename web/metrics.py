@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
+from fleet.config.status import MACHINE_STATUSES
 from fleet.web import db
 from fleet.web.auth import org_required
 
 bp = Blueprint("metrics", __name__)
-STATUSES = ("online", "stale", "offline")
 
 
 def escape_label(value: object) -> str:
@@ -43,7 +43,7 @@ def render(org: str) -> str:
 
     _family(lines, "fleet_machine_status", "gauge", "1 for the machine's current status (online, stale, offline).",
             [(_labels(org=org, machine_id=m["machine_id"], status=s), 1.0 if m["status"] == s else 0.0)
-             for m in machines for s in STATUSES])
+             for m in machines for s in MACHINE_STATUSES])
     _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.",
             per_machine(lambda m: m["metrics"].get("cpu_percent")))
     _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.",
@@ -67,9 +67,11 @@ def render(org: str) -> str:
             [(_labels(org=org), db.lost_count(org))])
     custom_samples(lines, org, machines)
     _family(lines, "fleet_machines", "gauge", "Machines per status.",
-            [(_labels(org=org, status=s), counts[s]) for s in STATUSES])
+            [(_labels(org=org, status=s), counts[s]) for s in MACHINE_STATUSES])
     _family(lines, "fleet_machines_expired_total", "counter", "Machines evicted after the TTL.",
             [(_labels(org=org), counts["expired"])])
+    _family(lines, "fleet_alerts_firing", "gauge", "Alerts firing now, per rule and severity.",
+            [(_labels(org=org, rule=rule, severity=severity), n) for rule, severity, n in db.firing_counts(org)])
     _family(lines, "fleet_collector_dropped_messages_total", "counter", "Messages the collector dropped, by reason.",
             [(_labels(reason=reason), n) for reason, n in db.drop_counts().items()])
     return "\n".join(lines) + "\n"

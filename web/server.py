@@ -14,7 +14,7 @@ from waitress.server import create_server
 from fleet.config import credentials
 from fleet.config.database import open_database
 from fleet.config.errors import CredentialError
-from fleet.config.settings import Settings
+from fleet.config.settings import Settings, local_host
 from fleet.web.app import create_app
 from fleet.web.errors import WebError
 
@@ -51,8 +51,7 @@ class RunningWeb:
     @property
     def url(self) -> str:
         """Base URL of the app."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{local_host(self.host)}:{self.port}"
 
     def stop(self) -> None:
         """Stop accepting, let running requests finish, close every connection (idempotent)."""

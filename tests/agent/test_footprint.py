@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LOADED = """
 import sys
 before = set(sys.modules)  # whatever this interpreter loads at start-up is not the agent's doing
-import fleet.cli, fleet.launch, agent.runner, agent.connection, agent.metrics, agent.outbox
+import fleet.cli
+fleet.cli.prepare_agent_process()  # what `fleet agent` does first
+import fleet.launch, fleet.agent.runner, fleet.agent.connection, fleet.agent.metrics, fleet.agent.outbox
 from fleet.config.deferred import Deferred
 print(sorted(m for m in ("click", "http.client", "email", "tomllib", "_hashlib", "hmac", "secrets", "inspect",
                          "ipaddress", "base64", "tokenize", "textwrap") if m in sys.modules and m not in before
@@ -24,7 +26,9 @@ print(isinstance(sys.modules["urllib.request"], Deferred), isinstance(sys.module
 
 STILL_WORKS = """
 import sys
-import fleet.cli, fleet.launch, agent.runner
+import fleet.cli
+fleet.cli.prepare_agent_process()
+import fleet.launch, fleet.agent.runner
 from fleet.config.deferred import Deferred
 import urllib.request
 assert isinstance(urllib.request, Deferred) and "http.client" not in sys.modules
@@ -87,6 +91,20 @@ def run(code: str) -> str:
                           check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+OTHER_PARTS = """
+import sys
+import fleet.cli, fleet.commands, fleet.up, fleet.broker.server, fleet.collector.service, fleet.web.app
+import fleet.config.mqtt, fleet.agent.simulate
+from fleet.config.deferred import Deferred
+print(sorted(name for name, module in sys.modules.items() if isinstance(module, Deferred)))
+"""
+
+
+def test_only_the_agent_process_gets_stand_in_modules():
+    """Issue 13, item 7: every command (and config/mqtt.py's importers) used to get the agent's stand-ins."""
+    assert run(OTHER_PARTS) == "[]"
 
 
 def test_the_agent_does_not_load_click_urllib_request_hashlib_or_tomllib():

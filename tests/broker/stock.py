@@ -9,7 +9,7 @@ guarantee stories run against it as strict xfails: each one fails on stock and h
 from __future__ import annotations
 
 import asyncio
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from amqtt.broker import Broker
 from pwdlib.hashers.argon2 import Argon2Hasher
 
 from fleet.broker.pki import ensure_certs
+from fleet.broker.server import LoopThread, start_loop_thread
 from fleet.config import credentials
 from fleet.config.database import open_database
 from tests.helpers import free_port, port_open, wait_for
@@ -65,9 +66,7 @@ class StockBroker:
     ca_path: Path
     data_dir: Path
     broker: Broker = field(repr=False)
-    _loop: asyncio.AbstractEventLoop = field(repr=False)
-    _stop: asyncio.Event = field(repr=False)
-    _thread: threading.Thread = field(repr=False)
+    _runner: LoopThread = field(repr=False)
 
     @property
     def url(self) -> str:
@@ -78,42 +77,26 @@ class StockBroker:
         return {}
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(30)
+        self._runner.stop()
 
 
 def start_stock(data_dir: Path, keys: dict[str, str], port: int | None = None) -> StockBroker:
     """Start stock amqtt for ``data_dir``'s users (``keys``: username -> key) on ``port`` (default: a free one)."""
     port = port or free_port()
     config = stock_config(data_dir, keys, port)
-    started = threading.Event()
-    box: dict[str, Any] = {}
 
-    async def serve() -> None:
-        box["stop"] = asyncio.Event()
-        broker = box["broker"] = Broker(config)
+    async def serve(stop: asyncio.Event, on_started: Callable[[Any], None]) -> None:
+        broker = Broker(config)
         await broker.start()
-        started.set()
+        on_started(broker)
         try:
-            await box["stop"].wait()
+            await stop.wait()
         finally:
             await broker.shutdown()
 
-    def run() -> None:
-        with asyncio.Runner() as runner:
-            box["loop"] = runner.get_loop()
-            try:
-                runner.run(serve())
-            finally:
-                started.set()
-
-    thread = threading.Thread(target=run, name="stock-amqtt", daemon=True)
-    thread.start()
-    assert started.wait(30), "stock amqtt did not start"
+    runner, broker = start_loop_thread(serve, "stock-amqtt")
     wait_for(lambda: port_open(port), timeout=10, message="stock amqtt listening")
-    return StockBroker("127.0.0.1", port, data_dir / "certs" / "ca.pem", data_dir, box["broker"], box["loop"],
-                       box["stop"], thread)
+    return StockBroker("127.0.0.1", port, data_dir / "certs" / "ca.pem", data_dir, broker, runner)
 
 
 def keys_of(data_dir: Path, *orgs: credentials.OrgSecrets) -> dict[str, str]:

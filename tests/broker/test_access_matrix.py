@@ -11,6 +11,7 @@ import ssl
 
 import pytest
 
+from fleet.collector.mqtt_codec import Connack, Connect, encode
 from fleet.config import credentials
 from fleet.config.topics import alert_topic
 from tests.helpers import Inbox, close, connect_client
@@ -160,13 +161,13 @@ def test_retained_alerts_reach_readers_of_their_org_only(broker, orgs):
 def test_plain_mqtt_to_the_tls_port_is_refused(broker):
     """A client speaking MQTT without TLS gets no CONNACK: the TLS listener only speaks TLS."""
     with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as sock:
-        sock.sendall(bytes([0x10, 0x0C, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 60, 0, 0]))
+        sock.sendall(encode(Connect("plain")))
         sock.settimeout(5)
         try:
             data = sock.recv(16)
         except (TimeoutError, ConnectionResetError):
             data = b""
-        assert not data.startswith(b"\x20")  # never a CONNACK
+        assert not data.startswith(encode(Connack())[:1])  # never a CONNACK
 
 
 def test_client_not_trusting_the_ca_is_refused(broker, orgs, tmp_path):

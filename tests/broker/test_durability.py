@@ -3,23 +3,23 @@ deleted once the subscriber acknowledges them, and restored in order after a res
 
 from __future__ import annotations
 
+import asyncio
 import os
-import signal
+import socket
 import sqlite3
 import ssl
-import struct
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 
 from fleet.broker.server import start_in_thread
+from fleet.collector.mqtt_codec import Connack, Connect, Publish, encode, encode_pubacks
 from fleet.config import credentials
-from tests.helpers import Inbox, close, connect_client, free_port, port_open, wait_for
+from tests.helpers import BrokerProcess, Inbox, close, connect_client, free_port, port_open, wait_for
 
 REPORTS = "fleet/acme/+/report"
 COLLECTOR = "collector-like"
@@ -92,45 +92,21 @@ def test_a_clean_session_replacing_a_persistent_one_drops_its_queue(broker, acme
     wait_for(lambda: not queued_rows(broker.data_dir), timeout=5, message="queue of the deleted session gone")
 
 
-def _connect_bytes(client_id: str, username: str, password: str) -> bytes:
-    def s(value: str) -> bytes:
-        return struct.pack("!H", len(value.encode())) + value.encode()
-
-    body = s("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60) + s(client_id) + s(username) + s(password)
-    return b"\x10" + _length(len(body)) + body
-
-
-def _length(n: int) -> bytes:
-    out = b""
-    while True:
-        byte, n = n % 128, n // 128
-        out += bytes([byte | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
-def _publish_bytes(topic: str, payload: bytes, packet_id: int) -> bytes:
-    body = struct.pack("!H", len(topic)) + topic.encode() + struct.pack("!H", packet_id) + payload
-    return b"\x32" + _length(len(body)) + body
-
-
 def test_one_write_for_the_pubacks_of_a_loop_turn(broker, acme):
     """200 PUBLISHes in one send arrive in one or a few reads: a handful of commits, not 200."""
     subscribe_then_leave(broker)
     ctx = ssl.create_default_context(cafile=str(broker.ca_path))
-    import socket
-
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
                          server_hostname="127.0.0.1") as sock:
-        sock.sendall(_connect_bytes("fleet-acme-web-1", "acme/agent", acme.agent_key))
-        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        sock.sendall(encode(Connect("fleet-acme-web-1", "acme/agent", acme.agent_key)))
+        assert sock.recv(4) == encode(Connack())
         before = broker.stats().get("store_commits", 0)
-        sock.sendall(b"".join(_publish_bytes("fleet/acme/web-1/report", f"m{i}".encode(), i + 1)
+        sock.sendall(b"".join(encode(Publish(b"fleet/acme/web-1/report", f"m{i}".encode(), qos=1, packet_id=i + 1))
                               for i in range(200)))
         acks = b""
-        while len(acks) < 200 * 4:
+        while len(acks) < len(encode_pubacks(range(1, 201))):
             acks += sock.recv(65536)
-        assert [struct.unpack("!H", acks[i + 2:i + 4])[0] for i in range(0, len(acks), 4)] == list(range(1, 201))
+        assert acks == encode_pubacks(range(1, 201))  # all of them, in order
     commits = broker.stats()["store_commits"] - before
     assert 1 <= commits <= 20, commits
     assert len(queued_rows(broker.data_dir)) == 200
@@ -171,39 +147,13 @@ def test_a_restart_restores_the_queue_in_order(broker_settings, acme):
 
 
 # SIGKILL of a real `fleet broker` ---------------------------------------------------------------------
-@dataclass
-class BrokerProcess:
-    """`fleet broker` in its own process, with the attributes connect_client uses."""
-
-    data_dir: Path
-    port: int
-    proc: subprocess.Popen
-
-    @property
-    def url(self) -> str:
-        return f"mqtts://127.0.0.1:{self.port}"
-
-    @property
-    def ca_path(self) -> Path:
-        return self.data_dir / "certs" / "ca.pem"
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)
-
-
 def run_broker(data_dir: Path, port: int) -> BrokerProcess:
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "broker", "--data-dir", str(data_dir),
                              "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "WARNING"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: proc.poll() is not None or port_open(port), timeout=30, message="fleet broker listening")
     assert proc.poll() is None, "fleet broker exited"
-    return BrokerProcess(data_dir, port, proc)
+    return BrokerProcess(port, data_dir / "certs" / "ca.pem", data_dir, proc)
 
 
 class Publisher:
@@ -313,3 +263,31 @@ def test_in_flight_window_bounds_a_subscriber_that_never_acknowledges(broker, ac
     got = [m.payload for m in inbox.wait_for_count(20, timeout=15)]
     assert got == [f"m{i}".encode() for i in range(20)]
     wait_for(lambda: not queued_rows(broker.data_dir), timeout=5, message="acknowledged rows deleted")
+
+
+def test_a_puback_read_while_its_publish_is_still_being_written_is_matched(broker, acme, caplog, monkeypatch):
+    """A delivery may wait in drain() after writing its PUBLISH (a full transport buffer, as when a backlog goes
+    out after a restart); the subscriber's PUBACK can arrive meanwhile and must still complete it (it used to
+    find no waiter yet: "Received PUBACK for unknown pending message", the message stuck in flight and on
+    disk). A slow drain stands in for the full buffer."""
+    from fleet.broker import protocol
+
+    drain = protocol.StreamWriter.drain
+
+    async def slow_drain(self) -> None:
+        await asyncio.sleep(0.05)
+        await drain(self)
+
+    monkeypatch.setattr(protocol.StreamWriter, "drain", slow_drain)
+    subscribe_then_leave(broker)
+    inbox = reconnect(broker)
+    a = agent(broker, acme)
+    for i in range(10):
+        a.publish("fleet/acme/web-1/report", f"m{i}".encode(), qos=1).wait_for_publish(10)
+    close(a)
+    assert [m.payload for m in inbox.wait_for_count(10, timeout=10)] == [f"m{i}".encode() for i in range(10)]
+    session = broker.broker.sessions[COLLECTOR][0]
+    wait_for(lambda: not session.inflight_out, timeout=10, message="every delivery acknowledged")
+    wait_for(lambda: not queued_rows(broker.data_dir), timeout=10, message="every row deleted")
+    assert "unknown pending message" not in caplog.text
+    close(inbox.client)

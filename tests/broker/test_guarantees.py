@@ -16,9 +16,10 @@ from asyncio import sslproto
 import pytest
 
 from fleet.broker.server import start_in_thread
+from fleet.collector.mqtt_codec import Connack, Connect, Disconnect, Publish, Will, encode, encode_pubacks
 from fleet.config import credentials, payloads
 from tests.broker.stock import keys_of, start_stock
-from tests.helpers import Inbox, close, connect_client, connect_packet, tls_socket, wait_for
+from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
 
 AGENT_ID = "fleet-acme-web-1"
 OWN_PING = "fleet/acme/web-1/ping"
@@ -122,8 +123,9 @@ def raw_connect(broker, client_id: str, username: str, password: str, keepalive:
                 will_topic: str, will_payload: bytes) -> ssl.SSLSocket:
     """Open TLS, send a CONNECT with a retained QoS 1 will, read the CONNACK, then stay silent."""
     sock = tls_socket(broker)
-    sock.sendall(connect_packet(client_id, username, password, keepalive, will=(will_topic, will_payload)))
-    assert sock.recv(4) == b"\x20\x02\x00\x00"
+    will = Will(will_topic, will_payload, qos=1, retain=True)
+    sock.sendall(encode(Connect(client_id, username, password, keepalive, clean_session=True, will=will)))
+    assert sock.recv(4) == encode(Connack())
     return sock
 
 
@@ -146,16 +148,23 @@ def test_silent_client_is_dropped_after_one_and_a_half_keepalives(broker, acme):
 
 # (d) -------------------------------------------------------------------------------------------
 def test_publisher_leaving_right_after_its_pubacks_loses_nothing(broker, acme):
-    """Stock amqtt sent PUBACK when a message was queued; 496 of 1,000 were lost when the publisher left."""
+    """Stock amqtt sent PUBACK when a message was queued; 496 of 1,000 were lost when the publisher left.
+
+    The 1,000 PUBLISHes go out in one write and the publisher disconnects as soon as its last PUBACK is read,
+    so however fast the broker routes, it has no time after the PUBACKs to catch up."""
     watcher = service(broker)
     inbox = Inbox(watcher)
     inbox.subscribe("fleet/acme/+/report", qos=1)
-    publisher = agent(broker, acme)
-    infos = [publisher.publish(OWN_REPORT, f"m{i}".encode(), qos=1) for i in range(1000)]
-    for info in infos:
-        info.wait_for_publish(10)
-    publisher.disconnect()
-    publisher.loop_stop()
+    with tls_socket(broker, timeout=10) as sock:
+        sock.sendall(encode(Connect(AGENT_ID, "acme/agent", acme.agent_key)))
+        assert sock.recv(4) == encode(Connack())
+        sock.sendall(b"".join(encode(Publish(OWN_REPORT.encode(), f"m{i}".encode(), qos=1, packet_id=i + 1))
+                              for i in range(1000)))
+        acknowledged = b""
+        while len(acknowledged) < len(encode_pubacks(range(1, 1001))):
+            acknowledged += sock.recv(65536)
+        assert acknowledged == encode_pubacks(range(1, 1001))
+        sock.sendall(encode(Disconnect()))
     messages = inbox.wait_for_count(1000, timeout=20)
     assert [m.payload for m in messages] == [f"m{i}".encode() for i in range(1000)]
     close(watcher)
@@ -255,11 +264,12 @@ def test_logins_do_not_stall_other_clients(broker, acme):
     inbox.subscribe(OWN_REPORT)
     a = agent(broker, acme)
     stop = threading.Event()
+    refused: list[int] = []
 
     def wrong_login(client_id: str) -> None:
         try:
-            connect_client(broker, "acme/reader", "wrong", client_id, expect_rc=1)
-        except (OSError, AssertionError):  # a busy broker may reset or not answer a refused login: still a login
+            refused.append(connect_client(broker, "acme/reader", "wrong", client_id, expect_rc=1))
+        except Exception:  # noqa: BLE001 - a busy broker may reset or not answer a login: the storm goes on
             pass
 
     def login_storm():
@@ -282,8 +292,9 @@ def test_logins_do_not_stall_other_clients(broker, acme):
     finally:
         stop.set()
         storm.join()
+    assert len(refused) >= 10, f"only {len(refused)} logins were answered: no storm to stall anything"
     assert worst < 1.0, f"round trip stalled for {worst:.2f} s during logins"
-    assert broker.stats()["connect_refused"] >= 10
+    assert broker.stats().get("connect_refused", 0) >= len(refused)  # counted too
     close(a)
     close(watcher)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 
+from fleet.collector.mqtt_codec import Connect, encode
 from fleet.config import credentials
-from tests.helpers import Inbox, close, connect_client, connect_packet, tls_socket, wait_for
+from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
 
 PING = "fleet/acme/web-1/ping"
 REPORT = "fleet/acme/web-1/report"
@@ -82,7 +83,7 @@ def test_a_client_leaving_right_after_connect_leaves_no_session_behind(broker, a
     id waited 10 s for the takeover and was refused (CONNACK 3), again and again."""
     for i in range(20):
         sock = tls_socket(broker)
-        sock.sendall(connect_packet(f"fleet-acme-m{i}", "acme/agent", acme.agent_key))
+        sock.sendall(encode(Connect(f"fleet-acme-m{i}", "acme/agent", acme.agent_key)))
         sock.close()
     wait_for(lambda: broker.stats().get("connections", 0) >= 20, timeout=10, message="all 20 connections handled")
     wait_for(lambda: broker.broker.connected_count() == 0, timeout=5, message="no session left connected")

@@ -8,9 +8,10 @@ import threading
 import time
 
 from fleet.broker.server import start_in_thread
+from fleet.collector.mqtt_codec import Connect, encode
 from fleet.config import credentials
 from fleet.config.settings import Settings
-from tests.helpers import connect_packet, tls_socket, wait_for
+from tests.helpers import tls_socket, wait_for
 
 
 def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
@@ -43,7 +44,7 @@ def test_clients_connecting_while_the_broker_stops_are_all_disconnected(fleet_di
                 return
             try:
                 sock = tls_socket(broker)
-                sock.sendall(connect_packet(f"collector-{worker}-{i}", credentials.SERVICE_USERNAME, service_key))
+                sock.sendall(encode(Connect(f"collector-{worker}-{i}", credentials.SERVICE_USERNAME, service_key)))
             except OSError:  # refused once the listener is closed, or dropped mid-handshake
                 continue
             with lock:

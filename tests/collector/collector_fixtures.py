@@ -56,15 +56,22 @@ class Endpoint:
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         connected = threading.Event()
-        client.on_connect = lambda c, u, f, rc, p=None: connected.set() if not rc.is_failure else None
+        refused: list = []
+
+        def on_connect(_c, _u, _f, rc, _p=None) -> None:
+            if rc.is_failure:
+                refused.append(rc)
+            connected.set()
+
+        client.on_connect = on_connect
         if on_message is not None:
             client.on_message = on_message
         address = BrokerAddress.parse(self.url)
         client.connect(address.host, address.port, keepalive=30)
         client.loop_start()
-        if not connected.wait(10):
+        if not connected.wait(10) or refused:
             client.loop_stop()
-            raise AssertionError(f"{client_id} could not connect as {role}")
+            raise AssertionError(f"{client_id} could not connect as {role}: {refused or 'no CONNACK'}")
         return client
 
 

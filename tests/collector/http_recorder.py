@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    status: int = 200  # what the recorder answered
 
     def json(self) -> Any:
         """The body parsed as JSON."""
@@ -29,10 +31,12 @@ class Recorded:
 
 
 class Recorder:
-    """Records requests; ``status`` (settable) is the answer, ``hang`` makes it stall until released."""
+    """Records requests; ``status`` (settable) is the answer, after any scripted in ``answers`` (first come, first
+    used); ``hang`` makes it stall until released."""
 
     def __init__(self, status: int = 200) -> None:
         self.status = status
+        self.answers: deque[int] = deque()
         self.location = ""
         self.hang = False
         self.release = threading.Event()
@@ -44,14 +48,16 @@ class Recorder:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with recorder._cond:
-                    recorder.requests.append(Recorded(self.command, self.path, dict(self.headers.items()), body))
+                    status = recorder.answers.popleft() if recorder.answers else recorder.status
+                    recorder.requests.append(Recorded(self.command, self.path, dict(self.headers.items()), body,
+                                                      status))
                     recorder._cond.notify_all()
                 if recorder.hang:
                     recorder.release.wait(MAX_HANG_S)
-                self.send_response(recorder.status)
+                self.send_response(status)
                 if recorder.location:
                     self.send_header("Location", recorder.location)
-                reply = b'{"detail": "recorded"}' if recorder.status < 300 else b'{"error": "refused by test"}'
+                reply = b'{"detail": "recorded"}' if status < 300 else b'{"error": "refused by test"}'
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
@@ -89,12 +95,15 @@ class Recorder:
         self.server.server_close()
         self._thread.join(5)
 
-    def wait_for_count(self, n: int, timeout: float = 10.0) -> list[Recorded]:
-        """Wait until ``n`` requests arrived; return them all."""
+    def wait_for_count(self, n: int, timeout: float = 10.0, accepted: bool = False) -> list[Recorded]:
+        """Wait until ``n`` requests arrived (only those answered 2xx if ``accepted``); return those."""
+        def found() -> list[Recorded]:
+            return [r for r in self.requests if r.status < 300] if accepted else list(self.requests)
+
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self.requests) >= n, timeout):
-                raise AssertionError(f"got {len(self.requests)} requests, expected {n} within {timeout} s")
-            return list(self.requests)
+            if not self._cond.wait_for(lambda: len(found()) >= n, timeout):
+                raise AssertionError(f"got {len(found())} requests, expected {n} within {timeout} s")
+            return found()
 
     def wait_for(self, predicate: Any, timeout: float = 10.0) -> Recorded:
         """Wait for the first request that satisfies ``predicate``."""

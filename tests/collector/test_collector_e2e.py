@@ -477,3 +477,26 @@ def test_the_real_agent_is_seen_online_then_offline_after_sigterm(broker, acme, 
     for (session,) in query(ep, "SELECT DISTINCT session FROM reports WHERE machine_id='real-1'"):
         got = [r[0] for r in query(ep, "SELECT seq FROM reports WHERE session=? ORDER BY seq", session)]
         assert got == list(range(len(got)))  # no gap within a session
+
+
+def test_the_gc_threshold_is_raised_only_where_the_collector_runs_alone(endpoint, collectors):
+    """Issue 13, item 7: ``fleet up`` (start) keeps Python's GC thresholds; ``fleet collector`` (serve) raises them."""
+    import gc
+
+    default = gc.get_threshold()
+    try:
+        collectors(endpoint.settings())  # what fleet up does
+        assert gc.get_threshold() == default
+
+        def stop_when_serving() -> None:
+            wait_for(lambda: gc.get_threshold()[0] == service.GC_THRESHOLD, message="serve() to start")
+            wait_for(lambda: query(endpoint, "SELECT 1 FROM heartbeats WHERE component='collector'"))
+            os.kill(os.getpid(), signal.SIGTERM)  # serve() turns it into a clean stop
+
+        killer = threading.Thread(target=stop_when_serving, daemon=True)
+        killer.start()
+        service.serve(endpoint.settings())
+        killer.join(10)
+        assert gc.get_threshold()[0] == service.GC_THRESHOLD
+    finally:
+        gc.set_threshold(*default)

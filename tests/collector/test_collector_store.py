@@ -170,7 +170,7 @@ def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
     from fleet.config.database import DatabaseBusy
 
     owner = SimpleNamespace(settings=service.Settings(), tracker=Tracker(3.0, 10.0, 3600), client_id="c1",
-                            drops=DropCounter(), _stored=0)
+                            drops=DropCounter(), _stored=0, _commits=0, alerts=None)
     writer = service.Writer(owner, db)
     real = store.write_batch
     calls = []
@@ -190,3 +190,21 @@ def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
     assert db.query("SELECT new_status FROM events") == [("online",)]
     assert db.query("SELECT count FROM drops") == [(1,)]
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 127, 200])
+def test_batches_of_any_size_store_every_row_once(db, n):
+    """SQLite gets rows in multi-row statements of 64, 32, ... 1 rows; none is lost or doubled."""
+    from fleet.collector.state import Machine
+
+    rows = [("a", f"m{i % 7}", "s", i, 1.0 + i, 1.0 + i, 1.0, None, None, None, None, None, "{}", None)
+            for i in range(n)]
+    machines = [Machine(org="a", machine_id=f"m{i}", status="online", session="s", metrics={"cpu_percent": i})
+                for i in range(n)]
+    assert store.write_batch(db, store.Batch(reports=rows, machines=machines), 5.0) == n
+    assert store.write_batch(db, store.Batch(reports=rows[:3]), 5.5) == 0  # replays
+    assert db.query("SELECT count(*), count(DISTINCT seq) FROM reports") == [(n, n)]
+    machines[-1].metrics = {"cpu_percent": -1}
+    store.write_batch(db, store.Batch(machines=machines), 6.0)
+    assert db.query("SELECT count(*), max(updated) FROM machines") == [(n, 6.0)]
+    assert db.query("SELECT metrics FROM machines WHERE machine_id = ?", (f"m{n - 1}",)) == [('{"cpu_percent":-1}',)]

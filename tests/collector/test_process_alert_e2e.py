@@ -1,7 +1,7 @@
 """A ``process.<name> < 1`` alert rule fires when the process an agent checks for is gone (issues 14 and 11).
 
-Written against the alert API of the alerts work (``fleet.config.rules``, ``fleet.config.alerting``, the
-``alerts`` table and ``GET /api/alerts``); it is skipped where that is not merged yet.
+Through the alert API (``fleet.config.rules``, ``fleet.config.alerting``, the ``alerts`` table and
+``GET /api/alerts``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from fleet.config import alerting, rules
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
 from tests.collector.collector_fixtures import embedded_endpoint, end_agent_and_probe, query
 from tests.helpers import bearer, wait_for
-
-rules = pytest.importorskip("fleet.config.rules", reason="the alert rules are not merged yet")
-alerting = pytest.importorskip("fleet.config.alerting", reason="the alert rules are not merged yet")
 
 ROOT = Path(__file__).resolve().parents[2]
 

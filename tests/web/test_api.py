@@ -9,7 +9,7 @@ import pytest
 
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
-from tests.helpers import bearer
+from tests.helpers import bearer, descriptors_held
 
 pytestmark = pytest.mark.both_engines
 
@@ -90,6 +90,23 @@ def test_history_is_oldest_first_and_bounded_by_since_until(client, fleet):
     point = res["points"][0]
     for key in ("ts", "session", "seq", "cpu_percent", "memory_percent", "disk_percent"):
         assert key in point
+
+
+def test_history_since_after_now_without_until_is_200_with_the_points_after_it(client, fleet):
+    """Issue 13, item 3: a client polling with since=<last ts> got 400 once its clock ran ahead of ours."""
+    fleet.machine("acme", "web-1")
+    now = time.time()
+    url = "/api/fleet/web-1/history?since={}"
+    res = client.get(url.format(now + 3600), headers=bearer(fleet.acme.reader_key))
+    assert res.status_code == 200
+    assert res.get_json() == {"machine_id": "web-1", "points": []}
+    fleet.reports("acme", "web-1", 5, now + 100, step=1.0)  # an agent whose clock is ahead of the server's
+    res = client.get(url.format(now + 101.5), headers=bearer(fleet.acme.reader_key))
+    assert res.status_code == 200
+    assert [p["ts"] for p in res.get_json()["points"]] == [now + 100 + i for i in (2, 3, 4)]
+    bounded = client.get(f"/api/fleet/web-1/history?since={now + 50}&until={now + 102}",
+                         headers=bearer(fleet.acme.reader_key))
+    assert [p["ts"] for p in bounded.get_json()["points"]] == [now + 100 + i for i in (0, 1, 2)]
 
 
 def test_events_of_the_org_since(client, fleet):
@@ -191,21 +208,11 @@ def test_served_by_waitress(settings, fleet):
 
 
 def test_serves_when_the_process_holds_more_than_1024_descriptors(settings, fleet):
-    # `fleet up` shares its process with the broker: past ~1,000 agents every new socket's number is over
-    # FD_SETSIZE, which select() cannot watch.
-    import os
-    import resource
     import urllib.request
 
     from fleet.web.server import start_in_thread
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 1200:
-        pytest.skip(f"the hard descriptor limit ({hard}) is too low for this test")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
-                                                else min(hard, max(soft, 1200)), hard))
-    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
-    try:
+    with descriptors_held():
         running = start_in_thread(settings.replace(http_port=0))
         try:
             for _ in range(3):
@@ -213,7 +220,3 @@ def test_serves_when_the_process_holds_more_than_1024_descriptors(settings, flee
                     assert res.status == 200
         finally:
             running.stop()
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

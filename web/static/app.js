@@ -5,7 +5,8 @@
 const PAGE = 100;
 const state = { token: sessionStorage.getItem("fleet-token") || "", config: null, page: 0, timer: null,
                 selected: null, range: 900, machines: [], serverSkew: 0, selectedStatus: null, failing: false,
-                customSeries: null };
+                customSeries: null, alerts: [], silences: [], alertTab: "firing" };
+const RESOLVED_WINDOW_S = 86400;
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -95,10 +96,22 @@ function query() {
   return params.toString();
 }
 
+function alertsEnabled() {
+  return Boolean(state.config && state.config.FEATURES && state.config.FEATURES.alerts);
+}
+
+async function loadAlerts() {
+  if (!alertsEnabled()) return;
+  const since = Date.now() / 1000 - state.serverSkew - RESOLVED_WINDOW_S;
+  const [alerts, silences] = await Promise.all([api(`/api/alerts?since=${since}`), api("/api/silences")]);
+  state.alerts = alerts.data;
+  state.silences = silences.data;
+}
+
 async function refresh() {
   let body;
   try {
-    body = await api(`/api/fleet?${query()}`);
+    [body] = await Promise.all([api(`/api/fleet?${query()}`), loadAlerts()]);
   } catch (err) {
     $("refresh-state").textContent = `refresh failed: ${err.message}`;
     announce(`Refresh failed: ${err.message}`);
@@ -111,6 +124,7 @@ async function refresh() {
   $("login").hidden = true; $("fleet").hidden = false; $("logout").hidden = false;
   $("org-name").textContent = body.org;
   for (const s of ["online", "stale", "offline", "expired"]) $(`count-${s}`).textContent = body.counts[s];
+  renderAlerts();
   fillOsFilter(body.os_values);
   renderTable(body.data);
   const first = body.count ? state.page * PAGE + 1 : 0;
@@ -131,13 +145,89 @@ function fillOsFilter(values) {
   select.value = values.includes(current) ? current : "";
 }
 
+function firingByMachine() {
+  const byMachine = new Map();
+  for (const a of state.alerts) {
+    if (a.state !== "firing") continue;
+    if (!byMachine.has(a.machine_id)) byMachine.set(a.machine_id, []);
+    byMachine.get(a.machine_id).push(a);
+  }
+  return byMachine;
+}
+
+function severityBadge(text, kind) { return el("span", { class: `sev ${kind}`, text }); }
+
+function alertItem(a) {
+  const item = el("li", { "data-alert": String(a.id), "data-machine": a.machine_id });
+  if (a.state === "resolved") {
+    item.append(severityBadge("resolved", "resolved"), el("span", { class: "rule", text: a.rule }),
+      el("span", { class: "name", text: a.machine_id }), el("span", { class: "what", text: a.summary || "" }),
+      el("span", { class: "muted", text: `resolved ${ago(a.resolved_at)}` }));
+  } else {
+    item.append(severityBadge(a.state === "pending" ? "pending" : a.severity, a.state === "pending" ? "silenced" : a.severity),
+      el("span", { class: "rule", text: a.rule }), el("span", { class: "name", text: a.machine_id }),
+      el("span", { class: "what", text: a.summary || "" }));
+    if (a.silenced) item.append(severityBadge("silenced", "silenced"));
+    item.append(el("span", { class: "muted", text: `${a.state === "pending" ? "pending" : "since"} ${ago(a.started_at)}` }));
+  }
+  item.tabIndex = 0;
+  item.addEventListener("click", () => loadDetail(a.machine_id, true));
+  item.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Enter" && ev.key !== " ") return;
+    ev.preventDefault();
+    loadDetail(a.machine_id, true, true);
+  });
+  return item;
+}
+
+function silenceItem(s) {
+  const until = new Date(s.ends_at * 1000).toLocaleString();
+  return el("li", { "data-silence": String(s.id) }, severityBadge("silenced", "silenced"),
+    el("span", { class: "rule", text: s.rule || "every rule" }), el("span", { class: "name", text: s.machines }),
+    el("span", { class: "what", text: s.comment || "" }), el("span", { class: "muted", text: `until ${until}` }));
+}
+
+function renderAlerts() {
+  const panel = $("alerts-panel");
+  if (!alertsEnabled()) { panel.hidden = true; $("alerts-card").hidden = true; return; }
+  const firing = state.alerts.filter((a) => a.state === "firing");
+  const resolved = state.alerts.filter((a) => a.state === "resolved");
+  const active = state.silences.filter((s) => s.ends_at > Date.now() / 1000 - state.serverSkew);
+  $("count-firing").textContent = firing.length;
+  $("alerts-card").classList.toggle("on", firing.length > 0);
+  $("tab-firing").textContent = firing.length;
+  $("tab-resolved").textContent = resolved.length;
+  $("tab-silences").textContent = active.length;
+  for (const tab of panel.querySelectorAll("[data-tab]")) {
+    tab.classList.toggle("active", tab.dataset.tab === state.alertTab);
+    tab.setAttribute("aria-selected", String(tab.dataset.tab === state.alertTab));
+  }
+  let items, none;
+  if (state.alertTab === "resolved") { items = resolved.map(alertItem); none = "Nothing resolved in the last 24 hours."; }
+  else if (state.alertTab === "silences") { items = active.map(silenceItem); none = "No silences."; }
+  else {
+    const pending = state.alerts.filter((a) => a.state === "pending");
+    items = firing.concat(pending).map(alertItem);
+    none = "No alerts firing. All quiet.";
+  }
+  $("alert-list").replaceChildren(...(items.length ? items : [el("li", { class: "none", text: none })]));
+}
+
 function renderTable(machines) {
   state.machines = machines;
   // Rows are rebuilt every refresh: a keyboard user's focus moves to the new row of the same machine.
   const focused = document.activeElement && document.activeElement.closest("#machines tbody tr");
   const refocus = focused ? focused.dataset.machine : null;
+  const firing = firingByMachine();
   const rows = machines.map((m) => {
     const flags = el("td");
+    const alerts = firing.get(m.machine_id) || [];
+    if (alerts.length) {
+      const critical = alerts.some((a) => a.severity === "critical");
+      flags.append(el("span", { class: `flag alert ${critical ? "critical" : "warning"}`, "data-alerts": String(alerts.length),
+        text: alerts.length === 1 ? alerts[0].rule : `${alerts.length} alerts`,
+        title: alerts.map((a) => `${a.rule}: ${a.summary || a.severity}`).join("\n") }));
+    }
     if (m.conflict) flags.append(el("span", { class: "flag", text: "name conflict", title: "two hardware ids report under this name" }));
     if (typeof m.clock_offset_s === "number" && Math.abs(m.clock_offset_s) > 2) {
       flags.append(el("span", { class: "flag skew", text: `clock ${m.clock_offset_s > 0 ? "-" : "+"}${Math.abs(m.clock_offset_s).toFixed(1)} s` }));
@@ -211,6 +301,8 @@ async function loadDetail(machineId, open, focus = false) {
   fact(dl, "Session", machine.session);
   fact(dl, "Name conflict", machine.conflict ? "yes: two hardware ids use this name" : "no");
   if (machine.lost || machine.late) fact(dl, "Reports lost", `${machine.lost}${machine.late ? ` (${machine.late} arrived late)` : ""}`);
+  const mine = state.alerts.filter((a) => a.machine_id === machine.machine_id && a.state !== "resolved");
+  $("d-alerts").replaceChildren(...mine.map(alertItem));
   renderCharts(history.points, now - state.range, now);
   renderAgentExtras(met, history.points, now - state.range, now);
   const list = $("d-events");
@@ -409,6 +501,14 @@ for (const button of document.querySelectorAll(".stat[data-status]")) {
     refresh();
   });
 }
+for (const tab of document.querySelectorAll("#alerts-panel [data-tab]")) {
+  tab.addEventListener("click", () => { state.alertTab = tab.dataset.tab; renderAlerts(); });
+}
+$("alerts-card").addEventListener("click", () => {
+  state.alertTab = "firing";
+  renderAlerts();
+  $("alerts-panel").scrollIntoView({ behavior: "smooth", block: "nearest" });
+});
 function closeDetail() {
   const row = document.querySelector(`#machines tbody tr[data-machine="${CSS.escape(state.selected || "")}"]`);
   const hadFocus = $("detail").contains(document.activeElement);

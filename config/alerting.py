@@ -1,0 +1,272 @@
+"""An org's alerting setup in the database: rules, channels (secrets encrypted) and silences.
+
+The ``fleet alert`` commands call these; the collector reads the same tables every few seconds, so a
+change applies without a restart (SPEC: within 5 s). Channel URLs are checked and channel secrets made
+by ``fleet.collector.notify`` (collector/channels.py); this module only stores them, sealed. Every
+function that opens the database takes the data dir (pepper, default SQLite file) and an optional
+database URL, as ``fleet.config.credentials`` does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.config.credentials import database_for
+from fleet.config.database import Database, open_database
+from fleet.config.errors import CredentialError
+from fleet.config.rules import (
+    DEFAULT_RULES,
+    Rule,
+    RuleError,
+    Silence,
+    check_comment,
+    check_glob,
+    check_name,
+    parse_condition,
+)
+from fleet.config.secretbox import SecretBox, secret_box
+
+
+def _open(data_dir: Path, database: str | None) -> Database:
+    return open_database(database_for(data_dir, database))
+
+
+def _require_org(db: Database, org: str) -> None:
+    check_name(org, "org")
+    if db.query_one("SELECT 1 FROM orgs WHERE name = ?", (org,)) is None:
+        raise CredentialError(f"no such org {org!r}")
+
+
+# Tables holding an org's alerting state, dropped with the org.
+ORG_TABLES = ("alert_rules", "alert_channels", "alerts", "alert_silences", "alert_outbox")
+
+
+def drop_org(db: Database, org: str) -> None:
+    """Delete an org's rules, channels, alerts, silences and pending notifications (in the caller's transaction)."""
+    for table in ORG_TABLES:
+        db.execute(f"DELETE FROM {table} WHERE org = ?", (org,))
+
+
+# --- rules ---------------------------------------------------------------------------------------
+def insert_default_rules(db: Database, org: str, now: float) -> None:
+    """Give an org SPEC's three default rules (in the caller's transaction)."""
+    for name, when, for_s, severity in DEFAULT_RULES:
+        insert_rule(db, Rule(org, name, parse_condition(when), for_s, "*", severity), now)
+
+
+def insert_rule(db: Database, rule: Rule, now: float) -> bool:
+    """Insert a rule unless one of that name exists; True when inserted."""
+    return db.execute(
+        "INSERT INTO alert_rules(org, name, expr, for_s, machines, severity, created) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(org, name) DO NOTHING",
+        (rule.org, rule.name, str(rule.when), float(rule.for_s), rule.machines, rule.severity, now)) == 1
+
+
+def add_rule(data_dir: Path, rule: Rule, database: str | None = None) -> None:
+    """Store a new rule of an existing org; CredentialError for an unknown org, RuleError for a taken name."""
+    with _open(data_dir, database) as db, db.transaction():
+        _require_org(db, rule.org)
+        if not insert_rule(db, rule, time.time()):
+            raise RuleError(f"org {rule.org!r} already has a rule named {rule.name!r}")
+
+
+def _rule(row: tuple) -> Rule:
+    org, name, expr, for_s, machines, severity = row
+    return Rule(org, name, parse_condition(expr), float(for_s), machines, severity)
+
+
+_RULE_COLUMNS = "org, name, expr, for_s, machines, severity"
+
+
+def list_rules(data_dir: Path, org: str, database: str | None = None) -> list[Rule]:
+    """An org's rules by name."""
+    with _open(data_dir, database) as db:
+        _require_org(db, org)
+        return [_rule(row) for row in db.query(f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE org = ? ORDER BY name",
+                                               (org,))]
+
+
+def load_rules(db: Database, orgs: Iterable[str] | None = None) -> dict[str, list[Rule]]:
+    """Every org's rules (only ``orgs`` when given), for the collector; rows that no longer parse are skipped."""
+    wanted = None if orgs is None else set(orgs)
+    out: dict[str, list[Rule]] = {}
+    for row in db.query(f"SELECT {_RULE_COLUMNS} FROM alert_rules ORDER BY org, name"):
+        if wanted is not None and row[0] not in wanted:
+            continue
+        try:
+            out.setdefault(row[0], []).append(_rule(row))
+        except RuleError:
+            continue
+    return out
+
+
+def remove_rule(data_dir: Path, org: str, name: str, database: str | None = None) -> None:
+    """Delete a rule; the collector resolves its alerts. RuleError if there is no such rule."""
+    with _open(data_dir, database) as db, db.transaction():
+        _require_org(db, org)
+        if db.execute("DELETE FROM alert_rules WHERE org = ? AND name = ?", (org, name)) == 0:
+            raise RuleError(f"org {org!r} has no rule named {name!r}")
+
+
+# --- channels --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Channel:
+    """A stored channel; ``url`` and ``secret`` are decrypted only when loaded for delivery, never shown."""
+
+    org: str
+    name: str
+    kind: str
+    target: str
+    last_delivery: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    failures: int = 0
+    url: str = field(default="", repr=False)
+    secret: str | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``fleet alert channel list --json`` object (no secret, no full URL)."""
+        return {"org": self.org, "channel": self.name, "kind": self.kind, "target": self.target,
+                "last_delivery": self.last_delivery, "last_error": self.last_error,
+                "last_error_at": self.last_error_at, "failures": self.failures}
+
+
+def store_channel(data_dir: Path, org: str, name: str, kind: str, url: str, secret: str | None,
+                  target: str, database: str | None = None) -> None:
+    """Store a new channel with its URL and secret encrypted (``target``: the URL as lists show it, no secret).
+
+    RuleError if the org already has a channel of that name.
+    """
+    check_name(name, "channel")
+    box = secret_box(data_dir)
+    with _open(data_dir, database) as db, db.transaction():
+        _require_org(db, org)
+        inserted = db.execute(
+            "INSERT INTO alert_channels(org, name, kind, target, url_enc, secret_enc, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(org, name) DO NOTHING",
+            (org, name, kind, target, box.seal(url), None if secret is None else box.seal(secret), time.time()))
+        if inserted != 1:
+            raise RuleError(f"org {org!r} already has a channel named {name!r}")
+
+
+_CHANNEL_COLUMNS = "org, name, kind, target, last_delivery, last_error, last_error_at, failures"
+
+
+def list_channels(data_dir: Path, org: str, database: str | None = None) -> list[Channel]:
+    """An org's channels with their delivery state (no URL, no secret)."""
+    with _open(data_dir, database) as db:
+        _require_org(db, org)
+        rows = db.query(f"SELECT {_CHANNEL_COLUMNS} FROM alert_channels WHERE org = ? ORDER BY name", (org,))
+        return [Channel(*row) for row in rows]
+
+
+def channel_kinds(db: Database) -> dict[str, dict[str, str]]:
+    """Each org's channels as {org: {channel: kind}} (what the collector groups notifications for)."""
+    out: dict[str, dict[str, str]] = {}
+    for org, name, kind in db.query("SELECT org, name, kind FROM alert_channels ORDER BY org, name"):
+        out.setdefault(org, {})[name] = kind
+    return out
+
+
+def load_channel(db: Database, box: SecretBox, org: str, name: str) -> Channel | None:
+    """One channel with its URL and secret decrypted (for delivery), or None if it was removed."""
+    row = db.query_one(f"SELECT {_CHANNEL_COLUMNS}, url_enc, secret_enc FROM alert_channels"
+                       " WHERE org = ? AND name = ?", (org, name))
+    if row is None:
+        return None
+    org_, name_, kind, target, last_delivery, last_error, last_error_at, failures, url_enc, secret_enc = row
+    return Channel(org_, name_, kind, target, last_delivery, last_error, last_error_at, failures, url=box.open(url_enc),
+                   secret=None if secret_enc is None else box.open(secret_enc))
+
+
+def get_channel(data_dir: Path, org: str, name: str, database: str | None = None) -> Channel:
+    """One channel of an org, decrypted (``channel test``); RuleError if there is none of that name."""
+    box = secret_box(data_dir, create=False)
+    with _open(data_dir, database) as db:
+        _require_org(db, org)
+        channel = load_channel(db, box, org, name)
+    if channel is None:
+        raise RuleError(f"org {org!r} has no channel named {name!r}")
+    return channel
+
+
+def record_delivery(db: Database, org: str, name: str, now: float, error: str | None) -> None:
+    """Note a delivery (``error`` None) or a failed attempt on the channel's row."""
+    if error is None:
+        db.execute("UPDATE alert_channels SET last_delivery = ?, failures = 0 WHERE org = ? AND name = ?",
+                   (now, org, name))
+    else:
+        db.execute("UPDATE alert_channels SET last_error = ?, last_error_at = ?, failures = failures + 1"
+                   " WHERE org = ? AND name = ?", (error[:500], now, org, name))
+
+
+def remove_channel(data_dir: Path, org: str, name: str, database: str | None = None) -> None:
+    """Delete a channel and what was waiting to be sent to it; RuleError if there is no such channel."""
+    with _open(data_dir, database) as db, db.transaction():
+        _require_org(db, org)
+        if db.execute("DELETE FROM alert_channels WHERE org = ? AND name = ?", (org, name)) == 0:
+            raise RuleError(f"org {org!r} has no channel named {name!r}")
+        db.execute("DELETE FROM alert_outbox WHERE org = ? AND channel = ?", (org, name))
+
+
+# --- silences --------------------------------------------------------------------------------------
+SILENCE_COLUMNS = "id, org, machines, rule, starts_at, ends_at, comment"
+
+
+def add_silence(data_dir: Path, org: str, for_s: float, machines: str = "*", rule: str | None = None,
+                comment: str = "", now: float | None = None, database: str | None = None) -> Silence:
+    """Silence an org's alerts matching ``machines`` (and ``rule``) for ``for_s`` seconds from now."""
+    if not for_s > 0:
+        raise RuleError("a silence needs a duration longer than 0s, e.g. --for 2h")
+    check_glob(machines)
+    check_comment(comment)
+    now = time.time() if now is None else now
+    with _open(data_dir, database) as db, db.transaction():
+        _require_org(db, org)
+        if rule is not None and db.query_one("SELECT 1 FROM alert_rules WHERE org = ? AND name = ?",
+                                             (org, check_name(rule, "rule"))) is None:
+            raise RuleError(f"org {org!r} has no rule named {rule!r}")
+        row = db.query_one(
+            "INSERT INTO alert_silences(org, machines, rule, comment, created, starts_at, ends_at)"
+            f" VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {SILENCE_COLUMNS}",
+            (org, machines, rule, comment, now, now, now + for_s))
+    assert row is not None
+    return Silence(*row)
+
+
+def expire_silence(data_dir: Path, org: str, silence_id: int, now: float | None = None,
+                   database: str | None = None) -> None:
+    """End a silence now (it stays listed as expired); RuleError if the org has no such silence."""
+    now = time.time() if now is None else now
+    with _open(data_dir, database) as db, db.transaction():
+        _require_org(db, org)
+        if db.query_one("SELECT 1 FROM alert_silences WHERE org = ? AND id = ?", (org, silence_id)) is None:
+            raise RuleError(f"org {org!r} has no silence {silence_id}")
+        db.execute("UPDATE alert_silences SET ends_at = ? WHERE org = ? AND id = ? AND ends_at > ?",
+                   (now, org, silence_id, now))
+
+
+def silences_query(now: float, org: str | None = None) -> tuple[str, list[Any]]:
+    """SQL and parameters of the silences in force at ``now`` or later (of one org, or all), oldest first."""
+    where = "ends_at > ?"
+    params: list[Any] = [now]
+    if org is not None:
+        where += " AND org = ?"
+        params.append(org)
+    return f"SELECT {SILENCE_COLUMNS} FROM alert_silences WHERE {where} ORDER BY id", params
+
+
+def load_silences(db: Database, now: float, org: str | None = None) -> list[Silence]:
+    """Silences in force at ``now`` or later (of one org, or all), oldest first."""
+    return [Silence(*row) for row in db.query(*silences_query(now, org))]
+
+
+def list_silences(data_dir: Path, org: str, now: float | None = None, database: str | None = None) -> list[Silence]:
+    """An org's current and future silences."""
+    with _open(data_dir, database) as db:
+        _require_org(db, org)
+        return load_silences(db, time.time() if now is None else now, org)
