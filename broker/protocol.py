@@ -47,7 +47,10 @@ from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 from fleet.broker.sessions import NO_QUEUE
 
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
-MAX_PACKET_BYTES = 1024 * 1024  # larger packets close the connection before being buffered
+MAX_PACKET_BYTES = 1024 * 1024  # larger payloads close the connection before being buffered
+# A PUBLISH's topic and packet id come on top of its payload (the limit is what amqtt's reader applied: to the
+# payload, read apart from the variable header), so a 1 MiB payload is still read, then dropped at 64 KiB.
+MAX_BODY_BYTES = MAX_PACKET_BYTES + 2 + 0xFFFF + 2
 CONGESTED_BYTES = 1024 * 1024  # unsent bytes past which a connection counts as congested
 
 MAX_QOS2_INFLIGHT = 100  # incoming QoS 2 messages held between PUBLISH and PUBREL, per connection
@@ -107,7 +110,7 @@ def publish_bytes(topic: str, data: bytes, qos: int, retain: bool, packet_id: in
 class GuardedReader(ReaderAdapter):
     """The connection's reader: whole packets for serve() (two reads each), amqtt's reader API for CONNECT.
 
-    A packet announcing a body over MAX_PACKET_BYTES closes the connection before the body is buffered;
+    A packet announcing a body over MAX_BODY_BYTES closes the connection before the body is buffered;
     after that every read is EOF (amqtt's CONNECT parser treats read errors as "try again", and the rest of
     the oversized body must not be parsed as packets). ``last_read`` is when the last packet (or read)
     completed, for the keepalive watchdog.
@@ -151,7 +154,7 @@ class GuardedReader(ReaderAdapter):
                 if shift > 21:
                     raise MQTTError("remaining length over four bytes")
                 byte = (await stream.readexactly(1))[0]
-            if length > MAX_PACKET_BYTES:
+            if length > MAX_BODY_BYTES:
                 self._trip(length)
                 return None
             body = await stream.readexactly(length) if length else b""
