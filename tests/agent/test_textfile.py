@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -220,7 +221,10 @@ def test_files_replaced_atomically_are_read_whole_or_not_at_all(tmp_path):
     try:
         collector = TextfileCollector(str(tmp_path))
         seen = set()
-        for _ in range(300):
+        collects, deadline = 0, time.monotonic() + 10
+        # At least 300 reads, and on until the writer has been seen at work (it may not get the GIL at once).
+        while (collects < 300 or len(seen) < 5) and time.monotonic() < deadline:
+            collects += 1
             custom = collector.collect()
             assert len(custom) == 20
             assert len(set(custom.values())) == 1  # never half of one version and half of another
