@@ -93,6 +93,7 @@ def sample_lines(draw):
     return name, labels, float(value), text
 
 
+@pytest.mark.slow
 @hsettings(max_examples=300)
 @given(st.lists(sample_lines(), max_size=8, unique_by=lambda s: (s[0], tuple(sorted(s[1].items())))),
        st.lists(st.sampled_from(["", "# a comment", "# HELP x some help", "# TYPE x gauge"]), max_size=3))
