@@ -45,6 +45,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscripti
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from fleet.broker.sessions import NO_QUEUE
+from fleet.config.mqtt import remaining_length
 
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
 MAX_PACKET_BYTES = 1024 * 1024  # larger payloads close the connection before being buffered
@@ -86,16 +87,6 @@ class TrackedMessage(OutgoingApplicationMessage):
         super().__init__(packet_id, topic, qos, data, retain)
         self.seq = seq
         self.sent = False  # written once: sent again with DUP
-
-
-def remaining_length(n: int) -> bytes:
-    """MQTT's variable-length encoding of a packet's remaining length."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def publish_bytes(topic: str, data: bytes, qos: int, retain: bool, packet_id: int = 0, dup: bool = False) -> bytes:
