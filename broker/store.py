@@ -5,7 +5,9 @@ The event loop only appends to the open batch (no I/O, no locks). At the end of 
 opened it, the batch is sealed and handed to one writer thread, which commits every batch sealed
 meanwhile in one transaction (a group commit): under load one write covers many loop turns, never one
 per message. A publisher's PUBACK waits for the commit of the batch holding what its message changed
-(``barrier()``), so what the broker acknowledged is on disk: a SIGKILL loses nothing acknowledged.
+(``barrier()``), so what the broker acknowledged is on disk: a SIGKILL loses nothing acknowledged. A batch
+holding only subscribers' acknowledgements (rows leaving the queue) takes no commit of its own: it joins the
+next one, or is written ACKS_LATE_S later; losing it costs duplicates, never a message.
 ``durability`` says what a power loss may lose (docs/broker.md): ``full`` fsyncs each group commit
 (nothing acknowledged), ``normal`` leaves it to SQLite's WAL checkpoints (the commits since the last
 one), ``off`` keeps queues in memory only and acknowledges at once, as before this store queued messages.
@@ -234,7 +236,8 @@ class BrokerStore:
                 self._cond.notify()
 
     def barrier(self) -> asyncio.Future[None] | None:
-        """A future done once everything recorded so far is committed; None if it already is (or in ``off``)."""
+        """A future done once everything recorded so far is committed (acknowledged rows aside: they may follow
+        later); None if it already is (or in ``off``)."""
         if not self.durable_queues:
             return None
         batch = self._open if self._open.urgent() else self._last
