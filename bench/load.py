@@ -18,7 +18,8 @@ the persistence settings of the generated mosquitto.conf (``interval:N``: save e
 save after N changes; ``generated``: as exported); the table then counts Mosquitto's saves.
 ``--database postgres`` stores everything (org, keys, machines, reports) in a throwaway PostgreSQL server
 started here with tests/postgres.py (``--database postgresql://…`` names one of yours); every part gets it
-as FLEET_DATABASE_URL.
+as FLEET_DATABASE_URL. ``--profile PATH`` (embedded only) runs the broker under bench/profiled.py: cProfile on
+its event loop over the steady phase, pstats written to PATH, time in garbage collection printed.
 """
 
 from __future__ import annotations
