@@ -16,19 +16,22 @@ each consumer:
 Every run checks zero loss: the collector must have stored exactly M*K distinct (machine, seq).
 
 ``--database URL`` (repeatable) picks the collector's database: ``sqlite`` (the default: fleet.db in a
-temporary data dir) or a ``postgresql://`` URL (``python -m tests.postgres`` starts a throwaway server and
-prints one). Each database is measured against the same broker and the same raw baseline, in one run.
-The broker keeps its credentials in the data dir's SQLite file either way.
+temporary data dir), ``postgres`` (a throwaway PostgreSQL server started here with tests/postgres.py, as
+the ``postgres`` user when run as root; stopped and deleted at the end) or a ``postgresql://`` URL. Each
+database is measured against the same broker and the same raw baseline, in one run. The broker keeps its
+credentials in the data dir's SQLite file either way.
 
     python3 bench/ingest.py --publishers 4 --reports 5000 --broker both
     python3 bench/ingest.py --publishers 4 --reports 10000 --machines 10000 --broker both
     python3 bench/ingest.py --publishers 4 --reports 5000 --machines 10000 --rate 1000 --broker both
+    python3 bench/ingest.py --broker mosquitto --machines 10000 --reports 10000 --database sqlite --database postgres
     python3 bench/ingest.py --broker mosquitto --database sqlite --database postgresql://u:p@127.0.0.1:5432/db
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import selectors
@@ -457,6 +460,22 @@ def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[
     return out
 
 
+def resolve_database(name: str, data_dir: Path, cleanup: contextlib.ExitStack) -> str:
+    """A --database argument as a URL: ``sqlite`` is fleet.db in the data dir, ``postgres`` a server started here."""
+    if name == "sqlite":
+        return sqlite_url(data_dir / "fleet.db")
+    if name != "postgres":
+        return name
+    from tests.postgres import PostgresServer, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"--database postgres: {reason}")
+    server = PostgresServer().start()
+    cleanup.callback(server.destroy)
+    return server.database()
+
+
 def engine_name(database: str) -> str:
     """SQLite or PostgreSQL, for the tables."""
     return "SQLite" if DatabaseUrl.parse(database).engine == "sqlite" else "PostgreSQL"
@@ -475,10 +494,12 @@ def main() -> None:
                              "and compare CPU per report rather than throughput")
     parser.add_argument("--repeat", type=int, default=1, help="run each (broker, mode) pair this many times")
     parser.add_argument("--profile", type=Path,
-                        help="write a cProfile of the collector's threads in the last backlog run to this file")
+                        help="write a cProfile of the collector's threads to this file, suffixed with broker, mode and "
+                             "database (the last run of each)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-step cost table")
     parser.add_argument("--database", action="append", metavar="URL",
-                        help="the collector's database: sqlite (default) or postgresql://…; repeat to compare")
+                        help="the collector's database: sqlite (default), postgres (a throwaway server started "
+                             "here) or postgresql://…; repeat to compare")
     parser.add_argument("--alert-rules", choices=("none", "default", "all"), default="default",
                         help="the org's alert rules: none, the 3 default ones, or all 8 (+ bench/alerts.py's 5)")
     args = parser.parse_args()
@@ -490,11 +511,11 @@ def main() -> None:
         raise SystemExit("--machines must be at least --publishers")
     modes = ["live"] if args.rate else [m.strip() for m in args.modes.split(",") if m.strip()]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp, contextlib.ExitStack() as cleanup:
         workdir = Path(tmp)
         data_dir = workdir / "data"
         keys = credentials.add_org(data_dir, ORG)  # with the 3 default alert rules every org starts with
-        databases = [sqlite_url(data_dir / "fleet.db") if d == "sqlite" else d for d in args.database or ["sqlite"]]
+        databases = [resolve_database(d, data_dir, cleanup) for d in args.database or ["sqlite"]]
         for database in databases:  # the org and the schema in each; the broker checks keys in the SQLite file
             if not credentials.org_exists(data_dir, ORG, database):
                 credentials.add_org(data_dir, ORG, database)
@@ -516,7 +537,10 @@ def main() -> None:
                     for mode in modes:
                         raw = run_raw(broker, load, mode)
                         for database in databases:
-                            coll = run_collector(broker, data_dir, database, load, mode, args.profile)
+                            profile = (args.profile.with_name(f"{args.profile.stem}-{name}-{mode}-"
+                                                              f"{engine_name(database)}{args.profile.suffix}")
+                                       if args.profile else None)
+                            coll = run_collector(broker, data_dir, database, load, mode, profile)
                             rows.append((name, mode, engine_name(database), raw, coll))
                             print(f"{name:9s} {mode:7s} {engine_name(database):10s} raw {raw.rate:7.0f} msg/s "
                                   f"{raw.cpu_us:5.1f} µs CPU  collector {coll.rate:7.0f} msg/s {coll.cpu_us:5.1f} µs "
