@@ -253,12 +253,19 @@ SELECT name, 'disk-full', 'disk_percent > 90', 600, '*', 'warning', created FROM
 ON CONFLICT(org, name) DO NOTHING;
 """
 
+# Version 4: on PostgreSQL, room in each machines page for the row's next version. The collector rewrites a
+# machine's row for nearly every report; with full pages (fillfactor 100) every UPDATE moves the row to
+# another page and adds an entry to both of its indexes, while an update within the page ("HOT") touches no
+# index: 25% less server time per machine row with 10,000 machines (bench/ingest.py). SQLite updates rows in
+# place and has no such setting.
+MACHINES_FILLFACTOR = {SQLITE: "", POSTGRESQL: "ALTER TABLE machines SET (fillfactor = 50);"}
 
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
     (2, CUSTOM_FIELDS_AND_TAILS),
     (3, ALERTS_SCHEMA),
+    (4, MACHINES_FILLFACTOR),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
