@@ -95,12 +95,12 @@ class Broker:
         stop_process(self.proc)
 
 
-def start_mosquitto(workdir: Path) -> Broker:
+def start_mosquitto(workdir: Path, inflight: int = 100) -> Broker:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     # Unbounded queues: a loss in the benchmark must come from the consumer, not the broker's limits.
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 0\nmax_inflight_messages 100\n")
+                    f"max_queued_messages 0\nmax_inflight_messages {inflight}\n")
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: port_open(port), 10, "mosquitto")
     url = f"mqtt://127.0.0.1:{port}"
@@ -500,6 +500,9 @@ def main() -> None:
     parser.add_argument("--database", action="append", metavar="URL",
                         help="the collector's database: sqlite (default), postgres (a throwaway server started "
                              "here) or postgresql://…; repeat to compare")
+    parser.add_argument("--inflight", type=int, default=100,
+                        help="Mosquitto's max_inflight_messages toward each consumer (its default, and "
+                             "fleet mosquitto-config's, is 20)")
     parser.add_argument("--alert-rules", choices=("none", "default", "all"), default="default",
                         help="the org's alert rules: none, the 3 default ones, or all 8 (+ bench/alerts.py's 5)")
     args = parser.parse_args()
@@ -530,7 +533,7 @@ def main() -> None:
                     alerting.remove_rule(data_dir, ORG, rule.name, database)
         names = ["mosquitto", "embedded"] if args.broker == "both" else [args.broker]
         for name in names:
-            broker = (start_mosquitto(workdir) if name == "mosquitto"
+            broker = (start_mosquitto(workdir, args.inflight) if name == "mosquitto"
                       else start_embedded(data_dir, keys, load.total + 1000))
             try:
                 for _ in range(args.repeat):
