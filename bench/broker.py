@@ -2,9 +2,13 @@
 
 Measures, for each broker (a subprocess, so RSS is the broker's own):
 - QoS 0 and QoS 1 throughput: one paho publisher, one paho subscriber, ~200-byte JSON, max_inflight 100;
-- time and broker RSS to connect 500 and then 2,000 idle TLS clients (100 connecting at a time).
+- time and broker RSS to connect 500 and then 2,000 idle TLS clients (100 connecting at a time);
+- ours only: QoS 1 throughput to a persistent subscriber (clean_session=0, the collector's case), whose
+  messages broker.db keeps until acknowledged, with durability off (memory only, the baseline), full and
+  normal, in alternating rounds of the same run (--rounds).
 
-    python3 bench/broker.py [--qos0 20000] [--qos1 10000] [--clients 500,2000]
+    python3 bench/broker.py [--qos0 20000] [--qos1 10000] [--clients 500,2000] [--rounds 3] [--durability-only]
+        [--baseline-python /path/to/venv-with-main/bin/python]
 Loopback only; each phase is bounded in time.
 """
 
@@ -17,6 +21,7 @@ import os
 import resource
 import shutil
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
-from fleet.broker import tls_memory  # noqa: E402
+from fleet.broker import patches  # noqa: E402
 from fleet.broker.pki import ensure_certs  # noqa: E402
 from fleet.collector.mqtt_codec import Connack, Connect, decode, encode  # noqa: E402
 from fleet.config import credentials  # noqa: E402
@@ -69,19 +74,25 @@ class Target:
     def rss_mb(self) -> float:
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
+    def cpu_s(self) -> float:
+        """CPU time (user + system) the broker process used so far: unlike msg/s, not moved by other load."""
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
+
     def stop(self) -> None:
         stop_process(self.proc)
 
 
-def start_ours(work: Path) -> Target:
-    data = work / "ours"
+def start_ours(work: Path, durability: str = "full", python: str = sys.executable) -> Target:
+    data = work / f"ours-{durability}-{time.monotonic_ns()}"
     org = credentials.add_org(data, "bench")
     service_key = credentials.ensure_service_key(data)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "broker", "--data-dir", str(data),
+    proc = subprocess.Popen([python, "-m", "fleet.cli", "broker", "--data-dir", str(data),
                              "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "ERROR",
-                                                              "FLEET_MAX_QUEUED_MESSAGES": "100000"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                                              "FLEET_MAX_QUEUED_MESSAGES": "100000",
+                                                              "FLEET_BROKER_DURABILITY": durability},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
     wait_port(port, proc)
     return Target("fleet (ours)", proc, port, data / "certs" / "ca.pem",
                   ("bench/agent", org.agent_key, "fleet-bench-m1"), (credentials.SERVICE_USERNAME, service_key, "sub"),
@@ -113,9 +124,10 @@ def start_mosquitto(work: Path) -> Target | None:
     return Target("mosquitto 2 (Debian)", proc, port, certs.ca, (None, None, "pub"), (None, None, "sub"))
 
 
-def paho_client(target: Target, cred: tuple[str | None, str | None, str]) -> paho.Client:
+def paho_client(target: Target, cred: tuple[str | None, str | None, str], clean_session: bool = True) -> paho.Client:
     user, key, client_id = cred
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                         clean_session=clean_session)
     if user:
         client.username_pw_set(user, key)
     client.tls_set(ca_certs=str(target.ca))
@@ -130,9 +142,9 @@ def paho_client(target: Target, cred: tuple[str | None, str | None, str]) -> pah
     return client
 
 
-def throughput(target: Target, qos: int, count: int, timeout: float = 120) -> float:
-    """Messages per second from first publish to last delivery."""
-    sub = paho_client(target, target.sub)
+def throughput(target: Target, qos: int, count: int, timeout: float = 120, persistent: bool = False) -> float:
+    """Messages per second from first publish to last delivery (``persistent``: a clean_session=0 subscriber)."""
+    sub = paho_client(target, target.sub, clean_session=not persistent)
     got = [0]
     done = threading.Event()
 
@@ -212,19 +224,42 @@ def connections(target: Target, steps: list[int]) -> list[tuple[int, float, floa
     return asyncio.run(run())
 
 
+def durability_rounds(work: Path, count: int, rounds: int,
+                      baseline: str | None) -> dict[str, list[tuple[float, float]]]:
+    """(QoS 1 msg/s to a persistent subscriber, broker CPU µs per message) for each durability (and
+    ``baseline``, another checkout's Python), alternating modes round by round."""
+    rates: dict[str, list[tuple[float, float]]] = {"off": [], "full": [], "normal": []}
+    if baseline:
+        rates["baseline"] = []
+    for round_ in range(rounds):
+        for mode in rates:
+            target = start_ours(work, "full", baseline) if mode == "baseline" else start_ours(work, mode)
+            try:
+                print(f"{mode}, round {round_ + 1}/{rounds}…", file=sys.stderr)
+                before = target.cpu_s()
+                rate = throughput(target, 1, count, persistent=True)
+                rates[mode].append((rate, (target.cpu_s() - before) / count * 1e6))
+            finally:
+                target.stop()
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qos0", type=int, default=20000)
     parser.add_argument("--qos1", type=int, default=10000)
     parser.add_argument("--clients", default="500,2000")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the durability comparison")
+    parser.add_argument("--durability-only", action="store_true", help="only the durability comparison")
+    parser.add_argument("--baseline-python", help="also run the broker of the checkout this Python has installed "
+                        "(e.g. a venv with main's code) in the durability comparison")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    tls_memory.install()  # the benchmark's own client sockets: keep this process small too
     steps = [int(x) for x in args.clients.split(",")]
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-broker-"))
     results = []
-    for starter in (start_ours, start_stock, start_mosquitto):
+    for starter in () if args.durability_only else (start_ours, start_stock, start_mosquitto):
         target = starter(work)
         if target is None:
             continue
@@ -234,22 +269,35 @@ def main() -> None:
             q1 = throughput(target, 1, args.qos1)
             idle_rss = target.rss_mb()
             print(f"{target.name}: connections…", file=sys.stderr)
-            conns = connections(target, steps)
+            with patches.applied():  # the benchmark's own TLS client sockets: keep this process small too
+                conns = connections(target, steps)
             results.append((target.name, q0, q1, idle_rss, conns))
         finally:
             target.stop()
+    rates = durability_rounds(work, args.qos1, args.rounds, args.baseline_python)
     print(f"\ncores={os.cpu_count()}  payload={len(PAYLOAD)} B  QoS0 n={args.qos0}  QoS1 n={args.qos1}\n")
-    print("| broker | QoS0 msg/s | QoS1 msg/s | RSS idle | " + " | ".join(
-        f"{n} TLS clients: time / RSS / per conn" for n in steps) + " |")
-    print("|---|---|---|---|" + "---|" * len(steps))
-    for name, q0, q1, rss, conns in results:
-        cells = " | ".join(f"{t:.1f} s / {r:.0f} MB / {k:.0f} KiB" for _, t, r, k in conns)
-        print(f"| {name} | {q0:,.0f} | {q1:,.0f} | {rss:.0f} MB | {cells} |")
-    ours = next((r for r in results if r[0].startswith("fleet")), None)
-    stock = next((r for r in results if r[0].startswith("amqtt")), None)
-    if ours and stock:
-        print(f"\nQoS1 ours / stock amqtt = {ours[2] / stock[2]:.2f}x (target >= 2x)")
-
+    if results:
+        print("| broker | QoS0 msg/s | QoS1 msg/s | RSS idle | " + " | ".join(
+            f"{n} TLS clients: time / RSS / per conn" for n in steps) + " |")
+        print("|---|---|---|---|" + "---|" * len(steps))
+        for name, q0, q1, rss, conns in results:
+            cells = " | ".join(f"{t:.1f} s / {r:.0f} MB / {k:.0f} KiB" for _, t, r, k in conns)
+            print(f"| {name} | {q0:,.0f} | {q1:,.0f} | {rss:.0f} MB | {cells} |")
+        ours = next((r for r in results if r[0].startswith("fleet")), None)
+        stock = next((r for r in results if r[0].startswith("amqtt")), None)
+        if ours and stock:
+            print(f"\nQoS1 ours / stock amqtt = {ours[2] / stock[2]:.2f}x (target >= 2x)")
+    print(f"\nQoS 1 to a persistent subscriber (ours), {args.rounds} alternating rounds\n")
+    print("| broker.db durability | msg/s, each round | median msg/s | / off | broker CPU per message, median |")
+    print("|---|---|---|---|---|")
+    base = statistics.median(rate for rate, _ in rates["off"])
+    for mode, values in rates.items():
+        median = statistics.median(rate for rate, _ in values)
+        cpu = statistics.median(us for _, us in values)
+        print(f"| {mode} | {' / '.join(f'{rate:,.0f}' for rate, _ in values)} | {median:,.0f} | {median / base:.0%} "
+              f"| {cpu:.0f} µs |")
+    full = statistics.median(rate for rate, _ in rates["full"])
+    print(f"\ndurability full / off = {full / base:.0%} (target >= 80%)")
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,10 @@ agent publishes a marked report every second and polls the API until it shows. P
   over the broker's idle RSS), ingest rate;
 - drain: simulators stopped cleanly; every report they got a PUBACK for must be stored.
 
-    python3 bench/load.py --agents 5000 --interval 10 --broker both
-Loopback only; stops by itself; prints one table with the brokers side by side.
+    python3 bench/load.py --agents 5000 --interval 10 --broker both [--autosave interval:1]
+Loopback only; stops by itself; prints one table with the brokers side by side. ``--autosave`` overrides
+the persistence settings of the generated mosquitto.conf (``interval:N``: save every N s; ``changes:N``:
+save after N changes; ``generated``: as exported); the table then counts Mosquitto's saves.
 """
 
 from __future__ import annotations
@@ -167,8 +169,9 @@ class Parts:
             stop_process(proc, 20)
 
 
-def start_broker(kind: str, data: Path, port: int) -> subprocess.Popen:
-    """`fleet broker`, or Mosquitto on `fleet mosquitto-config`'s output (run as root when we are root)."""
+def start_broker(kind: str, data: Path, port: int, autosave: str = "generated") -> subprocess.Popen:
+    """`fleet broker`, or Mosquitto on `fleet mosquitto-config`'s output (run as root when we are root), its
+    persistence settings overridden by ``autosave`` and its saves logged."""
     if kind == "embedded":
         proc = subprocess.Popen([*FLEET, "broker", "--mqtt-port", str(port), "--data-dir", str(data)], env=ENV)
         wait_port(port, proc)
@@ -176,6 +179,13 @@ def start_broker(kind: str, data: Path, port: int) -> subprocess.Popen:
     out = data / "mosquitto"
     subprocess.run([*FLEET, "mosquitto-config", "--out", str(out), "--mqtt-port", str(port), "--data-dir", str(data)],
                    env=ENV, check=True, stdout=subprocess.DEVNULL)
+    conf = out / "mosquitto.conf"
+    lines = conf.read_text().splitlines()
+    if autosave != "generated":
+        kind_, _, value = autosave.partition(":")
+        lines = [line for line in lines if not line.startswith("autosave_")]
+        lines += [f"autosave_interval {int(value)}", f"autosave_on_changes {'true' if kind_ == 'changes' else 'false'}"]
+    conf.write_text("\n".join(["log_type information", *lines]) + "\n")  # "Saving in-memory database" lines
     log = open(out / "mosquitto.log", "w")  # a file, not a pipe: a full pipe would stall Mosquitto
     proc = subprocess.Popen([MOSQUITTO, "-c", str(out / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT)
     log.close()
@@ -192,7 +202,7 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
     keys = json.loads(subprocess.check_output([*FLEET, "org", "add", ORG, "--json", *common], env=ENV))
     parts = Parts()
     try:
-        parts.procs["broker"] = start_broker(kind, data, mqtt_port)
+        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave)
         url = f"mqtts://127.0.0.1:{mqtt_port}"
         ca = data / "certs" / "ca.pem"
         parts.procs["collector"] = subprocess.Popen([*FLEET, "collector", "--broker", url, *common], env=ENV)
@@ -283,6 +293,11 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
         return statistics.fmean(s.rss[name] for s in steady)
 
     lat = sorted(probe.latencies)
+    saves = "n/a"
+    if kind == "mosquitto":
+        count = (data / "mosquitto" / "mosquitto.log").read_text().count("Saving in-memory database")
+        db_file = data / "mosquitto" / "data" / "mosquitto.db"
+        saves = f"{count} / {db_file.stat().st_size / 1024 if db_file.exists() else 0:.0f} KiB"
     return {
         "time until all agents connected": "never" if all_connected is None else f"{all_connected - started:.1f} s",
         "connect rate (handshakes/s; offered)": ("n/a" if all_connected is None or not firsts
@@ -308,6 +323,7 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
         "acked but not stored": f"{max(0, acked - stored)}",
         "report->API latency p50 / p99": "n/a" if not lat else
         f"{statistics.median(lat) * 1000:.0f} / {lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000:.0f} ms",
+        f"Mosquitto saves ({args.autosave}) / last mosquitto.db": saves,
     }
 
 
@@ -323,6 +339,7 @@ def main() -> None:
                         help="how long past the connect window to wait for every agent to be online")
     parser.add_argument("--simulators", type=int, default=max(1, (os.cpu_count() or 1) // 2),
                         help="fleet simulate processes (default: one per two cores)")
+    parser.add_argument("--autosave", default="generated", help="Mosquitto only: generated, interval:N, changes:N")
     args = parser.parse_args()
     brokers = ["embedded", "mosquitto"] if args.broker == "both" else [args.broker]
     results = {}

@@ -95,8 +95,11 @@ def _make_ca(paths: CertPaths) -> None:
 def _make_server(paths: CertPaths, dns: set[str], ips: set[str]) -> None:
     ca_cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
     ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise BrokerError(f"{paths.ca_key} is not the ECDSA key fleet generates; move the CA away to make a new one")
     key = ec.generate_private_key(ec.SECP256R1())
-    alt = [x509.DNSName(name) for name in sorted(dns)] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in sorted(ips)]
+    alt: list[x509.GeneralName] = [x509.DNSName(name) for name in sorted(dns)]
+    alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in sorted(ips)]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet broker")]))

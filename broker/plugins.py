@@ -9,15 +9,11 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from fleet.broker.policy import AccessPolicy, Grant
+from fleet.broker.policy import AccessPolicy
+from fleet.broker.sessions import extras, grant_of
 
 # The broker registers its policy here before amqtt instantiates the plugins (they get no other handle).
 POLICIES: dict[str, AccessPolicy] = {}
-
-
-def grant_of(session: Session | None) -> Grant | None:
-    """The Grant the broker attached to a session at CONNECT, if any."""
-    return getattr(session, "fleet_grant", None)
 
 
 class FleetAuthPlugin(BaseAuthPlugin):
@@ -38,7 +34,7 @@ class FleetAuthPlugin(BaseAuthPlugin):
         verdict = policy.check_connect(session.username, session.password, session.client_id or "",
                                        will_topic, session.will_message, bool(session.will_retain))
         if verdict.grant is not None:
-            session.fleet_grant = verdict.grant  # type: ignore[attr-defined]
+            extras(session).grant = verdict.grant
         return verdict.grant is not None
 
 

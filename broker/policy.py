@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from fleet.config import credentials
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED
 from fleet.config.credentials import CredentialRecord, Principal
+from fleet.config.ids import is_valid_id
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
-from fleet.config.topics import ROOT, machine_from_client_id
+from fleet.config.topics import ALERT_KIND, ROOT, machine_from_client_id
+
+AGENT_KINDS = ("report", "ping")  # what an agent publishes for its machine; never the collector's alert
 
 
 @dataclass(frozen=True)
@@ -81,16 +84,19 @@ class AccessPolicy:
 
     @staticmethod
     def may_publish(grant: Grant, topic: str, payload: bytes, retain: bool) -> bool:
-        """Agents publish their own machine's report and ping; the service only clears pings; readers nothing."""
+        """Agents publish their own machine's report and ping; the service (the collector) publishes retained
+        alert lists and clears pings; readers publish nothing."""
         if len(payload) > MAX_PAYLOAD_BYTES:
             return False
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != ROOT:
             return False
         if grant.role == "agent":
-            return parts[1] == grant.org and parts[2] == grant.machine and parts[3] in ("report", "ping")
+            return parts[1] == grant.org and parts[2] == grant.machine and parts[3] in AGENT_KINDS
         if grant.role == "service":
-            return parts[3] == "ping" and retain and len(payload) == 0
+            if not (retain and is_valid_id(parts[1]) and is_valid_id(parts[2])):
+                return False
+            return parts[3] == ALERT_KIND or (parts[3] == "ping" and len(payload) == 0)
         return False
 
     @staticmethod

@@ -9,41 +9,54 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amqtt.contexts import BrokerConfig
 from amqtt.errors import BrokerError as AmqttBrokerError
 
-from fleet.broker import sessions, tls_memory
+from fleet.broker import patches
 from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
 from fleet.broker.pki import CertPaths, ensure_certs
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
-from fleet.broker.retained import RetainedStore
+from fleet.broker.store import BrokerStore
 from fleet.config import credentials
 from fleet.config.database import DatabaseError, open_database
 from fleet.config.settings import Settings
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
-RETAINED_FLUSH_S = 0.5
 
 
-def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> dict[str, Any]:
-    """amqtt configuration: a TLS listener, an optional loopback-only plain one, only our plugins."""
-    listeners: dict[str, Any] = {
-        "default": {"type": "tcp", "bind": f"{settings.host}:{settings.mqtt_port}", "ssl": True,
-                    "certfile": str(certs.cert), "keyfile": str(certs.key),
-                    "max_connections": settings.max_connections},
+TLS_LISTENER = "default"
+PLAIN_LISTENER = "plain"
+
+
+def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> BrokerConfig:
+    """amqtt configuration: a TLS listener, an optional loopback-only plain one, only our plugins.
+
+    amqtt copies into every listener each field it leaves at the dataclass default from the listener
+    named ``default``, and ``ssl: False`` is that default: the plain listener silently spoke TLS. Each
+    listener's own fields are therefore set again once amqtt has merged them."""
+    listeners: dict[str, dict[str, Any]] = {
+        TLS_LISTENER: {"type": "tcp", "bind": f"{settings.host}:{settings.mqtt_port}", "ssl": True,
+                       "certfile": str(certs.cert), "keyfile": str(certs.key),
+                       "max_connections": settings.max_connections},
     }
     if settings.mqtt_plain_port:
-        listeners["plain"] = {"type": "tcp", "bind": f"127.0.0.1:{settings.mqtt_plain_port}", "ssl": False,
-                              "max_connections": settings.max_connections}
+        listeners[PLAIN_LISTENER] = {"type": "tcp", "bind": f"127.0.0.1:{settings.mqtt_plain_port}", "ssl": False,
+                                     "certfile": None, "keyfile": None, "max_connections": settings.max_connections}
     plugins = {"fleet.broker.plugins.FleetAuthPlugin": {"policy": policy_id},
                "fleet.broker.plugins.FleetTopicPlugin": {"policy": policy_id}}
-    return {"listeners": listeners, "plugins": plugins}
+    config = BrokerConfig.from_dict({"listeners": listeners, "plugins": plugins})
+    for name, fields in listeners.items():
+        for key, value in fields.items():
+            setattr(config.listeners[name], key, value)
+    return config
 
 
 def _load_records(database: str, migrate: bool = False) -> dict[str, credentials.CredentialRecord]:
@@ -70,7 +83,14 @@ class BrokerHandle:
 
 async def run_broker(settings: Settings, stop: asyncio.Event,
                      on_started: Any = None) -> None:
-    """Run the broker until ``stop`` is set; ``on_started(handle)`` is called once it listens."""
+    """Run the broker until ``stop`` is set; ``on_started(handle)`` is called once it listens.
+
+    The process-wide patches of broker/patches.py are applied for exactly as long as the broker runs."""
+    with patches.applied():
+        await _run_broker(settings, stop, on_started)
+
+
+async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) -> None:
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     certs = await asyncio.to_thread(ensure_certs, settings.certs_dir, [settings.host])
@@ -83,24 +103,28 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
     policy = AccessPolicy(pepper, records)
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy
-    retained = await asyncio.to_thread(RetainedStore, data_dir / "broker.db")
-    tls_memory.install()
-    sessions.install()
+    store = await asyncio.to_thread(BrokerStore, data_dir / "broker.db", settings.broker_durability)
+    retained, subscriptions, queued = await asyncio.to_thread(
+        lambda: (store.load(), store.load_subscriptions(), store.load_queue()))
     broker = FleetBroker(broker_config(settings, certs, policy_id), policy, settings.max_queued_messages,
-                         settings.service_queued_messages, retained)
+                         settings.service_queued_messages, store)
+    store.start(asyncio.get_running_loop())
     try:
         await broker.start()
     except AmqttBrokerError as exc:
         POLICIES.pop(policy_id, None)
+        await store.close()
         cause = exc.__cause__ or exc
         raise BrokerError(f"cannot start broker on {settings.host}:{settings.mqtt_port}: {cause}") from exc
-    broker.load_retained(await asyncio.to_thread(retained.load))
-    restored = broker.restore_sessions(await asyncio.to_thread(retained.load_subscriptions))
+    # No await from here to the end of the restore: a client connecting now finds its session restored.
+    broker.load_retained(retained)
+    restored = broker.restore_sessions(subscriptions)
+    requeued = broker.restore_queue(queued)
     ports = broker.bound_ports
-    handle = BrokerHandle(broker, certs, ports.get("default", settings.mqtt_port), ports.get("plain"))
-    log.info("broker listening on mqtts://%s:%s (CA %s)%s; %d persistent sessions restored", settings.host,
-             handle.port, certs.ca, f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "",
-             restored)
+    handle = BrokerHandle(broker, certs, ports.get(TLS_LISTENER, settings.mqtt_port), ports.get(PLAIN_LISTENER))
+    log.info("broker listening on mqtts://%s:%s (CA %s)%s; %d persistent sessions restored with %d queued messages",
+             settings.host, handle.port, certs.ca,
+             f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "", restored, requeued)
 
     async def reload_credentials() -> None:
         while True:
@@ -114,20 +138,16 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
                 log.info("credentials changed: %d principals", len(fresh))
                 broker.disconnect_revoked()
 
-    async def housekeeping() -> None:
-        last_beat = 0.0
+    async def heartbeat() -> None:
         while True:
-            await asyncio.sleep(RETAINED_FLUSH_S)
+            await asyncio.sleep(HEARTBEAT_S)
             try:
-                await asyncio.to_thread(retained.flush)
-                if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    last_beat = time.monotonic()
-                    detail = {"connected": broker.connected_count(), **broker.stats}
-                    await asyncio.to_thread(_write_heartbeat, settings.database, detail)
+                detail = {"connected": broker.connected_count(), **broker.stats, **store.stats}
+                await asyncio.to_thread(_write_heartbeat, settings.database, detail)
             except Exception as exc:  # noqa: BLE001 - a locked database must not stop the broker
-                log.warning("broker housekeeping failed: %s", exc)
+                log.warning("broker heartbeat failed: %s", exc)
 
-    tasks = [asyncio.create_task(reload_credentials()), asyncio.create_task(housekeeping())]
+    tasks = [asyncio.create_task(reload_credentials()), asyncio.create_task(heartbeat())]
     try:
         if on_started is not None:
             on_started(handle)
@@ -140,7 +160,7 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
             await broker.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("broker shutdown: %s", exc)
-        await asyncio.to_thread(retained.flush)
+        await store.close()
         POLICIES.pop(policy_id, None)
         log.info("broker stopped")
 
@@ -159,6 +179,55 @@ def serve(settings: Settings) -> None:
 
 
 @dataclass
+class LoopThread:
+    """An event loop in its own thread, running one server coroutine until ``stop()``."""
+
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+    stop_event: asyncio.Event = field(repr=False)
+    thread: threading.Thread = field(repr=False)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the coroutine to return and wait for the thread (idempotent)."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+            self.thread.join(timeout)
+
+
+Serve = Callable[[asyncio.Event, Callable[[Any], None]], Coroutine[Any, Any, None]]
+
+
+def start_loop_thread(serve: Serve, name: str, timeout: float = 30.0) -> tuple[LoopThread, Any]:
+    """Run ``serve(stop, on_started)`` on a new event loop in a thread; return once it called ``on_started(value)``,
+    with that value. What ``serve`` raises before that is raised here; TimeoutError if it takes too long."""
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    def on_started(value: Any) -> None:
+        box["value"] = value
+        started.set()
+
+    def run() -> None:
+        # asyncio.Runner, like asyncio.run, cancels what is left (e.g. a TLS handshake in progress) before closing
+        # the loop, so a stop never leaves "Task was destroyed but it is pending" behind.
+        with asyncio.Runner() as runner:
+            box["loop"] = runner.get_loop()
+            box["stop"] = asyncio.Event()
+            try:
+                runner.run(serve(box["stop"], on_started))
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                box["error"] = exc
+                started.set()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    if not started.wait(timeout):
+        raise TimeoutError(f"{name} did not start in {timeout:.0f} s")
+    if "error" in box and "value" not in box:
+        raise box["error"]
+    return LoopThread(box["loop"], box["stop"], thread), box["value"]
+
+
+@dataclass
 class RunningBroker:
     """A broker running on its own event loop in a background thread."""
 
@@ -168,10 +237,8 @@ class RunningBroker:
     plain_port: int | None
     ca_path: Path
     data_dir: Path
-    _broker: FleetBroker = field(repr=False)
-    _loop: asyncio.AbstractEventLoop = field(repr=False)
-    _stop: asyncio.Event = field(repr=False)
-    _thread: threading.Thread = field(repr=False)
+    broker: FleetBroker = field(repr=False)  # the amqtt broker itself, for inspection
+    _runner: LoopThread = field(repr=False)
 
     @property
     def url(self) -> str:
@@ -180,44 +247,24 @@ class RunningBroker:
 
     def stats(self) -> dict[str, int]:
         """Counters: refused connects/subscribes, dropped publishes by reason, routed messages."""
-        return dict(self._broker.stats)
+        store = self.broker.store
+        return {**self.broker.stats, **(store.stats if store is not None else {})}
 
     def stop(self) -> None:
         """Stop the broker and wait for its thread (idempotent)."""
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(30)
+        self._runner.stop()
 
 
 def start_in_thread(settings: Settings, timeout: float = 30.0) -> RunningBroker:
     """Start the broker in a background thread; return once it listens (port 0 = pick a free port)."""
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    def on_started(handle: BrokerHandle) -> None:
-        box["handle"] = handle
-        started.set()
-
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        box["loop"] = loop
-        box["stop"] = asyncio.Event()
-        try:
-            loop.run_until_complete(run_broker(settings, box["stop"], on_started))
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-            box["error"] = exc
-            started.set()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="fleet-broker", daemon=True)
-    thread.start()
-    if not started.wait(timeout):
-        raise BrokerError("broker did not start in time")
-    if "error" in box:
-        error = box["error"]
-        raise error if isinstance(error, BrokerError) else BrokerError(str(error))
-    handle: BrokerHandle = box["handle"]
+    try:
+        runner, handle = start_loop_thread(lambda stop, on_started: run_broker(settings, stop, on_started),
+                                           "fleet-broker", timeout)
+    except BrokerError:
+        raise
+    except TimeoutError as exc:
+        raise BrokerError("broker did not start in time") from exc
+    except BaseException as exc:
+        raise BrokerError(str(exc)) from exc
     return RunningBroker(settings.replace(mqtt_port=handle.port), settings.host, handle.port, handle.plain_port,
-                         handle.certs.ca, settings.data_dir, handle.broker, box["loop"], box["stop"], thread)
+                         handle.certs.ca, settings.data_dir, handle.broker, runner)

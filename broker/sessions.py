@@ -1,14 +1,26 @@
-"""A light session state machine for amqtt's Session (new -> connected <-> disconnected).
+"""What the broker keeps per amqtt Session: a light state machine, and fleet's own per-session state.
 
 amqtt builds a ``transitions.Machine`` for every session: about 16 KiB and 240 objects per client,
 two thirds of a session's memory. The broker only uses connect(), disconnect(), is_connected() and
-``state``, which this small class provides with the same callbacks and the same MachineError.
+``state``, which SessionState provides (installed by broker/patches.py while a broker runs).
+Fleet's per-session state (grant, keepalive, queues) lives in ``Session.attributes``, amqtt's place
+for extension-owned data, under one key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
 from amqtt.session import Session
 from transitions import MachineError
+
+from fleet.broker.policy import Grant
+
+ATTRIBUTE = "fleet.broker"
 
 
 class SessionState:
@@ -25,12 +37,14 @@ class SessionState:
         if self.state == "connected":
             raise MachineError("Can't trigger event connect from state connected!")
         self.state = "connected"
-        self._session._on_enter_connected()
+        # What amqtt's on-enter callback records (used by its session expiry).
+        self._session.last_connect_time = int(time.time())
+        self._session.last_disconnect_time = None
 
     def disconnect(self) -> None:
         """Any state -> disconnected."""
         self.state = "disconnected"
-        self._session._on_enter_disconnected()
+        self._session.last_disconnect_time = int(time.time())
 
     def is_connected(self) -> bool:
         """True while connected."""
@@ -45,10 +59,29 @@ class SessionState:
         return self.state == "new"
 
 
-def _init_states(self: Session) -> None:
-    self.transitions = SessionState(self)
+@dataclass(slots=True)
+class Extras:
+    """Fleet's state of one session: who it is, its keepalive limit, what is in flight and queued for it."""
+
+    grant: Grant | None = None
+    keepalive_s: float = 0.0
+    pending: int = 0  # deliveries to the live connection not finished yet
+    ready: bool = False  # connected, and what was in flight before has been sent again: deliver in order now
+    queue: deque[Any] = field(default_factory=deque)  # messages held while a persistent session is offline
+    connection: asyncio.Task[Any] | None = None  # the task serving its live connection
 
 
-def install() -> None:
-    """Make every amqtt Session use SessionState (idempotent)."""
-    Session._init_states = _init_states  # type: ignore[method-assign]
+def extras(session: Session) -> Extras:
+    """The session's Extras, created on first use."""
+    found = session.attributes.get(ATTRIBUTE)
+    if found is None:
+        found = session.attributes[ATTRIBUTE] = Extras()
+    return found
+
+
+def grant_of(session: Session | None) -> Grant | None:
+    """The Grant attached to a session at CONNECT, if any."""
+    if session is None:
+        return None
+    found = session.attributes.get(ATTRIBUTE)
+    return found.grant if found is not None else None

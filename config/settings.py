@@ -61,6 +61,7 @@ class Settings:
     max_queued_messages: int = 1000  # per reader/agent session: a stuck subscriber cannot hold more
     service_queued_messages: int = 200_000  # per collector session: seconds of full ingest, never dropped lightly
     max_connections: int = 50_000
+    broker_durability: str = "full"  # full: fsync each group commit; normal: SQLite WAL checkpoints; off: memory
     # collector
     ttl_seconds: int = 86_400
     stale_factor: float = 3.0
@@ -93,6 +94,8 @@ class Settings:
                      "service_queued_messages", "max_connections", "batch_max", "refresh_interval_ms"):
             value = getattr(self, name)
             _check(value >= 1, name, "must be a positive integer", value)
+        _check(self.broker_durability in ("full", "normal", "off"), "broker_durability",
+               "must be full, normal or off", self.broker_durability)
         _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (SPEC: changes apply within 5 s)",
                self.reload_interval_s)
         if self.broker_url:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -149,6 +151,36 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+@dataclass
+class BrokerProcess:
+    """A broker in its own process, with the attributes connect_client uses (.url, .ca_path, .data_dir)."""
+
+    port: int
+    ca_path: Path
+    data_dir: Path
+    proc: subprocess.Popen
+
+    host = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        """TLS URL clients connect to."""
+        return f"mqtts://{self.host}:{self.port}"
+
+    def kill(self) -> None:
+        """Abrupt end (SIGKILL): no clean disconnects, nothing saved on the way out."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Terminate and reap the process (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 @contextlib.contextmanager
 def descriptors_held(count: int = 1100) -> Iterator[None]:
     """Hold ``count`` open descriptors, so sockets opened meanwhile are numbered past select()'s 1024.

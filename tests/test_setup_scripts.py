@@ -141,7 +141,7 @@ def test_readme_up_command_on_the_distributions_python(tmp_path: Path, distro_py
     out = log_path.read_text()
     venv = clone / ".venv"
     assert f"using {venv}/bin/python (Python" in out
-    assert f"{venv}/bin/fleet up {' '.join(up[1:])}" in out  # how to run it again
+    assert f"{venv}/bin/fleet {' '.join(up[1:])}" in out  # how to run it again
     assert f"source {venv}/bin/activate" in out
     assert "reader key:" in out
     home = re.search(r"^home = (.+)$", (venv / "pyvenv.cfg").read_text(), re.M)

@@ -13,6 +13,7 @@ import pytest
 
 from fleet.collector.mqtt_codec import Connack, Connect, encode
 from fleet.config import credentials
+from fleet.config.topics import alert_topic
 from tests.helpers import Inbox, close, connect_client
 
 OWN = "fleet/acme/web-1"
@@ -26,6 +27,9 @@ def orgs(acme, globex):
 
 
 def _login(broker, orgs, who):
+    if who == "service":  # the collector's account
+        return connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+                              "collector")
     if who == "acme-agent":
         return connect_client(broker, "acme/agent", orgs["acme"].agent_key, "fleet-acme-web-1")
     if who == "acme-reader":
@@ -73,16 +77,26 @@ def test_subscribe_matrix(broker, orgs, who, topic_filter, allowed):
         close(client)
 
 
-@pytest.mark.parametrize(("who", "topic", "delivered"), [
-    ("acme-agent", f"{OWN}/report", True),
-    ("acme-agent", f"{OWN}/ping", True),
-    ("acme-agent", f"{OWN}/other", False),
-    ("acme-agent", f"{OTHER_MACHINE}/report", False),
-    ("acme-agent", f"{OTHER_ORG}/report", False),
-    ("acme-reader", f"{OWN}/report", False),
-    ("globex-agent", f"{OWN}/report", False),
+@pytest.mark.parametrize(("who", "topic", "retain", "delivered"), [
+    ("acme-agent", f"{OWN}/report", False, True),
+    ("acme-agent", f"{OWN}/ping", True, True),
+    ("acme-agent", f"{OWN}/other", False, False),
+    ("acme-agent", f"{OTHER_MACHINE}/report", False, False),
+    ("acme-agent", f"{OTHER_ORG}/report", False, False),
+    ("acme-reader", f"{OWN}/report", False, False),
+    ("globex-agent", f"{OWN}/report", False, False),
+    # fleet/<org>/<machine>/alert: only the collector's service account, retained
+    ("service", f"{OWN}/alert", True, True),
+    ("service", f"{OTHER_ORG}/alert", True, True),
+    ("service", f"{OWN}/alert", False, False),
+    ("service", f"{OWN}/report", False, False),
+    ("acme-agent", f"{OWN}/alert", True, False),
+    ("acme-agent", f"{OWN}/alert", False, False),
+    ("acme-agent", f"{OTHER_MACHINE}/alert", True, False),
+    ("acme-reader", f"{OWN}/alert", True, False),
+    ("globex-agent", f"{OWN}/alert", True, False),
 ])
-def test_publish_matrix(broker, orgs, who, topic, delivered):
+def test_publish_matrix(broker, orgs, who, topic, retain, delivered):
     """A refused publish is dropped (and counted); the publisher stays connected; nobody receives it."""
     watcher = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
                              "watcher")
@@ -90,7 +104,7 @@ def test_publish_matrix(broker, orgs, who, topic, delivered):
     inbox.subscribe("fleet/#")
     client = _login(broker, orgs, who)
     try:
-        client.publish(topic, b"payload", qos=1).wait_for_publish(5)
+        client.publish(topic, b"payload", qos=1, retain=retain).wait_for_publish(5)
         # A marker from acme's agent, published afterwards on the same broker, bounds the wait.
         marker = _login(broker, orgs, "acme-agent") if who != "acme-agent" else client
         marker.publish(f"{OWN}/ping", b"marker", qos=1).wait_for_publish(5)
@@ -122,6 +136,26 @@ def test_reader_receives_only_its_org(broker, orgs):
     assert [m.topic for m in globex_inbox.messages] == [f"{OTHER_ORG}/report"]
     for c in (acme_reader, globex_reader, acme_agent, globex_agent):
         close(c)
+
+
+def test_retained_alerts_reach_readers_of_their_org_only(broker, orgs):
+    """The collector's retained alert lists reach each org's readers through fleet/<org>/#, never another org's."""
+    collector = _login(broker, orgs, "service")
+    for machine in (OWN, OTHER_MACHINE, OTHER_ORG):
+        _, org, name = machine.split("/")
+        assert alert_topic(org, name) == f"{machine}/alert"
+        collector.publish(alert_topic(org, name), f"[{machine}]".encode(), qos=1, retain=True).wait_for_publish(5)
+    close(collector)
+    for who, org_filter, expected in (("acme-reader", "fleet/acme/#", {OWN, OTHER_MACHINE}),
+                                      ("globex-reader", "fleet/globex/#", {OTHER_ORG})):
+        reader = _login(broker, orgs, who)
+        inbox = Inbox(reader)
+        assert inbox.subscribe("fleet/+/+/alert") == [0x80]  # wider than its org
+        inbox.subscribe(org_filter)
+        inbox.subscribe(f"{org_filter[:-2]}/probe")  # retained messages of the first filter arrive before this SUBACK
+        assert {m.topic.rsplit("/", 1)[0] for m in inbox.messages} == expected
+        assert all(m.retain and m.payload == f"[{m.topic.rsplit('/', 1)[0]}]".encode() for m in inbox.messages)
+        close(reader)
 
 
 def test_plain_mqtt_to_the_tls_port_is_refused(broker):

@@ -1,5 +1,9 @@
-"""SPEC's broker guarantees, one story each. Stock amqtt 0.12.1 fails every one of these scenarios
-(see ../shared/notes/amqtt-0.12.1.md for the measurements and source locations)."""
+"""SPEC's broker guarantees, one story each, run against fleet's broker and against stock amqtt 0.12.1.
+
+Stock amqtt (tests/broker/stock.py: same certificates, users, keys and access lists, in amqtt's own
+plugins) runs every story as a strict xfail: each one fails there and holds here, in this repository
+(../shared/notes/amqtt-0.12.1.md has the measurements and source locations).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,47 @@ import socket
 import ssl
 import threading
 import time
+import tracemalloc
 from asyncio import sslproto
 
 import pytest
 
-from fleet.broker import tls_memory
 from fleet.broker.server import start_in_thread
-from fleet.collector.mqtt_codec import Connack, Connect, Will, encode
+from fleet.collector.mqtt_codec import Connack, Connect, Disconnect, Publish, Will, encode, encode_pubacks
 from fleet.config import credentials, payloads
+from tests.broker.stock import keys_of, start_stock
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 AGENT_ID = "fleet-acme-web-1"
 OWN_PING = "fleet/acme/web-1/ping"
 OWN_REPORT = "fleet/acme/web-1/report"
+STOCK = pytest.param("stock", marks=[pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                       reason="stock amqtt 0.12.1 breaks this guarantee"),
+                                     pytest.mark.slow])
+
+
+@pytest.fixture(params=["fleet", STOCK])
+def start(request, broker_settings, acme, globex):
+    """Start a broker of the parameter's kind on the test's data dir; ``start(mqtt_port=…)`` restarts it there."""
+    started = []
+
+    def start_one(**overrides):
+        if request.param == "fleet":
+            running = start_in_thread(broker_settings.replace(**overrides))
+        else:
+            running = start_stock(broker_settings.data_dir, keys_of(broker_settings.data_dir, acme, globex),
+                                  overrides.get("mqtt_port"))
+        started.append(running)
+        return running
+
+    yield start_one
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def broker(start):
+    return start()
 
 
 def service(broker, client_id="watcher", clean_session=True):
@@ -41,8 +73,10 @@ def test_retained_messages_never_cross_orgs(broker, acme, globex):
     a = agent(broker, acme)
     a.publish(OWN_PING, b"acme-online", qos=1, retain=True).wait_for_publish(5)
 
-    reader = connect_client(broker, "acme/reader", acme.reader_key, "acme-dash")
-    inbox = Inbox(reader)
+    inboxes = []
+    reader = connect_client(broker, "acme/reader", acme.reader_key, "acme-dash",
+                            before_connect=lambda client: inboxes.append(Inbox(client)))
+    inbox = inboxes[0]  # attached before CONNECT: it sees whatever the broker sends right after CONNACK
     inbox.subscribe("fleet/acme/#")
     got = inbox.wait_for_topic(OWN_PING)
     assert got.payload == b"acme-online"
@@ -57,6 +91,7 @@ def test_retained_messages_never_cross_orgs(broker, acme, globex):
 def test_failed_login_never_touches_the_victims_session(broker, acme, clean_session):
     """Stock amqtt deleted (clean=1) or took over (clean=0) the session before checking the password."""
     victim = connect_client(broker, "acme/reader", acme.reader_key, "victim", clean_session=False)
+    kicked = watch_disconnects(victim)  # paho reconnects on its own: is_connected() would hide a kick
     inbox = Inbox(victim)
     inbox.subscribe("fleet/acme/#")
     code = connect_client(broker, "acme/reader", "wrong-key", "victim", clean_session=clean_session, expect_rc=1)
@@ -64,16 +99,24 @@ def test_failed_login_never_touches_the_victims_session(broker, acme, clean_sess
     a = agent(broker, acme)
     a.publish(OWN_REPORT, b"still-subscribed", qos=1).wait_for_publish(5)
     assert inbox.wait_for_topic(OWN_REPORT).payload == b"still-subscribed"
-    assert victim.is_connected()
+    assert not kicked.is_set()
     close(a)
     close(victim)
 
 
 def test_another_user_cannot_take_over_a_client_id(broker, acme, globex):
     victim = connect_client(broker, "acme/reader", acme.reader_key, "shared-id")
+    kicked = watch_disconnects(victim)
     assert connect_client(broker, "globex/reader", globex.reader_key, "shared-id", expect_rc=1) == 2
-    assert victim.is_connected()
+    assert not kicked.is_set()
     close(victim)
+
+
+def watch_disconnects(client) -> threading.Event:
+    """An event set when the broker drops ``client``."""
+    dropped = threading.Event()
+    client.on_disconnect = lambda *_args: dropped.set()
+    return dropped
 
 
 # (c) -------------------------------------------------------------------------------------------
@@ -108,16 +151,25 @@ def test_silent_client_is_dropped_after_one_and_a_half_keepalives(broker, acme):
 
 # (d) -------------------------------------------------------------------------------------------
 def test_publisher_leaving_right_after_its_pubacks_loses_nothing(broker, acme):
-    """Stock amqtt sent PUBACK when a message was queued; 496 of 1,000 were lost when the publisher left."""
+    """Stock amqtt sent PUBACK when a message was queued; 496 of 1,000 were lost when the publisher left.
+
+    The 1,000 PUBLISHes go out in one write and the publisher disconnects as soon as its last PUBACK is read,
+    so however fast the broker routes, it has no time after the PUBACKs to catch up."""
     watcher = service(broker)
     inbox = Inbox(watcher)
     inbox.subscribe("fleet/acme/+/report", qos=1)
-    publisher = agent(broker, acme)
-    infos = [publisher.publish(OWN_REPORT, f"m{i}".encode(), qos=1) for i in range(1000)]
-    for info in infos:
-        info.wait_for_publish(10)
-    publisher.disconnect()
-    publisher.loop_stop()
+    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
+                         server_hostname="127.0.0.1") as sock:
+        sock.sendall(encode(Connect(AGENT_ID, "acme/agent", acme.agent_key)))
+        assert sock.recv(4) == encode(Connack())
+        sock.sendall(b"".join(encode(Publish(OWN_REPORT.encode(), f"m{i}".encode(), qos=1, packet_id=i + 1))
+                              for i in range(1000)))
+        acknowledged = b""
+        while len(acknowledged) < len(encode_pubacks(range(1, 1001))):
+            acknowledged += sock.recv(65536)
+        assert acknowledged == encode_pubacks(range(1, 1001))
+        sock.sendall(encode(Disconnect()))
     messages = inbox.wait_for_count(1000, timeout=20)
     assert [m.payload for m in messages] == [f"m{i}".encode() for i in range(1000)]
     close(watcher)
@@ -186,29 +238,27 @@ def test_huge_packet_closes_the_connection_before_it_is_buffered(broker, acme):
     a.loop_stop()
 
 
-def test_offline_queue_is_bounded_and_drops_are_counted(fleet_dir, acme):
-    broker = start_in_thread(__import__("fleet.config.settings", fromlist=["Settings"]).Settings(
-        data_dir=fleet_dir, mqtt_port=0, reload_interval_s=0.5, service_queued_messages=5))
-    try:
-        sub = service(broker, "persistent-watcher", clean_session=False)
-        Inbox(sub).subscribe("fleet/acme/#", qos=1)
-        close(sub)
-        a = agent(broker, acme)
-        for i in range(20):
-            a.publish(OWN_REPORT, f"m{i}".encode(), qos=1).wait_for_publish(5)
-        close(a)
-        inboxes = []
-        sub = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(fleet_dir),
-                             "persistent-watcher", clean_session=False, timeout=10,
-                             before_connect=lambda client: inboxes.append(Inbox(client)))
-        inbox = inboxes[0]
-        messages = inbox.wait_for_count(5)
-        assert [m.payload for m in messages] == [f"m{i}".encode() for i in range(5)]
-        assert all(not m.retain for m in messages)  # stock delivered queued messages with retain=1
-        assert broker.stats()["dropped_queue_full"] == 15
-        close(sub)
-    finally:
-        broker.stop()
+def test_offline_queue_is_bounded_and_drops_are_counted(start, acme):
+    """Stock amqtt queued without bound for an offline persistent session, and delivered with retain=1."""
+    broker = start(service_queued_messages=5)
+    sub = service(broker, "persistent-watcher", clean_session=False)
+    Inbox(sub).subscribe("fleet/acme/#", qos=1)
+    close(sub)
+    a = agent(broker, acme)
+    for i in range(20):
+        a.publish(OWN_REPORT, f"m{i}".encode(), qos=1).wait_for_publish(5)
+    close(a)
+    inboxes = []
+    sub = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+                         "persistent-watcher", clean_session=False, timeout=10,
+                         before_connect=lambda client: inboxes.append(Inbox(client)))
+    inbox = inboxes[0]
+    inbox.subscribe(f"{OWN_PING}-probe")  # queued messages are sent before the SUBACK of a later SUBSCRIBE
+    messages = inbox.wait_for_count(5)
+    assert [m.payload for m in messages] == [f"m{i}".encode() for i in range(5)]
+    assert all(not m.retain for m in messages)
+    assert broker.stats()["dropped_queue_full"] == 15
+    close(sub)
 
 
 # (h) -------------------------------------------------------------------------------------------
@@ -219,11 +269,17 @@ def test_logins_do_not_stall_other_clients(broker, acme):
     inbox.subscribe(OWN_REPORT)
     a = agent(broker, acme)
     stop = threading.Event()
+    refused: list[int] = []
+
+    def wrong_login(client_id: str) -> None:
+        try:
+            refused.append(connect_client(broker, "acme/reader", "wrong", client_id, expect_rc=1))
+        except Exception:  # noqa: BLE001 - a busy broker may reset or not answer a login: the storm goes on
+            pass
 
     def login_storm():
         while not stop.is_set():
-            threads = [threading.Thread(target=connect_client, args=(broker, "acme/reader", "wrong", f"x{i}"),
-                                        kwargs={"expect_rc": 1}) for i in range(10)]
+            threads = [threading.Thread(target=wrong_login, args=(f"x{i}",)) for i in range(10)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -241,41 +297,43 @@ def test_logins_do_not_stall_other_clients(broker, acme):
     finally:
         stop.set()
         storm.join()
-    assert broker.stats()["connect_refused"] >= 10
+    assert len(refused) >= 10, f"only {len(refused)} logins were answered: no storm to stall anything"
     assert worst < 1.0, f"round trip stalled for {worst:.2f} s during logins"
+    assert broker.stats().get("connect_refused", 0) >= len(refused)  # counted too
     close(a)
     close(watcher)
 
 
 # (i) -------------------------------------------------------------------------------------------
 def test_tls_connections_get_a_small_read_buffer(broker, acme):
-    """CPython's asyncio SSL transport allocates 256 KiB per connection; ours reads into 4 KiB."""
-    assert tls_memory.installed()
-    assert sslproto.SSLProtocol.max_size <= 64 * 1024 < tls_memory.STOCK_MAX_SIZE
-    client = agent(broker, acme)
-    sessions = broker._broker._sessions
-    handler = sessions[AGENT_ID][1]
-    protocol = handler.writer._writer.transport._ssl_protocol
-    assert len(protocol._ssl_buffer) <= 64 * 1024
+    """CPython's asyncio SSL transport allocates a 256 KiB read buffer per connection; ours reads into 4 KiB.
+
+    Measured with tracemalloc on asyncio/sslproto.py, whose only long-lived allocation per connection is that
+    buffer (the clients here are paho's, on blocking sockets, so every such block is the broker's)."""
+    tracemalloc.start()
+    try:
+        client = agent(broker, acme)
+        snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, sslproto.__file__)])
+    finally:
+        tracemalloc.stop()
+    per_connection = max((stat.size / stat.count for stat in snapshot.statistics("lineno")), default=0)
+    assert 0 < per_connection <= 64 * 1024, per_connection
     close(client)
 
 
 # persistence and revocation ---------------------------------------------------------------------
-def test_retained_pings_survive_a_broker_restart(broker_settings, acme):
-    first = start_in_thread(broker_settings)
+def test_retained_pings_survive_a_broker_restart(start, acme):
+    first = start()
     a = agent(first, acme)
     a.publish(OWN_PING, b"online", qos=1, retain=True).wait_for_publish(5)
     close(a)
     first.stop()
-    second = start_in_thread(broker_settings.replace(mqtt_port=first.port))
-    try:
-        reader = connect_client(second, "acme/reader", acme.reader_key, "r")
-        inbox = Inbox(reader)
-        inbox.subscribe("fleet/acme/+/ping")
-        assert inbox.wait_for_topic(OWN_PING).payload == b"online"
-        close(reader)
-    finally:
-        second.stop()
+    second = start(mqtt_port=first.port)
+    reader = connect_client(second, "acme/reader", acme.reader_key, "r")
+    inbox = Inbox(reader)
+    inbox.subscribe("fleet/acme/+/ping")
+    assert inbox.wait_for_topic(OWN_PING).payload == b"online"
+    close(reader)
 
 
 def test_rotation_and_removal_disconnect_live_sessions(broker, acme):
@@ -292,23 +350,42 @@ def test_rotation_and_removal_disconnect_live_sessions(broker, acme):
     a.loop_stop()
 
 
-def test_persistent_sessions_survive_a_broker_restart(broker_settings, acme):
+def test_persistent_sessions_survive_a_broker_restart(start, acme):
     """The collector's subscriptions outlive a broker restart: what agents send before it returns is queued."""
-    first = start_in_thread(broker_settings)
+    first = start()
     sub = service(first, "collector-like", clean_session=False)
     Inbox(sub).subscribe("fleet/acme/+/report", qos=1)
     close(sub)
     first.stop()
-    second = start_in_thread(broker_settings.replace(mqtt_port=first.port))
+    second = start(mqtt_port=first.port)
+    a = agent(second, acme)
+    a.publish(OWN_REPORT, b"while-you-were-away", qos=1).wait_for_publish(5)
+    close(a)
+    inboxes = []
+    sub = connect_client(second, credentials.SERVICE_USERNAME, credentials.ensure_service_key(second.data_dir),
+                         "collector-like", clean_session=False,
+                         before_connect=lambda client: inboxes.append(Inbox(client)))
+    assert inboxes[0].wait_for_topic(OWN_REPORT).payload == b"while-you-were-away"
+    close(sub)
+
+
+# the stock baseline itself ------------------------------------------------------------------------
+def test_stock_baseline_admits_our_users_and_applies_the_access_lists(broker_settings, acme, globex):
+    """Not an xfail: stock amqtt as configured in tests/broker/stock.py works for what it can express, so the
+    xfails above fail on the guarantees themselves, not on a broken setup."""
+    stock = start_stock(broker_settings.data_dir, keys_of(broker_settings.data_dir, acme, globex))
     try:
-        a = agent(second, acme)
-        a.publish(OWN_REPORT, b"while-you-were-away", qos=1).wait_for_publish(5)
+        assert connect_client(stock, "acme/reader", "wrong-key", "r0", expect_rc=1) in (4, 5)
+        reader = connect_client(stock, "acme/reader", acme.reader_key, "r1")
+        inbox = Inbox(reader)
+        assert inbox.subscribe("fleet/acme/#") == [1]
+        assert inbox.subscribe("fleet/globex/#") == [0x80]
+        a = agent(stock, acme)
+        a.publish("fleet/globex/web-1/report", b"forbidden", qos=1).wait_for_publish(5)
+        a.publish(OWN_REPORT, b"allowed", qos=1).wait_for_publish(5)
+        assert inbox.wait_for_topic(OWN_REPORT).payload == b"allowed"
+        assert [m.topic for m in inbox.messages] == [OWN_REPORT]
         close(a)
-        inboxes = []
-        sub = connect_client(second, credentials.SERVICE_USERNAME, credentials.ensure_service_key(second.data_dir),
-                             "collector-like", clean_session=False,
-                             before_connect=lambda client: inboxes.append(Inbox(client)))
-        assert inboxes[0].wait_for_topic(OWN_REPORT).payload == b"while-you-were-away"
-        close(sub)
+        close(reader)
     finally:
-        second.stop()
+        stock.stop()

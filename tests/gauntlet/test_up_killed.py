@@ -45,9 +45,6 @@ def _rows(data: Path, sql: str) -> list[tuple]:
         conn.close()
 
 
-@pytest.mark.xfail(reason="the embedded broker keeps queued messages in memory: a SIGKILLed `fleet up` loses "
-                          "reports it acknowledged but had not yet delivered to the collector (durable "
-                          "queue: the broker work of issue 16)", strict=False)
 def test_fleet_up_killed_mid_ingest_stores_every_acknowledged_report_once(tmp_path):
     data = tmp_path / "data"
     org = credentials.add_org(data, "acme")

@@ -8,56 +8,31 @@ import signal
 import socket
 import ssl
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from fleet.broker.mosquitto import write_config
 from fleet.config.settings import Settings
-from tests.helpers import free_port, wait_for
+from tests.helpers import BrokerProcess, free_port, wait_for
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 RUN_AS = "root" if os.geteuid() == 0 else None  # mosquitto drops root to user "mosquitto" unless told otherwise
 
 
 @dataclass
-class MosquittoBroker:
+class MosquittoBroker(BrokerProcess):
     """A running Mosquitto with the attributes tests use on RunningBroker (.host .port .url .ca_path .data_dir)."""
 
-    host: str
-    port: int
-    ca_path: Path
-    data_dir: Path
-    settings: Settings
-    out_dir: Path
-    proc: subprocess.Popen
-
-    @property
-    def url(self) -> str:
-        return f"mqtts://{self.host}:{self.port}"
-
+    settings: Settings = field(default_factory=Settings)
+    out_dir: Path = Path()
     run_as: str | None = RUN_AS
 
     def reload(self) -> None:
         """Regenerate passwd/acl from the data dir and SIGHUP Mosquitto, as docs/deployment.md says."""
         write_config(self.settings, self.out_dir, user=self.run_as)
         self.proc.send_signal(signal.SIGHUP)
-
-    def kill(self) -> None:
-        """Abrupt end (SIGKILL): no clean disconnects."""
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """Terminate and reap the process."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def _accepts_tls(port: int, ca_path: Path) -> bool:
@@ -93,7 +68,8 @@ def start_mosquitto(data_dir: Path, out_dir: Path, port: int | None = None, atte
             proc.wait(10)
             raise
         if proc.poll() is None:
-            return MosquittoBroker("127.0.0.1", settings.mqtt_port, ca_path, data_dir, settings, out_dir, proc, run_as)
+            return MosquittoBroker(settings.mqtt_port, ca_path, data_dir, proc, settings=settings, out_dir=out_dir,
+                                   run_as=run_as)
         last_output = log_path.read_text()  # e.g. "Address already in use": try another port
     raise AssertionError(f"mosquitto did not start: {last_output}")
 

@@ -22,6 +22,7 @@ LOGINS = {  # who -> (username, org whose key, key attribute, client id)
     "acme-reader": ("acme/reader", "acme", "reader_key", "acme-dashboard"),
     "globex-agent": ("globex/agent", "globex", "agent_key", "fleet-globex-web-1"),
     "globex-reader": ("globex/reader", "globex", "reader_key", "globex-dashboard"),
+    "service": (credentials.SERVICE_USERNAME, None, None, "collector"),  # the collector's account
 }
 
 
@@ -42,7 +43,8 @@ def orgs(acme, globex):
 
 def _login(broker, orgs, who):
     username, org, attr, client_id = LOGINS[who]
-    return connect_client(broker, username, getattr(orgs[org], attr), client_id)
+    key = credentials.ensure_service_key(broker.data_dir) if org is None else getattr(orgs[org], attr)
+    return connect_client(broker, username, key, client_id)
 
 
 def _service(broker, client_id="watcher"):
@@ -68,6 +70,13 @@ def test_connect(any_broker, kind, orgs, username, key, client_id, embedded, mos
 
 
 @pytest.mark.parametrize(("who", "topic", "embedded", "mosquitto"), [
+    ("service", f"{OWN}/alert", True, True),                 # the collector's retained alert list
+    ("service", f"{OTHER_ORG}/alert", True, True),
+    ("service", f"{OWN}/report", False, False),
+    ("acme-agent", f"{OWN}/alert", False, False),
+    ("acme-agent", f"{OTHER_MACHINE}/alert", False, False),
+    ("acme-reader", f"{OWN}/alert", False, False),
+    ("globex-agent", f"{OWN}/alert", False, False),
     ("acme-agent", f"{OWN}/report", True, True),
     ("acme-agent", f"{OWN}/ping", True, True),
     ("acme-agent", f"{OWN}/other", False, False),
@@ -86,7 +95,7 @@ def test_publish(any_broker, kind, orgs, who, topic, embedded, mosquitto):
     client = _login(any_broker, orgs, who)
     marker = client if who == "acme-agent" else _login(any_broker, orgs, "acme-agent")
     try:
-        client.publish(topic, b"payload", qos=1).wait_for_publish(5)
+        client.publish(topic, b"payload", qos=1, retain=topic.endswith("/alert")).wait_for_publish(5)
         marker.publish(f"{OWN}/ping", b"marker", qos=1).wait_for_publish(5)
         inbox.wait_for_topic(f"{OWN}/ping")
         got = [m for m in inbox.messages if m.topic == topic and m.payload == b"payload"]
@@ -130,6 +139,32 @@ def test_subscribe_and_retained(any_broker, kind, orgs, who, topic_filter, embed
         inbox.subscribe(f"{OWN}/unused-probe", qos=1)
         got = {m.topic.rsplit("/", 1)[0] for m in inbox.messages}
         assert got == (expected or set())
+    finally:
+        close(client)
+
+
+@pytest.mark.parametrize(("who", "topic_filter", "embedded", "mosquitto"), [
+    ("acme-reader", "fleet/acme/#", {OWN, OTHER_MACHINE}, {OWN, OTHER_MACHINE}),
+    ("acme-reader", "fleet/acme/+/alert", {OWN, OTHER_MACHINE}, {OWN, OTHER_MACHINE}),
+    ("acme-reader", "fleet/+/+/alert", None, {OWN, OTHER_MACHINE}),  # gap: granted, filtered on delivery
+    ("globex-reader", "fleet/globex/#", {OTHER_ORG}, {OTHER_ORG}),
+    ("globex-reader", "fleet/acme/#", None, set()),
+])
+def test_retained_alerts_reach_readers_of_their_org_only(any_broker, kind, orgs, who, topic_filter, embedded,
+                                                          mosquitto):
+    """The collector publishes each machine's alert list retained; readers get their org's, never another's."""
+    collector = _login(any_broker, orgs, "service")
+    for machine in (OWN, OTHER_MACHINE, OTHER_ORG):
+        collector.publish(f"{machine}/alert", b"[]", qos=1, retain=True).wait_for_publish(5)
+    close(collector)
+    client = _login(any_broker, orgs, who)
+    try:
+        inbox = Inbox(client)
+        expected = embedded if kind == "embedded" else mosquitto
+        assert (inbox.subscribe(topic_filter, qos=1)[0] == 0x80) is (expected is None)
+        inbox.subscribe(f"{OWN}/unused-probe", qos=1)  # retained messages of the first filter arrive before this
+        assert {m.topic.rsplit("/", 1)[0] for m in inbox.messages} == (expected or set())
+        assert all(m.topic.endswith("/alert") and m.retain for m in inbox.messages)
     finally:
         close(client)
 

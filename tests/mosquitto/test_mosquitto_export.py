@@ -25,10 +25,16 @@ def test_generated_files(mosquitto, acme):
     conf = (mosquitto.out_dir / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in conf
     assert "max_packet_size" in conf
+    assert "\nautosave_interval 1\nautosave_on_changes false\n" in conf  # a crash loses at most ~1 s
     passwd = (mosquitto.out_dir / "passwd").read_text()
     assert "acme/agent:$7$" in passwd
     assert acme.agent_key not in passwd
     assert (mosquitto.out_dir / "passwd").stat().st_mode & 0o077 == 0
+    acl = (mosquitto.out_dir / "acl").read_text()
+    blocks = {block.splitlines()[0]: block.splitlines()[1:] for block in acl.split("\n\n") if block.startswith("user ")}
+    writers = [user for user, lines in blocks.items() if "topic write fleet/+/+/alert" in lines]
+    assert writers == [f"user {credentials.SERVICE_USERNAME}"]  # only the collector writes alert lists
+    assert not [line for lines in blocks.values() for line in lines if "alert" in line and "+/+/alert" not in line]
 
 
 @pytest.mark.parametrize(("who", "key_attr", "client_id", "code"), [
@@ -183,3 +189,33 @@ def test_plain_listener_is_loopback_only_and_keeps_the_access_rules(fleet_dir, a
         assert connect_client(broker, "acme/reader", "wrong", "r", url=url, expect_rc=1) == 5
     finally:
         broker.stop()
+
+
+@pytest.mark.slow
+def test_what_the_last_save_holds_survives_a_sigkill(mosquitto, acme):
+    """Mosquitto saves its in-memory state every second with the generated config: messages queued for an
+    offline persistent session, and the session itself, survive a SIGKILL once a save has covered them."""
+    key = credentials.ensure_service_key(mosquitto.data_dir)
+    collector = connect_client(mosquitto, credentials.SERVICE_USERNAME, key, "collector", clean_session=False)
+    Inbox(collector).subscribe("fleet/acme/+/report", qos=1)
+    close(collector)
+    agent = connect_client(mosquitto, "acme/agent", acme.agent_key, "fleet-acme-web-1")
+    for i in range(20):
+        agent.publish("fleet/acme/web-1/report", f"m{i}".encode(), qos=1).wait_for_publish(5)
+    close(agent)
+    acknowledged = time.time_ns()
+    db = mosquitto.out_dir / "data" / "mosquitto.db"
+    wait_for(lambda: db.exists() and db.stat().st_mtime_ns > acknowledged, timeout=10, message="a save after them")
+    mosquitto.kill()
+    from tests.mosquitto.process import start_mosquitto
+
+    restarted = start_mosquitto(mosquitto.data_dir, mosquitto.out_dir, port=mosquitto.port)
+    try:
+        inboxes = []
+        back = connect_client(restarted, credentials.SERVICE_USERNAME, key, "collector", clean_session=False,
+                              before_connect=lambda client: inboxes.append(Inbox(client)))
+        got = inboxes[0].wait_for_count(20, timeout=10)
+        assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
+        close(back)
+    finally:
+        restarted.stop()

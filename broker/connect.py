@@ -1,0 +1,287 @@
+"""Connections and sessions: the half of FleetBroker that admits a client and keeps its session.
+
+Stock behaviour replaced here (amqtt 0.12.1, broker.py):
+- an existing session was deleted (clean=1, ~511) or taken over (clean=0, ~559) before the CONNECT was
+  authenticated, so a wrong password with a victim's client id wiped or kicked the victim; here the
+  CONNECT is authenticated, and its will topic checked, before any session is touched, and a client id
+  held by another user is refused;
+- keepalive was never enforced; here one watchdog timer per connection drops a client silent for
+  1.5 x its keepalive, and its will is published;
+- a takeover raced the older connection's end (a retry loop, then a second takeover path); here the
+  older connection is dropped and its end awaited before the new one is admitted;
+- every connection, health checks included, logged at INFO, and one closing before CONNECT logged an
+  error with two tracebacks; here it is one DEBUG line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from amqtt.adapters import StreamReaderAdapter
+from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import ConnackPacket
+from amqtt.session import Session
+
+from fleet.broker.policy import AccessPolicy, Grant
+from fleet.broker.protocol import MAX_PACKET_BYTES, FleetProtocolHandler, GuardedReader, StreamWriter, abort
+from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
+from fleet.broker.sessions import extras, grant_of
+from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
+from fleet.config.credentials import Principal
+from fleet.config.topics import machine_from_client_id
+
+log = logging.getLogger("fleet.broker")
+
+CONNECT_TIMEOUT_S = 10.0
+KEEPALIVE_FACTOR = 1.5
+TAKEOVER_TIMEOUT_S = 10.0  # the older connection's will and cleanup; a new CONNECT waits this long at most
+# What reading a client's first packet raises when the client leaves, stalls or sends garbage: routine, one DEBUG line.
+CONNECT_FAILURES = (TimeoutError, EOFError, OSError, AMQTTError, MQTTError, NoDataError, CodecError, ValueError)
+
+
+class SessionBroker(RoutingBroker):
+    """RoutingBroker that authenticates before touching sessions and enforces keepalive."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection_tasks: set[asyncio.Task[Any]] = set()
+
+    # --- one connection, from accept to close --------------------------------------------------
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        """A TCP (or TLS) connection arrived: serve it with our writer adapter, and end quietly on shutdown.
+
+        Python 3.11's asyncio reports a connection task that ends cancelled or raising as an unhandled
+        error, so this task always returns normally; a broker stop cancels it and it aborts its connection."""
+        adapter = StreamWriter(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._connection_tasks.add(task)
+        try:
+            await self._client_connected(listener_name, StreamReaderAdapter(reader), adapter)
+        except asyncio.CancelledError:
+            adapter.abort()
+        except OSError as exc:  # the peer left while we were writing to it
+            log.debug("connection lost: %s", exc)
+            adapter.abort()
+        finally:
+            if task is not None:
+                self._connection_tasks.discard(task)
+
+    async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:  # the amqtt seam
+        """Read CONNECT (bounded in time), authenticate, and only then touch sessions."""
+        server = self._servers.get(listener_name)
+        if server is None:
+            raise AMQTTError(f"Invalid listener name '{listener_name}'")
+        # Server.acquire_connection() logs at INFO for every connection, health checks included.
+        if server.semaphore is not None:
+            await server.semaphore.acquire()
+        server.conn_count += 1
+        self.stats["connections"] += 1
+        try:
+            reader = GuardedReader(reader, lambda n: self._oversize(writer, n))
+            try:
+                handler, incoming = await asyncio.wait_for(
+                    FleetProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                    CONNECT_TIMEOUT_S)
+            except CONNECT_FAILURES as exc:
+                self.stats["connect_invalid"] += 1
+                log.debug("connection from %s closed before a valid CONNECT: %s", writer.get_peer_info(),
+                          exc or type(exc).__name__)
+                await writer.close()
+                return
+            if not await self._authenticate(incoming, self.listeners_config[listener_name]):
+                await self._refuse(incoming, writer)
+                return
+            grant = grant_of(incoming)
+            assert grant is not None  # set by FleetAuthPlugin when it accepts
+            client_id = incoming.client_id or ""
+            existing = self.sessions.get(client_id)
+            if existing is not None and existing[0].username != incoming.username:
+                # A client id is owned by the user who holds it: no cross-user takeover.
+                await self._refuse(incoming, writer, IDENTIFIER_REJECTED, "client id in use by another user")
+                return
+            # Loop: another CONNECT with this client id may have taken the session over while we waited.
+            while (existing := self.sessions.get(client_id)) is not None and existing[0].transitions.is_connected():
+                if not await self._end_live_connection(existing[0], existing[1]):
+                    await self._refuse(incoming, writer, SERVER_UNAVAILABLE, "the older connection did not end")
+                    return
+            # No await from here to connect(): nothing else can attach this client id in between.
+            session = await self._attach_session(incoming, grant)
+            await self._run_session(session, handler, reader, writer)
+        finally:
+            server.conn_count -= 1
+            if server.semaphore is not None:
+                server.semaphore.release()
+
+    def _oversize(self, writer: Any, size: int) -> None:
+        self.stats["dropped_packet_too_large"] += 1
+        log.warning("closing connection from %s: packet of %d bytes exceeds %d", writer.get_peer_info(), size,
+                    MAX_PACKET_BYTES)
+        abort(writer)
+
+    async def _refuse(self, incoming: Session, writer: Any, code: int | None = None, reason: str = "") -> None:
+        if code is None:
+            verdict = self.policy.check_connect(incoming.username, incoming.password, incoming.client_id or "",
+                                                incoming.will_topic if incoming.will_flag else None,
+                                                incoming.will_message, bool(incoming.will_retain))
+            code, reason = (verdict.code, verdict.reason) if verdict.code != ACCEPTED else (NOT_AUTHORIZED,
+                                                                                            "refused by a plugin")
+        self.stats["connect_refused"] += 1
+        log.info("refused CONNECT client_id=%s user=%s: %s", incoming.client_id, incoming.username, reason)
+        try:
+            await ConnackPacket.build(0, code).to_stream(writer)
+        except OSError:
+            pass
+        await writer.close()
+
+    async def _end_live_connection(self, session: Session, handler: Any) -> bool:
+        """Takeover: drop the session's live connection as if its network failed (its will is published) and
+        wait until it has ended; False if it did not end in time."""
+        log.info("session takeover client_id=%s: closing the older connection", session.client_id)
+        abort(handler.writer)
+        older = extras(session).connection
+        if older is not None and older is not asyncio.current_task():
+            await asyncio.wait({older}, timeout=TAKEOVER_TIMEOUT_S)
+        return session.transitions.state != "connected"
+
+    async def _attach_session(self, incoming: Session, grant: Grant) -> Session:
+        """Stock clean/persistent session handling, run only after authentication succeeded."""
+        client_id = incoming.client_id or ""
+        if incoming.clean_session:
+            await self._delete_session(client_id)
+            incoming.parent = 0
+            session = incoming
+        elif client_id in self.sessions:
+            session = self.sessions[client_id][0]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password", "clean_session"):
+                setattr(session, name, getattr(incoming, name))
+            session.parent = 1
+        else:
+            incoming.parent = 0
+            session = incoming
+        state = extras(session)
+        state.grant = grant
+        # amqtt wraps every read in wait_for(keepalive) and re-arms a write timer per packet (a task and
+        # two timers per message); with keep_alive 0 it does neither, and _watch_keepalive enforces it.
+        state.keepalive_s = session.keep_alive * KEEPALIVE_FACTOR
+        session.keep_alive = 0
+        return session
+
+    async def _run_session(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader,
+                           writer: Any) -> None:
+        """Accept, deliver what was held for the session, and run amqtt's message loop until it ends."""
+        session.transitions.connect()  # not connected: _end_live_connection ended any live connection
+        state = extras(session)
+        state.connection = asyncio.current_task()
+        state.ready = False  # until what was in flight has been sent again: new messages queue behind it
+        handler.router = self.route
+        handler.durable_barrier = self.store.barrier if self.store is not None else None
+        handler.on_delivered = self.delivered
+        handler.on_keepalive_expired = self._keepalive_expired
+        handler.attach(session, reader, writer)
+        self.sessions[session.client_id or ""] = (session, handler)
+        await handler.mqtt_connack_authorize(True)
+        grant = grant_of(session)
+        log.info("connected client_id=%s user=%s org=%s", session.client_id, session.username,
+                 grant.org if grant else None)
+        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
+                                              client_session=session)
+        await handler.start()  # sends again what was in flight, without waiting for it (protocol.py)
+        self._watch_keepalive(session, handler, reader)
+        state.ready = True
+        self.deliver_queued(session)
+        await self._client_message_loop(session, handler)
+
+    def _watch_keepalive(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader) -> None:
+        """Drop the connection once nothing was read for 1.5 x keepalive (one timer per connection)."""
+        limit = extras(session).keepalive_s
+        if not limit:
+            return
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            current = self.sessions.get(session.client_id or "")
+            if current is None or current[1] is not handler or session.transitions.state != "connected":
+                return
+            idle = time.monotonic() - reader.last_read
+            if idle >= limit:
+                handler.handle_read_timeout()
+            else:
+                loop.call_later(limit - idle, check)
+
+        loop.call_later(limit, check)
+
+    def _keepalive_expired(self, session: Session) -> None:
+        self.stats["keepalive_expired"] += 1
+        log.info("keepalive expired client_id=%s user=%s: closing, will follows", session.client_id, session.username)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drop connections still before or in CONNECT, then amqtt's shutdown."""
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        for task in list(self._connection_tasks):
+            task.cancel()
+        await asyncio.gather(*self._connection_tasks, return_exceptions=True)
+        await super().shutdown()
+
+    # --- sessions --------------------------------------------------------------------------------
+    async def _delete_session(self, client_id: str) -> None:  # the amqtt seam: clean session
+        """A clean session replacing a persistent one also deletes its stored subscriptions and queue."""
+        existing = self.sessions.get(client_id)
+        if self.store is not None and existing is not None and not existing[0].clean_session:
+            self.store.forget_subscription(client_id)
+            self.store.forget_queue(client_id)
+        await super()._delete_session(client_id)
+
+    def restore_sessions(self, rows: list[tuple[str, str, str, int]]) -> int:
+        """Recreate persistent sessions (offline) with their subscriptions, so messages for them are queued
+        from the first second after a restart; returns how many sessions. Removed users are skipped."""
+        for client_id, username, topic_filter, qos in rows:
+            if client_id not in self.sessions:
+                record = self.policy.records.get(username)
+                if record is None:
+                    continue
+                machine = machine_from_client_id(record.org or "", client_id) if record.role == "agent" else None
+                handler, session = self.create_offline_session(client_id)
+                session.username, session.clean_session = username, False
+                extras(session).grant = Grant(Principal(username, record.org, record.role), machine)
+                self.sessions[client_id] = (session, handler)
+            session = self.sessions[client_id][0]
+            grant = grant_of(session)
+            if grant is not None and AccessPolicy.may_subscribe(grant, topic_filter):
+                self.subscriptions.setdefault(topic_filter, []).append((session, min(qos, MAX_QOS)))
+        return len({row[0] for row in rows if row[0] in self.sessions})
+
+    def restore_queue(self, rows: list[tuple[int, str, str, bytes, int]]) -> int:
+        """Put the messages broker.db kept for persistent sessions back in their queues, in order; rows of a
+        session that is gone (its user removed) are deleted. Returns how many were restored."""
+        restored = 0
+        for seq, client_id, topic, payload, qos in rows:
+            entry = self.sessions.get(client_id)
+            if entry is None or entry[0].clean_session:
+                if self.store is not None:
+                    self.store.ack(seq)
+                continue
+            extras(entry[0]).queue.append(QueuedMessage(topic, payload, qos, False, seq))
+            restored += 1
+        return restored
+
+    def disconnect_revoked(self) -> int:
+        """Close live connections whose key was rotated or whose org was removed; returns how many."""
+        closed = 0
+        for session, handler in list(self.sessions.values()):
+            if session.transitions.state != "connected":
+                continue
+            if not self.policy.still_valid(session.username, session.password) and abort(handler.writer):
+                log.info("disconnecting client_id=%s user=%s: credentials revoked", session.client_id,
+                         session.username)
+                closed += 1
+        self.stats["revoked_disconnects"] += closed
+        return closed

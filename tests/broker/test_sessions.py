@@ -1,0 +1,75 @@
+"""Session takeover: a second CONNECT with a client id (same user) ends the live connection first, then is
+admitted; the older connection's will is published and a persistent session keeps its subscriptions."""
+
+from __future__ import annotations
+
+import threading
+
+from fleet.config import credentials
+from tests.helpers import Inbox, close, connect_client, wait_for
+
+PING = "fleet/acme/web-1/ping"
+REPORT = "fleet/acme/web-1/report"
+
+
+def _watcher(broker):
+    watcher = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+                             "watcher")
+    inbox = Inbox(watcher)
+    inbox.subscribe("fleet/acme/#")
+    return watcher, inbox
+
+
+def test_takeover_ends_the_older_connection_and_publishes_its_will(broker, acme):
+    watcher, inbox = _watcher(broker)
+    older = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1", will=(PING, b"lost", 1, True))
+    older.reconnect_delay_set(60, 60)  # stays down once dropped, so the newer one is the only one left
+    dropped = threading.Event()
+    older.on_disconnect = lambda *_args: dropped.set()
+    newer = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1")
+    assert dropped.wait(5)
+    assert inbox.wait_for_topic(PING).payload == b"lost"
+    newer.publish(REPORT, b"from-newer", qos=1).wait_for_publish(5)
+    assert inbox.wait_for_topic(REPORT).payload == b"from-newer"
+    assert broker.broker.connected_count() == 2  # the watcher and the newer agent
+    older.loop_stop()
+    close(newer)
+    close(watcher)
+
+
+def test_takeover_of_a_persistent_session_keeps_its_subscriptions(broker, acme):
+    first = connect_client(broker, "acme/reader", acme.reader_key, "dash", clean_session=False)
+    first.reconnect_delay_set(60, 60)
+    Inbox(first).subscribe("fleet/acme/#")
+    inboxes = []
+    second = connect_client(broker, "acme/reader", acme.reader_key, "dash", clean_session=False,
+                            before_connect=lambda client: inboxes.append(Inbox(client)))
+    wait_for(lambda: not first.is_connected(), timeout=5, message="older connection dropped")
+    agent = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1")
+    agent.publish(REPORT, b"still-subscribed", qos=1).wait_for_publish(5)
+    assert inboxes[0].wait_for_topic(REPORT).payload == b"still-subscribed"
+    first.loop_stop()
+    close(agent)
+    close(second)
+
+
+def test_simultaneous_takeovers_leave_exactly_one_connection(broker, acme):
+    original = connect_client(broker, "acme/reader", acme.reader_key, "dash")
+    original.reconnect_delay_set(60, 60)
+    clients: list = []
+
+    def take_over() -> None:
+        client = connect_client(broker, "acme/reader", acme.reader_key, "dash", timeout=15)
+        client.reconnect_delay_set(60, 60)
+        clients.append(client)
+
+    threads = [threading.Thread(target=take_over) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_for(lambda: sum(c.is_connected() for c in [original, *clients]) == 1, timeout=10,
+             message="one connection left")
+    assert broker.broker.connected_count() == 1
+    for client in [original, *clients]:
+        client.loop_stop()
