@@ -319,6 +319,29 @@ class Measured:
     rate: float
     cpu_us: float  # the consumer's threads (publishers and broker are other processes); load-independent-ish
     batch: float = 0.0  # the collector's reports per commit
+    threads: tuple[tuple[str, float], ...] = ()  # the collector's CPU µs/msg per thread (network, writer, ...)
+
+
+def thread_cpu(prefix: str = "collector") -> dict[str, float]:
+    """CPU seconds used so far by each live thread of this process whose name starts with ``prefix`` (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for thread in threading.enumerate():
+        if thread.name.startswith(prefix) and thread.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile, or not Linux
+                continue
+            out[thread.name] = out.get(thread.name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def per_thread(before: dict[str, float], after: dict[str, float], messages: int) -> tuple[tuple[str, float], ...]:
+    """µs of CPU per message of each thread between two ``thread_cpu`` snapshots, busiest first."""
+    used = {name.removeprefix("collector-"): (cpu - before.get(name, 0.0)) / messages * 1e6
+            for name, cpu in after.items()}
+    return tuple(sorted(used.items(), key=lambda kv: -kv[1]))
 
 
 def run_raw(broker: Broker, load: Load, mode: str) -> Measured:
@@ -364,16 +387,16 @@ def run_collector(broker: Broker, data_dir: Path, database: str, load: Load, mod
         collector.stop()
         _, procs = publish_all(broker, load)
         join_all(procs)
-        t0, cpu0 = time.monotonic(), time.process_time()
+        t0, cpu0, threads0 = time.monotonic(), time.process_time(), thread_cpu()
         with profiled(profile):
             collector = start(collector_settings(broker, data_dir, database))
             wait_until(lambda: collector.stats().stored >= load.total, 600, "collector", step=0.005)
     else:
         started, procs = publish_all(broker, load)
-        t0, cpu0 = time.monotonic() + (started - time.time()), time.process_time()
+        t0, cpu0, threads0 = time.monotonic() + (started - time.time()), time.process_time(), thread_cpu()
         with profiled(profile):
             wait_until(lambda: collector.stats().stored >= load.total, 600, "collector", step=0.005)
-    elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    elapsed, cpu, threads = time.monotonic() - t0, time.process_time() - cpu0, thread_cpu()
     if mode == "live":
         join_all(procs)
     stats = collector.stats()
@@ -382,7 +405,8 @@ def run_collector(broker: Broker, data_dir: Path, database: str, load: Load, mod
     if rows != load.total or distinct != load.total or stats.dropped:
         raise SystemExit(f"loss or duplicates: {rows} rows, {distinct} distinct of {load.total}; "
                          f"drops {stats.dropped}")
-    return Measured(load.total / elapsed, cpu / load.total * 1e6, stats.stored / max(1, stats.commits))
+    return Measured(load.total / elapsed, cpu / load.total * 1e6, stats.stored / max(1, stats.commits),
+                    per_thread(threads0, threads, load.total))
 
 
 class profiled:  # noqa: N801 - used as a context manager, like contextlib's
@@ -418,6 +442,11 @@ class profiled:  # noqa: N801 - used as a context manager, like contextlib's
         if stats is not None:
             stats.dump_stats(str(self.path))
             print(f"profile of {len(self.profiles)} threads written to {self.path}", file=sys.stderr)
+
+
+def split(measured: Measured) -> str:
+    """The collector's CPU per message by thread, e.g. ``mqtt 31, writer 28, checkpoint 4``."""
+    return ", ".join(f"{name} {micros:.0f}" for name, micros in measured.threads if micros >= 0.5)
 
 
 def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[tuple[str, float]]:
@@ -565,7 +594,8 @@ def main() -> None:
                             rows.append((name, mode, engine_name(database), raw, coll))
                             print(f"{name:9s} {mode:7s} {engine_name(database):10s} raw {raw.rate:7.0f} msg/s "
                                   f"{raw.cpu_us:5.1f} µs CPU  collector {coll.rate:7.0f} msg/s {coll.cpu_us:5.1f} µs "
-                                  f"CPU {coll.batch:5.0f}/commit  {100 * coll.rate / raw.rate:5.1f}%", flush=True)
+                                  f"CPU {coll.batch:5.0f}/commit  {100 * coll.rate / raw.rate:5.1f}%  ({split(coll)})",
+                                  flush=True)
             finally:
                 broker.stop()
     size = len(payloads.encode(payloads.build_report("m00000", "0x1a2b", "x" * 16, 0, 1.0, METRICS, SYSTEM)))
@@ -575,11 +605,11 @@ def main() -> None:
           f"(QoS 1, {size} B each{f', {load.rate:,.0f} reports/s' if load.rate else ''}), {os.cpu_count()} CPUs; "
           f"databases: {', '.join(redact(d) for d in databases)}; alert rules: {args.alert_rules} ({rule_count})")
     print("| broker | mode | database | raw paho subscriber: msg/s, CPU µs/msg | collector: msg/s, CPU µs/msg "
-          "| collector / raw: rate, CPU |")
-    print("|---|---|---|---|---|---|")
+          "| collector / raw: rate, CPU | collector CPU µs/msg by thread |")
+    print("|---|---|---|---|---|---|---|")
     for name, mode, engine, raw, coll in rows:
         print(f"| {name} | {mode} | {engine} | {raw.rate:,.0f}, {raw.cpu_us:.0f} | {coll.rate:,.0f}, {coll.cpu_us:.0f} "
-              f"| {100 * coll.rate / raw.rate:.0f}%, {coll.cpu_us / raw.cpu_us:.2f}x |")
+              f"| {100 * coll.rate / raw.rate:.0f}%, {coll.cpu_us / raw.cpu_us:.2f}x | {split(coll)} |")
     if args.no_stages:
         return
     print()
