@@ -262,7 +262,13 @@ class RawSubscriber:
 
     def start(self, wait_suback: bool = True) -> None:
         address = BrokerAddress.parse(self.broker.url)
-        self.client.connect(address.host, address.port, keepalive=60)
+        for attempt in range(6):
+            try:
+                self.client.connect(address.host, address.port, keepalive=60)
+                break
+            except OSError:  # the embedded broker, busy storing a backlog of 10,000 agents, timed a handshake out
+                if attempt == 5:
+                    raise
         self.client.loop_start()
         if wait_suback and not self.subscribed.wait(10):
             raise SystemExit("raw subscriber: no SUBACK")
