@@ -12,10 +12,13 @@ agent publishes a marked report every second and polls the API until it shows. P
   over the broker's idle RSS), ingest rate;
 - drain: simulators stopped cleanly; every report they got a PUBACK for must be stored.
 
-    python3 bench/load.py --agents 5000 --interval 10 --broker both [--autosave interval:1]
+    python3 bench/load.py --agents 5000 --interval 10 --broker both [--autosave interval:1] [--database postgres]
 Loopback only; stops by itself; prints one table with the brokers side by side. ``--autosave`` overrides
 the persistence settings of the generated mosquitto.conf (``interval:N``: save every N s; ``changes:N``:
 save after N changes; ``generated``: as exported); the table then counts Mosquitto's saves.
+``--database postgres`` stores everything (org, keys, machines, reports) in a throwaway PostgreSQL server
+started here with tests/postgres.py (``--database postgresql://…`` names one of yours); every part gets it
+as FLEET_DATABASE_URL.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -51,6 +53,7 @@ from bench.common import (  # noqa: E402
     wait_until,
 )
 from fleet.config import payloads  # noqa: E402
+from fleet.config.database import DatabaseError, DatabaseUrl, open_database, sqlite_url  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
 from fleet.config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
 
@@ -130,21 +133,19 @@ def rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def stored_reports(db: Path) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT count(*) FROM reports WHERE machine_id != ?", (PROBE,)).fetchone()[0]
-    finally:
-        conn.close()
+def count(db: str, sql: str) -> int:
+    """One ``count(*)`` over the run's database (SQLite or PostgreSQL), read-only, the probe left out."""
+    with open_database(db, readonly=True) as conn:
+        row = conn.query_one(sql, (PROBE,))
+    return int(row[0]) if row else 0
 
 
-def online_machines(db: Path) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT count(*) FROM machines WHERE status = 'online' AND machine_id != ?",
-                            (PROBE,)).fetchone()[0]
-    finally:
-        conn.close()
+def stored_reports(db: str) -> int:
+    return count(db, "SELECT count(*) FROM reports WHERE machine_id != ?")
+
+
+def online_machines(db: str) -> int:
+    return count(db, "SELECT count(*) FROM machines WHERE status = 'online' AND machine_id != ?")
 
 
 @dataclass
@@ -169,16 +170,17 @@ class Parts:
             stop_process(proc, 20)
 
 
-def start_broker(kind: str, data: Path, port: int, autosave: str = "generated") -> subprocess.Popen:
+def start_broker(kind: str, data: Path, port: int, autosave: str = "generated",
+                 env: dict[str, str] = ENV) -> subprocess.Popen:
     """`fleet broker`, or Mosquitto on `fleet mosquitto-config`'s output (run as root when we are root), its
     persistence settings overridden by ``autosave`` and its saves logged."""
     if kind == "embedded":
-        proc = subprocess.Popen([*FLEET, "broker", "--mqtt-port", str(port), "--data-dir", str(data)], env=ENV)
+        proc = subprocess.Popen([*FLEET, "broker", "--mqtt-port", str(port), "--data-dir", str(data)], env=env)
         wait_port(port, proc)
         return proc
     out = data / "mosquitto"
     subprocess.run([*FLEET, "mosquitto-config", "--out", str(out), "--mqtt-port", str(port), "--data-dir", str(data)],
-                   env=ENV, check=True, stdout=subprocess.DEVNULL)
+                   env=env, check=True, stdout=subprocess.DEVNULL)
     conf = out / "mosquitto.conf"
     lines = conf.read_text().splitlines()
     if autosave != "generated":
@@ -193,21 +195,22 @@ def start_broker(kind: str, data: Path, port: int, autosave: str = "generated") 
     return proc
 
 
-def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
-    """One broker's run; returns its figures by metric name."""
+def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, object]:
+    """One broker's run, on SQLite in its data dir or on ``database``; returns its figures by metric name."""
     data = Path(tempfile.mkdtemp(prefix=f"fleet-load-{kind}-"))
-    db = data / "fleet.db"
+    db = database or sqlite_url(data / "fleet.db")
+    env = {**ENV, "FLEET_DATABASE_URL": db}
     mqtt_port, http_port = free_port(), free_port()
     common = ["--data-dir", str(data)]
-    keys = json.loads(subprocess.check_output([*FLEET, "org", "add", ORG, "--json", *common], env=ENV))
+    keys = json.loads(subprocess.check_output([*FLEET, "org", "add", ORG, "--json", *common], env=env))
     parts = Parts()
     try:
-        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave)
+        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env)
         url = f"mqtts://127.0.0.1:{mqtt_port}"
         ca = data / "certs" / "ca.pem"
-        parts.procs["collector"] = subprocess.Popen([*FLEET, "collector", "--broker", url, *common], env=ENV)
+        parts.procs["collector"] = subprocess.Popen([*FLEET, "collector", "--broker", url, *common], env=env)
         parts.procs["web"] = subprocess.Popen([*FLEET, "web", "--http-port", str(http_port), "--broker", url,
-                                               *common], env=ENV)
+                                               *common], env=env)
         api = f"http://127.0.0.1:{http_port}"
         wait_until(lambda: http_json(f"{api}/healthz")[0] == 200, 60, "healthz")
         time.sleep(2)  # let start-up settle before the idle baseline
@@ -215,7 +218,7 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
 
         started = time.time()
         parts.sims = start_simulators(args.simulators, args.agents, url, ORG, keys["agent_key"], data, args.interval,
-                                      args.connect_rate, ENV)
+                                      args.connect_rate, env)
         probe = Probe(url, ca, keys["agent_key"], api, keys["reader_key"])
         probe_thread = threading.Thread(target=probe.loop, daemon=True)
         probe_thread.start()
@@ -229,7 +232,7 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, object]:
             while not sampling.is_set():
                 try:
                     stored = stored_reports(db)
-                except sqlite3.Error:
+                except DatabaseError:
                     stored = samples[-1].stored if samples else 0
                 samples.append(Sample(time.time(), {n: cpu_s(pid) for n, pid in pids.items()},
                                       {n: rss_mb(pid) for n, pid in pids.items()}, stored))
@@ -340,15 +343,32 @@ def main() -> None:
     parser.add_argument("--simulators", type=int, default=max(1, (os.cpu_count() or 1) // 2),
                         help="fleet simulate processes (default: one per two cores)")
     parser.add_argument("--autosave", default="generated", help="Mosquitto only: generated, interval:N, changes:N")
+    parser.add_argument("--database", default="sqlite",
+                        help="sqlite (fleet.db in each run's data dir), postgres (a throwaway server) or a URL")
     args = parser.parse_args()
     brokers = ["embedded", "mosquitto"] if args.broker == "both" else [args.broker]
+    server = None
+    if args.database == "postgres":
+        from tests.postgres import PostgresServer, unavailable_reason
+
+        if reason := unavailable_reason():
+            raise SystemExit(f"--database postgres: {reason}")
+        server = PostgresServer().start()
+    elif args.database != "sqlite" and DatabaseUrl.parse(args.database).engine != "postgresql":
+        raise SystemExit("--database: sqlite, postgres or a postgresql:// URL")
     results = {}
-    for kind in brokers:
-        print(f"{kind}: {args.agents} agents, interval {args.interval} s, {args.simulators} simulator(s)", flush=True)
-        results[kind] = run(kind, args)
+    try:
+        for kind in brokers:
+            print(f"{kind}: {args.agents} agents, interval {args.interval} s, {args.simulators} simulator(s), "
+                  f"{args.database}", flush=True)
+            database = server.database() if server else None if args.database == "sqlite" else args.database
+            results[kind] = run(kind, args, database)
+    finally:
+        if server:
+            server.destroy()
     print()
     print(f"agents={args.agents} interval={args.interval}s steady={args.steady}s connect-rate={args.connect_rate}/s "
-          f"simulators={args.simulators} cores={os.cpu_count()}")
+          f"simulators={args.simulators} cores={os.cpu_count()} database={args.database}")
     print_table("metric", results)
 
 

@@ -181,6 +181,7 @@ def test_readme_test_command_on_the_distributions_python(tmp_path: Path, distro_
     assert (clone / ".venv" / "bin" / "pytest").exists()
 
 
+@pytest.mark.slow
 def test_python3_venv_comes_from_apt_when_ensurepip_is_missing(tmp_path: Path, distro_python: Path) -> None:
     # Removing python3-venv from this shared machine is not an option: stubs stand in for a Python without
     # ensurepip and for apt (recording what it was asked); the venv is then made by the real python3.

@@ -227,6 +227,7 @@ def test_a_collector_cut_off_the_broker_does_not_blame_the_fleet(broker, acme, c
 
 
 @pytest.mark.both_engines
+@pytest.mark.slow
 def test_a_restarted_collector_does_not_notify_a_firing_alert_again(broker, acme, collectors, receivers):
     ep = embedded_endpoint(broker, acme)
     settings = _settings(broker)
@@ -251,6 +252,7 @@ def test_a_restarted_collector_does_not_notify_a_firing_alert_again(broker, acme
 
 
 @pytest.mark.both_engines
+@pytest.mark.slow
 def test_a_500_then_200_is_delivered_once(broker, acme, collectors, receivers):
     ep = embedded_endpoint(broker, acme)
     settings = _settings(broker)
@@ -267,6 +269,7 @@ def test_a_500_then_200_is_delivered_once(broker, acme, collectors, receivers):
     assert "500" in last_error
 
 
+@pytest.mark.slow
 def test_a_4xx_is_not_retried_and_the_error_is_visible(broker, acme, collectors, receivers):
     ep = embedded_endpoint(broker, acme)
     settings = _settings(broker)
@@ -285,6 +288,7 @@ def test_a_4xx_is_not_retried_and_the_error_is_visible(broker, acme, collectors,
 
 
 @pytest.mark.both_engines
+@pytest.mark.slow
 def test_a_silenced_alert_sends_nothing_but_is_listed(broker, acme, collectors, receivers):
     ep = embedded_endpoint(broker, acme)
     settings = _settings(broker)
@@ -311,6 +315,7 @@ def _readers(broker, keys_by_org) -> dict[str, Inbox]:
     return readers
 
 
+@pytest.mark.slow
 def test_two_orgs_never_see_each_others_alerts(broker, acme, globex, collectors, receivers):
     settings = _settings(broker)
     hooks = {"acme": receivers(), "globex": receivers()}
@@ -333,6 +338,7 @@ def test_two_orgs_never_see_each_others_alerts(broker, acme, globex, collectors,
         close(inbox.client)
 
 
+@pytest.mark.slow
 def test_the_alert_topic_is_retained_and_reaches_its_org_only(broker, acme, globex, collectors):
     """Needs the broker's rule that lets the collector's service account publish fleet/<org>/<m>/alert."""
     settings = _settings(broker)

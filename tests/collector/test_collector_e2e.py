@@ -195,6 +195,7 @@ def _outage(endpoint, collectors, count: int, outage_s: float) -> None:
 
 
 @both_engines
+@pytest.mark.slow
 def test_collector_outage_loses_nothing(endpoint, collectors):
     _outage(endpoint, collectors, count=70, outage_s=2.0)
 
@@ -300,6 +301,7 @@ def test_shard_serves_only_its_orgs(endpoint, collectors):
 
 
 @both_engines
+@pytest.mark.slow
 def test_locked_database_applies_backpressure_and_loses_nothing(endpoint, collectors, monkeypatch):
     monkeypatch.setattr(service, "QUEUE_MAX", 5)
     collectors(endpoint.settings())

@@ -31,8 +31,8 @@ ONLINE_PING = payloads.build_ping("web-1", "0x1a2b", "s-2", "online", 10, ts=1.0
 
 # Values where decoders and type checks disagree in practice: big and huge ints, bools, -0.0, floats
 # that overflow, lone surrogates, non-ASCII text, nested containers.
-edge_numbers = st.sampled_from([0, -1, 1, True, False, None, -0.0, 1e308, 2**63 - 1, 2**63, -(2**63), 2**64,
-                                10**19, 10**20, 10**30, 0.1, 86400, 86400.0001, 3.5])
+edge_numbers = st.sampled_from([0, -1, 1, True, False, None, -0.0, 1e308, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1,
+                                2**64 - 1, 2**64, 10**19, 10**20, 10**30, 0.1, 86400, 86400.0001, 3.5])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12) | edge_numbers,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),

@@ -44,6 +44,7 @@ def env(request, tmp_path_factory):
         request.getfixturevalue("pg_server").drop(database)
 
 
+@pytest.mark.slow
 @hsettings(max_examples=300, deadline=None)
 @given(endpoint=st.sampled_from(ENDPOINTS),
        params=st.dictionaries(st.sampled_from(PARAMS), st.text(max_size=40), max_size=4))

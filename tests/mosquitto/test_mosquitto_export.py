@@ -127,6 +127,7 @@ def test_payloads_over_64_kib_are_dropped_and_the_publisher_stays(mosquitto, acm
     close(reader)
 
 
+@pytest.mark.slow
 def test_rotation_drops_the_old_key_and_its_live_connection(mosquitto, acme):
     reader = connect_client(mosquitto, "acme/reader", acme.reader_key, "acme-dashboard")
     agent = connect_client(mosquitto, "acme/agent", acme.agent_key, "fleet-acme-web-1")

@@ -41,7 +41,7 @@ def test_the_machine_object_carries_the_new_metrics_and_lost_counts(client, flee
 def test_history_points_carry_custom_and_process_fields_raw_and_rolled_up(client, fleet):
     db = add_machine(fleet)
     now = time.time()
-    old = now - 3 * 86400  # three days ago: rolled up into minutes below
+    old = (now - 3 * 86400) // 60 * 60 + 5  # three days ago, 5 s into a minute: both old rows roll up into it
     rows = []
     for i, (ts, depth) in enumerate([(old, 1.0), (old + 10, 3.0), (now - 60, 5.0), (now - 50, 6.0)]):
         fields = store.extra_fields({"custom": {"queue_depth": depth}, "process_counts": {"nginx": i % 2}})

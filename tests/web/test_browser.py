@@ -183,6 +183,7 @@ def wait_for_refreshes(page, n=2):
     page.wait_for_function("n => window.__renders >= n", arg=start + n, timeout=10_000)
 
 
+@pytest.mark.slow
 def test_a_row_opens_from_the_keyboard_and_keeps_focus_across_refreshes(browser, site, fleet):
     page = signed_in(browser, site, fleet)
     for _ in range(40):  # Tab through the page's controls to the first row
@@ -301,6 +302,7 @@ def test_numbers_in_the_detail_are_formatted(browser, site, fleet):
     page.close()
 
 
+@pytest.mark.slow
 def test_only_a_small_status_region_is_live(browser, site, fleet):
     page = signed_in(browser, site, fleet)
     assert page.eval_on_selector_all("[aria-live]", "els => els.map(e => e.id)") == ["live-status"]
