@@ -604,6 +604,8 @@ def main() -> None:
                                   flush=True)
             finally:
                 broker.stop()
+        # Here, while a throwaway PostgreSQL server started by --database postgres still runs.
+        stages = [] if args.no_stages else stage_costs(databases, machines=load.machines)
     size = len(payloads.encode(payloads.build_report("m00000", "0x1a2b", "x" * 16, 0, 1.0, METRICS, SYSTEM)))
     print()
     rule_count = {"none": 0, "default": 3, "all": 8}[args.alert_rules]
@@ -622,7 +624,7 @@ def main() -> None:
     print("Per-message cost of each collector step (one thread, no broker):")
     print("| step | µs/msg |")
     print("|---|---|")
-    for name, micros in stage_costs(databases, machines=load.machines):
+    for name, micros in stages:
         print(f"| {name} | {micros:.1f} |")
     for name, mode, _, raw, _ in rows[:1]:
         print(f"(the raw subscriber spends {raw.cpu_us:.1f} µs of CPU per message in paho on {name}/{mode})")
