@@ -16,21 +16,25 @@ each consumer:
 Every run checks zero loss: the collector must have stored exactly M*K distinct (machine, seq).
 
 ``--database URL`` (repeatable) picks the collector's database: ``sqlite`` (the default: fleet.db in a
-temporary data dir) or a ``postgresql://`` URL (``python -m tests.postgres`` starts a throwaway server and
-prints one). Each database is measured against the same broker and the same raw baseline, in one run.
-The broker keeps its credentials in the data dir's SQLite file either way.
+temporary data dir), ``postgres`` (a throwaway PostgreSQL server started here with tests/postgres.py, as
+the ``postgres`` user when run as root; stopped and deleted at the end) or a ``postgresql://`` URL. Each
+database is measured against the same broker and the same raw baseline, in one run. The broker keeps its
+credentials in the data dir's SQLite file either way.
 
     python3 bench/ingest.py --publishers 4 --reports 5000 --broker both
     python3 bench/ingest.py --publishers 4 --reports 10000 --machines 10000 --broker both
     python3 bench/ingest.py --publishers 4 --reports 5000 --machines 10000 --rate 1000 --broker both
+    python3 bench/ingest.py --broker mosquitto --machines 10000 --reports 10000 --database sqlite --database postgres
     python3 bench/ingest.py --broker mosquitto --database sqlite --database postgresql://u:p@127.0.0.1:5432/db
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
+import random
 import selectors
 import socket
 import ssl
@@ -92,12 +96,12 @@ class Broker:
         stop_process(self.proc)
 
 
-def start_mosquitto(workdir: Path) -> Broker:
+def start_mosquitto(workdir: Path, inflight: int = 100) -> Broker:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     # Unbounded queues: a loss in the benchmark must come from the consumer, not the broker's limits.
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 0\nmax_inflight_messages 100\n")
+                    f"max_queued_messages 0\nmax_inflight_messages {inflight}\n")
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: port_open(port), 10, "mosquitto")
     url = f"mqtt://127.0.0.1:{port}"
@@ -258,7 +262,13 @@ class RawSubscriber:
 
     def start(self, wait_suback: bool = True) -> None:
         address = BrokerAddress.parse(self.broker.url)
-        self.client.connect(address.host, address.port, keepalive=60)
+        for attempt in range(6):
+            try:
+                self.client.connect(address.host, address.port, keepalive=60)
+                break
+            except OSError:  # the embedded broker, busy storing a backlog of 10,000 agents, timed a handshake out
+                if attempt == 5:
+                    raise
         self.client.loop_start()
         if wait_suback and not self.subscribed.wait(10):
             raise SystemExit("raw subscriber: no SUBACK")
@@ -315,6 +325,29 @@ class Measured:
     rate: float
     cpu_us: float  # the consumer's threads (publishers and broker are other processes); load-independent-ish
     batch: float = 0.0  # the collector's reports per commit
+    threads: tuple[tuple[str, float], ...] = ()  # the collector's CPU µs/msg per thread (network, writer, ...)
+
+
+def thread_cpu(prefix: str = "collector") -> dict[str, float]:
+    """CPU seconds used so far by each live thread of this process whose name starts with ``prefix`` (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for thread in threading.enumerate():
+        if thread.name.startswith(prefix) and thread.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile, or not Linux
+                continue
+            out[thread.name] = out.get(thread.name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def per_thread(before: dict[str, float], after: dict[str, float], messages: int) -> tuple[tuple[str, float], ...]:
+    """µs of CPU per message of each thread between two ``thread_cpu`` snapshots, busiest first."""
+    used = {name.removeprefix("collector-"): (cpu - before.get(name, 0.0)) / messages * 1e6
+            for name, cpu in after.items()}
+    return tuple(sorted(used.items(), key=lambda kv: -kv[1]))
 
 
 def run_raw(broker: Broker, load: Load, mode: str) -> Measured:
@@ -360,16 +393,16 @@ def run_collector(broker: Broker, data_dir: Path, database: str, load: Load, mod
         collector.stop()
         _, procs = publish_all(broker, load)
         join_all(procs)
-        t0, cpu0 = time.monotonic(), time.process_time()
+        t0, cpu0, threads0 = time.monotonic(), time.process_time(), thread_cpu()
         with profiled(profile):
             collector = start(collector_settings(broker, data_dir, database))
             wait_until(lambda: collector.stats().stored >= load.total, 600, "collector", step=0.005)
     else:
         started, procs = publish_all(broker, load)
-        t0, cpu0 = time.monotonic() + (started - time.time()), time.process_time()
+        t0, cpu0, threads0 = time.monotonic() + (started - time.time()), time.process_time(), thread_cpu()
         with profiled(profile):
             wait_until(lambda: collector.stats().stored >= load.total, 600, "collector", step=0.005)
-    elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    elapsed, cpu, threads = time.monotonic() - t0, time.process_time() - cpu0, thread_cpu()
     if mode == "live":
         join_all(procs)
     stats = collector.stats()
@@ -378,7 +411,8 @@ def run_collector(broker: Broker, data_dir: Path, database: str, load: Load, mod
     if rows != load.total or distinct != load.total or stats.dropped:
         raise SystemExit(f"loss or duplicates: {rows} rows, {distinct} distinct of {load.total}; "
                          f"drops {stats.dropped}")
-    return Measured(load.total / elapsed, cpu / load.total * 1e6, stats.stored / max(1, stats.commits))
+    return Measured(load.total / elapsed, cpu / load.total * 1e6, stats.stored / max(1, stats.commits),
+                    per_thread(threads0, threads, load.total))
 
 
 class profiled:  # noqa: N801 - used as a context manager, like contextlib's
@@ -416,6 +450,11 @@ class profiled:  # noqa: N801 - used as a context manager, like contextlib's
             print(f"profile of {len(self.profiles)} threads written to {self.path}", file=sys.stderr)
 
 
+def split(measured: Measured) -> str:
+    """The collector's CPU per message by thread, e.g. ``mqtt 31, writer 28, checkpoint 4``."""
+    return ", ".join(f"{name} {micros:.0f}" for name, micros in measured.threads if micros >= 0.5)
+
+
 def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[tuple[str, float]]:
     """Single-threaded cost of each step the collector adds per message (µs), measured in this run."""
     import json
@@ -447,14 +486,47 @@ def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[
     timed("state machine (Tracker.on_report)", lambda: [tracker.on_report(i.message, i.received) for i in items])
     rows = timed("history row (store.report_row)", lambda: [store.report_row(i.message, i.received, i.payload)
                                                              for i in items])
+    tracked = list(tracker.machines.values())
+    random.Random(1).shuffle(tracked)  # a fleet's reports come in no particular order of their rows
+
+    def machine_rows(name: str, db) -> None:
+        t0 = time.perf_counter()
+        for i in range(0, len(tracked), 500):
+            store.write_batch(db, store.Batch(machines=tracked[i:i + 500]), time.time())
+        out.append((f"{name} ({len(tracked):,} machines, 500 per transaction, µs per row)",
+                    (time.perf_counter() - t0) / len(tracked) * 1e6))
+
     for database in databases:
+        engine = engine_name(database)
         with open_database(database) as db:
             db.execute("DELETE FROM reports")
-            timed(f"{engine_name(database)} batch insert, 500 per transaction",
+            timed(f"{engine} batch insert, 500 per transaction",
                   lambda db=db: [store.write_batch(db, store.Batch(reports=rows[i:i + 500]), time.time())
                                  for i in range(0, n, 500)])
             db.execute("DELETE FROM reports")
+            db.execute("DELETE FROM machines")
+            for machine in tracked:
+                machine.stored = False
+            machine_rows(f"{engine} machine rows, new (upsert)", db)
+            machine_rows(f"{engine} machine rows, rewritten (SQLite: UPDATE; PostgreSQL: upsert)", db)
+            db.execute("DELETE FROM machines")
     return out
+
+
+def resolve_database(name: str, data_dir: Path, cleanup: contextlib.ExitStack) -> str:
+    """A --database argument as a URL: ``sqlite`` is fleet.db in the data dir, ``postgres`` a server started here."""
+    if name == "sqlite":
+        return sqlite_url(data_dir / "fleet.db")
+    if name != "postgres":
+        return name
+    from tests.postgres import PostgresServer, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"--database postgres: {reason}")
+    server = PostgresServer().start()
+    cleanup.callback(server.destroy)
+    return server.database()
 
 
 def engine_name(database: str) -> str:
@@ -475,10 +547,15 @@ def main() -> None:
                              "and compare CPU per report rather than throughput")
     parser.add_argument("--repeat", type=int, default=1, help="run each (broker, mode) pair this many times")
     parser.add_argument("--profile", type=Path,
-                        help="write a cProfile of the collector's threads in the last backlog run to this file")
+                        help="write a cProfile of the collector's threads to this file, suffixed with broker, mode and "
+                             "database (the last run of each)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-step cost table")
     parser.add_argument("--database", action="append", metavar="URL",
-                        help="the collector's database: sqlite (default) or postgresql://…; repeat to compare")
+                        help="the collector's database: sqlite (default), postgres (a throwaway server started "
+                             "here) or postgresql://…; repeat to compare")
+    parser.add_argument("--inflight", type=int, default=100,
+                        help="Mosquitto's max_inflight_messages toward each consumer (its default, and "
+                             "fleet mosquitto-config's, is 20)")
     parser.add_argument("--alert-rules", choices=("none", "default", "all"), default="default",
                         help="the org's alert rules: none, the 3 default ones, or all 8 (+ bench/alerts.py's 5)")
     args = parser.parse_args()
@@ -490,11 +567,11 @@ def main() -> None:
         raise SystemExit("--machines must be at least --publishers")
     modes = ["live"] if args.rate else [m.strip() for m in args.modes.split(",") if m.strip()]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp, contextlib.ExitStack() as cleanup:
         workdir = Path(tmp)
         data_dir = workdir / "data"
         keys = credentials.add_org(data_dir, ORG)  # with the 3 default alert rules every org starts with
-        databases = [sqlite_url(data_dir / "fleet.db") if d == "sqlite" else d for d in args.database or ["sqlite"]]
+        databases = [resolve_database(d, data_dir, cleanup) for d in args.database or ["sqlite"]]
         for database in databases:  # the org and the schema in each; the broker checks keys in the SQLite file
             if not credentials.org_exists(data_dir, ORG, database):
                 credentials.add_org(data_dir, ORG, database)
@@ -509,20 +586,26 @@ def main() -> None:
                     alerting.remove_rule(data_dir, ORG, rule.name, database)
         names = ["mosquitto", "embedded"] if args.broker == "both" else [args.broker]
         for name in names:
-            broker = (start_mosquitto(workdir) if name == "mosquitto"
+            broker = (start_mosquitto(workdir, args.inflight) if name == "mosquitto"
                       else start_embedded(data_dir, keys, load.total + 1000))
             try:
                 for _ in range(args.repeat):
                     for mode in modes:
                         raw = run_raw(broker, load, mode)
                         for database in databases:
-                            coll = run_collector(broker, data_dir, database, load, mode, args.profile)
+                            profile = (args.profile.with_name(f"{args.profile.stem}-{name}-{mode}-"
+                                                              f"{engine_name(database)}{args.profile.suffix}")
+                                       if args.profile else None)
+                            coll = run_collector(broker, data_dir, database, load, mode, profile)
                             rows.append((name, mode, engine_name(database), raw, coll))
                             print(f"{name:9s} {mode:7s} {engine_name(database):10s} raw {raw.rate:7.0f} msg/s "
                                   f"{raw.cpu_us:5.1f} µs CPU  collector {coll.rate:7.0f} msg/s {coll.cpu_us:5.1f} µs "
-                                  f"CPU {coll.batch:5.0f}/commit  {100 * coll.rate / raw.rate:5.1f}%", flush=True)
+                                  f"CPU {coll.batch:5.0f}/commit  {100 * coll.rate / raw.rate:5.1f}%  ({split(coll)})",
+                                  flush=True)
             finally:
                 broker.stop()
+        # Here, while a throwaway PostgreSQL server started by --database postgres still runs.
+        stages = [] if args.no_stages else stage_costs(databases, machines=load.machines)
     size = len(payloads.encode(payloads.build_report("m00000", "0x1a2b", "x" * 16, 0, 1.0, METRICS, SYSTEM)))
     print()
     rule_count = {"none": 0, "default": 3, "all": 8}[args.alert_rules]
@@ -530,18 +613,18 @@ def main() -> None:
           f"(QoS 1, {size} B each{f', {load.rate:,.0f} reports/s' if load.rate else ''}), {os.cpu_count()} CPUs; "
           f"databases: {', '.join(redact(d) for d in databases)}; alert rules: {args.alert_rules} ({rule_count})")
     print("| broker | mode | database | raw paho subscriber: msg/s, CPU µs/msg | collector: msg/s, CPU µs/msg "
-          "| collector / raw: rate, CPU |")
-    print("|---|---|---|---|---|---|")
+          "| collector / raw: rate, CPU | collector CPU µs/msg by thread |")
+    print("|---|---|---|---|---|---|---|")
     for name, mode, engine, raw, coll in rows:
         print(f"| {name} | {mode} | {engine} | {raw.rate:,.0f}, {raw.cpu_us:.0f} | {coll.rate:,.0f}, {coll.cpu_us:.0f} "
-              f"| {100 * coll.rate / raw.rate:.0f}%, {coll.cpu_us / raw.cpu_us:.2f}x |")
+              f"| {100 * coll.rate / raw.rate:.0f}%, {coll.cpu_us / raw.cpu_us:.2f}x | {split(coll)} |")
     if args.no_stages:
         return
     print()
     print("Per-message cost of each collector step (one thread, no broker):")
     print("| step | µs/msg |")
     print("|---|---|")
-    for name, micros in stage_costs(databases, machines=load.machines):
+    for name, micros in stages:
         print(f"| {name} | {micros:.1f} |")
     for name, mode, _, raw, _ in rows[:1]:
         print(f"(the raw subscriber spends {raw.cpu_us:.1f} µs of CPU per message in paho on {name}/{mode})")

@@ -122,6 +122,7 @@ class Machine:
     late: int = 0  # reports of a settled session that arrived after its grace period
     pending_tails: list[Tail] = field(default_factory=list)
     settled_tails: dict[str, int] = field(default_factory=dict)  # session -> last_seq, oldest first
+    stored: bool = False  # its row is in the machines table (loaded from it, or written): an UPDATE will do
 
     def tails_json(self) -> str:
         """Open and settled tail checks as stored in ``machines.tails``."""
@@ -178,7 +179,7 @@ class Tracker:
                 hardware_id=row["hardware_id"] or "", interval_s=row["interval_s"], last_seen=row["last_seen"],
                 last_ping=row["last_ping"], clock_offset_s=row["clock_offset_s"], conflict=bool(row["conflict"]),
                 os=row["os"] or "", system=row["system"] or "{}", metrics=row["metrics"] or "{}",
-                first_seen=row["first_seen"] or row["last_seen"] or 0.0,
+                first_seen=row["first_seen"] or row["last_seen"] or 0.0, stored=True,
             )
             if machine.status not in STATUSES:
                 machine.status = STALE
@@ -416,7 +417,10 @@ class Tracker:
         machine.clock_offset_s = min(machine.offsets)
 
     def _saw_hardware(self, machine: Machine, hardware_id: str, now: float) -> None:
-        machine.hardware_seen[hardware_id] = now
+        seen = machine.hardware_seen
+        seen[hardware_id] = now
+        if len(seen) == 1 and not machine.conflict:
+            return  # the usual case, for every message: one hardware id, nothing to prune or flag
         self._prune_hardware(machine, now, self.stale_after(machine))
 
     def _prune_hardware(self, machine: Machine, now: float, window: float) -> None:

@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -252,12 +253,19 @@ SELECT name, 'disk-full', 'disk_percent > 90', 600, '*', 'warning', created FROM
 ON CONFLICT(org, name) DO NOTHING;
 """
 
+# Version 4: on PostgreSQL, room in each machines page for the row's next version. The collector rewrites a
+# machine's row for nearly every report; with full pages (fillfactor 100) every UPDATE moves the row to
+# another page and adds an entry to both of its indexes, while an update within the page ("HOT") touches no
+# index: 25% less server time per machine row with 10,000 machines (bench/ingest.py). SQLite updates rows in
+# place and has no such setting.
+MACHINES_FILLFACTOR = {SQLITE: "", POSTGRESQL: "ALTER TABLE machines SET (fillfactor = 50);"}
 
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
     (2, CUSTOM_FIELDS_AND_TAILS),
     (3, ALERTS_SCHEMA),
+    (4, MACHINES_FILLFACTOR),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -524,15 +532,41 @@ class Database:
         names = ", ".join(columns)
         conflict = f" ON CONFLICT {on_conflict}" if on_conflict else ""
         if self.engine == SQLITE:
-            placeholders = f"({', '.join('?' * len(columns))})"
             changed = i = 0
             with self.transaction():
                 while i < len(rows):
                     size = min(SQLITE_ROWS_PER_STATEMENT, 1 << ((len(rows) - i).bit_length() - 1))
-                    changed += self.execute(f"INSERT INTO {table}({names}) VALUES {', '.join([placeholders] * size)}"
-                                            f"{conflict}", [value for row in rows[i:i + size] for value in row])
+                    changed += self.execute(_multi_row_insert(table, names, len(columns), size, conflict),
+                                            list(chain.from_iterable(rows[i:i + size])))
                     i += size
             return changed
+        return self._copy_then(table, names, rows, f"INSERT INTO {table}({names}) SELECT {names} FROM {{staging}}"
+                                                   + conflict)
+
+    def update_many(self, table: str, key: Sequence[str], columns: Sequence[str],
+                    rows: Sequence[Sequence[Any]]) -> int:
+        """Update existing rows (values in ``columns`` order, the ``key`` columns last); returns the rows matched.
+
+        A row whose key is not in the table changes nothing (the caller compares the count). On SQLite one
+        prepared ``UPDATE`` stepped per row: half the cost of the same rows through ``insert_many``'s upsert,
+        which builds and probes an insert before it updates (bench/ingest.py --machines 10000). On PostgreSQL
+        the rows are COPYed into a temporary table and applied with one ``UPDATE ... FROM``.
+        """
+        if tuple(columns[len(columns) - len(key):]) != tuple(key):
+            raise ValueError(f"update_many: the key columns {key} must come last")
+        if not rows:
+            return 0
+        updated = columns[:len(columns) - len(key)]
+        if self.engine == SQLITE:
+            with self.transaction():
+                return self.executemany(f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in updated)}"
+                                        f" WHERE {' AND '.join(f'{c} = ?' for c in key)}", rows)
+        return self._copy_then(table, ", ".join(columns), rows,
+                               f"UPDATE {table} SET {', '.join(f'{c} = s.{c}' for c in updated)} FROM {{staging}} s"
+                               f" WHERE {' AND '.join(f'{table}.{c} = s.{c}' for c in key)}")
+
+    def _copy_then(self, table: str, names: str, rows: Sequence[Sequence[Any]], statement: str) -> int:
+        # PostgreSQL: COPY the rows into this transaction's staging table, then one statement reads them.
         with self.transaction():
             try:
                 staging = self._staging(table, names)
@@ -540,7 +574,7 @@ class Database:
                 with cursor.copy(f"COPY {staging}({names}) FROM STDIN") as copy:
                     for row in rows:
                         copy.write_row(row)
-                return cursor.execute(f"INSERT INTO {table}({names}) SELECT {names} FROM {staging}{conflict}").rowcount
+                return cursor.execute(statement.replace("{staging}", staging)).rowcount
             except self._errors as exc:
                 raise self._failed(exc) from exc
 
@@ -648,6 +682,13 @@ class Database:
 
 def _same(sql: str) -> str:
     return sql
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_row_insert(table: str, names: str, width: int, size: int, conflict: str) -> str:
+    # Built once per shape: the text is long (64 rows of placeholders) and sqlite3 caches statements by it.
+    placeholders = f"({', '.join('?' * width)})"
+    return f"INSERT INTO {table}({names}) VALUES {', '.join([placeholders] * size)}{conflict}"
 
 
 def _connect_sqlite(db: Database) -> sqlite3.Connection:

@@ -42,6 +42,27 @@ def test_batch_stores_reports_machines_events_and_counters(db):
     assert db.query_one("SELECT expired FROM org_stats WHERE org='acme'") == (1,)
 
 
+def test_machine_rows_are_updated_in_place_and_written_again_when_missing(db):
+    t = Tracker(3.0, 10.0, 3600)
+    t.on_report(report(seq=0, ts=T0), T0)
+    store.write_batch(db, store.Batch(machines=t.take_dirty()), T0)
+    machine = t.get("acme", "web-1")
+    assert machine is not None
+    assert machine.stored  # an UPDATE will do from now on
+    t.on_report(report(seq=1, ts=T0 + 1), T0 + 1)
+    store.write_batch(db, store.Batch(machines=t.take_dirty()), T0 + 1)
+    assert db.query("SELECT last_seen, first_seen FROM machines") == [(T0 + 1, T0)]
+    # Someone else deleted the row (or the batch that wrote it was rolled back): it is written again, whole.
+    db.execute("DELETE FROM machines")
+    t.on_report(report(seq=2, ts=T0 + 2), T0 + 2)
+    store.write_batch(db, store.Batch(machines=t.take_dirty()), T0 + 2)
+    assert db.query("SELECT machine_id, last_seen, first_seen FROM machines") == [("web-1", T0 + 2, T0)]
+    # A restarted collector's machines come from their rows, so they are updated in place too.
+    restarted = Tracker(3.0, 10.0, 3600)
+    restarted.load(store.load_machines(db, None), T0 + 3)
+    assert restarted.get("acme", "web-1").stored
+
+
 def test_report_row_extracts_chart_columns():
     r = report()
     data = dict(r.data)

@@ -107,6 +107,18 @@ def test_transactions_commit_together_or_not_at_all(db):
     assert db.execute("DELETE FROM orgs") == 2
 
 
+def test_update_many_changes_existing_rows_and_counts_them(db):
+    columns = ("expired", "lost", "org")
+    db.insert_many("org_stats", columns, [(1, 0, "a"), (2, 0, "b")])
+    with db.transaction():  # twice in one transaction: PostgreSQL's staging table is emptied in between
+        assert db.update_many("org_stats", ("org",), columns, [(5, 1, "a"), (6, 1, "nobody")]) == 1
+        assert db.update_many("org_stats", ("org",), columns, [(7, 2, "b")]) == 1
+    assert db.query("SELECT org, expired, lost FROM org_stats ORDER BY org") == [("a", 5, 1), ("b", 7, 2)]
+    assert db.update_many("org_stats", ("org",), columns, []) == 0
+    with pytest.raises(ValueError, match="must come last"):
+        db.update_many("org_stats", ("org",), ("org", "expired"), [("a", 1)])
+
+
 def test_refused_values_are_refused_not_busy(db):
     with pytest.raises(DatabaseRefused):
         db.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", ("x", None))  # NOT NULL
