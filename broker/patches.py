@@ -1,6 +1,6 @@
-"""The process-wide patches the broker makes, applied only while a broker runs (``applied()``).
+"""The two process-wide patches the broker makes, applied only while a broker runs (``applied()``).
 
-Each changes something every user of it in the process shares, so they are explicit, reference-counted
+Both change a class every user of it in the process shares, so they are explicit, reference-counted
 and undone when the last broker of the process stops (docs/broker.md, "Process-wide patches"):
 
 - ``asyncio.sslproto.SSLProtocol.max_size``: CPython allocates (and zero-fills) a read buffer of this size
@@ -10,17 +10,10 @@ and undone when the last broker of the process stops (docs/broker.md, "Process-w
 - ``amqtt.session.Session._init_states``: amqtt builds a ``transitions.Machine`` per session (16 KiB and
   240 objects per client, two thirds of a session's memory); sessions made while the patch is on get
   ``fleet.broker.sessions.SessionState`` instead.
-- the garbage collector's first threshold, 700 -> GC_YOUNG_THRESHOLD: every connection holds objects for as
-  long as it lives (~470,000 at 5,000 connections), and at CPython's thresholds the short-lived objects of
-  each message (futures, callbacks, batches) survived two young collections often enough to trigger full
-  collections of all of them: in bench/load.py's steady phase (5,000 agents, 500 reports/s) 2.7 s of
-  collections in 45 s, 6% of a core, and pauses in every delivery. With a larger young generation they die
-  young (0.05 s in 45 s).
 """
 
 from __future__ import annotations
 
-import gc
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +24,6 @@ from amqtt.session import Session
 from fleet.broker.sessions import SessionState
 
 TLS_READ_BUFFER = 4 * 1024
-GC_YOUNG_THRESHOLD = 20_000
 _lock = threading.Lock()
 _users = 0
 _saved: dict[str, Any] = {}
@@ -46,11 +38,8 @@ def _install() -> None:
 
     _saved["max_size"] = sslproto.SSLProtocol.__dict__.get("max_size")
     _saved["init_states"] = Session.__dict__["_init_states"]
-    _saved["gc_threshold"] = gc.get_threshold()
     sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
     Session._init_states = _light_states  # noqa: SLF001 - the amqtt seam
-    young, *older = _saved["gc_threshold"]
-    gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), *older)
 
 
 def _uninstall() -> None:
@@ -58,12 +47,11 @@ def _uninstall() -> None:
 
     sslproto.SSLProtocol.max_size = _saved.pop("max_size")
     Session._init_states = _saved.pop("init_states")  # noqa: SLF001 - the amqtt seam
-    gc.set_threshold(*_saved.pop("gc_threshold"))
 
 
 @contextmanager
 def applied() -> Iterator[None]:
-    """Apply the patches for the lifetime of the block; nested and concurrent brokers share them."""
+    """Apply both patches for the lifetime of the block; nested and concurrent brokers share them."""
     global _users
     with _lock:
         if _users == 0:
