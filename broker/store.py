@@ -5,9 +5,7 @@ The event loop only appends to the open batch (no I/O, no locks). At the end of 
 opened it, the batch is sealed and handed to one writer thread, which commits every batch sealed
 meanwhile in one transaction (a group commit): under load one write covers many loop turns, never one
 per message. A publisher's PUBACK waits for the commit of the batch holding what its message changed
-(``barrier()``), so what the broker acknowledged is on disk: a SIGKILL loses nothing acknowledged. A batch
-holding only subscribers' acknowledgements (rows leaving the queue) takes no commit of its own: it joins the
-next one, or is written ACKS_LATE_S later; losing it costs duplicates, never a message.
+(``barrier()``), so what the broker acknowledged is on disk: a SIGKILL loses nothing acknowledged.
 ``durability`` says what a power loss may lose (docs/broker.md): ``full`` fsyncs each group commit
 (nothing acknowledged), ``normal`` leaves it to SQLite's WAL checkpoints (the commits since the last
 one), ``off`` keeps queues in memory only and acknowledges at once, as before this store queued messages.
@@ -30,9 +28,6 @@ log = logging.getLogger("fleet.broker")
 DURABILITY = {"full": "FULL", "normal": "NORMAL", "off": "NORMAL"}  # -> PRAGMA synchronous
 RETRY_MAX_S = 5.0  # a failing commit (disk full, locked) is retried with backoff up to this interval
 GROUP_WINDOW_S = 0.002  # a commit waits this long after its first batch was sealed, for more to join it
-# Acknowledged rows only leave the queue: losing that delete costs a duplicate, never a message, so it takes
-# no commit (and no fsync) of its own; it joins the next commit something must wait for, or this late.
-ACKS_LATE_S = 1.0
 CLOSE_RETRIES = 3  # at shutdown a commit that keeps failing is given up after this many tries
 
 SCHEMA = """
@@ -63,10 +58,6 @@ class _Batch:
     def __bool__(self) -> bool:
         return bool(self.queued or self.acked or self.forgotten or self.retained or self.subs)
 
-    def urgent(self) -> bool:
-        """Holds something an acknowledgement waits for (anything but acknowledged rows)."""
-        return bool(self.queued or self.forgotten or self.retained or self.subs)
-
 
 class BrokerStore:
     """broker.db: loaded at start, then changed only through group commits of one writer thread."""
@@ -80,9 +71,8 @@ class BrokerStore:
         self.stats: Counter[str] = Counter()
         self._open = _Batch()
         self._sealing = False
-        self._last: _Batch | None = None  # the newest sealed urgent batch
+        self._last: _Batch | None = None  # the newest sealed batch
         self._sealed: deque[_Batch] = deque()
-        self._urgent_since: float | None = None  # when the oldest sealed urgent batch was sealed
         self._cond = threading.Condition()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -144,24 +134,17 @@ class BrokerStore:
         try:
             while True:
                 with self._cond:
-                    while not self._closing and self._urgent_since is None:
-                        if not self._sealed:
-                            self._cond.wait()
-                        elif (wait := self._sealed[0].sealed_at + ACKS_LATE_S - time.monotonic()) > 0:
-                            self._cond.wait(wait)  # acknowledgements only: they wait for company, or this long
-                        else:
-                            break
+                    while not self._sealed and not self._closing:
+                        self._cond.wait()
                     if not self._sealed:
                         return
-                    if self._urgent_since is not None:
-                        # Let a few more loop turns join this commit: more PUBACKs per write, and rows whose
-                        # subscriber acknowledges them meanwhile are never written (_cancel_delivered).
-                        deadline = self._urgent_since + GROUP_WINDOW_S
-                        while not self._closing and (wait := deadline - time.monotonic()) > 0:
-                            self._cond.wait(wait)  # only a close wakes it early: batches sealed meanwhile do not
+                    # Let a few more loop turns join this commit: more PUBACKs per write, and rows whose
+                    # subscriber acknowledges them meanwhile are never written (_cancel_delivered).
+                    deadline = self._sealed[0].sealed_at + GROUP_WINDOW_S
+                    while not self._closing and (wait := deadline - time.monotonic()) > 0:
+                        self._cond.wait(wait)  # woken early by each batch sealed meanwhile
                     batches = list(self._sealed)
                     self._sealed.clear()
-                    self._urgent_since = None
                 if len(batches) > 1:
                     _cancel_delivered(batches)
                 if self._commit(conn, batches):
@@ -221,26 +204,16 @@ class BrokerStore:
             return
         batch, self._open = self._open, _Batch()
         batch.sealed_at = time.monotonic()
-        urgent = batch.urgent()
-        if urgent:
-            self._last = batch
+        self._last = batch
         with self._cond:
             self._sealed.append(batch)
-            # Wake the writer only when this batch changes what it waits for: the first batch (its late
-            # deadline for acknowledgements), the first urgent one (a commit is due); in a commit's window it
-            # waits the window out anyway.
-            if urgent and self._urgent_since is None:
-                self._urgent_since = batch.sealed_at
-                self._cond.notify()
-            elif len(self._sealed) == 1:
-                self._cond.notify()
+            self._cond.notify()
 
     def barrier(self) -> asyncio.Future[None] | None:
-        """A future done once everything recorded so far is committed (acknowledged rows aside: they may follow
-        later); None if it already is (or in ``off``)."""
+        """A future done once everything recorded so far is committed; None if it already is (or in ``off``)."""
         if not self.durable_queues:
             return None
-        batch = self._open if self._open.urgent() else self._last
+        batch = self._open if self._open else self._last
         if batch is None or batch.committed:
             return None
         if batch.future is None:
