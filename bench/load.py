@@ -18,7 +18,8 @@ the persistence settings of the generated mosquitto.conf (``interval:N``: save e
 save after N changes; ``generated``: as exported); the table then counts Mosquitto's saves.
 ``--database postgres`` stores everything (org, keys, machines, reports) in a throwaway PostgreSQL server
 started here with tests/postgres.py (``--database postgresql://…`` names one of yours); every part gets it
-as FLEET_DATABASE_URL.
+as FLEET_DATABASE_URL. ``--profile PATH`` (embedded only) runs the broker under bench/profiled.py: cProfile on
+its event loop over the steady phase, pstats written to PATH, time in garbage collection printed.
 """
 
 from __future__ import annotations
@@ -171,11 +172,14 @@ class Parts:
 
 
 def start_broker(kind: str, data: Path, port: int, autosave: str = "generated",
-                 env: dict[str, str] = ENV) -> subprocess.Popen:
-    """`fleet broker`, or Mosquitto on `fleet mosquitto-config`'s output (run as root when we are root), its
-    persistence settings overridden by ``autosave`` and its saves logged."""
+                 env: dict[str, str] = ENV, profile: Path | None = None) -> subprocess.Popen:
+    """`fleet broker` (under bench/profiled.py with ``profile``), or Mosquitto on `fleet mosquitto-config`'s
+    output (run as root when we are root), its persistence settings overridden by ``autosave`` and its saves
+    logged."""
     if kind == "embedded":
-        proc = subprocess.Popen([*FLEET, "broker", "--mqtt-port", str(port), "--data-dir", str(data)], env=env)
+        command = FLEET if profile is None else [sys.executable, str(Path(__file__).with_name("profiled.py")),
+                                                  str(profile), *FLEET[2:]]
+        proc = subprocess.Popen([*command, "broker", "--mqtt-port", str(port), "--data-dir", str(data)], env=env)
         wait_port(port, proc)
         return proc
     out = data / "mosquitto"
@@ -205,7 +209,8 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
     keys = json.loads(subprocess.check_output([*FLEET, "org", "add", ORG, "--json", *common], env=env))
     parts = Parts()
     try:
-        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env)
+        profile = args.profile if kind == "embedded" else None
+        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile)
         url = f"mqtts://127.0.0.1:{mqtt_port}"
         ca = data / "certs" / "ca.pem"
         parts.procs["collector"] = subprocess.Popen([*FLEET, "collector", "--broker", url, *common], env=env)
@@ -254,12 +259,17 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
                   f"({online_machines(db)}/{args.agents}); measuring anyway", flush=True)
         steady_from = time.time() + args.interval
         steady_to = steady_from + args.steady
+        if profile is not None:  # the broker's event loop profiled over the steady phase only
+            time.sleep(max(0.0, steady_from - time.time()))
+            parts.procs["broker"].send_signal(signal.SIGUSR1)
         while time.time() < steady_to:
             time.sleep(min(5.0, max(0.0, steady_to - time.time())))
             last = samples[-1]
             print(f"  [{kind}] t={last.t - started:5.0f}s online={online_machines(db)} stored={last.stored} "
                   + " ".join(f"{n}={last.rss[n]:.0f}MB" for n in ("broker", "collector", "web")), flush=True)
 
+        if profile is not None:
+            parts.procs["broker"].send_signal(signal.SIGUSR2)
         for sim in parts.sims:
             sim.send_signal(signal.SIGTERM)
         summaries = simulator_summaries(parts.sims)
@@ -342,6 +352,8 @@ def main() -> None:
                         help="how long past the connect window to wait for every agent to be online")
     parser.add_argument("--simulators", type=int, default=max(1, (os.cpu_count() or 1) // 2),
                         help="fleet simulate processes (default: one per two cores)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="embedded only: cProfile the broker's event loop over the steady phase, pstats to PATH")
     parser.add_argument("--autosave", default="generated", help="Mosquitto only: generated, interval:N, changes:N")
     parser.add_argument("--database", default="sqlite",
                         help="sqlite (fleet.db in each run's data dir), postgres (a throwaway server) or a URL")

@@ -5,8 +5,8 @@ Stock behaviour replaced here (amqtt 0.12.1, broker.py):
   authenticated, so a wrong password with a victim's client id wiped or kicked the victim; here the
   CONNECT is authenticated, and its will topic checked, before any session is touched, and a client id
   held by another user is refused;
-- keepalive was never enforced; here one watchdog timer per connection drops a client silent for
-  1.5 x its keepalive, and its will is published;
+- keepalive was never enforced; here a client silent for 1.5 x its keepalive is dropped (one timer for
+  all connections, broker/keepalive.py), and its will is published;
 - a takeover raced the older connection's end (a retry loop, then a second takeover path); here the
   older connection is dropped and its end awaited before the new one is admitted;
 - every connection, health checks included, logged at INFO, and one closing before CONNECT logged an
@@ -17,30 +17,51 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import ssl
+from functools import partial
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter
-from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
+from amqtt.contexts import ListenerType
+from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError, ProtocolHandlerError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.session import Session
 
+from fleet.broker.keepalive import KeepaliveWheel
 from fleet.broker.policy import AccessPolicy, Grant
 from fleet.broker.protocol import MAX_PACKET_BYTES, FleetProtocolHandler, GuardedReader, StreamWriter, abort
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
-from fleet.broker.sessions import extras, grant_of
+from fleet.broker.sessions import extras, grant_of, spare_queues
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
 from fleet.config.credentials import Principal
 from fleet.config.topics import machine_from_client_id
 
 log = logging.getLogger("fleet.broker")
 
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # the TLS handshake, and then the CONNECT, each
+STOP_RETRY_S = 0.5
+LISTEN_BACKLOG = 1024  # asyncio's default is 100: a burst of connects would overflow it into SYN retries (1, 3, 7 s)
 KEEPALIVE_FACTOR = 1.5
 TAKEOVER_TIMEOUT_S = 10.0  # the older connection's will and cleanup; a new CONNECT waits this long at most
 # What reading a client's first packet raises when the client leaves, stalls or sends garbage: routine, one DEBUG line.
 CONNECT_FAILURES = (TimeoutError, EOFError, OSError, AMQTTError, MQTTError, NoDataError, CodecError, ValueError)
+
+
+def tls_context(context: ssl.SSLContext) -> ssl.SSLContext:
+    """amqtt's server context, made lighter per handshake: no client certificate is asked for (amqtt set
+    CERT_OPTIONAL without a CA to check one against) and no TLS 1.3 session tickets are sent (MQTT clients
+    here, paho included, never resume a session)."""
+    context.verify_mode = ssl.CERT_NONE
+    context.num_tickets = 0
+    return context
+
+
+def _resolved(value: Subscription | UnSubscription) -> asyncio.Future[Any]:
+    """A done future holding ``value``: amqtt's subscription handlers take the waiter its message loop made."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 class SessionBroker(RoutingBroker):
@@ -49,28 +70,64 @@ class SessionBroker(RoutingBroker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connection_tasks: set[asyncio.Task[Any]] = set()
+        self._tls: dict[str, ssl.SSLContext] = {}  # listener name -> its TLS context (negotiated per connection)
+        self._stopping = False
+        self._connected = 0
+        self._keepalive = KeepaliveWheel(self._still_serving, lambda handler: handler.handle_read_timeout())
+
+    # --- listening -------------------------------------------------------------------------------
+    async def _create_server_instance(self, listener_name: str, listener_type: ListenerType,  # the amqtt seam
+                                      address: str | None, port: int, ssl_context: ssl.SSLContext | None) -> Any:
+        """A plain TCP listener with a deep backlog; TLS is negotiated by each connection's own task
+        (stream_connected), so a handshake is bounded by CONNECT_TIMEOUT_S and ended by a broker stop like
+        any connection. asyncio's TLS listener did handshakes outside any task of ours: at stop they went on,
+        and their clients got a session on a broker shutting down whose socket nobody closed."""
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        if ssl_context is not None:
+            self._tls[listener_name] = tls_context(ssl_context)
+        return await asyncio.start_server(partial(self.stream_connected, listener_name=listener_name), address, port,
+                                          reuse_address=True, backlog=LISTEN_BACKLOG)
 
     # --- one connection, from accept to close --------------------------------------------------
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
-        """A TCP (or TLS) connection arrived: serve it with our writer adapter, and end quietly on shutdown.
+        """A TCP connection arrived: TLS (on a TLS listener), then serve it with our writer adapter; end
+        quietly on shutdown.
 
         Python 3.11's asyncio reports a connection task that ends cancelled or raising as an unhandled
         error, so this task always returns normally; a broker stop cancels it and it aborts its connection."""
-        adapter = StreamWriter(writer)
         task = asyncio.current_task()
-        if task is not None:
-            self._connection_tasks.add(task)
+        if self._stopping or task is None:  # accepted in the instant before the listeners closed
+            writer.transport.abort()
+            return
+        self._connection_tasks.add(task)
         try:
-            await self._client_connected(listener_name, StreamReaderAdapter(reader), adapter)
-        except asyncio.CancelledError:
-            adapter.abort()
+            if not await self._start_tls(writer, listener_name):
+                return
+            adapter = StreamWriter(writer)
+            await self._client_connected(listener_name, reader, adapter)
+        except (asyncio.CancelledError, ProtocolHandlerError):  # a stop (amqtt's _send_packet makes it the latter)
+            writer.transport.abort()
         except OSError as exc:  # the peer left while we were writing to it
             log.debug("connection lost: %s", exc)
-            adapter.abort()
+            writer.transport.abort()
         finally:
-            if task is not None:
-                self._connection_tasks.discard(task)
+            self._connection_tasks.discard(task)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter, listener_name: str) -> bool:
+        """Negotiate TLS on a TLS listener's connection; False (connection dropped, one DEBUG line) on failure."""
+        context = self._tls.get(listener_name)
+        if context is None:
+            return True
+        try:
+            await writer.start_tls(context, ssl_handshake_timeout=CONNECT_TIMEOUT_S)
+        except CONNECT_FAILURES as exc:  # a port probe, plain MQTT on the TLS port, an untrusting client
+            self.stats["connect_invalid"] += 1
+            log.debug("connection from %s closed in the TLS handshake: %r", writer.get_extra_info("peername"), exc)
+            writer.transport.abort()
+            return False
+        return True
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:  # the amqtt seam
         """Read CONNECT (bounded in time), authenticate, and only then touch sessions."""
@@ -85,9 +142,12 @@ class SessionBroker(RoutingBroker):
         try:
             reader = GuardedReader(reader, lambda n: self._oversize(writer, n))
             try:
-                handler, incoming = await asyncio.wait_for(
-                    FleetProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
-                    CONNECT_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation (a broker stop) that
+                # comes as the CONNECT is read, and the connection went on into a session nobody would end.
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    handler, incoming = await FleetProtocolHandler.init_from_connect(reader, writer,
+                                                                                     self.plugins_manager)
+                spare_queues(incoming)
             except CONNECT_FAILURES as exc:
                 self.stats["connect_invalid"] += 1
                 log.debug("connection from %s closed before a valid CONNECT: %s", writer.get_peer_info(),
@@ -175,8 +235,10 @@ class SessionBroker(RoutingBroker):
 
     async def _run_session(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader,
                            writer: Any) -> None:
-        """Accept, deliver what was held for the session, and run amqtt's message loop until it ends."""
+        """Accept, deliver what was held for the session, serve the connection in this task until it ends,
+        then end the session (its will unless the client sent DISCONNECT)."""
         session.transitions.connect()  # not connected: _end_live_connection ended any live connection
+        self._connected += 1
         state = extras(session)
         state.connection = asyncio.current_task()
         state.ready = False  # until what was in flight has been sent again: new messages queue behind it
@@ -184,51 +246,87 @@ class SessionBroker(RoutingBroker):
         handler.durable_barrier = self.store.barrier if self.store is not None else None
         handler.on_delivered = self.delivered
         handler.on_keepalive_expired = self._keepalive_expired
+        handler.on_dropped = self.count_drop
+        handler.on_subscribe = lambda sub: self._handle_subscription(session, handler, _resolved(sub))
+        handler.on_unsubscribe = lambda unsub: self._handle_unsubscription(session, handler, _resolved(unsub))
         handler.attach(session, reader, writer)
         self.sessions[session.client_id or ""] = (session, handler)
-        await handler.mqtt_connack_authorize(True)
-        grant = grant_of(session)
-        log.info("connected client_id=%s user=%s org=%s", session.client_id, session.username,
-                 grant.org if grant else None)
-        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
+        clean = False
+        try:
+            await handler.mqtt_connack_authorize(True)
+            grant = grant_of(session)
+            log.info("connected client_id=%s user=%s org=%s", session.client_id, session.username,
+                     grant.org if grant else None)
+            await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
+                                                  client_session=session)
+            await handler._retry_deliveries()  # noqa: SLF001 - the amqtt seam: what was in flight, sent again
+            self._watch_keepalive(session, handler, reader)
+            state.ready = True
+            self.deliver_queued(session)
+            clean = await handler.serve()
+        except asyncio.CancelledError:  # the broker stops: the connection is dropped, no will
+            abort(writer)
+            clean = True
+            raise
+        finally:
+            await self._end_session(session, handler, clean)
+
+    async def _end_session(self, session: Session, handler: FleetProtocolHandler, clean: bool) -> None:
+        """The connection ended: publish the will unless it ended cleanly, close, mark the session offline."""
+        if not clean and session.will_flag and session.will_topic is not None:
+            await self._broadcast_message(session, session.will_topic, session.will_message, session.will_qos)
+            if session.will_retain:
+                await self.retain_message(session, session.will_topic, session.will_message, session.will_qos)
+        await handler.stop()
+        session.transitions.disconnect()
+        self._connected -= 1
+        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_DISCONNECTED, client_id=session.client_id,
                                               client_session=session)
-        await handler.start()  # sends again what was in flight, without waiting for it (protocol.py)
-        self._watch_keepalive(session, handler, reader)
-        state.ready = True
-        self.deliver_queued(session)
-        await self._client_message_loop(session, handler)
+        client_id = session.client_id or ""
+        if session.clean_session and self.sessions.get(client_id, (None, None))[0] is session:
+            await self._cleanup_session(client_id)  # noqa: SLF001 - the amqtt seam: a clean session ends with it
+
+    async def _session_monitor(self) -> None:  # the amqtt seam: no per-second scan of every session
+        """Nothing to do: amqtt scanned every session once a second for ended clean sessions (18,000 at a
+        time, for a few each second); here a clean session is removed when its connection ends
+        (_end_session), and persistent sessions do not expire (no session_expiry_interval is set)."""
+
+    def connected_count(self) -> int:
+        """Clients connected right now (kept as they come and go, not counted over every session)."""
+        return self._connected
 
     def _watch_keepalive(self, session: Session, handler: FleetProtocolHandler, reader: GuardedReader) -> None:
-        """Drop the connection once nothing was read for 1.5 x keepalive (one timer per connection)."""
+        """Drop the connection once nothing was read for 1.5 x keepalive (the keepalive wheel's one timer)."""
         limit = extras(session).keepalive_s
-        if not limit:
-            return
-        loop = asyncio.get_running_loop()
+        if limit:
+            self._keepalive.watch(handler, reader, limit)
 
-        def check() -> None:
-            current = self.sessions.get(session.client_id or "")
-            if current is None or current[1] is not handler or session.transitions.state != "connected":
-                return
-            idle = time.monotonic() - reader.last_read
-            if idle >= limit:
-                handler.handle_read_timeout()
-            else:
-                loop.call_later(limit - idle, check)
-
-        loop.call_later(limit, check)
+    def _still_serving(self, handler: FleetProtocolHandler) -> bool:
+        """True while ``handler`` serves its session's live connection (not ended, not taken over)."""
+        session = handler.session
+        if session is None or session.transitions.state != "connected":
+            return False
+        current = self.sessions.get(session.client_id or "")
+        return current is not None and current[1] is handler
 
     def _keepalive_expired(self, session: Session) -> None:
         self.stats["keepalive_expired"] += 1
         log.info("keepalive expired client_id=%s user=%s: closing, will follows", session.client_id, session.username)
 
     async def shutdown(self) -> None:
-        """Stop accepting, drop connections still before or in CONNECT, then amqtt's shutdown."""
+        """Close the listeners first, then drop every connection (in its TLS handshake, before CONNECT or in a
+        session; no wills: the clients did nothing wrong), then amqtt's shutdown. A client connecting meanwhile
+        is dropped at once: none is left connected to a broker that is gone."""
+        self._stopping = True
+        self._keepalive.stop()
         for server in self._servers.values():
             if server.instance is not None:
                 server.instance.close()
-        for task in list(self._connection_tasks):
-            task.cancel()
-        await asyncio.gather(*self._connection_tasks, return_exceptions=True)
+        while self._connection_tasks:
+            tasks = list(self._connection_tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=STOP_RETRY_S)  # again for any that absorbed its cancellation
         await super().shutdown()
 
     # --- sessions --------------------------------------------------------------------------------
@@ -250,6 +348,7 @@ class SessionBroker(RoutingBroker):
                     continue
                 machine = machine_from_client_id(record.org or "", client_id) if record.role == "agent" else None
                 handler, session = self.create_offline_session(client_id)
+                spare_queues(session)
                 session.username, session.clean_session = username, False
                 extras(session).grant = Grant(Principal(username, record.org, record.role), machine)
                 self.sessions[client_id] = (session, handler)

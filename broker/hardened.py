@@ -25,7 +25,3 @@ class FleetBroker(SessionBroker):
             if sockets:
                 ports[name] = sockets[0].getsockname()[1]
         return ports
-
-    def connected_count(self) -> int:
-        """Clients connected right now."""
-        return sum(1 for s, _ in self.sessions.values() if s.transitions.state == "connected")

@@ -8,7 +8,12 @@ Stock behaviour replaced here (amqtt 0.12.1):
   flight until acknowledged and is sent again when a persistent session returns;
 - ``handle_read_timeout`` did nothing (keepalive never enforced); here it drops the connection so the
   will is published (the broker's watchdog calls it, see broker/connect.py);
-- the writer adapter drained before closing, so closing a connection whose peer had left raised.
+- the writer adapter drained before closing, so closing a connection whose peer had left raised;
+- each connection ran a reader task that made a task per packet, and the broker's message loop four
+  more waiter tasks re-created after every event (with ``asyncio.wait``); here ``serve()`` reads and
+  handles the packets in the connection's own task, one task per connection. A client leaving before
+  stock start() had made its disconnect waiter left a connection that never ended, its session
+  "connected" for ever, and every later CONNECT with its client id was refused after a 10 s wait.
 """
 
 from __future__ import annotations
@@ -17,19 +22,47 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WriterAdapter
+from amqtt.errors import CodecError, MQTTError, NoDataError
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.protocol.handler import OUTGOING
-from amqtt.session import OutgoingApplicationMessage, Session
+from amqtt.mqtt.packet import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+from fleet.broker.sessions import NO_QUEUE
+from fleet.config.mqtt import remaining_length
 
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
-MAX_PACKET_BYTES = 1024 * 1024  # larger packets close the connection before being buffered
+MAX_PACKET_BYTES = 1024 * 1024  # larger payloads close the connection before being buffered
+# A PUBLISH's topic and packet id come on top of its payload (the limit is what amqtt's reader applied: to the
+# payload, read apart from the variable header), so a 1 MiB payload is still read, then dropped at 64 KiB.
+MAX_BODY_BYTES = MAX_PACKET_BYTES + 2 + 0xFFFF + 2
+CONGESTED_BYTES = 1024 * 1024  # unsent bytes past which a connection counts as congested
+
+MAX_QOS2_INFLIGHT = 100  # incoming QoS 2 messages held between PUBLISH and PUBREL, per connection
+# What reading a packet raises when the peer left, sent garbage or a packet the codec refuses: the connection ends.
+READ_FAILURES = (NoDataError, MQTTError, CodecError, OSError, ValueError, IndexError)
 
 Router = Callable[[Session, str, bytes, int, bool], None]
 PUBACK_HEADER = b"\x40\x02"  # PUBACK, remaining length 2 (the packet id follows)
+PUBREC_HEADER = b"\x50\x02"
+PUBCOMP_HEADER = b"\x70\x02"
+PINGRESP = b"\xd0\x00"
 
 
 class PubackBatch:
@@ -48,41 +81,92 @@ class TrackedMessage(OutgoingApplicationMessage):
     """An outgoing QoS 1 message the broker follows until the subscriber acknowledges it (``seq``: its row in
     broker.db's queue, or None when it has none)."""
 
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "sent")
 
     def __init__(self, packet_id: int, topic: str, qos: int, data: bytes, retain: bool, seq: int | None) -> None:
         super().__init__(packet_id, topic, qos, data, retain)
         self.seq = seq
+        self.sent = False  # written once: sent again with DUP
+
+
+def publish_bytes(topic: str, data: bytes, qos: int, retain: bool, packet_id: int = 0, dup: bool = False) -> bytes:
+    """A PUBLISH packet (QoS 0 or 1), encoded in one go (amqtt builds three objects and joins their bytes)."""
+    name = topic.encode("utf-8")
+    head = 0x30 | (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
+    ident = packet_id.to_bytes(2, "big") if qos else b""
+    length = 2 + len(name) + len(ident) + len(data)
+    return b"".join((bytes((head,)), remaining_length(length), len(name).to_bytes(2, "big"), name, ident, data))
 
 
 class GuardedReader(ReaderAdapter):
-    """Reader adapter that will not buffer a packet body over MAX_PACKET_BYTES: it closes the connection.
+    """The connection's reader: whole packets for serve() (two reads each), amqtt's reader API for CONNECT.
 
-    amqtt's reader loop treats read errors as "try again", so after tripping every read returns EOF
-    (otherwise the rest of the oversized payload would be parsed as packets).
+    A packet announcing a body over MAX_BODY_BYTES closes the connection before the body is buffered;
+    after that every read is EOF (amqtt's CONNECT parser treats read errors as "try again", and the rest of
+    the oversized body must not be parsed as packets). ``last_read`` is when the last packet (or read)
+    completed, for the keepalive watchdog.
     """
 
-    def __init__(self, inner: Any, on_oversize: Callable[[int], None]) -> None:
-        self._inner = inner
+    def __init__(self, stream: asyncio.StreamReader, on_oversize: Callable[[int], None]) -> None:
+        self._stream = stream
         self._on_oversize = on_oversize
         self.tripped = False
         self.last_read = time.monotonic()
 
+    def _trip(self, size: int) -> None:
+        self.tripped = True
+        self._on_oversize(size)
+
     async def read(self, n: int = -1) -> bytes:
-        """Read like the wrapped adapter; EOF for ever once an oversized body was announced."""
+        """amqtt's ReaderAdapter.read: exactly ``n`` bytes (all until EOF for -1); EOF once tripped."""
         if self.tripped:
             return b""
         if n > MAX_PACKET_BYTES:
-            self.tripped = True
-            self._on_oversize(n)
+            self._trip(n)
             return b""
-        data = await self._inner.read(n)
+        data = await (self._stream.read(n) if n < 0 else self._stream.readexactly(n))
         self.last_read = time.monotonic()
         return data
 
+    async def packet(self) -> tuple[int, int, bytes] | None:
+        """The next packet as (type, flags, body); None at the end of the stream or once tripped. A remaining
+        length longer than MQTT's four bytes raises MQTTError."""
+        if self.tripped:
+            return None
+        stream = self._stream
+        try:
+            head = await stream.readexactly(2)
+            length, shift, byte = 0, 0, head[1]
+            while True:
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise MQTTError("remaining length over four bytes")
+                byte = (await stream.readexactly(1))[0]
+            if length > MAX_BODY_BYTES:
+                self._trip(length)
+                return None
+            body = await stream.readexactly(length) if length else b""
+        except asyncio.IncompleteReadError:
+            return None
+        self.last_read = time.monotonic()
+        return head[0] >> 4, head[0] & 0x0F, body
+
     def feed_eof(self) -> None:
         """Pass EOF through."""
-        self._inner.feed_eof()
+        self._stream.feed_eof()
+
+
+async def parse_with_amqtt(kind: int, flags: int, body: bytes) -> Any:
+    """A packet read by GuardedReader.packet(), parsed by amqtt's codec (for the rare kinds: SUBSCRIBE,
+    UNSUBSCRIBE)."""
+    stream = asyncio.StreamReader()
+    stream.feed_data(body)
+    stream.feed_eof()
+    header = MQTTFixedHeader(kind, flags, len(body))
+    return await packet_class(header).from_stream(StreamReaderAdapter(stream), fixed_header=header)
 
 
 class StreamWriter(WriterAdapter):
@@ -127,10 +211,13 @@ class StreamWriter(WriterAdapter):
             return
         self.is_closed = True
         try:
-            if not self.transport.is_closing():
-                await asyncio.wait_for(self.stream.drain(), CLOSE_DRAIN_S)
+            async with asyncio.timeout(CLOSE_DRAIN_S):
+                if not self.transport.is_closing():
+                    await self.stream.drain()
             self.stream.close()
-            await self.stream.wait_closed()
+            # TLS waits for the peer's close_notify up to 30 s (asyncio's ssl_shutdown_timeout); many never send it.
+            async with asyncio.timeout(CLOSE_DRAIN_S):
+                await self.stream.wait_closed()
         except (TimeoutError, OSError):
             self.transport.abort()
 
@@ -148,16 +235,83 @@ class FleetProtocolHandler(BrokerProtocolHandler):
     outgoing QoS 1 messages until acknowledged, and enforces keepalive."""
 
     router: Router | None = None
+    on_subscribe: Callable[[Subscription], Coroutine[Any, Any, None]] | None = None
+    on_unsubscribe: Callable[[UnSubscription], Coroutine[Any, Any, None]] | None = None
+    on_dropped: Callable[[str, Session, str], None] | None = None
     durable_barrier: Callable[[], asyncio.Future[None] | None] | None = None  # see BrokerStore.barrier
     on_delivered: Callable[[Session, TrackedMessage], None] | None = None
     on_keepalive_expired: Callable[[Session], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._resends: set[asyncio.Future[None]] = set()
+        # serve() hands SUBSCRIBE and UNSUBSCRIBE to the broker itself: amqtt's two queues for them stay empty.
+        self._pending_subscriptions = self._pending_unsubscriptions = NO_QUEUE
         # PUBACKs not sent yet, oldest first, each with the commit it waits for: they go out in order.
         self._acks: deque[tuple[int, asyncio.Future[None] | None]] = deque()
-        self._acks_sending = False
+        self._ack_barrier: asyncio.Future[None] | None = None  # the newest commit a callback waits for
+
+    async def serve(self) -> bool:
+        """Read and handle the client's packets, one at a time, until it sends DISCONNECT (True) or the
+        connection ends (False: the will is due). Only the transport (a client reading nothing stops being
+        read) and the broker's SUBSCRIBE handling are awaited; acknowledgements waiting for the disk are
+        sent by a task of their own. PUBLISH, PUBACK, PINGREQ, PUBREL and DISCONNECT are decoded here (amqtt's
+        codec reads a packet in five or more awaits); the rest by amqtt's codec."""
+        reader = self.reader
+        while isinstance(reader, GuardedReader):
+            try:
+                packet = await reader.packet()
+                if packet is None:
+                    return False
+                kind, flags, body = packet
+                if kind == PUBLISH:
+                    self._publish_received(flags, body)
+                    if self.congested():  # a client that reads none of its PUBACKs stops being read
+                        await self.writer.drain()
+                elif kind == PUBACK:
+                    self._puback_received(int.from_bytes(body[:2], "big"))
+                elif kind == PINGREQ:
+                    self._write(PINGRESP)
+                elif kind == DISCONNECT:
+                    return True
+                elif kind == PUBREL:
+                    self._release_qos2(int.from_bytes(body[:2], "big"))
+                elif kind in (SUBSCRIBE, UNSUBSCRIBE):
+                    parsed = await parse_with_amqtt(kind, flags, body)
+                    if kind == SUBSCRIBE and self.on_subscribe is not None:
+                        await self.on_subscribe(Subscription(parsed.variable_header.packet_id, parsed.payload.topics))
+                    elif kind == UNSUBSCRIBE and self.on_unsubscribe is not None:
+                        await self.on_unsubscribe(UnSubscription(parsed.variable_header.packet_id,
+                                                                 parsed.payload.topics))
+                elif kind not in (PUBREC, PUBCOMP):  # those two: the broker sends nothing at QoS 2
+                    # CONNECT again, a reserved type, or a packet only a server sends
+                    self.logger.warning("closing connection: unexpected packet type %d", kind)
+                    return False
+            except READ_FAILURES as exc:
+                self.logger.debug("connection ended: %r", exc)
+                return False
+        return False
+
+    def _write(self, data: bytes) -> None:
+        if self.writer is not None:
+            self.writer.write(data)
+
+    def _publish_received(self, flags: int, body: bytes) -> None:
+        """A PUBLISH, decoded: topic (UTF-8), packet id for QoS 1 and 2, payload."""
+        qos = (flags >> 1) & 0x03
+        end = 2 + int.from_bytes(body[:2], "big")
+        if qos == 3 or end > len(body):
+            raise MQTTError("malformed PUBLISH")
+        topic = body[2:end].decode("utf-8")  # UnicodeDecodeError is a ValueError: the connection ends
+        packet_id = int.from_bytes(body[end:end + 2], "big") if qos else 0
+        self.receive_publish(topic, body[end + 2 if qos else end:], qos, bool(flags & 0x01), packet_id)
+
+    def _puback_received(self, packet_id: int) -> None:
+        """The client acknowledged an outgoing QoS 1 message: its waiter completes (see _send_tracked)."""
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is None or waiter.done():
+            self.logger.warning("Received PUBACK for unknown pending message Id: '%d'", packet_id)
+        else:
+            waiter.set_result(None)
 
     def handle_read_timeout(self) -> None:
         """Nothing arrived for 1.5 x keepalive: close the connection so the will is published."""
@@ -169,84 +323,114 @@ class FleetProtocolHandler(BrokerProtocolHandler):
     async def _retry_deliveries(self) -> None:  # the amqtt seam: what was in flight, sent again on reconnect
         """Send again what was in flight, without waiting for the acknowledgements: stock amqtt waited up to
         10 s for them inside start(), before the connection's disconnect waiter existed, so a client leaving
-        meanwhile left a connection that never ended."""
+        meanwhile left a connection that never ended. Held incoming QoS 2 messages wait for the PUBREL the
+        client sends again (MQTT 4.4)."""
         if self.session is None:
             return
-        for message in [*self.session.inflight_in.values(), *self.session.inflight_out.values()]:
-            task = asyncio.ensure_future(self._handle_message_flow(message))
-            self._resends.add(task)
-            task.add_done_callback(self._resends.discard)
+        loop = asyncio.get_running_loop()
+        for message in list(self.session.inflight_out.values()):
+            if isinstance(message, TrackedMessage):
+                self._send_tracked(message, loop.create_future())
 
     def is_open(self) -> bool:
         """True while the connection can still carry a message."""
         return isinstance(self.writer, StreamWriter) and not self.writer.is_closed
 
-    def start_delivery(self, topic: str, data: bytes, qos: int, retain: bool,
-                       seq: int | None) -> Coroutine[Any, Any, Any]:
-        """The coroutine that sends one message to this client. A QoS 1 message is in the session's in-flight
-        set from this call on (so the broker can bound it) until its PUBACK (see on_delivered)."""
+    def congested(self) -> bool:
+        """True while more than CONGESTED_BYTES wait to be sent to this client (QoS 1 stays bounded by the
+        broker's in-flight window; QoS 0 is dropped meanwhile)."""
+        return isinstance(self.writer, StreamWriter) and self.writer.transport.get_write_buffer_size() > CONGESTED_BYTES
+
+    def start_delivery(self, topic: str, data: bytes, qos: int, retain: bool, seq: int | None) -> asyncio.Future[Any]:
+        """Send one message to this client now; the future is done once it is delivered: at once at QoS 0, on
+        its PUBACK at QoS 1 (in the session's in-flight set until then, see on_delivered), cancelled if the
+        connection ends first. No task per message: amqtt ran one, awaiting the write and then the PUBACK."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if qos == QOS_0 or self.session is None:
-            return self.mqtt_publish(topic, data, QOS_0, retain=retain)
+            if self.congested():  # QoS 0 may be dropped: a client reading nothing does not grow our buffers
+                if self.on_dropped is not None and self.session is not None:
+                    self.on_dropped("slow_subscriber", self.session, topic)
+            else:
+                self._write(publish_bytes(topic, data, QOS_0, retain))
+            done.set_result(None)
+            return done
         message = TrackedMessage(self.session.next_packet_id, topic, QOS_1, data, retain, seq)
         self.session.inflight_out[message.packet_id] = message
-        return self._handle_qos1_message_flow(message)
+        self._send_tracked(message, done)
+        return done
 
-    async def _handle_qos1_message_flow(self, app_message: Any) -> None:  # the amqtt seam: outgoing QoS 1
-        """Outgoing QoS 1 waits for its PUBACK without a per-message timer; unacknowledged messages stay
-        in flight (stock gave up after 5 s and forgot them) and are sent again when a persistent session
-        returns, while closing the connection cancels the wait."""
-        if app_message.direction != OUTGOING or self.session is None:
-            await super()._handle_qos1_message_flow(app_message)
-            return
+    def _send_tracked(self, message: TrackedMessage, done: asyncio.Future[Any]) -> None:
+        """Write an outgoing QoS 1 message (again, with DUP, if it was sent before) and wait for its PUBACK
+        without a timer: unacknowledged, it stays in flight (stock gave up after 5 s and forgot it) and is
+        sent again when a persistent session returns. The waiter exists before the bytes are written, so no
+        acknowledgement, however quick, finds none (amqtt registered it only after awaiting the write)."""
         session = self.session
-        packet_id = app_message.packet_id
-        session.inflight_out.setdefault(packet_id, app_message)
-        packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
-        # Waiting starts before sending: the PUBACK may be read while the send still waits in drain().
-        waiter = asyncio.get_running_loop().create_future()
-        self._puback_waiters[packet_id] = waiter
-        try:
-            await self._send_packet(packet)
-            app_message.publish_packet = packet
-            if not self.is_open() and not waiter.done():
-                return  # the connection ended meanwhile: nobody will answer; it stays in flight for the next one
-            app_message.puback_packet = await waiter
-        finally:
-            self._puback_waiters.pop(packet_id, None)
-        session.inflight_out.pop(packet_id, None)
-        if isinstance(app_message, TrackedMessage) and self.on_delivered is not None:
-            self.on_delivered(session, app_message)
+        if session is None or not self.is_open():  # nobody would answer; it stays in flight for the next one
+            done.cancel()
+            return
+        self._puback_waiters[message.packet_id] = done
+        done.add_done_callback(partial(self._acknowledged, session, message))
+        self._write(publish_bytes(message.topic, bytes(message.data), QOS_1, bool(message.retain), message.packet_id,
+                                  dup=message.sent))
+        message.sent = True
 
-    async def handle_publish(self, publish_packet: Any) -> None:
-        """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 keeps amqtt's
-        flow (routed on PUBREL)."""
-        qos = publish_packet.qos
-        topic = publish_packet.topic_name
-        if qos == QOS_2 or self.router is None or self.session is None:
-            await super().handle_publish(publish_packet)
+    def _acknowledged(self, session: Session, message: TrackedMessage, waiter: asyncio.Future[Any]) -> None:
+        if self._puback_waiters.get(message.packet_id) is waiter:
+            del self._puback_waiters[message.packet_id]
+        if waiter.cancelled():  # the connection ended: still in flight, for the session's next connection
             return
-        if topic is None:
+        session.inflight_out.pop(message.packet_id, None)
+        if self.on_delivered is not None:
+            self.on_delivered(session, message)
+
+    def receive_publish(self, topic: str, data: bytes, qos: int, retain: bool, packet_id: int) -> None:
+        """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 is held until
+        its PUBREL. Never waits for the disk: a PUBACK that must is sent by a task, in order with the others."""
+        if self.router is None or self.session is None:
             return
-        # amqtt parses a zero-length payload as None; it is a valid message (and clears a retained topic).
-        self.router(self.session, topic, bytes(publish_packet.data or b""), qos, bool(publish_packet.retain_flag))
+        if qos == QOS_2:
+            self._hold_qos2(topic, data, retain, packet_id)
+            return
+        self.router(self.session, topic, data, qos, retain)
         if qos != QOS_1:
             return
         barrier = self.durable_barrier() if self.durable_barrier is not None else None
-        self._acks.append((publish_packet.variable_header.packet_id, barrier))
-        if not self._acks_sending:  # else the task sending acknowledgements takes this one too
-            await self._send_acks()
+        self._acks.append((packet_id, barrier))
+        if barrier is not None and not barrier.done():
+            if barrier is not self._ack_barrier:  # one callback per commit this connection waits for
+                self._ack_barrier = barrier
+                barrier.add_done_callback(self._send_acks)
+        else:
+            self._send_acks()
 
-    async def _send_acks(self) -> None:
-        """Send the queued PUBACKs in order, each once its message is on disk, as many per write as are ready."""
-        self._acks_sending = True
-        try:
-            while self._acks:
-                oldest = self._acks[0][1]
-                if oldest is not None and not oldest.done():
-                    await asyncio.shield(oldest)  # a batch's commit, shared with other publishers: never cancel it
-                ready = []
-                while self._acks and (self._acks[0][1] is None or self._acks[0][1].done()):
-                    ready.append(self._acks.popleft()[0])
-                await self._send_packet(PubackBatch(ready))
-        finally:
-            self._acks_sending = False
+    def _send_acks(self, _committed: object = None) -> None:
+        """Write the queued PUBACKs whose messages are on disk, oldest first, all in one write; called at once
+        when nothing waits for the disk, else when a commit completes (no task: the barrier calls back)."""
+        ready = []
+        acks = self._acks
+        while acks and (acks[0][1] is None or acks[0][1].done()):
+            ready.append(acks.popleft()[0])
+        if ready:
+            self._write(PubackBatch(ready).data)
+
+    def _hold_qos2(self, topic: str, data: bytes, retain: bool, packet_id: int) -> None:
+        """QoS 2, MQTT's method A: keep the message until its PUBREL, acknowledge with PUBREC (again for a
+        duplicate). At most MAX_QOS2_INFLIGHT are held; beyond, the message is dropped and counted."""
+        session = self.session
+        assert session is not None
+        if packet_id not in session.inflight_in:
+            if len(session.inflight_in) >= MAX_QOS2_INFLIGHT:
+                if self.on_dropped is not None:
+                    self.on_dropped("qos2_inflight_full", session, topic)
+            else:
+                session.inflight_in[packet_id] = IncomingApplicationMessage(packet_id, topic, QOS_2, data, retain)
+        self._write(PUBREC_HEADER + packet_id.to_bytes(2, "big"))
+
+    def _release_qos2(self, packet_id: int) -> None:
+        """PUBREL: route the held QoS 2 message (once), then PUBCOMP."""
+        session = self.session
+        message = session.inflight_in.pop(packet_id, None) if session is not None else None
+        if message is not None and self.router is not None and session is not None:
+            self.router(session, message.topic, bytes(message.data), QOS_2, bool(message.retain))
+        self._write(PUBCOMP_HEADER + packet_id.to_bytes(2, "big"))
+

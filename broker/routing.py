@@ -184,15 +184,6 @@ class RoutingBroker(Broker):
             return
         self.deliver(session, topic, bytes(data), force_qos if force_qos is not None else QOS_0, retain=False)
 
-    async def _handle_message_delivery(self, client_session: Session, handler: Any,  # the amqtt seam: QoS 2
-                                       wait_deliver: Any) -> bool:
-        """QoS 2 messages (released by PUBREL) take the same checked route; the connection always survives."""
-        message = wait_deliver.result()
-        if message is not None and message.topic:
-            self.route(client_session, message.topic, bytes(message.data or b""), message.qos or QOS_0,
-                       bool(message.publish_packet and message.publish_packet.retain_flag))
-        return True
-
     # --- retained --------------------------------------------------------------------------------
     def _store_retained(self, source: Session | None, topic: str, data: bytes, qos: int) -> None:
         if data:

@@ -23,6 +23,44 @@ from fleet.broker.policy import Grant
 ATTRIBUTE = "fleet.broker"
 
 
+class NoQueue:
+    """Stands in for the asyncio.Queue objects amqtt makes for every session and protocol handler that fleet's
+    broker never fills (four per connection, ~10 KiB with their deques and events): always empty, and
+    putting into it is a bug."""
+
+    __slots__ = ()
+
+    def empty(self) -> bool:
+        """Always empty."""
+        return True
+
+    def qsize(self) -> int:
+        """Always 0."""
+        return 0
+
+    def get_nowait(self) -> Any:
+        """Nothing to get."""
+        raise asyncio.QueueEmpty
+
+    def put_nowait(self, item: Any) -> None:
+        """Refused: nothing consumes this queue."""
+        raise RuntimeError("fleet's broker does not use this amqtt queue")
+
+    async def put(self, item: Any) -> None:
+        """Refused: nothing consumes this queue."""
+        self.put_nowait(item)
+
+
+NO_QUEUE = NoQueue()
+
+
+def spare_queues(session: Session) -> Session:
+    """Drop the two queues amqtt gives a session: its broadcast loop and QoS 2 flow, which fill them, are
+    replaced (broker/routing.py, broker/protocol.py)."""
+    session.retained_messages = session.delivered_message_queue = NO_QUEUE
+    return session
+
+
 class SessionState:
     """The three states of an MQTT session and the two moves between them."""
 

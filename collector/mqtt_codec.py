@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fleet.collector.errors import CollectorError
+from fleet.config.mqtt import remaining_length
 
-MAX_REMAINING = 268_435_455  # four length bytes: the protocol's own limit
 PROTOCOL_NAME = "MQTT"
 PROTOCOL_LEVEL = 4  # MQTT 3.1.1
 SUBACK_CODES = frozenset((0, 1, 2, 0x80))
@@ -202,19 +202,8 @@ Packet = (Connect | Connack | Publish | Puback | Subscribe | Suback | Unsubscrib
 
 
 # --- encoding ----------------------------------------------------------------------------------
-def _remaining(n: int) -> bytes:
-    if n > MAX_REMAINING:
-        raise ValueError(f"packet body of {n} bytes is over MQTT's limit")
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _frame(header: int, body: bytes) -> bytes:
-    return bytes([header]) + _remaining(len(body)) + body
+    return bytes([header]) + remaining_length(len(body)) + body
 
 
 def _binary(data: bytes) -> bytes:

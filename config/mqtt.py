@@ -12,6 +12,19 @@ import paho.mqtt.client as paho
 from fleet.config.errors import SettingsError
 
 DEFAULT_PORTS = {"mqtts": 8883, "mqtt": 1883}
+MAX_REMAINING = 268_435_455  # a packet's remaining length in four bytes: the protocol's own limit
+
+
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length encoding of a packet's remaining length (the broker's and the collector's)."""
+    if n > MAX_REMAINING:
+        raise ValueError(f"packet body of {n} bytes is over MQTT's limit")
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 @dataclass(frozen=True)

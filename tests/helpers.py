@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -138,6 +140,13 @@ def connect_client(broker: Any, username: str | None, password: str | None, clie
         client.loop_stop()
         raise AssertionError(f"connection refused, reason code {rc:#x}")
     return client
+
+
+def tls_socket(broker: Any, timeout: float = 5.0) -> ssl.SSLSocket:
+    """A TLS connection to ``broker``'s port, verified with its CA (handshake done, nothing sent)."""
+    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=timeout),
+                           server_hostname="127.0.0.1")
 
 
 def close(client: Any) -> None:

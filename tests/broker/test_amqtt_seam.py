@@ -32,20 +32,23 @@ SEAM: dict[type, dict[str, str]] = {
     Broker: {
         "_client_connected": "override: authenticate before touching sessions (stream_connected calls it)",
         "_servers": "read: each listener's Server (connection limit, bound sockets)",
+        "_create_server_instance": "override: a plain TCP listener with a deep backlog; each connection's task "
+                                   "negotiates TLS (bounded, and ended by a stop)",
         "_authenticate": "call: amqtt's plugin authentication (FleetAuthPlugin)",
-        "_client_message_loop": "call: amqtt's per-connection loop (SUBSCRIBE, UNSUBSCRIBE, QoS 2, DISCONNECT)",
+        "_session_monitor": "override: a no-op; amqtt scanned every session each second for ended clean ones",
+        "_cleanup_session": "call: a clean session is removed when its connection ends",
         "_delete_session": "override and call: a clean session also forgets the stored subscriptions",
         "_broadcast_message": "override: wills take the checked fan-out instead of the broadcast queue",
-        "_handle_message_delivery": "override: QoS 2 messages take the checked route; the connection survives",
-        "_handle_subscription": "override: SUBACK, then retained messages through the receive rule",
-        "_handle_unsubscription": "override and call: the subscription also leaves broker.db",
+        "_handle_subscription": "override and call (from serve()): SUBACK, then retained messages through the "
+                                "receive rule",
+        "_handle_unsubscription": "override and call (from serve()): the subscription also leaves broker.db",
     },
     BrokerProtocolHandler: {
-        "_handle_qos1_message_flow": "override and call: outgoing QoS 1 waits for its PUBACK without a 5 s timeout",
-        "_retry_deliveries": "override: resend what was in flight without blocking start() for 10 s",
-        "_handle_message_flow": "call: amqtt's QoS dispatch, for what is resent",
-        "_send_packet": "call: write a packet (PUBACK after routing, PUBLISH)",
-        "_puback_waiters": "read/write: the futures amqtt's PUBACK handler completes",
+        "_retry_deliveries": "override and call: resend what was in flight, without waiting for the PUBACKs",
+        "_pending_subscriptions": "write: an empty stand-in; serve() hands SUBSCRIBE to the broker directly",
+        "_pending_unsubscriptions": "write: an empty stand-in; serve() hands UNSUBSCRIBE to the broker directly",
+        "_puback_waiters": "read/write: the futures amqtt's PUBACK handler completes (registered before the "
+                           "PUBLISH is written)",
     },
     Session: {
         "_init_states": "patched while a broker runs: a small state machine instead of transitions.Machine",

@@ -7,7 +7,6 @@ plugins) runs every story as a strict xfail: each one fails there and holds here
 
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
 import time
@@ -20,7 +19,7 @@ from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connack, Connect, Disconnect, Publish, Will, encode, encode_pubacks
 from fleet.config import credentials, payloads
 from tests.broker.stock import keys_of, start_stock
-from tests.helpers import Inbox, close, connect_client, wait_for
+from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
 
 AGENT_ID = "fleet-acme-web-1"
 OWN_PING = "fleet/acme/web-1/ping"
@@ -123,9 +122,7 @@ def watch_disconnects(client) -> threading.Event:
 def raw_connect(broker, client_id: str, username: str, password: str, keepalive: int,
                 will_topic: str, will_payload: bytes) -> ssl.SSLSocket:
     """Open TLS, send a CONNECT with a retained QoS 1 will, read the CONNACK, then stay silent."""
-    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
-    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=5),
-                           server_hostname="127.0.0.1")
+    sock = tls_socket(broker)
     will = Will(will_topic, will_payload, qos=1, retain=True)
     sock.sendall(encode(Connect(client_id, username, password, keepalive, clean_session=True, will=will)))
     assert sock.recv(4) == encode(Connack())
@@ -158,9 +155,7 @@ def test_publisher_leaving_right_after_its_pubacks_loses_nothing(broker, acme):
     watcher = service(broker)
     inbox = Inbox(watcher)
     inbox.subscribe("fleet/acme/+/report", qos=1)
-    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
-                         server_hostname="127.0.0.1") as sock:
+    with tls_socket(broker, timeout=10) as sock:
         sock.sendall(encode(Connect(AGENT_ID, "acme/agent", acme.agent_key)))
         assert sock.recv(4) == encode(Connack())
         sock.sendall(b"".join(encode(Publish(OWN_REPORT.encode(), f"m{i}".encode(), qos=1, packet_id=i + 1))

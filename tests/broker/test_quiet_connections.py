@@ -6,14 +6,13 @@ from __future__ import annotations
 import gc
 import logging
 import socket
-import ssl
 import struct
 
 import pytest
 
 from fleet.broker.server import start_in_thread
 from fleet.config.settings import Settings
-from tests.helpers import close, connect_client, free_port, wait_for
+from tests.helpers import close, connect_client, free_port, tls_socket, wait_for
 
 BROKER_LOGGERS = ("fleet.broker", "amqtt", "asyncio", "transitions")
 
@@ -27,12 +26,6 @@ def quiet_broker(fleet_dir, acme, caplog):
     wait_for(lambda: running.broker.connected_count() == 0, timeout=5, message="warm-up client gone")
     yield running
     running.stop()
-
-
-def _tls_socket(broker) -> ssl.SSLSocket:
-    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
-    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=5),
-                           server_hostname="127.0.0.1")
 
 
 def _reset(sock: socket.socket) -> None:
@@ -74,8 +67,8 @@ def test_tcp_connect_and_close_leaves_at_most_one_debug_line(quiet_broker, caplo
 
 def test_tls_handshake_and_close_leaves_at_most_one_debug_line(quiet_broker, caplog):
     caplog.clear()
-    _tls_socket(quiet_broker).close()
-    _reset(_tls_socket(quiet_broker))
+    tls_socket(quiet_broker).close()
+    _reset(tls_socket(quiet_broker))
     _handled(quiet_broker, invalid=2)
     _assert_quiet(caplog, connections=2)
 
@@ -91,7 +84,7 @@ def test_stopping_with_half_open_connections_is_quiet(fleet_dir, acme, caplog):
     """Ctrl-C of ``fleet up``: one client is past TLS but has not sent CONNECT, another is mid-handshake."""
     caplog.set_level(logging.DEBUG)
     broker = start_in_thread(Settings(data_dir=fleet_dir, mqtt_port=0, reload_interval_s=0.5))
-    half_open = _tls_socket(broker)
+    half_open = tls_socket(broker)
     mid_handshake = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
     client = connect_client(broker, "acme/reader", acme.reader_key, "live")
     wait_for(lambda: broker.stats().get("connections", 0) >= 2, timeout=5, message="both TLS connections accepted")

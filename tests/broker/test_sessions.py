@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 
+from fleet.collector.mqtt_codec import Connect, encode
 from fleet.config import credentials
-from tests.helpers import Inbox, close, connect_client, wait_for
+from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
 
 PING = "fleet/acme/web-1/ping"
 REPORT = "fleet/acme/web-1/report"
@@ -73,3 +74,18 @@ def test_simultaneous_takeovers_leave_exactly_one_connection(broker, acme):
     assert broker.broker.connected_count() == 1
     for client in [original, *clients]:
         client.loop_stop()
+
+
+def test_a_client_leaving_right_after_connect_leaves_no_session_behind(broker, acme):
+    """A client that gives up before its CONNACK (its own timeout, under load) closes right after CONNECT.
+    amqtt's handler made the connection's disconnect waiter only after its reader had started, so such a
+    connection never ended: the session stayed connected for ever, and each later CONNECT with that client
+    id waited 10 s for the takeover and was refused (CONNACK 3), again and again."""
+    for i in range(20):
+        sock = tls_socket(broker)
+        sock.sendall(encode(Connect(f"fleet-acme-m{i}", "acme/agent", acme.agent_key)))
+        sock.close()
+    wait_for(lambda: broker.stats().get("connections", 0) >= 20, timeout=10, message="all 20 connections handled")
+    wait_for(lambda: broker.broker.connected_count() == 0, timeout=5, message="no session left connected")
+    again = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-m0", timeout=5)
+    close(again)
