@@ -86,6 +86,8 @@ def test_a_client_leaving_right_after_connect_leaves_no_session_behind(broker, a
         sock.sendall(encode(Connect(f"fleet-acme-m{i}", "acme/agent", acme.agent_key)))
         sock.close()
     wait_for(lambda: broker.stats().get("connections", 0) >= 20, timeout=10, message="all 20 connections handled")
-    wait_for(lambda: broker.broker.connected_count() == 0, timeout=5, message="no session left connected")
+    # Each CONNECT is still authenticated (a key hash in a worker thread) before its session exists and then
+    # ends: under a loaded suite that takes seconds. The defect was a session connected for ever.
+    wait_for(lambda: broker.broker.connected_count() == 0, timeout=30, message="no session left connected")
     again = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-m0", timeout=5)
     close(again)
