@@ -21,6 +21,7 @@ from amqtt.errors import BrokerError as AmqttBrokerError
 from fleet.broker import patches
 from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
+from fleet.broker.limits import AcceptErrors, raise_open_file_limit
 from fleet.broker.pki import CertPaths, ensure_certs
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
@@ -117,6 +118,9 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
         await store.close()
         cause = exc.__cause__ or exc
         raise BrokerError(f"cannot start broker on {settings.host}:{settings.mqtt_port}: {cause}") from exc
+    loop = asyncio.get_running_loop()
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(AcceptErrors(broker.stats))
     # No await from here to the end of the restore: a client connecting now finds its session restored.
     broker.load_retained(retained)
     restored = broker.restore_sessions(subscriptions)
@@ -162,11 +166,19 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("broker shutdown: %s", exc)
         await store.close()
+        loop.set_exception_handler(previous_handler)
         POLICIES.pop(policy_id, None)
         log.info("broker stopped")
 
 
 GC_YOUNG_THRESHOLD = 20_000
+
+
+def check_open_file_limit(settings: Settings) -> None:
+    """Raise the process's open file limit (each connection holds one) and say what it allows."""
+    limit = raise_open_file_limit()
+    log.info("open file limit %d: at most about that many connections (max_connections %d)", limit,
+             settings.max_connections)
 
 
 def serve(settings: Settings) -> None:
@@ -179,6 +191,7 @@ def serve(settings: Settings) -> None:
     young, older, oldest = gc.get_threshold()
     if young and young < GC_YOUNG_THRESHOLD:
         gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    check_open_file_limit(settings)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -97,11 +97,13 @@ class RunningSystem:
 
 def start_system(settings: Settings, demo: int | None = None, real_agent: bool = True) -> RunningSystem:
     """Start broker, collector and web (and the demo agents); return once all are serving."""
+    from fleet.broker.server import check_open_file_limit
     from fleet.broker.server import start_in_thread as start_broker
     from fleet.collector.service import start as start_collector
     from fleet.web.server import start_in_thread as start_web
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    check_open_file_limit(settings)  # the broker's connections, the simulator's and the web's share it
     demo_keys = ensure_demo_org(settings.data_dir, settings.database) if demo is not None else None
     stops: list[Callable[[], Any]] = []
     try:
