@@ -45,6 +45,11 @@ class AcceptErrors:
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
+        callback = getattr(context.get("handle"), "_callback", None)
+        if getattr(callback, "__name__", "") == "_start_serving" and isinstance(exc, (ValueError, OSError)):
+            # asyncio's accept retry, a second after such an error, ran after the listener had closed (a stop).
+            log.debug("accept retry after the listener closed: %s", exc)
+            return
         if not (isinstance(exc, OSError) and exc.errno in ACCEPT_RESOURCE_ERRNOS
                 and "accept" in str(context.get("message", ""))):
             loop.default_exception_handler(context)

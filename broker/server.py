@@ -118,9 +118,8 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
         await store.close()
         cause = exc.__cause__ or exc
         raise BrokerError(f"cannot start broker on {settings.host}:{settings.mqtt_port}: {cause}") from exc
-    loop = asyncio.get_running_loop()
-    previous_handler = loop.get_exception_handler()
-    loop.set_exception_handler(AcceptErrors(broker.stats))
+    # The loop is the broker's own (asyncio.run, or its thread's runner), so the handler stays to its end.
+    asyncio.get_running_loop().set_exception_handler(AcceptErrors(broker.stats))
     # No await from here to the end of the restore: a client connecting now finds its session restored.
     broker.load_retained(retained)
     restored = broker.restore_sessions(subscriptions)
@@ -166,7 +165,6 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("broker shutdown: %s", exc)
         await store.close()
-        loop.set_exception_handler(previous_handler)
         POLICIES.pop(policy_id, None)
         log.info("broker stopped")
 

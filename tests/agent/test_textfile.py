@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -94,7 +94,7 @@ def sample_lines(draw):
 
 
 @pytest.mark.slow
-@hsettings(max_examples=300)
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # slow when loaded
 @given(st.lists(sample_lines(), max_size=8, unique_by=lambda s: (s[0], tuple(sorted(s[1].items())))),
        st.lists(st.sampled_from(["", "# a comment", "# HELP x some help", "# TYPE x gauge"]), max_size=3))
 def test_the_same_samples_as_prometheus_client(lines, comments):
