@@ -311,7 +311,7 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         count = (data / "mosquitto" / "mosquitto.log").read_text().count("Saving in-memory database")
         db_file = data / "mosquitto" / "data" / "mosquitto.db"
         saves = f"{count} / {db_file.stat().st_size / 1024 if db_file.exists() else 0:.0f} KiB"
-    return {
+    figures = {
         "time until all agents connected": "never" if all_connected is None else f"{all_connected - started:.1f} s",
         "connect rate (handshakes/s; offered)": ("n/a" if all_connected is None or not firsts
                                                  else f"{args.agents / max(1e-3, all_connected - min(firsts)):.0f}")
@@ -338,6 +338,8 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         f"{statistics.median(lat) * 1000:.0f} / {lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000:.0f} ms",
         f"Mosquitto saves ({args.autosave}) / last mosquitto.db": saves,
     }
+    shutil.rmtree(data, ignore_errors=True)  # hundreds of MB per run (databases, logs, simulator records)
+    return figures
 
 
 def main() -> None:
