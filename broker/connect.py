@@ -30,7 +30,14 @@ from amqtt.session import Session
 
 from fleet.broker.keepalive import KeepaliveWheel
 from fleet.broker.policy import AccessPolicy, Grant
-from fleet.broker.protocol import MAX_PACKET_BYTES, FleetProtocolHandler, GuardedReader, StreamWriter, abort
+from fleet.broker.protocol import (
+    MAX_PACKET_BYTES,
+    FleetProtocolHandler,
+    GuardedReader,
+    StreamWriter,
+    abort,
+    abort_transport,
+)
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of, spare_queues
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
@@ -99,7 +106,7 @@ class SessionBroker(RoutingBroker):
         error, so this task always returns normally; a broker stop cancels it and it aborts its connection."""
         task = asyncio.current_task()
         if self._stopping or task is None:  # accepted in the instant before the listeners closed
-            writer.transport.abort()
+            abort_transport(writer.transport)
             return
         self._connection_tasks.add(task)
         try:
@@ -108,10 +115,10 @@ class SessionBroker(RoutingBroker):
             adapter = StreamWriter(writer)
             await self._client_connected(listener_name, reader, adapter)
         except (asyncio.CancelledError, ProtocolHandlerError):  # a stop (amqtt's _send_packet makes it the latter)
-            writer.transport.abort()
+            abort_transport(writer.transport)
         except OSError as exc:  # the peer left while we were writing to it
             log.debug("connection lost: %s", exc)
-            writer.transport.abort()
+            abort_transport(writer.transport)
         finally:
             self._connection_tasks.discard(task)
 
@@ -125,7 +132,7 @@ class SessionBroker(RoutingBroker):
         except CONNECT_FAILURES as exc:  # a port probe, plain MQTT on the TLS port, an untrusting client
             self.stats["connect_invalid"] += 1
             log.debug("connection from %s closed in the TLS handshake: %r", writer.get_extra_info("peername"), exc)
-            writer.transport.abort()
+            abort_transport(writer.transport)
             return False
         return True
 
@@ -273,13 +280,17 @@ class SessionBroker(RoutingBroker):
 
     async def _end_session(self, session: Session, handler: FleetProtocolHandler, clean: bool) -> None:
         """The connection ended: publish the will unless it ended cleanly, close, mark the session offline."""
-        if not clean and session.will_flag and session.will_topic is not None:
-            await self._broadcast_message(session, session.will_topic, session.will_message, session.will_qos)
-            if session.will_retain:
-                await self.retain_message(session, session.will_topic, session.will_message, session.will_qos)
-        await handler.stop()
-        session.transitions.disconnect()
-        self._connected -= 1
+        try:
+            if not clean and session.will_flag and session.will_topic is not None:
+                await self._broadcast_message(session, session.will_topic, session.will_message, session.will_qos)
+                if session.will_retain:
+                    await self.retain_message(session, session.will_topic, session.will_message, session.will_qos)
+            await handler.stop()
+        except Exception as exc:  # noqa: BLE001 - logged; the session must end all the same
+            log.warning("error while ending the connection of client_id=%s: %r", session.client_id, exc)
+        finally:  # whatever failed above, the session is no longer connected (or its client id is locked out)
+            session.transitions.disconnect()
+            self._connected -= 1
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_DISCONNECTED, client_id=session.client_id,
                                               client_session=session)
         client_id = session.client_id or ""

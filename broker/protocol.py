@@ -169,6 +169,16 @@ async def parse_with_amqtt(kind: int, flags: int, body: bytes) -> Any:
     return await packet_class(header).from_stream(StreamReaderAdapter(stream), fixed_header=header)
 
 
+def abort_transport(transport: asyncio.WriteTransport) -> None:
+    """transport.abort(), also on a TLS transport whose connection is already gone: Python 3.11.2's
+    _SSLProtocolTransport.abort() then raises AttributeError (its protocol is None), which ended a connection's
+    task before its session was marked disconnected, so every later CONNECT with that client id was refused."""
+    try:
+        transport.abort()
+    except AttributeError:
+        pass
+
+
 class StreamWriter(WriterAdapter):
     """amqtt's writer adapter over an asyncio stream, with the transport public and a close that never raises.
 
@@ -203,7 +213,7 @@ class StreamWriter(WriterAdapter):
     def abort(self) -> None:
         """Drop the connection at once, as if the network failed."""
         self.is_closed = True
-        self.transport.abort()
+        abort_transport(self.transport)
 
     async def close(self) -> None:
         """Flush what is buffered if the peer is still there, then close; a peer that already left is not an error."""
@@ -219,7 +229,7 @@ class StreamWriter(WriterAdapter):
             async with asyncio.timeout(CLOSE_DRAIN_S):
                 await self.stream.wait_closed()
         except (TimeoutError, OSError):
-            self.transport.abort()
+            abort_transport(self.transport)
 
 
 def abort(writer: Any) -> bool:

@@ -91,3 +91,27 @@ def test_a_client_leaving_right_after_connect_leaves_no_session_behind(broker, a
     wait_for(lambda: broker.broker.connected_count() == 0, timeout=30, message="no session left connected")
     again = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-m0", timeout=5)
     close(again)
+
+
+def test_a_connection_whose_close_fails_still_frees_its_client_id(broker, acme, monkeypatch):
+    """Python 3.11.2's TLS transport raises AttributeError from abort() once its connection is gone; that ended
+    the connection's task before its session was marked disconnected, and every later CONNECT with the client
+    id was refused ("the older connection did not end"). Whatever fails while a connection ends, it ends."""
+    from fleet.broker.protocol import FleetProtocolHandler
+
+    real_stop = FleetProtocolHandler.stop
+    failures = []
+
+    async def failing_stop(self):
+        await real_stop(self)
+        failures.append(self)
+        raise AttributeError("'NoneType' object has no attribute '_abort'")
+
+    monkeypatch.setattr(FleetProtocolHandler, "stop", failing_stop)
+    first = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1", clean_session=False)
+    first.disconnect()
+    first.loop_stop()
+    wait_for(lambda: failures and broker.broker.connected_count() == 0, timeout=10, message="first connection ended")
+    monkeypatch.setattr(FleetProtocolHandler, "stop", real_stop)
+    again = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web-1", clean_session=False, timeout=5)
+    close(again)
