@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
-from fleet.config import credentials  # noqa: E402
+from fleet.store import credentials  # noqa: E402
 
 
 def cpu_seconds(proc: psutil.Process) -> float:

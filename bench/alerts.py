@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, port_open, stop_process  # noqa: E402
 from bench.ingest import SYSTEM, wait_until  # noqa: E402
-from fleet.config import alerting, credentials, payloads  # noqa: E402
+from fleet.config import payloads  # noqa: E402
 from fleet.config.rules import Rule  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
+from fleet.store import alerting, credentials  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ORG = "bench"
@@ -63,10 +64,10 @@ def metrics(rng: random.Random, hot: bool) -> dict[str, Any]:
 
 # --- 1. evaluation cost -----------------------------------------------------------------------------------
 def bench_eval(machines: int = 10_000, reports: int = 50_000) -> list[tuple[str, str]]:
-    from fleet.collector.alerts import AlertEngine
+    from fleet.collector.alerts.engine import AlertEngine
     from fleet.collector.state import Tracker
-    from fleet.config.database import open_database
     from fleet.config.topics import report_topic
+    from fleet.store.database import open_database
 
     rng = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="fleet-bench-alerts-") as tmp:
@@ -160,7 +161,7 @@ def down_rule(data_dir: Path) -> None:
 
 # --- 2. mass outage -------------------------------------------------------------------------------------------
 def bench_outage(machines: int = 5000, group_wait: float = 10.0) -> list[tuple[str, str]]:
-    from fleet.collector.channels import add_channel
+    from fleet.collector.alerts.channels import add_channel
     from fleet.collector.service import start
     from fleet.config.mqtt import BrokerAddress, new_client
 
@@ -242,7 +243,7 @@ def bench_outage(machines: int = 5000, group_wait: float = 10.0) -> list[tuple[s
 
 # --- 3. dead agent -> webhook latency --------------------------------------------------------------------------
 def bench_latency(kills: int = 20, stops: int = 5, group_wait: float = 1.0) -> list[tuple[str, str]]:
-    from fleet.collector.channels import add_channel
+    from fleet.collector.alerts.channels import add_channel
     from fleet.collector.service import start
 
     with tempfile.TemporaryDirectory(prefix="fleet-bench-latency-") as tmp:

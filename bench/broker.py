@@ -39,7 +39,7 @@ from bench.common import free_port, stop_process, wait_port  # noqa: E402
 from fleet.broker import patches  # noqa: E402
 from fleet.broker.pki import ensure_certs  # noqa: E402
 from fleet.collector.mqtt_codec import Connack, Connect, decode, encode  # noqa: E402
-from fleet.config import credentials  # noqa: E402
+from fleet.store import credentials  # noqa: E402
 
 TOPIC = "fleet/bench/m1/report"
 PAYLOAD = json.dumps({"v": 1, "machine_id": "m1", "hardware_id": "0x0123456789ab", "session": "abcdef0123456789",

@@ -51,11 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, port_open, stop_process  # noqa: E402
 from fleet.collector.mqtt_codec import Connack, Connect, Disconnect, Puback, Publish, decode, encode  # noqa: E402
-from fleet.config import credentials, payloads  # noqa: E402
-from fleet.config.database import DatabaseUrl, open_database, redact, sqlite_url  # noqa: E402
+from fleet.config import payloads  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client, tls_context  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
 from fleet.config.topics import agent_client_id, report_topic  # noqa: E402
+from fleet.store import credentials  # noqa: E402
+from fleet.store.database import DatabaseUrl, open_database, redact, sqlite_url  # noqa: E402
 
 ORG = "bench"
 METRICS = {"cpu_percent": 12.5, "cpu_count": 8, "load_avg": [0.4, 0.3, 0.2],
@@ -459,7 +460,7 @@ def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[
     """Single-threaded cost of each step the collector adds per message (µs), measured in this run."""
     import json
 
-    from fleet.collector import store
+    from fleet.collector import history
     from fleet.collector.intake import DropCounter, RateLimiter, parse_message
     from fleet.collector.state import Tracker
 
@@ -484,7 +485,7 @@ def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[
                            for raw, topic in zip(raws, topics, strict=True)])
     tracker = Tracker(3.0, 10.0, 86400)
     timed("state machine (Tracker.on_report)", lambda: [tracker.on_report(i.message, i.received) for i in items])
-    rows = timed("history row (store.report_row)", lambda: [store.report_row(i.message, i.received, i.payload)
+    rows = timed("history row (history.report_row)", lambda: [history.report_row(i.message, i.received, i.payload)
                                                              for i in items])
     tracked = list(tracker.machines.values())
     random.Random(1).shuffle(tracked)  # a fleet's reports come in no particular order of their rows
@@ -492,7 +493,7 @@ def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[
     def machine_rows(name: str, db) -> None:
         t0 = time.perf_counter()
         for i in range(0, len(tracked), 500):
-            store.write_batch(db, store.Batch(machines=tracked[i:i + 500]), time.time())
+            history.write_batch(db, history.Batch(machines=tracked[i:i + 500]), time.time())
         out.append((f"{name} ({len(tracked):,} machines, 500 per transaction, µs per row)",
                     (time.perf_counter() - t0) / len(tracked) * 1e6))
 
@@ -501,7 +502,7 @@ def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[
         with open_database(database) as db:
             db.execute("DELETE FROM reports")
             timed(f"{engine} batch insert, 500 per transaction",
-                  lambda db=db: [store.write_batch(db, store.Batch(reports=rows[i:i + 500]), time.time())
+                  lambda db=db: [history.write_batch(db, history.Batch(reports=rows[i:i + 500]), time.time())
                                  for i in range(0, n, 500)])
             db.execute("DELETE FROM reports")
             db.execute("DELETE FROM machines")
@@ -580,7 +581,7 @@ def main() -> None:
 
                 add_threshold_rules(data_dir, database=database)
             elif args.alert_rules == "none":
-                from fleet.config import alerting
+                from fleet.store import alerting
 
                 for rule in alerting.list_rules(data_dir, ORG, database):
                     alerting.remove_rule(data_dir, ORG, rule.name, database)

@@ -54,9 +54,9 @@ from bench.common import (  # noqa: E402
     wait_until,
 )
 from fleet.config import payloads  # noqa: E402
-from fleet.config.database import DatabaseError, DatabaseUrl, open_database, sqlite_url  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
 from fleet.config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
+from fleet.store.database import DatabaseError, DatabaseUrl, open_database, sqlite_url  # noqa: E402
 
 ORG = "load"
 PROBE = "probe-1"

@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from bench.broker import Target, paho_client  # noqa: E402
 from bench.common import free_port, wait_port  # noqa: E402
 from fleet.broker.mosquitto import write_config  # noqa: E402
-from fleet.config import credentials  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
+from fleet.store import credentials  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 PAYLOAD = b"x" * 240  # a report's size

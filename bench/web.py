@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
-from fleet.config import credentials  # noqa: E402
-from fleet.config.database import DatabaseUrl, open_database, sqlite_url  # noqa: E402
+from fleet.store import credentials  # noqa: E402
+from fleet.store.database import DatabaseUrl, open_database, sqlite_url  # noqa: E402
 
 
 def fill(data: Path, database: str, machines: int) -> str:

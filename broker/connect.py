@@ -41,8 +41,8 @@ from fleet.broker.protocol import (
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of, spare_queues
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
-from fleet.config.credentials import Principal
 from fleet.config.topics import machine_from_client_id
+from fleet.store.credentials import Principal
 
 log = logging.getLogger("fleet.broker")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from fleet.broker.errors import BrokerError
 from fleet.broker.pki import ensure_certs
-from fleet.config import credentials
-from fleet.config.database import DatabaseError, open_database
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
 from fleet.config.settings import Settings
+from fleet.store import credentials
+from fleet.store.database import DatabaseError, open_database
 
 PACKET_OVERHEAD = 1024  # fixed header, topic and packet id on top of the payload limit
 MOSQUITTO_USER = "mosquitto"  # started as root, Debian's Mosquitto drops to this user before reading files

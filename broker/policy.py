@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fleet.config import credentials
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED
-from fleet.config.credentials import CredentialRecord, Principal
 from fleet.config.ids import is_valid_id
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
 from fleet.config.topics import ALERT_KIND, ROOT, machine_from_client_id
+from fleet.store import credentials
+from fleet.store.credentials import CredentialRecord, Principal
 
 AGENT_KINDS = ("report", "ping")  # what an agent publishes for its machine; never the collector's alert
 

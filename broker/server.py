@@ -26,9 +26,9 @@ from fleet.broker.pki import CertPaths, ensure_certs
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
 from fleet.broker.store import BrokerStore
-from fleet.config import credentials
-from fleet.config.database import DatabaseError, open_database
 from fleet.config.settings import Settings
+from fleet.store import credentials
+from fleet.store.database import DatabaseError, open_database
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0

@@ -1,1 +1,1 @@
-"""The collector: per-org subscriptions, live machine state, SQLite history."""
+"""The collector: per-org subscriptions, live machine state, history, and alerting."""

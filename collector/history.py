@@ -1,6 +1,6 @@
 """The collector's database writes: one transaction per batch, heartbeats, and history retention.
 
-Every function takes the writer thread's own connection (``config.database.open_database``); nothing here
+Every function takes the writer thread's own connection (``store.database.open_database``); nothing here
 is called from the MQTT network thread. The SQL is the same on SQLite and PostgreSQL except the rollup's
 minute bucket and "greater of two" (``_ROLLUP_SQL``).
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from fleet.collector.alerts import AlertWrites
+from fleet.collector.alerts.engine import AlertWrites
 from fleet.collector.state import Machine, Tail, TailStats, Transition
-from fleet.config.database import POSTGRESQL, SQLITE, Database
 from fleet.config.payloads import Report
+from fleet.store.database import POSTGRESQL, SQLITE, Database
 
 DAY = 86_400.0
 RETENTION_CHUNK_S = 3_600.0  # roll up and delete at most this much raw history per transaction

@@ -6,7 +6,7 @@ Threads:
   backpressure: nothing is acknowledged before it is committed, so a slow database slows the broker's
   delivery to us (the broker queues for our persistent session) instead of us dropping messages.
 - the writer thread drains the queue, applies the state machine (collector.state), and stores each batch
-  in one transaction (collector.store); it also runs the timers: stale/TTL checks, heartbeat, org
+  in one transaction (collector.history); it also runs the timers: stale/TTL checks, heartbeat, org
   refresh and history retention.
 """
 
@@ -22,21 +22,22 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from fleet.collector import store
-from fleet.collector.alerts import AlertEngine
-from fleet.collector.delivery import DeliveryWorker
+from fleet.collector import history
+from fleet.collector.alerts.delivery import DeliveryWorker
+from fleet.collector.alerts.engine import AlertEngine
 from fleet.collector.errors import CollectorError
 from fleet.collector.intake import INTERNAL, UNKNOWN_ORG, DropCounter, RateLimiter, Received, parse_message
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
 from fleet.collector.state import Machine, Tracker, Transition
-from fleet.config import credentials, payloads
-from fleet.config.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
+from fleet.config import payloads
 from fleet.config.errors import ConfigError
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.payloads import Report
 from fleet.config.settings import Settings
 from fleet.config.status import BROKER_CONNECTED, COLLECTOR
 from fleet.config.topics import KINDS, every_org_filter, org_kind_filter, ping_topic
+from fleet.store import credentials
+from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
 
 log = logging.getLogger("collector")
 
@@ -295,7 +296,7 @@ class RunningCollector:
                 # Checkpoints (copying the WAL into fleet.db, with an fsync) run on a thread of their own, so a
                 # commit never waits for one: the broker sends no more than its in-flight window until we ack.
                 db.execute("PRAGMA wal_autocheckpoint=0")
-            self.tracker.load(store.load_machines(db, self._orgs if self.settings.orgs else None), time.time())
+            self.tracker.load(history.load_machines(db, self._orgs if self.settings.orgs else None), time.time())
             self.alerts.load(db, self._orgs, time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._writer_error = exc
@@ -326,10 +327,10 @@ class RunningCollector:
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_EVERY_S):
                 try:
-                    store.checkpoint(db)
+                    history.checkpoint(db)
                 except DatabaseError as exc:
                     log.warning("WAL checkpoint failed (will retry): %s", exc)
-            store.checkpoint(db)
+            history.checkpoint(db)
         except DatabaseError as exc:
             log.warning("final WAL checkpoint failed: %s", exc)
         finally:
@@ -345,7 +346,7 @@ class Writer:
         self.settings = owner.settings
         self.tracker = owner.tracker
         self.alerts = owner.alerts
-        self.batch = store.Batch()
+        self.batch = history.Batch()
         now = time.monotonic()
         self.tick_every = min(1.0, self.settings.ttl_seconds / 4)
         self.org_every = min(self.settings.reload_interval_s, ORG_REFRESH_MAX_S)
@@ -421,7 +422,7 @@ class Writer:
             message = item.message
             if isinstance(message, Report):
                 transitions = self.tracker.on_report(message, item.received)
-                self.batch.reports.append(store.report_row(message, item.received, item.payload))
+                self.batch.reports.append(history.report_row(message, item.received, item.payload))
             else:
                 transitions = self.tracker.on_ping(message, item.received, item.retained)
             self._record(transitions)
@@ -470,7 +471,7 @@ class Writer:
         now = time.time()
         for tail in self.tracker.due_tails(now):
             try:
-                stats = store.tail_stats(self.db, tail)
+                stats = history.tail_stats(self.db, tail)
             except DatabaseError as exc:  # the database went away after the flush: settle on a later pass
                 log.warning("cannot count the tail of %s/%s yet: %s", tail.org, tail.machine_id, exc)
                 return
@@ -521,7 +522,7 @@ class Writer:
 
     def _retention(self) -> None:
         try:
-            result = store.apply_retention(self.db, time.time(), self.settings.history_raw_days,
+            result = history.apply_retention(self.db, time.time(), self.settings.history_raw_days,
                                            self.settings.history_rollup_days)
         except DatabaseError as exc:
             log.warning("history retention failed (will retry): %s", exc)
@@ -537,7 +538,7 @@ class Writer:
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.owner.client_id,
                   "alerts_firing": self.alerts.firing_count()}
         try:
-            store.write_heartbeat(self.db, COLLECTOR, time.time(), detail)
+            history.write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
 
@@ -548,7 +549,7 @@ class Writer:
         batch.alerts = self.alerts.take_writes()
         if batch and not self.write(batch, final):
             self.pending_acks = []  # not stored: leave them unacknowledged, the broker will send them again
-        self.batch = store.Batch()
+        self.batch = history.Batch()
         client = self.owner._client
         if client is not None and self.pending_acks:
             client.ack(self.pending_acks)
@@ -566,14 +567,14 @@ class Writer:
             self.alerts.outbox_added = False
             self.owner.delivery.wake()
 
-    def write(self, batch: store.Batch, final: bool) -> bool:
+    def write(self, batch: history.Batch, final: bool) -> bool:
         """Write a batch, retrying while the database is busy or away; False only if it gave up at shutdown."""
         try:
             return self._retrying(batch, final)
         except DatabaseRefused as exc:
             return self._salvage(batch, exc, final)  # what the database refuses is counted; the rest is stored
 
-    def _retrying(self, batch: store.Batch, final: bool) -> bool:
+    def _retrying(self, batch: history.Batch, final: bool) -> bool:
         """Write one batch; a transient failure (busy, locked, connection lost, server restarting) is retried
         with backoff, reconnecting as needed. Whatever failed was rolled back, so nothing is acknowledged
         before it is committed. DatabaseRefused passes through."""
@@ -583,11 +584,11 @@ class Writer:
         marker = (self.marker_key, f"{self.marker_prefix}:{self.batches}")
         while True:
             try:
-                if first_failure is not None and store.committed(self.db, marker):
+                if first_failure is not None and history.committed(self.db, marker):
                     log.info("the batch whose commit was cut off had been stored: not writing it again")
                     self.owner._stored += len(batch.reports)
                     return True
-                self.owner._stored += store.write_batch(self.db, batch, time.time(), marker)
+                self.owner._stored += history.write_batch(self.db, batch, time.time(), marker)
                 self.owner._commits += 1
                 return True
             except DatabaseRefused:
@@ -606,17 +607,17 @@ class Writer:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _salvage(self, batch: store.Batch, exc: BaseException, final: bool) -> bool:
+    def _salvage(self, batch: history.Batch, exc: BaseException, final: bool) -> bool:
         """A row the database refuses: store every other row on its own, count each one it refuses.
 
         False if it gave up on a row at shutdown (the database went away meanwhile): nothing is acknowledged.
         """
         log.error("database refused a batch (%s): storing its rows one by one", exc)
-        parts = [store.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost, alerts=batch.alerts)]
-        parts += [store.Batch(evicted=[m]) for m in batch.evicted]
-        parts += [store.Batch(machines=[m]) for m in batch.machines]
-        parts += [store.Batch(events=[e]) for e in batch.events]
-        parts += [store.Batch(reports=[row]) for row in batch.reports]
+        parts = [history.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost, alerts=batch.alerts)]
+        parts += [history.Batch(evicted=[m]) for m in batch.evicted]
+        parts += [history.Batch(machines=[m]) for m in batch.machines]
+        parts += [history.Batch(events=[e]) for e in batch.events]
+        parts += [history.Batch(reports=[row]) for row in batch.reports]
         complete = True
         for part in parts:
             try:
@@ -626,7 +627,7 @@ class Writer:
         return complete
 
 
-def _topic_of(part: store.Batch) -> str:
+def _topic_of(part: history.Batch) -> str:
     """Where a refused row came from, for the drop log."""
     if part.reports:
         return f"fleet/{part.reports[0][0]}/{part.reports[0][1]}/report"

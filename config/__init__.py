@@ -1,1 +1,1 @@
-"""Settings and the wire contract (ids, topics, payloads, database schema) shared by every part."""
+"""Settings and the wire contract (ids, topics, payloads, alert rules) shared by every part."""

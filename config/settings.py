@@ -123,7 +123,7 @@ class Settings:
                 except re.error as exc:
                     _check(False, "processes", f"bad regex: {exc}", spec)
         if self.database_url:
-            from fleet.config.database import DatabaseError, DatabaseUrl, redact
+            from fleet.store.database import DatabaseError, DatabaseUrl, redact
 
             try:
                 DatabaseUrl.parse(self.database_url)

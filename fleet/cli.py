@@ -6,7 +6,7 @@ command line is parsed without importing click (fleet/launch.py). Anything else,
 and every usage error, goes to click.
 
 Nothing is imported here at module level that the agent's imports would bring anyway: the agent's
-process first puts config/deferred.py's stand-ins in place (``prepare_agent_process``), and only the
+process first puts agent/deferred.py's stand-ins in place (``prepare_agent_process``), and only the
 agent's, since they are process-wide and pay only against its RSS budget.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 def prepare_agent_process() -> None:
     """What ``fleet agent`` does before importing anything else: stand-ins for modules it never uses."""
-    from fleet.config.deferred import defer_unused
+    from fleet.agent.deferred import defer_unused
 
     defer_unused()  # before dataclasses, urllib.parse, ssl and paho import them
 

@@ -71,7 +71,7 @@ def org() -> None:
 @common
 def org_add(settings: Settings, name: str, as_json: bool) -> None:
     """Create ORG and print its agent and reader keys (shown once)."""
-    from fleet.config import credentials
+    from fleet.store import credentials
 
     created = credentials.add_org(settings.data_dir, name, settings.database)
     if as_json:
@@ -89,7 +89,7 @@ def org_add(settings: Settings, name: str, as_json: bool) -> None:
 @common
 def org_list(settings: Settings, as_json: bool) -> None:
     """List orgs."""
-    from fleet.config import credentials
+    from fleet.store import credentials
 
     names = credentials.list_orgs(settings.data_dir, settings.database)
     if as_json:
@@ -105,7 +105,7 @@ def org_list(settings: Settings, as_json: bool) -> None:
 @common
 def org_remove(settings: Settings, name: str) -> None:
     """Remove ORG: its keys stop working (history is kept until retention ends)."""
-    from fleet.config import credentials
+    from fleet.store import credentials
 
     credentials.remove_org(settings.data_dir, name, settings.database)
     click.echo(f"removed org {name}")
@@ -119,7 +119,7 @@ def org_remove(settings: Settings, name: str) -> None:
 @common
 def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
     """Replace one key of ORG; the old key is refused at once."""
-    from fleet.config import credentials
+    from fleet.store import credentials
 
     key = credentials.rotate_key(settings.data_dir, name, role, settings.database)
     if as_json:
@@ -277,7 +277,8 @@ def alert() -> None:
 def alert_add(settings: Settings, org_name: str, rule_name: str, when: str, for_: str, machines: str,
               severity: str) -> None:
     """Add alert rule RULE to ORG."""
-    from fleet.config import alerting, rules
+    from fleet.config import rules
+    from fleet.store import alerting
 
     rule = rules.Rule.parse(org_name, rule_name, when, for_, machines, severity)
     alerting.add_rule(settings.data_dir, rule, settings.database)
@@ -295,7 +296,8 @@ def alert_add(settings: Settings, org_name: str, rule_name: str, when: str, for_
 @common
 def alert_list(settings: Settings, org_name: str, as_json: bool) -> None:
     """List the alert rules of ORG."""
-    from fleet.config import alerting, rules
+    from fleet.config import rules
+    from fleet.store import alerting
 
     found = alerting.list_rules(settings.data_dir, org_name, settings.database)
     if as_json:
@@ -312,7 +314,7 @@ def alert_list(settings: Settings, org_name: str, as_json: bool) -> None:
 @common
 def alert_remove(settings: Settings, org_name: str, rule_name: str) -> None:
     """Remove alert rule RULE of ORG (its alerts resolve)."""
-    from fleet.config import alerting
+    from fleet.store import alerting
 
     alerting.remove_rule(settings.data_dir, org_name, rule_name, settings.database)
     click.echo(f"removed rule {rule_name} of org {org_name}")
@@ -345,7 +347,7 @@ def alert_channel() -> None:
 @common
 def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url: str, as_json: bool) -> None:
     """Add CHANNEL to ORG: http(s):// webhook, alertmanager+http(s)://HOST:PORT, mailto:ADDR or an Apprise URL."""
-    from fleet.collector.channels import add_channel
+    from fleet.collector.alerts.channels import add_channel
 
     added = add_channel(settings, org_name, channel_name, url)
     if as_json:
@@ -365,7 +367,7 @@ def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url:
 @common
 def alert_channel_list(settings: Settings, org_name: str, as_json: bool) -> None:
     """List the channels of ORG with their last delivery and last error (never a secret)."""
-    from fleet.config import alerting
+    from fleet.store import alerting
 
     found = alerting.list_channels(settings.data_dir, org_name, settings.database)
     if as_json:
@@ -383,7 +385,7 @@ def alert_channel_list(settings: Settings, org_name: str, as_json: bool) -> None
 @common
 def alert_channel_remove(settings: Settings, org_name: str, channel_name: str) -> None:
     """Remove CHANNEL of ORG (with what was waiting to be sent to it)."""
-    from fleet.config import alerting
+    from fleet.store import alerting
 
     alerting.remove_channel(settings.data_dir, org_name, channel_name, settings.database)
     click.echo(f"removed channel {channel_name} of org {org_name}")
@@ -396,7 +398,7 @@ def alert_channel_remove(settings: Settings, org_name: str, channel_name: str) -
 @common
 def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> None:
     """Send one test notification to CHANNEL; exit 1 with the reason if it fails."""
-    from fleet.collector.channels import send_test
+    from fleet.collector.alerts.channels import send_test
 
     send_test(settings, org_name, channel_name)
     click.echo(f"test notification delivered to channel {channel_name} of org {org_name}")
@@ -414,7 +416,8 @@ def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> 
 def alert_silence(settings: Settings, org_name: str, for_: str, machines: str, rule_name: str | None, comment: str,
                   as_json: bool) -> None:
     """Send no notifications for ORG's matching alerts for a while (they still show everywhere)."""
-    from fleet.config import alerting, rules
+    from fleet.config import rules
+    from fleet.store import alerting
 
     silence = alerting.add_silence(settings.data_dir, org_name, rules.parse_duration(for_), machines, rule_name,
                                    comment, database=settings.database)
@@ -431,7 +434,7 @@ def alert_silence(settings: Settings, org_name: str, for_: str, machines: str, r
 @common
 def alert_unsilence(settings: Settings, org_name: str, silence_id: int) -> None:
     """End silence ID of ORG now."""
-    from fleet.config import alerting
+    from fleet.store import alerting
 
     alerting.expire_silence(settings.data_dir, org_name, silence_id, database=settings.database)
     click.echo(f"silence {silence_id} of org {org_name} ended")
@@ -444,7 +447,7 @@ def alert_unsilence(settings: Settings, org_name: str, silence_id: int) -> None:
 @common
 def alert_silences(settings: Settings, org_name: str, as_json: bool) -> None:
     """List the current and future silences of ORG."""
-    from fleet.config import alerting
+    from fleet.store import alerting
 
     found = alerting.list_silences(settings.data_dir, org_name, database=settings.database)
     if as_json:

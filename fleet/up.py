@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.config import credentials
 from fleet.config.settings import Settings
+from fleet.store import credentials
 
 log = logging.getLogger("fleet.up")
 DEMO_ORG = "demo"
@@ -43,7 +43,8 @@ def ensure_demo_org(data_dir: Path, database: str | None = None) -> DemoKeys:
         keys = DemoKeys(credentials.rotate_key(data_dir, DEMO_ORG, "agent", database),
                         credentials.rotate_key(data_dir, DEMO_ORG, "reader", database))
     else:
-        from fleet.config import alerting, rules
+        from fleet.config import rules
+        from fleet.store import alerting
 
         created = credentials.add_org(data_dir, DEMO_ORG, database)
         keys = DemoKeys(created.agent_key, created.reader_key)

@@ -2,9 +2,9 @@
 
 The ``fleet alert`` commands call these; the collector reads the same tables every few seconds, so a
 change applies without a restart (SPEC: within 5 s). Channel URLs are checked and channel secrets made
-by ``fleet.collector.notify`` (collector/channels.py); this module only stores them, sealed. Every
+by ``fleet.collector.alerts.notify`` (collector/alerts/channels.py); this module only stores them, sealed. Every
 function that opens the database takes the data dir (pepper, default SQLite file) and an optional
-database URL, as ``fleet.config.credentials`` does.
+database URL, as ``fleet.store.credentials`` does.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.config.credentials import database_for
-from fleet.config.database import Database, open_database
 from fleet.config.errors import CredentialError
 from fleet.config.rules import (
     DEFAULT_RULES,
@@ -28,7 +26,9 @@ from fleet.config.rules import (
     check_name,
     parse_condition,
 )
-from fleet.config.secretbox import SecretBox, secret_box
+from fleet.store.credentials import database_for
+from fleet.store.database import Database, open_database
+from fleet.store.secretbox import SecretBox, secret_box
 
 
 def _open(data_dir: Path, database: str | None) -> Database:

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.config.database import POSTGRESQL, Database, open_database, sqlite_url
 from fleet.config.errors import CredentialError
 from fleet.config.ids import validate_id
+from fleet.store.database import POSTGRESQL, Database, open_database, sqlite_url
 
 ROLES = ("agent", "reader")
 SERVICE_USERNAME = "fleet-service"
@@ -153,7 +153,7 @@ def _org_exists(db: Database, org: str) -> bool:
 
 def add_org(data_dir: Path, org: str, database: str | None = None) -> OrgSecrets:
     """Create an org with fresh agent and reader keys; raise CredentialError if it exists."""
-    from fleet.config import alerting  # imports this module
+    from fleet.store import alerting  # imports this module
 
     validate_id(org, "org")
     pepper = load_pepper(data_dir)
@@ -189,7 +189,7 @@ def org_names(db: Database) -> list[str]:
 
 def remove_org(data_dir: Path, org: str, database: str | None = None) -> None:
     """Delete an org, its credentials (its keys stop working at once) and its alerting; history stays."""
-    from fleet.config import alerting  # imports this module
+    from fleet.store import alerting  # imports this module
 
     validate_id(org, "org")
     with _open(data_dir, database) as db, db.transaction():

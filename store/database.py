@@ -4,7 +4,7 @@ Every part talks to the database through ``Database`` (``open_database(url)``): 
 ``?`` placeholders, transactions are ``with db.transaction():``, and driver errors come out as one of
 three ``DatabaseError`` kinds, so callers never see sqlite3 or psycopg. The engine differences live here
 and nowhere else, except the few queries that truly differ per engine, which pick their SQL by
-``db.engine`` where they are used (web/db.py, collector/store.py):
+``db.engine`` where they are used (web/db.py, collector/history.py):
 
 - URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``postgresql://user:pw@host:port/db``;
 - placeholders: ``?`` becomes ``%s`` for psycopg (and a literal ``%`` becomes ``%%``), once per statement text;
@@ -182,7 +182,7 @@ CREATE TABLE IF NOT EXISTS alert_rules (
     created REAL NOT NULL,
     PRIMARY KEY (org, name)
 );
--- Notification channels. url and secret are encrypted at rest (config.secretbox); target is the URL
+-- Notification channels. url and secret are encrypted at rest (store.secretbox); target is the URL
 -- without credentials or path, for display.
 CREATE TABLE IF NOT EXISTS alert_channels (
     org TEXT NOT NULL,
@@ -235,7 +235,7 @@ CREATE TABLE IF NOT EXISTS alert_outbox (
     org TEXT NOT NULL,
     channel TEXT NOT NULL,
     group_key TEXT NOT NULL,
-    notices TEXT NOT NULL,         -- JSON list of notices (collector.notify.Notice fields)
+    notices TEXT NOT NULL,         -- JSON list of notices (collector.alerts.notify.Notice fields)
     created REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,

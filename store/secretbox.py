@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from fleet.config import credentials
 from fleet.config.errors import CredentialError
+from fleet.store import credentials
 
 HKDF_INFO = b"fleet alert channel secrets v1"
 

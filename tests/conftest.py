@@ -13,9 +13,9 @@ import pytest
 
 from fleet.broker.pki import ensure_certs
 from fleet.broker.server import RunningBroker, start_in_thread
-from fleet.config import credentials
-from fleet.config.database import open_database, sqlite_url
 from fleet.config.settings import Settings
+from fleet.store import credentials
+from fleet.store.database import open_database, sqlite_url
 from tests.dbhelpers import ENGINES
 from tests.postgres import PostgresServer, unavailable_reason
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from fleet.config.database import POSTGRESQL, open_database
+from fleet.store.database import POSTGRESQL, open_database
 
 # The engine fixture's parameters (tests/conftest.py); a module-scoped fixture may take them directly.
 ENGINES = ("sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql))

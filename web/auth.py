@@ -8,9 +8,9 @@ from typing import Any
 
 from flask import abort, current_app, g, request
 
-from fleet.config import credentials
-from fleet.config.database import DatabaseError
 from fleet.config.errors import CredentialError
+from fleet.store import credentials
+from fleet.store.database import DatabaseError
 from fleet.web.db import DatabaseUnavailable, get_db
 
 

@@ -11,10 +11,10 @@ from typing import Any
 import orjson
 from flask import current_app, g
 
-from fleet.config.alerting import silences_query
-from fleet.config.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
 from fleet.config.rules import Silence
 from fleet.config.status import MACHINE_STATUSES
+from fleet.store.alerting import silences_query
+from fleet.store.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
 from fleet.web.errors import WebError
 
 # The API's machine object: these columns as they are, conflict as a boolean, and system and metrics spliced

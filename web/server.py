@@ -11,10 +11,10 @@ from typing import Any
 from flask import Flask
 from waitress.server import create_server
 
-from fleet.config import credentials
-from fleet.config.database import open_database
 from fleet.config.errors import CredentialError
 from fleet.config.settings import Settings, local_host
+from fleet.store import credentials
+from fleet.store.database import open_database
 from fleet.web.app import create_app
 from fleet.web.errors import WebError
 

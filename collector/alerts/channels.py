@@ -1,7 +1,7 @@
 """An org's notification channels: add one (URL checked, webhook secret made) and send it a test.
 
-The senders are ``fleet.collector.notify``; the stored form (URL and secret encrypted) is
-``fleet.config.alerting``. The ``fleet alert channel`` commands are thin layers over these functions.
+The senders are ``fleet.collector.alerts.notify``; the stored form (URL and secret encrypted) is
+``fleet.store.alerting``. The ``fleet alert channel`` commands are thin layers over these functions.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.collector import notify
-from fleet.config import alerting
-from fleet.config.alerting import Channel
-from fleet.config.database import open_database
+from fleet.collector.alerts import notify
 from fleet.config.settings import Settings
+from fleet.store import alerting
+from fleet.store.alerting import Channel
+from fleet.store.database import open_database
 
 log = logging.getLogger("collector.alerts")
 TIMEOUT_S = 10.0

@@ -1,6 +1,6 @@
 """The notification outbox's delivery worker: its own threads, so a slow channel never holds up ingest.
 
-The writer thread seals grouped notifications into ``alert_outbox`` rows (collector/alerts.py) and wakes
+The writer thread seals grouped notifications into ``alert_outbox`` rows (collector/alerts/engine.py) and wakes
 this worker. One dispatcher thread owns the worker's database connection: it picks the oldest row of
 each channel that is due, hands it to a small pool of sender threads (at most MAX_PARALLEL sends at
 once, one per channel, so a channel hears of an alert's firing before its resolution), and records
@@ -21,13 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from fleet.collector import notify
-from fleet.collector.channels import send
-from fleet.config import alerting
-from fleet.config.database import Database, DatabaseError, open_database
+from fleet.collector.alerts import notify
+from fleet.collector.alerts.channels import send
 from fleet.config.errors import ConfigError
-from fleet.config.secretbox import SecretBox, secret_box
 from fleet.config.settings import Settings
+from fleet.store import alerting
+from fleet.store.database import Database, DatabaseError, open_database
+from fleet.store.secretbox import SecretBox, secret_box
 
 log = logging.getLogger("collector.alerts")
 

@@ -27,13 +27,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.collector import notify
-from fleet.collector.channels import group_key
+from fleet.collector.alerts import notify
+from fleet.collector.alerts.channels import group_key
 from fleet.collector.state import Machine, Tracker, Transition
-from fleet.config import alerting
-from fleet.config.database import Database, DatabaseError
 from fleet.config.rules import Conflict, Rule, Silence, StatusIs, Threshold, format_duration, metric_reader
 from fleet.config.topics import alert_topic
+from fleet.store import alerting
+from fleet.store.database import Database, DatabaseError
 
 log = logging.getLogger("collector.alerts")
 
@@ -72,7 +72,7 @@ class Alert:
         return self.state in (FIRING, RESOLVED) and self.notified != self.state
 
     def notice(self) -> dict[str, Any]:
-        """The alert as one notice of a notification (``fleet.collector.notify.Notice`` fields)."""
+        """The alert as one notice of a notification (``fleet.collector.alerts.notify.Notice`` fields)."""
         return {"status": self.state, "org": self.org, "rule": self.rule, "machine_id": self.machine_id,
                 "severity": self.severity, "summary": self.summary, "value": self.value,
                 "starts_at": self.fired_at if self.fired_at is not None else self.active_at,

@@ -14,7 +14,8 @@ import pytest
 from fleet.agent.outbox import Outbox
 from fleet.agent.runner import backoff_delay, keepalive_for
 from fleet.broker.server import start_in_thread
-from fleet.config import credentials, payloads
+from fleet.config import payloads
+from fleet.store import credentials
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 MACHINE = "web-1"

@@ -17,7 +17,7 @@ before = set(sys.modules)  # whatever this interpreter loads at start-up is not 
 import fleet.cli
 fleet.cli.prepare_agent_process()  # what `fleet agent` does first
 import fleet.launch, fleet.agent.runner, fleet.agent.connection, fleet.agent.metrics, fleet.agent.outbox
-from fleet.config.deferred import Deferred
+from fleet.agent.deferred import Deferred
 print(sorted(m for m in ("click", "http.client", "email", "tomllib", "_hashlib", "hmac", "secrets", "inspect",
                          "ipaddress", "base64", "tokenize", "textwrap") if m in sys.modules and m not in before
              and not isinstance(sys.modules[m], Deferred)))
@@ -29,7 +29,7 @@ import sys
 import fleet.cli
 fleet.cli.prepare_agent_process()
 import fleet.launch, fleet.agent.runner
-from fleet.config.deferred import Deferred
+from fleet.agent.deferred import Deferred
 import urllib.request
 assert isinstance(urllib.request, Deferred) and "http.client" not in sys.modules
 assert isinstance(urllib.request.getproxies(), dict)  # the first attribute read imports the real module
@@ -58,7 +58,7 @@ print("ok")
 
 RACE = """
 import sys, threading
-import fleet.config.deferred as deferred
+import fleet.agent.deferred as deferred
 for name in deferred.UNUSED:
     sys.modules.pop(name, None)
 deferred.defer_unused()
@@ -97,7 +97,7 @@ OTHER_PARTS = """
 import sys
 import fleet.cli, fleet.commands, fleet.up, fleet.broker.server, fleet.collector.service, fleet.web.app
 import fleet.config.mqtt, fleet.agent.simulate
-from fleet.config.deferred import Deferred
+from fleet.agent.deferred import Deferred
 print(sorted(name for name, module in sys.modules.items() if isinstance(module, Deferred)))
 """
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fleet.agent.simulate import start_simulation
-from fleet.config import credentials, payloads
+from fleet.config import payloads
+from fleet.store import credentials
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from fleet.cli import cli
-from fleet.config import credentials
+from fleet.store import credentials
 from tests.alerts.receiver import Receiver, signed_with
 
 

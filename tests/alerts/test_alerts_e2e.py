@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from fleet.agent.simulate import start_simulation
-from fleet.collector.channels import add_channel
-from fleet.config import alerting
+from fleet.collector.alerts.channels import add_channel
 from fleet.config.rules import Rule
 from fleet.config.settings import Settings
+from fleet.store import alerting
 from fleet.web.app import create_app
 from tests.alerts.proxy import Proxy
 from tests.alerts.receiver import Receiver, signed_with

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.config import alerting
 from fleet.config.settings import Settings
+from fleet.store import alerting
 from fleet.up import DEMO_ORG, DEMO_RULE, start_system
 from tests.helpers import wait_for
 from tests.test_up import get

@@ -19,8 +19,8 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 
 from fleet.broker.pki import ensure_certs
 from fleet.broker.server import LoopThread, start_loop_thread
-from fleet.config import credentials
-from fleet.config.database import open_database
+from fleet.store import credentials
+from fleet.store.database import open_database
 from tests.helpers import free_port, port_open, wait_for
 
 

@@ -12,8 +12,8 @@ import ssl
 import pytest
 
 from fleet.collector.mqtt_codec import Connack, Connect, encode
-from fleet.config import credentials
 from fleet.config.topics import alert_topic
+from fleet.store import credentials
 from tests.helpers import Inbox, close, connect_client
 
 OWN = "fleet/acme/web-1"

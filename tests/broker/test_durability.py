@@ -18,7 +18,7 @@ import pytest
 
 from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connack, Connect, Publish, encode, encode_pubacks
-from fleet.config import credentials
+from fleet.store import credentials
 from tests.helpers import BrokerProcess, Inbox, close, connect_client, free_port, port_open, wait_for
 
 REPORTS = "fleet/acme/+/report"

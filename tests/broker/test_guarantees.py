@@ -17,7 +17,8 @@ import pytest
 
 from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connack, Connect, Disconnect, Publish, Will, encode, encode_pubacks
-from fleet.config import credentials, payloads
+from fleet.config import payloads
+from fleet.store import credentials
 from tests.broker.stock import keys_of, start_stock
 from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from fleet.collector.mqtt_codec import Connect, encode
-from fleet.config import credentials
+from fleet.store import credentials
 from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
 
 PING = "fleet/acme/web-1/ping"

@@ -9,8 +9,8 @@ import time
 
 from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connect, encode
-from fleet.config import credentials
 from fleet.config.settings import Settings
+from fleet.store import credentials
 from tests.helpers import tls_socket, wait_for
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from fleet.config import credentials, payloads
+from fleet.config import payloads
 from fleet.config.mqtt import BrokerAddress, new_client
 from fleet.config.settings import Settings
 from fleet.config.topics import agent_client_id, ping_topic, report_topic
+from fleet.store import credentials
 from tests.dbhelpers import rows
 from tests.helpers import free_port, port_open, wait_for  # noqa: F401 - re-exported to the collector tests
 

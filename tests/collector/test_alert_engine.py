@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from fleet.collector import store
-from fleet.collector.alerts import AlertEngine
-from fleet.config import alerting, credentials
-from fleet.config.database import open_database
+from fleet.collector import history
+from fleet.collector.alerts.engine import AlertEngine
 from fleet.config.rules import Rule
 from fleet.config.topics import alert_topic
+from fleet.store import alerting, credentials
+from fleet.store.database import open_database
 from tests.collector.collector_builders import T0, ping, report, tracker
 
 ORGS = {"acme", "globex"}
@@ -40,7 +40,7 @@ class Harness:
         """A new tracker and engine from what the database holds (the collector restarted)."""
         self.flush()
         self.tracker = tracker()
-        self.tracker.load(store.load_machines(self.db, None), now)
+        self.tracker.load(history.load_machines(self.db, None), now)
         self.engine = AlertEngine(self.tracker, self.group_wait, lambda machine, t: self.blind)
         self.engine.load(self.db, ORGS, now)
         self.flush()
@@ -69,8 +69,8 @@ class Harness:
         self.flush()
 
     def flush(self):
-        batch = store.Batch(machines=self.tracker.take_dirty(), alerts=self.engine.take_writes())
-        store.write_batch(self.db, batch, T0)
+        batch = history.Batch(machines=self.tracker.take_dirty(), alerts=self.engine.take_writes())
+        history.write_batch(self.db, batch, T0)
         self.published += self.engine.take_publishes()
 
     def alerts(self, org="acme"):

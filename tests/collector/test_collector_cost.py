@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from fleet.config.database import DatabaseUrl
+from fleet.store.database import DatabaseUrl
 from tests.collector.collector_fixtures import SimAgent
 from tests.helpers import wait_for
 

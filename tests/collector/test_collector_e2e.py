@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from fleet.collector import service
-from fleet.config import credentials, payloads
+from fleet.config import payloads
 from fleet.config.topics import ping_topic, report_topic
+from fleet.store import credentials
 from tests.collector.collector_fixtures import SimAgent, query
 from tests.dbhelpers import rows, write_lock
 from tests.helpers import wait_for
@@ -344,7 +345,7 @@ def _connect_agent(endpoint):
 def test_retention_runs_on_a_timer(endpoint, collectors):
     day = 86400
     old = time.time() - 10 * day
-    from fleet.config.database import open_database
+    from fleet.store.database import open_database
 
     with open_database(endpoint.database) as db, db.transaction():
         db.executemany(

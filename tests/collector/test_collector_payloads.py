@@ -86,7 +86,7 @@ def test_junk_in_metrics_never_crashes_and_what_passes_is_storable(name, junk):
         assert reason == payloads.BAD_FIELD
         return
     # Whatever is accepted can be stored by the collector.
-    from fleet.collector.store import report_row
+    from fleet.collector.history import report_row
     conn = sqlite3.connect(":memory:")
     row = report_row(report, 1.0, "{}")
     conn.execute("SELECT " + ",".join("?" * len(row)), row)

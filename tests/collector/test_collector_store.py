@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from fleet.collector import store
+from fleet.collector import history
 from fleet.collector.state import Tracker
-from fleet.config.database import DatabaseBusy, open_database
+from fleet.store.database import DatabaseBusy, open_database
 from tests.collector.collector_builders import T0, ping, report
 from tests.dbhelpers import write_lock
 
@@ -15,23 +15,23 @@ pytestmark = pytest.mark.both_engines
 
 def _insert_reports(db, rows):
     with db.transaction():
-        db.executemany(store.INSERT_REPORT, rows)
+        db.executemany(history.INSERT_REPORT, rows)
 
 
 def test_batch_stores_reports_machines_events_and_counters(db):
     t = Tracker(3.0, 10.0, 3600)
-    batch = store.Batch()
+    batch = history.Batch()
     for seq in range(3):
         r = report(seq=seq, ts=T0 + seq)
         batch.events += t.on_report(r, T0 + seq + 0.1)
-        batch.reports.append(store.report_row(r, T0 + seq + 0.1, "{}"))
+        batch.reports.append(history.report_row(r, T0 + seq + 0.1, "{}"))
     batch.machines = t.take_dirty()
     batch.drops = {"not_json": 2}
     batch.expired = {"acme": 1}
-    assert store.write_batch(db, batch, T0 + 5) == 3
+    assert history.write_batch(db, batch, T0 + 5) == 3
     # A replay of the same (org, machine, session, seq) is ignored; counters add up.
-    again = store.Batch(reports=batch.reports[:2], drops={"not_json": 1, "rate_limited": 4})
-    assert store.write_batch(db, again, T0 + 6) == 0
+    again = history.Batch(reports=batch.reports[:2], drops={"not_json": 1, "rate_limited": 4})
+    assert history.write_batch(db, again, T0 + 6) == 0
     assert db.query_one("SELECT count(*), min(seq), max(seq) FROM reports") == (3, 0, 2)
     row = db.query_one("SELECT status, session, os, metrics, last_seen FROM machines")
     assert row[:3] == ("online", "s1", "Linux")
@@ -45,21 +45,21 @@ def test_batch_stores_reports_machines_events_and_counters(db):
 def test_machine_rows_are_updated_in_place_and_written_again_when_missing(db):
     t = Tracker(3.0, 10.0, 3600)
     t.on_report(report(seq=0, ts=T0), T0)
-    store.write_batch(db, store.Batch(machines=t.take_dirty()), T0)
+    history.write_batch(db, history.Batch(machines=t.take_dirty()), T0)
     machine = t.get("acme", "web-1")
     assert machine is not None
     assert machine.stored  # an UPDATE will do from now on
     t.on_report(report(seq=1, ts=T0 + 1), T0 + 1)
-    store.write_batch(db, store.Batch(machines=t.take_dirty()), T0 + 1)
+    history.write_batch(db, history.Batch(machines=t.take_dirty()), T0 + 1)
     assert db.query("SELECT last_seen, first_seen FROM machines") == [(T0 + 1, T0)]
     # Someone else deleted the row (or the batch that wrote it was rolled back): it is written again, whole.
     db.execute("DELETE FROM machines")
     t.on_report(report(seq=2, ts=T0 + 2), T0 + 2)
-    store.write_batch(db, store.Batch(machines=t.take_dirty()), T0 + 2)
+    history.write_batch(db, history.Batch(machines=t.take_dirty()), T0 + 2)
     assert db.query("SELECT machine_id, last_seen, first_seen FROM machines") == [("web-1", T0 + 2, T0)]
     # A restarted collector's machines come from their rows, so they are updated in place too.
     restarted = Tracker(3.0, 10.0, 3600)
-    restarted.load(store.load_machines(db, None), T0 + 3)
+    restarted.load(history.load_machines(db, None), T0 + 3)
     assert restarted.get("acme", "web-1").stored
 
 
@@ -71,18 +71,18 @@ def test_report_row_extracts_chart_columns():
                        "net": {"bytes_sent": 10, "bytes_recv": 20}}
     from fleet.config import payloads
     r = payloads.parse_report(payloads.encode(data), "fleet/acme/web-1/report")
-    row = store.report_row(r, T0, "x")
+    row = history.report_row(r, T0, "x")
     assert row[6:12] == (12.5, 40.0, 30.0, 0.5, 10, 20)
     empty = payloads.parse_report(payloads.encode({**data, "metrics": {}}), "fleet/acme/web-1/report")
-    assert store.report_row(empty, T0, "x")[6:12] == (None,) * 6
+    assert history.report_row(empty, T0, "x")[6:12] == (None,) * 6
 
 
 def test_evicted_machine_row_is_deleted(db):
     t = Tracker(3.0, 10.0, ttl_seconds=100)
     t.on_ping(ping(), T0)
-    store.write_batch(db, store.Batch(machines=t.take_dirty()), T0)
+    history.write_batch(db, history.Batch(machines=t.take_dirty()), T0)
     transitions, evicted = t.tick(T0 + 200)
-    store.write_batch(db, store.Batch(evicted=evicted, events=transitions, expired={"acme": 1}), T0 + 200)
+    history.write_batch(db, history.Batch(evicted=evicted, events=transitions, expired={"acme": 1}), T0 + 200)
     assert db.query_one("SELECT count(*) FROM machines") == (0,)
     assert db.query("SELECT new_status, reason FROM events") == [("evicted", "ttl")]
 
@@ -100,7 +100,7 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(db):
     _insert_reports(db, rows)
     db.execute("INSERT INTO events(org, machine_id, ts, new_status) VALUES ('acme', 'm', ?, 'online')",
                (now - 40 * day,))
-    result = store.apply_retention(db, now, raw_days=7, rollup_days=20)
+    result = history.apply_retention(db, now, raw_days=7, rollup_days=20)
     oldest_raw = db.query_one("SELECT min(received) FROM reports")[0]
     assert oldest_raw >= now - 7 * day
     assert result.reports_rolled_up == sum(1 for r in rows if r[5] < now - 7 * day)
@@ -115,7 +115,7 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(db):
     assert first[2] % 60 == 0
     assert db.query_one("SELECT count(*) FROM events") == (0,)
     # Idempotent: a second run finds nothing more to do.
-    assert store.apply_retention(db, now, 7, 20) == store.RetentionResult(0, 0, 0)
+    assert history.apply_retention(db, now, 7, 20) == history.RetentionResult(0, 0, 0)
 
 
 def test_retention_merges_a_minute_split_across_runs(db):
@@ -126,8 +126,8 @@ def test_retention_merges_a_minute_split_across_runs(db):
         ("a", "m", "s", 1, minute + 59.9, minute + 2, 20.0, None, None, None, 7, 7, "{}",
          '{"custom.q":4,"process.x":2}'),
     ])
-    store.apply_retention(db, minute + 1.5 + 86400, raw_days=1, rollup_days=3650)
-    store.apply_retention(db, minute + 3 + 86400, raw_days=1, rollup_days=3650)
+    history.apply_retention(db, minute + 1.5 + 86400, raw_days=1, rollup_days=3650)
+    history.apply_retention(db, minute + 3 + 86400, raw_days=1, rollup_days=3650)
     assert db.query("SELECT minute, samples, cpu_percent, net_bytes_sent FROM rollups") == [(minute, 2, 15.0, 7)]
     # Extra fields keep a sum and a sample count each, so the two runs merge exactly.
     fields = db.query_one("SELECT fields FROM rollups")[0]
@@ -139,19 +139,19 @@ def test_retention_runs_once_when_another_collector_holds_its_lock(db, database_
     with open_database(database_url) as other, other.transaction():
         assert other.try_lock("retention")
         if db.engine == "postgresql":  # SQLite's write lock makes the second run wait instead
-            assert store.apply_retention(db, 86400 * 10, 1, 3650) == store.RetentionResult(0, 0, 0)
-    assert store.apply_retention(db, 86400 * 10, 1, 3650).reports_rolled_up == 1
+            assert history.apply_retention(db, 86400 * 10, 1, 3650) == history.RetentionResult(0, 0, 0)
+    assert history.apply_retention(db, 86400 * 10, 1, 3650).reports_rolled_up == 1
     assert db.query("SELECT samples FROM rollups") == [(1,)]
 
 
 def test_write_batch_fails_cleanly_while_another_writer_holds_the_lock(database_url):
     db = open_database(database_url, busy_timeout_ms=50)
     r = report()
-    batch = store.Batch(reports=[store.report_row(r, T0, "{}")], machines=[], drops={"not_json": 1})
+    batch = history.Batch(reports=[history.report_row(r, T0, "{}")], machines=[], drops={"not_json": 1})
     with write_lock(database_url):
         with pytest.raises(DatabaseBusy):
-            store.write_batch(db, batch, T0)
-    assert store.write_batch(db, batch, T0) == 1  # the same batch, retried, is stored once
+            history.write_batch(db, batch, T0)
+    assert history.write_batch(db, batch, T0) == 1  # the same batch, retried, is stored once
     assert db.query("SELECT reason, count FROM drops") == [("not_json", 1)]
     db.close()
 
@@ -171,11 +171,11 @@ def test_reports_are_stored_exactly_types_included(db):
                                      {"os": "Lin\u00fcx \U0001F600", "hostname": 'a"b'})
         raw = payloads.encode(data)
         r = payloads.parse_report(raw, "fleet/acme/web-1/report")
-        rows.append(store.report_row(r, 1764000001.5, raw.decode()))
+        rows.append(history.report_row(r, 1764000001.5, raw.decode()))
     assert rows[2][10:12] == (1, None)  # float byte counters: truncated to an integer, or dropped past 64 bits
-    assert store.write_batch(db, store.Batch(reports=rows), T0) == 3
-    got = db.query(f"SELECT {', '.join(store.REPORT_COLUMNS)} FROM reports ORDER BY seq")
-    payload = store.REPORT_COLUMNS.index("payload")
+    assert history.write_batch(db, history.Batch(reports=rows), T0) == 3
+    got = db.query(f"SELECT {', '.join(history.REPORT_COLUMNS)} FROM reports ORDER BY seq")
+    payload = history.REPORT_COLUMNS.index("payload")
     assert [row[:payload] + row[payload + 1:] for row in got] == [row[:payload] + row[payload + 1:] for row in rows]
     assert [json.loads(row[payload]) for row in got] == [json.loads(row[payload]) for row in rows]
     # REAL columns read back as floats (disk_percent was sent as 5), INTEGER ones as ints, on both engines.
@@ -188,12 +188,12 @@ def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
 
     from fleet.collector import service
     from fleet.collector.intake import DropCounter
-    from fleet.config.database import DatabaseBusy
+    from fleet.store.database import DatabaseBusy
 
     owner = SimpleNamespace(settings=service.Settings(), tracker=Tracker(3.0, 10.0, 3600), client_id="c1",
                             drops=DropCounter(), _stored=0, _commits=0, alerts=None)
     writer = service.Writer(owner, db)
-    real = store.write_batch
+    real = history.write_batch
     calls = []
 
     def commit_then_fail(*args, **kwargs):
@@ -203,10 +203,10 @@ def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
             raise DatabaseBusy("server closed the connection unexpectedly")
         return inserted
 
-    monkeypatch.setattr(store, "write_batch", commit_then_fail)
+    monkeypatch.setattr(history, "write_batch", commit_then_fail)
     t = Tracker(3.0, 10.0, 3600)
     r = report()
-    batch = store.Batch(reports=[store.report_row(r, T0, "{}")], events=t.on_report(r, T0), drops={"not_json": 1})
+    batch = history.Batch(reports=[history.report_row(r, T0, "{}")], events=t.on_report(r, T0), drops={"not_json": 1})
     assert writer.write(batch, final=False)
     assert db.query("SELECT new_status FROM events") == [("online",)]
     assert db.query("SELECT count FROM drops") == [(1,)]
@@ -222,10 +222,10 @@ def test_batches_of_any_size_store_every_row_once(db, n):
             for i in range(n)]
     machines = [Machine(org="a", machine_id=f"m{i}", status="online", session="s", metrics={"cpu_percent": i})
                 for i in range(n)]
-    assert store.write_batch(db, store.Batch(reports=rows, machines=machines), 5.0) == n
-    assert store.write_batch(db, store.Batch(reports=rows[:3]), 5.5) == 0  # replays
+    assert history.write_batch(db, history.Batch(reports=rows, machines=machines), 5.0) == n
+    assert history.write_batch(db, history.Batch(reports=rows[:3]), 5.5) == 0  # replays
     assert db.query("SELECT count(*), count(DISTINCT seq) FROM reports") == [(n, n)]
     machines[-1].metrics = {"cpu_percent": -1}
-    store.write_batch(db, store.Batch(machines=machines), 6.0)
+    history.write_batch(db, history.Batch(machines=machines), 6.0)
     assert db.query("SELECT count(*), max(updated) FROM machines") == [(n, 6.0)]
     assert db.query("SELECT metrics FROM machines WHERE machine_id = ?", (f"m{n - 1}",)) == [('{"cpu_percent":-1}',)]

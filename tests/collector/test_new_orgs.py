@@ -13,7 +13,7 @@ import pytest
 
 from fleet.collector import service
 from fleet.collector.intake import UNKNOWN_ORG
-from fleet.config import credentials
+from fleet.store import credentials
 from tests.collector.collector_fixtures import Endpoint, SimAgent, query
 from tests.helpers import wait_for
 

@@ -1,4 +1,4 @@
-"""Alert channels (fleet.collector.notify) against real servers on loopback: an HTTP receiver for webhooks,
+"""Alert channels (fleet.collector.alerts.notify) against real servers on loopback: an HTTP receiver for webhooks,
 Alertmanager's API shape and Apprise's json://, aiosmtpd for email (plain, STARTTLS, implicit TLS, login)."""
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from fleet.collector.errors import CollectorError
-from fleet.collector.notify import (
+from fleet.collector.alerts.notify import (
     RETRY_FOR_S,
     SIGNATURE_HEADER,
     DeliveryError,
@@ -44,8 +43,9 @@ from fleet.collector.notify import (
     test_notices,
     verify,
 )
-from fleet.collector.notify.alertmanager import FIRING_VALID_FOR_S
-from fleet.collector.notify.retry import RETRY_CAP_S
+from fleet.collector.alerts.notify.alertmanager import FIRING_VALID_FOR_S
+from fleet.collector.alerts.notify.retry import RETRY_CAP_S
+from fleet.collector.errors import CollectorError
 from tests.collector.http_recorder import Recorder, recording
 from tests.helpers import free_port
 
@@ -627,7 +627,7 @@ def test_redact_keeps_scheme_host_port_only(url: str, secrets: list[str], shown:
 
 
 def test_url_parts_repr_shows_no_secret() -> None:
-    from fleet.collector.notify.urls import split
+    from fleet.collector.alerts.notify.urls import split
 
     parts = split("tgram://123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/12315544?x=pa55word")
     assert parts is not None
@@ -684,7 +684,7 @@ def test_apprise_tokens_never_logged(receiver: Recorder, caplog: pytest.LogCaptu
 
 
 def test_loopback_is_the_only_cleartext_login_host() -> None:
-    from fleet.collector.notify.mail import is_loopback
+    from fleet.collector.alerts.notify.mail import is_loopback
 
     assert is_loopback("127.0.0.1")
     assert is_loopback("localhost")

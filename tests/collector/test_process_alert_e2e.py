@@ -1,6 +1,6 @@
 """A ``process.<name> < 1`` alert rule fires when the process an agent checks for is gone (issues 14 and 11).
 
-Through the alert API (``fleet.config.rules``, ``fleet.config.alerting``, the ``alerts`` table and
+Through the alert API (``fleet.config.rules``, ``fleet.store.alerting``, the ``alerts`` table and
 ``GET /api/alerts``).
 """
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config import alerting, rules
+from fleet.config import rules
 from fleet.config.settings import Settings
+from fleet.store import alerting
 from fleet.web.app import create_app
 from tests.collector.collector_fixtures import embedded_endpoint, end_agent_and_probe, query
 from tests.helpers import bearer, wait_for

@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from fleet.collector import store
+from fleet.collector import history
 from fleet.collector.state import Tail, TailStats, tail_lost
 from fleet.config import payloads
-from fleet.config.database import open_database
 from fleet.config.errors import PayloadError
+from fleet.store.database import open_database
 from tests.collector.collector_builders import INTERVAL, T0, ping, report, tracker
 
 pytestmark = pytest.mark.both_engines
@@ -29,21 +29,21 @@ class History:
         self.t = tracker(grace=grace)
 
     def reports(self, session: str, seqs, now: float) -> None:
-        batch = store.Batch()
+        batch = history.Batch()
         for seq in seqs:
             r = report(session=session, seq=seq, ts=T0 + seq * INTERVAL)
             batch.events += self.t.on_report(r, now)
-            batch.reports.append(store.report_row(r, now, "{}"))
+            batch.reports.append(history.report_row(r, now, "{}"))
         self.flush(batch, now)
 
     def ping(self, now: float, retained: bool = False, **kwargs) -> None:
-        self.flush(store.Batch(events=self.t.on_ping(ping(**kwargs), now, retained)), now)
+        self.flush(history.Batch(events=self.t.on_ping(ping(**kwargs), now, retained)), now)
 
     def settle(self, now: float) -> int:
         """What the writer does after each flush: settle due tails and store the results."""
-        batch, lost_total = store.Batch(), 0
+        batch, lost_total = history.Batch(), 0
         for tail in self.t.due_tails(now):
-            lost, events = self.t.settle_tail(tail, store.tail_stats(self.db, tail), now)
+            lost, events = self.t.settle_tail(tail, history.tail_stats(self.db, tail), now)
             batch.events += events
             if lost:
                 batch.lost[tail.org] = batch.lost.get(tail.org, 0) + lost
@@ -51,9 +51,9 @@ class History:
         self.flush(batch, now)
         return lost_total
 
-    def flush(self, batch: store.Batch, now: float) -> None:
+    def flush(self, batch: history.Batch, now: float) -> None:
         batch.machines = self.t.take_dirty()
-        store.write_batch(self.db, batch, now)
+        history.write_batch(self.db, batch, now)
 
     def row(self):
         return self.db.query_one("SELECT lost, late, tails FROM machines WHERE machine_id = 'web-1'")
@@ -117,7 +117,7 @@ def test_the_count_survives_a_collector_restart_without_double_counting(database
     h.reports("c", range(2), T0 + 60)  # another reconnect: c ends without a word yet
     h.ping(T0 + 70, session="d", ts=T0 + 70, prev=("c", 3))
     assert h.settle(T0 + 50 + GRACE) == 2  # a settled; c still within its grace period
-    rows = store.load_machines(h.db, None)
+    rows = history.load_machines(h.db, None)
     restarted = tracker(grace=GRACE)
     restarted.load(rows, now=T0 + 200)
     machine = restarted.get("acme", "web-1")

@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 
-from fleet.config import alerting, credentials, database
 from fleet.config.errors import CredentialError
 from fleet.config.rules import DEFAULT_RULES, Rule, RuleError
-from fleet.config.secretbox import secret_box
+from fleet.store import alerting, credentials, database
+from fleet.store.secretbox import secret_box
 from tests.dbhelpers import rows
 
 pytestmark = pytest.mark.both_engines

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from fleet.config import credentials
-from fleet.config.database import open_database
 from fleet.config.errors import CredentialError, InvalidId
+from fleet.store import credentials
+from fleet.store.database import open_database
 from tests.dbhelpers import rows
 
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from fleet.config import database
-from fleet.config.database import DatabaseBusy, DatabaseError, DatabaseRefused, DatabaseUrl, open_database
+from fleet.store import database
+from fleet.store.database import DatabaseBusy, DatabaseError, DatabaseRefused, DatabaseUrl, open_database
 
 pytestmark = pytest.mark.both_engines
 

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from fleet.agent.outbox import Outbox
-from fleet.config import credentials, payloads
+from fleet.config import payloads
+from fleet.store import credentials
 from tests.dbhelpers import rows, write_lock
 from tests.helpers import Inbox, close, connect_client, free_port, port_open, wait_for
 from tests.postgres import PostgresServer, unavailable_reason

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from fleet.config import credentials
-from fleet.config.database import open_database
 from fleet.config.settings import Settings
+from fleet.store import credentials
+from fleet.store.database import open_database
 from fleet.web.app import create_app
 from fleet.web.server import start_in_thread
 from tests.dbhelpers import ENGINES
@@ -60,7 +60,7 @@ def test_random_query_strings_never_500(env, endpoint, params):
             assert "error" in res.get_json()
 
 
-@pytest.mark.parametrize("path", ["/../../etc/passwd", "/static/../../config/credentials.py", "/api/fleet/%2e%2e",
+@pytest.mark.parametrize("path", ["/../../etc/passwd", "/static/../../store/credentials.py", "/api/fleet/%2e%2e",
                                   "/api/fleet/..%2F..%2Ffleet.db", "/api/fleet/web-1/history/../../x",
                                   "/api/fleet/" + "a" * 5000, "/api/fleet/%00", "/%ff%fe"])
 def test_traversal_and_odd_paths_are_json_404s(env, path):

@@ -18,8 +18,9 @@ import pytest
 
 from fleet.agent.record import read_record
 from fleet.agent.simulate import start_simulation
-from fleet.config import credentials, payloads
+from fleet.config import payloads
 from fleet.config.settings import Settings
+from fleet.store import credentials
 from tests.helpers import Inbox, close, connect_client, free_port, port_open, wait_for
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.config import credentials
+from fleet.store import credentials
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto

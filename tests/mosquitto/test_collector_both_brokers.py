@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 
 from fleet.collector import service
-from fleet.config import credentials, payloads
+from fleet.config import payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import agent_client_id, report_topic
+from fleet.store import credentials
 from tests.dbhelpers import rows
 from tests.helpers import close, connect_client, wait_for
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config import credentials, payloads
+from fleet.config import payloads
+from fleet.store import credentials
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto

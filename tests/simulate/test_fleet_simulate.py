@@ -18,9 +18,10 @@ import pytest
 from fleet.agent import simulate
 from fleet.agent.record import read_record
 from fleet.agent.simulate import start_simulation
-from fleet.config import credentials, payloads
+from fleet.config import payloads
 from fleet.config.errors import InvalidId
 from fleet.config.settings import Settings
+from fleet.store import credentials
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

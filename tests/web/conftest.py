@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config import credentials
-from fleet.config.database import Database, open_database
 from fleet.config.settings import Settings
+from fleet.store import credentials
+from fleet.store.database import Database, open_database
 from fleet.web.app import create_app
 
 MACHINE_KEY = ("org", "machine_id")

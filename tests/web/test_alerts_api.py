@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fleet.config import alerting
+from fleet.store import alerting
 from tests.helpers import bearer
 
 pytestmark = pytest.mark.both_engines

@@ -8,7 +8,7 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from fleet.config import alerting
+from fleet.store import alerting
 from fleet.web.server import start_in_thread
 from tests.web.test_alerts_api import _alert
 from tests.web.test_browser import ARTIFACTS, browser  # noqa: F401 - the shared Chromium fixture

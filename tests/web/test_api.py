@@ -137,7 +137,7 @@ def test_unknown_routes_wrong_methods_and_traversal_are_json(client, fleet):
     res = client.get("/api/fleet/..%2F..%2Fetc%2Fpasswd", headers=bearer(fleet.acme.reader_key))
     assert res.status_code == 404
     assert res.is_json
-    res = client.get("/static/../../config/credentials.py")
+    res = client.get("/static/../../store/credentials.py")
     assert res.status_code == 404
 
 

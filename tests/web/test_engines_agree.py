@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from fleet.collector import store
+from fleet.collector import history
 from fleet.collector.state import Tracker
-from fleet.config import credentials, payloads
-from fleet.config.database import open_database, sqlite_url
+from fleet.config import payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import ping_topic, report_topic
+from fleet.store import credentials
+from fleet.store.database import open_database, sqlite_url
 from fleet.web.app import create_app
 from tests.helpers import bearer
 
@@ -35,7 +36,7 @@ def _store_fleet(database: str, now: float) -> None:
             t0 = now - 3000 + i * 0.123456789
             if i % 3 == 0:  # heard from lately: still online at the final tick
                 t0, count = now - 20.5 + i * 0.01, min(count, 1)
-            batch = store.Batch()
+            batch = history.Batch()
             ping = payloads.build_ping(machine, f"0x{i:04x}", session, "online", 10.0, ts=t0 - 0.01)
             batch.events += tracker.on_ping(payloads.parse_ping(payloads.encode(ping), ping_topic(org, machine)), t0)
             for seq in range(count):
@@ -54,19 +55,19 @@ def _store_fleet(database: str, now: float) -> None:
                 report = payloads.parse_report(raw, report_topic(org, machine))
                 received = ts + 0.05 + rng.random() / 100
                 batch.events += tracker.on_report(report, received)
-                batch.reports.append(store.report_row(report, received, raw.decode()))
+                batch.reports.append(history.report_row(report, received, raw.decode()))
             if i % 6 == 0:
                 offline = payloads.build_ping(machine, f"0x{i:04x}", session, "offline", 10.0, ts=now - 5,
                                               reason="shutdown")
                 batch.events += tracker.on_ping(payloads.parse_ping(payloads.encode(offline),
                                                                     ping_topic(org, machine)), now - 4.9)
             batch.machines = tracker.take_dirty()
-            store.write_batch(db, batch, now)
+            history.write_batch(db, batch, now)
         transitions, evicted = tracker.tick(now)
-        store.write_batch(db, store.Batch(events=transitions, evicted=evicted, machines=tracker.take_dirty(),
+        history.write_batch(db, history.Batch(events=transitions, evicted=evicted, machines=tracker.take_dirty(),
                                           drops={"not_json": 3, "bad_field": 1}, expired={"acme": 2}), now)
-        store.write_heartbeat(db, "collector", now, {"broker_connected": True})
-        store.apply_retention(db, now + 86400 * 7 - 1500, raw_days=7, rollup_days=90)  # roll the oldest half up
+        history.write_heartbeat(db, "collector", now, {"broker_connected": True})
+        history.apply_retention(db, now + 86400 * 7 - 1500, raw_days=7, rollup_days=90)  # roll the oldest half up
 
 
 def _clients(tmp_path, pg_server):

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from fleet.collector.notify.errors import NotifyError
+from fleet.collector.alerts.notify.errors import NotifyError
 
 STATUSES = ("firing", "resolved")
 # Alertmanager's "zero" time: what its webhook sends as endsAt of an alert that is still firing.

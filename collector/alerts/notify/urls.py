@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from fleet.collector.notify.errors import NotifyError
+from fleet.collector.alerts.notify.errors import NotifyError
 
 HIDDEN = "***"
 

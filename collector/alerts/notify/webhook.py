@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 
-from fleet.collector.notify.errors import DeliveryError
-from fleet.collector.notify.http_post import post_json
-from fleet.collector.notify.notice import Notice, rfc3339
-from fleet.collector.notify.render import group_status
+from fleet.collector.alerts.notify.errors import DeliveryError
+from fleet.collector.alerts.notify.http_post import post_json
+from fleet.collector.alerts.notify.notice import Notice, rfc3339
+from fleet.collector.alerts.notify.render import group_status
 
 SIGNATURE_HEADER = "X-Fleet-Signature"
 VERSION = "4"

@@ -1,0 +1,1 @@
+"""Alerting in the collector: rule evaluation, grouping, the outbox's delivery and the notification channels."""
