@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
-from fleet.store import credentials  # noqa: E402
+from tests import stores  # noqa: E402
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="fleet-bench-agent-"))
-    org = credentials.add_org(data, "bench")
+    org = stores.add_org(data, "bench")
     mqtt_port = free_port()
     env = {**os.environ, "FLEET_LOG_LEVEL": "WARNING"}
     os.chdir(data)  # `python -m fleet.cli` must find the installed package, not the checkout's fleet/ folder

@@ -38,7 +38,7 @@ from bench.ingest import SYSTEM, wait_until  # noqa: E402
 from fleet.config import payloads  # noqa: E402
 from fleet.config.rules import Rule  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
-from fleet.store import alerting, credentials  # noqa: E402
+from tests import stores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ORG = "bench"
@@ -50,7 +50,7 @@ THRESHOLD_RULES = (("cpu-hot", "cpu_percent > 90", "5m"), ("memory-full", "memor
 def add_threshold_rules(data_dir: Path, org: str = ORG, database: str | None = None) -> None:
     """The benchmark's 5 threshold rules, next to the org's 3 default rules."""
     for name, when, for_ in THRESHOLD_RULES:
-        alerting.add_rule(data_dir, Rule.parse(org, name, when, for_), database)
+        stores.add_rule(data_dir, Rule.parse(org, name, when, for_), database)
 
 
 def metrics(rng: random.Random, hot: bool) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def bench_eval(machines: int = 10_000, reports: int = 50_000) -> list[tuple[str,
     rng = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="fleet-bench-alerts-") as tmp:
         data_dir = Path(tmp)
-        credentials.add_org(data_dir, ORG)
+        stores.add_org(data_dir, ORG)
         add_threshold_rules(data_dir)
         db = open_database(data_dir / "fleet.db")
         t0 = time.time()
@@ -156,7 +156,7 @@ class Receiver:
 
 
 def down_rule(data_dir: Path) -> None:
-    alerting.add_rule(data_dir, Rule.parse(ORG, "down", "status == offline", "0s", severity="critical"))
+    stores.add_rule(data_dir, Rule.parse(ORG, "down", "status == offline", "0s", severity="critical"))
 
 
 # --- 2. mass outage -------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def bench_outage(machines: int = 5000, group_wait: float = 10.0) -> list[tuple[s
         try:
             wait_until(lambda: port_open(port), 10, "mosquitto")
             data_dir = workdir / "data"
-            credentials.add_org(data_dir, ORG)
+            stores.add_org(data_dir, ORG)
             add_threshold_rules(data_dir)
             down_rule(data_dir)
             settings = Settings(data_dir=data_dir, broker_url=f"mqtt://127.0.0.1:{port}", log_level="WARNING",
@@ -248,7 +248,7 @@ def bench_latency(kills: int = 20, stops: int = 5, group_wait: float = 1.0) -> l
 
     with tempfile.TemporaryDirectory(prefix="fleet-bench-latency-") as tmp:
         data_dir = Path(tmp) / "data"
-        keys = credentials.add_org(data_dir, ORG)
+        keys = stores.add_org(data_dir, ORG)
         down_rule(data_dir)
         mqtt_port = free_port()
         env = dict(os.environ, FLEET_LOG_LEVEL="WARNING")

@@ -40,6 +40,7 @@ from fleet.broker import patches  # noqa: E402
 from fleet.broker.pki import ensure_certs  # noqa: E402
 from fleet.collector.mqtt_codec import Connack, Connect, decode, encode  # noqa: E402
 from fleet.store import credentials  # noqa: E402
+from tests import stores  # noqa: E402
 
 TOPIC = "fleet/bench/m1/report"
 PAYLOAD = json.dumps({"v": 1, "machine_id": "m1", "hardware_id": "0x0123456789ab", "session": "abcdef0123456789",
@@ -85,8 +86,8 @@ class Target:
 
 def start_ours(work: Path, durability: str = "full", python: str = sys.executable) -> Target:
     data = work / f"ours-{durability}-{time.monotonic_ns()}"
-    org = credentials.add_org(data, "bench")
-    service_key = credentials.ensure_service_key(data)
+    org = stores.add_org(data, "bench")
+    service_key = stores.ensure_service_key(data)
     port = free_port()
     proc = subprocess.Popen([python, "-m", "fleet.cli", "broker", "--data-dir", str(data),
                              "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "ERROR",

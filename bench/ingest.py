@@ -57,6 +57,7 @@ from fleet.config.settings import Settings  # noqa: E402
 from fleet.config.topics import agent_client_id, report_topic  # noqa: E402
 from fleet.store import credentials  # noqa: E402
 from fleet.store.database import DatabaseUrl, open_database, redact, sqlite_url  # noqa: E402
+from tests import stores  # noqa: E402
 
 ORG = "bench"
 METRICS = {"cpu_percent": 12.5, "cpu_count": 8, "load_avg": [0.4, 0.3, 0.2],
@@ -383,7 +384,7 @@ def run_collector(broker: Broker, data_dir: Path, database: str, load: Load, mod
     from fleet.collector.service import client_id_for, start
 
     service_user = credentials.SERVICE_USERNAME if broker.agent_user else None
-    service_key = credentials.ensure_service_key(data_dir) if broker.agent_user else None
+    service_key = stores.ensure_service_key(data_dir) if broker.agent_user else None
     clear_session(broker, client_id_for(()), service_user, service_key)
     with open_database(database) as db:
         db.execute("DELETE FROM reports")
@@ -571,20 +572,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp, contextlib.ExitStack() as cleanup:
         workdir = Path(tmp)
         data_dir = workdir / "data"
-        keys = credentials.add_org(data_dir, ORG)  # with the 3 default alert rules every org starts with
+        keys = stores.add_org(data_dir, ORG)  # with the 3 default alert rules every org starts with
         databases = [resolve_database(d, data_dir, cleanup) for d in args.database or ["sqlite"]]
         for database in databases:  # the org and the schema in each; the broker checks keys in the SQLite file
-            if not credentials.org_exists(data_dir, ORG, database):
-                credentials.add_org(data_dir, ORG, database)
+            if not stores.org_exists(data_dir, ORG, database):
+                stores.add_org(data_dir, ORG, database)
             if args.alert_rules == "all":
                 from bench.alerts import add_threshold_rules
 
                 add_threshold_rules(data_dir, database=database)
             elif args.alert_rules == "none":
-                from fleet.store import alerting
 
-                for rule in alerting.list_rules(data_dir, ORG, database):
-                    alerting.remove_rule(data_dir, ORG, rule.name, database)
+                for rule in stores.list_rules(data_dir, ORG, database):
+                    stores.remove_rule(data_dir, ORG, rule.name, database)
         names = ["mosquitto", "embedded"] if args.broker == "both" else [args.broker]
         for name in names:
             broker = (start_mosquitto(workdir, args.inflight) if name == "mosquitto"

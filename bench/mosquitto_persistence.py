@@ -37,6 +37,7 @@ from bench.common import free_port, wait_port  # noqa: E402
 from fleet.broker.mosquitto import write_config  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
 from fleet.store import credentials  # noqa: E402
+from tests import stores  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 PAYLOAD = b"x" * 240  # a report's size
@@ -48,8 +49,8 @@ class Broker:
 
     def __init__(self, work: Path, autosave: str) -> None:
         self.data = work / "data"
-        self.org = credentials.add_org(self.data, "bench")
-        self.service_key = credentials.ensure_service_key(self.data)
+        self.org = stores.add_org(self.data, "bench")
+        self.service_key = stores.ensure_service_key(self.data)
         self.out = work / "mosquitto"
         self.port = free_port()
         write_config(Settings(data_dir=self.data, mqtt_port=self.port), self.out, user="root" if os.geteuid() == 0

@@ -23,15 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
-from fleet.store import credentials  # noqa: E402
 from fleet.store.database import DatabaseUrl, open_database, sqlite_url  # noqa: E402
+from tests import stores  # noqa: E402
 
 
 def fill(data: Path, database: str, machines: int) -> str:
     random.seed(42)  # the same fleet in every database
-    if credentials.org_exists(data, "bench", database):
+    if stores.org_exists(data, "bench", database):
         raise SystemExit(f"{DatabaseUrl.parse(database)} is not empty: give bench/web.py a new database")
-    org = credentials.add_org(data, "bench", database)
+    org = stores.add_org(data, "bench", database)
     db = open_database(database)
     now = time.time()
     oses = [("Linux", "Debian 12"), ("Linux", "Ubuntu 24.04"), ("Windows", "Server 2022"), ("Darwin", "macOS 15")]

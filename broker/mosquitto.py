@@ -29,8 +29,8 @@ MOSQUITTO_USER = "mosquitto"  # started as root, Debian's Mosquitto drops to thi
 
 def _records(settings: Settings) -> list[credentials.CredentialRecord]:
     try:
-        credentials.ensure_service_key(settings.data_dir, settings.database)
         with open_database(settings.database) as db:
+            credentials.ensure_service_key(db, settings.data_dir)
             return sorted(credentials.load_records(db).values(), key=lambda r: r.username)
     except DatabaseError as exc:
         raise BrokerError(f"cannot read credentials: {exc}") from exc

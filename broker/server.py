@@ -29,6 +29,7 @@ from fleet.broker.store import BrokerStore
 from fleet.config.settings import Settings
 from fleet.store import credentials
 from fleet.store.database import DatabaseError, open_database
+from fleet.store.pepper import load_pepper
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
@@ -66,6 +67,11 @@ def _load_records(database: str, migrate: bool = False) -> dict[str, credentials
         return credentials.load_records(db)
 
 
+def _ensure_service_key(settings: Settings) -> None:
+    with open_database(settings.database) as db:
+        credentials.ensure_service_key(db, settings.data_dir)
+
+
 def _write_heartbeat(database: str, detail: dict[str, Any]) -> None:
     with open_database(database, migrate=False) as db:
         db.execute("INSERT INTO heartbeats(component, ts, detail) VALUES ('broker', ?, ?) ON CONFLICT(component)"
@@ -97,11 +103,11 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
     data_dir.mkdir(parents=True, exist_ok=True)
     certs = await asyncio.to_thread(ensure_certs, settings.certs_dir, [settings.host])
     try:
-        await asyncio.to_thread(credentials.ensure_service_key, data_dir, settings.database)
+        await asyncio.to_thread(_ensure_service_key, settings)
         records = await asyncio.to_thread(_load_records, settings.database, True)
     except DatabaseError as exc:
         raise BrokerError(str(exc)) from exc
-    pepper = await asyncio.to_thread(credentials.load_pepper, data_dir)
+    pepper = await asyncio.to_thread(load_pepper, data_dir)
     policy = AccessPolicy(pepper, records)
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy

@@ -38,6 +38,8 @@ from fleet.config.status import BROKER_CONNECTED, COLLECTOR
 from fleet.config.topics import KINDS, every_org_filter, org_kind_filter, ping_topic
 from fleet.store import credentials
 from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
+from fleet.store.errors import StoreError
+from fleet.store.orgs import list_orgs
 
 log = logging.getLogger("collector")
 
@@ -139,15 +141,15 @@ class RunningCollector:
     def start(self) -> RunningCollector:
         """Open the database, restore state, connect and subscribe; returns once the writer is ready."""
         try:
-            key = credentials.ensure_service_key(self.settings.data_dir, self.settings.database)
             with open_database(self.settings.database) as db:
-                self._set_orgs(self._wanted_orgs(credentials.org_names(db)))
+                key = credentials.ensure_service_key(db, self.settings.data_dir)
+                self._set_orgs(self._wanted_orgs(list_orgs(db)))
             # PUBACK only once a message is committed (or dropped): a killed collector loses nothing, the
             # broker redelivers what was never acknowledged and the (machine, session, seq) key dedupes it.
             client = MqttLink(self.address, self.client_id, credentials.SERVICE_USERNAME, key, self.settings.ca_path,
                               KEEPALIVE_S, LinkCallbacks(self._on_connect, self._on_disconnect, self._on_message,
                                                          self._on_suback, self._on_read))
-        except (ConfigError, OSError) as exc:
+        except (ConfigError, StoreError, OSError) as exc:
             raise CollectorError(f"cannot start the collector: {exc}") from exc
         self._client = client
         self._writer.start()
@@ -506,7 +508,7 @@ class Writer:
     def _refresh_orgs(self) -> bool:
         owner = self.owner
         try:
-            wanted = owner._wanted_orgs(credentials.org_names(self.db))
+            wanted = owner._wanted_orgs(list_orgs(self.db))
         except DatabaseError as exc:
             log.warning("cannot read orgs (will retry): %s", exc)
             return False

@@ -1,4 +1,4 @@
-"""Error root of the config package: bad settings, contract violations, credential problems."""
+"""Error root of the config package: bad settings and contract violations."""
 
 
 class ConfigError(Exception):
@@ -25,6 +25,3 @@ class PayloadError(ContractError):
         self.reason = reason
         self.detail = detail
 
-
-class CredentialError(ConfigError):
-    """An org or credential operation failed (unknown org, duplicate org, bad role)."""

@@ -10,12 +10,15 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fleet.config.settings import Settings
 from fleet.launch import AGENT_OPTIONS, CONFIG, DATA_DIR, run_agent, run_with_settings
+
+if TYPE_CHECKING:
+    from fleet.store.database import Database
 
 
 def common(func: Callable) -> Callable:
@@ -40,6 +43,13 @@ def database(func: Callable) -> Callable:
     return click.option("--database", "database_url", default=None, metavar="URL",
                         help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB "
                              "(or FLEET_DATABASE_URL; default sqlite:///DATA_DIR/fleet.db).")(func)
+
+
+def _database(settings: Settings) -> Database:
+    """The command's database connection (``with _database(settings) as db:`` closes it)."""
+    from fleet.store.database import open_database
+
+    return open_database(settings.database)
 
 
 def settings_flags(*names: str) -> Callable:
@@ -73,7 +83,8 @@ def org_add(settings: Settings, name: str, as_json: bool) -> None:
     """Create ORG and print its agent and reader keys (shown once)."""
     from fleet.store import credentials
 
-    created = credentials.add_org(settings.data_dir, name, settings.database)
+    with _database(settings) as db:
+        created = credentials.add_org(db, settings.data_dir, name)
     if as_json:
         click.echo(json.dumps(created.as_dict()))
     else:
@@ -89,9 +100,10 @@ def org_add(settings: Settings, name: str, as_json: bool) -> None:
 @common
 def org_list(settings: Settings, as_json: bool) -> None:
     """List orgs."""
-    from fleet.store import credentials
+    from fleet.store import orgs
 
-    names = credentials.list_orgs(settings.data_dir, settings.database)
+    with _database(settings) as db:
+        names = orgs.list_orgs(db)
     if as_json:
         click.echo(json.dumps(names))
     else:
@@ -107,7 +119,8 @@ def org_remove(settings: Settings, name: str) -> None:
     """Remove ORG: its keys stop working (history is kept until retention ends)."""
     from fleet.store import credentials
 
-    credentials.remove_org(settings.data_dir, name, settings.database)
+    with _database(settings) as db:
+        credentials.remove_org(db, name)
     click.echo(f"removed org {name}")
 
 
@@ -121,7 +134,8 @@ def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
     """Replace one key of ORG; the old key is refused at once."""
     from fleet.store import credentials
 
-    key = credentials.rotate_key(settings.data_dir, name, role, settings.database)
+    with _database(settings) as db:
+        key = credentials.rotate_key(db, settings.data_dir, name, role)
     if as_json:
         click.echo(json.dumps({"org": name, "role": role, "key": key}))
     else:
@@ -281,7 +295,8 @@ def alert_add(settings: Settings, org_name: str, rule_name: str, when: str, for_
     from fleet.store import alerting
 
     rule = rules.Rule.parse(org_name, rule_name, when, for_, machines, severity)
-    alerting.add_rule(settings.data_dir, rule, settings.database)
+    with _database(settings) as db:
+        alerting.add_rule(db, rule)
     if isinstance(rule.when, rules.Threshold) and rule.when.field not in rules.KNOWN_FIELDS \
             and not rule.when.field.startswith((rules.CUSTOM_PREFIX, rules.PROCESS_PREFIX)):
         click.echo(f"note: {rule.when.field!r} is not a standard field; the rule holds only for machines whose "
@@ -299,7 +314,8 @@ def alert_list(settings: Settings, org_name: str, as_json: bool) -> None:
     from fleet.config import rules
     from fleet.store import alerting
 
-    found = alerting.list_rules(settings.data_dir, org_name, settings.database)
+    with _database(settings) as db:
+        found = alerting.list_rules(db, org_name)
     if as_json:
         click.echo(json.dumps([rule.as_dict() for rule in found]))
         return
@@ -316,7 +332,8 @@ def alert_remove(settings: Settings, org_name: str, rule_name: str) -> None:
     """Remove alert rule RULE of ORG (its alerts resolve)."""
     from fleet.store import alerting
 
-    alerting.remove_rule(settings.data_dir, org_name, rule_name, settings.database)
+    with _database(settings) as db:
+        alerting.remove_rule(db, org_name, rule_name)
     click.echo(f"removed rule {rule_name} of org {org_name}")
 
 
@@ -369,7 +386,8 @@ def alert_channel_list(settings: Settings, org_name: str, as_json: bool) -> None
     """List the channels of ORG with their last delivery and last error (never a secret)."""
     from fleet.store import alerting
 
-    found = alerting.list_channels(settings.data_dir, org_name, settings.database)
+    with _database(settings) as db:
+        found = alerting.list_channels(db, org_name)
     if as_json:
         click.echo(json.dumps([channel.as_dict() for channel in found]))
         return
@@ -387,7 +405,8 @@ def alert_channel_remove(settings: Settings, org_name: str, channel_name: str) -
     """Remove CHANNEL of ORG (with what was waiting to be sent to it)."""
     from fleet.store import alerting
 
-    alerting.remove_channel(settings.data_dir, org_name, channel_name, settings.database)
+    with _database(settings) as db:
+        alerting.remove_channel(db, org_name, channel_name)
     click.echo(f"removed channel {channel_name} of org {org_name}")
 
 
@@ -419,8 +438,8 @@ def alert_silence(settings: Settings, org_name: str, for_: str, machines: str, r
     from fleet.config import rules
     from fleet.store import alerting
 
-    silence = alerting.add_silence(settings.data_dir, org_name, rules.parse_duration(for_), machines, rule_name,
-                                   comment, database=settings.database)
+    with _database(settings) as db:
+        silence = alerting.add_silence(db, org_name, rules.parse_duration(for_), machines, rule_name, comment)
     if as_json:
         click.echo(json.dumps({"id": silence.id, "ends_at": silence.ends_at}))
     else:
@@ -436,7 +455,8 @@ def alert_unsilence(settings: Settings, org_name: str, silence_id: int) -> None:
     """End silence ID of ORG now."""
     from fleet.store import alerting
 
-    alerting.expire_silence(settings.data_dir, org_name, silence_id, database=settings.database)
+    with _database(settings) as db:
+        alerting.expire_silence(db, org_name, silence_id)
     click.echo(f"silence {silence_id} of org {org_name} ended")
 
 
@@ -449,7 +469,8 @@ def alert_silences(settings: Settings, org_name: str, as_json: bool) -> None:
     """List the current and future silences of ORG."""
     from fleet.store import alerting
 
-    found = alerting.list_silences(settings.data_dir, org_name, database=settings.database)
+    with _database(settings) as db:
+        found = alerting.list_silences(db, org_name)
     if as_json:
         click.echo(json.dumps([silence.as_dict() for silence in found]))
         return

@@ -21,9 +21,10 @@ from fleet.collector.errors import CollectorError
 from fleet.config.errors import ConfigError
 from fleet.config.settings import load_settings
 from fleet.logs import setup_logging
+from fleet.store.errors import StoreError
 from fleet.web.errors import WebError
 
-USER_ERRORS = (ConfigError, BrokerError, AgentError, CollectorError, WebError, OSError)
+USER_ERRORS = (ConfigError, StoreError, BrokerError, AgentError, CollectorError, WebError, OSError)
 
 
 def fail(message: str) -> None:

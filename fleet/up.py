@@ -16,6 +16,8 @@ from typing import Any
 
 from fleet.config.settings import Settings
 from fleet.store import credentials
+from fleet.store.database import open_database
+from fleet.store.orgs import org_exists
 
 log = logging.getLogger("fleet.up")
 DEMO_ORG = "demo"
@@ -33,23 +35,25 @@ class DemoKeys:
     reader_key: str = field(repr=False)
 
 
-def ensure_demo_org(data_dir: Path, database: str | None = None) -> DemoKeys:
+def ensure_demo_org(settings: Settings) -> DemoKeys:
     """Create org ``demo`` if absent; if it exists without saved keys, rotate both and save them."""
-    path = Path(data_dir) / DEMO_KEYS_FILE
-    if credentials.org_exists(data_dir, DEMO_ORG, database):
-        if path.exists():
-            saved = json.loads(path.read_text())
-            return DemoKeys(saved["agent_key"], saved["reader_key"])
-        keys = DemoKeys(credentials.rotate_key(data_dir, DEMO_ORG, "agent", database),
-                        credentials.rotate_key(data_dir, DEMO_ORG, "reader", database))
-    else:
-        from fleet.config import rules
-        from fleet.store import alerting
+    data_dir = settings.data_dir
+    path = data_dir / DEMO_KEYS_FILE
+    with open_database(settings.database) as db:
+        if org_exists(db, DEMO_ORG):
+            if path.exists():
+                saved = json.loads(path.read_text())
+                return DemoKeys(saved["agent_key"], saved["reader_key"])
+            keys = DemoKeys(credentials.rotate_key(db, data_dir, DEMO_ORG, "agent"),
+                            credentials.rotate_key(db, data_dir, DEMO_ORG, "reader"))
+        else:
+            from fleet.config import rules
+            from fleet.store import alerting
 
-        created = credentials.add_org(data_dir, DEMO_ORG, database)
-        keys = DemoKeys(created.agent_key, created.reader_key)
-        name, when, for_, severity = DEMO_RULE
-        alerting.add_rule(data_dir, rules.Rule.parse(DEMO_ORG, name, when, for_, "*", severity), database)
+            created = credentials.add_org(db, data_dir, DEMO_ORG)
+            keys = DemoKeys(created.agent_key, created.reader_key)
+            name, when, for_, severity = DEMO_RULE
+            alerting.add_rule(db, rules.Rule.parse(DEMO_ORG, name, when, for_, "*", severity))
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -105,7 +109,7 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     check_open_file_limit(settings)  # the broker's connections, the simulator's and the web's share it
-    demo_keys = ensure_demo_org(settings.data_dir, settings.database) if demo is not None else None
+    demo_keys = ensure_demo_org(settings) if demo is not None else None
     stops: list[Callable[[], Any]] = []
     try:
         broker = start_broker(settings)

@@ -1,10 +1,10 @@
 """An org's alerting setup in the database: rules, channels (secrets encrypted) and silences.
 
 The ``fleet alert`` commands call these; the collector reads the same tables every few seconds, so a
-change applies without a restart (SPEC: within 5 s). Channel URLs are checked and channel secrets made
-by ``fleet.collector.alerts.notify`` (collector/alerts/channels.py); this module only stores them, sealed. Every
-function that opens the database takes the data dir (pepper, default SQLite file) and an optional
-database URL, as ``fleet.store.credentials`` does.
+change applies without a restart (within 5 s). Channel URLs are checked and channel secrets made by
+``fleet.collector.alerts.notify`` (collector/alerts/channels.py); this module only stores them, sealed
+with the data dir's SecretBox. Every function takes an open ``Database``; those that change several
+rows do so in one transaction.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fleet.config.errors import CredentialError
 from fleet.config.rules import (
     DEFAULT_RULES,
     Rule,
@@ -26,19 +24,14 @@ from fleet.config.rules import (
     check_name,
     parse_condition,
 )
-from fleet.store.credentials import database_for
-from fleet.store.database import Database, open_database
-from fleet.store.secretbox import SecretBox, secret_box
-
-
-def _open(data_dir: Path, database: str | None) -> Database:
-    return open_database(database_for(data_dir, database))
+from fleet.store.database import Database
+from fleet.store.orgs import require_org
+from fleet.store.secretbox import SecretBox
 
 
 def _require_org(db: Database, org: str) -> None:
     check_name(org, "org")
-    if db.query_one("SELECT 1 FROM orgs WHERE name = ?", (org,)) is None:
-        raise CredentialError(f"no such org {org!r}")
+    require_org(db, org)
 
 
 # Tables holding an org's alerting state, dropped with the org.
@@ -66,9 +59,9 @@ def insert_rule(db: Database, rule: Rule, now: float) -> bool:
         (rule.org, rule.name, str(rule.when), float(rule.for_s), rule.machines, rule.severity, now)) == 1
 
 
-def add_rule(data_dir: Path, rule: Rule, database: str | None = None) -> None:
+def add_rule(db: Database, rule: Rule) -> None:
     """Store a new rule of an existing org; CredentialError for an unknown org, RuleError for a taken name."""
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         _require_org(db, rule.org)
         if not insert_rule(db, rule, time.time()):
             raise RuleError(f"org {rule.org!r} already has a rule named {rule.name!r}")
@@ -82,12 +75,11 @@ def _rule(row: tuple) -> Rule:
 _RULE_COLUMNS = "org, name, expr, for_s, machines, severity"
 
 
-def list_rules(data_dir: Path, org: str, database: str | None = None) -> list[Rule]:
+def list_rules(db: Database, org: str) -> list[Rule]:
     """An org's rules by name."""
-    with _open(data_dir, database) as db:
-        _require_org(db, org)
-        return [_rule(row) for row in db.query(f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE org = ? ORDER BY name",
-                                               (org,))]
+    _require_org(db, org)
+    return [_rule(row) for row in db.query(f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE org = ? ORDER BY name",
+                                           (org,))]
 
 
 def load_rules(db: Database, orgs: Iterable[str] | None = None) -> dict[str, list[Rule]]:
@@ -104,9 +96,9 @@ def load_rules(db: Database, orgs: Iterable[str] | None = None) -> dict[str, lis
     return out
 
 
-def remove_rule(data_dir: Path, org: str, name: str, database: str | None = None) -> None:
+def remove_rule(db: Database, org: str, name: str) -> None:
     """Delete a rule; the collector resolves its alerts. RuleError if there is no such rule."""
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         _require_org(db, org)
         if db.execute("DELETE FROM alert_rules WHERE org = ? AND name = ?", (org, name)) == 0:
             raise RuleError(f"org {org!r} has no rule named {name!r}")
@@ -135,15 +127,14 @@ class Channel:
                 "last_error_at": self.last_error_at, "failures": self.failures}
 
 
-def store_channel(data_dir: Path, org: str, name: str, kind: str, url: str, secret: str | None,
-                  target: str, database: str | None = None) -> None:
+def store_channel(db: Database, box: SecretBox, org: str, name: str, kind: str, url: str, secret: str | None,
+                  target: str) -> None:
     """Store a new channel with its URL and secret encrypted (``target``: the URL as lists show it, no secret).
 
     RuleError if the org already has a channel of that name.
     """
     check_name(name, "channel")
-    box = secret_box(data_dir)
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         _require_org(db, org)
         inserted = db.execute(
             "INSERT INTO alert_channels(org, name, kind, target, url_enc, secret_enc, created)"
@@ -156,12 +147,11 @@ def store_channel(data_dir: Path, org: str, name: str, kind: str, url: str, secr
 _CHANNEL_COLUMNS = "org, name, kind, target, last_delivery, last_error, last_error_at, failures"
 
 
-def list_channels(data_dir: Path, org: str, database: str | None = None) -> list[Channel]:
+def list_channels(db: Database, org: str) -> list[Channel]:
     """An org's channels with their delivery state (no URL, no secret)."""
-    with _open(data_dir, database) as db:
-        _require_org(db, org)
-        rows = db.query(f"SELECT {_CHANNEL_COLUMNS} FROM alert_channels WHERE org = ? ORDER BY name", (org,))
-        return [Channel(*row) for row in rows]
+    _require_org(db, org)
+    rows = db.query(f"SELECT {_CHANNEL_COLUMNS} FROM alert_channels WHERE org = ? ORDER BY name", (org,))
+    return [Channel(*row) for row in rows]
 
 
 def channel_kinds(db: Database) -> dict[str, dict[str, str]]:
@@ -183,12 +173,10 @@ def load_channel(db: Database, box: SecretBox, org: str, name: str) -> Channel |
                    secret=None if secret_enc is None else box.open(secret_enc))
 
 
-def get_channel(data_dir: Path, org: str, name: str, database: str | None = None) -> Channel:
+def get_channel(db: Database, box: SecretBox, org: str, name: str) -> Channel:
     """One channel of an org, decrypted (``channel test``); RuleError if there is none of that name."""
-    box = secret_box(data_dir, create=False)
-    with _open(data_dir, database) as db:
-        _require_org(db, org)
-        channel = load_channel(db, box, org, name)
+    _require_org(db, org)
+    channel = load_channel(db, box, org, name)
     if channel is None:
         raise RuleError(f"org {org!r} has no channel named {name!r}")
     return channel
@@ -204,9 +192,9 @@ def record_delivery(db: Database, org: str, name: str, now: float, error: str | 
                    " WHERE org = ? AND name = ?", (error[:500], now, org, name))
 
 
-def remove_channel(data_dir: Path, org: str, name: str, database: str | None = None) -> None:
+def remove_channel(db: Database, org: str, name: str) -> None:
     """Delete a channel and what was waiting to be sent to it; RuleError if there is no such channel."""
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         _require_org(db, org)
         if db.execute("DELETE FROM alert_channels WHERE org = ? AND name = ?", (org, name)) == 0:
             raise RuleError(f"org {org!r} has no channel named {name!r}")
@@ -217,15 +205,15 @@ def remove_channel(data_dir: Path, org: str, name: str, database: str | None = N
 SILENCE_COLUMNS = "id, org, machines, rule, starts_at, ends_at, comment"
 
 
-def add_silence(data_dir: Path, org: str, for_s: float, machines: str = "*", rule: str | None = None,
-                comment: str = "", now: float | None = None, database: str | None = None) -> Silence:
+def add_silence(db: Database, org: str, for_s: float, machines: str = "*", rule: str | None = None,
+                comment: str = "", now: float | None = None) -> Silence:
     """Silence an org's alerts matching ``machines`` (and ``rule``) for ``for_s`` seconds from now."""
     if not for_s > 0:
         raise RuleError("a silence needs a duration longer than 0s, e.g. --for 2h")
     check_glob(machines)
     check_comment(comment)
     now = time.time() if now is None else now
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         _require_org(db, org)
         if rule is not None and db.query_one("SELECT 1 FROM alert_rules WHERE org = ? AND name = ?",
                                              (org, check_name(rule, "rule"))) is None:
@@ -238,11 +226,10 @@ def add_silence(data_dir: Path, org: str, for_s: float, machines: str = "*", rul
     return Silence(*row)
 
 
-def expire_silence(data_dir: Path, org: str, silence_id: int, now: float | None = None,
-                   database: str | None = None) -> None:
+def expire_silence(db: Database, org: str, silence_id: int, now: float | None = None) -> None:
     """End a silence now (it stays listed as expired); RuleError if the org has no such silence."""
     now = time.time() if now is None else now
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         _require_org(db, org)
         if db.query_one("SELECT 1 FROM alert_silences WHERE org = ? AND id = ?", (org, silence_id)) is None:
             raise RuleError(f"org {org!r} has no silence {silence_id}")
@@ -265,8 +252,7 @@ def load_silences(db: Database, now: float, org: str | None = None) -> list[Sile
     return [Silence(*row) for row in db.query(*silences_query(now, org))]
 
 
-def list_silences(data_dir: Path, org: str, now: float | None = None, database: str | None = None) -> list[Silence]:
+def list_silences(db: Database, org: str, now: float | None = None) -> list[Silence]:
     """An org's current and future silences."""
-    with _open(data_dir, database) as db:
-        _require_org(db, org)
-        return load_silences(db, time.time() if now is None else now, org)
+    _require_org(db, org)
+    return load_silences(db, time.time() if now is None else now, org)

@@ -11,21 +11,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.config.errors import CredentialError
 from fleet.config.ids import validate_id
-from fleet.store.database import POSTGRESQL, Database, open_database, sqlite_url
+from fleet.store import alerting
+from fleet.store.database import POSTGRESQL, Database
+from fleet.store.errors import CredentialError
+from fleet.store.orgs import org_exists, require_org
+from fleet.store.pepper import PEPPER_FILE, load_pepper, write_private
 
 ROLES = ("agent", "reader")
 SERVICE_USERNAME = "fleet-service"
 SERVICE_ROLE = "service"
 KEY_BYTES = 32
-PEPPER_FILE = "pepper"
 SERVICE_KEY_FILE = "service.key"
 MOSQUITTO_ITERATIONS = 101  # mosquitto_passwd's default for $7$ hashes
 MOSQUITTO_SALT_BYTES = 12
@@ -76,33 +77,6 @@ def generate_key() -> str:
     return secrets.token_urlsafe(KEY_BYTES)
 
 
-def load_pepper(data_dir: Path, create: bool = True) -> bytes:
-    """The installation's HMAC key, created (mode 0600) on first use."""
-    path = Path(data_dir) / PEPPER_FILE
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        if not create:
-            raise CredentialError(
-                f"no credential store in {data_dir} (run 'fleet org add' or 'fleet up' first)") from None
-    except ValueError as exc:
-        raise CredentialError(f"corrupt pepper file {path}") from exc
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    pepper = secrets.token_bytes(32)
-    _write_private(path, pepper.hex() + "\n")
-    return load_pepper(data_dir, create=False)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Create ``path`` with mode 0600 unless it exists (first writer wins)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-
-
 def digest_key(pepper: bytes, key: str) -> str:
     """The stored form of a key: hex HMAC-SHA256 under the installation pepper."""
     return hmac.new(pepper, key.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -113,15 +87,6 @@ def mosquitto_hash(key: str, salt: bytes | None = None, iterations: int = MOSQUI
     salt = salt if salt is not None else secrets.token_bytes(MOSQUITTO_SALT_BYTES)
     derived = hashlib.pbkdf2_hmac("sha512", key.encode("utf-8"), salt, iterations)
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(derived).decode()}"
-
-
-def database_for(data_dir: Path, database: str | None = None) -> str:
-    """The database URL to use: ``database`` if given, else ``fleet.db`` in the data dir."""
-    return database or sqlite_url(Path(data_dir) / "fleet.db")
-
-
-def _open(data_dir: Path, database: str | None) -> Database:
-    return open_database(database_for(data_dir, database))
 
 
 def _store(db: Database, pepper: bytes, username: str, org: str | None, role: str, key: str) -> None:
@@ -147,20 +112,14 @@ def check_pepper(db: Database, pepper: bytes, data_dir: Path) -> None:
                               " copy it (and service.key) from the first host's data dir")
 
 
-def _org_exists(db: Database, org: str) -> bool:
-    return db.query_one("SELECT 1 FROM orgs WHERE name = ?", (org,)) is not None
-
-
-def add_org(data_dir: Path, org: str, database: str | None = None) -> OrgSecrets:
-    """Create an org with fresh agent and reader keys; raise CredentialError if it exists."""
-    from fleet.store import alerting  # imports this module
-
+def add_org(db: Database, data_dir: Path, org: str) -> OrgSecrets:
+    """Create an org with fresh agent and reader keys and the default alert rules; CredentialError if it exists."""
     validate_id(org, "org")
     pepper = load_pepper(data_dir)
     secrets_ = OrgSecrets(org, generate_key(), generate_key())
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         check_pepper(db, pepper, data_dir)
-        if _org_exists(db, org):
+        if org_exists(db, org):
             raise CredentialError(f"org {org!r} already exists")
         now = time.time()
         db.execute("INSERT INTO orgs(name, created) VALUES (?, ?)", (org, now))
@@ -170,57 +129,37 @@ def add_org(data_dir: Path, org: str, database: str | None = None) -> OrgSecrets
     return secrets_
 
 
-def org_exists(data_dir: Path, org: str, database: str | None = None) -> bool:
-    """True when ``org`` is in the credential store."""
-    with _open(data_dir, database) as db:
-        return _org_exists(db, org)
-
-
-def list_orgs(data_dir: Path, database: str | None = None) -> list[str]:
-    """Names of every org, sorted."""
-    with _open(data_dir, database) as db:
-        return org_names(db)
-
-
-def org_names(db: Database) -> list[str]:
-    """Names of every org in an open database, sorted."""
-    return [row[0] for row in db.query("SELECT name FROM orgs ORDER BY name")]
-
-
-def remove_org(data_dir: Path, org: str, database: str | None = None) -> None:
+def remove_org(db: Database, org: str) -> None:
     """Delete an org, its credentials (its keys stop working at once) and its alerting; history stays."""
-    from fleet.store import alerting  # imports this module
-
     validate_id(org, "org")
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         if db.execute("DELETE FROM orgs WHERE name = ?", (org,)) == 0:
             raise CredentialError(f"no such org {org!r}")
         db.execute("DELETE FROM credentials WHERE org = ?", (org,))
         alerting.drop_org(db, org)
 
 
-def rotate_key(data_dir: Path, org: str, role: str, database: str | None = None) -> str:
+def rotate_key(db: Database, data_dir: Path, org: str, role: str) -> str:
     """Replace one role's key of an org; the old key is invalid from now on. Returns the new key."""
     username = username_for(org, role)
     pepper = load_pepper(data_dir)
     key = generate_key()
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         check_pepper(db, pepper, data_dir)
-        if not _org_exists(db, org):
-            raise CredentialError(f"no such org {org!r}")
+        require_org(db, org)
         _store(db, pepper, username, org, role, key)
     return key
 
 
-def ensure_service_key(data_dir: Path, database: str | None = None) -> str:
+def ensure_service_key(db: Database, data_dir: Path) -> str:
     """The internal service user's key (collector, web health checks), created on first start."""
     data_dir = Path(data_dir)
     path = data_dir / SERVICE_KEY_FILE
     pepper = load_pepper(data_dir)
     if not path.exists():
-        _write_private(path, generate_key() + "\n")
+        write_private(path, generate_key() + "\n")
     key = path.read_text().strip()
-    with _open(data_dir, database) as db, db.transaction():
+    with db.transaction():
         check_pepper(db, pepper, data_dir)
         row = db.query_one("SELECT digest FROM credentials WHERE username = ?", (SERVICE_USERNAME,))
         if row is not None and not hmac.compare_digest(row[0], digest_key(pepper, key)) and db.engine == POSTGRESQL:

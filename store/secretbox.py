@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from fleet.config.errors import CredentialError
-from fleet.store import credentials
+from fleet.store.errors import CredentialError
+from fleet.store.pepper import load_pepper
 
 HKDF_INFO = b"fleet alert channel secrets v1"
 
@@ -49,4 +49,4 @@ class SecretBox:
 
 def secret_box(data_dir: Path, create: bool = True) -> SecretBox:
     """The data dir's SecretBox (creating the pepper on first use when ``create``)."""
-    return SecretBox(credentials.load_pepper(Path(data_dir), create=create))
+    return SecretBox(load_pepper(Path(data_dir), create=create))

@@ -16,6 +16,7 @@ from fleet.broker.server import RunningBroker, start_in_thread
 from fleet.config.settings import Settings
 from fleet.store import credentials
 from fleet.store.database import open_database, sqlite_url
+from tests import stores
 from tests.dbhelpers import ENGINES
 from tests.postgres import PostgresServer, unavailable_reason
 
@@ -89,10 +90,10 @@ def broker(broker_settings: Settings, acme, globex):
 @pytest.fixture
 def acme(fleet_dir: Path, database_url: str) -> credentials.OrgSecrets:
     """Org ``acme`` and its keys."""
-    return credentials.add_org(fleet_dir, "acme", database_url)
+    return stores.add_org(fleet_dir, "acme", database_url)
 
 
 @pytest.fixture
 def globex(fleet_dir: Path, database_url: str) -> credentials.OrgSecrets:
     """Org ``globex`` and its keys."""
-    return credentials.add_org(fleet_dir, "globex", database_url)
+    return stores.add_org(fleet_dir, "globex", database_url)

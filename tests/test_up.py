@@ -42,11 +42,11 @@ def test_up_with_demo_runs_everything_and_stops_cleanly(tmp_path):
 
 
 def test_demo_org_keys_are_reused_and_private(tmp_path):
-    first = ensure_demo_org(tmp_path)
-    assert ensure_demo_org(tmp_path) == first
+    first = ensure_demo_org(Settings(data_dir=tmp_path))
+    assert ensure_demo_org(Settings(data_dir=tmp_path)) == first
     assert (tmp_path / DEMO_KEYS_FILE).stat().st_mode & 0o077 == 0
     (tmp_path / DEMO_KEYS_FILE).unlink()  # keys lost: rotate rather than fail
-    second = ensure_demo_org(tmp_path)
+    second = ensure_demo_org(Settings(data_dir=tmp_path))
     assert second.reader_key != first.reader_key
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 from flask import abort, current_app, g, request
 
-from fleet.config.errors import CredentialError
 from fleet.store import credentials
 from fleet.store.database import DatabaseError
+from fleet.store.errors import CredentialError
+from fleet.store.pepper import load_pepper
 from fleet.web.db import DatabaseUnavailable, get_db
 
 
@@ -18,7 +19,7 @@ def _pepper() -> bytes | None:
     pepper = current_app.config.get("FLEET_PEPPER")
     if pepper is None:
         try:
-            pepper = credentials.load_pepper(current_app.config["FLEET_SETTINGS"].data_dir, create=False)
+            pepper = load_pepper(current_app.config["FLEET_SETTINGS"].data_dir, create=False)
         except CredentialError:
             return None  # no org was ever created: every token is wrong
         current_app.config["FLEET_PEPPER"] = pepper

@@ -11,10 +11,11 @@ from typing import Any
 from flask import Flask
 from waitress.server import create_server
 
-from fleet.config.errors import CredentialError
 from fleet.config.settings import Settings, local_host
 from fleet.store import credentials
 from fleet.store.database import open_database
+from fleet.store.errors import CredentialError
+from fleet.store.pepper import load_pepper
 from fleet.web.app import create_app
 from fleet.web.errors import WebError
 
@@ -24,7 +25,7 @@ log = logging.getLogger("fleet.web")
 def _server(settings: Settings) -> tuple[Any, Flask]:
     with open_database(settings.database) as db:  # create or migrate the schema before serving (SPEC: Storage)
         try:
-            pepper = credentials.load_pepper(settings.data_dir, create=False)
+            pepper = load_pepper(settings.data_dir, create=False)
         except CredentialError:
             pepper = None  # no org was made with this data dir yet: every token is refused until one is
         if pepper is not None:

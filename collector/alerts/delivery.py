@@ -17,16 +17,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fleet.collector.alerts import notify
-from fleet.collector.alerts.channels import send
 from fleet.config.errors import ConfigError
 from fleet.config.settings import Settings
 from fleet.store import alerting
 from fleet.store.database import Database, DatabaseError, open_database
+from fleet.store.errors import StoreError
 from fleet.store.secretbox import SecretBox, secret_box
 
 log = logging.getLogger("collector.alerts")
@@ -34,8 +34,9 @@ log = logging.getLogger("collector.alerts")
 MAX_PARALLEL = 4
 IDLE_WAIT_S = 1.0
 BATCH = 200
-STOP_WAIT_S = 12.0  # a send in flight at stop is waited for (its timeout is 10 s) so its outcome is recorded
 BUSY_TIMEOUT_MS = 1000
+SEND_TIMEOUT_S = 10.0
+STOP_WAIT_S = SEND_TIMEOUT_S + 2.0  # a send in flight at stop is waited for, so its outcome is recorded
 
 _DUE = ("SELECT id, org, channel, group_key, notices, created, attempts, next_attempt FROM alert_outbox"
         " WHERE id IN (SELECT min(id) FROM alert_outbox GROUP BY org, channel) ORDER BY next_attempt LIMIT ?")
@@ -62,6 +63,12 @@ class Outcome:
     count: int
     error: str | None = None
     retryable: bool = False
+
+
+def send(settings: Settings, channel: alerting.Channel, notices: Sequence[notify.Notice], key: str) -> None:
+    """Deliver one notification to a loaded channel; DeliveryError/NotifyError when it fails."""
+    notify.deliver(channel.kind, channel.url, channel.secret, notices, key, smtp_url=settings.smtp_url or None,
+                   timeout=SEND_TIMEOUT_S, receiver=channel.name)
 
 
 class DeliveryWorker:
@@ -108,7 +115,7 @@ class DeliveryWorker:
                         db = open_database(self.settings.database, migrate=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
                     self._record(db)
                     wait = self._dispatch(db)
-                except ConfigError as exc:  # DatabaseError among them: busy, or the server away
+                except (ConfigError, StoreError) as exc:  # DatabaseError among them: busy, or the server away
                     log.warning("alert delivery: database not available (will retry): %s", exc)
                 except Exception:
                     log.exception("alert delivery worker error (continuing)")

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.collector.alerts import notify
-from fleet.collector.alerts.channels import group_key
 from fleet.collector.state import Machine, Tracker, Transition
 from fleet.config.rules import Conflict, Rule, Silence, StatusIs, Threshold, format_duration, metric_reader
 from fleet.config.topics import alert_topic
@@ -514,7 +513,7 @@ class AlertEngine:
     def _queue(self, org: str, channels: Iterable[str], notices: list[dict[str, Any]], now: float) -> None:
         body = json.dumps(notices, separators=(",", ":"))
         for channel in channels:
-            self.writes.outbox.append((org, channel, group_key(org), body, now, now))
+            self.writes.outbox.append((org, channel, notify.group_key(org), body, now, now))
             self.outbox_added = True
 
     def _resend(self, db: Database, now: float) -> None:

@@ -16,6 +16,7 @@ from fleet.agent.runner import backoff_delay, keepalive_for
 from fleet.broker.server import start_in_thread
 from fleet.config import payloads
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 MACHINE = "web-1"
@@ -31,7 +32,7 @@ def agent_process(broker, key, tmp_path, *extra, interval="0.3", ca=None):
 
 
 def watcher(broker, client_id="watcher"):
-    client = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    client = connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                             client_id)
     inbox = Inbox(client)
     inbox.subscribe("fleet/acme/#")

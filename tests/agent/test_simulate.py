@@ -5,11 +5,12 @@ from __future__ import annotations
 from fleet.agent.simulate import start_simulation
 from fleet.config import payloads
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 
 def test_simulated_agents_report_and_shut_down_cleanly(broker, acme):
-    reader = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    reader = connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                             "watcher")
     inbox = Inbox(reader)
     inbox.subscribe("fleet/acme/#", qos=1)
@@ -56,7 +57,7 @@ def test_after_a_reconnect_simulated_agents_name_their_previous_session(broker_s
         ended = {agent.machine: (agent.session, agent.seq - 1) for agent in sim.agents}
         second = start_in_thread(broker_settings.replace(mqtt_port=first.port))
         reader = connect_client(second, credentials.SERVICE_USERNAME,
-                                credentials.ensure_service_key(second.data_dir), "watcher")
+                                stores.ensure_service_key(second.data_dir), "watcher")
         inbox = Inbox(reader)
         inbox.subscribe("fleet/acme/+/ping", qos=1)
 

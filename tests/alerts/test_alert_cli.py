@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from fleet.cli import cli
-from fleet.store import credentials
+from tests import stores
 from tests.alerts.receiver import Receiver, signed_with
 
 
@@ -18,7 +18,7 @@ def run(data_dir, *args, env=None):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    credentials.add_org(tmp_path, "acme")
+    stores.add_org(tmp_path, "acme")
     return tmp_path
 
 

@@ -19,8 +19,8 @@ from fleet.agent.simulate import start_simulation
 from fleet.collector.alerts.channels import add_channel
 from fleet.config.rules import Rule
 from fleet.config.settings import Settings
-from fleet.store import alerting
 from fleet.web.app import create_app
+from tests import stores
 from tests.alerts.proxy import Proxy
 from tests.alerts.receiver import Receiver, signed_with
 from tests.collector.collector_fixtures import SimAgent, embedded_endpoint
@@ -54,7 +54,7 @@ def _settings(broker, **changes) -> Settings:
 
 def _watch_offline(settings: Settings, org: str, receiver: Receiver, for_: str = "0s") -> str:
     """Rule ``down`` (status == offline) and a webhook channel to ``receiver``; returns the signing secret."""
-    alerting.add_rule(settings.data_dir, Rule.parse(org, "down", "status == offline", for_, severity="critical"),
+    stores.add_rule(settings.data_dir, Rule.parse(org, "down", "status == offline", for_, severity="critical"),
                       settings.database)
     return add_channel(settings, org, "hook", receiver.url).secret
 
@@ -170,7 +170,7 @@ def test_collector_away_15_s_while_agents_report_fires_nothing(broker, acme, col
     settings = _settings(broker)
     hook = receivers()
     _watch_offline(settings, "acme", hook)
-    alerting.add_rule(broker.data_dir, Rule.parse("acme", "quiet", "status == stale", "0s"), broker.settings.database)
+    stores.add_rule(broker.data_dir, Rule.parse("acme", "quiet", "status == stale", "0s"), broker.settings.database)
     first = collectors(settings)
     sim = start_simulation(settings.replace(org="acme", key=acme.agent_key), agents=5, seed=1)
     try:
@@ -200,7 +200,7 @@ def test_a_collector_cut_off_the_broker_does_not_blame_the_fleet(broker, acme, c
     settings = _settings(broker)
     hook = receivers()
     _watch_offline(settings, "acme", hook)
-    alerting.add_rule(broker.data_dir, Rule.parse("acme", "quiet", "status == stale", "0s"), broker.settings.database)
+    stores.add_rule(broker.data_dir, Rule.parse("acme", "quiet", "status == stale", "0s"), broker.settings.database)
     collector = collectors(settings.replace(broker_url=f"mqtts://127.0.0.1:{proxy.port}"))
     sim = start_simulation(settings.replace(org="acme", key=acme.agent_key), agents=5, seed=2)
     try:
@@ -294,7 +294,7 @@ def test_a_silenced_alert_sends_nothing_but_is_listed(broker, acme, collectors, 
     settings = _settings(broker)
     hook = receivers()
     _watch_offline(settings, "acme", hook)
-    alerting.add_silence(ep.data_dir, "acme", 3600, "m*", None, "planned work", database=ep.database)
+    stores.add_silence(ep.data_dir, "acme", 3600, "m*", None, "planned work", database=ep.database)
     collectors(settings)
     _lose(ep)
     wait_for(lambda: _alerts(ep.database) == [("m1", "firing", "")], message="firing")
@@ -342,7 +342,7 @@ def test_two_orgs_never_see_each_others_alerts(broker, acme, globex, collectors,
 def test_the_alert_topic_is_retained_and_reaches_its_org_only(broker, acme, globex, collectors):
     """Needs the broker's rule that lets the collector's service account publish fleet/<org>/<m>/alert."""
     settings = _settings(broker)
-    alerting.add_rule(settings.data_dir, Rule.parse("globex", "down", "status == offline", severity="critical"),
+    stores.add_rule(settings.data_dir, Rule.parse("globex", "down", "status == offline", severity="critical"),
                       settings.database)
     collectors(settings)
     readers = _readers(broker, {"acme": acme, "globex": globex})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fleet.config.settings import Settings
-from fleet.store import alerting
 from fleet.up import DEMO_ORG, DEMO_RULE, start_system
+from tests import stores
 from tests.helpers import wait_for
 from tests.test_up import get
 
@@ -16,7 +16,7 @@ def test_the_demo_shows_an_alert_firing(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", mqtt_port=0, http_port=0, interval=1.0, reload_interval_s=0.5)
     system = start_system(settings, demo=2, real_agent=False)
     try:
-        rules = {r.name: str(r.when) for r in alerting.list_rules(settings.data_dir, DEMO_ORG)}
+        rules = {r.name: str(r.when) for r in stores.list_rules(settings.data_dir, DEMO_ORG)}
         assert rules[DEMO_RULE[0]] == DEMO_RULE[1]
         token = system.demo_keys.reader_key
 

@@ -21,6 +21,7 @@ from fleet.broker.pki import ensure_certs
 from fleet.broker.server import LoopThread, start_loop_thread
 from fleet.store import credentials
 from fleet.store.database import open_database
+from tests import stores
 from tests.helpers import free_port, port_open, wait_for
 
 
@@ -101,7 +102,7 @@ def start_stock(data_dir: Path, keys: dict[str, str], port: int | None = None) -
 
 def keys_of(data_dir: Path, *orgs: credentials.OrgSecrets) -> dict[str, str]:
     """username -> key for the orgs' agents and readers and the service user."""
-    keys = {credentials.SERVICE_USERNAME: credentials.ensure_service_key(data_dir)}
+    keys = {credentials.SERVICE_USERNAME: stores.ensure_service_key(data_dir)}
     for org in orgs:
         keys[f"{org.org}/agent"] = org.agent_key
         keys[f"{org.org}/reader"] = org.reader_key

@@ -14,6 +14,7 @@ import pytest
 from fleet.collector.mqtt_codec import Connack, Connect, encode
 from fleet.config.topics import alert_topic
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import Inbox, close, connect_client
 
 OWN = "fleet/acme/web-1"
@@ -28,7 +29,7 @@ def orgs(acme, globex):
 
 def _login(broker, orgs, who):
     if who == "service":  # the collector's account
-        return connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+        return connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                               "collector")
     if who == "acme-agent":
         return connect_client(broker, "acme/agent", orgs["acme"].agent_key, "fleet-acme-web-1")
@@ -98,7 +99,7 @@ def test_subscribe_matrix(broker, orgs, who, topic_filter, allowed):
 ])
 def test_publish_matrix(broker, orgs, who, topic, retain, delivered):
     """A refused publish is dropped (and counted); the publisher stays connected; nobody receives it."""
-    watcher = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    watcher = connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                              "watcher")
     inbox = Inbox(watcher)
     inbox.subscribe("fleet/#")

@@ -19,6 +19,7 @@ import pytest
 from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connack, Connect, Publish, encode, encode_pubacks
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import BrokerProcess, Inbox, close, connect_client, free_port, port_open, wait_for
 
 REPORTS = "fleet/acme/+/report"
@@ -35,7 +36,7 @@ def queued_rows(data_dir: Path) -> list[tuple[str, bytes]]:
 
 
 def collector(broker, clean_session: bool = False, **kw):
-    return connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    return connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                           COLLECTOR, clean_session=clean_session, **kw)
 
 

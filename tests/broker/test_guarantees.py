@@ -19,6 +19,7 @@ from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connack, Connect, Disconnect, Publish, Will, encode, encode_pubacks
 from fleet.config import payloads
 from fleet.store import credentials
+from tests import stores
 from tests.broker.stock import keys_of, start_stock
 from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
 
@@ -55,7 +56,7 @@ def broker(start):
 
 
 def service(broker, client_id="watcher", clean_session=True):
-    return connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    return connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                           client_id, clean_session=clean_session)
 
 
@@ -245,7 +246,7 @@ def test_offline_queue_is_bounded_and_drops_are_counted(start, acme):
         a.publish(OWN_REPORT, f"m{i}".encode(), qos=1).wait_for_publish(5)
     close(a)
     inboxes = []
-    sub = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    sub = connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                          "persistent-watcher", clean_session=False, timeout=10,
                          before_connect=lambda client: inboxes.append(Inbox(client)))
     inbox = inboxes[0]
@@ -335,12 +336,12 @@ def test_retained_pings_survive_a_broker_restart(start, acme):
 def test_rotation_and_removal_disconnect_live_sessions(broker, acme):
     reader = connect_client(broker, "acme/reader", acme.reader_key, "r")
     a = agent(broker, acme)
-    new_key = credentials.rotate_key(broker.data_dir, "acme", "reader")
+    new_key = stores.rotate_key(broker.data_dir, "acme", "reader")
     wait_for(lambda: not reader.is_connected(), timeout=5, message="reader with rotated key disconnected")
     assert a.is_connected()
     assert connect_client(broker, "acme/reader", acme.reader_key, "r2", expect_rc=1) == 5
     close(connect_client(broker, "acme/reader", new_key, "r3"))
-    credentials.remove_org(broker.data_dir, "acme")
+    stores.remove_org(broker.data_dir, "acme")
     wait_for(lambda: not a.is_connected(), timeout=5, message="agent of removed org disconnected")
     reader.loop_stop()
     a.loop_stop()
@@ -358,7 +359,7 @@ def test_persistent_sessions_survive_a_broker_restart(start, acme):
     a.publish(OWN_REPORT, b"while-you-were-away", qos=1).wait_for_publish(5)
     close(a)
     inboxes = []
-    sub = connect_client(second, credentials.SERVICE_USERNAME, credentials.ensure_service_key(second.data_dir),
+    sub = connect_client(second, credentials.SERVICE_USERNAME, stores.ensure_service_key(second.data_dir),
                          "collector-like", clean_session=False,
                          before_connect=lambda client: inboxes.append(Inbox(client)))
     assert inboxes[0].wait_for_topic(OWN_REPORT).payload == b"while-you-were-away"

@@ -7,6 +7,7 @@ import threading
 
 from fleet.collector.mqtt_codec import Connect, encode
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
 
 PING = "fleet/acme/web-1/ping"
@@ -14,7 +15,7 @@ REPORT = "fleet/acme/web-1/report"
 
 
 def _watcher(broker):
-    watcher = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    watcher = connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                              "watcher")
     inbox = Inbox(watcher)
     inbox.subscribe("fleet/acme/#")

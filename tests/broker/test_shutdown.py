@@ -11,6 +11,7 @@ from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connect, encode
 from fleet.config.settings import Settings
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import tls_socket, wait_for
 
 
@@ -33,7 +34,7 @@ def test_clients_connecting_while_the_broker_stops_are_all_disconnected(fleet_di
     the stop cancelled the connection (3.11's wait_for swallows that cancellation) went on into a session
     that nothing closed; the stop itself then waited 30 s for it."""
     broker = start_in_thread(Settings(data_dir=fleet_dir, mqtt_port=0))
-    service_key = credentials.ensure_service_key(fleet_dir)
+    service_key = stores.ensure_service_key(fleet_dir)
     opened: list[ssl.SSLSocket] = []
     lock = threading.Lock()
     done = threading.Event()

@@ -19,6 +19,7 @@ from fleet.config.mqtt import BrokerAddress, new_client
 from fleet.config.settings import Settings
 from fleet.config.topics import agent_client_id, ping_topic, report_topic
 from fleet.store import credentials
+from tests import stores
 from tests.dbhelpers import rows
 from tests.helpers import free_port, port_open, wait_for  # noqa: F401 - re-exported to the collector tests
 
@@ -38,7 +39,7 @@ class Endpoint:
 
     def user(self, role: str) -> tuple[str | None, str | None]:
         if role == "service":
-            return credentials.SERVICE_USERNAME, credentials.ensure_service_key(self.data_dir, self.database)
+            return credentials.SERVICE_USERNAME, stores.ensure_service_key(self.data_dir, self.database)
         key = self.keys.agent_key if role == "agent" else self.keys.reader_key
         return f"{self.keys.org}/{role}", key
 
@@ -80,7 +81,7 @@ def mosquitto_endpoint_at(tmp_path: Path, database: str = "") -> Endpoint:
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed")
     data_dir = tmp_path / "fleet-data"  # where the database_url fixture puts a SQLite database
-    keys = credentials.add_org(data_dir, "acme", database or None)
+    keys = stores.add_org(data_dir, "acme", database or None)
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     # Loopback only, anonymous allowed: this fixture tests the collector, not Mosquitto's access model.
@@ -100,7 +101,7 @@ def mosquitto_endpoint_at(tmp_path: Path, database: str = "") -> Endpoint:
 
     start()
     return Endpoint(f"mqtt://127.0.0.1:{port}", None, data_dir, keys, stop, start, anonymous=True,
-                    database=database or credentials.database_for(data_dir))
+                    database=database or stores.database_for(data_dir))
 
 
 def embedded_endpoint(running, keys: credentials.OrgSecrets) -> Endpoint:

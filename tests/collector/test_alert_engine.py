@@ -10,8 +10,8 @@ from fleet.collector import history
 from fleet.collector.alerts.engine import AlertEngine
 from fleet.config.rules import Rule
 from fleet.config.topics import alert_topic
-from fleet.store import alerting, credentials
 from fleet.store.database import open_database
+from tests import stores
 from tests.collector.collector_builders import T0, ping, report, tracker
 
 ORGS = {"acme", "globex"}
@@ -46,11 +46,11 @@ class Harness:
         self.flush()
 
     def rule(self, org, name, when, for_="0s", machines="*", severity="warning"):
-        alerting.add_rule(self.data_dir, Rule.parse(org, name, when, for_, machines, severity), self.database)
+        stores.add_rule(self.data_dir, Rule.parse(org, name, when, for_, machines, severity), self.database)
         self.engine.refresh(self.db, ORGS, T0)  # the collector re-reads rules every 2 s
 
     def channel(self, org, name="hook"):
-        alerting.store_channel(self.data_dir, org, name, "webhook", "http://127.0.0.1:9/h", "s", "http://127.0.0.1:9",
+        stores.store_channel(self.data_dir, org, name, "webhook", "http://127.0.0.1:9/h", "s", "http://127.0.0.1:9",
                                self.database)
 
     def apply(self, message, now):
@@ -86,7 +86,7 @@ class Harness:
 def h(tmp_path, database_url):
     data_dir = tmp_path / "fleet-data"
     for org in sorted(ORGS):
-        credentials.add_org(data_dir, org, database_url)
+        stores.add_org(data_dir, org, database_url)
     harness = Harness(data_dir, database_url)
     harness.channel("acme")
     harness.engine.timers(harness.db, ORGS, T0)
@@ -172,14 +172,14 @@ def test_many_machines_lost_at_once_make_one_message_per_channel(h):
 
 def test_a_silence_holds_notices_back_while_the_alert_still_shows(h):
     h.rule("acme", "down-now", "status == offline")
-    silence = alerting.add_silence(h.data_dir, "acme", 60, "web-*", now=T0, database=h.database)
+    silence = stores.add_silence(h.data_dir, "acme", 60, "web-*", now=T0, database=h.database)
     h.tick(T0 + 3)
     _offline(h, t=T0 + 3)
     h.tick(T0 + 20)
     assert ("down-now", "web-1", "firing", "") in h.alerts()
     assert h.outbox() == []
     assert json.loads(h.published[-1][1])[0]["rule"] == "down-now"
-    alerting.expire_silence(h.data_dir, "acme", silence.id, now=T0 + 21, database=h.database)
+    stores.expire_silence(h.data_dir, "acme", silence.id, now=T0 + 21, database=h.database)
     h.tick(T0 + 23)  # silences are read again within 2 s
     h.tick(T0 + 34)
     assert h.outbox() == [("hook", [("firing", "down-now", "web-1")])]
@@ -220,7 +220,7 @@ def test_removing_a_rule_resolves_its_alerts(h):
     h.tick(T0)
     _offline(h)
     h.tick(T0 + 12)
-    alerting.remove_rule(h.data_dir, "acme", "down-now", h.database)
+    stores.remove_rule(h.data_dir, "acme", "down-now", h.database)
     h.tick(T0 + 15)
     assert ("down-now", "web-1", "resolved", "") in [(r, m, s, "") for r, m, s, _ in h.alerts()]
     h.tick(T0 + 30)
@@ -256,7 +256,7 @@ def test_removing_the_org_forgets_its_alerts(h):
     h.rule("acme", "down-now", "status == offline")
     h.tick(T0)
     _offline(h)
-    credentials.remove_org(h.data_dir, "acme", h.database)
+    stores.remove_org(h.data_dir, "acme", h.database)
     h.engine.forget_org("acme")
     h.flush()
     assert h.alerts() == []
@@ -264,7 +264,7 @@ def test_removing_the_org_forgets_its_alerts(h):
 
 
 def test_alertmanager_channels_get_firing_alerts_again_while_they_fire(h):
-    alerting.store_channel(h.data_dir, "acme", "am", "alertmanager", "alertmanager+http://127.0.0.1:9093", None,
+    stores.store_channel(h.data_dir, "acme", "am", "alertmanager", "alertmanager+http://127.0.0.1:9093", None,
                            "alertmanager+http://127.0.0.1:9093", h.database)
     h.rule("acme", "down-now", "status == offline")
     h.tick(T0)

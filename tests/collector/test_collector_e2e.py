@@ -18,6 +18,7 @@ from fleet.collector import service
 from fleet.config import payloads
 from fleet.config.topics import ping_topic, report_topic
 from fleet.store import credentials
+from tests import stores
 from tests.collector.collector_fixtures import SimAgent, query
 from tests.dbhelpers import rows, write_lock
 from tests.helpers import wait_for
@@ -69,7 +70,7 @@ def test_reports_and_presence_flow_into_the_database(endpoint, collectors):
     beat = wait_for(connected_beat, message="a heartbeat saying the collector is connected")
     detail = json.loads(beat[0][1])
     assert time.time() - beat[0][0] < 10
-    assert detail["orgs"] == credentials.list_orgs(endpoint.data_dir, endpoint.database)
+    assert detail["orgs"] == stores.list_orgs(endpoint.data_dir, endpoint.database)
     assert collector.stats().stored == 3
 
 
@@ -262,11 +263,11 @@ def test_a_flooding_agent_is_rate_limited(endpoint, collectors):
 @both_engines
 def test_orgs_added_and_removed_are_picked_up_within_5_s(endpoint, collectors):
     collector = collectors(endpoint.settings())
-    before = tuple(credentials.list_orgs(endpoint.data_dir, endpoint.database))
+    before = tuple(stores.list_orgs(endpoint.data_dir, endpoint.database))
     assert collector.stats().orgs == before
     assert "acme" in before
     t0 = time.monotonic()
-    keys = credentials.add_org(endpoint.data_dir, "initech", endpoint.database)
+    keys = stores.add_org(endpoint.data_dir, "initech", endpoint.database)
     wait_for(lambda: collector.stats().orgs == tuple(sorted(before + ("initech",))), timeout=5,
                message="subscribed to initech")
     assert time.monotonic() - t0 < 5
@@ -277,7 +278,7 @@ def test_orgs_added_and_removed_are_picked_up_within_5_s(endpoint, collectors):
                    message="initech report stored")
     finally:
         endpoint.keys = acme_keys
-    credentials.remove_org(endpoint.data_dir, "initech", endpoint.database)
+    stores.remove_org(endpoint.data_dir, "initech", endpoint.database)
     wait_for(lambda: collector.stats().orgs == before, timeout=5, message="unsubscribed from initech")
 
 
@@ -293,7 +294,7 @@ def _publish_ok(endpoint) -> bool:
 
 @both_engines
 def test_shard_serves_only_its_orgs(endpoint, collectors):
-    credentials.add_org(endpoint.data_dir, "initech", endpoint.database)
+    stores.add_org(endpoint.data_dir, "initech", endpoint.database)
     collector = collectors(endpoint.settings(orgs=("initech",)))
     assert collector.stats().orgs == ("initech",)
     assert collector.client_id != service.client_id_for(())
@@ -423,15 +424,15 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed")
     data_dir = tmp_path / "data"
-    keys = credentials.add_org(data_dir, "acme")
-    credentials.ensure_service_key(data_dir)
+    keys = stores.add_org(data_dir, "acme")
+    stores.ensure_service_key(data_dir)
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
     server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
     (tmp_path / "passwd").write_text("".join(f"{u}:{h}\n" for u, h in rows(
-        credentials.database_for(data_dir), "SELECT username, mosquitto_hash FROM credentials")))
+        stores.database_for(data_dir), "SELECT username, mosquitto_hash FROM credentials")))
     (tmp_path / "acl").write_text(f"user {credentials.SERVICE_USERNAME}\ntopic readwrite fleet/#\n\n"
                                   "user acme/agent\ntopic readwrite fleet/acme/#\n\n"
                                   "user acme/reader\ntopic read fleet/acme/#\n")
@@ -445,7 +446,7 @@ def test_collector_over_tls_with_its_service_credential_on_mosquitto(tmp_path, c
     try:
         wait_for(lambda: port_open(port), message="mosquitto TLS listener")
         ep = Endpoint(f"mqtts://127.0.0.1:{port}", tmp_path / "ca.pem", data_dir, keys, proc.terminate, lambda: None,
-                      database=credentials.database_for(data_dir))
+                      database=stores.database_for(data_dir))
         collector = collectors(ep.settings())
         agent = SimAgent(ep, "m1").connect()
         agent.ping("online")

@@ -14,6 +14,7 @@ import pytest
 from fleet.collector import service
 from fleet.collector.intake import UNKNOWN_ORG
 from fleet.store import credentials
+from tests import stores
 from tests.collector.collector_fixtures import Endpoint, SimAgent, query
 from tests.helpers import wait_for
 
@@ -43,7 +44,7 @@ def agent_at_once(ep: Endpoint, keys: credentials.OrgSecrets, machine: str = "m1
 
 def test_a_new_orgs_first_report_is_stored_without_waiting_for_the_collector(endpoint, collectors):
     collector = collectors(endpoint.settings(reload_interval_s=5.0))
-    keys = credentials.add_org(endpoint.data_dir, "initech")  # fleet org add
+    keys = stores.add_org(endpoint.data_dir, "initech")  # fleet org add
     agent = agent_at_once(endpoint, keys)
     assert agent.report() == 0
     agent.close()
@@ -59,7 +60,7 @@ def test_a_shard_is_subscribed_to_its_orgs_before_they_exist(endpoint, collector
     acme = SimAgent(endpoint, "m1").connect()  # not this shard's org: never even delivered
     acme.report()
     acme.close()
-    keys = credentials.add_org(endpoint.data_dir, "initech")
+    keys = stores.add_org(endpoint.data_dir, "initech")
     agent = agent_at_once(endpoint, keys)
     agent.report()
     agent.close()

@@ -15,8 +15,8 @@ import pytest
 
 from fleet.config import rules
 from fleet.config.settings import Settings
-from fleet.store import alerting
 from fleet.web.app import create_app
+from tests import stores
 from tests.collector.collector_fixtures import embedded_endpoint, end_agent_and_probe, query
 from tests.helpers import bearer, wait_for
 
@@ -35,7 +35,7 @@ def test_a_process_rule_fires_when_the_checked_process_is_killed_and_resolves_wh
     shutil.copy(shutil.which("sleep"), program)
     probe = subprocess.Popen([str(program), "300"])
     settings = ep.settings(alert_group_wait=0.5)
-    alerting.add_rule(ep.data_dir, rules.Rule.parse("acme", "probe-down", "process.fleet-probe-z < 1", "0s"))
+    stores.add_rule(ep.data_dir, rules.Rule.parse("acme", "probe-down", "process.fleet-probe-z < 1", "0s"))
     collectors(settings)
     cmd = [sys.executable, "-m", "fleet.cli", "agent", "--data-dir", str(tmp_path / "agent"), "--broker", ep.url,
            "--org", "acme", "--key", acme.agent_key, "--machine", "app-1", "--ca", str(ep.ca), "--interval", "0.3",

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from fleet.config.errors import CredentialError
 from fleet.config.rules import DEFAULT_RULES, Rule, RuleError
-from fleet.store import alerting, credentials, database
+from fleet.store import alerting, credentials, database, schema
+from fleet.store.errors import CredentialError
 from fleet.store.secretbox import secret_box
 from tests.dbhelpers import rows
 
@@ -22,23 +22,25 @@ SPEC_DEFAULTS = [("disk-full", "disk_percent > 90", 600.0, "warning"),
 
 @pytest.fixture
 def d(tmp_path, database_url):
-    """Call alerting functions with ``d(func, *args)``: the data dir first, this test's database last."""
+    """Call store functions with ``d(func, *args)``: each on a new connection to this test's database."""
     def call(func, *args, **kwargs):
-        return func(tmp_path, *args, database=database_url, **kwargs)
+        with database.open_database(database_url) as db:
+            return func(db, *args, **kwargs)
     call.data_dir = tmp_path
     call.database = database_url
+    call.box = secret_box(tmp_path)
     return call
 
 
 def test_a_new_org_starts_with_the_three_default_rules(d):
-    d(credentials.add_org, "acme")
+    d(credentials.add_org, d.data_dir, "acme")
     assert [(r.name, str(r.when), r.for_s, r.severity) for r in d(alerting.list_rules, "acme")] == SPEC_DEFAULTS
     assert sorted((n, w, f, s) for n, w, f, s in DEFAULT_RULES) == SPEC_DEFAULTS
 
 
 def test_the_migration_gives_existing_orgs_the_default_rules(d, monkeypatch):
     # The migrations before alerts' (later ones, such as 4, would mark the database as past version 3).
-    before = tuple(itertools.takewhile(lambda m: m[1] is not database.ALERTS_SCHEMA, database.MIGRATIONS))
+    before = tuple(itertools.takewhile(lambda m: m[1] is not schema.ALERTS_SCHEMA, database.MIGRATIONS))
     with monkeypatch.context() as m:  # a database from before alerts, with two orgs
         m.setattr(database, "MIGRATIONS", before)
         m.setattr(database, "SCHEMA_VERSION", before[-1][0])
@@ -51,7 +53,7 @@ def test_the_migration_gives_existing_orgs_the_default_rules(d, monkeypatch):
 
 
 def test_rules_add_list_remove(d):
-    d(credentials.add_org, "acme")
+    d(credentials.add_org, d.data_dir, "acme")
     d(alerting.add_rule, Rule.parse("acme", "hot", "cpu_percent > 90", "5m", "web-*", "critical"))
     with pytest.raises(RuleError, match="already has a rule"):
         d(alerting.add_rule, Rule.parse("acme", "hot", "conflict"))
@@ -64,9 +66,9 @@ def test_rules_add_list_remove(d):
 
 
 def test_channel_url_and_secret_are_encrypted_at_rest(d):
-    d(credentials.add_org, "acme")
+    d(credentials.add_org, d.data_dir, "acme")
     url, secret = "https://hooks.example.com/services/T0KEN", "s3cret-signing-key"
-    d(alerting.store_channel, "acme", "hook", "webhook", url, secret, "https://hooks.example.com/***")
+    d(alerting.store_channel, d.box, "acme", "hook", "webhook", url, secret, "https://hooks.example.com/***")
     stored = str(rows(d.database, "SELECT * FROM alert_channels"))
     assert "T0KEN" not in stored
     assert secret not in stored
@@ -78,12 +80,12 @@ def test_channel_url_and_secret_are_encrypted_at_rest(d):
     listed = d(alerting.list_channels, "acme")
     assert [c.as_dict()["target"] for c in listed] == ["https://hooks.example.com/***"]
     assert secret not in repr(listed) + str([c.as_dict() for c in listed])
-    loaded = d(alerting.get_channel, "acme", "hook")
+    loaded = d(alerting.get_channel, d.box, "acme", "hook")
     assert (loaded.url, loaded.secret) == (url, secret)
     assert secret not in repr(loaded)
     assert url not in repr(loaded)
     with pytest.raises(RuleError, match="already has a channel"):
-        d(alerting.store_channel, "acme", "hook", "webhook", url, secret, "x")
+        d(alerting.store_channel, d.box, "acme", "hook", "webhook", url, secret, "x")
 
 
 def test_a_secret_sealed_under_another_pepper_does_not_open(tmp_path):
@@ -97,7 +99,7 @@ def test_a_secret_sealed_under_another_pepper_does_not_open(tmp_path):
 
 
 def test_silences_add_list_expire(d):
-    d(credentials.add_org, "acme")
+    d(credentials.add_org, d.data_dir, "acme")
     silence = d(alerting.add_silence, "acme", 3600, "web-*", "machine-offline", "maintenance", now=1000.0)
     assert (silence.starts_at, silence.ends_at, silence.rule, silence.machines) == (1000.0, 4600.0, "machine-offline",
                                                                                     "web-*")
@@ -114,8 +116,8 @@ def test_silences_add_list_expire(d):
 
 def test_removing_an_org_drops_its_alerting_but_not_another_orgs(d):
     for org in ("acme", "globex"):
-        d(credentials.add_org, org)
-        d(alerting.store_channel, org, "hook", "webhook", "https://example.com/h", "s", "https://example.com/***")
+        d(credentials.add_org, d.data_dir, org)
+        d(alerting.store_channel, d.box, org, "hook", "webhook", "https://example.com/h", "s", "https://example.com/***")
         d(alerting.add_silence, org, 60)
     with database.open_database(d.database) as db, db.transaction():
         for org in ("acme", "globex"):

@@ -6,18 +6,21 @@ import json
 
 import pytest
 
-from fleet.config.errors import CredentialError, InvalidId
+from fleet.config.errors import InvalidId
 from fleet.store import credentials
 from fleet.store.database import open_database
+from fleet.store.errors import CredentialError
+from fleet.store.pepper import load_pepper
+from tests import stores
 from tests.dbhelpers import rows
 
 
 def _stored_text(data_dir):
-    return json.dumps(rows(credentials.database_for(data_dir), "SELECT * FROM credentials"))
+    return json.dumps(rows(stores.database_for(data_dir), "SELECT * FROM credentials"))
 
 
 def test_add_org_stores_only_hashes(tmp_path):
-    org = credentials.add_org(tmp_path, "acme")
+    org = stores.add_org(tmp_path, "acme")
     assert len(org.agent_key) >= 43
     assert org.agent_key != org.reader_key
     text = _stored_text(tmp_path)
@@ -25,25 +28,25 @@ def test_add_org_stores_only_hashes(tmp_path):
     assert org.reader_key not in text
     assert org.agent_key not in repr(org)
     assert org.reader_key not in repr(org)
-    assert credentials.list_orgs(tmp_path) == ["acme"]
+    assert stores.list_orgs(tmp_path) == ["acme"]
     assert (tmp_path / "pepper").stat().st_mode & 0o077 == 0
 
 
 def test_duplicate_and_invalid_orgs(tmp_path):
-    credentials.add_org(tmp_path, "acme")
+    stores.add_org(tmp_path, "acme")
     with pytest.raises(CredentialError, match="already exists"):
-        credentials.add_org(tmp_path, "acme")
+        stores.add_org(tmp_path, "acme")
     with pytest.raises(InvalidId):
-        credentials.add_org(tmp_path, "ac/me")
+        stores.add_org(tmp_path, "ac/me")
     with pytest.raises(CredentialError, match="no such org"):
-        credentials.remove_org(tmp_path, "nope")
+        stores.remove_org(tmp_path, "nope")
     with pytest.raises(CredentialError):
-        credentials.rotate_key(tmp_path, "acme", "admin")
+        stores.rotate_key(tmp_path, "acme", "admin")
 
 
 def test_check_key_roles_and_rotation(tmp_path):
-    org = credentials.add_org(tmp_path, "acme")
-    pepper = credentials.load_pepper(tmp_path)
+    org = stores.add_org(tmp_path, "acme")
+    pepper = load_pepper(tmp_path)
     conn = open_database(tmp_path / "fleet.db")
     records = credentials.load_records(conn)
     assert credentials.check_key(records, pepper, "acme/agent", org.agent_key).role == "agent"
@@ -54,23 +57,23 @@ def test_check_key_roles_and_rotation(tmp_path):
     assert credentials.find_reader(conn, pepper, org.reader_key) == "acme"
     assert credentials.find_reader(conn, pepper, org.agent_key) is None  # agent keys are not API tokens
 
-    new = credentials.rotate_key(tmp_path, "acme", "reader")
+    new = stores.rotate_key(tmp_path, "acme", "reader")
     assert credentials.find_reader(conn, pepper, org.reader_key) is None
     assert credentials.find_reader(conn, pepper, new) == "acme"
     records = credentials.load_records(conn)
     assert credentials.check_key(records, pepper, "acme/agent", org.agent_key) is not None  # other role untouched
 
-    credentials.remove_org(tmp_path, "acme")
+    stores.remove_org(tmp_path, "acme")
     assert credentials.load_records(conn) == {}
     assert credentials.find_reader(conn, pepper, new) is None
 
 
 def test_service_key_is_stable_and_private(tmp_path):
-    key = credentials.ensure_service_key(tmp_path)
-    assert credentials.ensure_service_key(tmp_path) == key
+    key = stores.ensure_service_key(tmp_path)
+    assert stores.ensure_service_key(tmp_path) == key
     assert (tmp_path / credentials.SERVICE_KEY_FILE).stat().st_mode & 0o077 == 0
     records = credentials.load_records(open_database(tmp_path / "fleet.db"))
-    principal = credentials.check_key(records, credentials.load_pepper(tmp_path), credentials.SERVICE_USERNAME, key)
+    principal = credentials.check_key(records, load_pepper(tmp_path), credentials.SERVICE_USERNAME, key)
     assert principal.role == "service"
     assert principal.org is None
 
@@ -89,15 +92,15 @@ def test_mosquitto_hash_format():
 def test_another_hosts_pepper_or_service_key_is_refused(tmp_path, database_url, engine):
     """Hosts sharing one database must share the pepper (and, on PostgreSQL, the service key) of the first one."""
     first, second = tmp_path / "first", tmp_path / "second"
-    credentials.add_org(first, "acme", database_url)
-    key = credentials.ensure_service_key(first, database_url)
+    stores.add_org(first, "acme", database_url)
+    key = stores.ensure_service_key(first, database_url)
     with pytest.raises(CredentialError, match="not the pepper"):
-        credentials.add_org(second, "globex", database_url)
+        stores.add_org(second, "globex", database_url)
     (second / "pepper").write_bytes((first / "pepper").read_bytes())
-    credentials.add_org(second, "globex", database_url)
+    stores.add_org(second, "globex", database_url)
     if engine == "postgresql":
         with pytest.raises(CredentialError, match="another data dir's service key"):
-            credentials.ensure_service_key(second, database_url)
+            stores.ensure_service_key(second, database_url)
         (second / credentials.SERVICE_KEY_FILE).write_text(key + "\n")
-    assert credentials.ensure_service_key(second, database_url) == (key if engine == "postgresql" else
+    assert stores.ensure_service_key(second, database_url) == (key if engine == "postgresql" else
                                                                     (second / "service.key").read_text().strip())

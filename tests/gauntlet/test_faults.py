@@ -23,6 +23,7 @@ import pytest
 from fleet.agent.outbox import Outbox
 from fleet.config import payloads
 from fleet.store import credentials
+from tests import stores
 from tests.dbhelpers import rows, write_lock
 from tests.helpers import Inbox, close, connect_client, free_port, port_open, wait_for
 from tests.postgres import PostgresServer, unavailable_reason
@@ -100,8 +101,8 @@ def _stop_agents_and_collector(data: Path, db: str, agents: dict[str, subprocess
 
 def test_broker_killed_mid_stream_loses_nothing_and_presence_comes_back(tmp_path):
     data = tmp_path / "data"
-    org = credentials.add_org(data, "acme")
-    db = credentials.database_for(data)
+    org = stores.add_org(data, "acme")
+    db = stores.database_for(data)
     port = free_port()
     url = f"mqtts://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
@@ -211,7 +212,7 @@ def _stored_exactly_what_was_witnessed(inbox: Inbox, db: str) -> None:
 
 def test_collector_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, database_url):
     data = tmp_path / "fleet-data"
-    org = credentials.add_org(data, "acme", database_url)
+    org = stores.add_org(data, "acme", database_url)
     with _stream(data, database_url, org) as stream:
         inbox = stream.inbox
         # Another writer holds the database: reports pile up in the collector, received but not committed...
@@ -240,7 +241,7 @@ def test_postgresql_restarted_mid_stream_loses_and_duplicates_nothing(tmp_path):
     try:
         data = tmp_path / "fleet-data"
         db = pg.database()
-        org = credentials.add_org(data, "acme", db)
+        org = stores.add_org(data, "acme", db)
         with _stream(data, db, org) as stream:
             for mode in ("fast", "immediate"):
                 wait_for(lambda: all(_gapless(db).get(m, 0) >= 10 for m in AGENTS), timeout=30,

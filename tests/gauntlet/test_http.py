@@ -13,10 +13,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from fleet.config.settings import Settings
-from fleet.store import credentials
 from fleet.store.database import open_database
 from fleet.web.app import create_app
 from fleet.web.server import start_in_thread
+from tests import stores
 from tests.dbhelpers import ENGINES
 
 ENDPOINTS = ["/api/fleet", "/api/fleet/web-1", "/api/fleet/web-1/history", "/api/events", "/metrics",
@@ -29,7 +29,7 @@ def env(request, tmp_path_factory):
     """The app over a database (each engine in turn) with one machine, its history and events."""
     data = tmp_path_factory.mktemp("gauntlet-http")
     database = request.getfixturevalue("pg_server").database() if request.param == "postgresql" else ""
-    org = credentials.add_org(data, "acme", database or None)
+    org = stores.add_org(data, "acme", database or None)
     settings = Settings(data_dir=data, database_url=database, mqtt_port=1, rate_limit_api="1000000/minute",
                         rate_limit_config="1000000/minute")
     now = time.time()

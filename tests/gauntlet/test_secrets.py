@@ -14,8 +14,10 @@ import pytest
 
 from fleet.config.rules import Rule
 from fleet.config.settings import Settings
-from fleet.store import alerting, credentials, database
+from fleet.store import credentials, database
+from fleet.store.pepper import PEPPER_FILE
 from fleet.up import DEMO_KEYS_FILE
+from tests import stores
 from tests.alerts.receiver import Receiver
 from tests.helpers import connect_client, free_port, wait_for
 
@@ -48,10 +50,10 @@ def test_no_secret_in_the_logs_of_a_full_run(tmp_path):
     try:
         wait_for(lambda: _get(f"{base}/healthz", None) == 200, timeout=30, message="fleet up healthy")
         demo = json.loads((data / DEMO_KEYS_FILE).read_text())
-        acme = credentials.add_org(data, "acme")
-        rotated = credentials.rotate_key(data, "acme", "reader")
+        acme = stores.add_org(data, "acme")
+        rotated = stores.rotate_key(data, "acme", "reader")
         service_key = (data / credentials.SERVICE_KEY_FILE).read_text().strip()
-        pepper = (data / credentials.PEPPER_FILE).read_text().strip()
+        pepper = (data / PEPPER_FILE).read_text().strip()
         assert _get(f"{base}/api/fleet", demo["reader_key"]) == 200
         assert _get(f"{base}/api/fleet", acme.reader_key) == 401  # rotated away
         assert _get(f"{base}/api/fleet", "guess-" + rotated[:10]) == 401
@@ -65,14 +67,14 @@ def test_no_secret_in_the_logs_of_a_full_run(tmp_path):
         settings = Settings(data_dir=data, smtp_url=smtp_url)
         webhook_secret = add_channel(settings, "demo", "hook", hook.url + "/t0ken-in-path").secret
         add_channel(settings, "demo", "mail", "mailto:ops@example.com")
-        alerting.add_rule(data, Rule.parse("demo", "always", "cpu_percent >= 0", "0s"))
+        stores.add_rule(data, Rule.parse("demo", "always", "cpu_percent >= 0", "0s"))
         hook.wait_posts(1, timeout=20)
-        wait_for(lambda: any(c.name == "mail" and c.last_error for c in alerting.list_channels(data, "demo")),
+        wait_for(lambda: any(c.name == "mail" and c.last_error for c in stores.list_channels(data, "demo")),
                  timeout=20, message="the email channel's failure recorded")
         with pytest.raises(Exception, match="127.0.0.1") as failed:
             send_test(settings, "demo", "mail")
         assert SMTP_PASSWORD not in str(failed.value) + repr(failed.value)
-        assert all(SMTP_PASSWORD not in (c.last_error or "") for c in alerting.list_channels(data, "demo"))
+        assert all(SMTP_PASSWORD not in (c.last_error or "") for c in stores.list_channels(data, "demo"))
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -90,19 +92,19 @@ def test_no_secret_in_the_logs_of_a_full_run(tmp_path):
 
 
 def test_reprs_hide_keys(tmp_path):
-    org = credentials.add_org(tmp_path, "acme")
+    org = stores.add_org(tmp_path, "acme")
     from fleet.up import ensure_demo_org
 
-    demo = ensure_demo_org(tmp_path)
+    demo = ensure_demo_org(Settings(data_dir=tmp_path))
     records = credentials.load_records(database.open_database(tmp_path / "fleet.db"))
     from fleet.collector.alerts.channels import add_channel
     from fleet.store.secretbox import secret_box
 
     settings = Settings(data_dir=tmp_path, smtp_url=f"smtp://u:{SMTP_PASSWORD}@mail.example.com:587", key="agent-k3y")
     added = add_channel(settings, "acme", "hook", "https://hooks.example.com/services/T0KEN")
-    channel = alerting.get_channel(tmp_path, "acme", "hook")
+    channel = stores.get_channel(tmp_path, "acme", "hook")
     text = repr(org) + repr(demo) + repr(list(records.values())) + repr(settings) + repr(added) + repr(channel)
-    text += repr(secret_box(tmp_path)) + repr(alerting.list_channels(tmp_path, "acme"))
+    text += repr(secret_box(tmp_path)) + repr(stores.list_channels(tmp_path, "acme"))
     for secret in (org.agent_key, org.reader_key, demo.agent_key, demo.reader_key, SMTP_PASSWORD, "agent-k3y",
                    added.secret, "T0KEN"):
         assert secret not in text

@@ -20,7 +20,7 @@ from fleet.agent.record import read_record
 from fleet.agent.simulate import start_simulation
 from fleet.config import payloads
 from fleet.config.settings import Settings
-from fleet.store import credentials
+from tests import stores
 from tests.helpers import Inbox, close, connect_client, free_port, port_open, wait_for
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def _rows(data: Path, sql: str) -> list[tuple]:
 
 def test_fleet_up_killed_mid_ingest_stores_every_acknowledged_report_once(tmp_path):
     data = tmp_path / "data"
-    org = credentials.add_org(data, "acme")
+    org = stores.add_org(data, "acme")
     mqtt_port, http_port = free_port(), free_port()
     url = f"mqtts://127.0.0.1:{mqtt_port}"
     procs: list[subprocess.Popen] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
@@ -43,12 +44,12 @@ def orgs(acme, globex):
 
 def _login(broker, orgs, who):
     username, org, attr, client_id = LOGINS[who]
-    key = credentials.ensure_service_key(broker.data_dir) if org is None else getattr(orgs[org], attr)
+    key = stores.ensure_service_key(broker.data_dir) if org is None else getattr(orgs[org], attr)
     return connect_client(broker, username, key, client_id)
 
 
 def _service(broker, client_id="watcher"):
-    return connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    return connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                           client_id)
 
 

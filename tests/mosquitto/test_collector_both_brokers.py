@@ -13,7 +13,7 @@ from fleet.collector import service
 from fleet.config import payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import agent_client_id, report_topic
-from fleet.store import credentials
+from tests import stores
 from tests.dbhelpers import rows
 from tests.helpers import close, connect_client, wait_for
 
@@ -55,7 +55,7 @@ def test_org_add_then_an_agent_at_once_and_history_holds_seq_0(any_broker, colle
     publish_report(any_broker, "acme", acme.agent_key, "web-1", 0)  # the wildcard subscription was granted
     wait_for(lambda: history(any_broker, "acme") == [0], 10, "acme's report in history")
 
-    keys = credentials.add_org(any_broker.data_dir, "initech")  # fleet org add
+    keys = stores.add_org(any_broker.data_dir, "initech")  # fleet org add
     if hasattr(any_broker, "reload"):
         any_broker.reload()  # Mosquitto: regenerate passwd/acl and SIGHUP, as docs/deployment.md says
 

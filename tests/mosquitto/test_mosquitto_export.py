@@ -12,6 +12,7 @@ import pytest
 
 from fleet.config import payloads
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 pytestmark = pytest.mark.mosquitto
@@ -92,12 +93,12 @@ def test_isolation_and_presence(mosquitto, acme, globex):
 
 
 def test_org_changes_apply_after_regenerate_and_sighup(mosquitto, acme):
-    new = credentials.add_org(mosquitto.data_dir, "initech")
+    new = stores.add_org(mosquitto.data_dir, "initech")
     mosquitto.reload()
     wait_for(lambda: _can_connect(mosquitto, "initech/reader", new.reader_key), timeout=5, message="new org works")
     initech = connect_client(mosquitto, "initech/reader", new.reader_key, "initech-dashboard")
     bystander = connect_client(mosquitto, "acme/reader", acme.reader_key, "acme-dashboard")
-    credentials.remove_org(mosquitto.data_dir, "initech")
+    stores.remove_org(mosquitto.data_dir, "initech")
     mosquitto.reload()
     wait_for(lambda: not _can_connect(mosquitto, "initech/reader", new.reader_key), timeout=5,
              message="removed org refused")
@@ -132,7 +133,7 @@ def test_payloads_over_64_kib_are_dropped_and_the_publisher_stays(mosquitto, acm
 def test_rotation_drops_the_old_key_and_its_live_connection(mosquitto, acme):
     reader = connect_client(mosquitto, "acme/reader", acme.reader_key, "acme-dashboard")
     agent = connect_client(mosquitto, "acme/agent", acme.agent_key, "fleet-acme-web-1")
-    new_key = credentials.rotate_key(mosquitto.data_dir, "acme", "reader")
+    new_key = stores.rotate_key(mosquitto.data_dir, "acme", "reader")
     mosquitto.reload()
     wait_for(lambda: _can_connect(mosquitto, "acme/reader", new_key), timeout=5, message="new reader key works")
     assert not _can_connect(mosquitto, "acme/reader", acme.reader_key)
@@ -197,7 +198,7 @@ def test_plain_listener_is_loopback_only_and_keeps_the_access_rules(fleet_dir, a
 def test_what_the_last_save_holds_survives_a_sigkill(mosquitto, acme):
     """Mosquitto saves its in-memory state every second with the generated config: messages queued for an
     offline persistent session, and the session itself, survive a SIGKILL once a save has covered them."""
-    key = credentials.ensure_service_key(mosquitto.data_dir)
+    key = stores.ensure_service_key(mosquitto.data_dir)
     collector = connect_client(mosquitto, credentials.SERVICE_USERNAME, key, "collector", clean_session=False)
     Inbox(collector).subscribe("fleet/acme/+/report", qos=1)
     close(collector)

@@ -22,6 +22,7 @@ from fleet.config import payloads
 from fleet.config.errors import InvalidId
 from fleet.config.settings import Settings
 from fleet.store import credentials
+from tests import stores
 from tests.helpers import Inbox, close, connect_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _watch(broker, client_id="watcher"):
     """A QoS 1 subscriber to acme's topics with the service credential."""
-    client = connect_client(broker, credentials.SERVICE_USERNAME, credentials.ensure_service_key(broker.data_dir),
+    client = connect_client(broker, credentials.SERVICE_USERNAME, stores.ensure_service_key(broker.data_dir),
                             client_id)
     inbox = Inbox(client)
     inbox.subscribe("fleet/acme/#", qos=1)

@@ -16,6 +16,7 @@ from fleet.config.settings import Settings
 from fleet.store import credentials
 from fleet.store.database import Database, open_database
 from fleet.web.app import create_app
+from tests import stores
 
 MACHINE_KEY = ("org", "machine_id")
 
@@ -64,8 +65,8 @@ class Fleet:
 @pytest.fixture
 def fleet(tmp_path, database_url) -> Fleet:
     data_dir = tmp_path / "fleet-data"
-    return Fleet(data_dir, database_url, credentials.add_org(data_dir, "acme", database_url),
-                 credentials.add_org(data_dir, "globex", database_url))
+    return Fleet(data_dir, database_url, stores.add_org(data_dir, "acme", database_url),
+                 stores.add_org(data_dir, "globex", database_url))
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fleet.store import alerting
+from tests import stores
 from tests.helpers import bearer
 
 pytestmark = pytest.mark.both_engines
@@ -81,9 +81,9 @@ def test_missing_or_wrong_token_is_401_json(client, path, headers):
 
 
 def test_silenced_alerts_say_so_and_silences_are_listed(client, fleet, alerts):
-    silence = alerting.add_silence(fleet.data_dir, "acme", 3600, "web-*", "machine-offline", "maintenance",
+    silence = stores.add_silence(fleet.data_dir, "acme", 3600, "web-*", "machine-offline", "maintenance",
                                    database=fleet.database)
-    alerting.add_silence(fleet.data_dir, "globex", 3600, database=fleet.database)
+    stores.add_silence(fleet.data_dir, "globex", 3600, database=fleet.database)
     body = client.get("/api/alerts", headers=bearer(fleet.acme.reader_key)).get_json()
     assert {a["machine_id"]: a["silenced"] for a in body["data"]} == {"web-1": True, "db-1": False, "web-2": False,
                                                                       "old-1": False}

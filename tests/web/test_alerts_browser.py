@@ -8,8 +8,8 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from fleet.store import alerting
 from fleet.web.server import start_in_thread
+from tests import stores
 from tests.web.test_alerts_api import _alert
 from tests.web.test_browser import ARTIFACTS, browser  # noqa: F401 - the shared Chromium fixture
 
@@ -29,7 +29,7 @@ def site(fleet, settings):
     _alert(fleet, "globex", "machine-offline", "g-1", "firing", "critical", fired_at=now - 10)
     with fleet.db() as db:
         db.execute("UPDATE alerts SET summary = ? WHERE machine_id = 'web-1' AND rule = 'disk-full'", (XSS,))
-    alerting.add_silence(fleet.data_dir, "acme", 3600, "db-*", None, "patching db", database=fleet.database)
+    stores.add_silence(fleet.data_dir, "acme", 3600, "db-*", None, "patching db", database=fleet.database)
     running = start_in_thread(settings.replace(http_port=0))
     yield running
     running.stop()

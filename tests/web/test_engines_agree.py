@@ -13,9 +13,9 @@ from fleet.collector.state import Tracker
 from fleet.config import payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import ping_topic, report_topic
-from fleet.store import credentials
 from fleet.store.database import open_database, sqlite_url
 from fleet.web.app import create_app
+from tests import stores
 from tests.helpers import bearer
 
 pytestmark = pytest.mark.postgresql
@@ -76,7 +76,7 @@ def _clients(tmp_path, pg_server):
     for name, database in (("sqlite", sqlite_url(tmp_path / "sqlite" / "fleet.db")),
                            ("postgresql", pg_server.database())):
         data = tmp_path / name
-        keys = {org: credentials.add_org(data, org, database) for org in ("acme", "globex")}
+        keys = {org: stores.add_org(data, org, database) for org in ("acme", "globex")}
         _store_fleet(database, now)
         settings = Settings(data_dir=data, database_url=database, mqtt_port=1, ttl_seconds=3600,
                             rate_limit_api="100000/minute")

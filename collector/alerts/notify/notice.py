@@ -96,6 +96,11 @@ def rfc3339(ts: float | None) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def group_key(org: str) -> str:
+    """The group key of an org's notifications (the webhook's ``groupKey``)."""
+    return f'{{}}:{{org="{org}"}}'
+
+
 def test_notices(org: str, channel: str) -> list[Notice]:
     """The one notice `fleet alert channel test` sends: a firing alert naming the org and the channel."""
     severity = "warning"

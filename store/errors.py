@@ -1,0 +1,21 @@
+"""Error root of the store package: the database cannot serve, or an org or credential operation failed."""
+
+
+class StoreError(Exception):
+    """Root of every error raised by the store package."""
+
+
+class DatabaseError(StoreError):
+    """The database cannot be opened, queried or migrated; the message is one line."""
+
+
+class DatabaseBusy(DatabaseError):
+    """A transient failure: locked, busy, a conflict, or the server is unreachable or restarting. Retry later."""
+
+
+class DatabaseRefused(DatabaseError):
+    """The database refused the data itself (a value out of range, a constraint): retrying cannot help."""
+
+
+class CredentialError(StoreError):
+    """An org or credential operation failed (unknown org, duplicate org, bad role, the wrong pepper)."""
