@@ -1,13 +1,16 @@
-"""fleet.config.derived: each derived field of a report, and what counts as its value."""
+"""fleet.config.derived: each derived field of a report, what counts as its value, and that no part reads it itself."""
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 
 from fleet.config import derived, payloads
 
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = {"cpu_percent": 37.5, "swap_percent": 3, "memory": {"total": 100, "used": 61, "percent": 61.5},
            "load_avg": [3.25, 2.5, 1.75], "net": {"bytes_sent": 2**62 + 1, "bytes_recv": 12.75},
            "disks": [{"mount": "/", "total": 10, "used": 4, "percent": 41.0},
@@ -72,3 +75,22 @@ def test_the_derived_fields_of_a_validated_report():
     report = payloads.parse_report(raw, "fleet/acme/db-1/report")
     assert derived.derive(report.metrics) == derived.derive(METRICS)
     assert set(derived.FIELDS) == set(derived.MEASURES) | set(derived.COUNTERS)
+
+
+# The report keys the derived fields come from: only fleet.config.derived reads them (the validator checks them).
+RAW_KEYS = {"disks", "load_avg", "bytes_sent", "bytes_recv", "percent", "mount"}
+READERS = ("collector", "web", "store", "fleet", "config")
+ALLOWED = {ROOT / "config" / "derived.py", ROOT / "config" / "payloads.py"}
+
+
+def raw_reads(path: Path) -> list[str]:
+    """``file:line: key`` for each raw report key named in one module."""
+    return [f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}"
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in RAW_KEYS]
+
+
+@pytest.mark.parametrize("part", READERS)
+def test_no_part_derives_a_field_itself(part):
+    reads = [hit for path in sorted((ROOT / part).rglob("*.py")) if path not in ALLOWED for hit in raw_reads(path)]
+    assert reads == [], "report fields read outside fleet.config.derived:\n" + "\n".join(reads)
