@@ -7,6 +7,7 @@ The report's root mount is not its fullest disk, so a surface that took the root
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -14,6 +15,7 @@ from fleet.config import derived, rules
 from fleet.config.rules import Rule
 from fleet.config.settings import Settings
 from fleet.store import alerting
+from fleet.store.database import open_database
 from fleet.web.app import create_app
 from tests.collector.collector_fixtures import SimAgent, embedded_endpoint
 from tests.collector.conftest import collectors  # noqa: F401 - the running collectors fixture, shared
@@ -44,8 +46,9 @@ def gauge(text: str, name: str, machine_id: str) -> float:
 
 def test_history_machine_metrics_and_alert_rules_agree_on_one_report(broker, acme, collectors):  # noqa: F811
     ep = embedded_endpoint(broker, acme)
-    for name, when in {**FIRE, **QUIET}.items():
-        alerting.add_rule(ep.data_dir, Rule.parse("acme", name, when, "0s"), ep.database)
+    with open_database(ep.database) as db, db.transaction():
+        for name, when in {**FIRE, **QUIET}.items():
+            assert alerting.insert_rule(db, Rule.parse("acme", name, when, "0s"), time.time())
     collectors(ep.settings())
     client = create_app(Settings(data_dir=ep.data_dir, database_url=ep.database, mqtt_port=1,
                                  ttl_seconds=3600)).test_client()
