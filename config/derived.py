@@ -64,9 +64,9 @@ def fullest_disk(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     top = -_INF
     for disk in disks:
         if type(disk) is dict:
-            value: Any = disk.get(_PERCENT)
+            value: Any = disk.get("percent")
             kind = type(value)
-            # NaN and the infinities fail the comparison; so does a bool, which is no number here.
+            # The exact types keep a bool out; NaN and the infinities fail the comparison.
             if (kind is float or kind is int) and top < value < _INF:
                 fullest, top = disk, value
     return fullest
@@ -75,7 +75,7 @@ def fullest_disk(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
 def disk_percent(metrics: Mapping[str, Any]) -> float | None:
     """Percent used of the fullest real filesystem (see fullest_disk), whichever mount that is."""
     disk = fullest_disk(metrics)
-    return None if disk is None else float(disk[_PERCENT])
+    return None if disk is None else float(disk["percent"])
 
 
 def disk_mount(metrics: Mapping[str, Any]) -> str | None:
