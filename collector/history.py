@@ -17,6 +17,7 @@ import orjson
 
 from fleet.collector.alerts.engine import AlertWrites
 from fleet.collector.state import Machine, Tail, TailStats, Transition
+from fleet.config import derived
 from fleet.config.payloads import Report
 from fleet.store.database import POSTGRESQL, SQLITE, Database
 
@@ -42,46 +43,23 @@ class Batch:
                     or self.lost or self.alerts)
 
 
-_NUMERIC = (int, float)  # exact types: a bool is not a number here (a decoded report holds no subclasses)
-
-
-def _counter(value: Any) -> int | None:
+def _counter(value: int | float | None) -> int | None:
     # An INTEGER column: a float byte counter is truncated here, so both engines store the same integer
     # (PostgreSQL would round it, or refuse one past 64 bits; SQLite would keep the float).
-    kind = type(value)
-    if kind is float:
+    if type(value) is float:
         return int(value) if -(2**63) <= value < 2**63 else None
-    return value if kind is int else None
-
-
-def _disk_percent(disks: list) -> float | None:
-    # The root file system's, or else the fullest disk's.
-    values = [d.get("percent") for d in disks if d.get("mount") == "/"] or [d.get("percent") for d in disks]
-    numbers = [v for v in values if type(v) in _NUMERIC]
-    return max(numbers) if numbers else None
+    return value if type(value) is int else None
 
 
 def report_row(report: Report, received: float, payload: str) -> tuple:
     """The reports-table row of a validated report (the few columns charts and rollups need)."""
-    # Runs for every report in the writer thread: plain lookups and exact type tests, no helper per column.
+    # The chart columns are the derived fields as alert rules, the API and /metrics read them.
     metrics = report.metrics
-    get = metrics.get
-    memory = get("memory")
-    memory_percent = memory.get("percent") if type(memory) is dict else None
-    disks = get("disks")
-    load = get("load_avg")
-    load1 = load[0] if load else None
-    net = get("net")
-    sent = recv = None
-    if type(net) is dict:
-        sent, recv = _counter(net.get("bytes_sent")), _counter(net.get("bytes_recv"))
-    cpu = get("cpu_percent")
     custom = "custom" in metrics or "process_counts" in metrics
     return (report.org, report.machine_id, report.session, report.seq, report.ts, received,
-            cpu if type(cpu) in _NUMERIC else None,
-            memory_percent if type(memory_percent) in _NUMERIC else None,
-            _disk_percent(disks) if disks else None, load1 if type(load1) in _NUMERIC else None, sent, recv, payload,
-            extra_fields(metrics) if custom else None)
+            derived.cpu_percent(metrics), derived.memory_percent(metrics), derived.disk_percent(metrics),
+            derived.load1(metrics), _counter(derived.net_bytes_sent(metrics)),
+            _counter(derived.net_bytes_recv(metrics)), payload, extra_fields(metrics) if custom else None)
 
 
 def extra_fields(metrics: Mapping[str, Any]) -> str | None:

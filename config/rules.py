@@ -2,11 +2,12 @@
 
 SPEC "Alerts": a rule's EXPR is ``status == offline``, ``status == stale``, ``conflict``, or
 ``FIELD OP NUMBER`` with OP one of ``> >= < <=``. FIELD names a numeric field of a machine's latest
-report (``cpu_percent``, ``memory_percent``, ``disk_percent`` (fullest disk), ``swap_percent``,
-``load1``, ``clock_offset_s`` (absolute value), any other numeric field, ``custom.<series>`` and
-``process.<name>``). Text is parsed into small frozen values, never evaluated as code; every problem
-raises RuleError with a message naming it. The collector evaluates the parsed values; the CLI and
-the web share the glob and duration rules from here.
+report (the derived fields of ``fleet.config.derived``: ``cpu_percent``, ``memory_percent``,
+``disk_percent`` (the fullest real filesystem), ``swap_percent``, ``load1``, ...; ``clock_offset_s``
+(absolute value), any other numeric field, ``custom.<series>`` and ``process.<name>``). Text is
+parsed into small frozen values, never evaluated as code; every problem raises RuleError with a
+message naming it. The collector evaluates the parsed values; the CLI and the web share the glob and
+duration rules from here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Any
 
+from fleet.config import derived
+from fleet.config.derived import number
 from fleet.config.errors import ContractError
 from fleet.config.ids import is_valid_id
 
@@ -36,9 +39,8 @@ EXPR_FORMS = "'status == offline', 'status == stale', 'conflict' or 'FIELD OP NU
 # The fields every report can carry, for help texts and the CLI's typo warning; any other numeric
 # field of a report resolves too (see field_value).
 KNOWN_FIELDS = (
-    "cpu_percent", "memory_percent", "disk_percent", "swap_percent", "load1", "load5", "load15",
-    "clock_offset_s", "cpu_count", "uptime_s", "process_count", "memory_used", "memory_total",
-    "net_bytes_sent", "net_bytes_recv", "net_sent_per_s", "net_recv_per_s",
+    *derived.FIELDS, "clock_offset_s", "cpu_count", "uptime_s", "process_count", "memory_used", "memory_total",
+    "net_sent_per_s", "net_recv_per_s",
 )
 
 
@@ -351,64 +353,42 @@ class Silence:
 
 # --- field values --------------------------------------------------------------------------------------
 # Decoded JSON holds plain dicts; isinstance(x, dict) is several times cheaper than the ABC check of Mapping.
-def _number_or_none(value: Any) -> float | None:
-    kind = type(value)  # exact types: bool is an int subclass and no number here
-    if kind is float:
-        return value if math.isfinite(value) else None
-    if kind is int:
-        return float(value)
-    return None
+Reader = Callable[[Mapping[str, Any]], float | None]
 
 
-def _disk_percent(metrics: Mapping[str, Any]) -> float | None:
-    disks = metrics.get("disks")
-    if not isinstance(disks, list):
-        return None
-    best = None
-    for disk in disks:
-        value = _number_or_none(disk.get("percent")) if isinstance(disk, dict) else None
-        if value is not None and (best is None or value > best):
-            best = value
-    return best
-
-
-def _load(index: int) -> Callable[[Mapping[str, Any]], float | None]:
-    def value(metrics: Mapping[str, Any]) -> float | None:
-        load = metrics.get("load_avg")
-        return _number_or_none(load[index]) if isinstance(load, list) and len(load) > index else None
-    return value
-
-
-def _nested(section: str, key: str) -> Callable[[Mapping[str, Any]], float | None]:
+def _nested(section: str, key: str) -> Reader:
     def value(metrics: Mapping[str, Any]) -> float | None:
         inner = metrics.get(section)
-        return _number_or_none(inner.get(key)) if isinstance(inner, dict) else None
+        return number(inner.get(key)) if isinstance(inner, dict) else None
     return value
 
 
-def _top(key: str) -> Callable[[Mapping[str, Any]], float | None]:
+def _top(key: str) -> Reader:
     def value(metrics: Mapping[str, Any]) -> float | None:
         direct = metrics.get(key)
         if direct is not None:
-            return _number_or_none(direct)
+            return number(direct)
         # Any other numeric field of a nested object, named <object>_<key> as history points name them
         # (memory_used, net_sent_per_s, ...).
         section, _, rest = key.partition("_")
         while rest:
             inner = metrics.get(section)
             if isinstance(inner, dict) and rest in inner:
-                return _number_or_none(inner[rest])
+                return number(inner[rest])
             head, _, rest = rest.partition("_")
             section = f"{section}_{head}"
         return None
     return value
 
 
-_SPECIAL: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
-    "memory_percent": _nested("memory", "percent"),
-    "disk_percent": _disk_percent,
-    "load1": _load(0), "load5": _load(1), "load15": _load(2),
-}
+def _as_float(read: Callable[[Mapping[str, Any]], int | float | None]) -> Reader:
+    # A byte counter is derived as sent (every digit); a rule compares, stores and shows it as a float.
+    return lambda metrics: number(read(metrics))
+
+
+# The derived fields (fleet.config.derived), as alert rules compare them: as floats.
+_DERIVED: dict[str, Reader] = {**derived.MEASURES,
+                               **{name: _as_float(read) for name, read in derived.COUNTERS.items()}}
 
 
 def metric_reader(field: str) -> Callable[[Mapping[str, Any]], float | None]:
@@ -421,7 +401,7 @@ def metric_reader(field: str) -> Callable[[Mapping[str, Any]], float | None]:
         return _nested("custom", field[len(CUSTOM_PREFIX):])
     if field.startswith(PROCESS_PREFIX):
         return _nested("process_counts", field[len(PROCESS_PREFIX):])
-    return _SPECIAL.get(field) or _top(field)
+    return _DERIVED.get(field) or _top(field)
 
 
 def field_value(field: str, metrics: Mapping[str, Any], clock_offset_s: float | None = None) -> float | None:

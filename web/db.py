@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from flask import current_app, g
 
+from fleet.config import derived
 from fleet.config.rules import Silence
 from fleet.config.status import MACHINE_STATUSES
 from fleet.store.alerting import silences_query
@@ -36,7 +37,7 @@ _JSON_TEXT = {
     POSTGRESQL: lambda column, key: f"({column}::json ->> '{key}')",
 }
 SORTS = {"machine_id": "machine_id", "status": "status", "last_seen": "last_seen", "os": "os",
-         "cpu": ("metrics", ("cpu_percent",)), "memory": ("metrics", ("memory", "percent"))}
+         "cpu": ("metrics", derived.CPU_PERCENT_PATH), "memory": ("metrics", derived.MEMORY_PERCENT_PATH)}
 # SQLite's LIKE ignores ASCII case; PostgreSQL's ILIKE does that (and more).
 _LIKE = {SQLITE: "LIKE", POSTGRESQL: "ILIKE"}
 # NULLs sort first ascending on SQLite, last on PostgreSQL unless told.
@@ -160,9 +161,18 @@ def os_values(org: str) -> list[str]:
 
 
 def get_machine(org: str, machine_id: str) -> dict[str, Any] | None:
-    """One machine of the org, or None (also for another org's machine)."""
+    """One machine of the org, or None (also for another org's machine), with its derived fields.
+
+    ``derived`` holds the latest report's derived fields (fleet.config.derived) and ``disk_mount``, the
+    filesystem disk_percent is, so the dashboard shows the numbers history, alert rules and /metrics use.
+    """
     rows = query(f"SELECT {_MACHINE_SELECT} FROM machines WHERE org = ? AND machine_id = ?", (org, machine_id))
-    return orjson.loads(orjson.dumps(_machine_objects(rows)[0])) if rows else None
+    if not rows:
+        return None
+    machine: dict[str, Any] = orjson.loads(orjson.dumps(_machine_objects(rows)[0]))
+    metrics = machine["metrics"]
+    machine["derived"] = derived.derive(metrics if isinstance(metrics, dict) else {})
+    return machine
 
 
 POINT_COLUMNS = ("ts", "session", "seq", "cpu_percent", "memory_percent", "disk_percent", "load1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
+from fleet.config import derived
 from fleet.config.status import MACHINE_STATUSES
 from fleet.web import db
 from fleet.web.auth import org_required
@@ -45,11 +46,11 @@ def render(org: str) -> str:
             [(_labels(org=org, machine_id=m["machine_id"], status=s), 1.0 if m["status"] == s else 0.0)
              for m in machines for s in MACHINE_STATUSES])
     _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.",
-            per_machine(lambda m: m["metrics"].get("cpu_percent")))
+            per_machine(lambda m: derived.cpu_percent(m["metrics"])))
     _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.",
-            per_machine(lambda m: (m["metrics"].get("memory") or {}).get("percent")))
+            per_machine(lambda m: derived.memory_percent(m["metrics"])))
     _family(lines, "fleet_machine_disk_percent", "gauge", "Fullest real filesystem, percent used.",
-            per_machine(lambda m: max((d.get("percent", 0) for d in m["metrics"].get("disks") or []), default=None)))
+            per_machine(lambda m: derived.disk_percent(m["metrics"])))
     _family(lines, "fleet_machine_last_seen_timestamp_seconds", "gauge", "When the collector last heard from it.",
             per_machine(lambda m: m["last_seen"]))
     _family(lines, "fleet_machine_clock_offset_seconds", "gauge", "Receive time minus the agent's timestamp.",

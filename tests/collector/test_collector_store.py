@@ -72,7 +72,7 @@ def test_report_row_extracts_chart_columns():
     from fleet.config import payloads
     r = payloads.parse_report(payloads.encode(data), "fleet/acme/web-1/report")
     row = history.report_row(r, T0, "x")
-    assert row[6:12] == (12.5, 40.0, 30.0, 0.5, 10, 20)
+    assert row[6:12] == (12.5, 40.0, 90.0, 0.5, 10, 20)  # disk_percent: the fullest disk, not the root one
     empty = payloads.parse_report(payloads.encode({**data, "metrics": {}}), "fleet/acme/web-1/report")
     assert history.report_row(empty, T0, "x")[6:12] == (None,) * 6
 

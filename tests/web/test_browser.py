@@ -121,6 +121,21 @@ def test_token_in_the_url_fragment_signs_in_and_is_removed(browser, site, fleet)
     page.close()
 
 
+def test_the_detail_view_names_the_disk_its_figure_comes_from(browser, site, fleet):
+    """disk_percent is the fullest disk (fleet.config.derived), not the root one: the detail view says which."""
+    metrics = {"cpu_percent": 35.0, "disks": [{"mount": "/", "percent": 41.0}, {"mount": "/data", "percent": 93.4},
+                                              {"mount": "/boot", "percent": 12.0}]}
+    with fleet.db() as db:
+        db.execute("UPDATE machines SET metrics = ? WHERE machine_id = 'web-1'", (json.dumps(metrics),))
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{site.url}/#token={fleet.acme.reader_key}")
+    page.click("tr[data-machine='web-1']")
+    disk = page.locator("xpath=//dl[@id='d-facts']/dt[text()='Disk']/following-sibling::dd[1]")
+    expect(disk).to_have_text("93% (fullest: /data)")
+    expect(page.locator("tr[data-machine='web-1'] td.num").nth(2)).to_contain_text("93%")  # the table's disk bar
+    page.close()
+
+
 @pytest.fixture
 def site_with_extras(fleet, served):
     """A machine whose agent reports top processes, two process checks (one at 0) and custom series."""

@@ -65,9 +65,19 @@ function bar(value) {
   return cell;
 }
 
+// disk_percent as fleet.config.derived defines it (the fullest disk), for the table: the list's machines come
+// without `derived`, since the server splices their metrics in undecoded. The detail view uses `derived`.
 function diskPercent(m) {
-  const disks = (m.metrics && m.metrics.disks) || [];
-  return disks.length ? Math.max(...disks.map((d) => d.percent || 0)) : null;
+  const percents = ((m.metrics && m.metrics.disks) || []).map((d) => d && d.percent)
+    .filter((v) => typeof v === "number" && Number.isFinite(v));
+  return percents.length ? Math.max(...percents) : null;
+}
+
+// "93% (fullest: /data)": the derived disk_percent and the filesystem it is.
+function diskFact(derived) {
+  const percent = fixed(derived && derived.disk_percent, 0);
+  if (percent == null) return null;
+  return derived.disk_mount ? `${percent}% (fullest: ${derived.disk_mount})` : `${percent}%`;
 }
 
 function badge(status) { return el("span", { class: `badge ${status}`, text: status }); }
@@ -296,6 +306,7 @@ async function loadDetail(machineId, open, focus = false) {
   fact(dl, "Hardware id", machine.hardware_id);
   fact(dl, "CPUs", met.cpu_count);
   fact(dl, "Load", (met.load_avg || []).map((v) => fixed(v, 2) ?? "–").join(", "));
+  fact(dl, "Disk", diskFact(machine.derived));
   fact(dl, "Uptime", met.uptime_s != null ? `${(met.uptime_s / 86400).toFixed(1)} days` : null);
   fact(dl, "Clock offset", machine.clock_offset_s != null ? `${machine.clock_offset_s.toFixed(2)} s` : null);
   fact(dl, "Session", machine.session);
