@@ -21,7 +21,8 @@ def _modules() -> dict[str, Path]:
         found[package] = Path(module.__file__ or "")
         for info in pkgutil.walk_packages(module.__path__, f"{package}."):
             spec = importlib.util.find_spec(info.name)
-            assert spec is not None and spec.origin is not None, info.name
+            assert spec is not None, info.name
+            assert spec.origin is not None, info.name
             found[info.name] = Path(spec.origin)
     return found
 
@@ -45,7 +46,8 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
             for alias in node.names:
                 target = f"{base}.{alias.name}"
                 if target in modules:
@@ -114,7 +116,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_module_imports_itself_through_others():
     graph = _graph()
-    assert "fleet.store.database" in graph and "fleet.collector.alerts.engine" in graph
+    assert "fleet.store.database" in graph
+    assert "fleet.collector.alerts.engine" in graph
     assert _cycles(graph) == []
 
 
