@@ -455,3 +455,61 @@ def alert_silences(settings: Settings, org_name: str, as_json: bool) -> None:
         return
     rows = [(s.id, s.rule or "*", s.machines, _when(s.ends_at), s.comment) for s in found]
     _table(("ID", "RULE", "MACHINES", "ENDS", "COMMENT"), rows)
+
+
+# --- database upkeep ----------------------------------------------------------------------------------------------
+@cli.group("db")
+def db_group() -> None:
+    """Inspect the database; SQLite upkeep."""
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    units = ("B", "kB", "MB", "GB")
+    power = 0
+    while value >= 1000 and power < len(units) - 1:
+        value /= 1000
+        power += 1
+    return f"{value:.0f} B" if power == 0 else f"{value:.1f} {units[power]}"
+
+
+@db_group.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (sizes in bytes).")
+@database
+@common
+def db_info(settings: Settings, as_json: bool) -> None:
+    """Schema version, tables with row counts and sizes, and the database's and WAL's size."""
+    from fleet.store.maintenance import database_info
+
+    info = database_info(settings.database)
+    if as_json:
+        click.echo(json.dumps(info.as_dict()))
+        return
+    click.echo(f"database:        {info.database}")
+    click.echo(f"schema version:  {info.schema_version}")
+    click.echo(f"size:            {_bytes(info.database_bytes)}"
+               + ("" if info.free_bytes is None else f" ({_bytes(info.free_bytes)} free)"))
+    if info.wal_bytes is not None:
+        click.echo(f"WAL:             {_bytes(info.wal_bytes)}")
+    if info.history_days is not None:
+        click.echo(f"history:         {info.history_days:.1f} days"
+                   + ("" if info.bytes_per_report is None else f", {info.bytes_per_report:.0f} bytes per report"))
+    click.echo("")
+    _table(("TABLE", "ROWS", "SIZE"), [(t.name, t.rows, _bytes(t.bytes)) for t in info.tables])
+
+
+@db_group.command("vacuum")
+@database
+@common
+def db_vacuum(settings: Settings) -> None:
+    """SQLite upkeep: VACUUM, ANALYZE and empty the WAL (writers wait meanwhile). PostgreSQL: use autovacuum."""
+    from fleet.store.maintenance import vacuum
+
+    result = vacuum(settings.database)
+    click.echo(f"vacuumed {result.database}: {_bytes(result.database_bytes_before)} -> "
+               f"{_bytes(result.database_bytes_after)}, WAL {_bytes(result.wal_bytes_before)} -> "
+               f"{_bytes(result.wal_bytes_after)}")
+    if not result.wal_truncated:
+        click.echo("note: another connection kept the WAL from being emptied; it is emptied at its next checkpoint",
+                   err=True)
