@@ -457,7 +457,37 @@ def alert_silences(settings: Settings, org_name: str, as_json: bool) -> None:
     _table(("ID", "RULE", "MACHINES", "ENDS", "COMMENT"), rows)
 
 
-# --- database upkeep ----------------------------------------------------------------------------------------------
+# --- export and database upkeep ----------------------------------------------------------------------------------
+_TIME_HELP = "Unix seconds or an ISO 8601 time (UTC unless it has an offset), e.g. 2025-01-31T12:00:00Z."
+
+
+@cli.command()
+@click.argument("org_name", metavar="ORG")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file to write; its suffix picks the format: .db (SQLite: history, events, alerts), "
+                   ".csv (history) or .json (all three).")
+@click.option("--since", default=None, metavar="T", help=f"Only from this time on. {_TIME_HELP}")
+@click.option("--until", default=None, metavar="T", help=f"Only up to this time. {_TIME_HELP}")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists (without it, an existing FILE is refused).")
+@database
+@common
+def export(settings: Settings, org_name: str, out: Path, since: str | None, until: str | None, force: bool) -> None:
+    """Export ORG's history, events and alerts to a standalone file (sqlite-utils and Datasette open a .db)."""
+    from fleet.store.export import export_org, parse_time
+
+    result = export_org(settings.database, org_name, out,
+                        since=None if since is None else parse_time(since, "--since"),
+                        until=None if until is None else parse_time(until, "--until"), force=force)
+    what = _count(result.history, "history row")
+    if result.format != ".csv":
+        what += f", {_count(result.events, 'event')} and {_count(result.alerts, 'alert')}"
+    click.echo(f"exported {what} of org {org_name} to {result.path}")
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
 @cli.group("db")
 def db_group() -> None:
     """Inspect the database; SQLite upkeep."""
