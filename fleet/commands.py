@@ -476,3 +476,91 @@ def alert_silences(settings: Settings, org_name: str, as_json: bool) -> None:
         return
     rows = [(s.id, s.rule or "*", s.machines, _when(s.ends_at), s.comment) for s in found]
     _table(("ID", "RULE", "MACHINES", "ENDS", "COMMENT"), rows)
+
+
+# --- export and database upkeep ----------------------------------------------------------------------------------
+_TIME_HELP = "Unix seconds or an ISO 8601 time (UTC unless it has an offset), e.g. 2025-01-31T12:00:00Z."
+
+
+@cli.command()
+@click.argument("org_name", metavar="ORG")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file to write; its suffix picks the format: .db (SQLite: history, events, alerts), "
+                   ".csv (history) or .json (all three).")
+@click.option("--since", default=None, metavar="T", help=f"Only from this time on. {_TIME_HELP}")
+@click.option("--until", default=None, metavar="T", help=f"Only up to this time. {_TIME_HELP}")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists (without it, an existing FILE is refused).")
+@database
+@common
+def export(settings: Settings, org_name: str, out: Path, since: str | None, until: str | None, force: bool) -> None:
+    """Export ORG's history, events and alerts to a standalone file (sqlite-utils and Datasette open a .db)."""
+    from fleet.store.export import export_org, parse_time
+
+    result = export_org(settings.database, org_name, out,
+                        since=None if since is None else parse_time(since, "--since"),
+                        until=None if until is None else parse_time(until, "--until"), force=force)
+    what = _count(result.history, "history row")
+    if result.format != ".csv":
+        what += f", {_count(result.events, 'event')} and {_count(result.alerts, 'alert')}"
+    click.echo(f"exported {what} of org {org_name} to {result.path}")
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Inspect the database; SQLite upkeep."""
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    units = ("B", "kB", "MB", "GB")
+    power = 0
+    while value >= 1000 and power < len(units) - 1:
+        value /= 1000
+        power += 1
+    return f"{value:.0f} B" if power == 0 else f"{value:.1f} {units[power]}"
+
+
+@db_group.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (sizes in bytes).")
+@database
+@common
+def db_info(settings: Settings, as_json: bool) -> None:
+    """Schema version, tables with row counts and sizes, and the database's and WAL's size."""
+    from fleet.store.maintenance import database_info
+
+    info = database_info(settings.database)
+    if as_json:
+        click.echo(json.dumps(info.as_dict()))
+        return
+    click.echo(f"database:        {info.database}")
+    click.echo(f"schema version:  {info.schema_version}")
+    click.echo(f"size:            {_bytes(info.database_bytes)}"
+               + ("" if info.free_bytes is None else f" ({_bytes(info.free_bytes)} free)"))
+    if info.wal_bytes is not None:
+        click.echo(f"WAL:             {_bytes(info.wal_bytes)}")
+    if info.history_days is not None:
+        click.echo(f"history:         {info.history_days:.1f} days"
+                   + ("" if info.bytes_per_report is None else f", {info.bytes_per_report:.0f} bytes per report"))
+    click.echo("")
+    _table(("TABLE", "ROWS", "SIZE"), [(t.name, t.rows, _bytes(t.bytes)) for t in info.tables])
+
+
+@db_group.command("vacuum")
+@database
+@common
+def db_vacuum(settings: Settings) -> None:
+    """SQLite upkeep: VACUUM, ANALYZE and empty the WAL (writers wait meanwhile). PostgreSQL: use autovacuum."""
+    from fleet.store.maintenance import vacuum
+
+    result = vacuum(settings.database)
+    click.echo(f"vacuumed {result.database}: {_bytes(result.database_bytes_before)} -> "
+               f"{_bytes(result.database_bytes_after)}, WAL {_bytes(result.wal_bytes_before)} -> "
+               f"{_bytes(result.wal_bytes_after)}")
+    if not result.wal_truncated:
+        click.echo("note: another connection kept the WAL from being emptied; it is emptied at its next checkpoint",
+                   err=True)

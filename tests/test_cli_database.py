@@ -12,7 +12,7 @@ from fleet.cli import cli
 from fleet.config.settings import load_settings
 
 DATABASE_COMMANDS = [["org", "add"], ["org", "list"], ["org", "remove"], ["org", "rotate"], ["up"], ["broker"],
-                     ["collector"], ["web"], ["mosquitto-config"]]
+                     ["collector"], ["web"], ["mosquitto-config"], ["export"], ["db", "info"], ["db", "vacuum"]]
 
 
 def run(*args, env=None):

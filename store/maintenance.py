@@ -1,0 +1,173 @@
+"""``fleet db info`` and ``fleet db vacuum``: the database's schema version, tables and sizes, and SQLite upkeep.
+
+``info`` works on both engines. Table sizes include the table's indexes: on SQLite from the ``dbstat``
+virtual table (every page is read, so it takes a while on a large file; None where SQLite was built without
+it), on PostgreSQL from ``pg_total_relation_size``. The WAL and free pages are SQLite's; PostgreSQL's WAL is
+the server's, not one database's, and is not shown.
+
+``vacuum`` is SQLite only (PostgreSQL's autovacuum does that work): VACUUM rebuilds the file without its
+free pages, ANALYZE refreshes the query planner's statistics, and a TRUNCATE checkpoint empties the WAL,
+which VACUUM has just filled with a copy of the whole database. Writers wait while VACUUM runs (the
+collector retries), so run it when the fleet is quiet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet.store.database import (
+    POSTGRESQL,
+    SQLITE,
+    Database,
+    DatabaseError,
+    DatabaseUrl,
+    open_database,
+    schema_version,
+)
+
+DAY = 86_400.0
+
+
+class MaintenanceError(DatabaseError):
+    """Database maintenance cannot run (no such file, not SQLite, SQLite failed); the message is one line."""
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One table: its rows, and its bytes with its indexes (None when the engine cannot tell)."""
+
+    name: str
+    rows: int
+    bytes: int | None
+
+
+@dataclass(frozen=True)
+class DatabaseInfo:
+    """What ``fleet db info`` shows; ``as_dict`` is its ``--json`` object."""
+
+    database: str  # the URL without its password
+    engine: str
+    schema_version: int
+    database_bytes: int  # SQLite: the file; PostgreSQL: pg_database_size
+    wal_bytes: int | None  # SQLite only
+    free_bytes: int | None  # SQLite only: free pages, which VACUUM gives back
+    history_days: float | None  # from the oldest raw report to the newest, by receive time
+    bytes_per_report: float | None  # the reports table with its indexes, per raw report
+    tables: tuple[TableInfo, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``--json`` object: the fields above, ``tables`` keyed by name."""
+        data = asdict(self)
+        data["tables"] = {t.name: {"rows": t.rows, "bytes": t.bytes} for t in self.tables}
+        return data
+
+
+@dataclass(frozen=True)
+class VacuumResult:
+    """Sizes of the SQLite file and its WAL before and after ``vacuum``, and whether the WAL was emptied."""
+
+    database: str
+    database_bytes_before: int
+    database_bytes_after: int
+    wal_bytes_before: int
+    wal_bytes_after: int
+    wal_truncated: bool  # False when another connection kept the checkpoint from finishing
+
+
+def _url(database: str | Path | DatabaseUrl) -> DatabaseUrl:
+    return database if isinstance(database, DatabaseUrl) else DatabaseUrl.parse(database)
+
+
+def _sqlite_file(url: DatabaseUrl) -> Path:
+    assert url.path is not None
+    if not url.path.is_file():
+        raise MaintenanceError(f"no SQLite database at {url.path}")
+    return url.path
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sqlite_tables(db: Database) -> dict[str, int | None]:
+    names = [row[0] for row in db.query("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                        " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name")]
+    try:
+        # One row per table or index (aggregate = TRUE); indexes count toward their table.
+        sizes = dict(db.query("SELECT m.tbl_name, sum(s.pgsize) FROM dbstat AS s JOIN sqlite_master AS m"
+                              " ON m.name = s.name WHERE s.aggregate = TRUE GROUP BY m.tbl_name"))
+    except DatabaseError:  # SQLite built without SQLITE_ENABLE_DBSTAT_VTAB
+        return dict.fromkeys(names)
+    return {name: int(sizes.get(name) or 0) for name in names}
+
+
+def _postgresql_tables(db: Database) -> dict[str, int | None]:
+    rows = db.query("SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE c.relkind IN ('r', 'p') AND n.nspname = current_schema() ORDER BY c.relname")
+    return {name: int(size) for name, size in rows}
+
+
+def database_info(database: str | Path | DatabaseUrl) -> DatabaseInfo:
+    """Schema version, each table's rows and bytes, and the database's (and SQLite's WAL's) size; read-only."""
+    url = _url(database)
+    path = _sqlite_file(url) if url.engine == SQLITE else None
+    with open_database(url, readonly=True) as db:
+        version = schema_version(db)
+        sizes = _sqlite_tables(db) if path is not None else _postgresql_tables(db)
+        tables = tuple(TableInfo(name, int(db.query(f"SELECT count(*) FROM {_quoted(name)}")[0][0]), size)
+                       for name, size in sizes.items())
+        if path is not None:
+            page_size = db.query("PRAGMA page_size")[0][0]
+            free: int | None = int(db.query("PRAGMA freelist_count")[0][0]) * page_size
+            database_bytes, wal = _file_bytes(path), _file_bytes(_wal(path))
+        else:
+            free, wal = None, None
+            database_bytes = int(db.query("SELECT pg_database_size(current_database())")[0][0])
+        oldest = newest = None
+        if "reports" in sizes:
+            oldest, newest = db.query("SELECT min(received), max(received) FROM reports")[0]
+    reports = next((t for t in tables if t.name == "reports"), None)
+    return DatabaseInfo(
+        database=str(url), engine=url.engine, schema_version=version, database_bytes=database_bytes,
+        wal_bytes=wal, free_bytes=free,
+        history_days=None if oldest is None else (newest - oldest) / DAY,
+        bytes_per_report=reports.bytes / reports.rows if reports and reports.rows and reports.bytes else None,
+        tables=tables)
+
+
+def vacuum(database: str | Path | DatabaseUrl) -> VacuumResult:
+    """SQLite upkeep (see the module): VACUUM, ANALYZE, then empty the WAL; a PostgreSQL URL is refused."""
+    url = _url(database)
+    if url.engine == POSTGRESQL:
+        raise MaintenanceError(f"fleet db vacuum is SQLite maintenance; on PostgreSQL ({url}) autovacuum does it"
+                               " (or run VACUUM ANALYZE in psql)")
+    path = _sqlite_file(url)
+    database_before, wal_before = _file_bytes(path), _file_bytes(_wal(path))
+    with open_database(url, migrate=False) as db:
+        import sqlite3
+
+        import sqlite_utils  # ~11 MB of imports: only this command pays for them
+
+        lite = sqlite_utils.Database(db.raw, recursive_triggers=False, execute_plugins=False)
+        try:
+            lite.vacuum()
+            lite.analyze()
+            busy = lite.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise MaintenanceError(f"cannot vacuum {url}: {exc}") from exc
+    return VacuumResult(str(url), database_before, _file_bytes(path), wal_before, _file_bytes(_wal(path)),
+                        wal_truncated=not busy)
