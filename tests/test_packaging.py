@@ -20,7 +20,7 @@ def test_wheel_has_fleet_as_its_only_top_level_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
     assert top == {"fleet"}
-    for part in ("config", "broker", "agent", "collector", "web"):
+    for part in ("config", "store", "broker", "agent", "collector", "collector/alerts", "web"):
         assert f"fleet/{part}/__init__.py" in names
     assert "fleet/collector/alerts/notify/kinds.py" in names
     assert "fleet/web/static/app.js" in names
@@ -65,7 +65,7 @@ def test_every_imported_distribution_is_declared() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = _requirement_names(project["dependencies"])
     extras = set().union(*(_requirement_names(reqs) for reqs in project.get("optional-dependencies", {}).values()))
-    parts = _imported_distributions(["fleet", "config", "broker", "agent", "collector", "web"])
+    parts = _imported_distributions(["fleet", "config", "store", "broker", "agent", "collector", "web"])
     missing = {dist: sorted(folders) for dist, folders in parts.items() if dist not in runtime | extras}
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
     others = _imported_distributions(["tests", "bench"])
