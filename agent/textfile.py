@@ -8,7 +8,7 @@ Each interval the agent reads every ``*.prom`` file of ``textfile_dir`` and repo
   meanwhile, and whose last line is complete (the format ends every line with ``\\n``). A cron job that
   writes a temporary file and renames it over the old one is always read whole; a half-written file
   is skipped until it is complete.
-- Limits (SPEC): 64 KiB per file, 64 series per machine. A bad line, a bad file or a series past the
+- Limits: 64 KiB per file, 64 series per machine. A bad line, a bad file or a series past the
   limit is skipped and logged once per change of that file, never fatal.
 - Unchanged files (same inode, size and mtime) are not read again: their parsed samples are kept.
 

@@ -3,7 +3,7 @@
 Pure logic with an injected clock: every method takes ``now`` (receive time, Unix seconds), so
 tests drive it without a broker or real waiting. The collector's writer thread is its only user.
 
-Rules (SPEC "Collector state"):
+Rules (docs/protocol.md, "Collector state"):
 - a report or ping from a session never seen before makes that session current;
 - an ``offline`` ping counts only for the current session (a late last will is ignored);
 - messages of an earlier session (agent replays) go to history but never change the status;

@@ -48,7 +48,7 @@ _MOUNT = ("mount",)
 _PROCESS_PERCENTS = ("cpu_percent", "memory_percent")
 MAX_STRING = 256
 MAX_DISKS = 64
-# Optional metrics of issue 14 (SPEC "Optional keys of metrics"): custom series, top processes, process checks.
+# Optional metrics (docs/protocol.md, report): custom series, top processes, process checks.
 MAX_CUSTOM_SERIES = 64
 MAX_TOP_PROCESSES = 16  # the agent sends 5; a little room for a future --top option
 MAX_PROCESS_CHECKS = 64
