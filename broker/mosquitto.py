@@ -74,8 +74,8 @@ def mosquitto_conf(settings: Settings, out_dir: Path, certs_dir: Path, user: str
         "persistence true",
         f"persistence_location {out_dir / 'data'}/",
         # Mosquitto keeps its state in memory and rewrites mosquitto.db on each save: a crash loses what came
-        # after the last one. Saving every second (the default is every 30 minutes) measured free at 2,000
-        # reports/s; a save of 200,000 queued messages takes 0.1-0.3 s (docs/deployment.md).
+        # after the last one. Saving every second (the default is every 30 minutes) bounds that to about a
+        # second, and a save is cheap even with a large backlog (docs/benchmarks.md, Mosquitto persistence).
         "autosave_interval 1",
         "autosave_on_changes false",
         # max_packet_size caps whole packets (and disconnects); message_size_limit (deprecated in 2.0 but
