@@ -1,6 +1,6 @@
 """Deferred imports: standard modules our dependencies import at start-up but the agent never uses.
 
-`fleet agent` has an RSS budget of 25 MB (docs/benchmarks.md, ``python3 bench/agent.py``). Each module
+`fleet agent` has an RSS budget of 25 MB (docs/benchmarks.md). Each module
 in ``UNUSED`` is imported at module level by something the agent needs, and used only on a path the
 agent never takes. ``defer(name)`` puts a stand-in module in ``sys.modules`` (and on its parent package);
 the first attribute read on the stand-in imports the real module, which then takes the stand-in's place,

@@ -6,8 +6,8 @@ reused pid is a new process) from the last interval, so a report costs one pass 
 percent is of one core, as in top and psutil (a process busy on two cores shows 200).
 
 On Linux one read of ``/proc/<pid>/stat`` gives name, state, CPU times, start time and RSS (psutil reads
-two or three files per process for the same: 5.2 ms against 0.9 ms for 95 processes on this machine,
-which the agent's CPU budget of 0.1% of a core at 10 s notices). Elsewhere psutil does it. Processes that
+two or three files per process for the same, several times the cost, which the agent's CPU budget of
+0.1% of a core at 10 s notices; docs/benchmarks.md). Elsewhere psutil does it. Processes that
 vanish or deny access during the pass are skipped.
 
 Checks: ``NAME`` counts processes whose name equals NAME (the kernel keeps 15 characters of it; a longer

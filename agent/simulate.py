@@ -175,7 +175,7 @@ class SimAgent:
         self.seq = 0
         interval = self.settings.interval
         # TLS is already up on ``sock`` (one shared context for all agents: loading the CA for each of
-        # thousands of connections costs CPU and ~20 KiB each), so paho sees a plain socket.
+        # thousands of connections costs CPU and memory for each), so paho sees a plain socket.
         client = cast(PreparedSocketClient, new_client(
             dataclasses.replace(address, tls=False), agent_client_id(self.settings.org, self.machine),
             f"{self.settings.org}/agent", self.settings.key, factory=PreparedSocketClient))

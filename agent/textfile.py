@@ -8,12 +8,12 @@ Each interval the agent reads every ``*.prom`` file of ``textfile_dir`` and repo
   meanwhile, and whose last line is complete (the format ends every line with ``\\n``). A cron job that
   writes a temporary file and renames it over the old one is always read whole; a half-written file
   is skipped until it is complete.
-- Limits (SPEC): 64 KiB per file, 64 series per machine. A bad line, a bad file or a series past the
+- Limits: 64 KiB per file, 64 series per machine. A bad line, a bad file or a series past the
   limit is skipped and logged once per change of that file, never fatal.
 - Unchanged files (same inode, size and mtime) are not read again: their parsed samples are kept.
 
-prometheus_client's parser would cost the agent ~11 MB of RSS (its package imports an HTTP server and
-more), so this is a small parser of the exposition format, held to prometheus_client's answers by a
+prometheus_client's parser would not fit in the agent's RSS budget (its package imports an HTTP server
+and more), so this is a small parser of the exposition format, held to prometheus_client's answers by a
 property test (tests/agent/test_textfile.py).
 """
 

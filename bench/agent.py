@@ -3,7 +3,7 @@
     python3 bench/agent.py [--seconds 60]
 The agents report to an embedded broker (its own process); node-exporter is scraped over loopback at
 the same cadences. CPU is the process's user+system time over the window, as a percent of one core.
-Agents run plain and with the issue-14 collectors on: a textfile directory of 20 series (rewritten
+Agents run plain and with the optional collectors on: a textfile directory of 20 series (rewritten
 atomically every 10 s, as a cron job would) and 3 process checks, one a regex over every command line;
 node-exporter's textfile collector reads the same directory.
 """

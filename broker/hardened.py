@@ -1,4 +1,4 @@
-"""FleetBroker: amqtt 0.12.1's Broker with the defects that break SPEC's guarantees closed.
+"""FleetBroker: amqtt 0.12.1's Broker with the defects that break the broker guarantees (docs/protocol.md) closed.
 
 The overrides live in three modules, one per part of the broker, each listing the stock behaviour it
 replaces: broker/protocol.py (one connection: PUBACK after routing, outgoing QoS 1, keepalive, quiet
@@ -14,7 +14,7 @@ from fleet.broker.connect import SessionBroker
 
 
 class FleetBroker(SessionBroker):
-    """amqtt Broker with SPEC's guarantees; ``policy`` decides, ``stats`` counts what was refused or dropped."""
+    """amqtt Broker with the broker guarantees; ``policy`` decides, ``stats`` counts what was refused or dropped."""
 
     @property
     def bound_ports(self) -> dict[str, int]:

@@ -2,9 +2,9 @@
 
 A connection is filed under the second its keepalive limit (1.5 x the client's keepalive) runs out,
 counted from the last packet read. A tick each second looks only at the slot that is due: a connection
-that read nothing since is dropped, the others are filed again. Stock amqtt armed timers per packet;
-the broker then had one timer and one closure per connection, re-armed as they fired (~0.5 KiB each,
-and a heap of thousands of timers).
+that read nothing since is dropped, the others are filed again. Stock amqtt arms a timer per packet,
+which makes one timer and one closure per connection, re-armed as they fire, and a heap of thousands of
+timers.
 """
 
 from __future__ import annotations

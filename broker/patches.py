@@ -7,8 +7,8 @@ and undone when the last broker of the process stops (docs/broker.md, "Process-w
   for every TLS connection, 256 KiB, so 2,000 idle clients cost ~500 MB in buffers alone. A TLS record
   carries at most 16 KiB of plaintext; 4 KiB costs a few more reads per large record and keeps idle
   connections small. It is read when a connection is made, so connections keep the size they got.
-- ``amqtt.session.Session._init_states``: amqtt builds a ``transitions.Machine`` per session (16 KiB and
-  240 objects per client, two thirds of a session's memory); sessions made while the patch is on get
+- ``amqtt.session.Session._init_states``: amqtt builds a ``transitions.Machine`` per session (most of a
+  session's memory; docs/benchmarks.md); sessions made while the patch is on get
   ``fleet.broker.sessions.SessionState`` instead.
 """
 

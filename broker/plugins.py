@@ -39,7 +39,7 @@ class FleetAuthPlugin(BaseAuthPlugin):
 
 
 class FleetTopicPlugin(BaseTopicPlugin):
-    """Applies SPEC's publish/subscribe/receive rules to amqtt's topic checks."""
+    """Applies the publish, subscribe and receive rules (docs/protocol.md) to amqtt's topic checks."""
 
     @dataclass
     class Config:

@@ -1,4 +1,4 @@
-"""Who may connect, publish, subscribe and receive: SPEC's access rules over a credentials snapshot.
+"""Who may connect, publish, subscribe and receive: the access rules (docs/protocol.md) over a credentials snapshot.
 
 Everything here is synchronous and in memory (an HMAC and a few string comparisons), so it can run
 on the broker's event loop for every CONNECT and every message without stalling other clients.
@@ -48,7 +48,7 @@ class Verdict:
 
 @dataclass
 class AccessPolicy:
-    """SPEC's access rules applied to an in-memory credentials snapshot."""
+    """The access rules applied to an in-memory credentials snapshot."""
 
     pepper: bytes = field(repr=False)
     records: dict[str, CredentialRecord] = field(default_factory=dict, repr=False)

@@ -3,7 +3,8 @@ protocol handler that routes a PUBLISH before acknowledging it.
 
 Stock behaviour replaced here (amqtt 0.12.1):
 - PUBACK was sent once a PUBLISH was queued for the broker's message loop, so a publisher disconnecting
-  right after its PUBACKs lost about half of them; here the message is routed first, then acknowledged;
+  right after its PUBACKs could lose messages already acknowledged; here the message is routed first, then
+  acknowledged;
 - an outgoing QoS 1 message was forgotten 5 s after it was sent without a PUBACK; here it stays in
   flight until acknowledged and is sent again when a persistent session returns;
 - ``handle_read_timeout`` did nothing (keepalive never enforced); here it drops the connection so the

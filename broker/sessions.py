@@ -1,7 +1,7 @@
 """What the broker keeps per amqtt Session: a light state machine, and fleet's own per-session state.
 
-amqtt builds a ``transitions.Machine`` for every session: about 16 KiB and 240 objects per client,
-two thirds of a session's memory. The broker only uses connect(), disconnect(), is_connected() and
+amqtt builds a ``transitions.Machine`` for every session, most of a session's memory
+(docs/benchmarks.md). The broker only uses connect(), disconnect(), is_connected() and
 ``state``, which SessionState provides (installed by broker/patches.py while a broker runs).
 Fleet's per-session state (grant, keepalive, queues) lives in ``Session.attributes``, amqtt's place
 for extension-owned data, under one key.

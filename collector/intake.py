@@ -1,6 +1,6 @@
 """What the collector does with one received MQTT message before queueing it: validate, rate-limit, count drops.
 
-Runs in paho's network thread, so it only parses; it never touches the database.
+Runs in the MQTT link's network thread (collector.mqtt_link), so it only parses; it never touches the database.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def _decoded_publish(topic: bytes, payload: bytes, qos: int, retain: bool, packe
     """A PUBLISH the decoder has checked, built without re-checking it.
 
     A frozen dataclass pays an ``object.__setattr__`` per field and ``__post_init__``; filling the
-    instance dict at once takes PUBLISH, the collector's one hot packet, from 1.6 to 0.4 µs.
+    instance dict at once spares PUBLISH, the collector's one hot packet, all of that.
     """
     packet = _new(Publish)
     _setattr(packet, "__dict__", {"topic": topic, "payload": payload, "qos": qos, "retain": retain,

@@ -1,10 +1,10 @@
 """The collector's MQTT 3.1.1 connection: bulk reads, batched acknowledgements, one network thread.
 
 The collector is the one client that receives every report of its orgs. paho reads a message with a
-select() and four recv() calls and writes each PUBACK with two send()s, about 25 µs per message
-(bench/ingest.py's raw subscriber), which left the collector's validation and SQLite work no room.
-This link reads up to 256 KiB per recv(), cuts the PUBLISH packets out of that buffer, and writes
-the acknowledgements of a committed batch with one send(): about 1.3 µs per message.
+select() and four recv() calls and writes each PUBACK with two send()s, which leaves the collector's
+validation and SQLite work too little room (docs/benchmarks.md, Ingest). This link reads up to 256 KiB
+per recv(), cuts the PUBLISH packets out of that buffer, and writes the acknowledgements of a committed
+batch with one send().
 
 It implements only what the collector uses: CONNECT (persistent session, credentials, TLS with
 hostname verification), SUBSCRIBE/UNSUBSCRIBE, receiving QoS 0/1 PUBLISH, PUBLISH QoS 1 of its own

@@ -1,7 +1,7 @@
 """Statuses the parts share through the database: a machine's status and the collector's heartbeat.
 
 The collector writes them (``machines.status``, ``events.new_status``, ``heartbeats``) and the web reads
-them (API filters, ``/metrics``, ``/healthz``); SPEC "Collector state". A ping's ``status`` is ONLINE or
+them (API filters, ``/metrics``, ``/healthz``); docs/protocol.md, "Collector state". A ping's ``status`` is ONLINE or
 OFFLINE (config.payloads).
 """
 

@@ -1,7 +1,7 @@
 """The ``fleet`` command's entry point (``fleet.cli:main``, ``python -m fleet.cli``).
 
 The commands are a click application (fleet/commands.py). ``fleet agent`` runs on every machine with
-an RSS budget of 25 MB (docs/benchmarks.md), and click costs it more than 1 MB, so a plain ``fleet agent``
+an RSS budget of 25 MB (docs/benchmarks.md), which importing click would eat into, so a plain ``fleet agent``
 command line is parsed without importing click (fleet/launch.py). Anything else, including ``--help``
 and every usage error, goes to click.
 

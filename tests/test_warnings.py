@@ -1,4 +1,4 @@
-"""The test suite hides only amqtt's deprecation warnings (issue 13, item 7): ours and others' stay visible."""
+"""The test suite hides only amqtt's deprecation warnings: ours and others' stay visible."""
 
 from __future__ import annotations
 

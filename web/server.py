@@ -23,7 +23,7 @@ log = logging.getLogger("fleet.web")
 
 
 def _server(settings: Settings) -> tuple[Any, Flask]:
-    with open_database(settings.database) as db:  # create or migrate the schema before serving (SPEC: Storage)
+    with open_database(settings.database) as db:  # create or migrate the schema before serving
         try:
             pepper = load_pepper(settings.data_dir, create=False)
         except CredentialError:

@@ -103,7 +103,7 @@ print(sorted(name for name, module in sys.modules.items() if isinstance(module, 
 
 
 def test_only_the_agent_process_gets_stand_in_modules():
-    """Issue 13, item 7: every command (and config/mqtt.py's importers) used to get the agent's stand-ins."""
+    """The stand-ins are the agent's alone: other commands (and config/mqtt.py's importers) import the real modules."""
     assert run(OTHER_PARTS) == "[]"
 
 

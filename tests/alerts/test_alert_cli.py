@@ -1,4 +1,4 @@
-"""`fleet alert …`: rules, channels and silences per SPEC, one-line errors with exit 1, no secret ever shown."""
+"""`fleet alert …`: rules, channels and silences as documented, one-line errors with exit 1, no secret ever shown."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Stock amqtt 0.12.1, configured as close to fleet's broker as stock allows, shaped like RunningBroker.
 
-Same TLS certificates, same users and keys, SPEC's access rules as far as amqtt's own plugins express
+Same TLS certificates, same users and keys, the access rules as far as amqtt's own plugins express
 them: FileAuthPlugin with an argon2 password file, TopicAccessControlListPlugin with per-user publish and
 subscribe lists (agents pinned to their org, as on Mosquitto, since it cannot read a client id). The
 guarantee stories run against it as strict xfails: each one fails on stock and holds on fleet's broker.

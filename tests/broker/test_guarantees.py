@@ -1,8 +1,7 @@
-"""SPEC's broker guarantees, one story each, run against fleet's broker and against stock amqtt 0.12.1.
+"""The broker guarantees of docs/protocol.md, one story each, run against fleet's broker and against stock amqtt 0.12.1.
 
 Stock amqtt (tests/broker/stock.py: same certificates, users, keys and access lists, in amqtt's own
-plugins) runs every story as a strict xfail: each one fails there and holds here, in this repository
-(../shared/notes/amqtt-0.12.1.md has the measurements and source locations).
+plugins) runs every story as a strict xfail: each one fails there and holds here, in this repository.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What keeps the collector cheap with many machines (issue 12, item 2) still does its job."""
+"""What keeps the collector cheap with many machines still does its job."""
 
 from __future__ import annotations
 

@@ -488,7 +488,7 @@ def test_the_real_agent_is_seen_online_then_offline_after_sigterm(broker, acme, 
 
 
 def test_the_gc_threshold_is_raised_only_where_the_collector_runs_alone(endpoint, collectors):
-    """Issue 13, item 7: ``fleet up`` (start) keeps Python's GC thresholds; ``fleet collector`` (serve) raises them."""
+    """``fleet up`` (start) keeps Python's GC thresholds; ``fleet collector`` (serve) raises them."""
     import gc
 
     default = gc.get_threshold()

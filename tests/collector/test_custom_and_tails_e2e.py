@@ -1,5 +1,6 @@
-"""Issue 14 and 16 end to end: a real agent (textfile dir, process checks) through the embedded broker into the
-collector, read back through the web API, /history and /metrics; hostile values; a lost session tail."""
+"""Custom metrics, process checks and tail accounting end to end: a real agent (textfile dir, process checks)
+through the embedded broker into the collector, read back through the web API, /history and /metrics;
+hostile values; a lost session tail."""
 
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ def test_packets_back_to_back_decode_in_order_from_any_offset(items, prefix):
 
 @settings(max_examples=1000)
 @given(st.binary(max_size=64))
-@example(b"\x40\x00")                      # zero-length PUBACK: IndexError in the old link (issue 13, item 5)
+@example(b"\x40\x00")                      # zero-length PUBACK: malformed, never an IndexError
 @example(b"\x90\x02\x00\x01")              # SUBACK without return codes
 @example(b"\x30\x80\x00")                  # remaining length not in its shortest form
 @example(b"\x30\xff\xff\xff\xff\x01")      # five length bytes

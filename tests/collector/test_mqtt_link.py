@@ -202,7 +202,7 @@ GOOD = encode(Publish(TOPIC.encode(), b"{}", 1, False, 7))
     (b"\x30\xff\xff\xff\xff\x01", "remaining length"),           # a fifth length byte
     (b"\x30\x03\x00\x09t", "malformed PUBLISH"),                 # topic longer than the packet
     (encode(Connack()), "unexpected packet"),                    # a second CONNACK
-    # Issue 13, item 5: each of these raised IndexError (or was taken at face value) in the network thread
+    # Each of these is malformed: the network thread must neither raise IndexError nor take it at face value
     (GOOD + b"\x40\x00", "malformed PUBACK"),                   # zero-length PUBACK at the end of a buffer
     (b"\x40\x01\x00", "malformed PUBACK"),                      # one-byte PUBACK
     (b"\x90\x02\x00\x01", "malformed SUBACK"),                  # SUBACK without a return code

@@ -1,4 +1,4 @@
-"""Nothing acknowledged is lost for want of a subscription (issue 13, item 1).
+"""Nothing acknowledged is lost for want of a subscription.
 
 An agent may publish as soon as the broker accepts its org's credentials, and a broker drops what nobody
 is subscribed to. The collector's periodic org refresh is slowed down here to a minute, so these tests

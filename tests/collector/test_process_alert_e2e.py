@@ -1,4 +1,4 @@
-"""A ``process.<name> < 1`` alert rule fires when the process an agent checks for is gone (issues 14 and 11).
+"""A ``process.<name> < 1`` alert rule fires when the process an agent checks for is gone.
 
 Through the alert API (``fleet.config.rules``, ``fleet.store.alerting``, the ``alerts`` table and
 ``GET /api/alerts``).

@@ -1,4 +1,4 @@
-"""Tail accounting (issue 16): reports of a previous session that never arrived, counted after a grace period.
+"""Tail accounting: reports of a previous session that never arrived, counted after a grace period.
 
 The state machine is driven with an injected clock; the counts come from a real database (SQLite and
 PostgreSQL) through the collector's own store functions, as the writer thread does it.

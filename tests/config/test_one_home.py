@@ -1,7 +1,7 @@
-"""Each contract constant has one home in config/ (issue 13, item 9): no part keeps its own copy.
+"""Each contract constant has one home in config/: no part keeps its own copy.
 
-Copies drift: the CONNACK table lived in four places, the wildcard-host rule in three, the statuses and
-the heartbeat key in the collector and the web separately. This reads the parts' source with ``ast``
+Copies drift apart: the CONNACK table, the wildcard-host rule, the statuses and the heartbeat key are each
+used by several parts, and each is defined once. This reads the parts' source with ``ast``
 and fails on a literal that belongs to config/: a machine status, the heartbeat key, a wildcard bind
 address, a CONNACK reason or a table of paho's MQTT 5 reason codes.
 """

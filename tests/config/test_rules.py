@@ -1,4 +1,4 @@
-"""The alert rule language: every SPEC form parses into a typed value, everything else raises RuleError."""
+"""The alert rule language: every documented form parses into a typed value, everything else raises RuleError."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def test_random_query_strings_never_500(env, endpoint, params):
                                                                                           res.status_code)
     if res.status_code >= 400:
         assert res.is_json
-        if endpoint != "/healthz":  # /healthz answers 503 with its per-part report, as SPEC says
+        if endpoint != "/healthz":  # /healthz answers 503 with its per-part report
             assert "error" in res.get_json()
 
 

@@ -85,7 +85,7 @@ def test_no_secret_in_the_logs_of_a_full_run(tmp_path):
     assert err.count("\n") > 20, "expected a real debug log to search"
     for name, secret in secrets_.items():
         assert secret not in err, f"the {name} key appears in the logs"
-    # stdout is the start-up banner: SPEC asks `fleet up --demo` to print the demo reader key there, nothing else.
+    # stdout is the start-up banner: `fleet up --demo` prints the demo reader key there, and no other secret.
     for name, secret in secrets_.items():
         if name != "demo reader":
             assert secret not in out, f"the {name} key appears on stdout"

@@ -172,7 +172,7 @@ def test_retained_alerts_reach_readers_of_their_org_only(any_broker, kind, orgs,
 
 @pytest.mark.parametrize("will_topic", [f"{OTHER_ORG}/ping", f"{OTHER_MACHINE}/ping", f"{OWN}/report-x"])
 def test_forbidden_last_will_is_never_published(any_broker, kind, orgs, will_topic):
-    """Embedded: refused at CONNECT (SPEC). Mosquitto 2.0 accepts the CONNECT and checks the will when it
+    """Embedded: refused at CONNECT (CONNACK 5). Mosquitto 2.0 accepts the CONNECT and checks the will when it
     fires, so it is dropped then, except another machine of the same org (the org-level gap)."""
     watcher = _service(any_broker)
     inbox = Inbox(watcher)

@@ -1,6 +1,6 @@
 """The collector on both brokers' real access rules: the embedded broker and Mosquitto on `fleet mosquitto-config`.
 
-The service account subscribes to every org with one wildcard filter per kind (issue 13, item 1): both
+The service account subscribes to every org with one wildcard filter per kind: both
 brokers must grant it, and a new org's first report must reach history although the collector's periodic
 org refresh (slowed to a minute here) has not run yet.
 """
