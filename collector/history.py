@@ -76,8 +76,9 @@ def extra_fields(metrics: Mapping[str, Any]) -> str | None:
 
 
 def _json(value: Mapping[str, Any] | str) -> str:
-    # orjson: a machine row's metrics and system are serialised for every report (10 -> 1.2 µs); they were
-    # decoded by orjson, so orjson can write them back (non-ASCII stays UTF-8, which SQLite's JSON reads).
+    # orjson: a machine row's metrics and system are serialised for every report, and json.dumps is the
+    # slowest step of that (docs/benchmarks.md); they were decoded by orjson, so orjson can write them back
+    # (non-ASCII stays UTF-8, which SQLite's JSON reads).
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
@@ -112,8 +113,8 @@ UPSERT_MACHINE = (
 def write_machines(db: Database, machines: list[Machine], now: float) -> None:
     """Write machine rows: on SQLite an UPDATE for machines whose row exists, an upsert for the others.
 
-    With 10,000 machines a row is rewritten for nearly every report. SQLite's upsert builds and probes an
-    insert before it updates: 15.5 against 11.2 µs per row for the UPDATE (bench/ingest.py --machines 10000).
+    With many machines a row is rewritten for nearly every report, and SQLite's upsert builds and probes an
+    insert before it updates, which a plain UPDATE does not (docs/benchmarks.md, Many machines).
     ``stored`` is only a hint (a rolled-back batch, or a row deleted by someone else, leaves it wrong): when
     the UPDATE matches fewer rows than it was given, those rows are upserted after all. On PostgreSQL one
     upsert of every row (COPY, then INSERT ... ON CONFLICT DO UPDATE) is cheaper than COPY and UPDATE ... FROM.
@@ -143,8 +144,7 @@ def write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] 
             db.execute("INSERT INTO meta(key, value) VALUES (?, ?)"
                        " ON CONFLICT(key) DO UPDATE SET value = excluded.value", marker)
         if batch.reports:
-            # SQLite: one prepared statement stepped per row, 3x faster than one INSERT ... SELECT FROM
-            # json_each(?); PostgreSQL: COPY and one INSERT ... SELECT (python3 bench/ingest.py).
+            # insert_many: multi-row INSERT chunks on SQLite, COPY and one INSERT ... SELECT on PostgreSQL.
             inserted = db.insert_many("reports", REPORT_COLUMNS, batch.reports, "DO NOTHING")
         if batch.evicted:
             db.executemany("DELETE FROM machines WHERE org = ? AND machine_id = ?",

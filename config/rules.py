@@ -1,6 +1,6 @@
 """The alert rule language of the contract: conditions, durations, machine globs, severities.
 
-SPEC "Alerts": a rule's EXPR is ``status == offline``, ``status == stale``, ``conflict``, or
+A rule's EXPR (docs/protocol.md, docs/alerts.md) is ``status == offline``, ``status == stale``, ``conflict``, or
 ``FIELD OP NUMBER`` with OP one of ``> >= < <=``. FIELD names a numeric field of a machine's latest
 report (the derived fields of ``fleet.config.derived``: ``cpu_percent``, ``memory_percent``,
 ``disk_percent`` (the fullest real filesystem), ``swap_percent``, ``load1``, ...; ``clock_offset_s``
@@ -317,7 +317,7 @@ class Rule:
                 "severity": self.severity}
 
 
-# SPEC: every new org starts with these (and existing orgs get them by migration).
+# Every new org starts with these (and existing orgs get them by migration).
 DEFAULT_RULES: tuple[tuple[str, str, float, str], ...] = (
     ("machine-offline", "status == offline", 120.0, "critical"),
     ("machine-stale", "status == stale", 300.0, "warning"),

@@ -96,7 +96,7 @@ class Settings:
             _check(value >= 1, name, "must be a positive integer", value)
         _check(self.broker_durability in ("full", "normal", "off"), "broker_durability",
                "must be full, normal or off", self.broker_durability)
-        _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (SPEC: changes apply within 5 s)",
+        _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (changes apply within 5 s)",
                self.reload_interval_s)
         if self.broker_url:
             parts = urlsplit(self.broker_url)

@@ -46,7 +46,7 @@ def drop_org(db: Database, org: str) -> None:
 
 # --- rules ---------------------------------------------------------------------------------------
 def insert_default_rules(db: Database, org: str, now: float) -> None:
-    """Give an org SPEC's three default rules (in the caller's transaction)."""
+    """Give an org the default rules (config.rules.DEFAULT_RULES) (in the caller's transaction)."""
     for name, when, for_s, severity in DEFAULT_RULES:
         insert_rule(db, Rule(org, name, parse_condition(when), for_s, "*", severity), now)
 

@@ -281,10 +281,10 @@ class Database:
 
         ``on_conflict`` is what follows ON CONFLICT, e.g. "DO NOTHING". SQLite runs ``INSERT ... VALUES (...),
         (...), ...`` with up to SQLITE_ROWS_PER_STATEMENT rows each: executemany steps (and hands the GIL back)
-        once per row, and with 10,000 machines, where a report row and a machine row are written per message,
-        rows in chunks cost about half (bench/ingest.py --machines 10000); chunks are 64 rows or a power of two
-        below, so the connection's statement cache keeps every form. PostgreSQL COPYs the rows into a temporary
-        table and runs one INSERT ... SELECT: 1.5-2x faster than executemany's pipelined INSERTs (bench/ingest.py).
+        once per row, a large share of the writer's time when a report row and a machine row are written per
+        message; chunks are 64 rows or a power of two below, so the connection's statement cache keeps every
+        form. PostgreSQL COPYs the rows into a temporary table and runs one INSERT ... SELECT, faster than
+        executemany's pipelined INSERTs (docs/benchmarks.md).
         So ``on_conflict`` must not update one row twice (at most one row per key), which PostgreSQL refuses and
         SQLite would allow.
         """
@@ -309,8 +309,8 @@ class Database:
         """Update existing rows (values in ``columns`` order, the ``key`` columns last); returns the rows matched.
 
         A row whose key is not in the table changes nothing (the caller compares the count). On SQLite one
-        prepared ``UPDATE`` stepped per row: half the cost of the same rows through ``insert_many``'s upsert,
-        which builds and probes an insert before it updates (bench/ingest.py --machines 10000). On PostgreSQL
+        prepared ``UPDATE`` stepped per row: cheaper than ``insert_many``'s upsert, which builds and probes an
+        insert before it updates (docs/benchmarks.md). On PostgreSQL
         the rows are COPYed into a temporary table and applied with one ``UPDATE ... FROM``.
         """
         if tuple(columns[len(columns) - len(key):]) != tuple(key):
@@ -489,8 +489,8 @@ def _connect_postgresql(db: Database) -> Any:
 class DatabasePool:
     """Idle connections kept for the next user, for servers that open one per request (web).
 
-    A new PostgreSQL connection costs a TCP and SCRAM handshake (~10 ms, bench/web.py); a SQLite one a
-    file open and a few pragmas. A connection comes back only when it is idle and healthy.
+    A new PostgreSQL connection costs a TCP and SCRAM handshake, many times a pooled query (docs/benchmarks.md);
+    a SQLite one a file open and a few pragmas. A connection comes back only when it is idle and healthy.
     """
 
     def __init__(self, target: str | Path | DatabaseUrl, readonly: bool = True, size: int = 8) -> None:

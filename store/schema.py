@@ -120,7 +120,7 @@ CREATE TABLE IF NOT EXISTS meta (
 
 Migration = str | Mapping[str, str]  # portable SQL, or one script per engine
 
-# Version 2 (issues 14 and 16): custom and process fields in history, tail accounting.
+# Version 2: custom and process fields in history, tail accounting.
 CUSTOM_FIELDS_AND_TAILS = """
 -- Extra numeric history fields of a report, as a JSON object: {"custom.<series>": n, "process.<name>": n}.
 ALTER TABLE reports ADD COLUMN fields TEXT;
@@ -136,7 +136,7 @@ ALTER TABLE org_stats ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
 """
 
 
-# Version 3: alerting (SPEC "Alerts"): rules, channels, alerts per (rule, machine), silences, and the
+# Version 3: alerting: rules, channels, alerts per (rule, machine), silences, and the
 # notification outbox; existing orgs get the three default rules.
 ALERTS_SCHEMA = """
 -- An org's alert rules; expr is the canonical text of the parsed condition (config.rules).
@@ -224,8 +224,8 @@ ON CONFLICT(org, name) DO NOTHING;
 # Version 4: on PostgreSQL, room in each machines page for the row's next version. The collector rewrites a
 # machine's row for nearly every report; with full pages (fillfactor 100) every UPDATE moves the row to
 # another page and adds an entry to both of its indexes, while an update within the page ("HOT") touches no
-# index: 25% less server time per machine row with 10,000 machines (bench/ingest.py). SQLite updates rows in
-# place and has no such setting.
+# index, which matters for a row rewritten with every report (docs/benchmarks.md). SQLite updates rows in place
+# and has no such setting.
 MACHINES_FILLFACTOR = {SQLITE: "", POSTGRESQL: "ALTER TABLE machines SET (fillfactor = 50);"}
 
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.

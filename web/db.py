@@ -19,9 +19,9 @@ from fleet.store.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, Dat
 from fleet.web.errors import WebError
 
 # The API's machine object: these columns as they are, conflict as a boolean, and system and metrics spliced
-# in as the JSON text the collector stored (orjson.Fragment: never decoded only to be encoded again). For
-# 10,000 machines that is as fast as SQLite's json_object/json_group_array was, the same on both engines,
-# and exact: SQLite's JSON functions print floats with 15 digits, rounding ties unlike PostgreSQL.
+# in as the JSON text the collector stored (orjson.Fragment: never decoded only to be encoded again). That
+# is as fast as SQLite's JSON functions (docs/benchmarks.md), the same on both engines, and exact: SQLite's
+# JSON functions print floats with 15 digits, rounding ties unlike PostgreSQL.
 MACHINE_COLUMNS = ("org", "machine_id", "hardware_id", "status", "session", "interval_s", "last_seen", "last_ping",
                    "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "lost", "late")
 _MACHINE_SELECT = ", ".join(MACHINE_COLUMNS)

@@ -79,7 +79,7 @@ def render(org: str) -> str:
 
 
 def custom_samples(lines: list[str], org: str, machines: list[dict]) -> None:
-    """Each machine's custom series and process check counts (issue 14), one labelled sample each."""
+    """Each machine's custom series and process check counts, one labelled sample each."""
     custom, counts = [], []
     for m in machines:
         metrics = m.get("metrics") or {}

@@ -31,7 +31,7 @@ class NewChannel:
     secret: str | None = field(repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``--json`` object of SPEC: ``{"org", "channel", "secret"}``."""
+        """The ``fleet alert channel add --json`` object: ``{"org", "channel", "secret"}``."""
         return {"org": self.org, "channel": self.channel, "secret": self.secret}
 
 

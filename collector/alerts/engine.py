@@ -1,4 +1,4 @@
-"""Alert evaluation and grouping in the collector's writer thread (SPEC "Alerts").
+"""Alert evaluation and grouping in the collector's writer thread (docs/alerts.md).
 
 An alert is one (rule, machine): ``pending`` while the rule's condition holds for less than its
 ``for``, then ``firing``, then ``resolved`` when the condition stops holding or the machine is
@@ -37,7 +37,7 @@ from fleet.store.database import Database, DatabaseError
 log = logging.getLogger("collector.alerts")
 
 PENDING, FIRING, RESOLVED = "pending", "firing", "resolved"
-REFRESH_S = 2.0  # rules, channels and silences are read again this often (SPEC: changes apply within 5 s)
+REFRESH_S = 2.0  # rules, channels and silences are read again this often (changes apply within 5 s)
 RECHECK_S = 0.5  # pending alerts (for durations, blindness) and status/conflict conditions are checked this often
 VALUE_WRITE_S = 10.0  # a live alert's changing value is written at most this often
 MATCH_CACHE_MAX = 200_000
