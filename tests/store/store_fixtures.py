@@ -17,8 +17,8 @@ from fleet.collector.alerts.engine import Alert, AlertWrites
 from fleet.collector.state import Transition
 from fleet.config import payloads
 from fleet.config.topics import report_topic
-from fleet.store import credentials
 from fleet.store.database import open_database
+from tests import stores
 
 ORGS = ("acme", "globex")
 MACHINES = ("db-1", "web-1")
@@ -93,7 +93,7 @@ def _alert_row(alert: Alert) -> tuple:
 def fill(data_dir: Path, database: str) -> None:
     """Create both orgs and store their reports, events and alerts through the collector's writer."""
     for org in ORGS:
-        credentials.add_org(data_dir, org, database)
+        stores.add_org(data_dir, org, database)
     with open_database(database) as db:
         for org in ORGS:
             batch = history.Batch(events=events(org), alerts=AlertWrites(alerts=[_alert_row(a) for a in alerts(org)]))
