@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import signal
 import threading
@@ -27,8 +26,10 @@ from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
 from fleet.broker.store import BrokerStore
 from fleet.config.settings import Settings
+from fleet.config.status import BROKER
 from fleet.store import credentials
 from fleet.store.database import DatabaseError, open_database
+from fleet.store.heartbeats import write_heartbeat
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
@@ -68,8 +69,7 @@ def _load_records(database: str, migrate: bool = False) -> dict[str, credentials
 
 def _write_heartbeat(database: str, detail: dict[str, Any]) -> None:
     with open_database(database, migrate=False) as db:
-        db.execute("INSERT INTO heartbeats(component, ts, detail) VALUES ('broker', ?, ?) ON CONFLICT(component)"
-                   " DO UPDATE SET ts = excluded.ts, detail = excluded.detail", (time.time(), json.dumps(detail)))
+        write_heartbeat(db, BROKER, time.time(), detail)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from fleet.config.status import BROKER_CONNECTED, COLLECTOR
 from fleet.config.topics import ping_topic
 from fleet.store import credentials
 from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
+from fleet.store.heartbeats import write_heartbeat
 
 log = logging.getLogger("collector")
 
@@ -315,7 +316,7 @@ class Writer:
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.client_id,
                   "alerts_firing": self.alerts.firing_count()}
         try:
-            history.write_heartbeat(self.db, COLLECTOR, time.time(), detail)
+            write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
 

@@ -4,16 +4,23 @@ Copies drift: the CONNACK table lived in four places, the wildcard-host rule in 
 the heartbeat key in the collector and the web separately. This reads the parts' source with ``ast``
 and fails on a literal that belongs to config/: a machine status, the heartbeat key, a wildcard bind
 address, a CONNACK reason or a table of paho's MQTT 5 reason codes.
+
+Shared code has one home too: the heartbeat SQL lives in fleet.store.heartbeats (the broker and the
+collector write their heartbeats through it, the web reads them), checked on the installed packages' source.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import re
+import time
 from pathlib import Path
 
 import pytest
 
 from fleet.config import connack, settings, status
+from fleet.store import heartbeats
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("agent", "broker", "collector", "web", "fleet")
@@ -22,6 +29,28 @@ CONTRACT_STRINGS = {
     *(host for host in settings.WILDCARD_HOSTS if host), *connack.REASONS.values(),
 }
 PAHO_REASON_CODES = {0x84, 0x85, 0x86, 0x87, 0x88}
+INSTALLED = ("fleet", "fleet.config", "fleet.store", "fleet.broker", "fleet.agent", "fleet.collector", "fleet.web")
+HEARTBEAT_SQL = re.compile(r"\b(INSERT\s+INTO|FROM|UPDATE)\s+heartbeats\b", re.IGNORECASE)
+
+
+def installed_sources() -> list[Path]:
+    """Every module of the installed fleet packages (their folders, wherever they are installed)."""
+    files: set[Path] = set()
+    for name in INSTALLED:
+        for folder in importlib.import_module(name).__path__:
+            files.update(path.resolve() for path in Path(folder).rglob("*.py"))
+    return sorted(files)
+
+
+def source_of(module: str) -> Path:
+    """The file an installed module is loaded from."""
+    return Path(importlib.import_module(module).__file__ or "").resolve()
+
+
+def heartbeat_sql_in(path: Path) -> list[str]:
+    """``file:line`` for each string in one module that reads or writes the heartbeats table."""
+    return [f"{path}:{node.lineno}" for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and HEARTBEAT_SQL.search(node.value)]
 
 
 def copies_in(path: Path) -> list[str]:
@@ -50,3 +79,23 @@ def test_the_homes_hold_what_the_parts_rely_on():
     assert settings.local_host("0.0.0.0") == settings.local_host("::") == "127.0.0.1"
     assert settings.local_host("10.1.2.3") == "10.1.2.3"
     assert settings.Settings(host="").effective_broker_url == "mqtts://127.0.0.1:8883"
+
+
+def test_the_heartbeat_sql_has_one_home():
+    home = source_of("fleet.store.heartbeats")
+    sources = installed_sources()
+    assert home in sources and heartbeat_sql_in(home), "the scan must see the home's own SQL"
+    elsewhere = [hit for path in sources if path != home for hit in heartbeat_sql_in(path)]
+    assert elsewhere == [], "heartbeat SQL outside fleet.store.heartbeats:\n" + "\n".join(elsewhere)
+
+
+@pytest.mark.both_engines
+def test_a_heartbeat_reads_back_as_its_last_write(db):
+    assert heartbeats.read_heartbeat(db, status.COLLECTOR) is None
+    now = time.time()
+    heartbeats.write_heartbeat(db, status.COLLECTOR, now - 2, {status.BROKER_CONNECTED: True})
+    heartbeats.write_heartbeat(db, status.COLLECTOR, now, {status.BROKER_CONNECTED: False, "orgs": ["acme"]})
+    heartbeats.write_heartbeat(db, status.BROKER, now, {"connected": 3})
+    assert heartbeats.read_heartbeat(db, status.COLLECTOR) == (now, {status.BROKER_CONNECTED: False, "orgs": ["acme"]})
+    assert heartbeats.read_heartbeat(db, status.BROKER) == (now, {"connected": 3})
+    assert db.query_one("SELECT count(*) FROM heartbeats") == (2,)
