@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import threading
@@ -169,9 +168,6 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
         log.info("broker stopped")
 
 
-GC_YOUNG_THRESHOLD = 20_000
-
-
 def check_open_file_limit(settings: Settings) -> None:
     """Raise the process's open file limit (each connection holds one) and say what it allows."""
     limit = raise_open_file_limit()
@@ -181,14 +177,6 @@ def check_open_file_limit(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     """``fleet broker``: run until SIGINT/SIGTERM."""
-    # Only where the broker runs alone (as `fleet collector` does for itself; `fleet up` keeps Python's
-    # defaults, docs/collector.md): each connection holds its objects as long as it lives (~470,000 at 5,000
-    # connections), and at the default young threshold (700) the objects of each message (futures,
-    # callbacks, batches) outlived two young collections often enough to start full collections of all of
-    # them: 2.7 s of collections in 45 s of bench/load.py's steady phase at 500 reports/s, 0.05 s at 20,000.
-    young, older, oldest = gc.get_threshold()
-    if young and young < GC_YOUNG_THRESHOLD:
-        gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
     check_open_file_limit(settings)
 
     async def main() -> None:

@@ -14,7 +14,6 @@ What else they share is in collector.shared: the link's state, the orgs served, 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import signal
@@ -43,21 +42,6 @@ log = logging.getLogger("collector")
 QUEUE_MAX = 20_000
 KEEPALIVE_S = 30
 SUBSCRIBE_CHUNK = 64
-GC_THRESHOLD = 20_000
-
-
-def collect_garbage_less_often() -> None:
-    """Raise the cyclic GC's first threshold (process-wide) so it does not keep re-walking queued reports.
-
-    Only for a process that runs the collector alone (``serve``, ``bench/ingest.py``): ``fleet up`` shares
-    its process with the broker and the web and keeps Python's defaults (docs/collector.md).
-    """
-    # Each decoded report is ~10 dicts and lists, freed by reference counting once stored; with up to
-    # QUEUE_MAX of them alive, the default threshold (700) ran a collection every ~70 messages and took a
-    # quarter of the ingest time (python3 bench/ingest.py: 74% -> 84-87% of the raw subscriber on Mosquitto).
-    first, second, third = gc.get_threshold()
-    if first and first < GC_THRESHOLD:
-        gc.set_threshold(GC_THRESHOLD, second, third)
 
 
 def client_id_for(orgs: tuple[str, ...]) -> str:
@@ -214,7 +198,6 @@ def serve(settings: Settings) -> None:
     """``fleet collector``: run until SIGINT/SIGTERM, then stop cleanly, flushing pending writes."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    collect_garbage_less_often()  # this process is the collector's alone
     collector = start(settings)
     try:
         stop.wait()

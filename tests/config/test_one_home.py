@@ -5,13 +5,15 @@ the heartbeat key in the collector and the web separately. This reads the parts'
 and fails on a literal that belongs to config/: a machine status, the heartbeat key, a wildcard bind
 address, a CONNACK reason or a table of paho's MQTT 5 reason codes.
 
-Shared code has one home too: the heartbeat SQL lives in fleet.store.heartbeats (the broker and the
-collector write their heartbeats through it, the web reads them), checked on the installed packages' source.
+Shared code has one home too, checked on the installed packages' source: the heartbeat SQL lives in
+fleet.store.heartbeats (the broker and the collector write their heartbeats through it, the web reads them),
+and the GC threshold policy in fleet.launch, applied by ``fleet broker`` and ``fleet collector`` alone.
 """
 
 from __future__ import annotations
 
 import ast
+import gc
 import importlib
 import re
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet import launch
 from fleet.config import connack, settings, status
 from fleet.store import heartbeats
 
@@ -45,6 +48,26 @@ def installed_sources() -> list[Path]:
 def source_of(module: str) -> Path:
     """The file an installed module is loaded from."""
     return Path(importlib.import_module(module).__file__ or "").resolve()
+
+
+def calls_in(path: Path, names: set[str]) -> list[tuple[str, str]]:
+    """(innermost enclosing function or ``<module>``, called name) for each call in one module of a function
+    or method named in ``names``."""
+    found = []
+
+    def visit(node: ast.AST, where: str) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            where = node.name
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in names:
+                found.append((where, name))
+        for child in ast.iter_child_nodes(node):
+            visit(child, where)
+
+    visit(ast.parse(path.read_text(), str(path)), "<module>")
+    return found
 
 
 def heartbeat_sql_in(path: Path) -> list[str]:
@@ -100,3 +123,40 @@ def test_a_heartbeat_reads_back_as_its_last_write(db):
     assert heartbeats.read_heartbeat(db, status.COLLECTOR) == (now, {status.BROKER_CONNECTED: False, "orgs": ["acme"]})
     assert heartbeats.read_heartbeat(db, status.BROKER) == (now, {"connected": 3})
     assert db.query_one("SELECT count(*) FROM heartbeats") == (2,)
+
+
+def test_the_gc_threshold_policy_has_one_home():
+    home = source_of("fleet.launch")
+    sources = installed_sources()
+    assert home in sources
+    assert calls_in(home, {"set_threshold"}), "the scan must see the home's own call"
+    elsewhere = [f"{path}: {function}()" for path in sources if path != home
+                 for function, _ in calls_in(path, {"set_threshold"})]
+    assert elsewhere == [], "gc.set_threshold outside fleet.launch:\n" + "\n".join(elsewhere)
+
+
+def test_only_fleet_broker_and_fleet_collector_apply_the_gc_policy():
+    """Not ``fleet up``, nor a part started in-process: only the two commands that run one part alone."""
+    policy = {"serve_alone", "collect_garbage_less_often"}
+    callers = {(path, function) for path in installed_sources() for function, _ in calls_in(path, policy)}
+    assert callers == {(source_of("fleet.commands"), "broker"), (source_of("fleet.commands"), "collector"),
+                       (source_of("fleet.launch"), "serve_alone")}
+
+
+def test_a_lone_process_raises_the_young_threshold_once():
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        seen = []
+        launch.serve_alone(lambda settings: seen.append(gc.get_threshold()), settings.Settings())
+        assert seen == [(launch.GC_YOUNG_THRESHOLD, 10, 10)]  # raised before the part runs
+        launch.collect_garbage_less_often()
+        assert gc.get_threshold() == (launch.GC_YOUNG_THRESHOLD, 10, 10)  # idempotent
+        gc.set_threshold(launch.GC_YOUNG_THRESHOLD * 2, 10, 10)
+        launch.collect_garbage_less_often()
+        assert gc.get_threshold()[0] == launch.GC_YOUNG_THRESHOLD * 2  # never lowered
+        gc.set_threshold(0, 10, 10)
+        launch.collect_garbage_less_often()
+        assert gc.get_threshold()[0] == 0  # a GC turned off stays off
+    finally:
+        gc.set_threshold(*saved)
