@@ -214,7 +214,7 @@ def bench_outage(machines: int = 5000, group_wait: float = 10.0) -> list[tuple[s
             publish_all("online")
             wait_until(lambda: online() == machines, 60, "all machines online")
             # The collector fires no status alert within stale_after of connecting (its own blindness).
-            wait_until(lambda: time.time() > collector._connected_since + 3 * interval + 0.5, 30,  # noqa: SLF001
+            wait_until(lambda: time.time() > collector.link_state.connected_since + 3 * interval + 0.5, 30,
                        "the collector's blind window")
             first = time.time()
             last = publish_all("offline")
@@ -278,7 +278,7 @@ def bench_latency(kills: int = 20, stops: int = 5, group_wait: float = 1.0) -> l
                 return sum(1 for m in collector.tracker.machines.values() if m.status == "online")
 
             wait_until(lambda: online() == len(names), 120, "every agent online")
-            wait_until(lambda: time.time() > collector._connected_since + 3 * 1 + 0.5, 30, "blind window")  # noqa: SLF001
+            wait_until(lambda: time.time() > collector.link_state.connected_since + 3 * 1 + 0.5, 30, "blind window")
             killed: dict[str, float] = {}
             rng = random.Random(3)
             for name in names:

@@ -561,7 +561,7 @@ def main() -> None:
     parser.add_argument("--alert-rules", choices=("none", "default", "all"), default="default",
                         help="the org's alert rules: none, the 3 default ones, or all 8 (+ bench/alerts.py's 5)")
     args = parser.parse_args()
-    from fleet.collector.service import collect_garbage_less_often
+    from fleet.launch import collect_garbage_less_often
 
     collect_garbage_less_often()  # as `fleet collector` does; the raw subscriber runs under the same threshold
     load = Load(args.publishers, args.reports, args.machines or args.publishers, args.rate)

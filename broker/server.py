@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-import json
 import logging
 import signal
 import threading
@@ -27,8 +25,10 @@ from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
 from fleet.broker.store import BrokerStore
 from fleet.config.settings import Settings
+from fleet.config.status import BROKER
 from fleet.store import credentials
 from fleet.store.database import DatabaseError, open_database
+from fleet.store.heartbeats import write_heartbeat
 from fleet.store.pepper import load_pepper
 
 log = logging.getLogger("fleet.broker")
@@ -74,8 +74,7 @@ def _ensure_service_key(settings: Settings) -> None:
 
 def _write_heartbeat(database: str, detail: dict[str, Any]) -> None:
     with open_database(database, migrate=False) as db:
-        db.execute("INSERT INTO heartbeats(component, ts, detail) VALUES ('broker', ?, ?) ON CONFLICT(component)"
-                   " DO UPDATE SET ts = excluded.ts, detail = excluded.detail", (time.time(), json.dumps(detail)))
+        write_heartbeat(db, BROKER, time.time(), detail)
 
 
 @dataclass
@@ -175,9 +174,6 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
         log.info("broker stopped")
 
 
-GC_YOUNG_THRESHOLD = 20_000
-
-
 def check_open_file_limit(settings: Settings) -> None:
     """Raise the process's open file limit (each connection holds one) and say what it allows."""
     limit = raise_open_file_limit()
@@ -187,14 +183,6 @@ def check_open_file_limit(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     """``fleet broker``: run until SIGINT/SIGTERM."""
-    # Only where the broker runs alone (as `fleet collector` does for itself; `fleet up` keeps Python's
-    # defaults, docs/collector.md): each connection holds its objects as long as it lives (~470,000 at 5,000
-    # connections), and at the default young threshold (700) the objects of each message (futures,
-    # callbacks, batches) outlived two young collections often enough to start full collections of all of
-    # them: 2.7 s of collections in 45 s of bench/load.py's steady phase at 500 reports/s, 0.05 s at 20,000.
-    young, older, oldest = gc.get_threshold()
-    if young and young < GC_YOUNG_THRESHOLD:
-        gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
     check_open_file_limit(settings)
 
     async def main() -> None:

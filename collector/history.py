@@ -1,4 +1,4 @@
-"""The collector's database writes: one transaction per batch, heartbeats, and history retention.
+"""The collector's database writes: one transaction per batch, and history retention.
 
 Every function takes the writer thread's own connection (``store.database.open_database``); nothing here
 is called from the MQTT network thread. The SQL is the same on SQLite and PostgreSQL except the rollup's
@@ -196,13 +196,6 @@ def checkpoint(db: Database) -> None:
 def committed(db: Database, marker: tuple[str, str]) -> bool:
     """Was the batch written with ``marker`` committed? (A lost connection can hide a COMMIT that succeeded.)"""
     return db.query_one("SELECT value FROM meta WHERE key = ?", (marker[0],)) == (marker[1],)
-
-
-def write_heartbeat(db: Database, component: str, now: float, detail: Mapping[str, Any]) -> None:
-    """Record that ``component`` is alive, with its detail JSON (read by the web's /healthz)."""
-    db.execute("INSERT INTO heartbeats(component, ts, detail) VALUES (?, ?, ?) ON CONFLICT(component)"
-               " DO UPDATE SET ts = excluded.ts, detail = excluded.detail",
-               (component, now, json.dumps(detail, separators=(",", ":"))))
 
 
 def load_machines(db: Database, orgs: Iterable[str] | None) -> list[dict[str, Any]]:

@@ -14,4 +14,5 @@ EVICTED = "evicted"  # a transition only: evicted machines leave the machines ta
 MACHINE_STATUSES = (ONLINE, STALE, OFFLINE)
 
 COLLECTOR = "collector"  # heartbeats.component of the collector
+BROKER = "broker"  # heartbeats.component of the embedded broker
 BROKER_CONNECTED = "broker_connected"  # its heartbeat detail: False while it cannot reach the broker

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from fleet.config.settings import Settings
-from fleet.launch import AGENT_OPTIONS, CONFIG, DATA_DIR, run_agent, run_with_settings
+from fleet.launch import AGENT_OPTIONS, CONFIG, DATA_DIR, run_agent, run_with_settings, serve_alone
 
 if TYPE_CHECKING:
     from fleet.store.database import Database
@@ -178,7 +178,7 @@ def broker(settings: Settings) -> None:
     """Run the embedded MQTT broker alone."""
     from fleet.broker.server import serve
 
-    serve(settings)
+    serve_alone(serve, settings)
 
 
 @cli.command()
@@ -192,7 +192,7 @@ def collector(settings: Settings) -> None:
     """Run the collector alone."""
     from fleet.collector.service import serve
 
-    serve(settings)
+    serve_alone(serve, settings)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -27,8 +28,10 @@ def get(url, token=None):
 
 def test_up_with_demo_runs_everything_and_stops_cleanly(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", mqtt_port=0, http_port=0, interval=0.5, reload_interval_s=0.5)
+    thresholds = gc.get_threshold()
     system = start_system(settings, demo=3, real_agent=False)
     try:
+        assert gc.get_threshold() == thresholds  # fleet up leaves the GC thresholds alone
         wait_for(lambda: get(f"{system.http_url}/healthz")[0] == 200, timeout=15, message="healthz green")
         token = system.demo_keys.reader_key
         wait_for(lambda: get(f"{system.http_url}/api/fleet", token)[1].get("count") == 3, timeout=20,

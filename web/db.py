@@ -6,7 +6,8 @@ Queries are the same on SQLite and PostgreSQL except the few that read inside a 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from flask import current_app, g
@@ -16,6 +17,7 @@ from fleet.config.rules import Silence
 from fleet.config.status import MACHINE_STATUSES
 from fleet.store.alerting import silences_query
 from fleet.store.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
+from fleet.store.heartbeats import read_heartbeat
 from fleet.web.errors import WebError
 
 # The API's machine object: these columns as they are, conflict as a boolean, and system and metrics spliced
@@ -42,6 +44,8 @@ SORTS = {"machine_id": "machine_id", "status": "status", "last_seen": "last_seen
 _LIKE = {SQLITE: "LIKE", POSTGRESQL: "ILIKE"}
 # NULLs sort first ascending on SQLite, last on PostgreSQL unless told.
 _NULLS = {SQLITE: ("", ""), POSTGRESQL: (" NULLS FIRST", " NULLS LAST")}
+
+T = TypeVar("T")
 
 
 class DatabaseUnavailable(WebError):
@@ -70,19 +74,24 @@ def close_db(_exc: BaseException | None = None) -> None:
         current_app.config["FLEET_DB_POOL"].put(db)
 
 
-def query(sql: str, params: tuple | list = ()) -> list[tuple]:
-    """Run a read query, converting database errors at the boundary.
+def read(reader: Callable[[Database], T]) -> T:
+    """Run ``reader`` on this request's connection, converting database errors at the boundary.
 
-    A pooled connection may have been cut while idle (a PostgreSQL restart): the query is tried once more
+    A pooled connection may have been cut while idle (a PostgreSQL restart): the read is tried once more
     on a new connection, which the seam opens by itself (a read is safe to repeat).
     """
     try:
         try:
-            return get_db().query(sql, params)
+            return reader(get_db())
         except DatabaseBusy:
-            return get_db().query(sql, params)
+            return reader(get_db())
     except DatabaseError as exc:
         raise DatabaseUnavailable(f"database error: {exc}") from exc
+
+
+def query(sql: str, params: tuple | list = ()) -> list[tuple]:
+    """Run a read query (``read``)."""
+    return read(lambda db: db.query(sql, params))
 
 
 def _sort_expression(engine: str, sort: str) -> str:
@@ -277,11 +286,4 @@ def drop_counts() -> dict[str, int]:
 
 def heartbeat(component: str) -> tuple[float, dict[str, Any]] | None:
     """Last heartbeat of a long-running part: (ts, detail)."""
-    rows = query("SELECT ts, detail FROM heartbeats WHERE component = ?", (component,))
-    if not rows:
-        return None
-    try:
-        detail = orjson.loads(rows[0][1] or "{}")
-    except ValueError:
-        detail = {}
-    return float(rows[0][0]), detail
+    return read(lambda db: read_heartbeat(db, component))

@@ -488,8 +488,10 @@ def test_the_real_agent_is_seen_online_then_offline_after_sigterm(broker, acme, 
 
 
 def test_the_gc_threshold_is_raised_only_where_the_collector_runs_alone(endpoint, collectors):
-    """``fleet up`` (start) keeps Python's GC thresholds; ``fleet collector`` (serve) raises them."""
+    """``fleet up`` (start) keeps Python's GC thresholds; ``fleet collector`` (serve_alone(serve)) raises them."""
     import gc
+
+    from fleet import launch
 
     default = gc.get_threshold()
     try:
@@ -497,14 +499,14 @@ def test_the_gc_threshold_is_raised_only_where_the_collector_runs_alone(endpoint
         assert gc.get_threshold() == default
 
         def stop_when_serving() -> None:
-            wait_for(lambda: gc.get_threshold()[0] == service.GC_THRESHOLD, message="serve() to start")
+            wait_for(lambda: gc.get_threshold()[0] == launch.GC_YOUNG_THRESHOLD, message="serve() to start")
             wait_for(lambda: query(endpoint, "SELECT 1 FROM heartbeats WHERE component='collector'"))
             os.kill(os.getpid(), signal.SIGTERM)  # serve() turns it into a clean stop
 
         killer = threading.Thread(target=stop_when_serving, daemon=True)
         killer.start()
-        service.serve(endpoint.settings())
+        launch.serve_alone(service.serve, endpoint.settings())  # what fleet collector does
         killer.join(10)
-        assert gc.get_threshold()[0] == service.GC_THRESHOLD
+        assert gc.get_threshold()[0] == launch.GC_YOUNG_THRESHOLD
     finally:
         gc.set_threshold(*default)

@@ -184,15 +184,16 @@ def test_reports_are_stored_exactly_types_included(db):
 
 def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
     """The connection drops after COMMIT reached the server: the writer finds its marker and moves on."""
-    from types import SimpleNamespace
-
-    from fleet.collector import service
+    from fleet.collector.handoff import Handoff
     from fleet.collector.intake import DropCounter
+    from fleet.collector.shared import LinkState, ServedOrgs, WriteCounts
+    from fleet.collector.writer import Writer, WriterPeers
+    from fleet.config.settings import Settings
     from fleet.store.database import DatabaseBusy
 
-    owner = SimpleNamespace(settings=service.Settings(), tracker=Tracker(3.0, 10.0, 3600), client_id="c1",
-                            drops=DropCounter(), _stored=0, _commits=0, alerts=None)
-    writer = service.Writer(owner, db)
+    peers = WriterPeers(Handoff(10, 5), None, LinkState(), ServedOrgs(()), WriteCounts(), DropCounter(),
+                        stats=lambda: None, wake_delivery=lambda: None)
+    writer = Writer(Settings(), "c1", db, Tracker(3.0, 10.0, 3600), None, peers)
     real = history.write_batch
     calls = []
 

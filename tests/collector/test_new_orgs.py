@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from fleet.collector import service
+from fleet.collector import writer
 from fleet.collector.intake import UNKNOWN_ORG
 from fleet.store import credentials
 from tests import stores
@@ -21,7 +21,7 @@ from tests.helpers import wait_for
 
 @pytest.fixture(autouse=True)
 def slow_org_refresh(monkeypatch):
-    monkeypatch.setattr(service, "ORG_REFRESH_MAX_S", 60.0)
+    monkeypatch.setattr(writer, "ORG_REFRESH_MAX_S", 60.0)
 
 
 def history(ep: Endpoint, org: str, machine: str = "m1") -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.collector import service
+from fleet.collector import service, writer
 from fleet.config import payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import agent_client_id, report_topic
@@ -27,7 +27,7 @@ def any_broker(request):
 
 @pytest.fixture
 def collector(any_broker, monkeypatch):
-    monkeypatch.setattr(service, "ORG_REFRESH_MAX_S", 60.0)
+    monkeypatch.setattr(writer, "ORG_REFRESH_MAX_S", 60.0)
     running = service.start(Settings(data_dir=any_broker.data_dir, broker_url=any_broker.url,
                                      ca=str(any_broker.ca_path), reload_interval_s=5.0, batch_interval_s=0.05))
     assert running.wait_subscribed(10)

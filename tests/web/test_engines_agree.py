@@ -14,6 +14,7 @@ from fleet.config import payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import ping_topic, report_topic
 from fleet.store.database import open_database, sqlite_url
+from fleet.store.heartbeats import write_heartbeat
 from fleet.web.app import create_app
 from tests import stores
 from tests.helpers import bearer
@@ -66,7 +67,7 @@ def _store_fleet(database: str, now: float) -> None:
         transitions, evicted = tracker.tick(now)
         history.write_batch(db, history.Batch(events=transitions, evicted=evicted, machines=tracker.take_dirty(),
                                           drops={"not_json": 3, "bad_field": 1}, expired={"acme": 2}), now)
-        history.write_heartbeat(db, "collector", now, {"broker_connected": True})
+        write_heartbeat(db, "collector", now, {"broker_connected": True})
         history.apply_retention(db, now + 86400 * 7 - 1500, raw_days=7, rollup_days=90)  # roll the oldest half up
 
 

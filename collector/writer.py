@@ -1,0 +1,417 @@
+"""The collector's writer thread: it owns live state and the database connection.
+
+It takes batches from the hand-off (collector.handoff), applies the state machine (collector.state) and the
+alert engine, stores each batch in one transaction (collector.history) and only then acknowledges it; it also
+runs the timers: stale/TTL checks, heartbeat, org refresh and history retention. On SQLite a thread of its
+own checkpoints the WAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fleet.collector import history
+from fleet.collector.alerts.engine import AlertEngine
+from fleet.collector.errors import CollectorError
+from fleet.collector.handoff import Handoff
+from fleet.collector.intake import INTERNAL, UNKNOWN_ORG, DropCounter, Received
+from fleet.collector.mqtt_link import MqttLink
+from fleet.collector.shared import CollectorStats, LinkState, ServedOrgs, WriteCounts
+from fleet.collector.state import Tracker, Transition
+from fleet.config.payloads import Report
+from fleet.config.settings import Settings
+from fleet.config.status import BROKER_CONNECTED, COLLECTOR
+from fleet.config.topics import ping_topic
+from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
+from fleet.store.heartbeats import write_heartbeat
+from fleet.store.orgs import list_orgs
+
+log = logging.getLogger("collector")
+
+HEARTBEAT_EVERY_S = 2.0
+RETENTION_EVERY_S = 60.0
+ORG_REFRESH_MAX_S = 2.0
+STARTUP_GRACE_S = 30.0  # without a broker, start stale/TTL checks after this long anyway
+WRITER_BUSY_TIMEOUT_MS = 1000
+STOP_RETRY_S = 10.0
+CHECKPOINT_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class WriterPeers:
+    """What the writer thread shares with the collector's other threads: nothing else crosses between them."""
+
+    handoff: Handoff  # messages from the network thread
+    link: MqttLink | None  # acknowledgements and publishes, queued from any thread
+    link_state: LinkState  # written by the network thread
+    orgs: ServedOrgs  # replaced by the writer; stats() and the delivery worker read it
+    counts: WriteCounts  # counted by the writer; stats() reads it
+    drops: DropCounter  # counted by both threads (it locks)
+    stats: Callable[[], CollectorStats]  # the collector's counters, for the heartbeat
+    wake_delivery: Callable[[], None]  # the alert outbox has new rows
+
+
+class WriterThread:
+    """The writer thread: opens its own connection, restores live state, then runs a Writer until the last batch."""
+
+    def __init__(self, settings: Settings, client_id: str, tracker: Tracker, alerts: AlertEngine,
+                 peers: WriterPeers) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.tracker = tracker
+        self.alerts = alerts
+        self.peers = peers
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._checkpoint_stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="collector-writer", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the thread; return once state is restored, or raise CollectorError."""
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._error is not None:
+            raise CollectorError(f"collector writer failed to start: {self._error}")
+
+    def is_alive(self) -> bool:
+        """Whether the thread still runs."""
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the thread to end (after the hand-off is closed)."""
+        self._thread.join(timeout)
+
+    def _main(self) -> None:
+        try:
+            db = open_database(self.settings.database, busy_timeout_ms=WRITER_BUSY_TIMEOUT_MS)
+            if db.engine == SQLITE:
+                # Checkpoints (copying the WAL into fleet.db, with an fsync) run on a thread of their own, so a
+                # commit never waits for one: the broker sends no more than its in-flight window until we ack.
+                db.execute("PRAGMA wal_autocheckpoint=0")
+            orgs = self.peers.orgs.get()
+            self.tracker.load(history.load_machines(db, orgs if self.settings.orgs else None), time.time())
+            self.alerts.load(db, orgs, time.time())
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+            self.peers.handoff.writer_stopped()
+            self._ready.set()
+            return
+        self._ready.set()
+        checkpointer = threading.Thread(target=self._checkpointer, name="collector-checkpoint", daemon=True)
+        if db.engine == SQLITE:
+            checkpointer.start()
+        try:
+            Writer(self.settings, self.client_id, db, self.tracker, self.alerts, self.peers).run()
+        except BaseException:
+            log.exception("collector writer thread crashed")
+            raise
+        finally:
+            self.peers.handoff.writer_stopped()
+            self._checkpoint_stop.set()
+            if checkpointer.is_alive():
+                checkpointer.join(STOP_RETRY_S)
+            db.close()
+
+    def _checkpointer(self) -> None:
+        """Copy the WAL into fleet.db every CHECKPOINT_EVERY_S, off the writer's commit path."""
+        try:
+            db = open_database(self.settings.database, migrate=False)
+        except DatabaseError as exc:
+            log.error("collector checkpoints disabled: %s", exc)
+            return
+        try:
+            while not self._checkpoint_stop.wait(CHECKPOINT_EVERY_S):
+                try:
+                    history.checkpoint(db)
+                except DatabaseError as exc:
+                    log.warning("WAL checkpoint failed (will retry): %s", exc)
+            history.checkpoint(db)
+        except DatabaseError as exc:
+            log.warning("final WAL checkpoint failed: %s", exc)
+        finally:
+            db.close()
+
+
+class Writer:
+    """The writer thread's loop: batch, apply state, store, and run the timers."""
+
+    def __init__(self, settings: Settings, client_id: str, db: Database, tracker: Tracker,
+                 alerts: AlertEngine, peers: WriterPeers) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.db = db
+        self.tracker = tracker
+        self.alerts = alerts
+        self.peers = peers
+        self.batch = history.Batch()
+        now = time.monotonic()
+        self.tick_every = min(1.0, settings.ttl_seconds / 4)
+        self.org_every = min(settings.reload_interval_s, ORG_REFRESH_MAX_S)
+        self.next_tick = now
+        self.next_heartbeat = now
+        self.next_orgs = now + self.org_every
+        self.next_retention = now
+        self.next_settle = now
+        self.pending_clears: list[str] = []
+        self.pending_acks: list[int] = []  # acknowledged once the batch holding them is written
+        self.orgs_read_for_batch = False
+        self.orgs_read_ok = True
+        # A connection lost during COMMIT (PostgreSQL) leaves unknown whether the batch was stored, and a retry
+        # would store its events and counters twice: each batch also writes this collector's marker (one row).
+        self.marker_key = f"collector_batch:{client_id}"
+        self.marker_prefix = os.urandom(6).hex()  # this process's, so a marker left by an earlier one never matches
+        self.batches = 0
+
+    def run(self) -> None:
+        """Loop until the hand-off is closed and empty; the last flush writes everything pending."""
+        peers = self.peers
+        orgs = peers.orgs
+        while True:
+            items, done = peers.handoff.take(self.settings.batch_interval_s)
+            self.orgs_read_for_batch = False
+            for item, ack in items:
+                if item.message.org in orgs or self._org_appeared(item.message.org):
+                    self._apply(item)
+                else:
+                    peers.drops.add(UNKNOWN_ORG, f"fleet/{item.message.org}/{item.message.machine_id}", "no such org")
+                self.pending_acks.append(ack)
+            try:
+                self._timers(final=done)
+                self._flush(final=done)
+                if not done and peers.link_state.is_subscribed():
+                    self._settle_tails()
+                if done or time.monotonic() >= self.next_heartbeat:
+                    self.next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
+                    self._heartbeat(final=done)
+            except Exception:
+                log.exception("collector writer error (continuing)")
+                peers.drops.add(INTERNAL, "(writer)", "timer or flush failed")
+                time.sleep(min(1.0, self.settings.batch_interval_s))
+            if done:
+                return
+
+    def _apply(self, item: Received) -> None:
+        try:
+            message = item.message
+            if isinstance(message, Report):
+                transitions = self.tracker.on_report(message, item.received)
+                self.batch.reports.append(history.report_row(message, item.received, item.payload))
+            else:
+                transitions = self.tracker.on_ping(message, item.received, item.retained)
+            self._record(transitions)
+            machine = self.tracker.get(message.org, message.machine_id)
+            if machine is not None:
+                self.alerts.evaluate(machine, item.received, metrics_changed=isinstance(message, Report))
+        except Exception as exc:
+            self.peers.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}",
+                                 f"{type(exc).__name__}: {exc}")
+            log.exception("internal error applying a message of %s/%s", item.message.org, item.message.machine_id)
+
+    def _record(self, transitions: list[Transition]) -> None:
+        for t in transitions:
+            self.batch.events.append(t)
+            log.info("machine %s/%s: %s -> %s (%s)", t.org, t.machine_id, t.old_status or "new", t.new_status,
+                     t.reason)
+
+    def _timers(self, final: bool) -> None:
+        link_state = self.peers.link_state
+        now_m = time.monotonic()
+        if now_m >= self.next_tick and not final:
+            self.next_tick = now_m + self.tick_every
+            # Until the first subscription is acknowledged we have not heard the backlog yet:
+            # judging silence before that would flap every machine to stale and back.
+            if link_state.is_subscribed() or now_m - link_state.started > STARTUP_GRACE_S:
+                self.tick(time.time())
+        if now_m >= self.next_orgs and not final:
+            self.next_orgs = now_m + self.org_every
+            self._refresh_orgs()
+        if not final:
+            self.alerts.timers(self.db, self.peers.orgs.get(), time.time())
+        if now_m >= self.next_retention and not final:
+            self.next_retention = now_m + RETENTION_EVERY_S
+            self._retention()
+
+    def _settle_tails(self) -> None:
+        """Count the missing reports of sessions whose grace period ended, from what is committed now.
+
+        Runs right after a flush, so every report received so far is in history; the counts reach the
+        database with the next batch (machine row, org counter and event in one transaction).
+        """
+        now_m = time.monotonic()
+        if now_m < self.next_settle:
+            return
+        self.next_settle = now_m + self.tick_every
+        now = time.time()
+        for tail in self.tracker.due_tails(now):
+            try:
+                stats = history.tail_stats(self.db, tail)
+            except DatabaseError as exc:  # the database went away after the flush: settle on a later pass
+                log.warning("cannot count the tail of %s/%s yet: %s", tail.org, tail.machine_id, exc)
+                return
+            lost, transitions = self.tracker.settle_tail(tail, stats, now)
+            if lost:
+                self.batch.lost[tail.org] = self.batch.lost.get(tail.org, 0) + lost
+            self._record(transitions)
+
+    def tick(self, now: float) -> None:
+        """Stale and TTL checks; evicted machines lose their row and their retained ping."""
+        transitions, evicted = self.tracker.tick(now)
+        self._record(transitions)
+        self.alerts.after_tick(transitions, evicted, now)
+        for machine in evicted:
+            self.batch.evicted.append(machine)
+            self.batch.expired[machine.org] = self.batch.expired.get(machine.org, 0) + 1
+            self.pending_clears.append(ping_topic(machine.org, machine.machine_id))
+
+    def _org_appeared(self, org: str) -> bool:
+        """Whether ``org``, unknown so far, exists after all: read the org list again, once per batch.
+
+        A new org's agent can publish before the periodic refresh. Every message of the batch was received
+        before this read, and the broker accepted it only once the org's credentials were in the database,
+        so an org this read does not list does not exist (or is not this shard's). If the read fails, the
+        message is kept rather than dropped.
+        """
+        if not self.orgs_read_for_batch:
+            self.orgs_read_for_batch = True
+            self.orgs_read_ok = self._refresh_orgs()
+        return org in self.peers.orgs or not self.orgs_read_ok
+
+    def _refresh_orgs(self) -> bool:
+        orgs = self.peers.orgs
+        try:
+            wanted = orgs.wanted(list_orgs(self.db))
+        except DatabaseError as exc:
+            log.warning("cannot read orgs (will retry): %s", exc)
+            return False
+        served = orgs.get()
+        if wanted != served:
+            for org in sorted(served - wanted):
+                self.tracker.forget_org(org)
+                self.alerts.forget_org(org)
+                log.info("collector no longer serves org %s", org)
+            for org in sorted(wanted - served):
+                log.info("collector serves org %s", org)
+            orgs.replace(wanted)
+        return True
+
+    def _retention(self) -> None:
+        try:
+            result = history.apply_retention(self.db, time.time(), self.settings.history_raw_days,
+                                           self.settings.history_rollup_days)
+        except DatabaseError as exc:
+            log.warning("history retention failed (will retry): %s", exc)
+            return
+        if result.reports_rolled_up or result.rollups_deleted or result.events_deleted:
+            log.info("retention: %d reports rolled up, %d rollups and %d events deleted",
+                     result.reports_rolled_up, result.rollups_deleted, result.events_deleted)
+
+    def _heartbeat(self, final: bool) -> None:
+        stats = self.peers.stats()
+        detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
+                  "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
+                  "queued": stats.queued, "machines": stats.machines, "client_id": self.client_id,
+                  "alerts_firing": self.alerts.firing_count()}
+        try:
+            write_heartbeat(self.db, COLLECTOR, time.time(), detail)
+        except DatabaseError as exc:
+            log.warning("cannot write the collector heartbeat: %s", exc)
+
+    def _flush(self, final: bool) -> None:
+        batch = self.batch
+        batch.drops = self.peers.drops.take_unsaved()
+        batch.machines = self.tracker.take_dirty()
+        batch.alerts = self.alerts.take_writes()
+        if batch and not self.write(batch, final):
+            self.pending_acks = []  # not stored: leave them unacknowledged, the broker will send them again
+        self.batch = history.Batch()
+        link = self.peers.link
+        if link is not None and self.pending_acks:
+            link.ack(self.pending_acks)
+        self.pending_acks = []
+        for topic in self.pending_clears:
+            if link is not None:
+                # QoS 1: the link keeps it while disconnected and sends it on reconnect.
+                link.publish(topic, b"", retain=True)
+                log.info("machine %s evicted: retained ping cleared", topic)
+        self.pending_clears = []
+        for topic, payload in self.alerts.take_publishes():
+            if link is not None:
+                link.publish(topic, payload, retain=True)
+        if self.alerts.outbox_added:
+            self.alerts.outbox_added = False
+            self.peers.wake_delivery()
+
+    def write(self, batch: history.Batch, final: bool) -> bool:
+        """Write a batch, retrying while the database is busy or away; False only if it gave up at shutdown."""
+        try:
+            return self._retrying(batch, final)
+        except DatabaseRefused as exc:
+            return self._salvage(batch, exc, final)  # what the database refuses is counted; the rest is stored
+
+    def _retrying(self, batch: history.Batch, final: bool) -> bool:
+        """Write one batch; a transient failure (busy, locked, connection lost, server restarting) is retried
+        with backoff, reconnecting as needed. Whatever failed was rolled back, so nothing is acknowledged
+        before it is committed. DatabaseRefused passes through."""
+        counts = self.peers.counts
+        delay = 0.05
+        first_failure = None
+        self.batches += 1
+        marker = (self.marker_key, f"{self.marker_prefix}:{self.batches}")
+        while True:
+            try:
+                if first_failure is not None and history.committed(self.db, marker):
+                    log.info("the batch whose commit was cut off had been stored: not writing it again")
+                    counts.stored += len(batch.reports)
+                    return True
+                counts.stored += history.write_batch(self.db, batch, time.time(), marker)
+                counts.commits += 1
+                return True
+            except DatabaseRefused:
+                raise
+            except DatabaseError as exc:  # DatabaseBusy, or a lasting fault such as a dropped table
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    kind = "busy or unreachable" if isinstance(exc, DatabaseBusy) else "failing"
+                    log.warning("database %s (%s): retrying %d reports with backoff", kind, exc, len(batch.reports))
+                if final and now - first_failure > STOP_RETRY_S:
+                    self.peers.drops.restore(batch.drops)
+                    log.error("giving up at shutdown: %d reports and %d events not stored, not acknowledged (%s)",
+                              len(batch.reports), len(batch.events), exc)
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _salvage(self, batch: history.Batch, exc: BaseException, final: bool) -> bool:
+        """A row the database refuses: store every other row on its own, count each one it refuses.
+
+        False if it gave up on a row at shutdown (the database went away meanwhile): nothing is acknowledged.
+        """
+        log.error("database refused a batch (%s): storing its rows one by one", exc)
+        parts = [history.Batch(drops=batch.drops, expired=batch.expired, lost=batch.lost, alerts=batch.alerts)]
+        parts += [history.Batch(evicted=[m]) for m in batch.evicted]
+        parts += [history.Batch(machines=[m]) for m in batch.machines]
+        parts += [history.Batch(events=[e]) for e in batch.events]
+        parts += [history.Batch(reports=[row]) for row in batch.reports]
+        complete = True
+        for part in parts:
+            try:
+                complete = self._retrying(part, final) and complete
+            except DatabaseRefused as row_exc:
+                self.peers.drops.add(INTERNAL, _topic_of(part), f"database refused: {row_exc}")
+        return complete
+
+
+def _topic_of(part: history.Batch) -> str:
+    """Where a refused row came from, for the drop log."""
+    if part.reports:
+        return f"fleet/{part.reports[0][0]}/{part.reports[0][1]}/report"
+    for machine in part.machines or part.evicted:
+        return f"fleet/{machine.org}/{machine.machine_id}"
+    for event in part.events:
+        return f"fleet/{event.org}/{event.machine_id}"
+    return "(counters)"
