@@ -15,7 +15,7 @@ from collections import deque
 
 from fleet.collector.intake import Received
 
-log = logging.getLogger("collector")
+log = logging.getLogger("fleet.collector")
 
 # Commit grouping (docs/collector.md): a writer woken by a few messages waits up to GROUP_WAIT_S for
 # GROUP_MIN of them, so a low rate is not one commit (and two wake-ups) per message. GROUP_MIN stays below
@@ -32,8 +32,8 @@ class Handoff:
     """Messages on their way from the network thread to the writer: one appends, the other takes."""
 
     def __init__(self, capacity: int, batch_max: int) -> None:
-        # A deque, not queue.Queue: the writer must not wake per message (each wake-up is a GIL
-        # hand-off that halved throughput); it sleeps until a batch is full or its idle time passes.
+        # A deque, not queue.Queue: the writer must not wake per message (each wake-up is a GIL hand-off,
+        # costly at a high rate); it sleeps until a batch is full or its idle time passes.
         self._queue: deque[Item] = deque()
         self._capacity = capacity
         self._batch_max = batch_max
@@ -116,8 +116,8 @@ class Handoff:
         """Sleep until there is a batch to write: GROUP_MIN messages, or GROUP_WAIT_S after the first one.
 
         Unacknowledged messages hold the broker's in-flight window, so nothing waits longer than GROUP_WAIT_S;
-        but at 500 reports/s, committing whatever each socket read delivered meant a commit and a wake-up for
-        every two reports (bench/ingest.py --rate). ``nudge`` wakes an idle writer at the first message, then
+        but committing whatever each socket read delivers would mean a commit and a wake-up every few reports
+        at a fleet's steady rate (docs/benchmarks.md). ``nudge`` wakes an idle writer at the first message, then
         again once GROUP_MIN are queued. With nothing queued the writer sleeps up to ``idle_s``.
         """
         q = self._queue

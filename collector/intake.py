@@ -16,7 +16,7 @@ from fleet.config.errors import PayloadError
 from fleet.config.payloads import Ping, Report
 from fleet.config.topics import Topic
 
-log = logging.getLogger("collector.intake")
+log = logging.getLogger("fleet.collector.intake")
 
 RATE_LIMITED = "rate_limited"
 INTERNAL = "internal"

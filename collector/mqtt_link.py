@@ -46,7 +46,7 @@ from fleet.collector.mqtt_codec import (
 from fleet.config import connack as connack_codes
 from fleet.config.mqtt import BrokerAddress, tls_context
 
-log = logging.getLogger("collector")
+log = logging.getLogger("fleet.collector")
 
 READ_SIZE = 256 * 1024
 CONNECT_TIMEOUT_S = 10.0

@@ -39,7 +39,7 @@ from fleet.store.database import open_database
 from fleet.store.errors import StoreError
 from fleet.store.orgs import list_orgs
 
-log = logging.getLogger("collector")
+log = logging.getLogger("fleet.collector")
 
 QUEUE_MAX = 20_000
 KEEPALIVE_S = 30

@@ -39,7 +39,7 @@ MAX_PENDING_TAILS = 16  # open tail checks per machine; an agent reconnecting fa
 NO_TAILS = '{"pending":[],"settled":[]}'
 MAX_SETTLED_TAILS = 16  # settled sessions remembered per machine (no double count, late arrivals recognised)
 MIN_TAIL_INTERVAL_S = 0.1  # the interval a plausibility bound assumes at least
-log = logging.getLogger("collector")
+log = logging.getLogger("fleet.collector")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, 
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.orgs import list_orgs
 
-log = logging.getLogger("collector")
+log = logging.getLogger("fleet.collector")
 
 HEARTBEAT_EVERY_S = 2.0
 RETENTION_EVERY_S = 60.0

@@ -18,7 +18,7 @@ from fleet.store import alerting
 from fleet.store.database import open_database
 from fleet.store.secretbox import secret_box
 
-log = logging.getLogger("collector.alerts")
+log = logging.getLogger("fleet.collector.alerts")
 
 
 @dataclass(frozen=True)

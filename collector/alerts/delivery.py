@@ -29,7 +29,7 @@ from fleet.store.database import Database, DatabaseError, open_database
 from fleet.store.errors import StoreError
 from fleet.store.secretbox import SecretBox, secret_box
 
-log = logging.getLogger("collector.alerts")
+log = logging.getLogger("fleet.collector.alerts")
 
 MAX_PARALLEL = 4
 IDLE_WAIT_S = 1.0

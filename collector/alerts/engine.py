@@ -34,7 +34,7 @@ from fleet.config.topics import alert_topic
 from fleet.store import alerting
 from fleet.store.database import Database, DatabaseError
 
-log = logging.getLogger("collector.alerts")
+log = logging.getLogger("fleet.collector.alerts")
 
 PENDING, FIRING, RESOLVED = "pending", "firing", "resolved"
 REFRESH_S = 2.0  # rules, channels and silences are read again this often (changes apply within 5 s)

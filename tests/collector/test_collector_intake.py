@@ -65,7 +65,7 @@ def test_each_bad_message_is_counted_by_reason():
 def test_drops_are_logged_at_most_once_per_minute_per_reason(caplog):
     clock = FakeClock()
     drops = DropCounter(clock)
-    with caplog.at_level(logging.WARNING, logger="collector.intake"):
+    with caplog.at_level(logging.WARNING, logger="fleet.collector.intake"):
         for _ in range(100):
             drops.add("not_json", "fleet/a/m/report", "x")
         drops.add("bad_field", "fleet/a/m/report", "x")
