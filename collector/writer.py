@@ -86,6 +86,7 @@ class WriterThread:
         self._thread.join(timeout)
 
     def _main(self) -> None:
+        db: Database | None = None
         try:
             db = open_database(self.settings.database, busy_timeout_ms=WRITER_BUSY_TIMEOUT_MS)
             if db.engine == SQLITE:
@@ -97,6 +98,8 @@ class WriterThread:
             self.alerts.load(db, orgs, time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._error = exc
+            if db is not None:
+                db.close()
             self.peers.handoff.writer_stopped()
             self._ready.set()
             return
