@@ -7,47 +7,52 @@ import json
 import pytest
 
 from fleet.config.errors import InvalidId
-from fleet.store import credentials
+from fleet.store import credentials, orgs
 from fleet.store.database import open_database
 from fleet.store.errors import CredentialError
 from fleet.store.pepper import load_pepper
-from tests import stores
-from tests.dbhelpers import rows
 
 
-def _stored_text(data_dir):
-    return json.dumps(rows(stores.database_for(data_dir), "SELECT * FROM credentials"))
+@pytest.fixture
+def db(tmp_path):
+    """The data dir's own fleet.db, as every command opens it."""
+    with open_database(tmp_path / "fleet.db") as conn:
+        yield conn
 
 
-def test_add_org_stores_only_hashes(tmp_path):
-    org = stores.add_org(tmp_path, "acme")
+def _stored_text(db):
+    return json.dumps(db.query("SELECT * FROM credentials"))
+
+
+def test_add_org_stores_only_hashes(tmp_path, db):
+    org = credentials.add_org(db, tmp_path, "acme")
     assert len(org.agent_key) >= 43
     assert org.agent_key != org.reader_key
-    text = _stored_text(tmp_path)
+    text = _stored_text(db)
     assert org.agent_key not in text
     assert org.reader_key not in text
     assert org.agent_key not in repr(org)
     assert org.reader_key not in repr(org)
-    assert stores.list_orgs(tmp_path) == ["acme"]
+    assert orgs.list_orgs(db) == ["acme"]
     assert (tmp_path / "pepper").stat().st_mode & 0o077 == 0
 
 
-def test_duplicate_and_invalid_orgs(tmp_path):
-    stores.add_org(tmp_path, "acme")
+def test_duplicate_and_invalid_orgs(tmp_path, db):
+    credentials.add_org(db, tmp_path, "acme")
     with pytest.raises(CredentialError, match="already exists"):
-        stores.add_org(tmp_path, "acme")
+        credentials.add_org(db, tmp_path, "acme")
     with pytest.raises(InvalidId):
-        stores.add_org(tmp_path, "ac/me")
+        credentials.add_org(db, tmp_path, "ac/me")
     with pytest.raises(CredentialError, match="no such org"):
-        stores.remove_org(tmp_path, "nope")
+        credentials.remove_org(db, "nope")
     with pytest.raises(CredentialError):
-        stores.rotate_key(tmp_path, "acme", "admin")
+        credentials.rotate_key(db, tmp_path, "acme", "admin")
 
 
-def test_check_key_roles_and_rotation(tmp_path):
-    org = stores.add_org(tmp_path, "acme")
+def test_check_key_roles_and_rotation(tmp_path, db):
+    org = credentials.add_org(db, tmp_path, "acme")
     pepper = load_pepper(tmp_path)
-    conn = open_database(tmp_path / "fleet.db")
+    conn = db
     records = credentials.load_records(conn)
     assert credentials.check_key(records, pepper, "acme/agent", org.agent_key).role == "agent"
     assert credentials.check_key(records, pepper, "acme/reader", org.reader_key).org == "acme"
@@ -57,22 +62,22 @@ def test_check_key_roles_and_rotation(tmp_path):
     assert credentials.find_reader(conn, pepper, org.reader_key) == "acme"
     assert credentials.find_reader(conn, pepper, org.agent_key) is None  # agent keys are not API tokens
 
-    new = stores.rotate_key(tmp_path, "acme", "reader")
+    new = credentials.rotate_key(db, tmp_path, "acme", "reader")
     assert credentials.find_reader(conn, pepper, org.reader_key) is None
     assert credentials.find_reader(conn, pepper, new) == "acme"
     records = credentials.load_records(conn)
     assert credentials.check_key(records, pepper, "acme/agent", org.agent_key) is not None  # other role untouched
 
-    stores.remove_org(tmp_path, "acme")
+    credentials.remove_org(db, "acme")
     assert credentials.load_records(conn) == {}
     assert credentials.find_reader(conn, pepper, new) is None
 
 
-def test_service_key_is_stable_and_private(tmp_path):
-    key = stores.ensure_service_key(tmp_path)
-    assert stores.ensure_service_key(tmp_path) == key
+def test_service_key_is_stable_and_private(tmp_path, db):
+    key = credentials.ensure_service_key(db, tmp_path)
+    assert credentials.ensure_service_key(db, tmp_path) == key
     assert (tmp_path / credentials.SERVICE_KEY_FILE).stat().st_mode & 0o077 == 0
-    records = credentials.load_records(open_database(tmp_path / "fleet.db"))
+    records = credentials.load_records(db)
     principal = credentials.check_key(records, load_pepper(tmp_path), credentials.SERVICE_USERNAME, key)
     assert principal.role == "service"
     assert principal.org is None
@@ -92,15 +97,16 @@ def test_mosquitto_hash_format():
 def test_another_hosts_pepper_or_service_key_is_refused(tmp_path, database_url, engine):
     """Hosts sharing one database must share the pepper (and, on PostgreSQL, the service key) of the first one."""
     first, second = tmp_path / "first", tmp_path / "second"
-    stores.add_org(first, "acme", database_url)
-    key = stores.ensure_service_key(first, database_url)
-    with pytest.raises(CredentialError, match="not the pepper"):
-        stores.add_org(second, "globex", database_url)
-    (second / "pepper").write_bytes((first / "pepper").read_bytes())
-    stores.add_org(second, "globex", database_url)
-    if engine == "postgresql":
-        with pytest.raises(CredentialError, match="another data dir's service key"):
-            stores.ensure_service_key(second, database_url)
-        (second / credentials.SERVICE_KEY_FILE).write_text(key + "\n")
-    assert stores.ensure_service_key(second, database_url) == (key if engine == "postgresql" else
-                                                                    (second / "service.key").read_text().strip())
+    with open_database(database_url) as db:
+        credentials.add_org(db, first, "acme")
+        key = credentials.ensure_service_key(db, first)
+        with pytest.raises(CredentialError, match="not the pepper"):
+            credentials.add_org(db, second, "globex")
+        (second / "pepper").write_bytes((first / "pepper").read_bytes())
+        credentials.add_org(db, second, "globex")
+        if engine == "postgresql":
+            with pytest.raises(CredentialError, match="another data dir's service key"):
+                credentials.ensure_service_key(db, second)
+            (second / credentials.SERVICE_KEY_FILE).write_text(key + "\n")
+        assert credentials.ensure_service_key(db, second) == (key if engine == "postgresql" else
+                                                               (second / "service.key").read_text().strip())
