@@ -53,8 +53,13 @@ class DatabaseUrl:
     path: Path | None = None  # SQLite only
 
     @classmethod
-    def parse(cls, target: str | Path) -> DatabaseUrl:
-        """``sqlite:///path``, ``postgresql://…`` (or ``postgres://…``); a bare path means a SQLite file."""
+    def parse(cls, target: str | Path | DatabaseUrl) -> DatabaseUrl:
+        """``sqlite:///path``, ``postgresql://…`` (or ``postgres://…``); a bare path means a SQLite file.
+
+        A DatabaseUrl is returned as it is, so functions can take any of the three forms.
+        """
+        if isinstance(target, DatabaseUrl):
+            return target
         if isinstance(target, Path):
             return cls(SQLITE, f"sqlite:///{target}", target)
         text = str(target).strip()
@@ -494,7 +499,7 @@ class DatabasePool:
     """
 
     def __init__(self, target: str | Path | DatabaseUrl, readonly: bool = True, size: int = 8) -> None:
-        self.url = target if isinstance(target, DatabaseUrl) else DatabaseUrl.parse(target)
+        self.url = DatabaseUrl.parse(target)
         self.readonly = readonly
         self.size = size
         self._idle: list[Database] = []
@@ -529,7 +534,7 @@ class DatabasePool:
 def open_database(target: str | Path | DatabaseUrl, readonly: bool = False, check_same_thread: bool = True,
                   migrate: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Database:
     """Connect to a database URL (or SQLite path); unless read-only, create or migrate its schema first."""
-    url = target if isinstance(target, DatabaseUrl) else DatabaseUrl.parse(target)
+    url = DatabaseUrl.parse(target)
     db = Database(url, readonly=readonly, check_same_thread=check_same_thread, busy_timeout_ms=busy_timeout_ms)
     if migrate and not readonly:
         try:

@@ -41,6 +41,7 @@ from typing import Any, TextIO
 
 from fleet.config.ids import validate_id
 from fleet.store.database import Database, DatabaseError, DatabaseUrl, open_database, schema_version
+from fleet.store.orgs import org_exists
 
 FORMATS = (".db", ".csv", ".json")
 CHUNK_ROWS = 5_000
@@ -143,10 +144,9 @@ class Window:
 
 def org_known(db: Database, org: str) -> bool:
     """Is ``org`` an org, or was it one (its history, events or alerts are still stored)?"""
-    if db.query_one("SELECT 1 FROM orgs WHERE name = ?", (org,)) is not None:
-        return True
-    return any(db.query_one(f"SELECT 1 FROM {table} WHERE org = ? LIMIT 1", (org,)) is not None
-               for table in ("reports", "events", "alerts"))
+    return org_exists(db, org) or any(
+        db.query_one(f"SELECT 1 FROM {table} WHERE org = ? LIMIT 1", (org,)) is not None
+        for table in ("reports", "events", "alerts"))
 
 
 def history_rows(db: Database, org: str, window: Window, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple]:
@@ -327,7 +327,7 @@ def export_org(database: str | DatabaseUrl, org: str, out: Path, since: float | 
     validate_id(org, "org")
     out = Path(out)
     kind = export_format(out)
-    url = database if isinstance(database, DatabaseUrl) else DatabaseUrl.parse(database)
+    url = DatabaseUrl.parse(database)
     if url.path is not None and out.resolve() == url.path.resolve():
         raise ExportError(f"{out} is the database itself: export to another file")
     if since is not None and until is not None and since > until:

@@ -76,10 +76,6 @@ class VacuumResult:
     wal_truncated: bool  # False when another connection kept the checkpoint from finishing
 
 
-def _url(database: str | Path | DatabaseUrl) -> DatabaseUrl:
-    return database if isinstance(database, DatabaseUrl) else DatabaseUrl.parse(database)
-
-
 def _sqlite_file(url: DatabaseUrl) -> Path:
     assert url.path is not None
     if not url.path.is_file():
@@ -123,7 +119,7 @@ def _postgresql_tables(db: Database) -> dict[str, int | None]:
 
 def database_info(database: str | Path | DatabaseUrl) -> DatabaseInfo:
     """Schema version, each table's rows and bytes, and the database's (and SQLite's WAL's) size; read-only."""
-    url = _url(database)
+    url = DatabaseUrl.parse(database)
     path = _sqlite_file(url) if url.engine == SQLITE else None
     with open_database(url, readonly=True) as db:
         version = schema_version(db)
@@ -151,7 +147,7 @@ def database_info(database: str | Path | DatabaseUrl) -> DatabaseInfo:
 
 def vacuum(database: str | Path | DatabaseUrl) -> VacuumResult:
     """SQLite upkeep (see the module): VACUUM, ANALYZE, then empty the WAL; a PostgreSQL URL is refused."""
-    url = _url(database)
+    url = DatabaseUrl.parse(database)
     if url.engine == POSTGRESQL:
         raise MaintenanceError(f"fleet db vacuum is SQLite maintenance; on PostgreSQL ({url}) autovacuum does it"
                                " (or run VACUUM ANALYZE in psql)")
