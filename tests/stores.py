@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from fleet.config.rules import Rule, Silence
+from fleet.config.settings import Settings
 from fleet.store import alerting, credentials, orgs
-from fleet.store.database import open_database, sqlite_url
+from fleet.store.database import open_database
 from fleet.store.secretbox import secret_box
 
 
 def database_for(data_dir: Path, database: str | None = None) -> str:
-    """``database`` if given, else the data dir's ``fleet.db`` (as Settings.database picks it)."""
-    return database or sqlite_url(Path(data_dir) / "fleet.db")
+    """``database`` if given, else the data dir's default database (Settings.database)."""
+    return Settings(data_dir=Path(data_dir), database_url=database or "").database
 
 
 def add_org(data_dir: Path, org: str, database: str | None = None) -> credentials.OrgSecrets:
