@@ -486,7 +486,7 @@ def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[
                            for raw, topic in zip(raws, topics, strict=True)])
     tracker = Tracker(3.0, 10.0, 86400)
     timed("state machine (Tracker.on_report)", lambda: [tracker.on_report(i.message, i.received) for i in items])
-    rows = timed("history row (history.report_row)", lambda: [history.report_row(i.message, i.received, i.payload)
+    rows = timed("history row (history.report_row)", lambda: [history.report_row(i.message, i.received)
                                                              for i in items])
     tracked = list(tracker.machines.values())
     random.Random(1).shuffle(tracked)  # a fleet's reports come in no particular order of their rows

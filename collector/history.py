@@ -20,16 +20,17 @@ from fleet.collector.state import Machine, Tail, TailStats, Transition
 from fleet.config import derived
 from fleet.config.payloads import Report
 from fleet.store.database import POSTGRESQL, SQLITE, Database
+from fleet.store.samples import Sample, SampleIds, extra_fields, write_samples
 
 DAY = 86_400.0
-RETENTION_CHUNK_S = 3_600.0  # roll up and delete at most this much raw history per transaction
+RETENTION_CHUNK_ROWS = 50_000  # roll up and delete at most this many raw reports per transaction
 
 
 @dataclass
 class Batch:
     """Everything one writer transaction stores."""
 
-    reports: list[tuple] = field(default_factory=list)
+    reports: list[Sample] = field(default_factory=list)
     machines: list[Machine] = field(default_factory=list)
     evicted: list[Machine] = field(default_factory=list)
     events: list[Transition] = field(default_factory=list)
@@ -51,28 +52,26 @@ def _counter(value: int | float | None) -> int | None:
     return value if type(value) is int else None
 
 
-def report_row(report: Report, received: float, payload: str) -> tuple:
-    """The reports-table row of a validated report (the few columns charts and rollups need)."""
+def report_row(report: Report, received: float) -> Sample:
+    """What history keeps of a validated report: its derived chart fields, extra fields and inventory."""
     # The chart columns are the derived fields as alert rules, the API and /metrics read them.
     metrics = report.metrics
-    custom = "custom" in metrics or "process_counts" in metrics
-    return (report.org, report.machine_id, report.session, report.seq, report.ts, received,
-            derived.cpu_percent(metrics), derived.memory_percent(metrics), derived.disk_percent(metrics),
-            derived.load1(metrics), _counter(derived.net_bytes_sent(metrics)),
-            _counter(derived.net_bytes_recv(metrics)), payload, extra_fields(metrics) if custom else None)
+    names, values = report_fields(metrics) if "custom" in metrics or "process_counts" in metrics else ((), ())
+    return Sample(report.org, report.machine_id, report.session, report.seq, report.ts, received,
+                  derived.cpu_percent(metrics), derived.memory_percent(metrics), derived.disk_percent(metrics),
+                  derived.load1(metrics), _counter(derived.net_bytes_sent(metrics)),
+                  _counter(derived.net_bytes_recv(metrics)), names, values,
+                  orjson.dumps(report.system, option=orjson.OPT_SORT_KEYS).decode())
 
 
-def extra_fields(metrics: Mapping[str, Any]) -> str | None:
-    """The report's custom series and process counts as history fields (JSON), or None when it has neither.
+def report_fields(metrics: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[float | int, ...]]:
+    """The report's custom series and process counts as history fields: (names, values), both empty when none.
 
     Named as alert rules name them: ``custom.<series>`` and ``process.<name>`` (validated numbers already).
     """
-    custom, counts = metrics.get("custom"), metrics.get("process_counts")
-    if not custom and not counts:
-        return None
-    fields = {f"custom.{name}": value for name, value in (custom or {}).items()}
-    fields.update((f"process.{name}", value) for name, value in (counts or {}).items())
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    custom, counts = metrics.get("custom") or {}, metrics.get("process_counts") or {}
+    names = tuple(f"custom.{name}" for name in custom) + tuple(f"process.{name}" for name in counts)
+    return names, (*custom.values(), *counts.values())
 
 
 def _json(value: Mapping[str, Any] | str) -> str:
@@ -92,10 +91,6 @@ def _machine_row(machine: Machine, now: float) -> tuple:
             machine.org, machine.machine_id)
 
 
-REPORT_COLUMNS = ("org", "machine_id", "session", "seq", "ts", "received", "cpu_percent", "memory_percent",
-                  "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv", "payload", "fields")
-INSERT_REPORT = (f"INSERT INTO reports({', '.join(REPORT_COLUMNS)}) VALUES ({', '.join('?' * len(REPORT_COLUMNS))})"
-                 " ON CONFLICT DO NOTHING")  # a replay of (org, machine_id, session, seq) changes nothing
 MACHINE_KEY = ("org", "machine_id")
 MACHINE_COLUMNS = ("hardware_id", "status", "session", "interval_s", "last_seen", "last_ping", "clock_offset_s",
                    "conflict", "os", "system", "metrics", "first_seen", "updated", "lost", "late", "tails",
@@ -132,20 +127,32 @@ def write_machines(db: Database, machines: list[Machine], now: float) -> None:
         machine.stored = True
 
 
-def write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] | None = None) -> int:
+def write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] | None = None,
+                ids: SampleIds | None = None) -> int:
     """Store a batch in one transaction; returns how many reports were new (replays are ignored).
 
     ``marker`` (key, value) is written to ``meta`` in the same transaction, so ``committed(db, marker)`` can
-    tell afterwards whether a batch whose COMMIT failed midway was stored after all.
+    tell afterwards whether a batch whose COMMIT failed midway was stored after all. ``ids`` remembers the
+    history ids across batches (the writer keeps one).
     """
+    ids = SampleIds() if ids is None else ids
+    try:
+        inserted = _write_batch(db, batch, now, marker, ids)
+    except BaseException:
+        ids.rollback()
+        raise
+    ids.commit()
+    return inserted
+
+
+def _write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] | None, ids: SampleIds) -> int:
     inserted = 0
     with db.transaction():
         if marker is not None:
             db.execute("INSERT INTO meta(key, value) VALUES (?, ?)"
                        " ON CONFLICT(key) DO UPDATE SET value = excluded.value", marker)
         if batch.reports:
-            # insert_many: multi-row INSERT chunks on SQLite, COPY and one INSERT ... SELECT on PostgreSQL.
-            inserted = db.insert_many("reports", REPORT_COLUMNS, batch.reports, "DO NOTHING")
+            inserted = write_samples(db, ids, batch.reports)
         if batch.evicted:
             db.executemany("DELETE FROM machines WHERE org = ? AND machine_id = ?",
                            [(m.org, m.machine_id) for m in batch.evicted])
@@ -177,13 +184,16 @@ def write_batch(db: Database, batch: Batch, now: float, marker: tuple[str, str] 
 
 def tail_stats(db: Database, tail: Tail) -> TailStats:
     """What history holds of a tail's session: stored seqs up to ``last_seq``, its highest seq and newest ts."""
+    # By the session's id, so the (session, seq) index answers (by machine, every report of it would be read).
     received, max_seq, max_ts = db.query(
-        "SELECT sum(CASE WHEN seq <= ? THEN 1 ELSE 0 END), max(seq), max(ts) FROM reports"
-        " WHERE org = ? AND machine_id = ? AND session = ?",
+        "SELECT sum(CASE WHEN seq <= ? THEN 1 ELSE 0 END), max(seq), max(ts) FROM samples WHERE session ="
+        " (SELECT s.id FROM report_sessions s JOIN report_machines m ON m.id = s.machine"
+        "  WHERE m.org = ? AND m.machine_id = ? AND s.session = ?)",
         (tail.last_seq, tail.org, tail.machine_id, tail.session))[0]
     before = None
     if max_seq is None and tail.announced_ts is not None:
-        before = db.query("SELECT max(ts) FROM reports WHERE org = ? AND machine_id = ? AND ts < ?",
+        before = db.query("SELECT max(ts) FROM samples WHERE machine ="
+                          " (SELECT id FROM report_machines WHERE org = ? AND machine_id = ?) AND ts < ?",
                           (tail.org, tail.machine_id, tail.announced_ts))[0][0]
     return TailStats(int(received or 0), None if max_seq is None else int(max_seq), max_ts, before)
 
@@ -210,7 +220,7 @@ INSERT INTO rollups(org, machine_id, minute, samples, cpu_percent, memory_percen
                     net_bytes_sent, net_bytes_recv)
 SELECT org, machine_id, {minute} AS m, count(*), avg(cpu_percent), avg(memory_percent),
        avg(disk_percent), avg(load1), max(net_bytes_sent), max(net_bytes_recv)
-FROM reports WHERE received < ? GROUP BY org, machine_id, m
+FROM reports WHERE id >= ? AND id < ? AND received < ? GROUP BY org, machine_id, m
 ON CONFLICT(org, machine_id, minute) DO UPDATE SET
   cpu_percent = {cpu}, memory_percent = {memory}, disk_percent = {disk}, load1 = {load1},
   net_bytes_sent = {sent}, net_bytes_recv = {recv},
@@ -241,19 +251,19 @@ _ROLLUP_SQL = {engine: _ROLLUP.format(minute=_MINUTE[engine], cpu=_weighted("cpu
                for engine in (SQLITE, POSTGRESQL)}
 
 
-def _rollup_fields(db: Database, chunk_end: float) -> None:
-    """Fold the extra history fields of reports received before ``chunk_end`` into their minutes' rollups.
+def _rollup_fields(db: Database, chunk: tuple[int, int, float]) -> None:
+    """Fold the extra history fields of a retention chunk's reports into their minutes' rollups.
 
     Each rollup keeps ``{"field": [sum, samples]}`` per field (a series may be missing from some reports), so
     merging with a rollup already there is exact; history reads the mean. Runs after ``_ROLLUP_SQL``, which
     made every row this updates.
     """
     groups: dict[tuple[str, str, float], dict[str, list[float]]] = {}
-    rows = db.query("SELECT org, machine_id, ts, fields FROM reports WHERE received < ? AND fields IS NOT NULL",
-                    (chunk_end,))
-    for org, machine_id, ts, text in rows:
+    rows = db.query("SELECT org, machine_id, ts, field_names, field_values FROM reports"
+                    " WHERE id >= ? AND id < ? AND received < ? AND field_values IS NOT NULL", chunk)
+    for org, machine_id, ts, names, values in rows:
         sums = groups.setdefault((org, machine_id, math.floor(ts / 60) * 60.0), {})  # = _MINUTE (ts >= 0)
-        for name, value in json.loads(text).items():
+        for name, value in extra_fields(names, values).items():
             total = sums.setdefault(name, [0.0, 0])
             total[0] += value
             total[1] += 1
@@ -275,35 +285,62 @@ class RetentionResult:
     rollups_deleted: int
     events_deleted: int
     alerts_deleted: int = 0
+    ids_deleted: int = 0  # sessions and machines no stored report names any more
+
+
+# A session stays while a report names it, or while it is its machine's current one (the writer may be about
+# to store its first report).
+_UNUSED_SESSIONS = """
+DELETE FROM report_sessions WHERE NOT EXISTS (SELECT 1 FROM samples WHERE samples.session = report_sessions.id)
+AND NOT EXISTS (SELECT 1 FROM report_machines k JOIN machines m ON m.org = k.org AND m.machine_id = k.machine_id
+                WHERE k.id = report_sessions.machine AND m.session = report_sessions.session)
+"""
+# Inventory is kept as long as rollups, and a machine's newest one as long as it has history.
+_OLD_INVENTORY = """
+DELETE FROM inventory WHERE received < ? AND (
+    EXISTS (SELECT 1 FROM inventory newer WHERE newer.machine = inventory.machine AND newer.ts > inventory.ts)
+    OR NOT EXISTS (SELECT 1 FROM report_sessions WHERE report_sessions.machine = inventory.machine))
+"""
+_UNUSED_MACHINES = """
+DELETE FROM report_machines WHERE NOT EXISTS (SELECT 1 FROM report_sessions WHERE machine = report_machines.id)
+AND NOT EXISTS (SELECT 1 FROM inventory WHERE machine = report_machines.id)
+"""
 
 
 def apply_retention(db: Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
     """Fold raw reports older than ``raw_days`` into 1-minute rollups; drop rollups and events past ``rollup_days``.
 
-    Several collectors may run this at once on one database. Two runs over one chunk would add its samples
-    to the rollups twice, so a chunk is only rolled up by the transaction that holds the retention lock;
-    a collector that finds it taken leaves the work to the one that has it.
+    Reports go oldest first by id, which follows the order they were received in. Several collectors may run
+    this at once on one database. Two runs over one chunk would add its samples to the rollups twice, so a
+    chunk is only rolled up by the transaction that holds the retention lock; a collector that finds it taken
+    leaves the work to the one that has it.
     """
     raw_cutoff = now - raw_days * DAY
     rolled = 0
     rollup = _ROLLUP_SQL[db.engine]
     while True:
-        oldest = db.query("SELECT min(received) FROM reports")[0][0]
-        if oldest is None or oldest >= raw_cutoff:
+        oldest = db.query("SELECT min(id) FROM samples")[0][0]
+        if oldest is None:
             break
         # Small chunks keep each write transaction short, so readers and the batch writer never wait long.
-        chunk_end = min(raw_cutoff, math.floor(oldest) + RETENTION_CHUNK_S)
+        chunk = (oldest, oldest + RETENTION_CHUNK_ROWS, raw_cutoff)
         with db.transaction():
             if not db.try_lock("retention"):
                 return RetentionResult(rolled, 0, 0)
-            db.execute(rollup, (chunk_end,))
-            _rollup_fields(db, chunk_end)
-            rolled += db.execute("DELETE FROM reports WHERE received < ?", (chunk_end,))
+            db.execute(rollup, chunk)
+            _rollup_fields(db, chunk)
+            deleted = db.execute("DELETE FROM samples WHERE id >= ? AND id < ? AND received < ?", chunk)
+        rolled += deleted
+        if not deleted:  # the oldest report is younger than the cutoff
+            break
     keep_cutoff = now - rollup_days * DAY
     with db.transaction():
+        sessions = db.execute(_UNUSED_SESSIONS) if rolled else 0
+        inventory = db.execute(_OLD_INVENTORY, (keep_cutoff,))
+        machines = db.execute(_UNUSED_MACHINES) if sessions or inventory else 0
         rollups = db.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,))
         events = db.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,))
         # Resolved alerts are history like raw reports; one the channels still must hear of stays.
         alerts = db.execute("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ? AND notified = state",
                             (raw_cutoff,))
-    return RetentionResult(rolled, rollups, events, alerts)
+    return RetentionResult(rolled, rollups, events, alerts, sessions + machines)

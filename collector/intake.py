@@ -49,7 +49,6 @@ class Received:
     message: Report | Ping
     received: float
     retained: bool
-    payload: str  # the report's JSON text as received (stored in history); "" for pings
 
 
 class DropCounter:
@@ -145,8 +144,8 @@ def parse_message(topic: str, raw: bytes, retained: bool, received: float, limit
             return None
         if parsed_topic.kind == "report":
             report = payloads.parse_report(raw, parsed_topic)
-            return Received(report, received, retained, bytes(raw).decode("utf-8"))
-        return Received(payloads.parse_ping(raw, parsed_topic), received, retained, "")
+            return Received(report, received, retained)
+        return Received(payloads.parse_ping(raw, parsed_topic), received, retained)
     except PayloadError as exc:
         drops.add(exc.reason, topic, exc.detail)
     except Exception as exc:  # noqa: BLE001 - one bad message must never stop the collector

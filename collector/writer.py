@@ -30,6 +30,7 @@ from fleet.config.topics import ping_topic
 from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.orgs import list_orgs
+from fleet.store.samples import SampleIds
 
 log = logging.getLogger("fleet.collector")
 
@@ -151,6 +152,7 @@ class Writer:
         self.alerts = alerts
         self.peers = peers
         self.batch = history.Batch()
+        self.sample_ids = SampleIds()
         now = time.monotonic()
         self.tick_every = min(1.0, settings.ttl_seconds / 4)
         self.org_every = min(settings.reload_interval_s, ORG_REFRESH_MAX_S)
@@ -202,7 +204,7 @@ class Writer:
             message = item.message
             if isinstance(message, Report):
                 transitions = self.tracker.on_report(message, item.received)
-                self.batch.reports.append(history.report_row(message, item.received, item.payload))
+                self.batch.reports.append(history.report_row(message, item.received))
             else:
                 transitions = self.tracker.on_ping(message, item.received, item.retained)
             self._record(transitions)
@@ -308,6 +310,8 @@ class Writer:
         except DatabaseError as exc:
             log.warning("history retention failed (will retry): %s", exc)
             return
+        if result.ids_deleted:
+            self.sample_ids.forget()
         if result.reports_rolled_up or result.rollups_deleted or result.events_deleted:
             log.info("retention: %d reports rolled up, %d rollups and %d events deleted",
                      result.reports_rolled_up, result.rollups_deleted, result.events_deleted)
@@ -370,7 +374,7 @@ class Writer:
                     log.info("the batch whose commit was cut off had been stored: not writing it again")
                     counts.stored += len(batch.reports)
                     return True
-                counts.stored += history.write_batch(self.db, batch, time.time(), marker)
+                counts.stored += history.write_batch(self.db, batch, time.time(), marker, self.sample_ids)
                 counts.commits += 1
                 return True
             except DatabaseRefused:
@@ -412,7 +416,7 @@ class Writer:
 def _topic_of(part: history.Batch) -> str:
     """Where a refused row came from, for the drop log."""
     if part.reports:
-        return f"fleet/{part.reports[0][0]}/{part.reports[0][1]}/report"
+        return f"fleet/{part.reports[0].org}/{part.reports[0].machine_id}/report"
     for machine in part.machines or part.evicted:
         return f"fleet/{machine.org}/{machine.machine_id}"
     for event in part.events:

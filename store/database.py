@@ -20,6 +20,7 @@ The schema itself (tables and migrations) is fleet.store.schema; this module app
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import sqlite3
 import threading
@@ -32,8 +33,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from fleet.store import conversion
 from fleet.store.errors import DatabaseBusy, DatabaseError, DatabaseRefused
+from fleet.store.samples import SampleIds
 from fleet.store.schema import MIGRATIONS, POSTGRESQL, SCHEMA_VERSION, SQLITE, Migration
+
+log = logging.getLogger("fleet.store")
 
 BUSY_TIMEOUT_MS = 5000
 SQLITE_ROWS_PER_STATEMENT = 64
@@ -586,3 +591,34 @@ def ensure_schema(db: Database) -> None:
             raise type(exc)(f"cannot migrate {db.url} to schema version {version}: {exc}") from exc
     if current > SCHEMA_VERSION:
         raise DatabaseError(f"database schema version {current} is newer than this fleet ({SCHEMA_VERSION})")
+    if db.table_exists(conversion.OLD_REPORTS):
+        convert_history(db)
+
+
+def convert_history(db: Database, chunk_rows: int | None = None) -> int:
+    """Convert history stored before schema version 5, a chunk per transaction, logging progress; returns rows.
+
+    Every part that opens the database takes part until none is left, so none starts on half of it.
+    """
+    left = conversion.rows_left(db)
+    if left:
+        log.info("converting %d stored reports to the compact history layout (schema version 5)", left)
+    ids = SampleIds()
+    done = 0
+    while True:
+        try:
+            with _migration_lock(db):
+                converted = conversion.convert_chunk(db, ids, chunk_rows or conversion.CHUNK_ROWS)
+        except BaseException as exc:
+            ids.rollback()
+            if isinstance(exc, DatabaseError):
+                raise type(exc)(f"cannot convert the history of {db.url}: {exc}") from exc
+            raise
+        ids.commit()
+        if not converted:
+            break
+        done += converted
+        log.info("converted %d of %d reports (%.0f%%)", done, left, 100 * min(1.0, done / max(left, 1)))
+    if left:
+        log.info("history conversion done: %d reports; `fleet db vacuum` returns the freed space to the disk", done)
+    return done

@@ -40,13 +40,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fleet.config.ids import validate_id
+from fleet.store.conversion import OLD_REPORTS
 from fleet.store.database import Database, DatabaseError, DatabaseUrl, open_database, schema_version
 from fleet.store.orgs import org_exists
+from fleet.store.samples import extra_fields
 
 FORMATS = (".db", ".csv", ".json")
 CHUNK_ROWS = 5_000
-# Version 3 added the alerts table (version 2 the history ``fields``).
-MIN_SCHEMA_VERSION = 3
+# Version 5 stores history compactly (version 3 added the alerts table).
+MIN_SCHEMA_VERSION = 5
 
 HISTORY_COLUMNS = ("org", "machine_id", "session", "seq", "ts", "received", "cpu_percent", "memory_percent",
                    "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv", "fields")
@@ -152,23 +154,35 @@ def org_known(db: Database, org: str) -> bool:
 def history_rows(db: Database, org: str, window: Window, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple]:
     """The org's raw reports in the window (``HISTORY_COLUMNS``), by machine then (ts, session, seq)."""
     in_window, bounds = window.on("ts")
-    select = f"SELECT {', '.join(HISTORY_COLUMNS)} FROM reports WHERE org = ? AND machine_id = ?{in_window}"
+    select = (f"SELECT {', '.join(HISTORY_COLUMNS[:-1])}, field_names, field_values FROM reports"
+              f" WHERE org = ? AND machine_id = ?{in_window}")
     order = " ORDER BY ts, session, seq LIMIT ?"
     machine = ""  # ids start with a letter or digit: every one sorts after ""
     while True:
-        row = db.query_one("SELECT min(machine_id) FROM reports WHERE org = ? AND machine_id > ?", (org, machine))
+        row = db.query_one("SELECT min(machine_id) FROM report_machines WHERE org = ? AND machine_id > ?",
+                           (org, machine))
         if row is None or row[0] is None:
             return
         machine = row[0]
         rows = db.query(select + order, (org, machine, *bounds, chunk_rows))
         while rows:
-            yield from rows
+            yield from (_history_row(row) for row in rows)
             if len(rows) < chunk_rows:
                 break
             _, _, session, seq, ts = rows[-1][:5]
-            # ts >= ? lets the (org, machine_id, ts) index start at the last row; the row value does the rest.
+            # ts >= ? lets the (machine, ts) index start at the last row; the row value does the rest.
             rows = db.query(select + " AND ts >= ? AND (ts, session, seq) > (?, ?, ?)" + order,
                             (org, machine, *bounds, ts, ts, session, seq, chunk_rows))
+
+
+def fields_text(fields: dict[str, Any]) -> str | None:
+    """A report's extra fields as the export's one JSON object (None when it has none)."""
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False) if fields else None
+
+
+def _history_row(row: tuple) -> tuple:
+    *values, names, numbers = row
+    return (*values, fields_text(extra_fields(names, numbers)))
 
 
 def event_rows(db: Database, org: str, window: Window, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple]:
@@ -340,7 +354,7 @@ def export_org(database: str | DatabaseUrl, org: str, out: Path, since: float | 
     counts = Counts()
     with open_database(url, readonly=True) as db:
         version = schema_version(db)
-        if version < MIN_SCHEMA_VERSION:
+        if version < MIN_SCHEMA_VERSION or db.table_exists(OLD_REPORTS):
             raise ExportError(f"{db.url} has schema version {version}: start the collector (or fleet up) once with"
                               " this fleet to migrate it")
         if not org_known(db, org):

@@ -28,6 +28,8 @@ from fleet.store.database import (
 )
 
 DAY = 86_400.0
+# Where raw history lives (store.schema, version 5): the reports, their ids and the inventory.
+HISTORY_TABLES = ("samples", "report_machines", "report_sessions", "report_fields", "inventory")
 
 
 class MaintenanceError(DatabaseError):
@@ -54,7 +56,7 @@ class DatabaseInfo:
     wal_bytes: int | None  # SQLite only
     free_bytes: int | None  # SQLite only: free pages, which VACUUM gives back
     history_days: float | None  # from the oldest raw report to the newest, by receive time
-    bytes_per_report: float | None  # the reports table with its indexes, per raw report
+    bytes_per_report: float | None  # the history tables (HISTORY_TABLES) with their indexes, per raw report
     tables: tuple[TableInfo, ...]
 
     def as_dict(self) -> dict[str, Any]:
@@ -134,14 +136,18 @@ def database_info(database: str | Path | DatabaseUrl) -> DatabaseInfo:
             free, wal = None, None
             database_bytes = int(db.query("SELECT pg_database_size(current_database())")[0][0])
         oldest = newest = None
-        if "reports" in sizes:
-            oldest, newest = db.query("SELECT min(received), max(received) FROM reports")[0]
-    reports = next((t for t in tables if t.name == "reports"), None)
+        if "samples" in sizes:
+            # By id, which follows the receive order: an index lookup each, not a scan.
+            oldest, newest = db.query("SELECT (SELECT received FROM samples ORDER BY id LIMIT 1),"
+                                      " (SELECT received FROM samples ORDER BY id DESC LIMIT 1)")[0]
+    reports = next((t for t in tables if t.name == "samples"), None)
+    history = [t.bytes for t in tables if t.name in HISTORY_TABLES]
+    history_bytes = None if None in history else sum(b for b in history if b is not None)
     return DatabaseInfo(
         database=str(url), engine=url.engine, schema_version=version, database_bytes=database_bytes,
         wal_bytes=wal, free_bytes=free,
         history_days=None if oldest is None else (newest - oldest) / DAY,
-        bytes_per_report=reports.bytes / reports.rows if reports and reports.rows and reports.bytes else None,
+        bytes_per_report=history_bytes / reports.rows if reports and reports.rows and history_bytes else None,
         tables=tables)
 
 

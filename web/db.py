@@ -18,6 +18,7 @@ from fleet.config.status import MACHINE_STATUSES
 from fleet.store.alerting import silences_query
 from fleet.store.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
 from fleet.store.heartbeats import read_heartbeat
+from fleet.store.samples import extra_fields, machine_inventory
 from fleet.web.errors import WebError
 
 # The API's machine object: these columns as they are, conflict as a boolean, and system and metrics spliced
@@ -192,13 +193,14 @@ def history(org: str, machine_id: str, since: float, until: float, max_points: i
     """Oldest-first history points (raw reports, with 1-minute rollups before raw history begins).
 
     Besides the fixed columns, a point carries the report's extra numeric fields (``custom.<series>``,
-    ``process.<name>``), kept as a small JSON object per row and decoded only for the points returned.
+    ``process.<name>``), decoded only for the points returned.
     """
-    raw = query(f"SELECT {', '.join(POINT_COLUMNS)}, fields FROM reports WHERE org = ? AND machine_id = ? "
-                "AND ts >= ? AND ts <= ? ORDER BY ts, session, seq", (org, machine_id, since, until))
+    raw = query(f"SELECT {', '.join(POINT_COLUMNS)}, field_names, field_values FROM reports WHERE org = ?"
+                " AND machine_id = ? AND ts >= ? AND ts <= ? ORDER BY ts, session, seq",
+                (org, machine_id, since, until))
     first_raw = raw[0][0] if raw else until
     rolled = query("SELECT minute, NULL, NULL, cpu_percent, memory_percent, disk_percent, load1, net_bytes_sent, "
-                   "net_bytes_recv, fields FROM rollups WHERE org = ? AND machine_id = ? AND minute >= ? "
+                   "net_bytes_recv, fields, NULL FROM rollups WHERE org = ? AND machine_id = ? AND minute >= ? "
                    "AND minute < ? ORDER BY minute", (org, machine_id, since, min(first_raw, until)))
     rows = rolled + raw
     if len(rows) > max_points:  # keep the shape, bound the payload
@@ -207,20 +209,27 @@ def history(org: str, machine_id: str, since: float, until: float, max_points: i
     points = []
     for row in rows:
         point = dict(zip(POINT_COLUMNS, row, strict=False))
-        if row[-1]:
-            point.update(_extra_fields(row[-1]))
+        if row[-1] is not None:  # a report's: names and values
+            point.update(extra_fields(row[-2], row[-1]))
+        elif row[-2]:  # a rollup's: {"field": [sum, samples]}
+            point.update(_rolled_fields(row[-2]))
         points.append(point)
     return points
 
 
-def _extra_fields(text: str) -> dict[str, float | None]:
-    """A row's extra fields: a report's ``{"field": n}``, or a rollup's ``{"field": [sum, samples]}`` as the mean."""
+def _rolled_fields(text: str) -> dict[str, float | None]:
+    """A rollup's extra fields, ``{"field": [sum, samples]}``, as each field's mean."""
     try:
         fields = orjson.loads(text)
     except ValueError:
         return {}
-    return {name: (value[0] / value[1] if value[1] else None) if isinstance(value, list) else value
-            for name, value in fields.items()}
+    return {name: value[0] / value[1] if value[1] else None for name, value in fields.items()
+            if isinstance(value, list) and len(value) == 2}
+
+
+def inventory(org: str, machine_id: str) -> list[dict[str, Any]]:
+    """The machine's system inventory as first reported and at each change, oldest first."""
+    return read(lambda db: machine_inventory(db, org, machine_id))
 
 
 def events(org: str, since: float, machine_id: str | None, limit: int) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from fleet.config.topics import ping_topic, report_topic
 from fleet.store import credentials
 from tests import stores
 from tests.collector.collector_fixtures import SimAgent, query
-from tests.dbhelpers import rows, write_lock
+from tests.dbhelpers import insert_reports, rows, sample, write_lock
 from tests.helpers import wait_for
 
 # The tests where the database takes part run on both engines (tests/conftest.py); the ones about the state
@@ -348,10 +348,8 @@ def test_retention_runs_on_a_timer(endpoint, collectors):
     old = time.time() - 10 * day
     from fleet.store.database import open_database
 
-    with open_database(endpoint.database) as db, db.transaction():
-        db.executemany(
-            "INSERT INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, payload) "
-            "VALUES ('acme', 'old', 's', ?, ?, ?, 50.0, '{}')", [(i, old + i, old + i) for i in range(10)])
+    with open_database(endpoint.database) as db:
+        insert_reports(db, [sample("acme", "old", "s", i, old + i, cpu_percent=50.0) for i in range(10)])
     collectors(endpoint.settings(history_raw_days=1))
     wait_for(lambda: query(endpoint, "SELECT count(*) FROM reports WHERE machine_id='old'") == [(0,)],
                message="old raw history rolled up")

@@ -87,9 +87,14 @@ def test_junk_in_metrics_never_crashes_and_what_passes_is_storable(name, junk):
         return
     # Whatever is accepted can be stored by the collector.
     from fleet.collector.history import report_row
+    from fleet.store.samples import field_names_text, field_values_text, stored_number
     conn = sqlite3.connect(":memory:")
-    row = report_row(report, 1.0, "{}")
-    conn.execute("SELECT " + ",".join("?" * len(row)), row)
+    row = report_row(report, 1.0)
+    values = [stored_number("sqlite", getattr(row, name)) if name.endswith(("percent", "load1")) else getattr(row, name)
+              for name in ("org", "machine_id", "session", "seq", "ts", "received", "cpu_percent", "memory_percent",
+                           "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv", "system")]
+    values += [field_names_text(row.field_names), field_values_text(row.field_values)]
+    conn.execute("SELECT " + ",".join("?" * len(values)), values)
 
 
 @given(machine=ids, hw=short_text, session=sessions, seq=counts, ts=finite, os_name=short_text)

@@ -7,15 +7,20 @@ import pytest
 from fleet.collector import history
 from fleet.collector.state import Tracker
 from fleet.store.database import DatabaseBusy, open_database
+from fleet.store.samples import REPORT_VALUES
 from tests.collector.collector_builders import T0, ping, report
-from tests.dbhelpers import write_lock
+from tests.dbhelpers import insert_reports, sample, write_lock
 
 pytestmark = pytest.mark.both_engines
 
 
+def _sample(org, machine_id, session, seq, ts, received, cpu, memory, disk, load1, sent, recv, fields=None):
+    return sample(org, machine_id, session, seq, ts, received, cpu, memory, disk, load1, sent, recv,
+                  json.loads(fields) if fields else None)
+
+
 def _insert_reports(db, rows):
-    with db.transaction():
-        db.executemany(history.INSERT_REPORT, rows)
+    insert_reports(db, [_sample(*row) for row in rows])
 
 
 def test_batch_stores_reports_machines_events_and_counters(db):
@@ -24,7 +29,7 @@ def test_batch_stores_reports_machines_events_and_counters(db):
     for seq in range(3):
         r = report(seq=seq, ts=T0 + seq)
         batch.events += t.on_report(r, T0 + seq + 0.1)
-        batch.reports.append(history.report_row(r, T0 + seq + 0.1, "{}"))
+        batch.reports.append(history.report_row(r, T0 + seq + 0.1))
     batch.machines = t.take_dirty()
     batch.drops = {"not_json": 2}
     batch.expired = {"acme": 1}
@@ -71,10 +76,14 @@ def test_report_row_extracts_chart_columns():
                        "net": {"bytes_sent": 10, "bytes_recv": 20}}
     from fleet.config import payloads
     r = payloads.parse_report(payloads.encode(data), "fleet/acme/web-1/report")
-    row = history.report_row(r, T0, "x")
-    assert row[6:12] == (12.5, 40.0, 90.0, 0.5, 10, 20)  # disk_percent: the fullest disk, not the root one
-    empty = payloads.parse_report(payloads.encode({**data, "metrics": {}}), "fleet/acme/web-1/report")
-    assert history.report_row(empty, T0, "x")[6:12] == (None,) * 6
+    row = history.report_row(r, T0)
+    # disk_percent: the fullest disk, not the root one
+    assert (row.cpu_percent, row.memory_percent, row.disk_percent, row.load1, row.net_bytes_sent,
+            row.net_bytes_recv) == (12.5, 40.0, 90.0, 0.5, 10, 20)
+    empty = history.report_row(payloads.parse_report(payloads.encode({**data, "metrics": {}}),
+                                                     "fleet/acme/web-1/report"), T0)
+    assert (empty.cpu_percent, empty.memory_percent, empty.disk_percent, empty.load1, empty.net_bytes_sent,
+            empty.net_bytes_recv) == (None,) * 6
 
 
 def test_evicted_machine_row_is_deleted(db):
@@ -96,7 +105,7 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(db):
         base = now - d * day - 7200
         for i in range(0, 7200, 20):
             ts = base + i
-            rows.append(("acme", "m", f"s{d}", i, ts, ts, float(i % 100), 50.0, 10.0, 0.5, i, 2 * i, "{}", None))
+            rows.append(("acme", "m", f"s{d}", i, ts, ts, float(i % 100), 50.0, 10.0, 0.5, i, 2 * i))
     _insert_reports(db, rows)
     db.execute("INSERT INTO events(org, machine_id, ts, new_status) VALUES ('acme', 'm', ?, 'online')",
                (now - 40 * day,))
@@ -116,15 +125,17 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(db):
     assert db.query_one("SELECT count(*) FROM events") == (0,)
     # Idempotent: a second run finds nothing more to do.
     assert history.apply_retention(db, now, 7, 20) == history.RetentionResult(0, 0, 0)
+    # The sessions no report names any more are gone; the machine and its sessions of the last 7 days stay.
+    assert db.query_one("SELECT count(*) FROM report_sessions") == (7,)
+    assert db.query_one("SELECT count(*) FROM report_machines") == (1,)
 
 
 def test_retention_merges_a_minute_split_across_runs(db):
     # 59.9 s into a minute: a bucket that rounds instead of truncating would land in the next minute.
     minute = 60.0 * 1000
     _insert_reports(db, [
-        ("a", "m", "s", 0, minute + 1, minute + 1, 10.0, None, None, None, 5, 5, "{}", '{"custom.q":1}'),
-        ("a", "m", "s", 1, minute + 59.9, minute + 2, 20.0, None, None, None, 7, 7, "{}",
-         '{"custom.q":4,"process.x":2}'),
+        ("a", "m", "s", 0, minute + 1, minute + 1, 10.0, None, None, None, 5, 5, '{"custom.q":1}'),
+        ("a", "m", "s", 1, minute + 59.9, minute + 2, 20.0, None, None, None, 7, 7, '{"custom.q":4,"process.x":2}'),
     ])
     history.apply_retention(db, minute + 1.5 + 86400, raw_days=1, rollup_days=3650)
     history.apply_retention(db, minute + 3 + 86400, raw_days=1, rollup_days=3650)
@@ -135,7 +146,7 @@ def test_retention_merges_a_minute_split_across_runs(db):
 
 
 def test_retention_runs_once_when_another_collector_holds_its_lock(db, database_url):
-    _insert_reports(db, [("a", "m", "s", 0, 60.0, 60.0, 10.0, None, None, None, 5, 5, "{}", None)])
+    _insert_reports(db, [("a", "m", "s", 0, 60.0, 60.0, 10.0, None, None, None, 5, 5)])
     with open_database(database_url) as other, other.transaction():
         assert other.try_lock("retention")
         if db.engine == "postgresql":  # SQLite's write lock makes the second run wait instead
@@ -147,7 +158,7 @@ def test_retention_runs_once_when_another_collector_holds_its_lock(db, database_
 def test_write_batch_fails_cleanly_while_another_writer_holds_the_lock(database_url):
     db = open_database(database_url, busy_timeout_ms=50)
     r = report()
-    batch = history.Batch(reports=[history.report_row(r, T0, "{}")], machines=[], drops={"not_json": 1})
+    batch = history.Batch(reports=[history.report_row(r, T0)], machines=[], drops={"not_json": 1})
     with write_lock(database_url):
         with pytest.raises(DatabaseBusy):
             history.write_batch(db, batch, T0)
@@ -171,15 +182,16 @@ def test_reports_are_stored_exactly_types_included(db):
                                      {"os": "Lin\u00fcx \U0001F600", "hostname": 'a"b'})
         raw = payloads.encode(data)
         r = payloads.parse_report(raw, "fleet/acme/web-1/report")
-        rows.append(history.report_row(r, 1764000001.5, raw.decode()))
-    assert rows[2][10:12] == (1, None)  # float byte counters: truncated to an integer, or dropped past 64 bits
+        rows.append(history.report_row(r, 1764000001.5))
+    # float byte counters: truncated to an integer, or dropped past 64 bits
+    assert (rows[2].net_bytes_sent, rows[2].net_bytes_recv) == (1, None)
     assert history.write_batch(db, history.Batch(reports=rows), T0) == 3
-    got = db.query(f"SELECT {', '.join(history.REPORT_COLUMNS)} FROM reports ORDER BY seq")
-    payload = history.REPORT_COLUMNS.index("payload")
-    assert [row[:payload] + row[payload + 1:] for row in got] == [row[:payload] + row[payload + 1:] for row in rows]
-    assert [json.loads(row[payload]) for row in got] == [json.loads(row[payload]) for row in rows]
+    got = db.query(f"SELECT {', '.join(REPORT_VALUES)} FROM reports ORDER BY seq")
+    assert got == [tuple(getattr(row, name) for name in REPORT_VALUES) for row in rows]
     # REAL columns read back as floats (disk_percent was sent as 5), INTEGER ones as ints, on both engines.
-    assert [type(v) for v in got[0][:payload]] == [str, str, str, int] + [float] * 6 + [int, int]
+    assert [type(v) for v in got[0]] == [str, str, str, int] + [float] * 6 + [int, int]
+    # The inventory is kept once (it did not change), exactly as sent.
+    assert [json.loads(row[0]) for row in db.query("SELECT system FROM inventory")] == [json.loads(rows[0].system)]
 
 
 def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
@@ -207,7 +219,7 @@ def test_a_batch_whose_commit_was_cut_off_is_not_written_twice(db, monkeypatch):
     monkeypatch.setattr(history, "write_batch", commit_then_fail)
     t = Tracker(3.0, 10.0, 3600)
     r = report()
-    batch = history.Batch(reports=[history.report_row(r, T0, "{}")], events=t.on_report(r, T0), drops={"not_json": 1})
+    batch = history.Batch(reports=[history.report_row(r, T0)], events=t.on_report(r, T0), drops={"not_json": 1})
     assert writer.write(batch, final=False)
     assert db.query("SELECT new_status FROM events") == [("online",)]
     assert db.query("SELECT count FROM drops") == [(1,)]
@@ -219,7 +231,7 @@ def test_batches_of_any_size_store_every_row_once(db, n):
     """SQLite gets rows in multi-row statements of 64, 32, ... 1 rows; none is lost or doubled."""
     from fleet.collector.state import Machine
 
-    rows = [("a", f"m{i % 7}", "s", i, 1.0 + i, 1.0 + i, 1.0, None, None, None, None, None, "{}", None)
+    rows = [_sample("a", f"m{i % 7}", "s", i, 1.0 + i, 1.0 + i, 1.0, None, None, None, None, None)
             for i in range(n)]
     machines = [Machine(org="a", machine_id=f"m{i}", status="online", session="s", metrics={"cpu_percent": i})
                 for i in range(n)]

@@ -33,7 +33,7 @@ class History:
         for seq in seqs:
             r = report(session=session, seq=seq, ts=T0 + seq * INTERVAL)
             batch.events += self.t.on_report(r, now)
-            batch.reports.append(history.report_row(r, now, "{}"))
+            batch.reports.append(history.report_row(r, now))
         self.flush(batch, now)
 
     def ping(self, now: float, retained: bool = False, **kwargs) -> None:

@@ -17,7 +17,7 @@ from fleet.store.database import open_database
 from fleet.web.app import create_app
 from fleet.web.server import start_in_thread
 from tests import stores
-from tests.dbhelpers import ENGINES
+from tests.dbhelpers import ENGINES, insert_reports, sample
 
 ENDPOINTS = ["/api/fleet", "/api/fleet/web-1", "/api/fleet/web-1/history", "/api/events", "/metrics",
              "/api/config", "/healthz"]
@@ -36,8 +36,7 @@ def env(request, tmp_path_factory):
     with open_database(settings.database) as db:
         db.insert("machines", [{"org": "acme", "machine_id": "web-1", "status": "online", "last_seen": now,
                                 "system": '{"hostname": "web-1"}', "metrics": '{"cpu_percent": 5}'}])
-        db.insert("reports", [{"org": "acme", "machine_id": "web-1", "session": "s", "seq": i, "ts": now - i,
-                               "received": now - i, "cpu_percent": 1.0, "payload": "{}"} for i in range(100)])
+        insert_reports(db, [sample("acme", "web-1", "s", i, now - i, cpu_percent=1.0) for i in range(100)])
         db.insert("events", [{"org": "acme", "machine_id": "web-1", "ts": now, "new_status": "online"}])
     yield create_app(settings).test_client(), org.reader_key, settings
     if database:

@@ -18,6 +18,7 @@ from fleet.collector.state import Transition
 from fleet.config import payloads
 from fleet.config.topics import report_topic
 from fleet.store.database import open_database
+from fleet.store.export import fields_text
 from tests import stores
 
 ORGS = ("acme", "globex")
@@ -41,9 +42,11 @@ class StoredReport:
         """The expected export row (store.export.HISTORY_COLUMNS)."""
         m = self.metrics
         memory = m.get("memory", {}).get("percent")
+        names, values = history.report_fields(m)
+        fields = fields_text(dict(zip(names, values, strict=True)))
         return (self.org, self.machine_id, self.session, self.seq, self.ts, self.ts + RECEIVE_DELAY,
                 m["cpu_percent"], memory, m["disks"][0]["percent"], m["load_avg"][0], m["net"]["bytes_sent"],
-                m["net"]["bytes_recv"], history.extra_fields(m))
+                m["net"]["bytes_recv"], fields)
 
 
 def reports(org: str) -> list[StoredReport]:
@@ -102,5 +105,5 @@ def fill(data_dir: Path, database: str) -> None:
                                                stored.metrics, {"os": "Linux"})
                 raw = payloads.encode(report)
                 parsed = payloads.parse_report(raw, report_topic(org, stored.machine_id))
-                batch.reports.append(history.report_row(parsed, stored.ts + RECEIVE_DELAY, raw.decode()))
+                batch.reports.append(history.report_row(parsed, stored.ts + RECEIVE_DELAY))
             history.write_batch(db, batch, T0 + 200)

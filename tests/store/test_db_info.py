@@ -14,7 +14,8 @@ from fleet.store.database import SCHEMA_VERSION, open_database, redact, sqlite_u
 from tests.store import store_fixtures as fx
 
 # What tests/store/store_fixtures.py stores: two orgs, 12 reports, 6 events and 3 alerts each.
-ROWS = {"orgs": 2, "reports": 24, "events": 12, "alerts": 6, "machines": 0, "rollups": 0}
+ROWS = {"orgs": 2, "samples": 24, "report_machines": 4, "report_sessions": 8, "report_fields": 1, "inventory": 4,
+        "events": 12, "alerts": 6, "machines": 0, "rollups": 0}
 
 
 def run(*args: str):
@@ -51,15 +52,15 @@ def test_info_json_shows_every_table_with_its_rows_and_size(data_dir, database_u
             assert info["tables"][name]["rows"] == db.query(f"SELECT count(*) FROM {name}")[0][0], name
     assert {name: info["tables"][name]["rows"] for name in ROWS} == ROWS
     assert all(t["bytes"] > 0 for t in info["tables"].values())
-    reports = info["tables"]["reports"]
-    assert info["bytes_per_report"] == reports["bytes"] / reports["rows"]
+    history = sum(info["tables"][name]["bytes"] for name in maintenance.HISTORY_TABLES)
+    assert info["bytes_per_report"] == history / info["tables"]["samples"]["rows"]
     assert info["history_days"] == pytest.approx(40.25 / 86_400)  # first to last receive time
     assert info["database_bytes"] >= sum(t["bytes"] for t in info["tables"].values())
     if engine == "sqlite":
         path = data_dir / "fleet.db"
         assert info["database_bytes"] == path.stat().st_size
         assert info["wal_bytes"] == 0  # the last connection to close checkpointed it and removed it
-        assert info["free_bytes"] == 0
+        assert info["free_bytes"] == 5 * 4096  # migration 5 dropped the old reports table and its 4 indexes
     else:
         assert info["wal_bytes"] is None
         assert info["free_bytes"] is None
@@ -74,16 +75,16 @@ def test_info_text_lists_tables_and_sizes(data_dir):
     assert lines[0] == f"database:        sqlite:///{data_dir}/fleet.db"
     assert lines[1] == f"schema version:  {SCHEMA_VERSION}"
     assert lines[2].startswith("size:            ")
-    assert lines[2].endswith("(0 B free)")
+    assert lines[2].endswith(" kB free)")  # the old reports table, dropped by migration 5
     assert lines[3].startswith("WAL:             ")
     assert lines[4].startswith("history:         0.0 days, ")
     assert lines[4].endswith(" bytes per report")
     rows = {line.split()[0]: line.split()[1:] for line in lines[lines.index("") + 2:]}
     assert lines[lines.index("") + 1].split() == ["TABLE", "ROWS", "SIZE"]
-    assert rows["reports"][0] == "24"
+    assert rows["samples"][0] == "24"
     assert rows["events"][0] == "12"
     assert rows["alerts"][0] == "6"
-    assert rows["reports"][2] in ("B", "kB", "MB")
+    assert rows["samples"][2] in ("B", "kB", "MB")
 
 
 def test_info_does_not_write_and_names_a_missing_file(data_dir):
@@ -94,10 +95,11 @@ def test_info_does_not_write_and_names_a_missing_file(data_dir):
 def test_vacuum_shrinks_the_file_empties_the_wal_and_keeps_the_rows(data_dir):
     database = sqlite_url(data_dir / "fleet.db")
     fx.fill(data_dir, database)
-    with open_database(database) as db:  # something to give back: a page-sized payload per report, then gone
-        db.execute("UPDATE reports SET payload = ? WHERE org = 'acme'", ("x" * 8000,))
+    with open_database(database) as db:  # something to give back: pages of inventory, then gone
+        db.execute("UPDATE inventory SET system = ?", ("x" * 8000,))
         db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        db.execute("DELETE FROM reports WHERE org = 'acme'")
+        db.execute("DELETE FROM inventory")
+        db.execute("DELETE FROM samples WHERE machine IN (SELECT id FROM report_machines WHERE org = 'acme')")
         # This connection stays open, as a running collector's would: the WAL is not removed at its close.
         before = maintenance.database_info(database)
         assert before.free_bytes > 0
@@ -111,7 +113,7 @@ def test_vacuum_shrinks_the_file_empties_the_wal_and_keeps_the_rows(data_dir):
     assert after.free_bytes == 0
     assert after.wal_bytes == 0
     assert after.database_bytes < before.database_bytes
-    assert {t.name: t.rows for t in after.tables}["reports"] == 12
+    assert {t.name: t.rows for t in after.tables}["samples"] == 12
     with open_database(database) as db:
         assert db.table_exists("sqlite_stat1")  # ANALYZE ran
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fleet.store import credentials
 from fleet.store.database import Database, open_database
 from fleet.web.app import create_app
 from tests import stores
+from tests.dbhelpers import insert_reports, sample
 
 MACHINE_KEY = ("org", "machine_id")
 
@@ -50,12 +52,14 @@ class Fleet:
             "clock_offset_s": offset, "conflict": int(conflict), "os": os_name, "system": json.dumps(system),
             "metrics": json.dumps(metrics), "first_seen": now - 3600, "updated": now}], MACHINE_KEY)
 
-    def reports(self, org: str, machine_id: str, n: int, start: float, step: float = 10.0) -> None:
-        rows = [{"org": org, "machine_id": machine_id, "session": "s1", "seq": i, "ts": start + i * step,
-                 "received": start + i * step, "cpu_percent": float(i % 100), "memory_percent": 40.0,
-                 "disk_percent": 70.0, "load1": 0.5, "net_bytes_sent": 1000 * i, "net_bytes_recv": 2000 * i,
-                 "payload": "{}"} for i in range(n)]
-        self.insert("reports", rows, ("org", "machine_id", "session", "seq"))
+    def reports(self, org: str, machine_id: str, n: int, start: float, step: float = 10.0,
+                system: Callable[[int], dict] = lambda i: {}) -> None:
+        """``n`` reports every ``step`` s from ``start``; report ``i`` carries the inventory ``system(i)``."""
+        with self.db() as db:
+            insert_reports(db, [sample(org, machine_id, "s1", i, start + i * step, cpu_percent=float(i % 100),
+                                       memory_percent=40.0, disk_percent=70.0, load1=0.5, net_bytes_sent=1000 * i,
+                                       net_bytes_recv=2000 * i, system=json.dumps(system(i), sort_keys=True))
+                                for i in range(n)])
 
     def event(self, org: str, machine_id: str, ts: float, old: str | None, new: str, reason: str = "") -> None:
         self.insert("events", [{"org": org, "machine_id": machine_id, "ts": ts, "old_status": old,

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from fleet.collector import history
+from tests.dbhelpers import insert_reports, sample
 from tests.helpers import bearer
 
 pytestmark = pytest.mark.both_engines
@@ -44,11 +45,10 @@ def test_history_points_carry_custom_and_process_fields_raw_and_rolled_up(client
     old = (now - 3 * 86400) // 60 * 60 + 5  # three days ago, 5 s into a minute: both old rows roll up into it
     rows = []
     for i, (ts, depth) in enumerate([(old, 1.0), (old + 10, 3.0), (now - 60, 5.0), (now - 50, 6.0)]):
-        fields = history.extra_fields({"custom": {"queue_depth": depth}, "process_counts": {"nginx": i % 2}})
-        rows.append(("acme", "app-1", "s", i, ts, ts, 1.0, None, None, None, None, None, "{}", fields))
-    rows.append(("acme", "app-1", "s", 9, now - 40, now - 40, 1.0, None, None, None, None, None, "{}", None))
-    with db.transaction():
-        db.executemany(history.INSERT_REPORT, rows)
+        names, values = history.report_fields({"custom": {"queue_depth": depth}, "process_counts": {"nginx": i % 2}})
+        rows.append(sample("acme", "app-1", "s", i, ts, cpu_percent=1.0, fields=dict(zip(names, values, strict=True))))
+    rows.append(sample("acme", "app-1", "s", 9, now - 40, cpu_percent=1.0))
+    insert_reports(db, rows)
     history.apply_retention(db, now, raw_days=1, rollup_days=30)
     since = now - 4 * 86400
     points = client.get(f"/api/fleet/app-1/history?since={since}", headers=bearer(fleet.acme.reader_key)).get_json()

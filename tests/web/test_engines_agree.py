@@ -56,7 +56,7 @@ def _store_fleet(database: str, now: float) -> None:
                 report = payloads.parse_report(raw, report_topic(org, machine))
                 received = ts + 0.05 + rng.random() / 100
                 batch.events += tracker.on_report(report, received)
-                batch.reports.append(history.report_row(report, received, raw.decode()))
+                batch.reports.append(history.report_row(report, received))
             if i % 6 == 0:
                 offline = payloads.build_ping(machine, f"0x{i:04x}", session, "offline", 10.0, ts=now - 5,
                                               reason="shutdown")
