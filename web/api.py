@@ -1,4 +1,4 @@
-"""The org-scoped JSON API: machines, one machine, its history, and status events."""
+"""The org-scoped JSON API: machines, one machine, its history and inventory, and status events."""
 
 from __future__ import annotations
 
@@ -67,6 +67,14 @@ def history(machine_id: str):
         abort(400, description="'since' must not be after 'until'")
     points = db.history(g.org, machine_id, since, until, MAX_HISTORY_POINTS)
     return jsonify({"machine_id": machine_id, "points": points})
+
+
+@bp.get("/fleet/<machine_id>/inventory")
+@org_required
+def inventory(machine_id: str):
+    """``{"machine_id", "data"}``: the machine's system inventory as first reported and at each change, oldest first."""
+    _machine_or_404(machine_id)
+    return jsonify({"machine_id": machine_id, "data": db.inventory(g.org, machine_id)})
 
 
 @bp.get("/events")

@@ -13,6 +13,7 @@ import pytest
 from playwright.sync_api import expect
 
 from fleet.web.server import start_in_thread
+from tests.dbhelpers import insert_reports, sample
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -50,7 +51,8 @@ def site(fleet, served):
     fleet.machine("acme", "win-7", "offline", "Windows", cpu=5, offset=12.5)
     fleet.machine("acme", "evil-1", "online", "Linux", hostname=XSS, conflict=True)
     fleet.machine("globex", "other-org", "online")
-    fleet.reports("acme", "web-1", 60, now - 600)
+    fleet.reports("acme", "web-1", 60, now - 600,
+                  system=lambda i: {"os": "Linux", "os_version": "12" if i < 45 else "13"})
     fleet.event("acme", "web-1", now - 300, None, "online")
     fleet.event("acme", "web-1", now - 200, "online", "offline", "lost")
     fleet.event("acme", "web-1", now - 100, "offline", "online")
@@ -93,7 +95,11 @@ def test_dashboard_end_to_end(browser, site, fleet):
     assert page.locator(".chart").count() == 4
     path = page.get_attribute(".chart[data-chart='cpu'] path.line", "d")
     assert path.count("L") >= 50
-    assert page.locator("#d-events li").count() == 3
+    # Three status changes and the inventory: first reported, then upgraded (report 45, 150 s ago).
+    timeline = page.locator("#d-events li")
+    expect(timeline).to_have_count(5)
+    assert "os_version: 12 → 13" in timeline.nth(1).text_content()  # newest first: after the event 100 s ago
+    assert "first reported" in timeline.nth(4).text_content()
     page.screenshot(path=str(ARTIFACTS / "detail.png"), full_page=False)
 
     page.reload()  # the token survives a reload (sessionStorage), the page comes back signed in
@@ -148,11 +154,9 @@ def site_with_extras(fleet, served):
                "custom": {"queue_depth": 12.0, 'queue_depth{queue="mail"}': 3.0}}
     with fleet.db() as db:
         db.execute("UPDATE machines SET metrics = ? WHERE machine_id = 'app-1'", (json.dumps(metrics),))
-        db.insert("reports", [
-            {"org": "acme", "machine_id": "app-1", "session": "s1", "seq": i, "ts": now - 600 + i * 10,
-             "received": now - 600 + i * 10, "cpu_percent": 20.0, "payload": "{}",
-             "fields": json.dumps({"custom.queue_depth": float(i), "process.nginx": 1 if i < 30 else 0})}
-            for i in range(60)])
+        insert_reports(db, [sample("acme", "app-1", "s1", i, now - 600 + i * 10, cpu_percent=20.0,
+                                   fields={"custom.queue_depth": float(i), "process.nginx": 1 if i < 30 else 0})
+                            for i in range(60)])
     return served
 
 

@@ -276,12 +276,13 @@ async function loadDetail(machineId, open, focus = false) {
   for (const row of $("machines").tBodies[0].rows) row.classList.toggle("active", row.dataset.machine === machineId);
   const now = Date.now() / 1000 - state.serverSkew;
   const id = encodeURIComponent(machineId);
-  let machine, history, events;
+  let machine, history, events, inventory;
   try {
-    [machine, history, events] = await Promise.all([
+    [machine, history, events, inventory] = await Promise.all([
       api(`/api/fleet/${id}`),
       api(`/api/fleet/${id}/history?since=${now - state.range}&until=${now + 60}`),
       api(`/api/events?machine=${id}&limit=50`),
+      api(`/api/fleet/${id}/inventory`),
     ]);
   } catch (err) {
     if (open) $("d-sub").textContent = `could not load: ${err.message}`;
@@ -316,12 +317,24 @@ async function loadDetail(machineId, open, focus = false) {
   $("d-alerts").replaceChildren(...mine.map(alertItem));
   renderCharts(history.points, now - state.range, now);
   renderAgentExtras(met, history.points, now - state.range, now);
-  const list = $("d-events");
-  list.replaceChildren(...events.events.slice().reverse().map((e) => el("li", {},
+  renderTimeline(events.events, inventory.data);
+}
+
+// Status changes and inventory changes, newest first, by the collector's clock.
+function renderTimeline(events, inventory) {
+  const items = events.map((e) => ({ ts: e.ts, node: el("li", {},
     el("time", { text: new Date(e.ts * 1000).toLocaleString() }),
     badge(e.new_status === "evicted" ? "offline" : e.new_status),
-    el("span", { class: "muted", text: `${e.old_status || "new"} → ${e.new_status}${e.reason ? " (" + e.reason + ")" : ""}` }))));
-  if (!events.events.length) list.append(el("li", { class: "muted", text: "No status changes in the log." }));
+    el("span", { class: "muted", text: `${e.old_status || "new"} → ${e.new_status}${e.reason ? " (" + e.reason + ")" : ""}` })) }));
+  inventory.forEach((inv, i) => items.push({ ts: inv.received, node: el("li", { class: "inventory" },
+    el("time", { text: new Date(inv.received * 1000).toLocaleString() }),
+    el("span", { class: "badge inventory", text: "inventory" }),
+    el("span", { class: "muted", text: i === 0 ? "first reported" : Object.entries(inv.changed)
+      .map(([key, [before, after]]) => `${key}: ${before ?? "–"} → ${after ?? "–"}`).join("; ") })) }));
+  items.sort((a, b) => b.ts - a.ts);
+  const list = $("d-events");
+  list.replaceChildren(...items.map((item) => item.node));
+  if (!items.length) list.append(el("li", { class: "muted", text: "No status or inventory changes in the log." }));
 }
 
 function rates(points, key) {
