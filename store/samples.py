@@ -25,6 +25,7 @@ SAMPLE_COLUMNS = ("machine", "session", "seq", "ts", "received", "cpu_percent", 
 REPORT_VALUES = ("org", "machine_id", "session", "seq", "ts", "received", "cpu_percent", "memory_percent",
                  "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv")
 INVENTORY_COLUMNS = ("machine", "ts", "received", "system")
+MAX_REMEMBERED = 100_000  # ids per cache of SampleIds: sessions keep coming as agents restart
 _CENTI_LIMIT = 2**53  # beyond it a float has no fraction to keep, and an integer would not fit 64 bits
 
 
@@ -99,8 +100,10 @@ class SampleIds:
         self._pending[(id(cache), key)] = (cache, value)
 
     def commit(self) -> None:
-        """The transaction committed: keep what it found."""
+        """The transaction committed: keep what it found (a cache past MAX_REMEMBERED starts over)."""
         for (_, key), (cache, value) in self._pending.items():
+            if len(cache) >= MAX_REMEMBERED:
+                cache.clear()
             cache[key] = value
         self._pending.clear()
 

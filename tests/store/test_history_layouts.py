@@ -20,11 +20,10 @@ from fleet.config import payloads
 from fleet.config.settings import Settings
 from fleet.config.topics import report_topic
 from fleet.store import conversion
-from fleet.store.database import SCHEMA_VERSION, migration_statements, open_database, schema_version
-from fleet.store.export import Window, fields_text, history_rows
-from fleet.store.schema import MIGRATIONS
+from fleet.store.database import SCHEMA_VERSION, open_database, schema_version
+from fleet.store.export import Window, history_rows
 from fleet.web.app import create_app
-from tests import stores
+from tests import stores, v4_layout
 from tests.helpers import bearer
 
 pytestmark = pytest.mark.both_engines
@@ -32,10 +31,7 @@ pytestmark = pytest.mark.both_engines
 T0 = 1_750_000_000.0
 MACHINES = ("db-1", "web-1", "web-2")
 
-# Schema 4's reports table as the collector wrote it, and what its readers asked.
-V4_INSERT = ("INSERT INTO reports(org, machine_id, session, seq, ts, received, cpu_percent, memory_percent,"
-             " disk_percent, load1, net_bytes_sent, net_bytes_recv, payload, fields)"
-             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+# What schema 4's readers asked.
 V4_POINTS = ("SELECT ts, session, seq, cpu_percent, memory_percent, disk_percent, load1, net_bytes_sent,"
              " net_bytes_recv, fields FROM reports WHERE org = ? AND machine_id = ? ORDER BY ts, session, seq")
 V4_EXPORT = ("SELECT org, machine_id, session, seq, ts, received, cpu_percent, memory_percent, disk_percent, load1,"
@@ -71,23 +67,11 @@ def _reports() -> list[tuple[payloads.Report, float, str]]:
     return out
 
 
-def _v4_fields(report: payloads.Report) -> str | None:
-    names, values = history.report_fields(report.metrics)
-    return fields_text(dict(zip(names, values, strict=True)))
-
-
 def _store_v4(database: str, reports: list) -> None:
     """A schema-4 database holding the reports as that version stored them."""
-    with open_database(database, migrate=False) as db, db.transaction():
-        for _, migration in MIGRATIONS[:4]:
-            for statement in migration_statements(migration, db.engine):
-                db.execute(statement)
-        db.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '4')")
-        for report, received, raw in reports:
-            s = history.report_row(report, received)
-            db.execute(V4_INSERT + " ON CONFLICT DO NOTHING",
-                       (s.org, s.machine_id, s.session, s.seq, s.ts, s.received, s.cpu_percent, s.memory_percent,
-                        s.disk_percent, s.load1, s.net_bytes_sent, s.net_bytes_recv, raw, _v4_fields(report)))
+    with open_database(database, migrate=False) as db:
+        v4_layout.create(db)
+        v4_layout.store(db, reports)
 
 
 def _v4_answers(database: str) -> tuple[dict[str, list[dict]], list[tuple]]:
