@@ -387,7 +387,7 @@ def run_collector(broker: Broker, data_dir: Path, database: str, load: Load, mod
     service_key = stores.ensure_service_key(data_dir) if broker.agent_user else None
     clear_session(broker, client_id_for(()), service_user, service_key)
     with open_database(database) as db:
-        db.execute("DELETE FROM reports")
+        db.execute("DELETE FROM samples")
     collector = start(collector_settings(broker, data_dir, database))
     if not collector.wait_subscribed(15):
         raise SystemExit("collector did not subscribe")
@@ -501,11 +501,11 @@ def stage_costs(databases: list[str], n: int = 5000, machines: int = 1) -> list[
     for database in databases:
         engine = engine_name(database)
         with open_database(database) as db:
-            db.execute("DELETE FROM reports")
+            db.execute("DELETE FROM samples")
             timed(f"{engine} batch insert, 500 per transaction",
                   lambda db=db: [history.write_batch(db, history.Batch(reports=rows[i:i + 500]), time.time())
                                  for i in range(0, n, 500)])
-            db.execute("DELETE FROM reports")
+            db.execute("DELETE FROM samples")
             db.execute("DELETE FROM machines")
             for machine in tracked:
                 machine.stored = False

@@ -60,8 +60,7 @@ def report_row(report: Report, received: float) -> Sample:
     return Sample(report.org, report.machine_id, report.session, report.seq, report.ts, received,
                   derived.cpu_percent(metrics), derived.memory_percent(metrics), derived.disk_percent(metrics),
                   derived.load1(metrics), _counter(derived.net_bytes_sent(metrics)),
-                  _counter(derived.net_bytes_recv(metrics)), names, values,
-                  orjson.dumps(report.system, option=orjson.OPT_SORT_KEYS).decode())
+                  _counter(derived.net_bytes_recv(metrics)), names, values, report.system)
 
 
 def report_fields(metrics: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[float | int, ...]]:

@@ -56,6 +56,5 @@ def _sample(row: tuple) -> Sample:
         system = orjson.loads(payload).get("system")
     except (ValueError, AttributeError):
         system = None
-    system_text = orjson.dumps(system if isinstance(system, dict) else {}, option=orjson.OPT_SORT_KEYS).decode()
     return Sample(org, machine_id, session, seq, ts, received, cpu, memory, disk, load1, sent, recv, names, numbers,
-                  system_text)
+                  system if isinstance(system, dict) else {})

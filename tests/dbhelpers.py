@@ -20,12 +20,12 @@ COLLECTOR_TABLES = "samples, machines, events, drops, org_stats"
 def sample(org: str, machine_id: str, session: str, seq: int, ts: float, received: float | None = None,
            cpu_percent: float | None = None, memory_percent: float | None = None, disk_percent: float | None = None,
            load1: float | None = None, net_bytes_sent: int | None = None, net_bytes_recv: int | None = None,
-           fields: dict | None = None, system: str = "{}") -> Sample:
+           fields: dict | None = None, system: dict | None = None) -> Sample:
     """A report as history stores it; ``received`` defaults to ``ts``."""
     fields = fields or {}
     return Sample(org, machine_id, session, seq, ts, ts if received is None else received, cpu_percent,
                   memory_percent, disk_percent, load1, net_bytes_sent, net_bytes_recv, tuple(fields),
-                  tuple(fields.values()), system)
+                  tuple(fields.values()), system or {})
 
 
 def insert_reports(db: Database, samples: list[Sample]) -> int:

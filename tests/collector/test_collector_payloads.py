@@ -92,8 +92,8 @@ def test_junk_in_metrics_never_crashes_and_what_passes_is_storable(name, junk):
     row = report_row(report, 1.0)
     values = [stored_number("sqlite", getattr(row, name)) if name.endswith(("percent", "load1")) else getattr(row, name)
               for name in ("org", "machine_id", "session", "seq", "ts", "received", "cpu_percent", "memory_percent",
-                           "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv", "system")]
-    values += [field_names_text(row.field_names), field_values_text(row.field_values)]
+                           "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv")]
+    values += [field_names_text(row.field_names), field_values_text(row.field_values), json.dumps(row.system)]
     conn.execute("SELECT " + ",".join("?" * len(values)), values)
 
 

@@ -50,16 +50,34 @@ def test_any_finite_value_reads_back_exactly_through_the_view(sqlite_db, value):
 def test_ids_made_in_a_rolled_back_transaction_are_forgotten(sqlite_db):
     ids = SampleIds()
     sqlite_db.execute("BEGIN")
-    made = ids.machine(sqlite_db, "acme", "gone")
+    ids.add_machines(sqlite_db, [("acme", "gone")])
+    made = ids.machines["acme", "gone"]
     sqlite_db.execute("ROLLBACK")
     ids.rollback()
+    assert ("acme", "gone") not in ids.machines
+    assert made not in ids.inventory
     with sqlite_db.transaction():  # another machine takes the id the rolled-back row had
-        other = SampleIds().machine(sqlite_db, "acme", "other")
-    assert other == made
+        SampleIds().add_machines(sqlite_db, [("acme", "other")])
+    assert sqlite_db.query("SELECT id FROM report_machines WHERE machine_id = 'other'") == [(made,)]
     with sqlite_db.transaction():
-        again = ids.machine(sqlite_db, "acme", "gone")
+        ids.add_machines(sqlite_db, [("acme", "gone")])
     ids.commit()
+    again = ids.machines["acme", "gone"]
     assert sqlite_db.query("SELECT machine_id FROM report_machines WHERE id = ?", (again,)) == [("gone",)]
+
+
+def test_ids_of_rows_that_exist_are_found_not_made_twice(sqlite_db):
+    with sqlite_db.transaction():
+        SampleIds().add_machines(sqlite_db, [("acme", f"known-{n}") for n in range(3)])
+    ids = SampleIds()
+    with sqlite_db.transaction():  # 70 keys: two INSERT statements; three of the keys exist
+        ids.add_machines(sqlite_db, [("acme", f"known-{n}") for n in range(70)])
+    ids.commit()
+    stored = dict(((org, m), i) for i, org, m in sqlite_db.query(
+        "SELECT id, org, machine_id FROM report_machines WHERE machine_id LIKE 'known-%'"))
+    assert ids.machines == stored
+    assert len(stored) == 70
+    assert [ids.inventory.get(stored["acme", f"known-{n}"]) for n in range(3)] == [None] * 3  # may have one
 
 
 def test_remembered_ids_are_bounded(sqlite_db, monkeypatch):
@@ -67,10 +85,10 @@ def test_remembered_ids_are_bounded(sqlite_db, monkeypatch):
     ids = SampleIds()
     for n in range(10):
         with sqlite_db.transaction():
-            ids.machine(sqlite_db, "acme", f"bounded-{n}")
+            ids.add_machines(sqlite_db, [("acme", f"bounded-{n}")])
         ids.commit()
-    remembered = ids._machines  # noqa: SLF001 - the bound is the point of this test
-    assert 0 < len(remembered) <= 3
+    assert 0 < len(ids.machines) <= 4
     with sqlite_db.transaction():  # a forgotten id is found again, not made twice
-        first = ids.machine(sqlite_db, "acme", "bounded-0")
-    assert sqlite_db.query("SELECT id FROM report_machines WHERE machine_id = 'bounded-0'") == [(first,)]
+        ids.add_machines(sqlite_db, [("acme", "bounded-0")])
+    assert sqlite_db.query("SELECT id FROM report_machines WHERE machine_id = 'bounded-0'") == [
+        (ids.machines["acme", "bounded-0"],)]

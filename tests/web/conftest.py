@@ -58,7 +58,7 @@ class Fleet:
         with self.db() as db:
             insert_reports(db, [sample(org, machine_id, "s1", i, start + i * step, cpu_percent=float(i % 100),
                                        memory_percent=40.0, disk_percent=70.0, load1=0.5, net_bytes_sent=1000 * i,
-                                       net_bytes_recv=2000 * i, system=json.dumps(system(i), sort_keys=True))
+                                       net_bytes_recv=2000 * i, system=system(i))
                                 for i in range(n)])
 
     def event(self, org: str, machine_id: str, ts: float, old: str | None, new: str, reason: str = "") -> None:
