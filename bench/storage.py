@@ -8,7 +8,9 @@ batches of ``--batch`` (as the collector writes), into two databases per engine:
   that version's INSERT (tests/v4_layout.py): the baseline, measured in the same run;
 - ``v5``: today's layout, written through the collector's own code (collector.history.write_batch).
 
-``--custom N`` adds N custom series and 2 process counts to every report (textfile metrics, process checks).
+``--convert`` then converts each ``v4`` database in place (migration 5, as an upgraded fleet does at
+start; SQLite's file vacuumed after) and measures the conversion's rate and the result. ``--custom N``
+adds N custom series and 2 process counts to every report (textfile metrics, process checks).
 Bytes per report are the history tables with their indexes (SQLite: dbstat; PostgreSQL:
 pg_total_relation_size after VACUUM) per stored report, as ``fleet db info`` shows them; disk a day is for
 1,000 agents at 10 s (8.64 million reports).
@@ -35,7 +37,7 @@ from fleet.config import payloads  # noqa: E402
 from fleet.config.settings import Settings  # noqa: E402
 from fleet.config.topics import report_topic  # noqa: E402
 from fleet.store.database import Database, open_database, sqlite_url  # noqa: E402
-from fleet.store.maintenance import HISTORY_TABLES, database_info  # noqa: E402
+from fleet.store.maintenance import HISTORY_TABLES, database_info, vacuum  # noqa: E402
 from fleet.store.samples import SampleIds  # noqa: E402
 from tests import v4_layout  # noqa: E402
 
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--custom", type=int, default=0, help="custom series per report (and 2 process counts)")
     parser.add_argument("--database", action="append", choices=("sqlite", "postgres"))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--convert", action="store_true",
+                        help="then convert the v4 database in place (migration 5) and measure it")
     args = parser.parse_args()
     engines = args.database or ["sqlite"]
     server = None
@@ -132,13 +136,24 @@ def main() -> None:
             flush()
             for db in dbs.values():
                 db.close()
-            for (engine, layout), url in urls.items():
+            for (engine, layout), url in list(urls.items()):
                 size, stored = history_bytes(url, layout)
                 per_report = size / stored
                 columns[f"{engine} {layout}"] = {
                     "reports stored": f"{stored:,}", "bytes per report": f"{per_report:,.0f}",
                     "write µs per report": f"{spent[(engine, layout)] / count * 1e6:.1f}",
                     "disk a day, 1,000 agents at 10 s": f"{per_report * REPORTS_A_DAY_PER_1000 / 1e9:.2f} GB"}
+                if layout == "v4" and args.convert:
+                    began = time.perf_counter()
+                    open_database(url).close()  # migration 5 converts the old rows in place
+                    took = time.perf_counter() - began
+                    if engine == "sqlite":
+                        vacuum(url)
+                    size, stored = history_bytes(url, "v5")
+                    columns[f"{engine} v4 converted"] = {
+                        "reports stored": f"{stored:,}", "bytes per report": f"{size / stored:,.0f}",
+                        "write µs per report": f"conversion: {stored / took:,.0f} reports/s",
+                        "disk a day, 1,000 agents at 10 s": f"{size / stored * REPORTS_A_DAY_PER_1000 / 1e9:.2f} GB"}
     finally:
         if server is not None:
             server.destroy()
