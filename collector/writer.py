@@ -3,7 +3,7 @@
 It takes batches from the hand-off (collector.handoff), applies the state machine (collector.state) and the
 alert engine, stores each batch in one transaction (collector.history) and only then acknowledges it; it also
 runs the timers: stale/TTL checks, heartbeat, org refresh and history retention. On SQLite a thread of its
-own checkpoints the WAL.
+own checkpoints the WAL and keeps it bounded (Checkpointer).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fleet.config.payloads import Report
 from fleet.config.settings import Settings
 from fleet.config.status import BROKER_CONNECTED, COLLECTOR
 from fleet.config.topics import ping_topic
+from fleet.store import wal
 from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.orgs import list_orgs
@@ -39,7 +40,8 @@ ORG_REFRESH_MAX_S = 2.0
 STARTUP_GRACE_S = 30.0  # without a broker, start stale/TTL checks after this long anyway
 WRITER_BUSY_TIMEOUT_MS = 1000
 STOP_RETRY_S = 10.0
-CHECKPOINT_EVERY_S = 1.0
+CHECKPOINT_EVERY_S = 1.0  # a PASSIVE pass at least this often
+WAL_CHECK_EVERY_S = 0.1  # the WAL's size is looked at this often: ~4 MB of commits at 2,000 reports/s
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,6 @@ class WriterThread:
         self.peers = peers
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._checkpoint_stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="collector-writer", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -104,52 +105,92 @@ class WriterThread:
             self._ready.set()
             return
         self._ready.set()
-        checkpointer = threading.Thread(target=self._checkpointer, name="collector-checkpoint", daemon=True)
-        if db.engine == SQLITE:
+        checkpointer = Checkpointer(self.settings.database) if db.engine == SQLITE else None
+        if checkpointer is not None:
             checkpointer.start()
         try:
-            Writer(self.settings, self.client_id, db, self.tracker, self.alerts, self.peers).run()
+            Writer(self.settings, self.client_id, db, self.tracker, self.alerts, self.peers, checkpointer).run()
         except BaseException:
             log.exception("collector writer thread crashed")
             raise
         finally:
             self.peers.handoff.writer_stopped()
-            self._checkpoint_stop.set()
-            if checkpointer.is_alive():
-                checkpointer.join(STOP_RETRY_S)
+            if checkpointer is not None:
+                checkpointer.stop(STOP_RETRY_S)
             db.close()
 
-    def _checkpointer(self) -> None:
-        """Copy the WAL into fleet.db every CHECKPOINT_EVERY_S, off the writer's commit path."""
+
+class Checkpointer:
+    """The WAL checkpointer (SQLite): its own thread and connection, so a commit never waits for a checkpoint.
+
+    It looks at the WAL's size every WAL_CHECK_EVERY_S and checkpoints every CHECKPOINT_EVERY_S, or at once
+    when the file is past WAL_RESET_BYTES; then the log is emptied (store/wal.py). Its connection's busy
+    timeout bounds how long the writer waits for a reset: CHECKPOINT_BUSY_TIMEOUT_MS, under the writer's
+    WRITER_BUSY_TIMEOUT_MS. The counts are read by the heartbeat.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.resets = 0  # the log emptied
+        self.resets_busy = 0  # a reset the writer or a reader held off past the busy timeout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="collector-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        """Start checkpointing."""
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop after a last checkpoint that empties the log, so the last connection to close has nothing to copy."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
         try:
-            db = open_database(self.settings.database, migrate=False)
+            db = open_database(self.database, migrate=False, busy_timeout_ms=wal.CHECKPOINT_BUSY_TIMEOUT_MS)
         except DatabaseError as exc:
             log.error("collector checkpoints disabled: %s", exc)
             return
+        assert db.url.path is not None
+        wal_path = wal.wal_file(db.url.path)
+        due = 0.0
         try:
-            while not self._checkpoint_stop.wait(CHECKPOINT_EVERY_S):
-                try:
-                    history.checkpoint(db)
-                except DatabaseError as exc:
-                    log.warning("WAL checkpoint failed (will retry): %s", exc)
-            history.checkpoint(db)
-        except DatabaseError as exc:
-            log.warning("final WAL checkpoint failed: %s", exc)
+            while not self._stop.wait(WAL_CHECK_EVERY_S):
+                if time.monotonic() < due and wal.file_bytes(wal_path) <= wal.WAL_RESET_BYTES:
+                    continue
+                due = time.monotonic() + CHECKPOINT_EVERY_S
+                self._checkpoint(db, wal.WAL_RESET_BYTES)
+            self._checkpoint(db, 0)
         finally:
             db.close()
+
+    def _checkpoint(self, db: Database, reset_bytes: int) -> None:
+        try:
+            done = wal.checkpoint(db, reset_bytes)
+        except DatabaseError as exc:
+            log.warning("WAL checkpoint failed (will retry): %s", exc)
+            return
+        if done.reset:
+            self.resets += 1
+        elif done.reset is False:
+            self.resets_busy += 1
+            log.warning("WAL reset held off by the writer or a reader past %d ms (WAL %.1f MB; %d so far)",
+                        wal.CHECKPOINT_BUSY_TIMEOUT_MS, done.wal_bytes / 2**20, self.resets_busy)
 
 
 class Writer:
     """The writer thread's loop: batch, apply state, store, and run the timers."""
 
     def __init__(self, settings: Settings, client_id: str, db: Database, tracker: Tracker,
-                 alerts: AlertEngine, peers: WriterPeers) -> None:
+                 alerts: AlertEngine, peers: WriterPeers, checkpointer: Checkpointer | None = None) -> None:
         self.settings = settings
         self.client_id = client_id
         self.db = db
         self.tracker = tracker
         self.alerts = alerts
         self.peers = peers
+        self.checkpointer = checkpointer
         self.batch = history.Batch()
         now = time.monotonic()
         self.tick_every = min(1.0, settings.ttl_seconds / 4)
@@ -318,6 +359,9 @@ class Writer:
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.client_id,
                   "alerts_firing": self.alerts.firing_count()}
+        if self.checkpointer is not None:
+            detail["wal_resets"] = self.checkpointer.resets
+            detail["wal_resets_busy"] = self.checkpointer.resets_busy
         try:
             write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:

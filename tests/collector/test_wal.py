@@ -1,0 +1,184 @@
+"""SQLite's WAL under sustained load: the collector's real writer and checkpointer on a real file, with readers.
+
+Readers read continuously (the web's pooled connections, a slow reader, and the broker's way: a fresh read-only
+connection for its credentials and a fresh read-write one for its heartbeat), while the writer commits as fast as
+it can. The WAL must be reset again and again, never grow past the reset threshold plus what a few checks'
+worth of commits add, and nobody may see "database is locked".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fleet.collector import writer
+from fleet.collector.alerts.engine import AlertEngine
+from fleet.collector.handoff import Handoff
+from fleet.collector.intake import DropCounter, Received, parse_message
+from fleet.collector.shared import CollectorStats, LinkState, ServedOrgs, WriteCounts
+from fleet.collector.state import Tracker
+from fleet.config import payloads
+from fleet.config.settings import Settings
+from fleet.config.status import BROKER
+from fleet.config.topics import report_topic
+from fleet.store import credentials, wal
+from fleet.store.database import BUSY_TIMEOUT_MS, DatabaseError, DatabasePool, open_database
+from fleet.store.heartbeats import write_heartbeat
+from tests import stores
+from tests.helpers import wait_for
+
+MACHINES = 2_000
+COMMITS = 150  # ~1.5 MB of WAL each here: about 15 resets' worth
+# What the writer adds between two looks at the WAL, during a reset's PASSIVE pass and during a reset held off
+# by a reader: ~10 MB at the rate here; twice the threshold leaves room for a loaded machine, under the 64 MB
+# the WAL must never pass (an unbounded WAL reaches ~200 MB in this test).
+MARGIN_BYTES = 2 * wal.WAL_RESET_BYTES
+
+
+class Running:
+    """Threads that loop until stopped, counting what each did and noting every failure."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.done: dict[str, int] = {}
+        self.slowest: dict[str, float] = {}
+        self.errors: list[str] = []
+        self._threads: list[threading.Thread] = []
+
+    def loop(self, name: str, step: Callable[[], None], pause: float = 0.0) -> None:
+        def run() -> None:
+            while not self.stop.is_set():
+                started = time.monotonic()
+                try:
+                    step()
+                except DatabaseError as exc:
+                    self.errors.append(f"{name}: {exc}")
+                took = time.monotonic() - started
+                self.done[name] = self.done.get(name, 0) + 1
+                self.slowest[name] = max(self.slowest.get(name, 0.0), took)
+                self.stop.wait(pause)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def join(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(10)
+
+
+def reports(org: str, drops: DropCounter) -> list[Received]:
+    """One report per machine, as the network thread hands them over (a realistic size, with custom series)."""
+    metrics = {"cpu_percent": 12.5, "memory": {"total": 8 << 30, "used": 3 << 30, "percent": 37.5},
+               "disks": [{"mount": "/", "total": 100 << 30, "used": 40 << 30, "percent": 40.0}],
+               "custom": {f"queue_{i}": float(i) for i in range(20)}}
+    out = []
+    for i in range(MACHINES):
+        machine = f"m-{i:04d}"
+        raw = payloads.encode(payloads.build_report(machine, f"hw-{i}", "s1", 0, time.time(), metrics,
+                                                    {"os": "Linux", "hostname": machine}))
+        item = parse_message(report_topic(org, machine), raw, False, time.time(), None, drops)
+        assert item is not None
+        out.append(item)
+    return out
+
+
+def start_writer(settings: Settings) -> tuple[writer.WriterThread, Handoff, WriteCounts]:
+    tracker = Tracker(settings.stale_factor, settings.interval, settings.ttl_seconds, settings.lost_grace_s)
+    handoff = Handoff(capacity=4 * settings.batch_max, batch_max=settings.batch_max)
+    counts = WriteCounts()
+    peers = writer.WriterPeers(handoff, None, LinkState(), ServedOrgs(()), counts, DropCounter(),
+                               lambda: CollectorStats(True, ("acme",), 0, 0), lambda: None)
+    thread = writer.WriterThread(settings, "c1", tracker, AlertEngine(tracker, 0.0, lambda m, t: False), peers)
+    thread.start(timeout=30)
+    return thread, handoff, counts
+
+
+def test_a_reset_never_outwaits_the_writer():
+    """A reset holds the write lock while it waits for readers: the writer must be the one that waits longer
+    (tests/store/test_wal.py shows a writer locked out otherwise)."""
+    assert wal.CHECKPOINT_BUSY_TIMEOUT_MS < writer.WRITER_BUSY_TIMEOUT_MS <= BUSY_TIMEOUT_MS
+
+
+@pytest.mark.slow
+def test_the_wal_stays_bounded_under_sustained_commits_and_reads(tmp_path: Path):
+    settings = Settings(data_dir=tmp_path, batch_max=500)
+    stores.add_org(tmp_path, "acme")
+    database = settings.database
+    wal_path = wal.wal_file(settings.db_path)
+    thread, handoff, counts = start_writer(settings)
+    running = Running()
+    pool = DatabasePool(database, readonly=True)
+
+    def produce() -> None:
+        templates = reports("acme", DropCounter())
+        for seq in range(1, 1_000_000):
+            for item in templates:
+                if running.stop.is_set():
+                    return
+                now = time.time()
+                handoff.put(dataclasses.replace(item, message=dataclasses.replace(item.message, seq=seq, ts=now),
+                                                received=now), seq)
+
+    def web_read() -> None:
+        db = pool.get()
+        try:
+            db.query("SELECT count(*) FROM machines WHERE org = 'acme' AND status = 'online'")
+            db.query("SELECT machine_id, metrics FROM machines WHERE org = 'acme' ORDER BY machine_id LIMIT 100")
+            db.query("SELECT ts, cpu_percent FROM reports WHERE org = 'acme' AND machine_id = 'm-0007' AND ts >= ?"
+                     " ORDER BY ts", (time.time() - 3600,))
+        finally:
+            pool.put(db)
+
+    def slow_read() -> None:  # a history-sized read: it holds one snapshot while it runs
+        with open_database(database, readonly=True) as db:
+            db.query("SELECT count(*), sum(cpu_percent), max(ts) FROM reports")
+
+    def broker_credentials() -> None:  # broker/server.py: a fresh read-only connection per reload
+        with open_database(database, readonly=True) as db:
+            credentials.load_records(db)
+
+    def broker_heartbeat() -> None:  # broker/server.py: a fresh read-write connection per heartbeat
+        with open_database(database, migrate=False) as db:
+            write_heartbeat(db, BROKER, time.time(), {"connected": 1})
+
+    largest = [0]
+
+    def watch() -> None:
+        largest[0] = max(largest[0], wal.file_bytes(wal_path))
+
+    producer = threading.Thread(target=produce, name="producer", daemon=True)
+    producer.start()
+    running.loop("watch", watch, 0.002)
+    running.loop("web", web_read, 0.005)
+    running.loop("web2", web_read, 0.005)
+    running.loop("slow", slow_read, 0.2)
+    running.loop("credentials", broker_credentials, 0.05)
+    running.loop("heartbeat", broker_heartbeat, 0.05)
+    try:
+        wait_for(lambda: counts.commits >= COMMITS, 120, f"{COMMITS} commits")
+    finally:
+        running.join()
+        handoff.close()
+        thread.join(30)
+        producer.join(10)
+        pool.close()
+    assert not thread.is_alive()
+    assert running.errors == []
+    assert all(running.done.get(name, 0) > 10 for name in ("web", "slow", "credentials", "heartbeat")), running.done
+    # The writer's commits were interleaved with readers all along, yet the log was emptied again and again.
+    with open_database(database, readonly=True) as db:
+        stored = db.query_one("SELECT count(*) FROM reports")
+    assert stored is not None
+    assert stored[0] >= COMMITS * 100
+    assert largest[0] <= wal.WAL_RESET_BYTES + MARGIN_BYTES, f"WAL reached {largest[0] / 2**20:.1f} MB"
+    # A reset waits at most its busy timeout for readers, so nobody else waited long for the writer's lock.
+    assert running.slowest["heartbeat"] < writer.WRITER_BUSY_TIMEOUT_MS / 1000, running.slowest
+    # The checkpointer's last checkpoint emptied the log: the last connection to close had nothing to copy.
+    assert wal.file_bytes(wal_path) == 0
