@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fleet.collector import history
 from fleet.collector.alerts.engine import AlertEngine
@@ -25,7 +27,7 @@ from fleet.collector.shared import CollectorStats, LinkState, ServedOrgs, WriteC
 from fleet.collector.state import Tracker, Transition
 from fleet.config.payloads import Report
 from fleet.config.settings import Settings
-from fleet.config.status import BROKER_CONNECTED, COLLECTOR
+from fleet.config.status import BROKER_CONNECTED, COLLECTOR, DATA_DISK_PERCENT, DISK_FULL_PERCENT
 from fleet.config.topics import ping_topic
 from fleet.store import wal
 from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
@@ -191,6 +193,7 @@ class Writer:
         self.alerts = alerts
         self.peers = peers
         self.checkpointer = checkpointer
+        self.disk_full = False  # the data dir's file system was over DISK_FULL_PERCENT at the last heartbeat
         self.batch = history.Batch()
         now = time.monotonic()
         self.tick_every = min(1.0, settings.ttl_seconds / 4)
@@ -358,7 +361,8 @@ class Writer:
         detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.client_id,
-                  "alerts_firing": self.alerts.firing_count()}
+                  "alerts_firing": self.alerts.firing_count(),
+                  DATA_DISK_PERCENT: self._watch_disk()}
         if self.checkpointer is not None:
             detail["wal_resets"] = self.checkpointer.resets
             detail["wal_resets_busy"] = self.checkpointer.resets_busy
@@ -366,6 +370,21 @@ class Writer:
             write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
+
+    def _watch_disk(self) -> float | None:
+        """How full the data dir's file system is; logs once when it goes over DISK_FULL_PERCENT, once when back."""
+        percent = data_disk_percent(self.settings.data_dir)
+        if percent is None:
+            return None
+        full = percent > DISK_FULL_PERCENT
+        if full and not self.disk_full:
+            log.warning("the file system holding %s is %.1f%% full (over %g%%): fleet.db and its WAL need room to grow",
+                        self.settings.data_dir, percent, DISK_FULL_PERCENT)
+        elif self.disk_full and not full:
+            log.info("the file system holding %s is %.1f%% full again (under %g%%)", self.settings.data_dir, percent,
+                     DISK_FULL_PERCENT)
+        self.disk_full = full
+        return percent
 
     def _flush(self, final: bool) -> None:
         batch = self.batch
@@ -451,6 +470,17 @@ class Writer:
             except DatabaseRefused as row_exc:
                 self.peers.drops.add(INTERNAL, _topic_of(part), f"database refused: {row_exc}")
         return complete
+
+
+def data_disk_percent(path: Path) -> float | None:
+    """How full the file system holding ``path`` is, in percent as ``df`` shows it (None when it cannot tell)."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return None
+    # used / (used + what an unprivileged writer may still use): the root-reserved blocks count as full.
+    room = usage.used + usage.free
+    return round(usage.used / room * 100, 1) if room else None
 
 
 def _topic_of(part: history.Batch) -> str:
