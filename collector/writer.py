@@ -126,15 +126,17 @@ class Checkpointer:
     """The WAL checkpointer (SQLite): its own thread and connection, so a commit never waits for a checkpoint.
 
     It looks at the WAL's size every WAL_CHECK_EVERY_S and checkpoints every CHECKPOINT_EVERY_S, or at once
-    when the file is past WAL_RESET_BYTES; then the log is emptied (store/wal.py). Its connection's busy
-    timeout bounds how long the writer waits for a reset: CHECKPOINT_BUSY_TIMEOUT_MS, under the writer's
-    WRITER_BUSY_TIMEOUT_MS. The counts are read by the heartbeat.
+    when the file is past WAL_RESET_BYTES; then the log is emptied (store/wal.py). A reset waits for the
+    writer and readers CHECKPOINT_BUSY_TIMEOUT_MS, twice that after one was held off, up to
+    CHECKPOINT_BUSY_MAX_MS: under WRITER_BUSY_TIMEOUT_MS, so a commit waiting behind a reset is never failed.
+    The counts are read by the heartbeat.
     """
 
     def __init__(self, database: str) -> None:
         self.database = database
         self.resets = 0  # the log emptied
         self.resets_busy = 0  # a reset the writer or a reader held off past the busy timeout
+        self.wait_ms = wal.CHECKPOINT_BUSY_TIMEOUT_MS  # the next reset's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-checkpoint", daemon=True)
 
@@ -162,23 +164,26 @@ class Checkpointer:
                 if time.monotonic() < due and wal.file_bytes(wal_path) <= wal.WAL_RESET_BYTES:
                     continue
                 due = time.monotonic() + CHECKPOINT_EVERY_S
-                self._checkpoint(db, wal.WAL_RESET_BYTES)
-            self._checkpoint(db, 0)
+                self.checkpoint(db, wal.WAL_RESET_BYTES)
+            self.checkpoint(db, 0)
         finally:
             db.close()
 
-    def _checkpoint(self, db: Database, reset_bytes: int) -> None:
+    def checkpoint(self, db: Database, reset_bytes: int) -> None:
+        """One checkpoint on ``db``, emptying the log past ``reset_bytes``: counted, and logged when held off."""
         try:
-            done = wal.checkpoint(db, reset_bytes)
+            done = wal.checkpoint(db, reset_bytes, self.wait_ms)
         except DatabaseError as exc:
             log.warning("WAL checkpoint failed (will retry): %s", exc)
             return
         if done.reset:
             self.resets += 1
+            self.wait_ms = wal.CHECKPOINT_BUSY_TIMEOUT_MS
         elif done.reset is False:
             self.resets_busy += 1
             log.warning("WAL reset held off by the writer or a reader past %d ms (WAL %.1f MB; %d so far)",
-                        wal.CHECKPOINT_BUSY_TIMEOUT_MS, done.wal_bytes / 2**20, self.resets_busy)
+                        self.wait_ms, done.wal_bytes / 2**20, self.resets_busy)
+            self.wait_ms = min(2 * self.wait_ms, wal.CHECKPOINT_BUSY_MAX_MS)
 
 
 class Writer:

@@ -8,9 +8,10 @@ bound, by up to 40 MB a second at 2,000 reports a second (docs/benchmarks.md).
 
 So ``checkpoint`` runs the cheap PASSIVE pass and, once the file is past ``WAL_RESET_BYTES``, a TRUNCATE
 checkpoint: it takes the write lock, copies what is left, waits for the readers still in the log and
-empties the file. Its waits are bounded by the busy timeout of the connection it runs on
-(``CHECKPOINT_BUSY_TIMEOUT_MS`` for the collector's checkpointer, well under the writers' own timeouts), after
-which SQLite gives up and the result says so.
+empties the file. Its waits are bounded (``wait_ms``, the connection's busy timeout for that call), after
+which SQLite gives up and the result says so. The collector waits ``CHECKPOINT_BUSY_TIMEOUT_MS``, twice as
+long after each reset held off, up to ``CHECKPOINT_BUSY_MAX_MS``: under the writer's own timeout, so a
+writer waiting behind a reset is delayed, never failed.
 
 Every read-write connection (store.database) sets ``journal_size_limit`` to ``WAL_RESET_BYTES``, so a log a
 writer restarts by itself is cut back to that size too, and checkpoints on its own (SQLite's automatic
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 WAL_RESET_BYTES = 16 * 2**20
 AUTOCHECKPOINT_BYTES = 2 * WAL_RESET_BYTES
 CHECKPOINT_BUSY_TIMEOUT_MS = 250
+CHECKPOINT_BUSY_MAX_MS = 500
 
 
 def wal_file(path: Path) -> Path:
@@ -58,11 +60,12 @@ class Checkpoint:
     reset: bool | None
 
 
-def checkpoint(db: Database, reset_bytes: int = WAL_RESET_BYTES) -> Checkpoint:
+def checkpoint(db: Database, reset_bytes: int = WAL_RESET_BYTES,
+               wait_ms: int = CHECKPOINT_BUSY_TIMEOUT_MS) -> Checkpoint:
     """Copy the WAL into the database file; empty the log once it is past ``reset_bytes`` (SQLite only).
 
     The PASSIVE pass does the bulk of the copying without blocking anyone, so the TRUNCATE that may follow
-    holds the write lock only for what was committed meanwhile.
+    holds the write lock only for what was committed meanwhile, plus at most ``wait_ms`` for readers.
     """
     assert db.url.path is not None
     wal = wal_file(db.url.path)
@@ -70,5 +73,9 @@ def checkpoint(db: Database, reset_bytes: int = WAL_RESET_BYTES) -> Checkpoint:
     size = file_bytes(wal)
     if size <= reset_bytes:
         return Checkpoint(size, None)
-    busy = db.query("PRAGMA wal_checkpoint(TRUNCATE)")[0][0]
+    db.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
+    try:
+        busy = db.query("PRAGMA wal_checkpoint(TRUNCATE)")[0][0]
+    finally:
+        db.execute(f"PRAGMA busy_timeout={int(db.busy_timeout_ms)}")
     return Checkpoint(size, not busy)

@@ -102,8 +102,38 @@ def start_writer(settings: Settings) -> tuple[writer.WriterThread, Handoff, Writ
 
 def test_a_reset_never_outwaits_the_writer():
     """A reset holds the write lock while it waits for readers: the writer must be the one that waits longer
-    (tests/store/test_wal.py shows a writer locked out otherwise)."""
-    assert wal.CHECKPOINT_BUSY_TIMEOUT_MS < writer.WRITER_BUSY_TIMEOUT_MS <= BUSY_TIMEOUT_MS
+    (tests/store/test_wal.py shows a writer locked out otherwise), with room for the copying the reset does."""
+    assert wal.CHECKPOINT_BUSY_TIMEOUT_MS <= wal.CHECKPOINT_BUSY_MAX_MS <= writer.WRITER_BUSY_TIMEOUT_MS / 2
+    assert writer.WRITER_BUSY_TIMEOUT_MS <= BUSY_TIMEOUT_MS
+
+
+def test_a_reset_held_off_waits_longer_next_time(tmp_path: Path, caplog):
+    """A reader longer than a reset's wait holds it off; the next ones wait twice as long, up to the cap, and
+    once the log is emptied the wait is the short one again. One warning per held-off reset."""
+    settings = Settings(data_dir=tmp_path)
+    checkpointer = writer.Checkpointer(settings.database)
+    with open_database(settings.database) as db:
+        db.execute("INSERT INTO meta(key, value) VALUES ('a', ?)", ("x" * 100_000,))
+        reader = open_database(settings.database, readonly=True)
+        reader.raw.execute("BEGIN")  # a long read: its snapshot pins the log
+        reader.query("SELECT count(*) FROM meta")
+        db.execute("INSERT INTO meta(key, value) VALUES ('b', ?)", ("x" * 100_000,))
+        waits = []
+        try:
+            for _ in range(3):
+                waits.append(checkpointer.wait_ms)
+                checkpointer.checkpoint(db, 0)
+        finally:
+            reader.close()
+        assert waits == [wal.CHECKPOINT_BUSY_TIMEOUT_MS, 2 * wal.CHECKPOINT_BUSY_TIMEOUT_MS,
+                         min(4 * wal.CHECKPOINT_BUSY_TIMEOUT_MS, wal.CHECKPOINT_BUSY_MAX_MS)]
+        assert checkpointer.resets_busy == 3
+        checkpointer.checkpoint(db, 0)
+        assert checkpointer.resets == 1
+        assert checkpointer.wait_ms == wal.CHECKPOINT_BUSY_TIMEOUT_MS
+        assert wal.file_bytes(wal.wal_file(settings.db_path)) == 0
+    held_off = [r for r in caplog.records if "WAL reset held off" in r.getMessage()]
+    assert len(held_off) == 3
 
 
 @pytest.mark.slow

@@ -96,9 +96,9 @@ def reset_behind_a_reader(path: Path, checkpoint_ms: int,
     reader.query("SELECT count(*) FROM meta")
     with open_database(path) as db:
         grow(db, 512 * 1024)  # past the reader's snapshot, so the reset must wait for it
-    checkpointer = open_database(path, migrate=False, busy_timeout_ms=checkpoint_ms, check_same_thread=False)
+    checkpointer = open_database(path, migrate=False, check_same_thread=False)
     outcome: list[wal.Checkpoint] = []
-    thread = threading.Thread(target=lambda: outcome.append(wal.checkpoint(checkpointer, reset_bytes=128 * 1024)))
+    thread = threading.Thread(target=lambda: outcome.append(wal.checkpoint(checkpointer, 128 * 1024, checkpoint_ms)))
     thread.start()
     failure = None
     try:
@@ -134,4 +134,4 @@ def test_a_reset_that_outwaits_a_writer_makes_it_fail(path):
     assert isinstance(failure, DatabaseBusy)
     assert "database is locked" in str(failure)
     assert done.reset is False
-    assert wal.CHECKPOINT_BUSY_TIMEOUT_MS < BUSY_TIMEOUT_MS  # every part's connections wait longer than a reset
+    assert wal.CHECKPOINT_BUSY_MAX_MS < BUSY_TIMEOUT_MS  # every part's connections wait longer than a reset
