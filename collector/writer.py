@@ -30,7 +30,15 @@ from fleet.config.settings import Settings
 from fleet.config.status import BROKER_CONNECTED, COLLECTOR, DATA_DISK_PERCENT, DISK_FULL_PERCENT
 from fleet.config.topics import ping_topic
 from fleet.store import wal
-from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
+from fleet.store.database import (
+    SQLITE,
+    Database,
+    DatabaseBusy,
+    DatabaseError,
+    DatabaseRefused,
+    DatabaseUrl,
+    open_database,
+)
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.orgs import list_orgs
 
@@ -44,6 +52,7 @@ WRITER_BUSY_TIMEOUT_MS = 1000
 STOP_RETRY_S = 10.0
 CHECKPOINT_EVERY_S = 1.0  # a PASSIVE pass at least this often
 WAL_CHECK_EVERY_S = 0.1  # the WAL's size is looked at this often: ~4 MB of commits at 2,000 reports/s
+WRITER_RESET_BYTES = 2 * wal.WAL_RESET_BYTES  # past this the writer resets the log itself, between batches
 
 
 @dataclass(frozen=True)
@@ -129,14 +138,21 @@ class Checkpointer:
     when the file is past WAL_RESET_BYTES; then the log is emptied (store/wal.py). A reset waits for the
     writer and readers CHECKPOINT_BUSY_TIMEOUT_MS, twice that after one was held off, up to
     CHECKPOINT_BUSY_MAX_MS: under WRITER_BUSY_TIMEOUT_MS, so a commit waiting behind a reset is never failed.
-    The counts are read by the heartbeat.
+    When resets were held off and the log is past WRITER_RESET_BYTES, the writer resets it between two batches
+    (``reset_from_writer``): then nobody holds the write lock, so only readers can hold the reset off, and
+    the log does not grow while they do. The counts are read by the heartbeat.
     """
 
     def __init__(self, database: str) -> None:
         self.database = database
         self.resets = 0  # the log emptied
         self.resets_busy = 0  # a reset the writer or a reader held off past the busy timeout
+        self.resets_by_writer = 0  # of resets: done by the writer between batches
         self.wait_ms = wal.CHECKPOINT_BUSY_TIMEOUT_MS  # the next reset's
+        path = DatabaseUrl.parse(database).path
+        assert path is not None, "a checkpointer is for SQLite"
+        self.wal_path = wal.wal_file(path)
+        self._lock = threading.Lock()  # one checkpoint at a time: SQLite refuses a second one at once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-checkpoint", daemon=True)
 
@@ -156,12 +172,10 @@ class Checkpointer:
         except DatabaseError as exc:
             log.error("collector checkpoints disabled: %s", exc)
             return
-        assert db.url.path is not None
-        wal_path = wal.wal_file(db.url.path)
         due = 0.0
         try:
             while not self._stop.wait(WAL_CHECK_EVERY_S):
-                if time.monotonic() < due and wal.file_bytes(wal_path) <= wal.WAL_RESET_BYTES:
+                if time.monotonic() < due and wal.file_bytes(self.wal_path) <= wal.WAL_RESET_BYTES:
                     continue
                 due = time.monotonic() + CHECKPOINT_EVERY_S
                 self.checkpoint(db, wal.WAL_RESET_BYTES)
@@ -169,13 +183,30 @@ class Checkpointer:
         finally:
             db.close()
 
+    def reset_from_writer(self, db: Database) -> None:
+        """On the writer's thread between batches (``db`` is its connection): reset a log past WRITER_RESET_BYTES.
+
+        Skipped while the checkpointer's thread is at it: waiting for it would hold the commit path longer.
+        """
+        if wal.file_bytes(self.wal_path) <= WRITER_RESET_BYTES or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._checkpoint(db, wal.WAL_RESET_BYTES):
+                self.resets_by_writer += 1
+        finally:
+            self._lock.release()
+
     def checkpoint(self, db: Database, reset_bytes: int) -> None:
         """One checkpoint on ``db``, emptying the log past ``reset_bytes``: counted, and logged when held off."""
+        with self._lock:
+            self._checkpoint(db, reset_bytes)
+
+    def _checkpoint(self, db: Database, reset_bytes: int) -> bool:
         try:
             done = wal.checkpoint(db, reset_bytes, self.wait_ms)
         except DatabaseError as exc:
             log.warning("WAL checkpoint failed (will retry): %s", exc)
-            return
+            return False
         if done.reset:
             self.resets += 1
             self.wait_ms = wal.CHECKPOINT_BUSY_TIMEOUT_MS
@@ -184,6 +215,7 @@ class Checkpointer:
             log.warning("WAL reset held off by the writer or a reader past %d ms (WAL %.1f MB; %d so far)",
                         self.wait_ms, done.wal_bytes / 2**20, self.resets_busy)
             self.wait_ms = min(2 * self.wait_ms, wal.CHECKPOINT_BUSY_MAX_MS)
+        return bool(done.reset)
 
 
 class Writer:
@@ -232,6 +264,8 @@ class Writer:
                     peers.drops.add(UNKNOWN_ORG, f"fleet/{item.message.org}/{item.message.machine_id}", "no such org")
                 self.pending_acks.append(ack)
             try:
+                if self.checkpointer is not None:
+                    self.checkpointer.reset_from_writer(self.db)
                 self._timers(final=done)
                 self._flush(final=done)
                 if not done and peers.link_state.is_subscribed():
@@ -371,6 +405,7 @@ class Writer:
         if self.checkpointer is not None:
             detail["wal_resets"] = self.checkpointer.resets
             detail["wal_resets_busy"] = self.checkpointer.resets_busy
+            detail["wal_resets_by_writer"] = self.checkpointer.resets_by_writer
         try:
             write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:
