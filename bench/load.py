@@ -380,7 +380,8 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         with open_database(db, readonly=True) as conn:
             beat = read_heartbeat(conn, COLLECTOR)
         if beat is not None and "wal_resets" in beat[1]:
-            resets = f"{beat[1]['wal_resets']} / {beat[1].get('wal_resets_busy', 0)}"
+            resets = " / ".join(str(beat[1].get(key, "n/a")) for key in ("wal_resets", "wal_resets_busy",
+                                                                          "wal_resets_by_writer"))
     locked = {name: locked_lines(data / f"{name}.log") for name in ("broker", "collector", "web")}
     since, since_name = growth_from(started, steady_from, steady_to)
     disk = {f"{name} RSS max / growth since {since_name}": peak_and_growth(samples, lambda s, n=name: s.rss[n], since,
@@ -418,7 +419,7 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         **disk,
         f"fleet.db-wal max, looked at every {WAL_WATCH_S * 1000:.0f} ms":
             "n/a" if database else f"{wal_peak[0]:.1f} MB",
-        "collector WAL resets / held off (heartbeat)": resets,
+        "collector WAL resets / held off / by the writer (heartbeat)": resets,
         f'"{LOCKED}" lines: broker / collector / web': " / ".join(str(n) for n in locked.values()),
     }
     if args.keep:
