@@ -12,6 +12,13 @@ agent publishes a marked report every second and polls the API until it shows. P
   over the broker's idle RSS), ingest rate;
 - drain: simulators stopped cleanly; every report they got a PUBACK for must be stored.
 
+Over the whole run, every second: each part's RSS and, on SQLite, the sizes of fleet.db and its WAL (and of
+the embedded broker's broker.db WAL; fleet.db's WAL is also looked at every 20 ms for its peak, as resets come
+several times a second under load); the table gives their maxima and growth (the value when the steady
+phase ends minus the value at minute 5 of the run, or at the end of settle when fewer than 5 minutes follow
+minute 5). Each part logs to its own file in the data dir (broker.log, collector.log, web.log) and the table
+counts their "database is locked" lines; ``--keep`` leaves the data dir in place to inspect afterwards.
+
     python3 bench/load.py --agents 5000 --interval 10 --broker both [--autosave interval:1] [--database postgres]
 Loopback only; stops by itself; prints one table with the brokers side by side. ``--autosave`` overrides
 the persistence settings of the generated mosquitto.conf (``interval:N``: save every N s; ``changes:N``:
@@ -35,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +63,10 @@ from bench.common import (  # noqa: E402
 )
 from fleet.config import payloads  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
+from fleet.config.status import COLLECTOR  # noqa: E402
 from fleet.config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
 from fleet.store.database import DatabaseError, DatabaseUrl, open_database, sqlite_url  # noqa: E402
+from fleet.store.heartbeats import read_heartbeat  # noqa: E402
 
 ORG = "load"
 PROBE = "probe-1"
@@ -151,12 +161,35 @@ def online_machines(db: str) -> int:
 
 @dataclass
 class Sample:
-    """One second of the run: CPU seconds and RSS of each part, reports stored."""
+    """One second of the run: CPU seconds and RSS of each part, reports stored, database files' sizes."""
 
     t: float
     cpu: dict[str, float]
     rss: dict[str, float]
     stored: int
+    files: dict[str, float]  # MiB by file name (SQLite only)
+
+
+LOCKED = "database is locked"
+GROWTH_FROM_S = 300.0  # growth is measured from minute 5 of the run (warm-up done), when 5 more minutes follow
+FILES = ("fleet.db", "fleet.db-wal", "broker.db-wal")
+WAL_WATCH_S = 0.02
+
+
+def file_mb(path: Path) -> float:
+    """A file's size in MiB (0 when absent)."""
+    try:
+        return path.stat().st_size / 2**20
+    except FileNotFoundError:
+        return 0.0
+
+
+def locked_lines(log: Path) -> int | str:
+    """How many lines of a part's log say "database is locked" ("n/a" without a log)."""
+    if not log.exists():
+        return "n/a"
+    with open(log, errors="replace") as f:
+        return sum(LOCKED in line for line in f)
 
 
 @dataclass
@@ -179,7 +212,8 @@ def start_broker(kind: str, data: Path, port: int, autosave: str = "generated",
     if kind == "embedded":
         command = FLEET if profile is None else [sys.executable, str(Path(__file__).with_name("profiled.py")),
                                                   str(profile), *FLEET[2:]]
-        proc = subprocess.Popen([*command, "broker", "--mqtt-port", str(port), "--data-dir", str(data)], env=env)
+        proc = start_part([*command, "broker", "--mqtt-port", str(port), "--data-dir", str(data)], env,
+                          data / "broker.log")
         wait_port(port, proc)
         return proc
     out = data / "mosquitto"
@@ -199,6 +233,26 @@ def start_broker(kind: str, data: Path, port: int, autosave: str = "generated",
     return proc
 
 
+def start_part(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A fleet part with its output in ``log`` (a file, not a pipe: a full pipe would stall the part)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def growth_from(started: float, settled: float, end: float) -> tuple[float, str]:
+    """Where growth is measured from: minute 5 of the run when 5 more minutes follow it, else the end of settle."""
+    if end - (started + GROWTH_FROM_S) >= GROWTH_FROM_S:
+        return started + GROWTH_FROM_S, "minute 5"
+    return settled, "end of settle"
+
+
+def peak_and_growth(samples: list[Sample], value: Callable[[Sample], float], reference: float, end: float) -> str:
+    """``max / +growth`` of one sampled value in MB: its maximum over the run, and ``end`` minus ``reference``."""
+    inside = [s for s in samples if s.t <= end] or samples
+    first = next((s for s in inside if s.t >= reference), inside[-1])
+    return f"{max(value(s) for s in samples):.1f} / {value(inside[-1]) - value(first):+.1f} MB"
+
+
 def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, object]:
     """One broker's run, on SQLite in its data dir or on ``database``; returns its figures by metric name."""
     data = Path(tempfile.mkdtemp(prefix=f"fleet-load-{kind}-"))
@@ -213,9 +267,10 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile)
         url = f"mqtts://127.0.0.1:{mqtt_port}"
         ca = data / "certs" / "ca.pem"
-        parts.procs["collector"] = subprocess.Popen([*FLEET, "collector", "--broker", url, *common], env=env)
-        parts.procs["web"] = subprocess.Popen([*FLEET, "web", "--http-port", str(http_port), "--broker", url,
-                                               *common], env=env)
+        parts.procs["collector"] = start_part([*FLEET, "collector", "--broker", url, *common], env,
+                                              data / "collector.log")
+        parts.procs["web"] = start_part([*FLEET, "web", "--http-port", str(http_port), "--broker", url, *common], env,
+                                        data / "web.log")
         api = f"http://127.0.0.1:{http_port}"
         wait_until(lambda: http_json(f"{api}/healthz")[0] == 200, 60, "healthz")
         time.sleep(2)  # let start-up settle before the idle baseline
@@ -239,12 +294,20 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
                     stored = stored_reports(db)
                 except DatabaseError:
                     stored = samples[-1].stored if samples else 0
+                files = {} if database else {name: file_mb(data / name) for name in FILES}
                 samples.append(Sample(time.time(), {n: cpu_s(pid) for n, pid in pids.items()},
-                                      {n: rss_mb(pid) for n, pid in pids.items()}, stored))
+                                      {n: rss_mb(pid) for n, pid in pids.items()}, stored, files))
                 sampling.wait(1.0)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        wal_peak = [0.0]  # resets come every fraction of a second under load: the 1 s samples would miss peaks
+
+        def watch_wal() -> None:
+            while not database and not sampling.wait(WAL_WATCH_S):
+                wal_peak[0] = max(wal_peak[0], file_mb(data / "fleet.db-wal"))
+
+        threading.Thread(target=watch_wal, daemon=True).start()
 
         window = args.agents / args.connect_rate
         all_online = None
@@ -266,7 +329,8 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
             time.sleep(min(5.0, max(0.0, steady_to - time.time())))
             last = samples[-1]
             print(f"  [{kind}] t={last.t - started:5.0f}s online={online_machines(db)} stored={last.stored} "
-                  + " ".join(f"{n}={last.rss[n]:.0f}MB" for n in ("broker", "collector", "web")), flush=True)
+                  + " ".join(f"{n}={last.rss[n]:.0f}MB" for n in ("broker", "collector", "web"))
+                  + "".join(f" {n}={mb:.0f}MB" for n, mb in last.files.items()), flush=True)
 
         if profile is not None:
             parts.procs["broker"].send_signal(signal.SIGUSR2)
@@ -311,6 +375,21 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         count = (data / "mosquitto" / "mosquitto.log").read_text().count("Saving in-memory database")
         db_file = data / "mosquitto" / "data" / "mosquitto.db"
         saves = f"{count} / {db_file.stat().st_size / 1024 if db_file.exists() else 0:.0f} KiB"
+    resets = "n/a"
+    if not database:
+        with open_database(db, readonly=True) as conn:
+            beat = read_heartbeat(conn, COLLECTOR)
+        if beat is not None and "wal_resets" in beat[1]:
+            resets = " / ".join(str(beat[1].get(key, "n/a")) for key in ("wal_resets", "wal_resets_busy",
+                                                                          "wal_resets_by_writer"))
+    locked = {name: locked_lines(data / f"{name}.log") for name in ("broker", "collector", "web")}
+    since, since_name = growth_from(started, steady_from, steady_to)
+    disk = {f"{name} RSS max / growth since {since_name}": peak_and_growth(samples, lambda s, n=name: s.rss[n], since,
+                                                                           steady_to)
+            for name in ("broker", "collector", "web")}
+    for name in FILES if not database else ():
+        disk[f"{name} max / growth since {since_name}"] = peak_and_growth(samples, lambda s, n=name: s.files[n],
+                                                                          since, steady_to)
     figures = {
         "time until all agents connected": "never" if all_connected is None else f"{all_connected - started:.1f} s",
         "connect rate (handshakes/s; offered)": ("n/a" if all_connected is None or not firsts
@@ -337,8 +416,16 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         "report->API latency p50 / p99": "n/a" if not lat else
         f"{statistics.median(lat) * 1000:.0f} / {lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000:.0f} ms",
         f"Mosquitto saves ({args.autosave}) / last mosquitto.db": saves,
+        **disk,
+        f"fleet.db-wal max, looked at every {WAL_WATCH_S * 1000:.0f} ms":
+            "n/a" if database else f"{wal_peak[0]:.1f} MB",
+        "collector WAL resets / held off / by the writer (heartbeat)": resets,
+        f'"{LOCKED}" lines: broker / collector / web': " / ".join(str(n) for n in locked.values()),
     }
-    shutil.rmtree(data, ignore_errors=True)  # hundreds of MB per run (databases, logs, simulator records)
+    if args.keep:
+        print(f"  [{kind}] data dir kept: {data}", flush=True)
+    else:
+        shutil.rmtree(data, ignore_errors=True)  # hundreds of MB per run (databases, logs, simulator records)
     return figures
 
 
@@ -359,6 +446,7 @@ def main() -> None:
     parser.add_argument("--autosave", default="generated", help="Mosquitto only: generated, interval:N, changes:N")
     parser.add_argument("--database", default="sqlite",
                         help="sqlite (fleet.db in each run's data dir), postgres (a throwaway server) or a URL")
+    parser.add_argument("--keep", action="store_true", help="keep each run's data dir (database, logs) and print it")
     args = parser.parse_args()
     brokers = ["embedded", "mosquitto"] if args.broker == "both" else [args.broker]
     server = None

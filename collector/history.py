@@ -197,11 +197,6 @@ def tail_stats(db: Database, tail: Tail) -> TailStats:
     return TailStats(int(received or 0), None if max_seq is None else int(max_seq), max_ts, before)
 
 
-def checkpoint(db: Database) -> None:
-    """SQLite: copy what the WAL holds into the database file, without waiting for readers or the writer."""
-    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-
 def committed(db: Database, marker: tuple[str, str]) -> bool:
     """Was the batch written with ``marker`` committed? (A lost connection can hide a COMMIT that succeeded.)"""
     return db.query_one("SELECT value FROM meta WHERE key = ?", (marker[0],)) == (marker[1],)

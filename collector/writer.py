@@ -3,17 +3,19 @@
 It takes batches from the hand-off (collector.handoff), applies the state machine (collector.state) and the
 alert engine, stores each batch in one transaction (collector.history) and only then acknowledges it; it also
 runs the timers: stale/TTL checks, heartbeat, org refresh and history retention. On SQLite a thread of its
-own checkpoints the WAL.
+own checkpoints the WAL and keeps it bounded (Checkpointer).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fleet.collector import history
 from fleet.collector.alerts.engine import AlertEngine
@@ -25,9 +27,18 @@ from fleet.collector.shared import CollectorStats, LinkState, ServedOrgs, WriteC
 from fleet.collector.state import Tracker, Transition
 from fleet.config.payloads import Report
 from fleet.config.settings import Settings
-from fleet.config.status import BROKER_CONNECTED, COLLECTOR
+from fleet.config.status import BROKER_CONNECTED, COLLECTOR, DATA_DISK_PERCENT, DISK_FULL_PERCENT
 from fleet.config.topics import ping_topic
-from fleet.store.database import SQLITE, Database, DatabaseBusy, DatabaseError, DatabaseRefused, open_database
+from fleet.store import wal
+from fleet.store.database import (
+    SQLITE,
+    Database,
+    DatabaseBusy,
+    DatabaseError,
+    DatabaseRefused,
+    DatabaseUrl,
+    open_database,
+)
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.orgs import list_orgs
 from fleet.store.samples import SampleIds
@@ -40,7 +51,9 @@ ORG_REFRESH_MAX_S = 2.0
 STARTUP_GRACE_S = 30.0  # without a broker, start stale/TTL checks after this long anyway
 WRITER_BUSY_TIMEOUT_MS = 1000
 STOP_RETRY_S = 10.0
-CHECKPOINT_EVERY_S = 1.0
+CHECKPOINT_EVERY_S = 1.0  # a PASSIVE pass at least this often
+WAL_CHECK_EVERY_S = 0.1  # the WAL's size is looked at this often: ~4 MB of commits at 2,000 reports/s
+WRITER_RESET_BYTES = 2 * wal.WAL_RESET_BYTES  # past this the writer resets the log itself, between batches
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,6 @@ class WriterThread:
         self.peers = peers
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._checkpoint_stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="collector-writer", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -105,52 +117,121 @@ class WriterThread:
             self._ready.set()
             return
         self._ready.set()
-        checkpointer = threading.Thread(target=self._checkpointer, name="collector-checkpoint", daemon=True)
-        if db.engine == SQLITE:
+        checkpointer = Checkpointer(self.settings.database) if db.engine == SQLITE else None
+        if checkpointer is not None:
             checkpointer.start()
         try:
-            Writer(self.settings, self.client_id, db, self.tracker, self.alerts, self.peers).run()
+            Writer(self.settings, self.client_id, db, self.tracker, self.alerts, self.peers, checkpointer).run()
         except BaseException:
             log.exception("collector writer thread crashed")
             raise
         finally:
             self.peers.handoff.writer_stopped()
-            self._checkpoint_stop.set()
-            if checkpointer.is_alive():
-                checkpointer.join(STOP_RETRY_S)
+            if checkpointer is not None:
+                checkpointer.stop(STOP_RETRY_S)
             db.close()
 
-    def _checkpointer(self) -> None:
-        """Copy the WAL into fleet.db every CHECKPOINT_EVERY_S, off the writer's commit path."""
+
+class Checkpointer:
+    """The WAL checkpointer (SQLite): its own thread and connection, so a commit never waits for a checkpoint.
+
+    It looks at the WAL's size every WAL_CHECK_EVERY_S and checkpoints every CHECKPOINT_EVERY_S, or at once
+    when the file is past WAL_RESET_BYTES; then the log is emptied (store/wal.py). A reset waits for the
+    writer and readers CHECKPOINT_BUSY_TIMEOUT_MS, twice that after one was held off, up to
+    CHECKPOINT_BUSY_MAX_MS: under WRITER_BUSY_TIMEOUT_MS, so a commit waiting behind a reset is never failed.
+    When resets were held off and the log is past WRITER_RESET_BYTES, the writer resets it between two batches
+    (``reset_from_writer``): then nobody holds the write lock, so only readers can hold the reset off, and
+    the log does not grow while they do. The counts are read by the heartbeat.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.resets = 0  # the log emptied
+        self.resets_busy = 0  # a reset the writer or a reader held off past the busy timeout
+        self.resets_by_writer = 0  # of resets: done by the writer between batches
+        self.wait_ms = wal.CHECKPOINT_BUSY_TIMEOUT_MS  # the next reset's
+        path = DatabaseUrl.parse(database).path
+        assert path is not None, "a checkpointer is for SQLite"
+        self.wal_path = wal.wal_file(path)
+        self._lock = threading.Lock()  # one checkpoint at a time: SQLite refuses a second one at once
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="collector-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        """Start checkpointing."""
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop after a last checkpoint that empties the log, so the last connection to close has nothing to copy."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
         try:
-            db = open_database(self.settings.database, migrate=False)
+            db = open_database(self.database, migrate=False, busy_timeout_ms=wal.CHECKPOINT_BUSY_TIMEOUT_MS)
         except DatabaseError as exc:
             log.error("collector checkpoints disabled: %s", exc)
             return
+        due = 0.0
         try:
-            while not self._checkpoint_stop.wait(CHECKPOINT_EVERY_S):
-                try:
-                    history.checkpoint(db)
-                except DatabaseError as exc:
-                    log.warning("WAL checkpoint failed (will retry): %s", exc)
-            history.checkpoint(db)
-        except DatabaseError as exc:
-            log.warning("final WAL checkpoint failed: %s", exc)
+            while not self._stop.wait(WAL_CHECK_EVERY_S):
+                if time.monotonic() < due and wal.file_bytes(self.wal_path) <= wal.WAL_RESET_BYTES:
+                    continue
+                due = time.monotonic() + CHECKPOINT_EVERY_S
+                self.checkpoint(db, wal.WAL_RESET_BYTES)
+            self.checkpoint(db, 0)
         finally:
             db.close()
+
+    def reset_from_writer(self, db: Database) -> None:
+        """On the writer's thread between batches (``db`` is its connection): reset a log past WRITER_RESET_BYTES.
+
+        Skipped while the checkpointer's thread is at it: waiting for it would hold the commit path longer.
+        """
+        if wal.file_bytes(self.wal_path) <= WRITER_RESET_BYTES or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._checkpoint(db, wal.WAL_RESET_BYTES):
+                self.resets_by_writer += 1
+        finally:
+            self._lock.release()
+
+    def checkpoint(self, db: Database, reset_bytes: int) -> None:
+        """One checkpoint on ``db``, emptying the log past ``reset_bytes``: counted, and logged when held off."""
+        with self._lock:
+            self._checkpoint(db, reset_bytes)
+
+    def _checkpoint(self, db: Database, reset_bytes: int) -> bool:
+        try:
+            done = wal.checkpoint(db, reset_bytes, self.wait_ms)
+        except DatabaseError as exc:
+            log.warning("WAL checkpoint failed (will retry): %s", exc)
+            return False
+        if done.reset:
+            self.resets += 1
+            self.wait_ms = wal.CHECKPOINT_BUSY_TIMEOUT_MS
+        elif done.reset is False:
+            self.resets_busy += 1
+            log.warning("WAL reset held off by the writer or a reader past %d ms (WAL %.1f MB; %d so far)",
+                        self.wait_ms, done.wal_bytes / 2**20, self.resets_busy)
+            self.wait_ms = min(2 * self.wait_ms, wal.CHECKPOINT_BUSY_MAX_MS)
+        return bool(done.reset)
 
 
 class Writer:
     """The writer thread's loop: batch, apply state, store, and run the timers."""
 
     def __init__(self, settings: Settings, client_id: str, db: Database, tracker: Tracker,
-                 alerts: AlertEngine, peers: WriterPeers) -> None:
+                 alerts: AlertEngine, peers: WriterPeers, checkpointer: Checkpointer | None = None) -> None:
         self.settings = settings
         self.client_id = client_id
         self.db = db
         self.tracker = tracker
         self.alerts = alerts
         self.peers = peers
+        self.checkpointer = checkpointer
+        self.disk_full = False  # the data dir's file system was over DISK_FULL_PERCENT at the last heartbeat
         self.batch = history.Batch()
         self.sample_ids = SampleIds()
         now = time.monotonic()
@@ -185,6 +266,8 @@ class Writer:
                     peers.drops.add(UNKNOWN_ORG, f"fleet/{item.message.org}/{item.message.machine_id}", "no such org")
                 self.pending_acks.append(ack)
             try:
+                if self.checkpointer is not None:
+                    self.checkpointer.reset_from_writer(self.db)
                 self._timers(final=done)
                 self._flush(final=done)
                 if not done and peers.link_state.is_subscribed():
@@ -321,11 +404,31 @@ class Writer:
         detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.client_id,
-                  "alerts_firing": self.alerts.firing_count()}
+                  "alerts_firing": self.alerts.firing_count(),
+                  DATA_DISK_PERCENT: self._watch_disk()}
+        if self.checkpointer is not None:
+            detail["wal_resets"] = self.checkpointer.resets
+            detail["wal_resets_busy"] = self.checkpointer.resets_busy
+            detail["wal_resets_by_writer"] = self.checkpointer.resets_by_writer
         try:
             write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
+
+    def _watch_disk(self) -> float | None:
+        """How full the data dir's file system is; logs once when it goes over DISK_FULL_PERCENT, once when back."""
+        percent = data_disk_percent(self.settings.data_dir)
+        if percent is None:
+            return None
+        full = percent > DISK_FULL_PERCENT
+        if full and not self.disk_full:
+            log.warning("the file system holding %s is %.1f%% full (over %g%%): fleet.db and its WAL need room to grow",
+                        self.settings.data_dir, percent, DISK_FULL_PERCENT)
+        elif self.disk_full and not full:
+            log.info("the file system holding %s is %.1f%% full again (under %g%%)", self.settings.data_dir, percent,
+                     DISK_FULL_PERCENT)
+        self.disk_full = full
+        return percent
 
     def _flush(self, final: bool) -> None:
         batch = self.batch
@@ -411,6 +514,17 @@ class Writer:
             except DatabaseRefused as row_exc:
                 self.peers.drops.add(INTERNAL, _topic_of(part), f"database refused: {row_exc}")
         return complete
+
+
+def data_disk_percent(path: Path) -> float | None:
+    """How full the file system holding ``path`` is, in percent as ``df`` shows it (None when it cannot tell)."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return None
+    # used / (used + what an unprivileged writer may still use): the root-reserved blocks count as full.
+    room = usage.used + usage.free
+    return round(usage.used / room * 100, 1) if room else None
 
 
 def _topic_of(part: history.Batch) -> str:

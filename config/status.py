@@ -16,3 +16,5 @@ MACHINE_STATUSES = (ONLINE, STALE, OFFLINE)
 COLLECTOR = "collector"  # heartbeats.component of the collector
 BROKER = "broker"  # heartbeats.component of the embedded broker
 BROKER_CONNECTED = "broker_connected"  # its heartbeat detail: False while it cannot reach the broker
+DATA_DISK_PERCENT = "data_disk_percent"  # its heartbeat detail: how full the data dir's file system is (df's Use%)
+DISK_FULL_PERCENT = 90.0  # over this the collector warns and /healthz says so

@@ -37,6 +37,7 @@ from fleet.store import conversion
 from fleet.store.errors import DatabaseBusy, DatabaseError, DatabaseRefused
 from fleet.store.samples import SampleIds
 from fleet.store.schema import MIGRATIONS, POSTGRESQL, SCHEMA_VERSION, SQLITE, Migration
+from fleet.store.wal import AUTOCHECKPOINT_BYTES, WAL_RESET_BYTES
 
 log = logging.getLogger("fleet.store")
 
@@ -474,6 +475,10 @@ def _connect_sqlite(db: Database) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=db.check_same_thread)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        # How the WAL stays bounded: store/wal.py.
+        conn.execute(f"PRAGMA journal_size_limit={WAL_RESET_BYTES}")
+        page_bytes = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_BYTES // page_bytes}")
     conn.execute(f"PRAGMA busy_timeout={int(db.busy_timeout_ms)}")
     return conn
 

@@ -3,7 +3,8 @@
 ``info`` works on both engines. Table sizes include the table's indexes: on SQLite from the ``dbstat``
 virtual table (every page is read, so it takes a while on a large file; None where SQLite was built without
 it), on PostgreSQL from ``pg_total_relation_size``. The WAL and free pages are SQLite's; PostgreSQL's WAL is
-the server's, not one database's, and is not shown.
+the server's, not one database's, and is not shown. ``database_size`` is the part of ``info`` that reads
+nothing but two file sizes (one query on PostgreSQL), cheap enough for every ``/metrics`` scrape.
 
 ``vacuum`` is SQLite only (PostgreSQL's autovacuum does that work): VACUUM rebuilds the file without its
 free pages, ANALYZE refreshes the query planner's statistics, and a TRUNCATE checkpoint empties the WAL,
@@ -26,6 +27,7 @@ from fleet.store.database import (
     open_database,
     schema_version,
 )
+from fleet.store.wal import file_bytes, wal_file
 
 DAY = 86_400.0
 # Where raw history lives (store.schema, version 5): the reports, their ids and the inventory.
@@ -85,15 +87,20 @@ def _sqlite_file(url: DatabaseUrl) -> Path:
     return url.path
 
 
-def _file_bytes(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+@dataclass(frozen=True)
+class DatabaseSize:
+    """How much disk the database takes: SQLite's file and its WAL, or PostgreSQL's ``pg_database_size``."""
+
+    database_bytes: int
+    wal_bytes: int | None  # SQLite only: PostgreSQL's WAL belongs to the server, not to one database
 
 
-def _wal(path: Path) -> Path:
-    return path.with_name(path.name + "-wal")
+def database_size(db: Database) -> DatabaseSize:
+    """The database's size without reading it (two ``stat`` calls on SQLite, one cheap query on PostgreSQL)."""
+    if db.engine == SQLITE:
+        assert db.url.path is not None
+        return DatabaseSize(file_bytes(db.url.path), file_bytes(wal_file(db.url.path)))
+    return DatabaseSize(int(db.query("SELECT pg_database_size(current_database())")[0][0]), None)
 
 
 def _quoted(name: str) -> str:
@@ -128,13 +135,11 @@ def database_info(database: str | Path | DatabaseUrl) -> DatabaseInfo:
         sizes = _sqlite_tables(db) if path is not None else _postgresql_tables(db)
         tables = tuple(TableInfo(name, int(db.query(f"SELECT count(*) FROM {_quoted(name)}")[0][0]), size)
                        for name, size in sizes.items())
+        size = database_size(db)
+        free: int | None = None
         if path is not None:
             page_size = db.query("PRAGMA page_size")[0][0]
-            free: int | None = int(db.query("PRAGMA freelist_count")[0][0]) * page_size
-            database_bytes, wal = _file_bytes(path), _file_bytes(_wal(path))
-        else:
-            free, wal = None, None
-            database_bytes = int(db.query("SELECT pg_database_size(current_database())")[0][0])
+            free = int(db.query("PRAGMA freelist_count")[0][0]) * page_size
         oldest = newest = None
         if "samples" in sizes:
             # By id, which follows the receive order: an index lookup each, not a scan.
@@ -144,8 +149,8 @@ def database_info(database: str | Path | DatabaseUrl) -> DatabaseInfo:
     history = [t.bytes for t in tables if t.name in HISTORY_TABLES]
     history_bytes = None if None in history else sum(b for b in history if b is not None)
     return DatabaseInfo(
-        database=str(url), engine=url.engine, schema_version=version, database_bytes=database_bytes,
-        wal_bytes=wal, free_bytes=free,
+        database=str(url), engine=url.engine, schema_version=version, database_bytes=size.database_bytes,
+        wal_bytes=size.wal_bytes, free_bytes=free,
         history_days=None if oldest is None else (newest - oldest) / DAY,
         bytes_per_report=history_bytes / reports.rows if reports and reports.rows and history_bytes else None,
         tables=tables)
@@ -158,7 +163,7 @@ def vacuum(database: str | Path | DatabaseUrl) -> VacuumResult:
         raise MaintenanceError(f"fleet db vacuum is SQLite maintenance; on PostgreSQL ({url}) autovacuum does it"
                                " (or run VACUUM ANALYZE in psql)")
     path = _sqlite_file(url)
-    database_before, wal_before = _file_bytes(path), _file_bytes(_wal(path))
+    database_before, wal_before = file_bytes(path), file_bytes(wal_file(path))
     with open_database(url, migrate=False) as db:
         import sqlite3
 
@@ -171,5 +176,5 @@ def vacuum(database: str | Path | DatabaseUrl) -> VacuumResult:
             busy = lite.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as exc:
             raise MaintenanceError(f"cannot vacuum {url}: {exc}") from exc
-    return VacuumResult(str(url), database_before, _file_bytes(path), wal_before, _file_bytes(_wal(path)),
+    return VacuumResult(str(url), database_before, file_bytes(path), wal_before, file_bytes(wal_file(path)),
                         wal_truncated=not busy)

@@ -1,14 +1,19 @@
-"""``GET /healthz``: broker, collector and database, each "ok" or a reason; 503 when one is down."""
+"""``GET /healthz``: broker, collector and database, each "ok" or a reason; 503 when one is down.
+
+``disk``, how full the file system holding the collector's data dir is (from its heartbeat), is a warning
+only: a nearly full disk does not stop any part from answering, so it never turns the answer into a 503.
+"""
 
 from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 
 from fleet.config.mqtt import BrokerAddress
-from fleet.config.status import BROKER_CONNECTED, COLLECTOR
+from fleet.config.status import BROKER_CONNECTED, COLLECTOR, DATA_DISK_PERCENT, DISK_FULL_PERCENT
 from fleet.web import db
 
 bp = Blueprint("health", __name__)
@@ -25,12 +30,21 @@ def check_database() -> str:
         return str(exc)
 
 
-def check_collector() -> str:
-    """Has the collector written its heartbeat recently?"""
+Heartbeat = tuple[float, dict[str, Any]] | None
+
+
+def collector_heartbeat() -> Heartbeat | str:
+    """The collector's last heartbeat, or why it cannot be read."""
     try:
-        beat = db.heartbeat(COLLECTOR)
+        return db.heartbeat(COLLECTOR)
     except db.DatabaseUnavailable:
         return "unknown: database unavailable"
+
+
+def check_collector(beat: Heartbeat | str) -> str:
+    """Has the collector written its heartbeat recently?"""
+    if isinstance(beat, str):
+        return beat
     if beat is None:
         return "no heartbeat yet"
     age = time.time() - beat[0]
@@ -38,6 +52,16 @@ def check_collector() -> str:
         return f"no heartbeat for {age:.0f} s"
     if beat[1].get(BROKER_CONNECTED) is False:
         return "running, but not connected to the broker"
+    return "ok"
+
+
+def check_disk(beat: Heartbeat | str) -> str:
+    """Is the file system holding the collector's data dir under DISK_FULL_PERCENT, by its last heartbeat?"""
+    percent = beat[1].get(DATA_DISK_PERCENT) if isinstance(beat, tuple) else None
+    if not isinstance(percent, (int, float)) or isinstance(percent, bool):
+        return "unknown: no figure from the collector"
+    if percent > DISK_FULL_PERCENT:
+        return f"warning: the collector's data dir is on a file system {percent:g}% full (over {DISK_FULL_PERCENT:g}%)"
     return "ok"
 
 
@@ -53,7 +77,9 @@ def check_broker() -> str:
 
 @bp.get("/healthz")
 def healthz():
-    """200 when everything is ok, else 503 with the reasons."""
-    result = {"broker": check_broker(), "collector": check_collector(), "database": check_database()}
+    """200 when broker, collector and database are ok, else 503 with the reasons; ``disk`` only warns."""
+    beat = collector_heartbeat()
+    result = {"broker": check_broker(), "collector": check_collector(beat), "database": check_database()}
     healthy = all(value == "ok" for value in result.values())
+    result["disk"] = check_disk(beat)
     return jsonify(result), 200 if healthy else 503

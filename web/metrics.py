@@ -6,6 +6,7 @@ from flask import Blueprint, Response, g
 
 from fleet.config import derived
 from fleet.config.status import MACHINE_STATUSES
+from fleet.store.maintenance import database_size
 from fleet.web import db
 from fleet.web.auth import org_required
 
@@ -75,6 +76,12 @@ def render(org: str) -> str:
             [(_labels(org=org, rule=rule, severity=severity), n) for rule, severity, n in db.firing_counts(org)])
     _family(lines, "fleet_collector_dropped_messages_total", "counter", "Messages the collector dropped, by reason.",
             [(_labels(reason=reason), n) for reason, n in db.drop_counts().items()])
+    size = db.read(database_size)
+    _family(lines, "fleet_database_bytes", "gauge", "The database's size: SQLite's file, or pg_database_size.",
+            [("", size.database_bytes)])
+    # PostgreSQL's WAL is the server's, shared by all its databases: no sample rather than a made-up one.
+    _family(lines, "fleet_database_wal_bytes", "gauge", "SQLite's write-ahead log file (fleet.db-wal).",
+            [] if size.wal_bytes is None else [("", size.wal_bytes)])
     return "\n".join(lines) + "\n"
 
 
