@@ -286,22 +286,6 @@ CREATE TABLE samples (
 );
 CREATE UNIQUE INDEX samples_session_seq ON samples(session, seq);
 CREATE INDEX samples_machine_ts ON samples(machine, ts);
-CREATE VIEW reports AS
-SELECT m.org AS org, m.machine_id AS machine_id, s.session AS session, r.seq AS seq, r.ts AS ts,
-       r.received AS received,
-       CASE typeof(r.cpu_percent) WHEN 'integer' THEN r.cpu_percent / 100.0 ELSE r.cpu_percent END AS cpu_percent,
-       CASE typeof(r.memory_percent) WHEN 'integer' THEN r.memory_percent / 100.0 ELSE r.memory_percent END
-           AS memory_percent,
-       CASE typeof(r.disk_percent) WHEN 'integer' THEN r.disk_percent / 100.0 ELSE r.disk_percent END
-           AS disk_percent,
-       CASE typeof(r.load1) WHEN 'integer' THEN r.load1 / 100.0 ELSE r.load1 END AS load1,
-       r.net_bytes_sent AS net_bytes_sent, r.net_bytes_recv AS net_bytes_recv,
-       f.names AS field_names, r.field_values AS field_values,
-       r.id AS id, r.machine AS machine_key, r.session AS session_key
-FROM samples r
-JOIN report_machines m ON m.id = r.machine
-JOIN report_sessions s ON s.id = r.session
-LEFT JOIN report_fields f ON f.id = r.field_set;
 """
 _POSTGRESQL_TABLES = """
 ALTER TABLE reports RENAME TO reports_v4;
@@ -349,10 +333,13 @@ CREATE TABLE samples (
 );
 CREATE UNIQUE INDEX samples_session_seq ON samples(session, seq);
 CREATE INDEX samples_machine_ts ON samples(machine, ts);
+"""
+# The view ``reports``: history under the old columns' names and values; ``{number}`` reads a stored value.
+_REPORTS_VIEW = """
 CREATE VIEW reports AS
 SELECT m.org AS org, m.machine_id AS machine_id, s.session AS session, r.seq AS seq, r.ts AS ts,
-       r.received AS received, r.cpu_percent AS cpu_percent, r.memory_percent AS memory_percent,
-       r.disk_percent AS disk_percent, r.load1 AS load1,
+       r.received AS received, {cpu_percent} AS cpu_percent, {memory_percent} AS memory_percent,
+       {disk_percent} AS disk_percent, {load1} AS load1,
        r.net_bytes_sent AS net_bytes_sent, r.net_bytes_recv AS net_bytes_recv,
        f.names AS field_names, r.field_values AS field_values,
        r.id AS id, r.machine AS machine_key, r.session AS session_key
@@ -361,8 +348,12 @@ JOIN report_machines m ON m.id = r.machine
 JOIN report_sessions s ON s.id = r.session
 LEFT JOIN report_fields f ON f.id = r.field_set;
 """
-COMPACT_HISTORY = {SQLITE: _COMPACT_HISTORY_TABLES + _SQLITE_SAMPLES,
-                   POSTGRESQL: _POSTGRESQL_TABLES + _POSTGRESQL_SAMPLES}
+_NUMBERS = ("cpu_percent", "memory_percent", "disk_percent", "load1")
+_SQLITE_VIEW = _REPORTS_VIEW.format(**{
+    c: f"CASE typeof(r.{c}) WHEN 'integer' THEN r.{c} / 100.0 ELSE r.{c} END" for c in _NUMBERS})
+_POSTGRESQL_VIEW = _REPORTS_VIEW.format(**{c: f"r.{c}" for c in _NUMBERS})
+COMPACT_HISTORY = {SQLITE: _COMPACT_HISTORY_TABLES + _SQLITE_SAMPLES + _SQLITE_VIEW,
+                   POSTGRESQL: _POSTGRESQL_TABLES + _POSTGRESQL_SAMPLES + _POSTGRESQL_VIEW}
 
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
