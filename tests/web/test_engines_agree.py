@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 
 import pytest
@@ -93,7 +94,9 @@ def _answer(client, keys, org, path):
         if isinstance(data, dict):
             data.pop("server_time", None)
         return res.status_code, data
-    return res.status_code, body
+    # The database's own size families differ by engine by nature (and PostgreSQL has no WAL of its own).
+    return res.status_code, "".join(line for line in body.splitlines(keepends=True)
+                                    if not re.search(r"\bfleet_database_(wal_)?bytes\b", line))
 
 
 def test_every_endpoint_answers_alike_on_both_engines(tmp_path, pg_server):
@@ -103,6 +106,7 @@ def test_every_endpoint_answers_alike_on_both_engines(tmp_path, pg_server):
              "/api/fleet?q=web_", "/api/fleet?q=%25", "/api/fleet?limit=7&offset=3",
              "/api/fleet/web-01", "/api/fleet/web_5.x", "/api/fleet/nobody", "/api/fleet/web-01/history",
              "/api/fleet/web-01/history?since=0", f"/api/fleet/web-02/history?since={now - 2000}&until={now}",
+             "/api/fleet/web-01/inventory", "/api/fleet/web_5.x/inventory",
              "/api/events", "/api/events?since=1&limit=5", "/api/events?machine=web-01", "/metrics"]
     paths += [f"/api/fleet?sort={sort}&order={order}" for sort in ("machine_id", "status", "last_seen", "os", "cpu",
                                                                     "memory") for order in ("asc", "desc")]
