@@ -43,15 +43,14 @@ from fleet.config.ids import validate_id
 from fleet.store.conversion import OLD_REPORTS
 from fleet.store.database import Database, DatabaseError, DatabaseUrl, open_database, schema_version
 from fleet.store.orgs import org_exists
-from fleet.store.samples import extra_fields
+from fleet.store.samples import REPORT_VALUES, extra_fields
 
 FORMATS = (".db", ".csv", ".json")
 CHUNK_ROWS = 5_000
 # Version 5 stores history compactly (version 3 added the alerts table).
 MIN_SCHEMA_VERSION = 5
 
-HISTORY_COLUMNS = ("org", "machine_id", "session", "seq", "ts", "received", "cpu_percent", "memory_percent",
-                   "disk_percent", "load1", "net_bytes_sent", "net_bytes_recv", "fields")
+HISTORY_COLUMNS = (*REPORT_VALUES, "fields")  # a report's values, its extra fields as one JSON object
 EVENT_COLUMNS = ("id", "org", "machine_id", "ts", "old_status", "new_status", "reason")
 ALERT_COLUMNS = ("id", "org", "rule", "machine_id", "state", "severity", "summary", "value", "active_at", "fired_at",
                  "resolved_at")
@@ -154,7 +153,7 @@ def org_known(db: Database, org: str) -> bool:
 def history_rows(db: Database, org: str, window: Window, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple]:
     """The org's raw reports in the window (``HISTORY_COLUMNS``), by machine then (ts, session, seq)."""
     in_window, bounds = window.on("ts")
-    select = (f"SELECT {', '.join(HISTORY_COLUMNS[:-1])}, field_names, field_values FROM reports"
+    select = (f"SELECT {', '.join(REPORT_VALUES)}, field_names, field_values FROM reports"
               f" WHERE org = ? AND machine_id = ?{in_window}")
     order = " ORDER BY ts, session, seq LIMIT ?"
     machine = ""  # ids start with a letter or digit: every one sorts after ""

@@ -146,8 +146,8 @@ class SampleIds:
         """The id of a list of extra-field names, created if new."""
         found = self.fields.get(names)
         if found is None:
-            found = _find_or_create(db, "report_fields", ("names",), [(field_names_text(names),)])[
-                (field_names_text(names),)][0]
+            key = (field_names_text(names),)
+            found = _find_or_create(db, "report_fields", ("names",), [key])[key][0]
             self._set(self.fields, names, found)
         return found
 
@@ -195,7 +195,7 @@ def sample_rows(db: Database, ids: SampleIds, samples: Sequence[Sample]) -> tupl
     # The writer runs this for every report: known ids are dict lookups, and the first unknown one makes the
     # ids of every later report of the batch at once.
     number = _stored_number_sqlite if db.engine == SQLITE else _as_is
-    machines, sessions, inventory = ids.machines, ids.sessions, ids.inventory
+    machines, sessions = ids.machines, ids.sessions
     rows: list[tuple] = []
     changes: list[tuple] = []
     for i, s in enumerate(samples):
@@ -215,9 +215,7 @@ def sample_rows(db: Database, ids: SampleIds, samples: Sequence[Sample]) -> tupl
             field_set, values = ids.field_set(db, s.field_names), field_values_text(s.field_values)
         rows.append((machine, session, s.seq, s.ts, s.received, number(s.cpu_percent), number(s.memory_percent),
                      number(s.disk_percent), number(s.load1), s.net_bytes_sent, s.net_bytes_recv, field_set, values))
-        newest = inventory.get(machine)
-        if (newest is None or (s.ts > newest[0] and s.system != newest[1])) and ids.inventory_changed(
-                db, machine, s.ts, s.system):
+        if ids.inventory_changed(db, machine, s.ts, s.system):
             changes.append((machine, s.ts, s.received, orjson.dumps(s.system, option=orjson.OPT_SORT_KEYS).decode()))
     return rows, changes
 
