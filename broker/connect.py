@@ -28,6 +28,7 @@ from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.session import Session
 
+from fleet.broker.admission import Admission
 from fleet.broker.keepalive import KeepaliveWheel
 from fleet.broker.policy import AccessPolicy, Grant
 from fleet.broker.protocol import (
@@ -40,9 +41,10 @@ from fleet.broker.protocol import (
 )
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of, spare_queues
+from fleet.broker.throttle import ThrottledLog
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
 from fleet.config.topics import machine_from_client_id
-from fleet.store.credentials import Principal
+from fleet.store.credentials import SERVICE_ROLE, Principal
 
 log = logging.getLogger("fleet.broker")
 
@@ -51,6 +53,10 @@ STOP_RETRY_S = 0.5
 LISTEN_BACKLOG = 1024  # asyncio's default is 100: a burst of connects would overflow it into SYN retries (1, 3, 7 s)
 KEEPALIVE_FACTOR = 1.5
 TAKEOVER_TIMEOUT_S = 10.0  # the older connection's will and cleanup; a new CONNECT waits this long at most
+# Above this share of max_connections, a listener admits only the collector and clients whose persistent session
+# holds queued messages: a full broker still serves those who would lose something.
+RESERVED_SHARE = 0.05
+MAX_UNSENT_BYTES = 1 << 20  # per connection: a client that reads nothing is dropped past this
 # What reading a client's first packet raises when the client leaves, stalls or sends garbage: routine, one DEBUG line.
 CONNECT_FAILURES = (TimeoutError, EOFError, OSError, AMQTTError, MQTTError, NoDataError, CodecError, ValueError)
 
@@ -81,6 +87,10 @@ class SessionBroker(RoutingBroker):
         self._stopping = False
         self._connected = 0
         self._keepalive = KeepaliveWheel(self._still_serving, lambda handler: handler.handle_read_timeout())
+        self.admission: dict[str, Admission] = {}  # listener name -> its bounds on handshakes, if any
+        self.reserved_listeners: set[str] = set()  # listeners that admit only the collector's credential
+        self.max_unsent_bytes = MAX_UNSENT_BYTES
+        self.throttled = ThrottledLog(log)
 
     # --- listening -------------------------------------------------------------------------------
     async def _create_server_instance(self, listener_name: str, listener_type: ListenerType,  # the amqtt seam
@@ -108,11 +118,20 @@ class SessionBroker(RoutingBroker):
         if self._stopping or task is None:  # accepted in the instant before the listeners closed
             abort_transport(writer.transport)
             return
+        admission = self.admission.get(listener_name)
+        refused = admission.admit() if admission is not None else None
+        if refused is not None:
+            self._turn_away(writer, refused)
+            return
         self._connection_tasks.add(task)
         try:
-            if not await self._start_tls(writer, listener_name):
-                return
-            adapter = StreamWriter(writer)
+            try:
+                if not await self._start_tls(writer, listener_name):
+                    return
+            finally:
+                if admission is not None:
+                    admission.done()
+            adapter = StreamWriter(writer, self.max_unsent_bytes, self._unread)
             await self._client_connected(listener_name, reader, adapter)
         except (asyncio.CancelledError, ProtocolHandlerError):  # a stop (amqtt's _send_packet makes it the latter)
             abort_transport(writer.transport)
@@ -122,13 +141,34 @@ class SessionBroker(RoutingBroker):
         finally:
             self._connection_tasks.discard(task)
 
+    def _turn_away(self, writer: asyncio.StreamWriter, why: str) -> None:
+        """Close a connection before its TLS handshake: the broker has as many handshakes as it can take."""
+        self.stats[f"refused_{why}"] += 1
+        self.throttled(why, logging.WARNING, "turning new connections away before TLS (%s): the broker is at its"
+                       " admission limit; they retry with backoff", why.replace("_", " "))
+        abort_transport(writer.transport)
+
+    def _unread(self, writer: StreamWriter) -> None:
+        """A client let more than max_unsent_bytes pile up unread: drop it, as if its network failed."""
+        self.stats["dropped_slow_reader"] += 1
+        self.throttled("slow_reader", logging.WARNING, "dropped a connection from %s: more than %d bytes unsent",
+                       writer.get_peer_info(), self.max_unsent_bytes)
+        writer.abort()
+
     async def _start_tls(self, writer: asyncio.StreamWriter, listener_name: str) -> bool:
         """Negotiate TLS on a TLS listener's connection; False (connection dropped, one DEBUG line) on failure."""
         context = self._tls.get(listener_name)
         if context is None:
             return True
         try:
-            await writer.start_tls(context, ssl_handshake_timeout=CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await writer.start_tls(context)
+        except TimeoutError:
+            self.stats["handshake_timeouts"] += 1
+            self.throttled("handshake_timeout", logging.WARNING, "TLS handshakes did not finish within %.0f s",
+                           CONNECT_TIMEOUT_S)
+            abort_transport(writer.transport)
+            return False
         except CONNECT_FAILURES as exc:  # a port probe, plain MQTT on the TLS port, an untrusting client
             self.stats["connect_invalid"] += 1
             log.debug("connection from %s closed in the TLS handshake: %r", writer.get_extra_info("peername"), exc)
@@ -141,9 +181,8 @@ class SessionBroker(RoutingBroker):
         server = self._servers.get(listener_name)
         if server is None:
             raise AMQTTError(f"Invalid listener name '{listener_name}'")
-        # Server.acquire_connection() logs at INFO for every connection, health checks included.
-        if server.semaphore is not None:
-            await server.semaphore.acquire()
+        # Server.acquire_connection() logs at INFO for every connection, health checks included, and waits
+        # without end when the listener is full: here a full listener answers CONNACK "server unavailable".
         server.conn_count += 1
         self.stats["connections"] += 1
         try:
@@ -167,6 +206,14 @@ class SessionBroker(RoutingBroker):
             grant = grant_of(incoming)
             assert grant is not None  # set by FleetAuthPlugin when it accepts
             client_id = incoming.client_id or ""
+            if listener_name in self.reserved_listeners and grant.principal.role != SERVICE_ROLE:
+                await self._refuse(incoming, writer, NOT_AUTHORIZED, "this listener is reserved for the collector")
+                return
+            if not self._has_room(server.conn_count, self.listeners_config[listener_name].max_connections, grant,
+                                  client_id):
+                self.stats["refused_broker_full"] += 1
+                await self._refuse(incoming, writer, SERVER_UNAVAILABLE, "the broker is full")
+                return
             existing = self.sessions.get(client_id)
             if existing is not None and existing[0].username != incoming.username:
                 # A client id is owned by the user who holds it: no cross-user takeover.
@@ -182,8 +229,18 @@ class SessionBroker(RoutingBroker):
             await self._run_session(session, handler, reader, writer)
         finally:
             server.conn_count -= 1
-            if server.semaphore is not None:
-                server.semaphore.release()
+
+    def _has_room(self, connections: int, limit: int | None, grant: Grant, client_id: str) -> bool:
+        """Whether a listener holding ``connections`` (this one included) admits this client: anyone below the
+        reserve, then only the collector and clients whose persistent session holds queued messages."""
+        if not limit or connections <= limit - max(1, int(limit * RESERVED_SHARE)):
+            return True
+        if connections > limit:
+            return False
+        if grant.principal.role == SERVICE_ROLE:
+            return True
+        existing = self.sessions.get(client_id)
+        return existing is not None and not existing[0].clean_session and bool(extras(existing[0]).queue)
 
     def _oversize(self, writer: Any, size: int) -> None:
         self.stats["dropped_packet_too_large"] += 1
