@@ -21,7 +21,7 @@ from fleet.broker.admission import Admission
 from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
 from fleet.broker.lag import LoopLag
-from fleet.broker.limits import AcceptErrors, raise_open_file_limit
+from fleet.broker.limits import raise_open_file_limit
 from fleet.broker.pki import CertPaths, ensure_certs
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
@@ -140,8 +140,6 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
         await store.close()
         cause = exc.__cause__ or exc
         raise BrokerError(f"cannot start broker on {settings.host}:{settings.mqtt_port}: {cause}") from exc
-    # The loop is the broker's own (asyncio.run, or its thread's runner), so the handler stays to its end.
-    asyncio.get_running_loop().set_exception_handler(AcceptErrors(broker.stats))
     # No await from here to the end of the restore: a client connecting now finds its session restored.
     broker.load_retained(retained)
     restored = broker.restore_sessions(subscriptions)
@@ -177,7 +175,7 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
             except Exception as exc:  # noqa: BLE001 - a locked database must not stop the broker
                 log.warning("broker heartbeat failed: %s", exc)
 
-    tasks = [asyncio.create_task(reload_credentials()), asyncio.create_task(heartbeat()), asyncio.create_task(lag.run())]
+    tasks = [asyncio.create_task(job) for job in (reload_credentials(), heartbeat(), lag.run())]
     try:
         if on_started is not None:
             on_started(handle)

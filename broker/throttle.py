@@ -58,7 +58,8 @@ class AsyncioFloods(logging.Filter):
         self.stats[kind] = self.stats.get(kind, 0) + 1
         count = self.throttle.due(kind)
         if count:
-            record.msg = f"{record.msg} ({count} writes to closed connections in the last {self.throttle.every_s:.0f} s)"
+            every = self.throttle.every_s
+            record.msg = f"{record.msg} ({count} writes to closed connections in the last {every:.0f} s)"
         return bool(count)
 
 
