@@ -166,10 +166,11 @@ class SessionBroker(RoutingBroker):
         except OSError:  # already gone
             reset(sock)
             return None
+        backstop = HANDSHAKE_BACKSTOP_S if context else None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=context,
-                                                                  ssl_handshake_timeout=HANDSHAKE_BACKSTOP_S if context else None)
+                                                                  ssl_handshake_timeout=backstop)
         except TimeoutError:
             self.stats["handshake_timeouts"] += 1
             self.throttled("handshake_timeout", logging.WARNING, "TLS handshakes did not finish within %.0f s",
