@@ -17,9 +17,13 @@ from fleet.broker.throttle import AsyncioFloods, ThrottledLog
 from fleet.collector.mqtt_codec import Connect, Subscribe, encode
 from fleet.config import connack
 from fleet.config.settings import BROKER_LOOPS
+from fleet.config.status import BROKER
 from fleet.store import credentials
+from fleet.store.database import open_database
+from fleet.store.heartbeats import read_heartbeat
+from fleet.web.app import create_app
 from tests import stores
-from tests.helpers import Inbox, close, connect_client, tls_socket, wait_for
+from tests.helpers import Inbox, bearer, close, connect_client, tls_socket, wait_for
 
 
 @pytest.fixture(params=BROKER_LOOPS)
@@ -77,6 +81,27 @@ def test_the_accept_rate_is_bounded(start, acme):
     finally:
         first.close()
     wait_for(lambda: not refused_before_tls(broker), timeout=5, interval=0.3, message="admitted after a second")
+
+
+def test_refusals_reach_the_heartbeat_and_metrics(start, acme):
+    broker = start(accept_rate=1)
+    first = tls_socket(broker)
+    try:
+        assert refused_before_tls(broker)
+    finally:
+        first.close()
+
+    def beat():
+        with open_database(broker.settings.database) as db:
+            found = read_heartbeat(db, BROKER)
+        return found[1] if found and found[1].get("refused_accept_rate") else None
+
+    detail = wait_for(beat, timeout=10, message="a broker heartbeat with the refusal")
+    assert "loop_lag_p99_ms" in detail
+    client = create_app(broker.settings).test_client()
+    text = client.get("/metrics", headers=bearer(acme.reader_key)).get_data(as_text=True)
+    assert f'fleet_broker_connections_refused_total{{reason="accept_rate"}} {detail["refused_accept_rate"]}' in text
+    assert "# TYPE fleet_broker_loop_lag_seconds gauge" in text
 
 
 def test_the_collectors_listener_admits_only_the_collector(start, acme):
