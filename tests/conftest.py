@@ -16,7 +16,7 @@ from fleet.broker.server import RunningBroker, start_in_thread
 from fleet.config.settings import Settings
 from fleet.store import credentials
 from fleet.store.database import open_database, sqlite_url
-from tests import stores
+from tests import netns, stores
 from tests.dbhelpers import ENGINES
 from tests.postgres import PostgresServer, unavailable_reason
 
@@ -63,6 +63,22 @@ def db(database_url: str):
     opened = open_database(database_url)
     yield opened
     opened.close()
+
+
+@pytest.fixture(scope="session")
+def _netns_unavailable() -> str | None:
+    return netns.unavailable_reason()
+
+
+@pytest.fixture
+def lan(_netns_unavailable: str | None):
+    """A LAN of other hosts (tests/netns.py) joined to this namespace, where the server runs; removed after the
+    test, passed or failed. Skipped where namespaces cannot be made (not root, no iproute2)."""
+    if _netns_unavailable:
+        pytest.skip(_netns_unavailable)
+    made = netns.Lan()
+    yield made
+    made.close()
 
 
 @pytest.fixture
