@@ -3,6 +3,7 @@
 The database is SQLite in the test's data dir. Tests marked ``both_engines`` (whole modules, via
 ``pytestmark``) run once per engine: ``engine`` is then "sqlite" or "postgresql", and ``database_url``
 is a fresh database on a PostgreSQL server started once per test run (tests/postgres.py).
+``lan`` gives a test other hosts: network namespaces joined to this one, where the server runs (tests/netns.py).
 """
 
 from __future__ import annotations
@@ -66,16 +67,17 @@ def db(database_url: str):
 
 
 @pytest.fixture(scope="session")
-def _netns_unavailable() -> str | None:
+def netns_unavailable() -> str | None:
+    """Why this machine cannot make network namespaces for ``lan`` (None when it can), checked once a run."""
     return netns.unavailable_reason()
 
 
 @pytest.fixture
-def lan(_netns_unavailable: str | None):
+def lan(netns_unavailable: str | None):
     """A LAN of other hosts (tests/netns.py) joined to this namespace, where the server runs; removed after the
     test, passed or failed. Skipped where namespaces cannot be made (not root, no iproute2)."""
-    if _netns_unavailable:
-        pytest.skip(_netns_unavailable)
+    if netns_unavailable:
+        pytest.skip(netns_unavailable)
     made = netns.Lan()
     yield made
     made.close()
