@@ -1,8 +1,9 @@
 """The mission across a network: the server in this namespace, agents and readers on other hosts (tests/netns.py).
 
 One story, run on the embedded broker and on Debian's Mosquitto (`fleet mosquitto-config`, `fleet collector`,
-`fleet web`): agents on two hosts verify the server's certificate by its address and by a `--cert-name` DNS
-name; `mosquitto_sub` on a third host reads with the reader key; the API and the dashboard answer another host;
+`fleet web`): agents on two hosts verify the server's certificate by its address; `mosquitto_sub` on a third
+host reads with the reader key, naming the server by a `--cert-name` DNS name; the API and the dashboard answer
+another host;
 then one agent's link is cut: its machine goes stale, then offline, its outbox holds what it measured, and when
 the link returns every report arrives once, in order.
 
@@ -40,6 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns]
 FLEET = str(Path(sys.executable).with_name("fleet"))  # the checkout's virtual environment, as README installs it
 README = Path(__file__).resolve().parents[2] / "README.md"
 DNS_NAME = "fleet.example.test"  # what hosts on this LAN call the server besides its address (a --cert-name)
+UNNAMED = "other.example.test"  # resolves to the server too, but its certificate does not carry it
 ORG = "acme"
 INTERVAL = "1"  # agent reports a second: stale after 3 s, offline once its keepalive (5 s) runs out 1.5 times
 FETCH = """import json, sys, urllib.request
@@ -225,7 +227,7 @@ def test_agents_on_other_hosts_verify_the_server_and_survive_a_cut(lan: Lan, tmp
     keys = json.loads(_fleet(*org_add[1:], cwd=work))
     host_a, host_b, host_c = lan.add_host("host-a"), lan.add_host("host-b"), lan.add_host("host-c")
     for host in (host_a, host_b, host_c):
-        host.resolve({DNS_NAME: lan.server_ip})
+        host.resolve({DNS_NAME: lan.server_ip, UNNAMED: lan.server_ip})
     with SERVERS[kind](work, DNS_NAME) as server:
         ca = server.data_dir / "certs" / "ca.pem"
         fingerprint = ca_fingerprint(ca.read_bytes())
@@ -233,12 +235,12 @@ def test_agents_on_other_hosts_verify_the_server_and_survive_a_cut(lan: Lan, tmp
         assert f"CA SHA-256:   {fingerprint}" in printed
         names = next(line for line in printed.splitlines() if "cert names:" in line).split(":", 1)[1]
         assert {lan.server_ip, DNS_NAME, "127.0.0.1", "localhost"} <= set(names.strip().split(", "))
-        # Agents on two hosts: one names the server by its address, the other by a DNS name given as --cert-name.
+        # Agents on two hosts name the server by its address.
         home_a, home_b, home_c = (work / host.name for host in (host_a, host_b, host_c))
         ca_a = install_ca(work, home_a)
         agent_a = start_agent(host_a, home_a, lan.server_ip, server.mqtt_port, keys["agent_key"])
         install_ca(work, home_b)
-        start_agent(host_b, home_b, DNS_NAME, server.mqtt_port, keys["agent_key"])
+        start_agent(host_b, home_b, lan.server_ip, server.mqtt_port, keys["agent_key"])
         reader = keys["reader_key"]
         # What the operator compares on the machine (docs/deployment.md) is what the server printed.
         seen = host_a.run("sh", "-c", f"openssl x509 -in {ca_a} -outform der | sha256sum")
@@ -248,14 +250,21 @@ def test_agents_on_other_hosts_verify_the_server_and_survive_a_cut(lan: Lan, tmp
                      message=f"{machine} online")
         assert agent_a.poll() is None
 
-        # A reader on a third host: mosquitto_sub with the reader key, and the API and dashboard over HTTP.
+        # A reader on a third host: mosquitto_sub with the reader key, naming the server by its --cert-name, and
+        # the API and dashboard over HTTP.
         ca_c = install_ca(work, home_c)
-        sub = host_c.run("mosquitto_sub", "-h", lan.server_ip, "-p", str(server.mqtt_port), "--cafile", str(ca_c),
+        sub = host_c.run("mosquitto_sub", "-h", DNS_NAME, "-p", str(server.mqtt_port), "--cafile", str(ca_c),
                          "-u", f"{ORG}/reader", "-P", reader, "-t", f"fleet/{ORG}/+/report", "-v", "-C", "6",
                          "-W", "20")
         assert sub.returncode == 0, sub.stderr
         assert {line.split()[0] for line in sub.stdout.splitlines()} == \
             {f"fleet/{ORG}/host-a/report", f"fleet/{ORG}/host-b/report"}
+        # A name the certificate does not carry is refused, in one line that says so.
+        refused = host_c.run(FLEET, "agent", "--once", "--broker", f"mqtts://{UNNAMED}:{server.mqtt_port}", "--org",
+                             ORG, "--ca", str(ca_c), env=_env(FLEET_KEY=keys["agent_key"]))
+        assert refused.returncode == 1
+        assert "Hostname mismatch" in refused.stderr, refused.stderr
+        assert refused.stderr.count("\n") == 1, refused.stderr
         web = f"http://{lan.server_ip}:{server.http_port}"
         listed = fetch(host_c, f"{web}/api/fleet", reader)
         assert listed["status"] == 200
