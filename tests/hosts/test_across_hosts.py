@@ -43,6 +43,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 DNS_NAME = "fleet.example.test"  # what hosts on this LAN call the server besides its address (a --cert-name)
 UNNAMED = "other.example.test"  # resolves to the server too, but its certificate does not carry it
 ORG = "acme"
+API_POLL_S = 0.2
 INTERVAL = "1"  # agent reports a second: stale after 3 s, offline once its keepalive (5 s) runs out 1.5 times
 FETCH = """import json, sys, urllib.request
 req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]} if sys.argv[2] else {})
@@ -83,6 +84,11 @@ class Server:
         except OSError:
             return None
         return next((m["status"] for m in listed if m["machine_id"] == machine), None)
+
+    def wait_status(self, token: str, machine: str, status: str, timeout: float) -> None:
+        """Poll /api/fleet until ``machine`` has ``status`` (a few times a second: the API is rate limited)."""
+        wait_for(lambda: self.machine_status(token, machine) == status, timeout=timeout, interval=API_POLL_S,
+                 message=f"{machine} {status}")
 
     def stop(self) -> None:
         """SIGTERM every part, newest first, and reap it."""
@@ -202,13 +208,14 @@ def fetch(host: Host, url: str, token: str = "") -> dict:
     return json.loads(done.stdout)
 
 
-def outbox_size(home: Path, machine: str) -> int:
-    """Reports the agent on that machine holds, not yet acknowledged by the broker."""
+def held(home: Path, machine: str) -> list[tuple[str, int]]:
+    """(session, seq) of the reports the agent on that machine holds, not yet acknowledged by the broker."""
     path = home / "fleet-data" / f"agent-{ORG}-{machine}.db"
     if not path.exists():
-        return 0
+        return []
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-        return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        reports = [json.loads(payload) for (payload,) in db.execute("SELECT payload FROM outbox ORDER BY id")]
+    return [(report["session"], report["seq"]) for report in reports]
 
 
 def _sessions(points: list[dict]) -> dict[str, list[int]] | None:
@@ -246,8 +253,7 @@ def test_agents_on_other_hosts_verify_the_server_and_survive_a_cut(lan: Lan, tmp
         seen = host_a.run("sh", "-c", f"openssl x509 -in {ca_a} -outform der | sha256sum")
         assert seen.stdout.split()[0] == fingerprint, seen.stderr
         for machine in ("host-a", "host-b"):
-            wait_for(lambda m=machine: server.machine_status(reader, m) == "online", timeout=30,
-                     message=f"{machine} online")
+            server.wait_status(reader, machine, "online", timeout=30)
         assert agent_a.poll() is None
 
         # A reader on a third host: mosquitto_sub with the reader key, naming the server by its --cert-name, and
@@ -276,24 +282,24 @@ def test_agents_on_other_hosts_verify_the_server_and_survive_a_cut(lan: Lan, tmp
 
         # host-a's link is cut: stale, then offline (its keepalive runs out); meanwhile it keeps measuring.
         host_a.cut()
-        wait_for(lambda: server.machine_status(reader, "host-a") == "stale", timeout=15, message="host-a stale")
-        wait_for(lambda: server.machine_status(reader, "host-a") == "offline", timeout=20,
-                 message="host-a offline")
-        held = wait_for(lambda: outbox_size(home_a, "host-a") >= 3 and outbox_size(home_a, "host-a"), timeout=15,
-                        message="host-a's outbox holding reports")
+        server.wait_status(reader, "host-a", "stale", timeout=15)
+        server.wait_status(reader, "host-a", "offline", timeout=20)
+        def three_held() -> list[tuple[str, int]] | None:
+            reports = held(home_a, "host-a")
+            return reports if len(reports) >= 3 else None
+
+        kept = wait_for(three_held, timeout=15, message="host-a's outbox holding what it measured")
         assert server.machine_status(reader, "host-b") == "online"
 
         # The link returns: everything host-a measured arrives once, in order, and it is online again.
         host_a.restore()
-        wait_for(lambda: server.machine_status(reader, "host-a") == "online", timeout=30,
-                 message="host-a online again")
-        wait_for(lambda: outbox_size(home_a, "host-a") == 0, timeout=30, message="host-a's outbox sent")
+        server.wait_status(reader, "host-a", "online", timeout=30)
+        wait_for(lambda: not held(home_a, "host-a"), timeout=30, message="host-a's outbox sent")
         sessions = wait_for(lambda: _sessions(server.api("/api/fleet/host-a/history?since=0", reader)["points"]),
-                            timeout=15, message="reports of host-a's new connection")
+                            timeout=15, interval=API_POLL_S, message="reports of host-a's new connection")
         for seqs in sessions.values():
             assert seqs == list(range(len(seqs))), seqs  # each session's reports all there, once, in order
-        first = next(iter(sessions.values()))
-        assert len(first) >= held
+        assert all(seq in sessions.get(session, ()) for session, seq in kept)  # what the outbox held among them
         events = server.api("/api/events?machine=host-a", reader)["events"]
         changes = [e["new_status"] for e in events]
         assert changes[:4] == ["online", "stale", "offline", "online"], changes
