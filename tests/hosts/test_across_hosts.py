@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from fleet.config.tls import ca_fingerprint
+from fleet.up import stop_process
 from tests.helpers import bearer, free_port, wait_for
 from tests.mosquitto.process import MOSQUITTO
 from tests.netns import Host, Lan
@@ -93,13 +94,7 @@ class Server:
     def stop(self) -> None:
         """SIGTERM every part, newest first, and reap it."""
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc, timeout=20)
 
 
 def readme_commands() -> list[list[str]]:
