@@ -22,7 +22,7 @@ from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
 from fleet.broker.lag import LoopLag
 from fleet.broker.limits import raise_open_file_limit
-from fleet.broker.pki import CertPaths, ensure_certs
+from fleet.broker.pki import CertPaths, ensure_server_certs
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
 from fleet.broker.store import BrokerStore
@@ -116,7 +116,7 @@ def limit_admission(broker: FleetBroker, settings: Settings) -> None:
 async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) -> None:
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    certs = await asyncio.to_thread(ensure_certs, settings.certs_dir, [settings.host])
+    certs = await asyncio.to_thread(ensure_server_certs, settings)
     try:
         await asyncio.to_thread(_ensure_service_key, settings)
         records = await asyncio.to_thread(_load_records, settings.database, True)
@@ -201,8 +201,8 @@ def check_open_file_limit(settings: Settings) -> None:
              settings.max_connections)
 
 
-def serve(settings: Settings) -> None:
-    """``fleet broker``: run until SIGINT/SIGTERM."""
+def serve(settings: Settings, on_started: Callable[[BrokerHandle], Any] | None = None) -> None:
+    """``fleet broker``: run until SIGINT/SIGTERM; ``on_started(handle)`` once it listens."""
     check_open_file_limit(settings)
 
     async def main() -> None:
@@ -210,7 +210,7 @@ def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_broker(settings, stop)
+        await run_broker(settings, stop, on_started)
 
     with asyncio.Runner(loop_factory=loop_factory(settings)) as runner:
         runner.run(main())

@@ -44,6 +44,7 @@ class Settings:
     log_level: str = "INFO"
     # network
     host: str = "127.0.0.1"
+    cert_names: tuple[str, ...] = ()  # more names of the server certificate: DNS names or addresses
     mqtt_port: int = DEFAULT_MQTT_PORT
     mqtt_plain_port: int = 0  # 0 = no plain listener; when set it binds loopback only
     mqtt_service_port: int = 0  # the collector's own TLS listener; 0 = 8884 with the default mqtt_port, else a free one
@@ -120,6 +121,14 @@ class Settings:
                 _ = parts.port  # urlsplit validates the port lazily
             except ValueError:
                 _check(False, "broker_url", "has a bad port", self.broker_url)
+        if self.cert_names:
+            from fleet.config.tls import cert_name
+
+            for name in self.cert_names:
+                try:
+                    cert_name(name)
+                except ValueError:
+                    _check(False, "cert_names", "each must be a DNS name or an IP address", name)
         for name in ("org",):
             value = getattr(self, name)
             _check(value == "" or is_valid_id(value), name, "must be a valid org id", value)

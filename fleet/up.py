@@ -141,12 +141,16 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
 
 def run_up(settings: Settings, demo: int | None = None) -> None:
     """``fleet up``: start everything, print where to look, run until Ctrl-C or SIGTERM, stop cleanly."""
+    from fleet.broker.pki import cert_paths, server_identity
+
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     system = start_system(settings, demo)
     try:
         print(f"fleet is up (data in {settings.data_dir.resolve()})", flush=True)
         print(f"  MQTT broker:  {system.broker_url}   (CA: {system.ca_path.resolve()})", flush=True)
+        for line in server_identity(cert_paths(settings.certs_dir)).lines():
+            print(line, flush=True)
         print(f"  dashboard:    {system.http_url}/", flush=True)
         print(f"  health:       {system.http_url}/healthz", flush=True)
         if system.demo_keys is not None:
