@@ -115,8 +115,10 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
         broker = start_broker(settings)
         stops.append(broker.stop)
         # Clients reach the broker on the port it really bound (the flag may have been 0).
-        part_settings = settings.replace(mqtt_port=broker.port, broker_url=settings.broker_url or broker.url)
-        collector = start_collector(part_settings)
+        part_settings = settings.replace(mqtt_port=broker.port, mqtt_service_port=broker.service_port,
+                                         broker_url=settings.broker_url or broker.url)
+        # The collector has a listener of its own, where agents crowding the broker cannot keep it out.
+        collector = start_collector(part_settings.replace(broker_url=settings.broker_url or broker.service_url))
         stops.append(collector.stop)
         web = start_web(part_settings)
         stops.append(web.stop)
