@@ -40,6 +40,7 @@ from fleet.store.database import (
     open_database,
 )
 from fleet.store.heartbeats import write_heartbeat
+from fleet.store.lease import LeaseLost
 from fleet.store.orgs import list_orgs
 from fleet.store.samples import SampleIds
 
@@ -68,6 +69,8 @@ class WriterPeers:
     drops: DropCounter  # counted by both threads (it locks)
     stats: Callable[[], CollectorStats]  # the collector's counters, for the heartbeat
     wake_delivery: Callable[[], None]  # the alert outbox has new rows
+    fence: Callable[[Database], None] | None = None  # first in every write transaction: the lease is still ours
+    lease_lost: Callable[[], bool] = lambda: False  # the lease is gone: stop writing, retry nothing
 
 
 class WriterThread:
@@ -102,6 +105,7 @@ class WriterThread:
         db: Database | None = None
         try:
             db = open_database(self.settings.database, busy_timeout_ms=WRITER_BUSY_TIMEOUT_MS)
+            db.fence = self.peers.fence
             if db.engine == SQLITE:
                 # Checkpoints (copying the WAL into fleet.db, with an fsync) run on a thread of their own, so a
                 # commit never waits for one: the broker sends no more than its in-flight window until we ack.
@@ -275,6 +279,11 @@ class Writer:
                 if done or time.monotonic() >= self.next_heartbeat:
                     self.next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
                     self._heartbeat(final=done)
+            except LeaseLost as exc:
+                # Another collector is active: nothing of this batch is acknowledged, the broker sends it there.
+                log.error("collector writer stops: %s (%d messages left unacknowledged)", exc, len(self.pending_acks))
+                self.pending_acks = []
+                return
             except Exception:
                 log.exception("collector writer error (continuing)")
                 peers.drops.add(INTERNAL, "(writer)", "timer or flush failed")
@@ -404,6 +413,7 @@ class Writer:
         detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.client_id,
+                  "instance": self.settings.instance_name,
                   "alerts_firing": self.alerts.firing_count(),
                   DATA_DISK_PERCENT: self._watch_disk()}
         if self.checkpointer is not None:
@@ -411,7 +421,8 @@ class Writer:
             detail["wal_resets_busy"] = self.checkpointer.resets_busy
             detail["wal_resets_by_writer"] = self.checkpointer.resets_by_writer
         try:
-            write_heartbeat(self.db, COLLECTOR, time.time(), detail)
+            with self.db.transaction():  # fenced: only the active collector speaks for the collector
+                write_heartbeat(self.db, COLLECTOR, time.time(), detail)
         except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
 
@@ -483,6 +494,8 @@ class Writer:
             except DatabaseRefused:
                 raise
             except DatabaseError as exc:  # DatabaseBusy, or a lasting fault such as a dropped table
+                if self.peers.lease_lost():
+                    raise LeaseLost(f"lease lost while the database was failing ({exc})") from exc
                 now = time.monotonic()
                 if first_failure is None:
                     first_failure = now
