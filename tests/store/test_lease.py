@@ -21,13 +21,15 @@ def _expire(db, shard: str = SHARD) -> None:
 
 def test_one_holder_until_it_expires(db, database_url):
     first = lease.acquire(db, SHARD, "a", 5)
-    assert first is not None and first.epoch == 1
+    assert first is not None
+    assert first.epoch == 1
     with open_database(database_url) as other:
         assert lease.acquire(other, SHARD, "b", 5) is None
         assert lease.renew(db, first, 5)
         _expire(other)
         second = lease.acquire(other, SHARD, "b", 5)
-        assert second is not None and second.epoch == 2
+        assert second is not None
+        assert second.epoch == 2
     assert not lease.renew(db, first, 5)  # taken over: the old holder cannot renew it back
 
 
@@ -60,7 +62,8 @@ def test_a_dead_holder_on_this_host_is_replaced_at_once(db):
     assert held is not None
     db.execute("UPDATE collector_lease SET pid = ? WHERE shard = ?", (child.pid, SHARD))
     taken = lease.acquire(db, SHARD, "b", 60)
-    assert taken is not None and taken.epoch == 2
+    assert taken is not None
+    assert taken.epoch == 2
 
 
 def test_collectors_lists_active_and_waiting(db):
