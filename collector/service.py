@@ -22,6 +22,7 @@ import time
 
 from fleet.collector.alerts.delivery import DeliveryWorker
 from fleet.collector.alerts.engine import AlertEngine
+from fleet.collector.deadman import WRITE_FRESH_S, DeadmanHeartbeat, Health
 from fleet.collector.errors import CollectorError
 from fleet.collector.handoff import Handoff
 from fleet.collector.intake import INTERNAL, DropCounter, RateLimiter, parse_message
@@ -76,6 +77,7 @@ class RunningCollector:
         self._own_keeper = keeper is None
         self.keeper = keeper or LeaseKeeper(settings, self.client_id)
         self.delivery = DeliveryWorker(settings, self.orgs.get, self.keeper.fence)
+        self.deadman = DeadmanHeartbeat(settings, self.health)
         self._received = 0  # counted by the network thread
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
@@ -113,6 +115,7 @@ class RunningCollector:
         self._writer.start()
         self.delivery.start()
         link.start()
+        self.deadman.start()
         log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
                  ", ".join(sorted(self.orgs.get())) or "(none yet)")
         return self
@@ -126,6 +129,19 @@ class RunningCollector:
         return CollectorStats(self.link_state.is_connected(), tuple(sorted(self.orgs.get())), self._received,
                               self.counts.stored, self.drops.totals(), len(self.handoff), len(self.tracker.machines),
                               self.counts.commits)
+
+    def health(self) -> Health:
+        """Healthy: connected to the broker, committing to the database, the write queue not backed up."""
+        if self._stopping.is_set() or self.keeper.lost():
+            return Health(False, "the collector is stopping")
+        if not self.link_state.is_connected():
+            return Health(False, "not connected to the broker")
+        last = self.counts.last_write
+        if last is None or time.monotonic() - last > WRITE_FRESH_S:
+            return Health(False, "nothing committed to the database lately")
+        if len(self.handoff) >= QUEUE_MAX:
+            return Health(False, "the write queue is full")
+        return Health(True, summary=self.counts.summary)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Disconnect (the broker keeps our session and queues for it), write everything pending, stop."""
@@ -145,6 +161,7 @@ class RunningCollector:
         threading.Thread(target=self.stop, name="collector-stop", daemon=True).start()
 
     def _stop(self, timeout: float) -> None:
+        self.deadman.stop()
         link = self._link
         if link is not None:
             link.stop()

@@ -114,7 +114,9 @@ class LeaseKeeper:
             started = time.monotonic()
             try:
                 if self._db is None:
-                    self._db = open_database(self.settings.database, migrate=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
+                    # close() releases the lease from another thread, once this one has ended.
+                    self._db = open_database(self.settings.database, check_same_thread=False, migrate=False,
+                                             busy_timeout_ms=BUSY_TIMEOUT_MS)
                 if self._lease is None:
                     self._try_acquire(self._db, started)
                 else:

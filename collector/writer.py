@@ -27,7 +27,13 @@ from fleet.collector.shared import CollectorStats, LinkState, ServedOrgs, WriteC
 from fleet.collector.state import Tracker, Transition
 from fleet.config.payloads import Report
 from fleet.config.settings import Settings
-from fleet.config.status import BROKER_CONNECTED, COLLECTOR, DATA_DISK_PERCENT, DISK_FULL_PERCENT
+from fleet.config.status import (
+    BROKER_CONNECTED,
+    COLLECTOR,
+    DATA_DISK_PERCENT,
+    DISK_FULL_PERCENT,
+    MACHINE_STATUSES,
+)
 from fleet.config.topics import ping_topic
 from fleet.store import wal
 from fleet.store.database import (
@@ -410,6 +416,11 @@ class Writer:
 
     def _heartbeat(self, final: bool) -> None:
         stats = self.peers.stats()
+        machines = dict.fromkeys(MACHINE_STATUSES, 0)
+        for machine in self.tracker.machines.values():
+            machines[machine.status] = machines.get(machine.status, 0) + 1
+        self.peers.counts.summary = {"orgs": len(stats.orgs), "machines": machines,
+                                     "alerts_firing": self.alerts.firing_count()}
         detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.client_id,
@@ -423,6 +434,7 @@ class Writer:
         try:
             with self.db.transaction():  # fenced: only the active collector speaks for the collector
                 write_heartbeat(self.db, COLLECTOR, time.time(), detail)
+            self.peers.counts.last_write = time.monotonic()
         except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
 
@@ -490,6 +502,7 @@ class Writer:
                     return True
                 counts.stored += history.write_batch(self.db, batch, time.time(), marker, self.sample_ids)
                 counts.commits += 1
+                counts.last_write = time.monotonic()
                 return True
             except DatabaseRefused:
                 raise

@@ -157,3 +157,20 @@ def test_a_notification_cut_off_by_a_kill_reaches_the_receiver_once(endpoint, tm
             agent.close()
         finally:
             _stop(*(p for p in (a, b) if p is not None))
+
+
+def test_a_stopped_active_collector_hands_over_at_once(endpoint, tmp_path):
+    a = _collector(endpoint, "a", tmp_path, FLEET_COLLECTOR_LEASE_S="12")
+    b = None
+    try:
+        wait_for(lambda: _active(endpoint) == "a", timeout=20, message="collector a to be active")
+        b = _collector(endpoint, "b", tmp_path, FLEET_COLLECTOR_LEASE_S="12")
+        wait_for(lambda: _waiting(endpoint, "b"), timeout=20, message="collector b to wait")
+        a.terminate()
+        assert a.wait(20) == 0
+        stopped = time.monotonic()
+        wait_for(lambda: _active(endpoint) == "b", timeout=TAKEOVER_S, message="b to take over")
+        assert time.monotonic() - stopped < 6  # the lease was released, not left to expire (12 s)
+        assert not _waiting(endpoint, "a")  # a stopped cleanly and left the list
+    finally:
+        _stop(*(p for p in (a, b) if p is not None))
