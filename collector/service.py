@@ -73,7 +73,7 @@ class RunningCollector:
         self.link_state = LinkState()
         self.orgs = ServedOrgs(settings.orgs)
         self.counts = WriteCounts()
-        self.alerts = AlertEngine(self.tracker, settings.alert_group_wait, self.blind)
+        self.alerts = AlertEngine(self.tracker, settings.alert_group_wait, self.blind, settings.watchdog_interval_s)
         self._own_keeper = keeper is None
         self.keeper = keeper or LeaseKeeper(settings, self.client_id)
         self.delivery = DeliveryWorker(settings, self.orgs.get, self.keeper.fence)

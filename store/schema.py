@@ -358,7 +358,7 @@ COMPACT_HISTORY = {SQLITE: _COMPACT_HISTORY_TABLES + _SQLITE_SAMPLES + _SQLITE_V
 # Version 6: standby collectors. One lease per shard (its MQTT client id): the active collector renews it,
 # waiting ones take it over once it expires; ``epoch`` grows with each holder, and every write transaction of
 # the holder checks it (store.lease), so a collector that lost the lease writes nothing more. ``collectors``
-# lists every collector process, active or waiting, for /healthz and /metrics.
+# lists every collector process, active or waiting, for /healthz and /metrics. Watchdog channels.
 COLLECTOR_LEASE = """
 CREATE TABLE IF NOT EXISTS collector_lease (
     shard TEXT PRIMARY KEY,        -- the shard's MQTT client id
@@ -374,6 +374,8 @@ CREATE TABLE IF NOT EXISTS collectors (
     shard TEXT NOT NULL,
     seen REAL NOT NULL             -- the database's clock at its last sign of life
 );
+-- 1: the channel also gets the always-firing FleetWatchdog alert (fleet alert channel add --watchdog).
+ALTER TABLE alert_channels ADD COLUMN watchdog INTEGER NOT NULL DEFAULT 0;
 """
 
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
