@@ -27,9 +27,9 @@ from fleet.broker.store import BrokerStore
 from fleet.config.settings import Settings
 from fleet.config.status import BROKER
 from fleet.store import credentials
-from fleet.store.database import DatabaseError, open_database
+from fleet.store.database import POSTGRESQL, DatabaseError, open_database
 from fleet.store.heartbeats import write_heartbeat
-from fleet.store.pepper import load_pepper
+from fleet.store.pepper import key_pepper
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
@@ -67,8 +67,15 @@ def _load_records(database: str, migrate: bool = False) -> dict[str, credentials
         return credentials.load_records(db)
 
 
+def _key_pepper(settings: Settings) -> bytes:
+    with open_database(settings.database) as db:
+        return key_pepper(db, settings.data_dir)
+
+
 def _ensure_service_key(settings: Settings) -> None:
     with open_database(settings.database) as db:
+        if db.engine == POSTGRESQL and credentials.service_credential_exists(db):
+            return  # another host made it: the broker checks it against the database and needs no copy
         credentials.ensure_service_key(db, settings.data_dir)
 
 
@@ -106,7 +113,7 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
         records = await asyncio.to_thread(_load_records, settings.database, True)
     except DatabaseError as exc:
         raise BrokerError(str(exc)) from exc
-    pepper = await asyncio.to_thread(load_pepper, data_dir)
+    pepper = await asyncio.to_thread(_key_pepper, settings)
     policy = AccessPolicy(pepper, records)
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy

@@ -40,6 +40,7 @@ from fleet.store import credentials
 from fleet.store.database import open_database
 from fleet.store.errors import StoreError
 from fleet.store.orgs import list_orgs
+from fleet.store.pepper import sealing_pepper
 
 log = logging.getLogger("fleet.collector")
 
@@ -242,6 +243,7 @@ def check_start(settings: Settings) -> tuple[str, list[str]]:
     """
     with open_database(settings.database) as db:
         key = credentials.ensure_service_key(db, settings.data_dir)
+        sealing_pepper(db, settings.data_dir)  # opens the channels' secrets: a missing or foreign one stops us here
         return key, list_orgs(db)
 
 
