@@ -33,6 +33,7 @@ from fleet.store.pepper import key_pepper
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
+CA_FINGERPRINT = "ca_fingerprint"  # meta: the SHA-256 of the CA the first broker made (hex)
 
 
 TLS_LISTENER = "default"
@@ -65,6 +66,31 @@ def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> Broke
 def _load_records(database: str, migrate: bool = False) -> dict[str, credentials.CredentialRecord]:
     with open_database(database, readonly=not migrate) as db:
         return credentials.load_records(db)
+
+
+def _check_ca(settings: Settings) -> None:
+    """A broker sharing a PostgreSQL database with another signs with that one's CA: without ``certs/ca.key``
+    it stops here, since a CA of its own would be refused by every agent holding the first one's."""
+    paths = (settings.certs_dir / "ca.pem", settings.certs_dir / "ca.key")
+    with open_database(settings.database) as db:
+        if db.engine != POSTGRESQL or all(path.exists() for path in paths):
+            return
+        known = db.query_one("SELECT value FROM meta WHERE key = ?", (CA_FINGERPRINT,))
+    if known is not None:
+        missing = next(path for path in paths if not path.exists())
+        raise BrokerError(f"{missing} is missing: copy certs/ from the first broker host's data dir (agents trust its"
+                          f" CA, SHA-256 {known[0]})")
+
+
+def _record_ca(settings: Settings, certs: CertPaths) -> None:
+    """Record the CA's fingerprint, so a broker on another host without it stops rather than make its own."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    fingerprint = x509.load_pem_x509_certificate(certs.ca.read_bytes()).fingerprint(hashes.SHA256()).hex()
+    with open_database(settings.database) as db:
+        db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                   (CA_FINGERPRINT, fingerprint))
 
 
 def _key_pepper(settings: Settings) -> bytes:
@@ -107,7 +133,9 @@ async def run_broker(settings: Settings, stop: asyncio.Event,
 async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) -> None:
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(_check_ca, settings)
     certs = await asyncio.to_thread(ensure_certs, settings.certs_dir, [settings.host])
+    await asyncio.to_thread(_record_ca, settings, certs)
     try:
         await asyncio.to_thread(_ensure_service_key, settings)
         records = await asyncio.to_thread(_load_records, settings.database, True)
