@@ -60,18 +60,24 @@ def _stop(*procs: subprocess.Popen) -> None:
             proc.wait(5)
 
 
+def _pair(endpoint: Endpoint, tmp_path: Path, started: list[subprocess.Popen], **env: str) -> list[subprocess.Popen]:
+    """Collector a, active, and collector b, waiting (both also put in ``started``, to be stopped)."""
+    started.append(_collector(endpoint, "a", tmp_path, **env))
+    wait_for(lambda: _active(endpoint) == "a", timeout=20, message="collector a to be active")
+    started.append(_collector(endpoint, "b", tmp_path, **env))
+    wait_for(lambda: _waiting(endpoint, "b"), timeout=20, message="collector b to wait")
+    return started
+
+
 def _stored_once(endpoint: Endpoint, machine: str, sent: int) -> None:
     seqs = [r[0] for r in query(endpoint, "SELECT seq FROM reports WHERE machine_id = ? ORDER BY seq", machine)]
     assert seqs == list(range(sent)), f"expected seqs 0..{sent - 1} once each, got {len(seqs)} rows"
 
 
 def test_a_killed_active_collector_is_replaced_and_nothing_acknowledged_is_lost(endpoint, tmp_path):
-    a = _collector(endpoint, "a", tmp_path)
-    b = None
+    started: list[subprocess.Popen] = []
     try:
-        wait_for(lambda: _active(endpoint) == "a", timeout=20, message="collector a to be active")
-        b = _collector(endpoint, "b", tmp_path)
-        wait_for(lambda: _waiting(endpoint, "b"), timeout=20, message="collector b to wait")
+        a, b = _pair(endpoint, tmp_path, started)
         assert _active(endpoint) == "a"  # b waits without kicking a off the broker
         agent = SimAgent(endpoint, "m1").connect()
         for _ in range(20):
@@ -87,17 +93,14 @@ def test_a_killed_active_collector_is_replaced_and_nothing_acknowledged_is_lost(
         _stored_once(endpoint, "m1", 40)
         agent.close()
     finally:
-        _stop(*(p for p in (a, b) if p is not None))
+        _stop(*started)
     assert b.returncode == 0
 
 
 def test_a_frozen_collector_loses_its_lease_and_writes_nothing_more(endpoint, tmp_path):
-    a = _collector(endpoint, "a", tmp_path, FLEET_COLLECTOR_LEASE_S="2")
-    b = None
+    started: list[subprocess.Popen] = []
     try:
-        wait_for(lambda: _active(endpoint) == "a", timeout=20, message="collector a to be active")
-        b = _collector(endpoint, "b", tmp_path, FLEET_COLLECTOR_LEASE_S="2")
-        wait_for(lambda: _waiting(endpoint, "b"), timeout=20, message="collector b to wait")
+        a, _ = _pair(endpoint, tmp_path, started, FLEET_COLLECTOR_LEASE_S="2")
         a.send_signal(signal.SIGSTOP)  # alive (its pid exists) but silent: only the lease's expiry frees it
         stopped = time.monotonic()
         wait_for(lambda: _active(endpoint) == "b", timeout=TAKEOVER_S, message="b to take over")
@@ -115,7 +118,7 @@ def test_a_frozen_collector_loses_its_lease_and_writes_nothing_more(endpoint, tm
         wait_for(lambda: _waiting(endpoint, "a"), timeout=10, message="a to wait again")
         agent.close()
     finally:
-        _stop(*(p for p in (a, b) if p is not None))
+        _stop(*started)
 
 
 def test_a_notification_cut_off_by_a_kill_reaches_the_receiver_once(endpoint, tmp_path):
@@ -132,12 +135,9 @@ def test_a_notification_cut_off_by_a_kill_reaches_the_receiver_once(endpoint, tm
         stores.store_channel(endpoint.data_dir, org, "hook", "webhook", receiver.url + "/hook", "s3cret",
                              receiver.url, endpoint.database)
         receiver.hang = True
-        a = _collector(endpoint, "a", tmp_path)
-        b = None
+        started: list[subprocess.Popen] = []
         try:
-            wait_for(lambda: _active(endpoint) == "a", timeout=20, message="collector a to be active")
-            b = _collector(endpoint, "b", tmp_path)
-            wait_for(lambda: _waiting(endpoint, "b"), timeout=20, message="collector b to wait")
+            a, _ = _pair(endpoint, tmp_path, started)
             agent = SimAgent(endpoint, "m1").connect()
             agent.report(cpu_percent=99.0)
             receiver.wait_for_count(1, timeout=20)  # a's request is held: received, not answered
@@ -156,16 +156,13 @@ def test_a_notification_cut_off_by_a_kill_reaches_the_receiver_once(endpoint, tm
             assert len({r.headers["Idempotency-Key"] for r in receiver.requests}) == 1
             agent.close()
         finally:
-            _stop(*(p for p in (a, b) if p is not None))
+            _stop(*started)
 
 
 def test_a_stopped_active_collector_hands_over_at_once(endpoint, tmp_path):
-    a = _collector(endpoint, "a", tmp_path, FLEET_COLLECTOR_LEASE_S="12")
-    b = None
+    started: list[subprocess.Popen] = []
     try:
-        wait_for(lambda: _active(endpoint) == "a", timeout=20, message="collector a to be active")
-        b = _collector(endpoint, "b", tmp_path, FLEET_COLLECTOR_LEASE_S="12")
-        wait_for(lambda: _waiting(endpoint, "b"), timeout=20, message="collector b to wait")
+        a, _ = _pair(endpoint, tmp_path, started, FLEET_COLLECTOR_LEASE_S="12")
         a.terminate()
         assert a.wait(20) == 0
         stopped = time.monotonic()
@@ -173,4 +170,4 @@ def test_a_stopped_active_collector_hands_over_at_once(endpoint, tmp_path):
         assert time.monotonic() - stopped < 6  # the lease was released, not left to expire (12 s)
         assert not _waiting(endpoint, "a")  # a stopped cleanly and left the list
     finally:
-        _stop(*(p for p in (a, b) if p is not None))
+        _stop(*started)
