@@ -46,6 +46,7 @@ class LeaseKeeper:
         self._next_seen = 0.0
         self._thread: threading.Thread | None = None
         self._logged_holder: str | None = None
+        self._db_failing = False
 
     # --- any thread ---------------------------------------------------------------------------
     @property
@@ -121,10 +122,15 @@ class LeaseKeeper:
                     self._try_acquire(self._db, started)
                 else:
                     self._renew(self._db, started)
+                if self._db_failing:
+                    self._db_failing = False
+                    log.info("collector %s reaches the database again", self.instance)
             except StoreError as exc:
                 if self._lease is None:
-                    log.warning("collector %s cannot reach the database to wait for the lease: %s", self.instance,
-                                exc)
+                    if not self._db_failing:  # once per outage: a waiting collector polls every second
+                        log.warning("collector %s cannot reach the database to wait for the lease: %s",
+                                    self.instance, exc)
+                    self._db_failing = True
                 else:
                     log.warning("collector %s cannot renew its lease: %s", self.instance, exc)
                     self.lost()

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TAKEOVER_S = 15.0
 
 
-def _collector(endpoint: Endpoint, instance: str, tmp_path: Path, **env: str) -> subprocess.Popen:
+def _collector(endpoint: Endpoint, instance: str, tmp_path: Path, database: str = "", **env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fleet.cli", "collector", "--data-dir", str(endpoint.data_dir),
-           "--database", endpoint.database, "--broker", endpoint.url]
+           "--database", database or endpoint.database, "--broker", endpoint.url]
     if endpoint.ca:
         cmd += ["--ca", str(endpoint.ca)]
     environ = dict(os.environ, FLEET_INSTANCE=instance, FLEET_BATCH_INTERVAL_S="0.05",
@@ -171,3 +171,43 @@ def test_a_stopped_active_collector_hands_over_at_once(endpoint, tmp_path):
         assert not _waiting(endpoint, "a")  # a stopped cleanly and left the list
     finally:
         _stop(*started)
+
+
+def test_a_collector_cut_off_from_the_database_is_replaced(endpoint, tmp_path):
+    """PostgreSQL: collector a reaches the database through a proxy that the test cuts."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.alerts.proxy import Proxy
+
+    url = urlsplit(endpoint.database)
+    if url.scheme != "postgresql":
+        pytest.skip("a database behind a proxy: PostgreSQL")
+    proxy = Proxy(url.hostname or "127.0.0.1", url.port or 5432)
+    netloc = url.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{proxy.port}"
+    proxied = urlunsplit((url.scheme, netloc, url.path, url.query, url.fragment))
+    started = [_collector(endpoint, "a", tmp_path, database=proxied)]
+    try:
+        wait_for(lambda: _active(endpoint) == "a", timeout=20, message="collector a to be active")
+        started.append(_collector(endpoint, "b", tmp_path))
+        wait_for(lambda: _waiting(endpoint, "b"), timeout=20, message="collector b to wait")
+        agent = SimAgent(endpoint, "m1").connect()
+        for _ in range(10):
+            agent.report()
+        proxy.cut()
+        cut = time.monotonic()
+        for _ in range(10):
+            agent.report()
+        wait_for(lambda: _active(endpoint) == "b", timeout=TAKEOVER_S, message="b to take over")
+        assert time.monotonic() - cut < TAKEOVER_S
+        wait_for(lambda: len(query(endpoint, "SELECT seq FROM reports WHERE machine_id = 'm1'")) >= 20,
+                 timeout=10, message="every acknowledged report stored")
+        _stored_once(endpoint, "m1", 20)
+        wait_for(lambda: "lost the lease" in (tmp_path / "a.log").read_text(), timeout=10,
+                 message="a to give its lease up")
+        proxy.restore()
+        wait_for(lambda: _waiting(endpoint, "a"), timeout=15, message="a to wait again")
+        assert _active(endpoint) == "b"
+        agent.close()
+    finally:
+        _stop(*started)
+        proxy.close()
