@@ -29,13 +29,15 @@ from fleet.broker.store import BrokerStore
 from fleet.broker.throttle import asyncio_floods_throttled
 from fleet.config.settings import Settings
 from fleet.config.status import BROKER
+from fleet.config.tls import ca_fingerprint
 from fleet.store import credentials
-from fleet.store.database import DatabaseError, open_database
+from fleet.store.database import POSTGRESQL, DatabaseError, open_database
 from fleet.store.heartbeats import write_heartbeat
-from fleet.store.pepper import load_pepper
+from fleet.store.pepper import key_pepper
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
+CA_FINGERPRINT = "ca_fingerprint"  # meta: the SHA-256 of the CA the first broker made (hex)
 
 
 TLS_LISTENER = "default"
@@ -74,8 +76,37 @@ def _load_records(database: str, migrate: bool = False) -> dict[str, credentials
         return credentials.load_records(db)
 
 
+def _check_ca(settings: Settings) -> None:
+    """A broker sharing a PostgreSQL database with another signs with that one's CA: without ``certs/ca.key``
+    it stops here, since a CA of its own would be refused by every agent holding the first one's."""
+    paths = (settings.certs_dir / "ca.pem", settings.certs_dir / "ca.key")
+    with open_database(settings.database) as db:
+        if db.engine != POSTGRESQL or all(path.exists() for path in paths):
+            return
+        known = db.query_one("SELECT value FROM meta WHERE key = ?", (CA_FINGERPRINT,))
+    if known is not None:
+        missing = next(path for path in paths if not path.exists())
+        raise BrokerError(f"{missing} is missing: copy certs/ from the first broker host's data dir (agents trust its"
+                          f" CA, SHA-256 {known[0]})")
+
+
+def _record_ca(settings: Settings, certs: CertPaths) -> None:
+    """Record the CA's fingerprint, so a broker on another host without it stops rather than make its own."""
+    fingerprint = ca_fingerprint(certs.ca.read_bytes())
+    with open_database(settings.database) as db:
+        db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                   (CA_FINGERPRINT, fingerprint))
+
+
+def _key_pepper(settings: Settings) -> bytes:
+    with open_database(settings.database) as db:
+        return key_pepper(db, settings.data_dir)
+
+
 def _ensure_service_key(settings: Settings) -> None:
     with open_database(settings.database) as db:
+        if db.engine == POSTGRESQL and credentials.service_credential_exists(db):
+            return  # another host made it: the broker checks it against the database and needs no copy
         credentials.ensure_service_key(db, settings.data_dir)
 
 
@@ -116,13 +147,15 @@ def limit_admission(broker: FleetBroker, settings: Settings) -> None:
 async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) -> None:
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(_check_ca, settings)
     certs = await asyncio.to_thread(ensure_server_certs, settings)
+    await asyncio.to_thread(_record_ca, settings, certs)
     try:
         await asyncio.to_thread(_ensure_service_key, settings)
         records = await asyncio.to_thread(_load_records, settings.database, True)
     except DatabaseError as exc:
         raise BrokerError(str(exc)) from exc
-    pepper = await asyncio.to_thread(load_pepper, data_dir)
+    pepper = await asyncio.to_thread(_key_pepper, settings)
     policy = AccessPolicy(pepper, records)
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy

@@ -22,11 +22,13 @@ import time
 
 from fleet.collector.alerts.delivery import DeliveryWorker
 from fleet.collector.alerts.engine import AlertEngine
+from fleet.collector.deadman import WRITE_FRESH_S, DeadmanHeartbeat, Health
 from fleet.collector.errors import CollectorError
 from fleet.collector.handoff import Handoff
 from fleet.collector.intake import INTERNAL, DropCounter, RateLimiter, parse_message
 from fleet.collector.mqtt_link import LinkCallbacks, MqttLink
 from fleet.collector.shared import CollectorStats, LinkState, ServedOrgs, WriteCounts
+from fleet.collector.standby import LeaseKeeper
 from fleet.collector.state import Machine, Tracker
 from fleet.collector.writer import WriterPeers, WriterThread
 from fleet.config import payloads
@@ -38,6 +40,7 @@ from fleet.store import credentials
 from fleet.store.database import open_database
 from fleet.store.errors import StoreError
 from fleet.store.orgs import list_orgs
+from fleet.store.pepper import sealing_pepper
 
 log = logging.getLogger("fleet.collector")
 
@@ -59,7 +62,7 @@ def client_id_for(orgs: tuple[str, ...]) -> str:
 class RunningCollector:
     """A collector running in background threads; ``stop()`` flushes every pending write."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, keeper: LeaseKeeper | None = None) -> None:
         self.settings = settings
         self.address = BrokerAddress.parse(settings.collector_broker_url)
         self.client_id = client_id_for(settings.orgs)
@@ -71,34 +74,49 @@ class RunningCollector:
         self.link_state = LinkState()
         self.orgs = ServedOrgs(settings.orgs)
         self.counts = WriteCounts()
-        self.alerts = AlertEngine(self.tracker, settings.alert_group_wait, self.blind)
-        self.delivery = DeliveryWorker(settings, self.orgs.get)
+        self.alerts = AlertEngine(self.tracker, settings.alert_group_wait, self.blind, settings.watchdog_interval_s)
+        self._own_keeper = keeper is None
+        self.keeper = keeper or LeaseKeeper(settings, self.client_id)
+        self.delivery = DeliveryWorker(settings, self.orgs.get, self.keeper.fence)
+        self.deadman = DeadmanHeartbeat(settings, self.health)
         self._received = 0  # counted by the network thread
         self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
+        self.ended = threading.Event()  # stop() has finished (called, or the lease was lost)
         self._link: MqttLink | None = None
         self._writer: WriterThread | None = None
 
     # --- public -------------------------------------------------------------------------------
     def start(self) -> RunningCollector:
-        """Open the database, restore state, connect and subscribe; returns once the writer is ready."""
+        """Take the shard's lease, open the database, restore state, connect; returns once the writer is ready.
+
+        With a keeper of its own (``start()``), it waits for the lease for two leases at most.
+        """
+        if self._own_keeper and not self.keeper.wait(timeout=2 * self.settings.collector_lease_s + 5):
+            self.keeper.close()
+            raise CollectorError(f"another collector is active for shard {self.client_id}: this one would wait"
+                                 " (run it as 'fleet collector' to stand by)")
+        self.keeper.on_lost = self._lease_lost
         try:
-            with open_database(self.settings.database) as db:
-                key = credentials.ensure_service_key(db, self.settings.data_dir)
-                self.orgs.replace(self.orgs.wanted(list_orgs(db)))
+            key, orgs = check_start(self.settings)
+            self.orgs.replace(self.orgs.wanted(orgs))
             # PUBACK only once a message is committed (or dropped): a killed collector loses nothing, the
             # broker redelivers what was never acknowledged and the (machine, session, seq) key dedupes it.
             link = MqttLink(self.address, self.client_id, credentials.SERVICE_USERNAME, key, self.settings.ca_path,
                             KEEPALIVE_S, LinkCallbacks(self._on_connect, self._on_disconnect, self._on_message,
                                                        self._on_suback, self.handoff.nudge))
-        except (ConfigError, StoreError, OSError) as exc:
+        except (ConfigError, StoreError, OSError, CollectorError) as exc:
+            if self._own_keeper:
+                self.keeper.close()
             raise CollectorError(f"cannot start the collector: {exc}") from exc
         self._link = link
         peers = WriterPeers(self.handoff, link, self.link_state, self.orgs, self.counts, self.drops, self.stats,
-                            self.delivery.wake)
+                            self.delivery.wake, self.keeper.fence, self.keeper.lost)
         self._writer = WriterThread(self.settings, self.client_id, self.tracker, self.alerts, peers)
         self._writer.start()
         self.delivery.start()
         link.start()
+        self.deadman.start()
         log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
                  ", ".join(sorted(self.orgs.get())) or "(none yet)")
         return self
@@ -113,11 +131,38 @@ class RunningCollector:
                               self.counts.stored, self.drops.totals(), len(self.handoff), len(self.tracker.machines),
                               self.counts.commits)
 
+    def health(self) -> Health:
+        """Healthy: connected to the broker, committing to the database, the write queue not backed up."""
+        if self._stopping.is_set() or self.keeper.lost():
+            return Health(False, "the collector is stopping")
+        if not self.link_state.is_connected():
+            return Health(False, "not connected to the broker")
+        last = self.counts.last_write
+        if last is None or time.monotonic() - last > WRITE_FRESH_S:
+            return Health(False, "nothing committed to the database lately")
+        if len(self.handoff) >= QUEUE_MAX:
+            return Health(False, "the write queue is full")
+        return Health(True, summary=self.counts.summary)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Disconnect (the broker keeps our session and queues for it), write everything pending, stop."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
+        with self._stop_lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            try:
+                self._stop(timeout)
+            finally:
+                if self._own_keeper:
+                    self.keeper.close()
+                self.ended.set()
+
+    def _lease_lost(self) -> None:
+        """On the keeper's thread: another collector is active now. Stop (nothing more is written or acked)."""
+        threading.Thread(target=self.stop, name="collector-stop", daemon=True).start()
+
+    def _stop(self, timeout: float) -> None:
+        self.deadman.stop()
         link = self._link
         if link is not None:
             link.stop()
@@ -191,19 +236,43 @@ class RunningCollector:
             self.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}", "writer is not running")
 
 
+def check_start(settings: Settings) -> tuple[str, list[str]]:
+    """What the collector needs before it may stand by: the database and its broker credential; and the orgs.
+
+    A waiting collector checks this at once, so one that could never take over exits 1 rather than waits.
+    """
+    with open_database(settings.database) as db:
+        key = credentials.ensure_service_key(db, settings.data_dir)
+        sealing_pepper(db, settings.data_dir)  # opens the channels' secrets: a missing or foreign one stops us here
+        return key, list_orgs(db)
+
+
 def start(settings: Settings) -> RunningCollector:
     """Start a collector in background threads (for ``fleet up``); call ``.stop()`` to end it."""
     return RunningCollector(settings).start()
 
 
 def serve(settings: Settings) -> None:
-    """``fleet collector``: run until SIGINT/SIGTERM, then stop cleanly, flushing pending writes."""
+    """``fleet collector``: wait for the shard's lease, be active while it holds it, wait again if it loses it;
+    until SIGINT/SIGTERM, then stop cleanly, flushing pending writes and releasing the lease."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    collector = start(settings)
     try:
-        stop.wait()
+        try:
+            check_start(settings)
+        except (ConfigError, StoreError, OSError) as exc:
+            raise CollectorError(f"cannot start the collector: {exc}") from exc
+        while not stop.is_set():
+            keeper = LeaseKeeper(settings, client_id_for(settings.orgs))
+            try:
+                if not keeper.wait(stop):
+                    break
+                collector = RunningCollector(settings, keeper).start()
+                while not stop.is_set() and not collector.ended.is_set():
+                    stop.wait(0.2)
+                collector.stop()
+            finally:
+                keeper.close()
     finally:
-        collector.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,5 @@ class WriteCounts:
 
     stored: int = 0  # reports
     commits: int = 0  # write transactions
+    last_write: float | None = None  # monotonic time of the last committed transaction
+    summary: dict[str, Any] = field(default_factory=dict)  # orgs, machines per status, alerts firing

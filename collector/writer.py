@@ -27,7 +27,13 @@ from fleet.collector.shared import CollectorStats, LinkState, ServedOrgs, WriteC
 from fleet.collector.state import Tracker, Transition
 from fleet.config.payloads import Report
 from fleet.config.settings import Settings
-from fleet.config.status import BROKER_CONNECTED, COLLECTOR, DATA_DISK_PERCENT, DISK_FULL_PERCENT
+from fleet.config.status import (
+    BROKER_CONNECTED,
+    COLLECTOR,
+    DATA_DISK_PERCENT,
+    DISK_FULL_PERCENT,
+    MACHINE_STATUSES,
+)
 from fleet.config.topics import ping_topic
 from fleet.store import wal
 from fleet.store.database import (
@@ -40,6 +46,7 @@ from fleet.store.database import (
     open_database,
 )
 from fleet.store.heartbeats import write_heartbeat
+from fleet.store.lease import LeaseLost
 from fleet.store.orgs import list_orgs
 from fleet.store.samples import SampleIds
 
@@ -68,6 +75,8 @@ class WriterPeers:
     drops: DropCounter  # counted by both threads (it locks)
     stats: Callable[[], CollectorStats]  # the collector's counters, for the heartbeat
     wake_delivery: Callable[[], None]  # the alert outbox has new rows
+    fence: Callable[[Database], None] | None = None  # first in every write transaction: the lease is still ours
+    lease_lost: Callable[[], bool] = lambda: False  # the lease is gone: stop writing, retry nothing
 
 
 class WriterThread:
@@ -102,6 +111,7 @@ class WriterThread:
         db: Database | None = None
         try:
             db = open_database(self.settings.database, busy_timeout_ms=WRITER_BUSY_TIMEOUT_MS)
+            db.fence = self.peers.fence
             if db.engine == SQLITE:
                 # Checkpoints (copying the WAL into fleet.db, with an fsync) run on a thread of their own, so a
                 # commit never waits for one: the broker sends no more than its in-flight window until we ack.
@@ -275,6 +285,11 @@ class Writer:
                 if done or time.monotonic() >= self.next_heartbeat:
                     self.next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
                     self._heartbeat(final=done)
+            except LeaseLost as exc:
+                # Another collector is active: nothing of this batch is acknowledged, the broker sends it there.
+                log.error("collector writer stops: %s (%d messages left unacknowledged)", exc, len(self.pending_acks))
+                self.pending_acks = []
+                return
             except Exception:
                 log.exception("collector writer error (continuing)")
                 peers.drops.add(INTERNAL, "(writer)", "timer or flush failed")
@@ -401,9 +416,15 @@ class Writer:
 
     def _heartbeat(self, final: bool) -> None:
         stats = self.peers.stats()
+        machines = dict.fromkeys(MACHINE_STATUSES, 0)
+        for machine in self.tracker.machines.values():
+            machines[machine.status] = machines.get(machine.status, 0) + 1
+        self.peers.counts.summary = {"orgs": len(stats.orgs), "machines": machines,
+                                     "alerts_firing": self.alerts.firing_count()}
         detail = {BROKER_CONNECTED: stats.broker_connected and not final, "orgs": list(stats.orgs),
                   "received": stats.received, "stored": stats.stored, "dropped": stats.dropped,
                   "queued": stats.queued, "machines": stats.machines, "client_id": self.client_id,
+                  "instance": self.settings.instance_name,
                   "alerts_firing": self.alerts.firing_count(),
                   DATA_DISK_PERCENT: self._watch_disk()}
         if self.checkpointer is not None:
@@ -411,7 +432,9 @@ class Writer:
             detail["wal_resets_busy"] = self.checkpointer.resets_busy
             detail["wal_resets_by_writer"] = self.checkpointer.resets_by_writer
         try:
-            write_heartbeat(self.db, COLLECTOR, time.time(), detail)
+            with self.db.transaction():  # fenced: only the active collector speaks for the collector
+                write_heartbeat(self.db, COLLECTOR, time.time(), detail)
+            self.peers.counts.last_write = time.monotonic()
         except DatabaseError as exc:
             log.warning("cannot write the collector heartbeat: %s", exc)
 
@@ -479,10 +502,13 @@ class Writer:
                     return True
                 counts.stored += history.write_batch(self.db, batch, time.time(), marker, self.sample_ids)
                 counts.commits += 1
+                counts.last_write = time.monotonic()
                 return True
             except DatabaseRefused:
                 raise
             except DatabaseError as exc:  # DatabaseBusy, or a lasting fault such as a dropped table
+                if self.peers.lease_lost():
+                    raise LeaseLost(f"lease lost while the database was failing ({exc})") from exc
                 now = time.monotonic()
                 if first_failure is None:
                     first_failure = now

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,9 +84,15 @@ class Settings:
     history_rollup_days: float = 90.0
     agent_rate_limit_per_s: float = 50.0
     lost_grace_s: float = 60.0  # after an agent names its previous session, wait this long for replays, then count
+    instance: str = ""  # this collector's name in /healthz and /metrics; default <hostname>:<pid>
+    collector_lease_s: float = 10.0  # the active collector's lease: a waiting one takes over once it expires
+    heartbeat_url: str = field(default="", repr=False)  # an outside dead-man's switch, requested while healthy
+    heartbeat_interval: float = 60.0
+    heartbeat_method: str = "GET"  # GET, or POST with a JSON summary
     # alerts
     alert_group_wait: float = 10.0  # seconds an org's notifications are gathered into one message
     smtp_url: str = field(default="", repr=False)  # smtp(s)://user:pass@host:port for mailto: channels
+    watchdog_interval_s: float = 300.0  # how often a --watchdog channel gets its always-firing FleetWatchdog alert
     # web
     refresh_interval_ms: int = 5000
     rate_limit_config: str = "100/minute"
@@ -101,7 +108,7 @@ class Settings:
         _check(self.broker_loop in BROKER_LOOPS, "broker_loop", "must be asyncio or uvloop", self.broker_loop)
         for name in ("reload_interval_s", "interval", "reconnect_max_s", "batch_interval_s",
                      "stale_factor", "history_raw_days", "history_rollup_days", "agent_rate_limit_per_s",
-                     "lost_grace_s"):
+                     "lost_grace_s", "heartbeat_interval", "watchdog_interval_s"):
             value = getattr(self, name)
             _check(value > 0, name, "must be greater than 0", value)
         for name in ("ttl_seconds", "agent_queue_max_reports", "agent_queue_max_bytes", "max_queued_messages",
@@ -157,6 +164,24 @@ class Settings:
                self.alert_group_wait)
         if self.smtp_url:
             _check_smtp_url(self.smtp_url)
+        # Takeover is within a lease, a poll and a broker connection: 15 s at most with the largest lease.
+        _check(1 <= self.collector_lease_s <= 12, "collector_lease_s", "must be between 1 and 12 seconds",
+               self.collector_lease_s)
+        _check(self.heartbeat_method.upper() in ("GET", "POST"), "heartbeat_method", "must be GET or POST",
+               self.heartbeat_method)
+        if self.heartbeat_url:
+            parts = urlsplit(self.heartbeat_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                # The URL may hold a token (healthchecks.io's ping URLs do): the message never shows it.
+                raise SettingsError("invalid setting heartbeat_url (FLEET_HEARTBEAT_URL): must be an http(s):// URL"
+                                    " (value not shown)")
+        _check(self.instance == "" or (self.instance.isprintable() and len(self.instance) <= 128), "instance",
+               "must be printable, at most 128 characters", self.instance)
+
+    @property
+    def instance_name(self) -> str:
+        """This collector's name: ``instance``, or ``<hostname>:<pid>``."""
+        return self.instance or f"{socket.gethostname()}:{os.getpid()}"
 
     # derived values -------------------------------------------------------------------------
     @property

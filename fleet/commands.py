@@ -384,13 +384,16 @@ def alert_channel() -> None:
 @click.argument("channel_name", metavar="CHANNEL")
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help='Print {"org", "channel", "secret"}.')
+@click.option("--watchdog", is_flag=True,
+              help="Also send the always-firing FleetWatchdog alert every 5 minutes (webhook, Alertmanager).")
 @database
 @common
-def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url: str, as_json: bool) -> None:
+def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url: str, as_json: bool,
+                      watchdog: bool) -> None:
     """Add CHANNEL to ORG: http(s):// webhook, alertmanager+http(s)://HOST:PORT, mailto:ADDR or an Apprise URL."""
     from fleet.collector.alerts.channels import add_channel
 
-    added = add_channel(settings, org_name, channel_name, url)
+    added = add_channel(settings, org_name, channel_name, url, watchdog)
     if as_json:
         click.echo(json.dumps(added.as_dict()))
         return

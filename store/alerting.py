@@ -117,6 +117,7 @@ class Channel:
     last_error: str | None = None
     last_error_at: float | None = None
     failures: int = 0
+    watchdog: bool = False  # also gets the always-firing FleetWatchdog alert
     url: str = field(default="", repr=False)
     secret: str | None = field(default=None, repr=False)
 
@@ -124,11 +125,11 @@ class Channel:
         """The ``fleet alert channel list --json`` object (no secret, no full URL)."""
         return {"org": self.org, "channel": self.name, "kind": self.kind, "target": self.target,
                 "last_delivery": self.last_delivery, "last_error": self.last_error,
-                "last_error_at": self.last_error_at, "failures": self.failures}
+                "last_error_at": self.last_error_at, "failures": self.failures, "watchdog": self.watchdog}
 
 
 def store_channel(db: Database, box: SecretBox, org: str, name: str, kind: str, url: str, secret: str | None,
-                  target: str) -> None:
+                  target: str, watchdog: bool = False) -> None:
     """Store a new channel with its URL and secret encrypted (``target``: the URL as lists show it, no secret).
 
     RuleError if the org already has a channel of that name.
@@ -137,21 +138,27 @@ def store_channel(db: Database, box: SecretBox, org: str, name: str, kind: str, 
     with db.transaction():
         _require_org(db, org)
         inserted = db.execute(
-            "INSERT INTO alert_channels(org, name, kind, target, url_enc, secret_enc, created)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(org, name) DO NOTHING",
-            (org, name, kind, target, box.seal(url), None if secret is None else box.seal(secret), time.time()))
+            "INSERT INTO alert_channels(org, name, kind, target, url_enc, secret_enc, created, watchdog)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(org, name) DO NOTHING",
+            (org, name, kind, target, box.seal(url), None if secret is None else box.seal(secret), time.time(),
+             int(watchdog)))
         if inserted != 1:
             raise RuleError(f"org {org!r} already has a channel named {name!r}")
 
 
-_CHANNEL_COLUMNS = "org, name, kind, target, last_delivery, last_error, last_error_at, failures"
+_CHANNEL_COLUMNS = "org, name, kind, target, last_delivery, last_error, last_error_at, failures, watchdog"
 
 
 def list_channels(db: Database, org: str) -> list[Channel]:
     """An org's channels with their delivery state (no URL, no secret)."""
     _require_org(db, org)
     rows = db.query(f"SELECT {_CHANNEL_COLUMNS} FROM alert_channels WHERE org = ? ORDER BY name", (org,))
-    return [Channel(*row) for row in rows]
+    return [_channel(row) for row in rows]
+
+
+def _channel(row: tuple) -> Channel:
+    org, name, kind, target, last_delivery, last_error, last_error_at, failures, watchdog = row
+    return Channel(org, name, kind, target, last_delivery, last_error, last_error_at, failures, bool(watchdog))
 
 
 def channel_kinds(db: Database) -> dict[str, dict[str, str]]:
@@ -162,15 +169,20 @@ def channel_kinds(db: Database) -> dict[str, dict[str, str]]:
     return out
 
 
+def watchdog_channels(db: Database) -> set[tuple[str, str]]:
+    """(org, channel) of every channel that gets the always-firing FleetWatchdog alert."""
+    return {(org, name) for org, name in db.query("SELECT org, name FROM alert_channels WHERE watchdog = 1")}
+
+
 def load_channel(db: Database, box: SecretBox, org: str, name: str) -> Channel | None:
     """One channel with its URL and secret decrypted (for delivery), or None if it was removed."""
     row = db.query_one(f"SELECT {_CHANNEL_COLUMNS}, url_enc, secret_enc FROM alert_channels"
                        " WHERE org = ? AND name = ?", (org, name))
     if row is None:
         return None
-    org_, name_, kind, target, last_delivery, last_error, last_error_at, failures, url_enc, secret_enc = row
-    return Channel(org_, name_, kind, target, last_delivery, last_error, last_error_at, failures, url=box.open(url_enc),
-                   secret=None if secret_enc is None else box.open(secret_enc))
+    org_, name_, kind, target, last_delivery, last_error, last_error_at, failures, watchdog, url_enc, secret_enc = row
+    return Channel(org_, name_, kind, target, last_delivery, last_error, last_error_at, failures, bool(watchdog),
+                   url=box.open(url_enc), secret=None if secret_enc is None else box.open(secret_enc))
 
 
 def get_channel(db: Database, box: SecretBox, org: str, name: str) -> Channel:

@@ -1,7 +1,7 @@
 """Org credentials: generate keys with ``secrets``, store only keyed hashes, verify in constant time.
 
 Keys are 256-bit random tokens, so a fast keyed hash (HMAC-SHA256 with a per-installation pepper
-kept in ``<data_dir>/pepper``) is the right tool: slow password hashes would cap the broker at a
+kept in the database, store.pepper) is the right tool: slow password hashes would cap the broker at a
 few connections per second. Each key is also stored in Mosquitto's password-file format so the
 same access model can be exported to Mosquitto. Keys never appear in a repr or a log line.
 """
@@ -21,7 +21,9 @@ from fleet.store import alerting
 from fleet.store.database import POSTGRESQL, Database
 from fleet.store.errors import CredentialError
 from fleet.store.orgs import org_exists, require_org
-from fleet.store.pepper import PEPPER_FILE, load_pepper, write_private
+from fleet.store.pepper import PEPPER_FILE, key_pepper, sealing_pepper, write_private
+
+__all__ = ["PEPPER_FILE", "SERVICE_KEY_FILE"]  # the data dir's files, named here for the parts that check them
 
 ROLES = ("agent", "reader")
 SERVICE_USERNAME = "fleet-service"
@@ -98,27 +100,13 @@ def _store(db: Database, pepper: bytes, username: str, org: str | None, role: st
     )
 
 
-def check_pepper(db: Database, pepper: bytes, data_dir: Path) -> None:
-    """Make sure the database's keys were hashed with this pepper (several hosts share one PostgreSQL database).
-
-    The database keeps an HMAC of a fixed text under the pepper (it reveals nothing of the pepper); the
-    first writer records it. A host with another pepper would refuse every key, so it stops here instead.
-    """
-    check = hmac.new(pepper, b"fleet pepper check", hashlib.sha256).hexdigest()
-    db.execute("INSERT INTO meta(key, value) VALUES ('pepper_check', ?) ON CONFLICT(key) DO NOTHING", (check,))
-    row = db.query_one("SELECT value FROM meta WHERE key = 'pepper_check'")
-    if row is None or not hmac.compare_digest(row[0], check):
-        raise CredentialError(f"{Path(data_dir) / PEPPER_FILE} is not the pepper the keys in {db.url} were made with:"
-                              " copy it (and service.key) from the first host's data dir")
-
-
 def add_org(db: Database, data_dir: Path, org: str) -> OrgSecrets:
     """Create an org with fresh agent and reader keys and the default alert rules; CredentialError if it exists."""
     validate_id(org, "org")
-    pepper = load_pepper(data_dir)
     secrets_ = OrgSecrets(org, generate_key(), generate_key())
     with db.transaction():
-        check_pepper(db, pepper, data_dir)
+        sealing_pepper(db, data_dir)  # the org's channels will be sealed with it: one per installation
+        pepper = key_pepper(db, data_dir)
         if org_exists(db, org):
             raise CredentialError(f"org {org!r} already exists")
         now = time.time()
@@ -142,26 +130,33 @@ def remove_org(db: Database, org: str) -> None:
 def rotate_key(db: Database, data_dir: Path, org: str, role: str) -> str:
     """Replace one role's key of an org; the old key is invalid from now on. Returns the new key."""
     username = username_for(org, role)
-    pepper = load_pepper(data_dir)
     key = generate_key()
     with db.transaction():
-        check_pepper(db, pepper, data_dir)
+        pepper = key_pepper(db, data_dir)
         require_org(db, org)
         _store(db, pepper, username, org, role, key)
     return key
 
 
 def ensure_service_key(db: Database, data_dir: Path) -> str:
-    """The internal service user's key (collector, web health checks), created on first start."""
+    """The internal service user's key (collector, web health checks), created on first start.
+
+    On PostgreSQL the key is the first host's: a data dir without ``service.key`` sharing a database that has
+    one is refused with a CredentialError naming the file (the collector needs it to log in to the broker).
+    """
     data_dir = Path(data_dir)
     path = data_dir / SERVICE_KEY_FILE
-    pepper = load_pepper(data_dir)
-    if not path.exists():
-        write_private(path, generate_key() + "\n")
-    key = path.read_text().strip()
     with db.transaction():
-        check_pepper(db, pepper, data_dir)
+        pepper = key_pepper(db, data_dir)
         row = db.query_one("SELECT digest FROM credentials WHERE username = ?", (SERVICE_USERNAME,))
+        if not path.exists():
+            if row is not None and db.engine == POSTGRESQL:
+                raise CredentialError(f"{path} is missing: copy service.key from the data dir of the host that made"
+                                      f" the service credential in {db.url} (the collector logs in to the broker"
+                                      " with it)")
+            data_dir.mkdir(parents=True, exist_ok=True)
+            write_private(path, generate_key() + "\n")
+        key = path.read_text().strip()
         if row is not None and not hmac.compare_digest(row[0], digest_key(pepper, key)) and db.engine == POSTGRESQL:
             # A shared database: the key belongs to the host that made it, whose collector still uses it.
             raise CredentialError(f"{db.url} holds another data dir's service key: copy service.key (and pepper)"
@@ -169,6 +164,11 @@ def ensure_service_key(db: Database, data_dir: Path) -> str:
         if row is None or not hmac.compare_digest(row[0], digest_key(pepper, key)):
             _store(db, pepper, SERVICE_USERNAME, None, SERVICE_ROLE, key)  # SQLite: the data dir's file wins
     return key
+
+
+def service_credential_exists(db: Database) -> bool:
+    """Whether the database holds the internal service user's credential."""
+    return db.query_one("SELECT 1 FROM credentials WHERE username = ?", (SERVICE_USERNAME,)) is not None
 
 
 def load_records(db: Database) -> dict[str, CredentialRecord]:

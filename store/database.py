@@ -25,7 +25,7 @@ import re
 import sqlite3
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -207,6 +207,8 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self.check_same_thread = check_same_thread
         self._depth = 0
+        # Run first in every transaction (store.lease.fence): a collector's writes need its lease.
+        self.fence: Callable[[Database], None] | None = None
         self._staged: dict[str, bool] = {}  # PostgreSQL staging tables of this connection: used in this transaction?
         if self.engine == SQLITE:
             self._errors: tuple[type[BaseException], ...] = (sqlite3.Error, ValueError, OverflowError)
@@ -390,6 +392,8 @@ class Database:
             raise self._failed(exc) from exc
         self._depth = 1
         try:
+            if self.fence is not None:
+                self.fence(self)
             yield self
         except BaseException:
             self._end_transaction()

@@ -355,6 +355,29 @@ _POSTGRESQL_VIEW = _REPORTS_VIEW.format(**{c: f"r.{c}" for c in _NUMBERS})
 COMPACT_HISTORY = {SQLITE: _COMPACT_HISTORY_TABLES + _SQLITE_SAMPLES + _SQLITE_VIEW,
                    POSTGRESQL: _POSTGRESQL_TABLES + _POSTGRESQL_SAMPLES + _POSTGRESQL_VIEW}
 
+# Version 6: standby collectors. One lease per shard (its MQTT client id): the active collector renews it,
+# waiting ones take it over once it expires; ``epoch`` grows with each holder, and every write transaction of
+# the holder checks it (store.lease), so a collector that lost the lease writes nothing more. ``collectors``
+# lists every collector process, active or waiting, for /healthz and /metrics. Watchdog channels.
+COLLECTOR_LEASE = """
+CREATE TABLE IF NOT EXISTS collector_lease (
+    shard TEXT PRIMARY KEY,        -- the shard's MQTT client id
+    holder TEXT NOT NULL,          -- the holding collector's instance name
+    host TEXT NOT NULL,            -- its hostname and pid: a holder on this host whose process is gone is dead
+    pid INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    expires REAL NOT NULL,         -- the database's clock, Unix seconds
+    renewed REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS collectors (
+    instance TEXT PRIMARY KEY,
+    shard TEXT NOT NULL,
+    seen REAL NOT NULL             -- the database's clock at its last sign of life
+);
+-- 1: the channel also gets the always-firing FleetWatchdog alert (fleet alert channel add --watchdog).
+ALTER TABLE alert_channels ADD COLUMN watchdog INTEGER NOT NULL DEFAULT 0;
+"""
+
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
@@ -362,5 +385,6 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (3, ALERTS_SCHEMA),
     (4, MACHINES_FILLFACTOR),
     (5, COMPACT_HISTORY),
+    (6, COLLECTOR_LEASE),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

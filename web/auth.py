@@ -1,4 +1,7 @@
-"""Bearer-token authentication: an org's reader key, checked in constant time against its hash."""
+"""Bearer-token authentication: an org's reader key, checked in constant time against its hash.
+
+The hash's pepper comes from the database (store.pepper), so every web server sharing it accepts the same keys.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +14,19 @@ from flask import abort, current_app, g, request
 from fleet.store import credentials
 from fleet.store.database import DatabaseError
 from fleet.store.errors import CredentialError
-from fleet.store.pepper import load_pepper
+from fleet.store.pepper import load_pepper, stored_key_pepper
 from fleet.web.db import DatabaseUnavailable, get_db
 
 
 def _pepper() -> bytes | None:
     pepper = current_app.config.get("FLEET_PEPPER")
     if pepper is None:
-        try:
-            pepper = load_pepper(current_app.config["FLEET_SETTINGS"].data_dir, create=False)
-        except CredentialError:
-            return None  # no org was ever created: every token is wrong
+        pepper = stored_key_pepper(get_db())
+        if pepper is None:
+            try:  # an installation no part has upgraded yet: its keys are still hashed with the data dir's file
+                pepper = load_pepper(current_app.config["FLEET_SETTINGS"].data_dir, create=False)
+            except CredentialError:
+                return None  # no org was ever created: every token is wrong
         current_app.config["FLEET_PEPPER"] = pepper
     return pepper
 
@@ -43,8 +48,8 @@ def org_required(view: Callable[..., Any]) -> Callable[..., Any]:
         token = bearer_token()
         if token is None:
             abort(401, description="missing bearer token (Authorization: Bearer <reader key>)")
-        pepper = _pepper()
         try:
+            pepper = _pepper()
             org = credentials.find_reader(get_db(), pepper, token) if pepper else None
         except DatabaseError as exc:
             raise DatabaseUnavailable(f"database error: {exc}") from exc

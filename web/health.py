@@ -2,6 +2,7 @@
 
 ``disk``, how full the file system holding the collector's data dir is (from its heartbeat), is a warning
 only: a nearly full disk does not stop any part from answering, so it never turns the answer into a 503.
+``collectors`` and ``collector_active`` say which collector processes run and which one holds the lease.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from flask import Blueprint, current_app, jsonify
 
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.status import BROKER_CONNECTED, COLLECTOR, DATA_DISK_PERCENT, DISK_FULL_PERCENT
+from fleet.store import lease
 from fleet.web import db
 
 bp = Blueprint("health", __name__)
@@ -75,11 +77,26 @@ def check_broker() -> str:
         return f"unreachable at {address.host}:{address.port}: {exc.strerror or exc}"
 
 
+def collector_instances() -> list[dict[str, Any]]:
+    """Every collector process, active or waiting, as ``{"instance", "shard", "active"}``; [] when unreadable."""
+    try:
+        return [{"instance": c.instance, "shard": c.shard, "active": c.active} for c in db.read(lease.collectors)]
+    except db.DatabaseUnavailable:
+        return []
+
+
 @bp.get("/healthz")
 def healthz():
-    """200 when broker, collector and database are ok, else 503 with the reasons; ``disk`` only warns."""
+    """200 when broker, collector and database are ok, else 503 with the reasons; ``disk`` only warns.
+
+    ``collectors`` lists the collector processes and which is active; informative, like ``disk``.
+    """
     beat = collector_heartbeat()
-    result = {"broker": check_broker(), "collector": check_collector(beat), "database": check_database()}
+    result: dict[str, Any] = {"broker": check_broker(), "collector": check_collector(beat),
+                              "database": check_database()}
     healthy = all(value == "ok" for value in result.values())
     result["disk"] = check_disk(beat)
+    instances = collector_instances()
+    result["collectors"] = instances
+    result["collector_active"] = next((c["instance"] for c in instances if c["active"]), None)
     return jsonify(result), 200 if healthy else 503

@@ -6,6 +6,7 @@ from flask import Blueprint, Response, g
 
 from fleet.config import derived
 from fleet.config.status import BROKER, MACHINE_STATUSES
+from fleet.store import lease
 from fleet.store.maintenance import database_size
 from fleet.web import db
 from fleet.web.auth import org_required
@@ -76,6 +77,9 @@ def render(org: str) -> str:
             [(_labels(org=org, rule=rule, severity=severity), n) for rule, severity, n in db.firing_counts(org)])
     _family(lines, "fleet_collector_dropped_messages_total", "counter", "Messages the collector dropped, by reason.",
             [(_labels(reason=reason), n) for reason, n in db.drop_counts().items()])
+    _family(lines, "fleet_collector_active", "gauge",
+            "1 for the collector process holding its shard's lease (active), 0 for one waiting to take over.",
+            [(_labels(instance=c.instance), 1.0 if c.active else 0.0) for c in db.read(lease.collectors)])
     broker_samples(lines)
     size = db.read(database_size)
     _family(lines, "fleet_database_bytes", "gauge", "The database's size: SQLite's file, or pg_database_size.",

@@ -12,10 +12,8 @@ from flask import Flask
 from waitress.server import create_server
 
 from fleet.config.settings import Settings, local_host
-from fleet.store import credentials
 from fleet.store.database import open_database
-from fleet.store.errors import CredentialError
-from fleet.store.pepper import load_pepper
+from fleet.store.pepper import key_pepper
 from fleet.web.app import create_app
 from fleet.web.errors import WebError
 
@@ -24,13 +22,11 @@ log = logging.getLogger("fleet.web")
 
 def _server(settings: Settings) -> tuple[Any, Flask]:
     with open_database(settings.database) as db:  # create or migrate the schema before serving
-        try:
-            pepper = load_pepper(settings.data_dir, create=False)
-        except CredentialError:
-            pepper = None  # no org was made with this data dir yet: every token is refused until one is
-        if pepper is not None:
-            credentials.check_pepper(db, pepper, settings.data_dir)  # another host's pepper: stop, say which
+        # Keys verify against the database alone; a database whose keys cannot be verified here stops us now,
+        # with the reason, rather than every request later.
+        pepper = key_pepper(db, settings.data_dir)
     app = create_app(settings)
+    app.config["FLEET_PEPPER"] = pepper
     try:
         # poll(), not select(): in `fleet up` the broker's connections push socket numbers past FD_SETSIZE (1024).
         return create_server(app, host=settings.host, port=settings.http_port, threads=8, asyncore_use_poll=True,

@@ -35,16 +35,26 @@ class NewChannel:
         return {"org": self.org, "channel": self.channel, "secret": self.secret}
 
 
-def add_channel(settings: Settings, org: str, name: str, url: str) -> NewChannel:
-    """Check ``url``, make a webhook's secret, store the channel (encrypted); NotifyError/RuleError when invalid."""
+WATCHDOG_KINDS = ("webhook", "alertmanager")
+
+
+def add_channel(settings: Settings, org: str, name: str, url: str, watchdog: bool = False) -> NewChannel:
+    """Check ``url``, make a webhook's secret, store the channel (encrypted); NotifyError/RuleError when invalid.
+
+    ``watchdog``: the channel also gets the always-firing FleetWatchdog alert (webhook and Alertmanager only).
+    """
     kind = notify.channel_kind(url)
+    if watchdog and kind not in WATCHDOG_KINDS:
+        raise notify.NotifyError(f"--watchdog is for webhook and Alertmanager channels, not {kind}")
     if kind == "email" and not settings.smtp_url:
         log.warning("channel %s/%s is email but FLEET_SMTP_URL is not set: deliveries will fail until it is",
                     org, name)
     secret = notify.new_secret(kind)
     with open_database(settings.database) as db:
-        alerting.store_channel(db, secret_box(settings.data_dir), org, name, kind, url, secret, notify.redact(url))
-    log.info("alert channel %s/%s added (%s, %s)", org, name, kind, notify.redact(url))
+        alerting.store_channel(db, secret_box(settings.data_dir), org, name, kind, url, secret, notify.redact(url),
+                               watchdog)
+    log.info("alert channel %s/%s added (%s, %s%s)", org, name, kind, notify.redact(url),
+             ", watchdog" if watchdog else "")
     return NewChannel(org, name, kind, secret)
 
 

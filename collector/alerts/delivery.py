@@ -27,6 +27,7 @@ from fleet.config.settings import Settings
 from fleet.store import alerting
 from fleet.store.database import Database, DatabaseError, open_database
 from fleet.store.errors import StoreError
+from fleet.store.lease import LeaseLost
 from fleet.store.secretbox import SecretBox, secret_box
 
 log = logging.getLogger("fleet.collector.alerts")
@@ -65,18 +66,26 @@ class Outcome:
     retryable: bool = False
 
 
-def send(settings: Settings, channel: alerting.Channel, notices: Sequence[notify.Notice], key: str) -> None:
+def send(settings: Settings, channel: alerting.Channel, notices: Sequence[notify.Notice], key: str,
+         notification_id: str = "") -> None:
     """Deliver one notification to a loaded channel; DeliveryError/NotifyError when it fails."""
     notify.deliver(channel.kind, channel.url, channel.secret, notices, key, smtp_url=settings.smtp_url or None,
-                   timeout=SEND_TIMEOUT_S, receiver=channel.name)
+                   timeout=SEND_TIMEOUT_S, receiver=channel.name, notification_id=notification_id)
+
+
+def notification_id(job: Job) -> str:
+    """The id every attempt of an outbox row carries, whichever collector sends it: org, row id, creation time."""
+    return f"{job.org}-{job.id}-{int(job.created * 1000)}"
 
 
 class DeliveryWorker:
     """Delivers the outbox rows of the orgs ``orgs()`` returns; ``start()``, ``wake()`` after new rows, ``stop()``."""
 
-    def __init__(self, settings: Settings, orgs: Callable[[], frozenset[str]]) -> None:
+    def __init__(self, settings: Settings, orgs: Callable[[], frozenset[str]],
+                 fence: Callable[[Database], None] | None = None) -> None:
         self.settings = settings
         self.orgs = orgs
+        self.fence = fence  # the collector's lease: only the active collector sends
         self.delivered = 0
         self.failed = 0
         self._wake = threading.Event()
@@ -113,8 +122,12 @@ class DeliveryWorker:
                 try:
                     if db is None:
                         db = open_database(self.settings.database, migrate=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
+                        db.fence = self.fence
                     self._record(db)
                     wait = self._dispatch(db)
+                except LeaseLost:
+                    log.error("alert delivery stops: this collector is no longer active")
+                    break
                 except (ConfigError, StoreError) as exc:  # DatabaseError among them: busy, or the server away
                     log.warning("alert delivery: database not available (will retry): %s", exc)
                 except Exception:
@@ -125,7 +138,7 @@ class DeliveryWorker:
             while db is not None and self._busy and time.monotonic() < deadline:
                 try:
                     self._record(db, self._done.get(timeout=max(0.01, deadline - time.monotonic())))
-                except (queue.Empty, DatabaseError):
+                except (queue.Empty, DatabaseError, LeaseLost):
                     break
         finally:
             if db is not None:
@@ -135,6 +148,9 @@ class DeliveryWorker:
         """Start the due rows (one per channel); return how long to sleep until the next one is due."""
         if len(self._busy) >= MAX_PARALLEL:
             return IDLE_WAIT_S
+        if self.fence is not None:
+            with db.transaction():  # runs the fence: a collector that lost its lease sends nothing more
+                pass
         now = time.time()
         orgs = self.orgs()
         wait = IDLE_WAIT_S
@@ -169,7 +185,7 @@ class DeliveryWorker:
         except (ValueError, TypeError, notify.NotifyError) as exc:
             return Outcome(job, 0, f"unreadable notification: {exc}", retryable=False)
         try:
-            send(self.settings, channel, notices, job.group_key)
+            send(self.settings, channel, notices, job.group_key, notification_id(job))
         except notify.DeliveryError as exc:
             return Outcome(job, len(notices), str(exc) or type(exc).__name__, exc.retryable)
         except notify.NotifyError as exc:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fleet.collector.alerts import notify
@@ -213,8 +215,13 @@ class Group:
 class AlertEngine:
     """Every live alert of the collector's orgs; see the module docstring. Only the writer thread uses it."""
 
-    def __init__(self, tracker: Tracker, group_wait: float, blind: Callable[[Machine, float], bool]) -> None:
+    def __init__(self, tracker: Tracker, group_wait: float, blind: Callable[[Machine, float], bool],
+                 watchdog_interval: float = 300.0) -> None:
         self.tracker = tracker
+        self.watchdog_interval = watchdog_interval
+        self.watchdogs: set[tuple[str, str]] = set()  # (org, channel) that get the always-firing FleetWatchdog
+        self.next_watchdog: dict[tuple[str, str], float] = {}
+        self.started = time.time()
         self.group_wait = group_wait
         self.blind = blind
         self.rules: dict[str, list[CompiledRule]] = {}
@@ -289,6 +296,7 @@ class AlertEngine:
         if changed:
             self._rules_changed(changed, now)
         self.channels = {org: kinds for org, kinds in alerting.channel_kinds(db).items() if org in wanted}
+        self.watchdogs = {key for key in alerting.watchdog_channels(db) if key[0] in wanted}
         silences: dict[str, list[Silence]] = {}
         for silence in alerting.load_silences(db, now):
             if silence.org in wanted:
@@ -392,6 +400,7 @@ class AlertEngine:
             self.next_recheck = now + RECHECK_S
             self._recheck(now)
             self._resend(db, now)
+            self._watchdog(db, now)
         for org, group in list(self.groups.items()):
             if now >= group.due:
                 del self.groups[org]
@@ -539,6 +548,25 @@ class AlertEngine:
                     continue
                 if queued is None:  # a backlog is still being delivered: do not pile re-sends on it
                     self._queue(org, (channel,), notices, now)
+
+    def _watchdog(self, db: Database, now: float) -> None:
+        """Watchdog channels get the always-firing FleetWatchdog alert every watchdog_interval (Alertmanager's at
+        its re-send interval, or it would let the alert end between two), unless the last one is still failing."""
+        for org, channel in self.watchdogs:
+            kind = self.channels.get(org, {}).get(channel)
+            if kind is None:
+                continue
+            key = (org, channel)
+            if now < self.next_watchdog.get(key, 0.0):
+                continue
+            self.next_watchdog[key] = now + min(self.watchdog_interval, notify.resend_interval(kind) or math.inf)
+            try:
+                failing = db.query_one("SELECT 1 FROM alert_outbox WHERE org = ? AND channel = ? AND attempts > 0"
+                                       " LIMIT 1", (org, channel))
+            except DatabaseError:
+                continue
+            if failing is None:
+                self._queue(org, (channel,), [asdict(n) for n in notify.watchdog_notices(org, self.started)], now)
 
     # --- handing over to the writer --------------------------------------------------------------------------
     def take_writes(self) -> AlertWrites | None:

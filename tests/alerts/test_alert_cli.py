@@ -126,3 +126,14 @@ def test_silence_and_unsilence(data_dir):
     assert json.loads(run(data_dir, "alert", "silences", "acme", "--json").stdout) == []
     assert run(data_dir, "alert", "unsilence", "acme", "999").exit_code == 1
     assert run(data_dir, "alert", "silence", "acme", "--for", "soon").exit_code == 1
+
+
+def test_watchdog_is_for_webhook_and_alertmanager_channels(data_dir, receiver):
+    assert run(data_dir, "alert", "channel", "add", "acme", "hook", receiver.url, "--watchdog").exit_code == 0
+    assert run(data_dir, "alert", "channel", "add", "acme", "am", "alertmanager+http://127.0.0.1:9093",
+               "--watchdog").exit_code == 0
+    bad = run(data_dir, "alert", "channel", "add", "acme", "mail", "mailto:ops@example.com", "--watchdog")
+    assert (bad.exit_code, bad.stderr.count("\n")) == (1, 1)
+    assert "--watchdog" in bad.stderr
+    listed = json.loads(run(data_dir, "alert", "channel", "list", "acme", "--json").stdout)
+    assert {c["channel"]: c["watchdog"] for c in listed} == {"am": True, "hook": True}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import select
+import socket
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +28,7 @@ class Recorded:
     headers: dict[str, str]
     body: bytes
     status: int = 200  # what the recorder answered
+    answered: bool = True  # False: the sender went away while the request was held (``hang``), nothing was answered
 
     def json(self) -> Any:
         """The body parsed as JSON."""
@@ -52,8 +57,13 @@ class Recorder:
                     recorder.requests.append(Recorded(self.command, self.path, dict(self.headers.items()), body,
                                                       status))
                     recorder._cond.notify_all()
-                if recorder.hang:
-                    recorder.release.wait(MAX_HANG_S)
+                if recorder.hang and not recorder._hold(self.connection):
+                    with recorder._cond:
+                        index = next(i for i, r in enumerate(recorder.requests) if r.body is body)
+                        recorder.requests[index] = dataclasses.replace(recorder.requests[index], answered=False)
+                        recorder._cond.notify_all()
+                    self.close_connection = True
+                    return
                 self.send_response(status)
                 if recorder.location:
                     self.send_header("Location", recorder.location)
@@ -62,6 +72,8 @@ class Recorder:
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
+
+            do_GET = do_POST  # noqa: N815 - the base class's naming: a GET is recorded the same way
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
                 pass
@@ -72,6 +84,19 @@ class Recorder:
         self.scheme = "http"
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="http-recorder",
                                         daemon=True)
+
+    def _hold(self, connection: socket.socket) -> bool:
+        """Hold a request until released (True), or until its sender closes the connection (False)."""
+        deadline = time.monotonic() + MAX_HANG_S
+        while not self.release.is_set() and time.monotonic() < deadline:
+            readable, _, _ = select.select([connection], [], [], 0.05)
+            if readable:
+                try:
+                    if connection.recv(1, socket.MSG_PEEK) == b"":
+                        return False
+                except (OSError, ValueError):  # ValueError: a TLS socket cannot peek
+                    return False
+        return True
 
     def use_tls(self, context: ssl.SSLContext) -> None:
         """Serve HTTPS with ``context`` (call before start)."""

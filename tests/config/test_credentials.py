@@ -10,7 +10,7 @@ from fleet.config.errors import InvalidId
 from fleet.store import credentials, orgs
 from fleet.store.database import open_database
 from fleet.store.errors import CredentialError
-from fleet.store.pepper import load_pepper
+from fleet.store.pepper import load_pepper, stored_key_pepper
 
 
 @pytest.fixture
@@ -51,7 +51,9 @@ def test_duplicate_and_invalid_orgs(tmp_path, db):
 
 def test_check_key_roles_and_rotation(tmp_path, db):
     org = credentials.add_org(db, tmp_path, "acme")
-    pepper = load_pepper(tmp_path)
+    pepper = stored_key_pepper(db)
+    assert pepper is not None
+    assert pepper != load_pepper(tmp_path)  # the sealing pepper stays in the data dir
     conn = db
     records = credentials.load_records(conn)
     assert credentials.check_key(records, pepper, "acme/agent", org.agent_key).role == "agent"
@@ -78,7 +80,7 @@ def test_service_key_is_stable_and_private(tmp_path, db):
     assert credentials.ensure_service_key(db, tmp_path) == key
     assert (tmp_path / credentials.SERVICE_KEY_FILE).stat().st_mode & 0o077 == 0
     records = credentials.load_records(db)
-    principal = credentials.check_key(records, load_pepper(tmp_path), credentials.SERVICE_USERNAME, key)
+    principal = credentials.check_key(records, stored_key_pepper(db), credentials.SERVICE_USERNAME, key)
     assert principal.role == "service"
     assert principal.org is None
 
@@ -100,12 +102,17 @@ def test_another_hosts_pepper_or_service_key_is_refused(tmp_path, database_url, 
     with open_database(database_url) as db:
         credentials.add_org(db, first, "acme")
         key = credentials.ensure_service_key(db, first)
-        with pytest.raises(CredentialError, match="not the pepper"):
+        with pytest.raises(CredentialError, match="second/pepper is missing"):
             credentials.add_org(db, second, "globex")
+        (tmp_path / "third").mkdir()
+        (tmp_path / "third" / "pepper").write_text("00" * 32 + "\n")
+        with pytest.raises(CredentialError, match="not the pepper"):
+            credentials.add_org(db, tmp_path / "third", "globex")
+        second.mkdir()
         (second / "pepper").write_bytes((first / "pepper").read_bytes())
         credentials.add_org(db, second, "globex")
         if engine == "postgresql":
-            with pytest.raises(CredentialError, match="another data dir's service key"):
+            with pytest.raises(CredentialError, match="service.key is missing"):
                 credentials.ensure_service_key(db, second)
             (second / credentials.SERVICE_KEY_FILE).write_text(key + "\n")
         assert credentials.ensure_service_key(db, second) == (key if engine == "postgresql" else

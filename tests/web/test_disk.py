@@ -68,7 +68,8 @@ def test_a_nearly_full_disk_is_a_warning_in_healthz_not_a_503(healthy_client, fl
     collector_beat(fleet, **{DATA_DISK_PERCENT: 42.0})
     res = healthy_client.get("/healthz")
     assert res.status_code == 200
-    assert res.get_json() == {"broker": "ok", "collector": "ok", "database": "ok", "disk": "ok"}
+    assert res.get_json() == {"broker": "ok", "collector": "ok", "database": "ok", "disk": "ok",
+                              "collectors": [], "collector_active": None}
 
     collector_beat(fleet, **{DATA_DISK_PERCENT: DISK_FULL_PERCENT + 4.5})
     res = healthy_client.get("/healthz")
@@ -85,3 +86,19 @@ def test_healthz_disk_is_unknown_without_the_collectors_figure(healthy_client, f
     res = healthy_client.get("/healthz")
     assert res.status_code == 200
     assert res.get_json()["disk"].startswith("unknown")
+
+
+def test_healthz_and_metrics_name_the_active_collector(healthy_client, fleet):
+    from fleet.store import lease
+
+    with open_database(fleet.database) as db:
+        lease.seen(db, "host-a:1", "fleet.collector-x")
+        lease.seen(db, "host-b:2", "fleet.collector-x")
+        assert lease.acquire(db, "fleet.collector-x", "host-b:2", 10) is not None
+    body = healthy_client.get("/healthz").get_json()
+    assert body["collector_active"] == "host-b:2"
+    assert body["collectors"] == [{"instance": "host-a:1", "shard": "fleet.collector-x", "active": False},
+                                  {"instance": "host-b:2", "shard": "fleet.collector-x", "active": True}]
+    text = healthy_client.get("/metrics", headers=bearer(fleet.acme.reader_key)).get_data(as_text=True)
+    assert 'fleet_collector_active{instance="host-a:1"} 0.0' in text
+    assert 'fleet_collector_active{instance="host-b:2"} 1.0' in text

@@ -6,7 +6,14 @@ The alerting side (rules, outbox, grouping, the delivery worker) calls only what
 from fleet.collector.alerts.notify.errors import DeliveryError, NotifyError
 from fleet.collector.alerts.notify.kinds import channel_kind, deliver, new_secret, resend_interval
 from fleet.collector.alerts.notify.mail import SmtpServer, parse_smtp_url
-from fleet.collector.alerts.notify.notice import Notice, fingerprint, group_key, test_notices
+from fleet.collector.alerts.notify.notice import (
+    WATCHDOG_RULE,
+    Notice,
+    fingerprint,
+    group_key,
+    test_notices,
+    watchdog_notices,
+)
 from fleet.collector.alerts.notify.retry import RETRY_FOR_S, retry_delay
 from fleet.collector.alerts.notify.urls import redact
 from fleet.collector.alerts.notify.webhook import SIGNATURE_HEADER, signature, verify
@@ -14,5 +21,5 @@ from fleet.collector.alerts.notify.webhook import SIGNATURE_HEADER, signature, v
 __all__ = [
     "RETRY_FOR_S", "SIGNATURE_HEADER", "DeliveryError", "Notice", "NotifyError", "SmtpServer", "channel_kind",
     "deliver", "fingerprint", "group_key", "new_secret", "parse_smtp_url", "redact", "resend_interval", "retry_delay",
-    "signature", "test_notices", "verify",
+    "signature", "test_notices", "verify", "WATCHDOG_RULE", "watchdog_notices",
 ]

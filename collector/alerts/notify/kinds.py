@@ -71,17 +71,19 @@ def resend_interval(kind: str) -> float | None:
 
 
 def deliver(kind: str, url: str, secret: str | None, notices: Sequence[Notice], group_key: str, *,
-            smtp_url: str | None, timeout: float = 10.0, receiver: str = "fleet", external_url: str = "") -> None:
+            smtp_url: str | None, timeout: float = 10.0, receiver: str = "fleet", external_url: str = "",
+            notification_id: str = "") -> None:
     """Send one notification listing ``notices`` to the channel; DeliveryError says whether to retry.
 
     ``receiver`` (the channel's name) and ``external_url`` (the dashboard) fill the webhook fields of the same
-    names. Nothing is sent for an empty ``notices``.
+    names; ``notification_id`` is the same for every attempt of one notification (a webhook's Idempotency-Key).
+    Nothing is sent for an empty ``notices``.
     """
     if not notices:
         return
     try:
         _send(kind, url, secret, notices, group_key, smtp_url=smtp_url, timeout=timeout, receiver=receiver,
-              external_url=external_url)
+              external_url=external_url, notification_id=notification_id)
     except DeliveryError:
         raise
     except NotifyError as exc:  # a channel that cannot work: no retry will fix it
@@ -90,9 +92,10 @@ def deliver(kind: str, url: str, secret: str | None, notices: Sequence[Notice], 
 
 
 def _send(kind: str, url: str, secret: str | None, notices: Sequence[Notice], group_key: str, *,
-          smtp_url: str | None, timeout: float, receiver: str, external_url: str) -> None:
+          smtp_url: str | None, timeout: float, receiver: str, external_url: str, notification_id: str) -> None:
     if kind == "webhook":
-        webhook.send(url, secret, notices, group_key, timeout=timeout, receiver=receiver, external_url=external_url)
+        webhook.send(url, secret, notices, group_key, timeout=timeout, receiver=receiver, external_url=external_url,
+                     notification_id=notification_id)
     elif kind == "alertmanager":
         alertmanager.send(url, notices, timeout=timeout, external_url=external_url)
     elif kind == "email":

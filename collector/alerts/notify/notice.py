@@ -112,4 +112,19 @@ def test_notices(org: str, channel: str) -> list[Notice]:
     )]
 
 
+WATCHDOG_RULE = "FleetWatchdog"
+WATCHDOG_MACHINE = "fleet"
+WATCHDOG_SEVERITY = "none"  # Prometheus' Watchdog: not a problem, a sign of life
+
+
+def watchdog_notices(org: str, started: float) -> list[Notice]:
+    """The always-firing FleetWatchdog alert: a receiver that stops getting it knows fleet is down."""
+    return [Notice(
+        status="firing", org=org, rule=WATCHDOG_RULE, machine_id=WATCHDOG_MACHINE, severity=WATCHDOG_SEVERITY,
+        summary="fleet's alerting works: this alert always fires. If it stops arriving, fleet is down.",
+        value=None, starts_at=started, ends_at=None,
+        fingerprint=fingerprint(org, WATCHDOG_RULE, WATCHDOG_MACHINE, WATCHDOG_SEVERITY),
+    )]
+
+
 test_notices.__test__ = False  # type: ignore[attr-defined]  # not a pytest test, despite its name

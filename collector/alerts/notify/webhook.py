@@ -15,6 +15,8 @@ from fleet.collector.alerts.notify.notice import Notice, rfc3339
 from fleet.collector.alerts.notify.render import group_status
 
 SIGNATURE_HEADER = "X-Fleet-Signature"
+# The same for every attempt of one notification, from whichever collector: a receiver that has seen it drops it.
+ID_HEADER = "Idempotency-Key"
 VERSION = "4"
 
 
@@ -61,9 +63,12 @@ def verify(secret: str, body: bytes, header: str | None) -> bool:
 
 
 def send(url: str, secret: str | None, notices: Sequence[Notice], group_key: str, *, timeout: float,
-         receiver: str = "fleet", external_url: str = "") -> None:
+         receiver: str = "fleet", external_url: str = "", notification_id: str = "") -> None:
     """POST the signed notification to the webhook URL."""
     if not secret:
         raise DeliveryError("webhook channel has no signing secret: remove and add it again", retryable=False)
     body = orjson.dumps(payload(notices, group_key, receiver=receiver, external_url=external_url))
-    post_json(url, body, timeout, {SIGNATURE_HEADER: signature(secret, body)})
+    headers = {SIGNATURE_HEADER: signature(secret, body)}
+    if notification_id:
+        headers[ID_HEADER] = notification_id
+    post_json(url, body, timeout, headers)
