@@ -23,7 +23,7 @@ one data dir; N times, the active one is SIGKILLed and started again as the wait
 measures the takeover (until /healthz names the other collector active, and until that one has stored a
 report received after the kill). A `--watchdog` webhook channel to a receiver in this process, with the
 FleetWatchdog alert every --watchdog-interval seconds and answers delayed --receiver-delay seconds (so
-kills land in the middle of deliveries), counts each notification (Idempotency-Key) answered: more than
+kills land in the middle of deliveries), counts each notification (Idempotency-Key) received: more than
 once is a duplicate, never (and not left in the outbox) is lost.
 
     python3 bench/crash.py --agents 1000 --kill collector --standby --kills 10 [--separate-hosts]
@@ -162,10 +162,11 @@ class System:
 
 class Receiver:
     """A webhook receiver on loopback: holds each request ``delay`` seconds, then answers 200 unless its sender
-    has gone (the connection closed meanwhile: cut off, never answered). Counts answers per Idempotency-Key."""
+    has gone (the connection closed meanwhile: cut off, never answered). Counts the requests it received per
+    Idempotency-Key (received, whether answered or not: what a receiver acting first would act on)."""
 
     def __init__(self, delay: float) -> None:
-        self.answered: dict[str, int] = {}
+        self.received: dict[str, int] = {}
         self.cut = 0
         self.lock = threading.Lock()
         receiver = self
@@ -174,6 +175,8 @@ class Receiver:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = self.headers.get("Idempotency-Key", "")
+                with receiver.lock:
+                    receiver.received[key] = receiver.received.get(key, 0) + 1
                 if not receiver.hold(self.connection, delay):
                     with receiver.lock:
                         receiver.cut += 1
@@ -187,9 +190,6 @@ class Receiver:
                 except OSError:
                     with receiver.lock:
                         receiver.cut += 1
-                    return
-                with receiver.lock:
-                    receiver.answered[key] = receiver.answered.get(key, 0) + 1
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
                 pass
@@ -387,7 +387,7 @@ def run_standby(args: argparse.Namespace) -> dict[str, object]:
     stored = set(query(db, "SELECT machine_id, session, seq FROM reports WHERE org = ?", ORG))
     rows = query(db, "SELECT count(*) FROM reports WHERE org = ?", ORG)[0][0]
     queued = {row[0] for row in query(db, "SELECT id FROM alert_outbox")}
-    delivered = notification_ids(receiver.answered)
+    delivered = notification_ids(receiver.received)
     made = set(range(min(delivered | queued | {1}), max(delivered | queued | {0}) + 1))
     return {
         "kills of the active collector": args.kills,
@@ -398,10 +398,10 @@ def run_standby(args: argparse.Namespace) -> dict[str, object]:
         "LOST (acked, not stored)": len(rec.acked - stored),
         "duplicates in history (rows - distinct)": rows - len(stored),
         "notifications made (outbox ids)": len(made),
-        "answered once": sum(1 for n in receiver.answered.values() if n == 1),
-        "DUPLICATE (answered more than once)": sum(1 for n in receiver.answered.values() if n > 1),
-        "LOST (never answered, not queued)": len(made - delivered - queued),
-        "cut off by a kill (request held, never answered), then sent again": receiver.cut,
+        "received once": sum(1 for n in receiver.received.values() if n == 1),
+        "DUPLICATE (received more than once)": sum(1 for n in receiver.received.values() if n > 1),
+        "LOST (never received, not queued)": len(made - delivered - queued),
+        "cut off by a kill (received, never answered; not sent again)": receiver.cut,
     }
 
 

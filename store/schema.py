@@ -378,6 +378,12 @@ CREATE TABLE IF NOT EXISTS collectors (
 ALTER TABLE alert_channels ADD COLUMN watchdog INTEGER NOT NULL DEFAULT 0;
 """
 
+# Version 7: when a notification's send started. A row found sending when a collector becomes active was
+# being sent by a collector that died: the receiver may have it, so it is not sent again (collector.alerts).
+OUTBOX_SENDING = """
+ALTER TABLE alert_outbox ADD COLUMN sending_since REAL;
+"""
+
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
@@ -386,5 +392,6 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (4, MACHINES_FILLFACTOR),
     (5, COMPACT_HISTORY),
     (6, COLLECTOR_LEASE),
+    (7, OUTBOX_SENDING),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

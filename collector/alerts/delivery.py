@@ -78,6 +78,22 @@ def notification_id(job: Job) -> str:
     return f"{job.org}-{job.id}-{int(job.created * 1000)}"
 
 
+INTERRUPTED = ("interrupted: the collector sending it stopped mid-delivery; not sent again, so that it never"
+               " arrives twice")
+
+
+def interrupted_sends(db: Database, now: float) -> int:
+    """Give up the rows a collector that died was sending (the receiver may have them): each is deleted and
+    noted on its channel, so the notification is never sent twice. Run as a collector becomes active."""
+    rows = db.query("SELECT id, org, channel FROM alert_outbox WHERE sending_since IS NOT NULL")
+    for row_id, org, channel in rows:
+        with db.transaction():
+            db.execute("DELETE FROM alert_outbox WHERE id = ?", (row_id,))
+            alerting.record_delivery(db, org, channel, now, INTERRUPTED)
+        log.warning("alerts of org %s to channel %s: %s", org, channel, INTERRUPTED)
+    return len(rows)
+
+
 class DeliveryWorker:
     """Delivers the outbox rows of the orgs ``orgs()`` returns; ``start()``, ``wake()`` after new rows, ``stop()``."""
 
@@ -86,6 +102,7 @@ class DeliveryWorker:
         self.settings = settings
         self.orgs = orgs
         self.fence = fence  # the collector's lease: only the active collector sends
+        self._interrupted_checked = False  # rows a dead collector was sending: given up once, at the start
         self.delivered = 0
         self.failed = 0
         self._wake = threading.Event()
@@ -123,6 +140,9 @@ class DeliveryWorker:
                     if db is None:
                         db = open_database(self.settings.database, migrate=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
                         db.fence = self.fence
+                    if not self._interrupted_checked:
+                        interrupted_sends(db, time.time())
+                        self._interrupted_checked = True
                     self._record(db)
                     wait = self._dispatch(db)
                 except LeaseLost:
@@ -168,6 +188,8 @@ class DeliveryWorker:
             if channel is None:  # removed since the row was made
                 db.execute("DELETE FROM alert_outbox WHERE id = ?", (job.id,))
                 continue
+            with db.transaction():  # marked first: should this collector die while sending, nobody sends it again
+                db.execute("UPDATE alert_outbox SET sending_since = ? WHERE id = ?", (now, job.id))
             self._busy.add((job.org, job.channel))
             future = self._pool.submit(self._send, channel, job)
             future.add_done_callback(self._sent)
@@ -236,8 +258,8 @@ class DeliveryWorker:
             self.failed += 1
             if outcome.retryable and now - job.created < notify.RETRY_FOR_S:
                 delay = notify.retry_delay(attempts)
-                db.execute("UPDATE alert_outbox SET attempts = ?, next_attempt = ?, last_error = ? WHERE id = ?",
-                           (attempts, now + delay, outcome.error[:500], job.id))
+                db.execute("UPDATE alert_outbox SET attempts = ?, next_attempt = ?, last_error = ?,"
+                           " sending_since = NULL WHERE id = ?", (attempts, now + delay, outcome.error[:500], job.id))
                 alerting.record_delivery(db, job.org, job.channel, now, outcome.error)
                 log.warning("alerts of org %s not delivered to channel %s (attempt %d, retry in %.1f s): %s",
                             job.org, job.channel, attempts, delay, outcome.error)
