@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleet.broker.errors import BrokerError
+from fleet.config.enrolment import fingerprint_der
 from fleet.config.settings import WILDCARD_HOSTS
 
 CA_DAYS = 3650
@@ -133,6 +134,26 @@ def _needs_renewal(cert_path: Path, dns: set[str], ips: set[str], days: int) -> 
     have_dns = set(alt.get_values_for_type(x509.DNSName))
     have_ips = {str(ip) for ip in alt.get_values_for_type(x509.IPAddress)}
     return not (dns <= have_dns and ips <= have_ips)
+
+
+def ca_fingerprint(ca_path: Path) -> str:
+    """The CA's SHA-256 fingerprint (lowercase hex of the DER), as enrolment tokens carry it."""
+    cert = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+    return fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
+
+
+def server_chain(paths: CertPaths) -> Path:
+    """``server-chain.pem`` beside the server certificate: it and the CA, what the broker presents, so an agent
+    holding only the CA's fingerprint (in its enrolment token) can find and check the CA before trusting it."""
+    chain = paths.cert.with_name("server-chain.pem")
+    data = paths.cert.read_bytes() + paths.ca.read_bytes()
+    try:
+        if chain.read_bytes() == data:
+            return chain
+    except OSError:
+        pass
+    _write(chain, data, private=False)
+    return chain
 
 
 def ensure_certs(certs_dir: Path, hosts: Iterable[str] = ()) -> CertPaths:

@@ -192,6 +192,7 @@ class StreamWriter(WriterAdapter):
         self.is_closed = False
         peer = stream.get_extra_info("peername")  # asked now: a TLS transport forgets it once closed
         self.peer = (peer[0], peer[1]) if peer and len(peer) >= 2 else None
+        self.identity: tuple[str, str] | None = None  # (subject CN, serial) of a verified client certificate
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer (dropped once closed)."""

@@ -20,19 +20,20 @@ from fleet.broker import patches
 from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
 from fleet.broker.limits import AcceptErrors, raise_open_file_limit
-from fleet.broker.pki import CertPaths, ensure_certs
+from fleet.broker.pki import CertPaths, ensure_certs, server_chain
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
 from fleet.broker.store import BrokerStore
 from fleet.config.settings import Settings
 from fleet.config.status import BROKER
-from fleet.store import credentials
+from fleet.store import credentials, identity
 from fleet.store.database import DatabaseError, open_database
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.pepper import load_pepper
 
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
+ON_DEMAND_RELOAD_S = 1.0  # an unknown certificate or token reloads the credentials at most this often
 
 
 TLS_LISTENER = "default"
@@ -47,12 +48,13 @@ def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> Broke
     listener's own fields are therefore set again once amqtt has merged them."""
     listeners: dict[str, dict[str, Any]] = {
         TLS_LISTENER: {"type": "tcp", "bind": f"{settings.host}:{settings.mqtt_port}", "ssl": True,
-                       "certfile": str(certs.cert), "keyfile": str(certs.key),
+                       "certfile": str(server_chain(certs)), "keyfile": str(certs.key), "cafile": str(certs.ca),
                        "max_connections": settings.max_connections},
     }
     if settings.mqtt_plain_port:
         listeners[PLAIN_LISTENER] = {"type": "tcp", "bind": f"127.0.0.1:{settings.mqtt_plain_port}", "ssl": False,
-                                     "certfile": None, "keyfile": None, "max_connections": settings.max_connections}
+                                     "certfile": None, "keyfile": None, "cafile": None,
+                                     "max_connections": settings.max_connections}
     plugins = {"fleet.broker.plugins.FleetAuthPlugin": {"policy": policy_id},
                "fleet.broker.plugins.FleetTopicPlugin": {"policy": policy_id}}
     config = BrokerConfig.from_dict({"listeners": listeners, "plugins": plugins})
@@ -62,9 +64,10 @@ def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> Broke
     return config
 
 
-def _load_records(database: str, migrate: bool = False) -> dict[str, credentials.CredentialRecord]:
+def _load_records(database: str, migrate: bool = False) -> tuple[dict[str, credentials.CredentialRecord],
+                                                                  identity.IdentitySnapshot]:
     with open_database(database, readonly=not migrate) as db:
-        return credentials.load_records(db)
+        return credentials.load_records(db), identity.load_snapshot(db)
 
 
 def _ensure_service_key(settings: Settings) -> None:
@@ -103,11 +106,11 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
     certs = await asyncio.to_thread(ensure_certs, settings.certs_dir, [settings.host])
     try:
         await asyncio.to_thread(_ensure_service_key, settings)
-        records = await asyncio.to_thread(_load_records, settings.database, True)
+        records, snapshot = await asyncio.to_thread(_load_records, settings.database, True)
     except DatabaseError as exc:
         raise BrokerError(str(exc)) from exc
     pepper = await asyncio.to_thread(load_pepper, data_dir)
-    policy = AccessPolicy(pepper, records)
+    policy = AccessPolicy(pepper, records, snapshot)
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy
     store = await asyncio.to_thread(BrokerStore, data_dir / "broker.db", settings.broker_durability)
@@ -135,17 +138,35 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
              settings.host, handle.port, certs.ca,
              f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "", restored, requeued)
 
+    reloading = asyncio.Lock()
+    last_reload = [time.monotonic()]
+
+    async def reload_now(min_gap_s: float = 0.0) -> None:
+        """Reload the snapshot; with ``min_gap_s``, not sooner than that after the last reload, and not at all
+        when one started after this was asked (one reload serves every CONNECT waiting for it)."""
+        asked = time.monotonic()
+        async with reloading:
+            if min_gap_s and last_reload[0] > asked:
+                return
+            if (wait := last_reload[0] + min_gap_s - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            last_reload[0] = time.monotonic()
+            try:
+                fresh, snapshot = await asyncio.to_thread(_load_records, settings.database)
+            except Exception as exc:  # noqa: BLE001 - keep the old snapshot, try again
+                log.warning("credential reload failed: %s", exc)
+                return
+            if policy.replace_records(fresh, snapshot):
+                log.info("credentials changed: %d principals, %d machine certificates", len(fresh),
+                         len(snapshot.serials))
+                broker.disconnect_revoked()
+
     async def reload_credentials() -> None:
         while True:
             await asyncio.sleep(settings.reload_interval_s)
-            try:
-                fresh = await asyncio.to_thread(_load_records, settings.database)
-            except Exception as exc:  # noqa: BLE001 - keep the old snapshot, try again
-                log.warning("credential reload failed: %s", exc)
-                continue
-            if policy.replace_records(fresh):
-                log.info("credentials changed: %d principals", len(fresh))
-                broker.disconnect_revoked()
+            await reload_now()
+
+    policy.refresh = lambda: reload_now(ON_DEMAND_RELOAD_S)
 
     async def heartbeat() -> None:
         while True:

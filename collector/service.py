@@ -22,6 +22,7 @@ import time
 
 from fleet.collector.alerts.delivery import DeliveryWorker
 from fleet.collector.alerts.engine import AlertEngine
+from fleet.collector.enrolment import Signer, start_signer
 from fleet.collector.errors import CollectorError
 from fleet.collector.handoff import Handoff
 from fleet.collector.intake import INTERNAL, DropCounter, RateLimiter, parse_message
@@ -77,6 +78,7 @@ class RunningCollector:
         self._stopping = threading.Event()
         self._link: MqttLink | None = None
         self._writer: WriterThread | None = None
+        self.signer: Signer | None = None
 
     # --- public -------------------------------------------------------------------------------
     def start(self) -> RunningCollector:
@@ -99,6 +101,7 @@ class RunningCollector:
         self._writer.start()
         self.delivery.start()
         link.start()
+        self.signer = start_signer(self.settings, key)
         log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
                  ", ".join(sorted(self.orgs.get())) or "(none yet)")
         return self
@@ -121,6 +124,8 @@ class RunningCollector:
         link = self._link
         if link is not None:
             link.stop()
+        if self.signer is not None:
+            self.signer.stop()
         self.handoff.close()
         writer = self._writer
         if writer is not None and writer.is_alive():

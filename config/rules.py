@@ -322,6 +322,7 @@ DEFAULT_RULES: tuple[tuple[str, str, float, str], ...] = (
     ("machine-offline", "status == offline", 120.0, "critical"),
     ("machine-stale", "status == stale", 300.0, "warning"),
     ("disk-full", "disk_percent > 90", 600.0, "warning"),
+    ("cert-expiring", "cert_days_left < 14", 3600.0, "warning"),
 )
 
 

@@ -46,10 +46,12 @@ class Settings:
     ca: str = ""  # CA file agents/collector/web verify the broker with; default <data_dir>/certs/ca.pem
     # credentials and orgs
     reload_interval_s: float = 2.0
+    cert_days: int = 365  # lifetime of a machine certificate the signer issues
     orgs: tuple[str, ...] = ()  # collector shard; empty = every org
     # agent
     org: str = ""
     key: str = field(default="", repr=False)
+    enrol: str = field(default="", repr=False)  # an enrolment token: the agent's first start makes its certificate
     machine: str = ""
     interval: float = 10.0
     agent_queue_max_reports: int = 100_000
@@ -96,6 +98,7 @@ class Settings:
             _check(value >= 1, name, "must be a positive integer", value)
         _check(self.broker_durability in ("full", "normal", "off"), "broker_durability",
                "must be full, normal or off", self.broker_durability)
+        _check(self.cert_days >= 1, "cert_days", "must be at least 1", self.cert_days)
         _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (changes apply within 5 s)",
                self.reload_interval_s)
         if self.broker_url:
