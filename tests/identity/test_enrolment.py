@@ -196,3 +196,27 @@ def test_csr_handling_refuses_anything_but_a_good_request(pem: Any) -> None:
     else:
         assert csr.subject.rfc4514_string() == "CN=acme/db1"
     assert reasons in ([], [BAD_CSR])
+
+
+def test_machine_objects_say_how_the_machine_authenticates(broker, broker_settings, signer, acme,
+                                                          tmp_path: Path) -> None:
+    from fleet.store import alerting
+    from fleet.web.app import create_app
+    from tests.helpers import bearer
+
+    enrol_machine(broker, broker_settings, tmp_path / "agent", "db1")
+    with open_database(broker_settings.database) as db:
+        now = time.time()
+        db.executemany("INSERT INTO machines(org, machine_id, status, first_seen, updated) VALUES ('acme', ?,"
+                       " 'online', ?, ?)", [("db1", now, now), ("web1", now, now)])
+        rules = {r.name: str(r.when) for r in alerting.list_rules(db, "acme")}
+        listed = {m["machine_id"]: m for m in identity.list_machines(db, "acme")}
+    assert rules["cert-expiring"] == "cert_days_left < 14"
+    assert listed["db1"]["auth"] == "certificate" and listed["web1"]["auth"] == "org-key"
+    client = create_app(broker_settings).test_client()
+    fleet = {m["machine_id"]: m for m in client.get("/api/fleet", headers=bearer(acme.reader_key)).json["data"]}
+    assert fleet["web1"]["auth"] == "org-key" and fleet["web1"]["cert_not_after"] is None
+    assert fleet["db1"]["auth"] == "certificate"
+    assert fleet["db1"]["cert_not_after"] == pytest.approx(now + 365 * 86_400, abs=120)
+    one = client.get("/api/fleet/db1", headers=bearer(acme.reader_key)).json
+    assert one["auth"] == "certificate" and one["cert_not_after"] == fleet["db1"]["cert_not_after"]
