@@ -39,8 +39,8 @@ EXPR_FORMS = "'status == offline', 'status == stale', 'conflict' or 'FIELD OP NU
 # The fields every report can carry, for help texts and the CLI's typo warning; any other numeric
 # field of a report resolves too (see field_value).
 KNOWN_FIELDS = (
-    *derived.FIELDS, "clock_offset_s", "cert_days_left", "cpu_count", "uptime_s", "process_count", "memory_used", "memory_total",
-    "net_sent_per_s", "net_recv_per_s",
+    *derived.FIELDS, "clock_offset_s", "cert_days_left", "cpu_count", "uptime_s", "process_count", "memory_used",
+    "memory_total", "net_sent_per_s", "net_recv_per_s",
 )
 
 

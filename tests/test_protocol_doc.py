@@ -166,8 +166,8 @@ def test_every_route_is_documented_and_every_documented_route_exists(doc: str, t
 
 def test_the_machine_object_fields_are_the_apis(doc: str) -> None:
     # GET /api/fleet/<machine> adds ``derived`` to the stored columns (web.db.get_machine).
-    compare("machine object fields", set(first_names(doc, "The machine object")), {*web_db.MACHINE_COLUMNS, *web_db.IDENTITY_FIELDS,
-                                                                                 "derived"})
+    served = {*web_db.MACHINE_COLUMNS, *web_db.IDENTITY_FIELDS, "derived"}
+    compare("machine object fields", set(first_names(doc, "The machine object")), served)
 
 
 def test_the_metrics_families_are_the_ones_served(doc: str) -> None:

@@ -212,11 +212,14 @@ def test_machine_objects_say_how_the_machine_authenticates(broker, broker_settin
         rules = {r.name: str(r.when) for r in alerting.list_rules(db, "acme")}
         listed = {m["machine_id"]: m for m in identity.list_machines(db, "acme")}
     assert rules["cert-expiring"] == "cert_days_left < 14"
-    assert listed["db1"]["auth"] == "certificate" and listed["web1"]["auth"] == "org-key"
+    assert listed["db1"]["auth"] == "certificate"
+    assert listed["web1"]["auth"] == "org-key"
     client = create_app(broker_settings).test_client()
     fleet = {m["machine_id"]: m for m in client.get("/api/fleet", headers=bearer(acme.reader_key)).json["data"]}
-    assert fleet["web1"]["auth"] == "org-key" and fleet["web1"]["cert_not_after"] is None
+    assert fleet["web1"]["auth"] == "org-key"
+    assert fleet["web1"]["cert_not_after"] is None
     assert fleet["db1"]["auth"] == "certificate"
     assert fleet["db1"]["cert_not_after"] == pytest.approx(now + 365 * 86_400, abs=120)
     one = client.get("/api/fleet/db1", headers=bearer(acme.reader_key)).json
-    assert one["auth"] == "certificate" and one["cert_not_after"] == fleet["db1"]["cert_not_after"]
+    assert one["auth"] == "certificate"
+    assert one["cert_not_after"] == fleet["db1"]["cert_not_after"]
