@@ -223,3 +223,23 @@ def test_machine_objects_say_how_the_machine_authenticates(broker, broker_settin
     one = client.get("/api/fleet/db1", headers=bearer(acme.reader_key)).json
     assert one["auth"] == "certificate"
     assert one["cert_not_after"] == fleet["db1"]["cert_not_after"]
+
+
+def test_fleet_agent_enrols_on_first_start_and_reuses_its_certificate(broker, broker_settings, signer,
+                                                                      tmp_path: Path) -> None:
+    from fleet.agent import runner
+    from fleet.config.settings import Settings
+
+    token = make_token(broker_settings)
+    agent_dir = tmp_path / "agent"
+    first = Settings(data_dir=agent_dir, broker_url=broker.url, org="acme", machine="db1", enrol=str(token.token),
+                     interval=0.2)
+    assert runner.run(first, once=True) == 0
+    files = IdentityFiles(agent_dir, "acme", "db1")
+    assert files.enrolled() and (files.key.stat().st_mode & 0o777) == 0o600
+    assert (agent_dir.stat().st_mode & 0o777) == 0o700
+    again = Settings(data_dir=agent_dir, broker_url=broker.url, org="acme", machine="db1", interval=0.2)
+    assert runner.run(again, once=True) == 0  # no token, no key, no --ca: the data dir's certificate and CA
+    files.key.chmod(0o640)
+    with pytest.raises(AgentError, match="readable by others"):
+        runner.run(again, once=True)
