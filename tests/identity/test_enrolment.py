@@ -236,7 +236,8 @@ def test_fleet_agent_enrols_on_first_start_and_reuses_its_certificate(broker, br
                      interval=0.2)
     assert runner.run(first, once=True) == 0
     files = IdentityFiles(agent_dir, "acme", "db1")
-    assert files.enrolled() and (files.key.stat().st_mode & 0o777) == 0o600
+    assert files.enrolled()
+    assert (files.key.stat().st_mode & 0o777) == 0o600
     assert (agent_dir.stat().st_mode & 0o777) == 0o700
     again = Settings(data_dir=agent_dir, broker_url=broker.url, org="acme", machine="db1", interval=0.2)
     assert runner.run(again, once=True) == 0  # no token, no key, no --ca: the data dir's certificate and CA
