@@ -244,3 +244,67 @@ def test_fleet_agent_enrols_on_first_start_and_reuses_its_certificate(broker, br
     files.key.chmod(0o640)
     with pytest.raises(AgentError, match="readable by others"):
         runner.run(again, once=True)
+
+
+def _agent(broker, agent_dir: Path, machine: str = "db1"):
+    from fleet.agent.outbox import Outbox
+    from fleet.agent.runner import Agent
+    from fleet.config.settings import Settings
+
+    settings = Settings(data_dir=agent_dir, broker_url=broker.url, org="acme", machine=machine, interval=0.2)
+    files = IdentityFiles(agent_dir, "acme", machine)
+    agent = Agent(settings, machine, Outbox(agent_dir / f"agent-acme-{machine}.db", 1000, 1 << 20))
+    agent.ca_path, agent.identity = files.ca, files
+    return agent
+
+
+def test_the_agent_renews_over_its_own_connection(broker, broker_settings, signer, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    files = enrol_machine(broker, broker_settings, tmp_path / "agent", "db1")
+    first = files.cert.read_bytes()
+    with open_database(broker_settings.database) as db:
+        before = identity.machine_cert(db, "acme", "db1")
+    agent = _agent(broker, tmp_path / "agent")
+    agent.connect()
+    agent.renew_at = 0.0  # two thirds of its life have passed
+
+    def renewed() -> bool:
+        agent.pump()
+        agent.maybe_renew()
+        return files.cert.read_bytes() != first
+
+    wait_for(renewed, 10)
+    with open_database(broker_settings.database) as db:
+        after = identity.machine_cert(db, "acme", "db1")
+    assert after is not None
+    assert before is not None
+    assert after.serial != before.serial
+    assert after.prev_serial == before.serial
+    assert after.enrolled_at == before.enrolled_at
+    assert agent.renew_at > time.time() + 86_400 * 200
+    agent.shutdown()
+    close(connect_with_cert(broker, files))  # the new certificate connects
+    agent.outbox.close()
+
+
+def test_a_failing_renewal_keeps_the_old_certificate_and_logs_once(broker, broker_settings, signer, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    files = enrol_machine(broker, broker_settings, tmp_path / "agent", "db1")
+    first = files.cert.read_bytes()
+    agent = _agent(broker, tmp_path / "agent")
+    agent.connect()
+    signer.stop()  # nobody answers
+    agent.renew_at = 0.0
+    agent.maybe_renew()
+    assert agent.renewal is not None
+    for _ in range(3):
+        agent.renewal = (agent.renewal[0] if agent.renewal else "x", 0.0)  # its answer is overdue
+        agent.maybe_renew()
+        agent.renew_at = 0.0
+    failures = [r for r in caplog.records if "certificate renewal failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert files.cert.read_bytes() == first
+    assert agent.conn is not None
+    assert agent.conn.is_connected()
+    agent.shutdown()
+    agent.outbox.close()
