@@ -155,7 +155,8 @@ def _pem_fingerprint(pem: bytes) -> str:
 def resolve_ca(address: BrokerAddress, token: Token, ca_file: str, files: IdentityFiles) -> Path:
     """The CA to trust for enrolment: ``--ca`` if given (it must be the token's), else the one the broker presents
     with the token's fingerprint, kept in the data dir."""
-    if ca_file:
+    if ca_file or files.ca.exists():
+        ca_file = ca_file or str(files.ca)
         try:
             pem = Path(ca_file).read_bytes()
             found = _pem_fingerprint(pem)
@@ -166,7 +167,8 @@ def resolve_ca(address: BrokerAddress, token: Token, ca_file: str, files: Identi
                              f" {token.ca_fingerprint[:16]}…)")
     else:
         pem = fetch_ca(address, token.ca_fingerprint)
-    write_private(files.ca, pem)
+    if Path(ca_file or "") != files.ca:
+        write_private(files.ca, pem)
     return files.ca
 
 

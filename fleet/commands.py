@@ -357,6 +357,8 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
 @_broker_url
 @click.option("--org", default=None, help="Org the simulated machines report to.")
 @click.option("--key", default=None, help="The org's agent key.")
+@click.option("--enrol", default=None, help="Enrolment token: each simulated machine enrols and connects with its"
+                                            " own certificate (kept in --data-dir).")
 @click.option("--agents", type=click.IntRange(min=1), required=True, help="Number of simulated agents.")
 @click.option("--ca", default=None, help="CA file to verify the broker.")
 @click.option("--interval", type=float, default=None, help="Seconds between reports (default 10).")
@@ -368,7 +370,7 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write one line per report published and per PUBACK to this file (for loss accounting).")
 @common
-@settings_flags("broker_url", "org", "key", "ca", "interval")
+@settings_flags("broker_url", "org", "key", "enrol", "ca", "interval")
 def simulate(settings: Settings, agents: int, duration: float | None, prefix: str, connect_rate: float,
              record_path: Path | None) -> None:
     """Load generator: N simulated agents speaking the real protocol."""

@@ -308,3 +308,26 @@ def test_a_failing_renewal_keeps_the_old_certificate_and_logs_once(broker, broke
     assert agent.conn.is_connected()
     agent.shutdown()
     agent.outbox.close()
+
+
+def test_simulate_enrols_its_machines_and_connects_with_their_certificates(broker, broker_settings, signer,
+                                                                           tmp_path: Path) -> None:
+    from fleet.agent.simulate import start_simulation
+    from fleet.config.settings import Settings
+
+    token = make_token(broker_settings, uses=5)
+    settings = Settings(data_dir=tmp_path / "sim", broker_url=broker.url, org="acme", enrol=str(token.token),
+                        interval=0.5)
+    sim = start_simulation(settings, 5, seed=1, connect_rate=100)
+    try:
+        wait_for(lambda: sim.stats()["connected"] == 5 and sim.stats()["acked"] >= 5, 20)
+    finally:
+        sim.stop()
+    with open_database(broker_settings.database) as db:
+        machines = identity.list_machines(db, "acme")
+    assert [m["machine_id"] for m in machines if m["auth"] == "certificate"] == [f"sim-{i:04d}" for i in range(1, 6)]
+    again = start_simulation(settings, 5, seed=1, connect_rate=100)  # the data dir's certificates: no new enrolment
+    try:
+        wait_for(lambda: again.stats()["connected"] == 5, 20)
+    finally:
+        again.stop()
