@@ -19,14 +19,18 @@ phase ends minus the value at minute 5 of the run, or at the end of settle when 
 minute 5). Each part logs to its own file in the data dir (broker.log, collector.log, web.log) and the table
 counts their "database is locked" lines; ``--keep`` leaves the data dir in place to inspect afterwards.
 
-    python3 bench/load.py --agents 5000 --interval 10 --broker both [--autosave interval:1] [--database postgres]
+    python3 bench/load.py --agents 5000 --interval 10 --broker both [--auth key|certificate|both]
+        [--autosave interval:1] [--database postgres]
 Loopback only; stops by itself; prints one table with the brokers side by side. ``--autosave`` overrides
 the persistence settings of the generated mosquitto.conf (``interval:N``: save every N s; ``changes:N``:
 save after N changes; ``generated``: as exported); the table then counts Mosquitto's saves.
 ``--database postgres`` stores everything (org, keys, machines, reports) in a throwaway PostgreSQL server
 started here with tests/postgres.py (``--database postgresql://…`` names one of yours); every part gets it
-as FLEET_DATABASE_URL. ``--profile PATH`` (embedded only) runs the broker under bench/profiled.py: cProfile on
-its event loop over the steady phase, pstats written to PATH, time in garbage collection printed.
+as FLEET_DATABASE_URL. ``--auth certificate`` has every simulated agent connect with its own machine
+certificate: one token enrols them all first (timed: the enrolment row), then the measured run starts; ``both``
+runs each broker with the org key and with certificates, side by side. ``--profile PATH`` (embedded only) runs
+the broker under bench/profiled.py: cProfile on its event loop over the steady phase, pstats written to PATH,
+time in garbage collection printed.
 """
 
 from __future__ import annotations
@@ -264,7 +268,19 @@ def peak_and_growth(samples: list[Sample], value: Callable[[Sample], float], ref
     return f"{max(value(s) for s in samples):.1f} / {value(inside[-1]) - value(first):+.1f} MB"
 
 
-def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, object]:
+def enrol_simulators(args: argparse.Namespace, url: str, data: Path, env: dict[str, str]) -> tuple[str, float]:
+    """Enrol every simulated machine with one token (``fleet simulate --enrol``, briefly); (token, seconds taken)."""
+    made = json.loads(subprocess.check_output([*FLEET, "enrol", "create", ORG, "--uses", str(args.agents), "--expires",
+                                               "6h", "--json", "--data-dir", str(data)], env=env))
+    started = time.monotonic()
+    sims = start_simulators(args.simulators, args.agents, url, ORG, "", data, args.interval, args.connect_rate, env,
+                            extra=("--enrol", made["token"], "--duration", "0.1"))
+    for sim in sims:
+        sim.communicate(timeout=3600)
+    return made["token"], time.monotonic() - started
+
+
+def run(kind: str, args: argparse.Namespace, database: str | None, auth: str = "key") -> dict[str, object]:
     """One broker's run, on SQLite in its data dir or on ``database``; returns its figures by metric name."""
     data = Path(tempfile.mkdtemp(prefix=f"fleet-load-{kind}-"))
     db = database or sqlite_url(data / "fleet.db")
@@ -287,9 +303,10 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         time.sleep(2)  # let start-up settle before the idle baseline
         idle_rss = {name: rss_mb(p.pid) for name, p in parts.procs.items()}
 
+        token, enrol_s = enrol_simulators(args, url, data, env) if auth == "certificate" else ("", None)
         started = time.time()
         parts.sims = start_simulators(args.simulators, args.agents, url, ORG, keys["agent_key"], data, args.interval,
-                                      args.connect_rate, env)
+                                      args.connect_rate, env, extra=("--enrol", token) if token else ())
         probe = Probe(url, ca, keys["agent_key"], api, keys["reader_key"])
         probe_thread = threading.Thread(target=probe.loop, daemon=True)
         probe_thread.start()
@@ -402,6 +419,8 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         disk[f"{name} max / growth since {since_name}"] = peak_and_growth(samples, lambda s, n=name: s.files[n],
                                                                           since, steady_to)
     figures = {
+        "agents authenticate with": auth,
+        "enrolment of every agent (simulate --enrol)": "n/a" if enrol_s is None else f"{enrol_s:.1f} s",
         "time until all agents connected": "never" if all_connected is None else f"{all_connected - started:.1f} s",
         "connect rate (handshakes/s; offered)": ("n/a" if all_connected is None or not firsts
                                                  else f"{args.agents / max(1e-3, all_connected - min(firsts)):.0f}")
@@ -457,6 +476,8 @@ def main() -> None:
     parser.add_argument("--autosave", default="generated", help="Mosquitto only: generated, interval:N, changes:N")
     parser.add_argument("--database", default="sqlite",
                         help="sqlite (fleet.db in each run's data dir), postgres (a throwaway server) or a URL")
+    parser.add_argument("--auth", choices=("key", "certificate", "both"), default="key",
+                        help="simulated agents connect with the org key, their own certificates, or each in turn")
     parser.add_argument("--keep", action="store_true", help="keep each run's data dir (database, logs) and print it")
     args = parser.parse_args()
     brokers = ["embedded", "mosquitto"] if args.broker == "both" else [args.broker]
@@ -470,12 +491,14 @@ def main() -> None:
     elif args.database != "sqlite" and DatabaseUrl.parse(args.database).engine != "postgresql":
         raise SystemExit("--database: sqlite, postgres or a postgresql:// URL")
     results = {}
+    auths = ["key", "certificate"] if args.auth == "both" else [args.auth]
     try:
         for kind in brokers:
-            print(f"{kind}: {args.agents} agents, interval {args.interval} s, {args.simulators} simulator(s), "
-                  f"{args.database}", flush=True)
-            database = server.database() if server else None if args.database == "sqlite" else args.database
-            results[kind] = run(kind, args, database)
+            for auth in auths:
+                print(f"{kind} ({auth}): {args.agents} agents, interval {args.interval} s, {args.simulators} "
+                      f"simulator(s), {args.database}", flush=True)
+                database = server.database() if server else None if args.database == "sqlite" else args.database
+                results[kind if len(auths) == 1 else f"{kind}, {auth}"] = run(kind, args, database, auth)
     finally:
         if server:
             server.destroy()
