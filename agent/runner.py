@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -101,7 +102,10 @@ class Agent:
         if self.seq > 0:
             self.prev = (self.session, self.seq - 1)
         client_cert = self.identity.client_cert() if self.identity is not None else None
-        conn = Connection(self.address, self.settings.org, self.machine, self.settings.key, str(self.ca_path),
+        address = self.address
+        if client_cert is not None and self.settings.mqtt_cert_port:  # Mosquitto's listener for certificates
+            address = dataclasses.replace(address, port=self.settings.mqtt_cert_port)
+        conn = Connection(address, self.settings.org, self.machine, self.settings.key, str(self.ca_path),
                           self.hw_id, self.settings.interval, keepalive_for(self.settings.interval),
                           wake=self.stop_or_event, prev=self.prev, client_cert=client_cert)
         conn.open()

@@ -552,6 +552,8 @@ def start_simulation(settings: Settings, agents: int, seed: int | None = None, p
         ca_path = enrol_all(settings, address, [sim.machine for sim in sims])
         for sim in sims:
             sim.tls = tls_context(ca_path, IdentityFiles(settings.data_dir, settings.org, sim.machine).client_cert())
+        if settings.mqtt_cert_port:  # Mosquitto's listener for certificates
+            address = dataclasses.replace(address, port=settings.mqtt_cert_port)
     tls = tls_context(ca_path) if address.tls else None  # a bad CA file fails here, once
     window = max(1.0, agents / connect_rate)
     recorder = record.Recorder(record_path) if record_path is not None else None

@@ -41,6 +41,7 @@ class Settings:
     host: str = "127.0.0.1"
     mqtt_port: int = 8883
     mqtt_plain_port: int = 0  # 0 = no plain listener; when set it binds loopback only
+    mqtt_cert_port: int = 0  # Mosquitto's machine-certificate listener; 0: the embedded broker's one TLS port
     http_port: int = 8080
     broker_url: str = ""  # default: mqtts://<host>:<mqtt_port> of the embedded broker
     ca: str = ""  # CA file agents/collector/web verify the broker with; default <data_dir>/certs/ca.pem

@@ -384,16 +384,29 @@ def simulate(settings: Settings, agents: int, duration: float | None, prefix: st
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for mosquitto.conf, the password file and the ACL file.")
 @click.option("--mqtt-port", type=int, default=None)
+@click.option("--cert-port", "mqtt_cert_port", type=int, default=None,
+              help="Port of the listener for machine certificates (default: MQTT port + 1).")
+@click.option("--watch", is_flag=True, help="Keep running: apply org, key, token and certificate changes to the"
+                                            " running Mosquitto within 5 s (files rewritten, SIGHUP).")
 @_host
 @database
 @common
-@settings_flags("mqtt_port", "host")
-def mosquitto_config(settings: Settings, out_dir: Path) -> None:
-    """Export the access model (users, ACL, TLS listener) as Mosquitto configuration."""
-    from fleet.broker.mosquitto import write_config
+@settings_flags("mqtt_port", "mqtt_cert_port", "host")
+def mosquitto_config(settings: Settings, out_dir: Path, watch: bool) -> None:
+    """Export the access model (users, ACL, TLS listeners, CRL) as Mosquitto configuration."""
+    import signal
+    import threading
+
+    from fleet.broker.mosquitto import kick_machine, write_config
+    from fleet.broker.mosquitto import watch as watch_changes
 
     for path in write_config(settings, out_dir):
         click.echo(str(path))
+    if watch:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        watch_changes(settings, out_dir, None, stop, lambda org, machine: kick_machine(settings, org, machine))
 
 
 # --- alerts ---------------------------------------------------------------------------------

@@ -228,6 +228,11 @@ def load_snapshot(db: Database, now: float | None = None) -> IdentitySnapshot:
     return IdentitySnapshot(serials, tokens, key_off)
 
 
+def revoked_serials(db: Database) -> dict[tuple[str, str], str]:
+    """The last serial of every revoked machine certificate, by (org, machine)."""
+    return {(r[0], r[1]): r[2] for r in db.query("SELECT org, machine_id, serial FROM machine_certs WHERE revoked = 1")}
+
+
 def check_token(snapshot: IdentitySnapshot, pepper: bytes, org: str, token_id: str, secret: str | bytes | None) -> bool:
     """True when ``secret`` is the secret of token ``token_id`` of ``org`` (constant time)."""
     if isinstance(secret, bytes):
