@@ -24,6 +24,7 @@ from fleet.collector.enrolment import check_csr
 from fleet.config import connack
 from fleet.config.enrolment import BAD_CSR, EnrolmentError, Token, enrol_username, exchange_topic
 from fleet.config.mqtt import BrokerAddress
+from fleet.config.topics import report_topic
 from fleet.store import identity
 from fleet.store.database import open_database
 from tests.helpers import Inbox, close, connect_client, wait_for
@@ -331,3 +332,51 @@ def test_simulate_enrols_its_machines_and_connects_with_their_certificates(broke
         wait_for(lambda: again.stats()["connected"] == 5, 20)
     finally:
         again.stop()
+
+
+def test_a_copied_data_dir_is_flagged_as_a_conflict(broker, broker_settings, tmp_path: Path) -> None:
+    import shutil
+
+    from fleet.collector.service import start
+    from fleet.config import payloads
+
+    collector = start(broker_settings.replace(broker_url=broker.url))
+    try:
+        assert collector.wait_subscribed(10)
+        assert collector.signer is not None
+        assert collector.signer.wait_subscribed(10)
+        files = enrol_machine(broker, broker_settings, tmp_path / "original", "db1")
+        shutil.copytree(tmp_path / "original", tmp_path / "copy")
+        copy = IdentityFiles(tmp_path / "copy", "acme", "db1")
+        for n, (which, hw) in enumerate(((files, "0xaaaaaaaaaaaa"), (copy, "0xbbbbbbbbbbbb"),
+                                         (files, "0xaaaaaaaaaaaa"))):
+            client = connect_with_cert(broker, which)
+            report = payloads.build_report("db1", hw, f"s{n}", 0, time.time(), {"cpu_percent": 1.0},
+                                           {"hardware_id": hw})
+            client.publish(report_topic("acme", "db1"), payloads.encode(report), qos=1).wait_for_publish(5)
+            close(client)
+
+        def conflict() -> bool:
+            with open_database(broker_settings.database) as db:
+                row = db.query_one("SELECT conflict FROM machines WHERE org = 'acme' AND machine_id = 'db1'")
+            return bool(row and row[0])
+
+        wait_for(conflict, 10)
+    finally:
+        collector.stop()
+
+
+def test_cert_days_left_in_alert_rules() -> None:
+    from fleet.collector.alerts.engine import compile_rule
+    from fleet.collector.state import Machine
+    from fleet.config.rules import Rule
+
+    rule = compile_rule(Rule.parse("acme", "cert-expiring", "cert_days_left < 14", "1h"))
+    expiring = Machine("acme", "db1", "online", "s", cert_not_after=time.time() + 10 * 86_400)
+    fresh = Machine("acme", "db2", "online", "s", cert_not_after=time.time() + 300 * 86_400)
+    keyed = Machine("acme", "web1", "online", "s")
+    holds, value = rule.check(expiring, {})
+    assert holds
+    assert value == pytest.approx(10, abs=0.01)
+    assert not rule.check(fresh, {})[0]
+    assert rule.check(keyed, {}) == (False, None)  # only machines with certificates have the field
