@@ -219,11 +219,12 @@ class Parts:
             stop_process(proc, 20)
 
 
-def start_broker(kind: str, data: Path, port: int, autosave: str = "generated",
-                 env: dict[str, str] = ENV, profile: Path | None = None) -> subprocess.Popen:
+def start_broker(kind: str, data: Path, port: int, autosave: str = "generated", env: dict[str, str] = ENV,
+                 profile: Path | None = None, parts: Parts | None = None) -> subprocess.Popen:
     """`fleet broker` (under bench/profiled.py with ``profile``), or Mosquitto on `fleet mosquitto-config`'s
     output (run as root when we are root), its persistence settings overridden by ``autosave`` and its saves
-    logged."""
+    logged. With ``FLEET_MQTT_CERT_PORT`` in ``env``, the config comes from `fleet mosquitto-config --watch`,
+    left running (as part ``watch`` of ``parts``) so tokens and certificates reach Mosquitto."""
     if kind == "embedded":
         command = FLEET if profile is None else [sys.executable, str(Path(__file__).with_name("profiled.py")),
                                                   str(profile), *FLEET[2:]]
@@ -232,8 +233,13 @@ def start_broker(kind: str, data: Path, port: int, autosave: str = "generated",
         wait_port(port, proc)
         return proc
     out = data / "mosquitto"
-    subprocess.run([*FLEET, "mosquitto-config", "--out", str(out), "--mqtt-port", str(port), "--data-dir", str(data)],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    config = [*FLEET, "mosquitto-config", "--out", str(out), "--mqtt-port", str(port), "--data-dir", str(data)]
+    if "FLEET_MQTT_CERT_PORT" in env and parts is not None:
+        watcher = parts.procs["watch"] = start_part([*config, "--watch"], env, data / "watch.log")
+        wait_until(lambda: (out / "certs" / "machines.crl").exists() or watcher.poll() is not None, 60,
+                   "mosquitto-config --watch")
+    else:
+        subprocess.run(config, env=env, check=True, stdout=subprocess.DEVNULL)
     conf = out / "mosquitto.conf"
     lines = conf.read_text().splitlines()
     if autosave != "generated":
@@ -291,7 +297,9 @@ def run(kind: str, args: argparse.Namespace, database: str | None, auth: str = "
     parts = Parts()
     try:
         profile = args.profile if kind == "embedded" else None
-        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile)
+        if kind == "mosquitto" and auth == "certificate":  # machines connect to a second listener
+            env = {**env, "FLEET_MQTT_CERT_PORT": str(free_port())}
+        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile, parts)
         url = f"mqtts://127.0.0.1:{mqtt_port}"
         ca = data / "certs" / "ca.pem"
         parts.procs["collector"] = start_part([*FLEET, "collector", "--broker", url, *common], env,
