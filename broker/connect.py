@@ -146,7 +146,13 @@ class SessionBroker(RoutingBroker):
             await writer.start_tls(context, ssl_handshake_timeout=CONNECT_TIMEOUT_S)
         except CONNECT_FAILURES as exc:  # a port probe, plain MQTT on the TLS port, an untrusting client
             self.stats["connect_invalid"] += 1
-            log.debug("connection from %s closed in the TLS handshake: %r", writer.get_extra_info("peername"), exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):  # a client certificate not from our CA, or expired
+                self.stats["cert_refused"] += 1
+                log.info("refused a client certificate from %s: %s (%d so far)", writer.get_extra_info("peername"),
+                         exc.verify_message, self.stats["cert_refused"])
+            else:
+                log.debug("connection from %s closed in the TLS handshake: %r", writer.get_extra_info("peername"),
+                          exc)
             abort_transport(writer.transport)
             return False
         return True

@@ -380,3 +380,21 @@ def test_cert_days_left_in_alert_rules() -> None:
     assert value == pytest.approx(10, abs=0.01)
     assert not rule.check(fresh, {})[0]
     assert rule.check(keyed, {}) == (False, None)  # only machines with certificates have the field
+
+
+def test_a_certificate_from_another_ca_is_refused_and_counted(broker, tmp_path: Path) -> None:
+    import socket
+    import ssl
+
+    other = trustme.CA()
+    cert = other.issue_cert("db1.example", common_name="acme/db1")
+    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
+    cert.configure_cert(ctx)
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"\x10\x00")  # TLS 1.3: the server's verdict on our certificate comes after the handshake
+                tls.recv(10)
+        except (ssl.SSLError, OSError):
+            pass
+    wait_for(lambda: broker.stats().get("cert_refused", 0) == 1, 5)
