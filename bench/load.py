@@ -220,11 +220,11 @@ class Parts:
 
 
 def start_broker(kind: str, data: Path, port: int, autosave: str = "generated", env: dict[str, str] = ENV,
-                 profile: Path | None = None, parts: Parts | None = None) -> subprocess.Popen:
+                 profile: Path | None = None, parts: Parts | None = None, watch: bool = False) -> subprocess.Popen:
     """`fleet broker` (under bench/profiled.py with ``profile``), or Mosquitto on `fleet mosquitto-config`'s
     output (run as root when we are root), its persistence settings overridden by ``autosave`` and its saves
-    logged. With ``FLEET_MQTT_CERT_PORT`` in ``env``, the config comes from `fleet mosquitto-config --watch`,
-    left running (as part ``watch`` of ``parts``) so tokens and certificates reach Mosquitto."""
+    logged. With ``watch``, the config comes from `fleet mosquitto-config --watch`, left running (as part
+    ``watch`` of ``parts``) so tokens and certificates reach Mosquitto."""
     if kind == "embedded":
         command = FLEET if profile is None else [sys.executable, str(Path(__file__).with_name("profiled.py")),
                                                   str(profile), *FLEET[2:]]
@@ -234,7 +234,7 @@ def start_broker(kind: str, data: Path, port: int, autosave: str = "generated", 
         return proc
     out = data / "mosquitto"
     config = [*FLEET, "mosquitto-config", "--out", str(out), "--mqtt-port", str(port), "--data-dir", str(data)]
-    if "FLEET_MQTT_CERT_PORT" in env and parts is not None:
+    if watch and parts is not None:
         watcher = parts.procs["watch"] = start_part([*config, "--watch"], env, data / "watch.log")
         wait_until(lambda: (out / "certs" / "machines.crl").exists() or watcher.poll() is not None, 60,
                    "mosquitto-config --watch")
@@ -297,9 +297,10 @@ def run(kind: str, args: argparse.Namespace, database: str | None, auth: str = "
     parts = Parts()
     try:
         profile = args.profile if kind == "embedded" else None
-        if kind == "mosquitto" and auth == "certificate":  # machines connect to a second listener
+        if kind == "mosquitto":  # its listener for machine certificates, on a port known to be free
             env = {**env, "FLEET_MQTT_CERT_PORT": str(free_port())}
-        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile, parts)
+        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile, parts,
+                                             watch=kind == "mosquitto" and auth == "certificate")
         url = f"mqtts://127.0.0.1:{mqtt_port}"
         ca = data / "certs" / "ca.pem"
         parts.procs["collector"] = start_part([*FLEET, "collector", "--broker", url, *common], env,
