@@ -188,9 +188,21 @@ def enrol_create(settings: Settings, org_name: str, uses: int, expires: str, as_
         click.echo(json.dumps(made.as_dict()))
         return
     click.echo(f"token: {made.token}")
-    click.echo(f"Install an agent with:\n  fleet agent --broker {settings.effective_broker_url} --org {org_name}"
+    click.echo(f"Install an agent with:\n  fleet agent --broker {_agents_broker_url(settings)} --org {org_name}"
                f" --enrol {made.token}")
     click.echo("Store the token now: only its hash is kept.", err=True)
+
+
+def _agents_broker_url(settings: Settings) -> str:
+    """The broker URL to give agents: ``broker_url``, or the embedded broker at this machine's name when it
+    listens on every interface (other machines cannot use 127.0.0.1)."""
+    import socket
+
+    from fleet.config.settings import WILDCARD_HOSTS
+
+    if settings.broker_url or settings.host not in WILDCARD_HOSTS:
+        return settings.effective_broker_url
+    return f"mqtts://{socket.getfqdn()}:{settings.mqtt_port}"
 
 
 @enrol.command("list")
