@@ -202,7 +202,7 @@ def _agents_broker_url(settings: Settings) -> str:
 
     if settings.broker_url or settings.host not in WILDCARD_HOSTS:
         return settings.effective_broker_url
-    return f"mqtts://{socket.getfqdn()}:{settings.mqtt_port}"
+    return f"mqtts://{socket.gethostname()}:{settings.mqtt_port}"  # a name the server certificate holds
 
 
 @enrol.command("list")
