@@ -17,6 +17,7 @@ from typing import Any
 
 from fleet.agent.errors import AgentError
 from fleet.config import connack, payloads
+from fleet.config.errors import ConfigError
 from fleet.config.mqtt import BrokerAddress, new_client, paho
 from fleet.config.status import OFFLINE
 from fleet.config.topics import agent_client_id, ping_topic
@@ -25,7 +26,8 @@ from fleet.config.topics import agent_client_id, ping_topic
 FATAL_CONNACK = {connack.UNACCEPTABLE_PROTOCOL: "broker does not speak MQTT 3.1.1",
                  connack.IDENTIFIER_REJECTED: "client id rejected (check --org and --machine)",
                  connack.BAD_CREDENTIALS: "bad key",
-                 connack.NOT_AUTHORIZED: "not authorised: bad key, or the org does not exist"}
+                 connack.NOT_AUTHORIZED: "not authorised: bad key, the org does not exist, its agent key is off,"
+                                         " the machine is enrolled, or its certificate was revoked"}
 
 
 BACKOFF_BASE_S = 0.5
@@ -66,6 +68,7 @@ class Connection:
     hardware_id: str
     interval: float
     keepalive: int
+    client_cert: tuple[Any, Any] | None = None  # (certificate, key) paths: the machine's own credential
     session: str = field(default_factory=new_session)
     prev: tuple[str, int] | None = None  # the previous session and its last seq, told in every online ping
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
@@ -78,8 +81,12 @@ class Connection:
         """Connect (TLS verified, will set); raise FatalConnectError or AgentError on failure."""
         will = payloads.encode(payloads.build_ping(self.machine, self.hardware_id, self.session, OFFLINE,
                                                    self.interval, reason="lost"))
-        client = new_client(self.address, agent_client_id(self.org, self.machine), f"{self.org}/agent", self.key,
-                            self.ca_path, clean_session=True)
+        username = None if self.client_cert is not None else f"{self.org}/agent"
+        try:
+            client = new_client(self.address, agent_client_id(self.org, self.machine), username, self.key or None,
+                                self.ca_path, clean_session=True, client_cert=self.client_cert)
+        except ConfigError as exc:
+            raise FatalConnectError(str(exc)) from exc
         client.will_set(ping_topic(self.org, self.machine), will, qos=1, retain=True)
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)
@@ -87,6 +94,7 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         self.client = client
         try:
             client.connect(self.address.host, self.address.port, keepalive=self.keepalive)
@@ -113,6 +121,14 @@ class Connection:
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason_code: Any, _p: Any = None) -> None:
         self.events.put(("disconnected", str(reason_code)))
         self.wake.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        self.events.put(("message", bytes(msg.payload)))
+        self.wake.set()
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe at QoS 1 (the machine's own topics: the signer's answers)."""
+        self.client.subscribe(topic, qos=1)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any = None, _p: Any = None) -> None:
         self.events.put(("acked", mid))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -20,9 +21,12 @@ from fleet.agent.connection import (
     reconnect_window,
 )
 from fleet.agent.errors import AgentError
+from fleet.agent.identity import IdentityFiles, enrol, next_renewal, renewal_request, store_renewed
 from fleet.agent.metrics import CollectorState, collect_metrics, collector_state, hardware_id, prime_cpu, system_info
 from fleet.agent.outbox import Outbox
 from fleet.config import payloads
+from fleet.config.enrolment import CERT_KIND, RENEW_KIND, exchange_topic
+from fleet.config.errors import ContractError
 from fleet.config.ids import sanitize_machine_id
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.settings import Settings
@@ -34,6 +38,8 @@ PING_EVERY = 5  # intervals between refreshed online pings
 SEND_WINDOW = 100  # queued reports in flight at once
 ONCE_CONNECT_ATTEMPTS = 3
 SHUTDOWN_DRAIN_S = 3.0
+RENEWAL_ANSWER_S = 60.0
+RENEWAL_RETRY_S = 3600.0
 
 
 def keepalive_for(interval: float) -> int:
@@ -52,6 +58,7 @@ class Agent:
         self.hw_id = hardware_id()
         self.system = system_info(self.hw_id)
         self.state = make_state(settings)
+        self.ca_path = settings.ca_path
         self.conn: Connection | None = None
         self.attempt = 0  # failed connects since the last good one
         self.next_attempt = 0.0  # monotonic time of the next connect
@@ -64,6 +71,10 @@ class Agent:
         self.stop_or_event = threading.Event()  # set by PUBACKs, disconnects and stop requests
         self.reports_made = 0
         self._full_logged = -1e9
+        self.identity: IdentityFiles | None = None  # set when the machine connects with its own certificate
+        self.renew_at = float("inf")
+        self.renewal: tuple[str, float] | None = None  # (request id, when asked) of a renewal in flight
+        self.renewal_failing = False
 
     # -- reports --------------------------------------------------------------------------------
     def make_report(self) -> dict:
@@ -92,10 +103,17 @@ class Agent:
         """
         if self.seq > 0:
             self.prev = (self.session, self.seq - 1)
-        conn = Connection(self.address, self.settings.org, self.machine, self.settings.key, str(self.settings.ca_path),
+        client_cert = self.identity.client_cert() if self.identity is not None else None
+        address = self.address
+        if client_cert is not None and self.settings.mqtt_cert_port:  # Mosquitto's listener for certificates
+            address = dataclasses.replace(address, port=self.settings.mqtt_cert_port)
+        conn = Connection(address, self.settings.org, self.machine, self.settings.key, str(self.ca_path),
                           self.hw_id, self.settings.interval, keepalive_for(self.settings.interval),
-                          wake=self.stop_or_event, prev=self.prev)
+                          wake=self.stop_or_event, prev=self.prev, client_cert=client_cert)
         conn.open()
+        if self.identity is not None:
+            conn.subscribe(exchange_topic(self.settings.org, self.machine, CERT_KIND))
+            self.renewal = None
         self.conn = conn
         self.session, self.seq = conn.session, 0
         self.inflight.clear()
@@ -127,6 +145,8 @@ class Agent:
                 break
             if kind == "acked" and value in self.inflight:
                 acked.append(self.inflight.pop(value))
+            elif kind == "message":
+                self.renewal_answered(value)
             elif kind == "disconnected":
                 self.outbox.remove(acked)
                 self.drop_connection(value)
@@ -167,6 +187,46 @@ class Agent:
         self.conn = None
         log.info("stopped: org=%s machine=%s session=%s", self.settings.org, self.machine, conn.session)
 
+    # -- certificate renewal --------------------------------------------------------------------
+    def maybe_renew(self) -> None:
+        """Ask for a new certificate over this connection once two thirds of the current one's life have passed."""
+        conn = self.conn
+        if self.identity is None or conn is None or not conn.is_connected():
+            return
+        now = time.time()
+        if self.renewal is not None and now - self.renewal[1] > RENEWAL_ANSWER_S:
+            self.renewal_failed("no answer from the signer")
+        if self.renewal is None and now >= self.renew_at:
+            request, body = renewal_request(self.identity)
+            self.renewal = (request, now)
+            conn.publish(exchange_topic(self.settings.org, self.machine, RENEW_KIND), payloads.encode(body))
+
+    def renewal_answered(self, raw: bytes) -> None:
+        """The signer answered on the cert topic: keep the new certificate (used from the next connection)."""
+        if self.identity is None or self.renewal is None:
+            return
+        try:
+            body = payloads.decode_object(raw)
+        except ContractError:
+            return
+        if body.get("request") != self.renewal[0]:
+            return
+        if store_renewed(self.identity, body):
+            self.renewal, self.renewal_failing = None, False
+            self.renew_at = next_renewal(self.identity)
+            log.info("certificate renewed for org=%s machine=%s", self.settings.org, self.machine)
+        else:
+            self.renewal_failed(str(body.get("error", "refused")))
+
+    def renewal_failed(self, why: str) -> None:
+        """Keep the current certificate and ask again later; say so once per run of failures."""
+        if not self.renewal_failing:
+            log.warning("certificate renewal failed for org=%s machine=%s: %s; the current certificate stays in use",
+                        self.settings.org, self.machine, why)
+        self.renewal_failing = True
+        self.renewal = None
+        self.renew_at = time.time() + RENEWAL_RETRY_S
+
     # -- main loop ------------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:
         """Report until stopped; with ``once``, deliver one report (and any backlog) then stop."""
@@ -202,6 +262,7 @@ class Agent:
                     self.conn.ping(ONLINE, time.time())
                     next_ping = PING_EVERY
             self.pump()
+            self.maybe_renew()
             if once and made and len(self.outbox) == 0 and self.conn is not None:
                 break
             # Sleep until the next report or reconnect is due, or a PUBACK/disconnect/stop wakes us.
@@ -218,6 +279,20 @@ def make_state(settings: Settings) -> CollectorState:
         return collector_state(settings.textfile_dir, settings.processes)
     except ValueError as exc:
         raise AgentError(str(exc)) from exc
+
+
+def machine_identity(settings: Settings, files: IdentityFiles) -> Path:
+    """Enrol with ``--enrol`` on a first start (a data dir without a certificate); the CA to verify the broker
+    with: ``--ca``, else the CA kept at enrolment, else the data dir's ``certs/ca.pem``."""
+    if files.enrolled():
+        files.client_cert()  # refuse a key others can read before anything else
+    elif settings.enrol:
+        ca = enrol(BrokerAddress.parse(settings.effective_broker_url), files, settings.enrol, settings.ca)
+        log.info("enrolled org=%s machine=%s: certificate in %s", settings.org, files.machine, files.cert)
+        return Path(settings.ca) if settings.ca else ca
+    if settings.ca:
+        return Path(settings.ca)
+    return files.ca if files.ca.exists() else settings.ca_path
 
 
 def print_reports(settings: Settings, machine: str, once: bool, stop: threading.Event) -> int:
@@ -246,14 +321,21 @@ def run(settings: Settings, once: bool = False, print_only: bool = False) -> int
         signal.signal(sig, lambda *_: stop.set())
     if print_only:
         return print_reports(settings, machine, once, stop)
-    missing = [flag for flag, value in (("--org", settings.org), ("--key", settings.key)) if not value]
-    if missing:
-        raise AgentError(f"missing {' and '.join(missing)} (or FLEET_ORG / FLEET_KEY); --print needs neither")
-    if not Path(settings.ca_path).exists() and settings.effective_broker_url.startswith("mqtts"):
-        raise AgentError(f"CA file not found: {settings.ca_path} (pass --ca)")
+    if not settings.org:
+        raise AgentError("missing --org (or FLEET_ORG); --print needs none")
+    files = IdentityFiles(settings.data_dir, settings.org, machine)
+    ca_path = machine_identity(settings, files)
+    if not files.enrolled() and not settings.key:
+        raise AgentError("missing --key or --enrol (or FLEET_KEY / FLEET_ENROL); --print needs neither")
+    if not Path(ca_path).exists() and settings.effective_broker_url.startswith("mqtts"):
+        raise AgentError(f"CA file not found: {ca_path} (pass --ca)")
     outbox = Outbox(settings.data_dir / f"agent-{settings.org}-{machine}.db",
                     settings.agent_queue_max_reports, settings.agent_queue_max_bytes)
     agent = Agent(settings, machine, outbox)
+    agent.ca_path = Path(ca_path)
+    if files.enrolled():
+        agent.identity = files
+        agent.renew_at = next_renewal(files)
     agent.stop = stop
     def request_stop(*_: object) -> None:
         stop.set()

@@ -32,6 +32,7 @@ from typing import Any, cast
 from fleet.agent import record
 from fleet.agent.connection import backoff_delay, reconnect_window
 from fleet.agent.errors import AgentError
+from fleet.agent.identity import IdentityFiles, enrol
 from fleet.config import payloads
 from fleet.config.ids import validate_id
 from fleet.config.mqtt import BrokerAddress, new_client, paho, tls_context
@@ -139,6 +140,7 @@ class SimAgent:
         self.attempts = 0
         self.report_mids: dict[int, int] = {}  # mid -> seq of reports awaiting their PUBACK
         self.events: list[str] | None = None  # the shard's record buffer, when recording
+        self.tls: ssl.SSLContext | None = None  # its own context when it connects with its certificate
 
     # metrics -------------------------------------------------------------------------------
     def _walk(self, value: float, step: float, low: float, high: float) -> float:
@@ -179,7 +181,8 @@ class SimAgent:
         # thousands of connections costs CPU and memory for each), so paho sees a plain socket.
         client = cast(PreparedSocketClient, new_client(
             dataclasses.replace(address, tls=False), agent_client_id(self.settings.org, self.machine),
-            f"{self.settings.org}/agent", self.settings.key, factory=PreparedSocketClient))
+            None if self.tls is not None else f"{self.settings.org}/agent", self.settings.key or None,
+            factory=PreparedSocketClient))
         will = payloads.build_ping(self.machine, self.hw_id, self.session, OFFLINE, interval, reason="lost")
         client.will_set(ping_topic(self.settings.org, self.machine), payloads.encode(will), qos=1, retain=True)
         client.max_inflight_messages_set(20)
@@ -355,10 +358,11 @@ class Shard(threading.Thread):
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
-                if self.tls is not None:
+                tls = agent.tls or self.tls
+                if tls is not None:
                     self.selector.unregister(sock)
-                    sock = agent.dialing = self.tls.wrap_socket(sock, server_hostname=self.address.host,
-                                                                do_handshake_on_connect=False)
+                    sock = agent.dialing = tls.wrap_socket(sock, server_hostname=self.address.host,
+                                                           do_handshake_on_connect=False)
                     self.selector.register(sock, selectors.EVENT_WRITE, agent)  # the same descriptor again
             if isinstance(sock, ssl.SSLSocket):
                 sock.do_handshake()
@@ -505,6 +509,27 @@ class Simulation:
             self.recorder = None
 
 
+ENROL_THREADS = 8
+
+
+def enrol_all(settings: Settings, address: BrokerAddress, machines: list[str]) -> Path:
+    """Enrol every machine that has no certificate in the data dir yet (several at a time); returns the CA path.
+
+    The first enrolment finds and keeps the CA; the others reuse it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [m for m in machines if not IdentityFiles(settings.data_dir, settings.org, m).enrolled()]
+    if todo:
+        started = time.monotonic()
+        first = enrol(address, IdentityFiles(settings.data_dir, settings.org, todo[0]), settings.enrol, settings.ca)
+        with ThreadPoolExecutor(ENROL_THREADS) as pool:
+            list(pool.map(lambda m: enrol(address, IdentityFiles(settings.data_dir, settings.org, m),
+                                          settings.enrol, str(first)), todo[1:]))
+        print(f"simulate: enrolled {len(todo)} machines in {time.monotonic() - started:.1f} s", file=sys.stderr,
+              flush=True)
+    return Path(settings.ca) if settings.ca else IdentityFiles(settings.data_dir, settings.org, machines[0]).ca
+
+
 def start_simulation(settings: Settings, agents: int, seed: int | None = None, prefix: str = DEFAULT_PREFIX,
                      connect_rate: float = DEFAULT_CONNECT_RATE, record_path: Path | None = None,
                      hot: int = 0) -> Simulation:
@@ -514,18 +539,25 @@ def start_simulation(settings: Settings, agents: int, seed: int | None = None, p
     with ``record_path``, every report published and acknowledged is written there (agent/record.py). The
     first ``hot`` agents run hot in cycles (CPU above 90%), so a demo sees an alert fire.
     """
-    if not settings.org or not settings.key:
-        raise AgentError("simulate needs --org and --key (or FLEET_ORG / FLEET_KEY)")
+    if not settings.org or not (settings.key or settings.enrol):
+        raise AgentError("simulate needs --org and --key or --enrol (or FLEET_ORG / FLEET_KEY / FLEET_ENROL)")
     validate_id(f"{prefix}-{agents:04d}", "machine name prefix")
     if connect_rate <= 0:
         raise AgentError(f"--connect-rate must be positive, got {connect_rate}")
     address = BrokerAddress.parse(settings.effective_broker_url)
-    tls = tls_context(settings.ca_path) if address.tls else None  # a bad CA file fails here, once
     rng = random.Random(seed)
     stats = SimStats(target=agents)
     stop = threading.Event()
     sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random()), prefix, hot=i < hot)
             for i in range(agents)]
+    ca_path = settings.ca_path
+    if settings.enrol:
+        ca_path = enrol_all(settings, address, [sim.machine for sim in sims])
+        for sim in sims:
+            sim.tls = tls_context(ca_path, IdentityFiles(settings.data_dir, settings.org, sim.machine).client_cert())
+        if settings.mqtt_cert_port:  # Mosquitto's listener for certificates
+            address = dataclasses.replace(address, port=settings.mqtt_cert_port)
+    tls = tls_context(ca_path) if address.tls else None  # a bad CA file fails here, once
     window = max(1.0, agents / connect_rate)
     recorder = record.Recorder(record_path) if record_path is not None else None
     shards = [Shard(sims[i:i + AGENTS_PER_SHARD], address, tls, stop, window, recorder)
@@ -554,7 +586,7 @@ def run_simulation(settings: Settings, agents: int, duration: float | None = Non
             early = sim.stats()
             if early["refused"] >= agents and early["connects"] == 0:  # wrong org or key: nobody gets in
                 raise AgentError(f"the broker refused every simulated agent of org {settings.org!r}: "
-                                 "check --org and --key (the org's agent key)")
+                                 "check --org and --key (the org's agent key; is it off?)")
             if time.monotonic() >= next_progress:
                 next_progress += PROGRESS_EVERY_S
                 s = sim.stats()

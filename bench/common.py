@@ -86,9 +86,11 @@ def last_json_line(text: str) -> dict:
 
 
 def start_simulators(count: int, agents: int, url: str, org: str, key: str, data: Path, interval: float,
-                     connect_rate: float, env: dict[str, str], record: bool = False) -> list[subprocess.Popen]:
+                     connect_rate: float, env: dict[str, str], record: bool = False,
+                     extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """``count`` ``fleet simulate`` processes sharing ``agents`` (prefixes sim0, sim1, …) and ``connect_rate``;
-    each logs to DATA/simulate-I.log and, with ``record``, records to DATA/record-I.csv."""
+    each logs to DATA/simulate-I.log and, with ``record``, records to DATA/record-I.csv. ``extra``: more
+    options for each (e.g. ``--enrol TOKEN``)."""
     procs = []
     for i in range(count):
         share = agents // count + (i < agents % count)
@@ -97,6 +99,7 @@ def start_simulators(count: int, agents: int, url: str, org: str, key: str, data
                "--connect-rate", str(connect_rate / count), "--data-dir", str(data)]
         if record:
             cmd += ["--record", str(data / f"record-{i}.csv")]
+        cmd += list(extra)
         with open(data / f"simulate-{i}.log", "w") as log:
             procs.append(subprocess.Popen(cmd, env={**env, "FLEET_KEY": key}, stdout=subprocess.PIPE, stderr=log,
                                           text=True))

@@ -19,14 +19,18 @@ phase ends minus the value at minute 5 of the run, or at the end of settle when 
 minute 5). Each part logs to its own file in the data dir (broker.log, collector.log, web.log) and the table
 counts their "database is locked" lines; ``--keep`` leaves the data dir in place to inspect afterwards.
 
-    python3 bench/load.py --agents 5000 --interval 10 --broker both [--autosave interval:1] [--database postgres]
+    python3 bench/load.py --agents 5000 --interval 10 --broker both [--auth key|certificate|both]
+        [--autosave interval:1] [--database postgres]
 Loopback only; stops by itself; prints one table with the brokers side by side. ``--autosave`` overrides
 the persistence settings of the generated mosquitto.conf (``interval:N``: save every N s; ``changes:N``:
 save after N changes; ``generated``: as exported); the table then counts Mosquitto's saves.
 ``--database postgres`` stores everything (org, keys, machines, reports) in a throwaway PostgreSQL server
 started here with tests/postgres.py (``--database postgresql://…`` names one of yours); every part gets it
-as FLEET_DATABASE_URL. ``--profile PATH`` (embedded only) runs the broker under bench/profiled.py: cProfile on
-its event loop over the steady phase, pstats written to PATH, time in garbage collection printed.
+as FLEET_DATABASE_URL. ``--auth certificate`` has every simulated agent connect with its own machine
+certificate: one token enrols them all first (timed: the enrolment row), then the measured run starts; ``both``
+runs each broker with the org key and with certificates, side by side. ``--profile PATH`` (embedded only) runs
+the broker under bench/profiled.py: cProfile on its event loop over the steady phase, pstats written to PATH,
+time in garbage collection printed.
 """
 
 from __future__ import annotations
@@ -218,11 +222,12 @@ class Parts:
             stop_process(proc, 20)
 
 
-def start_broker(kind: str, data: Path, port: int, autosave: str = "generated",
-                 env: dict[str, str] = ENV, profile: Path | None = None) -> subprocess.Popen:
+def start_broker(kind: str, data: Path, port: int, autosave: str = "generated", env: dict[str, str] = ENV,
+                 profile: Path | None = None, parts: Parts | None = None, watch: bool = False) -> subprocess.Popen:
     """`fleet broker` (under bench/profiled.py with ``profile``), or Mosquitto on `fleet mosquitto-config`'s
     output (run as root when we are root), its persistence settings overridden by ``autosave`` and its saves
-    logged."""
+    logged. With ``watch``, the config comes from `fleet mosquitto-config --watch`, left running (as part
+    ``watch`` of ``parts``) so tokens and certificates reach Mosquitto."""
     if kind == "embedded":
         command = FLEET if profile is None else [sys.executable, str(Path(__file__).with_name("profiled.py")),
                                                   str(profile), *FLEET[2:]]
@@ -231,8 +236,13 @@ def start_broker(kind: str, data: Path, port: int, autosave: str = "generated",
         wait_port(port, proc)
         return proc
     out = data / "mosquitto"
-    subprocess.run([*FLEET, "mosquitto-config", "--out", str(out), "--mqtt-port", str(port), "--data-dir", str(data)],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    config = [*FLEET, "mosquitto-config", "--out", str(out), "--mqtt-port", str(port), "--data-dir", str(data)]
+    if watch and parts is not None:
+        watcher = parts.procs["watch"] = start_part([*config, "--watch"], env, data / "watch.log")
+        wait_until(lambda: (out / "certs" / "machines.crl").exists() or watcher.poll() is not None, 60,
+                   "mosquitto-config --watch")
+    else:
+        subprocess.run(config, env=env, check=True, stdout=subprocess.DEVNULL)
     conf = out / "mosquitto.conf"
     lines = conf.read_text().splitlines()
     if autosave != "generated":
@@ -299,7 +309,19 @@ def restart_broker(kind: str, data: Path, port: int, args: argparse.Namespace, e
             else f"{agents_back - restarted:.1f} s"}
 
 
-def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, object]:
+def enrol_simulators(args: argparse.Namespace, url: str, data: Path, env: dict[str, str]) -> tuple[str, float]:
+    """Enrol every simulated machine with one token (``fleet simulate --enrol``, briefly); (token, seconds taken)."""
+    made = json.loads(subprocess.check_output([*FLEET, "enrol", "create", ORG, "--uses", str(args.agents), "--expires",
+                                               "6h", "--json", "--data-dir", str(data)], env=env))
+    started = time.monotonic()
+    sims = start_simulators(args.simulators, args.agents, url, ORG, "", data, args.interval, args.connect_rate, env,
+                            extra=("--enrol", made["token"], "--duration", "0.1"))
+    for sim in sims:
+        sim.communicate(timeout=3600)
+    return made["token"], time.monotonic() - started
+
+
+def run(kind: str, args: argparse.Namespace, database: str | None, auth: str = "key") -> dict[str, object]:
     """One broker's run, on SQLite in its data dir or on ``database``; returns its figures by metric name."""
     data = Path(tempfile.mkdtemp(prefix=f"fleet-load-{kind}-"))
     db = database or sqlite_url(data / "fleet.db")
@@ -311,7 +333,10 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
     parts = Parts()
     try:
         profile = args.profile if kind == "embedded" else None
-        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile)
+        if kind == "mosquitto":  # its listener for machine certificates, on a port known to be free
+            env = {**env, "FLEET_MQTT_CERT_PORT": str(free_port())}
+        parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile, parts,
+                                             watch=kind == "mosquitto" and auth == "certificate")
         url = f"mqtts://127.0.0.1:{mqtt_port}"
         # On the embedded broker the collector has a listener of its own, beyond the agents' admission bounds.
         collector_url = f"mqtts://127.0.0.1:{service_port}" if kind == "embedded" else url
@@ -325,9 +350,10 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         time.sleep(2)  # let start-up settle before the idle baseline
         idle_rss = {name: rss_mb(p.pid) for name, p in parts.procs.items()}
 
+        token, enrol_s = enrol_simulators(args, url, data, env) if auth == "certificate" else ("", None)
         started = time.time()
         parts.sims = start_simulators(args.simulators, args.agents, url, ORG, keys["agent_key"], data, args.interval,
-                                      args.connect_rate, env)
+                                      args.connect_rate, env, extra=("--enrol", token) if token else ())
         probe = Probe(url, ca, keys["agent_key"], api, keys["reader_key"])
         probe_thread = threading.Thread(target=probe.loop, daemon=True)
         probe_thread.start()
@@ -446,6 +472,8 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
     lags = [s.broker.get("loop_lag_p99_ms", 0.0) for s in steady if s.broker]
     lag_max = max((s.broker.get("loop_lag_max_ms", 0.0) for s in samples if s.broker), default=0.0)
     figures = {
+        "agents authenticate with": auth,
+        "enrolment of every agent (simulate --enrol)": "n/a" if enrol_s is None else f"{enrol_s:.1f} s",
         "time until all agents connected": "never" if all_connected is None else f"{all_connected - started:.1f} s",
         "connect rate (handshakes/s; offered)": ("n/a" if all_connected is None or not firsts
                                                  else f"{args.agents / max(1e-3, all_connected - min(firsts)):.0f}")
@@ -513,6 +541,8 @@ def main() -> None:
     parser.add_argument("--autosave", default="generated", help="Mosquitto only: generated, interval:N, changes:N")
     parser.add_argument("--database", default="sqlite",
                         help="sqlite (fleet.db in each run's data dir), postgres (a throwaway server) or a URL")
+    parser.add_argument("--auth", choices=("key", "certificate", "both"), default="key",
+                        help="simulated agents connect with the org key, their own certificates, or each in turn")
     parser.add_argument("--keep", action="store_true", help="keep each run's data dir (database, logs) and print it")
     parser.add_argument("--broker-loop", choices=("asyncio", "uvloop"), default="asyncio",
                         help="embedded only: the broker's event loop (setting broker_loop)")
@@ -530,12 +560,14 @@ def main() -> None:
     elif args.database != "sqlite" and DatabaseUrl.parse(args.database).engine != "postgresql":
         raise SystemExit("--database: sqlite, postgres or a postgresql:// URL")
     results = {}
+    auths = ["key", "certificate"] if args.auth == "both" else [args.auth]
     try:
         for kind in brokers:
-            print(f"{kind}: {args.agents} agents, interval {args.interval} s, {args.simulators} simulator(s), "
-                  f"{args.database}", flush=True)
-            database = server.database() if server else None if args.database == "sqlite" else args.database
-            results[kind] = run(kind, args, database)
+            for auth in auths:
+                print(f"{kind} ({auth}): {args.agents} agents, interval {args.interval} s, {args.simulators} "
+                      f"simulator(s), {args.database}", flush=True)
+                database = server.database() if server else None if args.database == "sqlite" else args.database
+                results[kind if len(auths) == 1 else f"{kind}, {auth}"] = run(kind, args, database, auth)
     finally:
         if server:
             server.destroy()

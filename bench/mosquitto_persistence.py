@@ -53,8 +53,8 @@ class Broker:
         self.service_key = stores.ensure_service_key(self.data)
         self.out = work / "mosquitto"
         self.port = free_port()
-        write_config(Settings(data_dir=self.data, mqtt_port=self.port), self.out, user="root" if os.geteuid() == 0
-                     else None)
+        write_config(Settings(data_dir=self.data, mqtt_port=self.port, mqtt_cert_port=free_port()), self.out,
+                     user="root" if os.geteuid() == 0 else None)
         conf = self.out / "mosquitto.conf"
         lines = conf.read_text().splitlines()
         if autosave != "generated":

@@ -67,12 +67,26 @@ CONNECT_FAILURES = (TimeoutError, EOFError, OSError, AMQTTError, MQTTError, NoDa
 
 
 def tls_context(context: ssl.SSLContext) -> ssl.SSLContext:
-    """amqtt's server context, made lighter per handshake: no client certificate is asked for (amqtt set
-    CERT_OPTIONAL without a CA to check one against) and no TLS 1.3 session tickets are sent (MQTT clients
-    here, paho included, never resume a session)."""
-    context.verify_mode = ssl.CERT_NONE
+    """amqtt's server context, made lighter per handshake: a client certificate is asked for only when the
+    listener names a CA to check it against (machine certificates; without one, CERT_NONE), and no TLS 1.3
+    session tickets are sent (MQTT clients here, paho included, never resume a session)."""
+    verifies = context.cert_store_stats().get("x509_ca", 0) > 0
+    context.verify_mode = ssl.CERT_OPTIONAL if verifies else ssl.CERT_NONE
     context.num_tickets = 0
     return context
+
+
+def peer_identity(writer: asyncio.StreamWriter) -> tuple[str, str] | None:
+    """(subject CN, lowercase hex serial) of the client certificate the handshake verified, or None."""
+    cert = writer.get_extra_info("peercert")
+    if not cert:
+        return None
+    common_name = next((value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"), "")
+    try:
+        serial = format(int(cert.get("serialNumber", ""), 16), "x")
+    except ValueError:
+        return None
+    return common_name, serial
 
 
 def _resolved(value: Subscription | UnSubscription) -> asyncio.Future[Any]:
@@ -147,6 +161,7 @@ class SessionBroker(RoutingBroker):
         reader, writer = opened
         try:
             adapter = StreamWriter(writer, self.max_unsent_bytes, self._unread)
+            adapter.identity = peer_identity(writer) if listener_name in self._tls else None
             await self._client_connected(listener_name, reader, adapter)
         except (asyncio.CancelledError, ProtocolHandlerError):  # a stop (amqtt's _send_packet makes it the latter)
             abort_transport(writer.transport)
@@ -182,7 +197,12 @@ class SessionBroker(RoutingBroker):
             return None
         except CONNECT_FAILURES as exc:  # a port probe, plain MQTT on the TLS port, an untrusting client
             self.stats["connect_invalid"] += 1
-            log.debug("connection from %s closed in the TLS handshake: %r", peer, exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):  # a client certificate not from our CA, or expired
+                self.stats["cert_refused"] += 1
+                self.throttled("cert_refused", logging.INFO, "refused a client certificate from %s: %s", peer,
+                               exc.verify_message)
+            else:
+                log.debug("connection from %s closed in the TLS handshake: %r", peer, exc)
             reset(sock)
             return None
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -219,6 +239,7 @@ class SessionBroker(RoutingBroker):
                     handler, incoming = await FleetProtocolHandler.init_from_connect(reader, writer,
                                                                                      self.plugins_manager)
                 spare_queues(incoming)
+                extras(incoming).peer = getattr(writer, "identity", None)
             except CONNECT_FAILURES as exc:
                 self.stats["connect_invalid"] += 1
                 log.debug("connection from %s closed before a valid CONNECT: %s", writer.get_peer_info(),
@@ -230,6 +251,7 @@ class SessionBroker(RoutingBroker):
                 return
             grant = grant_of(incoming)
             assert grant is not None  # set by FleetAuthPlugin when it accepts
+            incoming.username = grant.principal.username  # a certificate's identity, not the username it sent
             client_id = incoming.client_id or ""
             if listener_name in self.reserved_listeners and grant.principal.role != SERVICE_ROLE:
                 await self._refuse(incoming, writer, NOT_AUTHORIZED, "this listener is reserved for the collector")
@@ -279,7 +301,8 @@ class SessionBroker(RoutingBroker):
         if code is None:
             verdict = self.policy.check_connect(incoming.username, incoming.password, incoming.client_id or "",
                                                 incoming.will_topic if incoming.will_flag else None,
-                                                incoming.will_message, bool(incoming.will_retain))
+                                                incoming.will_message, bool(incoming.will_retain),
+                                                extras(incoming).peer)
             code, reason = (verdict.code, verdict.reason) if verdict.code != ACCEPTED else (NOT_AUTHORIZED,
                                                                                             "refused by a plugin")
         self.stats["connect_refused"] += 1
@@ -473,7 +496,8 @@ class SessionBroker(RoutingBroker):
         for session, handler in list(self.sessions.values()):
             if session.transitions.state != "connected":
                 continue
-            if not self.policy.still_valid(session.username, session.password) and abort(handler.writer):
+            if not self.policy.still_valid(session.username, session.password, grant_of(session)) \
+                    and abort(handler.writer):
                 log.info("disconnecting client_id=%s user=%s: credentials revoked", session.client_id,
                          session.username)
                 closed += 1

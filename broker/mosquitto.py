@@ -1,8 +1,16 @@
-"""Export the access model to Mosquitto: mosquitto.conf, a password file and an ACL file.
+"""Export the access model to Mosquitto: mosquitto.conf, a password file, an ACL file and a CRL.
 
 The same users and keys work on both brokers: each key is stored with a Mosquitto ``$7$`` hash
 (PBKDF2-SHA512) beside our own HMAC, so the password file is written without knowing any key.
-After ``fleet org add|remove|rotate``, run this again and ``kill -HUP`` Mosquitto to reload.
+After ``fleet org add|remove|rotate``, run this again and ``kill -HUP`` Mosquitto to reload, or leave
+``fleet mosquitto-config --watch`` running: it rewrites the files when the database changes, sends
+SIGHUP, and closes the connections of revoked machines (docs/identity.md says why files and SIGHUP,
+not the dynamic security plugin).
+
+Machine certificates: a second listener (``mqtt_cert_port``) requires a client certificate signed by the
+CA and takes the username from its CN, ``<org>/<machine>``; ``pattern`` lines grant that user its own
+machine's topics (``fleet/%u/report`` is ``fleet/<org>/<machine>/report``), so a new machine needs no
+ACL change; revoked ones are listed in the CRL and denied in the ACL.
 
 One gap, documented in docs/deployment.md: Mosquitto's ACL patterns substitute a whole client id
 (%c) or username (%u), not a part of one, so an agent may publish to any machine of its own org
@@ -11,52 +19,110 @@ One gap, documented in docs/deployment.md: Mosquitto's ACL patterns substitute a
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import os
 import pwd
 import shutil
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fleet.broker.errors import BrokerError
-from fleet.broker.pki import ensure_server_certs
+from fleet.broker.pki import CertPaths, ensure_server_certs, server_chain
+from fleet.config.enrolment import CERT_KIND, ENROL_KIND, RENEW_KIND, enrol_username
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
 from fleet.config.settings import Settings
-from fleet.store import credentials
+from fleet.store import credentials, identity
 from fleet.store.database import DatabaseError, open_database
 
+log = logging.getLogger("fleet.broker")
+CRL_DAYS = 3650  # Mosquitto refuses every certificate once the CRL's next update has passed
 PACKET_OVERHEAD = 1024  # fixed header, topic and packet id on top of the payload limit
 MOSQUITTO_USER = "mosquitto"  # started as root, Debian's Mosquitto drops to this user before reading files
 
 
-def _records(settings: Settings) -> list[credentials.CredentialRecord]:
+@dataclass(frozen=True)
+class AccessModel:
+    """What the exported files are made of: credentials, machine identities, revoked serials."""
+
+    records: list[credentials.CredentialRecord]
+    snapshot: identity.IdentitySnapshot = field(default_factory=identity.IdentitySnapshot)
+    revoked: dict[tuple[str, str], str] = field(default_factory=dict)  # revoked machines -> their last serial
+
+
+def _records(settings: Settings) -> AccessModel:
     try:
         with open_database(settings.database) as db:
             credentials.ensure_service_key(db, settings.data_dir)
-            return sorted(credentials.load_records(db).values(), key=lambda r: r.username)
+            records = sorted(credentials.load_records(db).values(), key=lambda r: r.username)
+            return AccessModel(records, identity.load_snapshot(db), identity.revoked_serials(db))
     except DatabaseError as exc:
         raise BrokerError(f"cannot read credentials: {exc}") from exc
 
 
-def password_file(records: list[credentials.CredentialRecord]) -> str:
-    """``username:$7$…`` lines, one per principal."""
-    return "".join(f"{r.username}:{r.mosquitto_hash}\n" for r in records)
+def password_file(model: AccessModel | list[credentials.CredentialRecord]) -> str:
+    """``username:$7$…`` lines, one per principal and enrolment token; an org's agent key only while it is on."""
+    model = model if isinstance(model, AccessModel) else AccessModel(model)
+    off = model.snapshot.key_off
+    lines = [f"{r.username}:{r.mosquitto_hash}\n" for r in model.records if not (r.role == "agent" and r.org in off)]
+    lines += [f"{enrol_username(t.org, t.id)}:{t.mosquitto_hash}\n"
+              for t in sorted(model.snapshot.tokens.values(), key=lambda t: t.id)]
+    return "".join(lines)
 
 
-def acl_file(records: list[credentials.CredentialRecord]) -> str:
+def acl_file(model: AccessModel | list[credentials.CredentialRecord]) -> str:
     """The access rules (docs/protocol.md) as a Mosquitto ACL: readers read their org, agents write their org's
-    reports/pings, the service (collector) reads everything and writes pings (eviction) and alerts; nobody else
-    writes alerts."""
+    reports/pings (never an enrolled machine's), the service (collector) reads everything and writes pings
+    (eviction), alerts and certificates; machine certificates their own machine's topics; enrolling agents
+    their request and its answer; nobody else writes alerts."""
+    model = model if isinstance(model, AccessModel) else AccessModel(model)
+    enrolled: dict[str, list[str]] = {}
+    for org, machine in sorted(model.snapshot.serials):
+        enrolled.setdefault(org, []).append(machine)
     lines = ["# Generated by `fleet mosquitto-config`; regenerate after org changes, then kill -HUP mosquitto.",
-             "# Anything not granted here is denied."]
-    for r in records:
+             "# Anything not granted here is denied. A user's deny lines are checked before its grants.",
+             "# Machine certificates (username = CN <org>/<machine>): their own machine's topics.",
+             "pattern write fleet/%u/report", "pattern write fleet/%u/ping", f"pattern write fleet/%u/{RENEW_KIND}",
+             f"pattern read fleet/%u/{CERT_KIND}"]
+    private = [f"topic deny fleet/{{org}}/+/{kind}" for kind in (ENROL_KIND, RENEW_KIND, CERT_KIND)]
+    for r in model.records:
         lines.append("")
         lines.append(f"user {r.username}")
         if r.role == credentials.SERVICE_ROLE:  # the collector: reads everything, clears pings, publishes alerts
-            lines += ["topic read fleet/#", "topic write fleet/+/+/ping", "topic write fleet/+/+/alert"]
-        elif r.role == "reader":
-            lines.append(f"topic read fleet/{r.org}/#")
-        elif r.role == "agent":
+            lines += ["topic read fleet/#", "topic write fleet/+/+/ping", "topic write fleet/+/+/alert",
+                      f"topic write fleet/+/+/{CERT_KIND}"]
+        elif r.role == "reader":  # the patterns would read fleet/<org>/reader/…: a machine named "reader" is denied
+            lines += [line.format(org=r.org) for line in private]
+            lines += [f"topic deny fleet/{r.org}/reader/#", f"topic read fleet/{r.org}/#"]
+        elif r.role == "agent":  # the patterns would give it machine "agent"'s exchange: denied
+            lines += [f"topic deny fleet/{r.org}/agent/{kind}" for kind in (RENEW_KIND, CERT_KIND)]
+            lines += [f"topic deny fleet/{r.org}/{machine}/#" for machine in enrolled.get(r.org or "", [])]
             lines += [f"topic write fleet/{r.org}/+/report", f"topic write fleet/{r.org}/+/ping"]
+    for token in sorted(model.snapshot.tokens.values(), key=lambda t: t.id):
+        lines += ["", f"user {enrol_username(token.org, token.id)}", f"topic write fleet/{token.org}/+/{ENROL_KIND}",
+                  f"topic read fleet/{token.org}/+/{CERT_KIND}"]
+    for org, machine in sorted(model.revoked):
+        lines += ["", f"user {org}/{machine}", "topic deny fleet/#"]
     return "\n".join(lines) + "\n"
+
+
+def revocation_list(certs: CertPaths, model: AccessModel) -> bytes:
+    """A CRL (PEM) signed by the CA listing every revoked machine certificate's serial."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_cert = x509.load_pem_x509_certificate(certs.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CRL_DAYS)))
+    for serial in sorted(set(model.revoked.values())):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now).build())
+    crl = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def mosquitto_conf(settings: Settings, out_dir: Path, certs_dir: Path, user: str | None = None,
@@ -93,6 +159,7 @@ def mosquitto_conf(settings: Settings, out_dir: Path, certs_dir: Path, user: str
         "log_type warning",
         "log_type notice",
         "connection_messages true",
+        f"pid_file {out_dir / 'data' / 'mosquitto.pid'}",  # data/: writable by the user Mosquitto drops to
     ]
     if user:
         lines.append(f"user {user}")
@@ -104,17 +171,32 @@ def mosquitto_conf(settings: Settings, out_dir: Path, certs_dir: Path, user: str
         f"keyfile {certs_dir / 'server.key'}",
         "tls_version tlsv1.2",
         "require_certificate false",
+        "",
+        "# Machine certificates: the certificate is the identity (username = its CN, <org>/<machine>).",
+        f"listener {cert_port(settings)} {settings.host}",
+        f"cafile {certs_dir / 'ca.pem'}",
+        f"certfile {certs_dir / 'server.pem'}",
+        f"keyfile {certs_dir / 'server.key'}",
+        f"crlfile {certs_dir / 'machines.crl'}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
     ]
     if settings.mqtt_plain_port:
         lines += ["", f"listener {settings.mqtt_plain_port} 127.0.0.1"]
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str, mode: int) -> None:
+def cert_port(settings: Settings) -> int:
+    """The port of Mosquitto's machine-certificate listener: ``mqtt_cert_port``, else the next after MQTT's."""
+    return settings.mqtt_cert_port or settings.mqtt_port + 1
+
+
+def _write(path: Path, text: str | bytes, mode: int) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(text.encode() if isinstance(text, str) else text)
     os.chmod(tmp, mode)  # also when a stale .tmp existed with other bits
     os.replace(tmp, path)
 
@@ -160,7 +242,7 @@ def write_config(settings: Settings, out_dir: Path, user: str | None = None) -> 
         for directory in (out_dir / "data", certs_out):
             directory.mkdir(parents=True, exist_ok=True)
         certs = ensure_server_certs(settings)
-        records = _records(settings)
+        model = _records(settings)
         account = _broker_account(user)
         note = ""
         if account is not None and not _reachable(out_dir.resolve(), *account):
@@ -169,15 +251,92 @@ def write_config(settings: Settings, out_dir: Path, user: str | None = None) -> 
         secret_mode = 0o640 if account else 0o600
         paths = [out_dir / "mosquitto.conf", out_dir / "passwd", out_dir / "acl"]
         _copy(certs.ca, certs_out / "ca.pem", 0o644)
-        _copy(certs.cert, certs_out / "server.pem", 0o644)
+        _copy(server_chain(certs), certs_out / "server.pem", 0o644)  # with the CA: tokens find it by fingerprint
         _copy(certs.key, certs_out / "server.key", secret_mode)
         _write(paths[0], mosquitto_conf(settings, out_dir, certs_out, user, note), 0o644)
-        _write(paths[1], password_file(records), secret_mode)
-        _write(paths[2], acl_file(records), 0o644)
+        write_access(out_dir, certs, model, account)
         if account is not None:
-            for secret in (paths[1], certs_out / "server.key"):
-                os.chown(secret, 0, account[1])
+            os.chown(certs_out / "server.key", 0, account[1])
             os.chown(out_dir / "data", *account)
     except OSError as exc:
         raise BrokerError(f"cannot write Mosquitto configuration to {out_dir}: {exc}") from exc
     return paths
+
+
+def access_files(out_dir: Path, certs: CertPaths, model: AccessModel) -> dict[Path, str | bytes]:
+    """What the password file, the ACL and the CRL hold for ``model``, by path."""
+    return {out_dir / "passwd": password_file(model), out_dir / "acl": acl_file(model),
+            out_dir / "certs" / "machines.crl": revocation_list(certs, model)}
+
+
+def write_access(out_dir: Path, certs: CertPaths, model: AccessModel, account: tuple[int, int] | None) -> None:
+    """Write the password file (readable by Mosquitto's group when it drops root), the ACL and the CRL."""
+    for path, content in access_files(out_dir, certs, model).items():
+        secret = path.name == "passwd"
+        _write(path, content, (0o640 if account else 0o600) if secret else 0o644)
+        if secret and account is not None:
+            os.chown(path, 0, account[1])
+
+
+def watch(settings: Settings, out_dir: Path, user: str | None, stop: Any, kick: Any) -> None:
+    """``fleet mosquitto-config --watch``: every ``reload_interval_s``, rewrite the password file, ACL and CRL
+    when the database changed, SIGHUP Mosquitto (its pid file), and ``kick(org, machine)`` each newly revoked
+    machine, whose live connection Mosquitto keeps across a reload. Returns when ``stop`` is set."""
+    out_dir = Path(out_dir)
+    certs = ensure_server_certs(settings)
+    account = _broker_account(user)
+    if account is not None and not _reachable(out_dir.resolve(), *account):
+        account = None
+    model = _records(settings)
+    last = access_files(out_dir, certs, model)
+    while not stop.wait(settings.reload_interval_s):
+        try:
+            fresh = _records(settings)
+        except BrokerError as exc:
+            log.warning("mosquitto-config --watch: %s; trying again", exc)
+            continue
+        files = access_files(out_dir, certs, fresh)
+        if files == last:
+            continue
+        write_access(out_dir, certs, fresh, account)
+        reloaded = _sighup(out_dir / "data" / "mosquitto.pid")
+        log.info("Mosquitto access files rewritten%s", "; sent SIGHUP" if reloaded else " (no running Mosquitto)")
+        for org, machine in sorted(set(fresh.revoked) - set(model.revoked)):
+            kick(org, machine)
+        model, last = fresh, files
+
+
+def kick_machine(settings: Settings, org: str, machine: str, timeout: float = 5.0) -> bool:
+    """Close a machine's live connection on Mosquitto: connect with its client id as the service user (Mosquitto
+    ends the older connection with that id) and leave at once. The machine's reconnects then meet the CRL."""
+    import threading
+
+    from fleet.config.mqtt import BrokerAddress, new_client
+    from fleet.config.topics import agent_client_id
+
+    address = BrokerAddress.parse(settings.effective_broker_url)
+    try:
+        with open_database(settings.database) as db:
+            key = credentials.ensure_service_key(db, settings.data_dir)
+        client = new_client(address, agent_client_id(org, machine), credentials.SERVICE_USERNAME, key,
+                            settings.ca_path)
+        done = threading.Event()
+        client.on_connect = lambda *_: done.set()
+        client.connect(address.host, address.port, keepalive=10)
+        client.loop_start()
+        kicked = done.wait(timeout)
+        client.disconnect()
+        client.loop_stop()
+    except Exception as exc:  # noqa: BLE001 - a failed kick is logged; the CRL still refuses reconnects
+        log.warning("could not close the connection of %s/%s on Mosquitto: %s", org, machine, exc)
+        return False
+    log.info("closed the connection of revoked machine %s/%s on Mosquitto", org, machine)
+    return kicked
+
+
+def _sighup(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
+    except (OSError, ValueError):
+        return False
+    return True

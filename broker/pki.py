@@ -175,6 +175,20 @@ def _needs_renewal(cert_path: Path, dns: set[str] | None, ips: set[str] | None, 
     return have_dns != dns or have_ips != ips
 
 
+def server_chain(paths: CertPaths) -> Path:
+    """``server-chain.pem`` beside the server certificate: it and the CA, what the broker presents, so an agent
+    holding only the CA's fingerprint (in its enrolment token) can find and check the CA before trusting it."""
+    chain = paths.cert.with_name("server-chain.pem")
+    data = paths.cert.read_bytes() + paths.ca.read_bytes()
+    try:
+        if chain.read_bytes() == data:
+            return chain
+    except OSError:
+        pass
+    _write(chain, data, private=False)
+    return chain
+
+
 def ensure_certs(certs_dir: Path, hosts: Iterable[str] = (), names: Iterable[str] = ()) -> CertPaths:
     """Create the development CA and a server certificate for ``hosts`` and ``names`` in ``certs_dir``, or
     re-issue the server certificate from the same CA when it nears its end or its names differ; idempotent."""

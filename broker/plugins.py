@@ -9,7 +9,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from fleet.broker.policy import AccessPolicy
+from fleet.broker.policy import AccessPolicy, Verdict
 from fleet.broker.sessions import extras, grant_of
 
 # The broker registers its policy here before amqtt instantiates the plugins (they get no other handle).
@@ -31,8 +31,14 @@ class FleetAuthPlugin(BaseAuthPlugin):
         if policy is None:  # a CONNECT racing the broker's shutdown, after its policy was unregistered
             return False
         will_topic = session.will_topic if session.will_flag else None
-        verdict = policy.check_connect(session.username, session.password, session.client_id or "",
-                                       will_topic, session.will_message, bool(session.will_retain))
+        def check() -> Verdict:
+            return policy.check_connect(session.username, session.password, session.client_id or "", will_topic,
+                                        session.will_message, bool(session.will_retain), extras(session).peer)
+
+        verdict = check()
+        if verdict.unknown and policy.refresh is not None:
+            await policy.refresh()
+            verdict = check()
         if verdict.grant is not None:
             extras(session).grant = verdict.grant
         return verdict.grant is not None

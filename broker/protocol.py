@@ -195,6 +195,7 @@ class StreamWriter(WriterAdapter):
         self.peer = (peer[0], peer[1]) if peer and len(peer) >= 2 else None
         self.max_unsent = max_unsent  # 0: no bound
         self.on_unsent = on_unsent  # called once more than max_unsent bytes wait to be sent
+        self.identity: tuple[str, str] | None = None  # (subject CN, serial) of a verified client certificate
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer (dropped once closed); past ``max_unsent`` unsent bytes, ``on_unsent``."""

@@ -22,7 +22,7 @@ from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
 from fleet.broker.lag import LoopLag
 from fleet.broker.limits import raise_open_file_limit
-from fleet.broker.pki import CertPaths, ensure_server_certs
+from fleet.broker.pki import CertPaths, ensure_server_certs, server_chain
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
 from fleet.broker.store import BrokerStore
@@ -30,7 +30,7 @@ from fleet.broker.throttle import asyncio_floods_throttled
 from fleet.config.settings import Settings
 from fleet.config.status import BROKER
 from fleet.config.tls import ca_fingerprint
-from fleet.store import credentials
+from fleet.store import credentials, identity
 from fleet.store.database import POSTGRESQL, DatabaseError, open_database
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.pepper import key_pepper
@@ -38,6 +38,7 @@ from fleet.store.pepper import key_pepper
 log = logging.getLogger("fleet.broker")
 HEARTBEAT_S = 2.0
 CA_FINGERPRINT = "ca_fingerprint"  # meta: the SHA-256 of the CA the first broker made (hex)
+ON_DEMAND_RELOAD_S = 1.0  # an unknown certificate or token reloads the credentials at most this often
 
 
 TLS_LISTENER = "default"
@@ -53,15 +54,18 @@ def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> Broke
     amqtt copies into every listener each field it leaves at the dataclass default from the listener
     named ``default``, and ``ssl: False`` is that default: the plain listener silently spoke TLS. Each
     listener's own fields are therefore set again once amqtt has merged them."""
-    tls = {"type": "tcp", "ssl": True, "certfile": str(certs.cert), "keyfile": str(certs.key),
-           "max_connections": settings.max_connections}
+    # The chain (server certificate and CA) lets an agent holding only the CA's fingerprint find the CA; cafile
+    # asks for client certificates (machine identities), optional beside passwords.
+    tls = {"type": "tcp", "ssl": True, "certfile": str(server_chain(certs)), "keyfile": str(certs.key),
+           "cafile": str(certs.ca), "max_connections": settings.max_connections}
     listeners: dict[str, dict[str, Any]] = {
         TLS_LISTENER: {**tls, "bind": f"{settings.host}:{settings.mqtt_port}"},
         SERVICE_LISTENER: {**tls, "bind": f"{settings.host}:{settings.service_port}"},
     }
     if settings.mqtt_plain_port:
         listeners[PLAIN_LISTENER] = {"type": "tcp", "bind": f"127.0.0.1:{settings.mqtt_plain_port}", "ssl": False,
-                                     "certfile": None, "keyfile": None, "max_connections": settings.max_connections}
+                                     "certfile": None, "keyfile": None, "cafile": None,
+                                     "max_connections": settings.max_connections}
     plugins = {"fleet.broker.plugins.FleetAuthPlugin": {"policy": policy_id},
                "fleet.broker.plugins.FleetTopicPlugin": {"policy": policy_id}}
     config = BrokerConfig.from_dict({"listeners": listeners, "plugins": plugins})
@@ -71,9 +75,10 @@ def broker_config(settings: Settings, certs: CertPaths, policy_id: str) -> Broke
     return config
 
 
-def _load_records(database: str, migrate: bool = False) -> dict[str, credentials.CredentialRecord]:
+def _load_records(database: str, migrate: bool = False) -> tuple[dict[str, credentials.CredentialRecord],
+                                                                  identity.IdentitySnapshot]:
     with open_database(database, readonly=not migrate) as db:
-        return credentials.load_records(db)
+        return credentials.load_records(db), identity.load_snapshot(db)
 
 
 def _check_ca(settings: Settings) -> None:
@@ -152,11 +157,11 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
     await asyncio.to_thread(_record_ca, settings, certs)
     try:
         await asyncio.to_thread(_ensure_service_key, settings)
-        records = await asyncio.to_thread(_load_records, settings.database, True)
+        records, snapshot = await asyncio.to_thread(_load_records, settings.database, True)
     except DatabaseError as exc:
         raise BrokerError(str(exc)) from exc
     pepper = await asyncio.to_thread(_key_pepper, settings)
-    policy = AccessPolicy(pepper, records)
+    policy = AccessPolicy(pepper, records, snapshot)
     policy_id = uuid.uuid4().hex
     POLICIES[policy_id] = policy
     store = await asyncio.to_thread(BrokerStore, data_dir / "broker.db", settings.broker_durability)
@@ -184,17 +189,35 @@ async def _run_broker(settings: Settings, stop: asyncio.Event, on_started: Any) 
              " %d queued messages", settings.host, handle.port, handle.service_port, certs.ca,
              f", plain mqtt://127.0.0.1:{handle.plain_port}" if handle.plain_port else "", restored, requeued)
 
+    reloading = asyncio.Lock()
+    last_reload = [time.monotonic()]
+
+    async def reload_now(min_gap_s: float = 0.0) -> None:
+        """Reload the snapshot; with ``min_gap_s``, not sooner than that after the last reload, and not at all
+        when one started after this was asked (one reload serves every CONNECT waiting for it)."""
+        asked = time.monotonic()
+        async with reloading:
+            if min_gap_s and last_reload[0] > asked:
+                return
+            if (wait := last_reload[0] + min_gap_s - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            last_reload[0] = time.monotonic()
+            try:
+                fresh, snapshot = await asyncio.to_thread(_load_records, settings.database)
+            except Exception as exc:  # noqa: BLE001 - keep the old snapshot, try again
+                log.warning("credential reload failed: %s", exc)
+                return
+            if policy.replace_records(fresh, snapshot):
+                log.info("credentials changed: %d principals, %d machine certificates", len(fresh),
+                         len(snapshot.serials))
+                broker.disconnect_revoked()
+
     async def reload_credentials() -> None:
         while True:
             await asyncio.sleep(settings.reload_interval_s)
-            try:
-                fresh = await asyncio.to_thread(_load_records, settings.database)
-            except Exception as exc:  # noqa: BLE001 - keep the old snapshot, try again
-                log.warning("credential reload failed: %s", exc)
-                continue
-            if policy.replace_records(fresh):
-                log.info("credentials changed: %d principals", len(fresh))
-                broker.disconnect_revoked()
+            await reload_now()
+
+    policy.refresh = lambda: reload_now(ON_DEMAND_RELOAD_S)
 
     lag = LoopLag()
 

@@ -107,6 +107,7 @@ class Extras:
     ready: bool = False  # connected, and what was in flight before has been sent again: deliver in order now
     queue: deque[Any] = field(default_factory=deque)  # messages held while a persistent session is offline
     connection: asyncio.Task[Any] | None = None  # the task serving its live connection
+    peer: tuple[str, str] | None = None  # (subject CN, serial) of the client certificate TLS verified
 
 
 def extras(session: Session) -> Extras:

@@ -23,6 +23,7 @@ import time
 from fleet.collector.alerts.delivery import DeliveryWorker
 from fleet.collector.alerts.engine import AlertEngine
 from fleet.collector.deadman import WRITE_FRESH_S, DeadmanHeartbeat, Health
+from fleet.collector.enrolment import Signer, start_signer
 from fleet.collector.errors import CollectorError
 from fleet.collector.handoff import Handoff
 from fleet.collector.intake import INTERNAL, DropCounter, RateLimiter, parse_message
@@ -85,6 +86,7 @@ class RunningCollector:
         self.ended = threading.Event()  # stop() has finished (called, or the lease was lost)
         self._link: MqttLink | None = None
         self._writer: WriterThread | None = None
+        self.signer: Signer | None = None
 
     # --- public -------------------------------------------------------------------------------
     def start(self) -> RunningCollector:
@@ -117,6 +119,7 @@ class RunningCollector:
         self.delivery.start()
         link.start()
         self.deadman.start()
+        self.signer = start_signer(self.settings, key)
         log.info("collector %s connecting to %s for orgs %s", self.client_id, self.address.url,
                  ", ".join(sorted(self.orgs.get())) or "(none yet)")
         return self
@@ -166,6 +169,8 @@ class RunningCollector:
         link = self._link
         if link is not None:
             link.stop()
+        if self.signer is not None:
+            self.signer.stop()
         self.handoff.close()
         writer = self._writer
         if writer is not None and writer.is_alive():

@@ -123,6 +123,7 @@ class Machine:
     pending_tails: list[Tail] = field(default_factory=list)
     settled_tails: dict[str, int] = field(default_factory=dict)  # session -> last_seq, oldest first
     stored: bool = False  # its row is in the machines table (loaded from it, or written): an UPDATE will do
+    cert_not_after: float | None = None  # its unrevoked certificate's end (read from the database with the orgs)
 
     def tails_json(self) -> str:
         """Open and settled tail checks as stored in ``machines.tails``."""

@@ -46,6 +46,7 @@ from fleet.store.database import (
     open_database,
 )
 from fleet.store.heartbeats import write_heartbeat
+from fleet.store.identity import all_cert_not_after
 from fleet.store.lease import LeaseLost
 from fleet.store.orgs import list_orgs
 from fleet.store.samples import SampleIds
@@ -399,7 +400,18 @@ class Writer:
             for org in sorted(wanted - served):
                 log.info("collector serves org %s", org)
             orgs.replace(wanted)
+        self._refresh_certificates()
         return True
+
+    def _refresh_certificates(self) -> None:
+        """Each machine's certificate end, for rules on cert_days_left."""
+        try:
+            ends = all_cert_not_after(self.db)
+        except DatabaseError as exc:
+            log.warning("cannot read machine certificates (will retry): %s", exc)
+            return
+        for key, machine in self.tracker.machines.items():
+            machine.cert_not_after = ends.get(key)
 
     def _retention(self) -> None:
         try:

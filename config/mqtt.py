@@ -53,24 +53,31 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-def tls_context(ca_path: str | Path | None) -> ssl.SSLContext:
-    """A client TLS context verifying the broker's certificate and hostname against ``ca_path``."""
+def tls_context(ca_path: str | Path | None, client_cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    """A client TLS context verifying the broker's certificate and hostname against ``ca_path``; with
+    ``client_cert`` (certificate, key) it also presents the machine's certificate."""
     try:
         ctx = ssl.create_default_context(cafile=str(ca_path) if ca_path else None)
     except (OSError, ssl.SSLError) as exc:
         raise SettingsError(f"cannot load CA file {ca_path}: {exc}") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_cert is not None:
+        try:
+            ctx.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"cannot load the machine certificate {client_cert[0]}: {exc}") from exc
     return ctx
 
 
 def new_client(address: BrokerAddress, client_id: str, username: str | None, password: str | None,
                ca_path: str | Path | None = None, clean_session: bool = True,
-               factory: type[paho.Client] = paho.Client) -> paho.Client:
+               factory: type[paho.Client] = paho.Client,
+               client_cert: tuple[Path, Path] | None = None) -> paho.Client:
     """A paho MQTT 3.1.1 client (callback API v2, of class ``factory``) set up for ``address``; not yet connected."""
     client = factory(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                      clean_session=clean_session, protocol=paho.MQTTv311)
     if username is not None:
         client.username_pw_set(username, password)
     if address.tls:
-        client.tls_set_context(tls_context(ca_path))
+        client.tls_set_context(tls_context(ca_path, client_cert))
     return client

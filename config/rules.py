@@ -39,8 +39,8 @@ EXPR_FORMS = "'status == offline', 'status == stale', 'conflict' or 'FIELD OP NU
 # The fields every report can carry, for help texts and the CLI's typo warning; any other numeric
 # field of a report resolves too (see field_value).
 KNOWN_FIELDS = (
-    *derived.FIELDS, "clock_offset_s", "cpu_count", "uptime_s", "process_count", "memory_used", "memory_total",
-    "net_sent_per_s", "net_recv_per_s",
+    *derived.FIELDS, "clock_offset_s", "cert_days_left", "cpu_count", "uptime_s", "process_count", "memory_used",
+    "memory_total", "net_sent_per_s", "net_recv_per_s",
 )
 
 
@@ -322,6 +322,7 @@ DEFAULT_RULES: tuple[tuple[str, str, float, str], ...] = (
     ("machine-offline", "status == offline", 120.0, "critical"),
     ("machine-stale", "status == stale", 300.0, "warning"),
     ("disk-full", "disk_percent > 90", 600.0, "warning"),
+    ("cert-expiring", "cert_days_left < 14", 3600.0, "warning"),
 )
 
 
@@ -389,6 +390,14 @@ def _as_float(read: Callable[[Mapping[str, Any]], int | float | None]) -> Reader
 # The derived fields (fleet.config.derived), as alert rules compare them: as floats.
 _DERIVED: dict[str, Reader] = {**derived.MEASURES,
                                **{name: _as_float(read) for name, read in derived.COUNTERS.items()}}
+
+
+CERT_DAYS_LEFT = "cert_days_left"  # not in a report: the collector reads the machine's certificate end
+
+
+def cert_days_left(not_after: float, now: float) -> float:
+    """Days until a machine's certificate ends (negative once it has), as rules and the API give it."""
+    return round((not_after - now) / 86_400.0, 3)
 
 
 def metric_reader(field: str) -> Callable[[Mapping[str, Any]], float | None]:

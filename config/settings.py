@@ -49,15 +49,18 @@ class Settings:
     mqtt_port: int = DEFAULT_MQTT_PORT
     mqtt_plain_port: int = 0  # 0 = no plain listener; when set it binds loopback only
     mqtt_service_port: int = 0  # the collector's own TLS listener; 0 = 8884 with the default mqtt_port, else a free one
+    mqtt_cert_port: int = 0  # Mosquitto's machine-certificate listener; 0: the embedded broker's one TLS port
     http_port: int = 8080
     broker_url: str = ""  # default: mqtts://<host>:<mqtt_port> of the embedded broker
     ca: str = ""  # CA file agents/collector/web verify the broker with; default <data_dir>/certs/ca.pem
     # credentials and orgs
     reload_interval_s: float = 2.0
+    cert_days: int = 365  # lifetime of a machine certificate the signer issues
     orgs: tuple[str, ...] = ()  # collector shard; empty = every org
     # agent
     org: str = ""
     key: str = field(default="", repr=False)
+    enrol: str = field(default="", repr=False)  # an enrolment token: the agent's first start makes its certificate
     machine: str = ""
     interval: float = 10.0
     agent_queue_max_reports: int = 100_000
@@ -118,6 +121,7 @@ class Settings:
             _check(value >= 1, name, "must be a positive integer", value)
         _check(self.broker_durability in ("full", "normal", "off"), "broker_durability",
                "must be full, normal or off", self.broker_durability)
+        _check(self.cert_days >= 1, "cert_days", "must be at least 1", self.cert_days)
         _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (changes apply within 5 s)",
                self.reload_interval_s)
         if self.broker_url:

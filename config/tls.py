@@ -45,7 +45,6 @@ def is_ip_address(name: str) -> bool:
 def ca_fingerprint(pem: bytes | str) -> str:
     """The lowercase hex SHA-256 of the DER bytes of the first certificate in ``pem``."""
     import base64
-    import hashlib
 
     text = pem.decode("ascii") if isinstance(pem, bytes) else pem
     begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
@@ -54,4 +53,11 @@ def ca_fingerprint(pem: bytes | str) -> str:
     if start < 0 or stop < 0:
         raise ValueError("no PEM certificate found")
     der = base64.b64decode("".join(text[start + len(begin):stop].split()), validate=True)
+    return fingerprint_der(der)
+
+
+def fingerprint_der(der: bytes) -> str:
+    """A certificate's SHA-256 fingerprint: lowercase hex of the SHA-256 of its DER encoding."""
+    import hashlib
+
     return hashlib.sha256(der).hexdigest()

@@ -142,6 +142,140 @@ def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
         click.echo(f"{role}_key: {key}")
 
 
+@org.command("set")
+@click.argument("name")
+@click.option("--agent-key", type=click.Choice(("on", "off")), required=True,
+              help="off: the org agent key is refused; only enrolled machines connect.")
+@database
+@common
+def org_set(settings: Settings, name: str, agent_key: str) -> None:
+    """Change a setting of ORG (applies within 5 s)."""
+    from fleet.store import identity
+
+    with _database(settings) as db:
+        identity.set_agent_key(db, name, agent_key == "on")
+    click.echo(f"org {name}: agent key {agent_key}")
+
+
+# --- machine identity -----------------------------------------------------------------------
+@cli.group()
+def enrol() -> None:
+    """Enrolment tokens: each enrolled machine gets its own certificate."""
+
+
+@enrol.command("create")
+@click.argument("org_name", metavar="ORG")
+@click.option("--uses", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Enrolments the token is good for (0: any number until it expires).")
+@click.option("--expires", default="24h", show_default=True, help="How long the token is good for: 30m, 24h, 7d.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@database
+@common
+def enrol_create(settings: Settings, org_name: str, uses: int, expires: str, as_json: bool) -> None:
+    """Make an enrolment token for ORG (shown once) and the agent command line that uses it."""
+    from fleet.config.rules import parse_duration
+    from fleet.config.tls import ca_fingerprint
+    from fleet.store import identity
+    from fleet.store.errors import CredentialError
+
+    try:
+        fingerprint = ca_fingerprint((settings.certs_dir / "ca.pem").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CredentialError(f"no CA in {settings.certs_dir} (run 'fleet up' or 'fleet broker' once): {exc}") from exc
+    with _database(settings) as db:
+        made = identity.create_token(db, settings.data_dir, fingerprint, org_name, uses, parse_duration(expires))
+    if as_json:
+        click.echo(json.dumps(made.as_dict()))
+        return
+    click.echo(f"token: {made.token}")
+    click.echo(f"Install an agent with:\n  fleet agent --broker {_agents_broker_url(settings)} --org {org_name}"
+               f" --enrol {made.token}")
+    click.echo("Store the token now: only its hash is kept.", err=True)
+
+
+def _agents_broker_url(settings: Settings) -> str:
+    """The broker URL to give agents: ``broker_url``, or the embedded broker at this machine's name when it
+    listens on every interface (other machines cannot use 127.0.0.1)."""
+    import socket
+
+    from fleet.config.settings import WILDCARD_HOSTS
+
+    if settings.broker_url or settings.host not in WILDCARD_HOSTS:
+        return settings.effective_broker_url
+    return f"mqtts://{socket.gethostname()}:{settings.mqtt_port}"  # a name the server certificate holds
+
+
+@enrol.command("list")
+@click.argument("org_name", metavar="ORG")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
+@common
+def enrol_list(settings: Settings, org_name: str, as_json: bool) -> None:
+    """List ORG's enrolment tokens (never the tokens themselves)."""
+    from fleet.store import identity
+
+    with _database(settings) as db:
+        rows = identity.list_tokens(db, org_name)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        state = "revoked" if r["revoked"] else f"{r['used']}/{r['uses'] or 'any'} used"
+        click.echo(f"{r['id']}  {state}  expires {_when(r['expires_at'])}")
+
+
+@enrol.command("revoke")
+@click.argument("org_name", metavar="ORG")
+@click.argument("token_id", metavar="ID")
+@database
+@common
+def enrol_revoke(settings: Settings, org_name: str, token_id: str) -> None:
+    """Revoke an enrolment token: it enrols nothing more."""
+    from fleet.store import identity
+
+    with _database(settings) as db:
+        identity.revoke_token(db, org_name, token_id)
+    click.echo(f"revoked enrolment token {token_id}")
+
+
+@cli.group()
+def machine() -> None:
+    """Machines and their credentials."""
+
+
+@machine.command("list")
+@click.argument("org_name", metavar="ORG")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
+@common
+def machine_list(settings: Settings, org_name: str, as_json: bool) -> None:
+    """List ORG's machines: how each authenticates, its certificate's serial and end."""
+    from fleet.store import identity
+
+    with _database(settings) as db:
+        rows = identity.list_machines(db, org_name)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        cert = f"serial {r['serial']} until {_when(r['not_after'])}" if r["serial"] else ""
+        click.echo(f"{r['machine_id']}  {r['auth']}{'  REVOKED' if r['revoked'] else ''}  {cert}".rstrip())
+
+
+@machine.command("revoke")
+@click.argument("org_name", metavar="ORG")
+@click.argument("machine_name", metavar="MACHINE")
+@database
+@common
+def machine_revoke(settings: Settings, org_name: str, machine_name: str) -> None:
+    """Revoke MACHINE's certificate: its connection closes and it is refused within 5 s (history stays)."""
+    from fleet.store import identity
+
+    with _database(settings) as db:
+        identity.revoke_machine(db, org_name, machine_name)
+    click.echo(f"revoked the certificate of {org_name}/{machine_name}")
+
+
 # --- parts ----------------------------------------------------------------------------------
 def _host(func: Callable) -> Callable:
     return click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")(func)
@@ -257,6 +391,8 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
 @_broker_url
 @click.option("--org", default=None, help="Org the simulated machines report to.")
 @click.option("--key", default=None, help="The org's agent key.")
+@click.option("--enrol", default=None, help="Enrolment token: each simulated machine enrols and connects with its"
+                                            " own certificate (kept in --data-dir).")
 @click.option("--agents", type=click.IntRange(min=1), required=True, help="Number of simulated agents.")
 @click.option("--ca", default=None, help="CA file to verify the broker.")
 @click.option("--interval", type=float, default=None, help="Seconds between reports (default 10).")
@@ -268,7 +404,7 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write one line per report published and per PUBACK to this file (for loss accounting).")
 @common
-@settings_flags("broker_url", "org", "key", "ca", "interval")
+@settings_flags("broker_url", "org", "key", "enrol", "ca", "interval")
 def simulate(settings: Settings, agents: int, duration: float | None, prefix: str, connect_rate: float,
              record_path: Path | None) -> None:
     """Load generator: N simulated agents speaking the real protocol."""
@@ -282,18 +418,31 @@ def simulate(settings: Settings, agents: int, duration: float | None, prefix: st
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for mosquitto.conf, the password file and the ACL file.")
 @click.option("--mqtt-port", type=int, default=None)
+@click.option("--cert-port", "mqtt_cert_port", type=int, default=None,
+              help="Port of the listener for machine certificates (default: MQTT port + 1).")
+@click.option("--watch", is_flag=True, help="Keep running: apply org, key, token and certificate changes to the"
+                                            " running Mosquitto within 5 s (files rewritten, SIGHUP).")
 @_host
 @_cert_name
 @database
 @common
-@settings_flags("mqtt_port", "host", "cert_names")
-def mosquitto_config(settings: Settings, out_dir: Path) -> None:
-    """Export the access model (users, ACL, TLS listener) as Mosquitto configuration."""
-    from fleet.broker.mosquitto import write_config
+@settings_flags("mqtt_port", "mqtt_cert_port", "host", "cert_names")
+def mosquitto_config(settings: Settings, out_dir: Path, watch: bool) -> None:
+    """Export the access model (users, ACL, TLS listeners, CRL) as Mosquitto configuration."""
+    import signal
+    import threading
+
+    from fleet.broker.mosquitto import kick_machine, write_config
+    from fleet.broker.mosquitto import watch as watch_changes
 
     for path in write_config(settings, out_dir):
         click.echo(str(path))
     _echo_identity(settings.certs_dir)
+    if watch:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        watch_changes(settings, out_dir, None, stop, lambda org, machine: kick_machine(settings, org, machine))
 
 
 # --- alerts ---------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ AGENT_OPTIONS = (
     Option("--broker", "broker_url", str, "Broker URL, mqtts://HOST:PORT (default: the embedded broker)."),
     Option("--org", "org", str, "Org this machine reports to."),
     Option("--key", "key", str, "The org's agent key (or FLEET_KEY)."),
+    Option("--enrol", "enrol", str, "Enrolment token: the first start makes this machine's certificate."),
     Option("--machine", "machine", str, "Machine id (default: sanitised hostname)."),
     Option("--ca", "ca", str, "CA file to verify the broker."),
     Option("--interval", "interval", float, "Seconds between reports (default 10)."),

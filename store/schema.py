@@ -384,6 +384,41 @@ OUTBOX_SENDING = """
 ALTER TABLE alert_outbox ADD COLUMN sending_since REAL;
 """
 
+# Version 8: machine identity. Enrolment tokens (only a keyed hash of the secret; uses counted in the row, so a
+# conditional UPDATE redeems one atomically on both engines), each machine's current certificate, the org key's
+# on/off switch, and the default rule on certificate expiry for existing orgs.
+MACHINE_IDENTITY = """
+CREATE TABLE IF NOT EXISTS enrol_tokens (
+    id TEXT PRIMARY KEY,           -- 16 hex digits, printed in the token
+    org TEXT NOT NULL,
+    digest TEXT NOT NULL,          -- hex HMAC-SHA256(pepper, secret)
+    mosquitto_hash TEXT NOT NULL,  -- the secret in Mosquitto's password-file format
+    uses INTEGER NOT NULL,         -- 0 = any number until it expires
+    used INTEGER NOT NULL DEFAULT 0,
+    expires_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS enrol_tokens_org ON enrol_tokens(org);
+-- One row per enrolled machine: its current certificate (the previous one is still accepted after a renewal).
+CREATE TABLE IF NOT EXISTS machine_certs (
+    org TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    serial TEXT NOT NULL,          -- hex
+    prev_serial TEXT,
+    key_sha256 TEXT NOT NULL,      -- of the public key (SubjectPublicKeyInfo DER): the same request, the same answer
+    cert TEXT NOT NULL,            -- PEM
+    not_after REAL NOT NULL,
+    enrolled_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (org, machine_id)
+);
+ALTER TABLE orgs ADD COLUMN agent_key INTEGER NOT NULL DEFAULT 1;
+INSERT INTO alert_rules(org, name, expr, for_s, machines, severity, created)
+SELECT name, 'cert-expiring', 'cert_days_left < 14', 3600, '*', 'warning', created FROM orgs WHERE true
+ON CONFLICT(org, name) DO NOTHING;
+"""
+
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
@@ -393,5 +428,6 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (5, COMPACT_HISTORY),
     (6, COLLECTOR_LEASE),
     (7, OUTBOX_SENDING),
+    (8, MACHINE_IDENTITY),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

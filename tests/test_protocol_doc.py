@@ -20,11 +20,12 @@ import pytest
 
 from fleet.agent import metrics as agent_metrics
 from fleet.agent import runner as agent_runner
+from fleet.agent.identity import IdentityFiles
 from fleet.broker import server as broker_server
-from fleet.broker.pki import ensure_certs
+from fleet.broker.pki import ensure_certs, server_chain
 from fleet.collector.alerts.engine import AlertEngine
 from fleet.commands import cli
-from fleet.config import payloads, topics
+from fleet.config import enrolment, payloads, topics
 from fleet.config.settings import Settings
 from fleet.store import credentials
 from fleet.up import DEMO_KEYS_FILE
@@ -165,7 +166,8 @@ def test_every_route_is_documented_and_every_documented_route_exists(doc: str, t
 
 def test_the_machine_object_fields_are_the_apis(doc: str) -> None:
     # GET /api/fleet/<machine> adds ``derived`` to the stored columns (web.db.get_machine).
-    compare("machine object fields", set(first_names(doc, "The machine object")), {*web_db.MACHINE_COLUMNS, "derived"})
+    served = {*web_db.MACHINE_COLUMNS, *web_db.IDENTITY_FIELDS, "derived"}
+    compare("machine object fields", set(first_names(doc, "The machine object")), served)
 
 
 def test_the_metrics_families_are_the_ones_served(doc: str) -> None:
@@ -188,6 +190,7 @@ def test_the_topics_are_config_topics(doc: str) -> None:
         topics.report_topic("acme", "web-1"), topics.ping_topic("acme", "web-1"), topics.alert_topic("acme", "web-1")}
     actual = {t.format(org="<org>", machine="<machine>") for t in templates}
     assert {t.rsplit("/", 1)[1] for t in actual} == {*topics.KINDS, topics.ALERT_KIND}
+    actual |= {placeholder(enrolment.exchange_topic("acme", "web-1", kind)) for kind in enrolment.EXCHANGE_KINDS}
     compare("MQTT topics", set(first_names(doc, "Topics")), actual)
 
 
@@ -201,13 +204,17 @@ def test_the_filters_and_names_are_config_topics(doc: str) -> None:
         "agent user": placeholder(credentials.username_for("acme", "agent")),
         "reader user": placeholder(credentials.username_for("acme", "reader")),
         "service user": credentials.SERVICE_USERNAME,
+        "certificate subject": placeholder(enrolment.subject_name("acme", "web-1")),
+        "enrolment user": placeholder(enrolment.enrol_username("acme", "0123456789abcdef")).replace(
+            "0123456789abcdef", "<token id>"),
         **{f"collector filter ({kind})": topics.every_org_filter(kind) for kind in topics.KINDS},
         **{f"shard filter ({kind})": placeholder(topics.org_kind_filter("acme", kind)) for kind in topics.KINDS},
     }
     missing = [f"{what} {value!r}" for what, value in expected.items() if value not in spans]
     assert not missing, "docs/protocol.md, MQTT, does not name: " + ", ".join(missing)
     users = set(first_names(doc, "Users"))
-    compare("MQTT users", users, {expected["agent user"], expected["reader user"], expected["service user"]})
+    compare("MQTT users", users, {expected[name] for name in ("agent user", "reader user", "service user",
+                                                              "certificate subject", "enrolment user")})
 
 
 def examples(text: str) -> list[tuple[str, str, Any]]:
@@ -286,9 +293,11 @@ def test_every_setting_is_documented_with_its_variable_and_default(doc: str) -> 
 def test_every_file_of_the_data_dir_is_documented(doc: str, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     certs = ensure_certs(settings.certs_dir)
+    files = IdentityFiles(tmp_path, "acme", "web-1")
     made = {settings.db_path, tmp_path / credentials.PEPPER_FILE, tmp_path / credentials.SERVICE_KEY_FILE,
-            tmp_path / DEMO_KEYS_FILE, *(Path(path) for path in dataclasses.astuple(certs))}
-    actual = {path.relative_to(tmp_path).as_posix() for path in made}
+            tmp_path / DEMO_KEYS_FILE, *(Path(path) for path in dataclasses.astuple(certs)), server_chain(certs),
+            files.key, files.cert, files.ca}
+    actual = {placeholder(path.relative_to(tmp_path).as_posix()) for path in made}
     # Named in code as literals: read from the source, so a rename fails here.
     for module, literal, documented in ((broker_server, 'data_dir / "broker.db"', "broker.db"),
                                         (agent_runner, 'f"agent-{settings.org}-{machine}.db"',

@@ -18,6 +18,7 @@ from fleet.config.status import MACHINE_STATUSES
 from fleet.store.alerting import silences_query
 from fleet.store.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
 from fleet.store.heartbeats import read_heartbeat
+from fleet.store.identity import CERTIFICATE, ORG_KEY, cert_not_after
 from fleet.store.samples import extra_fields, machine_inventory
 from fleet.web.errors import WebError
 
@@ -28,6 +29,7 @@ from fleet.web.errors import WebError
 MACHINE_COLUMNS = ("org", "machine_id", "hardware_id", "status", "session", "interval_s", "last_seen", "last_ping",
                    "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "lost", "late")
 _MACHINE_SELECT = ", ".join(MACHINE_COLUMNS)
+IDENTITY_FIELDS = ("auth", "cert_not_after")  # added to each machine object from its certificate
 _JSON_COLUMNS = ("system", "metrics")
 # A number inside a JSON column, NULL when absent or not a number (path as a tuple of keys).
 _JSON_NUMBER = {
@@ -100,12 +102,15 @@ def _sort_expression(engine: str, sort: str) -> str:
     return spec if isinstance(spec, str) else _JSON_NUMBER[engine](*spec)
 
 
-def _machine_objects(rows: list[tuple]) -> list[dict[str, Any]]:
-    """Machine objects from MACHINE_COLUMNS rows, system and metrics as JSON fragments."""
+def _machine_objects(rows: list[tuple], certificates: dict[str, float]) -> list[dict[str, Any]]:
+    """Machine objects from MACHINE_COLUMNS rows, system and metrics as JSON fragments; ``auth`` and
+    ``cert_not_after`` from the org's unrevoked certificates (machine -> not_after)."""
     objects = []
     for row in rows:
         machine = dict(zip(MACHINE_COLUMNS, row, strict=True))
         machine["conflict"] = bool(machine["conflict"])
+        machine["cert_not_after"] = certificates.get(machine["machine_id"])
+        machine["auth"] = CERTIFICATE if machine["cert_not_after"] is not None else ORG_KEY
         for column in _JSON_COLUMNS:
             machine[column] = orjson.Fragment(machine[column])
         objects.append(machine)
@@ -135,7 +140,7 @@ def list_machines_json(org: str, status: str | None, os_name: str | None, search
     order = f"{_sort_expression(engine, sort)} {'DESC' if descending else 'ASC'}{nulls}, machine_id"
     page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else ""
     rows = query(f"SELECT {_MACHINE_SELECT} FROM machines WHERE {clause} ORDER BY {order}{page}", params)
-    return total, orjson.dumps(_machine_objects(rows))
+    return total, orjson.dumps(_machine_objects(rows, read(lambda db: cert_not_after(db, org)) if rows else {}))
 
 
 def list_machines(org: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:
@@ -179,7 +184,8 @@ def get_machine(org: str, machine_id: str) -> dict[str, Any] | None:
     rows = query(f"SELECT {_MACHINE_SELECT} FROM machines WHERE org = ? AND machine_id = ?", (org, machine_id))
     if not rows:
         return None
-    machine: dict[str, Any] = orjson.loads(orjson.dumps(_machine_objects(rows)[0]))
+    certificates = read(lambda db: cert_not_after(db, org))
+    machine: dict[str, Any] = orjson.loads(orjson.dumps(_machine_objects(rows, certificates)[0]))
     metrics = machine["metrics"]
     machine["derived"] = derived.derive(metrics if isinstance(metrics, dict) else {})
     return machine

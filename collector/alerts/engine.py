@@ -31,7 +31,17 @@ from typing import Any
 
 from fleet.collector.alerts import notify
 from fleet.collector.state import Machine, Tracker, Transition
-from fleet.config.rules import Conflict, Rule, Silence, StatusIs, Threshold, format_duration, metric_reader
+from fleet.config.rules import (
+    CERT_DAYS_LEFT,
+    Conflict,
+    Rule,
+    Silence,
+    StatusIs,
+    Threshold,
+    cert_days_left,
+    format_duration,
+    metric_reader,
+)
 from fleet.config.topics import alert_topic
 from fleet.store import alerting
 from fleet.store.database import Database, DatabaseError
@@ -145,6 +155,11 @@ def compile_rule(rule: Rule) -> CompiledRule:
             value = None if m.clock_offset_s is None else abs(m.clock_offset_s)
             return (value is not None and holds(value), value)
         return CompiledRule(rule, offset_check, uses_metrics=False)
+    if when.field == CERT_DAYS_LEFT:
+        def cert_check(m: Machine, _metrics: Mapping[str, Any]) -> tuple[bool, float | None]:
+            value = None if m.cert_not_after is None else cert_days_left(m.cert_not_after, time.time())
+            return (value is not None and holds(value), value)
+        return CompiledRule(rule, cert_check, uses_metrics=False)
     reader = metric_reader(when.field)
 
     def metric_check(_m: Machine, metrics: Mapping[str, Any]) -> tuple[bool, float | None]:

@@ -36,7 +36,7 @@ def test_rules_add_list_remove(data_dir):
     listed = json.loads(run(data_dir, "alert", "list", "acme", "--json").stdout)
     assert {"name": "hot", "when": "cpu_percent > 90", "for_s": 300.0, "machines": "web-*",
             "severity": "critical"} in listed
-    assert {r["name"] for r in listed} == {"hot", "machine-offline", "machine-stale", "disk-full"}
+    assert {r["name"] for r in listed} == {"hot", "machine-offline", "machine-stale", "disk-full", "cert-expiring"}
     assert set(listed[0]) == {"name", "when", "for_s", "machines", "severity"}
     dup = run(data_dir, "alert", "add", "acme", "hot", "--when", "conflict")
     assert (dup.exit_code, dup.stderr.count("\n")) == (1, 1)

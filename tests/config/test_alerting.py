@@ -15,7 +15,8 @@ from tests.dbhelpers import rows
 
 pytestmark = pytest.mark.both_engines
 
-SPEC_DEFAULTS = [("disk-full", "disk_percent > 90", 600.0, "warning"),
+SPEC_DEFAULTS = [("cert-expiring", "cert_days_left < 14", 3600.0, "warning"),
+                 ("disk-full", "disk_percent > 90", 600.0, "warning"),
                  ("machine-offline", "status == offline", 120.0, "critical"),
                  ("machine-stale", "status == stale", 300.0, "warning")]
 
@@ -32,7 +33,7 @@ def d(tmp_path, database_url):
     return call
 
 
-def test_a_new_org_starts_with_the_three_default_rules(d):
+def test_a_new_org_starts_with_the_four_default_rules(d):
     d(credentials.add_org, d.data_dir, "acme")
     assert [(r.name, str(r.when), r.for_s, r.severity) for r in d(alerting.list_rules, "acme")] == SPEC_DEFAULTS
     assert sorted((n, w, f, s) for n, w, f, s in DEFAULT_RULES) == SPEC_DEFAULTS

@@ -126,7 +126,8 @@ def test_rule_validates_itself_and_lists_as_spec_json():
 def test_default_rules_are_valid():
     parsed = [Rule("acme", name, rules.parse_condition(when), for_s, "*", severity)
               for name, when, for_s, severity in rules.DEFAULT_RULES]
-    assert [r.as_dict()["when"] for r in parsed] == ["status == offline", "status == stale", "disk_percent > 90"]
+    assert [r.as_dict()["when"] for r in parsed] == ["status == offline", "status == stale", "disk_percent > 90",
+                                                        "cert_days_left < 14"]
 
 
 METRICS = {"cpu_percent": 12.5, "load_avg": [0.4, 0.3, 0.2], "memory": {"total": 100, "used": 40, "percent": 40.0},

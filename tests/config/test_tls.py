@@ -63,9 +63,10 @@ def test_mosquitto_config_prints_the_paths_then_the_names_and_fingerprint(tmp_pa
     identity = server_identity(cert_paths(tmp_path / "d" / "certs"))
     assert lines[3:] == identity.lines()
     assert "mqtt.example.org" in identity.names
-    # Mosquitto serves the same certificate fleet made.
+    # Mosquitto serves the same certificate fleet made, followed by its CA (enrolment tokens find it there).
     copied = cert_paths(tmp_path / "m" / "certs")
-    assert copied.cert.read_bytes() == (tmp_path / "d" / "certs" / "server.pem").read_bytes()
+    made = tmp_path / "d" / "certs"
+    assert copied.cert.read_bytes() == (made / "server.pem").read_bytes() + (made / "ca.pem").read_bytes()
 
 
 def test_the_fingerprint_is_the_sha256_of_the_der(tmp_path: Path) -> None:

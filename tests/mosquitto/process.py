@@ -52,7 +52,7 @@ def start_mosquitto(data_dir: Path, out_dir: Path, port: int | None = None, atte
         pytest.fail("Debian's mosquitto is missing (apt-get install mosquitto)")
     last_output = ""
     for _ in range(attempts if port is None else 1):
-        settings = Settings(data_dir=data_dir, mqtt_port=port or free_port(),
+        settings = Settings(data_dir=data_dir, mqtt_port=port or free_port(), mqtt_cert_port=free_port(),
                             mqtt_plain_port=free_port() if plain else 0)
         write_config(settings, out_dir, user=run_as)
         log_path = out_dir / "mosquitto.log"  # a file, not a pipe: a full pipe would stall Mosquitto

@@ -342,3 +342,28 @@ def test_only_a_small_status_region_is_live(browser, site, fleet):
     page.unroute("**/api/fleet?*")
     expect(page.locator("#live-status")).to_have_text("Refresh works again")
     page.close()
+
+
+def test_the_detail_says_how_the_machine_authenticates(browser, site, fleet):
+    from fleet.store import identity
+
+    ends = time.time() + 100 * 86_400 + 3600
+    with fleet.db() as db:
+        identity.store_cert(db, "acme", "web-1", "abc", "k" * 64, "PEM", ends, time.time(), renewal=False)
+    page = signed_in(browser, site, fleet)
+
+    def facts_of(machine):
+        page.click(f"tr[data-machine='{machine}']")
+        expect(page.locator("#d-name")).to_have_text(machine)
+        return dict(zip(page.locator("#d-facts dt").all_text_contents(),
+                        page.locator("#d-facts dd").all_text_contents(), strict=True))
+
+    facts = facts_of("web-1")
+    assert facts["Authenticates with"] == "its own certificate"
+    assert facts["Certificate ends"] == f"{time.strftime('%Y-%m-%d', time.gmtime(ends))} (in 100 days)"
+    others = [m for m in page.locator("tr[data-machine]").evaluate_all("rs => rs.map(r => r.dataset.machine)")
+              if m != "web-1"]
+    facts = facts_of(others[0])
+    assert facts["Authenticates with"] == "the org agent key"
+    assert "Certificate ends" not in facts
+    page.close()

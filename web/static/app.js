@@ -311,6 +311,11 @@ async function loadDetail(machineId, open, focus = false) {
   fact(dl, "Uptime", met.uptime_s != null ? `${(met.uptime_s / 86400).toFixed(1)} days` : null);
   fact(dl, "Clock offset", machine.clock_offset_s != null ? `${machine.clock_offset_s.toFixed(2)} s` : null);
   fact(dl, "Session", machine.session);
+  fact(dl, "Authenticates with", machine.auth === "certificate" ? "its own certificate" : "the org agent key");
+  if (machine.cert_not_after != null) {
+    const days = (machine.cert_not_after * 1000 - Date.now()) / 86400000;
+    fact(dl, "Certificate ends", `${new Date(machine.cert_not_after * 1000).toISOString().slice(0, 10)} (${days >= 0 ? `in ${Math.floor(days)} days` : "ended"})`);
+  }
   fact(dl, "Name conflict", machine.conflict ? "yes: two hardware ids use this name" : "no");
   if (machine.lost || machine.late) fact(dl, "Reports lost", `${machine.lost}${machine.late ? ` (${machine.late} arrived late)` : ""}`);
   const mine = state.alerts.filter((a) => a.machine_id === machine.machine_id && a.state !== "resolved");

@@ -1,0 +1,74 @@
+"""Fixtures of the machine-identity tests: the embedded broker with the signer, tokens, enrolled machines."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.agent.identity import IdentityFiles, enrol
+from fleet.collector.enrolment import CertificateAuthority, Signer
+from fleet.config import connack
+from fleet.config.mqtt import BrokerAddress, new_client
+from fleet.config.settings import Settings
+from fleet.config.tls import ca_fingerprint
+from fleet.config.topics import agent_client_id
+from fleet.store import credentials, identity
+from fleet.store.database import open_database
+
+
+@pytest.fixture
+def signer(broker, broker_settings: Settings):
+    """The signer (the collector's CA-holding part) connected to the test broker."""
+    settings = broker_settings.replace(broker_url=broker.url)
+    with open_database(settings.database) as db:
+        key = credentials.ensure_service_key(db, settings.data_dir)
+    running = Signer(settings, CertificateAuthority.load(settings.certs_dir), key).start()
+    assert running.wait_subscribed(10)
+    yield running
+    running.stop()
+
+
+def make_token(settings: Settings, org: str = "acme", uses: int = 1, expires_s: float = 3600.0) -> identity.NewToken:
+    """``fleet enrol create``."""
+    fingerprint = ca_fingerprint((settings.certs_dir / "ca.pem").read_bytes())
+    with open_database(settings.database) as db:
+        return identity.create_token(db, settings.data_dir, fingerprint, org, uses, expires_s)
+
+
+def enrol_machine(broker: Any, settings: Settings, agent_dir: Path, machine: str, org: str = "acme",
+                  token: str | None = None) -> IdentityFiles:
+    """Enrol ``machine`` as the agent does on its first start (no --ca: the token's fingerprint finds the CA)."""
+    files = IdentityFiles(agent_dir, org, machine)
+    enrol(BrokerAddress.parse(broker.url), files, token or str(make_token(settings, org).token), "")
+    return files
+
+
+def connect_with_cert(broker: Any, files: IdentityFiles, client_id: str | None = None,
+                      expect_rc: int = 0, timeout: float = 10.0) -> Any:
+    """A paho client connected with the machine's certificate (no username); or the CONNACK code when refused."""
+    address = BrokerAddress.parse(broker.url)
+    client = new_client(address, client_id or agent_client_id(files.org, files.machine), None, None, files.ca,
+                        client_cert=files.client_cert())
+    result: dict[str, int] = {}
+    done = threading.Event()
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason_code: Any, _p: Any = None) -> None:
+        result["rc"] = int(getattr(reason_code, "value", reason_code))
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = lambda *_: done.set()
+    client.connect(address.host, address.port, keepalive=60)
+    client.loop_start()
+    if not done.wait(timeout):
+        client.loop_stop()
+        raise AssertionError("no CONNACK within timeout")
+    rc = connack.from_reason_code(result.get("rc", connack.NOT_AUTHORIZED))
+    if expect_rc or rc:
+        client.loop_stop()
+        client.disconnect()
+        return rc
+    return client
