@@ -564,3 +564,33 @@ def db_vacuum(settings: Settings) -> None:
     if not result.wal_truncated:
         click.echo("note: another connection kept the WAL from being emptied; it is emptied at its next checkpoint",
                    err=True)
+
+
+# --- machines -------------------------------------------------------------------------------
+@cli.group()
+def machine() -> None:
+    """Machines of an org."""
+
+
+@machine.command("label")
+@click.argument("org_name", metavar="ORG")
+@click.argument("machine_id", metavar="MACHINE")
+@click.argument("pairs", metavar="LABEL...", nargs=-1)
+@click.option("--remove", "remove", multiple=True, metavar="KEY", help="Remove the server label KEY (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine's labels as JSON.")
+@database
+@common
+def machine_label(settings: Settings, org_name: str, machine_id: str, pairs: tuple[str, ...],
+                  remove: tuple[str, ...], as_json: bool) -> None:
+    """Set server labels (each LABEL KEY=VALUE) of MACHINE of ORG, winning over the agent's; --remove KEY drops one."""
+    from fleet.store.labels import set_labels
+
+    if not pairs and not remove:
+        raise click.UsageError("give KEY=VALUE labels to set or --remove KEY")
+    with _database(settings) as db:
+        labels = set_labels(db, org_name, machine_id, pairs, remove)
+    if as_json:
+        click.echo(json.dumps({"machine_id": machine_id, "labels": labels}))
+    else:
+        click.echo(f"machine {machine_id} of org {org_name}: "
+                   + (",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"))

@@ -355,6 +355,21 @@ _POSTGRESQL_VIEW = _REPORTS_VIEW.format(**{c: f"r.{c}" for c in _NUMBERS})
 COMPACT_HISTORY = {SQLITE: _COMPACT_HISTORY_TABLES + _SQLITE_SAMPLES + _SQLITE_VIEW,
                    POSTGRESQL: _POSTGRESQL_TABLES + _POSTGRESQL_SAMPLES + _POSTGRESQL_VIEW}
 
+# Version 6: machine labels. ``machines.agent_labels`` holds the labels of the machine's newest report (JSON
+# object, written by the collector); ``machine_labels`` the labels set on the server (``fleet machine label``),
+# which win over the agent's for the same key. A machine's labels are the two merged (config.labels.merge).
+MACHINE_LABELS = """
+ALTER TABLE machines ADD COLUMN agent_labels TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE IF NOT EXISTS machine_labels (
+    org TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (org, machine_id, key)
+);
+"""
+
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
@@ -362,5 +377,6 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (3, ALERTS_SCHEMA),
     (4, MACHINES_FILLFACTOR),
     (5, COMPACT_HISTORY),
+    (6, MACHINE_LABELS),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

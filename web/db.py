@@ -13,11 +13,14 @@ import orjson
 from flask import current_app, g
 
 from fleet.config import derived
+from fleet.config.labels import Selector, merge
 from fleet.config.rules import Silence
 from fleet.config.status import MACHINE_STATUSES
 from fleet.store.alerting import silences_query
 from fleet.store.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
 from fleet.store.heartbeats import read_heartbeat
+from fleet.store.labels import agent_labels
+from fleet.store.labels import server_labels as stored_server_labels
 from fleet.store.samples import extra_fields, machine_inventory
 from fleet.web.errors import WebError
 
@@ -26,8 +29,9 @@ from fleet.web.errors import WebError
 # is as fast as SQLite's JSON functions (docs/benchmarks.md), the same on both engines, and exact: SQLite's
 # JSON functions print floats with 15 digits, rounding ties unlike PostgreSQL.
 MACHINE_COLUMNS = ("org", "machine_id", "hardware_id", "status", "session", "interval_s", "last_seen", "last_ping",
-                   "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "lost", "late")
-_MACHINE_SELECT = ", ".join(MACHINE_COLUMNS)
+                   "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "lost", "late", "labels")
+# ``labels`` is the agent's (machines.agent_labels), merged with the server's (machine_labels) in Python.
+_MACHINE_SELECT = ", ".join(MACHINE_COLUMNS[:-1]) + ", agent_labels"
 _JSON_COLUMNS = ("system", "metrics")
 # A number inside a JSON column, NULL when absent or not a number (path as a tuple of keys).
 _JSON_NUMBER = {
@@ -100,23 +104,62 @@ def _sort_expression(engine: str, sort: str) -> str:
     return spec if isinstance(spec, str) else _JSON_NUMBER[engine](*spec)
 
 
-def _machine_objects(rows: list[tuple]) -> list[dict[str, Any]]:
-    """Machine objects from MACHINE_COLUMNS rows, system and metrics as JSON fragments."""
+def _machine_objects(rows: list[tuple], server: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """Machine objects from MACHINE_COLUMNS rows, system and metrics as JSON fragments, labels merged."""
     objects = []
     for row in rows:
         machine = dict(zip(MACHINE_COLUMNS, row, strict=True))
         machine["conflict"] = bool(machine["conflict"])
         for column in _JSON_COLUMNS:
             machine[column] = orjson.Fragment(machine[column])
+        own = server.get(machine["machine_id"])
+        machine["labels"] = (orjson.Fragment(machine["labels"] or "{}") if own is None
+                             else merge(agent_labels(machine["labels"]), own))
         objects.append(machine)
     return objects
 
 
+def server_labels(org: str) -> dict[str, dict[str, str]]:
+    """The org's server labels by machine id (``fleet machine label``)."""
+    return {machine_id: labels for (_, machine_id), labels in read(lambda db: stored_server_labels(db, org)).items()}
+
+
+# A machine's label value: the server's if set, else the agent's (NULL when neither has the key).
+_AGENT_LABEL = {
+    SQLITE: "json_extract(agent_labels, ?)",
+    POSTGRESQL: "(agent_labels::json ->> ?)",
+}
+_SERVER_LABEL = ("(SELECT value FROM machine_labels l WHERE l.org = machines.org"
+                 " AND l.machine_id = machines.machine_id AND l.key = ?)")
+_NOT_EQUAL = {SQLITE: "IS NOT", POSTGRESQL: "IS DISTINCT FROM"}
+
+
+def _label_terms(engine: str, selector: Selector, any_server_labels: bool) -> tuple[list[str], list[Any]]:
+    """SQL conditions and parameters for a label selector (all terms must hold; a missing key satisfies !=)."""
+    where: list[str] = []
+    params: list[Any] = []
+    for term in selector.terms:
+        path = f"$.{term.key}" if engine == SQLITE else term.key
+        value = _AGENT_LABEL[engine]
+        if any_server_labels:
+            value = f"coalesce({_SERVER_LABEL}, {value})"
+            params.append(term.key)
+        where.append(f"{value} {_NOT_EQUAL[engine] if term.negated else '='} ?")
+        params += [path, term.value]
+    return where, params
+
+
 def list_machines_json(org: str, status: str | None, os_name: str | None, search: str | None, sort: str,
-                       descending: bool, limit: int | None, offset: int) -> tuple[int, bytes]:
+                       descending: bool, limit: int | None, offset: int,
+                       selector: Selector | None = None) -> tuple[int, bytes]:
     """An org's machines, filtered, sorted and paginated: (total matching, the page as a JSON array)."""
     engine = get_db().engine
+    server = server_labels(org)
     where, params = ["org = ?"], [org]
+    if selector is not None:
+        terms, term_params = _label_terms(engine, selector, bool(server))
+        where += terms
+        params += term_params
     if status:
         where.append("status = ?")
         params.append(status)
@@ -135,7 +178,7 @@ def list_machines_json(org: str, status: str | None, os_name: str | None, search
     order = f"{_sort_expression(engine, sort)} {'DESC' if descending else 'ASC'}{nulls}, machine_id"
     page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else ""
     rows = query(f"SELECT {_MACHINE_SELECT} FROM machines WHERE {clause} ORDER BY {order}{page}", params)
-    return total, orjson.dumps(_machine_objects(rows))
+    return total, orjson.dumps(_machine_objects(rows, server))
 
 
 def list_machines(org: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:
@@ -165,6 +208,29 @@ def lost_count(org: str) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def label_counts(org: str) -> dict[str, dict[str, int]]:
+    """``{"KEY": {"VALUE": machines}}`` over the org's machines (merged labels), keys and values sorted."""
+    server = server_labels(org)
+    counts: dict[str, dict[str, int]] = {}
+
+    def count(labels: dict[str, str], n: int) -> None:
+        for key, value in labels.items():
+            per_key = counts.setdefault(key, {})
+            per_key[value] = per_key.get(value, 0) + n
+
+    if not server:  # most orgs: machines with the same labels counted together by the database
+        for text, n in query("SELECT agent_labels, count(*) FROM machines WHERE org = ? GROUP BY agent_labels", (org,)):
+            count(agent_labels(text), int(n))
+    else:
+        parsed: dict[str, dict[str, str]] = {}
+        for machine_id, text in query("SELECT machine_id, agent_labels FROM machines WHERE org = ?", (org,)):
+            own = parsed.get(text)
+            if own is None:
+                own = parsed[text] = agent_labels(text)
+            count(merge(own, server.get(machine_id, {})), 1)
+    return {key: dict(sorted(values.items())) for key, values in sorted(counts.items())}
+
+
 def os_values(org: str) -> list[str]:
     """Distinct OS names of the org (for the filter)."""
     return [r[0] for r in query("SELECT DISTINCT os FROM machines WHERE org = ? AND os != '' ORDER BY os", (org,))]
@@ -179,7 +245,8 @@ def get_machine(org: str, machine_id: str) -> dict[str, Any] | None:
     rows = query(f"SELECT {_MACHINE_SELECT} FROM machines WHERE org = ? AND machine_id = ?", (org, machine_id))
     if not rows:
         return None
-    machine: dict[str, Any] = orjson.loads(orjson.dumps(_machine_objects(rows)[0]))
+    server = {machine_id: labels} if (labels := server_labels(org).get(machine_id)) else {}
+    machine: dict[str, Any] = orjson.loads(orjson.dumps(_machine_objects(rows, server)[0]))
     metrics = machine["metrics"]
     machine["derived"] = derived.derive(metrics if isinstance(metrics, dict) else {})
     return machine

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, Response, g
 
 from fleet.config import derived
@@ -16,6 +18,14 @@ bp = Blueprint("metrics", __name__)
 def escape_label(value: object) -> str:
     """Escape a label value per the exposition format (backslash, quote, newline)."""
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+_NOT_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def label_names(labels: dict[str, str]) -> dict[str, str]:
+    """A machine's labels as Prometheus label names: ``label_KEY``, anything outside [a-zA-Z0-9_] made ``_``."""
+    return {"label_" + _NOT_NAME.sub("_", key): value for key, value in sorted(labels.items())}
 
 
 def _labels(**labels: object) -> str:
@@ -67,6 +77,10 @@ def render(org: str) -> str:
     _family(lines, "fleet_org_reports_lost_total", "counter",
             "Reports of the org's ended sessions that never arrived, evicted machines included.",
             [(_labels(org=org), db.lost_count(org))])
+    _family(lines, "fleet_machine_labels", "gauge",
+            "1 per machine, its labels as label_KEY labels (an info metric to join on).",
+            [(_labels(org=org, machine_id=m["machine_id"], **label_names(m.get("labels") or {})), 1.0)
+             for m in machines])
     custom_samples(lines, org, machines)
     _family(lines, "fleet_machines", "gauge", "Machines per status.",
             [(_labels(org=org, status=s), counts[s]) for s in MACHINE_STATUSES])

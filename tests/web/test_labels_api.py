@@ -1,0 +1,101 @@
+"""Labels in the API and /metrics over a real database, SQLite and PostgreSQL: merged, filtered, counted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from fleet.store.labels import set_labels
+from tests.helpers import bearer
+
+pytestmark = pytest.mark.both_engines
+
+
+def _machines(fleet, labels_by_machine: dict[str, dict[str, str]]) -> None:
+    for machine_id, labels in labels_by_machine.items():
+        fleet.machine("acme", machine_id)
+        with fleet.db() as db:
+            db.execute("UPDATE machines SET agent_labels = ? WHERE org = ? AND machine_id = ?",
+                       (json.dumps(labels), "acme", machine_id))
+
+
+@pytest.fixture
+def labelled(fleet):
+    _machines(fleet, {"web-1": {"env": "prod", "role": "web"}, "web-2": {"env": "dev", "role": "web"},
+                      "db-1": {"env": "prod", "role": "db"}, "bare": {}})
+    fleet.machine("globex", "g-1")
+    return fleet
+
+
+def _ids(client, fleet, query: str) -> list[str]:
+    res = client.get(f"/api/fleet?{query}", headers=bearer(fleet.acme.reader_key))
+    assert res.status_code == 200, res.get_json()
+    return [m["machine_id"] for m in res.get_json()["data"]]
+
+
+def test_machine_objects_carry_labels_and_a_server_label_wins(client, labelled):
+    with labelled.db() as db:
+        set_labels(db, "acme", "web-2", ["env=staging", "site=par"], [])
+    data = {m["machine_id"]: m["labels"] for m in
+            client.get("/api/fleet", headers=bearer(labelled.acme.reader_key)).get_json()["data"]}
+    assert data == {"bare": {}, "db-1": {"env": "prod", "role": "db"}, "web-1": {"env": "prod", "role": "web"},
+                    "web-2": {"env": "staging", "role": "web", "site": "par"}}
+    one = client.get("/api/fleet/web-2", headers=bearer(labelled.acme.reader_key)).get_json()
+    assert one["labels"] == {"env": "staging", "role": "web", "site": "par"}
+    with labelled.db() as db:
+        assert set_labels(db, "acme", "web-2", [], ["env"]) == {"env": "dev", "role": "web", "site": "par"}
+        reasons = [r[0] for r in db.query("SELECT reason FROM events WHERE machine_id = 'web-2' ORDER BY id")]
+    assert reasons == ["labels: env=dev->staging, +site=par", "labels: env=staging->dev"]
+
+
+def test_fleet_filters_by_selector(client, labelled):
+    assert _ids(client, labelled, "label=env=prod") == ["db-1", "web-1"]
+    assert _ids(client, labelled, "label=env=prod&label=role!=db") == ["web-1"]
+    assert _ids(client, labelled, "label=role!=db") == ["bare", "web-1", "web-2"]
+    assert _ids(client, labelled, "label=env=prod,role=web") == ["web-1"]
+    assert _ids(client, labelled, "label=env=nope") == []
+    with labelled.db() as db:
+        set_labels(db, "acme", "web-2", ["env=prod"], [])
+        set_labels(db, "acme", "bare", ["role=db"], [])
+    assert _ids(client, labelled, "label=env=prod") == ["db-1", "web-1", "web-2"]
+    assert _ids(client, labelled, "label=role!=db") == ["web-1", "web-2"]
+    body = client.get("/api/fleet?label=env=prod&limit=1", headers=bearer(labelled.acme.reader_key)).get_json()
+    assert body["count"] == 3
+    assert len(body["data"]) == 1
+
+
+@pytest.mark.parametrize(("query", "named"), [("label=Env=prod", "'Env'"), ("label=env", "'env'"),
+                                             ("label=env=", "label 'env'"),
+                                             ("label=" + ",".join(["a=b"] * 20), "too many")])
+def test_bad_selector_is_400_json_naming_it(client, labelled, query, named):
+    res = client.get(f"/api/fleet?{query}", headers=bearer(labelled.acme.reader_key))
+    assert res.status_code == 400
+    assert named in res.get_json()["error"]
+
+
+def test_label_counts_over_the_orgs_machines(client, labelled):
+    res = client.get("/api/labels", headers=bearer(labelled.acme.reader_key))
+    assert res.status_code == 200
+    assert res.get_json() == {"env": {"dev": 1, "prod": 2}, "role": {"db": 1, "web": 2}}
+    with labelled.db() as db:
+        set_labels(db, "acme", "web-2", ["env=prod"], [])
+    assert client.get("/api/labels", headers=bearer(labelled.acme.reader_key)).get_json() == {
+        "env": {"prod": 3}, "role": {"db": 1, "web": 2}}
+    assert client.get("/api/labels", headers=bearer(labelled.globex.reader_key)).get_json() == {}
+    assert client.get("/api/labels").status_code == 401
+
+
+def test_metrics_info_series_per_machine(client, labelled, tmp_path):
+    text = client.get("/metrics", headers=bearer(labelled.acme.reader_key)).get_data(as_text=True)
+    lines = [line for line in text.splitlines() if line.startswith("fleet_machine_labels")]
+    assert 'fleet_machine_labels{org="acme",machine_id="web-1",label_env="prod",label_role="web"} 1.0' in lines
+    assert 'fleet_machine_labels{org="acme",machine_id="bare"} 1.0' in lines
+    assert len(lines) == 4
+    promtool = shutil.which("promtool")
+    if promtool:
+        result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+                                timeout=30, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
