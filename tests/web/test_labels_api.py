@@ -95,7 +95,7 @@ def test_metrics_info_series_per_machine(client, labelled, tmp_path):
     assert 'fleet_machine_labels{org="acme",machine_id="bare"} 1.0' in lines
     assert len(lines) == 4
     promtool = shutil.which("promtool")
-    if promtool:
-        result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True,
-                                timeout=30, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
+    assert promtool, "promtool missing: scripts/test installs Debian's prometheus"
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
