@@ -284,7 +284,8 @@ def alert() -> None:
 @click.option("--when", "when", required=True,
               help="'status == offline', 'status == stale', 'conflict' or 'FIELD OP NUMBER' (e.g. 'cpu_percent > 90').")
 @click.option("--for", "for_", default="0s", show_default=True, help="How long the condition must hold: 30s, 5m, 2h.")
-@click.option("--machines", default="*", show_default=True, help="Glob over machine ids, e.g. 'web-*'.")
+@click.option("--machines", default="*", show_default=True,
+              help="Glob over machine ids ('web-*') or label selector ('env=prod,role!=db').")
 @click.option("--severity", type=click.Choice(("warning", "critical")), default="warning", show_default=True)
 @database
 @common
@@ -426,7 +427,8 @@ def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> 
 @alert.command("silence")
 @click.argument("org_name", metavar="ORG")
 @click.option("--for", "for_", required=True, help="How long: 30m, 2h, 1d.")
-@click.option("--machines", default="*", show_default=True, help="Glob over machine ids.")
+@click.option("--machines", default="*", show_default=True,
+              help="Glob over machine ids ('web-*') or label selector ('env=prod,role!=db').")
 @click.option("--rule", "rule_name", default=None, help="Only this rule's alerts (default: every rule).")
 @click.option("--comment", default="", help="Why (shown with the silence).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "ends_at"}.')

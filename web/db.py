@@ -13,7 +13,7 @@ import orjson
 from flask import current_app, g
 
 from fleet.config import derived
-from fleet.config.labels import Selector, merge
+from fleet.config.labels import Selector, is_selector, merge
 from fleet.config.rules import Silence
 from fleet.config.status import MACHINE_STATUSES
 from fleet.store.alerting import silences_query
@@ -117,6 +117,13 @@ def _machine_objects(rows: list[tuple], server: dict[str, dict[str, str]]) -> li
                              else merge(agent_labels(machine["labels"]), own))
         objects.append(machine)
     return objects
+
+
+def machine_labels(org: str) -> dict[str, dict[str, str]]:
+    """Each machine's labels (merged), by machine id."""
+    server = server_labels(org)
+    return {machine_id: merge(agent_labels(text), server.get(machine_id, {}))
+            for machine_id, text in query("SELECT machine_id, agent_labels FROM machines WHERE org = ?", (org,))}
 
 
 def server_labels(org: str) -> dict[str, dict[str, str]]:
@@ -336,11 +343,13 @@ def alerts(org: str, state: str | None, since: float, machine_id: str | None, li
     rows = query(f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE {' AND '.join(where)}"
                  " ORDER BY coalesce(resolved_at, fired_at, active_at) DESC, id DESC LIMIT ?", [*params, limit])
     active = [s for s in silences(org, now) if s.active(now)]
+    labels = machine_labels(org) if any(is_selector(s.machines) for s in active) else {}
     out = []
     for row in rows:
         alert = dict(zip(ALERT_COLUMNS, row, strict=True))
         alert["started_at"] = alert["fired_at"] if alert["fired_at"] is not None else alert["active_at"]
-        alert["silenced"] = any(s.covers(alert["rule"], alert["machine_id"], now) for s in active)
+        alert["silenced"] = any(s.covers(alert["rule"], alert["machine_id"], now, labels.get(alert["machine_id"]))
+                                for s in active)
         out.append(alert)
     return out
 
