@@ -186,6 +186,48 @@ def parse_term(text: str) -> Term:
     return Term(check_key(key), check_value(key, value), negated)
 
 
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """Labels to spread over simulated machines: each key with its values (``env=prod,dev;role=web,db``)."""
+
+    keys: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.keys) > MAX_LABELS:
+            raise LabelError(f"too many labels: {len(self.keys)} > {MAX_LABELS}")
+        seen = set()
+        for key, values in self.keys:
+            check_key(key)
+            if key in seen:
+                raise LabelError(f"label {key!r} given twice")
+            seen.add(key)
+            if not values:
+                raise LabelError(f"label {key!r} has no values")
+            for value in values:
+                check_value(key, value)
+
+    @classmethod
+    def parse(cls, text: str) -> Spread:
+        """``KEY=V1,V2;KEY=V1,...``; empty text spreads nothing."""
+        keys = []
+        for part in (p.strip() for p in text.split(";")):
+            if not part:
+                continue
+            key, sep, values = part.partition("=")
+            if not sep:
+                raise LabelError(f"invalid label spread {_show(part)}: use KEY=VALUE,VALUE;KEY=VALUE")
+            keys.append((key.strip(), tuple(v.strip() for v in values.split(","))))
+        return cls(tuple(keys))
+
+    def labels(self, index: int) -> dict[str, str]:
+        """The labels of machine ``index``: every combination of values in turn, the first key changing fastest."""
+        labels, step = {}, 1
+        for key, values in self.keys:
+            labels[key] = values[(index // step) % len(values)]
+            step *= len(values)
+        return labels
+
+
 def is_selector(text: str) -> bool:
     """True when a ``--machines`` value is a label selector rather than a machine-id glob (it holds ``=``)."""
     return "=" in text

@@ -245,15 +245,18 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
               help="First connects a second: they are spread, with jitter, over AGENTS / RATE seconds.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write one line per report published and per PUBACK to this file (for loss accounting).")
+@click.option("--labels", "spread", default="", metavar="SPREAD",
+              help="Labels spread over the machines, every combination in turn: 'env=prod,dev;role=web,db'.")
 @common
 @settings_flags("broker_url", "org", "key", "ca", "interval")
 def simulate(settings: Settings, agents: int, duration: float | None, prefix: str, connect_rate: float,
-             record_path: Path | None) -> None:
+             record_path: Path | None, spread: str) -> None:
     """Load generator: N simulated agents speaking the real protocol."""
     from fleet.agent.simulate import run_simulation
+    from fleet.config.labels import Spread
 
     run_simulation(settings, agents=agents, duration=duration, prefix=prefix, connect_rate=connect_rate,
-                   record_path=record_path)
+                   record_path=record_path, spread=Spread.parse(spread) if spread else None)
 
 
 @cli.command("mosquitto-config")

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleet.config.errors import SettingsError
-from fleet.config.labels import MAX_LABELS, LabelError, Labels, Selector, diff, is_selector, merge
+from fleet.config.labels import MAX_LABELS, LabelError, Labels, Selector, Spread, diff, is_selector, merge
 from fleet.config.payloads import build_report, encode, parse_report, report_labels
 from fleet.config.settings import load_settings
 
@@ -148,3 +148,24 @@ def test_any_json_labels_parse_or_raise_label_error(value):
         assert all(key and value for key, value in labels.items)
         return
     assert message
+
+
+def test_spread_gives_every_combination_in_turn():
+    spread = Spread.parse("env=prod,dev; role=web,db,worker")
+    assert [spread.labels(i) for i in (0, 1, 2, 5, 6)] == [
+        {"env": "prod", "role": "web"}, {"env": "dev", "role": "web"}, {"env": "prod", "role": "db"},
+        {"env": "dev", "role": "worker"}, {"env": "prod", "role": "web"}]
+    assert Spread.parse("").labels(3) == {}
+    for bad, named in (("env", "invalid label spread"), ("Env=a", "'Env'"), ("env=a,", "label 'env'"),
+                       ("env=a;env=b", "given twice")):
+        with pytest.raises(LabelError, match=re.escape(named)):
+            Spread.parse(bad)
+
+
+@given(st.text(max_size=120))
+def test_any_spread_parses_or_raises_label_error(text):
+    try:
+        spread = Spread.parse(text)
+    except LabelError:
+        return
+    assert Labels.from_mapping(spread.labels(7)).as_dict() == spread.labels(7)
