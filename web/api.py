@@ -30,11 +30,15 @@ def fleet():
     limit = params.integer("limit", None, 1, 10_000)
     offset = params.integer("offset", 0, 0, 10**9)
     selector = params.selector()
+    group = params.label_key("group")
     total, machines_json = db.list_machines_json(g.org, status, os_name, search, sort, order == "desc", limit,
-                                                 offset, selector)
+                                                 offset, selector, group)
     counts = db.status_counts(g.org)
-    head = json.dumps({"org": g.org, "count": total, "expired": counts["expired"], "counts": counts,
-                       "os_values": db.os_values(g.org), "server_time": time.time()})
+    fields = {"org": g.org, "count": total, "expired": counts["expired"], "counts": counts,
+              "os_values": db.os_values(g.org), "server_time": time.time()}
+    if group is not None:
+        fields["groups"] = db.group_counts(g.org, group, status, os_name, search, selector)
+    head = json.dumps(fields)
     # The machines array is already JSON (web/db.py); splice it in rather than decode and re-encode it.
     return Response(head[:-1].encode() + b', "data": ' + machines_json + b"}", mimetype="application/json")
 

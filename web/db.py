@@ -141,27 +141,28 @@ _SERVER_LABEL = ("(SELECT value FROM machine_labels l WHERE l.org = machines.org
 _NOT_EQUAL = {SQLITE: "IS NOT", POSTGRESQL: "IS DISTINCT FROM"}
 
 
+def _label_value(engine: str, key: str, any_server_labels: bool) -> tuple[str, list[Any]]:
+    """A machine's value of label ``key`` as SQL (NULL without it), and its parameters."""
+    path = f"$.{key}" if engine == SQLITE else key
+    if any_server_labels:
+        return f"coalesce({_SERVER_LABEL}, {_AGENT_LABEL[engine]})", [key, path]
+    return _AGENT_LABEL[engine], [path]
+
+
 def _label_terms(engine: str, selector: Selector, any_server_labels: bool) -> tuple[list[str], list[Any]]:
     """SQL conditions and parameters for a label selector (all terms must hold; a missing key satisfies !=)."""
     where: list[str] = []
     params: list[Any] = []
     for term in selector.terms:
-        path = f"$.{term.key}" if engine == SQLITE else term.key
-        value = _AGENT_LABEL[engine]
-        if any_server_labels:
-            value = f"coalesce({_SERVER_LABEL}, {value})"
-            params.append(term.key)
+        value, value_params = _label_value(engine, term.key, any_server_labels)
         where.append(f"{value} {_NOT_EQUAL[engine] if term.negated else '='} ?")
-        params += [path, term.value]
+        params += [*value_params, term.value]
     return where, params
 
 
-def list_machines_json(org: str, status: str | None, os_name: str | None, search: str | None, sort: str,
-                       descending: bool, limit: int | None, offset: int,
-                       selector: Selector | None = None) -> tuple[int, bytes]:
-    """An org's machines, filtered, sorted and paginated: (total matching, the page as a JSON array)."""
-    engine = get_db().engine
-    server = server_labels(org)
+def _where(engine: str, org: str, server: dict[str, dict[str, str]], status: str | None, os_name: str | None,
+           search: str | None, selector: Selector | None) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its parameters) of the API's machine filters."""
     where, params = ["org = ?"], [org]
     if selector is not None:
         terms, term_params = _label_terms(engine, selector, bool(server))
@@ -179,13 +180,47 @@ def list_machines_json(org: str, status: str | None, os_name: str | None, search
         where.append(f"(machine_id {like} ? ESCAPE '\\' OR {hostname} {like} ? ESCAPE '\\')")
         pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         params += [pattern, pattern]
-    clause = " AND ".join(where)
+    return " AND ".join(where), params
+
+
+def list_machines_json(org: str, status: str | None, os_name: str | None, search: str | None, sort: str,
+                       descending: bool, limit: int | None, offset: int, selector: Selector | None = None,
+                       group: str | None = None) -> tuple[int, bytes]:
+    """An org's machines, filtered, sorted and paginated: (total matching, the page as a JSON array).
+
+    With ``group`` (a label key) the machines come ordered by their value of it first (those without it last),
+    so a group's machines are together across pages.
+    """
+    engine = get_db().engine
+    server = server_labels(org)
+    clause, params = _where(engine, org, server, status, os_name, search, selector)
     total = query(f"SELECT count(*) FROM machines WHERE {clause}", params)[0][0]
     nulls = _NULLS[engine][1 if descending else 0]
     order = f"{_sort_expression(engine, sort)} {'DESC' if descending else 'ASC'}{nulls}, machine_id"
+    if group is not None:
+        value, value_params = _label_value(engine, group, bool(server))
+        order = f"{value} IS NULL, {value}, {order}"
+        params = [*params, *value_params, *value_params]
     page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else ""
     rows = query(f"SELECT {_MACHINE_SELECT} FROM machines WHERE {clause} ORDER BY {order}{page}", params)
     return total, orjson.dumps(_machine_objects(rows, server))
+
+
+def group_counts(org: str, group: str, status: str | None, os_name: str | None, search: str | None,
+                 selector: Selector | None) -> list[dict[str, Any]]:
+    """``[{"value", "counts": {"online", "stale", "offline"}}]`` of the matching machines per value of label
+    ``group``, sorted by value, machines without it last (value null)."""
+    engine = get_db().engine
+    server = server_labels(org)
+    clause, params = _where(engine, org, server, status, os_name, search, selector)
+    value, value_params = _label_value(engine, group, bool(server))
+    groups: dict[str | None, dict[str, int]] = {}
+    for label_value, machine_status, n in query(f"SELECT {value}, status, count(*) FROM machines WHERE {clause}"
+                                                " GROUP BY 1, 2", [*value_params, *params]):
+        counts = groups.setdefault(label_value, dict.fromkeys(MACHINE_STATUSES, 0))
+        counts[machine_status] = counts.get(machine_status, 0) + int(n)
+    ordered = sorted(groups.items(), key=lambda item: (item[0] is None, item[0] or ""))
+    return [{"value": label_value, "counts": counts} for label_value, counts in ordered]
 
 
 def list_machines(org: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:

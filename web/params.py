@@ -7,7 +7,7 @@ from typing import overload
 
 from flask import abort, request
 
-from fleet.config.labels import LabelError, Selector
+from fleet.config.labels import LabelError, Selector, check_key
 
 
 def number(name: str, default: float) -> float:
@@ -75,5 +75,16 @@ def selector(name: str = "label") -> Selector | None:
         return None
     try:
         return Selector.parse_all(raw)
+    except LabelError as exc:
+        abort(400, description=f"parameter {name!r}: {exc}")
+
+
+def label_key(name: str) -> str | None:
+    """A label key parameter (``group=env``)."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return check_key(raw)
     except LabelError as exc:
         abort(400, description=f"parameter {name!r}: {exc}")

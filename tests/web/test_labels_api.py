@@ -99,3 +99,22 @@ def test_metrics_info_series_per_machine(client, labelled, tmp_path):
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True,
                             timeout=30, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_fleet_grouped_by_a_label_key_counts_each_group_and_keeps_groups_together(client, labelled):
+    labelled.machine("acme", "web-3", status="stale")
+    with labelled.db() as db:
+        set_labels(db, "acme", "web-3", ["env=dev"], [])
+    body = client.get("/api/fleet?group=env&limit=2", headers=bearer(labelled.acme.reader_key)).get_json()
+    assert body["groups"] == [
+        {"value": "dev", "counts": {"online": 1, "stale": 1, "offline": 0}},
+        {"value": "prod", "counts": {"online": 2, "stale": 0, "offline": 0}},
+        {"value": None, "counts": {"online": 1, "stale": 0, "offline": 0}}]
+    assert [m["machine_id"] for m in body["data"]] == ["web-2", "web-3"]
+    assert _ids(client, labelled, "group=env") == ["web-2", "web-3", "db-1", "web-1", "bare"]
+    filtered = client.get("/api/fleet?group=role&label=env=prod", headers=bearer(labelled.acme.reader_key)).get_json()
+    assert [(g["value"], g["counts"]["online"]) for g in filtered["groups"]] == [("db", 1), ("web", 1)]
+    assert "groups" not in client.get("/api/fleet", headers=bearer(labelled.acme.reader_key)).get_json()
+    res = client.get("/api/fleet?group=Env", headers=bearer(labelled.acme.reader_key))
+    assert res.status_code == 400
+    assert "'Env'" in res.get_json()["error"]
