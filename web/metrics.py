@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any, TypeGuard
 
 from flask import Blueprint, Response, g
 
@@ -35,53 +36,69 @@ def _labels(**labels: object) -> str:
 def _family(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
     lines.append(f"# HELP {name} {help_text}")
     lines.append(f"# TYPE {name} {kind}")
-    for labels, value in samples:
-        lines.append(f"{name}{labels} {float(value)!r}")
+    lines.extend([f"{name}{labels} {float(value)!r}" for labels, value in samples])
+
+
+def _machine_label(org_label: str, machine_id: str) -> str:
+    """``org="…",machine_id="…"``: a machine's labels in every per-machine family."""
+    return f'{org_label},machine_id="{escape_label(machine_id)}"'
+
+
+def _number(value: Any) -> TypeGuard[float]:
+    return type(value) is float or type(value) is int  # not a bool, not None
 
 
 def render(org: str) -> str:
-    """The exposition text for one org."""
-    _, machines = db.list_machines(org, None, None, None, "machine_id", False, None, 0)
+    """The exposition text for one org.
+
+    Built in one pass over the machines (each one's label text escaped once, each metrics object read
+    once): with 10,000 machines it is 100,000 lines.
+    """
+    machines = db.machine_metrics(org)
     counts = db.status_counts(org)
     lines: list[str] = []
-
-    def per_machine(extract):
-        samples = []
-        for m in machines:
-            value = extract(m)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                samples.append((_labels(org=org, machine_id=m["machine_id"]), value))
-        return samples
+    org_label = f'org="{escape_label(org)}"'
+    label_texts: dict[int, str] = {}  # machines share a few label sets: each one's text is made once
+    samples: list[list[tuple[str, float]]] = [[] for _ in range(10)]
+    status, info, cpu, memory, disk, seen, offset, conflict, lost, late = samples
+    for m in machines:
+        base = _machine_label(org_label, m.machine_id)
+        key = f"{{{base}}}"
+        for s in MACHINE_STATUSES:
+            status.append((f'{{{base},status="{s}"}}', 1.0 if m.status == s else 0.0))
+        text = label_texts.get(id(m.labels))
+        if text is None:
+            text = label_texts[id(m.labels)] = "".join(f',{name}="{escape_label(value)}"'
+                                                       for name, value in label_names(m.labels).items())
+        info.append((f"{{{base}{text}}}", 1.0))
+        metrics = m.metrics
+        for family, value in ((cpu, derived.cpu_percent(metrics)), (memory, derived.memory_percent(metrics)),
+                              (disk, derived.disk_percent(metrics)), (seen, m.last_seen),
+                              (offset, m.clock_offset_s), (lost, m.lost), (late, m.late)):
+            if _number(value):
+                family.append((key, value))
+        conflict.append((key, 1.0 if m.conflict else 0.0))
 
     _family(lines, "fleet_machine_status", "gauge", "1 for the machine's current status (online, stale, offline).",
-            [(_labels(org=org, machine_id=m["machine_id"], status=s), 1.0 if m["status"] == s else 0.0)
-             for m in machines for s in MACHINE_STATUSES])
-    _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.",
-            per_machine(lambda m: derived.cpu_percent(m["metrics"])))
-    _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.",
-            per_machine(lambda m: derived.memory_percent(m["metrics"])))
-    _family(lines, "fleet_machine_disk_percent", "gauge", "Fullest real filesystem, percent used.",
-            per_machine(lambda m: derived.disk_percent(m["metrics"])))
+            status)
+    _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.", cpu)
+    _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.", memory)
+    _family(lines, "fleet_machine_disk_percent", "gauge", "Fullest real filesystem, percent used.", disk)
     _family(lines, "fleet_machine_last_seen_timestamp_seconds", "gauge", "When the collector last heard from it.",
-            per_machine(lambda m: m["last_seen"]))
+            seen)
     _family(lines, "fleet_machine_clock_offset_seconds", "gauge", "Receive time minus the agent's timestamp.",
-            per_machine(lambda m: m["clock_offset_s"]))
-    _family(lines, "fleet_machine_conflict", "gauge", "1 while two hardware ids report under this name.",
-            per_machine(lambda m: 1.0 if m["conflict"] else 0.0))
+            offset)
+    _family(lines, "fleet_machine_conflict", "gauge", "1 while two hardware ids report under this name.", conflict)
     _family(lines, "fleet_reports_lost_total", "counter",
-            "Reports of the machine's ended sessions that never arrived (counted after a grace period).",
-            per_machine(lambda m: m.get("lost")))
+            "Reports of the machine's ended sessions that never arrived (counted after a grace period).", lost)
     _family(lines, "fleet_reports_late_total", "counter",
-            "Reports of a session that arrived after its lost reports were counted (lost is not decremented).",
-            per_machine(lambda m: m.get("late")))
+            "Reports of a session that arrived after its lost reports were counted (lost is not decremented).", late)
     _family(lines, "fleet_org_reports_lost_total", "counter",
             "Reports of the org's ended sessions that never arrived, evicted machines included.",
             [(_labels(org=org), db.lost_count(org))])
     _family(lines, "fleet_machine_labels", "gauge",
-            "1 per machine, its labels as label_KEY labels (an info metric to join on).",
-            [(_labels(org=org, machine_id=m["machine_id"], **label_names(m.get("labels") or {})), 1.0)
-             for m in machines])
-    custom_samples(lines, org, machines)
+            "1 per machine, its labels as label_KEY labels (an info metric to join on).", info)
+    custom_samples(lines, org_label, machines)
     _family(lines, "fleet_machines", "gauge", "Machines per status.",
             [(_labels(org=org, status=s), counts[s]) for s in MACHINE_STATUSES])
     _family(lines, "fleet_machines_expired_total", "counter", "Machines evicted after the TTL.",
@@ -99,15 +116,18 @@ def render(org: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def custom_samples(lines: list[str], org: str, machines: list[dict]) -> None:
+def custom_samples(lines: list[str], org_label: str, machines: list[db.MachineMetrics]) -> None:
     """Each machine's custom series and process check counts, one labelled sample each."""
     custom, counts = [], []
     for m in machines:
-        metrics = m.get("metrics") or {}
+        metrics = m.metrics
+        if "custom" not in metrics and "process_counts" not in metrics:
+            continue
+        base = _machine_label(org_label, m.machine_id)
         for series, value in (metrics.get("custom") or {}).items():
-            custom.append((_labels(org=org, machine_id=m["machine_id"], series=series), value))
+            custom.append((f'{{{base},series="{escape_label(series)}"}}', value))
         for name, value in (metrics.get("process_counts") or {}).items():
-            counts.append((_labels(org=org, machine_id=m["machine_id"], name=name), value))
+            counts.append((f'{{{base},name="{escape_label(name)}"}}', value))
     _family(lines, "fleet_machine_custom", "gauge",
             "A series of the machine's textfile directory, named as in its file (label series).", custom)
     _family(lines, "fleet_machine_process_count", "gauge",
