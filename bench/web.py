@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
+from fleet.config.labels import labels_json  # noqa: E402
 from fleet.store.database import DatabaseUrl, open_database, sqlite_url  # noqa: E402
 from tests import stores  # noqa: E402
 from tests.dbhelpers import insert_reports, sample  # noqa: E402
@@ -65,7 +66,7 @@ def fill(data: Path, database: str, machines: int, labels: int = 0) -> str:
                      "last_seen": now - random.uniform(0, 30), "last_ping": now, "clock_offset_s": 0.01,
                      "conflict": 0, "os": os_name, "system": json.dumps(system), "metrics": json.dumps(metrics),
                      "first_seen": now - 86400, "updated": now,
-                     "agent_labels": json.dumps(machine_labels(i, labels))})
+                     "agent_labels": labels_json(machine_labels(i, labels))})
     db.insert("machines", rows)
     insert_reports(db, [sample("bench", "m-00042", "s", i, now - 86400 + i * 10, cpu_percent=10.0,
                                memory_percent=50.0, disk_percent=50.0, load1=0.5, net_bytes_sent=i,

@@ -87,11 +87,7 @@ def _machine_row(machine: Machine, now: float) -> tuple:
     return (machine.hardware_id, machine.status, machine.session, machine.interval_s, machine.last_seen,
             machine.last_ping, machine.clock_offset_s, int(machine.conflict), machine.os, machine.system,
             machine.metrics, machine.first_seen, now, machine.lost, machine.late, machine.tails_json(),
-            _labels_json(machine.agent_labels), machine.org, machine.machine_id)
-
-
-def _labels_json(labels: dict[str, str]) -> str:
-    return orjson.dumps(labels).decode() if labels else "{}"
+            machine.agent_labels_text, machine.org, machine.machine_id)
 
 
 MACHINE_KEY = ("org", "machine_id")

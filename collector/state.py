@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from fleet.config.labels import diff, merge
+from fleet.config.labels import diff, labels_json, merge
 from fleet.config.payloads import Ping, Report
 from fleet.config.status import EVICTED, OFFLINE, ONLINE, STALE
 from fleet.config.status import MACHINE_STATUSES as STATUSES
@@ -126,6 +126,7 @@ class Machine:
     settled_tails: dict[str, int] = field(default_factory=dict)  # session -> last_seq, oldest first
     stored: bool = False  # its row is in the machines table (loaded from it, or written): an UPDATE will do
     agent_labels: dict[str, str] = field(default_factory=dict)  # of the newest report with valid labels
+    agent_labels_text: str = "{}"  # the same as stored (config.labels.labels_json), made once per change
     labels: dict[str, str] = field(default_factory=dict)  # merged: the agent's, server labels winning
 
     def tails_json(self) -> str:
@@ -187,6 +188,7 @@ class Tracker:
                 first_seen=row["first_seen"] or row["last_seen"] or 0.0, stored=True,
                 agent_labels=agent_labels(row.get("agent_labels")),
             )
+            machine.agent_labels_text = labels_json(machine.agent_labels)
             machine.labels = merge(machine.agent_labels, self.server_labels.get(machine.key, {}))
             if machine.status not in STATUSES:
                 machine.status = STALE
@@ -424,6 +426,7 @@ class Tracker:
         """New labels from the agent; a change of the merged labels is an event (not a machine's first labels)."""
         first = first_report and not machine.agent_labels
         machine.agent_labels = labels
+        machine.agent_labels_text = labels_json(labels)
         merged = merge(labels, self.server_labels.get(machine.key, {}))
         change = diff(machine.labels, merged)
         machine.labels = merged

@@ -8,6 +8,7 @@ Every rejection raises LabelError whose message names the problem.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -98,6 +99,21 @@ class Labels:
 
     def __str__(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self.items)
+
+
+def labels_json(labels: Mapping[str, str]) -> str:
+    """Labels as the database keeps them (``machines.agent_labels``): compact JSON, keys sorted, UTF-8 as is.
+
+    A label value is printable, so only ``"`` and ``\\`` are escaped, and the text of one label,
+    ``label_text(key, value)``, occurs in this text exactly when the labels hold that label (a key holds no
+    quote, so the text cannot start inside a string): filters search the text instead of decoding it.
+    """
+    return json.dumps(dict(sorted(labels.items())), separators=(",", ":"), ensure_ascii=False)
+
+
+def label_text(key: str, value: str) -> str:
+    """``"key":"value"``: what ``labels_json`` holds for one label."""
+    return labels_json({key: value})[1:-1]
 
 
 def merge(agent: Mapping[str, str], server: Mapping[str, str]) -> dict[str, str]:

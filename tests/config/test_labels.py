@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -9,7 +10,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleet.config.errors import SettingsError
-from fleet.config.labels import MAX_LABELS, LabelError, Labels, Selector, Spread, diff, is_selector, merge
+from fleet.config.labels import (
+    MAX_LABELS,
+    LabelError,
+    Labels,
+    Selector,
+    Spread,
+    diff,
+    is_selector,
+    label_text,
+    labels_json,
+    merge,
+)
 from fleet.config.payloads import build_report, encode, parse_report, report_labels
 from fleet.config.settings import load_settings
 
@@ -161,3 +173,14 @@ def test_any_spread_parses_or_raises_label_error(text):
     spread = parsed_or_none(Spread.parse, text)
     if spread is not None:
         assert Labels.from_mapping(spread.labels(7)).as_dict() == spread.labels(7)
+
+
+_KEYS = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True)
+_VALUES = st.text(alphabet=st.sampled_from('ab"\\:,{}é =ü'), min_size=1, max_size=8)
+
+
+@given(st.dictionaries(_KEYS, _VALUES, max_size=5), _KEYS, _VALUES)
+def test_a_labels_text_holds_a_labels_text_exactly_when_the_labels_hold_it(labels, key, value):
+    stored = labels_json(labels)
+    assert json.loads(stored) == labels
+    assert (label_text(key, value) in stored) == (labels.get(key) == value)

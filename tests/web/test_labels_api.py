@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 
 import pytest
 
+from fleet.config.labels import labels_json
 from fleet.store.labels import set_labels
 from tests.helpers import bearer
 
@@ -19,7 +19,7 @@ def _machines(fleet, labels_by_machine: dict[str, dict[str, str]]) -> None:
         fleet.machine("acme", machine_id)
         with fleet.db() as db:
             db.execute("UPDATE machines SET agent_labels = ? WHERE org = ? AND machine_id = ?",
-                       (json.dumps(labels), "acme", machine_id))
+                       (labels_json(labels), "acme", machine_id))
 
 
 @pytest.fixture
@@ -49,6 +49,16 @@ def test_machine_objects_carry_labels_and_a_server_label_wins(client, labelled):
         assert set_labels(db, "acme", "web-2", [], ["env"]) == {"env": "dev", "role": "web", "site": "par"}
         reasons = [r[0] for r in db.query("SELECT reason FROM events WHERE machine_id = 'web-2' ORDER BY id")]
     assert reasons == ["labels: env=dev->staging, +site=par", "labels: env=staging->dev"]
+
+
+def test_a_label_value_holding_json_text_matches_only_itself(client, fleet):
+    tricky = 'x"}{"env":"prod'  # no comma: a selector's terms are split on commas
+    _machines(fleet, {"trick": {"note": tricky}, "quote": {"env": 'pr"od'}, "utf": {"env": "prod", "city": "Zürich"}})
+    assert _ids(client, fleet, "label=env=prod") == ["utf"]
+    assert _ids(client, fleet, "label=city=Zürich") == ["utf"]
+    assert _ids(client, fleet, f"label=note={tricky}") == ["trick"]
+    assert _ids(client, fleet, 'label=env=pr"od') == ["quote"]
+    assert _ids(client, fleet, "label=env!=prod") == ["quote", "trick"]
 
 
 def test_fleet_filters_by_selector(client, labelled):

@@ -3,11 +3,10 @@ grouping by a key with each group's counts, and the view kept in the URL."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from playwright.sync_api import expect
 
+from fleet.config.labels import labels_json
 from fleet.store.labels import set_labels
 from tests.web.test_browser import browser, served  # noqa: F401 - the fixtures
 
@@ -23,7 +22,7 @@ def site(fleet, served):  # noqa: F811 - the fixture above
     for machine_id, (status, labels) in machines.items():
         fleet.machine("acme", machine_id, status)
         with fleet.db() as db:
-            db.execute("UPDATE machines SET agent_labels = ? WHERE machine_id = ?", (json.dumps(labels), machine_id))
+            db.execute("UPDATE machines SET agent_labels = ? WHERE machine_id = ?", (labels_json(labels), machine_id))
     with fleet.db() as db:
         set_labels(db, "acme", "bare", ["site=par"], [])
     return served
