@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, TypeGuard
 
 from flask import Blueprint, Response, g
@@ -33,10 +34,13 @@ def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items()) + "}"
 
 
-def _family(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+def _family(lines: list[str], name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]] = (),
+            rendered: Sequence[str] = ()) -> None:
+    """A family's HELP, TYPE and samples: ``(labels, value)`` pairs, or ``rendered`` as ``'{labels} value'``."""
     lines.append(f"# HELP {name} {help_text}")
     lines.append(f"# TYPE {name} {kind}")
     lines.extend([f"{name}{labels} {float(value)!r}" for labels, value in samples])
+    lines.extend([name + sample for sample in rendered])
 
 
 def _machine_label(org_label: str, machine_id: str) -> str:
@@ -59,45 +63,49 @@ def render(org: str) -> str:
     lines: list[str] = []
     org_label = f'org="{escape_label(org)}"'
     label_texts: dict[int, str] = {}  # machines share a few label sets: each one's text is made once
-    samples: list[list[tuple[str, float]]] = [[] for _ in range(10)]
-    status, info, cpu, memory, disk, seen, offset, conflict, lost, late = samples
+    # Samples rendered as they are made ('{labels} value'), one list per family, in one pass over the machines.
+    rendered: list[list[str]] = [[] for _ in range(10)]
+    status, info, cpu, memory, disk, seen, offset, conflict, lost, late = rendered
     for m in machines:
         base = _machine_label(org_label, m.machine_id)
         key = f"{{{base}}}"
         for s in MACHINE_STATUSES:
-            status.append((f'{{{base},status="{s}"}}', 1.0 if m.status == s else 0.0))
+            status.append(f'{{{base},status="{s}"}} {"1.0" if m.status == s else "0.0"}')
         text = label_texts.get(id(m.labels))
         if text is None:
             text = label_texts[id(m.labels)] = "".join(f',{name}="{escape_label(value)}"'
                                                        for name, value in label_names(m.labels).items())
-        info.append((f"{{{base}{text}}}", 1.0))
+        info.append(f"{{{base}{text}}} 1.0")
         metrics = m.metrics
         for family, value in ((cpu, derived.cpu_percent(metrics)), (memory, derived.memory_percent(metrics)),
                               (disk, derived.disk_percent(metrics)), (seen, m.last_seen),
                               (offset, m.clock_offset_s), (lost, m.lost), (late, m.late)):
             if _number(value):
-                family.append((key, value))
-        conflict.append((key, 1.0 if m.conflict else 0.0))
+                family.append(f"{key} {float(value)!r}")
+        conflict.append(f"{key} {'1.0' if m.conflict else '0.0'}")
 
     _family(lines, "fleet_machine_status", "gauge", "1 for the machine's current status (online, stale, offline).",
-            status)
-    _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.", cpu)
-    _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.", memory)
-    _family(lines, "fleet_machine_disk_percent", "gauge", "Fullest real filesystem, percent used.", disk)
+            rendered=status)
+    _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.", rendered=cpu)
+    _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.", rendered=memory)
+    _family(lines, "fleet_machine_disk_percent", "gauge", "Fullest real filesystem, percent used.", rendered=disk)
     _family(lines, "fleet_machine_last_seen_timestamp_seconds", "gauge", "When the collector last heard from it.",
-            seen)
+            rendered=seen)
     _family(lines, "fleet_machine_clock_offset_seconds", "gauge", "Receive time minus the agent's timestamp.",
-            offset)
-    _family(lines, "fleet_machine_conflict", "gauge", "1 while two hardware ids report under this name.", conflict)
+            rendered=offset)
+    _family(lines, "fleet_machine_conflict", "gauge", "1 while two hardware ids report under this name.",
+            rendered=conflict)
     _family(lines, "fleet_reports_lost_total", "counter",
-            "Reports of the machine's ended sessions that never arrived (counted after a grace period).", lost)
+            "Reports of the machine's ended sessions that never arrived (counted after a grace period).",
+            rendered=lost)
     _family(lines, "fleet_reports_late_total", "counter",
-            "Reports of a session that arrived after its lost reports were counted (lost is not decremented).", late)
+            "Reports of a session that arrived after its lost reports were counted (lost is not decremented).",
+            rendered=late)
     _family(lines, "fleet_org_reports_lost_total", "counter",
             "Reports of the org's ended sessions that never arrived, evicted machines included.",
             [(_labels(org=org), db.lost_count(org))])
     _family(lines, "fleet_machine_labels", "gauge",
-            "1 per machine, its labels as label_KEY labels (an info metric to join on).", info)
+            "1 per machine, its labels as label_KEY labels (an info metric to join on).", rendered=info)
     custom_samples(lines, org_label, machines)
     _family(lines, "fleet_machines", "gauge", "Machines per status.",
             [(_labels(org=org, status=s), counts[s]) for s in MACHINE_STATUSES])
