@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,23 @@ FATAL_CONNACK = {connack.UNACCEPTABLE_PROTOCOL: "broker does not speak MQTT 3.1.
                  connack.IDENTIFIER_REJECTED: "client id rejected (check --org and --machine)",
                  connack.BAD_CREDENTIALS: "bad key",
                  connack.NOT_AUTHORIZED: "not authorised: bad key, or the org does not exist"}
+
+
+BACKOFF_BASE_S = 0.5
+RECONNECT_WINDOW_MAX_S = 10.0
+
+
+def reconnect_window(interval: float) -> float:
+    """How long the first reconnect after a lost or refused connection may wait: about one interval (what is
+    measured meanwhile waits in the outbox), so thousands of agents return to a restarted broker spread out."""
+    return min(RECONNECT_WINDOW_MAX_S, max(BACKOFF_BASE_S, interval))
+
+
+def backoff_delay(attempt: int, cap: float, first: float = BACKOFF_BASE_S,
+                  rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: attempt 1 waits up to ``first``, each later one up to twice as long
+    as the one before, at most ``cap``."""
+    return (rng or random).uniform(0, min(cap, first * 2 ** min(max(attempt, 1) - 1, 30)))
 
 
 class FatalConnectError(AgentError):

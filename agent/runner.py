@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import random
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from fleet.agent.connection import Connection, FatalConnectError, new_session
+from fleet.agent.connection import (
+    BACKOFF_BASE_S,
+    Connection,
+    FatalConnectError,
+    backoff_delay,
+    new_session,
+    reconnect_window,
+)
 from fleet.agent.errors import AgentError
 from fleet.agent.metrics import CollectorState, collect_metrics, collector_state, hardware_id, prime_cpu, system_info
 from fleet.agent.outbox import Outbox
@@ -26,7 +32,6 @@ from fleet.config.topics import report_topic
 log = logging.getLogger("fleet.agent")
 PING_EVERY = 5  # intervals between refreshed online pings
 SEND_WINDOW = 100  # queued reports in flight at once
-BACKOFF_BASE_S = 0.5
 ONCE_CONNECT_ATTEMPTS = 3
 SHUTDOWN_DRAIN_S = 3.0
 
@@ -34,11 +39,6 @@ SHUTDOWN_DRAIN_S = 3.0
 def keepalive_for(interval: float) -> int:
     """Keepalive sized to the interval (2 x, within 5-60 s): a dead agent is noticed within 1.5 x that."""
     return int(min(60, max(5, round(2 * interval))))
-
-
-def backoff_delay(attempt: int, cap: float, base: float = BACKOFF_BASE_S) -> float:
-    """Exponential backoff with full jitter, so agents do not return to a restarted broker in step."""
-    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
 
 
 class Agent:
@@ -54,6 +54,8 @@ class Agent:
         self.labels = settings.labels.as_dict()
         self.state = make_state(settings)
         self.conn: Connection | None = None
+        self.attempt = 0  # failed connects since the last good one
+        self.next_attempt = 0.0  # monotonic time of the next connect
         self.session = new_session()
         self.seq = 0
         # The newest session that made reports and its last seq (from an earlier run too), for tail accounting.
@@ -109,6 +111,9 @@ class Agent:
             self.conn.close(clean=False)
         self.conn = None
         self.inflight.clear()
+        self.attempt = 1
+        self.next_attempt = time.monotonic() + backoff_delay(1, self.settings.reconnect_max_s,
+                                                             reconnect_window(self.settings.interval))
 
     def pump(self) -> None:
         """Handle PUBACKs and disconnects, then send queued reports, oldest first, within the window."""
@@ -170,23 +175,23 @@ class Agent:
         interval = self.settings.interval
         next_report = time.monotonic() + (min(1.0, interval) if once else 0.0)
         next_ping = PING_EVERY
-        attempt, next_attempt = 0, 0.0
         made = 0
         while not self.stop.is_set():
             now = time.monotonic()
-            if self.conn is None and now >= next_attempt:
+            if self.conn is None and now >= self.next_attempt:
                 try:
                     self.connect()
-                    attempt = 0
+                    self.attempt = 0
                 except FatalConnectError:
                     raise
                 except AgentError as exc:
-                    attempt += 1
-                    if once and attempt >= ONCE_CONNECT_ATTEMPTS:
+                    self.attempt += 1
+                    if once and self.attempt >= ONCE_CONNECT_ATTEMPTS:
                         raise
-                    delay = backoff_delay(attempt, self.settings.reconnect_max_s)
-                    next_attempt = time.monotonic() + delay
-                    log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, attempt)
+                    delay = backoff_delay(self.attempt, self.settings.reconnect_max_s,
+                                          BACKOFF_BASE_S if once else reconnect_window(interval))
+                    self.next_attempt = time.monotonic() + delay
+                    log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, self.attempt)
             if now >= next_report and not (once and made):
                 self.queue_report()
                 made += 1
@@ -201,7 +206,7 @@ class Agent:
             if once and made and len(self.outbox) == 0 and self.conn is not None:
                 break
             # Sleep until the next report or reconnect is due, or a PUBACK/disconnect/stop wakes us.
-            due = next_report if self.conn is not None else min(next_report, next_attempt)
+            due = next_report if self.conn is not None else min(next_report, self.next_attempt)
             self.stop_or_event.wait(max(0.0, min(due - time.monotonic(), 5.0)))
             self.stop_or_event.clear()
         self.shutdown()

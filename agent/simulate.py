@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from fleet.agent import record
+from fleet.agent.connection import backoff_delay, reconnect_window
 from fleet.agent.errors import AgentError
 from fleet.config import payloads
 from fleet.config.ids import validate_id
@@ -252,8 +253,10 @@ class SimAgent:
 
 
 def _backoff(agent: SimAgent) -> float:
-    """Full-jitter exponential backoff, so a restarted broker is not hit by every agent at once."""
-    return agent.rng.uniform(0, min(agent.settings.reconnect_max_s, 0.5 * 2 ** agent.attempts))
+    """The agent's own backoff (full jitter, the first within about an interval), so a restarted broker is not
+    hit by every agent at once."""
+    return backoff_delay(agent.attempts, agent.settings.reconnect_max_s, reconnect_window(agent.settings.interval),
+                         agent.rng)
 
 
 class Shard(threading.Thread):

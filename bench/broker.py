@@ -70,6 +70,7 @@ class Target:
                  pub: tuple[str | None, str | None, str], sub: tuple[str | None, str | None, str],
                  client_cred=lambda i: (None, None, f"idle-{i}")) -> None:
         self.name, self.proc, self.port, self.ca = name, proc, port, ca
+        self.work = ca.parent.parent
         self.pub, self.sub, self.client_cred = pub, sub, client_cred
 
     def rss_mb(self) -> float:
@@ -84,18 +85,21 @@ class Target:
         stop_process(self.proc)
 
 
-def start_ours(work: Path, durability: str = "full", python: str = sys.executable) -> Target:
+def start_ours(work: Path, durability: str = "full", python: str = sys.executable, loop: str = "asyncio") -> Target:
     data = work / f"ours-{durability}-{time.monotonic_ns()}"
     org = stores.add_org(data, "bench")
     service_key = stores.ensure_service_key(data)
     port = free_port()
+    # The benchmark's clients connect far faster than agents do: no accept-rate bound here.
     proc = subprocess.Popen([python, "-m", "fleet.cli", "broker", "--data-dir", str(data),
                              "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "ERROR",
                                                               "FLEET_MAX_QUEUED_MESSAGES": "100000",
-                                                              "FLEET_BROKER_DURABILITY": durability},
+                                                              "FLEET_BROKER_DURABILITY": durability,
+                                                              "FLEET_BROKER_LOOP": loop, "FLEET_ACCEPT_RATE": "0"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
     wait_port(port, proc)
-    return Target("fleet (ours)", proc, port, data / "certs" / "ca.pem",
+    name = "fleet (ours)" if loop == "asyncio" else f"fleet (ours, {loop})"
+    return Target(name, proc, port, data / "certs" / "ca.pem",
                   ("bench/agent", org.agent_key, "fleet-bench-m1"), (credentials.SERVICE_USERNAME, service_key, "sub"),
                   lambda i: ("bench/agent", org.agent_key, f"fleet-bench-idle{i}"))
 
@@ -177,6 +181,41 @@ def throughput(target: Target, qos: int, count: int, timeout: float = 120, persi
     return got[0] / elapsed
 
 
+def c_clients(target: Target, publishers: int, count: int, timeout: float = 300) -> tuple[float, float]:
+    """(msg/s, broker CPU µs per message): ``publishers`` mosquitto_pub -l, ``count`` QoS 1 reports each, to one
+    mosquitto_sub, all over TLS. C clients, because Python clients cap both brokers near the same rate."""
+    lines = target.work / "reports.txt"
+    lines.write_bytes((PAYLOAD + b"\n") * count)
+    common = ["-h", "127.0.0.1", "-p", str(target.port), "--cafile", str(target.ca), "-q", "1"]
+
+    def cred(user: str | None, key: str | None, client_id: str) -> list[str]:
+        return ["-i", client_id] + (["-u", user, "-P", key or ""] if user else [])
+
+    total = publishers * count
+    sub = subprocess.Popen(["mosquitto_sub", *common, *cred(*target.sub), "-t", "fleet/bench/#", "-C", str(total)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # mosquitto_sub has no "subscribed" signal; its SUBACK takes milliseconds
+    before = target.cpu_s()
+    started = time.perf_counter()
+    pubs = []
+    for i in range(1, publishers + 1):
+        user, key, _ = target.pub
+        with lines.open("rb") as stdin:
+            pubs.append(subprocess.Popen(["mosquitto_pub", *common, *cred(user, key, f"fleet-bench-m{i}"),
+                                          "-t", f"fleet/bench/m{i}/report", "-l"], stdin=stdin,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        sub.wait(timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {target.name}: mosquitto_sub did not get {total} messages in {timeout:.0f} s", file=sys.stderr)
+        sub.kill()
+    elapsed = time.perf_counter() - started
+    cpu = target.cpu_s() - before
+    for proc in pubs:
+        stop_process(proc)
+    return total / elapsed, cpu / total * 1e6
+
+
 def connect_packet(cred: tuple[str | None, str | None, str]) -> bytes:
     user, key, client_id = cred
     return encode(Connect(client_id, user, (key or "") if user else None, keepalive=600))
@@ -245,6 +284,27 @@ def durability_rounds(work: Path, count: int, rounds: int,
     return rates
 
 
+def c_client_table(work: Path, count: int, publishers: int = 4) -> None:
+    """The C-client comparison: our broker on each event loop against Mosquitto, in one run."""
+    rows = []
+    for starter in (lambda w: start_ours(w), lambda w: start_ours(w, loop="uvloop"), start_mosquitto):
+        target = starter(work)
+        if target is None:
+            continue
+        try:
+            print(f"{target.name}: C clients…", file=sys.stderr)
+            rows.append((target.name, *c_clients(target, publishers, count)))
+        finally:
+            target.stop()
+    mosquitto = next((rate for name, rate, _ in rows if name.startswith("mosquitto")), None)
+    print(f"\n{publishers} mosquitto_pub -l x {count:,} QoS 1 reports ({len(PAYLOAD)} B) over TLS, one mosquitto_sub\n")
+    print("| broker | msg/s | / Mosquitto | broker CPU per message |")
+    print("|---|---|---|---|")
+    for name, rate, cpu in rows:
+        share = f"{rate / mosquitto:.0%}" if mosquitto else "-"
+        print(f"| {name} | {rate:,.0f} | {share} | {cpu:.0f} µs |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qos0", type=int, default=20000)
@@ -252,6 +312,9 @@ def main() -> None:
     parser.add_argument("--clients", default="500,2000")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the durability comparison")
     parser.add_argument("--durability-only", action="store_true", help="only the durability comparison")
+    parser.add_argument("--c-clients", type=int, default=20000,
+                        help="reports per mosquitto_pub in the C-client comparison (4 publishers); 0 skips it")
+    parser.add_argument("--c-clients-only", action="store_true", help="only the C-client comparison")
     parser.add_argument("--baseline-python", help="also run the broker of the checkout this Python has installed "
                         "(e.g. a venv with main's code) in the durability comparison")
     args = parser.parse_args()
@@ -259,6 +322,10 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     steps = [int(x) for x in args.clients.split(",")]
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-broker-"))
+    if args.c_clients:
+        c_client_table(work, args.c_clients)
+    if args.c_clients_only:
+        return
     results = []
     for starter in () if args.durability_only else (start_ours, start_stock, start_mosquitto):
         target = starter(work)

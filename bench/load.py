@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -63,7 +64,7 @@ from bench.common import (  # noqa: E402
 )
 from fleet.config import payloads  # noqa: E402
 from fleet.config.mqtt import BrokerAddress, new_client  # noqa: E402
-from fleet.config.status import COLLECTOR  # noqa: E402
+from fleet.config.status import BROKER, BROKER_CONNECTED, COLLECTOR  # noqa: E402
 from fleet.config.topics import agent_client_id, ping_topic, report_topic  # noqa: E402
 from fleet.store.database import DatabaseError, DatabaseUrl, open_database, sqlite_url  # noqa: E402
 from fleet.store.heartbeats import read_heartbeat  # noqa: E402
@@ -179,6 +180,8 @@ class Sample:
     rss: dict[str, float]
     stored: int
     files: dict[str, float]  # MiB by file name (SQLite only)
+    broker: dict[str, Any] = field(default_factory=dict)  # the embedded broker's last heartbeat detail
+    collector_connected: bool | None = None  # as the collector's last heartbeat says
 
 
 LOCKED = "database is locked"
@@ -264,12 +267,45 @@ def peak_and_growth(samples: list[Sample], value: Callable[[Sample], float], ref
     return f"{max(value(s) for s in samples):.1f} / {value(inside[-1]) - value(first):+.1f} MB"
 
 
+def heartbeats(db: str) -> tuple[dict[str, Any], bool | None]:
+    """The embedded broker's last heartbeat detail, and whether the collector's says it is connected."""
+    try:
+        with open_database(db, readonly=True) as conn:
+            broker, collector = read_heartbeat(conn, BROKER), read_heartbeat(conn, COLLECTOR)
+    except DatabaseError:
+        return {}, None
+    return (broker[1] if broker else {}), (collector[1].get(BROKER_CONNECTED) if collector else None)
+
+
+def restart_broker(kind: str, data: Path, port: int, args: argparse.Namespace, env: dict[str, str], parts: Parts,
+                   samples: list[Sample]) -> dict[str, str]:
+    """Stop the broker (SIGTERM), start it again on the same port and data, and time the way back: until the
+    collector is connected again, and until the broker holds every agent again."""
+    stop_process(parts.procs["broker"], 30)
+    restarted = time.time()
+    parts.procs["broker"] = start_broker(kind, data, port, args.autosave, env)
+    collector_back = agents_back = None
+    deadline = time.monotonic() + args.connect_timeout
+    while time.monotonic() < deadline and agents_back is None:
+        time.sleep(0.5)
+        last = samples[-1]
+        if collector_back is None and last.t > restarted and last.collector_connected:
+            collector_back = last.t
+        if last.t > restarted + 2 and last.broker.get("connected", 0) >= args.agents:
+            agents_back = last.t
+    return {"restart: collector connected again after": "never" if collector_back is None
+            else f"{collector_back - restarted:.1f} s",
+            "restart: every agent connected again after": "never" if agents_back is None
+            else f"{agents_back - restarted:.1f} s"}
+
+
 def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, object]:
     """One broker's run, on SQLite in its data dir or on ``database``; returns its figures by metric name."""
     data = Path(tempfile.mkdtemp(prefix=f"fleet-load-{kind}-"))
     db = database or sqlite_url(data / "fleet.db")
     env = {**ENV, "FLEET_DATABASE_URL": db}
-    mqtt_port, http_port = free_port(), free_port()
+    mqtt_port, http_port, service_port = free_port(), free_port(), free_port()
+    env.update({"FLEET_MQTT_SERVICE_PORT": str(service_port), "FLEET_BROKER_LOOP": args.broker_loop})
     common = ["--data-dir", str(data)]
     keys = json.loads(subprocess.check_output([*FLEET, "org", "add", ORG, "--json", *common], env=env))
     parts = Parts()
@@ -277,8 +313,10 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
         profile = args.profile if kind == "embedded" else None
         parts.procs["broker"] = start_broker(kind, data, mqtt_port, args.autosave, env, profile)
         url = f"mqtts://127.0.0.1:{mqtt_port}"
+        # On the embedded broker the collector has a listener of its own, beyond the agents' admission bounds.
+        collector_url = f"mqtts://127.0.0.1:{service_port}" if kind == "embedded" else url
         ca = data / "certs" / "ca.pem"
-        parts.procs["collector"] = start_part([*FLEET, "collector", "--broker", url, *common], env,
+        parts.procs["collector"] = start_part([*FLEET, "collector", "--broker", collector_url, *common], env,
                                               data / "collector.log")
         parts.procs["web"] = start_part([*FLEET, "web", "--http-port", str(http_port), "--broker", url, *common], env,
                                         data / "web.log")
@@ -306,8 +344,9 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
                 except DatabaseError:
                     stored = samples[-1].stored if samples else 0
                 files = {} if database else {name: file_mb(data / name) for name in FILES}
+                beats = heartbeats(db)
                 samples.append(Sample(time.time(), {n: cpu_s(pid) for n, pid in pids.items()},
-                                      {n: rss_mb(pid) for n, pid in pids.items()}, stored, files))
+                                      {n: rss_mb(pid) for n, pid in pids.items()}, stored, files, *beats))
                 sampling.wait(1.0)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -345,6 +384,8 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
 
         if profile is not None:
             parts.procs["broker"].send_signal(signal.SIGUSR2)
+        if args.restart_broker:
+            restart = restart_broker(kind, data, mqtt_port, args, env, parts, samples)
         for sim in parts.sims:
             sim.send_signal(signal.SIGTERM)
         summaries = simulator_summaries(parts.sims)
@@ -401,6 +442,9 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
     for name in FILES if not database else ():
         disk[f"{name} max / growth since {since_name}"] = peak_and_growth(samples, lambda s, n=name: s.files[n],
                                                                           since, steady_to)
+    beat = next((s.broker for s in reversed(samples) if s.broker), {})
+    lags = [s.broker.get("loop_lag_p99_ms", 0.0) for s in steady if s.broker]
+    lag_max = max((s.broker.get("loop_lag_max_ms", 0.0) for s in samples if s.broker), default=0.0)
     figures = {
         "time until all agents connected": "never" if all_connected is None else f"{all_connected - started:.1f} s",
         "connect rate (handshakes/s; offered)": ("n/a" if all_connected is None or not firsts
@@ -432,7 +476,19 @@ def run(kind: str, args: argparse.Namespace, database: str | None) -> dict[str, 
             "n/a" if database else f"{wal_peak[0]:.1f} MB",
         "collector WAL resets / held off / by the writer (heartbeat)": resets,
         f'"{LOCKED}" lines: broker / collector / web': " / ".join(str(n) for n in locked.values()),
+        "collector disconnected from the broker (samples, of all)":
+            f"{sum(1 for s in samples if s.collector_connected is False)} / {len(samples)}",
+        "broker loop lag p99 over a minute, max in steady / max ever (heartbeat)":
+            "n/a" if not beat else f"{max(lags, default=0):.0f} / {lag_max:.0f} ms",
+        "broker connections admitted / refused before TLS (busy / rate) / refused full":
+            "n/a" if not beat else f"{beat.get('connections', 0)} / {beat.get('refused_handshakes_busy', 0)} / "
+                                   f"{beat.get('refused_accept_rate', 0)} / {beat.get('refused_broker_full', 0)}",
+        "broker dropped slow readers / handshake timeouts / writes after close":
+            "n/a" if not beat else f"{beat.get('dropped_slow_reader', 0)} / {beat.get('handshake_timeouts', 0)} / "
+                                   f"{beat.get('write_after_close', 0)}",
     }
+    if args.restart_broker:
+        figures.update(restart)
     if args.keep:
         print(f"  [{kind}] data dir kept: {data}", flush=True)
     else:
@@ -458,6 +514,10 @@ def main() -> None:
     parser.add_argument("--database", default="sqlite",
                         help="sqlite (fleet.db in each run's data dir), postgres (a throwaway server) or a URL")
     parser.add_argument("--keep", action="store_true", help="keep each run's data dir (database, logs) and print it")
+    parser.add_argument("--broker-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="embedded only: the broker's event loop (setting broker_loop)")
+    parser.add_argument("--restart-broker", action="store_true",
+                        help="after the steady phase, restart the broker and time every agent's return")
     args = parser.parse_args()
     brokers = ["embedded", "mosquitto"] if args.broker == "both" else [args.broker]
     server = None

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+import socket
 import ssl
 from functools import partial
 from typing import Any
@@ -28,7 +30,9 @@ from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.session import Session
 
+from fleet.broker.admission import Admission
 from fleet.broker.keepalive import KeepaliveWheel
+from fleet.broker.listener import listen, reset
 from fleet.broker.policy import AccessPolicy, Grant
 from fleet.broker.protocol import (
     MAX_PACKET_BYTES,
@@ -40,17 +44,24 @@ from fleet.broker.protocol import (
 )
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of, spare_queues
+from fleet.broker.throttle import ThrottledLog
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
 from fleet.config.topics import machine_from_client_id
-from fleet.store.credentials import Principal
+from fleet.store.credentials import SERVICE_ROLE, Principal
 
 log = logging.getLogger("fleet.broker")
 
 CONNECT_TIMEOUT_S = 10.0  # the TLS handshake, and then the CONNECT, each
 STOP_RETRY_S = 0.5
-LISTEN_BACKLOG = 1024  # asyncio's default is 100: a burst of connects would overflow it into SYN retries (1, 3, 7 s)
+STREAM_LIMIT = 64 * 1024  # asyncio.start_server's default reader limit
+HANDSHAKE_BACKSTOP_S = 2 * CONNECT_TIMEOUT_S  # the loop's own handshake timeout, behind ours
 KEEPALIVE_FACTOR = 1.5
 TAKEOVER_TIMEOUT_S = 10.0  # the older connection's will and cleanup; a new CONNECT waits this long at most
+# Above this share of max_connections, a listener admits only the collector and clients whose persistent session
+# holds queued messages: a full broker still serves those who would lose something.
+RESERVED_SHARE = 0.05
+MAX_UNSENT_BYTES = 1 << 20  # per connection: a client that reads nothing is dropped past this
+SERVICE_MAX_UNSENT_BYTES = 64 << 20  # the collector's: a busy moment of its own must not cost it its connection
 # What reading a client's first packet raises when the client leaves, stalls or sends garbage: routine, one DEBUG line.
 CONNECT_FAILURES = (TimeoutError, EOFError, OSError, AMQTTError, MQTTError, NoDataError, CodecError, ValueError)
 
@@ -81,69 +92,122 @@ class SessionBroker(RoutingBroker):
         self._stopping = False
         self._connected = 0
         self._keepalive = KeepaliveWheel(self._still_serving, lambda handler: handler.handle_read_timeout())
+        self.admission: dict[str, Admission] = {}  # listener name -> its bounds on handshakes, if any
+        self.reserved_listeners: set[str] = set()  # listeners that admit only the collector's credential
+        self.max_unsent_bytes = MAX_UNSENT_BYTES
+        self.throttled = ThrottledLog(log)
 
     # --- listening -------------------------------------------------------------------------------
     async def _create_server_instance(self, listener_name: str, listener_type: ListenerType,  # the amqtt seam
                                       address: str | None, port: int, ssl_context: ssl.SSLContext | None) -> Any:
-        """A plain TCP listener with a deep backlog; TLS is negotiated by each connection's own task
-        (stream_connected), so a handshake is bounded by CONNECT_TIMEOUT_S and ended by a broker stop like
-        any connection. asyncio's TLS listener did handshakes outside any task of ours: at stop they went on,
-        and their clients got a session on a broker shutting down whose socket nobody closed."""
+        """A TCP listener with an accept loop of our own (broker/listener.py): admission is decided on the bare
+        socket, and TLS is negotiated in each connection's own task (serve_socket), so a handshake is bounded by
+        CONNECT_TIMEOUT_S and ended by a broker stop like any connection. asyncio's TLS listener did handshakes
+        outside any task of ours: at stop they went on, and their clients got a session on a broker shutting
+        down whose socket nobody closed."""
         if listener_type != ListenerType.TCP:
             return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
         if ssl_context is not None:
             self._tls[listener_name] = tls_context(ssl_context)
-        return await asyncio.start_server(partial(self.stream_connected, listener_name=listener_name), address, port,
-                                          reuse_address=True, backlog=LISTEN_BACKLOG)
+        return await listen(address, port, partial(self._accepted, listener_name=listener_name), self._accept_failed)
+
+    def _accepted(self, sock: socket.socket, listener_name: str) -> None:
+        """A connection arrived: turn it away now if the listener is at its admission bounds, else serve it."""
+        if self._stopping:  # accepted in the instant before the listeners closed
+            reset(sock)
+            return
+        admission = self.admission.get(listener_name)
+        refused = admission.admit() if admission is not None else None
+        if refused is not None:
+            self._turn_away(sock, refused)
+            return
+        task = asyncio.get_running_loop().create_task(self.serve_socket(sock, listener_name, admission))
+        self._connection_tasks.add(task)
+        task.add_done_callback(self._connection_tasks.discard)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self.stats["accept_failed"] += 1
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.throttled("accept", logging.WARNING, "cannot accept connections: %s (open file limit %d); raise"
+                       " LimitNOFILE or lower max_connections", exc.strerror or exc, soft)
 
     # --- one connection, from accept to close --------------------------------------------------
-    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               listener_name: str) -> None:
-        """A TCP connection arrived: TLS (on a TLS listener), then serve it with our writer adapter; end
-        quietly on shutdown.
+    async def serve_socket(self, sock: socket.socket, listener_name: str, admission: Admission | None) -> None:
+        """TLS (on a TLS listener), then serve the connection with our writer adapter; end quietly on shutdown.
 
         Python 3.11's asyncio reports a connection task that ends cancelled or raising as an unhandled
         error, so this task always returns normally; a broker stop cancels it and it aborts its connection."""
-        task = asyncio.current_task()
-        if self._stopping or task is None:  # accepted in the instant before the listeners closed
-            abort_transport(writer.transport)
-            return
-        self._connection_tasks.add(task)
         try:
-            if not await self._start_tls(writer, listener_name):
-                return
-            adapter = StreamWriter(writer)
+            opened = await self._open(sock, listener_name)
+        finally:
+            if admission is not None:
+                admission.done()
+        if opened is None:
+            return
+        reader, writer = opened
+        try:
+            adapter = StreamWriter(writer, self.max_unsent_bytes, self._unread)
             await self._client_connected(listener_name, reader, adapter)
         except (asyncio.CancelledError, ProtocolHandlerError):  # a stop (amqtt's _send_packet makes it the latter)
             abort_transport(writer.transport)
         except OSError as exc:  # the peer left while we were writing to it
             log.debug("connection lost: %s", exc)
             abort_transport(writer.transport)
-        finally:
-            self._connection_tasks.discard(task)
 
-    async def _start_tls(self, writer: asyncio.StreamWriter, listener_name: str) -> bool:
-        """Negotiate TLS on a TLS listener's connection; False (connection dropped, one DEBUG line) on failure."""
+    async def _open(self, sock: socket.socket,
+                    listener_name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The connection's streams once TLS (on a TLS listener) is up; None (socket closed, counted) if it failed."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         context = self._tls.get(listener_name)
-        if context is None:
-            return True
         try:
-            await writer.start_tls(context, ssl_handshake_timeout=CONNECT_TIMEOUT_S)
+            peer = sock.getpeername()
+        except OSError:  # already gone
+            reset(sock)
+            return None
+        backstop = HANDSHAKE_BACKSTOP_S if context else None
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=context,
+                                                                  ssl_handshake_timeout=backstop)
+        except TimeoutError:
+            self.stats["handshake_timeouts"] += 1
+            self.throttled("handshake_timeout", logging.WARNING, "TLS handshakes did not finish within %.0f s",
+                           CONNECT_TIMEOUT_S)
+            reset(sock)
+            return None
+        except asyncio.CancelledError:  # a broker stop
+            reset(sock)
+            return None
         except CONNECT_FAILURES as exc:  # a port probe, plain MQTT on the TLS port, an untrusting client
             self.stats["connect_invalid"] += 1
-            log.debug("connection from %s closed in the TLS handshake: %r", writer.get_extra_info("peername"), exc)
-            abort_transport(writer.transport)
-            return False
-        return True
+            log.debug("connection from %s closed in the TLS handshake: %r", peer, exc)
+            reset(sock)
+            return None
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    def _turn_away(self, sock: socket.socket, why: str) -> None:
+        """Close a connection before its TLS handshake: the broker has as many handshakes as it can take."""
+        self.stats[f"refused_{why}"] += 1
+        self.throttled(why, logging.WARNING, "turning new connections away before TLS (%s): the broker is at its"
+                       " admission limit; they retry with backoff", why.replace("_", " "))
+        reset(sock)
+
+    def _unread(self, writer: StreamWriter) -> None:
+        """A client let more than max_unsent_bytes pile up unread: drop it, as if its network failed."""
+        self.stats["dropped_slow_reader"] += 1
+        self.throttled("slow_reader", logging.WARNING, "dropped a connection from %s: more than %d bytes unsent",
+                       writer.get_peer_info(), self.max_unsent_bytes)
+        writer.abort()
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:  # the amqtt seam
         """Read CONNECT (bounded in time), authenticate, and only then touch sessions."""
         server = self._servers.get(listener_name)
         if server is None:
             raise AMQTTError(f"Invalid listener name '{listener_name}'")
-        # Server.acquire_connection() logs at INFO for every connection, health checks included.
-        if server.semaphore is not None:
-            await server.semaphore.acquire()
+        # Server.acquire_connection() logs at INFO for every connection, health checks included, and waits
+        # without end when the listener is full: here a full listener answers CONNACK "server unavailable".
         server.conn_count += 1
         self.stats["connections"] += 1
         try:
@@ -167,6 +231,16 @@ class SessionBroker(RoutingBroker):
             grant = grant_of(incoming)
             assert grant is not None  # set by FleetAuthPlugin when it accepts
             client_id = incoming.client_id or ""
+            if listener_name in self.reserved_listeners and grant.principal.role != SERVICE_ROLE:
+                await self._refuse(incoming, writer, NOT_AUTHORIZED, "this listener is reserved for the collector")
+                return
+            if grant.principal.role == SERVICE_ROLE:
+                writer.max_unsent = max(writer.max_unsent, SERVICE_MAX_UNSENT_BYTES)
+            if not self._has_room(server.conn_count, self.listeners_config[listener_name].max_connections, grant,
+                                  client_id):
+                self.stats["refused_broker_full"] += 1
+                await self._refuse(incoming, writer, SERVER_UNAVAILABLE, "the broker is full")
+                return
             existing = self.sessions.get(client_id)
             if existing is not None and existing[0].username != incoming.username:
                 # A client id is owned by the user who holds it: no cross-user takeover.
@@ -182,8 +256,18 @@ class SessionBroker(RoutingBroker):
             await self._run_session(session, handler, reader, writer)
         finally:
             server.conn_count -= 1
-            if server.semaphore is not None:
-                server.semaphore.release()
+
+    def _has_room(self, connections: int, limit: int | None, grant: Grant, client_id: str) -> bool:
+        """Whether a listener holding ``connections`` (this one included) admits this client: anyone below the
+        reserve, then only the collector and clients whose persistent session holds queued messages."""
+        if not limit or connections <= limit - max(1, int(limit * RESERVED_SHARE)):
+            return True
+        if connections > limit:
+            return False
+        if grant.principal.role == SERVICE_ROLE:
+            return True
+        existing = self.sessions.get(client_id)
+        return existing is not None and not existing[0].clean_session and bool(extras(existing[0]).queue)
 
     def _oversize(self, writer: Any, size: int) -> None:
         self.stats["dropped_packet_too_large"] += 1

@@ -1,20 +1,11 @@
-"""Open-file limits and accept errors: what a broker holding thousands of connections needs from its process."""
+"""Open-file limits: what a broker holding thousands of connections needs from its process."""
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
 import resource
-import time
-from typing import Any
 
 log = logging.getLogger("fleet.broker")
-
-# accept() failing for want of resources: asyncio logs each one at ERROR with a traceback, up to 100 per
-# listener a second (its accept loop tries a backlog's worth), then retries after a second.
-ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ACCEPT_WARNING_EVERY_S = 10.0
 
 
 def raise_open_file_limit() -> int:
@@ -31,34 +22,3 @@ def raise_open_file_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open file limit from %d to %d: %s", soft, target, exc)
     return soft
-
-
-class AcceptErrors:
-    """A loop exception handler that turns accept() resource errors into one WARNING line per 10 s (and a
-    count); everything else goes to the loop's default handler."""
-
-    def __init__(self, stats: dict[str, int], every_s: float = ACCEPT_WARNING_EVERY_S) -> None:
-        self.stats = stats
-        self.every_s = every_s
-        self._last = float("-inf")
-        self._since = 0
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        callback = getattr(context.get("handle"), "_callback", None)
-        if getattr(callback, "__name__", "") == "_start_serving" and isinstance(exc, (ValueError, OSError)):
-            # asyncio's accept retry, a second after such an error, ran after the listener had closed (a stop).
-            log.debug("accept retry after the listener closed: %s", exc)
-            return
-        if not (isinstance(exc, OSError) and exc.errno in ACCEPT_RESOURCE_ERRNOS
-                and "accept" in str(context.get("message", ""))):
-            loop.default_exception_handler(context)
-            return
-        self.stats["accept_failed"] = self.stats.get("accept_failed", 0) + 1
-        self._since += 1
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-            log.warning("cannot accept connections: %s (open file limit %d; %d refused since the last warning);"
-                        " raise LimitNOFILE or lower max_connections", exc.strerror or exc, soft, self._since)
-            self._last, self._since = now, 0

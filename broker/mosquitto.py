@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from fleet.broker.errors import BrokerError
-from fleet.broker.pki import ensure_certs
+from fleet.broker.pki import ensure_server_certs
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
 from fleet.config.settings import Settings
 from fleet.store import credentials
@@ -159,7 +159,7 @@ def write_config(settings: Settings, out_dir: Path, user: str | None = None) -> 
         certs_out = out_dir / "certs"
         for directory in (out_dir / "data", certs_out):
             directory.mkdir(parents=True, exist_ok=True)
-        certs = ensure_certs(settings.certs_dir, [settings.host])
+        certs = ensure_server_certs(settings)
         records = _records(settings)
         account = _broker_account(user)
         note = ""

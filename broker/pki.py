@@ -1,8 +1,9 @@
 """Development PKI: a local CA and a server certificate for the broker, created on first start.
 
-The server certificate names localhost, 127.0.0.1, this machine's hostname and the configured
-host, so clients verify it with hostname checks on. It is regenerated before it expires or when
-the configured host is not among its names. Private keys are written 0600; nothing is committed.
+The server certificate names localhost, 127.0.0.1, this machine's hostname, the configured host (with a
+wildcard host, every address of the machine's interfaces) and each ``cert_names`` entry, so clients on other
+hosts verify it with hostname checks on. It is re-issued from the same CA before it expires or when those
+names change, so agents keep the CA they have. Private keys are written 0600; nothing is committed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleet.broker.errors import BrokerError
-from fleet.config.settings import WILDCARD_HOSTS
+from fleet.config.settings import WILDCARD_HOSTS, Settings
+from fleet.config.tls import ca_fingerprint, cert_name, is_ip_address
 
 CA_DAYS = 3650
 SERVER_DAYS = 397
@@ -55,21 +57,58 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def server_names(hosts: Iterable[str] = ()) -> tuple[set[str], set[str]]:
-    """DNS names and IP addresses the server certificate must cover."""
-    dns, ips = {"localhost"}, {"127.0.0.1"}
+@dataclass(frozen=True)
+class ServerIdentity:
+    """What a client checks of the server: the names its certificate carries and its CA's fingerprint."""
+
+    names: tuple[str, ...]
+    ca_sha256: str
+
+    def lines(self) -> list[str]:
+        """The lines ``fleet up``, ``fleet broker`` and ``fleet mosquitto-config`` print at start."""
+        return [f"  cert names:   {', '.join(self.names)}", f"  CA SHA-256:   {self.ca_sha256}"]
+
+
+def cert_paths(certs_dir: Path) -> CertPaths:
+    """Where the files live in ``certs_dir``."""
+    certs_dir = Path(certs_dir)
+    return CertPaths(certs_dir / "ca.pem", certs_dir / "server.pem", certs_dir / "server.key", certs_dir / "ca.key")
+
+
+def interface_addresses() -> set[str]:
+    """Every IPv4 and IPv6 address of this machine's interfaces (without an IPv6 zone)."""
+    import psutil
+
+    families = (socket.AF_INET, socket.AF_INET6)
+    return {cert_name(addr.address) for addrs in psutil.net_if_addrs().values() for addr in addrs
+            if addr.family in families}
+
+
+def server_names(hosts: Iterable[str] = (), extra: Iterable[str] = ()) -> tuple[set[str], set[str]]:
+    """DNS names and IP addresses the server certificate must cover: localhost, 127.0.0.1, the hostname, each
+    of ``hosts`` (every interface address for a wildcard one) and each of ``extra`` (validated)."""
+    names = {"localhost", "127.0.0.1"}
     try:
-        hostname = socket.gethostname()
-    except OSError:
-        hostname = ""
-    for host in (hostname, *hosts):
-        if host in WILDCARD_HOSTS or host is None:
+        names.add(cert_name(socket.gethostname()))
+    except (OSError, ValueError):
+        pass  # a hostname no certificate can carry: clients use another name
+    for host in hosts:
+        if host is None:
             continue
-        try:
-            ips.add(str(ipaddress.ip_address(host)))
-        except ValueError:
-            dns.add(host.lower())
-    return dns, ips
+        if host in WILDCARD_HOSTS:
+            names |= interface_addresses()
+        else:
+            names.add(_checked(host))
+    names.update(_checked(name) for name in extra)
+    ips = {name for name in names if is_ip_address(name)}
+    return names - ips, ips
+
+
+def _checked(name: str) -> str:
+    try:
+        return cert_name(name)
+    except ValueError as exc:
+        raise BrokerError(f"cannot name the server certificate: {exc}") from None
 
 
 def _make_ca(paths: CertPaths) -> None:
@@ -99,7 +138,8 @@ def _make_server(paths: CertPaths, dns: set[str], ips: set[str]) -> None:
         raise BrokerError(f"{paths.ca_key} is not the ECDSA key fleet generates; move the CA away to make a new one")
     key = ec.generate_private_key(ec.SECP256R1())
     alt: list[x509.GeneralName] = [x509.DNSName(name) for name in sorted(dns)]
-    alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in sorted(ips)]
+    addresses = sorted((ipaddress.ip_address(ip) for ip in ips), key=lambda ip: (ip.version, ip))
+    alt += [x509.IPAddress(ip) for ip in addresses]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet broker")]))
@@ -117,14 +157,14 @@ def _make_server(paths: CertPaths, dns: set[str], ips: set[str]) -> None:
     _write(paths.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
 
 
-def _needs_renewal(cert_path: Path, dns: set[str], ips: set[str], days: int) -> bool:
+def _needs_renewal(cert_path: Path, dns: set[str] | None, ips: set[str] | None, days: int) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError):
         return True
     if cert.not_valid_after_utc - _now() < dt.timedelta(days=days):
         return True
-    if not dns and not ips:
+    if dns is None or ips is None:
         return False
     try:
         alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -132,22 +172,39 @@ def _needs_renewal(cert_path: Path, dns: set[str], ips: set[str], days: int) -> 
         return True
     have_dns = set(alt.get_values_for_type(x509.DNSName))
     have_ips = {str(ip) for ip in alt.get_values_for_type(x509.IPAddress)}
-    return not (dns <= have_dns and ips <= have_ips)
+    return have_dns != dns or have_ips != ips
 
 
-def ensure_certs(certs_dir: Path, hosts: Iterable[str] = ()) -> CertPaths:
-    """Create (or renew) the development CA and server certificate in ``certs_dir``; idempotent."""
-    certs_dir = Path(certs_dir)
-    paths = CertPaths(certs_dir / "ca.pem", certs_dir / "server.pem", certs_dir / "server.key", certs_dir / "ca.key")
+def ensure_certs(certs_dir: Path, hosts: Iterable[str] = (), names: Iterable[str] = ()) -> CertPaths:
+    """Create the development CA and a server certificate for ``hosts`` and ``names`` in ``certs_dir``, or
+    re-issue the server certificate from the same CA when it nears its end or its names differ; idempotent."""
+    paths = cert_paths(certs_dir)
+    dns, ips = server_names(hosts, names)
     try:
-        certs_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(certs_dir, 0o700)
-        dns, ips = server_names(hosts)
-        renew_ca = _needs_renewal(paths.ca, set(), set(), RENEW_BEFORE_DAYS) or not paths.ca_key.exists()
+        paths.ca.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(paths.ca.parent, 0o700)
+        renew_ca = _needs_renewal(paths.ca, None, None, RENEW_BEFORE_DAYS) or not paths.ca_key.exists()
         if renew_ca:
             _make_ca(paths)
         if renew_ca or not paths.key.exists() or _needs_renewal(paths.cert, dns, ips, RENEW_BEFORE_DAYS):
             _make_server(paths, dns, ips)
     except (OSError, ValueError) as exc:
-        raise BrokerError(f"cannot create certificates in {certs_dir}: {exc}") from exc
+        raise BrokerError(f"cannot create certificates in {paths.ca.parent}: {exc}") from exc
     return paths
+
+
+def ensure_server_certs(settings: Settings) -> CertPaths:
+    """``ensure_certs`` for the server these settings run: their host and ``cert_names``."""
+    return ensure_certs(settings.certs_dir, [settings.host], settings.cert_names)
+
+
+def server_identity(paths: CertPaths) -> ServerIdentity:
+    """The names the server certificate carries (DNS names, then addresses) and its CA's fingerprint."""
+    try:
+        cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        fingerprint = ca_fingerprint(paths.ca.read_bytes())
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise BrokerError(f"cannot read the certificates in {paths.ca.parent}: {exc}") from exc
+    names = [*alt.get_values_for_type(x509.DNSName), *(str(ip) for ip in alt.get_values_for_type(x509.IPAddress))]
+    return ServerIdentity(tuple(names), fingerprint)

@@ -186,17 +186,23 @@ class StreamWriter(WriterAdapter):
     Stock StreamWriterAdapter.close() drains first, so closing a connection whose peer already left raised
     ConnectionResetError (logged by asyncio as an unhandled error for every port probe)."""
 
-    def __init__(self, stream: asyncio.StreamWriter) -> None:
+    def __init__(self, stream: asyncio.StreamWriter, max_unsent: int = 0,
+                 on_unsent: Callable[[StreamWriter], None] | None = None) -> None:
         self.stream = stream
         self.transport = stream.transport
         self.is_closed = False
         peer = stream.get_extra_info("peername")  # asked now: a TLS transport forgets it once closed
         self.peer = (peer[0], peer[1]) if peer and len(peer) >= 2 else None
+        self.max_unsent = max_unsent  # 0: no bound
+        self.on_unsent = on_unsent  # called once more than max_unsent bytes wait to be sent
 
     def write(self, data: bytes) -> None:
-        """Queue bytes for the peer (dropped once closed)."""
-        if not self.is_closed:
-            self.stream.write(data)
+        """Queue bytes for the peer (dropped once closed); past ``max_unsent`` unsent bytes, ``on_unsent``."""
+        if self.is_closed:
+            return
+        self.stream.write(data)
+        if self.max_unsent and self.transport.get_write_buffer_size() > self.max_unsent and self.on_unsent:
+            self.on_unsent(self)
 
     async def drain(self) -> None:
         """Wait for the transport's buffer to drain (a lost peer raises ConnectionError to the sender)."""

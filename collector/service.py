@@ -61,7 +61,7 @@ class RunningCollector:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.address = BrokerAddress.parse(settings.effective_broker_url)
+        self.address = BrokerAddress.parse(settings.collector_broker_url)
         self.client_id = client_id_for(settings.orgs)
         self.drops = DropCounter()
         self.limiter = RateLimiter(settings.agent_rate_limit_per_s)

@@ -25,6 +25,11 @@ ENV_PREFIX = "FLEET_"
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # bind addresses meaning every interface: no client connects to them
 
 
+BROKER_LOOPS = ("asyncio", "uvloop")
+DEFAULT_MQTT_PORT = 8883
+DEFAULT_SERVICE_PORT = 8884
+
+
 def local_host(host: str) -> str:
     """The address a client on this machine uses for a server bound to ``host`` (127.0.0.1 for a wildcard)."""
     return "127.0.0.1" if host in WILDCARD_HOSTS else host
@@ -40,8 +45,10 @@ class Settings:
     log_level: str = "INFO"
     # network
     host: str = "127.0.0.1"
-    mqtt_port: int = 8883
+    cert_names: tuple[str, ...] = ()  # more names of the server certificate: DNS names or addresses
+    mqtt_port: int = DEFAULT_MQTT_PORT
     mqtt_plain_port: int = 0  # 0 = no plain listener; when set it binds loopback only
+    mqtt_service_port: int = 0  # the collector's own TLS listener; 0 = 8884 with the default mqtt_port, else a free one
     http_port: int = 8080
     broker_url: str = ""  # default: mqtts://<host>:<mqtt_port> of the embedded broker
     ca: str = ""  # CA file agents/collector/web verify the broker with; default <data_dir>/certs/ca.pem
@@ -63,6 +70,11 @@ class Settings:
     max_queued_messages: int = 1000  # per reader/agent session: a stuck subscriber cannot hold more
     service_queued_messages: int = 200_000  # per collector session: seconds of full ingest, never dropped lightly
     max_connections: int = 50_000
+    # Admission on the agents' listener, before TLS: handshakes in flight, and new connections a second (0 = any).
+    max_handshakes: int = 64
+    accept_rate: float = 500.0
+    max_unsent_bytes: int = 1024 * 1024  # per connection: a client that reads nothing is dropped past this
+    broker_loop: str = "asyncio"  # asyncio, or uvloop (libuv) for the embedded broker's event loop
     broker_durability: str = "full"  # full: fsync each group commit; normal: SQLite WAL checkpoints; off: memory
     # collector
     ttl_seconds: int = 86_400
@@ -84,16 +96,19 @@ class Settings:
     def __post_init__(self) -> None:
         _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
                "must be DEBUG, INFO, WARNING or ERROR", self.log_level)
-        for name in ("mqtt_port", "mqtt_plain_port", "http_port"):
+        for name in ("mqtt_port", "mqtt_plain_port", "mqtt_service_port", "http_port"):
             value = getattr(self, name)
             _check(0 <= value <= 65535, name, "must be a port number 0-65535", value)
+        _check(self.accept_rate >= 0, "accept_rate", "must be 0 (no limit) or more", self.accept_rate)
+        _check(self.broker_loop in BROKER_LOOPS, "broker_loop", "must be asyncio or uvloop", self.broker_loop)
         for name in ("reload_interval_s", "interval", "reconnect_max_s", "batch_interval_s",
                      "stale_factor", "history_raw_days", "history_rollup_days", "agent_rate_limit_per_s",
                      "lost_grace_s"):
             value = getattr(self, name)
             _check(value > 0, name, "must be greater than 0", value)
         for name in ("ttl_seconds", "agent_queue_max_reports", "agent_queue_max_bytes", "max_queued_messages",
-                     "service_queued_messages", "max_connections", "batch_max", "refresh_interval_ms"):
+                     "service_queued_messages", "max_connections", "batch_max", "refresh_interval_ms",
+                     "max_handshakes", "max_unsent_bytes"):
             value = getattr(self, name)
             _check(value >= 1, name, "must be a positive integer", value)
         _check(self.broker_durability in ("full", "normal", "off"), "broker_durability",
@@ -108,6 +123,14 @@ class Settings:
                 _ = parts.port  # urlsplit validates the port lazily
             except ValueError:
                 _check(False, "broker_url", "has a bad port", self.broker_url)
+        if self.cert_names:
+            from fleet.config.tls import cert_name
+
+            for name in self.cert_names:
+                try:
+                    cert_name(name)
+                except ValueError:
+                    _check(False, "cert_names", "each must be a DNS name or an IP address", name)
         for name in ("org",):
             value = getattr(self, name)
             _check(value == "" or is_valid_id(value), name, "must be a valid org id", value)
@@ -164,6 +187,22 @@ class Settings:
         if self.broker_url:
             return self.broker_url
         return f"mqtts://{local_host(self.host)}:{self.mqtt_port}"
+
+    @property
+    def service_port(self) -> int:
+        """The embedded broker's listener reserved for the collector (always admitted, whatever the agents do):
+        ``mqtt_service_port``, else 8884 beside the default 8883, else 0 (a free port, told to in-process parts)."""
+        if self.mqtt_service_port:
+            return self.mqtt_service_port
+        return DEFAULT_SERVICE_PORT if self.mqtt_port == DEFAULT_MQTT_PORT else 0
+
+    @property
+    def collector_broker_url(self) -> str:
+        """The broker URL the collector connects to: ``broker_url``, else the embedded broker's collector listener
+        when its port is known, else its agents' listener."""
+        if self.broker_url or not self.service_port:
+            return self.effective_broker_url
+        return f"mqtts://{local_host(self.host)}:{self.service_port}"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (validated again)."""

@@ -147,6 +147,21 @@ def _host(func: Callable) -> Callable:
     return click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")(func)
 
 
+def _cert_name(func: Callable) -> Callable:
+    # Not given at all = None, so FLEET_CERT_NAMES or the file still counts.
+    return click.option("--cert-name", "cert_names", multiple=True, metavar="NAME",
+                        callback=lambda _ctx, _param, value: value or None,
+                        help="Another name of the server certificate: a DNS name or an IP address (repeatable).")(func)
+
+
+def _echo_identity(certs_dir: Path) -> None:
+    """Print the server certificate's names and its CA's fingerprint, as clients will check them."""
+    from fleet.broker.pki import cert_paths, server_identity
+
+    for line in server_identity(cert_paths(certs_dir)).lines():
+        click.echo(line)
+
+
 def _broker_url(func: Callable) -> Callable:
     return click.option("--broker", "broker_url", default=None,
                         help="Broker URL, mqtts://HOST:PORT (default: the embedded broker).")(func)
@@ -154,13 +169,14 @@ def _broker_url(func: Callable) -> Callable:
 
 @cli.command()
 @_host
+@_cert_name
 @click.option("--mqtt-port", type=int, default=None, help="MQTT/TLS port (default 8883).")
 @click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
 @click.option("--demo", type=click.IntRange(min=0), default=None,
               help="Also run org 'demo' with this machine's agent and N simulated agents.")
 @database
 @common
-@settings_flags("host", "mqtt_port", "http_port")
+@settings_flags("host", "cert_names", "mqtt_port", "http_port")
 def up(settings: Settings, demo: int | None) -> None:
     """Run the embedded broker, the collector and the web app in one process."""
     from fleet.up import run_up
@@ -170,15 +186,21 @@ def up(settings: Settings, demo: int | None) -> None:
 
 @cli.command()
 @_host
+@_cert_name
 @click.option("--mqtt-port", type=int, default=None, help="MQTT/TLS port (default 8883).")
 @database
 @common
-@settings_flags("host", "mqtt_port")
+@settings_flags("host", "cert_names", "mqtt_port")
 def broker(settings: Settings) -> None:
     """Run the embedded MQTT broker alone."""
-    from fleet.broker.server import serve
+    from fleet.broker.server import BrokerHandle, serve
 
-    serve_alone(serve, settings)
+    def started(handle: BrokerHandle) -> None:
+        url = settings.replace(mqtt_port=handle.port).effective_broker_url
+        click.echo(f"  MQTT broker:  {url}   (CA: {settings.ca_path.resolve()})")
+        _echo_identity(settings.certs_dir)
+
+    serve_alone(functools.partial(serve, on_started=started), settings)
 
 
 @cli.command()
@@ -264,15 +286,17 @@ def simulate(settings: Settings, agents: int, duration: float | None, prefix: st
               help="Directory for mosquitto.conf, the password file and the ACL file.")
 @click.option("--mqtt-port", type=int, default=None)
 @_host
+@_cert_name
 @database
 @common
-@settings_flags("mqtt_port", "host")
+@settings_flags("mqtt_port", "host", "cert_names")
 def mosquitto_config(settings: Settings, out_dir: Path) -> None:
     """Export the access model (users, ACL, TLS listener) as Mosquitto configuration."""
     from fleet.broker.mosquitto import write_config
 
     for path in write_config(settings, out_dir):
         click.echo(str(path))
+    _echo_identity(settings.certs_dir)
 
 
 # --- alerts ---------------------------------------------------------------------------------

@@ -116,8 +116,10 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
         broker = start_broker(settings)
         stops.append(broker.stop)
         # Clients reach the broker on the port it really bound (the flag may have been 0).
-        part_settings = settings.replace(mqtt_port=broker.port, broker_url=settings.broker_url or broker.url)
-        collector = start_collector(part_settings)
+        part_settings = settings.replace(mqtt_port=broker.port, mqtt_service_port=broker.service_port,
+                                         broker_url=settings.broker_url or broker.url)
+        # The collector has a listener of its own, where agents crowding the broker cannot keep it out.
+        collector = start_collector(part_settings.replace(broker_url=settings.broker_url or broker.service_url))
         stops.append(collector.stop)
         web = start_web(part_settings)
         stops.append(web.stop)
@@ -141,12 +143,16 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
 
 def run_up(settings: Settings, demo: int | None = None) -> None:
     """``fleet up``: start everything, print where to look, run until Ctrl-C or SIGTERM, stop cleanly."""
+    from fleet.broker.pki import cert_paths, server_identity
+
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     system = start_system(settings, demo)
     try:
         print(f"fleet is up (data in {settings.data_dir.resolve()})", flush=True)
         print(f"  MQTT broker:  {system.broker_url}   (CA: {system.ca_path.resolve()})", flush=True)
+        for line in server_identity(cert_paths(settings.certs_dir)).lines():
+            print(line, flush=True)
         print(f"  dashboard:    {system.http_url}/", flush=True)
         print(f"  health:       {system.http_url}/healthz", flush=True)
         if system.demo_keys is not None:

@@ -3,6 +3,7 @@
 The database is SQLite in the test's data dir. Tests marked ``both_engines`` (whole modules, via
 ``pytestmark``) run once per engine: ``engine`` is then "sqlite" or "postgresql", and ``database_url``
 is a fresh database on a PostgreSQL server started once per test run (tests/postgres.py).
+``lan`` gives a test other hosts: network namespaces joined to this one, where the server runs (tests/netns.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from fleet.broker.server import RunningBroker, start_in_thread
 from fleet.config.settings import Settings
 from fleet.store import credentials
 from fleet.store.database import open_database, sqlite_url
-from tests import stores
+from tests import netns, stores
 from tests.dbhelpers import ENGINES
 from tests.postgres import PostgresServer, unavailable_reason
 
@@ -63,6 +64,23 @@ def db(database_url: str):
     opened = open_database(database_url)
     yield opened
     opened.close()
+
+
+@pytest.fixture(scope="session")
+def netns_unavailable() -> str | None:
+    """Why this machine cannot make network namespaces for ``lan`` (None when it can), checked once a run."""
+    return netns.unavailable_reason()
+
+
+@pytest.fixture
+def lan(netns_unavailable: str | None):
+    """A LAN of other hosts (tests/netns.py) joined to this namespace, where the server runs; removed after the
+    test, passed or failed. Skipped where namespaces cannot be made (not root, no iproute2)."""
+    if netns_unavailable:
+        pytest.skip(netns_unavailable)
+    made = netns.Lan()
+    yield made
+    made.close()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from fleet.broker.pki import cert_paths, server_identity
 from fleet.config.settings import Settings
 from fleet.up import DEMO_KEYS_FILE, ensure_demo_org, start_system
 from tests.helpers import free_port, wait_for
@@ -67,6 +68,7 @@ def test_fleet_up_command_starts_and_stops_on_sigterm(tmp_path):
         assert proc.returncode == 0
         assert "reader key:" in out
         assert "dashboard:" in out
+        assert all(line in out.splitlines() for line in server_identity(cert_paths(tmp_path / "certs")).lines())
     finally:
         if proc.poll() is None:
             proc.kill()

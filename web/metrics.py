@@ -9,7 +9,7 @@ from typing import Any, TypeGuard
 from flask import Blueprint, Response, g
 
 from fleet.config import derived
-from fleet.config.status import MACHINE_STATUSES
+from fleet.config.status import BROKER, MACHINE_STATUSES
 from fleet.store.maintenance import database_size
 from fleet.web import db
 from fleet.web.auth import org_required
@@ -115,6 +115,7 @@ def render(org: str) -> str:
             [(_labels(org=org, rule=rule, severity=severity), n) for rule, severity, n in db.firing_counts(org)])
     _family(lines, "fleet_collector_dropped_messages_total", "counter", "Messages the collector dropped, by reason.",
             [(_labels(reason=reason), n) for reason, n in db.drop_counts().items()])
+    broker_samples(lines)
     size = db.read(database_size)
     _family(lines, "fleet_database_bytes", "gauge", "The database's size: SQLite's file, or pg_database_size.",
             [("", size.database_bytes)])
@@ -122,6 +123,37 @@ def render(org: str) -> str:
     _family(lines, "fleet_database_wal_bytes", "gauge", "SQLite's write-ahead log file (fleet.db-wal).",
             [] if size.wal_bytes is None else [("", size.wal_bytes)])
     return "\n".join(lines) + "\n"
+
+
+# The embedded broker's heartbeat counters behind each family, by label value.
+BROKER_REFUSED = {"handshakes_busy": "refused_handshakes_busy", "accept_rate": "refused_accept_rate",
+                  "broker_full": "refused_broker_full"}
+BROKER_DROPPED = {"slow_reader": "dropped_slow_reader", "keepalive": "keepalive_expired",
+                  "revoked": "revoked_disconnects"}
+
+
+def broker_samples(lines: list[str]) -> None:
+    """The embedded broker's admission and overload counters, from its last heartbeat (none on Mosquitto)."""
+    beat = db.heartbeat(BROKER)
+    detail = beat[1] if beat is not None else {}
+
+    def counted(names: dict[str, str], label: str) -> list[tuple[str, float]]:
+        return [(_labels(**{label: value}), detail.get(key, 0)) for value, key in names.items()] if detail else []
+
+    def single(key: str, scale: float = 1.0) -> list[tuple[str, float]]:
+        return [("", detail.get(key, 0) * scale)] if detail else []
+
+    _family(lines, "fleet_broker_clients_connected", "gauge", "Clients connected to the embedded broker.",
+            single("connected"))
+    _family(lines, "fleet_broker_connections_refused_total", "counter",
+            "Connections the embedded broker turned away, by reason.", counted(BROKER_REFUSED, "reason"))
+    _family(lines, "fleet_broker_connections_dropped_total", "counter",
+            "Connections the embedded broker dropped, by reason.", counted(BROKER_DROPPED, "reason"))
+    _family(lines, "fleet_broker_handshake_timeouts_total", "counter",
+            "TLS handshakes that did not finish in time.", single("handshake_timeouts"))
+    _family(lines, "fleet_broker_loop_lag_seconds", "gauge",
+            "How late the embedded broker's event loop ran a timer: p99 over the last minute.",
+            single("loop_lag_p99_ms", 0.001))
 
 
 def custom_samples(lines: list[str], org_label: str, machines: list[db.MachineMetrics]) -> None:

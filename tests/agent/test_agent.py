@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+from fleet.agent.connection import backoff_delay
 from fleet.agent.outbox import Outbox
-from fleet.agent.runner import backoff_delay, keepalive_for
+from fleet.agent.runner import keepalive_for
 from fleet.broker.server import start_in_thread
 from fleet.config import payloads
 from fleet.store import credentials

@@ -33,7 +33,10 @@ def test_a_broker_out_of_descriptors_warns_once_and_recovers(fleet_dir: Path, ac
     log_path = fleet_dir / "broker.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "broker", "--data-dir", str(fleet_dir),
-                                 "--mqtt-port", str(port)], env={**os.environ, "FLEET_LOG_LEVEL": "INFO"},
+                                 "--mqtt-port", str(port)],
+                                # no admission bound: this test is about running out of descriptors
+                                env={**os.environ, "FLEET_LOG_LEVEL": "INFO", "FLEET_MAX_HANDSHAKES": "100000",
+                                     "FLEET_ACCEPT_RATE": "0"},
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_limited(LIMIT, LIMIT))
     broker = BrokerProcess(port, fleet_dir / "certs" / "ca.pem", fleet_dir, proc)
     socks: list[socket.socket] = []
