@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, TypeGuard
 
 from flask import Blueprint, Response, g
 
@@ -48,10 +47,6 @@ def _machine_label(org_label: str, machine_id: str) -> str:
     return f'{org_label},machine_id="{escape_label(machine_id)}"'
 
 
-def _number(value: Any) -> TypeGuard[float]:
-    return type(value) is float or type(value) is int  # not a bool, not None
-
-
 def render(org: str) -> str:
     """The exposition text for one org.
 
@@ -66,23 +61,32 @@ def render(org: str) -> str:
     # Samples rendered as they are made ('{labels} value'), one list per family, in one pass over the machines.
     rendered: list[list[str]] = [[] for _ in range(10)]
     status, info, cpu, memory, disk, seen, offset, conflict, lost, late = rendered
-    for m in machines:
-        base = _machine_label(org_label, m.machine_id)
+    for machine_id, status_now, last_seen, clock_offset, in_conflict, lost_n, late_n, metrics, labels in machines:
+        base = _machine_label(org_label, machine_id)
         key = f"{{{base}}}"
         for s in MACHINE_STATUSES:
-            status.append(f'{{{base},status="{s}"}} {"1.0" if m.status == s else "0.0"}')
-        text = label_texts.get(id(m.labels))
+            status.append(f'{{{base},status="{s}"}} {"1.0" if status_now == s else "0.0"}')
+        text = label_texts.get(id(labels))
         if text is None:
-            text = label_texts[id(m.labels)] = "".join(f',{name}="{escape_label(value)}"'
-                                                       for name, value in label_names(m.labels).items())
+            text = label_texts[id(labels)] = "".join(f',{name}="{escape_label(value)}"'
+                                                     for name, value in label_names(labels).items())
         info.append(f"{{{base}{text}}} 1.0")
-        metrics = m.metrics
-        for family, value in ((cpu, derived.cpu_percent(metrics)), (memory, derived.memory_percent(metrics)),
-                              (disk, derived.disk_percent(metrics)), (seen, m.last_seen),
-                              (offset, m.clock_offset_s), (lost, m.lost), (late, m.late)):
-            if _number(value):
-                family.append(f"{key} {float(value)!r}")
-        conflict.append(f"{key} {'1.0' if m.conflict else '0.0'}")
+        # Derived fields are floats or None; the columns are numbers or NULL (never a bool).
+        if (value := derived.cpu_percent(metrics)) is not None:
+            cpu.append(f"{key} {value!r}")
+        if (value := derived.memory_percent(metrics)) is not None:
+            memory.append(f"{key} {value!r}")
+        if (value := derived.disk_percent(metrics)) is not None:
+            disk.append(f"{key} {value!r}")
+        if last_seen is not None:
+            seen.append(f"{key} {float(last_seen)!r}")
+        if clock_offset is not None:
+            offset.append(f"{key} {float(clock_offset)!r}")
+        if lost_n is not None:
+            lost.append(f"{key} {float(lost_n)!r}")
+        if late_n is not None:
+            late.append(f"{key} {float(late_n)!r}")
+        conflict.append(f"{key} {'1.0' if in_conflict else '0.0'}")
 
     _family(lines, "fleet_machine_status", "gauge", "1 for the machine's current status (online, stale, offline).",
             rendered=status)
@@ -159,11 +163,10 @@ def broker_samples(lines: list[str]) -> None:
 def custom_samples(lines: list[str], org_label: str, machines: list[db.MachineMetrics]) -> None:
     """Each machine's custom series and process check counts, one labelled sample each."""
     custom, counts = [], []
-    for m in machines:
-        metrics = m.metrics
+    for machine_id, *_, metrics, _labels_of in machines:
         if "custom" not in metrics and "process_counts" not in metrics:
             continue
-        base = _machine_label(org_label, m.machine_id)
+        base = _machine_label(org_label, machine_id)
         for series, value in (metrics.get("custom") or {}).items():
             custom.append((f'{{{base},series="{escape_label(series)}"}}', value))
         for name, value in (metrics.get("process_counts") or {}).items():
