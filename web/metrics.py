@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
+import orjson
 from flask import Blueprint, Response, g
 
 from fleet.config import derived
@@ -61,7 +63,11 @@ def render(org: str) -> str:
     # Samples rendered as they are made ('{labels} value'), one list per family, in one pass over the machines.
     rendered: list[list[str]] = [[] for _ in range(10)]
     status, info, cpu, memory, disk, seen, offset, conflict, lost, late = rendered
-    for machine_id, status_now, last_seen, clock_offset, in_conflict, lost_n, late_n, metrics, labels in machines:
+    custom: list[tuple[str, float]] = []
+    counts_of_checks: list[tuple[str, float]] = []
+    for machine_id, status_now, last_seen, clock_offset, in_conflict, lost_n, late_n, text_of_metrics, labels \
+            in machines:
+        metrics = _decoded(text_of_metrics)
         base = _machine_label(org_label, machine_id)
         key = f"{{{base}}}"
         for s in MACHINE_STATUSES:
@@ -87,6 +93,8 @@ def render(org: str) -> str:
         if late_n is not None:
             late.append(f"{key} {float(late_n)!r}")
         conflict.append(f"{key} {'1.0' if in_conflict else '0.0'}")
+        if "custom" in metrics or "process_counts" in metrics:
+            agent_extras(custom, counts_of_checks, base, metrics)
 
     _family(lines, "fleet_machine_status", "gauge", "1 for the machine's current status (online, stale, offline).",
             rendered=status)
@@ -110,7 +118,10 @@ def render(org: str) -> str:
             [(_labels(org=org), db.lost_count(org))])
     _family(lines, "fleet_machine_labels", "gauge",
             "1 per machine, its labels as label_KEY labels (an info metric to join on).", rendered=info)
-    custom_samples(lines, org_label, machines)
+    _family(lines, "fleet_machine_custom", "gauge",
+            "A series of the machine's textfile directory, named as in its file (label series).", custom)
+    _family(lines, "fleet_machine_process_count", "gauge",
+            "Processes matching a process check of the agent (label name: NAME or re:REGEX).", counts_of_checks)
     _family(lines, "fleet_machines", "gauge", "Machines per status.",
             [(_labels(org=org, status=s), counts[s]) for s in MACHINE_STATUSES])
     _family(lines, "fleet_machines_expired_total", "counter", "Machines evicted after the TTL.",
@@ -160,21 +171,22 @@ def broker_samples(lines: list[str]) -> None:
             single("loop_lag_p99_ms", 0.001))
 
 
-def custom_samples(lines: list[str], org_label: str, machines: list[db.MachineMetrics]) -> None:
-    """Each machine's custom series and process check counts, one labelled sample each."""
-    custom, counts = [], []
-    for machine_id, *_, metrics, _labels_of in machines:
-        if "custom" not in metrics and "process_counts" not in metrics:
-            continue
-        base = _machine_label(org_label, machine_id)
-        for series, value in (metrics.get("custom") or {}).items():
-            custom.append((f'{{{base},series="{escape_label(series)}"}}', value))
-        for name, value in (metrics.get("process_counts") or {}).items():
-            counts.append((f'{{{base},name="{escape_label(name)}"}}', value))
-    _family(lines, "fleet_machine_custom", "gauge",
-            "A series of the machine's textfile directory, named as in its file (label series).", custom)
-    _family(lines, "fleet_machine_process_count", "gauge",
-            "Processes matching a process check of the agent (label name: NAME or re:REGEX).", counts)
+def agent_extras(custom: list[tuple[str, float]], counts: list[tuple[str, float]], base: str,
+                 metrics: dict[str, Any]) -> None:
+    """A machine's custom series and process check counts, one labelled sample each."""
+    for series, value in (metrics.get("custom") or {}).items():
+        custom.append((f'{{{base},series="{escape_label(series)}"}}', value))
+    for name, value in (metrics.get("process_counts") or {}).items():
+        counts.append((f'{{{base},name="{escape_label(name)}"}}', value))
+
+
+def _decoded(text: str) -> dict[str, Any]:
+    """A stored metrics object, ``{}`` if unreadable."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 @bp.get("/metrics")
