@@ -291,7 +291,7 @@ class Writer:
         try:
             message = item.message
             if isinstance(message, Report):
-                labels, problem = report_labels(message)
+                labels, problem = self._labels_of(message)
                 if problem is not None:
                     self._labels_dropped(message, problem)
                 transitions = self.tracker.on_report(message, item.received, None if problem else labels)
@@ -306,6 +306,14 @@ class Writer:
             self.peers.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}",
                                  f"{type(exc).__name__}: {exc}")
             log.exception("internal error applying a message of %s/%s", item.message.org, item.message.machine_id)
+
+    def _labels_of(self, report: Report) -> tuple[dict[str, str], str | None]:
+        """The report's labels, or why they are dropped; the machine's current labels again are not re-checked."""
+        machine = self.tracker.get(report.org, report.machine_id)
+        raw = report.data.get("labels")
+        if machine is not None and type(raw) is dict and raw == machine.agent_labels:
+            return machine.agent_labels, None  # nearly every report: the labels it sent last time
+        return report_labels(report)
 
     def _labels_dropped(self, report: Report, problem: str) -> None:
         """Count a report's dropped labels; log the first time per machine (a bad config repeats every report)."""
