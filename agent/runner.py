@@ -57,6 +57,7 @@ class Agent:
         self.address = BrokerAddress.parse(settings.effective_broker_url)
         self.hw_id = hardware_id()
         self.system = system_info(self.hw_id)
+        self.labels = settings.labels.as_dict()
         self.state = make_state(settings)
         self.ca_path = settings.ca_path
         self.conn: Connection | None = None
@@ -80,7 +81,7 @@ class Agent:
     def make_report(self) -> dict:
         """Collect one report for the current session and sequence number."""
         report = payloads.build_report(self.machine, self.hw_id, self.session, self.seq, round(time.time(), 3),
-                                       collect_metrics(self.state), self.system)
+                                       collect_metrics(self.state), self.system, self.labels)
         self.seq += 1
         self.reports_made += 1
         return report
@@ -304,7 +305,7 @@ def print_reports(settings: Settings, machine: str, once: bool, stop: threading.
     stop.wait(min(1.0, settings.interval))
     while True:
         report = payloads.build_report(machine, hw_id, session, seq, round(time.time(), 3),
-                                       collect_metrics(state), system)
+                                       collect_metrics(state), system, settings.labels.as_dict())
         print(json.dumps(report), flush=True)
         seq += 1
         if once or stop.wait(settings.interval):

@@ -35,6 +35,7 @@ from fleet.agent.errors import AgentError
 from fleet.agent.identity import IdentityFiles, enrol
 from fleet.config import payloads
 from fleet.config.ids import validate_id
+from fleet.config.labels import Spread
 from fleet.config.mqtt import BrokerAddress, new_client, paho, tls_context
 from fleet.config.settings import Settings
 from fleet.config.status import OFFLINE, ONLINE
@@ -106,8 +107,9 @@ class SimAgent:
     """One simulated machine: identity, metric random walks, and its current connection."""
 
     def __init__(self, index: int, settings: Settings, stats: SimStats, rng: random.Random,
-                 prefix: str = DEFAULT_PREFIX, hot: bool = False) -> None:
+                 prefix: str = DEFAULT_PREFIX, hot: bool = False, labels: dict[str, str] | None = None) -> None:
         self.machine = f"{prefix}-{index:04d}"
+        self.labels = labels or {}
         self.hot_since = time.monotonic() if hot else None  # runs hot in cycles, so a demo sees an alert fire
         self.settings = settings
         self.stats = stats
@@ -241,7 +243,7 @@ class SimAgent:
             self.stats.add(skipped=1)
             return
         body = payloads.build_report(self.machine, self.hw_id, self.session, self.seq, round(time.time(), 3),
-                                     self.metrics(self.settings.interval), self.system)
+                                     self.metrics(self.settings.interval), self.system, self.labels)
         info = self.live.publish(report_topic(self.settings.org, self.machine), payloads.encode(body), qos=1)
         self.report_mids[info.mid] = self.seq
         if self.events is not None:
@@ -532,12 +534,13 @@ def enrol_all(settings: Settings, address: BrokerAddress, machines: list[str]) -
 
 def start_simulation(settings: Settings, agents: int, seed: int | None = None, prefix: str = DEFAULT_PREFIX,
                      connect_rate: float = DEFAULT_CONNECT_RATE, record_path: Path | None = None,
-                     hot: int = 0) -> Simulation:
+                     hot: int = 0, spread: Spread | None = None) -> Simulation:
     """Start ``agents`` simulated agents, named ``<prefix>-0001``…, in background threads.
 
     Their first connects are spread, with jitter, over ``agents / connect_rate`` seconds (at least one);
     with ``record_path``, every report published and acknowledged is written there (agent/record.py). The
-    first ``hot`` agents run hot in cycles (CPU above 90%), so a demo sees an alert fire.
+    first ``hot`` agents run hot in cycles (CPU above 90%), so a demo sees an alert fire. ``spread`` gives the
+    machines labels (every combination of its values in turn).
     """
     if not settings.org or not (settings.key or settings.enrol):
         raise AgentError("simulate needs --org and --key or --enrol (or FLEET_ORG / FLEET_KEY / FLEET_ENROL)")
@@ -548,7 +551,8 @@ def start_simulation(settings: Settings, agents: int, seed: int | None = None, p
     rng = random.Random(seed)
     stats = SimStats(target=agents)
     stop = threading.Event()
-    sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random()), prefix, hot=i < hot)
+    sims = [SimAgent(i + 1, settings, stats, random.Random(rng.random()), prefix, hot=i < hot,
+                     labels=spread.labels(i) if spread is not None else None)
             for i in range(agents)]
     ca_path = settings.ca_path
     if settings.enrol:
@@ -568,12 +572,14 @@ def start_simulation(settings: Settings, agents: int, seed: int | None = None, p
 
 
 def run_simulation(settings: Settings, agents: int, duration: float | None = None, prefix: str = DEFAULT_PREFIX,
-                   connect_rate: float = DEFAULT_CONNECT_RATE, record_path: Path | None = None) -> dict[str, Any]:
+                   connect_rate: float = DEFAULT_CONNECT_RATE, record_path: Path | None = None,
+                   spread: Spread | None = None) -> dict[str, Any]:
     """``fleet simulate``: run until ``duration`` or Ctrl-C; progress every 5 s; JSON summary on exit."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    sim = start_simulation(settings, agents, prefix=prefix, connect_rate=connect_rate, record_path=record_path)
+    sim = start_simulation(settings, agents, prefix=prefix, connect_rate=connect_rate, record_path=record_path,
+                           spread=spread)
     started = time.monotonic()
     next_progress = started + PROGRESS_EVERY_S
     end = None if duration is None else started + duration

@@ -1,8 +1,9 @@
 """Web benchmark: API latency (p50/p99) through waitress with 10,000 machines in the database.
 
-    python3 bench/web.py [--machines 10000] [--requests 200] [--database sqlite --database postgresql://…]
+    python3 bench/web.py [--machines 10000] [--labels 3] [--requests 200] [--database sqlite --database postgresql://…]
 The server runs as `fleet web` in its own process; requests come one at a time over loopback. Each
 ``--database`` (default: sqlite, fleet.db in a temporary data dir) is filled alike and measured in turn.
+Each machine has ``--labels`` agent labels (env, role, site, …; 0 for none).
 """
 
 from __future__ import annotations
@@ -23,11 +24,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
+from fleet.config.labels import labels_json  # noqa: E402
 from fleet.store.database import DatabaseUrl, open_database, sqlite_url  # noqa: E402
 from tests import stores  # noqa: E402
+from tests.dbhelpers import insert_reports, sample  # noqa: E402
+
+# Label keys and their values: machine i gets the i-th combination, so every value is common.
+LABELS = (("env", ("prod", "staging", "dev")), ("role", ("web", "db", "worker", "cache")),
+          ("site", ("par", "fra", "ams", "lon", "nyc")), ("team", ("core", "data")), ("tier", ("1", "2", "3")))
 
 
-def fill(data: Path, database: str, machines: int) -> str:
+def machine_labels(i: int, count: int) -> dict[str, str]:
+    """The first ``count`` labels of machine ``i``."""
+    labels, step = {}, 1
+    for key, values in LABELS[:count]:
+        labels[key] = values[(i // step) % len(values)]
+        step *= len(values)
+    return labels
+
+
+def fill(data: Path, database: str, machines: int, labels: int = 0) -> str:
     random.seed(42)  # the same fleet in every database
     if stores.org_exists(data, "bench", database):
         raise SystemExit(f"{DatabaseUrl.parse(database)} is not empty: give bench/web.py a new database")
@@ -49,12 +65,12 @@ def fill(data: Path, database: str, machines: int) -> str:
                      "status": random.choice(["online"] * 8 + ["stale", "offline"]), "session": "s", "interval_s": 10,
                      "last_seen": now - random.uniform(0, 30), "last_ping": now, "clock_offset_s": 0.01,
                      "conflict": 0, "os": os_name, "system": json.dumps(system), "metrics": json.dumps(metrics),
-                     "first_seen": now - 86400, "updated": now})
+                     "first_seen": now - 86400, "updated": now,
+                     "agent_labels": labels_json(machine_labels(i, labels))})
     db.insert("machines", rows)
-    db.insert("reports", [{"org": "bench", "machine_id": "m-00042", "session": "s", "seq": i,
-                           "ts": now - 86400 + i * 10, "received": now - 86400 + i * 10, "cpu_percent": 10.0,
-                           "memory_percent": 50.0, "disk_percent": 50.0, "load1": 0.5, "net_bytes_sent": i,
-                           "net_bytes_recv": i, "payload": "{}"} for i in range(8640)])
+    insert_reports(db, [sample("bench", "m-00042", "s", i, now - 86400 + i * 10, cpu_percent=10.0,
+                               memory_percent=50.0, disk_percent=50.0, load1=0.5, net_bytes_sent=i,
+                               net_bytes_recv=i) for i in range(8640)])
     if db.engine == "postgresql":
         db.execute("ANALYZE")  # what autovacuum would do within a minute of such a load
     db.close()
@@ -75,18 +91,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--machines", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--labels", type=int, default=3, choices=range(len(LABELS) + 1),
+                        help="labels per machine (default 3)")
+    parser.add_argument("--only", default="", help="measure only the endpoints whose name contains this")
     parser.add_argument("--database", action="append", metavar="URL",
                         help="sqlite (default) or postgresql://…; repeat to compare in one run")
     args = parser.parse_args()
-    print(f"machines={args.machines} requests/endpoint={args.requests} cores={os.cpu_count()}")
+    print(f"machines={args.machines} labels/machine={args.labels} requests/endpoint={args.requests} "
+          f"cores={os.cpu_count()}")
     for database in args.database or ["sqlite"]:
         data = Path(tempfile.mkdtemp(prefix="fleet-bench-web-"))
         measure(data, sqlite_url(data / "fleet.db") if database == "sqlite" else database, args)
 
 
+def p99(samples: list[float]) -> float:
+    """The 99th percentile of latencies in seconds, in ms."""
+    lat = sorted(x * 1000 for x in samples)
+    return lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+
+
+# (baseline, with a label filter): requests alternate between the two, so the shared cores' noise hits both.
+COMPARED = (("/api/fleet", "/api/fleet?label=env=prod"),
+            ("/api/fleet?limit=100&sort=last_seen&order=desc",
+             "/api/fleet?label=env=prod&limit=100&sort=last_seen&order=desc"))
+
+
+def compare(port: int, token: str, requests: int) -> None:
+    """p99 of each filtered request against its unfiltered baseline, measured alternately."""
+    print("\n| unfiltered | filtered | p99 unfiltered ms | p99 filtered ms | ratio |")
+    print("|---|---|---|---|---|")
+    for base, filtered in COMPARED:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        timed(conn, base, token)
+        timed(conn, filtered, token)
+        a, b = [], []
+        for _ in range(requests):
+            a.append(timed(conn, base, token)[0])
+            b.append(timed(conn, filtered, token)[0])
+        conn.close()
+        print(f"| `{base}` | `{filtered}` | {p99(a):.1f} | {p99(b):.1f} | {p99(b) / p99(a):.2f}× |")
+
+
 def measure(data: Path, database: str, args: argparse.Namespace) -> None:
     """Fill one database and print the latency table of a `fleet web` serving it."""
-    token = fill(data, database, args.machines)
+    token = fill(data, database, args.machines, args.labels)
     port = free_port()
     env = {**os.environ, "FLEET_LOG_LEVEL": "ERROR", "FLEET_RATE_LIMIT_API": "1000000/minute",
            "FLEET_DATABASE_URL": database}
@@ -98,6 +146,12 @@ def measure(data: Path, database: str, args: argparse.Namespace) -> None:
         paths = {
             f"/api/fleet (all {args.machines})": "/api/fleet",
             "/api/fleet?limit=100 (dashboard page)": "/api/fleet?limit=100&sort=last_seen&order=desc",
+            "/api/fleet?label=env=prod (all of them)": "/api/fleet?label=env=prod",
+            "/api/fleet?label=env=prod&limit=100": "/api/fleet?label=env=prod&limit=100&sort=last_seen&order=desc",
+            "/api/fleet?label=env=prod&label=role!=db&limit=100":
+                "/api/fleet?label=env=prod&label=role!=db&limit=100&sort=last_seen&order=desc",
+            "/api/fleet?group=role&limit=100 (grouped page)": "/api/fleet?group=role&limit=100",
+            "/api/labels": "/api/labels",
             "/api/fleet?status=offline&os=Windows": "/api/fleet?status=offline&os=Windows",
             "/api/fleet?q=host-0999 (search)": "/api/fleet?q=host-0999&limit=100",
             "/api/fleet/<machine>": "/api/fleet/m-00042",
@@ -110,14 +164,18 @@ def measure(data: Path, database: str, args: argparse.Namespace) -> None:
         print("| endpoint | p50 ms | p99 ms | response size |")
         print("|---|---|---|---|")
         for label, path in paths.items():
+            if args.only and args.only not in label:
+                continue
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            n = args.requests if "all" not in label and "metrics" not in label else max(20, args.requests // 5)
+            n = args.requests if "all" not in label and "metrics" not in label else max(100, args.requests // 2)
             timed(conn, path, token)  # warm-up
             samples = [timed(conn, path, token) for _ in range(n)]
             lat = sorted(s[0] * 1000 for s in samples)
             p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
             print(f"| {label} | {statistics.median(lat):.1f} | {p99:.1f} | {samples[0][1] / 1024:.0f} KiB |")
             conn.close()
+        if not args.only:
+            compare(port, token, args.requests)
     finally:
         stop_process(proc)
 

@@ -87,20 +87,20 @@ def _machine_row(machine: Machine, now: float) -> tuple:
     return (machine.hardware_id, machine.status, machine.session, machine.interval_s, machine.last_seen,
             machine.last_ping, machine.clock_offset_s, int(machine.conflict), machine.os, machine.system,
             machine.metrics, machine.first_seen, now, machine.lost, machine.late, machine.tails_json(),
-            machine.org, machine.machine_id)
+            machine.agent_labels_text, machine.org, machine.machine_id)
 
 
 MACHINE_KEY = ("org", "machine_id")
 MACHINE_COLUMNS = ("hardware_id", "status", "session", "interval_s", "last_seen", "last_ping", "clock_offset_s",
                    "conflict", "os", "system", "metrics", "first_seen", "updated", "lost", "late", "tails",
-                   *MACHINE_KEY)  # the key last, as update_many wants it
+                   "agent_labels", *MACHINE_KEY)  # the key last, as update_many wants it
 UPSERT_MACHINE = (
     "(org, machine_id) DO UPDATE SET hardware_id=excluded.hardware_id, status=excluded.status,"
     " session=excluded.session, interval_s=excluded.interval_s, last_seen=excluded.last_seen,"
     " last_ping=excluded.last_ping, clock_offset_s=excluded.clock_offset_s, conflict=excluded.conflict,"
     " os=excluded.os, system=excluded.system, metrics=excluded.metrics,"
     " first_seen=coalesce(machines.first_seen, excluded.first_seen), updated=excluded.updated,"
-    " lost=excluded.lost, late=excluded.late, tails=excluded.tails"
+    " lost=excluded.lost, late=excluded.late, tails=excluded.tails, agent_labels=excluded.agent_labels"
 )
 
 

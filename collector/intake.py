@@ -21,6 +21,7 @@ log = logging.getLogger("fleet.collector.intake")
 RATE_LIMITED = "rate_limited"
 INTERNAL = "internal"
 UNKNOWN_ORG = "unknown_org"  # a well-formed message of an org that does not exist (or is not this shard's)
+BAD_LABELS = "bad_labels"  # a report kept without its labels (oversize, too many, malformed): logged once per machine
 DROP_REASONS = payloads.REASONS + (RATE_LIMITED, INTERNAL, UNKNOWN_ORG)
 # Bucket depth in seconds of the rate: a broker delivering a backlog after an outage is not a flood.
 BURST_SECONDS = 20.0
@@ -66,8 +67,7 @@ class DropCounter:
         """Count one dropped message; log it unless this reason was logged within the last minute."""
         now = self._clock()
         with self._lock:
-            self._total[reason] = self._total.get(reason, 0) + 1
-            self._unsaved[reason] = self._unsaved.get(reason, 0) + 1
+            self._count(reason)
             self._since_log[reason] = self._since_log.get(reason, 0) + 1
             last = self._last_log.get(reason)
             if last is not None and now - last < LOG_EVERY_S:
@@ -76,6 +76,15 @@ class DropCounter:
             count = self._since_log.pop(reason)
         log.warning("dropped message on %r: %s (%r); %d dropped for this reason since the last such line",
                     topic[:200], reason, detail[:200], count)
+
+    def add_quietly(self, reason: str) -> None:
+        """Count one drop that its caller logs its own way."""
+        with self._lock:
+            self._count(reason)
+
+    def _count(self, reason: str) -> None:
+        self._total[reason] = self._total.get(reason, 0) + 1
+        self._unsaved[reason] = self._unsaved.get(reason, 0) + 1
 
     def totals(self) -> dict[str, int]:
         """Drops per reason since the collector started."""

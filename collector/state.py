@@ -28,9 +28,11 @@ from typing import Any
 
 import orjson
 
+from fleet.config.labels import diff, labels_json, merge
 from fleet.config.payloads import Ping, Report
 from fleet.config.status import EVICTED, OFFLINE, ONLINE, STALE
 from fleet.config.status import MACHINE_STATUSES as STATUSES
+from fleet.store.labels import agent_labels, label_event_reason
 
 OFFSET_WINDOW = 5  # clock offset = min over this many recent messages (delay only adds)
 PAST_SESSIONS = 16  # earlier sessions remembered per machine, to recognise late messages
@@ -124,6 +126,9 @@ class Machine:
     settled_tails: dict[str, int] = field(default_factory=dict)  # session -> last_seq, oldest first
     stored: bool = False  # its row is in the machines table (loaded from it, or written): an UPDATE will do
     cert_not_after: float | None = None  # its unrevoked certificate's end (read from the database with the orgs)
+    agent_labels: dict[str, str] = field(default_factory=dict)  # of the newest report with valid labels
+    agent_labels_text: str = "{}"  # the same as stored (config.labels.labels_json), made once per change
+    labels: dict[str, str] = field(default_factory=dict)  # merged: the agent's, server labels winning
 
     def tails_json(self) -> str:
         """Open and settled tail checks as stored in ``machines.tails``."""
@@ -151,6 +156,7 @@ class Tracker:
         self.machines: dict[tuple[str, str], Machine] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._with_tails: set[tuple[str, str]] = set()  # machines with open tail checks
+        self.server_labels: dict[tuple[str, str], dict[str, str]] = {}  # fleet machine label, by (org, machine_id)
 
     # --- queries ------------------------------------------------------------------------------
     def get(self, org: str, machine_id: str) -> Machine | None:
@@ -181,7 +187,10 @@ class Tracker:
                 last_ping=row["last_ping"], clock_offset_s=row["clock_offset_s"], conflict=bool(row["conflict"]),
                 os=row["os"] or "", system=row["system"] or "{}", metrics=row["metrics"] or "{}",
                 first_seen=row["first_seen"] or row["last_seen"] or 0.0, stored=True,
+                agent_labels=agent_labels(row.get("agent_labels")),
             )
+            machine.agent_labels_text = labels_json(machine.agent_labels)
+            machine.labels = merge(machine.agent_labels, self.server_labels.get(machine.key, {}))
             if machine.status not in STATUSES:
                 machine.status = STALE
             if machine.clock_offset_s is not None:
@@ -192,8 +201,16 @@ class Tracker:
             self._load_tails(machine, row, now)
             self.machines[machine.key] = machine
 
-    def on_report(self, report: Report, now: float) -> list[Transition]:
-        """Apply a validated report received at ``now``."""
+    def set_server_labels(self, server_labels: dict[tuple[str, str], dict[str, str]]) -> None:
+        """Replace the server labels (their change was logged as an event by whoever made it)."""
+        self.server_labels = server_labels
+        for machine in self.machines.values():
+            labels = merge(machine.agent_labels, server_labels.get(machine.key, {}))
+            if labels != machine.labels:
+                machine.labels = labels
+
+    def on_report(self, report: Report, now: float, labels: dict[str, str] | None = None) -> list[Transition]:
+        """Apply a validated report received at ``now``; ``labels`` are its valid labels (None: dropped)."""
         key = (report.org, report.machine_id)
         machine = self.machines.get(key)
         transitions: list[Transition] = []
@@ -216,12 +233,15 @@ class Tracker:
             machine.late += 1  # its tail was already settled: lost stays as counted
         machine.last_seen = now if machine.last_seen is None else max(machine.last_seen, now)
         if report.ts >= machine.latest_ts:
+            first_report = machine.latest_ts == float("-inf")
             machine.latest_ts = report.ts
             machine.hardware_id = report.hardware_id
             machine.metrics = report.metrics
             machine.system = report.system
             os_name = report.system.get("os") if isinstance(report.system, Mapping) else None
             machine.os = os_name if isinstance(os_name, str) else ""
+            if labels is not None and labels != machine.agent_labels:
+                transitions += self._set_agent_labels(machine, labels, now, first_report)
         self._saw_hardware(machine, report.hardware_id, now)
         self._dirty.add(key)
         return transitions
@@ -375,7 +395,8 @@ class Tracker:
 
     # --- helpers ------------------------------------------------------------------------------
     def _create(self, org: str, machine_id: str, status: str, session: str, now: float) -> Machine:
-        machine = Machine(org=org, machine_id=machine_id, status=status, session=session, first_seen=now)
+        machine = Machine(org=org, machine_id=machine_id, status=status, session=session, first_seen=now,
+                          labels=dict(self.server_labels.get((org, machine_id), {})))
         self.machines[(org, machine_id)] = machine
         return machine
 
@@ -400,6 +421,20 @@ class Tracker:
         machine.session_ts = float("-inf")
         # Offsets of the earlier connection say nothing about this one's clock.
         machine.offsets.clear()
+
+    def _set_agent_labels(self, machine: Machine, labels: dict[str, str], now: float,
+                          first_report: bool) -> list[Transition]:
+        """New labels from the agent; a change of the merged labels is an event (not a machine's first labels)."""
+        first = first_report and not machine.agent_labels
+        machine.agent_labels = labels
+        machine.agent_labels_text = labels_json(labels)
+        merged = merge(labels, self.server_labels.get(machine.key, {}))
+        change = diff(machine.labels, merged)
+        machine.labels = merged
+        if not change or first:
+            return []
+        return [Transition(machine.org, machine.machine_id, now, machine.status, machine.status,
+                           label_event_reason(change))]
 
     def _set(self, machine: Machine, status: str, reason: str, now: float) -> Transition:
         old = machine.status

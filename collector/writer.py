@@ -21,11 +21,11 @@ from fleet.collector import history
 from fleet.collector.alerts.engine import AlertEngine
 from fleet.collector.errors import CollectorError
 from fleet.collector.handoff import Handoff
-from fleet.collector.intake import INTERNAL, UNKNOWN_ORG, DropCounter, Received
+from fleet.collector.intake import BAD_LABELS, INTERNAL, UNKNOWN_ORG, DropCounter, Received
 from fleet.collector.mqtt_link import MqttLink
 from fleet.collector.shared import CollectorStats, LinkState, ServedOrgs, WriteCounts
 from fleet.collector.state import Tracker, Transition
-from fleet.config.payloads import Report
+from fleet.config.payloads import Report, report_labels
 from fleet.config.settings import Settings
 from fleet.config.status import (
     BROKER_CONNECTED,
@@ -47,6 +47,7 @@ from fleet.store.database import (
 )
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.identity import all_cert_not_after
+from fleet.store.labels import labels_version, server_labels
 from fleet.store.lease import LeaseLost
 from fleet.store.orgs import list_orgs
 from fleet.store.samples import SampleIds
@@ -61,6 +62,7 @@ WRITER_BUSY_TIMEOUT_MS = 1000
 STOP_RETRY_S = 10.0
 CHECKPOINT_EVERY_S = 1.0  # a PASSIVE pass at least this often
 WAL_CHECK_EVERY_S = 0.1  # the WAL's size is looked at this often: ~4 MB of commits at 2,000 reports/s
+MAX_LABELS_LOGGED = 100_000  # machines remembered as logged for dropped labels; then forgotten and logged again
 WRITER_RESET_BYTES = 2 * wal.WAL_RESET_BYTES  # past this the writer resets the log itself, between batches
 
 
@@ -118,6 +120,7 @@ class WriterThread:
                 # commit never waits for one: the broker sends no more than its in-flight window until we ack.
                 db.execute("PRAGMA wal_autocheckpoint=0")
             orgs = self.peers.orgs.get()
+            self.tracker.set_server_labels(server_labels(db))
             self.tracker.load(history.load_machines(db, orgs if self.settings.orgs else None), time.time())
             self.alerts.load(db, orgs, time.time())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
@@ -262,6 +265,8 @@ class Writer:
         self.marker_key = f"collector_batch:{client_id}"
         self.marker_prefix = os.urandom(6).hex()  # this process's, so a marker left by an earlier one never matches
         self.batches = 0
+        self.labels_logged: set[tuple[str, str]] = set()  # machines whose dropped labels were logged
+        self.labels_version = ""
 
     def run(self) -> None:
         """Loop until the hand-off is closed and empty; the last flush writes everything pending."""
@@ -302,7 +307,10 @@ class Writer:
         try:
             message = item.message
             if isinstance(message, Report):
-                transitions = self.tracker.on_report(message, item.received)
+                labels, problem = self._labels_of(message)
+                if problem is not None:
+                    self._labels_dropped(message, problem)
+                transitions = self.tracker.on_report(message, item.received, None if problem else labels)
                 self.batch.reports.append(history.report_row(message, item.received))
             else:
                 transitions = self.tracker.on_ping(message, item.received, item.retained)
@@ -314,6 +322,32 @@ class Writer:
             self.peers.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}",
                                  f"{type(exc).__name__}: {exc}")
             log.exception("internal error applying a message of %s/%s", item.message.org, item.message.machine_id)
+
+    def _labels_of(self, report: Report) -> tuple[dict[str, str], str | None]:
+        """The report's labels, or why they are dropped; the machine's current labels again are not re-checked."""
+        machine = self.tracker.get(report.org, report.machine_id)
+        raw = report.data.get("labels")
+        if machine is not None and type(raw) is dict and raw == machine.agent_labels:
+            return machine.agent_labels, None  # nearly every report: the labels it sent last time
+        return report_labels(report)
+
+    def _labels_dropped(self, report: Report, problem: str) -> None:
+        """Count a report's dropped labels; log the first time per machine (a bad config repeats every report)."""
+        self.peers.drops.add_quietly(BAD_LABELS)
+        key = (report.org, report.machine_id)
+        if key not in self.labels_logged:
+            if len(self.labels_logged) >= MAX_LABELS_LOGGED:
+                self.labels_logged.clear()
+            self.labels_logged.add(key)
+            log.warning("machine %s/%s: report kept, its labels dropped: %s", report.org, report.machine_id,
+                        problem[:200])
+
+    def _refresh_server_labels(self) -> None:
+        """Reload the server labels when ``fleet machine label`` changed any."""
+        version = labels_version(self.db)
+        if version != self.labels_version:
+            self.tracker.set_server_labels(server_labels(self.db))
+            self.labels_version = version
 
     def _record(self, transitions: list[Transition]) -> None:
         for t in transitions:
@@ -401,6 +435,10 @@ class Writer:
                 log.info("collector serves org %s", org)
             orgs.replace(wanted)
         self._refresh_certificates()
+        try:
+            self._refresh_server_labels()
+        except DatabaseError as exc:
+            log.warning("cannot read server labels (will retry): %s", exc)
         return True
 
     def _refresh_certificates(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any, TypeGuard
 
 from fleet.config.errors import ContractError, PayloadError
 from fleet.config.ids import is_valid_id
+from fleet.config.labels import LabelError, Labels
 from fleet.config.status import OFFLINE, ONLINE
 from fleet.config.topics import Topic
 
@@ -390,7 +391,22 @@ def build_ping(machine_id: str, hardware_id: str, session: str, status: str, int
 
 
 def build_report(machine_id: str, hardware_id: str, session: str, seq: int, ts: float,
-                 metrics: Mapping[str, Any], system: Mapping[str, Any]) -> dict[str, Any]:
-    """Build a report payload in the contract's shape."""
+                 metrics: Mapping[str, Any], system: Mapping[str, Any],
+                 labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Build a report payload in the contract's shape (``labels``: the machine's, ``{}`` for none)."""
     return {"v": VERSION, "machine_id": machine_id, "hardware_id": hardware_id, "session": session,
-            "seq": seq, "ts": ts, "metrics": dict(metrics), "system": dict(system)}
+            "seq": seq, "ts": ts, "metrics": dict(metrics), "system": dict(system), "labels": dict(labels or {})}
+
+
+def report_labels(report: Report) -> tuple[dict[str, str], str | None]:
+    """A report's labels and, when they break the contract, why: the report is kept and such labels dropped.
+
+    Labels are not checked by ``parse_report``: bad labels cost the labels, never the report's metrics.
+    """
+    raw = report.data.get("labels")
+    if raw is None or raw == {}:
+        return {}, None
+    try:
+        return Labels.from_mapping(raw).as_dict(), None
+    except LabelError as exc:
+        return {}, str(exc)

@@ -25,6 +25,7 @@ from fleet.config import derived
 from fleet.config.derived import number
 from fleet.config.errors import ContractError
 from fleet.config.ids import is_valid_id
+from fleet.config.labels import LabelError, Selector, is_selector
 
 MAX_EXPR = 512
 MAX_GLOB = 128
@@ -254,6 +255,31 @@ def glob_matches(glob: str, machine_id: str) -> bool:
     return glob == "*" or _glob_regex(glob).match(machine_id) is not None
 
 
+def check_machines(machines: str) -> str:
+    """The machines of a rule or silence: a machine-id glob, or a label selector (``env=prod,role!=db``)."""
+    if isinstance(machines, str) and is_selector(machines):
+        try:
+            _selector(machines)
+        except LabelError as exc:
+            raise RuleError(f"invalid machine selector {machines[:60]!r}: {exc}") from None
+        return machines
+    return check_glob(machines)
+
+
+@functools.lru_cache(maxsize=1024)
+def _selector(text: str) -> Selector:
+    return Selector.parse(text)
+
+
+def machines_match(machines: str, machine_id: str, labels: Mapping[str, str] | None) -> bool:
+    """True when a glob covers ``machine_id``, or a label selector holds for ``labels`` (None: no labels)."""
+    if machines == "*":
+        return True
+    if is_selector(machines):
+        return _selector(machines).matches(labels or {})
+    return _glob_regex(machines).match(machine_id) is not None
+
+
 def check_name(name: str, what: str) -> str:
     """A rule or channel name follows the id rule (letters, digits, ``_.-``, at most 64 characters)."""
     if not is_valid_id(name):
@@ -293,7 +319,7 @@ class Rule:
             raise RuleError("a rule needs a parsed condition")
         if not (isinstance(self.for_s, (int, float)) and 0 <= self.for_s <= MAX_DURATION_S):
             raise RuleError(f"invalid for duration {self.for_s!r}")
-        check_glob(self.machines)
+        check_machines(self.machines)
         check_severity(self.severity)
 
     @classmethod
@@ -307,9 +333,14 @@ class Rule:
         """True for ``status == …`` rules, which the collector's own blindness holds back."""
         return isinstance(self.when, StatusIs)
 
-    def applies_to(self, machine_id: str) -> bool:
-        """True when the rule's glob covers the machine."""
-        return glob_matches(self.machines, machine_id)
+    @property
+    def by_labels(self) -> bool:
+        """True when ``machines`` is a label selector (its outcome changes with the machine's labels)."""
+        return is_selector(self.machines)
+
+    def applies_to(self, machine_id: str, labels: Mapping[str, str] | None = None) -> bool:
+        """True when the rule's glob or label selector covers the machine."""
+        return machines_match(self.machines, machine_id, labels)
 
     def as_dict(self) -> dict[str, Any]:
         """The ``fleet alert list --json`` object."""
@@ -342,9 +373,10 @@ class Silence:
         """True while the silence is in force."""
         return self.starts_at <= now < self.ends_at
 
-    def covers(self, rule: str, machine_id: str, now: float) -> bool:
-        """True when it silences the alert of ``rule`` on ``machine_id`` at ``now``."""
-        return self.active(now) and (self.rule is None or self.rule == rule) and glob_matches(self.machines, machine_id)
+    def covers(self, rule: str, machine_id: str, now: float, labels: Mapping[str, str] | None = None) -> bool:
+        """True when it silences the alert of ``rule`` on ``machine_id`` (with ``labels``) at ``now``."""
+        return (self.active(now) and (self.rule is None or self.rule == rule)
+                and machines_match(self.machines, machine_id, labels))
 
     def as_dict(self) -> dict[str, Any]:
         """A silence as the CLI and the API show it."""

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from fleet.config.errors import SettingsError
 from fleet.config.ids import is_valid_id
+from fleet.config.labels import LabelError, Labels
 from fleet.config.payloads import MAX_PROCESS_CHECKS, is_check_name
 
 ENV_PREFIX = "FLEET_"
@@ -68,6 +69,7 @@ class Settings:
     reconnect_max_s: float = 60.0
     textfile_dir: str = ""  # *.prom files in Prometheus text format, reported as metrics.custom
     processes: tuple[str, ...] = ()  # process checks: NAME, or re:REGEX over the command line
+    labels: Labels = Labels()  # sent in every report; a TOML table, KEY=VALUE,... in FLEET_LABELS, --label KEY=VALUE
     # broker
     max_queued_messages: int = 1000  # per reader/agent session: a stuck subscriber cannot hold more
     service_queued_messages: int = 200_000  # per collector session: seconds of full ingest, never dropped lightly
@@ -264,6 +266,8 @@ _HINTS = typing.get_type_hints(Settings)
 def _coerce(name: str, value: Any) -> Any:
     """Convert a TOML/env/flag value to the setting's type; raise SettingsError naming the setting."""
     kind = _HINTS[name]
+    if kind is Labels:
+        return _coerce_labels(value)
     try:
         if kind is Path:
             if not isinstance(value, (str, os.PathLike)) or str(value) == "":
@@ -304,6 +308,20 @@ def _coerce(name: str, value: Any) -> Any:
         raise SettingsError(
             f"invalid setting {name} (FLEET_{name.upper()}={value!r}): expected {type_name}"
         ) from None
+
+
+def _coerce_labels(value: Any) -> Labels:
+    """Labels from a TOML table, ``KEY=VALUE,...`` text (environment) or ``KEY=VALUE`` flags."""
+    try:
+        if isinstance(value, Labels):
+            return value
+        if isinstance(value, Mapping):
+            return Labels.from_mapping(value)
+        if isinstance(value, (list, tuple)):
+            return Labels.parse(str(item) for item in value)
+        return Labels.parse_text(str(value))
+    except LabelError as exc:
+        raise SettingsError(f"invalid setting labels (FLEET_LABELS={value!r}): {exc}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

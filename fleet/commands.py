@@ -240,7 +240,7 @@ def enrol_revoke(settings: Settings, org_name: str, token_id: str) -> None:
 
 @cli.group()
 def machine() -> None:
-    """Machines and their credentials."""
+    """Machines of an org: their credentials and labels."""
 
 
 @machine.command("list")
@@ -403,15 +403,18 @@ def agent(settings: Settings, once: bool, print_only: bool) -> None:
               help="First connects a second: they are spread, with jitter, over AGENTS / RATE seconds.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write one line per report published and per PUBACK to this file (for loss accounting).")
+@click.option("--labels", "spread", default="", metavar="SPREAD",
+              help="Labels spread over the machines, every combination in turn: 'env=prod,dev;role=web,db'.")
 @common
 @settings_flags("broker_url", "org", "key", "enrol", "ca", "interval")
 def simulate(settings: Settings, agents: int, duration: float | None, prefix: str, connect_rate: float,
-             record_path: Path | None) -> None:
+             record_path: Path | None, spread: str) -> None:
     """Load generator: N simulated agents speaking the real protocol."""
     from fleet.agent.simulate import run_simulation
+    from fleet.config.labels import Spread
 
     run_simulation(settings, agents=agents, duration=duration, prefix=prefix, connect_rate=connect_rate,
-                   record_path=record_path)
+                   record_path=record_path, spread=Spread.parse(spread) if spread else None)
 
 
 @cli.command("mosquitto-config")
@@ -457,7 +460,8 @@ def alert() -> None:
 @click.option("--when", "when", required=True,
               help="'status == offline', 'status == stale', 'conflict' or 'FIELD OP NUMBER' (e.g. 'cpu_percent > 90').")
 @click.option("--for", "for_", default="0s", show_default=True, help="How long the condition must hold: 30s, 5m, 2h.")
-@click.option("--machines", default="*", show_default=True, help="Glob over machine ids, e.g. 'web-*'.")
+@click.option("--machines", default="*", show_default=True,
+              help="Glob over machine ids ('web-*') or label selector ('env=prod,role!=db').")
 @click.option("--severity", type=click.Choice(("warning", "critical")), default="warning", show_default=True)
 @database
 @common
@@ -602,7 +606,8 @@ def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> 
 @alert.command("silence")
 @click.argument("org_name", metavar="ORG")
 @click.option("--for", "for_", required=True, help="How long: 30m, 2h, 1d.")
-@click.option("--machines", default="*", show_default=True, help="Glob over machine ids.")
+@click.option("--machines", default="*", show_default=True,
+              help="Glob over machine ids ('web-*') or label selector ('env=prod,role!=db').")
 @click.option("--rule", "rule_name", default=None, help="Only this rule's alerts (default: every rule).")
 @click.option("--comment", default="", help="Why (shown with the silence).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "ends_at"}.')
@@ -740,3 +745,27 @@ def db_vacuum(settings: Settings) -> None:
     if not result.wal_truncated:
         click.echo("note: another connection kept the WAL from being emptied; it is emptied at its next checkpoint",
                    err=True)
+
+
+@machine.command("label")
+@click.argument("org_name", metavar="ORG")
+@click.argument("machine_id", metavar="MACHINE")
+@click.argument("pairs", metavar="LABEL...", nargs=-1)
+@click.option("--remove", "remove", multiple=True, metavar="KEY", help="Remove the server label KEY (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine's labels as JSON.")
+@database
+@common
+def machine_label(settings: Settings, org_name: str, machine_id: str, pairs: tuple[str, ...],
+                  remove: tuple[str, ...], as_json: bool) -> None:
+    """Set server labels (each LABEL KEY=VALUE) of MACHINE of ORG, winning over the agent's; --remove KEY drops one."""
+    from fleet.store.labels import set_labels
+
+    if not pairs and not remove:
+        raise click.UsageError("give KEY=VALUE labels to set or --remove KEY")
+    with _database(settings) as db:
+        labels = set_labels(db, org_name, machine_id, pairs, remove)
+    if as_json:
+        click.echo(json.dumps({"machine_id": machine_id, "labels": labels}))
+    else:
+        click.echo(f"machine {machine_id} of org {org_name}: "
+                   + (",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"))

@@ -95,6 +95,7 @@ AGENT_OPTIONS = (
     Option("--interval", "interval", float, "Seconds between reports (default 10)."),
     Option("--textfile-dir", "textfile_dir", str, "Directory of *.prom files (Prometheus text format) to report."),
     Option("--process", "processes", tuple, "Count processes named NAME, or matching re:REGEX (repeatable)."),
+    Option("--label", "labels", tuple, "Label KEY=VALUE sent in every report (repeatable; setting labels)."),
     Option("--once", "once", bool, "Send (or print) one report and exit.", setting=False),
     Option("--print", "print_only", bool, "Print reports as JSON instead of publishing.", setting=False),
 )

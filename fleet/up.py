@@ -24,6 +24,7 @@ DEMO_ORG = "demo"
 DEMO_KEYS_FILE = "demo-keys.json"
 # The demo's first simulated machine runs hot in cycles (agent/simulate.py) and this rule, added with the demo
 # org, fires for it within a minute: a newcomer sees an alert fire and resolve without configuring anything.
+DEMO_LABELS = "env=prod,staging,dev;role=web,db,worker;site=par,fra"  # so the demo's dashboard shows groups
 DEMO_RULE = ("demo-cpu-hot", "cpu_percent > 90", "30s", "critical")
 
 
@@ -127,8 +128,9 @@ def start_system(settings: Settings, demo: int | None = None, real_agent: bool =
             demo_settings = part_settings.replace(org=DEMO_ORG, key=demo_keys.agent_key)
             if demo:
                 from fleet.agent.simulate import start_simulation
+                from fleet.config.labels import Spread
 
-                simulation = start_simulation(demo_settings, agents=demo, hot=1)
+                simulation = start_simulation(demo_settings, agents=demo, hot=1, spread=Spread.parse(DEMO_LABELS))
                 stops.append(simulation.stop)
             if real_agent:
                 proc = start_real_agent(part_settings, system.broker_url, demo_keys.agent_key)

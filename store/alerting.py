@@ -20,7 +20,7 @@ from fleet.config.rules import (
     RuleError,
     Silence,
     check_comment,
-    check_glob,
+    check_machines,
     check_name,
     parse_condition,
 )
@@ -222,7 +222,7 @@ def add_silence(db: Database, org: str, for_s: float, machines: str = "*", rule:
     """Silence an org's alerts matching ``machines`` (and ``rule``) for ``for_s`` seconds from now."""
     if not for_s > 0:
         raise RuleError("a silence needs a duration longer than 0s, e.g. --for 2h")
-    check_glob(machines)
+    check_machines(machines)
     check_comment(comment)
     now = time.time() if now is None else now
     with db.transaction():

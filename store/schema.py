@@ -419,6 +419,21 @@ SELECT name, 'cert-expiring', 'cert_days_left < 14', 3600, '*', 'warning', creat
 ON CONFLICT(org, name) DO NOTHING;
 """
 
+# Version 9: machine labels. ``machines.agent_labels`` holds the labels of the machine's newest report (JSON
+# object, written by the collector); ``machine_labels`` the labels set on the server (``fleet machine label``),
+# which win over the agent's for the same key. A machine's labels are the two merged (config.labels.merge).
+MACHINE_LABELS = """
+ALTER TABLE machines ADD COLUMN agent_labels TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE IF NOT EXISTS machine_labels (
+    org TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (org, machine_id, key)
+);
+"""
+
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
@@ -429,5 +444,6 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (6, COLLECTOR_LEASE),
     (7, OUTBOX_SENDING),
     (8, MACHINE_IDENTITY),
+    (9, MACHINE_LABELS),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

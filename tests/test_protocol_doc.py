@@ -26,6 +26,7 @@ from fleet.broker.pki import ensure_certs, server_chain
 from fleet.collector.alerts.engine import AlertEngine
 from fleet.commands import cli
 from fleet.config import enrolment, payloads, topics
+from fleet.config.labels import Labels
 from fleet.config.settings import Settings
 from fleet.store import credentials
 from fleet.up import DEMO_KEYS_FILE
@@ -266,6 +267,8 @@ def toml_value(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, Labels):
+        return value.as_dict()
     return value
 
 

@@ -29,11 +29,16 @@ def fleet():
     order = params.choice("order", ("asc", "desc"), "asc")
     limit = params.integer("limit", None, 1, 10_000)
     offset = params.integer("offset", 0, 0, 10**9)
+    selector = params.selector()
+    group = params.label_key("group")
     total, machines_json = db.list_machines_json(g.org, status, os_name, search, sort, order == "desc", limit,
-                                                 offset)
+                                                 offset, selector, group)
     counts = db.status_counts(g.org)
-    head = json.dumps({"org": g.org, "count": total, "expired": counts["expired"], "counts": counts,
-                       "os_values": db.os_values(g.org), "server_time": time.time()})
+    fields = {"org": g.org, "count": total, "expired": counts["expired"], "counts": counts,
+              "os_values": db.os_values(g.org), "server_time": time.time()}
+    if group is not None:
+        fields["groups"] = db.group_counts(g.org, group, status, os_name, search, selector)
+    head = json.dumps(fields)
     # The machines array is already JSON (web/db.py); splice it in rather than decode and re-encode it.
     return Response(head[:-1].encode() + b', "data": ' + machines_json + b"}", mimetype="application/json")
 
@@ -75,6 +80,13 @@ def inventory(machine_id: str):
     """``{"machine_id", "data"}``: the machine's system inventory as first reported and at each change, oldest first."""
     _machine_or_404(machine_id)
     return jsonify({"machine_id": machine_id, "data": db.inventory(g.org, machine_id)})
+
+
+@bp.get("/labels")
+@org_required
+def labels():
+    """``{"KEY": {"VALUE": count}}``: how many of the org's machines carry each label."""
+    return jsonify(db.label_counts(g.org))
 
 
 @bp.get("/events")

@@ -13,12 +13,15 @@ import orjson
 from flask import current_app, g
 
 from fleet.config import derived
+from fleet.config.labels import Selector, is_selector, label_text, merge
 from fleet.config.rules import Silence
 from fleet.config.status import MACHINE_STATUSES
 from fleet.store.alerting import silences_query
 from fleet.store.database import POSTGRESQL, SQLITE, Database, DatabaseBusy, DatabaseError, DatabasePool
 from fleet.store.heartbeats import read_heartbeat
 from fleet.store.identity import CERTIFICATE, ORG_KEY, cert_not_after
+from fleet.store.labels import agent_labels
+from fleet.store.labels import server_labels as stored_server_labels
 from fleet.store.samples import extra_fields, machine_inventory
 from fleet.web.errors import WebError
 
@@ -27,8 +30,9 @@ from fleet.web.errors import WebError
 # is as fast as SQLite's JSON functions (docs/benchmarks.md), the same on both engines, and exact: SQLite's
 # JSON functions print floats with 15 digits, rounding ties unlike PostgreSQL.
 MACHINE_COLUMNS = ("org", "machine_id", "hardware_id", "status", "session", "interval_s", "last_seen", "last_ping",
-                   "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "lost", "late")
-_MACHINE_SELECT = ", ".join(MACHINE_COLUMNS)
+                   "clock_offset_s", "conflict", "os", "system", "metrics", "first_seen", "lost", "late", "labels")
+# ``labels`` is the agent's (machines.agent_labels), merged with the server's (machine_labels) in Python.
+_MACHINE_SELECT = ", ".join(MACHINE_COLUMNS[:-1]) + ", agent_labels"
 IDENTITY_FIELDS = ("auth", "cert_not_after")  # added to each machine object from its certificate
 _JSON_COLUMNS = ("system", "metrics")
 # A number inside a JSON column, NULL when absent or not a number (path as a tuple of keys).
@@ -102,9 +106,10 @@ def _sort_expression(engine: str, sort: str) -> str:
     return spec if isinstance(spec, str) else _JSON_NUMBER[engine](*spec)
 
 
-def _machine_objects(rows: list[tuple], certificates: dict[str, float]) -> list[dict[str, Any]]:
-    """Machine objects from MACHINE_COLUMNS rows, system and metrics as JSON fragments; ``auth`` and
-    ``cert_not_after`` from the org's unrevoked certificates (machine -> not_after)."""
+def _machine_objects(rows: list[tuple], certificates: dict[str, float],
+                     server: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """Machine objects from MACHINE_COLUMNS rows, system and metrics as JSON fragments, labels merged with the
+    ``server`` labels; ``auth`` and ``cert_not_after`` from the org's unrevoked certificates (machine -> not_after)."""
     objects = []
     for row in rows:
         machine = dict(zip(MACHINE_COLUMNS, row, strict=True))
@@ -113,15 +118,98 @@ def _machine_objects(rows: list[tuple], certificates: dict[str, float]) -> list[
         machine["auth"] = CERTIFICATE if machine["cert_not_after"] is not None else ORG_KEY
         for column in _JSON_COLUMNS:
             machine[column] = orjson.Fragment(machine[column])
+        own = server.get(machine["machine_id"])
+        machine["labels"] = (orjson.Fragment(machine["labels"] or "{}") if own is None
+                             else merge(agent_labels(machine["labels"]), own))
         objects.append(machine)
     return objects
 
 
-def list_machines_json(org: str, status: str | None, os_name: str | None, search: str | None, sort: str,
-                       descending: bool, limit: int | None, offset: int) -> tuple[int, bytes]:
-    """An org's machines, filtered, sorted and paginated: (total matching, the page as a JSON array)."""
-    engine = get_db().engine
+def machine_labels(org: str) -> dict[str, dict[str, str]]:
+    """Each machine's labels (merged), by machine id."""
+    server = server_labels(org)
+    return {machine_id: merge(agent_labels(text), server.get(machine_id, {}))
+            for machine_id, text in query("SELECT machine_id, agent_labels FROM machines WHERE org = ?", (org,))}
+
+
+# What /metrics shows of a machine, as a plain tuple (10,000 of them per scrape): machine_id, status, last_seen,
+# clock_offset_s, conflict, lost, late, its latest metrics (JSON text: decoded one machine at a time, so 10,000
+# decoded objects never live at once for the cyclic GC to walk) and its labels (merged).
+MachineMetrics = tuple[str, str, float | None, float | None, int, int, int, str, dict[str, str]]
+
+
+def machine_metrics(org: str) -> list[MachineMetrics]:
+    """The org's machines for /metrics, by machine id: only the columns it needs, ``system`` never read.
+
+    Machines with the same labels share one dict (most fleets have a few label sets).
+    """
+    server = server_labels(org)
+    label_sets: dict[str, dict[str, str]] = {}
+    out = []
+    for machine_id, status, last_seen, offset, conflict, lost, late, metrics, labels_text in query(
+            "SELECT machine_id, status, last_seen, clock_offset_s, conflict, lost, late, metrics, agent_labels"
+            " FROM machines WHERE org = ? ORDER BY machine_id", (org,)):
+        labels = label_sets.get(labels_text)
+        if labels is None:
+            labels = label_sets[labels_text] = agent_labels(labels_text)
+        own = server.get(machine_id)
+        out.append((machine_id, status, last_seen, offset, conflict, lost, late, metrics,
+                    labels if own is None else merge(labels, own)))
+    return out
+
+
+def server_labels(org: str) -> dict[str, dict[str, str]]:
+    """The org's server labels by machine id (``fleet machine label``)."""
+    return {machine_id: labels for (_, machine_id), labels in read(lambda db: stored_server_labels(db, org)).items()}
+
+
+# A machine's label value: the server's if set, else the agent's (NULL when neither has the key).
+_AGENT_LABEL = {
+    SQLITE: "json_extract(agent_labels, ?)",
+    POSTGRESQL: "(agent_labels::json ->> ?)",
+}
+_SERVER_LABEL = ("(SELECT value FROM machine_labels l WHERE l.org = machines.org"
+                 " AND l.machine_id = machines.machine_id AND l.key = ?)")
+_NOT_EQUAL = {SQLITE: "IS NOT", POSTGRESQL: "IS DISTINCT FROM"}
+_FIND = {SQLITE: "instr(agent_labels, ?)", POSTGRESQL: "strpos(agent_labels, ?)"}
+
+
+def _label_value(engine: str, key: str, any_server_labels: bool) -> tuple[str, list[Any]]:
+    """A machine's value of label ``key`` as SQL (NULL without it), and its parameters."""
+    path = f"$.{key}" if engine == SQLITE else key
+    if any_server_labels:
+        return f"coalesce({_SERVER_LABEL}, {_AGENT_LABEL[engine]})", [key, path]
+    return _AGENT_LABEL[engine], [path]
+
+
+def _label_terms(engine: str, selector: Selector, any_server_labels: bool) -> tuple[list[str], list[Any]]:
+    """SQL conditions and parameters for a label selector (all terms must hold; a missing key satisfies !=).
+
+    Without server labels in the org, a term is a search of the stored text for the label's text
+    (config.labels.labels_json): no JSON is decoded, which keeps a filtered page as fast as an unfiltered one.
+    """
+    where: list[str] = []
+    params: list[Any] = []
+    if not any_server_labels:
+        for term in selector.terms:
+            where.append(f"{_FIND[engine]} {'=' if term.negated else '>'} 0")
+            params.append(label_text(term.key, term.value))
+        return where, params
+    for term in selector.terms:
+        value, value_params = _label_value(engine, term.key, any_server_labels)
+        where.append(f"{value} {_NOT_EQUAL[engine] if term.negated else '='} ?")
+        params += [*value_params, term.value]
+    return where, params
+
+
+def _where(engine: str, org: str, server: dict[str, dict[str, str]], status: str | None, os_name: str | None,
+           search: str | None, selector: Selector | None) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its parameters) of the API's machine filters."""
     where, params = ["org = ?"], [org]
+    if selector is not None:
+        terms, term_params = _label_terms(engine, selector, bool(server))
+        where += terms
+        params += term_params
     if status:
         where.append("status = ?")
         params.append(status)
@@ -134,13 +222,48 @@ def list_machines_json(org: str, status: str | None, os_name: str | None, search
         where.append(f"(machine_id {like} ? ESCAPE '\\' OR {hostname} {like} ? ESCAPE '\\')")
         pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         params += [pattern, pattern]
-    clause = " AND ".join(where)
+    return " AND ".join(where), params
+
+
+def list_machines_json(org: str, status: str | None, os_name: str | None, search: str | None, sort: str,
+                       descending: bool, limit: int | None, offset: int, selector: Selector | None = None,
+                       group: str | None = None) -> tuple[int, bytes]:
+    """An org's machines, filtered, sorted and paginated: (total matching, the page as a JSON array).
+
+    With ``group`` (a label key) the machines come ordered by their value of it first (those without it last),
+    so a group's machines are together across pages.
+    """
+    engine = get_db().engine
+    server = server_labels(org)
+    clause, params = _where(engine, org, server, status, os_name, search, selector)
     total = query(f"SELECT count(*) FROM machines WHERE {clause}", params)[0][0]
     nulls = _NULLS[engine][1 if descending else 0]
     order = f"{_sort_expression(engine, sort)} {'DESC' if descending else 'ASC'}{nulls}, machine_id"
+    if group is not None:
+        value, value_params = _label_value(engine, group, bool(server))
+        order = f"{value} IS NULL, {value}, {order}"
+        params = [*params, *value_params, *value_params]
     page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else ""
     rows = query(f"SELECT {_MACHINE_SELECT} FROM machines WHERE {clause} ORDER BY {order}{page}", params)
-    return total, orjson.dumps(_machine_objects(rows, read(lambda db: cert_not_after(db, org)) if rows else {}))
+    certificates = read(lambda db: cert_not_after(db, org)) if rows else {}
+    return total, orjson.dumps(_machine_objects(rows, certificates, server))
+
+
+def group_counts(org: str, group: str, status: str | None, os_name: str | None, search: str | None,
+                 selector: Selector | None) -> list[dict[str, Any]]:
+    """``[{"value", "counts": {"online", "stale", "offline"}}]`` of the matching machines per value of label
+    ``group``, sorted by value, machines without it last (value null)."""
+    engine = get_db().engine
+    server = server_labels(org)
+    clause, params = _where(engine, org, server, status, os_name, search, selector)
+    value, value_params = _label_value(engine, group, bool(server))
+    groups: dict[str | None, dict[str, int]] = {}
+    for label_value, machine_status, n in query(f"SELECT {value}, status, count(*) FROM machines WHERE {clause}"
+                                                " GROUP BY 1, 2", [*value_params, *params]):
+        counts = groups.setdefault(label_value, dict.fromkeys(MACHINE_STATUSES, 0))
+        counts[machine_status] = counts.get(machine_status, 0) + int(n)
+    ordered = sorted(groups.items(), key=lambda item: (item[0] is None, item[0] or ""))
+    return [{"value": label_value, "counts": counts} for label_value, counts in ordered]
 
 
 def list_machines(org: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:
@@ -170,6 +293,29 @@ def lost_count(org: str) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def label_counts(org: str) -> dict[str, dict[str, int]]:
+    """``{"KEY": {"VALUE": machines}}`` over the org's machines (merged labels), keys and values sorted."""
+    server = server_labels(org)
+    counts: dict[str, dict[str, int]] = {}
+
+    def count(labels: dict[str, str], n: int) -> None:
+        for key, value in labels.items():
+            per_key = counts.setdefault(key, {})
+            per_key[value] = per_key.get(value, 0) + n
+
+    if not server:  # most orgs: machines with the same labels counted together by the database
+        for text, n in query("SELECT agent_labels, count(*) FROM machines WHERE org = ? GROUP BY agent_labels", (org,)):
+            count(agent_labels(text), int(n))
+    else:
+        parsed: dict[str, dict[str, str]] = {}
+        for machine_id, text in query("SELECT machine_id, agent_labels FROM machines WHERE org = ?", (org,)):
+            own = parsed.get(text)
+            if own is None:
+                own = parsed[text] = agent_labels(text)
+            count(merge(own, server.get(machine_id, {})), 1)
+    return {key: dict(sorted(values.items())) for key, values in sorted(counts.items())}
+
+
 def os_values(org: str) -> list[str]:
     """Distinct OS names of the org (for the filter)."""
     return [r[0] for r in query("SELECT DISTINCT os FROM machines WHERE org = ? AND os != '' ORDER BY os", (org,))]
@@ -185,7 +331,8 @@ def get_machine(org: str, machine_id: str) -> dict[str, Any] | None:
     if not rows:
         return None
     certificates = read(lambda db: cert_not_after(db, org))
-    machine: dict[str, Any] = orjson.loads(orjson.dumps(_machine_objects(rows, certificates)[0]))
+    server = {machine_id: labels} if (labels := server_labels(org).get(machine_id)) else {}
+    machine: dict[str, Any] = orjson.loads(orjson.dumps(_machine_objects(rows, certificates, server)[0]))
     metrics = machine["metrics"]
     machine["derived"] = derived.derive(metrics if isinstance(metrics, dict) else {})
     return machine
@@ -275,11 +422,13 @@ def alerts(org: str, state: str | None, since: float, machine_id: str | None, li
     rows = query(f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE {' AND '.join(where)}"
                  " ORDER BY coalesce(resolved_at, fired_at, active_at) DESC, id DESC LIMIT ?", [*params, limit])
     active = [s for s in silences(org, now) if s.active(now)]
+    labels = machine_labels(org) if any(is_selector(s.machines) for s in active) else {}
     out = []
     for row in rows:
         alert = dict(zip(ALERT_COLUMNS, row, strict=True))
         alert["started_at"] = alert["fired_at"] if alert["fired_at"] is not None else alert["active_at"]
-        alert["silenced"] = any(s.covers(alert["rule"], alert["machine_id"], now) for s in active)
+        alert["silenced"] = any(s.covers(alert["rule"], alert["machine_id"], now, labels.get(alert["machine_id"]))
+                                for s in active)
         out.append(alert)
     return out
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
 from flask import Blueprint, Response, g
 
 from fleet.config import derived
@@ -19,56 +24,105 @@ def escape_label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+_NOT_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def label_names(labels: dict[str, str]) -> dict[str, str]:
+    """A machine's labels as Prometheus label names: ``label_KEY``, anything outside [a-zA-Z0-9_] made ``_``."""
+    return {"label_" + _NOT_NAME.sub("_", key): value for key, value in sorted(labels.items())}
+
+
 def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items()) + "}"
 
 
-def _family(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+def _family(lines: list[str], name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]] = (),
+            rendered: Sequence[str] = ()) -> None:
+    """A family's HELP, TYPE and samples: ``(labels, value)`` pairs, or ``rendered`` as ``'{labels} value'``."""
     lines.append(f"# HELP {name} {help_text}")
     lines.append(f"# TYPE {name} {kind}")
-    for labels, value in samples:
-        lines.append(f"{name}{labels} {float(value)!r}")
+    lines.extend([f"{name}{labels} {float(value)!r}" for labels, value in samples])
+    lines.extend([name + sample for sample in rendered])
+
+
+def _machine_label(org_label: str, machine_id: str) -> str:
+    """``org="…",machine_id="…"``: a machine's labels in every per-machine family."""
+    return f'{org_label},machine_id="{escape_label(machine_id)}"'
 
 
 def render(org: str) -> str:
-    """The exposition text for one org."""
-    _, machines = db.list_machines(org, None, None, None, "machine_id", False, None, 0)
+    """The exposition text for one org.
+
+    Built in one pass over the machines (each one's label text escaped once, each metrics object read
+    once): with 10,000 machines it is 100,000 lines.
+    """
+    machines = db.machine_metrics(org)
     counts = db.status_counts(org)
     lines: list[str] = []
-
-    def per_machine(extract):
-        samples = []
-        for m in machines:
-            value = extract(m)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                samples.append((_labels(org=org, machine_id=m["machine_id"]), value))
-        return samples
+    org_label = f'org="{escape_label(org)}"'
+    label_texts: dict[int, str] = {}  # machines share a few label sets: each one's text is made once
+    # Samples rendered as they are made ('{labels} value'), one list per family, in one pass over the machines.
+    rendered: list[list[str]] = [[] for _ in range(10)]
+    status, info, cpu, memory, disk, seen, offset, conflict, lost, late = rendered
+    custom: list[tuple[str, float]] = []
+    counts_of_checks: list[tuple[str, float]] = []
+    for machine_id, status_now, last_seen, clock_offset, in_conflict, lost_n, late_n, text_of_metrics, labels \
+            in machines:
+        metrics = _decoded(text_of_metrics)
+        base = _machine_label(org_label, machine_id)
+        key = f"{{{base}}}"
+        for s in MACHINE_STATUSES:
+            status.append(f'{{{base},status="{s}"}} {"1.0" if status_now == s else "0.0"}')
+        text = label_texts.get(id(labels))
+        if text is None:
+            text = label_texts[id(labels)] = "".join(f',{name}="{escape_label(value)}"'
+                                                     for name, value in label_names(labels).items())
+        info.append(f"{{{base}{text}}} 1.0")
+        # Derived fields are floats or None; the columns are numbers or NULL (never a bool).
+        if (value := derived.cpu_percent(metrics)) is not None:
+            cpu.append(f"{key} {value!r}")
+        if (value := derived.memory_percent(metrics)) is not None:
+            memory.append(f"{key} {value!r}")
+        if (value := derived.disk_percent(metrics)) is not None:
+            disk.append(f"{key} {value!r}")
+        if last_seen is not None:
+            seen.append(f"{key} {float(last_seen)!r}")
+        if clock_offset is not None:
+            offset.append(f"{key} {float(clock_offset)!r}")
+        if lost_n is not None:
+            lost.append(f"{key} {float(lost_n)!r}")
+        if late_n is not None:
+            late.append(f"{key} {float(late_n)!r}")
+        conflict.append(f"{key} {'1.0' if in_conflict else '0.0'}")
+        if "custom" in metrics or "process_counts" in metrics:
+            agent_extras(custom, counts_of_checks, base, metrics)
 
     _family(lines, "fleet_machine_status", "gauge", "1 for the machine's current status (online, stale, offline).",
-            [(_labels(org=org, machine_id=m["machine_id"], status=s), 1.0 if m["status"] == s else 0.0)
-             for m in machines for s in MACHINE_STATUSES])
-    _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.",
-            per_machine(lambda m: derived.cpu_percent(m["metrics"])))
-    _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.",
-            per_machine(lambda m: derived.memory_percent(m["metrics"])))
-    _family(lines, "fleet_machine_disk_percent", "gauge", "Fullest real filesystem, percent used.",
-            per_machine(lambda m: derived.disk_percent(m["metrics"])))
+            rendered=status)
+    _family(lines, "fleet_machine_cpu_percent", "gauge", "CPU busy, percent of all cores.", rendered=cpu)
+    _family(lines, "fleet_machine_memory_percent", "gauge", "Memory used, percent.", rendered=memory)
+    _family(lines, "fleet_machine_disk_percent", "gauge", "Fullest real filesystem, percent used.", rendered=disk)
     _family(lines, "fleet_machine_last_seen_timestamp_seconds", "gauge", "When the collector last heard from it.",
-            per_machine(lambda m: m["last_seen"]))
+            rendered=seen)
     _family(lines, "fleet_machine_clock_offset_seconds", "gauge", "Receive time minus the agent's timestamp.",
-            per_machine(lambda m: m["clock_offset_s"]))
+            rendered=offset)
     _family(lines, "fleet_machine_conflict", "gauge", "1 while two hardware ids report under this name.",
-            per_machine(lambda m: 1.0 if m["conflict"] else 0.0))
+            rendered=conflict)
     _family(lines, "fleet_reports_lost_total", "counter",
             "Reports of the machine's ended sessions that never arrived (counted after a grace period).",
-            per_machine(lambda m: m.get("lost")))
+            rendered=lost)
     _family(lines, "fleet_reports_late_total", "counter",
             "Reports of a session that arrived after its lost reports were counted (lost is not decremented).",
-            per_machine(lambda m: m.get("late")))
+            rendered=late)
     _family(lines, "fleet_org_reports_lost_total", "counter",
             "Reports of the org's ended sessions that never arrived, evicted machines included.",
             [(_labels(org=org), db.lost_count(org))])
-    custom_samples(lines, org, machines)
+    _family(lines, "fleet_machine_labels", "gauge",
+            "1 per machine, its labels as label_KEY labels (an info metric to join on).", rendered=info)
+    _family(lines, "fleet_machine_custom", "gauge",
+            "A series of the machine's textfile directory, named as in its file (label series).", custom)
+    _family(lines, "fleet_machine_process_count", "gauge",
+            "Processes matching a process check of the agent (label name: NAME or re:REGEX).", counts_of_checks)
     _family(lines, "fleet_machines", "gauge", "Machines per status.",
             [(_labels(org=org, status=s), counts[s]) for s in MACHINE_STATUSES])
     _family(lines, "fleet_machines_expired_total", "counter", "Machines evicted after the TTL.",
@@ -121,19 +175,22 @@ def broker_samples(lines: list[str]) -> None:
             single("loop_lag_p99_ms", 0.001))
 
 
-def custom_samples(lines: list[str], org: str, machines: list[dict]) -> None:
-    """Each machine's custom series and process check counts, one labelled sample each."""
-    custom, counts = [], []
-    for m in machines:
-        metrics = m.get("metrics") or {}
-        for series, value in (metrics.get("custom") or {}).items():
-            custom.append((_labels(org=org, machine_id=m["machine_id"], series=series), value))
-        for name, value in (metrics.get("process_counts") or {}).items():
-            counts.append((_labels(org=org, machine_id=m["machine_id"], name=name), value))
-    _family(lines, "fleet_machine_custom", "gauge",
-            "A series of the machine's textfile directory, named as in its file (label series).", custom)
-    _family(lines, "fleet_machine_process_count", "gauge",
-            "Processes matching a process check of the agent (label name: NAME or re:REGEX).", counts)
+def agent_extras(custom: list[tuple[str, float]], counts: list[tuple[str, float]], base: str,
+                 metrics: dict[str, Any]) -> None:
+    """A machine's custom series and process check counts, one labelled sample each."""
+    for series, value in (metrics.get("custom") or {}).items():
+        custom.append((f'{{{base},series="{escape_label(series)}"}}', value))
+    for name, value in (metrics.get("process_counts") or {}).items():
+        counts.append((f'{{{base},name="{escape_label(name)}"}}', value))
+
+
+def _decoded(text: str) -> dict[str, Any]:
+    """A stored metrics object, ``{}`` if unreadable."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 @bp.get("/metrics")

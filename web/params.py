@@ -7,6 +7,8 @@ from typing import overload
 
 from flask import abort, request
 
+from fleet.config.labels import LabelError, Selector, check_key
+
 
 def number(name: str, default: float) -> float:
     """A finite float parameter (Unix seconds and the like)."""
@@ -64,3 +66,25 @@ def text(name: str, max_len: int = 128) -> str | None:
     if "\x00" in raw:  # no stored text holds one, and PostgreSQL refuses it as a query parameter
         abort(400, description=f"parameter {name!r} must not contain NUL characters")
     return raw
+
+
+def selector(name: str = "label") -> Selector | None:
+    """Repeated ``label=KEY=VALUE`` / ``label=KEY!=VALUE`` parameters as one selector (all must hold)."""
+    raw = [value for value in request.args.getlist(name) if value != ""]
+    if not raw:
+        return None
+    try:
+        return Selector.parse_all(raw)
+    except LabelError as exc:
+        abort(400, description=f"parameter {name!r}: {exc}")
+
+
+def label_key(name: str) -> str | None:
+    """A label key parameter (``group=env``)."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return check_key(raw)
+    except LabelError as exc:
+        abort(400, description=f"parameter {name!r}: {exc}")

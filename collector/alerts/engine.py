@@ -72,6 +72,8 @@ class Alert:
     notified: str = ""
     stored: bool = False  # handed to a write: its row exists (or will, once that transaction commits)
     written_at: float = 0.0
+    labels: Mapping[str, str] = field(default_factory=dict)  # the machine's, as it fired (then kept, so a
+    # resolved notice has the labels, and Alertmanager the fingerprint, of the firing one)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -88,7 +90,8 @@ class Alert:
                 "severity": self.severity, "summary": self.summary, "value": self.value,
                 "starts_at": self.fired_at if self.fired_at is not None else self.active_at,
                 "ends_at": self.resolved_at if self.state == RESOLVED else None,
-                "fingerprint": notify.fingerprint(self.org, self.rule, self.machine_id, self.severity)}
+                "fingerprint": notify.fingerprint(self.org, self.rule, self.machine_id, self.severity, self.labels),
+                "machine_labels": dict(self.labels)}
 
 
 # --- rules compiled for evaluation -------------------------------------------------------------------
@@ -114,20 +117,34 @@ class CompiledRule:
     check: Check
     uses_metrics: bool  # only a report can change the outcome
     all_machines: bool = False
+    by_labels: bool = False
     matches: dict[str, bool] = field(default_factory=dict)
+    label_matches: dict[str, tuple[Mapping[str, str], bool]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.all_machines = self.rule.machines == "*"
+        self.by_labels = self.rule.by_labels
 
     @property
     def name(self) -> str:
         """The rule's name."""
         return self.rule.name
 
-    def applies_to(self, machine_id: str) -> bool:
-        """True when the rule's glob covers the machine (cached per machine)."""
+    def applies_to(self, machine: Machine) -> bool:
+        """True when the rule's glob or label selector covers the machine (cached per machine)."""
         if self.all_machines:
             return True
+        machine_id = machine.machine_id
+        if self.by_labels:
+            # The tracker gives a machine a new labels dict when they change: the same dict, the same answer.
+            cached = self.label_matches.get(machine_id)
+            if cached is not None and cached[0] is machine.labels:
+                return cached[1]
+            if len(self.label_matches) >= MATCH_CACHE_MAX:
+                self.label_matches.clear()
+            covered = self.rule.applies_to(machine_id, machine.labels)
+            self.label_matches[machine_id] = (machine.labels, covered)
+            return covered
         hit = self.matches.get(machine_id)
         if hit is None:
             if len(self.matches) >= MATCH_CACHE_MAX:
@@ -270,8 +287,9 @@ class AlertEngine:
              notified) in rows:
             if org not in wanted:
                 continue
+            machine = self.tracker.get(org, machine_id)
             alert = Alert(org, rule, machine_id, severity, state, active_at, summary_ or "", value, fired_at,
-                          resolved_at, notified or "", True, now)
+                          resolved_at, notified or "", True, now, machine.labels if machine is not None else {})
             if state == RESOLVED:
                 self.unsent[alert.key] = alert
             else:
@@ -370,7 +388,9 @@ class AlertEngine:
                     continue
                 if metrics is None:
                     metrics = _metrics(machine)
-            if not cr.all_machines and not cr.applies_to(machine_id):
+            if not cr.all_machines and not cr.applies_to(machine):
+                if current and cr.rule.name in current:  # its labels changed: the rule no longer covers it
+                    self._clear(current[cr.rule.name], now)
                 continue
             holds, value = cr.check(machine, metrics)  # type: ignore[arg-type] # None only for non-metric rules
             alert = current.get(cr.rule.name) if current else None
@@ -444,7 +464,7 @@ class AlertEngine:
     # --- transitions -----------------------------------------------------------------------------------
     def _open(self, rule: Rule, machine: Machine, value: float | None, now: float) -> Alert:
         alert = Alert(machine.org, rule.name, machine.machine_id, rule.severity, PENDING, now,
-                      summary(rule, machine.machine_id, value), value)
+                      summary(rule, machine.machine_id, value), value, labels=machine.labels)
         self.live.setdefault((machine.org, machine.machine_id), {})[rule.name] = alert
         self.pending[alert.key] = alert
         self._dirty(alert, now)
@@ -457,6 +477,7 @@ class AlertEngine:
             return  # the collector may be the one who cannot see: wait until it has heard the fleet again
         alert.state = FIRING
         alert.fired_at = now
+        alert.labels = machine.labels
         alert.summary = summary(rule, alert.machine_id, alert.value)
         self.pending.pop(alert.key, None)
         self._dirty(alert, now)
@@ -495,7 +516,7 @@ class AlertEngine:
     # --- notifications ------------------------------------------------------------------------------------
     def silenced(self, alert: Alert, now: float) -> bool:
         """True while a silence of the org covers the alert."""
-        return any(s.covers(alert.rule, alert.machine_id, now) for s in self.silences.get(alert.org, ()))
+        return any(s.covers(alert.rule, alert.machine_id, now, alert.labels) for s in self.silences.get(alert.org, ()))
 
     def _announce(self, alert: Alert, now: float) -> None:
         """Put an alert whose channels must hear of it into its org's group (or hold it while silenced)."""

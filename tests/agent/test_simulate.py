@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fleet.agent.simulate import start_simulation
 from fleet.config import payloads
+from fleet.config.labels import Spread
 from fleet.store import credentials
 from tests import stores
 from tests.helpers import Inbox, close, connect_client, wait_for
@@ -15,7 +16,7 @@ def test_simulated_agents_report_and_shut_down_cleanly(broker, acme):
     inbox = Inbox(reader)
     inbox.subscribe("fleet/acme/#", qos=1)
     settings = broker.settings.replace(org="acme", key=acme.agent_key, interval=0.3)
-    sim = start_simulation(settings, agents=20, seed=1)
+    sim = start_simulation(settings, agents=20, seed=1, spread=Spread.parse("env=prod,dev;role=web,db,worker"))
     try:
         def machines_reporting():
             return {m.topic.split("/")[2] for m in inbox.messages if m.topic.endswith("/report")}
@@ -28,6 +29,13 @@ def test_simulated_agents_report_and_shut_down_cleanly(broker, acme):
         assert {payloads.parse_ping(m.payload, m.topic).status for m in online} == {"online"}
         assert len({payloads.parse_report(m.payload, m.topic).system["os"] for m in inbox.messages
                     if m.topic.endswith("/report")}) >= 3
+        labels = {m.topic.split("/")[2]: payloads.report_labels(payloads.parse_report(m.payload, m.topic))[0]
+                  for m in inbox.messages if m.topic.endswith("/report")}
+        assert labels["sim-0001"] == {"env": "prod", "role": "web"}
+        assert labels["sim-0002"] == {"env": "dev", "role": "web"}
+        assert labels["sim-0003"] == {"env": "prod", "role": "db"}
+        assert {tuple(sorted(v.items())) for v in labels.values()} == {
+            (("env", e), ("role", r)) for e in ("prod", "dev") for r in ("web", "db", "worker")}
     finally:
         sim.stop()
     stats = sim.stats()

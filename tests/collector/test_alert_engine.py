@@ -288,3 +288,44 @@ def test_a_conflict_alert_resolves_when_the_tracker_timer_ends_the_conflict(h):
     assert ("clone", "web-1", "firing", "") in h.alerts()
     h.tick(T0 + 45)  # both hardware ids silent past stale_after (30 s): no conflict any more
     assert ("clone", "web-1", "resolved", "") in [(r, m, s, "") for r, m, s, _ in h.alerts()]
+
+
+def _labelled_report(h, machine, labels, t, cpu=95.0, seq=0):
+    message = report(machine=machine, seq=seq, ts=t, metrics={"cpu_percent": cpu})
+    h.tracker.on_report(message, t, labels)
+    h.engine.evaluate(h.tracker.get("acme", machine), t)
+    h.flush()
+
+
+def test_a_label_selector_picks_the_machines_and_notices_carry_their_labels(h):
+    h.rule("acme", "prod-hot", "cpu_percent > 90", machines="env=prod,role!=db")
+    _labelled_report(h, "web-1", {"env": "prod", "role": "web"}, T0)
+    _labelled_report(h, "db-1", {"env": "prod", "role": "db"}, T0)
+    _labelled_report(h, "dev-1", {"env": "dev"}, T0)
+    _labelled_report(h, "bare", {}, T0)
+    assert [a[:3] for a in h.alerts() if a[0] == "prod-hot"] == [("prod-hot", "web-1", "firing")]
+    h.tick(T0 + 11)
+    (_, body), = h.db.query("SELECT channel, notices FROM alert_outbox WHERE org = 'acme'")
+    (notice,) = json.loads(body)
+    assert notice["machine_labels"] == {"env": "prod", "role": "web"}
+    # Its labels change so the selector no longer holds: the alert resolves, with the labels it fired with.
+    _labelled_report(h, "web-1", {"env": "dev", "role": "web"}, T0 + 20, seq=1)
+    assert [a[:3] for a in h.alerts() if a[0] == "prod-hot"] == [("prod-hot", "web-1", "resolved")]
+    h.tick(T0 + 31)
+    resolved = json.loads(h.db.query("SELECT notices FROM alert_outbox WHERE org = 'acme' ORDER BY id")[-1][0])
+    assert [(n["status"], n["machine_labels"]) for n in resolved] == [("resolved", {"env": "prod", "role": "web"})]
+    assert resolved[0]["fingerprint"] == notice["fingerprint"]
+
+
+def test_a_silence_by_label_holds_back_matching_notices(h):
+    from fleet.store.alerting import add_silence
+
+    h.rule("acme", "hot", "cpu_percent > 90")
+    add_silence(h.db, "acme", 3600, "env=dev", now=T0)
+    h.engine.refresh(h.db, ORGS, T0)
+    _labelled_report(h, "web-1", {"env": "prod"}, T0)
+    _labelled_report(h, "dev-1", {"env": "dev"}, T0)
+    h.tick(T0 + 11)
+    notices = [n for (body,) in h.db.query("SELECT notices FROM alert_outbox WHERE org = 'acme'")
+               for n in json.loads(body)]
+    assert [n["machine_id"] for n in notices if n["rule"] == "hot"] == ["web-1"]

@@ -392,10 +392,10 @@ def test_an_exception_while_handling_one_message_is_counted_not_fatal(mosquitto_
 
     real = Tracker.on_report
 
-    def on_report(self, report, now):
+    def on_report(self, report, now, *rest):
         if report.machine_id == "cursed":
             raise RuntimeError("bug triggered by one machine")
-        return real(self, report, now)
+        return real(self, report, now, *rest)
 
     monkeypatch.setattr(Tracker, "on_report", on_report)
     ep = mosquitto_endpoint

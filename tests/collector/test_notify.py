@@ -56,13 +56,15 @@ T0 = 1764000000.0
 
 
 def notice(machine: str = "web-1", *, status: str = "firing", rule: str = "machine-offline", org: str = "acme",
-           severity: str = "critical", value: float | None = None, ends_at: float | None = None) -> Notice:
+           severity: str = "critical", value: float | None = None, ends_at: float | None = None,
+           labels: dict[str, str] | None = None) -> Notice:
     """A notice as the alerts side builds it."""
     if status == "resolved" and ends_at is None:
         ends_at = T0 + 300
     return Notice(status=status, org=org, rule=rule, machine_id=machine, severity=severity,
                   summary=f"{machine} is offline (status == offline for 2m)", value=value, starts_at=T0,
-                  ends_at=ends_at, fingerprint=fingerprint(org, rule, machine, severity))
+                  ends_at=ends_at, fingerprint=fingerprint(org, rule, machine, severity, labels),
+                  machine_labels=labels or {})
 
 
 def parse_time(text: str) -> float:
@@ -291,6 +293,26 @@ def test_webhook_posts_alertmanager_format_signed(receiver: Recorder) -> None:
     assert first["fingerprint"] == fingerprint("acme", "machine-offline", "web-1", "critical")
     assert resolved["status"] == "resolved"
     assert parse_time(resolved["endsAt"]) == T0 + 300
+
+
+def test_every_notification_carries_the_machines_labels(receiver: Recorder) -> None:
+    labelled = [notice("web-1", labels={"env": "prod", "role": "web"}), notice("web-2", labels={"env": "prod"}),
+                notice("bare")]
+    deliver("webhook", receiver.url, "s3cret", labelled, "g", smtp_url=None)
+    body = receiver.wait_for_count(1)[0].json()
+    assert body["alerts"][0]["labels"] == {"env": "prod", "role": "web", "alertname": "machine-offline",
+                                           "org": "acme", "machine_id": "web-1", "severity": "critical"}
+    assert body["alerts"][0]["fingerprint"] == fingerprint("acme", "machine-offline", "web-1", "critical",
+                                                           {"env": "prod", "role": "web"})
+    assert "env" not in body["commonLabels"]  # bare has none
+    text = render.body(labelled, "g")
+    assert "  labels: env=prod, role=web\n" in text
+    assert text.count("labels:") == 2
+    # A machine label named like one of fleet's own does not replace it.
+    assert notice("m", labels={"severity": "low", "org": "x"}).labels["severity"] == "critical"
+    with pytest.raises(NotifyError, match="machine_labels"):
+        Notice(status="firing", org="acme", rule="r", machine_id="m", severity="warning", summary="", value=None,
+               starts_at=T0, ends_at=None, fingerprint="f", machine_labels={"env": 3})  # type: ignore[dict-item]
 
 
 def test_webhook_all_resolved_is_resolved(receiver: Recorder) -> None:

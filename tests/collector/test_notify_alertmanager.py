@@ -33,10 +33,17 @@ route:
   group_wait: 100ms
   group_interval: 300ms
   repeat_interval: 1h
+  routes:
+    - matchers: ['env="prod"']
+      receiver: pager
 receivers:
   - name: fleet-test
     webhook_configs:
       - url: {hook}
+        send_resolved: true
+  - name: pager
+    webhook_configs:
+      - url: {hook}/pager
         send_resolved: true
 """
 
@@ -122,3 +129,23 @@ def test_alert_comes_out_of_alertmanager_firing_then_resolved(alertmanager: str,
     resolved = receiver.wait_for(_alert_out("resolved", "web-1"), timeout=15).json()
     assert resolved["status"] == "resolved"
     assert resolved["alerts"][0]["fingerprint"] == common["fingerprint"]
+
+
+def test_a_route_on_a_machine_label_picks_the_receiver(alertmanager: str, receiver: Recorder) -> None:
+    channel = "alertmanager+" + alertmanager
+    notices = []
+    for machine, env in (("web-1", "prod"), ("web-2", "dev")):
+        labels = {"env": env, "role": "web"}
+        notices.append(Notice(status="firing", org="acme", rule="cpu-hot", machine_id=machine, severity="warning",
+                              summary=f"{machine} is hot", value=95.0, starts_at=time.time() - 60, ends_at=None,
+                              fingerprint=fingerprint("acme", "cpu-hot", machine, "warning", labels),
+                              machine_labels=labels))
+    deliver("alertmanager", channel, None, notices, "acme", smtp_url=None)
+    paged = receiver.wait_for(lambda r: r.path == "/am-hook/pager", timeout=15).json()
+    other = receiver.wait_for(lambda r: r.path == "/am-hook", timeout=15).json()
+    assert paged["receiver"] == "pager"
+    (alert,) = paged["alerts"]
+    assert alert["labels"] == {"alertname": "cpu-hot", "org": "acme", "machine_id": "web-1", "severity": "warning",
+                               "env": "prod", "role": "web"}
+    assert alert["fingerprint"] == notices[0].fingerprint
+    assert [a["labels"]["machine_id"] for a in other["alerts"]] == ["web-2"]

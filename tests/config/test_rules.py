@@ -155,3 +155,27 @@ def test_silence_covers_rule_and_machines_while_active():
     assert not silence.covers("hot", "db-1", 150.0)
     assert not silence.covers("hot", "web-1", 200.0)
     assert Silence(2, "acme", "*", None, 0.0, 10.0).covers("anything", "any", 5.0)
+
+
+def test_machines_take_a_glob_or_a_label_selector():
+    rule = rules.Rule.parse("acme", "r", "cpu_percent > 90", machines="env=prod,role!=db")
+    assert rule.by_labels
+    assert rule.applies_to("any", {"env": "prod", "role": "web"})
+    assert not rule.applies_to("any", {"env": "prod", "role": "db"})
+    assert not rule.applies_to("any")
+    assert not rules.Rule.parse("acme", "r", "conflict", machines="web-*").by_labels
+    silence = rules.Silence(1, "acme", "env=dev", None, 0.0, 10.0)
+    assert silence.covers("r", "m", 5.0, {"env": "dev"})
+    assert not silence.covers("r", "m", 5.0, {"env": "prod"})
+    for bad in ("Env=prod", "env=", "env=prod,", "=x"):
+        with pytest.raises(RuleError, match="invalid machine selector"):
+            rules.check_machines(bad)
+
+
+@given(st.text(max_size=60))
+def test_any_machines_text_is_a_glob_a_selector_or_a_rule_error(text):
+    try:
+        rules.check_machines(text)
+    except RuleError:
+        return
+    assert isinstance(rules.machines_match(text, "web-1", {"env": "prod"}), bool)

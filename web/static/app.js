@@ -5,7 +5,7 @@
 const PAGE = 100;
 const state = { token: sessionStorage.getItem("fleet-token") || "", config: null, page: 0, timer: null,
                 selected: null, range: 900, machines: [], serverSkew: 0, selectedStatus: null, failing: false,
-                customSeries: null, alerts: [], silences: [], alertTab: "firing" };
+                customSeries: null, alerts: [], silences: [], alertTab: "firing", labelCounts: {} };
 const RESOLVED_WINDOW_S = 86400;
 const $ = (id) => document.getElementById(id);
 
@@ -29,6 +29,11 @@ function svg(tag, attrs = {}) {
 async function api(path) {
   const res = await fetch(path, { headers: { Authorization: `Bearer ${state.token}` } });
   if (res.status === 401) { signOut("That key was not accepted."); throw new Error("unauthorised"); }
+  if (res.status === 400) {  // a parameter the server cannot read (a label filter): its message says why
+    const err = new Error((await res.json()).error || "bad request");
+    err.badRequest = true;
+    throw err;
+  }
   if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
   return res.json();
 }
@@ -103,7 +108,76 @@ function query() {
   if ($("search").value.trim()) params.set("q", $("search").value.trim());
   if ($("os-filter").value) params.set("os", $("os-filter").value);
   if ($("status-filter").value) params.set("status", $("status-filter").value);
+  for (const term of labelTerms()) params.append("label", term);
+  if ($("group-by").value) params.set("group", $("group-by").value);
   return params.toString();
+}
+
+// The label filter's terms (KEY=VALUE or KEY!=VALUE), as typed: the server checks them and says what is wrong.
+function labelTerms() {
+  return $("label-filter").value.split(",").map((t) => t.trim()).filter(Boolean);
+}
+
+// The label filter and grouping live in the page's URL (?label=env%3Dprod&group=role): a view can be shared or
+// reloaded. Only these two: the token never goes there.
+function saveView() {
+  const params = new URLSearchParams();
+  for (const term of labelTerms()) params.append("label", term);
+  if ($("group-by").value) params.set("group", $("group-by").value);
+  const search = params.toString();
+  history.replaceState(null, "", location.pathname + (search ? `?${search}` : ""));
+}
+
+function loadView() {
+  const params = new URLSearchParams(location.search);
+  $("label-filter").value = params.getAll("label").join(",");
+  const group = params.get("group") || "";
+  if (group && ![...$("group-by").options].some((o) => o.value === group)) {
+    $("group-by").append(el("option", { value: group, text: `Group by ${group}` }));
+  }
+  $("group-by").value = group;
+}
+
+// Clicking a chip filters by that label: it replaces a term of the same key, or removes itself when set.
+function toggleLabel(key, value) {
+  const term = `${key}=${value}`;
+  const terms = labelTerms();
+  const kept = terms.filter((t) => t.split(/!?=/)[0] !== key);
+  $("label-filter").value = (terms.includes(term) ? kept : kept.concat(term)).join(",");
+  state.page = 0;
+  saveView();
+  refresh();
+}
+
+function labelChips(labels) {
+  const terms = labelTerms();
+  return Object.keys(labels || {}).sort().map((key) => {
+    const text = `${key}=${labels[key]}`;
+    const chip = el("button", { type: "button", class: terms.includes(text) ? "chip on" : "chip", text,
+      "data-label": text, title: terms.includes(text) ? `Stop filtering by ${text}` : `Show machines with ${text}` });
+    chip.addEventListener("click", (ev) => { ev.stopPropagation(); toggleLabel(key, labels[key]); });
+    chip.addEventListener("keydown", (ev) => ev.stopPropagation());  // Enter on a chip is the chip's, not the row's
+    return chip;
+  });
+}
+
+async function loadLabels() {
+  try { state.labelCounts = await api("/api/labels"); } catch (err) { return; }
+  const options = [];
+  for (const [key, values] of Object.entries(state.labelCounts)) {
+    for (const [value, n] of Object.entries(values)) options.push(el("option", { value: `${key}=${value}`, label: `${n} machines` }));
+  }
+  $("label-options").replaceChildren(...options);
+  const select = $("group-by");
+  const current = select.value;
+  const keys = Object.keys(state.labelCounts).sort();
+  if (current && !keys.includes(current)) keys.push(current);
+  const known = [...select.options].slice(1).map((o) => o.value);
+  if (known.length !== keys.length || known.some((k, i) => k !== keys[i])) {
+    select.replaceChildren(el("option", { value: "", text: "No grouping" }),
+      ...keys.map((k) => el("option", { value: k, text: `Group by ${k}` })));
+    select.value = current;
+  }
 }
 
 function alertsEnabled() {
@@ -121,13 +195,19 @@ async function loadAlerts() {
 async function refresh() {
   let body;
   try {
-    [body] = await Promise.all([api(`/api/fleet?${query()}`), loadAlerts()]);
+    [body] = await Promise.all([api(`/api/fleet?${query()}`), loadAlerts(), loadLabels()]);
   } catch (err) {
+    if (err.badRequest) {  // the label filter: say what is wrong with it, keep the last table
+      $("label-error").textContent = err.message;
+      $("label-error").hidden = false;
+      return;
+    }
     $("refresh-state").textContent = `refresh failed: ${err.message}`;
     announce(`Refresh failed: ${err.message}`);
     state.failing = true;
     return;
   }
+  $("label-error").hidden = true;
   if (state.failing) announce("Refresh works again");
   state.failing = false;
   state.serverSkew = Date.now() / 1000 - body.server_time;
@@ -136,7 +216,7 @@ async function refresh() {
   for (const s of ["online", "stale", "offline", "expired"]) $(`count-${s}`).textContent = body.counts[s];
   renderAlerts();
   fillOsFilter(body.os_values);
-  renderTable(body.data);
+  renderTable(body.data, body.groups);
   const first = body.count ? state.page * PAGE + 1 : 0;
   $("page-info").textContent = `${first}–${state.page * PAGE + body.data.length} of ${body.count}`;
   $("prev").disabled = state.page === 0;
@@ -223,8 +303,20 @@ function renderAlerts() {
   $("alert-list").replaceChildren(...(items.length ? items : [el("li", { class: "none", text: none })]));
 }
 
-function renderTable(machines) {
+// A group's header row: the label's value and its online / stale / offline counts (over every page).
+function groupRow(key, group) {
+  const counts = group ? group.counts : null;
+  const th = el("th", { colspan: "9", scope: "rowgroup" },
+    el("span", { text: group && group.value != null ? `${key}=${group.value}` : `no ${key}` }));
+  if (counts) {
+    for (const s of ["online", "stale", "offline"]) th.append(el("span", { class: `gcount ${s}`, text: `${counts[s]} ${s}` }));
+  }
+  return el("tr", { class: "group", "data-group": group && group.value != null ? group.value : "" }, th);
+}
+
+function renderTable(machines, groups) {
   state.machines = machines;
+  const key = $("group-by").value;
   // Rows are rebuilt every refresh: a keyboard user's focus moves to the new row of the same machine.
   const focused = document.activeElement && document.activeElement.closest("#machines tbody tr");
   const refocus = focused ? focused.dataset.machine : null;
@@ -251,6 +343,7 @@ function renderTable(machines) {
       bar(pct(m.metrics && m.metrics.memory && m.metrics.memory.percent)),
       bar(diskPercent(m)),
       el("td", { text: ago(m.last_seen), title: m.last_seen ? new Date(m.last_seen * 1000).toISOString() : "" }),
+      el("td", { class: "labels" }, ...labelChips(m.labels)),
       flags);
     if (m.machine_id === state.selected) row.classList.add("active");
     row.addEventListener("click", () => loadDetail(m.machine_id, true));
@@ -261,7 +354,19 @@ function renderTable(machines) {
     });
     return row;
   });
-  $("machines").tBodies[0].replaceChildren(...rows);
+  let shown = rows;
+  if (key && groups) {
+    const byValue = new Map(groups.map((g) => [g.value == null ? null : g.value, g]));
+    shown = [];
+    let last;
+    machines.forEach((m, i) => {
+      const value = m.labels && key in m.labels ? m.labels[key] : null;
+      if (i === 0 || value !== last) shown.push(groupRow(key, byValue.get(value)));
+      last = value;
+      shown.push(rows[i]);
+    });
+  }
+  $("machines").tBodies[0].replaceChildren(...shown);
   const again = refocus && rows.find((r) => r.dataset.machine === refocus);
   if (again) again.focus({ preventScroll: true });
   $("empty").hidden = machines.length > 0;
@@ -299,6 +404,8 @@ async function loadDetail(machineId, open, focus = false) {
   const sys = machine.system || {}, met = machine.metrics || {};
   const dl = $("d-facts");
   dl.replaceChildren();
+  dl.append(el("dt", { text: "Labels" }), el("dd", { id: "d-labels" }, ...(Object.keys(machine.labels || {}).length
+    ? labelChips(machine.labels) : [document.createTextNode("–")])));
   fact(dl, "Hostname", sys.hostname);
   fact(dl, "OS", [sys.os, sys.os_version].filter(Boolean).join(" · "));
   fact(dl, "Platform", sys.platform);
@@ -327,10 +434,15 @@ async function loadDetail(machineId, open, focus = false) {
 
 // Status changes and inventory changes, newest first, by the collector's clock.
 function renderTimeline(events, inventory) {
-  const items = events.map((e) => ({ ts: e.ts, node: el("li", {},
-    el("time", { text: new Date(e.ts * 1000).toLocaleString() }),
-    badge(e.new_status === "evicted" ? "offline" : e.new_status),
-    el("span", { class: "muted", text: `${e.old_status || "new"} → ${e.new_status}${e.reason ? " (" + e.reason + ")" : ""}` })) }));
+  // A label change is an event whose status stays the same and whose reason is "labels: …".
+  const labelChange = (e) => e.old_status === e.new_status && (e.reason || "").startsWith("labels: ");
+  const items = events.map((e) => ({ ts: e.ts, node: labelChange(e)
+    ? el("li", { class: "labels" }, el("time", { text: new Date(e.ts * 1000).toLocaleString() }),
+      el("span", { class: "badge inventory", text: "labels" }), el("span", { class: "muted", text: e.reason.slice(8) }))
+    : el("li", {},
+      el("time", { text: new Date(e.ts * 1000).toLocaleString() }),
+      badge(e.new_status === "evicted" ? "offline" : e.new_status),
+      el("span", { class: "muted", text: `${e.old_status || "new"} → ${e.new_status}${e.reason ? " (" + e.reason + ")" : ""}` })) }));
   inventory.forEach((inv, i) => items.push({ ts: inv.received, node: el("li", { class: "inventory" },
     el("time", { text: new Date(inv.received * 1000).toLocaleString() }),
     el("span", { class: "badge inventory", text: "inventory" }),
@@ -492,8 +604,9 @@ async function start() {
   if (fromHash) {
     state.token = fromHash;
     sessionStorage.setItem("fleet-token", fromHash);
-    history.replaceState(null, "", location.pathname);
+    history.replaceState(null, "", location.pathname + location.search);
   }
+  loadView();
   if (!state.token) { showLogin(); return; }
   await refresh();
   schedule();
@@ -510,6 +623,12 @@ $("logout").addEventListener("click", () => signOut());
 let searchTimer = null;
 $("search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => { state.page = 0; refresh(); }, 200); });
 for (const id of ["os-filter", "status-filter", "sort"]) $(id).addEventListener("change", () => { state.page = 0; refresh(); });
+let labelTimer = null;
+$("label-filter").addEventListener("input", () => {
+  clearTimeout(labelTimer);
+  labelTimer = setTimeout(() => { state.page = 0; saveView(); refresh(); }, 300);
+});
+$("group-by").addEventListener("change", () => { state.page = 0; saveView(); refresh(); });
 $("prev").addEventListener("click", () => { state.page = Math.max(0, state.page - 1); refresh(); });
 $("next").addEventListener("click", () => { state.page += 1; refresh(); });
 // Toggle buttons show their state to the eye (a class) and to assistive technology (aria-pressed).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from fleet.collector.alerts.notify.errors import NotifyError
 
@@ -42,6 +43,7 @@ class Notice:
     starts_at: float
     ends_at: float | None
     fingerprint: str
+    machine_labels: Mapping[str, str] = field(default_factory=dict)  # the machine's labels (docs/protocol.md)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -50,6 +52,9 @@ class Notice:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise NotifyError(f"notice {name} must be a non-empty string, not {value!r}")
+        if not isinstance(self.machine_labels, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.machine_labels.items()):
+            raise NotifyError(f"notice machine_labels must map strings to strings, not {self.machine_labels!r}")
         if not isinstance(self.summary, str):
             raise NotifyError(f"notice summary must be a string, not {self.summary!r}")
         _number("value", self.value, optional=True)
@@ -62,8 +67,8 @@ class Notice:
 
     @property
     def labels(self) -> dict[str, str]:
-        """The alert's Alertmanager labels."""
-        return alert_labels(self.org, self.rule, self.machine_id, self.severity)
+        """The alert's Alertmanager labels: the machine's labels, then fleet's own."""
+        return alert_labels(self.org, self.rule, self.machine_id, self.severity, self.machine_labels)
 
     @property
     def annotations(self) -> dict[str, str]:
@@ -71,14 +76,18 @@ class Notice:
         return {"summary": self.summary}
 
 
-def alert_labels(org: str, rule: str, machine_id: str, severity: str) -> dict[str, str]:
-    """Labels of one alert, as webhook and Alertmanager channels carry them."""
-    return {"alertname": rule, "org": org, "machine_id": machine_id, "severity": severity}
+def alert_labels(org: str, rule: str, machine_id: str, severity: str,
+                 machine_labels: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Labels of one alert, as webhook and Alertmanager channels carry them: the machine's labels (so receivers
+    route on ``env``), then ``alertname``, ``org``, ``machine_id`` and ``severity``, which win over a machine label
+    of the same name."""
+    return {**(machine_labels or {}), "alertname": rule, "org": org, "machine_id": machine_id, "severity": severity}
 
 
-def fingerprint(org: str, rule: str, machine_id: str, severity: str) -> str:
+def fingerprint(org: str, rule: str, machine_id: str, severity: str,
+                machine_labels: Mapping[str, str] | None = None) -> str:
     """The alert's fingerprint exactly as Alertmanager computes it (FNV-1a 64 over the sorted labels)."""
-    labels = alert_labels(org, rule, machine_id, severity)
+    labels = alert_labels(org, rule, machine_id, severity, machine_labels)
     h = _FNV_OFFSET
     for name in sorted(labels):
         for part in (name, labels[name]):

@@ -46,7 +46,10 @@ def _line(notice: Notice) -> list[str]:
     else:
         assert notice.ends_at is not None  # a resolved Notice always has one
         when = f"from {_when(notice.starts_at)} to {_when(notice.ends_at)}"
-    return [f"- [{notice.severity}] {notice.rule} on {notice.machine_id}: {what}", f"  {when}{value}"]
+    lines = [f"- [{notice.severity}] {notice.rule} on {notice.machine_id}: {what}", f"  {when}{value}"]
+    if notice.machine_labels:
+        lines.append("  labels: " + ", ".join(f"{k}={v}" for k, v in sorted(notice.machine_labels.items())))
+    return lines
 
 
 def body(notices: Sequence[Notice], group_key: str, max_listed: int | None = None) -> str:
