@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -87,10 +88,12 @@ def last_json_line(text: str) -> dict:
 
 def start_simulators(count: int, agents: int, url: str, org: str, key: str, data: Path, interval: float,
                      connect_rate: float, env: dict[str, str], record: bool = False,
-                     extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+                     extra: tuple[str, ...] = (), nice: int = 0) -> list[subprocess.Popen]:
     """``count`` ``fleet simulate`` processes sharing ``agents`` (prefixes sim0, sim1, …) and ``connect_rate``;
     each logs to DATA/simulate-I.log and, with ``record``, records to DATA/record-I.csv. ``extra``: more
-    options for each (e.g. ``--enrol TOKEN``)."""
+    options for each (e.g. ``--enrol TOKEN``). ``nice``: their scheduling niceness, so a load generator sharing
+    the cores of what it measures yields to it (a simulator runs a thread per shard of agents: at equal
+    niceness a one-thread broker gets a small share of the CPU whatever it needs)."""
     procs = []
     for i in range(count):
         share = agents // count + (i < agents % count)
@@ -102,7 +105,7 @@ def start_simulators(count: int, agents: int, url: str, org: str, key: str, data
         cmd += list(extra)
         with open(data / f"simulate-{i}.log", "w") as log:
             procs.append(subprocess.Popen(cmd, env={**env, "FLEET_KEY": key}, stdout=subprocess.PIPE, stderr=log,
-                                          text=True))
+                                          text=True, preexec_fn=(lambda: os.nice(nice)) if nice else None))
     return procs
 
 

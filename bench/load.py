@@ -353,7 +353,8 @@ def run(kind: str, args: argparse.Namespace, database: str | None, auth: str = "
         token, enrol_s = enrol_simulators(args, url, data, env) if auth == "certificate" else ("", None)
         started = time.time()
         parts.sims = start_simulators(args.simulators, args.agents, url, ORG, keys["agent_key"], data, args.interval,
-                                      args.connect_rate, env, extra=("--enrol", token) if token else ())
+                                      args.connect_rate, env, extra=("--enrol", token) if token else (),
+                                      nice=args.nice)
         probe = Probe(url, ca, keys["agent_key"], api, keys["reader_key"])
         probe_thread = threading.Thread(target=probe.loop, daemon=True)
         probe_thread.start()
@@ -544,6 +545,8 @@ def main() -> None:
     parser.add_argument("--auth", choices=("key", "certificate", "both"), default="key",
                         help="simulated agents connect with the org key, their own certificates, or each in turn")
     parser.add_argument("--keep", action="store_true", help="keep each run's data dir (database, logs) and print it")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="niceness of the simulators, so the load generator yields the shared cores to the parts")
     parser.add_argument("--broker-loop", choices=("asyncio", "uvloop"), default="asyncio",
                         help="embedded only: the broker's event loop (setting broker_loop)")
     parser.add_argument("--restart-broker", action="store_true",
@@ -573,7 +576,7 @@ def main() -> None:
             server.destroy()
     print()
     print(f"agents={args.agents} interval={args.interval}s steady={args.steady}s connect-rate={args.connect_rate}/s "
-          f"simulators={args.simulators} cores={os.cpu_count()} database={args.database}")
+          f"simulators={args.simulators} (nice {args.nice}) cores={os.cpu_count()} database={args.database}")
     print_table("metric", results)
 
 
