@@ -46,9 +46,13 @@ def enrol_machine(broker: Any, settings: Settings, agent_dir: Path, machine: str
     return files
 
 
+HANDSHAKE_REFUSED = -1  # what connect_with_cert returns when the TLS handshake itself is refused (Mosquitto's CRL)
+
+
 def connect_with_cert(broker: Any, files: IdentityFiles, client_id: str | None = None,
-                      expect_rc: int = 0, timeout: float = 10.0) -> Any:
-    """A paho client connected with the machine's certificate (no username); or the CONNACK code when refused."""
+                      expect_rc: int = 0, timeout: float = 10.0, port: int | None = None) -> Any:
+    """A paho client connected with the machine's certificate (no username), to ``port`` (default the broker's);
+    or, when refused, the CONNACK code (HANDSHAKE_REFUSED when the handshake was)."""
     address = BrokerAddress.parse(broker.url)
     client = new_client(address, client_id or agent_client_id(files.org, files.machine), None, None, files.ca,
                         client_cert=files.client_cert())
@@ -61,7 +65,12 @@ def connect_with_cert(broker: Any, files: IdentityFiles, client_id: str | None =
 
     client.on_connect = on_connect
     client.on_disconnect = lambda *_: done.set()
-    client.connect(address.host, address.port, keepalive=60)
+    try:
+        client.connect(address.host, port or address.port, keepalive=60)
+    except OSError:  # ssl.SSLError among them
+        if not expect_rc:
+            raise
+        return HANDSHAKE_REFUSED
     client.loop_start()
     if not done.wait(timeout):
         client.loop_stop()

@@ -13,13 +13,13 @@ from fleet.agent.identity import IdentityFiles, enrol
 from fleet.broker.mosquitto import kick_machine, watch
 from fleet.collector.enrolment import CertificateAuthority, Signer
 from fleet.config import connack
-from fleet.config.mqtt import BrokerAddress, new_client
+from fleet.config.mqtt import BrokerAddress
 from fleet.config.settings import Settings
 from fleet.config.topics import report_topic
 from fleet.store import credentials, identity
 from fleet.store.database import open_database
 from tests.helpers import Inbox, close, connect_client, wait_for
-from tests.identity.conftest import make_token
+from tests.identity.conftest import connect_with_cert, make_token
 
 pytestmark = pytest.mark.mosquitto
 
@@ -53,30 +53,9 @@ def mosquitto_signer(mosquitto_broker, mosquitto_settings: Settings, watcher):
 
 
 def _connect_cert(broker, settings: Settings, files: IdentityFiles, expect_refusal: bool = False) -> Any:
-    address = BrokerAddress.parse(broker.url)
-    client = new_client(address, f"fleet-{files.org}-{files.machine}", None, None, files.ca,
-                        client_cert=files.client_cert())
-    result: dict[str, int] = {}
-    done = threading.Event()
-
-    def on_connect(_c: Any, _u: Any, _f: Any, reason_code: Any, _p: Any = None) -> None:
-        result["rc"] = int(getattr(reason_code, "value", reason_code))
-        done.set()
-
-    client.on_connect = on_connect
+    """A machine's connection to Mosquitto's certificate listener; with ``expect_refusal``, how it was refused."""
     port = settings.mqtt_cert_port or settings.mqtt_port + 1
-    try:
-        client.connect(address.host, port, keepalive=30)
-    except OSError:  # the CRL refuses the certificate in the handshake
-        assert expect_refusal
-        return None
-    client.loop_start()
-    assert done.wait(10) or expect_refusal
-    if expect_refusal:
-        client.loop_stop()
-        return result.get("rc", -1)
-    assert result["rc"] == 0
-    return client
+    return connect_with_cert(broker, files, expect_rc=1 if expect_refusal else 0, port=port)
 
 
 def test_enrol_publish_impersonation_and_revocation_on_mosquitto(mosquitto_broker, mosquitto_settings,
