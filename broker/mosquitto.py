@@ -33,7 +33,7 @@ from fleet.broker.errors import BrokerError
 from fleet.broker.pki import CertPaths, ensure_server_certs, server_chain
 from fleet.config.enrolment import CERT_KIND, ENROL_KIND, RENEW_KIND, enrol_username
 from fleet.config.payloads import MAX_PAYLOAD_BYTES
-from fleet.config.settings import Settings
+from fleet.config.settings import DEFAULT_MQTT_PORT, Settings
 from fleet.store import credentials, identity
 from fleet.store.database import DatabaseError, open_database
 
@@ -172,24 +172,33 @@ def mosquitto_conf(settings: Settings, out_dir: Path, certs_dir: Path, user: str
         "tls_version tlsv1.2",
         "require_certificate false",
         "",
-        "# Machine certificates: the certificate is the identity (username = its CN, <org>/<machine>).",
-        f"listener {cert_port(settings)} {settings.host}",
-        f"cafile {certs_dir / 'ca.pem'}",
-        f"certfile {certs_dir / 'server.pem'}",
-        f"keyfile {certs_dir / 'server.key'}",
-        f"crlfile {certs_dir / 'machines.crl'}",
-        "tls_version tlsv1.2",
-        "require_certificate true",
-        "use_identity_as_username true",
     ]
+    port = cert_port(settings)
+    if port is None:
+        lines.append("# No listener for machine certificates: give --cert-port (mqtt_cert_port) to enrol machines.")
+    else:
+        lines += [
+            "# Machine certificates: the certificate is the identity (username = its CN, <org>/<machine>).",
+            f"listener {port} {settings.host}",
+            f"cafile {certs_dir / 'ca.pem'}",
+            f"certfile {certs_dir / 'server.pem'}",
+            f"keyfile {certs_dir / 'server.key'}",
+            f"crlfile {certs_dir / 'machines.crl'}",
+            "tls_version tlsv1.2",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ]
     if settings.mqtt_plain_port:
         lines += ["", f"listener {settings.mqtt_plain_port} 127.0.0.1"]
     return "\n".join(lines) + "\n"
 
 
-def cert_port(settings: Settings) -> int:
-    """The port of Mosquitto's machine-certificate listener: ``mqtt_cert_port``, else the next after MQTT's."""
-    return settings.mqtt_cert_port or settings.mqtt_port + 1
+def cert_port(settings: Settings) -> int | None:
+    """The port of Mosquitto's machine-certificate listener: ``mqtt_cert_port``, else 8884 beside the default
+    8883; None (no such listener) beside any other MQTT port, whose neighbour may well be another's port."""
+    if settings.mqtt_cert_port:
+        return settings.mqtt_cert_port
+    return DEFAULT_MQTT_PORT + 1 if settings.mqtt_port == DEFAULT_MQTT_PORT else None
 
 
 def _write(path: Path, text: str | bytes, mode: int) -> None:

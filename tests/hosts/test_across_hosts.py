@@ -157,8 +157,9 @@ def mosquitto_server(work: Path, cert_name: str) -> Iterator[Server]:
         pytest.fail("Debian's mosquitto is missing (apt-get install mosquitto)")
     server = Server(work / "fleet-data", free_port(), free_port())
     try:
+        # The listener for machine certificates on a port known to be free (its default, the next one, may not be).
         out = _fleet("mosquitto-config", "--out", "mosquitto", "--host", "0.0.0.0", "--cert-name", cert_name,
-                     "--mqtt-port", str(server.mqtt_port), cwd=work)
+                     "--mqtt-port", str(server.mqtt_port), "--cert-port", str(free_port()), cwd=work)
         server.logs.append(work / "mosquitto-config.log")
         server.logs[-1].write_text(out)
         server.start("mosquitto", MOSQUITTO, "-c", str(work / "mosquitto" / "mosquitto.conf"))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fleet.agent.identity import IdentityFiles, enrol
-from fleet.broker.mosquitto import kick_machine, watch
+from fleet.broker.mosquitto import cert_port, kick_machine, watch
 from fleet.collector.enrolment import CertificateAuthority, Signer
 from fleet.config import connack
 from fleet.config.mqtt import BrokerAddress
@@ -54,7 +54,7 @@ def mosquitto_signer(mosquitto_broker, mosquitto_settings: Settings, watcher):
 
 def _connect_cert(broker, settings: Settings, files: IdentityFiles, expect_refusal: bool = False) -> Any:
     """A machine's connection to Mosquitto's certificate listener; with ``expect_refusal``, how it was refused."""
-    port = settings.mqtt_cert_port or settings.mqtt_port + 1
+    port = cert_port(settings)
     return connect_with_cert(broker, files, expect_rc=1 if expect_refusal else 0, port=port)
 
 
