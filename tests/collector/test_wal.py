@@ -46,21 +46,17 @@ class Running:
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.done: dict[str, int] = {}
-        self.slowest: dict[str, float] = {}
         self.errors: list[str] = []
         self._threads: list[threading.Thread] = []
 
     def loop(self, name: str, step: Callable[[], None], pause: float = 0.0) -> None:
         def run() -> None:
             while not self.stop.is_set():
-                started = time.monotonic()
                 try:
                     step()
                 except DatabaseError as exc:
                     self.errors.append(f"{name}: {exc}")
-                took = time.monotonic() - started
                 self.done[name] = self.done.get(name, 0) + 1
-                self.slowest[name] = max(self.slowest.get(name, 0.0), took)
                 self.stop.wait(pause)
 
         thread = threading.Thread(target=run, name=name, daemon=True)
@@ -199,7 +195,8 @@ def under_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resets: int, by_
             credentials.load_records(db)
 
     def broker_heartbeat() -> None:  # broker/server.py: a fresh read-write connection per heartbeat
-        with open_database(database, migrate=False) as db:
+        # It waits for the write lock no longer than a reset may hold it: a longer wait is "database is locked".
+        with open_database(database, migrate=False, busy_timeout_ms=writer.WRITER_BUSY_TIMEOUT_MS) as db:
             write_heartbeat(db, BROKER, time.time(), {"connected": 1})
 
     largest = [0]
@@ -241,8 +238,8 @@ def test_the_wal_stays_bounded_under_sustained_commits_and_reads(tmp_path: Path,
     assert seen.stored >= 10_000
     # The writer's commits were interleaved with readers all along, yet the log was emptied again and again.
     assert seen.largest_wal <= wal.WAL_RESET_BYTES + MARGIN_BYTES, f"WAL reached {seen.largest_wal / 2**20:.1f} MB"
-    # A reset waits at most its busy timeout for readers, so nobody else waited long for the writer's lock.
-    assert running.slowest["heartbeat"] < writer.WRITER_BUSY_TIMEOUT_MS / 1000, running.slowest
+    # A reset waits at most its busy timeout for readers, so no other writer waited past it for the lock: the
+    # heartbeat, whose busy timeout is that bound, never got "database is locked" (running.errors above).
     # The checkpointer's last checkpoint emptied the log: the last connection to close had nothing to copy.
     assert seen.wal_after_stop == 0
 
