@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,20 @@ from fleet.store import credentials, identity
 from fleet.store.database import open_database
 
 
-@pytest.fixture
-def signer(broker, broker_settings: Settings):
-    """The signer (the collector's CA-holding part) connected to the test broker."""
-    settings = broker_settings.replace(broker_url=broker.url)
+def running_signer(settings: Settings) -> Iterator[Signer]:
+    """The signer (the collector's CA-holding part) for ``settings``, listening for requests; stopped after."""
     with open_database(settings.database) as db:
         key = credentials.ensure_service_key(db, settings.data_dir)
     running = Signer(settings, CertificateAuthority.load(settings.certs_dir), key).start()
     assert running.wait_subscribed(10)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def signer(broker, broker_settings: Settings):
+    """The signer connected to the test broker."""
+    yield from running_signer(broker_settings.replace(broker_url=broker.url))
 
 
 def make_token(settings: Settings, org: str = "acme", uses: int = 1, expires_s: float = 3600.0) -> identity.NewToken:

@@ -11,15 +11,14 @@ import pytest
 
 from fleet.agent.identity import IdentityFiles, enrol
 from fleet.broker.mosquitto import cert_port, kick_machine, watch
-from fleet.collector.enrolment import CertificateAuthority, Signer
 from fleet.config import connack
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.settings import Settings
 from fleet.config.topics import report_topic
-from fleet.store import credentials, identity
+from fleet.store import identity
 from fleet.store.database import open_database
 from tests.helpers import Inbox, close, connect_client, wait_for
-from tests.identity.conftest import connect_with_cert, make_token
+from tests.identity.conftest import connect_with_cert, make_token, running_signer
 
 pytestmark = pytest.mark.mosquitto
 
@@ -44,12 +43,7 @@ def watcher(mosquitto_broker, mosquitto_settings: Settings):
 
 @pytest.fixture
 def mosquitto_signer(mosquitto_broker, mosquitto_settings: Settings, watcher):
-    with open_database(mosquitto_settings.database) as db:
-        key = credentials.ensure_service_key(db, mosquitto_settings.data_dir)
-    running = Signer(mosquitto_settings, CertificateAuthority.load(mosquitto_settings.certs_dir), key).start()
-    assert running.wait_subscribed(10)
-    yield running
-    running.stop()
+    yield from running_signer(mosquitto_settings)
 
 
 def _connect_cert(broker, settings: Settings, files: IdentityFiles, expect_refusal: bool = False) -> Any:
