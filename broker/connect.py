@@ -45,6 +45,7 @@ from fleet.broker.protocol import (
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of, spare_queues
 from fleet.broker.throttle import ThrottledLog
+from fleet.broker.tlstransport import TLSSocketTransport, handshake
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
 from fleet.config.topics import machine_from_client_id
 from fleet.store.credentials import SERVICE_ROLE, Principal
@@ -54,7 +55,6 @@ log = logging.getLogger("fleet.broker")
 CONNECT_TIMEOUT_S = 10.0  # the TLS handshake, and then the CONNECT, each
 STOP_RETRY_S = 0.5
 STREAM_LIMIT = 64 * 1024  # asyncio.start_server's default reader limit
-HANDSHAKE_BACKSTOP_S = 2 * CONNECT_TIMEOUT_S  # the loop's own handshake timeout, behind ours
 KEEPALIVE_FACTOR = 1.5
 TAKEOVER_TIMEOUT_S = 10.0  # the older connection's will and cleanup; a new CONNECT waits this long at most
 # Above this share of max_connections, a listener admits only the collector and clients whose persistent session
@@ -181,11 +181,12 @@ class SessionBroker(RoutingBroker):
         except OSError:  # already gone
             reset(sock)
             return None
-        backstop = HANDSHAKE_BACKSTOP_S if context else None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=context,
-                                                                  ssl_handshake_timeout=backstop)
+                if context is None:
+                    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+                else:
+                    transport = TLSSocketTransport(loop, await handshake(sock, context), protocol)
         except TimeoutError:
             self.stats["handshake_timeouts"] += 1
             self.throttled("handshake_timeout", logging.WARNING, "TLS handshakes did not finish within %.0f s",

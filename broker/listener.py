@@ -1,8 +1,8 @@
 """TCP listeners with an accept loop of the broker's own: each accepted socket is handed over before any TLS.
 
 The broker decides on a bare socket whether to serve it (broker/admission.py), and a socket it serves gets its
-TLS handshake from the event loop's own TLS transport (``loop.connect_accepted_socket``: asyncio's, or uvloop's
-in C) inside that connection's task, so a broker stop ends handshakes in progress like any connection."""
+TLS handshake (broker/tlstransport.py) inside that connection's task, so a broker stop ends handshakes in
+progress like any connection."""
 
 from __future__ import annotations
 

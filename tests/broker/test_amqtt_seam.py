@@ -10,7 +10,6 @@ import importlib.metadata
 import inspect
 import re
 import tomllib
-from asyncio import sslproto
 from pathlib import Path
 
 import pytest
@@ -155,7 +154,6 @@ def test_noqa_slf001_only_on_seam_lines():
 
 def test_process_wide_patches_are_applied_only_while_a_broker_runs(fleet_dir):
     stock_init = vars(Session)["_init_states"]
-    stock_max_size = sslproto.SSLProtocol.max_size
     import fleet.broker.hardened  # noqa: F401 - importing the broker patches nothing
 
     assert not patches.active()
@@ -163,11 +161,9 @@ def test_process_wide_patches_are_applied_only_while_a_broker_runs(fleet_dir):
     broker = start_in_thread(Settings(data_dir=fleet_dir, mqtt_port=0))
     try:
         assert patches.active()
-        assert sslproto.SSLProtocol.max_size == patches.TLS_READ_BUFFER
         assert isinstance(Session().transitions, SessionState)
     finally:
         broker.stop()
     assert not patches.active()
     assert vars(Session)["_init_states"] is stock_init
-    assert sslproto.SSLProtocol.max_size == stock_max_size
     assert not isinstance(Session().transitions, SessionState)
