@@ -475,6 +475,7 @@ class SessionBroker(RoutingBroker):
             grant = grant_of(session)
             if grant is not None and AccessPolicy.may_subscribe(grant, topic_filter):
                 self.subscriptions.setdefault(topic_filter, []).append((session, min(qos, MAX_QOS)))
+                self.filters_changed()
         return len({row[0] for row in rows if row[0] in self.sessions})
 
     def restore_queue(self, rows: list[tuple[int, str, str, bytes, int]]) -> int:

@@ -45,6 +45,7 @@ SUBACK_FAILURE = 0x80
 MAX_QOS = 1  # granted to every subscription: deliveries are QoS 0 or tracked QoS 1
 INFLIGHT_WINDOW = 10_000  # messages in flight to one connection; below 65,535 packet ids with room to spare
 MAX_DROP_LOG_KEYS = 10_000  # one warning per (reason, client); the set of keys logged is bounded too
+MAX_ROUTED_TOPICS = 100_000  # topics whose matching filters are remembered; past it, the memo starts afresh
 
 
 class QueuedMessage(NamedTuple):
@@ -70,6 +71,10 @@ class RoutingBroker(Broker):
         self.store = store
         self._delivery_tasks: set[asyncio.Task[Any]] = set()
         self._drop_logged: set[str] = set()
+        # topic -> the subscription filters it matches, for the filters as they were at ``_filters_version``
+        self._filters_of: dict[str, tuple[str, ...]] = {}
+        self._filters_version = 0
+        self._filters_seen: tuple[int, int] = (0, 0)
 
     # --- routing -------------------------------------------------------------------------------
     def count_drop(self, reason: str, session: Session | None, topic: str) -> None:
@@ -101,14 +106,29 @@ class RoutingBroker(Broker):
         self.stats["routed"] += 1
         if retain:
             self._store_retained(source, topic, data, qos)
-        for topic_filter, subscriptions in self.subscriptions.items():
-            if not topic_matches(topic_filter, topic):
-                continue
-            for target, sub_qos in subscriptions:
+        subscriptions_of = self.subscriptions
+        for topic_filter in self._matching_filters(topic):
+            for target, sub_qos in subscriptions_of.get(topic_filter, ()):
                 target_grant = grant_of(target)
                 if target_grant is None or not AccessPolicy.may_receive(target_grant, topic):
                     continue
                 self.send_to(target, topic, data, min(qos, sub_qos), retain=False)
+
+    def filters_changed(self) -> None:
+        """A subscription filter was added or removed: what each topic matches is worked out again."""
+        self._filters_version += 1
+
+    def _matching_filters(self, topic: str) -> tuple[str, ...]:
+        """The subscription filters ``topic`` matches: worked out once per topic while the filters stay the same
+        (every report of a machine goes to the same topic)."""
+        seen = (self._filters_version, len(self.subscriptions))
+        if seen != self._filters_seen or len(self._filters_of) >= MAX_ROUTED_TOPICS:
+            self._filters_of.clear()
+            self._filters_seen = seen
+        filters = self._filters_of.get(topic)
+        if filters is None:
+            filters = self._filters_of[topic] = tuple(f for f in self.subscriptions if topic_matches(f, topic))
+        return filters
 
     def queue_limit(self, session: Session) -> int:
         """How many messages a session may have in flight, or held while offline."""
@@ -229,9 +249,15 @@ class RoutingBroker(Broker):
         """Stock checks and bookkeeping at QoS 1 at most; a persistent session's subscription is also written
         to disk."""
         code = await super().add_subscription((subscription[0], min(subscription[1], MAX_QOS)), session)
+        self.filters_changed()
         if code != SUBACK_FAILURE and not session.clean_session and self.store is not None:
             self.store.record_subscription(session.client_id or "", session.username or "", subscription[0], code)
         return code
+
+    async def _del_all_subscriptions(self, session: Session) -> None:  # the amqtt seam: a session deleted
+        """Stock: the session's subscriptions go, and filters nobody holds any more with them."""
+        await super()._del_all_subscriptions(session)
+        self.filters_changed()
 
     async def _handle_unsubscription(self, client_session: Session, handler: Any,  # the amqtt seam: UNSUBSCRIBE
                                      unsubscribe_waiter: Any) -> None:
@@ -240,3 +266,4 @@ class RoutingBroker(Broker):
             for topic_filter in unsubscribe_waiter.result().topics:
                 self.store.forget_subscription(client_session.client_id or "", topic_filter)
         await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+        self.filters_changed()

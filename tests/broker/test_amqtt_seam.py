@@ -41,6 +41,7 @@ SEAM: dict[type, dict[str, str]] = {
         "_handle_subscription": "override and call (from serve()): SUBACK, then retained messages through the "
                                 "receive rule",
         "_handle_unsubscription": "override and call (from serve()): the subscription also leaves broker.db",
+        "_del_all_subscriptions": "override and call: a deleted session's filters leave the routing memo",
     },
     BrokerProtocolHandler: {
         "_retry_deliveries": "override and call: resend what was in flight, without waiting for the PUBACKs",
