@@ -10,7 +10,19 @@ from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 
 from fleet.config.settings import Settings
-from fleet.web import alerts_api, api, audit_api, config_api, dashboard, health, invite, metrics, session, tokens_api
+from fleet.web import (
+    alerts_api,
+    api,
+    audit_api,
+    config_api,
+    dashboard,
+    health,
+    invite,
+    metrics,
+    people_api,
+    session,
+    tokens_api,
+)
 from fleet.web.db import DatabaseUnavailable, close_db, pool_for, write_pool_for
 
 log = logging.getLogger("fleet.web")
@@ -57,7 +69,7 @@ def create_app(settings: Settings, **overrides) -> Flask:
         limiter.limit(session.SIGN_IN_LIMIT, key_func=key, methods=["POST"], deduct_when=session.failed,
                       override_defaults=False)(session.signin_bp)
     for blueprint in (api.bp, alerts_api.bp, metrics.bp, health.bp, dashboard.bp, session.bp, invite.bp,
-                      tokens_api.bp, audit_api.bp):
+                      tokens_api.bp, audit_api.bp, people_api.bp):
         app.register_blueprint(blueprint)
     session.warm_up()
     app.teardown_appcontext(close_db)
