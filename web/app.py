@@ -10,7 +10,7 @@ from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 
 from fleet.config.settings import Settings
-from fleet.web import alerts_api, api, config_api, dashboard, health, metrics
+from fleet.web import alerts_api, api, config_api, dashboard, health, metrics, oidc
 from fleet.web.db import DatabaseUnavailable, close_db, pool_for
 
 log = logging.getLogger("fleet.web")
@@ -49,7 +49,7 @@ def create_app(settings: Settings, **overrides) -> Flask:
                       storage_uri="memory://", strategy="fixed-window")
     app.register_blueprint(config_api.bp)
     limiter.limit(settings.rate_limit_config)(config_api.bp)
-    for blueprint in (api.bp, alerts_api.bp, metrics.bp, health.bp, dashboard.bp):
+    for blueprint in (api.bp, alerts_api.bp, metrics.bp, health.bp, dashboard.bp, oidc.bp):
         app.register_blueprint(blueprint)
     app.teardown_appcontext(close_db)
     app.after_request(_security_headers)
