@@ -103,11 +103,11 @@ class Settings:
     refresh_interval_ms: int = 5000
     rate_limit_config: str = "100/minute"
     rate_limit_api: str = "600/minute"
+    web_url: str = ""  # the web app's address as people reach it (sign-in links); default http://<host>:<http_port>
     # single sign-on (OpenID Connect): all three or none
     oidc_issuer: str = ""  # https://…, the URL whose /.well-known/openid-configuration describes the provider
     oidc_client_id: str = ""
     oidc_client_secret: str = field(default="", repr=False)
-    oidc_redirect_uri: str = ""  # default: /login/oidc/callback on the address the browser used
 
     def __post_init__(self) -> None:
         _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
@@ -132,6 +132,10 @@ class Settings:
         _check(self.cert_days >= 1, "cert_days", "must be at least 1", self.cert_days)
         _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (changes apply within 5 s)",
                self.reload_interval_s)
+        if self.web_url:
+            parts = urlsplit(self.web_url)
+            _check(parts.scheme in ("http", "https") and bool(parts.hostname), "web_url",
+                   "must look like https://HOST[:PORT][/PATH]", self.web_url)
         if self.broker_url:
             parts = urlsplit(self.broker_url)
             _check(parts.scheme in ("mqtts", "mqtt") and bool(parts.hostname), "broker_url",
@@ -230,6 +234,14 @@ class Settings:
         return f"mqtts://{local_host(self.host)}:{self.mqtt_port}"
 
     @property
+    def effective_web_url(self) -> str:
+        """The web app's URL for links given to people: ``web_url``, or this host's HTTP listener."""
+        if self.web_url:
+            return self.web_url.rstrip("/")
+        host = socket.gethostname() if self.host in WILDCARD_HOSTS else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
+
+    @property
     def service_port(self) -> int:
         """The embedded broker's listener reserved for the collector (always admitted, whatever the agents do):
         ``mqtt_service_port``, else 8884 beside the default 8883, else 0 (a free port, told to in-process parts)."""
@@ -282,24 +294,19 @@ def _check_oidc(settings: Settings) -> None:
         missing = [name for name in OIDC_SETTINGS if name not in given]
         raise SettingsError(f"incomplete single sign-on settings: {_variables(given)} set but {_variables(missing)}"
                             " not (set all three or none)")
-    for name in ("oidc_issuer", "oidc_redirect_uri"):
-        url = getattr(settings, name)
-        if not url:
-            continue
+    if settings.oidc_issuer:
         try:
-            parts = urlsplit(url)
+            parts = urlsplit(settings.oidc_issuer)
             _ = parts.port  # raises ValueError for a bad port
         except ValueError:
             parts = None
         _check(parts is not None and parts.scheme in ("https", "http") and bool(parts.hostname)
-               and not parts.query and not parts.fragment and not parts.username, name,
-               "must be an https:// URL without query or fragment", url)
-    issuer = urlsplit(settings.oidc_issuer)
-    # The provider's keys and the client secret travel over this: in clear text only to this machine.
-    _check(not settings.oidc_issuer or issuer.scheme == "https" or is_loopback(issuer.hostname or ""),
-           "oidc_issuer", "must be https:// (http:// only on loopback)", settings.oidc_issuer)
-    _check(not settings.oidc_redirect_uri or bool(settings.oidc_issuer), "oidc_redirect_uri",
-           "needs single sign-on configured (FLEET_OIDC_ISSUER and the rest)", settings.oidc_redirect_uri)
+               and not parts.query and not parts.fragment and not parts.username, "oidc_issuer",
+               "must be an https:// URL without query or fragment", settings.oidc_issuer)
+        assert parts is not None
+        # The client secret and the provider's keys travel over this: in clear text only within this machine.
+        _check(parts.scheme == "https" or is_loopback(parts.hostname or ""), "oidc_issuer",
+               "must be https:// (http:// only on loopback)", settings.oidc_issuer)
     _check(settings.oidc_client_id.isprintable() and len(settings.oidc_client_id) <= 255, "oidc_client_id",
            "must be printable, at most 255 characters", settings.oidc_client_id)
     if not (settings.oidc_client_secret.isprintable() and len(settings.oidc_client_secret) <= 1024):

@@ -133,7 +133,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _redirect_uri() -> str:
-    return _settings().oidc_redirect_uri or url_for("oidc.callback", _external=True)
+    """Where the provider sends the browser back: under ``web_url`` when set (behind a proxy), else this address."""
+    settings = _settings()
+    if settings.web_url:
+        return f"{settings.effective_web_url}{LOGIN_PATH}/callback"
+    return url_for("oidc.callback", _external=True)
 
 
 def _state_key(state: str) -> str:

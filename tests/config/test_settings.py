@@ -114,12 +114,3 @@ def test_the_issuer_is_https_but_on_loopback(issuer, ok):
     with pytest.raises(SettingsError, match="oidc_issuer") as info:
         load_settings(env=env)
     assert "s3cret-value" not in str(info.value)
-
-
-def test_a_redirect_uri_needs_single_sign_on():
-    uri = "https://fleet.example.com/login/oidc/callback"
-    assert load_settings(env={**OIDC, "FLEET_OIDC_REDIRECT_URI": uri}).oidc_redirect_uri == uri
-    with pytest.raises(SettingsError, match="oidc_redirect_uri"):
-        load_settings(env={"FLEET_OIDC_REDIRECT_URI": uri})
-    with pytest.raises(SettingsError, match="oidc_redirect_uri"):
-        load_settings(env={**OIDC, "FLEET_OIDC_REDIRECT_URI": "fleet.example.com/callback"})
