@@ -3,6 +3,7 @@ through its sign-in and consent pages, and each way a sign-in is refused."""
 
 from __future__ import annotations
 
+import json
 import logging
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -10,7 +11,7 @@ import pytest
 
 from fleet.config.settings import Settings
 from fleet.web.app import create_app
-from fleet.web.oidc import LOGIN_COOKIE
+from fleet.web.oidc import LOGIN_COOKIE, _sealer
 from tests.oidc.conftest import CLIENT_ID, Browser, SignOn, bind_loopback, sign_on
 
 SESSION_COOKIE = "fleet_session"
@@ -102,6 +103,20 @@ def test_a_replayed_callback_is_refused(sso: SignOn) -> None:
     assert attacker.session().status_code == 401
 
 
+def test_an_id_token_with_another_sign_ins_nonce_is_refused(sso: SignOn) -> None:
+    """The provider's ID token carries the nonce its sign-in began with; here fleet expects another one (a token
+    replayed into a different sign-in): the ID token is refused though the code and verifier are right."""
+    sealer = _sealer(sso.provider.client_secret)
+    browser = Browser(sso)
+    callback = browser.sign_in_at_provider("alice")
+    cookie = next(c for c in browser.http.cookies if c.name == LOGIN_COOKIE)
+    pending = json.loads(sealer.decrypt(cookie.value.encode()))
+    pending["nonce"] = "a-nonce-of-another-sign-in"
+    cookie.value = sealer.encrypt(json.dumps(pending).encode()).decode()
+    assert_refused(browser.callback(callback), 401, "ID token is not valid")
+    assert browser.session().status_code == 401
+
+
 def test_a_replay_to_another_server_is_refused_by_the_provider(sso: SignOn) -> None:
     """A second fleet web sharing the settings has not seen the state: the provider refuses the spent code."""
     browser = Browser(sso)
@@ -178,3 +193,13 @@ def test_an_unreachable_provider_is_502_and_does_not_block_start(tmp_path, caplo
     assert answer.get_json()["error"] == "the sign-in provider cannot be reached; try again later"
     assert "discovery at http://127.0.0.1" in caplog.text
     assert "not-logged-secret" not in caplog.text
+
+
+def test_discovery_naming_another_issuer_is_502(sso: SignOn, tmp_path) -> None:
+    """The provider at localhost calls itself 127.0.0.1: its document is not the configured issuer's."""
+    port = urlsplit(sso.provider.issuer).port
+    settings = Settings(data_dir=tmp_path / "fleet-data", oidc_issuer=f"http://localhost:{port}",
+                        oidc_client_id=CLIENT_ID, oidc_client_secret=sso.provider.client_secret)
+    answer = create_app(settings).test_client().get("/login/oidc", headers={"Accept": "application/json"})
+    assert answer.status_code == 502
+    assert answer.get_json()["error"] == "the sign-in provider is misconfigured"
