@@ -40,6 +40,8 @@ from fleet.web.session import begin_session
 
 bp = Blueprint("oidc", __name__)
 log = logging.getLogger("fleet.web.oidc")
+# Authlib logs the PKCE verifier at DEBUG: never, whatever fleet's log level.
+logging.getLogger("authlib").setLevel(max(logging.INFO, logging.getLogger("authlib").level))
 
 SCOPE = "openid email"
 LOGIN_COOKIE = "fleet_oidc"  # the sign-in in progress: state, nonce and PKCE verifier, sealed
@@ -239,6 +241,10 @@ def _verified_person() -> Person:
 def _claims(provider: _Provider, code: str, pending: dict[str, str]) -> dict[str, Any]:
     """Exchange the code and check the ID token; its claims, with the email ones from userinfo if it lacks them."""
     metadata = _metadata(provider)
+    answered_by = request.args.get("iss")  # RFC 9207: which provider answered, against mix-ups
+    if answered_by is not None and answered_by != metadata["issuer"]:
+        raise SignInRefused(400, "the sign-in answer comes from another provider",
+                            f"callback from issuer {answered_by[:200]!r}")
     client = provider.client
     try:
         token = client.fetch_access_token(redirect_uri=_redirect_uri(), code=code, code_verifier=pending["verifier"])

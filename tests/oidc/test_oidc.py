@@ -91,12 +91,19 @@ def test_a_callback_from_another_browser_is_refused(sso: SignOn) -> None:
     assert victim.session().status_code == 401
 
 
-def test_a_replayed_callback_is_refused(sso: SignOn) -> None:
-    """The same answer twice, with the sign-in cookie put back: its state and nonce were used once already."""
+def signed_in_once(sso: SignOn) -> tuple[str, str]:
+    """A sign-in as alice carried through: its callback URL and the sign-in cookie it was sent with."""
     browser = Browser(sso)
     callback = browser.sign_in_at_provider("alice")
     pending = browser.http.cookies.get(LOGIN_COOKIE)
+    assert pending is not None
     assert browser.callback(callback).status_code == 302
+    return callback, pending
+
+
+def test_a_replayed_callback_is_refused(sso: SignOn) -> None:
+    """The same answer twice, with the sign-in cookie put back: its state and nonce were used once already."""
+    callback, pending = signed_in_once(sso)
     attacker = Browser(sso)
     attacker.http.cookies.set(LOGIN_COOKIE, pending, path="/login/oidc")
     assert_refused(attacker.callback(callback), 400, "already used")
@@ -119,10 +126,7 @@ def test_an_id_token_with_another_sign_ins_nonce_is_refused(sso: SignOn) -> None
 
 def test_a_replay_to_another_server_is_refused_by_the_provider(sso: SignOn) -> None:
     """A second fleet web sharing the settings has not seen the state: the provider refuses the spent code."""
-    browser = Browser(sso)
-    callback = browser.sign_in_at_provider("alice")
-    pending = browser.http.cookies.get(LOGIN_COOKIE)
-    assert browser.callback(callback).status_code == 302
+    callback, pending = signed_in_once(sso)
     peer = create_app(sso.web.settings).test_client()
     peer.set_cookie(LOGIN_COOKIE, pending, domain="127.0.0.1", path="/login/oidc")
     path = urlsplit(callback)
@@ -203,3 +207,10 @@ def test_discovery_naming_another_issuer_is_502(sso: SignOn, tmp_path) -> None:
     answer = create_app(settings).test_client().get("/login/oidc", headers={"Accept": "application/json"})
     assert answer.status_code == 502
     assert answer.get_json()["error"] == "the sign-in provider is misconfigured"
+
+
+def test_an_answer_naming_another_issuer_is_refused(sso: SignOn) -> None:
+    browser = Browser(sso)
+    callback = browser.sign_in_at_provider("alice")
+    assert dict(parse_qsl(urlsplit(callback).query))["iss"] == sso.provider.issuer  # oidc-provider sends it
+    assert_refused(browser.callback(with_query(callback, iss="https://evil.example")), 400, "another provider")
