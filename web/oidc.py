@@ -192,7 +192,7 @@ def callback() -> Response:
     else:
         response = redirect("/")
         begin_session(response, person)
-        log.info("single sign-on: %s signed in", person.email)
+        log.info("signed in with single sign-on: %s", person.email)
     response.delete_cookie(LOGIN_COOKIE, path=LOGIN_PATH, httponly=True, samesite="Lax", secure=request.is_secure)
     return response
 
@@ -276,7 +276,9 @@ def _claims(provider: _Provider, code: str, pending: dict[str, str]) -> dict[str
 
 def _refusal(refused: SignInRefused) -> Response:
     """The answer to a sign-in that cannot finish: a small page for a browser, JSON for anything else."""
-    log.warning("single sign-on refused (%d): %s", refused.status, refused.reason)
+    # A provider out of reach or misconfigured is the operator's to fix; the rest are people's mistakes or attacks.
+    level = logging.WARNING if refused.status >= 500 else logging.INFO
+    log.log(level, "single sign-on refused from %s (%d): %s", request.remote_addr, refused.status, refused.reason)
     if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
         page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign-in failed · fleet</title>'
                 f'</head><body><h1>Sign-in failed</h1><p>{escape(refused.message)}</p>'

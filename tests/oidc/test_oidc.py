@@ -50,19 +50,20 @@ def test_a_verified_email_naming_a_person_signs_in(sso: SignOn, caplog: pytest.L
     assert body["orgs"] == {"acme": "operator"}
     assert body["csrf_token"]
     logged = caplog.text
-    assert "alice@example.com signed in" in logged
+    assert "signed in with single sign-on: alice@example.com" in logged
     for secret in (sso.provider.client_secret, code, cookie.value):
         assert secret not in logged
 
 
 def test_an_email_naming_nobody_is_refused(sso: SignOn, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     browser = Browser(sso)
     refused = browser.callback(browser.sign_in_at_provider("mallory"))
     assert_refused(refused, 403, "mallory@example.com has no fleet account")
     assert refused.headers["Content-Type"].startswith("text/html")
     assert browser.session().status_code == 401
     assert [r.getMessage() for r in caplog.records if r.name == "fleet.web.oidc"] == [
-        "single sign-on refused (403): mallory@example.com has no account"]
+        "single sign-on refused from 127.0.0.1 (403): mallory@example.com has no account"]
 
 
 def test_an_unverified_email_is_refused(sso: SignOn) -> None:
