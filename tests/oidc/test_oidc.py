@@ -215,3 +215,16 @@ def test_an_answer_naming_another_issuer_is_refused(sso: SignOn) -> None:
     callback = browser.sign_in_at_provider("alice")
     assert dict(parse_qsl(urlsplit(callback).query))["iss"] == sso.provider.issuer  # oidc-provider sends it
     assert_refused(browser.callback(with_query(callback, iss="https://evil.example")), 400, "another provider")
+
+
+def test_behind_a_proxy_the_redirect_uri_is_under_web_url(sso: SignOn, tmp_path) -> None:
+    settings = Settings(data_dir=tmp_path / "fleet-data", web_url="https://fleet.example.com/",
+                        oidc_issuer=sso.provider.issuer, oidc_client_id=CLIENT_ID,
+                        oidc_client_secret=sso.provider.client_secret)
+    start = create_app(settings).test_client().get("/login/oidc")
+    assert start.status_code == 302
+    query = dict(parse_qsl(urlsplit(start.headers["Location"]).query))
+    assert query["redirect_uri"] == "https://fleet.example.com/login/oidc/callback"
+    assert query["code_challenge_method"] == "S256"
+    assert query["scope"] == "openid email"
+    assert query["response_type"] == "code"
