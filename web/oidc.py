@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import json
 import logging
 import re
@@ -29,7 +30,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flask import Blueprint, abort, current_app, jsonify, redirect, request, url_for
 from joserfc.errors import JoseError
-from markupsafe import escape
 from werkzeug.wrappers import Response
 
 from fleet.config.settings import Settings
@@ -281,7 +281,7 @@ def _refusal(refused: SignInRefused) -> Response:
     log.log(level, "single sign-on refused from %s (%d): %s", request.remote_addr, refused.status, refused.reason)
     if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
         page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign-in failed · fleet</title>'
-                f'</head><body><h1>Sign-in failed</h1><p>{escape(refused.message)}</p>'
+                f'</head><body><h1>Sign-in failed</h1><p>{html.escape(refused.message)}</p>'
                 f'<p><a href="/">Back to fleet</a></p></body></html>')
         return Response(page, status=refused.status, mimetype="text/html")
     response = jsonify({"error": refused.message, "status": refused.status})
