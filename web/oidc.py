@@ -142,6 +142,11 @@ def _redirect_uri() -> str:
     return url_for("oidc.callback", _external=True)
 
 
+def _over_https() -> bool:
+    """Whether the browser speaks HTTPS to us: this request's scheme, or ``web_url``'s behind a proxy ending TLS."""
+    return request.is_secure or _settings().web_url.startswith("https://")
+
+
 def _state_key(state: str) -> str:
     return hashlib.sha256(state.encode("utf-8")).hexdigest()
 
@@ -177,7 +182,7 @@ def login() -> Response:
     pending = {"state": started["state"], "nonce": started["nonce"], "verifier": started["code_verifier"]}
     response = redirect(started["url"])
     response.set_cookie(LOGIN_COOKIE, provider.sealer.encrypt(json.dumps(pending).encode()).decode(),
-                        max_age=LOGIN_TTL_S, path=LOGIN_PATH, httponly=True, samesite="Lax", secure=request.is_secure)
+                        max_age=LOGIN_TTL_S, path=LOGIN_PATH, httponly=True, samesite="Lax", secure=_over_https())
     return response
 
 
@@ -193,7 +198,7 @@ def callback() -> Response:
         response = redirect("/")
         begin_session(response, person)
         log.info("signed in with single sign-on: %s", person.email)
-    response.delete_cookie(LOGIN_COOKIE, path=LOGIN_PATH, httponly=True, samesite="Lax", secure=request.is_secure)
+    response.delete_cookie(LOGIN_COOKIE, path=LOGIN_PATH, httponly=True, samesite="Lax", secure=_over_https())
     return response
 
 

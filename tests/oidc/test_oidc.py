@@ -228,3 +228,6 @@ def test_behind_a_proxy_the_redirect_uri_is_under_web_url(sso: SignOn, tmp_path)
     assert query["code_challenge_method"] == "S256"
     assert query["scope"] == "openid email"
     assert query["response_type"] == "code"
+    cookie = start.headers["Set-Cookie"]
+    for flag in ("HttpOnly", "Secure", "SameSite=Lax", "Path=/login/oidc", "Max-Age=600"):
+        assert flag in cookie
