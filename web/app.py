@@ -19,6 +19,7 @@ from fleet.web import (
     health,
     invite,
     metrics,
+    oidc,
     people_api,
     session,
     tokens_api,
@@ -69,7 +70,7 @@ def create_app(settings: Settings, **overrides) -> Flask:
         limiter.limit(session.SIGN_IN_LIMIT, key_func=key, methods=["POST"], deduct_when=session.failed,
                       override_defaults=False, error_message=session.LIMITED)(session.signin_bp)
     for blueprint in (api.bp, alerts_api.bp, metrics.bp, health.bp, dashboard.bp, session.bp, invite.bp,
-                      tokens_api.bp, audit_api.bp, people_api.bp):
+                      tokens_api.bp, audit_api.bp, people_api.bp, oidc.bp):
         app.register_blueprint(blueprint)
     session.warm_up()
     app.teardown_appcontext(close_db)
