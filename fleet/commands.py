@@ -544,7 +544,7 @@ def alert_channel() -> None:
 def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url: str, as_json: bool,
                       watchdog: bool) -> None:
     """Add CHANNEL to ORG: http(s):// webhook, alertmanager+http(s)://HOST:PORT, mailto:ADDR or an Apprise URL."""
-    from fleet.collector.alerts.channels import add_channel
+    from fleet.notify.channels import add_channel
 
     added = add_channel(settings, org_name, channel_name, url, watchdog)
     if as_json:
@@ -597,7 +597,7 @@ def alert_channel_remove(settings: Settings, org_name: str, channel_name: str) -
 @common
 def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> None:
     """Send one test notification to CHANNEL; exit 1 with the reason if it fails."""
-    from fleet.collector.alerts.channels import send_test
+    from fleet.notify.channels import send_test
 
     send_test(settings, org_name, channel_name)
     click.echo(f"test notification delivered to channel {channel_name} of org {org_name}")

@@ -2,7 +2,7 @@
 
 The ``fleet alert`` commands call these; the collector reads the same tables every few seconds, so a
 change applies without a restart (within 5 s). Channel URLs are checked and channel secrets made by
-``fleet.collector.alerts.notify`` (collector/alerts/channels.py); this module only stores them, sealed
+``fleet.notify`` (notify/channels.py); this module only stores them, sealed
 with the data dir's SecretBox. Every function takes an open ``Database``; those that change several
 rows do so in one transaction.
 """
