@@ -49,7 +49,8 @@ def send(settings: Settings, channel: alerting.Channel, notices: Sequence[Notice
             timeout=SEND_TIMEOUT_S, receiver=channel.name, notification_id=notification_id)
 
 
-def add_channel(settings: Settings, org: str, name: str, url: str, watchdog: bool = False) -> NewChannel:
+def add_channel(settings: Settings, org: str, name: str, url: str, watchdog: bool = False,
+                actor: str | None = None) -> NewChannel:
     """Check ``url``, make a webhook's secret, store the channel (encrypted); NotifyError/RuleError when invalid.
 
     ``watchdog``: the channel also gets the always-firing FleetWatchdog alert (webhook and Alertmanager only).
@@ -63,13 +64,13 @@ def add_channel(settings: Settings, org: str, name: str, url: str, watchdog: boo
     secret = new_secret(kind)
     with open_database(settings.database) as db:
         alerting.store_channel(db, secret_box(settings.data_dir), org, name, kind, url, secret, redact(url),
-                               watchdog)
+                               watchdog, actor=actor)
     log.info("alert channel %s/%s added (%s, %s%s)", org, name, kind, redact(url),
              ", watchdog" if watchdog else "")
     return NewChannel(org, name, kind, secret)
 
 
-def send_test(settings: Settings, org: str, name: str) -> None:
+def send_test(settings: Settings, org: str, name: str, actor: str | None = None) -> None:
     """Send the one test notification to a channel and record the outcome; raises with the reason if it fails."""
     with open_database(settings.database) as db:
         channel = alerting.get_channel(db, secret_box(settings.data_dir, create=False), org, name)
@@ -81,5 +82,5 @@ def send_test(settings: Settings, org: str, name: str) -> None:
             raise
         finally:
             with db.transaction():
-                alerting.record_delivery(db, org, name, time.time(), error)
+                alerting.record_delivery(db, org, name, time.time(), error, actor=actor)
             log.info("alert channel %s/%s test: %s", org, name, error or "delivered")
