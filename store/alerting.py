@@ -32,7 +32,7 @@ from fleet.store.orgs import require_org
 from fleet.store.secretbox import SecretBox
 
 
-class Missing(RuleError, NotFound):
+class Missing(NotFound, RuleError):
     """The org has no rule, channel, silence or alert of that name or id."""
 
 
