@@ -245,4 +245,5 @@ def test_no_password_token_or_session_id_in_any_log_line(server, caplog):
     text = caplog.text
     assert "signed in: neo@example.com" in text  # the log was captured
     for secret in secrets_:
-        assert secret and secret not in text
+        assert secret
+        assert secret not in text

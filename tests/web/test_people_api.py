@@ -218,5 +218,20 @@ def test_the_sign_in_link_sets_a_password_once(client, staff):
     assert client.post("/api/session", json={"email": "neo@example.com", "password": PASSWORD}).status_code == 200
 
 
+def test_a_script_may_use_the_sign_in_link_with_json(client, staff):
+    with staff.db() as db:
+        added = accounts.add_user(db, "bot@example.com", {"acme": "viewer"}, None, "cli:test")
+    path = f"/invite/{added.invitation.token}"
+    refused = client.post(path, json={"password": "short"})
+    assert refused.status_code == 400
+    assert "at least 8" in refused.get_json()["error"]
+    done = client.post(path, json={"password": PASSWORD})
+    assert done.status_code == 200
+    assert done.get_json()["orgs"] == {"acme": "viewer"}
+    assert "fleet_session=" in done.headers["Set-Cookie"]
+    assert client.post(path, json={"password": PASSWORD}).status_code == 400
+    assert client.post(path, data={"password": PASSWORD}).status_code == 400  # used up: the page says so
+
+
 def test_config_announces_accounts(client):
     assert client.get("/api/config").get_json()["FEATURES"]["accounts"] is True
