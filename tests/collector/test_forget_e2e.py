@@ -22,6 +22,16 @@ def forget(endpoint, machine: str) -> None:
         forget_machine(db, "acme", machine)
 
 
+def shut_down(endpoint) -> None:
+    """Machine m1 reports once and shuts down: offline, with its retained offline ping on the broker."""
+    agent = SimAgent(endpoint, "m1").connect()
+    agent.ping("online")
+    agent.report()
+    agent.ping("offline", reason="shutdown")
+    agent.close()
+    wait_for(lambda: (machine_row(endpoint) or ("",))[0] == "offline", message="m1 offline")
+
+
 def forgets_done(endpoint) -> bool:
     return query(endpoint, "SELECT count(*) FROM machine_forgets") == [(0,)]
 
@@ -29,12 +39,7 @@ def forgets_done(endpoint) -> bool:
 @pytest.mark.slow
 def test_a_forgotten_machine_leaves_the_live_view_and_stays_gone_across_a_collector_restart(endpoint, collectors):
     collector = collectors(endpoint.settings())
-    agent = SimAgent(endpoint, "m1").connect()
-    agent.ping("online")
-    agent.report()
-    agent.ping("offline", reason="shutdown")
-    agent.close()
-    wait_for(lambda: (machine_row(endpoint) or ("",))[0] == "offline", message="m1 offline")
+    shut_down(endpoint)
     forget(endpoint, "m1")
     assert machine_row(endpoint) is None  # at once, whatever the collector does
     wait_for(lambda: forgets_done(endpoint), message="the collector to apply the forget")
@@ -80,12 +85,7 @@ def test_forgetting_an_unknown_machine_or_another_orgs_is_not_found(tmp_path, ac
 @pytest.mark.slow
 def test_a_machine_forgotten_while_no_collector_runs_is_dropped_when_one_starts(endpoint, collectors):
     collector = collectors(endpoint.settings())
-    agent = SimAgent(endpoint, "m1").connect()
-    agent.ping("online")
-    agent.report()
-    agent.ping("offline", reason="shutdown")
-    agent.close()
-    wait_for(lambda: (machine_row(endpoint) or ("",))[0] == "offline", message="m1 offline")
+    shut_down(endpoint)
     collector.stop()
     forget(endpoint, "m1")
     collectors(endpoint.settings())  # its broker session brings m1's retained ping back

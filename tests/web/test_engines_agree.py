@@ -119,6 +119,15 @@ def test_every_endpoint_answers_alike_on_both_engines(tmp_path, pg_server):
     assert _answer(lite, lite_keys, "acme", "/api/fleet/web-01/history?since=0")[1]["points"][0]["session"] is None
 
 
+def _without(value, volatile: set[str]):
+    """``value`` less the keys in ``volatile`` (random or the clock's), at any depth."""
+    if isinstance(value, dict):
+        return {k: _without(v, volatile) for k, v in value.items() if k not in volatile}
+    if isinstance(value, list):
+        return [_without(v, volatile) for v in value]
+    return value
+
+
 def _people_answers(client, database: str) -> list:
     """The same people story on one engine: its answers, less what is random or the clock's."""
     from fleet.store import accounts, people
@@ -138,11 +147,7 @@ def _people_answers(client, database: str) -> list:
     volatile = {"ts", "created", "last_used", "csrf_token", "token", "link", "expires_at"}
 
     def stable(value):
-        if isinstance(value, dict):
-            return {k: stable(v) for k, v in value.items() if k not in volatile}
-        if isinstance(value, list):
-            return [stable(v) for v in value]
-        return value
+        return _without(value, volatile)
 
     answers = [stable(signed.get_json())]
     for path in ("/api/session", "/api/tokens", "/api/audit?org=acme", "/api/audit?org=acme&since=0",
@@ -199,11 +204,7 @@ def _write_answers(client, keys) -> list:
                 "id", "revoked", "target", "server_time", "last_seen", "last_ping", "clock_offset_s"}
 
     def stable(value):
-        if isinstance(value, dict):
-            return {k: stable(v) for k, v in value.items() if k not in volatile}
-        if isinstance(value, list):
-            return [stable(v) for v in value]
-        return value
+        return _without(value, volatile)
 
     answers = []
     for method, path, body in changes:
