@@ -63,11 +63,11 @@ def test_user_list_grant_revoke_remove_and_the_audit_log(tmp_path):
     assert run(tmp_path, "user", "remove", "ann@example.com").exit_code == 0
     assert run(tmp_path, "user", "list", "--json").stdout.strip() == "[]"
     entries = json.loads(run(tmp_path, "audit", "acme", "--json").stdout)
-    assert [e["action"] for e in entries] == ["user.add", "user.grant", "user.revoke"]
+    assert [e["action"] for e in entries] == ["org.add", "user.add", "user.grant", "user.revoke"]
     assert all(e["actor"].startswith("cli:") for e in entries)
     text = run(tmp_path, "audit", "acme").stdout.splitlines()
-    assert len(text) == 3
-    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  cli:\S+  user\.add  ann@example\.com", text[0])
+    assert len(text) == 4
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  cli:\S+  user\.add  ann@example\.com", text[1])
     assert json.loads(run(tmp_path, "audit", "acme", "--json", "--since", "2999-01-01").stdout) == []
 
 

@@ -14,14 +14,19 @@ from fleet.web import (
     alerts_api,
     api,
     audit_api,
+    channels_api,
     config_api,
     dashboard,
+    enrol_api,
     health,
     invite,
+    machines_api,
     metrics,
     oidc,
     people_api,
+    rules_api,
     session,
+    silences_api,
     tokens_api,
 )
 from fleet.web.db import DatabaseUnavailable, close_db, pool_for, write_pool_for
@@ -71,6 +76,8 @@ def create_app(settings: Settings, **overrides) -> Flask:
                       override_defaults=False, error_message=session.LIMITED)(session.signin_bp)
     for blueprint in (api.bp, alerts_api.bp, metrics.bp, health.bp, dashboard.bp, session.bp, invite.bp,
                       tokens_api.bp, audit_api.bp, people_api.bp, oidc.bp):
+        app.register_blueprint(blueprint)
+    for blueprint in (silences_api.bp, rules_api.bp, channels_api.bp, enrol_api.bp, machines_api.bp):
         app.register_blueprint(blueprint)
     session.warm_up()
     app.teardown_appcontext(close_db)
