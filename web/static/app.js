@@ -473,8 +473,10 @@ async function loadDetail(machineId, open, focus = false) {
   const mine = state.alerts.filter((a) => a.machine_id === machine.machine_id && a.state !== "resolved");
   replaceItems($("d-alerts"), mine.map(alertItem));
   const actionsKey = focusKey($("d-actions"), "data-machine-actions");
-  $("d-actions").replaceChildren(el("span", { class: "row-actions", "data-machine-actions": machine.machine_id },
-    ...machineActions(machine)));
+  const controls = machineActions(machine);
+  $("d-actions").replaceChildren(...(controls.length
+    ? [el("span", { class: "row-actions", "data-machine-actions": machine.machine_id }, ...controls)] : []));
+  $("d-actions").hidden = !controls.length;
   restoreFocus($("d-actions"), "data-machine-actions", actionsKey);
   renderCharts(history.points, now - state.range, now);
   renderAgentExtras(met, history.points, now - state.range, now);
