@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleet.config.ids import validate_id
-from fleet.store import alerting, labels
+from fleet.store import alerting, labels, people
 from fleet.store.database import POSTGRESQL, Database
 from fleet.store.errors import CredentialError
 from fleet.store.orgs import org_exists, require_org
@@ -126,6 +126,7 @@ def remove_org(db: Database, org: str) -> None:
         db.execute("DELETE FROM credentials WHERE org = ?", (org,))
         alerting.drop_org(db, org)
         labels.drop_org(db, org)
+        people.drop_org(db, org)
 
 
 def rotate_key(db: Database, data_dir: Path, org: str, role: str) -> str:

@@ -19,3 +19,7 @@ class DatabaseRefused(DatabaseError):
 
 class CredentialError(StoreError):
     """An org or credential operation failed (unknown org, duplicate org, bad role, the wrong pepper)."""
+
+
+class PeopleError(StoreError):
+    """A person, role, password, invitation, session or token operation failed; the message is one line."""

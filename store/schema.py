@@ -434,6 +434,62 @@ CREATE TABLE IF NOT EXISTS machine_labels (
 );
 """
 
+# Version 10: people. A person (lowercased email; an argon2id password hash, NULL until chosen) holds roles per
+# org; web sessions, one-time invitations and personal API tokens are stored as SHA-256 hashes of their random
+# secrets only; the audit log records every change made through the web or the CLI, per org.
+PEOPLE = """
+CREATE TABLE IF NOT EXISTS people (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    email TEXT NOT NULL UNIQUE,    -- lowercased
+    password_hash TEXT,            -- argon2id, PHC string; NULL until the person chooses a password
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS person_roles (
+    person INTEGER NOT NULL,       -- people.id
+    org TEXT NOT NULL,
+    role TEXT NOT NULL,            -- 'viewer' | 'operator' | 'admin'
+    granted REAL NOT NULL,
+    PRIMARY KEY (person, org)
+);
+CREATE INDEX IF NOT EXISTS person_roles_org ON person_roles(org);
+CREATE TABLE IF NOT EXISTS web_sessions (
+    id_hash TEXT PRIMARY KEY,      -- hex SHA-256 of the session id (the cookie's value)
+    person INTEGER NOT NULL,
+    csrf_token TEXT NOT NULL,
+    created REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS web_sessions_person ON web_sessions(person);
+CREATE TABLE IF NOT EXISTS invitations (
+    token_hash TEXT PRIMARY KEY,   -- hex SHA-256 of the sign-in link's token
+    person INTEGER NOT NULL,
+    created REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS invitations_person ON invitations(person);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    person INTEGER NOT NULL,
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    digest TEXT NOT NULL UNIQUE,   -- hex SHA-256 of the token
+    created REAL NOT NULL,
+    last_used REAL
+);
+CREATE INDEX IF NOT EXISTS api_tokens_person ON api_tokens(person);
+CREATE TABLE IF NOT EXISTS audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    org TEXT NOT NULL,             -- '' for a change that concerns no org (a person without roles)
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,           -- 'user:EMAIL' | 'token:EMAIL' | 'cli:UNIX_USER' | 'reader-key'
+    action TEXT NOT NULL,          -- dotted: 'user.add', 'token.create', 'silence.create', ...
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'  -- JSON object, never a secret
+);
+CREATE INDEX IF NOT EXISTS audit_log_org_ts ON audit_log(org, ts);
+"""
+
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, SCHEMA),
@@ -445,5 +501,6 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (7, OUTBOX_SENDING),
     (8, MACHINE_IDENTITY),
     (9, MACHINE_LABELS),
+    (10, PEOPLE),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -81,6 +81,27 @@ def close_db(_exc: BaseException | None = None) -> None:
         current_app.config["FLEET_DB_POOL"].put(db)
 
 
+def write_pool_for(settings: Any) -> DatabasePool:
+    """The app's pool of writing connections (sessions, tokens, the audit log and the write API)."""
+    return DatabasePool(settings.database, readonly=False, size=4)
+
+
+def write(writer: Callable[[Database], T]) -> T:
+    """Run ``writer`` in one transaction on a writing connection, converting database errors at the boundary."""
+    pool = current_app.config["FLEET_DB_WRITE_POOL"]
+    try:
+        db = pool.get()
+    except DatabaseError as exc:
+        raise DatabaseUnavailable("database unavailable") from exc
+    try:
+        with db.transaction():
+            return writer(db)
+    except DatabaseError as exc:
+        raise DatabaseUnavailable(f"database error: {exc}") from exc
+    finally:
+        pool.put(db)
+
+
 def read(reader: Callable[[Database], T]) -> T:
     """Run ``reader`` on this request's connection, converting database errors at the boundary.
 

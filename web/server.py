@@ -58,6 +58,7 @@ class RunningWeb:
             channel.close()
         self._thread.join(10)
         self._app.config["FLEET_DB_POOL"].close()
+        self._app.config["FLEET_DB_WRITE_POOL"].close()
 
 
 def start_in_thread(settings: Settings) -> RunningWeb:
