@@ -153,7 +153,8 @@ async function loadPeople() {
   let people;
   try { people = listOf(await api("/api/people")); } catch (err) { $("people-error").textContent = err.message; return; }
   fillTable("people-table", people.map((p) => el("tr", { "data-row": p.email },
-    cell(p.email, "name"), cell(p.role ?? (p.orgs && p.orgs[auth.org])), actionsCell())), "Nobody yet.");
+    cell(p.email, "name"), el("td", {}, el("span", { class: "role-badge", text: p.role })),
+    cell(p.password ? "password set" : "invited: no password yet"))), "Nobody has a role in this org.");
 }
 
 // --- audit log -----------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ async function loadTokens() {
   let tokens;
   try { tokens = listOf(await api("/api/tokens")); } catch (err) { $("tokens-error").textContent = err.message; return; }
   fillTable("tokens-table", tokens.map((t) => el("tr", { "data-row": String(t.id) },
-    cell(t.name, "name"), cell(t.org), cell(when(t.created_at)), cell(t.last_used_at != null ? when(t.last_used_at) : "never"),
+    cell(t.name, "name"), cell(t.org), cell(when(t.created)), cell(t.last_used != null ? when(t.last_used) : "never"),
     actionsCell(actionButton("Delete", "delete", () => confirmThen(`Delete token ${t.name}?`,
       "Anything using it is refused from now on.", "Delete",
       async () => { await send("DELETE", `/api/tokens/${encodeURIComponent(t.id)}`); await loadTokens(); }),
