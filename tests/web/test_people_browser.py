@@ -1,0 +1,180 @@
+"""People in the dashboard (Debian's Chromium via Playwright): signing in with email and password, who is signed
+in and their role, the org picker, signing out; each action offered only to the roles allowed it; the alerts
+panel on a phone; and the incident path against the real stack (broker, collector, webhook receiver, web app)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from fleet.store import people
+from fleet.web.server import start_in_thread
+from tests.web.test_alerts_api import _alert
+from tests.web.test_browser import ARTIFACTS, browser  # noqa: F401 - the shared Chromium fixture
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+PASSWORD = "correct horse battery"
+PHONE = {"width": 390, "height": 844}
+
+
+def add_person(fleet, email: str, roles: dict[str, str]) -> str:
+    """A person with these roles (org -> role) and PASSWORD, as ``fleet user add --password-stdin`` makes one."""
+    with fleet.db() as db:
+        people.add_person(db, email, roles, PASSWORD)
+    return email
+
+
+def sign_in(browser, url: str, email: str, viewport: dict | None = None) -> Page:  # noqa: F811
+    """A new page signed in as ``email`` through the sign-in form, its machines on the page."""
+    page = browser.new_page(viewport=viewport or {"width": 1400, "height": 900})
+    page.goto(url + "/")
+    page.fill("#email", email)
+    page.fill("#password", PASSWORD)
+    page.click("#password-form button[type=submit]")
+    page.wait_for_selector("#machines tbody tr", timeout=15_000)
+    return page
+
+
+@pytest.fixture
+def site(fleet, settings):
+    """acme with three machines and two firing alerts (long summaries, as the collector writes them); globex with
+    one; the web app on a free port."""
+    now = time.time()
+    for machine in ("web-1", "web-2", "db-1"):
+        fleet.machine("acme", machine, "offline" if machine == "web-1" else "online")
+    fleet.machine("globex", "g-1", "online")
+    _alert(fleet, "acme", "machine-offline", "web-1", "firing", "critical", fired_at=now - 120)
+    _alert(fleet, "acme", "disk-full", "web-1", "firing", "warning", value=95.0, fired_at=now - 60)
+    with fleet.db() as db:
+        db.execute("UPDATE alerts SET summary = 'disk_percent is 95 on web-1 (disk_percent > 90 for 10m)'"
+                   " WHERE rule = 'disk-full'")
+        db.execute("UPDATE alerts SET summary = 'web-1 is offline (status == offline for 2m)'"
+                   " WHERE rule = 'machine-offline'")
+    running = start_in_thread(settings.replace(http_port=0))
+    yield running
+    running.stop()
+
+
+def action_buttons(page: Page) -> list[str]:
+    """The data-action of every visible action control on the page."""
+    return page.locator("[data-action]:visible").evaluate_all("els => els.map(e => e.dataset.action)")
+
+
+def test_sign_in_shows_who_and_their_role_and_sign_out_ends_the_session(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "Ana@Example.com", {"acme": "operator"})
+    page = browser.new_page()
+    page.goto(site.url + "/")
+    expect(page.locator("#sso")).to_be_hidden()  # no OpenID provider configured: no SSO button
+    page.fill("#email", "ana@example.com")
+    page.fill("#password", "wrong password")
+    page.click("#password-form button[type=submit]")
+    expect(page.locator("#login-error")).to_have_text("wrong email or password")  # the server's own message
+    page.fill("#password", PASSWORD)
+    page.click("#password-form button[type=submit]")
+    page.wait_for_selector("#machines tbody tr")
+    expect(page.locator("#who-name")).to_have_text("ana@example.com")
+    expect(page.locator("#who-role")).to_have_text("operator")
+    expect(page.locator("#org-name")).to_have_text("acme")
+    expect(page.locator("#org-picker")).to_be_hidden()  # one org: nothing to pick
+    assert "g-1" not in page.content()
+    cookies = {c["name"]: c for c in page.context.cookies()}
+    assert cookies["fleet_session"]["httpOnly"]
+    assert page.evaluate("document.cookie") == ""  # the script never sees the session
+    assert page.evaluate("sessionStorage.length") == 0  # nor is any secret kept in the tab
+
+    page.reload()  # the session survives a reload: the page asks GET /api/session who is signed in
+    page.wait_for_selector("#machines tbody tr")
+    expect(page.locator("#who-name")).to_have_text("ana@example.com")
+    page.click("#logout")
+    page.wait_for_selector("#login:not([hidden])")
+    page.reload()
+    page.wait_for_selector("#login:not([hidden])")  # signed out on the server too
+    status = page.evaluate("fetch('/api/fleet?org=acme').then(r => r.status)")
+    assert status == 401
+    page.close()
+
+
+def test_a_person_in_two_orgs_picks_one_and_their_role_follows(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "bo@example.com", {"acme": "viewer", "globex": "admin"})
+    page = sign_in(browser, site.url, "bo@example.com")
+    picker = page.locator("#org-picker")
+    expect(picker).to_be_visible()
+    assert picker.input_value() == "acme"  # the first by name
+    expect(page.locator("#who-role")).to_have_text("viewer")
+    expect(page.locator("#views [data-view='audit']")).to_be_hidden()
+    picker.select_option("globex")
+    expect(page.locator("#machines tbody tr")).to_have_count(1)
+    expect(page.locator("tr[data-machine='g-1']")).to_be_visible()
+    expect(page.locator("#who-role")).to_have_text("admin")
+    expect(page.locator("#views [data-view='audit']")).to_be_visible()
+    page.reload()  # the choice is kept
+    page.wait_for_selector("tr[data-machine='g-1']")
+    page.close()
+
+
+def test_a_viewer_is_offered_no_action(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "vi@example.com", {"acme": "viewer"})
+    page = sign_in(browser, site.url, "vi@example.com")
+    expect(page.locator("#alert-list li[data-alert]")).to_have_count(2)
+    page.click("tr[data-machine='web-1']")
+    expect(page.locator("#d-alerts li[data-alert]")).to_have_count(2)
+    assert action_buttons(page) == []
+    views = page.locator("#views [data-view]:visible").evaluate_all("els => els.map(e => e.dataset.view)")
+    assert views == ["fleet", "tokens"]  # no panel beyond the fleet but their own API tokens
+    page.click("#alerts-panel [data-tab='silences']")
+    assert action_buttons(page) == []
+    page.close()
+
+    page = browser.new_page()  # a reader key is a viewer too
+    page.goto(f"{site.url}/#token={fleet.acme.reader_key}")
+    page.wait_for_selector("#alert-list li[data-alert]")
+    expect(page.locator("#who-role")).to_have_text("viewer")
+    assert action_buttons(page) == []
+    page.close()
+
+
+def test_an_operator_is_offered_silence_and_acknowledge_but_no_admin_panel(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "op@example.com", {"acme": "operator"})
+    page = sign_in(browser, site.url, "op@example.com")
+    row = page.locator("#alert-list li[data-alert]").first
+    expect(row.locator("[data-action='silence']")).to_be_visible()
+    expect(row.locator("[data-action='ack']")).to_be_visible()
+    page.click("tr[data-machine='web-1']")
+    expect(page.locator("#d-actions [data-action='silence-machine']")).to_be_visible()
+    assert page.locator("#d-actions [data-action='forget']").count() == 0
+    for view in ("rules", "channels", "enrol", "people", "audit"):
+        expect(page.locator(f"#views [data-view='{view}']")).to_be_hidden()
+    page.close()
+
+
+def test_the_alerts_panel_on_a_phone_has_no_tall_empty_block(browser, site, fleet):  # noqa: F811
+    """At 390x844 an alert's summary used to shrink to a sliver beside its head and wrap a word a line: a block
+    hundreds of pixels tall and nearly empty. Now each part is a whole line."""
+    add_person(fleet, "op@example.com", {"acme": "operator"})
+    page = sign_in(browser, site.url, "op@example.com", viewport=PHONE)
+    expect(page.locator("#alert-list li[data-alert]")).to_have_count(2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "alerts-phone.png"), full_page=True)
+    boxes = page.evaluate("""() => [...document.querySelectorAll('#alerts-panel *, .summary > *')]
+        .filter(e => e.offsetParent !== null)
+        .map(e => { const r = e.getBoundingClientRect();
+                    return {what: e.tagName + '.' + e.className, w: r.width, h: r.height, right: r.right}; })""")
+    narrow_and_tall = [b for b in boxes if b["h"] > 48 and b["w"] < 120]
+    assert narrow_and_tall == [], narrow_and_tall
+    assert all(b["right"] <= PHONE["width"] for b in boxes), "something sticks out to the right"
+    for item in page.locator("#alert-list li[data-alert]").all():
+        box = item.bounding_box()
+        assert box["height"] <= 130, box  # head, summary and actions: three short lines at most
+        summary = item.locator(".what").bounding_box()
+        assert summary["width"] >= 0.8 * box["width"]  # the summary has the row's width, not a sliver
+    # The panel is as tall as what it shows: tabs and alerts, no empty space below them.
+    gap = page.evaluate("""() => { const p = document.getElementById('alerts-panel').getBoundingClientRect();
+        const l = document.getElementById('alert-list').getBoundingClientRect(); return p.bottom - l.bottom; }""")
+    assert gap <= 24
+    # The summary cards fill their rows: the alerts card is not left alone beside an empty cell.
+    card, grid = page.locator("#alerts-card").bounding_box(), page.locator(".summary").bounding_box()
+    assert abs((card["x"] + card["width"]) - (grid["x"] + grid["width"])) <= 1
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    page.close()
