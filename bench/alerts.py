@@ -241,9 +241,9 @@ def down_rule(data_dir: Path) -> None:
 
 # --- 2. mass outage -------------------------------------------------------------------------------------------
 def bench_outage(machines: int = 5000, group_wait: float = 10.0) -> list[tuple[str, str]]:
-    from fleet.collector.alerts.channels import add_channel
     from fleet.collector.service import start
     from fleet.config.mqtt import BrokerAddress, new_client
+    from fleet.notify.channels import add_channel
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-outage-") as tmp:
@@ -323,8 +323,8 @@ def bench_outage(machines: int = 5000, group_wait: float = 10.0) -> list[tuple[s
 
 # --- 3. dead agent -> webhook latency --------------------------------------------------------------------------
 def bench_latency(kills: int = 20, stops: int = 5, group_wait: float = 1.0) -> list[tuple[str, str]]:
-    from fleet.collector.alerts.channels import add_channel
     from fleet.collector.service import start
+    from fleet.notify.channels import add_channel
 
     with tempfile.TemporaryDirectory(prefix="fleet-bench-latency-") as tmp:
         data_dir = Path(tmp) / "data"

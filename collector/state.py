@@ -387,6 +387,15 @@ class Tracker:
             self._dirty.discard(machine.key)
         return transitions, evicted
 
+    def forget(self, org: str, machine_id: str, now: float) -> tuple[list[Transition], Machine | None]:
+        """Drop a machine an admin forgot from the live view: its transition to evicted, and the machine."""
+        machine = self.machines.pop((org, machine_id), None)
+        if machine is None:
+            return [], None
+        self._dirty.discard(machine.key)
+        self._with_tails.discard(machine.key)
+        return [Transition(org, machine_id, now, machine.status, EVICTED, "forgotten")], machine
+
     def forget_org(self, org: str) -> None:
         """Drop an org's machines from memory (org no longer served by this collector); rows stay."""
         for key in [key for key in self.machines if key[0] == org]:

@@ -45,6 +45,7 @@ from fleet.store.database import (
     DatabaseUrl,
     open_database,
 )
+from fleet.store.forgotten import forgets_done, pending_forgets
 from fleet.store.heartbeats import write_heartbeat
 from fleet.store.identity import all_cert_not_after
 from fleet.store.labels import labels_version, server_labels
@@ -439,7 +440,30 @@ class Writer:
             self._refresh_server_labels()
         except DatabaseError as exc:
             log.warning("cannot read server labels (will retry): %s", exc)
+        self._apply_forgets()
         return True
+
+    def _apply_forgets(self) -> None:
+        """Drop the machines an admin forgot since the last refresh: alerts resolved, retained ping cleared."""
+        try:
+            pending = pending_forgets(self.db, self.peers.orgs.get())
+        except DatabaseError as exc:
+            log.warning("cannot read forgotten machines (will retry): %s", exc)
+            return
+        if not pending:
+            return
+        now = time.time()
+        for _, org, machine_id in pending:
+            transitions, machine = self.tracker.forget(org, machine_id, now)
+            self._record(transitions)
+            if machine is not None:
+                self.alerts.on_evicted(machine, now)
+                self.batch.evicted.append(machine)
+            self.pending_clears.append(ping_topic(org, machine_id))
+        try:
+            forgets_done(self.db, [row_id for row_id, _, _ in pending])
+        except DatabaseError as exc:
+            log.warning("cannot mark forgotten machines done (will apply them again): %s", exc)
 
     def _refresh_certificates(self) -> None:
         """Each machine's certificate end, for rules on cert_days_left."""

@@ -33,6 +33,11 @@ BAD_CSR, ENROLLED, NOT_ENROLLED = "bad csr", "already enrolled", "not enrolled"
 _CN_RE = re.compile(rf"^({ID_PATTERN})/({ID_PATTERN})$")
 
 
+def agent_command(broker_url: str, org: str, token: str) -> str:
+    """The command line that installs an agent with an enrolment token (``fleet enrol create``, ``/api/enrol``)."""
+    return f"fleet agent --broker {broker_url} --org {org} --enrol {token}"
+
+
 class EnrolmentError(ContractError):
     """A token or request that does not follow the contract; ``reason`` is one of the stable reasons above."""
 

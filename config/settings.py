@@ -218,6 +218,14 @@ class Settings:
         return f"mqtts://{local_host(self.host)}:{self.mqtt_port}"
 
     @property
+    def agents_broker_url(self) -> str:
+        """The broker URL to give agents: ``broker_url``, or the embedded broker at this machine's name when it
+        listens on every interface (other machines cannot use 127.0.0.1)."""
+        if self.broker_url or self.host not in WILDCARD_HOSTS:
+            return self.effective_broker_url
+        return f"mqtts://{socket.gethostname()}:{self.mqtt_port}"  # a name the server certificate holds
+
+    @property
     def service_port(self) -> int:
         """The embedded broker's listener reserved for the collector (always admitted, whatever the agents do):
         ``mqtt_service_port``, else 8884 beside the default 8883, else 0 (a free port, told to in-process parts)."""

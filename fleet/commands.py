@@ -45,6 +45,13 @@ def database(func: Callable) -> Callable:
                              "(or FLEET_DATABASE_URL; default sqlite:///DATA_DIR/fleet.db).")(func)
 
 
+def cli_actor() -> str:
+    """Who the audit log names for a change made with this command: ``cli:<unix user>``."""
+    from fleet.store.audit import cli_actor as actor
+
+    return actor()
+
+
 def _database(settings: Settings) -> Database:
     """The command's database connection (``with _database(settings) as db:`` closes it)."""
     from fleet.store.database import open_database
@@ -84,7 +91,7 @@ def org_add(settings: Settings, name: str, as_json: bool) -> None:
     from fleet.store import credentials
 
     with _database(settings) as db:
-        created = credentials.add_org(db, settings.data_dir, name)
+        created = credentials.add_org(db, settings.data_dir, name, actor=cli_actor())
     if as_json:
         click.echo(json.dumps(created.as_dict()))
     else:
@@ -120,7 +127,7 @@ def org_remove(settings: Settings, name: str) -> None:
     from fleet.store import credentials
 
     with _database(settings) as db:
-        credentials.remove_org(db, name)
+        credentials.remove_org(db, name, actor=cli_actor())
     click.echo(f"removed org {name}")
 
 
@@ -135,7 +142,7 @@ def org_rotate(settings: Settings, name: str, role: str, as_json: bool) -> None:
     from fleet.store import credentials
 
     with _database(settings) as db:
-        key = credentials.rotate_key(db, settings.data_dir, name, role)
+        key = credentials.rotate_key(db, settings.data_dir, name, role, actor=cli_actor())
     if as_json:
         click.echo(json.dumps({"org": name, "role": role, "key": key}))
     else:
@@ -153,7 +160,7 @@ def org_set(settings: Settings, name: str, agent_key: str) -> None:
     from fleet.store import identity
 
     with _database(settings) as db:
-        identity.set_agent_key(db, name, agent_key == "on")
+        identity.set_agent_key(db, name, agent_key == "on", actor=cli_actor())
     click.echo(f"org {name}: agent key {agent_key}")
 
 
@@ -173,36 +180,20 @@ def enrol() -> None:
 @common
 def enrol_create(settings: Settings, org_name: str, uses: int, expires: str, as_json: bool) -> None:
     """Make an enrolment token for ORG (shown once) and the agent command line that uses it."""
+    from fleet.config.enrolment import agent_command
     from fleet.config.rules import parse_duration
-    from fleet.config.tls import ca_fingerprint
     from fleet.store import identity
-    from fleet.store.errors import CredentialError
 
-    try:
-        fingerprint = ca_fingerprint((settings.certs_dir / "ca.pem").read_bytes())
-    except (OSError, ValueError) as exc:
-        raise CredentialError(f"no CA in {settings.certs_dir} (run 'fleet up' or 'fleet broker' once): {exc}") from exc
+    fingerprint = identity.installation_ca_fingerprint(settings.certs_dir)
     with _database(settings) as db:
-        made = identity.create_token(db, settings.data_dir, fingerprint, org_name, uses, parse_duration(expires))
+        made = identity.create_token(db, settings.data_dir, fingerprint, org_name, uses, parse_duration(expires),
+                                     actor=cli_actor())
     if as_json:
         click.echo(json.dumps(made.as_dict()))
         return
     click.echo(f"token: {made.token}")
-    click.echo(f"Install an agent with:\n  fleet agent --broker {_agents_broker_url(settings)} --org {org_name}"
-               f" --enrol {made.token}")
+    click.echo(f"Install an agent with:\n  {agent_command(settings.agents_broker_url, org_name, str(made.token))}")
     click.echo("Store the token now: only its hash is kept.", err=True)
-
-
-def _agents_broker_url(settings: Settings) -> str:
-    """The broker URL to give agents: ``broker_url``, or the embedded broker at this machine's name when it
-    listens on every interface (other machines cannot use 127.0.0.1)."""
-    import socket
-
-    from fleet.config.settings import WILDCARD_HOSTS
-
-    if settings.broker_url or settings.host not in WILDCARD_HOSTS:
-        return settings.effective_broker_url
-    return f"mqtts://{socket.gethostname()}:{settings.mqtt_port}"  # a name the server certificate holds
 
 
 @enrol.command("list")
@@ -234,7 +225,7 @@ def enrol_revoke(settings: Settings, org_name: str, token_id: str) -> None:
     from fleet.store import identity
 
     with _database(settings) as db:
-        identity.revoke_token(db, org_name, token_id)
+        identity.revoke_token(db, org_name, token_id, actor=cli_actor())
     click.echo(f"revoked enrolment token {token_id}")
 
 
@@ -272,8 +263,22 @@ def machine_revoke(settings: Settings, org_name: str, machine_name: str) -> None
     from fleet.store import identity
 
     with _database(settings) as db:
-        identity.revoke_machine(db, org_name, machine_name)
+        identity.revoke_machine(db, org_name, machine_name, actor=cli_actor())
     click.echo(f"revoked the certificate of {org_name}/{machine_name}")
+
+
+@machine.command("forget")
+@click.argument("org_name", metavar="ORG")
+@click.argument("machine_name", metavar="MACHINE")
+@database
+@common
+def machine_forget(settings: Settings, org_name: str, machine_name: str) -> None:
+    """Forget MACHINE: gone from the live view now and from the collector within its refresh (history stays)."""
+    from fleet.store.forgotten import forget_machine
+
+    with _database(settings) as db:
+        forget_machine(db, org_name, machine_name, actor=cli_actor())
+    click.echo(f"forgot machine {org_name}/{machine_name}")
 
 
 # --- parts ----------------------------------------------------------------------------------
@@ -473,7 +478,7 @@ def alert_add(settings: Settings, org_name: str, rule_name: str, when: str, for_
 
     rule = rules.Rule.parse(org_name, rule_name, when, for_, machines, severity)
     with _database(settings) as db:
-        alerting.add_rule(db, rule)
+        alerting.add_rule(db, rule, actor=cli_actor())
     if isinstance(rule.when, rules.Threshold) and rule.when.field not in rules.KNOWN_FIELDS \
             and not rule.when.field.startswith((rules.CUSTOM_PREFIX, rules.PROCESS_PREFIX)):
         click.echo(f"note: {rule.when.field!r} is not a standard field; the rule holds only for machines whose "
@@ -510,7 +515,7 @@ def alert_remove(settings: Settings, org_name: str, rule_name: str) -> None:
     from fleet.store import alerting
 
     with _database(settings) as db:
-        alerting.remove_rule(db, org_name, rule_name)
+        alerting.remove_rule(db, org_name, rule_name, actor=cli_actor())
     click.echo(f"removed rule {rule_name} of org {org_name}")
 
 
@@ -544,9 +549,9 @@ def alert_channel() -> None:
 def alert_channel_add(settings: Settings, org_name: str, channel_name: str, url: str, as_json: bool,
                       watchdog: bool) -> None:
     """Add CHANNEL to ORG: http(s):// webhook, alertmanager+http(s)://HOST:PORT, mailto:ADDR or an Apprise URL."""
-    from fleet.collector.alerts.channels import add_channel
+    from fleet.notify.channels import add_channel
 
-    added = add_channel(settings, org_name, channel_name, url, watchdog)
+    added = add_channel(settings, org_name, channel_name, url, watchdog, actor=cli_actor())
     if as_json:
         click.echo(json.dumps(added.as_dict()))
         return
@@ -586,7 +591,7 @@ def alert_channel_remove(settings: Settings, org_name: str, channel_name: str) -
     from fleet.store import alerting
 
     with _database(settings) as db:
-        alerting.remove_channel(db, org_name, channel_name)
+        alerting.remove_channel(db, org_name, channel_name, actor=cli_actor())
     click.echo(f"removed channel {channel_name} of org {org_name}")
 
 
@@ -597,9 +602,9 @@ def alert_channel_remove(settings: Settings, org_name: str, channel_name: str) -
 @common
 def alert_channel_test(settings: Settings, org_name: str, channel_name: str) -> None:
     """Send one test notification to CHANNEL; exit 1 with the reason if it fails."""
-    from fleet.collector.alerts.channels import send_test
+    from fleet.notify.channels import send_test
 
-    send_test(settings, org_name, channel_name)
+    send_test(settings, org_name, channel_name, actor=cli_actor())
     click.echo(f"test notification delivered to channel {channel_name} of org {org_name}")
 
 
@@ -620,7 +625,8 @@ def alert_silence(settings: Settings, org_name: str, for_: str, machines: str, r
     from fleet.store import alerting
 
     with _database(settings) as db:
-        silence = alerting.add_silence(db, org_name, rules.parse_duration(for_), machines, rule_name, comment)
+        silence = alerting.add_silence(db, org_name, rules.parse_duration(for_), machines, rule_name, comment,
+                                        actor=cli_actor())
     if as_json:
         click.echo(json.dumps({"id": silence.id, "ends_at": silence.ends_at}))
     else:
@@ -637,7 +643,7 @@ def alert_unsilence(settings: Settings, org_name: str, silence_id: int) -> None:
     from fleet.store import alerting
 
     with _database(settings) as db:
-        alerting.expire_silence(db, org_name, silence_id)
+        alerting.expire_silence(db, org_name, silence_id, actor=cli_actor())
     click.echo(f"silence {silence_id} of org {org_name} ended")
 
 
@@ -763,7 +769,7 @@ def machine_label(settings: Settings, org_name: str, machine_id: str, pairs: tup
     if not pairs and not remove:
         raise click.UsageError("give KEY=VALUE labels to set or --remove KEY")
     with _database(settings) as db:
-        labels = set_labels(db, org_name, machine_id, pairs, remove)
+        labels = set_labels(db, org_name, machine_id, pairs, remove, actor=cli_actor())
     if as_json:
         click.echo(json.dumps({"machine_id": machine_id, "labels": labels}))
     else:

@@ -23,10 +23,11 @@ from fleet.collector.errors import CollectorError
 from fleet.config.errors import ConfigError
 from fleet.config.settings import Settings, load_settings
 from fleet.logs import setup_logging
+from fleet.notify.errors import NotifyError
 from fleet.store.errors import StoreError
 from fleet.web.errors import WebError
 
-USER_ERRORS = (ConfigError, StoreError, BrokerError, AgentError, CollectorError, WebError, OSError)
+USER_ERRORS = (ConfigError, StoreError, BrokerError, AgentError, CollectorError, NotifyError, WebError, OSError)
 GC_YOUNG_THRESHOLD = 20_000
 
 

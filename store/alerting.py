@@ -2,7 +2,7 @@
 
 The ``fleet alert`` commands call these; the collector reads the same tables every few seconds, so a
 change applies without a restart (within 5 s). Channel URLs are checked and channel secrets made by
-``fleet.collector.alerts.notify`` (collector/alerts/channels.py); this module only stores them, sealed
+``fleet.notify`` (notify/channels.py); this module only stores them, sealed
 with the data dir's SecretBox. Every function takes an open ``Database``; those that change several
 rows do so in one transaction.
 """
@@ -22,11 +22,28 @@ from fleet.config.rules import (
     check_comment,
     check_machines,
     check_name,
+    format_duration,
     parse_condition,
 )
+from fleet.store import audit
 from fleet.store.database import Database
+from fleet.store.errors import NotFound
 from fleet.store.orgs import require_org
 from fleet.store.secretbox import SecretBox
+
+
+class Missing(RuleError, NotFound):
+    """The org has no rule, channel, silence or alert of that name or id."""
+
+
+class NotFiring(RuleError):
+    """Only a firing alert is acknowledged."""
+
+
+def _audit(db: Database, actor: str | None, org: str, action: str, target: str, detail: dict[str, Any]) -> None:
+    """Record a change in the audit log (in the caller's transaction) when it has an actor."""
+    if actor is not None:
+        audit.record(db, org=org, actor=actor, action=action, target=target, detail=detail)
 
 
 def _require_org(db: Database, org: str) -> None:
@@ -59,12 +76,13 @@ def insert_rule(db: Database, rule: Rule, now: float) -> bool:
         (rule.org, rule.name, str(rule.when), float(rule.for_s), rule.machines, rule.severity, now)) == 1
 
 
-def add_rule(db: Database, rule: Rule) -> None:
+def add_rule(db: Database, rule: Rule, actor: str | None = None) -> None:
     """Store a new rule of an existing org; CredentialError for an unknown org, RuleError for a taken name."""
     with db.transaction():
         _require_org(db, rule.org)
         if not insert_rule(db, rule, time.time()):
             raise RuleError(f"org {rule.org!r} already has a rule named {rule.name!r}")
+        _audit(db, actor, rule.org, "rule.create", rule.name, rule.as_dict())
 
 
 def _rule(row: tuple) -> Rule:
@@ -96,12 +114,13 @@ def load_rules(db: Database, orgs: Iterable[str] | None = None) -> dict[str, lis
     return out
 
 
-def remove_rule(db: Database, org: str, name: str) -> None:
-    """Delete a rule; the collector resolves its alerts. RuleError if there is no such rule."""
+def remove_rule(db: Database, org: str, name: str, actor: str | None = None) -> None:
+    """Delete a rule; the collector resolves its alerts. Missing if there is no such rule."""
     with db.transaction():
         _require_org(db, org)
         if db.execute("DELETE FROM alert_rules WHERE org = ? AND name = ?", (org, name)) == 0:
-            raise RuleError(f"org {org!r} has no rule named {name!r}")
+            raise Missing(f"org {org!r} has no rule named {name!r}")
+        _audit(db, actor, org, "rule.delete", name, {})
 
 
 # --- channels --------------------------------------------------------------------------------------
@@ -129,7 +148,7 @@ class Channel:
 
 
 def store_channel(db: Database, box: SecretBox, org: str, name: str, kind: str, url: str, secret: str | None,
-                  target: str, watchdog: bool = False) -> None:
+                  target: str, watchdog: bool = False, actor: str | None = None) -> None:
     """Store a new channel with its URL and secret encrypted (``target``: the URL as lists show it, no secret).
 
     RuleError if the org already has a channel of that name.
@@ -144,6 +163,7 @@ def store_channel(db: Database, box: SecretBox, org: str, name: str, kind: str, 
              int(watchdog)))
         if inserted != 1:
             raise RuleError(f"org {org!r} already has a channel named {name!r}")
+        _audit(db, actor, org, "channel.create", name, {"kind": kind, "target": target, "watchdog": watchdog})
 
 
 _CHANNEL_COLUMNS = "org, name, kind, target, last_delivery, last_error, last_error_at, failures, watchdog"
@@ -190,12 +210,13 @@ def get_channel(db: Database, box: SecretBox, org: str, name: str) -> Channel:
     _require_org(db, org)
     channel = load_channel(db, box, org, name)
     if channel is None:
-        raise RuleError(f"org {org!r} has no channel named {name!r}")
+        raise Missing(f"org {org!r} has no channel named {name!r}")
     return channel
 
 
-def record_delivery(db: Database, org: str, name: str, now: float, error: str | None) -> None:
-    """Note a delivery (``error`` None) or a failed attempt on the channel's row."""
+def record_delivery(db: Database, org: str, name: str, now: float, error: str | None, actor: str | None = None) -> None:
+    """Note a delivery (``error`` None) or a failed attempt on the channel's row; with ``actor``, as its test."""
+    _audit(db, actor, org, "channel.test", name, {"delivered": error is None, "error": error})
     if error is None:
         db.execute("UPDATE alert_channels SET last_delivery = ?, failures = 0 WHERE org = ? AND name = ?",
                    (now, org, name))
@@ -204,13 +225,14 @@ def record_delivery(db: Database, org: str, name: str, now: float, error: str | 
                    " WHERE org = ? AND name = ?", (error[:500], now, org, name))
 
 
-def remove_channel(db: Database, org: str, name: str) -> None:
-    """Delete a channel and what was waiting to be sent to it; RuleError if there is no such channel."""
+def remove_channel(db: Database, org: str, name: str, actor: str | None = None) -> None:
+    """Delete a channel and what was waiting to be sent to it; Missing if there is no such channel."""
     with db.transaction():
         _require_org(db, org)
         if db.execute("DELETE FROM alert_channels WHERE org = ? AND name = ?", (org, name)) == 0:
-            raise RuleError(f"org {org!r} has no channel named {name!r}")
+            raise Missing(f"org {org!r} has no channel named {name!r}")
         db.execute("DELETE FROM alert_outbox WHERE org = ? AND channel = ?", (org, name))
+        _audit(db, actor, org, "channel.delete", name, {})
 
 
 # --- silences --------------------------------------------------------------------------------------
@@ -218,7 +240,7 @@ SILENCE_COLUMNS = "id, org, machines, rule, starts_at, ends_at, comment"
 
 
 def add_silence(db: Database, org: str, for_s: float, machines: str = "*", rule: str | None = None,
-                comment: str = "", now: float | None = None) -> Silence:
+                comment: str = "", now: float | None = None, actor: str | None = None) -> Silence:
     """Silence an org's alerts matching ``machines`` (and ``rule``) for ``for_s`` seconds from now."""
     if not for_s > 0:
         raise RuleError("a silence needs a duration longer than 0s, e.g. --for 2h")
@@ -234,19 +256,25 @@ def add_silence(db: Database, org: str, for_s: float, machines: str = "*", rule:
             "INSERT INTO alert_silences(org, machines, rule, comment, created, starts_at, ends_at)"
             f" VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {SILENCE_COLUMNS}",
             (org, machines, rule, comment, now, now, now + for_s))
-    assert row is not None
-    return Silence(*row)
+        assert row is not None
+        silence = Silence(*row)
+        _audit(db, actor, org, "silence.create", str(silence.id),
+               {"for": format_duration(for_s), "machines": machines, "rule": rule, "comment": comment,
+                "ends_at": silence.ends_at})
+    return silence
 
 
-def expire_silence(db: Database, org: str, silence_id: int, now: float | None = None) -> None:
-    """End a silence now (it stays listed as expired); RuleError if the org has no such silence."""
+def expire_silence(db: Database, org: str, silence_id: int, now: float | None = None,
+                   actor: str | None = None) -> None:
+    """End a silence now (it stays listed as expired); Missing if the org has no such silence."""
     now = time.time() if now is None else now
     with db.transaction():
         _require_org(db, org)
         if db.query_one("SELECT 1 FROM alert_silences WHERE org = ? AND id = ?", (org, silence_id)) is None:
-            raise RuleError(f"org {org!r} has no silence {silence_id}")
+            raise Missing(f"org {org!r} has no silence {silence_id}")
         db.execute("UPDATE alert_silences SET ends_at = ? WHERE org = ? AND id = ? AND ends_at > ?",
                    (now, org, silence_id, now))
+        _audit(db, actor, org, "silence.delete", str(silence_id), {})
 
 
 def silences_query(now: float, org: str | None = None) -> tuple[str, list[Any]]:
@@ -268,3 +296,24 @@ def list_silences(db: Database, org: str, now: float | None = None) -> list[Sile
     """An org's current and future silences."""
     _require_org(db, org)
     return load_silences(db, time.time() if now is None else now, org)
+
+
+# --- acknowledgements --------------------------------------------------------------------------------
+def ack_alert(db: Database, org: str, alert_id: int, by: str, actor: str | None = None,
+              now: float | None = None) -> tuple[str, float]:
+    """Mark a firing alert acknowledged by ``by`` (a person's email); it keeps firing. Returns (acked_by,
+    acked_at): the first acknowledgement stands. Missing for an unknown id or another org's; NotFiring otherwise."""
+    now = time.time() if now is None else now
+    with db.transaction():
+        row = db.query_one("SELECT state, rule, machine_id, acked_by, acked_at FROM alerts WHERE org = ? AND id = ?",
+                           (org, alert_id))
+        if row is None:
+            raise Missing(f"org {org!r} has no alert {alert_id}")
+        state, rule, machine_id, acked_by, acked_at = row
+        if state != "firing":
+            raise NotFiring(f"alert {alert_id} is {state}: only a firing alert is acknowledged")
+        if acked_by is not None:
+            return acked_by, acked_at
+        db.execute("UPDATE alerts SET acked_by = ?, acked_at = ? WHERE org = ? AND id = ?", (by, now, org, alert_id))
+        _audit(db, actor, org, "alert.ack", str(alert_id), {"rule": rule, "machine_id": machine_id})
+    return by, now

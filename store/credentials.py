@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleet.config.ids import validate_id
-from fleet.store import alerting, labels, people
+from fleet.store import alerting, audit, labels, people
 from fleet.store.database import POSTGRESQL, Database
 from fleet.store.errors import CredentialError
 from fleet.store.orgs import org_exists, require_org
@@ -100,7 +100,7 @@ def _store(db: Database, pepper: bytes, username: str, org: str | None, role: st
     )
 
 
-def add_org(db: Database, data_dir: Path, org: str) -> OrgSecrets:
+def add_org(db: Database, data_dir: Path, org: str, actor: str | None = None) -> OrgSecrets:
     """Create an org with fresh agent and reader keys and the default alert rules; CredentialError if it exists."""
     validate_id(org, "org")
     secrets_ = OrgSecrets(org, generate_key(), generate_key())
@@ -114,10 +114,12 @@ def add_org(db: Database, data_dir: Path, org: str) -> OrgSecrets:
         alerting.insert_default_rules(db, org, now)
         _store(db, pepper, username_for(org, "agent"), org, "agent", secrets_.agent_key)
         _store(db, pepper, username_for(org, "reader"), org, "reader", secrets_.reader_key)
+        if actor is not None:
+            audit.record(db, org=org, actor=actor, action="org.add", target=org)
     return secrets_
 
 
-def remove_org(db: Database, org: str) -> None:
+def remove_org(db: Database, org: str, actor: str | None = None) -> None:
     """Delete an org, its credentials (its keys stop working at once) and its alerting; history stays."""
     validate_id(org, "org")
     with db.transaction():
@@ -127,9 +129,11 @@ def remove_org(db: Database, org: str) -> None:
         alerting.drop_org(db, org)
         labels.drop_org(db, org)
         people.drop_org(db, org)
+        if actor is not None:
+            audit.record(db, org=org, actor=actor, action="org.remove", target=org)
 
 
-def rotate_key(db: Database, data_dir: Path, org: str, role: str) -> str:
+def rotate_key(db: Database, data_dir: Path, org: str, role: str, actor: str | None = None) -> str:
     """Replace one role's key of an org; the old key is invalid from now on. Returns the new key."""
     username = username_for(org, role)
     key = generate_key()
@@ -137,6 +141,8 @@ def rotate_key(db: Database, data_dir: Path, org: str, role: str) -> str:
         pepper = key_pepper(db, data_dir)
         require_org(db, org)
         _store(db, pepper, username, org, role, key)
+        if actor is not None:
+            audit.record(db, org=org, actor=actor, action="org.rotate", target=org, detail={"role": role})
     return key
 
 

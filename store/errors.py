@@ -23,3 +23,7 @@ class CredentialError(StoreError):
 
 class PeopleError(StoreError):
     """A person, role, password, invitation, session or token operation failed; the message is one line."""
+
+
+class NotFound(StoreError):
+    """The org has no such thing (rule, channel, silence, alert, token, machine): the web answers 404."""

@@ -25,13 +25,19 @@ from fleet.config.enrolment import (
     Token,
 )
 from fleet.config.ids import validate_id
+from fleet.config.tls import ca_fingerprint
+from fleet.store import audit
 from fleet.store.credentials import digest_key, mosquitto_hash
 from fleet.store.database import Database
-from fleet.store.errors import CredentialError
+from fleet.store.errors import CredentialError, NotFound
 from fleet.store.orgs import require_org
 from fleet.store.pepper import key_pepper
 
 CERTIFICATE, ORG_KEY = "certificate", "org-key"
+
+
+class MissingCredential(CredentialError, NotFound):
+    """The org has no enrolment token of that id, or no certificate for that machine."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,16 @@ class IdentitySnapshot:
         return (org or "", machine or "") in self.serials
 
 
+def installation_ca_fingerprint(certs_dir: Path) -> str:
+    """The SHA-256 fingerprint of the installation's CA (``certs/ca.pem``) that enrolment tokens carry."""
+    try:
+        return ca_fingerprint((certs_dir / "ca.pem").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CredentialError(f"no CA in {certs_dir} (run 'fleet up' or 'fleet broker' once): {exc}") from exc
+
+
 def create_token(db: Database, data_dir: Path, ca_fingerprint: str, org: str, uses: int = 1,
-                 expires_s: float = 86_400.0, now: float | None = None) -> NewToken:
+                 expires_s: float = 86_400.0, now: float | None = None, actor: str | None = None) -> NewToken:
     """A new enrolment token of ``org``, good for ``uses`` enrolments (0: any) for ``expires_s`` seconds."""
     if uses < 0:
         raise CredentialError(f"--uses must be 0 or more, not {uses}")
@@ -103,6 +117,9 @@ def create_token(db: Database, data_dir: Path, ca_fingerprint: str, org: str, us
                    " revoked) VALUES (?, ?, ?, ?, ?, 0, ?, ?, 0)",
                    (token.id, org, digest_key(pepper, token.secret), mosquitto_hash(token.secret), uses,
                     now + expires_s, now))
+        if actor is not None:
+            audit.record(db, org=org, actor=actor, action="enrol.create", target=token.id,
+                         detail={"uses": uses, "expires_at": now + expires_s})
     return NewToken(org, token, uses, now + expires_s)
 
 
@@ -115,11 +132,14 @@ def list_tokens(db: Database, org: str) -> list[dict[str, Any]]:
             for r in rows]
 
 
-def revoke_token(db: Database, org: str, token_id: str) -> None:
+def revoke_token(db: Database, org: str, token_id: str, actor: str | None = None) -> None:
     """Revoke a token: it enrols nothing from now on (machines it enrolled keep their certificates)."""
-    require_org(db, org)
-    if db.execute("UPDATE enrol_tokens SET revoked = 1 WHERE org = ? AND id = ?", (org, token_id)) == 0:
-        raise CredentialError(f"no enrolment token {token_id!r} in org {org!r}")
+    with db.transaction():
+        require_org(db, org)
+        if db.execute("UPDATE enrol_tokens SET revoked = 1 WHERE org = ? AND id = ?", (org, token_id)) == 0:
+            raise MissingCredential(f"no enrolment token {token_id!r} in org {org!r}")
+        if actor is not None:
+            audit.record(db, org=org, actor=actor, action="enrol.revoke", target=token_id)
 
 
 def token_state(db: Database, org: str, token_id: str, now: float) -> str | None:
@@ -171,12 +191,15 @@ def store_cert(db: Database, org: str, machine: str, serial: str, key_sha256: st
                (org, machine, serial, prev_serial, key_sha256, cert_pem, not_after, enrolled_at))
 
 
-def revoke_machine(db: Database, org: str, machine: str) -> None:
+def revoke_machine(db: Database, org: str, machine: str, actor: str | None = None) -> None:
     """Revoke a machine's certificate: the broker closes its connection and refuses it within 5 s."""
-    require_org(db, org)
-    validate_id(machine, "machine id")
-    if db.execute("UPDATE machine_certs SET revoked = 1 WHERE org = ? AND machine_id = ?", (org, machine)) == 0:
-        raise CredentialError(f"machine {machine!r} of org {org!r} has no certificate")
+    with db.transaction():
+        require_org(db, org)
+        validate_id(machine, "machine id")
+        if db.execute("UPDATE machine_certs SET revoked = 1 WHERE org = ? AND machine_id = ?", (org, machine)) == 0:
+            raise MissingCredential(f"machine {machine!r} of org {org!r} has no certificate")
+        if actor is not None:
+            audit.record(db, org=org, actor=actor, action="machine.revoke", target=machine)
 
 
 def list_machines(db: Database, org: str) -> list[dict[str, Any]]:
@@ -209,10 +232,14 @@ def all_cert_not_after(db: Database) -> dict[tuple[str, str], float]:
                                                  " WHERE revoked = 0")}
 
 
-def set_agent_key(db: Database, org: str, on: bool) -> None:
+def set_agent_key(db: Database, org: str, on: bool, actor: str | None = None) -> None:
     """Turn an org's agent key on or off (off: only enrolled machines connect)."""
-    require_org(db, org)
-    db.execute("UPDATE orgs SET agent_key = ? WHERE name = ?", (1 if on else 0, org))
+    with db.transaction():
+        require_org(db, org)
+        db.execute("UPDATE orgs SET agent_key = ? WHERE name = ?", (1 if on else 0, org))
+        if actor is not None:
+            audit.record(db, org=org, actor=actor, action="org.set", target=org,
+                         detail={"agent_key": "on" if on else "off"})
 
 
 def load_snapshot(db: Database, now: float | None = None) -> IdentitySnapshot:

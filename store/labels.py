@@ -14,6 +14,7 @@ import orjson
 
 from fleet.config.ids import validate_id
 from fleet.config.labels import MAX_LABELS, LabelError, Labels, check_key, diff, merge
+from fleet.store import audit
 from fleet.store.database import Database
 from fleet.store.orgs import require_org
 
@@ -55,7 +56,7 @@ def agent_labels(text: str | None) -> dict[str, str]:
 
 
 def set_labels(db: Database, org: str, machine_id: str, pairs: Iterable[str], remove: Iterable[str],
-               now: float | None = None) -> dict[str, str]:
+               now: float | None = None, actor: str | None = None) -> dict[str, str]:
     """Set ``KEY=VALUE`` server labels and remove keys of one machine; returns its merged labels.
 
     The machine need not have reported yet (its labels wait for it). A change of its merged labels is an
@@ -90,12 +91,21 @@ def set_labels(db: Database, org: str, machine_id: str, pairs: Iterable[str], re
                        (org, machine_id, now, row[0], row[0], label_event_reason(change)))
         if new_server != server:
             _bump_version(db)
+        if actor is not None:
+            audit.record(db, org=org, actor=actor, action="machine.label", target=machine_id,
+                         detail={"set": added, "removed": removed})
     return new
 
 
 def _bump_version(db: Database) -> None:
     db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                (VERSION_KEY, os.urandom(8).hex()))
+
+
+def drop_machine(db: Database, org: str, machine_id: str) -> None:
+    """Delete a machine's server labels (in the caller's transaction)."""
+    if db.execute("DELETE FROM machine_labels WHERE org = ? AND machine_id = ?", (org, machine_id)):
+        _bump_version(db)
 
 
 def drop_org(db: Database, org: str) -> None:

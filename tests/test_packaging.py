@@ -22,7 +22,7 @@ def test_wheel_has_fleet_as_its_only_top_level_package(tmp_path: Path) -> None:
     assert top == {"fleet"}
     for part in ("config", "store", "broker", "agent", "collector", "collector/alerts", "web"):
         assert f"fleet/{part}/__init__.py" in names
-    assert "fleet/collector/alerts/notify/kinds.py" in names
+    assert "fleet/notify/kinds.py" in names
     assert "fleet/web/static/app.js" in names
     assert "fleet/web/templates/index.html" in names
 

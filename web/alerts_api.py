@@ -1,4 +1,5 @@
-"""``GET /api/alerts`` and ``GET /api/silences``: an org's alerts (with whether a silence covers them) and silences."""
+"""``/api/alerts``: an org's alerts (with whether a silence covers them and who acknowledged them); operators
+acknowledge firing ones."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import time
 
 from flask import Blueprint, abort, g, jsonify
 
+from fleet.store import alerting
 from fleet.web import db, params
-from fleet.web.auth import org_required
+from fleet.web.auth import org_required, role_required
+from fleet.web.changes import json_errors
 
-bp = Blueprint("alerts", __name__, url_prefix="/api")
+bp = json_errors(Blueprint("alerts", __name__, url_prefix="/api"))
 STATES = ("pending", "firing", "resolved")
 
 
@@ -28,14 +31,23 @@ def alerts():
 @org_required
 def alert(alert_id: int):
     """One alert of the caller's org; 404 for an unknown id or another org's alert (not told apart)."""
+    return jsonify(_alert_or_404(alert_id))
+
+
+def _alert_or_404(alert_id: int) -> dict:
     found = db.alerts(g.org, None, 0.0, None, 1, time.time(), alert_id=alert_id)
     if not found:
         abort(404, description=f"no alert {alert_id}")
-    return jsonify(found[0])
+    return found[0]
 
 
-@bp.get("/silences")
-@org_required
-def silences():
-    """``{"data": [silence, …]}``: the org's silences in force now or later."""
-    return jsonify({"data": [s.as_dict() for s in db.silences(g.org, time.time())]})
+@bp.post("/alerts/<int:alert_id>/ack")
+@role_required("operator")
+def ack(alert_id: int):
+    """Acknowledge a firing alert of the org as the caller (it keeps firing); the alert as ``GET`` shows it.
+
+    404 for an unknown id or another org's, 409 when the alert is not firing; the first acknowledgement stands.
+    """
+    by = g.person.email if g.person is not None else g.actor
+    db.write(lambda conn: alerting.ack_alert(conn, g.org, alert_id, by, actor=g.actor))
+    return jsonify(_alert_or_404(alert_id))

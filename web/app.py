@@ -10,7 +10,23 @@ from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 
 from fleet.config.settings import Settings
-from fleet.web import alerts_api, api, audit_api, config_api, dashboard, health, invite, metrics, session, tokens_api
+from fleet.web import (
+    alerts_api,
+    api,
+    audit_api,
+    channels_api,
+    config_api,
+    dashboard,
+    enrol_api,
+    health,
+    invite,
+    machines_api,
+    metrics,
+    rules_api,
+    session,
+    silences_api,
+    tokens_api,
+)
 from fleet.web.db import DatabaseUnavailable, close_db, pool_for, write_pool_for
 
 log = logging.getLogger("fleet.web")
@@ -58,6 +74,8 @@ def create_app(settings: Settings, **overrides) -> Flask:
                       override_defaults=False)(session.signin_bp)
     for blueprint in (api.bp, alerts_api.bp, metrics.bp, health.bp, dashboard.bp, session.bp, invite.bp,
                       tokens_api.bp, audit_api.bp):
+        app.register_blueprint(blueprint)
+    for blueprint in (silences_api.bp, rules_api.bp, channels_api.bp, enrol_api.bp, machines_api.bp):
         app.register_blueprint(blueprint)
     session.warm_up()
     app.teardown_appcontext(close_db)

@@ -419,7 +419,7 @@ def events(org: str, since: float, machine_id: str | None, limit: int) -> list[d
 
 
 ALERT_COLUMNS = ("id", "rule", "machine_id", "state", "severity", "value", "summary", "active_at", "fired_at",
-                 "resolved_at")
+                 "resolved_at", "acked_by", "acked_at")
 
 
 def silences(org: str, now: float) -> list[Silence]:

@@ -17,13 +17,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from fleet.collector.alerts import notify
+from fleet import notify
 from fleet.config.errors import ConfigError
 from fleet.config.settings import Settings
+from fleet.notify.channels import SEND_TIMEOUT_S, send
 from fleet.store import alerting
 from fleet.store.database import Database, DatabaseError, open_database
 from fleet.store.errors import StoreError
@@ -36,7 +37,6 @@ MAX_PARALLEL = 4
 IDLE_WAIT_S = 1.0
 BATCH = 200
 BUSY_TIMEOUT_MS = 1000
-SEND_TIMEOUT_S = 10.0
 STOP_WAIT_S = SEND_TIMEOUT_S + 2.0  # a send in flight at stop is waited for, so its outcome is recorded
 
 _DUE = ("SELECT id, org, channel, group_key, notices, created, attempts, next_attempt FROM alert_outbox"
@@ -64,13 +64,6 @@ class Outcome:
     count: int
     error: str | None = None
     retryable: bool = False
-
-
-def send(settings: Settings, channel: alerting.Channel, notices: Sequence[notify.Notice], key: str,
-         notification_id: str = "") -> None:
-    """Deliver one notification to a loaded channel; DeliveryError/NotifyError when it fails."""
-    notify.deliver(channel.kind, channel.url, channel.secret, notices, key, smtp_url=settings.smtp_url or None,
-                   timeout=SEND_TIMEOUT_S, receiver=channel.name, notification_id=notification_id)
 
 
 def notification_id(job: Job) -> str:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fleet.collector.alerts import notify
+from fleet import notify
 from fleet.collector.state import Machine, Tracker, Transition
 from fleet.config.rules import (
     CERT_DAYS_LEFT,
@@ -85,7 +85,7 @@ class Alert:
         return self.state in (FIRING, RESOLVED) and self.notified != self.state
 
     def notice(self) -> dict[str, Any]:
-        """The alert as one notice of a notification (``fleet.collector.alerts.notify.Notice`` fields)."""
+        """The alert as one notice of a notification (``fleet.notify.Notice`` fields)."""
         return {"status": self.state, "org": self.org, "rule": self.rule, "machine_id": self.machine_id,
                 "severity": self.severity, "summary": self.summary, "value": self.value,
                 "starts_at": self.fired_at if self.fired_at is not None else self.active_at,

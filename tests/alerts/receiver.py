@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleet.collector.alerts.notify import verify
+from fleet.notify import verify
 from tests.collector.http_recorder import Recorded, Recorder
 
 

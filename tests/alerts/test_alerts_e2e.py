@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from fleet.agent.simulate import start_simulation
-from fleet.collector.alerts.channels import add_channel
 from fleet.config.rules import Rule
 from fleet.config.settings import Settings
+from fleet.notify.channels import add_channel
 from fleet.web.app import create_app
 from tests import stores
 from tests.alerts.proxy import Proxy

@@ -1,4 +1,4 @@
-"""Alert channels (fleet.collector.alerts.notify) against real servers on loopback: an HTTP receiver for webhooks,
+"""Alert channels (fleet.notify) against real servers on loopback: an HTTP receiver for webhooks,
 Alertmanager's API shape and Apprise's json://, aiosmtpd for email (plain, STARTTLS, implicit TLS, login)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from fleet.collector.alerts.notify import (
+from fleet.notify import (
     RETRY_FOR_S,
     SIGNATURE_HEADER,
     DeliveryError,
@@ -43,9 +43,8 @@ from fleet.collector.alerts.notify import (
     test_notices,
     verify,
 )
-from fleet.collector.alerts.notify.alertmanager import FIRING_VALID_FOR_S
-from fleet.collector.alerts.notify.retry import RETRY_CAP_S
-from fleet.collector.errors import CollectorError
+from fleet.notify.alertmanager import FIRING_VALID_FOR_S
+from fleet.notify.retry import RETRY_CAP_S
 from tests.collector.http_recorder import Recorder, recording
 from tests.helpers import free_port
 
@@ -117,7 +116,7 @@ def test_notice_validates_itself() -> None:
         notice(value=float("nan"))
     with pytest.raises(NotifyError, match="org"):
         notice(org="")
-    assert issubclass(NotifyError, CollectorError)
+    assert NotifyError.__mro__[1] is Exception  # the notify package's error root
     assert issubclass(DeliveryError, NotifyError)
 
 
@@ -649,7 +648,7 @@ def test_redact_keeps_scheme_host_port_only(url: str, secrets: list[str], shown:
 
 
 def test_url_parts_repr_shows_no_secret() -> None:
-    from fleet.collector.alerts.notify.urls import split
+    from fleet.notify.urls import split
 
     parts = split("tgram://123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/12315544?x=pa55word")
     assert parts is not None
@@ -706,7 +705,7 @@ def test_apprise_tokens_never_logged(receiver: Recorder, caplog: pytest.LogCaptu
 
 
 def test_loopback_is_the_only_cleartext_login_host() -> None:
-    from fleet.collector.alerts.notify.mail import is_loopback
+    from fleet.notify.mail import is_loopback
 
     assert is_loopback("127.0.0.1")
     assert is_loopback("localhost")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.collector.alerts.notify import Notice, deliver, fingerprint, resend_interval
+from fleet.notify import Notice, deliver, fingerprint, resend_interval
 from tests.collector.http_recorder import Recorded, Recorder, recording
 from tests.helpers import free_port, wait_for
 

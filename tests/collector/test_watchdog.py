@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
+from fleet import notify
 from fleet.cli import cli
-from fleet.collector.alerts import notify
 from tests.collector.http_recorder import recording
 
 INTERVAL = 0.5

@@ -1,5 +1,5 @@
 """The installed packages' import graph: no module imports itself through others, and the parts meet only through
-fleet.config and fleet.store (the wire contract and the database)."""
+fleet.config, fleet.store and fleet.notify (the wire contract, the database, the notification channels)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pkgutil
 from pathlib import Path
 
 PARTS = ("fleet.agent", "fleet.broker", "fleet.collector", "fleet.web")
-SHARED = ("fleet.config", "fleet.store")
+SHARED = ("fleet.config", "fleet.store", "fleet.notify")
 
 
 def _modules() -> dict[str, Path]:

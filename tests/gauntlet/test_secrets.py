@@ -62,7 +62,7 @@ def test_no_secret_in_the_logs_of_a_full_run(tmp_path):
         assert connect_client(broker, "demo/reader", demo["agent_key"], "r", expect_rc=1) == 5
         wait_for(lambda: _get(f"{base}/api/fleet", rotated) == 200, timeout=10, message="rotated key works")
         # Alerts: a signed webhook and an email channel get notified (the email fails), secrets stay out of logs.
-        from fleet.collector.alerts.channels import add_channel, send_test
+        from fleet.notify.channels import add_channel, send_test
 
         settings = Settings(data_dir=data, smtp_url=smtp_url)
         webhook_secret = add_channel(settings, "demo", "hook", hook.url + "/t0ken-in-path").secret
@@ -97,7 +97,7 @@ def test_reprs_hide_keys(tmp_path):
 
     demo = ensure_demo_org(Settings(data_dir=tmp_path))
     records = credentials.load_records(database.open_database(tmp_path / "fleet.db"))
-    from fleet.collector.alerts.channels import add_channel
+    from fleet.notify.channels import add_channel
     from fleet.store.secretbox import secret_box
 
     settings = Settings(data_dir=tmp_path, smtp_url=f"smtp://u:{SMTP_PASSWORD}@mail.example.com:587", key="agent-k3y")

@@ -1,11 +1,9 @@
-"""Errors of the notification channels: a bad channel, and a failed send that may or may not be retried."""
+"""Error root of the notify package: a bad channel, and a failed send that may or may not be retried."""
 
 from __future__ import annotations
 
-from fleet.collector.errors import CollectorError
 
-
-class NotifyError(CollectorError):
+class NotifyError(Exception):
     """A channel URL or setting that cannot work (bad URL, missing extra); the message is one line, no secret."""
 
 

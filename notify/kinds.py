@@ -6,10 +6,10 @@ import logging
 import secrets
 from collections.abc import Sequence
 
-from fleet.collector.alerts.notify import alertmanager, apprise_channel, mail, render, webhook
-from fleet.collector.alerts.notify.errors import DeliveryError, NotifyError
-from fleet.collector.alerts.notify.notice import Notice
-from fleet.collector.alerts.notify.urls import Parts, mail_recipients, redact, scheme_of, split
+from fleet.notify import alertmanager, apprise_channel, mail, render, webhook
+from fleet.notify.errors import DeliveryError, NotifyError
+from fleet.notify.notice import Notice
+from fleet.notify.urls import Parts, mail_recipients, redact, scheme_of, split
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@
 The alerting side (rules, outbox, grouping, the delivery worker) calls only what is exported here.
 """
 
-from fleet.collector.alerts.notify.errors import DeliveryError, NotifyError
-from fleet.collector.alerts.notify.kinds import channel_kind, deliver, new_secret, resend_interval
-from fleet.collector.alerts.notify.mail import SmtpServer, parse_smtp_url
-from fleet.collector.alerts.notify.notice import (
+from fleet.notify.errors import DeliveryError, NotifyError
+from fleet.notify.kinds import channel_kind, deliver, new_secret, resend_interval
+from fleet.notify.mail import SmtpServer, parse_smtp_url
+from fleet.notify.notice import (
     WATCHDOG_RULE,
     Notice,
     fingerprint,
@@ -14,9 +14,9 @@ from fleet.collector.alerts.notify.notice import (
     test_notices,
     watchdog_notices,
 )
-from fleet.collector.alerts.notify.retry import RETRY_FOR_S, retry_delay
-from fleet.collector.alerts.notify.urls import redact
-from fleet.collector.alerts.notify.webhook import SIGNATURE_HEADER, signature, verify
+from fleet.notify.retry import RETRY_FOR_S, retry_delay
+from fleet.notify.urls import redact
+from fleet.notify.webhook import SIGNATURE_HEADER, signature, verify
 
 __all__ = [
     "RETRY_FOR_S", "SIGNATURE_HEADER", "DeliveryError", "Notice", "NotifyError", "SmtpServer", "channel_kind",

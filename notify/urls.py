@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from fleet.collector.alerts.notify.errors import NotifyError
+from fleet.notify.errors import NotifyError
 
 HIDDEN = "***"
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from urllib.parse import parse_qs
 
-from fleet.collector.alerts.notify import render
-from fleet.collector.alerts.notify.errors import DeliveryError, NotifyError
-from fleet.collector.alerts.notify.notice import Notice
-from fleet.collector.alerts.notify.urls import mail_recipients, redact, split
+from fleet.notify import render
+from fleet.notify.errors import DeliveryError, NotifyError
+from fleet.notify.notice import Notice
+from fleet.notify.urls import mail_recipients, redact, split
 
 log = logging.getLogger(__name__)
 

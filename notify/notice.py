@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from fleet.collector.alerts.notify.errors import NotifyError
+from fleet.notify.errors import NotifyError
 
 STATUSES = ("firing", "resolved")
 # Alertmanager's "zero" time: what its webhook sends as endsAt of an alert that is still firing.

@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 
-from fleet.collector.alerts.notify.errors import DeliveryError
-from fleet.collector.alerts.notify.http_post import post_json
-from fleet.collector.alerts.notify.notice import Notice, rfc3339
-from fleet.collector.alerts.notify.render import group_status
+from fleet.notify.errors import DeliveryError
+from fleet.notify.http_post import post_json
+from fleet.notify.notice import Notice, rfc3339
+from fleet.notify.render import group_status
 
 SIGNATURE_HEADER = "X-Fleet-Signature"
 # The same for every attempt of one notification, from whichever collector: a receiver that has seen it drops it.

@@ -9,8 +9,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from fleet.collector.alerts.notify.errors import DeliveryError
-from fleet.collector.alerts.notify.urls import redact
+from fleet.notify.errors import DeliveryError
+from fleet.notify.urls import redact
 
 USER_AGENT = "fleet-telemetry/0.1 (alerts)"
 MAX_REASON_CHARS = 200

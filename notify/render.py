@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from fleet.collector.alerts.notify.notice import Notice
+from fleet.notify.notice import Notice
 
 MAX_SUBJECT_RULES = 3
 MAX_CHAT_ALERTS = 20  # alerts listed per status in an Apprise (chat) message

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from fleet.collector.alerts.notify.errors import DeliveryError, NotifyError
-from fleet.collector.alerts.notify.urls import HIDDEN, redact, scheme_of, secret_parts
+from fleet.notify.errors import DeliveryError, NotifyError
+from fleet.notify.urls import HIDDEN, redact, scheme_of, secret_parts
 
 INSTALL_HINT = "pip install 'fleet-telemetry[notify]'"
 # Loggers that may print an Apprise URL's tokens; each gets the scrubbing filter.

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from fleet.collector.alerts.notify.http_post import post_json
-from fleet.collector.alerts.notify.notice import Notice, rfc3339
+from fleet.notify.http_post import post_json
+from fleet.notify.notice import Notice, rfc3339
 
 RESEND_INTERVAL_S = 60.0
 # Like Prometheus: a firing alert claims to last 4 resend intervals, so a collector that dies leaves
