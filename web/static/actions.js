@@ -89,10 +89,9 @@ function endSilenceButton(s) {
 
 // --- acknowledgement -----------------------------------------------------------------------------------------
 
-// Who acknowledged an alert, whatever the field is called in this server's answer.
+// Who acknowledged an alert (an actor: user:EMAIL, token:EMAIL or cli:USER), shown as the person or user.
 function acknowledgedBy(a) {
-  const by = a.acknowledged_by ?? a.ack_by ?? (a.acknowledged && a.acknowledged.by);
-  return by || null;
+  return a.acked_by ? String(a.acked_by).replace(/^(user|token|cli):/, "") : null;
 }
 
 function ackButton(a) {

@@ -75,7 +75,7 @@ async function loadChannels() {
   let channels;
   try { channels = listOf(await api("/api/channels")); } catch (err) { $("channels-error").textContent = err.message; return; }
   fillTable("channels-table", channels.map((c) => {
-    const name = c.name ?? c.channel;
+    const name = c.channel;
     const status = el("td", { class: "status" }, document.createTextNode(c.last_error || "–"));
     return el("tr", { "data-row": name },
       cell(name, "name"), cell(c.kind), cell(when(c.last_delivery)), status,
@@ -111,7 +111,7 @@ $("channel-form").addEventListener("submit", async (ev) => {
   const form = ev.target;
   const values = formValues(form);
   let made = null;
-  const body = { name: values.name, channel: values.name, url: values.url };
+  const body = { name: values.name, url: values.url };
   if (await panelChange("channels-error", async () => { made = await send("POST", "/api/channels", body); }, loadChannels)) {
     showOnce("channel-secret", "channel-secret-value", made && made.secret ? made.secret : "");
     announce(`Channel ${values.name} added`);
