@@ -178,3 +178,165 @@ def test_the_alerts_panel_on_a_phone_has_no_tall_empty_block(browser, site, flee
     assert abs((card["x"] + card["width"]) - (grid["x"] + grid["width"])) <= 1
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     page.close()
+
+
+def focus_by_tab(page: Page, selector: str, most: int = 80) -> None:
+    """Press Tab until the focused element matches ``selector`` (a keyboard user's way there)."""
+    for _ in range(most):
+        page.keyboard.press("Tab")
+        if page.evaluate("s => document.activeElement.matches(s)", selector):
+            return
+    pytest.fail(f"Tab never reached {selector}")
+
+
+def silences(fleet) -> list[tuple]:
+    with fleet.db() as db:
+        return [tuple(r) for r in db.query("SELECT machines, rule, ends_at - starts_at FROM alert_silences"
+                                            " WHERE org = 'acme' AND ends_at > ?", [time.time()])]
+
+
+def test_an_operator_silences_and_acknowledges_with_the_keyboard_only(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "op@example.com", {"acme": "operator"})
+    page = sign_in(browser, site.url, "op@example.com")
+    disk = "#alert-list li[data-rule='disk-full']"
+    focus_by_tab(page, f"{disk} [data-action='silence']")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"  # where the keyboard is shows
+    page.keyboard.press("Enter")
+    dialog = page.locator("#silence-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#silence-what")).to_have_text("disk-full on web-1")
+    page.keyboard.press("Escape")  # Escape closes the dialog; nothing is silenced, focus is back on the button
+    expect(dialog).to_be_hidden()
+    assert page.evaluate("document.activeElement.dataset.action") == "silence"
+    assert silences(fleet) == []
+
+    page.keyboard.press("Enter")
+    expect(page.locator("#silence-dialog [data-for='1h']")).to_be_focused()
+    page.keyboard.press("Shift+Tab")  # back to the comment
+    page.keyboard.type("replacing the disk")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")  # 1 h
+    expect(dialog).to_be_hidden()
+    expect(page.locator(f"{disk} .sev.silenced")).to_be_visible()
+    assert silences(fleet) == [("web-1", "disk-full", 3600.0)]
+    expect(page.locator("#live-status")).to_have_text("Silenced disk-full on web-1 for 1 h")
+    # The Silence button is gone from that alert: the keyboard is on its row, not lost on the page.
+    page.wait_for_function(f"() => document.activeElement.matches(\"{disk}\")")
+
+    focus_by_tab(page, "#alert-list li[data-alert] [data-action='ack']")
+    page.keyboard.press("Enter")
+    expect(page.locator("#alert-list [data-acked]")).to_have_text("acknowledged by op@example.com")
+    assert page.locator("#alert-list [data-action='ack']").count() == 1  # the other alert's, still unacknowledged
+    page.click("#alerts-panel [data-tab='silences']")
+    silence = page.locator("#alert-list li[data-silence]")
+    expect(silence).to_contain_text("replacing the disk")
+    silence.locator("[data-action='unsilence']").click()
+    expect(page.locator("#alert-list li[data-silence]")).to_have_count(0)
+    page.close()
+
+
+def test_an_operator_silences_a_machine_from_its_detail(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "op@example.com", {"acme": "operator"})
+    page = sign_in(browser, site.url, "op@example.com", viewport=PHONE)
+    page.click("tr[data-machine='db-1']")
+    page.click("#d-actions [data-action='silence-machine']")
+    expect(page.locator("#silence-what")).to_have_text("every alert of db-1")
+    page.click("#silence-dialog [data-for='4h']")
+    expect(page.locator("#silence-dialog")).to_be_hidden()
+    assert silences(fleet) == [("db-1", None, 4 * 3600.0)]
+    expect(page.locator("#tab-silences")).to_have_text("1")
+    page.close()
+
+
+def test_a_refused_change_shows_the_servers_message(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "op@example.com", {"acme": "operator"})
+    page = sign_in(browser, site.url, "op@example.com")
+    with fleet.db() as db:  # the operator is made a viewer while the page is open
+        people.grant(db, "op@example.com", "acme", "viewer")
+    page.locator("#alert-list [data-action='ack']").first.click()
+    expect(page.locator("#notice")).to_have_text("this needs the operator role in org 'acme'; you are viewer")
+    page.close()
+
+
+@pytest.fixture
+def receiver():
+    from tests.alerts.receiver import Receiver
+
+    made = Receiver()
+    yield made
+    made.close()
+
+
+def test_an_admin_manages_rules_channels_enrolment_and_reads_the_audit_log(browser, site, fleet, receiver):  # noqa: F811
+    from fleet.broker.pki import ensure_certs
+
+    ensure_certs(fleet.data_dir / "certs", ["127.0.0.1"])  # enrolment tokens carry the CA's fingerprint
+    add_person(fleet, "ad@example.com", {"acme": "admin"})
+    add_person(fleet, "vi@example.com", {"acme": "viewer"})
+    page = sign_in(browser, site.url, "ad@example.com")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+
+    page.click("#views [data-view='enrol']")
+    page.fill("#enrol-form [name='uses']", "3")
+    page.click("#enrol-form button[type=submit]")
+    command = page.locator("#enrol-command")
+    expect(command).to_contain_text("fleet agent --broker")
+    text = command.text_content()
+    assert "--org acme" in text and "--enrol " in text
+    expect(page.locator("#enrol-table tbody tr[data-row]")).to_have_count(1)
+    page.click("#enrol-once button.copy")
+    expect(page.locator("#enrol-once button.copy")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == text
+    page.click("#enrol-table [data-action='revoke']")
+    expect(page.locator("#enrol-table tbody tr[data-row]")).to_contain_text("revoked")
+
+    page.click("#views [data-view='rules']")
+    page.fill("#rule-form [name='name']", "cpu-hot")
+    page.fill("#rule-form [name='when']", "cpu_percent >>> 90")
+    page.click("#rule-form button[type=submit]")
+    expect(page.locator("#rules-error")).to_have_text("unknown operator '>>>': use >, >=, < or <=")  # the server's
+    page.fill("#rule-form [name='when']", "cpu_percent > 90")
+    page.fill("#rule-form [name='for']", "5m")
+    page.click("#rule-form button[type=submit]")
+    expect(page.locator("#rules-table tr[data-row='cpu-hot']")).to_contain_text("5m")
+    expect(page.locator("#rules-error")).to_be_empty()
+
+    page.click("#views [data-view='channels']")
+    page.fill("#channel-form [name='name']", "ops-hook")
+    page.fill("#channel-form [name='url']", receiver.url)
+    page.click("#channel-form button[type=submit]")
+    expect(page.locator("#channel-secret-value")).not_to_be_empty()  # the signing secret, shown once
+    row = page.locator("#channels-table tr[data-row='ops-hook']")
+    row.locator("[data-action='test']").click()
+    expect(row.locator(".status")).to_have_text("test sent")
+    assert len(receiver.wait_posts(1)) == 1
+
+    page.click("#views [data-view='people']")
+    expect(page.locator("#people-table tbody tr[data-row]")).to_have_count(2)
+    expect(page.locator("#people-table tr[data-row='vi@example.com']")).to_contain_text("viewer")
+
+    page.click("#views [data-view='audit']")
+    actions = page.locator("#audit-table tbody td code")
+    expect(actions.first).to_be_visible()
+    done = set(actions.all_text_contents())
+    assert {"enrol.create", "enrol.revoke", "rule.create", "channel.create", "channel.test"} <= done
+    assert "user:ad@example.com" in page.text_content("#audit-table")
+    assert page.locator("#channel-secret-value").text_content() not in page.text_content("#audit-table")
+    page.close()
+
+
+def test_an_admin_forgets_a_machine_from_its_detail(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "ad@example.com", {"acme": "admin"})
+    page = sign_in(browser, site.url, "ad@example.com")
+    page.click("tr[data-machine='db-1']")
+    page.click("#d-actions [data-action='forget']")
+    expect(page.locator("#confirm-title")).to_have_text("Forget db-1?")
+    page.keyboard.press("Escape")
+    expect(page.locator("#confirm-dialog")).to_be_hidden()
+    expect(page.locator("tr[data-machine='db-1']")).to_be_visible()
+    page.click("#d-actions [data-action='forget']")
+    page.click("#confirm-ok")
+    expect(page.locator("tr[data-machine='db-1']")).to_have_count(0)
+    expect(page.locator("#detail")).to_be_hidden()
+    page.close()

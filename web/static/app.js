@@ -275,7 +275,7 @@ function severityBadge(text, kind) { return el("span", { class: `sev ${kind}`, t
 // An alert: its head line (severity, rule, machine, marks, age), its summary, and the actions the role allows.
 // The parts wrap as whole lines on a narrow screen; the summary never shrinks to a sliver.
 function alertItem(a) {
-  const item = el("li", { "data-alert": String(a.id), "data-machine": a.machine_id });
+  const item = el("li", { "data-alert": String(a.id), "data-machine": a.machine_id, "data-rule": a.rule });
   const head = el("span", { class: "head" });
   if (a.state === "resolved") {
     head.append(severityBadge("resolved", "resolved"), el("span", { class: "rule", text: a.rule }),
