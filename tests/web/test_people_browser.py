@@ -9,8 +9,19 @@ import time
 import pytest
 from playwright.sync_api import Page, expect
 
+from fleet.broker.pki import ensure_certs
+from fleet.config.rules import Rule
+from fleet.config.settings import Settings
+from fleet.notify.channels import add_channel
 from fleet.store import people
+from fleet.store.database import open_database
 from fleet.web.server import start_in_thread
+from tests import stores
+from tests.alerts.receiver import Receiver
+from tests.collector.collector_fixtures import SimAgent, embedded_endpoint
+from tests.collector.conftest import collectors  # noqa: F401 - the running collectors fixture
+from tests.dbhelpers import rows
+from tests.helpers import wait_for
 from tests.web.test_alerts_api import _alert
 from tests.web.test_browser import ARTIFACTS, browser  # noqa: F401 - the shared Chromium fixture
 
@@ -261,16 +272,13 @@ def test_a_refused_change_shows_the_servers_message(browser, site, fleet):  # no
 
 @pytest.fixture
 def receiver():
-    from tests.alerts.receiver import Receiver
-
+    """A webhook endpoint on loopback that records what it is sent."""
     made = Receiver()
     yield made
     made.close()
 
 
 def test_an_admin_manages_rules_channels_enrolment_and_reads_the_audit_log(browser, site, fleet, receiver):  # noqa: F811
-    from fleet.broker.pki import ensure_certs
-
     ensure_certs(fleet.data_dir / "certs", ["127.0.0.1"])  # enrolment tokens carry the CA's fingerprint
     add_person(fleet, "ad@example.com", {"acme": "admin"})
     add_person(fleet, "vi@example.com", {"acme": "viewer"})
@@ -283,7 +291,8 @@ def test_an_admin_manages_rules_channels_enrolment_and_reads_the_audit_log(brows
     command = page.locator("#enrol-command")
     expect(command).to_contain_text("fleet agent --broker")
     text = command.text_content()
-    assert "--org acme" in text and "--enrol " in text
+    assert "--org acme" in text
+    assert "--enrol " in text
     expect(page.locator("#enrol-table tbody tr[data-row]")).to_have_count(1)
     page.click("#enrol-once button.copy")
     expect(page.locator("#enrol-once button.copy")).to_have_text("Copied")
@@ -340,3 +349,81 @@ def test_an_admin_forgets_a_machine_from_its_detail(browser, site, fleet):  # no
     expect(page.locator("tr[data-machine='db-1']")).to_have_count(0)
     expect(page.locator("#detail")).to_be_hidden()
     page.close()
+
+
+# --- the incident path, on the real stack --------------------------------------------------------------------
+
+GROUP_WAIT = 0.5
+SILENCE_APPLIES_S = 5.0  # SPEC: alert changes (silences included) apply within 5 s without a restart
+
+
+def alert_states(database: str) -> list[tuple]:
+    """(machine, state) of rule ``down``'s alerts in acme."""
+    found = rows(database, "SELECT machine_id, state FROM alerts WHERE org = 'acme' AND rule = 'down'")
+    return [tuple(r) for r in found]
+
+
+def value(database: str, sql: str):
+    """The one value a query answers (None when it answers no row)."""
+    found = rows(database, sql)
+    return found[0][0] if found else None
+
+
+def test_incident_path_an_operator_silences_a_firing_alert_and_its_channel_hears_nothing_more(
+        browser, broker, acme, collectors, receiver):  # noqa: F811
+    """An agent vanishes; its alert fires and the webhook hears it. An operator signs in with email and password,
+    sees the alert and silences it for 1 h from its row; the silence shows. The machine comes back: the alert
+    resolves, and the channel gets no notification of it."""
+    database = broker.settings.database_url
+    settings = Settings(data_dir=broker.data_dir, database_url=database, broker_url=broker.url, ca=str(broker.ca_path),
+                        batch_interval_s=0.05, reload_interval_s=0.5, interval=1.0, alert_group_wait=GROUP_WAIT,
+                        refresh_interval_ms=1000, http_port=0)
+    stores.add_rule(settings.data_dir, Rule.parse("acme", "down", "status == offline", "0s", severity="critical"),
+                    database)
+    add_channel(settings, "acme", "ops-hook", receiver.url)
+    with open_database(database) as db:
+        people.add_person(db, "op@example.com", {"acme": "operator"}, PASSWORD)
+    collectors(settings)
+    web = start_in_thread(settings)
+    ep = embedded_endpoint(broker, acme)
+    agent = SimAgent(ep, "m1").connect()
+    try:
+        agent.ping("online")
+        wait_for(lambda: value(database, "SELECT status FROM machines WHERE machine_id = 'm1'") == "online",
+                 message="m1 online")
+        agent.drop()  # gone without a word: its last will says offline
+        fired = receiver.wait_posts(1, timeout=30)
+        assert [(a["status"], a["labels"]["alertname"]) for a in fired[0].json()["alerts"]] == [("firing", "down")]
+
+        page = sign_in(browser, web.url, "op@example.com")
+        row = page.locator("#alert-list li[data-rule='down'][data-machine='m1']")
+        expect(row).to_be_visible()
+        expect(page.locator("#count-firing")).to_have_text("1")
+        row.locator("[data-action='silence']").click()
+        page.click("#silence-dialog [data-for='1h']")
+        expect(row.locator(".sev.silenced")).to_be_visible()  # the silence shows on the alert
+        silenced_at = time.time()
+        page.click("#alerts-panel [data-tab='silences']")
+        expect(page.locator("#alert-list li[data-silence]")).to_contain_text("m1")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "incident-silenced.png"), full_page=True)
+
+        # The collector reads silences again within the SPEC's 5 s; by then the machine comes back and resolves.
+        wait_for(lambda: time.time() >= silenced_at + SILENCE_APPLIES_S, timeout=SILENCE_APPLIES_S + 1)
+        back = SimAgent(ep, "m1", session="back-" + agent.session).connect()
+        try:
+            back.ping("online")
+            wait_for(lambda: alert_states(database) == [("m1", "resolved")], timeout=20, message="resolved")
+            resolved_at = value(database, "SELECT resolved_at FROM alerts WHERE rule = 'down'")
+            # A resolution notice would leave after the group wait: wait past it, and the channel heard nothing.
+            wait_for(lambda: time.time() >= resolved_at + GROUP_WAIT + 2.0, timeout=10)
+            assert receiver.attempts == 1
+            assert value(database, "SELECT count(*) FROM alert_outbox") == 0
+        finally:
+            back.close()
+        page.click("#alerts-panel [data-tab='resolved']")
+        expect(page.locator("#alert-list li[data-rule='down']")).to_be_visible()
+        page.close()
+    finally:
+        web.stop()
+
