@@ -4,7 +4,7 @@
 
 function cell(text, cls) { return el("td", cls ? { class: cls, text: text ?? "–" } : { text: text ?? "–" }); }
 
-function actionsCell(...controls) { return el("td", { class: "row-actions" }, ...controls); }
+function actionsCell(...controls) { return el("td", { class: "actions-cell" }, el("span", { class: "row-actions" }, ...controls)); }
 
 function fillTable(id, rows, empty) {
   const body = $(id).tBodies[0];
@@ -166,7 +166,7 @@ async function loadAudit() {
   fillTable("audit-table", entries.map((e, i) => el("tr", { "data-row": `${e.ts}-${i}` },
     el("td", {}, el("time", { datetime: new Date(e.ts * 1000).toISOString(), text: when(e.ts) })),
     cell(e.actor), el("td", {}, el("code", { text: e.action })), cell(e.target),
-    cell(e.detail && Object.keys(e.detail).length ? JSON.stringify(e.detail) : "", "detail"))), "Nothing changed yet.");
+    cell(e.detail && Object.keys(e.detail).length ? JSON.stringify(e.detail) : "", "audit-detail"))), "Nothing changed yet.");
 }
 
 // --- personal API tokens ---------------------------------------------------------------------------------------
