@@ -159,6 +159,13 @@ async function loadPeople() {
 
 // --- audit log -----------------------------------------------------------------------------------------------
 
+// An entry's detail as "key=value, …" (nested values as JSON).
+function detailText(detail) {
+  if (!detail || typeof detail !== "object") return "";
+  return Object.entries(detail).map(([k, v]) => `${k}=${v !== null && typeof v === "object" ? JSON.stringify(v) : v}`)
+    .join(", ");
+}
+
 async function loadAudit() {
   let entries;
   try { entries = listOf(await api("/api/audit")); } catch (err) { $("audit-error").textContent = err.message; return; }
@@ -166,7 +173,7 @@ async function loadAudit() {
   fillTable("audit-table", entries.map((e, i) => el("tr", { "data-row": `${e.ts}-${i}` },
     el("td", {}, el("time", { datetime: new Date(e.ts * 1000).toISOString(), text: when(e.ts) })),
     cell(e.actor), el("td", {}, el("code", { text: e.action })), cell(e.target),
-    cell(e.detail && Object.keys(e.detail).length ? JSON.stringify(e.detail) : "", "audit-detail"))), "Nothing changed yet.");
+    cell(detailText(e.detail), "audit-detail"))), "Nothing changed yet.");
 }
 
 // --- personal API tokens ---------------------------------------------------------------------------------------
