@@ -4,6 +4,10 @@
 The server runs as `fleet web` in its own process; requests come one at a time over loopback. Each
 ``--database`` (default: sqlite, fleet.db in a temporary data dir) is filled alike and measured in turn.
 Each machine has ``--labels`` agent labels (env, role, site, …; 0 for none).
+
+The last tables are people's (``--only sessions`` for those alone): the same requests made with the reader key
+and with a signed-in session cookie, alternately (what looking the session up costs); sign-in's argon2id cost
+per request; and the API's latency while 20 clients sign in at once, against the same requests without them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stop_process, wait_port  # noqa: E402
 from fleet.config.labels import labels_json  # noqa: E402
+from fleet.store import people  # noqa: E402
 from fleet.store.database import DatabaseUrl, open_database, sqlite_url  # noqa: E402
 from tests import stores  # noqa: E402
 from tests.dbhelpers import insert_reports, sample  # noqa: E402
@@ -78,8 +84,11 @@ def fill(data: Path, database: str, machines: int, labels: int = 0) -> str:
 
 
 def timed(conn: http.client.HTTPConnection, path: str, token: str) -> tuple[float, int]:
+    """One GET with ``token`` (a bearer token, or ``cookie:<session id>``): its latency and size."""
     started = time.perf_counter()
-    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+    headers = ({"Cookie": f"fleet_session={token[7:]}"} if token.startswith("cookie:")
+               else {"Authorization": f"Bearer {token}"})
+    conn.request("GET", path, headers=headers)
     res = conn.getresponse()
     body = res.read()
     if res.status != 200:
@@ -132,9 +141,124 @@ def compare(port: int, token: str, requests: int) -> None:
         print(f"| `{base}` | `{filtered}` | {p99(a):.1f} | {p99(b):.1f} | {p99(b) / p99(a):.2f}× |")
 
 
+EMAIL, PASSWORD = "bench@example.com", "bench password 1"
+SESSION_PATHS = ("/api/fleet?org=bench", "/api/fleet?org=bench&limit=100&sort=last_seen&order=desc",
+                 "/api/fleet/m-00042?org=bench")
+PARALLEL_SIGN_INS = 20
+
+
+def sign_in(port: int, email: str = EMAIL, password: str = PASSWORD,
+            source: str = "127.0.0.1") -> tuple[int, float, dict, str]:
+    """POST /api/session on a new connection from ``source``: status, latency, body, and the session id it set."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    started = time.perf_counter()
+    conn.request("POST", "/api/session", body=json.dumps({"email": email, "password": password}),
+                 headers={"Content-Type": "application/json"})
+    res = conn.getresponse()
+    body = res.read()
+    took = time.perf_counter() - started
+    cookie = (res.getheader("Set-Cookie") or "").split(";", 1)[0].partition("=")[2]
+    headers = dict(res.getheaders())
+    conn.close()
+    return res.status, took, (json.loads(body) if body.startswith(b"{") else {}) | {"_headers": headers}, cookie
+
+
+def sessions(port: int, token: str, requests: int) -> None:
+    """People's tables: session against reader key, sign-in cost, and the API during parallel sign-ins."""
+    status, _, body, session_id = sign_in(port)
+    if status != 200:
+        raise SystemExit(f"sign-in: HTTP {status} {body}")
+    cookie = f"cookie:{session_id}"
+    print("\nSigned-in session against the reader key, the same requests alternately:\n")
+    print("| request | p50 key ms | p50 session ms | p99 key ms | p99 session ms | p99 difference ms |")
+    print("|---|---|---|---|---|---|")
+    for path in SESSION_PATHS:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        timed(conn, path, token)
+        timed(conn, path, cookie)
+        key, session = [], []
+        n = requests if "limit" in path or "m-00042" in path else max(100, requests // 2)
+        for _ in range(n):
+            key.append(timed(conn, path, token)[0])
+            session.append(timed(conn, path, cookie)[0])
+        conn.close()
+        print(f"| `{path}` | {statistics.median(key) * 1000:.2f} | {statistics.median(session) * 1000:.2f} "
+              f"| {p99(key):.2f} | {p99(session):.2f} | {p99(session) - p99(key):+.2f} |")
+
+    print("\nSign-in (argon2id), one at a time:\n")
+    print("| sign-in | requests | p50 ms | p99 ms |")
+    print("|---|---|---|---|")
+    for label, email, password, want in (("right password", EMAIL, PASSWORD, 200),
+                                         ("wrong password", EMAIL, "wrong password", 401),
+                                         ("unknown email", "nobody@example.com", "wrong password", 401)):
+        samples = []
+        # A failure counts against 10 per 15 minutes per address and per account: each from its own address.
+        for i in range(8 if want == 401 else 40):
+            status, took, body, _ = sign_in(port, email, password, f"127.0.9.{i + 1 + (want == 401) * 10}")
+            if status != want:
+                raise SystemExit(f"sign-in ({label}): HTTP {status} {body}")
+            samples.append(took)
+        print(f"| {label} | {len(samples)} | {statistics.median(samples) * 1000:.1f} | {p99(samples):.1f} |")
+
+    parallel(port, cookie, requests)
+
+
+def parallel(port: int, cookie: str, requests: int) -> None:
+    """The dashboard's page request's latency without sign-ins, then while 20 clients sign in over and over."""
+    path = SESSION_PATHS[1]
+
+    def api_latencies() -> list[float]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        timed(conn, path, cookie)
+        out = [timed(conn, path, cookie)[0] for _ in range(requests)]
+        conn.close()
+        return out
+
+    quiet = api_latencies()
+    stop = threading.Event()
+    outcomes: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def signer() -> None:
+        while not stop.is_set():
+            status, took, body, _ = sign_in(port)
+            with lock:
+                outcomes.append((status, took))
+            if status == 503:  # as a browser would: after Retry-After
+                stop.wait(float(body["_headers"].get("Retry-After", "1")))
+
+    threads = [threading.Thread(target=signer, daemon=True) for _ in range(PARALLEL_SIGN_INS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    busy = api_latencies()
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    elapsed = time.perf_counter() - started
+    quiet_again = api_latencies()
+    ok = [took for status, took in outcomes if status == 200]
+    print(f"\n`{path}` with a session cookie, {requests} requests each, without and during "
+          f"{PARALLEL_SIGN_INS} clients signing in over and over:\n")
+    print("| API requests | p50 ms | p99 ms | p99 against without |")
+    print("|---|---|---|---|")
+    base = max(p99(quiet), p99(quiet_again))
+    for label, samples in (("without sign-ins", quiet), (f"during {PARALLEL_SIGN_INS} parallel sign-ins", busy),
+                           ("without sign-ins, again", quiet_again)):
+        print(f"| {label} | {statistics.median(samples) * 1000:.1f} | {p99(samples):.1f} "
+              f"| {p99(samples) / base:.2f}× |")
+    refused = sum(1 for status, _ in outcomes if status == 503)
+    print(f"\nSign-ins meanwhile: {len(ok)} succeeded in {elapsed:.1f} s ({len(ok) / elapsed:.1f}/s), p50 "
+          f"{statistics.median(ok) * 1000 if ok else 0:.1f} ms, p99 {p99(ok) if ok else 0:.1f} ms; {refused} answered "
+          f"503 (Retry-After: 1) while 4 were in progress; other answers: "
+          f"{sorted({status for status, _ in outcomes} - {200, 503}) or 'none'}")
+
+
 def measure(data: Path, database: str, args: argparse.Namespace) -> None:
     """Fill one database and print the latency table of a `fleet web` serving it."""
     token = fill(data, database, args.machines, args.labels)
+    with open_database(database) as db:
+        people.add_person(db, EMAIL, {"bench": "admin"}, PASSWORD)
     port = free_port()
     env = {**os.environ, "FLEET_LOG_LEVEL": "ERROR", "FLEET_RATE_LIMIT_API": "1000000/minute",
            "FLEET_DATABASE_URL": database}
@@ -176,6 +300,8 @@ def measure(data: Path, database: str, args: argparse.Namespace) -> None:
             conn.close()
         if not args.only:
             compare(port, token, args.requests)
+        if not args.only or "sessions" in args.only:
+            sessions(port, token, args.requests)
     finally:
         stop_process(proc)
 

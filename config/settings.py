@@ -102,6 +102,7 @@ class Settings:
     refresh_interval_ms: int = 5000
     rate_limit_config: str = "100/minute"
     rate_limit_api: str = "600/minute"
+    web_url: str = ""  # the web app's address as people reach it (sign-in links); default http://<host>:<http_port>
 
     def __post_init__(self) -> None:
         _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
@@ -126,6 +127,10 @@ class Settings:
         _check(self.cert_days >= 1, "cert_days", "must be at least 1", self.cert_days)
         _check(self.reload_interval_s <= 5, "reload_interval_s", "must be at most 5 (changes apply within 5 s)",
                self.reload_interval_s)
+        if self.web_url:
+            parts = urlsplit(self.web_url)
+            _check(parts.scheme in ("http", "https") and bool(parts.hostname), "web_url",
+                   "must look like https://HOST[:PORT][/PATH]", self.web_url)
         if self.broker_url:
             parts = urlsplit(self.broker_url)
             _check(parts.scheme in ("mqtts", "mqtt") and bool(parts.hostname), "broker_url",
@@ -224,6 +229,14 @@ class Settings:
         if self.broker_url or self.host not in WILDCARD_HOSTS:
             return self.effective_broker_url
         return f"mqtts://{socket.gethostname()}:{self.mqtt_port}"  # a name the server certificate holds
+
+    @property
+    def effective_web_url(self) -> str:
+        """The web app's URL for links given to people: ``web_url``, or this host's HTTP listener."""
+        if self.web_url:
+            return self.web_url.rstrip("/")
+        host = socket.gethostname() if self.host in WILDCARD_HOSTS else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
 
     @property
     def service_port(self) -> int:

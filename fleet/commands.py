@@ -775,3 +775,146 @@ def machine_label(settings: Settings, org_name: str, machine_id: str, pairs: tup
     else:
         click.echo(f"machine {machine_id} of org {org_name}: "
                    + (",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"))
+
+
+# --- people ---------------------------------------------------------------------------------
+ROLE_CHOICE = click.Choice(("viewer", "operator", "admin"))
+
+
+@cli.group()
+def user() -> None:
+    """Manage people: accounts and their roles per org (changes apply to signed-in sessions within 5 s)."""
+
+
+def _roles_of(orgs: tuple[str, ...], roles: tuple[str, ...]) -> dict[str, str]:
+    """``--org``/``--role`` pairs in the order given; without any --role every org gets viewer."""
+    if roles and len(roles) != len(orgs):
+        raise click.UsageError("give one --role per --org (or none: viewer)")
+    return dict(zip(orgs, roles or ("viewer",) * len(orgs), strict=True))
+
+
+def _password_from_stdin() -> str:
+    """The password piped in: the first line of standard input, without its line ending."""
+    import sys
+
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _orgs_text(orgs: dict[str, str]) -> str:
+    return ", ".join(f"{org}={role}" for org, role in sorted(orgs.items())) or "no orgs"
+
+
+@user.command("add")
+@click.argument("email")
+@click.option("--org", "orgs", multiple=True, metavar="ORG", help="An org the person gets a role in (repeatable).")
+@click.option("--role", "roles", multiple=True, type=ROLE_CHOICE,
+              help="The role in the --org at the same position (repeatable; default viewer).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input instead of printing"
+                                                     " a sign-in link.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@database
+@common
+def user_add(settings: Settings, email: str, orgs: tuple[str, ...], roles: tuple[str, ...], password_stdin: bool,
+             as_json: bool) -> None:
+    """Add a person; without --password-stdin, print a sign-in link (valid 24 h) where they choose a password."""
+    from fleet.store import accounts, audit
+
+    roles_by_org = _roles_of(orgs, roles)
+    password = _password_from_stdin() if password_stdin else None
+    with _database(settings) as db:
+        added = accounts.add_user(db, email, roles_by_org, password, audit.cli_actor())
+    link = added.invitation.url(settings.effective_web_url) if added.invitation else None
+    expires = added.invitation.expires_at if added.invitation else None
+    if as_json:
+        click.echo(json.dumps({**added.person.as_dict(), "link": link, "expires_at": expires}))
+        return
+    click.echo(f"added {added.person.email} ({_orgs_text(added.person.orgs)})")
+    if link is not None:
+        click.echo(f"sign-in link (valid 24 h, once): {link}")
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
+@common
+def user_list(settings: Settings, as_json: bool) -> None:
+    """List people with their roles."""
+    from fleet.store import people
+
+    with _database(settings) as db:
+        found = people.list_people(db)
+    if as_json:
+        click.echo(json.dumps(found))
+        return
+    for person in found:
+        pending = "" if person["password"] else "  (no password yet)"
+        click.echo(f"{person['email']}  {_orgs_text(person['orgs'])}{pending}")
+
+
+@user.command("remove")
+@click.argument("email")
+@database
+@common
+def user_remove(settings: Settings, email: str) -> None:
+    """Remove a person; their sessions and tokens stop working."""
+    from fleet.store import accounts, audit
+
+    with _database(settings) as db:
+        person = accounts.remove_user(db, email, audit.cli_actor())
+    click.echo(f"removed {person.email}")
+
+
+@user.command("grant")
+@click.argument("email")
+@click.argument("org_name", metavar="ORG")
+@click.argument("role", type=ROLE_CHOICE)
+@database
+@common
+def user_grant(settings: Settings, email: str, org_name: str, role: str) -> None:
+    """Give a person ROLE in ORG (replacing their role there)."""
+    from fleet.store import accounts, audit
+
+    with _database(settings) as db:
+        before = accounts.grant_role(db, email, org_name, role, audit.cli_actor())
+    click.echo(f"{email.strip().lower()}: {role} in org {org_name}" + (f" (was {before})" if before else ""))
+
+
+@user.command("revoke")
+@click.argument("email")
+@click.argument("org_name", metavar="ORG")
+@database
+@common
+def user_revoke(settings: Settings, email: str, org_name: str) -> None:
+    """Take away a person's role in ORG (and their API tokens there)."""
+    from fleet.store import accounts, audit
+
+    with _database(settings) as db:
+        before = accounts.revoke_role(db, email, org_name, audit.cli_actor())
+    click.echo(f"{email.strip().lower()}: no role in org {org_name} (was {before})")
+
+
+@cli.command("audit")
+@click.argument("org_name", metavar="ORG")
+@click.option("--since", default=None, metavar="T", help="From this time: Unix seconds or ISO 8601 (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@database
+@common
+def audit_log(settings: Settings, org_name: str, since: str | None, as_json: bool) -> None:
+    """The audit log of ORG: every change made through the web or the CLI, oldest first."""
+    from datetime import UTC, datetime
+
+    from fleet.store import audit
+    from fleet.store.export import parse_time
+    from fleet.store.orgs import require_org
+
+    start = parse_time(since, "--since") if since is not None else None
+    with _database(settings) as db:
+        require_org(db, org_name)
+        found = audit.entries(db, org_name, start)
+    if as_json:
+        click.echo(json.dumps(found))
+        return
+    for entry in found:
+        when = datetime.fromtimestamp(entry["ts"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        detail = json.dumps(entry["detail"], sort_keys=True) if entry["detail"] else ""
+        click.echo(f"{when}  {entry['actor']}  {entry['action']}  {entry['target']}  {detail}".rstrip())

@@ -1,13 +1,8 @@
-"""``GET /``: the dashboard page (its data comes from the API, as a reader key or a signed-in person), and
-``GET /api/people``: the people of an org and their roles, for its admins' People panel."""
+"""``GET /``: the dashboard page (its data comes from the API, as a signed-in person or with a reader key)."""
 
 from __future__ import annotations
 
-from flask import Blueprint, g, jsonify, render_template
-
-from fleet.store import people
-from fleet.web import db
-from fleet.web.auth import role_required
+from flask import Blueprint, render_template
 
 bp = Blueprint("dashboard", __name__)
 
@@ -16,10 +11,3 @@ bp = Blueprint("dashboard", __name__)
 def index():
     """The single-page dashboard; static JS renders everything with textContent."""
     return render_template("index.html")
-
-
-@bp.get("/api/people")
-@role_required("admin")
-def org_people():
-    """``{"data": [{"email", "role", "password"}]}``: who holds a role in the org (password: whether one is set)."""
-    return jsonify({"data": db.read(lambda conn: people.people_in_org(conn, g.org))})

@@ -2,15 +2,20 @@
 
 Sign-in answers an unknown email exactly as a wrong password, after the same argon2id work (a dummy hash is
 checked), so neither the answer nor its timing tells whether a person exists. Failures are limited per
-address and per account (create_app applies SIGN_IN_LIMIT to ``signin_bp``). Hashing takes one core; at most
-SIGN_IN_MAX sign-ins hold a server thread at once, so a burst of them never takes every thread from the API.
+address and per account (create_app applies SIGN_IN_LIMIT to ``signin_bp``).
+
+A burst of sign-ins never stalls the API: passwords are hashed by HASH_LANES threads of their own, at a lower
+CPU priority than the threads serving requests (Linux gives each thread its own nice value), and at most
+SIGN_IN_MAX sign-ins hold a server thread at once, so most of waitress's threads stay free for the API.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,10 +32,21 @@ log = logging.getLogger("fleet.web")
 bp = Blueprint("session", __name__, url_prefix="/api")
 signin_bp = Blueprint("signin", __name__, url_prefix="/api")  # its own blueprint: it carries the failure limits
 SIGN_IN_LIMIT = "10 per 15 minutes"  # failed sign-ins, per client address and per account
-HASH_LANES = 1  # argon2id hashes at once: one core, the other stays with the API
+LIMITED = "too many failed sign-ins: try again later"
+HASH_LANES = 1  # argon2id hashes at once: at most one core
+HASH_NICE = 10  # the hashing threads' nice value above the server's
 SIGN_IN_MAX = 4  # sign-ins in progress at once (hashing or waiting for the lane); more get 503 and Retry-After
-_lanes = threading.Semaphore(HASH_LANES)
 _in_progress = threading.BoundedSemaphore(SIGN_IN_MAX)
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)  # this thread only, on Linux
+    except (AttributeError, OSError):  # another system, or not allowed: the same priority as the rest
+        pass
+
+
+_lanes = ThreadPoolExecutor(HASH_LANES, thread_name_prefix="fleet-password", initializer=_lower_priority)
 
 
 def session_body(person: Person, csrf_token: str) -> dict[str, Any]:
@@ -53,18 +69,22 @@ def begin_session(response: BaseResponse, person: Person) -> str:
 
 
 @contextmanager
-def password_lane() -> Iterator[None]:
-    """Hold one of the argon2id lanes; 503 with Retry-After when SIGN_IN_MAX sign-ins are in progress already."""
+def sign_in_slot() -> Iterator[None]:
+    """Hold one of SIGN_IN_MAX sign-in slots; 503 with Retry-After when all are taken."""
     if not _in_progress.acquire(blocking=False):
         response = jsonify({"error": "too many sign-ins at once: try again in a second", "status": 503})
         response.status_code = 503
         response.headers["Retry-After"] = "1"
         abort(response)
     try:
-        with _lanes:
-            yield
+        yield
     finally:
         _in_progress.release()
+
+
+def check_password(stored: str | None, password: str) -> bool:
+    """``people.verify_password`` on a hashing thread (at a lower priority than the server's threads)."""
+    return _lanes.submit(people.verify_password, stored, password).result()
 
 
 def account_key() -> str:
@@ -86,7 +106,7 @@ def failed(response: Response) -> bool:
 
 def warm_up() -> None:
     """Compute the dummy hash now, so the first sign-in with an unknown email takes as long as any other."""
-    people.verify_password(None, "")
+    check_password(None, "")
 
 
 @signin_bp.post("/session")
@@ -97,9 +117,9 @@ def sign_in():
                                                                                               str):
         abort(400, description='send {"email": …, "password": …} as JSON')
     email, password = body["email"], body["password"]
-    with password_lane():
+    with sign_in_slot():
         person, stored = db.read(lambda conn: people.password_hash(conn, email))
-        ok = people.verify_password(stored, password)
+        ok = check_password(stored, password)
     if person is None or not ok:
         log.info("sign-in refused from %s", get_remote_address())
         abort(401, description="wrong email or password")

@@ -336,12 +336,27 @@ def test_an_admin_manages_rules_channels_enrolment_and_reads_the_audit_log(brows
     page.click("#views [data-view='people']")
     expect(page.locator("#people-table tbody tr[data-row]")).to_have_count(2)
     expect(page.locator("#people-table tr[data-row='vi@example.com']")).to_contain_text("viewer")
+    page.fill("#person-form [name='email']", "New@Example.com")
+    page.select_option("#person-form [name='role']", "operator")
+    page.click("#person-form button[type=submit]")
+    expect(page.locator("#person-link")).to_contain_text("/invite/")  # the sign-in link to send them
+    expect(page.locator("#people-table tr[data-row='new@example.com']")).to_contain_text("invited: no password yet")
+    page.fill("#person-form [name='email']", "vi@example.com")
+    page.select_option("#person-form [name='role']", "operator")
+    page.click("#person-form button[type=submit]")
+    expect(page.locator("#people-table tr[data-row='vi@example.com']")).to_contain_text("operator")
+    expect(page.locator("#person-once")).to_be_hidden()  # an existing person needs no link
+    page.locator("#people-table tr[data-row='new@example.com'] [data-action='remove']").click()
+    page.click("#confirm-ok")
+    expect(page.locator("#people-table tr[data-row='new@example.com']")).to_have_count(0)
+    assert page.locator("#people-table tr[data-row='ad@example.com'] [data-action='remove']").count() == 0
 
     page.click("#views [data-view='audit']")
     actions = page.locator("#audit-table tbody td code")
     expect(actions.first).to_be_visible()
     done = set(actions.all_text_contents())
-    assert {"enrol.create", "enrol.revoke", "rule.create", "channel.create", "channel.test"} <= done
+    assert {"enrol.create", "enrol.revoke", "rule.create", "channel.create", "channel.test", "user.add",
+            "user.grant", "user.revoke"} <= done
     assert "user:ad@example.com" in page.text_content("#audit-table")
     assert page.locator("#channel-secret-value").text_content() not in page.text_content("#audit-table")
     page.close()

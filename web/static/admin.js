@@ -154,8 +154,24 @@ async function loadPeople() {
   try { people = listOf(await api("/api/people")); } catch (err) { $("people-error").textContent = err.message; return; }
   fillTable("people-table", people.map((p) => el("tr", { "data-row": p.email },
     cell(p.email, "name"), el("td", {}, el("span", { class: "role-badge", text: p.role })),
-    cell(p.password ? "password set" : "invited: no password yet"))), "Nobody has a role in this org.");
+    cell(p.password ? "password set" : "invited: no password yet"),
+    actionsCell(...(p.email === auth.email ? [] : [actionButton("Remove…", "remove", () => confirmThen(
+      `Remove ${p.email} from ${auth.org}?`, "Their role here and their API tokens for this org end now.", "Remove",
+      async () => { await send("DELETE", `/api/people/${encodeURIComponent(p.email)}`); await loadPeople(); }),
+    { "aria-label": `Remove ${p.email}` })])))), "Nobody has a role in this org.");
 }
+
+$("person-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const form = ev.target;
+  const values = formValues(form);
+  let made = null;
+  if (await panelChange("people-error", async () => { made = await send("POST", "/api/people", values); }, loadPeople)) {
+    showOnce("person-once", "person-link", made && made.link ? made.link : "");
+    announce(made && made.link ? `${made.email} invited as ${made.role}` : `${made.email} is now ${made.role}`);
+    form.reset();
+  }
+});
 
 // --- audit log -----------------------------------------------------------------------------------------------
 
