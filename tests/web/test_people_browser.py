@@ -212,6 +212,14 @@ def focus_by_tab(page: Page, selector: str, most: int = 80) -> None:
     pytest.fail(f"Tab never reached {selector}")
 
 
+def wait_for_rebuild(page: Page, selector: str) -> None:
+    """Wait until the page's refresh rebuilds the children of ``selector`` (it does every second here)."""
+    page.evaluate("""s => { window.__rebuilt = false;
+        new MutationObserver(() => { window.__rebuilt = true; }).observe(document.querySelector(s), { childList: true });
+    }""", selector)
+    page.wait_for_function("() => window.__rebuilt", timeout=10_000)
+
+
 def silences(fleet) -> list[tuple]:
     with fleet.db() as db:
         return [tuple(r) for r in db.query("SELECT machines, rule, ends_at - starts_at FROM alert_silences"
@@ -229,13 +237,15 @@ def test_an_operator_silences_and_acknowledges_with_the_keyboard_only(browser, s
     dialog = page.locator("#silence-dialog")
     expect(dialog).to_be_visible()
     expect(page.locator("#silence-what")).to_have_text("disk-full on web-1")
+    wait_for_rebuild(page, "#alert-list")  # the list behind the dialog is rebuilt by the refresh meanwhile
     page.keyboard.press("Escape")  # Escape closes the dialog; nothing is silenced, focus is back on the button
     expect(dialog).to_be_hidden()
-    assert page.evaluate("document.activeElement.dataset.action") == "silence"
+    page.wait_for_function(f"() => document.activeElement.matches(\"{disk} [data-action='silence']\")")
     assert silences(fleet) == []
 
     page.keyboard.press("Enter")
     expect(page.locator("#silence-dialog [data-for='1h']")).to_be_focused()
+    wait_for_rebuild(page, "#alert-list")
     page.keyboard.press("Shift+Tab")  # back to the comment
     page.keyboard.type("replacing the disk")
     page.keyboard.press("Tab")

@@ -6,34 +6,26 @@ const SILENCE_FOR = { "1h": "1 h", "4h": "4 h", "1d": "1 d" };
 // Set by app.js: re-read the fleet and alerts after a change (resolves once they are on the page).
 let afterChange = async () => {};
 let opener = null;  // the control that opened the dialog, to go back to
+let openerPlace = null;
 
-// Where a keyboard user continues after a change: the control they used, or, when the re-rendered list no longer
-// has it (an acknowledged alert has no Acknowledge button), the same item's row.
-function refocus(control) {
-  if (!control || document.activeElement && document.activeElement !== document.body) return;
-  if (control.isConnected) { control.focus(); return; }
-  const item = control.closest("[data-alert], [data-silence], [data-row]");
-  const list = item && item.parentElement && item.parentElement.id ? $(item.parentElement.id) : null;
-  if (!list) return;
-  for (const attr of ["data-alert", "data-silence", "data-row"]) {
-    if (item.hasAttribute(attr)) restoreFocus(list, attr, { id: item.getAttribute(attr), action: control.dataset.action });
-  }
+// After a change, a keyboard user continues from the control they used, or, when the re-rendered list no longer
+// has it (an acknowledged alert has no Acknowledge button), from the same item's row.
+function refocus(control, place) {
+  const lost = !document.activeElement || document.activeElement === document.body;
+  if (lost) returnTo(control, place);
 }
 
 // Open a modal dialog; when it closes (Escape, Cancel, or a finished action) focus goes back to its opener.
 function openDialog(dialog, focus) {
   opener = document.activeElement;
+  openerPlace = placeOf(opener);
   dialog.querySelectorAll(".error").forEach((p) => { p.textContent = ""; });
   dialog.showModal();
   if (focus) focus.focus();
 }
 
 for (const dialog of document.querySelectorAll("dialog")) {
-  dialog.addEventListener("close", () => { if (opener && opener.isConnected) opener.focus(); });
-}
-
-for (const button of document.querySelectorAll("dialog [data-close]")) {
-  button.addEventListener("click", () => button.closest("dialog").close());
+  dialog.addEventListener("close", () => returnTo(opener, openerPlace));
 }
 
 // --- silences ------------------------------------------------------------------------------------------------
@@ -64,12 +56,12 @@ $("silence-form").addEventListener("submit", async (ev) => {
   } finally {
     buttons.forEach((b) => { b.disabled = false; });
   }
-  const from = opener;
+  const [from, place] = [opener, openerPlace];
   $("silence-dialog").close();
   notice("");
   announce(`Silenced ${silenceTarget.label} for ${SILENCE_FOR[duration]}`);
   await afterChange();
-  refocus(from);
+  refocus(from, place);
 });
 
 function silenceAlertButton(a) {
@@ -112,6 +104,7 @@ function alertActions(a) {
 // Run one change; its error goes to the notice (the server's message), its success to the live region.
 async function act(done, change) {
   const from = document.activeElement;
+  const place = placeOf(from);
   try {
     await change();
   } catch (err) {
@@ -121,7 +114,7 @@ async function act(done, change) {
   notice("");
   announce(done);
   await afterChange();
-  refocus(from);
+  refocus(from, place);
   return true;
 }
 
@@ -150,10 +143,10 @@ $("confirm-form").addEventListener("submit", async (ev) => {
   } finally {
     $("confirm-ok").disabled = false;
   }
-  const from = opener;
+  const [from, place] = [opener, openerPlace];
   $("confirm-dialog").close();
   await afterChange();
-  refocus(from);
+  refocus(from, place);
 });
 
 // --- machines (admin) --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ function fillTable(id, rows, empty) {
 async function panelChange(errorId, change, reload) {
   $(errorId).textContent = "";
   const from = document.activeElement;
+  const place = placeOf(from);
   try {
     await change();
   } catch (err) {
@@ -25,7 +26,7 @@ async function panelChange(errorId, change, reload) {
     return false;
   }
   await reload();
-  refocus(from);
+  refocus(from, place);
   return true;
 }
 

@@ -66,3 +66,22 @@ function restoreFocus(container, itemAttr, key) {
   const target = key.action ? item.querySelector(`[data-action="${CSS.escape(key.action)}"]`) : item;
   (target || item).focus({ preventScroll: true });
 }
+
+// Where a control sits (its list, its item's key, its data-action), taken before its list may be rebuilt.
+const ITEM_KEYS = ["data-alert", "data-silence", "data-row", "data-machine-actions"];
+function placeOf(control) {
+  if (!control || !control.closest) return null;
+  for (const attr of ITEM_KEYS) {
+    const item = control.closest(`[${attr}]`);
+    const list = item && item.parentElement ? item.parentElement.closest("[id]") : null;
+    if (list) return { listId: list.id, attr, id: item.getAttribute(attr), action: control.dataset.action || null };
+  }
+  return null;
+}
+
+// Focus the control again, or, when its list was rebuilt meanwhile, its replacement (or its item's new row).
+function returnTo(control, place) {
+  if (control && control.isConnected) { control.focus(); return; }
+  const list = place && $(place.listId);
+  if (list) restoreFocus(list, place.attr, { id: place.id, action: place.action });
+}
