@@ -44,6 +44,7 @@ class Notice:
     ends_at: float | None
     fingerprint: str
     machine_labels: Mapping[str, str] = field(default_factory=dict)  # the machine's labels (docs/protocol.md)
+    acked_by: str | None = None  # the person who acknowledged the alert (POST /api/alerts/<id>/ack)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -57,6 +58,8 @@ class Notice:
             raise NotifyError(f"notice machine_labels must map strings to strings, not {self.machine_labels!r}")
         if not isinstance(self.summary, str):
             raise NotifyError(f"notice summary must be a string, not {self.summary!r}")
+        if self.acked_by is not None and not isinstance(self.acked_by, str):
+            raise NotifyError(f"notice acked_by must be a string, not {self.acked_by!r}")
         _number("value", self.value, optional=True)
         _number("starts_at", self.starts_at, optional=False)
         _number("ends_at", self.ends_at, optional=True)
@@ -72,7 +75,9 @@ class Notice:
 
     @property
     def annotations(self) -> dict[str, str]:
-        """The alert's Alertmanager annotations."""
+        """The alert's Alertmanager annotations: its summary, and who acknowledged it once someone did."""
+        if self.acked_by:
+            return {"summary": self.summary, "acked_by": self.acked_by}
         return {"summary": self.summary}
 
 

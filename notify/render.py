@@ -47,6 +47,8 @@ def _line(notice: Notice) -> list[str]:
         assert notice.ends_at is not None  # a resolved Notice always has one
         when = f"from {_when(notice.starts_at)} to {_when(notice.ends_at)}"
     lines = [f"- [{notice.severity}] {notice.rule} on {notice.machine_id}: {what}", f"  {when}{value}"]
+    if notice.acked_by:
+        lines.append(f"  acknowledged by {notice.acked_by}")
     if notice.machine_labels:
         lines.append("  labels: " + ", ".join(f"{k}={v}" for k, v in sorted(notice.machine_labels.items())))
     return lines

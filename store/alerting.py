@@ -32,7 +32,7 @@ from fleet.store.orgs import require_org
 from fleet.store.secretbox import SecretBox
 
 
-class Missing(RuleError, NotFound):
+class Missing(NotFound, RuleError):
     """The org has no rule, channel, silence or alert of that name or id."""
 
 
@@ -317,3 +317,11 @@ def ack_alert(db: Database, org: str, alert_id: int, by: str, actor: str | None 
         db.execute("UPDATE alerts SET acked_by = ?, acked_at = ? WHERE org = ? AND id = ?", (by, now, org, alert_id))
         _audit(db, actor, org, "alert.ack", str(alert_id), {"rule": rule, "machine_id": machine_id})
     return by, now
+
+
+def firing_acks(db: Database, orgs: Iterable[str]) -> dict[tuple[str, str, str, float], str]:
+    """Who acknowledged each firing alert of ``orgs``, by (org, rule, machine_id, active_at)."""
+    wanted = set(orgs)
+    return {(org, rule, machine_id, active_at): acked_by for org, rule, machine_id, active_at, acked_by in db.query(
+        "SELECT org, rule, machine_id, active_at, acked_by FROM alerts WHERE state = 'firing'"
+        " AND acked_by IS NOT NULL") if org in wanted}

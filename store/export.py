@@ -53,7 +53,8 @@ MIN_SCHEMA_VERSION = 5
 HISTORY_COLUMNS = (*REPORT_VALUES, "fields")  # a report's values, its extra fields as one JSON object
 EVENT_COLUMNS = ("id", "org", "machine_id", "ts", "old_status", "new_status", "reason")
 ALERT_COLUMNS = ("id", "org", "rule", "machine_id", "state", "severity", "summary", "value", "active_at", "fired_at",
-                 "resolved_at")
+                 "resolved_at", "acked_by", "acked_at")
+ACKS_SCHEMA_VERSION = 11  # alerts.acked_by and acked_at: NULL in exports of older databases
 
 # The .db file's tables: column types, primary key, NOT NULL columns, and one index for the usual question.
 _TEXT, _INT, _REAL = str, int, float
@@ -73,7 +74,7 @@ DB_TABLES: dict[str, dict[str, Any]] = {
     },
     "alerts": {
         "columns": dict(zip(ALERT_COLUMNS, (_INT, _TEXT, _TEXT, _TEXT, _TEXT, _TEXT, _TEXT, _REAL, _REAL, _REAL,
-                                            _REAL), strict=True)),
+                                            _REAL, _TEXT, _REAL), strict=True)),
         "pk": "id",
         "not_null": {"org", "rule", "machine_id", "state", "severity", "active_at"},
         "index": ("machine_id", "active_at"),
@@ -209,7 +210,9 @@ def alert_rows(db: Database, org: str, window: Window, chunk_rows: int = CHUNK_R
     if window.since is not None:
         where += " AND (resolved_at IS NULL OR resolved_at >= ?)"
         params.append(window.since)
-    select = f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE {where} AND id > ? ORDER BY id LIMIT ?"
+    columns = ALERT_COLUMNS if schema_version(db) >= ACKS_SCHEMA_VERSION else (
+        *ALERT_COLUMNS[:-2], "NULL AS acked_by", "NULL AS acked_at")
+    select = f"SELECT {', '.join(columns)} FROM alerts WHERE {where} AND id > ? ORDER BY id LIMIT ?"
     last_id = -1
     while True:
         rows = db.query(select, (*params, last_id, chunk_rows))

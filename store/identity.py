@@ -36,7 +36,7 @@ from fleet.store.pepper import key_pepper
 CERTIFICATE, ORG_KEY = "certificate", "org-key"
 
 
-class MissingCredential(CredentialError, NotFound):
+class MissingCredential(NotFound, CredentialError):
     """The org has no enrolment token of that id, or no certificate for that machine."""
 
 

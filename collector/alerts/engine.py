@@ -74,6 +74,7 @@ class Alert:
     written_at: float = 0.0
     labels: Mapping[str, str] = field(default_factory=dict)  # the machine's, as it fired (then kept, so a
     # resolved notice has the labels, and Alertmanager the fingerprint, of the firing one)
+    acked_by: str | None = None  # who acknowledged it (from the web, read at each refresh)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -91,7 +92,7 @@ class Alert:
                 "starts_at": self.fired_at if self.fired_at is not None else self.active_at,
                 "ends_at": self.resolved_at if self.state == RESOLVED else None,
                 "fingerprint": notify.fingerprint(self.org, self.rule, self.machine_id, self.severity, self.labels),
-                "machine_labels": dict(self.labels)}
+                "machine_labels": dict(self.labels), "acked_by": self.acked_by}
 
 
 # --- rules compiled for evaluation -------------------------------------------------------------------
@@ -281,15 +282,16 @@ class AlertEngine:
         """Restore live alerts from the database, then evaluate every known machine once."""
         wanted = set(orgs)
         rows = db.query("SELECT org, rule, machine_id, severity, state, active_at, summary, value, fired_at,"
-                        " resolved_at, notified FROM alerts WHERE state != 'resolved'"
+                        " resolved_at, notified, acked_by FROM alerts WHERE state != 'resolved'"
                         " OR (state = 'resolved' AND notified = 'firing')")
         for (org, rule, machine_id, severity, state, active_at, summary_, value, fired_at, resolved_at,
-             notified) in rows:
+             notified, acked_by) in rows:
             if org not in wanted:
                 continue
             machine = self.tracker.get(org, machine_id)
             alert = Alert(org, rule, machine_id, severity, state, active_at, summary_ or "", value, fired_at,
-                          resolved_at, notified or "", True, now, machine.labels if machine is not None else {})
+                          resolved_at, notified or "", True, now, machine.labels if machine is not None else {},
+                          acked_by)
             if state == RESOLVED:
                 self.unsent[alert.key] = alert
             else:
@@ -335,10 +337,20 @@ class AlertEngine:
             if silence.org in wanted:
                 silences.setdefault(silence.org, []).append(silence)
         self.silences = silences
+        self._refresh_acks(db, wanted)
         for key, alert in list(self.held.items()):
             if not self.silenced(alert, now):
                 del self.held[key]
                 self._announce(alert, now)
+
+    def _refresh_acks(self, db: Database, orgs: set[str]) -> None:
+        """Note who acknowledged each firing alert; its machine's alert topic is published again."""
+        for (org, rule, machine_id, active_at), acked_by in alerting.firing_acks(db, orgs).items():
+            alert = self.live.get((org, machine_id), {}).get(rule)
+            if alert is not None and alert.active_at == active_at and alert.acked_by != acked_by:
+                alert.acked_by = acked_by
+                if alert.state == FIRING:
+                    self.topics.add((org, machine_id))
 
     def _rules_changed(self, orgs: set[str], now: float) -> None:
         """Alerts of removed rules resolve; every machine of these orgs is evaluated against their rules."""
@@ -624,8 +636,8 @@ class AlertEngine:
         self.cleared = []
         for org, machine_id in sorted(self.topics):
             firing = [a for a in self.live.get((org, machine_id), {}).values() if a.state == FIRING]
-            body = [{"rule": a.rule, "severity": a.severity, "since": a.fired_at, "value": a.value}
-                    for a in sorted(firing, key=lambda a: a.rule)]
+            body = [{"rule": a.rule, "severity": a.severity, "since": a.fired_at, "value": a.value,
+                     **({"acked_by": a.acked_by} if a.acked_by else {})} for a in sorted(firing, key=lambda a: a.rule)]
             out.append((alert_topic(org, machine_id), json.dumps(body, separators=(",", ":")).encode()))
         self.topics = set()
         return out

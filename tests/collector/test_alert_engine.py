@@ -329,3 +329,27 @@ def test_a_silence_by_label_holds_back_matching_notices(h):
     notices = [n for (body,) in h.db.query("SELECT notices FROM alert_outbox WHERE org = 'acme'")
                for n in json.loads(body)]
     assert [n["machine_id"] for n in notices if n["rule"] == "hot"] == ["web-1"]
+
+
+def test_an_acknowledgement_reaches_the_alert_topic_and_the_resolved_notice(h):
+    from fleet.store.alerting import ack_alert
+
+    h.rule("acme", "down-now", "status == offline")
+    h.tick(T0)
+    _offline(h)
+    h.tick(T0 + 12)
+    assert "acked_by" not in json.loads(h.published[-1][1])[0]
+    (alert_id,) = h.db.query_one("SELECT id FROM alerts WHERE rule = 'down-now' AND state = 'firing'")
+    ack_alert(h.db, "acme", alert_id, "neo@example.com", now=T0 + 20)
+    h.engine.refresh(h.db, ORGS, T0 + 21)  # what the collector does every 2 s
+    h.flush()
+    topic, payload = h.published[-1]
+    assert topic == alert_topic("acme", "web-1")
+    assert json.loads(payload)[0]["acked_by"] == "neo@example.com"
+    assert ("down-now", "web-1", "firing", "firing") in h.alerts()  # it keeps firing
+    h.apply(ping("online", session="s2", ts=T0 + 30), T0 + 30)
+    h.tick(T0 + 41)
+    notices = json.loads(h.db.query("SELECT notices FROM alert_outbox WHERE org = 'acme' ORDER BY id")[-1][0])
+    assert [(n["status"], n["rule"], n["acked_by"]) for n in notices] == [("resolved", "down-now", "neo@example.com")]
+    assert h.db.query_one("SELECT acked_by, acked_at FROM alerts WHERE id = ?", (alert_id,)) == (
+        "neo@example.com", T0 + 20)  # the collector's writes leave the acknowledgement alone

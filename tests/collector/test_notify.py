@@ -712,3 +712,12 @@ def test_loopback_is_the_only_cleartext_login_host() -> None:
     assert is_loopback("::1")
     assert not is_loopback("mail.example.com")
     assert not is_loopback("10.0.0.1")
+
+
+def test_an_acknowledged_notice_says_who_in_its_annotations_and_text() -> None:
+    acked = Notice("resolved", "acme", "r", "m", "warning", "s", None, T0, T0 + 1, "f", acked_by="neo@example.com")
+    assert acked.annotations == {"summary": "s", "acked_by": "neo@example.com"}
+    assert notice().annotations == {"summary": notice().summary}
+    assert "acknowledged by neo@example.com" in render.body([acked], "g")
+    with pytest.raises(NotifyError, match="acked_by"):
+        Notice("firing", "acme", "r", "m", "warning", "s", None, T0, None, "f", acked_by=3)

@@ -55,7 +55,7 @@ def expected_events(org: str, since: float | None = None, until: float | None = 
 def expected_alerts(org: str, since: float | None = None, until: float | None = None) -> list[tuple]:
     first_id = 1 + sum(len(fx.alerts(o)) for o in ORGS[:ORGS.index(org)])
     return [(first_id + i, a.org, a.rule, a.machine_id, a.state, a.severity, a.summary, a.value, a.active_at,
-             a.fired_at, a.resolved_at) for i, a in enumerate(fx.alerts(org))
+             a.fired_at, a.resolved_at, None, None) for i, a in enumerate(fx.alerts(org))
             if (until is None or a.active_at <= until) and (since is None or a.resolved_at is None
                                                             or a.resolved_at >= since)]
 
@@ -271,3 +271,18 @@ def test_only_export_and_vacuum_import_sqlite_utils():
             "print('sqlite_utils' in sys.modules)")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert loaded.stdout.strip() == "False", loaded.stderr
+
+
+def test_an_acknowledged_alert_is_exported_with_who_and_when(data_dir, tmp_path):
+    from fleet.store.alerting import ack_alert
+    from fleet.store.database import open_database
+
+    database = sqlite_url(data_dir / "fleet.db")
+    fx.fill(data_dir, database)
+    with open_database(database) as db:
+        (alert_id,) = db.query("SELECT id FROM alerts WHERE org = 'acme' AND state = 'firing'")[0]
+        ack_alert(db, "acme", alert_id, "neo@example.com", now=T0 + 2000)
+    out = tmp_path / "acked.json"
+    export.export_org(database, "acme", out)
+    acked = [(a["id"], a["acked_by"], a["acked_at"]) for a in json.loads(out.read_text())["alerts"] if a["acked_by"]]
+    assert acked == [(alert_id, "neo@example.com", T0 + 2000)]
