@@ -7,6 +7,7 @@ A bad value raises SettingsError whose message names the setting, for a one-line
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -103,6 +104,10 @@ class Settings:
     rate_limit_config: str = "100/minute"
     rate_limit_api: str = "600/minute"
     web_url: str = ""  # the web app's address as people reach it (sign-in links); default http://<host>:<http_port>
+    # single sign-on (OpenID Connect): all three or none
+    oidc_issuer: str = ""  # https://…, the URL whose /.well-known/openid-configuration describes the provider
+    oidc_client_id: str = ""
+    oidc_client_secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
@@ -186,8 +191,14 @@ class Settings:
                 # The URL may hold a token (healthchecks.io's ping URLs do): the message never shows it.
                 raise SettingsError("invalid setting heartbeat_url (FLEET_HEARTBEAT_URL): must be an http(s):// URL"
                                     " (value not shown)")
+        _check_oidc(self)
         _check(self.instance == "" or (self.instance.isprintable() and len(self.instance) <= 128), "instance",
                "must be printable, at most 128 characters", self.instance)
+
+    @property
+    def oidc_enabled(self) -> bool:
+        """Whether single sign-on is configured (the three oidc_* settings are set together or not at all)."""
+        return bool(self.oidc_issuer)
 
     @property
     def instance_name(self) -> str:
@@ -266,6 +277,49 @@ class _Invalid(Exception):
 def _check(ok: bool, name: str, why: str, value: Any) -> None:
     if not ok:
         raise SettingsError(f"invalid setting {name} (FLEET_{name.upper()}={value!r}): {why}")
+
+
+OIDC_SETTINGS = ("oidc_issuer", "oidc_client_id", "oidc_client_secret")
+LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) names this machine's loopback interface."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() in LOOPBACK_NAMES
+
+
+def _variables(names: list[str]) -> str:
+    return ", ".join(f"FLEET_{name.upper()}" for name in names)
+
+
+def _check_oidc(settings: Settings) -> None:
+    """Single sign-on needs its three settings together, an https issuer (http only on loopback, for tests)."""
+    given = [name for name in OIDC_SETTINGS if getattr(settings, name)]
+    if given and len(given) < len(OIDC_SETTINGS):
+        missing = [name for name in OIDC_SETTINGS if name not in given]
+        raise SettingsError(f"incomplete single sign-on settings: {_variables(given)} set but {_variables(missing)}"
+                            " not (set all three or none)")
+    if settings.oidc_issuer:
+        try:
+            parts = urlsplit(settings.oidc_issuer)
+            _ = parts.port  # raises ValueError for a bad port
+        except ValueError:
+            parts = None
+        _check(parts is not None and parts.scheme in ("https", "http") and bool(parts.hostname)
+               and not parts.query and not parts.fragment and not parts.username, "oidc_issuer",
+               "must be an https:// URL without query or fragment", settings.oidc_issuer)
+        assert parts is not None
+        # The client secret and the provider's keys travel over this: in clear text only within this machine.
+        _check(parts.scheme == "https" or is_loopback(parts.hostname or ""), "oidc_issuer",
+               "must be https:// (http:// only on loopback)", settings.oidc_issuer)
+    _check(settings.oidc_client_id.isprintable() and len(settings.oidc_client_id) <= 255, "oidc_client_id",
+           "must be printable, at most 255 characters", settings.oidc_client_id)
+    if not (settings.oidc_client_secret.isprintable() and len(settings.oidc_client_secret) <= 1024):
+        raise SettingsError("invalid setting oidc_client_secret (FLEET_OIDC_CLIENT_SECRET): must be printable,"
+                            " at most 1024 characters (value not shown)")
 
 
 def _check_smtp_url(url: str) -> None:

@@ -130,3 +130,12 @@ def test_process_checks_and_the_textfile_dir_from_flags_environment_and_file(tmp
     assert result.stderr.count("\n") == 1
     assert "processes" in result.stderr
     assert "bad regex" in result.stderr
+
+
+def test_half_configured_single_sign_on_exits_1_with_one_line(tmp_path):
+    env = {"FLEET_OIDC_ISSUER": "https://id.example.com", "FLEET_OIDC_CLIENT_SECRET": "never-shown"}
+    result = run("web", "--data-dir", str(tmp_path), env=env)
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "FLEET_OIDC_CLIENT_ID" in result.stderr
+    assert "never-shown" not in result.stderr + result.stdout

@@ -22,6 +22,7 @@ from fleet.web import (
     invite,
     machines_api,
     metrics,
+    oidc,
     people_api,
     rules_api,
     session,
@@ -74,7 +75,7 @@ def create_app(settings: Settings, **overrides) -> Flask:
         limiter.limit(session.SIGN_IN_LIMIT, key_func=key, methods=["POST"], deduct_when=session.failed,
                       override_defaults=False, error_message=session.LIMITED)(session.signin_bp)
     for blueprint in (api.bp, alerts_api.bp, metrics.bp, health.bp, dashboard.bp, session.bp, invite.bp,
-                      tokens_api.bp, audit_api.bp, people_api.bp):
+                      tokens_api.bp, audit_api.bp, people_api.bp, oidc.bp):
         app.register_blueprint(blueprint)
     for blueprint in (silences_api.bp, rules_api.bp, channels_api.bp, enrol_api.bp, machines_api.bp):
         app.register_blueprint(blueprint)

@@ -20,7 +20,7 @@ def config():
         "API_VERSION": API_VERSION,
         "FEATURES": {"history": True, "events": True, "metrics": True, "clock_skew": True, "conflicts": True,
                      "pagination": True, "custom_metrics": True, "processes": True, "lost_reports": True,
-                     "alerts": True, "labels": True, "accounts": True},
+                     "alerts": True, "labels": True, "accounts": True, "oidc": settings.oidc_enabled},
         "MQTT": {"url": settings.effective_broker_url,
                  "topics": {"report": REPORT_TEMPLATE, "ping": PING_TEMPLATE}},
     })

@@ -74,3 +74,43 @@ def test_settings_are_frozen_and_replace_revalidates():
 
 def test_orgs_list_from_env():
     assert load_settings(env={"FLEET_ORGS": "a, b,c"}).orgs == ("a", "b", "c")
+
+
+OIDC = {"FLEET_OIDC_ISSUER": "https://id.example.com/realms/ops", "FLEET_OIDC_CLIENT_ID": "fleet",
+        "FLEET_OIDC_CLIENT_SECRET": "s3cret-value"}
+
+
+def test_single_sign_on_settings_come_together():
+    settings = load_settings(env=OIDC)
+    assert settings.oidc_enabled
+    assert "s3cret-value" not in repr(settings)
+    assert not load_settings(env={}).oidc_enabled
+    for left_out in OIDC:
+        env = {name: value for name, value in OIDC.items() if name != left_out}
+        with pytest.raises(SettingsError) as info:
+            load_settings(env=env)
+        message = str(info.value)
+        assert left_out in message
+        assert "\n" not in message
+        assert "s3cret-value" not in message
+
+
+@pytest.mark.parametrize(("issuer", "ok"), [
+    ("https://accounts.example.com", True),
+    ("http://127.0.0.1:5556/dex", True),  # loopback: a provider on this machine
+    ("http://localhost:8080/realms/ops", True),
+    ("http://[::1]:9000", True),
+    ("http://id.example.com", False),  # the client secret would cross the network in clear text
+    ("http://10.0.0.5", False),
+    ("https://id.example.com/?tenant=1", False),
+    ("id.example.com", False),
+    ("https://id.example.com:99999", False),
+])
+def test_the_issuer_is_https_but_on_loopback(issuer, ok):
+    env = {**OIDC, "FLEET_OIDC_ISSUER": issuer}
+    if ok:
+        assert load_settings(env=env).oidc_issuer == issuer
+        return
+    with pytest.raises(SettingsError, match="oidc_issuer") as info:
+        load_settings(env=env)
+    assert "s3cret-value" not in str(info.value)
