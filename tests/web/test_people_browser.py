@@ -22,6 +22,7 @@ from tests.collector.collector_fixtures import SimAgent, embedded_endpoint
 from tests.collector.conftest import collectors  # noqa: F401 - the running collectors fixture
 from tests.dbhelpers import rows
 from tests.helpers import wait_for
+from tests.oidc.conftest import sign_on
 from tests.web.test_alerts_api import _alert
 from tests.web.test_browser import ARTIFACTS, browser  # noqa: F401 - the shared Chromium fixture
 
@@ -464,3 +465,26 @@ def test_incident_path_an_operator_silences_a_firing_alert_and_its_channel_hears
     finally:
         web.stop()
 
+
+
+def test_single_sign_on_through_a_real_provider_lands_signed_in(browser, tmp_path):  # noqa: F811
+    """"Sign in with SSO" shows when the server has a provider; through the provider's own sign-in and consent
+    pages the browser comes back to the dashboard, which asks GET /api/session who it is."""
+    with sign_on(tmp_path / "fleet-data") as sso:
+        page = browser.new_page()
+        page.goto(sso.web.url + "/")
+        sso_link = page.locator("#sso-link")
+        expect(sso_link).to_be_visible()
+        sso_link.click()
+        page.wait_for_url(sso.provider.issuer + "/**")
+        page.fill("input[name='login']", "alice")
+        page.fill("input[name='password']", "any password")  # the provider's development sign-in takes any
+        page.locator("button[type=submit]").first.click()
+        page.locator("button[type=submit]").first.click()  # its consent page: continue
+        page.wait_for_url(sso.web.url + "/")
+        expect(page.locator("#who-name")).to_have_text("alice@example.com")
+        expect(page.locator("#who-role")).to_have_text("operator")
+        expect(page.locator("#fleet")).to_be_visible()
+        page.click("#logout")
+        page.wait_for_selector("#login:not([hidden])")
+        page.close()
