@@ -216,8 +216,8 @@ def focus_by_tab(page: Page, selector: str, most: int = 80) -> None:
 def wait_for_rebuild(page: Page, selector: str) -> None:
     """Wait until the page's refresh rebuilds the children of ``selector`` (it does every second here)."""
     page.evaluate("""s => { window.__rebuilt = false;
-        new MutationObserver(() => { window.__rebuilt = true; }).observe(document.querySelector(s), { childList: true });
-    }""", selector)
+        new MutationObserver(() => { window.__rebuilt = true; })
+            .observe(document.querySelector(s), { childList: true }); }""", selector)
     page.wait_for_function("() => window.__rebuilt", timeout=10_000)
 
 
