@@ -56,7 +56,7 @@ function showLogin(message = "") {
   state.shown = false;
   $("login").hidden = false; $("fleet").hidden = true; $("detail").hidden = true; $("logout").hidden = true;
   for (const view of document.querySelectorAll(".view")) view.hidden = true;
-  for (const box of document.querySelectorAll(".once")) box.hidden = true;
+  forgetShownSecrets();
   $("views").hidden = true; $("who").hidden = true; $("org-picker").hidden = true;
   notice("");
   $("login-error").textContent = message;
@@ -95,7 +95,16 @@ function applyIdentity() {
   if (state.view !== "fleet" && !can(state.view)) state.view = "fleet";
 }
 
+// Secrets shown once (a channel's signing secret, a token, a sign-in link) leave the page with their panel.
+function forgetShownSecrets() {
+  for (const box of document.querySelectorAll(".once")) {
+    box.hidden = true;
+    box.querySelectorAll("code").forEach((code) => { code.textContent = ""; });
+  }
+}
+
 function showView(view) {
+  if (view !== state.view) forgetShownSecrets();
   state.view = view;
   for (const button of $("views").querySelectorAll("[data-view]")) {
     if (button.dataset.view === view) button.setAttribute("aria-current", "page");
@@ -108,6 +117,27 @@ function showView(view) {
     state.selected = null;
     PANELS[view]();
   }
+}
+
+// A person's roles may change while the page is open (fleet user grant/revoke/remove): ask who we are on every
+// refresh and follow. False when there is nothing left to show (the session ended, or no role in any org).
+async function stillSignedIn() {
+  const before = `${auth.org}:${JSON.stringify(auth.orgs)}`;
+  const body = await api("/api/session");
+  if (!auth.mode) return false;  // a 401: onSignedOut showed the sign-in page
+  auth.orgs = body.orgs || {};
+  auth.csrf = body.csrf_token || auth.csrf;
+  if (!(auth.org in auth.orgs)) chooseOrg(Object.keys(auth.orgs).sort()[0]);
+  if (!Object.keys(auth.orgs).length) {
+    await signOut("You no longer have a role in any org: ask an admin.");
+    return false;
+  }
+  if (`${auth.org}:${JSON.stringify(auth.orgs)}` !== before) {
+    applyIdentity();
+    if (state.shown) showView(state.view);  // the view the new role allows, for the org now shown
+    announce(`Your role in ${auth.org} is now ${currentRole()}`);
+  }
+  return true;
 }
 
 // Signed in (either way): show the page for this identity and start refreshing.
@@ -218,6 +248,7 @@ async function loadAlerts() {
 async function refresh() {
   let body;
   try {
+    if (auth.mode === "session" && !(await stillSignedIn())) return;
     [body] = await Promise.all([api(`/api/fleet?${query()}`), loadAlerts(), loadLabels()]);
   } catch (err) {
     if (!auth.mode) return;  // signed out (a 401): the sign-in page says why
@@ -698,7 +729,7 @@ $("org-picker").addEventListener("change", () => {
   state.page = 0;
   state.selected = null;
   $("detail").hidden = true;
-  for (const box of document.querySelectorAll(".once")) box.hidden = true;
+  forgetShownSecrets();
   notice("");
   applyIdentity();
   showView(state.view);
