@@ -40,12 +40,11 @@ class SignedIn:
 
 
 def begin(db: Database, person_id: int, now: float | None = None) -> NewSession:
-    """Start a session for a person (a fresh random id); their ended sessions and the oldest past the cap go."""
+    """Start a session for a person (a fresh random id); ended sessions and the person's oldest past the cap go."""
     now = time.time() if now is None else now
     session_id, csrf = new_secret(), secrets.token_urlsafe(32)
     with db.transaction():
-        db.execute("DELETE FROM web_sessions WHERE person = ? AND (expires_at <= ? OR last_seen <= ?)",
-                   (person_id, now, now - SESSION_IDLE_S))
+        db.execute("DELETE FROM web_sessions WHERE expires_at <= ? OR last_seen <= ?", (now, now - SESSION_IDLE_S))
         rows = db.query("SELECT id_hash FROM web_sessions WHERE person = ? ORDER BY created DESC, id_hash",
                         (person_id,))
         for (old,) in rows[MAX_SESSIONS_PER_PERSON - 1:]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
@@ -32,11 +33,13 @@ def assert_refused(response, status: int, words: str) -> None:
 
 
 def test_a_verified_email_naming_a_person_signs_in(sso: SignOn, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)  # Authlib, requests and urllib3 included
     browser = Browser(sso)
     assert browser.session().status_code == 401
     callback = browser.sign_in_at_provider("alice")
     code = dict(parse_qsl(urlsplit(callback).query))["code"]
+    sealed = browser.http.cookies.get(LOGIN_COOKIE)
+    verifier = json.loads(_sealer(sso.provider.client_secret).decrypt(sealed.encode()))["verifier"]
     done = browser.callback(callback)
     assert done.status_code == 302
     assert done.headers["Location"] == "/"
@@ -49,9 +52,11 @@ def test_a_verified_email_naming_a_person_signs_in(sso: SignOn, caplog: pytest.L
     assert body["email"] == "alice@example.com"
     assert body["orgs"] == {"acme": "operator"}
     assert body["csrf_token"]
-    logged = caplog.text
+    # What fleet logged, from the server's threads: the test's own HTTP client (the browser) logs its URLs.
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.threadName != threading.current_thread().name)
+    assert "POST /token" in logged  # Authlib's requests to the provider are among them
     assert "signed in with single sign-on: alice@example.com" in logged
-    for secret in (sso.provider.client_secret, code, cookie.value):
+    for secret in (sso.provider.client_secret, code, verifier, sealed, cookie.value, body["csrf_token"]):
         assert secret not in logged
 
 
