@@ -6,6 +6,13 @@ function cell(text, cls) { return el("td", cls ? { class: cls, text: text ?? "�
 
 function actionsCell(...controls) { return el("td", { class: "actions-cell" }, el("span", { class: "row-actions" }, ...controls)); }
 
+// A row's Delete (or Remove) button: asks first, then DELETEs `path` and reloads the panel.
+function deleteButton(what, name, consequence, path, reload, text = "Delete") {
+  const label = [text, what, name].filter(Boolean).join(" ");
+  return actionButton(`${text}…`, text.toLowerCase(), () => confirmThen(`${label}?`, consequence, text,
+    async () => { await send("DELETE", path); await reload(); }), { "aria-label": label });
+}
+
 function fillTable(id, rows, empty) {
   const body = $(id).tBodies[0];
   const key = focusKey(body, "data-row");
@@ -55,10 +62,8 @@ async function loadRules() {
   fillTable("rules-table", rules.map((r) => el("tr", { "data-row": r.name },
     cell(r.name, "name"), el("td", {}, el("code", { text: r.when })), cell(durationText(r.for_s ?? 0)), cell(r.machines),
     el("td", {}, el("span", { class: `sev ${r.severity}`, text: r.severity })),
-    actionsCell(actionButton("Delete", "delete", () => confirmThen(`Delete rule ${r.name}?`,
-      "Its alerts stop being evaluated.", "Delete",
-      async () => { await send("DELETE", `/api/rules/${encodeURIComponent(r.name)}`); await loadRules(); }),
-    { "aria-label": `Delete rule ${r.name}` })))), "No rules.");
+    actionsCell(deleteButton("rule", r.name, "Its alerts stop being evaluated.",
+      `/api/rules/${encodeURIComponent(r.name)}`, loadRules)))), "No rules.");
 }
 
 $("rule-form").addEventListener("submit", async (ev) => {
@@ -82,9 +87,8 @@ async function loadChannels() {
       cell(name, "name"), cell(c.kind), cell(when(c.last_delivery)), status,
       actionsCell(
         actionButton("Test", "test", (button) => testChannel(name, button), { "aria-label": `Send a test to ${name}` }),
-        actionButton("Delete", "delete", () => confirmThen(`Delete channel ${name}?`, "It gets no more notifications.",
-          "Delete", async () => { await send("DELETE", `/api/channels/${encodeURIComponent(name)}`); await loadChannels(); }),
-        { "aria-label": `Delete channel ${name}` })));
+        deleteButton("channel", name, "It gets no more notifications.", `/api/channels/${encodeURIComponent(name)}`,
+          loadChannels)));
   }), "No channels: alerts show here only.");
 }
 
@@ -156,10 +160,9 @@ async function loadPeople() {
   fillTable("people-table", people.map((p) => el("tr", { "data-row": p.email },
     cell(p.email, "name"), el("td", {}, el("span", { class: "role-badge", text: p.role })),
     cell(p.password ? "password set" : "invited: no password yet"),
-    actionsCell(...(p.email === auth.email ? [] : [actionButton("Remove…", "remove", () => confirmThen(
-      `Remove ${p.email} from ${auth.org}?`, "Their role here and their API tokens for this org end now.", "Remove",
-      async () => { await send("DELETE", `/api/people/${encodeURIComponent(p.email)}`); await loadPeople(); }),
-    { "aria-label": `Remove ${p.email}` })])))), "Nobody has a role in this org.");
+    actionsCell(...(p.email === auth.email ? [] : [deleteButton("", p.email,
+      `Their role in ${auth.org} and their API tokens for it end now.`, `/api/people/${encodeURIComponent(p.email)}`,
+      loadPeople, "Remove")])))), "Nobody has a role in this org.");
 }
 
 $("person-form").addEventListener("submit", async (ev) => {
@@ -200,10 +203,8 @@ async function loadTokens() {
   try { tokens = listOf(await api("/api/tokens")); } catch (err) { $("tokens-error").textContent = err.message; return; }
   fillTable("tokens-table", tokens.map((t) => el("tr", { "data-row": String(t.id) },
     cell(t.name, "name"), cell(t.org), cell(when(t.created)), cell(t.last_used != null ? when(t.last_used) : "never"),
-    actionsCell(actionButton("Delete", "delete", () => confirmThen(`Delete token ${t.name}?`,
-      "Anything using it is refused from now on.", "Delete",
-      async () => { await send("DELETE", `/api/tokens/${encodeURIComponent(t.id)}`); await loadTokens(); }),
-    { "aria-label": `Delete token ${t.name}` })))), "No tokens.");
+    actionsCell(deleteButton("token", t.name, "Anything using it is refused from now on.",
+      `/api/tokens/${encodeURIComponent(t.id)}`, loadTokens)))), "No tokens.");
 }
 
 $("token-form").addEventListener("submit", async (ev) => {
