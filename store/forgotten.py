@@ -2,7 +2,8 @@
 
 Forgetting deletes the machine's row and its server labels (history, events and alerts stay until retention ends)
 and queues the forget for the collector serving the org, which drops the machine from its state, resolves its
-alerts and clears its retained ping (so a broker or collector restart does not bring it back). A machine that
+alerts and clears its retained ping (so a broker or collector restart does not bring it back), then deletes the
+queued forget. A machine that
 reports again afterwards appears again, as a new one; revoke its certificate first to keep it out.
 """
 
@@ -42,9 +43,9 @@ def pending_forgets(db: Database, orgs: Iterable[str]) -> list[tuple[int, str, s
     """(id, org, machine_id) of the forgets of ``orgs`` the collector has not applied yet, oldest first."""
     wanted = set(orgs)
     return [(row_id, org, machine_id) for row_id, org, machine_id in db.query(
-        "SELECT id, org, machine_id FROM machine_forgets WHERE done = 0 ORDER BY id") if org in wanted]
+        "SELECT id, org, machine_id FROM machine_forgets ORDER BY id") if org in wanted]
 
 
 def forgets_done(db: Database, ids: Iterable[int]) -> None:
-    """Mark forgets applied by the collector."""
-    db.executemany("UPDATE machine_forgets SET done = 1 WHERE id = ?", [(row_id,) for row_id in ids])
+    """Delete the forgets the collector applied."""
+    db.executemany("DELETE FROM machine_forgets WHERE id = ?", [(row_id,) for row_id in ids])

@@ -491,8 +491,8 @@ CREATE INDEX IF NOT EXISTS audit_log_org_ts ON audit_log(org, ts);
 """
 
 # Version 11: actions from the web. A firing alert acknowledged by a person (who, when; the collector's upserts
-# leave these columns alone). Machines an admin forgot: their row is deleted at once and the collector drops them
-# from its memory and clears their retained ping at its next refresh (``done`` then), history kept.
+# leave these columns alone). Machines an admin forgot: their row is deleted at once; the collector serving the
+# org drops them from its memory and clears their retained ping at its next refresh, then deletes the request.
 WEB_ACTIONS = """
 ALTER TABLE alerts ADD COLUMN acked_by TEXT;
 ALTER TABLE alerts ADD COLUMN acked_at REAL;
@@ -500,10 +500,8 @@ CREATE TABLE IF NOT EXISTS machine_forgets (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     org TEXT NOT NULL,
     machine_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    done INTEGER NOT NULL DEFAULT 0
+    ts REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS machine_forgets_pending ON machine_forgets(done, org);
 """
 
 # (version, SQL script): applied in order, each once, recorded as meta.schema_version.

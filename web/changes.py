@@ -7,11 +7,13 @@ included: never told apart), a state that forbids the change (acknowledging a re
 
 from __future__ import annotations
 
+import math
 from typing import Any, TypeVar
 
 from flask import Blueprint, abort, jsonify, request
 
 from fleet.config.errors import ConfigError
+from fleet.config.rules import parse_duration
 from fleet.notify.errors import NotifyError
 from fleet.store.alerting import NotFiring
 from fleet.store.errors import CredentialError, NotFound
@@ -27,17 +29,33 @@ def body() -> dict[str, Any]:
     return found
 
 
-def field(data: dict[str, Any], name: str, kind: type[T] | tuple[type, ...], default: Any = ...) -> Any:
-    """``data[name]`` of type ``kind``; without ``default`` the field is required. 400 naming the field otherwise."""
+_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def field(data: dict[str, Any], name: str, kind: type[T] | tuple[type, ...], default: Any = ...,
+          what: str | None = None) -> Any:
+    """``data[name]`` of type ``kind`` (``what`` describes it); without ``default`` the field is required.
+    400 naming the field otherwise."""
     if name not in data or data[name] is None:
         if default is ...:
             abort(400, description=f"missing field {name!r}")
         return default
     value = data[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        abort(400, description=f"field {name!r} must be {names.replace('str', 'a string')}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        what = what or " or ".join(_KINDS.get(k, k.__name__) for k in kinds)
+        abort(400, description=f"field {name!r} must be {what}")
     return value
+
+
+def duration(data: dict[str, Any], name: str, default: Any = ...) -> float:
+    """A duration field in seconds: text as the CLI takes it (``30m``, ``2h``, ``1d``) or a number of seconds."""
+    value = field(data, name, (str, int, float), default, "a duration such as '1h' or a number of seconds")
+    if isinstance(value, str):
+        return parse_duration(value)
+    if not math.isfinite(value):
+        abort(400, description=f"field {name!r} must be a finite number of seconds")
+    return float(value)
 
 
 def _error(status: int, exc: Exception):

@@ -8,11 +8,10 @@ from __future__ import annotations
 from flask import Blueprint, current_app, g, jsonify
 
 from fleet.config.enrolment import agent_command
-from fleet.config.rules import parse_duration
 from fleet.store import identity
 from fleet.web import db
 from fleet.web.auth import role_required
-from fleet.web.changes import body, field, json_errors
+from fleet.web.changes import body, duration, field, json_errors
 
 bp = json_errors(Blueprint("enrol", __name__, url_prefix="/api"))
 
@@ -31,7 +30,7 @@ def create():
     "expires_at", "command"}``."""
     data = body()
     uses = field(data, "uses", int, 1)
-    expires_s = parse_duration(field(data, "expires", str, "24h"))
+    expires_s = duration(data, "expires", "24h")
     settings = current_app.config["FLEET_SETTINGS"]
     fingerprint = identity.installation_ca_fingerprint(settings.certs_dir)
     made = db.write(lambda conn: identity.create_token(conn, settings.data_dir, fingerprint, g.org, uses, expires_s,

@@ -6,11 +6,10 @@ import time
 
 from flask import Blueprint, g, jsonify
 
-from fleet.config.rules import parse_duration
 from fleet.store import alerting
 from fleet.web import db
 from fleet.web.auth import org_required, role_required
-from fleet.web.changes import body, field, json_errors
+from fleet.web.changes import body, duration, field, json_errors
 
 bp = json_errors(Blueprint("silences", __name__, url_prefix="/api"))
 
@@ -27,7 +26,7 @@ def silences():
 def create():
     """Silence the org's alerts matching ``machines`` (and ``rule``) ``for`` a while: ``{"id", "ends_at"}``."""
     data = body()
-    for_s = parse_duration(field(data, "for", str))
+    for_s = duration(data, "for")
     silence = db.write(lambda conn: alerting.add_silence(
         conn, g.org, for_s, field(data, "machines", str, "*"), field(data, "rule", str, None),
         field(data, "comment", str, ""), actor=g.actor))
