@@ -92,7 +92,8 @@ def hash_password(password: str) -> str:
     return _HASHER.hash(check_password(password))
 
 
-def _dummy() -> str:
+def dummy_hash() -> str:
+    """A hash of a random password nobody knows, checked in place of a missing one (made once per process)."""
     with _dummy_lock:
         if not _dummy_hash:
             _dummy_hash.append(_HASHER.hash(secrets.token_urlsafe(16)))
@@ -102,7 +103,7 @@ def _dummy() -> str:
 def verify_password(stored: str | None, password: str) -> bool:
     """Whether ``password`` matches the stored hash. Without one, a dummy hash is checked so it takes as long."""
     try:
-        return _HASHER.verify(stored or _dummy(), password) and stored is not None
+        return _HASHER.verify(stored or dummy_hash(), password) and stored is not None
     except (VerificationError, InvalidHashError):
         return False
 

@@ -16,8 +16,10 @@ from fleet.store.database import open_database
 from fleet.store.pepper import key_pepper
 from fleet.web.app import create_app
 from fleet.web.errors import WebError
+from fleet.web.session import SIGN_IN_MAX
 
 log = logging.getLogger("fleet.web")
+API_THREADS = 8  # threads for the API; sign-ins waiting for their password check hold up to SIGN_IN_MAX more
 
 
 def _server(settings: Settings) -> tuple[Any, Flask]:
@@ -29,8 +31,8 @@ def _server(settings: Settings) -> tuple[Any, Flask]:
     app.config["FLEET_PEPPER"] = pepper
     try:
         # poll(), not select(): in `fleet up` the broker's connections push socket numbers past FD_SETSIZE (1024).
-        return create_server(app, host=settings.host, port=settings.http_port, threads=8, asyncore_use_poll=True,
-                             ident="fleet", clear_untrusted_proxy_headers=True), app
+        return create_server(app, host=settings.host, port=settings.http_port, threads=API_THREADS + SIGN_IN_MAX,
+                             asyncore_use_poll=True, ident="fleet", clear_untrusted_proxy_headers=True), app
     except OSError as exc:
         raise WebError(f"cannot listen on {settings.host}:{settings.http_port}: {exc.strerror or exc}") from exc
 

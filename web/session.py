@@ -4,18 +4,21 @@ Sign-in answers an unknown email exactly as a wrong password, after the same arg
 checked), so neither the answer nor its timing tells whether a person exists. Failures are limited per
 address and per account (create_app applies SIGN_IN_LIMIT to ``signin_bp``).
 
-A burst of sign-ins never stalls the API: passwords are hashed by HASH_LANES threads of their own, at a lower
-CPU priority than the threads serving requests (Linux gives each thread its own nice value), and at most
-SIGN_IN_MAX sign-ins hold a server thread at once, so most of waitress's threads stay free for the API.
+A burst of sign-ins never stalls the API: passwords are checked one at a time in a process of their own at a
+lower CPU priority (a niced thread here would hold the GIL while the kernel keeps it waiting, stalling every
+request). Sign-ins waiting for their check hold server threads that the server adds for them (SIGN_IN_MAX,
+web/server.py), so the API keeps its own; past SIGN_IN_MAX at once, a sign-in is answered 503 (Retry-After).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +30,7 @@ from fleet.store import people, web_sessions
 from fleet.store.people import Person
 from fleet.web import db
 from fleet.web.auth import SESSION_COOKIE, person_required, session_cookie
+from fleet.web.db import close_db
 
 log = logging.getLogger("fleet.web")
 bp = Blueprint("session", __name__, url_prefix="/api")
@@ -34,19 +38,26 @@ signin_bp = Blueprint("signin", __name__, url_prefix="/api")  # its own blueprin
 SIGN_IN_LIMIT = "10 per 15 minutes"  # failed sign-ins, per client address and per account
 LIMITED = "too many failed sign-ins: try again later"
 HASH_LANES = 1  # argon2id hashes at once: at most one core
-HASH_NICE = 10  # the hashing threads' nice value above the server's
-SIGN_IN_MAX = 4  # sign-ins in progress at once (hashing or waiting for the lane); more get 503 and Retry-After
+HASH_NICE = 10  # the hashing process's nice value above the server's
+SIGN_IN_MAX = 24  # sign-ins in progress at once (checking or waiting to); more get 503 and Retry-After
 _in_progress = threading.BoundedSemaphore(SIGN_IN_MAX)
+_pool_lock = threading.Lock()
+_pool: list[ProcessPoolExecutor] = []  # one per server process, started at the first use
 
 
 def _lower_priority() -> None:
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)  # this thread only, on Linux
-    except (AttributeError, OSError):  # another system, or not allowed: the same priority as the rest
+        os.nice(HASH_NICE)
+    except (AttributeError, OSError):  # not allowed here: the same priority as the server
         pass
 
 
-_lanes = ThreadPoolExecutor(HASH_LANES, thread_name_prefix="fleet-password", initializer=_lower_priority)
+def _hashing_pool() -> ProcessPoolExecutor:
+    with _pool_lock:
+        if not _pool:  # spawn, not fork: the server's process has threads (waitress, and in fleet up the broker)
+            _pool.append(ProcessPoolExecutor(HASH_LANES, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_lower_priority))
+        return _pool[0]
 
 
 def session_body(person: Person, csrf_token: str) -> dict[str, Any]:
@@ -83,8 +94,18 @@ def sign_in_slot() -> Iterator[None]:
 
 
 def check_password(stored: str | None, password: str) -> bool:
-    """``people.verify_password`` on a hashing thread (at a lower priority than the server's threads)."""
-    return _lanes.submit(people.verify_password, stored, password).result()
+    """Whether ``password`` matches ``stored``, checked in the hashing process; without a stored hash the dummy
+    one is checked, so it takes as long."""
+    candidate = stored or people.dummy_hash()
+    pool = _hashing_pool()
+    try:
+        ok = pool.submit(people.verify_password, candidate, password).result()
+    except BrokenProcessPool:  # the hashing process died (killed): start another one next time, check here now
+        with _pool_lock:
+            if _pool and _pool[0] is pool:
+                _pool.clear()
+        ok = people.verify_password(candidate, password)
+    return ok and stored is not None
 
 
 def account_key() -> str:
@@ -106,7 +127,7 @@ def failed(response: Response) -> bool:
 
 def warm_up() -> None:
     """Compute the dummy hash now, so the first sign-in with an unknown email takes as long as any other."""
-    check_password(None, "")
+    people.dummy_hash()
 
 
 @signin_bp.post("/session")
@@ -119,6 +140,7 @@ def sign_in():
     email, password = body["email"], body["password"]
     with sign_in_slot():
         person, stored = db.read(lambda conn: people.password_hash(conn, email))
+        close_db()  # the wait for the check needs no connection: another request may use it
         ok = check_password(stored, password)
     if person is None or not ok:
         log.info("sign-in refused from %s", get_remote_address())
