@@ -418,6 +418,31 @@ def test_an_admin_manages_rules_channels_enrolment_and_reads_the_audit_log(brows
     page.close()
 
 
+def test_a_person_invited_from_the_people_panel_follows_the_link_and_lands_signed_in(browser, site, fleet):  # noqa: F811
+    add_person(fleet, "ad@example.com", {"acme": "admin"})
+    page = sign_in(browser, site.url, "ad@example.com")
+    page.click("#views [data-view='people']")
+    page.fill("#person-form [name='email']", "new@example.com")
+    page.select_option("#person-form [name='role']", "operator")
+    page.click("#person-form button[type=submit]")
+    link = page.locator("#person-link")
+    expect(link).to_contain_text("/invite/")
+    path = "/invite/" + link.text_content().split("/invite/", 1)[1]
+    page.close()
+
+    context = browser.new_context()  # the invited person's own browser: no cookie of the admin's
+    newcomer = context.new_page()
+    newcomer.goto(site.url + path)
+    newcomer.fill("#password", PASSWORD)
+    newcomer.fill("#confirm", PASSWORD)
+    newcomer.locator("button[type=submit]").click()
+    newcomer.wait_for_selector("#machines tbody tr")
+    expect(newcomer.locator("#who-name")).to_have_text("new@example.com")
+    expect(newcomer.locator("#who-role")).to_have_text("operator")
+    expect(newcomer.locator("#alert-list [data-action='silence']").first).to_be_visible()
+    context.close()
+
+
 def test_an_admin_forgets_a_machine_from_its_detail(browser, site, fleet):  # noqa: F811
     add_person(fleet, "ad@example.com", {"acme": "admin"})
     page = sign_in(browser, site.url, "ad@example.com")
