@@ -463,7 +463,7 @@ class Writer:
         try:
             forgets_done(self.db, [row_id for row_id, _, _ in pending])
         except DatabaseError as exc:
-            log.warning("cannot mark forgotten machines done (will apply them again): %s", exc)
+            log.warning("cannot delete the applied forgets (they will be applied again): %s", exc)
 
     def _refresh_certificates(self) -> None:
         """Each machine's certificate end, for rules on cert_days_left."""
