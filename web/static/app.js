@@ -258,6 +258,7 @@ async function refresh() {
       return;
     }
     $("refresh-state").textContent = `refresh failed: ${err.message}`;
+    $("refresh-state").classList.add("failing");
     announce(`Refresh failed: ${err.message}`);
     state.failing = true;
     return;
@@ -278,6 +279,7 @@ async function refresh() {
   $("prev").disabled = state.page === 0;
   $("next").disabled = (state.page + 1) * PAGE >= body.count;
   $("refresh-state").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  $("refresh-state").classList.remove("failing");
   if (state.selected) loadDetail(state.selected, false);
 }
 
