@@ -58,6 +58,10 @@ log = logging.getLogger("fleet.collector")
 HEARTBEAT_EVERY_S = 2.0
 RETENTION_EVERY_S = 60.0
 ORG_REFRESH_MAX_S = 2.0
+# A forgotten machine's retained ping may already be on its way when the collector clears it (at start, when it
+# subscribes): retained pings of machines forgotten this recently are ignored until the machine speaks again.
+FORGOTTEN_HOLD_S = 600.0
+MAX_FORGOTTEN = 10_000
 STARTUP_GRACE_S = 30.0  # without a broker, start stale/TTL checks after this long anyway
 WRITER_BUSY_TIMEOUT_MS = 1000
 STOP_RETRY_S = 10.0
@@ -254,7 +258,7 @@ class Writer:
         self.org_every = min(settings.reload_interval_s, ORG_REFRESH_MAX_S)
         self.next_tick = now
         self.next_heartbeat = now
-        self.next_orgs = now + self.org_every
+        self.next_orgs = now  # at the first batch: a forget made while no collector ran applies before its flush
         self.next_retention = now
         self.next_settle = now
         self.pending_clears: list[str] = []
@@ -268,6 +272,7 @@ class Writer:
         self.batches = 0
         self.labels_logged: set[tuple[str, str]] = set()  # machines whose dropped labels were logged
         self.labels_version = ""
+        self.forgotten: dict[tuple[str, str], float] = {}  # (org, machine) -> when forgotten (monotonic)
 
     def run(self) -> None:
         """Loop until the hand-off is closed and empty; the last flush writes everything pending."""
@@ -307,6 +312,8 @@ class Writer:
     def _apply(self, item: Received) -> None:
         try:
             message = item.message
+            if self.forgotten and self._stale_after_forget(item):
+                return
             if isinstance(message, Report):
                 labels, problem = self._labels_of(message)
                 if problem is not None:
@@ -323,6 +330,17 @@ class Writer:
             self.peers.drops.add(INTERNAL, f"fleet/{item.message.org}/{item.message.machine_id}",
                                  f"{type(exc).__name__}: {exc}")
             log.exception("internal error applying a message of %s/%s", item.message.org, item.message.machine_id)
+
+    def _stale_after_forget(self, item: Received) -> bool:
+        """True for a retained ping of a machine forgotten lately (its state before the forget); anything else
+        the machine sends ends the hold: it is back."""
+        key = (item.message.org, item.message.machine_id)
+        if key not in self.forgotten:
+            return False
+        if item.retained and not isinstance(item.message, Report):
+            return True
+        del self.forgotten[key]
+        return False
 
     def _labels_of(self, report: Report) -> tuple[dict[str, str], str | None]:
         """The report's labels, or why they are dropped; the machine's current labels again are not re-checked."""
@@ -453,7 +471,12 @@ class Writer:
         if not pending:
             return
         now = time.time()
+        held_since = time.monotonic()
+        for key, since in list(self.forgotten.items()):
+            if held_since - since > FORGOTTEN_HOLD_S or len(self.forgotten) > MAX_FORGOTTEN:
+                del self.forgotten[key]
         for _, org, machine_id in pending:
+            self.forgotten[(org, machine_id)] = held_since
             transitions, machine = self.tracker.forget(org, machine_id, now)
             self._record(transitions)
             if machine is not None:

@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
 
-from flask import Blueprint, Response, abort, g, jsonify, request
+from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 from flask_limiter.util import get_remote_address
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -65,6 +65,11 @@ def session_body(person: Person, csrf_token: str) -> dict[str, Any]:
     return {"email": person.email, "orgs": dict(person.orgs), "csrf_token": csrf_token}
 
 
+def over_https() -> bool:
+    """Whether people reach the app over HTTPS: this request came so, or ``web_url`` says so (a TLS proxy)."""
+    return request.is_secure or current_app.config["FLEET_SETTINGS"].web_url.startswith("https://")
+
+
 def begin_session(response: BaseResponse, person: Person) -> str:
     """Start a new server-side session for ``person``, set its cookie on ``response``; returns the CSRF token.
 
@@ -75,7 +80,7 @@ def begin_session(response: BaseResponse, person: Person) -> str:
         db.write(lambda conn: web_sessions.end(conn, old))
     new = db.write(lambda conn: web_sessions.begin(conn, person.id))
     response.set_cookie(SESSION_COOKIE, new.session_id, max_age=int(web_sessions.SESSION_S), path="/",
-                        httponly=True, samesite="Lax", secure=request.is_secure)
+                        httponly=True, samesite="Lax", secure=over_https())
     return new.csrf_token
 
 
@@ -167,6 +172,6 @@ def sign_out():
     if session_id is not None:
         db.write(lambda conn: web_sessions.end(conn, session_id))
     response = jsonify({"signed_out": True, "email": g.person.email})
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="Lax", secure=request.is_secure)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="Lax", secure=over_https())
     log.info("signed out: %s", g.person.email)
     return response

@@ -75,3 +75,24 @@ def test_forgetting_an_unknown_machine_or_another_orgs_is_not_found(tmp_path, ac
         with pytest.raises(NotFound):
             forget_machine(db, "acme", "nothing")
         assert db.query("SELECT machine_id FROM machines") == [("g1",)]
+
+
+@pytest.mark.slow
+def test_a_machine_forgotten_while_no_collector_runs_is_dropped_when_one_starts(endpoint, collectors):
+    collector = collectors(endpoint.settings())
+    agent = SimAgent(endpoint, "m1").connect()
+    agent.ping("online")
+    agent.report()
+    agent.ping("offline", reason="shutdown")
+    agent.close()
+    wait_for(lambda: (machine_row(endpoint) or ("",))[0] == "offline", message="m1 offline")
+    collector.stop()
+    forget(endpoint, "m1")
+    collectors(endpoint.settings())  # its broker session brings m1's retained ping back
+    wait_for(lambda: forgets_done(endpoint), message="the new collector to apply the forget")
+    marker = SimAgent(endpoint, "marker").connect()
+    marker.report()
+    wait_for(lambda: query(endpoint, "SELECT 1 FROM machines WHERE machine_id = 'marker'"), message="marker stored")
+    assert machine_row(endpoint) is None
+    wait_for(lambda: _retained_cleared(endpoint), message="the broker to drop the retained ping")
+    marker.close()

@@ -53,6 +53,9 @@ def test_the_cookie_is_secure_over_https(settings, staff):
                       base_url="https://fleet.example.com")
     assert res.status_code == 200
     assert "Secure" in res.headers["Set-Cookie"]
+    behind_a_proxy = create_app(settings.replace(web_url="https://fleet.example.com")).test_client()
+    res = behind_a_proxy.post("/api/session", json={"email": "ann@example.com", "password": PASSWORD})
+    assert "Secure" in res.headers["Set-Cookie"]
 
 
 @pytest.mark.parametrize("body", [{"email": "ann@example.com", "password": "wrong password"},
