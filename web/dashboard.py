@@ -1,4 +1,4 @@
-"""``GET /``: the dashboard page (its data comes from the API with the token typed into the page)."""
+"""``GET /``: the dashboard page (its data comes from the API, as a signed-in person or with a reader key)."""
 
 from __future__ import annotations
 

@@ -1,42 +1,12 @@
-// fleet dashboard: plain JS, no dependencies, no network beyond this origin.
-// Every value that comes from an agent is put on the page with textContent, never as HTML.
+// fleet dashboard: plain JS, no dependencies, no network beyond this origin (dom.js, session.js, actions.js and
+// admin.js come first). Every value that comes from an agent is put on the page with textContent, never as HTML.
 "use strict";
 
 const PAGE = 100;
-const state = { token: sessionStorage.getItem("fleet-token") || "", config: null, page: 0, timer: null,
+const state = { config: null, page: 0, timer: null, view: "fleet", shown: false,
                 selected: null, range: 900, machines: [], serverSkew: 0, selectedStatus: null, failing: false,
                 customSeries: null, alerts: [], silences: [], alertTab: "firing", labelCounts: {} };
 const RESOLVED_WINDOW_S = 86400;
-const $ = (id) => document.getElementById(id);
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  for (const child of children) node.append(child);
-  return node;
-}
-
-function svg(tag, attrs = {}) {
-  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-  return node;
-}
-
-async function api(path) {
-  const res = await fetch(path, { headers: { Authorization: `Bearer ${state.token}` } });
-  if (res.status === 401) { signOut("That key was not accepted."); throw new Error("unauthorised"); }
-  if (res.status === 400) {  // a parameter the server cannot read (a label filter): its message says why
-    const err = new Error((await res.json()).error || "bad request");
-    err.badRequest = true;
-    throw err;
-  }
-  if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
-  return res.json();
-}
 
 function ago(ts) {
   if (ts == null) return "never";
@@ -51,12 +21,6 @@ function pct(value) { return typeof value === "number" ? value : null; }
 
 // A number with a fixed count of decimals (load 1.4849999999999999 -> "1.48"); anything else is absent.
 function fixed(value, digits) { return typeof value === "number" && Number.isFinite(value) ? value.toFixed(digits) : null; }
-
-// The one live region (#live-status): written only when the message changes, so nothing is read out twice.
-function announce(message) {
-  const region = $("live-status");
-  if (region.textContent !== message) region.textContent = message;
-}
 
 function bar(value) {
   const cell = el("td", { class: "num" });
@@ -88,16 +52,105 @@ function diskFact(derived) {
 function badge(status) { return el("span", { class: `badge ${status}`, text: status }); }
 
 function showLogin(message = "") {
+  clearInterval(state.timer);
+  state.shown = false;
   $("login").hidden = false; $("fleet").hidden = true; $("detail").hidden = true; $("logout").hidden = true;
+  for (const view of document.querySelectorAll(".view")) view.hidden = true;
+  forgetShownSecrets();
+  $("views").hidden = true; $("who").hidden = true; $("org-picker").hidden = true;
+  notice("");
   $("login-error").textContent = message;
   $("org-name").textContent = "";
+  $("refresh-state").textContent = "";
+  $("sso").hidden = !(state.config && state.config.FEATURES && state.config.FEATURES.oidc);
 }
 
-function signOut(message = "") {
-  sessionStorage.removeItem("fleet-token");
-  state.token = "";
-  clearInterval(state.timer);
+async function signOut(message = "") {
+  await forgetIdentity();
   showLogin(message);
+}
+
+// Who is signed in, their role in the org shown, the org picker, and the views and actions that role allows.
+function applyIdentity() {
+  const role = currentRole();
+  document.body.dataset.role = role || "";
+  $("who").hidden = false;
+  $("who-name").textContent = auth.mode === "session" ? auth.email : "reader key";
+  $("who-role").textContent = role || "no role";
+  const orgs = Object.keys(auth.orgs).sort();
+  const picker = $("org-picker");
+  picker.hidden = orgs.length < 2;
+  if (orgs.length >= 2) {
+    picker.replaceChildren(...orgs.map((o) => el("option", { value: o, text: `${o} (${auth.orgs[o]})` })));
+    picker.value = auth.org;
+  }
+  $("org-name").hidden = orgs.length >= 2;
+  if (auth.mode === "session") $("org-name").textContent = auth.org;
+  let others = 0;
+  for (const button of $("views").querySelectorAll("[data-needs]")) {
+    button.hidden = !can(button.dataset.needs);
+    if (!button.hidden) others += 1;
+  }
+  $("views").hidden = others === 0;  // a viewer with a key has the fleet only: no menu of one
+  if (state.view !== "fleet" && !can(state.view)) state.view = "fleet";
+}
+
+// Secrets shown once (a channel's signing secret, a token, a sign-in link) leave the page with their panel.
+function forgetShownSecrets() {
+  for (const box of document.querySelectorAll(".once")) {
+    box.hidden = true;
+    box.querySelectorAll("code").forEach((code) => { code.textContent = ""; });
+  }
+}
+
+function showView(view) {
+  if (view !== state.view) forgetShownSecrets();
+  state.view = view;
+  for (const button of $("views").querySelectorAll("[data-view]")) {
+    if (button.dataset.view === view) button.setAttribute("aria-current", "page");
+    else button.removeAttribute("aria-current");
+  }
+  $("fleet").hidden = view !== "fleet";
+  for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${view}`;
+  if (view !== "fleet") {
+    $("detail").hidden = true;
+    state.selected = null;
+    PANELS[view]();
+  }
+}
+
+// A person's roles may change while the page is open (fleet user grant/revoke/remove): ask who we are on every
+// refresh and follow. False when there is nothing left to show (the session ended, or no role in any org).
+async function stillSignedIn() {
+  const before = `${auth.org}:${JSON.stringify(auth.orgs)}`;
+  const body = await api("/api/session");
+  if (!auth.mode) return false;  // a 401: onSignedOut showed the sign-in page
+  auth.orgs = body.orgs || {};
+  auth.csrf = body.csrf_token || auth.csrf;
+  if (!(auth.org in auth.orgs)) chooseOrg(Object.keys(auth.orgs).sort()[0]);
+  if (!Object.keys(auth.orgs).length) {
+    await signOut("You no longer have a role in any org: ask an admin.");
+    return false;
+  }
+  if (`${auth.org}:${JSON.stringify(auth.orgs)}` !== before) {
+    applyIdentity();
+    if (state.shown) showView(state.view);  // the view the new role allows, for the org now shown
+    announce(`Your role in ${auth.org} is now ${currentRole()}`);
+  }
+  return true;
+}
+
+// Signed in (either way): show the page for this identity and start refreshing.
+async function begin() {
+  $("login").hidden = true;
+  $("logout").hidden = false;
+  applyIdentity();
+  if (auth.mode === "session" && !auth.org) {
+    showLogin("You have no role in any org yet: ask an admin to grant you one.");
+    return;
+  }
+  await refresh();
+  if (auth.mode) schedule();  // not when the first answer was a 401 (a wrong key)
 }
 
 function query() {
@@ -195,14 +248,17 @@ async function loadAlerts() {
 async function refresh() {
   let body;
   try {
+    if (auth.mode === "session" && !(await stillSignedIn())) return;
     [body] = await Promise.all([api(`/api/fleet?${query()}`), loadAlerts(), loadLabels()]);
   } catch (err) {
+    if (!auth.mode) return;  // signed out (a 401): the sign-in page says why
     if (err.badRequest) {  // the label filter: say what is wrong with it, keep the last table
       $("label-error").textContent = err.message;
       $("label-error").hidden = false;
       return;
     }
     $("refresh-state").textContent = `refresh failed: ${err.message}`;
+    $("refresh-state").classList.add("failing");
     announce(`Refresh failed: ${err.message}`);
     state.failing = true;
     return;
@@ -211,7 +267,8 @@ async function refresh() {
   if (state.failing) announce("Refresh works again");
   state.failing = false;
   state.serverSkew = Date.now() / 1000 - body.server_time;
-  $("login").hidden = true; $("fleet").hidden = false; $("logout").hidden = false;
+  if (!auth.mode) return;  // signed out while the answer was on its way
+  if (!state.shown) { state.shown = true; $("login").hidden = true; showView(state.view); }
   $("org-name").textContent = body.org;
   for (const s of ["online", "stale", "offline", "expired"]) $(`count-${s}`).textContent = body.counts[s];
   renderAlerts();
@@ -222,6 +279,7 @@ async function refresh() {
   $("prev").disabled = state.page === 0;
   $("next").disabled = (state.page + 1) * PAGE >= body.count;
   $("refresh-state").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  $("refresh-state").classList.remove("failing");
   if (state.selected) loadDetail(state.selected, false);
 }
 
@@ -247,23 +305,31 @@ function firingByMachine() {
 
 function severityBadge(text, kind) { return el("span", { class: `sev ${kind}`, text }); }
 
+// An alert: its head line (severity, rule, machine, marks, age), its summary, and the actions the role allows.
+// The parts wrap as whole lines on a narrow screen; the summary never shrinks to a sliver.
 function alertItem(a) {
-  const item = el("li", { "data-alert": String(a.id), "data-machine": a.machine_id });
+  const item = el("li", { "data-alert": String(a.id), "data-machine": a.machine_id, "data-rule": a.rule });
+  const head = el("span", { class: "head" });
   if (a.state === "resolved") {
-    item.append(severityBadge("resolved", "resolved"), el("span", { class: "rule", text: a.rule }),
-      el("span", { class: "name", text: a.machine_id }), el("span", { class: "what", text: a.summary || "" }),
-      el("span", { class: "muted", text: `resolved ${ago(a.resolved_at)}` }));
+    head.append(severityBadge("resolved", "resolved"), el("span", { class: "rule", text: a.rule }),
+      el("span", { class: "name", text: a.machine_id }),
+      el("span", { class: "muted age", text: `resolved ${ago(a.resolved_at)}` }));
   } else {
-    item.append(severityBadge(a.state === "pending" ? "pending" : a.severity, a.state === "pending" ? "silenced" : a.severity),
-      el("span", { class: "rule", text: a.rule }), el("span", { class: "name", text: a.machine_id }),
-      el("span", { class: "what", text: a.summary || "" }));
-    if (a.silenced) item.append(severityBadge("silenced", "silenced"));
-    item.append(el("span", { class: "muted", text: `${a.state === "pending" ? "pending" : "since"} ${ago(a.started_at)}` }));
+    head.append(severityBadge(a.state === "pending" ? "pending" : a.severity, a.state === "pending" ? "silenced" : a.severity),
+      el("span", { class: "rule", text: a.rule }), el("span", { class: "name", text: a.machine_id }));
+    if (a.silenced) head.append(severityBadge("silenced", "silenced"));
+    const by = acknowledgedBy(a);
+    if (by) head.append(el("span", { class: "sev acked", "data-acked": by, text: `acknowledged by ${by}` }));
+    head.append(el("span", { class: "muted age", text: `${a.state === "pending" ? "pending" : "since"} ${ago(a.started_at)}` }));
   }
+  item.append(head);
+  if (a.summary) item.append(el("span", { class: "what", text: a.summary, title: a.summary }));
+  const controls = alertActions(a);
+  if (controls.length) item.append(el("span", { class: "row-actions" }, ...controls));
   item.tabIndex = 0;
   item.addEventListener("click", () => loadDetail(a.machine_id, true));
   item.addEventListener("keydown", (ev) => {
-    if (ev.key !== "Enter" && ev.key !== " ") return;
+    if (ev.target !== item || (ev.key !== "Enter" && ev.key !== " ")) return;
     ev.preventDefault();
     loadDetail(a.machine_id, true, true);
   });
@@ -272,9 +338,21 @@ function alertItem(a) {
 
 function silenceItem(s) {
   const until = new Date(s.ends_at * 1000).toLocaleString();
-  return el("li", { "data-silence": String(s.id) }, severityBadge("silenced", "silenced"),
+  const item = el("li", { "data-silence": String(s.id) }, el("span", { class: "head" }, severityBadge("silenced", "silenced"),
     el("span", { class: "rule", text: s.rule || "every rule" }), el("span", { class: "name", text: s.machines }),
-    el("span", { class: "what", text: s.comment || "" }), el("span", { class: "muted", text: `until ${until}` }));
+    el("span", { class: "muted age", text: `until ${until}` })));
+  if (s.comment) item.append(el("span", { class: "what", text: s.comment, title: s.comment }));
+  if (can("silence")) item.append(el("span", { class: "row-actions" }, endSilenceButton(s)));
+  return item;
+}
+
+// Replace a list's items, keeping a keyboard user's focus on the same item (and the same control in it).
+function replaceItems(list, items) {
+  const alertKey = focusKey(list, "data-alert");
+  const silenceKey = focusKey(list, "data-silence");
+  list.replaceChildren(...items);
+  restoreFocus(list, "data-alert", alertKey);
+  restoreFocus(list, "data-silence", silenceKey);
 }
 
 function renderAlerts() {
@@ -300,7 +378,7 @@ function renderAlerts() {
     items = firing.concat(pending).map(alertItem);
     none = "No alerts firing. All quiet.";
   }
-  $("alert-list").replaceChildren(...(items.length ? items : [el("li", { class: "none", text: none })]));
+  replaceItems($("alert-list"), items.length ? items : [el("li", { class: "none", text: none })]);
 }
 
 // A group's header row: the label's value and its online / stale / offline counts (over every page).
@@ -426,7 +504,13 @@ async function loadDetail(machineId, open, focus = false) {
   fact(dl, "Name conflict", machine.conflict ? "yes: two hardware ids use this name" : "no");
   if (machine.lost || machine.late) fact(dl, "Reports lost", `${machine.lost}${machine.late ? ` (${machine.late} arrived late)` : ""}`);
   const mine = state.alerts.filter((a) => a.machine_id === machine.machine_id && a.state !== "resolved");
-  $("d-alerts").replaceChildren(...mine.map(alertItem));
+  replaceItems($("d-alerts"), mine.map(alertItem));
+  const actionsKey = focusKey($("d-actions"), "data-machine-actions");
+  const controls = machineActions(machine);
+  $("d-actions").replaceChildren(...(controls.length
+    ? [el("span", { class: "row-actions", "data-machine-actions": machine.machine_id }, ...controls)] : []));
+  $("d-actions").hidden = !controls.length;
+  restoreFocus($("d-actions"), "data-machine-actions", actionsKey);
   renderCharts(history.points, now - state.range, now);
   renderAgentExtras(met, history.points, now - state.range, now);
   renderTimeline(events.events, inventory.data);
@@ -594,32 +678,68 @@ function schedule() {
   state.timer = setInterval(refresh, every);
 }
 
+// Who is this: a reader key in the URL fragment or this tab, else the session the browser holds (after a reload or
+// a single sign-on redirect), else the sign-in page.
 async function start() {
   try {
     state.config = await (await fetch("/api/config")).json();
   } catch (err) {
     state.config = null;
   }
-  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (fromHash) {
-    state.token = fromHash;
-    sessionStorage.setItem("fleet-token", fromHash);
-    history.replaceState(null, "", location.pathname + location.search);
-  }
+  const hash = new URLSearchParams(location.hash.slice(1));
+  const fromHash = hash.get("token");
+  if (fromHash || hash.has("sso_error")) history.replaceState(null, "", location.pathname + location.search);
   loadView();
-  if (!state.token) { showLogin(); return; }
-  await refresh();
-  schedule();
+  const stored = fromHash || sessionStorage.getItem("fleet-token");
+  if (stored) useKey(stored);
+  else {
+    const session = await existingSession();
+    if (session) useSession(session);
+  }
+  if (!auth.mode) { showLogin(hash.get("sso_error") || ""); return; }
+  await begin();
 }
+
+onSignedOut = (message) => { forgetIdentity(); showLogin(message); };
+afterChange = () => (state.view === "fleet" ? refresh() : PANELS[state.view]());
 
 $("login-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
-  state.token = $("token").value.trim();
-  sessionStorage.setItem("fleet-token", state.token);
+  useKey($("token").value.trim());
   $("token").value = "";
-  refresh().then(schedule);
+  begin();
+});
+$("password-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const button = ev.target.querySelector("button");
+  button.disabled = true;
+  $("login-error").textContent = "";
+  try {
+    useSession(await signInWithPassword($("email").value.trim(), $("password").value));
+  } catch (err) {
+    $("login-error").textContent = err.message;
+    return;
+  } finally {
+    button.disabled = false;
+    $("password").value = "";
+  }
+  await begin();
 });
 $("logout").addEventListener("click", () => signOut());
+$("org-picker").addEventListener("change", () => {
+  chooseOrg($("org-picker").value);
+  state.page = 0;
+  state.selected = null;
+  $("detail").hidden = true;
+  forgetShownSecrets();
+  notice("");
+  applyIdentity();
+  showView(state.view);
+  refresh();
+});
+for (const button of $("views").querySelectorAll("[data-view]")) {
+  button.addEventListener("click", () => { notice(""); showView(button.dataset.view); });
+}
 let searchTimer = null;
 $("search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => { state.page = 0; refresh(); }, 200); });
 for (const id of ["os-filter", "status-filter", "sort"]) $(id).addEventListener("change", () => { state.page = 0; refresh(); });
