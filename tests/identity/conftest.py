@@ -18,6 +18,7 @@ from fleet.config.tls import ca_fingerprint
 from fleet.config.topics import agent_client_id
 from fleet.store import credentials, identity
 from fleet.store.database import open_database
+from tests.helpers import connect_client
 
 
 def running_signer(settings: Settings) -> Iterator[Signer]:
@@ -86,3 +87,16 @@ def connect_with_cert(broker: Any, files: IdentityFiles, client_id: str | None =
         client.disconnect()
         return rc
     return client
+
+
+def assert_key_off_ends_org_key_connections(broker: Any, settings: Settings, org: credentials.OrgSecrets) -> None:
+    """With ``--agent-key off`` an org-key connection is closed within 5 s and the key is refused after."""
+    keyed = connect_client(broker, f"{org.org}/agent", org.agent_key, f"fleet-{org.org}-web1")
+    gone = threading.Event()
+    keyed.on_disconnect = lambda *_: gone.set()
+    with open_database(settings.database) as db:
+        identity.set_agent_key(db, org.org, False)
+    assert gone.wait(5), "an org-key connection stays open with the key off"
+    keyed.loop_stop()
+    refused = connect_client(broker, f"{org.org}/agent", org.agent_key, f"fleet-{org.org}-web1", expect_rc=1)
+    assert refused == connack.NOT_AUTHORIZED

@@ -28,7 +28,12 @@ from fleet.config.topics import report_topic
 from fleet.store import identity
 from fleet.store.database import open_database
 from tests.helpers import Inbox, close, connect_client, wait_for
-from tests.identity.conftest import connect_with_cert, enrol_machine, make_token
+from tests.identity.conftest import (
+    assert_key_off_ends_org_key_connections,
+    connect_with_cert,
+    enrol_machine,
+    make_token,
+)
 
 
 def _csr(cn: str, key: Any = None) -> str:
@@ -97,15 +102,7 @@ def test_revocation_closes_the_connection_and_refuses_the_certificate(broker, br
 
 def test_agent_key_off_applies_within_5_s(broker, broker_settings, signer, acme, tmp_path: Path) -> None:
     files = enrol_machine(broker, broker_settings, tmp_path / "agent", "db1")
-    keyed = connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web1")
-    gone = threading.Event()
-    keyed.on_disconnect = lambda *_: gone.set()
-    with open_database(broker_settings.database) as db:
-        identity.set_agent_key(db, "acme", False)
-    assert gone.wait(5), "an org-key connection stays open with the key off"
-    keyed.loop_stop()
-    assert connect_client(broker, "acme/agent", acme.agent_key, "fleet-acme-web1", expect_rc=1) \
-        == connack.NOT_AUTHORIZED
+    assert_key_off_ends_org_key_connections(broker, broker_settings, acme)
     close(connect_with_cert(broker, files))  # enrolled machines still connect
     with open_database(broker_settings.database) as db:
         identity.set_agent_key(db, "acme", True)

@@ -11,14 +11,18 @@ import pytest
 
 from fleet.agent.identity import IdentityFiles, enrol
 from fleet.broker.mosquitto import cert_port, kick_machine, watch
-from fleet.config import connack
 from fleet.config.mqtt import BrokerAddress
 from fleet.config.settings import Settings
 from fleet.config.topics import report_topic
 from fleet.store import identity
 from fleet.store.database import open_database
 from tests.helpers import Inbox, close, connect_client, wait_for
-from tests.identity.conftest import connect_with_cert, make_token, running_signer
+from tests.identity.conftest import (
+    assert_key_off_ends_org_key_connections,
+    connect_with_cert,
+    make_token,
+    running_signer,
+)
 
 pytestmark = pytest.mark.mosquitto
 
@@ -95,12 +99,4 @@ def test_enrol_publish_impersonation_and_revocation_on_mosquitto(mosquitto_broke
 
 
 def test_agent_key_off_reaches_mosquitto_within_5_s(mosquitto_broker, mosquitto_settings, watcher, acme) -> None:
-    keyed = connect_client(mosquitto_broker, "acme/agent", acme.agent_key, "fleet-acme-web1")
-    gone = threading.Event()
-    keyed.on_disconnect = lambda *_: gone.set()
-    with open_database(mosquitto_settings.database) as db:
-        identity.set_agent_key(db, "acme", False)
-    assert gone.wait(5), "an org-key connection stays open on Mosquitto with the key off"
-    keyed.loop_stop()
-    assert connect_client(mosquitto_broker, "acme/agent", acme.agent_key, "fleet-acme-web1", expect_rc=1) \
-        == connack.NOT_AUTHORIZED
+    assert_key_off_ends_org_key_connections(mosquitto_broker, mosquitto_settings, acme)
