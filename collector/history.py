@@ -280,6 +280,7 @@ class RetentionResult:
     events_deleted: int
     alerts_deleted: int = 0
     ids_deleted: int = 0  # sessions and machines no stored report names any more
+    audit_deleted: int = 0
 
 
 # A session stays while a report names it, or while it is its machine's current one (the writer may be about
@@ -302,7 +303,8 @@ AND NOT EXISTS (SELECT 1 FROM inventory WHERE machine = report_machines.id)
 
 
 def apply_retention(db: Database, now: float, raw_days: float, rollup_days: float) -> RetentionResult:
-    """Fold raw reports older than ``raw_days`` into 1-minute rollups; drop rollups and events past ``rollup_days``.
+    """Fold raw reports older than ``raw_days`` into 1-minute rollups; drop rollups, events and audit entries past
+    ``rollup_days``.
 
     Reports go oldest first by id, which follows the order they were received in. Several collectors may run
     this at once on one database. Two runs over one chunk would add its samples to the rollups twice, so a
@@ -334,7 +336,8 @@ def apply_retention(db: Database, now: float, raw_days: float, rollup_days: floa
         machines = db.execute(_UNUSED_MACHINES) if sessions or inventory else 0
         rollups = db.execute("DELETE FROM rollups WHERE minute < ?", (keep_cutoff,))
         events = db.execute("DELETE FROM events WHERE ts < ?", (keep_cutoff,))
+        audit = db.execute("DELETE FROM audit_log WHERE ts < ?", (keep_cutoff,))  # as long as the events
         # Resolved alerts are history like raw reports; one the channels still must hear of stays.
         alerts = db.execute("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ? AND notified = state",
                             (raw_cutoff,))
-    return RetentionResult(rolled, rollups, events, alerts, sessions + machines)
+    return RetentionResult(rolled, rollups, events, alerts, sessions + machines, audit)

@@ -507,9 +507,9 @@ class Writer:
             return
         if result.ids_deleted:
             self.sample_ids.forget()
-        if result.reports_rolled_up or result.rollups_deleted or result.events_deleted:
-            log.info("retention: %d reports rolled up, %d rollups and %d events deleted",
-                     result.reports_rolled_up, result.rollups_deleted, result.events_deleted)
+        if result.reports_rolled_up or result.rollups_deleted or result.events_deleted or result.audit_deleted:
+            log.info("retention: %d reports rolled up, %d rollups, %d events and %d audit entries deleted",
+                     result.reports_rolled_up, result.rollups_deleted, result.events_deleted, result.audit_deleted)
 
     def _heartbeat(self, final: bool) -> None:
         stats = self.peers.stats()

@@ -109,7 +109,12 @@ def test_retention_rolls_raw_history_into_minutes_and_bounds_everything(db):
     _insert_reports(db, rows)
     db.execute("INSERT INTO events(org, machine_id, ts, new_status) VALUES ('acme', 'm', ?, 'online')",
                (now - 40 * day,))
+    for age in (40, 1):
+        db.execute("INSERT INTO audit_log(org, ts, actor, action, target) VALUES ('acme', ?, 'cli:root', 'org.add',"
+                   " 'acme')", (now - age * day,))
     result = history.apply_retention(db, now, raw_days=7, rollup_days=20)
+    assert result.audit_deleted == 1
+    assert db.query_one("SELECT count(*) FROM audit_log") == (1,)  # the day-old entry stays
     oldest_raw = db.query_one("SELECT min(received) FROM reports")[0]
     assert oldest_raw >= now - 7 * day
     assert result.reports_rolled_up == sum(1 for r in rows if r[5] < now - 7 * day)
