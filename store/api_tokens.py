@@ -13,11 +13,10 @@ from typing import Any
 
 from fleet.store.database import Database
 from fleet.store.errors import PeopleError
-from fleet.store.people import Person, get_person, new_secret, secret_digest
+from fleet.store.people import Person, get_person, new_secret, secret_digest, touch_due
 
 PREFIX = "fleet_pt_"
 NAME_MAX = 64
-TOUCH_S = 60.0  # last_used is written at most this often per token
 MAX_TOKENS_PER_PERSON = 100
 _NAME = re.compile(r"[^\x00-\x1f\x7f]+")
 
@@ -81,7 +80,7 @@ def lookup(db: Database, token: str, now: float | None = None) -> TokenUse | Non
     person = get_person(db, row[1])
     if person is None:
         return None
-    return TokenUse(int(row[0]), row[2], person, row[3] is None or now - row[3] >= TOUCH_S)
+    return TokenUse(int(row[0]), row[2], person, touch_due(row[3], now))
 
 
 def touch(db: Database, token_id: int, now: float | None = None) -> None:

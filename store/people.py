@@ -26,6 +26,7 @@ from fleet.store.orgs import require_org
 ROLES = ("viewer", "operator", "admin")
 SECRET_BYTES = 32
 INVITATION_S = 24 * 3600.0
+TOUCH_S = 60.0  # a session's last_seen or a token's last_used is written at most this often: a request is a read
 PASSWORD_MIN = 8
 PASSWORD_MAX = 1024  # argon2 takes any length; a bound keeps a request's work bounded
 EMAIL_MAX = 254
@@ -116,6 +117,11 @@ def new_secret() -> str:
 def secret_digest(secret: str) -> str:
     """The stored form of a random secret: hex SHA-256."""
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def touch_due(last: float | None, now: float) -> bool:
+    """Whether a last-use time written at ``last`` (None: never) is due to be written again at ``now``."""
+    return last is None or now - last >= TOUCH_S
 
 
 # --- people -----------------------------------------------------------------------------------------------

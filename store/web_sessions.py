@@ -12,11 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 from fleet.store.database import Database
-from fleet.store.people import Person, get_person, new_secret, secret_digest
+from fleet.store.people import Person, get_person, new_secret, secret_digest, touch_due
 
 SESSION_S = 7 * 24 * 3600.0
 SESSION_IDLE_S = 24 * 3600.0
-TOUCH_S = 60.0  # last_seen is written at most this often per session: a request is a read, not a write
 MAX_SESSIONS_PER_PERSON = 50  # signing in again and again cannot grow the table without bound
 
 
@@ -66,7 +65,7 @@ def lookup(db: Database, session_id: str, now: float | None = None) -> SignedIn 
     person = get_person(db, row[0])
     if person is None:
         return None
-    return SignedIn(person, row[1], id_hash, now - row[2] >= TOUCH_S)
+    return SignedIn(person, row[1], id_hash, touch_due(row[2], now))
 
 
 def touch(db: Database, id_hash: str, now: float | None = None) -> None:

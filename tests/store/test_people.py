@@ -142,7 +142,7 @@ def test_sessions_end_on_sign_out_idle_age_and_removal(db):
     assert found.person == ann
     assert found.csrf_token == new.csrf_token
     assert not found.touch_due
-    assert web_sessions.lookup(db, new.session_id, now=1000.0 + web_sessions.TOUCH_S).touch_due
+    assert web_sessions.lookup(db, new.session_id, now=1000.0 + people.TOUCH_S).touch_due
     assert web_sessions.lookup(db, new.session_id, now=1000.0 + web_sessions.SESSION_IDLE_S) is None
     web_sessions.touch(db, found.id_hash, now=1000.0 + web_sessions.SESSION_IDLE_S - 1)
     assert web_sessions.lookup(db, new.session_id, now=1000.0 + web_sessions.SESSION_IDLE_S) is not None
