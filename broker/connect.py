@@ -45,7 +45,7 @@ from fleet.broker.protocol import (
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of, spare_queues
 from fleet.broker.throttle import ThrottledLog
-from fleet.broker.tlstransport import TLSSocketTransport, handshake
+from fleet.broker.tlstransport import TLSSocketTransport, handshake, read_buffer
 from fleet.config.connack import ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE
 from fleet.config.topics import machine_from_client_id
 from fleet.store.credentials import SERVICE_ROLE, Principal
@@ -123,6 +123,7 @@ class SessionBroker(RoutingBroker):
             return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
         if ssl_context is not None:
             self._tls[listener_name] = tls_context(ssl_context)
+            read_buffer()  # made now, on the loop's thread, rather than at the first connection
         return await listen(address, port, partial(self._accepted, listener_name=listener_name), self._accept_failed)
 
     def _accepted(self, sock: socket.socket, listener_name: str) -> None:

@@ -4,9 +4,10 @@ non-blocking socket the event loop watches, as an asyncio transport for the conn
 
 asyncio's own TLS transport (sslproto) stacks a TLS protocol on a socket transport and moves every record
 through several layers of Python calls and buffers, each connection holding a read buffer of its own. Here a
-readable socket is read once into a buffer all connections share (the loop runs one callback at a time), every
-whole TLS record in it is decrypted in the same call, and what a turn of the loop writes to a connection is
-encrypted and sent at its end in one ``send()``. Handshake: ``handshake()``, in the connection's task.
+readable socket is read once into a buffer all connections of the loop share (one per thread; the loop runs
+one callback at a time), every whole TLS record in it is decrypted in the same call, and what a turn of the
+loop writes to a connection is encrypted and sent at its end in one ``send()``. Handshake: ``handshake()``, in
+the connection's task.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import threading
 from typing import Any, NamedTuple
 
 from fleet.broker.listener import reset
@@ -22,8 +24,16 @@ RECV_SIZE = 256 * 1024  # what one read takes from a socket at most
 READ_SIZE = 16 * 1024  # a TLS record's plaintext at most
 HIGH_WATER = 64 * 1024  # unsent bytes past which the protocol is paused (asyncio's default)
 LOW_WATER = HIGH_WATER // 4
-_shared = bytearray(RECV_SIZE)  # every connection's read lands here first: no buffer per connection
-_shared_view = memoryview(_shared)
+_read_buffers = threading.local()  # one per thread (each runs its own event loop), shared by its connections
+
+
+def read_buffer() -> memoryview:
+    """This thread's read buffer: every connection of its event loop reads into it first, one at a time. Made
+    by the first call in a thread (a TLS listener's start)."""
+    buffer = getattr(_read_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _read_buffers.buffer = memoryview(bytearray(RECV_SIZE))
+    return buffer
 
 
 class TLS(NamedTuple):
@@ -73,6 +83,7 @@ class TLSSocketTransport(asyncio.Transport):
         self._loop = loop
         self._sock, self._session, self._incoming, self._outgoing = tls
         self._fd = self._sock.fileno()
+        self._read_into = read_buffer()  # the loop's thread's: the transport's callbacks all run there
         self._protocol = protocol
         self._plain = bytearray()  # written this turn, not yet encrypted
         self._wire = bytearray()  # encrypted, not yet sent
@@ -155,14 +166,14 @@ class TLSSocketTransport(asyncio.Transport):
 
     def _read_ready(self) -> None:
         try:
-            count = self._sock.recv_into(_shared)
+            count = self._sock.recv_into(self._read_into)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._connection_lost(exc)
             return
         if count:
-            self._incoming.write(_shared_view[:count])
+            self._incoming.write(self._read_into[:count])
         else:
             self._incoming.write_eof()
         self._decrypt()
