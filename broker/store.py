@@ -1,11 +1,12 @@
 """Broker state persisted in ``<data_dir>/broker.db``: retained messages, the subscriptions of persistent
 sessions, and the messages queued for persistent sessions until their subscriber acknowledges them.
 
-The event loop only appends to the open batch (no I/O, no locks). At the end of the loop turn that
-opened it, the batch is sealed and handed to one writer thread, which commits every batch sealed
-meanwhile in one transaction (a group commit): under load one write covers many loop turns, never one
-per message. A publisher's PUBACK waits for the commit of the batch holding what its message changed
-(``barrier()``), so what the broker acknowledged is on disk: a SIGKILL loses nothing acknowledged.
+The event loop only appends to the open batch (no I/O, no locks). GROUP_WINDOW_S after its first
+change, the batch is sealed and handed to one writer thread, which commits every batch sealed meanwhile
+in one transaction (a group commit): one write covers every message of the window, never one per
+message, and a row whose subscriber acknowledges it within the window is never written. A publisher's
+PUBACK waits for the commit of the batch holding what its message changed (``barrier()``), so what the
+broker acknowledged is on disk: a SIGKILL loses nothing acknowledged.
 ``durability`` says what a power loss may lose (docs/broker.md): ``full`` fsyncs each group commit
 (nothing acknowledged), ``normal`` leaves it to SQLite's WAL checkpoints (the commits since the last
 one), ``off`` keeps queues in memory only and acknowledges at once, as before this store queued messages.
@@ -27,7 +28,7 @@ log = logging.getLogger("fleet.broker")
 
 DURABILITY = {"full": "FULL", "normal": "NORMAL", "off": "NORMAL"}  # -> PRAGMA synchronous
 RETRY_MAX_S = 5.0  # a failing commit (disk full, locked) is retried with backoff up to this interval
-GROUP_WINDOW_S = 0.002  # a commit waits this long after its first batch was sealed, for more to join it
+GROUP_WINDOW_S = 0.01  # a batch is open this long after its first change: a PUBACK's wait, besides the disk
 CLOSE_RETRIES = 3  # at shutdown a commit that keeps failing is given up after this many tries
 
 SCHEMA = """
@@ -43,7 +44,7 @@ CREATE INDEX IF NOT EXISTS queued_by_client ON queued (client_id, seq);
 class _Batch:
     """The changes of one or more loop turns, committed together."""
 
-    __slots__ = ("queued", "acked", "forgotten", "retained", "subs", "future", "committed", "sealed_at")
+    __slots__ = ("queued", "acked", "forgotten", "retained", "subs", "future", "committed")
 
     def __init__(self) -> None:
         self.queued: list[tuple[int, str, str, bytes, int]] = []
@@ -53,7 +54,6 @@ class _Batch:
         self.subs: dict[tuple[str, str], tuple[str, int] | None] = {}  # (client, filter) -> (user, qos) or None
         self.future: asyncio.Future[None] | None = None
         self.committed = False
-        self.sealed_at = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.queued or self.acked or self.forgotten or self.retained or self.subs)
@@ -138,11 +138,6 @@ class BrokerStore:
                         self._cond.wait()
                     if not self._sealed:
                         return
-                    # Let a few more loop turns join this commit: more PUBACKs per write, and rows whose
-                    # subscriber acknowledges them meanwhile are never written (_cancel_delivered).
-                    deadline = self._sealed[0].sealed_at + GROUP_WINDOW_S
-                    while not self._closing and (wait := deadline - time.monotonic()) > 0:
-                        self._cond.wait(wait)  # woken early by each batch sealed meanwhile
                     batches = list(self._sealed)
                     self._sealed.clear()
                 if len(batches) > 1:
@@ -192,10 +187,10 @@ class BrokerStore:
 
     # --- the event loop's side: cheap, never blocks ----------------------------------------------
     def _batch(self) -> _Batch:
-        """The open batch; the first change of a loop turn schedules its sealing at the end of the turn."""
+        """The open batch; its first change schedules its sealing GROUP_WINDOW_S later."""
         if not self._sealing and self._loop is not None:
             self._sealing = True
-            self._loop.call_soon(self._seal)
+            self._loop.call_later(GROUP_WINDOW_S, self._seal)
         return self._open
 
     def _seal(self) -> None:
@@ -203,7 +198,6 @@ class BrokerStore:
         if not self._open:
             return
         batch, self._open = self._open, _Batch()
-        batch.sealed_at = time.monotonic()
         self._last = batch
         with self._cond:
             self._sealed.append(batch)
