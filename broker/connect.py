@@ -31,17 +31,11 @@ from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.session import Session
 
 from fleet.broker.admission import Admission
+from fleet.broker.framing import MAX_PACKET_BYTES, GuardedReader, PacketProtocol
 from fleet.broker.keepalive import KeepaliveWheel
 from fleet.broker.listener import listen, reset
 from fleet.broker.policy import AccessPolicy, Grant
-from fleet.broker.protocol import (
-    MAX_PACKET_BYTES,
-    FleetProtocolHandler,
-    GuardedReader,
-    StreamWriter,
-    abort,
-    abort_transport,
-)
+from fleet.broker.protocol import FleetProtocolHandler, StreamWriter, abort, abort_transport
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
 from fleet.broker.sessions import extras, grant_of, spare_queues
 from fleet.broker.throttle import ThrottledLog
@@ -54,7 +48,6 @@ log = logging.getLogger("fleet.broker")
 
 CONNECT_TIMEOUT_S = 10.0  # the TLS handshake, and then the CONNECT, each
 STOP_RETRY_S = 0.5
-STREAM_LIMIT = 64 * 1024  # asyncio.start_server's default reader limit
 KEEPALIVE_FACTOR = 1.5
 TAKEOVER_TIMEOUT_S = 10.0  # the older connection's will and cleanup; a new CONNECT waits this long at most
 # Above this share of max_connections, a listener admits only the collector and clients whose persistent session
@@ -171,11 +164,12 @@ class SessionBroker(RoutingBroker):
             abort_transport(writer.transport)
 
     async def _open(self, sock: socket.socket,
-                    listener_name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """The connection's streams once TLS (on a TLS listener) is up; None (socket closed, counted) if it failed."""
+                    listener_name: str) -> tuple[GuardedReader, asyncio.StreamWriter] | None:
+        """The connection's reader and writer once TLS (on a TLS listener) is up; None (socket closed, counted) if
+        it failed."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        reader = GuardedReader()
+        protocol = PacketProtocol(reader, loop)
         context = self._tls.get(listener_name)
         try:
             peer = sock.getpeername()
@@ -207,7 +201,7 @@ class SessionBroker(RoutingBroker):
                 log.debug("connection from %s closed in the TLS handshake: %r", peer, exc)
             reset(sock)
             return None
-        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+        return reader, asyncio.StreamWriter(transport, protocol, protocol.stream, loop)
 
     def _turn_away(self, sock: socket.socket, why: str) -> None:
         """Close a connection before its TLS handshake: the broker has as many handshakes as it can take."""
@@ -233,7 +227,7 @@ class SessionBroker(RoutingBroker):
         server.conn_count += 1
         self.stats["connections"] += 1
         try:
-            reader = GuardedReader(reader, lambda n: self._oversize(writer, n))
+            reader.on_oversize = lambda n: self._oversize(writer, n)
             try:
                 # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation (a broker stop) that
                 # comes as the CONNECT is read, and the connection went on into a session nobody would end.

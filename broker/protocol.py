@@ -20,13 +20,11 @@ Stock behaviour replaced here (amqtt 0.12.1):
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from functools import partial
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WriterAdapter
+from amqtt.adapters import StreamReaderAdapter, WriterAdapter
 from amqtt.errors import CodecError, MQTTError, NoDataError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
@@ -45,14 +43,11 @@ from amqtt.mqtt.packet import (
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from fleet.broker.framing import GuardedReader
 from fleet.broker.sessions import NO_QUEUE
 from fleet.config.mqtt import remaining_length
 
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
-MAX_PACKET_BYTES = 1024 * 1024  # larger payloads close the connection before being buffered
-# A PUBLISH's topic and packet id come on top of its payload (the limit is what amqtt's reader applied: to the
-# payload, read apart from the variable header), so a 1 MiB payload is still read, then dropped at 64 KiB.
-MAX_BODY_BYTES = MAX_PACKET_BYTES + 2 + 0xFFFF + 2
 CONGESTED_BYTES = 1024 * 1024  # unsent bytes past which a connection counts as congested
 
 MAX_QOS2_INFLIGHT = 100  # incoming QoS 2 messages held between PUBLISH and PUBREL, per connection
@@ -97,67 +92,6 @@ def publish_bytes(topic: str, data: bytes, qos: int, retain: bool, packet_id: in
     ident = packet_id.to_bytes(2, "big") if qos else b""
     length = 2 + len(name) + len(ident) + len(data)
     return b"".join((bytes((head,)), remaining_length(length), len(name).to_bytes(2, "big"), name, ident, data))
-
-
-class GuardedReader(ReaderAdapter):
-    """The connection's reader: whole packets for serve() (two reads each), amqtt's reader API for CONNECT.
-
-    A packet announcing a body over MAX_BODY_BYTES closes the connection before the body is buffered;
-    after that every read is EOF (amqtt's CONNECT parser treats read errors as "try again", and the rest of
-    the oversized body must not be parsed as packets). ``last_read`` is when the last packet (or read)
-    completed, for the keepalive watchdog.
-    """
-
-    def __init__(self, stream: asyncio.StreamReader, on_oversize: Callable[[int], None]) -> None:
-        self._stream = stream
-        self._on_oversize = on_oversize
-        self.tripped = False
-        self.last_read = time.monotonic()
-
-    def _trip(self, size: int) -> None:
-        self.tripped = True
-        self._on_oversize(size)
-
-    async def read(self, n: int = -1) -> bytes:
-        """amqtt's ReaderAdapter.read: exactly ``n`` bytes (all until EOF for -1); EOF once tripped."""
-        if self.tripped:
-            return b""
-        if n > MAX_PACKET_BYTES:
-            self._trip(n)
-            return b""
-        data = await (self._stream.read(n) if n < 0 else self._stream.readexactly(n))
-        self.last_read = time.monotonic()
-        return data
-
-    async def packet(self) -> tuple[int, int, bytes] | None:
-        """The next packet as (type, flags, body); None at the end of the stream or once tripped. A remaining
-        length longer than MQTT's four bytes raises MQTTError."""
-        if self.tripped:
-            return None
-        stream = self._stream
-        try:
-            head = await stream.readexactly(2)
-            length, shift, byte = 0, 0, head[1]
-            while True:
-                length |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise MQTTError("remaining length over four bytes")
-                byte = (await stream.readexactly(1))[0]
-            if length > MAX_BODY_BYTES:
-                self._trip(length)
-                return None
-            body = await stream.readexactly(length) if length else b""
-        except asyncio.IncompleteReadError:
-            return None
-        self.last_read = time.monotonic()
-        return head[0] >> 4, head[0] & 0x0F, body
-
-    def feed_eof(self) -> None:
-        """Pass EOF through."""
-        self._stream.feed_eof()
 
 
 async def parse_with_amqtt(kind: int, flags: int, body: bytes) -> Any:
@@ -267,17 +201,21 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         # PUBACKs not sent yet, oldest first, each with the commit it waits for: they go out in order.
         self._acks: deque[tuple[int, asyncio.Future[None] | None]] = deque()
         self._ack_barrier: asyncio.Future[None] | None = None  # the newest commit a callback waits for
+        self._awaiting: dict[int, TrackedMessage] = {}  # QoS 1 messages written, by packet id, until their PUBACK
 
     async def serve(self) -> bool:
-        """Read and handle the client's packets, one at a time, until it sends DISCONNECT (True) or the
-        connection ends (False: the will is due). Only the transport (a client reading nothing stops being
-        read) and the broker's SUBSCRIBE handling are awaited; acknowledgements waiting for the disk are
-        sent by a task of their own. PUBLISH, PUBACK, PINGREQ, PUBREL and DISCONNECT are decoded here (amqtt's
+        """Handle the client's packets until it sends DISCONNECT (True) or the connection ends (False: the will
+        is due). Packets that need no waiting are handled as they arrive (packet_received); this task handles
+        the others, in order, awaiting only the transport (a client reading nothing stops being read) and the
+        broker's SUBSCRIBE handling. PUBLISH, PUBACK, PINGREQ, PUBREL and DISCONNECT are decoded here (amqtt's
         codec reads a packet in five or more awaits); the rest by amqtt's codec."""
         reader = self.reader
-        while isinstance(reader, GuardedReader):
+        if not isinstance(reader, GuardedReader):
+            return False
+        reader.serve_packets(self.packet_received)
+        while True:
             try:
-                packet = await reader.packet()
+                packet = await reader.next_packet()
                 if packet is None:
                     return False
                 kind, flags, body = packet
@@ -285,14 +223,8 @@ class FleetProtocolHandler(BrokerProtocolHandler):
                     self._publish_received(flags, body)
                     if self.congested():  # a client that reads none of its PUBACKs stops being read
                         await self.writer.drain()
-                elif kind == PUBACK:
-                    self._puback_received(int.from_bytes(body[:2], "big"))
-                elif kind == PINGREQ:
-                    self._write(PINGRESP)
                 elif kind == DISCONNECT:
                     return True
-                elif kind == PUBREL:
-                    self._release_qos2(int.from_bytes(body[:2], "big"))
                 elif kind in (SUBSCRIBE, UNSUBSCRIBE):
                     parsed = await parse_with_amqtt(kind, flags, body)
                     if kind == SUBSCRIBE and self.on_subscribe is not None:
@@ -300,14 +232,29 @@ class FleetProtocolHandler(BrokerProtocolHandler):
                     elif kind == UNSUBSCRIBE and self.on_unsubscribe is not None:
                         await self.on_unsubscribe(UnSubscription(parsed.variable_header.packet_id,
                                                                  parsed.payload.topics))
-                elif kind not in (PUBREC, PUBCOMP):  # those two: the broker sends nothing at QoS 2
+                elif not self.packet_received(kind, flags, body):
                     # CONNECT again, a reserved type, or a packet only a server sends
                     self.logger.warning("closing connection: unexpected packet type %d", kind)
                     return False
             except READ_FAILURES as exc:
                 self.logger.debug("connection ended: %r", exc)
                 return False
-        return False
+
+    def packet_received(self, kind: int, flags: int, body: bytes) -> bool:
+        """Handle a packet that needs no waiting, as it arrives (True); False leaves it to serve()."""
+        if kind == PUBLISH:
+            if self.congested():  # serve() handles it, then waits for the client to read
+                return False
+            self._publish_received(flags, body)
+        elif kind == PUBACK:
+            self._puback_received(int.from_bytes(body[:2], "big"))
+        elif kind == PINGREQ:
+            self._write(PINGRESP)
+        elif kind == PUBREL:
+            self._release_qos2(int.from_bytes(body[:2], "big"))
+        elif kind not in (PUBREC, PUBCOMP):  # those two: the broker sends nothing at QoS 2
+            return False
+        return True
 
     def _write(self, data: bytes) -> None:
         if self.writer is not None:
@@ -324,12 +271,15 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         self.receive_publish(topic, body[end + 2 if qos else end:], qos, bool(flags & 0x01), packet_id)
 
     def _puback_received(self, packet_id: int) -> None:
-        """The client acknowledged an outgoing QoS 1 message: its waiter completes (see _send_tracked)."""
-        waiter = self._puback_waiters.get(packet_id)
-        if waiter is None or waiter.done():
+        """The client acknowledged an outgoing QoS 1 message: it leaves the session's in-flight set."""
+        message = self._awaiting.pop(packet_id, None)
+        session = self.session
+        if message is None or session is None:
             self.logger.warning("Received PUBACK for unknown pending message Id: '%d'", packet_id)
-        else:
-            waiter.set_result(None)
+            return
+        session.inflight_out.pop(packet_id, None)
+        if self.on_delivered is not None:
+            self.on_delivered(session, message)
 
     def handle_read_timeout(self) -> None:
         """Nothing arrived for 1.5 x keepalive: close the connection so the will is published."""
@@ -345,10 +295,9 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         client sends again (MQTT 4.4)."""
         if self.session is None:
             return
-        loop = asyncio.get_running_loop()
         for message in list(self.session.inflight_out.values()):
             if isinstance(message, TrackedMessage):
-                self._send_tracked(message, loop.create_future())
+                self._send_tracked(message)
 
     def is_open(self) -> bool:
         """True while the connection can still carry a message."""
@@ -359,47 +308,33 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         broker's in-flight window; QoS 0 is dropped meanwhile)."""
         return isinstance(self.writer, StreamWriter) and self.writer.transport.get_write_buffer_size() > CONGESTED_BYTES
 
-    def start_delivery(self, topic: str, data: bytes, qos: int, retain: bool, seq: int | None) -> asyncio.Future[Any]:
-        """Send one message to this client now; the future is done once it is delivered: at once at QoS 0, on
-        its PUBACK at QoS 1 (in the session's in-flight set until then, see on_delivered), cancelled if the
-        connection ends first. No task per message: amqtt ran one, awaiting the write and then the PUBACK."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if qos == QOS_0 or self.session is None:
+    def start_delivery(self, topic: str, data: bytes, qos: int, retain: bool, seq: int | None) -> None:
+        """Send one message to this client now. At QoS 1 it stays in the session's in-flight set until its PUBACK
+        (then on_delivered); if the connection ends first, it is sent again when a persistent session returns. No
+        task or future per message: amqtt ran a task per message, awaiting the write and then the PUBACK."""
+        session = self.session
+        if qos == QOS_0 or session is None:
             if self.congested():  # QoS 0 may be dropped: a client reading nothing does not grow our buffers
-                if self.on_dropped is not None and self.session is not None:
-                    self.on_dropped("slow_subscriber", self.session, topic)
+                if self.on_dropped is not None and session is not None:
+                    self.on_dropped("slow_subscriber", session, topic)
             else:
                 self._write(publish_bytes(topic, data, QOS_0, retain))
-            done.set_result(None)
-            return done
-        message = TrackedMessage(self.session.next_packet_id, topic, QOS_1, data, retain, seq)
-        self.session.inflight_out[message.packet_id] = message
-        self._send_tracked(message, done)
-        return done
-
-    def _send_tracked(self, message: TrackedMessage, done: asyncio.Future[Any]) -> None:
-        """Write an outgoing QoS 1 message (again, with DUP, if it was sent before) and wait for its PUBACK
-        without a timer: unacknowledged, it stays in flight (stock gave up after 5 s and forgot it) and is
-        sent again when a persistent session returns. The waiter exists before the bytes are written, so no
-        acknowledgement, however quick, finds none (amqtt registered it only after awaiting the write)."""
-        session = self.session
-        if session is None or not self.is_open():  # nobody would answer; it stays in flight for the next one
-            done.cancel()
             return
-        self._puback_waiters[message.packet_id] = done
-        done.add_done_callback(partial(self._acknowledged, session, message))
+        message = TrackedMessage(session.next_packet_id, topic, QOS_1, data, retain, seq)
+        session.inflight_out[message.packet_id] = message
+        self._send_tracked(message)
+
+    def _send_tracked(self, message: TrackedMessage) -> None:
+        """Write an outgoing QoS 1 message (again, with DUP, if it was sent before); it awaits its PUBACK without
+        a timer: unacknowledged, it stays in flight (stock gave up after 5 s and forgot it) and is sent again
+        when a persistent session returns. It is awaited before the bytes are written, so no acknowledgement,
+        however quick, finds nothing (amqtt registered its waiter only after awaiting the write)."""
+        if self.session is None or not self.is_open():  # nobody would answer; it stays in flight for the next one
+            return
+        self._awaiting[message.packet_id] = message
         self._write(publish_bytes(message.topic, bytes(message.data), QOS_1, bool(message.retain), message.packet_id,
                                   dup=message.sent))
         message.sent = True
-
-    def _acknowledged(self, session: Session, message: TrackedMessage, waiter: asyncio.Future[Any]) -> None:
-        if self._puback_waiters.get(message.packet_id) is waiter:
-            del self._puback_waiters[message.packet_id]
-        if waiter.cancelled():  # the connection ended: still in flight, for the session's next connection
-            return
-        session.inflight_out.pop(message.packet_id, None)
-        if self.on_delivered is not None:
-            self.on_delivered(session, message)
 
     def receive_publish(self, topic: str, data: bytes, qos: int, retain: bool, packet_id: int) -> None:
         """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 is held until

@@ -22,7 +22,6 @@ Stock behaviour replaced here (amqtt 0.12.1, broker.py):
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections import Counter
 from typing import Any, NamedTuple
@@ -69,7 +68,6 @@ class RoutingBroker(Broker):
         self.max_queued_service = max_queued_service
         self.stats: Counter[str] = Counter()
         self.store = store
-        self._delivery_tasks: set[asyncio.Task[Any]] = set()
         self._drop_logged: set[str] = set()
         # topic -> the subscription filters it matches, for the filters as they were at ``_filters_version``
         self._filters_of: dict[str, tuple[str, ...]] = {}
@@ -143,7 +141,7 @@ class RoutingBroker(Broker):
         persistent = not target.clean_session
         if not connected and not (persistent and qos >= QOS_1):
             return  # nobody to deliver to, and nothing MQTT asks the broker to keep
-        if state.pending + len(state.queue) >= self.queue_limit(target):
+        if len(target.inflight_out) + len(state.queue) >= self.queue_limit(target):
             self.count_drop("queue_full", target, topic)
             return
         seq = None
@@ -155,8 +153,8 @@ class RoutingBroker(Broker):
             state.queue.append(QueuedMessage(topic, data, qos, retain, seq))
 
     def _window_open(self, session: Session, state: Extras) -> bool:
-        # In-flight QoS 1 messages include those resent after a reconnect; both bounds keep packet ids free.
-        return state.ready and state.pending < INFLIGHT_WINDOW and len(session.inflight_out) < INFLIGHT_WINDOW
+        # In-flight QoS 1 messages include those resent after a reconnect; the bound keeps packet ids free.
+        return state.ready and len(session.inflight_out) < INFLIGHT_WINDOW
 
     def _start_delivery(self, target: Session, state: Extras, topic: str, data: bytes, qos: int, retain: bool,
                         seq: int | None) -> bool:
@@ -164,21 +162,8 @@ class RoutingBroker(Broker):
         if not isinstance(handler, FleetProtocolHandler) or not handler.is_open():  # its connection is ending
             state.queue.appendleft(QueuedMessage(topic, data, qos, retain, seq))
             return False
-        state.pending += 1
-        task = asyncio.ensure_future(handler.start_delivery(topic, data, qos, retain, seq))
-        self._delivery_tasks.add(task)
-        task.add_done_callback(functools.partial(self._delivery_done, session=target))
+        handler.start_delivery(topic, data, qos, retain, seq)
         return True
-
-    def _delivery_done(self, task: asyncio.Task[Any], *, session: Session) -> None:
-        self._delivery_tasks.discard(task)
-        state = extras(session)
-        state.pending -= 1
-        if not task.cancelled() and task.exception() is not None:
-            self.stats["delivery_failed"] += 1
-            log.debug("delivery to %s failed: %r", session.client_id, task.exception())
-        if state.queue:
-            self.deliver_queued(session)
 
     def deliver_queued(self, session: Session) -> None:
         """Send what waits for a connected session, in order, up to its in-flight window (retain=0 for what

@@ -103,7 +103,6 @@ class Extras:
 
     grant: Grant | None = None
     keepalive_s: float = 0.0
-    pending: int = 0  # deliveries to the live connection not finished yet
     ready: bool = False  # connected, and what was in flight before has been sent again: deliver in order now
     queue: deque[Any] = field(default_factory=deque)  # messages held while a persistent session is offline
     connection: asyncio.Task[Any] | None = None  # the task serving its live connection

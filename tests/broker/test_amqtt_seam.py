@@ -47,8 +47,6 @@ SEAM: dict[type, dict[str, str]] = {
         "_retry_deliveries": "override and call: resend what was in flight, without waiting for the PUBACKs",
         "_pending_subscriptions": "write: an empty stand-in; serve() hands SUBSCRIBE to the broker directly",
         "_pending_unsubscriptions": "write: an empty stand-in; serve() hands UNSUBSCRIBE to the broker directly",
-        "_puback_waiters": "read/write: the futures amqtt's PUBACK handler completes (registered before the "
-                           "PUBLISH is written)",
     },
     Session: {
         "_init_states": "patched while a broker runs: a small state machine instead of transitions.Machine",
