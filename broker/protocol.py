@@ -135,7 +135,7 @@ class StreamWriter(WriterAdapter):
         """Queue bytes for the peer (dropped once closed); past ``max_unsent`` unsent bytes, ``on_unsent``."""
         if self.is_closed:
             return
-        self.stream.write(data)
+        self.transport.write(data)
         if self.max_unsent and self.transport.get_write_buffer_size() > self.max_unsent and self.on_unsent:
             self.on_unsent(self)
 

@@ -24,16 +24,43 @@ RECV_SIZE = 256 * 1024  # what one read takes from a socket at most
 READ_SIZE = 16 * 1024  # a TLS record's plaintext at most
 HIGH_WATER = 64 * 1024  # unsent bytes past which the protocol is paused (asyncio's default)
 LOW_WATER = HIGH_WATER // 4
-_read_buffers = threading.local()  # one per thread (each runs its own event loop), shared by its connections
+_per_thread = threading.local()  # each thread runs its own event loop: a read buffer and a flusher each
 
 
 def read_buffer() -> memoryview:
     """This thread's read buffer: every connection of its event loop reads into it first, one at a time. Made
     by the first call in a thread (a TLS listener's start)."""
-    buffer = getattr(_read_buffers, "buffer", None)
+    buffer = getattr(_per_thread, "buffer", None)
     if buffer is None:
-        buffer = _read_buffers.buffer = memoryview(bytearray(RECV_SIZE))
+        buffer = _per_thread.buffer = memoryview(bytearray(RECV_SIZE))
     return buffer
+
+
+class Flusher:
+    """Sends what connections wrote in a turn of the loop at its end: one callback for all of them, not one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._due: list[TLSSocketTransport] = []
+
+    def add(self, transport: TLSSocketTransport) -> None:
+        """Flush ``transport`` at the end of this turn."""
+        if not self._due:
+            self.loop.call_soon(self._run)
+        self._due.append(transport)
+
+    def _run(self) -> None:
+        due, self._due = self._due, []
+        for transport in due:
+            transport.flush()
+
+
+def flusher(loop: asyncio.AbstractEventLoop) -> Flusher:
+    """The flusher of ``loop``, which runs in this thread."""
+    found: Flusher | None = getattr(_per_thread, "flusher", None)
+    if found is None or found.loop is not loop:
+        found = _per_thread.flusher = Flusher(loop)
+    return found
 
 
 class TLS(NamedTuple):
@@ -84,6 +111,7 @@ class TLSSocketTransport(asyncio.Transport):
         self._sock, self._session, self._incoming, self._outgoing = tls
         self._fd = self._sock.fileno()
         self._read_into = read_buffer()  # the loop's thread's: the transport's callbacks all run there
+        self._flusher = flusher(loop)
         self._protocol = protocol
         self._plain = bytearray()  # written this turn, not yet encrypted
         self._wire = bytearray()  # encrypted, not yet sent
@@ -184,13 +212,16 @@ class TLSSocketTransport(asyncio.Transport):
             return
         chunks = []
         ended = False
+        session, incoming = self._session, self._incoming
         try:
             while True:
-                chunk = self._session.read(READ_SIZE)
+                chunk = session.read(READ_SIZE)
                 if not chunk:
                     ended = True
                     break
                 chunks.append(chunk)
+                if not incoming.pending and not session.pending():  # all read: no read that raises WantRead
+                    break
         except ssl.SSLWantReadError:
             pass
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -237,9 +268,10 @@ class TLSSocketTransport(asyncio.Transport):
     def _schedule_flush(self) -> None:
         if not (self._flush_scheduled or self._writer_on or self._lost):
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flusher.add(self)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send what was written in this turn (its Flusher calls this at the turn's end)."""
         self._flush_scheduled = False
         if not (self._lost or self._writer_on):
             self._send()
