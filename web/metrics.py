@@ -173,6 +173,9 @@ def broker_samples(lines: list[str]) -> None:
     _family(lines, "fleet_broker_loop_lag_seconds", "gauge",
             "How late the embedded broker's event loop ran a timer: p99 over the last minute.",
             single("loop_lag_p99_ms", 0.001))
+    _family(lines, "fleet_broker_gc_pause_seconds", "gauge",
+            "The embedded broker's longest full garbage collection over the last minute (it stops the loop).",
+            single("gc_full_max_ms", 0.001))
 
 
 def agent_extras(custom: list[tuple[str, float]], counts: list[tuple[str, float]], base: str,

@@ -4,6 +4,8 @@ holding queued messages, a client that reads nothing is dropped, and floods of f
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import socket
 import ssl
@@ -102,6 +104,7 @@ def test_refusals_reach_the_heartbeat_and_metrics(start, acme):
     text = client.get("/metrics", headers=bearer(acme.reader_key)).get_data(as_text=True)
     assert f'fleet_broker_connections_refused_total{{reason="accept_rate"}} {detail["refused_accept_rate"]}' in text
     assert "# TYPE fleet_broker_loop_lag_seconds gauge" in text
+    assert "# TYPE fleet_broker_gc_pause_seconds gauge" in text
 
 
 def test_the_collectors_listener_admits_only_the_collector(start, acme):
@@ -195,6 +198,27 @@ def test_admission_counts_handshakes_and_refills_its_rate():
 
 def test_loop_lag_summary():
     lag = LoopLag()
-    assert lag.summary() == {"loop_lag_p99_ms": 0.0, "loop_lag_max_ms": 0.0}
+    quiet = {"gc_full_collections": 0.0, "gc_full_max_ms": 0.0}
+    assert lag.summary() == {"loop_lag_p99_ms": 0.0, "loop_lag_max_ms": 0.0, **quiet}
     lag.samples.extend([0.001] * 99 + [0.5])
-    assert lag.summary() == {"loop_lag_p99_ms": 500.0, "loop_lag_max_ms": 500.0}
+    assert lag.summary() == {"loop_lag_p99_ms": 500.0, "loop_lag_max_ms": 500.0, **quiet}
+
+
+def test_full_collections_are_timed_while_the_lag_is_measured():
+    """Only the oldest generation's collections (those that walk every object) are counted, for a minute."""
+
+    async def measure() -> dict[str, float]:
+        lag = LoopLag()
+        task = asyncio.ensure_future(lag.run())
+        await asyncio.sleep(0)  # one turn: run() has registered its collection callback
+        gc.collect(0)
+        gc.collect(2)
+        gc.collect(2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert lag._collection not in gc.callbacks  # noqa: SLF001 - removed once measuring ends
+        return lag.summary()
+
+    summary = asyncio.run(measure())
+    assert summary["gc_full_collections"] == 2
+    assert summary["gc_full_max_ms"] >= 0
