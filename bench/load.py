@@ -488,7 +488,7 @@ def run(kind: str, args: argparse.Namespace, database: str | None, auth: str = "
         "simulator errors (logged; must be 0)": sum(s.get("errors", 0) for s in summaries),
         "steady phase": f"{dt:.0f} s",
         "ingest (reports/s, offered)": f"{(last.stored - first.stored) / dt:.0f} ({args.agents / args.interval:.0f})",
-        "broker CPU (% of a core)": f"{cpu_pct(steady, 'broker'):.0f}%",
+        "broker CPU (% of a core)": f"{cpu_pct(steady, 'broker'):.1f}%",
         "broker RSS idle / steady": f"{idle_rss['broker']:.0f} / {mean_rss('broker'):.0f} MB",
         "broker RSS per connection": f"{(mean_rss('broker') - idle_rss['broker']) * 1024 / args.agents:.1f} KiB",
         "collector CPU (% of a core)": f"{cpu_pct(steady, 'collector'):.0f}%",

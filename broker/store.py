@@ -28,7 +28,10 @@ log = logging.getLogger("fleet.broker")
 
 DURABILITY = {"full": "FULL", "normal": "NORMAL", "off": "NORMAL"}  # -> PRAGMA synchronous
 RETRY_MAX_S = 5.0  # a failing commit (disk full, locked) is retried with backoff up to this interval
-GROUP_WINDOW_S = 0.01  # a batch is open this long after its first change: a PUBACK's wait, besides the disk
+GROUP_WINDOW_S = 0.01  # a batch is open this long after its first change at most: a PUBACK's wait, besides the disk
+# ... or until this many PUBACKs wait for it: a publisher with 20 messages in flight (paho's and libmosquitto's
+# default) is not held to 20 messages per window.
+GROUP_ACKS = 16
 CLOSE_RETRIES = 3  # at shutdown a commit that keeps failing is given up after this many tries
 
 SCHEMA = """
@@ -44,7 +47,7 @@ CREATE INDEX IF NOT EXISTS queued_by_client ON queued (client_id, seq);
 class _Batch:
     """The changes of one or more loop turns, committed together."""
 
-    __slots__ = ("queued", "acked", "forgotten", "retained", "subs", "future", "committed")
+    __slots__ = ("queued", "acked", "forgotten", "retained", "subs", "future", "committed", "waiting")
 
     def __init__(self) -> None:
         self.queued: list[tuple[int, str, str, bytes, int]] = []
@@ -54,6 +57,7 @@ class _Batch:
         self.subs: dict[tuple[str, str], tuple[str, int] | None] = {}  # (client, filter) -> (user, qos) or None
         self.future: asyncio.Future[None] | None = None
         self.committed = False
+        self.waiting = 0  # PUBACKs that wait for its commit
 
     def __bool__(self) -> bool:
         return bool(self.queued or self.acked or self.forgotten or self.retained or self.subs)
@@ -70,7 +74,7 @@ class BrokerStore:
         self.durable_queues = durability != "off"
         self.stats: Counter[str] = Counter()
         self._open = _Batch()
-        self._sealing = False
+        self._seal_timer: asyncio.TimerHandle | None = None
         self._last: _Batch | None = None  # the newest sealed batch
         self._sealed: deque[_Batch] = deque()
         self._cond = threading.Condition()
@@ -188,13 +192,14 @@ class BrokerStore:
     # --- the event loop's side: cheap, never blocks ----------------------------------------------
     def _batch(self) -> _Batch:
         """The open batch; its first change schedules its sealing GROUP_WINDOW_S later."""
-        if not self._sealing and self._loop is not None:
-            self._sealing = True
-            self._loop.call_later(GROUP_WINDOW_S, self._seal)
+        if self._seal_timer is None and self._loop is not None:
+            self._seal_timer = self._loop.call_later(GROUP_WINDOW_S, self._seal)
         return self._open
 
     def _seal(self) -> None:
-        self._sealing = False
+        if self._seal_timer is not None:
+            self._seal_timer.cancel()
+            self._seal_timer = None
         if not self._open:
             return
         batch, self._open = self._open, _Batch()
@@ -204,15 +209,20 @@ class BrokerStore:
             self._cond.notify()
 
     def barrier(self) -> asyncio.Future[None] | None:
-        """A future done once everything recorded so far is committed; None if it already is (or in ``off``)."""
+        """A future done once everything recorded so far is committed; None if it already is (or in ``off``). Each
+        call is an acknowledgement that waits: GROUP_ACKS of them seal the open batch without waiting out its window."""
         if not self.durable_queues:
             return None
         batch = self._open if self._open else self._last
         if batch is None or batch.committed:
             return None
+        assert self._loop is not None
         if batch.future is None:
-            assert self._loop is not None
             batch.future = self._loop.create_future()
+        if batch is self._open:
+            batch.waiting += 1
+            if batch.waiting == GROUP_ACKS:  # enough wait: it is sealed at the end of this turn of the loop
+                self._loop.call_soon(self._seal)
         return batch.future
 
     def append(self, client_id: str, topic: str, payload: bytes, qos: int) -> int | None:
