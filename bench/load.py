@@ -186,6 +186,8 @@ class Sample:
     files: dict[str, float]  # MiB by file name (SQLite only)
     broker: dict[str, Any] = field(default_factory=dict)  # the embedded broker's last heartbeat detail
     collector_connected: bool | None = None  # as the collector's last heartbeat says
+    broker_beat_at: float = 0.0  # when those two heartbeats were written (unix time)
+    collector_beat_at: float = 0.0
 
 
 LOCKED = "database is locked"
@@ -277,32 +279,35 @@ def peak_and_growth(samples: list[Sample], value: Callable[[Sample], float], ref
     return f"{max(value(s) for s in samples):.1f} / {value(inside[-1]) - value(first):+.1f} MB"
 
 
-def heartbeats(db: str) -> tuple[dict[str, Any], bool | None]:
-    """The embedded broker's last heartbeat detail, and whether the collector's says it is connected."""
+def heartbeats(db: str) -> tuple[dict[str, Any], bool | None, float, float]:
+    """The embedded broker's last heartbeat detail, whether the collector's says it is connected, and when each
+    was written."""
     try:
         with open_database(db, readonly=True) as conn:
             broker, collector = read_heartbeat(conn, BROKER), read_heartbeat(conn, COLLECTOR)
     except DatabaseError:
-        return {}, None
-    return (broker[1] if broker else {}), (collector[1].get(BROKER_CONNECTED) if collector else None)
+        return {}, None, 0.0, 0.0
+    return ((broker[1] if broker else {}), (collector[1].get(BROKER_CONNECTED) if collector else None),
+            (broker[0] if broker else 0.0), (collector[0] if collector else 0.0))
 
 
 def restart_broker(kind: str, data: Path, port: int, args: argparse.Namespace, env: dict[str, str], parts: Parts,
                    samples: list[Sample]) -> dict[str, str]:
     """Stop the broker (SIGTERM), start it again on the same port and data, and time the way back: until the
-    collector is connected again, and until the broker holds every agent again."""
+    collector is connected again, and until the broker holds every agent again. Only heartbeats written after
+    the restart count (both parts write one every 2 s: the times are that precise)."""
     stop_process(parts.procs["broker"], 30)
     restarted = time.time()
     parts.procs["broker"] = start_broker(kind, data, port, args.autosave, env)
     collector_back = agents_back = None
     deadline = time.monotonic() + args.connect_timeout
-    while time.monotonic() < deadline and agents_back is None:
+    while time.monotonic() < deadline and (agents_back is None or collector_back is None):
         time.sleep(0.5)
         last = samples[-1]
-        if collector_back is None and last.t > restarted and last.collector_connected:
-            collector_back = last.t
-        if last.t > restarted + 2 and last.broker.get("connected", 0) >= args.agents:
-            agents_back = last.t
+        if collector_back is None and last.collector_beat_at > restarted and last.collector_connected:
+            collector_back = last.collector_beat_at
+        if last.broker_beat_at > restarted and last.broker.get("connected", 0) >= args.agents:
+            agents_back = last.broker_beat_at
     return {"restart: collector connected again after": "never" if collector_back is None
             else f"{collector_back - restarted:.1f} s",
             "restart: every agent connected again after": "never" if agents_back is None
