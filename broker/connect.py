@@ -354,6 +354,7 @@ class SessionBroker(RoutingBroker):
         state.ready = False  # until what was in flight has been sent again: new messages queue behind it
         handler.router = self.route
         handler.durable_barrier = self.store.barrier if self.store is not None else None
+        handler.hurry_barrier = self.store.hurry if self.store is not None else None
         handler.on_delivered = self.delivered
         handler.on_keepalive_expired = self._keepalive_expired
         handler.on_dropped = self.count_drop

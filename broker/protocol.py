@@ -1,5 +1,5 @@
-"""One client connection: a reader that refuses huge packets, a writer that closes quietly, and the
-protocol handler that routes a PUBLISH before acknowledging it.
+"""One client connection: a writer that closes quietly, and the protocol handler that routes a PUBLISH
+before acknowledging it (its reader, which refuses huge packets: broker/framing.py).
 
 Stock behaviour replaced here (amqtt 0.12.1):
 - PUBACK was sent once a PUBLISH was queued for the broker's message loop, so a publisher disconnecting
@@ -11,10 +11,10 @@ Stock behaviour replaced here (amqtt 0.12.1):
   will is published (the broker's watchdog calls it, see broker/connect.py);
 - the writer adapter drained before closing, so closing a connection whose peer had left raised;
 - each connection ran a reader task that made a task per packet, and the broker's message loop four
-  more waiter tasks re-created after every event (with ``asyncio.wait``); here ``serve()`` reads and
-  handles the packets in the connection's own task, one task per connection. A client leaving before
-  stock start() had made its disconnect waiter left a connection that never ended, its session
-  "connected" for ever, and every later CONNECT with its client id was refused after a 10 s wait.
+  more waiter tasks re-created after every event (with ``asyncio.wait``); here packets are handled as
+  they arrive, and ``serve()``, the connection's one task, handles those that must wait. A client
+  leaving before stock start() had made its disconnect waiter left a connection that never ended, its
+  session "connected" for ever, and every later CONNECT with its client id was refused after a 10 s wait.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from fleet.config.mqtt import remaining_length
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
 CONGESTED_BYTES = 1024 * 1024  # unsent bytes past which a connection counts as congested
 
+HURRY_ACKS = 16  # PUBACKs of one connection waiting for one commit: it is made at once (BrokerStore.hurry)
 MAX_QOS2_INFLIGHT = 100  # incoming QoS 2 messages held between PUBLISH and PUBREL, per connection
 # What reading a packet raises when the peer left, sent garbage or a packet the codec refuses: the connection ends.
 READ_FAILURES = (NoDataError, MQTTError, CodecError, OSError, ValueError, IndexError)
@@ -95,7 +96,7 @@ def publish_bytes(topic: str, data: bytes, qos: int, retain: bool, packet_id: in
 
 
 async def parse_with_amqtt(kind: int, flags: int, body: bytes) -> Any:
-    """A packet read by GuardedReader.packet(), parsed by amqtt's codec (for the rare kinds: SUBSCRIBE,
+    """A packet cut by GuardedReader, parsed by amqtt's codec (for the rare kinds: SUBSCRIBE,
     UNSUBSCRIBE)."""
     stream = asyncio.StreamReader()
     stream.feed_data(body)
@@ -191,6 +192,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
     on_unsubscribe: Callable[[UnSubscription], Coroutine[Any, Any, None]] | None = None
     on_dropped: Callable[[str, Session, str], None] | None = None
     durable_barrier: Callable[[], asyncio.Future[None] | None] | None = None  # see BrokerStore.barrier
+    hurry_barrier: Callable[[], None] | None = None  # see BrokerStore.hurry
     on_delivered: Callable[[Session, TrackedMessage], None] | None = None
     on_keepalive_expired: Callable[[Session], None] | None = None
 
@@ -201,6 +203,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         # PUBACKs not sent yet, oldest first, each with the commit it waits for: they go out in order.
         self._acks: deque[tuple[int, asyncio.Future[None] | None]] = deque()
         self._ack_barrier: asyncio.Future[None] | None = None  # the newest commit a callback waits for
+        self._acks_on_barrier = 0  # of this connection's PUBACKs, those that wait for that commit
         self._awaiting: dict[int, TrackedMessage] = {}  # QoS 1 messages written, by packet id, until their PUBACK
 
     async def serve(self) -> bool:
@@ -352,7 +355,12 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         if barrier is not None and not barrier.done():
             if barrier is not self._ack_barrier:  # one callback per commit this connection waits for
                 self._ack_barrier = barrier
+                self._acks_on_barrier = 0
                 barrier.add_done_callback(self._send_acks)
+            self._acks_on_barrier += 1
+            # A publisher with 20 messages in flight (paho's and libmosquitto's default) is not held to 20 a window.
+            if self._acks_on_barrier == HURRY_ACKS and self.hurry_barrier is not None:
+                self.hurry_barrier()
         else:
             self._send_acks()
 

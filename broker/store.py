@@ -29,9 +29,6 @@ log = logging.getLogger("fleet.broker")
 DURABILITY = {"full": "FULL", "normal": "NORMAL", "off": "NORMAL"}  # -> PRAGMA synchronous
 RETRY_MAX_S = 5.0  # a failing commit (disk full, locked) is retried with backoff up to this interval
 GROUP_WINDOW_S = 0.01  # a batch is open this long after its first change at most: a PUBACK's wait, besides the disk
-# ... or until this many PUBACKs wait for it: a publisher with 20 messages in flight (paho's and libmosquitto's
-# default) is not held to 20 messages per window.
-GROUP_ACKS = 16
 CLOSE_RETRIES = 3  # at shutdown a commit that keeps failing is given up after this many tries
 
 SCHEMA = """
@@ -47,7 +44,7 @@ CREATE INDEX IF NOT EXISTS queued_by_client ON queued (client_id, seq);
 class _Batch:
     """The changes of one or more loop turns, committed together."""
 
-    __slots__ = ("queued", "acked", "forgotten", "retained", "subs", "future", "committed", "waiting")
+    __slots__ = ("queued", "acked", "forgotten", "retained", "subs", "future", "committed")
 
     def __init__(self) -> None:
         self.queued: list[tuple[int, str, str, bytes, int]] = []
@@ -57,7 +54,6 @@ class _Batch:
         self.subs: dict[tuple[str, str], tuple[str, int] | None] = {}  # (client, filter) -> (user, qos) or None
         self.future: asyncio.Future[None] | None = None
         self.committed = False
-        self.waiting = 0  # PUBACKs that wait for its commit
 
     def __bool__(self) -> bool:
         return bool(self.queued or self.acked or self.forgotten or self.retained or self.subs)
@@ -209,21 +205,22 @@ class BrokerStore:
             self._cond.notify()
 
     def barrier(self) -> asyncio.Future[None] | None:
-        """A future done once everything recorded so far is committed; None if it already is (or in ``off``). Each
-        call is an acknowledgement that waits: GROUP_ACKS of them seal the open batch without waiting out its window."""
+        """A future done once everything recorded so far is committed; None if it already is (or in ``off``)."""
         if not self.durable_queues:
             return None
         batch = self._open if self._open else self._last
         if batch is None or batch.committed:
             return None
-        assert self._loop is not None
         if batch.future is None:
+            assert self._loop is not None
             batch.future = self._loop.create_future()
-        if batch is self._open:
-            batch.waiting += 1
-            if batch.waiting == GROUP_ACKS:  # enough wait: it is sealed at the end of this turn of the loop
-                self._loop.call_soon(self._seal)
         return batch.future
+
+    def hurry(self) -> None:
+        """A publisher has many PUBACKs waiting for the open batch: seal it at the end of this turn of the loop
+        rather than at the end of its window."""
+        if self._open and self._loop is not None:
+            self._loop.call_soon(self._seal)
 
     def append(self, client_id: str, topic: str, payload: bytes, qos: int) -> int | None:
         """Queue a message for a persistent session; returns its sequence number (None in ``off``)."""

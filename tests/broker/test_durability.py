@@ -16,6 +16,8 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
+from fleet.broker import store as store_module
+from fleet.broker.protocol import HURRY_ACKS
 from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connack, Connect, Publish, encode, encode_pubacks
 from fleet.store import credentials
@@ -111,6 +113,24 @@ def test_one_write_for_the_pubacks_of_a_loop_turn(broker, acme):
     commits = broker.stats()["store_commits"] - before
     assert 1 <= commits <= 20, commits
     assert len(queued_rows(broker.data_dir)) == 200
+
+
+def test_a_publisher_with_16_pubacks_waiting_is_not_held_to_the_window(broker, acme, monkeypatch):
+    """16 PUBLISHes of one connection waiting for one commit have it made at once, whatever the window."""
+    subscribe_then_leave(broker)
+    monkeypatch.setattr(store_module, "GROUP_WINDOW_S", 60.0)
+    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
+                         server_hostname="127.0.0.1") as sock:
+        sock.sendall(encode(Connect("fleet-acme-web-1", "acme/agent", acme.agent_key)))
+        assert sock.recv(4) == encode(Connack())
+        sock.sendall(b"".join(encode(Publish(b"fleet/acme/web-1/report", f"m{i}".encode(), qos=1, packet_id=i + 1))
+                              for i in range(HURRY_ACKS)))
+        acks = b""
+        while len(acks) < len(encode_pubacks(range(1, HURRY_ACKS + 1))):  # the socket's 10 s timeout bounds it
+            acks += sock.recv(65536)
+    assert acks == encode_pubacks(range(1, HURRY_ACKS + 1))
+    assert len(queued_rows(broker.data_dir)) == HURRY_ACKS
 
 
 def test_the_on_disk_queue_is_bounded_like_the_memory_one(fleet_dir, acme):
