@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -87,9 +88,14 @@ class Server:
         return next((m["status"] for m in listed if m["machine_id"] == machine), None)
 
     def wait_status(self, token: str, machine: str, status: str, timeout: float) -> None:
-        """Poll /api/fleet until ``machine`` has ``status`` (a few times a second: the API is rate limited)."""
-        wait_for(lambda: self.machine_status(token, machine) == status, timeout=timeout, interval=API_POLL_S,
-                 message=f"{machine} {status}")
+        """Poll /api/fleet until ``machine`` has ``status`` (a few times a second: the API is rate limited); on
+        a timeout, the end of each part's output comes with the error."""
+        try:
+            wait_for(lambda: self.machine_status(token, machine) == status, timeout=timeout, interval=API_POLL_S,
+                     message=f"{machine} {status}")
+        except AssertionError as exc:
+            tails = "\n".join(f"--- {log.name}:\n" + "\n".join(_output(log).splitlines()[-15:]) for log in self.logs)
+            raise AssertionError(f"{exc}\n{tails}") from None
 
     def stop(self) -> None:
         """SIGTERM every part, newest first, and reap it."""
@@ -129,6 +135,15 @@ def _output(log: Path) -> str:
     return log.read_text(errors="replace")
 
 
+def _accepts(port: int) -> bool:
+    """Whether something on this host accepts TCP connections on ``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def _fleet(*args: str, cwd: Path) -> str:
     done = subprocess.run([FLEET, *args], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60)
     assert done.returncode == 0, done.stderr
@@ -163,6 +178,8 @@ def mosquitto_server(work: Path, cert_name: str) -> Iterator[Server]:
         server.logs.append(work / "mosquitto-config.log")
         server.logs[-1].write_text(out)
         server.start("mosquitto", MOSQUITTO, "-c", str(work / "mosquitto" / "mosquitto.conf"))
+        # The collector starts once Mosquitto listens: a refused first connect would cost it a backoff.
+        wait_for(lambda: _accepts(server.mqtt_port), timeout=30, message="mosquitto listening")
         url = f"mqtts://127.0.0.1:{server.mqtt_port}"
         server.start("collector", FLEET, "collector", "--broker", url, cwd=work)
         web = server.start("web", FLEET, "web", "--host", "0.0.0.0", "--http-port", str(server.http_port),
