@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import pytest
 from fleet.config.tls import ca_fingerprint
 from fleet.up import stop_process
 from tests.helpers import bearer, free_port, wait_for
-from tests.mosquitto.process import MOSQUITTO
+from tests.mosquitto.process import MOSQUITTO, accepts_tls
 from tests.netns import Host, Lan
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
@@ -135,15 +134,6 @@ def _output(log: Path) -> str:
     return log.read_text(errors="replace")
 
 
-def _accepts(port: int) -> bool:
-    """Whether something on this host accepts TCP connections on ``port``."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def _fleet(*args: str, cwd: Path) -> str:
     done = subprocess.run([FLEET, *args], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60)
     assert done.returncode == 0, done.stderr
@@ -179,7 +169,8 @@ def mosquitto_server(work: Path, cert_name: str) -> Iterator[Server]:
         server.logs[-1].write_text(out)
         server.start("mosquitto", MOSQUITTO, "-c", str(work / "mosquitto" / "mosquitto.conf"))
         # The collector starts once Mosquitto listens: a refused first connect would cost it a backoff.
-        wait_for(lambda: _accepts(server.mqtt_port), timeout=30, message="mosquitto listening")
+        wait_for(lambda: accepts_tls(server.mqtt_port, server.data_dir / "certs" / "ca.pem"), timeout=30,
+                 message="mosquitto listening")
         url = f"mqtts://127.0.0.1:{server.mqtt_port}"
         server.start("collector", FLEET, "collector", "--broker", url, cwd=work)
         web = server.start("web", FLEET, "web", "--host", "0.0.0.0", "--http-port", str(server.http_port),

@@ -35,7 +35,8 @@ class MosquittoBroker(BrokerProcess):
         self.proc.send_signal(signal.SIGHUP)
 
 
-def _accepts_tls(port: int, ca_path: Path) -> bool:
+def accepts_tls(port: int, ca_path: Path) -> bool:
+    """Whether a TLS server trusted by ``ca_path`` accepts connections on this host's ``port``."""
     ctx = ssl.create_default_context(cafile=str(ca_path))
     try:
         with socket.create_connection(("127.0.0.1", port), 0.5) as raw, \
@@ -61,7 +62,7 @@ def start_mosquitto(data_dir: Path, out_dir: Path, port: int | None = None, atte
                                     stderr=subprocess.STDOUT)
         ca_path = data_dir / "certs" / "ca.pem"
         try:
-            wait_for(lambda p=proc, port=settings.mqtt_port, ca=ca_path: p.poll() is not None or _accepts_tls(port, ca),
+            wait_for(lambda p=proc, port=settings.mqtt_port, ca=ca_path: p.poll() is not None or accepts_tls(port, ca),
                      timeout=10, message="mosquitto accepting TLS")
         except AssertionError:
             proc.kill()
