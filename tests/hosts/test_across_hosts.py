@@ -45,6 +45,7 @@ DNS_NAME = "fleet.example.test"  # what hosts on this LAN call the server beside
 UNNAMED = "other.example.test"  # resolves to the server too, but its certificate does not carry it
 ORG = "acme"
 API_POLL_S = 0.2
+PORT_ATTEMPTS = 5  # free ports another test may take before fleet up binds them
 INTERVAL = "1"  # agent reports a second: stale after 3 s, offline once its keepalive (5 s) runs out 1.5 times
 FETCH = """import json, sys, urllib.request
 req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]} if sys.argv[2] else {})
@@ -142,16 +143,25 @@ def _fleet(*args: str, cwd: Path) -> str:
 
 @contextmanager
 def embedded_server(work: Path, cert_name: str) -> Iterator[Server]:
-    """README's `fleet up --host 0.0.0.0`, plus `--cert-name NAME`: every part in one process, every interface."""
-    server = Server(work / "fleet-data", free_port(), free_port())
-    try:
-        up = _fleet_argv(readme_command("fleet", "up"))  # fleet up --host 0.0.0.0
-        log = server.start("up", *up, "--cert-name", cert_name, "--mqtt-port", str(server.mqtt_port),
-                           "--http-port", str(server.http_port), cwd=work)
-        wait_for(lambda: "Press Ctrl-C" in _output(log), timeout=60, message="fleet up started")
-        yield server
-    finally:
-        server.stop()
+    """README's `fleet up --host 0.0.0.0`, plus `--cert-name NAME`: every part in one process, every interface.
+    Ports another test took between free_port() and the bind are tried again with new ones."""
+    up = _fleet_argv(readme_command("fleet", "up"))  # fleet up --host 0.0.0.0
+    for _ in range(PORT_ATTEMPTS):
+        server = Server(work / "fleet-data", free_port(), free_port())
+        try:
+            log = server.start("up", *up, "--cert-name", cert_name, "--mqtt-port", str(server.mqtt_port),
+                               "--http-port", str(server.http_port), cwd=work)
+            proc = server.procs[-1]
+            wait_for(lambda log=log, proc=proc: "Press Ctrl-C" in _output(log) or proc.poll() is not None,
+                     timeout=60, message="fleet up started")
+            if proc.poll() is None:
+                yield server
+                return
+            if "Address already in use" not in _output(log):
+                raise AssertionError("fleet up exited:\n" + "\n".join(_output(log).splitlines()[-15:]))
+        finally:
+            server.stop()
+    raise AssertionError(f"fleet up found its ports taken {PORT_ATTEMPTS} times")
 
 
 @contextmanager
