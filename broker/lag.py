@@ -10,8 +10,8 @@ from collections import deque
 from typing import Any
 
 TICK_S = 0.1
-WINDOW = 600  # samples: one minute
-WINDOW_S = 60.0
+WINDOW_S = 60.0  # what the summary covers
+WINDOW = round(WINDOW_S / TICK_S)  # samples in it
 OLDEST = 2  # the generation whose collections walk every tracked object
 
 
