@@ -94,7 +94,7 @@ class Server:
             wait_for(lambda: self.machine_status(token, machine) == status, timeout=timeout, interval=API_POLL_S,
                      message=f"{machine} {status}")
         except AssertionError as exc:
-            tails = "\n".join(f"--- {log.name}:\n" + "\n".join(_output(log).splitlines()[-15:]) for log in self.logs)
+            tails = "\n".join(f"--- {log.name}:\n{_tail(log)}" for log in self.logs)
             raise AssertionError(f"{exc}\n{tails}") from None
 
     def stop(self) -> None:
@@ -135,6 +135,11 @@ def _output(log: Path) -> str:
     return log.read_text(errors="replace")
 
 
+def _tail(log: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a part's output, for an error message."""
+    return "\n".join(_output(log).splitlines()[-lines:])
+
+
 def _fleet(*args: str, cwd: Path) -> str:
     done = subprocess.run([FLEET, *args], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60)
     assert done.returncode == 0, done.stderr
@@ -158,7 +163,7 @@ def embedded_server(work: Path, cert_name: str) -> Iterator[Server]:
                 yield server
                 return
             if "Address already in use" not in _output(log):
-                raise AssertionError("fleet up exited:\n" + "\n".join(_output(log).splitlines()[-15:]))
+                raise AssertionError(f"fleet up exited:\n{_tail(log)}")
         finally:
             server.stop()
     raise AssertionError(f"fleet up found its ports taken {PORT_ATTEMPTS} times")
