@@ -140,8 +140,7 @@ class BrokerStore:
                         return
                     batches = list(self._sealed)
                     self._sealed.clear()
-                if len(batches) > 1:
-                    _cancel_delivered(batches)
+                _cancel_delivered(batches)
                 if self._commit(conn, batches):
                     self._notify(batches)
         finally:
@@ -261,8 +260,9 @@ class BrokerStore:
 
 
 def _cancel_delivered(batches: list[_Batch]) -> None:
-    """Rows inserted and acknowledged within the batches of one commit need neither write: the subscriber
-    already has the message (it was sent at routing time, before its row was written)."""
+    """Rows inserted and acknowledged before their commit (in one batch, or in batches committed together) need
+    neither write: the subscriber already has the message (it was sent at routing time, before its row was
+    written)."""
     acked = {row[0] for batch in batches for row in batch.acked}
     if not acked:
         return

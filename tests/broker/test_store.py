@@ -48,3 +48,27 @@ def test_a_lone_change_is_committed_once_its_window_ends(tmp_path):
             await store.close()
 
     asyncio.run(run())
+
+
+def test_a_row_acknowledged_within_its_own_batch_is_never_written(tmp_path):
+    """The subscriber acknowledged the message before the batch holding its row was committed: the commit
+    writes neither the row nor its deletion (and what was not acknowledged is still written)."""
+
+    async def run() -> None:
+        store = BrokerStore(tmp_path / "broker.db")
+        store.start(asyncio.get_running_loop())
+        try:
+            delivered = store.append("collector", "fleet/acme/m1/report", b"1", 1)
+            store.append("collector", "fleet/acme/m1/report", b"2", 1)
+            store.ack(delivered)
+            barrier = store.barrier()
+            assert barrier is not None
+            await asyncio.wait_for(barrier, timeout=10)
+            assert store.stats["store_commits"] == 1
+            assert store.stats["store_rows_written"] == 1
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    with sqlite3.connect(tmp_path / "broker.db") as conn:
+        assert conn.execute("SELECT payload FROM queued").fetchall() == [(b"2",)]
