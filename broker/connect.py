@@ -34,6 +34,7 @@ from fleet.broker.admission import Admission
 from fleet.broker.framing import MAX_PACKET_BYTES, GuardedReader, PacketProtocol
 from fleet.broker.keepalive import KeepaliveWheel
 from fleet.broker.listener import listen, reset
+from fleet.broker.pacing import selector_of
 from fleet.broker.policy import AccessPolicy, Grant
 from fleet.broker.protocol import FleetProtocolHandler, StreamWriter, abort, abort_transport
 from fleet.broker.routing import MAX_QOS, QueuedMessage, RoutingBroker
@@ -355,6 +356,8 @@ class SessionBroker(RoutingBroker):
         handler.router = self.route
         handler.durable_barrier = self.store.barrier if self.store is not None else None
         handler.hurry_barrier = self.store.hurry if self.store is not None else None
+        selector = selector_of(asyncio.get_running_loop())
+        handler.answered = selector.answered if selector is not None else None
         handler.on_delivered = self.delivered
         handler.on_keepalive_expired = self._keepalive_expired
         handler.on_dropped = self.count_drop

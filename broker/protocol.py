@@ -20,6 +20,8 @@ Stock behaviour replaced here (amqtt 0.12.1):
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -193,6 +195,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
     on_dropped: Callable[[str, Session, str], None] | None = None
     durable_barrier: Callable[[], asyncio.Future[None] | None] | None = None  # see BrokerStore.barrier
     hurry_barrier: Callable[[], None] | None = None  # see BrokerStore.hurry
+    answered: Callable[[float, int], int] | None = None  # see CoalescingSelector.answered
     on_delivered: Callable[[Session, TrackedMessage], None] | None = None
     on_keepalive_expired: Callable[[Session], None] | None = None
 
@@ -205,6 +208,8 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         self._ack_barrier: asyncio.Future[None] | None = None  # the newest commit a callback waits for
         self._acks_on_barrier = 0  # of this connection's PUBACKs, those that wait for that commit
         self._awaiting: dict[int, TrackedMessage] = {}  # QoS 1 messages written, by packet id, until their PUBACK
+        self._acked_at = -math.inf  # when PUBACK, PUBREC or PUBCOMP was last written to this client (time.monotonic())
+        self._quick_streak = 0  # PUBLISHes in a row that came soon after an answer (CoalescingSelector.answered)
 
     async def serve(self) -> bool:
         """Handle the client's packets until it sends DISCONNECT (True) or the connection ends (False: the will
@@ -262,6 +267,11 @@ class FleetProtocolHandler(BrokerProtocolHandler):
     def _write(self, data: bytes) -> None:
         if self.writer is not None:
             self.writer.write(data)
+
+    def _answer(self, data: bytes) -> None:
+        """Write what a publisher waits for (PUBACK, PUBREC, PUBCOMP), and when."""
+        self._write(data)
+        self._acked_at = time.monotonic()
 
     def _publish_received(self, flags: int, body: bytes) -> None:
         """A PUBLISH, decoded: topic (UTF-8), packet id for QoS 1 and 2, payload."""
@@ -344,6 +354,8 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         its PUBREL. Never waits for the disk: a PUBACK that must is sent by a task, in order with the others."""
         if self.router is None or self.session is None:
             return
+        if self.answered is not None:
+            self._quick_streak = self.answered(self._acked_at, self._quick_streak)
         if qos == QOS_2:
             self._hold_qos2(topic, data, retain, packet_id)
             return
@@ -372,7 +384,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         while acks and (acks[0][1] is None or acks[0][1].done()):
             ready.append(acks.popleft()[0])
         if ready:
-            self._write(PubackBatch(ready).data)
+            self._answer(PubackBatch(ready).data)
 
     def _hold_qos2(self, topic: str, data: bytes, retain: bool, packet_id: int) -> None:
         """QoS 2, MQTT's method A: keep the message until its PUBREL, acknowledge with PUBREC (again for a
@@ -385,7 +397,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
                     self.on_dropped("qos2_inflight_full", session, topic)
             else:
                 session.inflight_in[packet_id] = IncomingApplicationMessage(packet_id, topic, QOS_2, data, retain)
-        self._write(PUBREC_HEADER + packet_id.to_bytes(2, "big"))
+        self._answer(PUBREC_HEADER + packet_id.to_bytes(2, "big"))
 
     def _release_qos2(self, packet_id: int) -> None:
         """PUBREL: route the held QoS 2 message (once), then PUBCOMP."""
@@ -393,5 +405,5 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         message = session.inflight_in.pop(packet_id, None) if session is not None else None
         if message is not None and self.router is not None and session is not None:
             self.router(session, message.topic, bytes(message.data), QOS_2, bool(message.retain))
-        self._write(PUBCOMP_HEADER + packet_id.to_bytes(2, "big"))
+        self._answer(PUBCOMP_HEADER + packet_id.to_bytes(2, "big"))
 

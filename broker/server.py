@@ -22,6 +22,7 @@ from fleet.broker.errors import BrokerError
 from fleet.broker.hardened import FleetBroker
 from fleet.broker.lag import LoopLag
 from fleet.broker.limits import raise_open_file_limit
+from fleet.broker.pacing import coalescing_loop
 from fleet.broker.pki import CertPaths, ensure_server_certs, server_chain
 from fleet.broker.plugins import POLICIES
 from fleet.broker.policy import AccessPolicy
@@ -273,11 +274,14 @@ def serve(settings: Settings, on_started: Callable[[BrokerHandle], Any] | None =
 
 
 def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The broker's event loop: asyncio's own, or uvloop's (``broker_loop``); None means asyncio's default."""
+    """The broker's event loop: asyncio's own, letting events gather ``broker_coalesce_ms`` (broker/pacing.py),
+    or uvloop's (``broker_loop``); None means asyncio's default."""
     if settings.broker_loop == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop
+    if settings.broker_coalesce_ms:
+        return coalescing_loop(settings.broker_coalesce_ms)
     return None
 
 
@@ -345,6 +349,11 @@ class RunningBroker:
     data_dir: Path
     broker: FleetBroker = field(repr=False)  # the amqtt broker itself, for inspection
     _runner: LoopThread = field(repr=False)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The broker's event loop (for inspection: it runs in the broker's thread)."""
+        return self._runner.loop
 
     @property
     def url(self) -> str:

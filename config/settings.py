@@ -80,6 +80,7 @@ class Settings:
     accept_rate: float = 500.0
     max_unsent_bytes: int = 1024 * 1024  # per connection: a client that reads nothing is dropped past this
     broker_loop: str = "asyncio"  # asyncio, or uvloop (libuv) for the embedded broker's event loop
+    broker_coalesce_ms: float = 5.0  # asyncio loop: events gather this long after each wake-up (0 = wake at once)
     broker_durability: str = "full"  # full: fsync each group commit; normal: SQLite WAL checkpoints; off: memory
     # collector
     ttl_seconds: int = 86_400
@@ -117,6 +118,7 @@ class Settings:
             _check(0 <= value <= 65535, name, "must be a port number 0-65535", value)
         _check(self.accept_rate >= 0, "accept_rate", "must be 0 (no limit) or more", self.accept_rate)
         _check(self.broker_loop in BROKER_LOOPS, "broker_loop", "must be asyncio or uvloop", self.broker_loop)
+        _check(0 <= self.broker_coalesce_ms <= 100, "broker_coalesce_ms", "must be 0-100", self.broker_coalesce_ms)
         for name in ("reload_interval_s", "interval", "reconnect_max_s", "batch_interval_s",
                      "stale_factor", "history_raw_days", "history_rollup_days", "agent_rate_limit_per_s",
                      "lost_grace_s", "heartbeat_interval", "watchdog_interval_s"):

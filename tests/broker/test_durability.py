@@ -17,6 +17,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from fleet.broker import store as store_module
+from fleet.broker.pacing import RUSH_STREAK, selector_of
 from fleet.broker.protocol import HURRY_ACKS
 from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connack, Connect, Publish, encode, encode_pubacks
@@ -131,6 +132,31 @@ def test_a_publisher_with_16_pubacks_waiting_is_not_held_to_the_window(broker, a
             acks += sock.recv(65536)
     assert acks == encode_pubacks(range(1, HURRY_ACKS + 1))
     assert len(queued_rows(broker.data_dir)) == HURRY_ACKS
+
+
+def test_a_publisher_in_lock_step_is_not_held_to_the_loops_gathering(broker_settings, acme):
+    """A publisher that sends each PUBLISH once the last is acknowledged (each exchange a group commit) is not
+    made to wait for the event loop's gathering (broker/pacing.py) once the broker sees it waiting."""
+    broker = start_in_thread(broker_settings.replace(broker_coalesce_ms=100))
+    try:
+        subscribe_then_leave(broker)
+        selector = selector_of(broker.loop)
+        assert selector is not None
+        ctx = ssl.create_default_context(cafile=str(broker.ca_path))
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
+                             server_hostname="127.0.0.1") as sock:
+            sock.sendall(encode(Connect("fleet-acme-web-1", "acme/agent", acme.agent_key)))
+            assert sock.recv(4) == encode(Connack())
+            gathered = []
+            for i in range(1, 22):
+                gathered.append(selector.gathered)
+                sock.sendall(encode(Publish(b"fleet/acme/web-1/report", f"m{i}".encode(), qos=1, packet_id=i)))
+                assert sock.recv(4) == encode_pubacks([i])  # the socket's 10 s timeout bounds it
+        # the first exchanges cannot tell (RUSH_STREAK of them, each just after a PUBACK); none waits after
+        assert gathered[-1] - gathered[RUSH_STREAK + 1] <= 1, gathered
+        assert len(queued_rows(broker.data_dir)) == 21
+    finally:
+        broker.stop()
 
 
 def test_the_on_disk_queue_is_bounded_like_the_memory_one(fleet_dir, acme):

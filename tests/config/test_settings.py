@@ -41,6 +41,8 @@ def test_config_file_from_environment(tmp_path):
     ({"FLEET_BROKER_URL": "http://x"}, "broker_url"),
     ({"FLEET_ORG": "bad/org"}, "org"),
     ({"FLEET_LOG_LEVEL": "LOUD"}, "log_level"),
+    ({"FLEET_BROKER_COALESCE_MS": "-1"}, "broker_coalesce_ms"),
+    ({"FLEET_BROKER_COALESCE_MS": "nan"}, "broker_coalesce_ms"),
 ])
 def test_bad_values_name_the_setting_in_one_line(env, fragment):
     with pytest.raises(SettingsError) as info:
