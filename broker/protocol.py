@@ -47,6 +47,7 @@ from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 
 from fleet.broker.framing import GuardedReader
 from fleet.broker.sessions import NO_QUEUE
+from fleet.broker.store import Commit
 from fleet.config.mqtt import remaining_length
 
 CLOSE_DRAIN_S = 2.0  # a peer that reads nothing cannot hold a closing connection open longer
@@ -193,7 +194,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
     on_subscribe: Callable[[Subscription], Coroutine[Any, Any, None]] | None = None
     on_unsubscribe: Callable[[UnSubscription], Coroutine[Any, Any, None]] | None = None
     on_dropped: Callable[[str, Session, str], None] | None = None
-    durable_barrier: Callable[[], asyncio.Future[None] | None] | None = None  # see BrokerStore.barrier
+    durable_barrier: Callable[[], Commit | None] | None = None  # see BrokerStore.barrier
     hurry_barrier: Callable[[], None] | None = None  # see BrokerStore.hurry
     answered: Callable[[float, int], int] | None = None  # see CoalescingSelector.answered
     on_delivered: Callable[[Session, TrackedMessage], None] | None = None
@@ -204,8 +205,8 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         # serve() hands SUBSCRIBE and UNSUBSCRIBE to the broker itself: amqtt's two queues for them stay empty.
         self._pending_subscriptions = self._pending_unsubscriptions = NO_QUEUE
         # PUBACKs not sent yet, oldest first, each with the commit it waits for: they go out in order.
-        self._acks: deque[tuple[int, asyncio.Future[None] | None]] = deque()
-        self._ack_barrier: asyncio.Future[None] | None = None  # the newest commit a callback waits for
+        self._acks: deque[tuple[int, Commit | None]] = deque()
+        self._ack_barrier: Commit | None = None  # the newest commit a callback waits for
         self._acks_on_barrier = 0  # of this connection's PUBACKs, those that wait for that commit
         self._awaiting: dict[int, TrackedMessage] = {}  # QoS 1 messages written, by packet id, until their PUBACK
         self._acked_at = -math.inf  # when PUBACK, PUBREC or PUBCOMP was last written to this client (time.monotonic())
@@ -351,7 +352,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
 
     def receive_publish(self, topic: str, data: bytes, qos: int, retain: bool, packet_id: int) -> None:
         """Route QoS 0/1 at once, then acknowledge once what routing changed is on disk; QoS 2 is held until
-        its PUBREL. Never waits for the disk: a PUBACK that must is sent by a task, in order with the others."""
+        its PUBREL. Never waits for the disk: a PUBACK that must is sent as its commit completes, in order."""
         if self.router is None or self.session is None:
             return
         if self.answered is not None:

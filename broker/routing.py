@@ -217,7 +217,7 @@ class RoutingBroker(Broker):
         codes = [await self.add_subscription(sub, client_session) for sub in subscriptions.topics]
         barrier = self.store.barrier() if self.store is not None and not client_session.clean_session else None
         if barrier is not None:  # a persistent session's subscription is on disk before its SUBACK
-            await asyncio.shield(barrier)
+            await asyncio.shield(barrier.wait())
         await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
         grant = grant_of(client_session)
         for (topic_filter, _), code in zip(subscriptions.topics, codes, strict=False):

@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 
 from fleet.broker.errors import BrokerError
@@ -41,10 +42,54 @@ CREATE INDEX IF NOT EXISTS queued_by_client ON queued (client_id, seq);
 """
 
 
+class Commit:
+    """The commit of one batch, which PUBACKs wait for (``barrier()``). Its callbacks run as it completes, one
+    after the other in the loop's thread: an asyncio future would run each in a turn of the loop of its own,
+    one per connection waiting. Coroutines await ``wait()``."""
+
+    __slots__ = ("_done", "_callbacks", "_future")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._callbacks: list[Callable[[Commit], None]] = []
+        self._future: asyncio.Future[None] | None = None
+
+    def done(self) -> bool:
+        """True once committed."""
+        return self._done
+
+    def add_done_callback(self, callback: Callable[[Commit], None]) -> None:
+        """Call ``callback(self)`` once committed (at once if it is)."""
+        if self._done:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future of the running loop, done once committed."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            if self._done:
+                self._future.set_result(None)
+        return self._future
+
+    def complete(self) -> None:
+        """Committed: every callback runs (one that fails is logged; the others still run)."""
+        self._done = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("broker store: a callback of a commit failed")
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+
 class _Batch:
     """The changes of one or more loop turns, committed together."""
 
-    __slots__ = ("queued", "acked", "forgotten", "retained", "subs", "future", "committed")
+    __slots__ = ("queued", "acked", "forgotten", "retained", "subs", "commit")
 
     def __init__(self) -> None:
         self.queued: list[tuple[int, str, str, bytes, int]] = []
@@ -52,8 +97,7 @@ class _Batch:
         self.forgotten: list[tuple[str, int]] = []  # (client_id, last seq): its rows up to then go
         self.retained: dict[str, tuple[bytes | None, int]] = {}
         self.subs: dict[tuple[str, str], tuple[str, int] | None] = {}  # (client, filter) -> (user, qos) or None
-        self.future: asyncio.Future[None] | None = None
-        self.committed = False
+        self.commit = Commit()
 
     def __bool__(self) -> bool:
         return bool(self.queued or self.acked or self.forgotten or self.retained or self.subs)
@@ -179,10 +223,8 @@ class BrokerStore:
     def _committed(self, batches: list[_Batch]) -> None:
         self.stats["store_commits"] += 1
         for batch in batches:
-            batch.committed = True
             self.stats["store_rows_written"] += len(batch.queued)
-            if batch.future is not None and not batch.future.done():
-                batch.future.set_result(None)
+            batch.commit.complete()
 
     # --- the event loop's side: cheap, never blocks ----------------------------------------------
     def _batch(self) -> _Batch:
@@ -203,17 +245,14 @@ class BrokerStore:
             self._sealed.append(batch)
             self._cond.notify()
 
-    def barrier(self) -> asyncio.Future[None] | None:
-        """A future done once everything recorded so far is committed; None if it already is (or in ``off``)."""
+    def barrier(self) -> Commit | None:
+        """The commit that makes everything recorded so far durable; None if it already is (or in ``off``)."""
         if not self.durable_queues:
             return None
         batch = self._open if self._open else self._last
-        if batch is None or batch.committed:
+        if batch is None or batch.commit.done():
             return None
-        if batch.future is None:
-            assert self._loop is not None
-            batch.future = self._loop.create_future()
-        return batch.future
+        return batch.commit
 
     def hurry(self) -> None:
         """A publisher has many PUBACKs waiting for the open batch: seal it at the end of this turn of the loop
