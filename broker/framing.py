@@ -148,8 +148,9 @@ class GuardedReader(ReaderAdapter):
                     break
                 head = buffer[start]
                 body = bytes(buffer[index:end])
+                if not start:  # the first whole packet of this read
+                    self.last_read = time.monotonic()
                 start = end
-                self.last_read = time.monotonic()
                 if held or dispatch is None or not dispatch(head >> 4, head & 0x0F, body):
                     held.append((head >> 4, head & 0x0F, body))
         except Exception as exc:  # noqa: BLE001 - the task raises it, after the packets before it
