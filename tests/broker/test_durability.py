@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sqlite3
 import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -23,7 +24,7 @@ from fleet.broker.server import start_in_thread
 from fleet.collector.mqtt_codec import Connack, Connect, Publish, encode, encode_pubacks
 from fleet.store import credentials
 from tests import stores
-from tests.helpers import BrokerProcess, Inbox, close, connect_client, free_port, port_open, wait_for
+from tests.helpers import BrokerProcess, Inbox, close, connect_client, free_port, port_open, tls_socket, wait_for
 
 REPORTS = "fleet/acme/+/report"
 COLLECTOR = "collector-like"
@@ -48,6 +49,23 @@ def subscribe_then_leave(broker) -> None:
     sub = collector(broker)
     Inbox(sub).subscribe(REPORTS, qos=1)
     close(sub)
+
+
+@contextmanager
+def agent_socket(broker, acme) -> Iterator[ssl.SSLSocket]:
+    """A raw TLS connection of acme's agent web-1, CONNACKed (reads time out after 10 s)."""
+    with tls_socket(broker, timeout=10) as sock:
+        sock.sendall(encode(Connect("fleet-acme-web-1", "acme/agent", acme.agent_key)))
+        assert sock.recv(4) == encode(Connack())
+        yield sock
+
+
+def read_pubacks(sock: ssl.SSLSocket, count: int) -> bytes:
+    """What the broker sends until ``count`` PUBACKs' worth of bytes arrived (the socket's timeout bounds it)."""
+    acks = b""
+    while len(acks) < len(encode_pubacks(range(count))):
+        acks += sock.recv(65536)
+    return acks
 
 
 def reconnect(broker, manual_ack: bool = False, **kw) -> Inbox:
@@ -99,18 +117,11 @@ def test_a_clean_session_replacing_a_persistent_one_drops_its_queue(broker, acme
 def test_one_write_for_the_pubacks_of_a_loop_turn(broker, acme):
     """200 PUBLISHes in one send arrive in one or a few reads: a handful of commits, not 200."""
     subscribe_then_leave(broker)
-    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
-                         server_hostname="127.0.0.1") as sock:
-        sock.sendall(encode(Connect("fleet-acme-web-1", "acme/agent", acme.agent_key)))
-        assert sock.recv(4) == encode(Connack())
+    with agent_socket(broker, acme) as sock:
         before = broker.stats().get("store_commits", 0)
         sock.sendall(b"".join(encode(Publish(b"fleet/acme/web-1/report", f"m{i}".encode(), qos=1, packet_id=i + 1))
                               for i in range(200)))
-        acks = b""
-        while len(acks) < len(encode_pubacks(range(1, 201))):
-            acks += sock.recv(65536)
-        assert acks == encode_pubacks(range(1, 201))  # all of them, in order
+        assert read_pubacks(sock, 200) == encode_pubacks(range(1, 201))  # all of them, in order
     commits = broker.stats()["store_commits"] - before
     assert 1 <= commits <= 20, commits
     assert len(queued_rows(broker.data_dir)) == 200
@@ -120,17 +131,10 @@ def test_a_publisher_with_16_pubacks_waiting_is_not_held_to_the_window(broker, a
     """16 PUBLISHes of one connection waiting for one commit have it made at once, whatever the window."""
     subscribe_then_leave(broker)
     monkeypatch.setattr(store_module, "GROUP_WINDOW_S", 60.0)
-    ctx = ssl.create_default_context(cafile=str(broker.ca_path))
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
-                         server_hostname="127.0.0.1") as sock:
-        sock.sendall(encode(Connect("fleet-acme-web-1", "acme/agent", acme.agent_key)))
-        assert sock.recv(4) == encode(Connack())
+    with agent_socket(broker, acme) as sock:
         sock.sendall(b"".join(encode(Publish(b"fleet/acme/web-1/report", f"m{i}".encode(), qos=1, packet_id=i + 1))
                               for i in range(HURRY_ACKS)))
-        acks = b""
-        while len(acks) < len(encode_pubacks(range(1, HURRY_ACKS + 1))):  # the socket's 10 s timeout bounds it
-            acks += sock.recv(65536)
-    assert acks == encode_pubacks(range(1, HURRY_ACKS + 1))
+        assert read_pubacks(sock, HURRY_ACKS) == encode_pubacks(range(1, HURRY_ACKS + 1))
     assert len(queued_rows(broker.data_dir)) == HURRY_ACKS
 
 
@@ -142,16 +146,12 @@ def test_a_publisher_in_lock_step_is_not_held_to_the_loops_gathering(broker_sett
         subscribe_then_leave(broker)
         selector = selector_of(broker.loop)
         assert selector is not None
-        ctx = ssl.create_default_context(cafile=str(broker.ca_path))
-        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.port), timeout=10),
-                             server_hostname="127.0.0.1") as sock:
-            sock.sendall(encode(Connect("fleet-acme-web-1", "acme/agent", acme.agent_key)))
-            assert sock.recv(4) == encode(Connack())
+        with agent_socket(broker, acme) as sock:
             gathered = []
             for i in range(1, 22):
                 gathered.append(selector.gathered)
                 sock.sendall(encode(Publish(b"fleet/acme/web-1/report", f"m{i}".encode(), qos=1, packet_id=i)))
-                assert sock.recv(4) == encode_pubacks([i])  # the socket's 10 s timeout bounds it
+                assert read_pubacks(sock, 1) == encode_pubacks([i])
         # the first exchanges cannot tell (RUSH_STREAK of them, each just after a PUBACK); none waits after
         assert gathered[-1] - gathered[RUSH_STREAK + 1] <= 1, gathered
         assert len(queued_rows(broker.data_dir)) == 21
