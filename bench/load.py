@@ -279,6 +279,11 @@ def peak_and_growth(samples: list[Sample], value: Callable[[Sample], float], ref
     return f"{max(value(s) for s in samples):.1f} / {value(inside[-1]) - value(first):+.1f} MB"
 
 
+def beat_max(samples: list[Sample], key: str) -> float:
+    """The largest ``key`` in the broker heartbeats of ``samples`` (0 without any)."""
+    return max((s.broker.get(key, 0.0) for s in samples if s.broker), default=0.0)
+
+
 def heartbeats(db: str) -> tuple[dict[str, Any], bool | None, float, float]:
     """The embedded broker's last heartbeat detail, whether the collector's says it is connected, and when each
     was written."""
@@ -475,10 +480,6 @@ def run(kind: str, args: argparse.Namespace, database: str | None, auth: str = "
         disk[f"{name} max / growth since {since_name}"] = peak_and_growth(samples, lambda s, n=name: s.files[n],
                                                                           since, steady_to)
     beat = next((s.broker for s in reversed(samples) if s.broker), {})
-    lags = [s.broker.get("loop_lag_p99_ms", 0.0) for s in steady if s.broker]
-    lags_ever = [s.broker.get("loop_lag_p99_ms", 0.0) for s in samples if s.broker]
-    lag_max = max((s.broker.get("loop_lag_max_ms", 0.0) for s in samples if s.broker), default=0.0)
-    gc_max = max((s.broker.get("gc_full_max_ms", 0.0) for s in samples if s.broker), default=0.0)
     figures = {
         "agents authenticate with": auth,
         "enrolment of every agent (simulate --enrol)": "n/a" if enrol_s is None else f"{enrol_s:.1f} s",
@@ -515,9 +516,11 @@ def run(kind: str, args: argparse.Namespace, database: str | None, auth: str = "
         "collector disconnected from the broker (samples, of all)":
             f"{sum(1 for s in samples if s.collector_connected is False)} / {len(samples)}",
         "broker loop lag p99 over a minute, max in steady / max ever (heartbeat)":
-            "n/a" if not beat else f"{max(lags, default=0):.0f} / {max(lags_ever, default=0):.0f} ms",
+            "n/a" if not beat else f"{beat_max(steady, 'loop_lag_p99_ms'):.0f} / "
+                                   f"{beat_max(samples, 'loop_lag_p99_ms'):.0f} ms",
         "broker loop lag, longest single delay / longest full garbage collection (heartbeat)":
-            "n/a" if not beat else f"{lag_max:.0f} / {gc_max:.0f} ms",
+            "n/a" if not beat else f"{beat_max(samples, 'loop_lag_max_ms'):.0f} / "
+                                   f"{beat_max(samples, 'gc_full_max_ms'):.0f} ms",
         "broker connections admitted / refused before TLS (busy / rate) / refused full":
             "n/a" if not beat else f"{beat.get('connections', 0)} / {beat.get('refused_handshakes_busy', 0)} / "
                                    f"{beat.get('refused_accept_rate', 0)} / {beat.get('refused_broker_full', 0)}",
